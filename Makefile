@@ -1,0 +1,62 @@
+# llm.c in Python: the usual jobs, named like llm.c's targets.
+#   make train   set up, make the data, export d12, train with the NumPy trainer (CPU)
+#   make test    set up, run the test suite (what CI runs)
+# Everything works offline when ../shared/data holds the tiny shakespeare text and a tiktoken cache.
+
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+MODEL ?= d12
+SHARED_DATA := $(wildcard ../shared/data)
+
+# offline tokenizer: use the shared tiktoken cache when there is one and nothing else is set
+ifneq ($(wildcard ../shared/data/tiktoken_cache),)
+export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/data/tiktoken_cache)
+endif
+# a local copy of tiny shakespeare saves the download
+SHAKESPEARE_INPUT := $(if $(wildcard ../shared/data/tinyshakespeare/input.txt),--input ../shared/data/tinyshakespeare/input.txt,)
+
+TS_TRAIN := data/tinyshakespeare/tiny_shakespeare_train.bin
+CHECKPOINT := gpt2_$(MODEL).bin
+
+.PHONY: setup data data_tinystories export train train_cuda test test_gpt2 test_gpt2_cuda bench bench_gpu clean
+
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==$(TORCH_VERSION)
+	$(PYTHON) -m pip install -q -r requirements.txt
+
+data: $(TS_TRAIN)
+$(TS_TRAIN):
+	$(PYTHON) prepro_tinyshakespeare.py $(SHAKESPEARE_INPUT)
+
+data_tinystories:
+	$(PYTHON) prepro_tinystories.py
+
+export: $(CHECKPOINT)
+$(CHECKPOINT): | $(TS_TRAIN)
+	$(PYTHON) train_gpt2_torch.py --model $(MODEL)
+
+train: setup data export
+	$(PYTHON) train_gpt2.py -e $(CHECKPOINT)
+
+train_cuda: setup data export
+	$(PYTHON) train_gpt2_cuda.py -e $(CHECKPOINT)
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+# the end-to-end check on the full d12 export (slow on a CPU: minutes, not seconds)
+test_gpt2: setup data export
+	$(PYTHON) test_gpt2.py --checkpoint $(CHECKPOINT) --debug_state gpt2_$(MODEL)_debug_state.bin
+
+test_gpt2_cuda: setup data export
+	$(PYTHON) test_gpt2.py --trainer cuda --checkpoint $(CHECKPOINT) --debug_state gpt2_$(MODEL)_debug_state.bin
+
+bench: setup data
+	$(PYTHON) dev/bench_cpu.py
+	@$(PYTHON) -c "import cupy; cupy.cuda.runtime.getDeviceCount()" 2>/dev/null && $(PYTHON) dev/bench_gpu.py || echo "bench: no GPU with CuPy here, skipping dev/bench_gpu.py"
+
+bench_gpu: setup data
+	$(PYTHON) dev/bench_gpu.py
+
+clean:
+	rm -rf build __pycache__ tests/__pycache__ .pytest_cache
