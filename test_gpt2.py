@@ -1,0 +1,183 @@
+"""
+Check a trainer against PyTorch, end to end: llm.c's test_gpt2.c, done properly.
+
+  python train_gpt2_torch.py --model d12          # writes gpt2_d12.bin and gpt2_d12_debug_state.bin
+  python test_gpt2.py                             # the NumPy trainer (train_gpt2.py)
+  python test_gpt2.py --trainer cuda              # the CuPy trainer (train_gpt2_cuda.py); LLMC_EMULATE=1 on a CPU
+
+The debug state holds what PyTorch computed for one batch (x, y): the logits, the loss, and the
+gradients of all 16 parameter tensors, plus the loss before each of its recorded AdamW steps and
+the optimizer settings it used. We load the same checkpoint into our trainer and compare:
+  1. the forward pass: logits (the first V of Vp columns) and the mean loss;
+  2. the backward pass: all 16 gradients by name (wte on its Vp rows, padding included);
+  3. training: the recorded number of AdamW steps on the same batch (zero grads, forward, compare
+     the loss, backward, clip by the global norm, update), each loss against PyTorch's.
+Every comparison is elementwise |ours - ref| <= atol + rtol * |ref|. The defaults (1e-4, 1e-4) are
+100x tighter than test_gpt2.c's 1e-2. Unlike test_gpt2.c, a failure exits with status 1.
+"""
+
+import argparse
+import importlib
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+N_SHOW = 5  # values printed side by side per tensor
+
+# llm.c's own expected losses (test_gpt2.cu), for a debug state written by llm.c's train_gpt2.py, which records
+# none: GPT-2 124M weights, the first batch of tiny_shakespeare_val.bin, AdamW lr 1e-4, betas (0.9, 0.95),
+# eps 1e-8, no weight decay, gradient clipping at 1.0.
+LLMC_124M_LOSSES = [5.270009, 4.060681, 3.320085, 2.717550, 2.181066,
+                    1.653923, 1.168050, 0.736873, 0.401021, 0.187493]
+LLMC_124M_OPTIMIZER = dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
+HF_NAMES = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+
+
+def export_command(checkpoint):
+    """The exporter command that writes `checkpoint` (guessed from its llm.c-style name)."""
+    name = os.path.basename(checkpoint)
+    m = re.fullmatch(r"gpt2_(.+?)(_bf16)?(_debug_state)?\.bin", name)
+    size = m.group(1) if m else "d12"
+    if size in HF_NAMES:
+        return f"python train_gpt2_torch.py --model {HF_NAMES[size]}"
+    m = re.fullmatch(r"L(\d+)H(\d+)C(\d+)T(\d+)(?:V(\d+))?", size)
+    if m:
+        flags = f"--n_layer {m[1]} --n_head {m[2]} --n_embd {m[3]} --block_size {m[4]}"
+        return f"python train_gpt2_torch.py {flags}" + (f" --vocab_size {m[5]}" if m[5] else "")
+    return "python train_gpt2_torch.py --model " + (size if re.fullmatch(r"d\d+", size) else "d12")
+
+
+def default_debug_state(checkpoint):
+    """gpt2_d12.bin -> gpt2_d12_debug_state.bin (a bf16 checkpoint shares its fp32 twin's state)."""
+    stem = re.sub(r"(_bf16)?\.bin$", "", checkpoint)
+    return stem + "_debug_state.bin"
+
+
+def check_tensor(name, ours, ref, atol, rtol):
+    """Print the first values of `ours` and `ref` side by side and their errors; return True if
+    |ours - ref| <= atol + rtol * |ref| everywhere (NaN or inf in ours fails)."""
+    ours = np.asarray(ours, dtype=np.float32).ravel()
+    ref = np.asarray(ref, dtype=np.float32).ravel()
+    assert ours.size == ref.size, f"{name}: {ours.size} values, reference has {ref.size}"
+    err = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+    tol = atol + rtol * np.abs(ref.astype(np.float64))
+    ok = bool(np.all(err <= tol))  # False on NaN
+    big = np.abs(ref) > atol       # relative error is only meaningful away from zero
+    max_abs = float(err.max()) if err.size else 0.0
+    max_rel = float((err[big] / np.abs(ref[big])).max()) if big.any() else 0.0
+    worst = float((err / tol).max()) if err.size else 0.0
+    print(f"{name}")
+    for a, b in zip(ours[:N_SHOW], ref[:N_SHOW]):
+        print(f"    {a: .8f} {b: .8f}")
+    bad = int(np.count_nonzero(~(err <= tol)))
+    verdict = "OK" if ok else f"NOT OK ({bad} of {err.size} values out of tolerance)"
+    print(f"  max abs err {max_abs:.3e}  max rel err {max_rel:.3e}  err/tol {worst:.3f}  {verdict}")
+    return ok
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Compare a trainer with PyTorch's debug state.")
+    parser.add_argument("--checkpoint", default="gpt2_d12.bin", help="model file (v3 fp32 or v5 bf16)")
+    parser.add_argument("--debug_state", default=None, help="default: the checkpoint's name + _debug_state.bin")
+    parser.add_argument("--trainer", default="numpy", choices=["numpy", "cuda"],
+                        help="numpy = train_gpt2.py, cuda = train_gpt2_cuda.py (LLMC_EMULATE=1 runs it on a CPU)")
+    parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--rtol", type=float, default=1e-4)
+    parser.add_argument("--steps", type=int, default=-1, help="training steps to check (-1 = all recorded)")
+    args = parser.parse_args(argv)
+    state_path = args.debug_state or default_debug_state(args.checkpoint)
+    for path in (args.checkpoint, state_path):
+        if not os.path.exists(path):
+            print(f"test_gpt2.py: {path}: no such file; create it with {export_command(path)}", file=sys.stderr)
+            return 1
+
+    module_name = "train_gpt2" if args.trainer == "numpy" else "train_gpt2_cuda"
+    try:
+        trainer = importlib.import_module(module_name)
+    except ImportError as e:  # e.g. no CuPy and LLMC_EMULATE unset
+        print(f"test_gpt2.py: cannot import {module_name}: {e}", file=sys.stderr)
+        return 1
+    to_numpy = getattr(trainer, "to_numpy", np.asarray)
+
+    try:
+        model = trainer.gpt2_build_from_checkpoint(args.checkpoint)
+        config = model.config
+        state = trainer.read_debug_state(state_path, config)
+    except (trainer.FormatError, FileNotFoundError) as e:
+        print(f"test_gpt2.py: {e}", file=sys.stderr)
+        return 1
+    B, T = state.x.shape
+    V, Vp = config.vocab_size, config.padded_vocab_size
+    if T > config.max_seq_len:
+        print(f"test_gpt2.py: {state_path}: T={T} exceeds the model's max_seq_len {config.max_seq_len}; "
+              f"re-run {export_command(args.checkpoint)}", file=sys.stderr)
+        return 1
+
+    losses, optimizer = state.losses, state.optimizer
+    source = "PyTorch's, recorded in the state"
+    if losses.size == 0 and (config.num_layers, config.channels, V, B, T) == (12, 768, 50257, 4, 64):
+        losses, optimizer = np.array(LLMC_124M_LOSSES, dtype=np.float32), LLMC_124M_OPTIMIZER
+        source = "llm.c's test_gpt2.cu table (state records none)"
+    nsteps = losses.size if args.steps < 0 else min(args.steps, losses.size)
+
+    print("[State]")
+    print(f"checkpoint: {args.checkpoint}")
+    print(f"debug_state: {state_path}")
+    print(f"trainer: {module_name}")
+    print(f"batch_size: {B}")
+    print(f"seq_len: {T}")
+    print(f"steps: {nsteps} (losses: {source})" if nsteps else "steps: 0 (the state records no losses)")
+    if nsteps:
+        print("optimizer: " + " ".join(f"{k} {v:g}" for k, v in optimizer.items()))
+    print(f"tolerance: |ours - ref| <= {args.atol:g} + {args.rtol:g} * |ref|")
+
+    allok = True
+    x, y = state.x, state.y
+    shapes = trainer.param_shapes(config)
+    # step 0 checks the forward and backward passes; every step checks the loss, then updates
+    for step in range(max(nsteps, 1)):
+        t0 = time.perf_counter()
+        trainer.gpt2_zero_grad(model)
+        trainer.gpt2_forward(model, x, y, B, T)
+        loss = float(model.mean_loss)
+        if step == 0:
+            print("\n[forward]")
+            logits = to_numpy(model.acts.logits).reshape(B, T, Vp)[:, :, :V]  # (B,T,Vp) -> (B,T,V)
+            allok &= check_tensor(f"logits (B,T,V)={state.logits.shape}", logits, state.logits, args.atol, args.rtol)
+            allok &= check_tensor("loss", [loss], [state.loss], args.atol, args.rtol)
+        trainer.gpt2_backward(model)
+        if step == 0:
+            print("\n[backward]")
+            grads = to_numpy(model.grads_memory)
+            offset = 0
+            for name, shape in shapes:
+                n = int(np.prod(shape))
+                label = f"d{name} {shape}"
+                allok &= check_tensor(label, grads[offset:offset + n], state.grads[offset:offset + n],
+                                      args.atol, args.rtol)
+                offset += n
+            if nsteps:
+                print("\n[training]")
+        if nsteps == 0:
+            break
+        norm = trainer.gpt2_calculate_grad_norm(model)
+        scale = trainer.grad_clip_scale(norm, optimizer["grad_clip"])
+        trainer.gpt2_update(model, optimizer["learning_rate"], optimizer["beta1"], optimizer["beta2"],
+                            optimizer["eps"], optimizer["weight_decay"], step + 1, grad_scale=scale)
+        took = (time.perf_counter() - t0) * 1000
+        ref = float(losses[step])
+        err = abs(loss - ref)
+        ok = err <= args.atol + args.rtol * abs(ref)
+        allok &= ok
+        print(f"step {step}: loss {loss:.6f} expected {ref:.6f} err {err:.2e} norm {norm:.4f} "
+              f"{'OK' if ok else 'NOT OK'} (took {took:.0f} ms)")
+
+    print(f"overall okay: {int(allok)}")
+    return 0 if allok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""End to end: export a tiny model with PyTorch, then run test_gpt2.py on it as a user would.
+
+The exporter (train_gpt2_torch.py) runs once per session on a tiny shape (L2, NH2, C32, maxT32; B2, T16)
+over a synthetic data shard; test_gpt2.py must then pass on it with the NumPy trainer (and with the
+CUDA trainer on the CPU emulator, when that exists), and must fail on a checkpoint with one weight changed.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import test_gpt2  # noqa: E402
+import train_gpt2  # noqa: E402
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, sequence_length=16)
+NAME = "L2H2C32T32"
+
+
+def run(cmd, cwd, env=None, timeout=300):
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiktoken_env():
+    env = dict(os.environ)
+    cache = os.path.join(REPO, "..", "shared", "data", "tiktoken_cache")
+    if "TIKTOKEN_CACHE_DIR" not in env and os.path.isdir(cache):
+        env["TIKTOKEN_CACHE_DIR"] = os.path.abspath(cache)
+    return env
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """(checkpoint, debug state) of a tiny model, written by train_gpt2_torch.py into a temp dir."""
+    if not os.path.exists(os.path.join(REPO, "train_gpt2_torch.py")):
+        pytest.skip("train_gpt2_torch.py is not there yet")
+    d = tmp_path_factory.mktemp("e2e")
+    rng = np.random.default_rng(1337)
+    shard = d / "tiny_val.bin"
+    train_gpt2.write_data_shard(str(shard), rng.integers(0, 50257, size=4096))
+    flags = [f"--{k}={v}" for k, v in TINY.items()]
+    r = run([sys.executable, os.path.join(REPO, "train_gpt2_torch.py"), f"--input_bin={shard}", *flags],
+            cwd=d, env=tiktoken_env())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ckpt, state = d / f"gpt2_{NAME}.bin", d / f"gpt2_{NAME}_debug_state.bin"
+    assert ckpt.exists() and state.exists(), f"exporter wrote {sorted(os.listdir(d))}"
+    return ckpt, state
+
+
+def run_test_gpt2(ckpt, state, *extra, env=None, timeout=300):
+    cmd = [sys.executable, os.path.join(REPO, "test_gpt2.py"), "--checkpoint", str(ckpt),
+           "--debug_state", str(state), *extra]
+    return run(cmd, cwd=os.path.dirname(ckpt), env=env, timeout=timeout)
+
+
+def assert_passed(r, nsteps):
+    out = r.stdout
+    assert r.returncode == 0, out[-3000:] + r.stderr[-2000:]
+    assert out.rstrip().endswith("overall okay: 1")
+    assert "NOT OK" not in out
+    # every tensor was checked: logits, loss and the 16 gradients, then each recorded step
+    assert len(re.findall(r"max abs err .* OK$", out, flags=re.M)) == 2 + 16
+    for name, _ in train_gpt2.param_shapes(train_gpt2.read_model_file(r.args[3])[0]):
+        assert re.search(rf"^d{name} \(", out, flags=re.M), f"gradient d{name} not checked"
+    steps = re.findall(r"^step (\d+): loss (\S+) expected (\S+) .* OK \(", out, flags=re.M)
+    assert len(steps) == nsteps
+    for _, ours, ref in steps:
+        assert abs(float(ours) - float(ref)) <= 1e-4 + 1e-4 * abs(float(ref))
+
+
+def test_state_records_training(tiny_export):
+    """The exporter recorded its 10 training steps, and they trained (loss falls on one batch)."""
+    ckpt, state_path = tiny_export
+    config, _ = train_gpt2.read_model_file(str(ckpt))
+    state = train_gpt2.read_debug_state(str(state_path), config)
+    assert state.x.shape == (TINY["batch_size"], TINY["sequence_length"])
+    assert state.losses.size == 10
+    assert state.losses[-1] < state.losses[0]
+    assert abs(state.losses[0] - state.loss) <= 1e-6 * abs(state.loss)
+    assert set(state.optimizer) == set(train_gpt2.STATE_OPT_FIELDS)
+
+
+def test_numpy_trainer_matches_pytorch(tiny_export):
+    ckpt, state = tiny_export
+    assert_passed(run_test_gpt2(ckpt, state), nsteps=10)
+
+
+def test_perturbed_weight_fails(tiny_export, tmp_path):
+    """One weight changed by 1e-2 must be caught: exit 1, NOT OK, overall okay: 0."""
+    ckpt, state = tiny_export
+    config, params = train_gpt2.read_model_file(str(ckpt))
+    offset = 0
+    for name, shape in train_gpt2.param_shapes(config):
+        if name == "fcw":
+            break
+        offset += int(np.prod(shape))
+    params[offset + 7] += np.float32(1e-2)  # one element of layer 0's fcw
+    bad = tmp_path / ckpt.name
+    train_gpt2.write_model_file(str(bad), config, params)
+    r = run_test_gpt2(bad, state)
+    assert r.returncode == 1, r.stdout[-3000:]
+    assert "NOT OK" in r.stdout
+    assert r.stdout.rstrip().endswith("overall okay: 0")
+
+
+def test_missing_files_say_what_to_run(tmp_path):
+    r = run_test_gpt2(tmp_path / "gpt2_d12.bin", tmp_path / "gpt2_d12_debug_state.bin")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "python train_gpt2_torch.py --model d12" in lines[0]
+
+
+def test_check_tensor_rule():
+    """|ours - ref| <= atol + rtol |ref|, elementwise; NaN fails."""
+    ref = np.array([1.0, -2.0, 1000.0], dtype=np.float32)
+    assert test_gpt2.check_tensor("t", ref + np.float32(1.9e-4) * np.array([1, 1, 0], np.float32), ref, 1e-4, 1e-4)
+    assert not test_gpt2.check_tensor("t", ref + np.array([0, 0, 0.2], np.float32), ref, 1e-4, 1e-4)
+    assert not test_gpt2.check_tensor("t", np.array([np.nan, -2.0, 1000.0], np.float32), ref, 1e-4, 1e-4)
+
+
+def test_cuda_trainer_on_emulator(tiny_export):
+    """train_gpt2_cuda.py with its kernels on the CPU emulator passes the same check."""
+    for f in ("train_gpt2_cuda.py", os.path.join("kernels", "emulator.py")):
+        if not os.path.exists(os.path.join(REPO, f)):
+            pytest.skip(f"{f} is not there yet")
+    if shutil.which("g++") is None:
+        pytest.skip("the kernel emulator needs g++")
+    ckpt, state = tiny_export
+    env = tiktoken_env()
+    env["LLMC_EMULATE"] = "1"
+    assert_passed(run_test_gpt2(ckpt, state, "--trainer", "cuda", env=env, timeout=600), nsteps=10)
