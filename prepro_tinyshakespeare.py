@@ -1,0 +1,100 @@
+"""
+Tiny shakespeare -> llm.c data shards, as llm.c's dev/data/tinyshakespeare.py does it:
+
+  data/tinyshakespeare/input.txt                    downloaded once (char-rnn's copy)
+  data/tinyshakespeare/tiny_shakespeare_val.bin     the first 32,768 GPT-2 tokens
+  data/tinyshakespeare/tiny_shakespeare_train.bin   the other 305,260
+
+  python prepro_tinyshakespeare.py                       # download (skipped if input.txt is there)
+  python prepro_tinyshakespeare.py --input PATH/input.txt   # offline: use a local copy
+
+Tokenization: split the text on blank lines ("\\n\\n"); every section starts with the
+<|endoftext|> token (50256) and is followed by its GPT-2 tokens, encoded with "\\n\\n"
+appended except for the last section (llm.c keeps this quirk for backwards compatibility).
+"""
+
+import argparse
+import os
+import shutil
+import sys
+
+import numpy as np
+
+import train_gpt2  # write_atomic, write_data_shard: llm.c's file formats
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+VAL_TOKENS = 32768
+
+
+def download_file(url, fname, chunk_size=1024):
+    """Stream `url` into `fname` with a tqdm bar; the file appears only once it is complete."""
+    import requests
+    from tqdm import tqdm
+    resp = requests.get(url, stream=True, timeout=30)
+    resp.raise_for_status()
+    total = int(resp.headers.get("content-length", 0))
+    with tqdm(desc=fname, total=total, unit="iB", unit_scale=True, unit_divisor=1024) as bar:
+        def chunks():
+            for data in resp.iter_content(chunk_size=chunk_size):
+                bar.update(len(data))
+                yield np.frombuffer(data, dtype=np.uint8)
+        train_gpt2.write_atomic(fname, chunks())
+
+
+def fetch(data_dir, url, local_copy):
+    """Put input.txt in data_dir: from `local_copy` if given, else download it unless it is there."""
+    fname = os.path.join(data_dir, "input.txt")
+    os.makedirs(data_dir, exist_ok=True)
+    if local_copy:
+        if not os.path.isfile(local_copy):
+            raise SystemExit(f"--input {local_copy}: no such file")
+        if not (os.path.exists(fname) and os.path.samefile(local_copy, fname)):
+            shutil.copyfile(local_copy, fname + ".tmp")
+            os.replace(fname + ".tmp", fname)
+            print(f"copied {local_copy} to {fname}")
+    elif os.path.exists(fname):
+        print(f"{fname} already exists, skipping download")
+    else:
+        print(f"downloading {url} to {fname}...")
+        import requests
+        try:
+            download_file(url, fname)
+        except requests.RequestException as e:
+            raise SystemExit(f"could not download {url} ({type(e).__name__}); put a copy of the file at {fname} "
+                             f"or run python prepro_tinyshakespeare.py --input PATH/input.txt")
+    return fname
+
+
+def tokenize(text):
+    """llm.c's tokenization of tiny shakespeare: a list of GPT-2 token ids."""
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    eot = enc._special_tokens["<|endoftext|>"]  # 50256
+    sections = text.split("\n\n")
+    tokens = []
+    for i, s in enumerate(sections):
+        tokens.append(eot)
+        # the last section gets no trailing "\n\n" (llm.c: kept for backwards compatibility)
+        tokens.extend(enc.encode_ordinary(s + "\n\n" if i != len(sections) - 1 else s))
+    return tokens
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="tiny shakespeare -> llm.c GPT-2 token shards")
+    p.add_argument("--input", default="", help="a local copy of input.txt (no download)")
+    p.add_argument("--data_dir", default=os.path.join("data", "tinyshakespeare"), help="where the files go")
+    p.add_argument("--url", default=URL, help="where to download input.txt from")
+    args = p.parse_args(argv)
+
+    fname = fetch(args.data_dir, args.url, args.input)
+    with open(fname, "r", encoding="utf-8") as f:
+        text = f.read()
+    tokens = np.array(tokenize(text), dtype=np.uint16)
+    for split, part in (("val", tokens[:VAL_TOKENS]), ("train", tokens[VAL_TOKENS:])):
+        out = os.path.join(args.data_dir, f"tiny_shakespeare_{split}.bin")
+        train_gpt2.write_data_shard(out, part)
+        print(f"writing {len(part):,} tokens to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
