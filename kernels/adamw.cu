@@ -1,0 +1,67 @@
+// adamw.cu: the optimizer step and the gradient norm for clipping.
+//
+// Mirrors train_gpt2.py's gpt2_update and gpt2_calculate_grad_norm (llm.c train_gpt2_fp32.cu
+// adamw_kernel2; llm.c's global_norm_squared kernels, made deterministic).
+//
+// adamw_kernel(float* params, const float* grads, float* m, float* v, long long num_parameters,
+//              float learning_rate, float beta1, float beta2, float beta1_correction,
+//              float beta2_correction, float eps, float weight_decay, float grad_scale)
+//   For each i < num_parameters, with g = grad_scale * grads[i]:
+//     m = beta1 m + (1-beta1) g;  v = beta2 v + (1-beta2) g^2          (stored back)
+//     params -= learning_rate * (m/beta1_correction / (sqrt(v/beta2_correction) + eps)
+//                                + weight_decay * params)
+//   beta1_correction = 1 - beta1^t, beta2_correction = 1 - beta2^t (computed on the host).
+//   PyTorch decays only the 2-D weights: launch once per tensor (or run of tensors) and pass
+//   weight_decay = 0 for biases and LayerNorm parameters. grad_scale applies gradient clipping
+//   without rewriting grads (1.0 for none).
+//   launch: grid = ceil_div(num_parameters, block), block = 512 (any size).
+//
+// global_norm_squared_kernel(float* out, const float* data, long long count)
+//   out[blockIdx.x] = sum of data[i]^2 over the i this block visits (grid-stride loop), WRITTEN;
+//   the host sums out[:grid] (and takes the sqrt). Deterministic for a given grid: no atomics.
+//   launch: any grid G (e.g. min(ceil_div(count, block), 1024)), block = 512 (a multiple of 32,
+//   <= 1024), out holds >= G floats, static shared memory 32 floats.
+
+__device__ float adamw_lerp(float start, float end, float weight) {
+    return fmaf(weight, end, fmaf(-weight, start, start));  // weight*end + (1-weight)*start
+}
+
+extern "C" __global__ void adamw_kernel(float* params, const float* grads, float* m, float* v,
+                                        long long num_parameters, float learning_rate, float beta1,
+                                        float beta2, float beta1_correction, float beta2_correction,
+                                        float eps, float weight_decay, float grad_scale) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= num_parameters) { return; }
+    float grad = grad_scale * grads[i];
+    float mi = adamw_lerp(grad, m[i], beta1);          // first moment
+    float vi = adamw_lerp(grad * grad, v[i], beta2);   // second moment
+    m[i] = mi;
+    v[i] = vi;
+    float m_hat = mi / beta1_correction;
+    float v_hat = vi / beta2_correction;
+    params[i] -= learning_rate * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * params[i]);
+}
+
+__device__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset /= 2) { v += __shfl_xor_sync(0xffffffff, v, offset); }
+    return v;
+}
+
+extern "C" __global__ void global_norm_squared_kernel(float* out, const float* data, long long count) {
+    __shared__ float shared[32];                        // one partial per warp
+    int lane = threadIdx.x % 32;
+    int warp = threadIdx.x / 32;
+    float sum = 0.0f;
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += stride) {
+        sum += data[i] * data[i];
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) { shared[warp] = sum; }
+    __syncthreads();
+    if (warp == 0) {
+        sum = (lane < blockDim.x / 32) ? shared[lane] : 0.0f;
+        sum = warp_sum(sum);
+        if (lane == 0) { out[blockIdx.x] = sum; }
+    }
+}

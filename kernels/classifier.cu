@@ -1,0 +1,91 @@
+// classifier.cu: softmax + cross-entropy + their backward in one pass over the logits.
+//
+// Mirrors train_gpt2.py's softmax_forward + crossentropy_forward (write_dlogits = 0) and, with
+// write_dlogits = 1, also crossentropy_softmax_backward (llm.c train_gpt2_fp32.cu
+// fused_classifier_kernel3). The probabilities are never stored: each pass recomputes them.
+//
+// fused_classifier_kernel(float* logits, float* losses, const float* dlosses, const int* targets,
+//                         int B, int T, int V, int Vp, int write_dlogits)
+//   logits (B,T,Vp): only the first V columns are real, the Vp-V pad columns are ignored.
+//   losses (B,T) = -log softmax(logits[b,t,:V])[targets[b,t]], written. targets in [0, V).
+//   write_dlogits != 0: logits[b,t,i] is OVERWRITTEN with (p_i - [i == target]) * dloss for i < V
+//   and 0 for the pad columns, where dloss = dlosses[b,t], or 1/(B*T) when dlosses is NULL
+//   (the gradient of the mean loss). Forward calls it with 0 so the logits stay readable;
+//   backward calls it again with 1.
+//   launch: one block per row: grid = B*T, block = 1024 (a multiple of 32, <= 1024),
+//   static shared memory 32 floats (one partial per warp).
+//
+// Assumes B*T*Vp < 2^31 (rows are addressed with 64-bit offsets anyway).
+
+__device__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset /= 2) { v += __shfl_xor_sync(0xffffffff, v, offset); }
+    return v;
+}
+
+__device__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset /= 2) { v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset)); }
+    return v;
+}
+
+// block-wide reductions: every thread gets the result. shared holds one partial per warp.
+__device__ float block_sum(float v, float* shared) {
+    int lane = threadIdx.x % 32;
+    int warp = threadIdx.x / 32;
+    v = warp_sum(v);
+    __syncthreads();                                   // shared may still be read by the last call
+    if (lane == 0) { shared[warp] = v; }
+    __syncthreads();
+    v = (lane < blockDim.x / 32) ? shared[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ float block_max(float v, float* shared) {
+    const float lowest = -3.402823466e+38f;           // -FLT_MAX
+    int lane = threadIdx.x % 32;
+    int warp = threadIdx.x / 32;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) { shared[warp] = v; }
+    __syncthreads();
+    v = (lane < blockDim.x / 32) ? shared[lane] : lowest;
+    return warp_max(v);
+}
+
+extern "C" __global__ void fused_classifier_kernel(float* logits, float* losses, const float* dlosses,
+                                                   const int* targets, int B, int T, int V, int Vp,
+                                                   int write_dlogits) {
+    __shared__ float shared[32];
+    const float lowest = -3.402823466e+38f;
+    int row = blockIdx.x;                              // (b, t) flattened
+    float* x = logits + (long long)row * Vp;           // (Vp,)
+
+    // online softmax statistics: running max and sum of exp(x - max) per thread
+    float maxval = lowest;
+    float sumval = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float newmax = fmaxf(maxval, x[i]);
+        sumval = sumval * expf(maxval - newmax) + expf(x[i] - newmax);
+        maxval = newmax;
+    }
+    float gmax = block_max(maxval, shared);
+    float norm = 1.0f / block_sum(sumval * expf(maxval - gmax), shared);
+
+    int target = targets[row];
+    if (threadIdx.x == 0) {
+        float prob = expf(x[target] - gmax) * norm;
+        losses[row] = -logf(prob);
+    }
+    if (write_dlogits == 0) { return; }                // same for the whole block
+    __syncthreads();                                   // x[target] is read before anyone overwrites it
+
+    float dloss = (dlosses != nullptr) ? dlosses[row] : 1.0f / (B * T);
+    for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+        if (i < V) {
+            float prob = expf(x[i] - gmax) * norm;
+            float indicator = (i == target) ? 1.0f : 0.0f;
+            x[i] = (prob - indicator) * dloss;
+        } else {
+            x[i] = 0.0f;                               // pad columns get no gradient
+        }
+    }
+}

@@ -1,0 +1,45 @@
+// matmul.cu: the non-GEMM parts of the linear layer.
+//
+// The GEMMs themselves (out = inp @ weight^T; dinp += dout @ weight; dweight += dout^T @ inp)
+// are cuBLAS sgemm calls made by the host (CuPy's matmul), as in llm.c's train_gpt2_fp32.cu
+// matmul_backward; llm.c's hand-tiled matmul_forward_kernel4 is not ported. These kernels
+// mirror the bias parts of train_gpt2.py's matmul_forward / matmul_backward.
+//
+// add_bias_kernel(float* out, const float* bias, int N, int OC)
+//   out (N,OC) += bias (OC) broadcast over rows; N = B*T.
+//   launch: grid = ceil_div(N*OC, block), block = 256 (any size).
+//
+// matmul_backward_bias_kernel(float* dbias, const float* dout, int N, int OC)
+//   dbias (OC) += column sums of dout (N,OC) (accumulates). Deterministic (no atomics).
+//   Each block owns 32 consecutive columns (one per lane); its warps stride over the rows
+//   and meet in shared memory (llm.c's matmul_backward_bias_kernel4, with a bounds check so
+//   OC need not be a multiple of 32).
+//   launch: grid = ceil_div(OC, 32), block = 128 (a multiple of 32, <= 1024),
+//   dynamic shared memory = block*sizeof(float) bytes.
+//
+// Assumes N*OC < 2^31.
+
+extern "C" __global__ void add_bias_kernel(float* out, const float* bias, int N, int OC) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into out (N,OC)
+    if (idx >= N * OC) { return; }
+    out[idx] += bias[idx % OC];
+}
+
+extern "C" __global__ void matmul_backward_bias_kernel(float* dbias, const float* dout, int N, int OC) {
+    extern __shared__ float partial[];               // (blockDim.x/32, 32): one row per warp
+    int warp = threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    int warps = blockDim.x / 32;
+    int col = blockIdx.x * 32 + lane;                 // this lane's column of dout
+    float sum = 0.0f;
+    if (col < OC) {
+        for (int row = warp; row < N; row += warps) { sum += dout[row * OC + col]; }
+    }
+    partial[warp * 32 + lane] = sum;
+    __syncthreads();
+    if (warp == 0 && col < OC) {
+        float total = 0.0f;
+        for (int w = 0; w < warps; w++) { total += partial[w * 32 + lane]; }
+        dbias[col] += total;
+    }
+}
