@@ -695,11 +695,23 @@ def main(argv=None):
         print0(f"peak memory consumption: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB")
 
     if debug is not None:
+        # The step losses go into the debug state only when they are what test_gpt2.py can replay:
+        # plain AdamW at a constant learning rate on the one batch (x, y), one forward/backward per step.
         filename = f"gpt2_{size}_debug_state.bin"
         optimizer_settings = dict(learning_rate=args.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8,
                                   weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+        why_not = [why for why, bad in (
+            (f"{grad_accum_steps} gradient accumulation steps (pass --total_batch_size {B * T})", grad_accum_steps != 1),
+            ("--overfit_single_batch 0", not args.overfit_single_batch),
+            ("--warmup_iters > 0", args.warmup_iters > 0),
+            ("--learning_rate_decay_frac != 1", args.learning_rate_decay_frac != 1.0),
+            (f"--dtype {args.dtype}", device_type == "cuda" and args.dtype != "float32")) if bad]
+        if why_not:
+            print0(f"note: not recording the step losses in the debug state, they cannot be replayed on (x, y): "
+                   f"{'; '.join(why_not)}")
+            losses = []
         if len(losses) > train_gpt2.MAX_RECORDED_STEPS:
-            print0(f"(recording the first {train_gpt2.MAX_RECORDED_STEPS} losses only)")
+            print0(f"note: recording the first {train_gpt2.MAX_RECORDED_STEPS} step losses only")
         train_gpt2.write_debug_state(filename, debug["x"], debug["y"], debug["logits"], debug["loss"],
                                      debug["grads"], losses[:train_gpt2.MAX_RECORDED_STEPS],
                                      optimizer_settings)

@@ -1,0 +1,153 @@
+"""
+TinyStories -> llm.c data shards, as llm.c's dev/data/tinystories.py does it, but deterministic:
+
+  data/tinystories/TinyStories_all_data.tar.gz   downloaded once (~1.5 GB, from Hugging Face)
+  data/tinystories/TinyStories_all_data/         its 50 JSON shards, data00.json ... data49.json
+  data/tinystories/TinyStories_val.bin           shard 0: 19,043,638 GPT-2 tokens
+  data/tinystories/TinyStories_train.bin         shards 1..49: 925,653,391 tokens
+
+  python prepro_tinystories.py
+  python prepro_tinystories.py --archive PATH/TinyStories_all_data.tar.gz   # a local copy
+
+Each JSON shard is a list of {"story": ...}. A shard's stories are shuffled with
+random.Random(1337 + shard_index), then each story is stripped and written as
+<|endoftext|> followed by its tokens. Shards are tokenized in worker processes but
+collected in shard order, so the output is byte-identical on every run (llm.c's script
+concatenates the train shards in completion order, which changes run to run).
+"""
+
+import argparse
+import glob
+import json
+import os
+import random
+import shutil
+import sys
+import tarfile
+from multiprocessing import Pool
+
+import numpy as np
+
+import train_gpt2  # write_atomic and llm.c's data shard header
+
+URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
+ARCHIVE = "TinyStories_all_data.tar.gz"
+
+
+def download_file(url, fname, chunk_size=1 << 20):
+    """Stream `url` into `fname` with a tqdm bar; the file appears only once it is complete."""
+    import requests
+    from tqdm import tqdm
+    resp = requests.get(url, stream=True, timeout=30)
+    resp.raise_for_status()
+    total = int(resp.headers.get("content-length", 0))
+    with tqdm(desc=fname, total=total, unit="iB", unit_scale=True, unit_divisor=1024) as bar:
+        def chunks():
+            for data in resp.iter_content(chunk_size=chunk_size):
+                bar.update(len(data))
+                yield np.frombuffer(data, dtype=np.uint8)
+        train_gpt2.write_atomic(fname, chunks())
+
+
+def fetch(data_dir, url, archive):
+    """Return the folder of JSON shards: download (or copy) the archive and unpack it, unless done."""
+    os.makedirs(data_dir, exist_ok=True)
+    shards_dir = os.path.join(data_dir, "TinyStories_all_data")
+    if os.path.isdir(shards_dir):
+        print(f"{shards_dir} already exists, skipping download and unpacking")
+        return shards_dir
+    if not archive:
+        archive = os.path.join(data_dir, ARCHIVE)
+        if os.path.exists(archive):
+            print(f"{archive} already exists, skipping download")
+        else:
+            print(f"downloading {url} to {archive}...")
+            import requests
+            try:
+                download_file(url, archive)
+            except requests.RequestException as e:
+                raise SystemExit(f"could not download {url} ({type(e).__name__}); put a copy of the file at "
+                                 f"{archive} or run python prepro_tinystories.py --archive PATH/{ARCHIVE}")
+    elif not os.path.isfile(archive):
+        raise SystemExit(f"--archive {archive}: no such file")
+    print(f"unpacking {archive}...")
+    tmp = shards_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"{archive}: cannot unpack it ({type(e).__name__}: {e}); delete it and re-run "
+                         "python prepro_tinystories.py")
+    os.replace(tmp, shards_dir)  # only a completely unpacked folder gets the real name
+    return shards_dir
+
+
+def shard_files(shards_dir):
+    """data00.json, data01.json, ... wherever the archive put them, in order."""
+    files = sorted(glob.glob(os.path.join(shards_dir, "**", "data*.json"), recursive=True),
+                   key=os.path.basename)
+    if len(files) < 2:
+        raise SystemExit(f"{shards_dir}: found {len(files)} data*.json shard(s), need at least 2 (val + train); "
+                         f"delete the folder and re-run python prepro_tinystories.py")
+    return files
+
+
+_enc = None
+
+
+def _init_worker():
+    global _enc
+    import tiktoken
+    _enc = tiktoken.get_encoding("gpt2")
+
+
+def tokenize_shard(job):
+    """(shard index, path) -> the shard's GPT-2 tokens (uint16), stories shuffled with Random(1337 + index)."""
+    shard_index, path = job
+    eot = _enc._special_tokens["<|endoftext|>"]  # 50256
+    with open(path, "r", encoding="utf-8") as f:
+        data = json.load(f)
+    rng = random.Random(1337 + shard_index)
+    rng.shuffle(data)
+    tokens = []
+    for example in data:
+        tokens.append(eot)
+        tokens.extend(_enc.encode_ordinary(example["story"].strip()))
+    return np.array(tokens, dtype=np.uint16)
+
+
+def write_shards(path, parts):
+    """Write the token arrays `parts`, in order, as one llm.c data shard, without concatenating them
+    (the train split is 1.85 GB of tokens); same bytes as train_gpt2.write_data_shard."""
+    n = sum(p.size for p in parts)
+    assert n < 2**31
+    header = train_gpt2.new_header(train_gpt2.DATA_MAGIC, 1)
+    header[2] = n
+    train_gpt2.write_atomic(path, [header] + [p.astype("<u2", copy=False) for p in parts])
+    print(f"writing {n:,} tokens to {path}")
+    return n
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="TinyStories -> llm.c GPT-2 token shards")
+    p.add_argument("--data_dir", default=os.path.join("data", "tinystories"), help="where the files go")
+    p.add_argument("--archive", default="", help=f"a local copy of {ARCHIVE} (no download)")
+    p.add_argument("--url", default=URL, help=f"where to download {ARCHIVE} from")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    args = p.parse_args(argv)
+
+    shards_dir = fetch(args.data_dir, args.url, args.archive)
+    files = shard_files(shards_dir)
+    print(f"tokenizing {len(files)} shards with {args.workers} worker(s)")
+    from tqdm import tqdm
+    with Pool(max(1, args.workers), initializer=_init_worker) as pool:
+        # imap, not imap_unordered: results come back in shard order, so the output never changes
+        parts = list(tqdm(pool.imap(tokenize_shard, enumerate(files)), total=len(files), unit="shard"))
+    write_shards(os.path.join(args.data_dir, "TinyStories_val.bin"), parts[:1])
+    write_shards(os.path.join(args.data_dir, "TinyStories_train.bin"), parts[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""
+Shared pytest fixtures (any test file may use them).
+
+Fixtures
+--------
+repo_root        (session) absolute path of the repository (the folder of train_gpt2.py).
+tiny_data        (session) path of a small synthetic data shard: 4,096 GPT-2 token ids
+                 (uniform in [0, 50257), numpy seed 0), in llm.c's shard format.
+tiny_export      (session) runs train_gpt2_torch.py ONCE on TINY_SHAPE (L2 NH2 C32 maxT32,
+                 V 50257) with B=2, T=16, 10 steps, on `tiny_data`, in a tmp dir; returns a
+                 TinyExport with .dir, .model (gpt2_L2H2C32T32.bin), .model_bf16, .state,
+                 .tokenizer, .log (main.log), .stdout, .B, .T, .steps, .size.
+export_model     (session) a factory: export_model(n_layer=.., n_head=.., n_embd=..,
+                 block_size=.., vocab_size=.., B=.., T=.., steps=.., extra=[...]) -> TinyExport,
+                 cached per argument set, for other shapes (e.g. an odd V to exercise the padding).
+
+Helpers
+-------
+run_script(script, *args, cwd, env=None, timeout=...) -> subprocess.CompletedProcess
+    runs `python <repo>/<script> *args` with TIKTOKEN_CACHE_DIR set (offline tokenizer)
+    and cwd as given; never raises on a non-zero exit (check .returncode/.stderr).
+"""
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))
+TIKTOKEN_CACHE = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(SHARED, "data", "tiktoken_cache")
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+
+TINY_SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50257)
+
+
+def run_script(script, *args, cwd, env=None, timeout=600):
+    full_env = dict(os.environ, TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, PYTHONDONTWRITEBYTECODE="1")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class TinyExport:
+    dir: str
+    size: str
+    model: str
+    model_bf16: str
+    state: str
+    tokenizer: str   # only written when vocab_size == 50257
+    log: str
+    stdout: str
+    B: int
+    T: int
+    steps: int
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    import train_gpt2
+    path = str(tmp_path_factory.mktemp("tiny_data") / "tiny.bin")
+    tokens = np.random.default_rng(0).integers(0, 50257, size=4096)
+    train_gpt2.write_data_shard(path, tokens)
+    return path
+
+
+@pytest.fixture(scope="session")
+def export_model(tmp_path_factory, tiny_data):
+    cache = {}
+
+    def export(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50257, B=2, T=16, steps=10, extra=()):
+        key = (n_layer, n_head, n_embd, block_size, vocab_size, B, T, steps, tuple(extra))
+        if key in cache:
+            return cache[key]
+        out = str(tmp_path_factory.mktemp("export"))
+        data = tiny_data
+        if vocab_size < 50257:  # keep the synthetic tokens inside the vocabulary
+            import train_gpt2
+            data = os.path.join(out, "tiny_v.bin")
+            train_gpt2.write_data_shard(data, np.random.default_rng(0).integers(0, vocab_size, size=4096))
+        args = ["--input_bin", data, "--n_layer", n_layer, "--n_head", n_head, "--n_embd", n_embd,
+                "--block_size", block_size, "--vocab_size", vocab_size, "--batch_size", B,
+                "--sequence_length", T, "--total_batch_size", B * T, "--num_iterations", steps,
+                "--output_dir", os.path.join(out, "log"), "--device", "cpu", *extra]
+        r = run_script("train_gpt2_torch.py", *args, cwd=out)
+        assert r.returncode == 0, r.stderr[-3000:]
+        size = f"L{n_layer}H{n_head}C{n_embd}T{block_size}" + ("" if vocab_size == 50257 else f"V{vocab_size}")
+        j = lambda name: os.path.join(out, name)  # noqa: E731
+        cache[key] = TinyExport(dir=out, size=size, model=j(f"gpt2_{size}.bin"), model_bf16=j(f"gpt2_{size}_bf16.bin"),
+                                state=j(f"gpt2_{size}_debug_state.bin"), tokenizer=j("gpt2_tokenizer.bin"),
+                                log=j(os.path.join("log", "main.log")), stdout=r.stdout, B=B, T=T, steps=steps)
+        return cache[key]
+
+    return export
+
+
+@pytest.fixture(scope="session")
+def tiny_export(export_model):
+    return export_model(**TINY_SHAPE)
