@@ -1,0 +1,660 @@
+// emulator.h: just enough of CUDA for g++ to compile and run the kernels in kernels/*.cu on the CPU.
+//
+// kernels/emulator.py force-includes this header (g++ -include emulator.h) in front of a kernel
+// source, appends a launch entry per extern "C" kernel, and builds a shared library. Nothing here is
+// used on a GPU: there CuPy compiles the same .cu with NVRTC.
+//
+// Execution model
+//   * Blocks are independent, as CUDA promises: a small pool of OS threads (one per CPU core,
+//     LLMC_EMULATOR_THREADS to change it, 1 for run-to-run determinism of atomics) takes blocks
+//     from a shared counter. One OS thread runs one block at a time.
+//   * The CUDA threads of a block are fibers (user-space threads with their own 128 KiB stack) run
+//     by that OS thread: a fiber runs until it returns or reaches __syncthreads / a warp shuffle /
+//     __syncwarp, then the next fiber runs. When every live thread of the block waits at
+//     __syncthreads, they all go on; when every live lane of a warp waits at a warp operation, the
+//     shuffles are answered and the lanes go on. A thread that has returned no longer counts, so a
+//     barrier after an early `return` works.
+//   DESIGN.md proposes one OS thread per CUDA thread. We measured why not: on 2 cores a block of
+//   1024 OS threads costs tens of microseconds per barrier (a futex wake per thread), so the fused
+//   classifier over V = 50257 or AdamW over 1.7M floats takes seconds per launch. A fiber switch is
+//   a few nanoseconds (hand-written x86-64 switch; ucontext on other CPUs), which makes the
+//   emulator fast enough for a tiny-model training run. Cooperative fibers also make every run of
+//   a block deterministic: threads interleave in the same order each time.
+//
+// What it checks (each one is an error raised in Python after the launch):
+//   * deadlock: some live threads wait at __syncthreads while others wait at a warp operation
+//     that can never complete (a barrier in divergent code);
+//   * a shuffle that reads a lane which has exited or does not exist (block not a multiple of 32).
+//   Dynamic shared memory is filled with 0xFF bytes (NaN as float) at the start of each block so
+//   reads before writes show up.
+//
+// What it cannot express (kernels must not use them, or say so in their header with a GPU test):
+//   warp-synchronous code without __syncwarp/shuffles (lanes do NOT run in lockstep here), masks
+//   other than "all live lanes of the warp", cooperative groups, __ballot/__any/__all, clusters,
+//   tensor cores, texture memory, streams, dynamic parallelism, grid-wide sync, bf16/fp16 types,
+//   memory-access checks (an out-of-bounds access corrupts memory or crashes the process).
+//   `extern __shared__ T name[];` is rewritten by emulator.py into a pointer to the block's
+//   dynamic shared memory; static `__shared__` variables become `static thread_local`.
+
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+// ----------------------------------------------------------------------------------------------
+// CUDA vector types and qualifiers
+
+struct dim3 {
+    unsigned int x, y, z;
+    constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) int4 { int x, y, z, w; };
+static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+static inline float2 make_float2(float x, float y) { return float2{x, y}; }
+static inline int4 make_int4(int x, int y, int z, int w) { return int4{x, y, z, w}; }
+
+#define __global__
+#define __device__
+#define __host__
+#define __constant__
+#define __noinline__ __attribute__((noinline))
+#define __forceinline__ inline __attribute__((always_inline))
+#define __restrict__ __restrict
+#define __shared__ static thread_local
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+static constexpr int warpSize = 32;
+
+// ----------------------------------------------------------------------------------------------
+// the runtime: fibers, blocks, the worker pool
+
+#define EMU_HIDDEN __attribute__((visibility("hidden")))
+#define EMU_TLS __attribute__((tls_model("initial-exec"))) thread_local
+
+namespace emu {
+
+enum FiberState { READY, WAIT_BLOCK, WAIT_WARP, DONE };
+enum WarpOp { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, SYNCWARP };
+
+struct Worker;
+
+struct Fiber {
+    void* sp = nullptr;            // saved stack pointer while switched out (x86-64 switch)
+#if !defined(__x86_64__)
+    ucontext_t uc;
+#endif
+    char* stack = nullptr;
+    size_t stack_size = 0;
+    Worker* worker = nullptr;
+    dim3 thread_idx;
+    int linear = 0, warp = 0, lane = 0;
+    FiberState state = DONE;
+    // the pending warp operation
+    WarpOp op = SYNCWARP;
+    int op_arg = 0, op_width = 32;
+    uint64_t op_value = 0, op_result = 0;
+};
+
+typedef void (*Thunk)(void* kernel, void** args);
+
+struct Launch {
+    dim3 grid, block;
+    size_t shared_mem = 0;
+    Thunk thunk = nullptr;
+    void* kernel = nullptr;
+    void** args = nullptr;
+    long long num_blocks = 0;
+    std::atomic<long long> next_block{0};
+    std::atomic<bool> failed{false};
+    std::mutex error_mutex;
+    std::string error;
+};
+
+struct Worker {
+    std::vector<Fiber*> fibers;
+    void* sched_sp = nullptr;
+#if !defined(__x86_64__)
+    ucontext_t sched_uc;
+#endif
+    Launch* launch = nullptr;
+    dim3 block_idx;
+    char* smem = nullptr;
+    size_t smem_capacity = 0;
+    int nthreads = 0, live = 0, at_barrier = 0;
+    std::vector<int> warp_live, warp_waiting;
+    std::string error;
+};
+
+EMU_HIDDEN EMU_TLS Worker* tls_worker = nullptr;
+EMU_HIDDEN EMU_TLS Fiber* tls_fiber = nullptr;
+
+}  // namespace emu
+
+extern "C" EMU_HIDDEN void emu_fiber_main(emu::Fiber* f);
+
+#if defined(__x86_64__)
+// emu_switch(save, to): push the callee-saved registers, store rsp in *save, load rsp = to,
+// pop the other context's registers and return into it. emu_fiber_entry starts a fresh fiber
+// (its Fiber* was placed where r12 is popped from).
+extern "C" EMU_HIDDEN void emu_switch(void** save, void* to);
+extern "C" EMU_HIDDEN void emu_fiber_entry();
+asm(R"(
+    .text
+    .p2align 4
+    .globl emu_switch
+    .hidden emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+
+    .p2align 4
+    .globl emu_fiber_entry
+    .hidden emu_fiber_entry
+    .type emu_fiber_entry, @function
+emu_fiber_entry:
+    movq %r12, %rdi
+    call emu_fiber_main
+    ud2
+    .size emu_fiber_entry, .-emu_fiber_entry
+)");
+#endif
+
+namespace emu {
+
+static const size_t kStackSize = 128 * 1024;
+
+static inline void fiber_reset(Fiber* f) {
+#if defined(__x86_64__)
+    uintptr_t top = (reinterpret_cast<uintptr_t>(f->stack) + f->stack_size) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top - 56);   // r15 r14 r13 r12 rbx rbp ret
+    for (int i = 0; i < 7; i++) { sp[i] = nullptr; }
+    sp[3] = f;                                         // r12 = the fiber
+    sp[6] = reinterpret_cast<void*>(&emu_fiber_entry); // ret lands in emu_fiber_entry, rsp 16-aligned
+    f->sp = sp;
+#else
+    getcontext(&f->uc);
+    f->uc.uc_stack.ss_sp = f->stack;
+    f->uc.uc_stack.ss_size = f->stack_size;
+    f->uc.uc_link = nullptr;
+    uintptr_t p = reinterpret_cast<uintptr_t>(f);
+    makecontext(&f->uc, reinterpret_cast<void (*)()>(+[](unsigned lo, unsigned hi) {
+                    emu_fiber_main(reinterpret_cast<Fiber*>((uintptr_t(hi) << 32) | lo));
+                }), 2, unsigned(p & 0xffffffffu), unsigned(p >> 32));
+#endif
+}
+
+static inline Fiber* fiber_new(Worker* w) {
+    Fiber* f = new Fiber();
+    f->worker = w;
+    f->stack_size = kStackSize;
+    void* mem = mmap(nullptr, kStackSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED) { fprintf(stderr, "emulator: cannot map a fiber stack\n"); abort(); }
+    mprotect(mem, 4096, PROT_NONE);                    // guard page: a stack overflow faults
+    f->stack = static_cast<char*>(mem);
+    fiber_reset(f);
+    return f;
+}
+
+// scheduler -> fiber
+static inline void switch_to_fiber(Worker* w, Fiber* f) {
+    tls_fiber = f;
+#if defined(__x86_64__)
+    emu_switch(&w->sched_sp, f->sp);
+#else
+    swapcontext(&w->sched_uc, &f->uc);
+#endif
+    tls_fiber = nullptr;
+}
+
+// fiber -> scheduler
+static inline void yield_fiber(Fiber* f) {
+    Worker* w = f->worker;
+#if defined(__x86_64__)
+    emu_switch(&f->sp, w->sched_sp);
+#else
+    swapcontext(&f->uc, &w->sched_uc);
+#endif
+}
+
+static inline void fail(Launch* L, const std::string& msg) {
+    std::lock_guard<std::mutex> lock(L->error_mutex);
+    if (L->error.empty()) { L->error = msg; }
+    L->failed = true;
+}
+
+static inline std::string block_name(const Worker* w) {
+    char buf[96];
+    snprintf(buf, sizeof buf, "block (%u,%u,%u)", w->block_idx.x, w->block_idx.y, w->block_idx.z);
+    return buf;
+}
+
+// every live lane of warp k waits at a warp operation: answer them all
+static inline bool complete_warp(Worker* w, int k) {
+    int first = k * 32;
+    int count = std::min(32, w->nthreads - first);
+    for (int lane = 0; lane < count; lane++) {
+        Fiber* f = w->fibers[first + lane];
+        if (f->state != WAIT_WARP) { continue; }
+        f->state = READY;
+        if (f->op == SYNCWARP) { continue; }
+        int width = f->op_width;
+        if (width <= 0 || width > 32 || (width & (width - 1)) != 0) {
+            fail(w->launch, block_name(w) + ": shuffle width must be a power of 2 <= 32");
+            return false;
+        }
+        int base = lane & ~(width - 1);                // start of this lane's segment
+        int src;
+        switch (f->op) {
+            case SHFL_IDX: src = base + (f->op_arg & (width - 1)); break;
+            case SHFL_UP: src = lane - f->op_arg; if (src < base) { src = lane; } break;
+            case SHFL_DOWN: src = lane + f->op_arg; if (src >= base + width) { src = lane; } break;
+            default: src = lane ^ f->op_arg; if (src >= base + width) { src = lane; } break;  // XOR
+        }
+        if (src >= count || w->fibers[first + src]->state == DONE) {
+            char buf[160];
+            snprintf(buf, sizeof buf, ": thread %d reads lane %d of warp %d in a shuffle, and that lane has %s",
+                     first + lane, src, k, src >= count ? "no thread (block size not a multiple of 32?)" : "exited");
+            fail(w->launch, block_name(w) + buf);
+            return false;
+        }
+        Fiber* s = w->fibers[first + src];
+        f->op_result = (s->state == WAIT_WARP || s->state == READY) ? s->op_value : 0;
+    }
+    w->warp_waiting[k] = 0;
+    return true;
+}
+
+static inline void ensure_fibers(Worker* w, int n) {
+    while (static_cast<int>(w->fibers.size()) < n) { w->fibers.push_back(fiber_new(w)); }
+}
+
+// run one block on this OS thread; false on an error (already recorded in the launch)
+static inline bool run_block(Worker* w, long long linear_block) {
+    Launch* L = w->launch;
+    const dim3& g = L->grid;
+    const dim3& b = L->block;
+    w->block_idx = dim3(unsigned(linear_block % g.x), unsigned((linear_block / g.x) % g.y),
+                        unsigned(linear_block / (static_cast<long long>(g.x) * g.y)));
+    int n = static_cast<int>(b.x * b.y * b.z);
+    int nwarps = (n + 31) / 32;
+    ensure_fibers(w, n);
+    w->nthreads = n;
+    w->live = n;
+    w->at_barrier = 0;
+    w->warp_live.assign(nwarps, 0);
+    w->warp_waiting.assign(nwarps, 0);
+    for (int i = 0; i < n; i++) {
+        Fiber* f = w->fibers[i];
+        f->linear = i;
+        f->warp = i / 32;
+        f->lane = i % 32;
+        f->thread_idx = dim3(i % b.x, (i / b.x) % b.y, i / (b.x * b.y));
+        f->state = READY;
+        w->warp_live[f->warp]++;
+    }
+    if (L->shared_mem > 0) { memset(w->smem, 0xFF, L->shared_mem); }
+
+    for (;;) {
+        for (int i = 0; i < n; i++) {
+            Fiber* f = w->fibers[i];
+            if (f->state == READY) { switch_to_fiber(w, f); }
+        }
+        if (w->live == 0) { return true; }
+        bool released = false;
+        for (int k = 0; k < nwarps; k++) {
+            if (w->warp_waiting[k] > 0 && w->warp_waiting[k] == w->warp_live[k]) {
+                if (!complete_warp(w, k)) { break; }
+                released = true;
+            }
+        }
+        if (L->failed) { break; }
+        if (!released && w->at_barrier > 0 && w->at_barrier == w->live) {
+            for (int i = 0; i < n; i++) {
+                if (w->fibers[i]->state == WAIT_BLOCK) { w->fibers[i]->state = READY; }
+            }
+            w->at_barrier = 0;
+            released = true;
+        }
+        if (!released) {
+            char buf[200];
+            snprintf(buf, sizeof buf, ": deadlock, %d live threads of which %d wait at __syncthreads and the "
+                     "others at a warp operation some lanes of their warp never reach (barrier in divergent code?)",
+                     w->live, w->at_barrier);
+            fail(L, block_name(w) + buf);
+            break;
+        }
+    }
+    // the block's fibers are stuck mid-kernel: start them afresh
+    for (int i = 0; i < n; i++) { fiber_reset(w->fibers[i]); w->fibers[i]->state = DONE; }
+    return false;
+}
+
+static inline void run_blocks(Worker* w, Launch* L) {
+    w->launch = L;
+    if (L->shared_mem > w->smem_capacity) {
+        free(w->smem);
+        size_t cap = (L->shared_mem + 63) & ~size_t(63);
+        w->smem = static_cast<char*>(aligned_alloc(64, cap));
+        w->smem_capacity = cap;
+    }
+    Worker* saved = tls_worker;
+    tls_worker = w;
+    while (!L->failed) {
+        long long blk = L->next_block.fetch_add(1);
+        if (blk >= L->num_blocks) { break; }
+        if (!run_block(w, blk)) { break; }
+    }
+    tls_worker = saved;
+    w->launch = nullptr;
+}
+
+// the pool: helper OS threads wait for a launch, then take blocks alongside the caller
+struct Pool {
+    std::mutex mu;
+    std::condition_variable start_cv, done_cv;
+    std::vector<Worker*> workers;   // workers[0] belongs to the calling thread
+    Launch* launch = nullptr;
+    unsigned long long generation = 0;
+    int busy = 0;
+};
+
+static inline int pool_size() {
+    const char* env = getenv("LLMC_EMULATOR_THREADS");
+    int n = env ? atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
+    return std::max(1, std::min(n, 64));
+}
+
+static inline void pool_thread(Pool* P, Worker* w) {
+    unsigned long long seen = 0;
+    for (;;) {
+        Launch* L;
+        {
+            std::unique_lock<std::mutex> lock(P->mu);
+            P->start_cv.wait(lock, [&] { return P->generation != seen; });
+            seen = P->generation;
+            L = P->launch;
+        }
+        run_blocks(w, L);
+        {
+            std::lock_guard<std::mutex> lock(P->mu);
+            if (--P->busy == 0) { P->done_cv.notify_all(); }
+        }
+    }
+}
+
+static inline Pool* pool() {
+    static Pool* P = [] {
+        Pool* p = new Pool();                          // never freed: helper threads live until exit
+        int n = pool_size();
+        for (int i = 0; i < n; i++) { p->workers.push_back(new Worker()); }
+        for (int i = 1; i < n; i++) { std::thread(pool_thread, p, p->workers[i]).detach(); }
+        return p;
+    }();
+    return P;
+}
+
+static std::mutex launch_mutex;                        // one launch at a time, like one stream
+
+static inline std::string launch(const unsigned* grid, const unsigned* block, size_t shared_mem,
+                                 Thunk thunk, void* kernel, void** args) {
+    std::lock_guard<std::mutex> one_at_a_time(launch_mutex);
+    Pool* P = pool();
+    Launch L;
+    L.grid = dim3(grid[0], grid[1], grid[2]);
+    L.block = dim3(block[0], block[1], block[2]);
+    L.shared_mem = shared_mem;
+    L.thunk = thunk;
+    L.kernel = kernel;
+    L.args = args;
+    L.num_blocks = static_cast<long long>(grid[0]) * grid[1] * grid[2];
+    long long total_threads = L.num_blocks * block[0] * block[1] * block[2];
+    int helpers = static_cast<int>(P->workers.size()) - 1;
+    if (L.num_blocks < 2 || total_threads < 8192) { helpers = 0; }  // not worth waking anyone
+    if (helpers > 0) {
+        std::lock_guard<std::mutex> lock(P->mu);
+        P->launch = &L;
+        P->busy = helpers;
+        P->generation++;
+        P->start_cv.notify_all();
+    }
+    run_blocks(P->workers[0], &L);
+    if (helpers > 0) {
+        std::unique_lock<std::mutex> lock(P->mu);
+        P->done_cv.wait(lock, [&] { return P->busy == 0; });
+    }
+    return L.error;
+}
+
+// ---- what the kernels call
+
+static inline void syncthreads() {
+    Fiber* f = tls_fiber;
+    f->state = WAIT_BLOCK;
+    f->worker->at_barrier++;
+    yield_fiber(f);
+}
+
+template <typename T>
+static inline T warp_op(WarpOp op, T value, int arg, int width) {
+    static_assert(sizeof(T) <= 8, "shuffles of types wider than 8 bytes are not emulated");
+    Fiber* f = tls_fiber;
+    f->op = op;
+    f->op_arg = arg;
+    f->op_width = width;
+    f->op_value = 0;
+    memcpy(&f->op_value, &value, sizeof(T));
+    f->state = WAIT_WARP;
+    f->worker->warp_waiting[f->warp]++;
+    yield_fiber(f);
+    T result;
+    memcpy(&result, &f->op_result, sizeof(T));
+    return result;
+}
+
+static inline void* dynamic_smem() { return tls_worker->smem; }
+
+// ---- the launch entry emulator.py generates for each kernel: unpack void** args, report types
+
+template <typename... A, size_t... I>
+static inline void invoke(void (*k)(A...), void** args, std::index_sequence<I...>) {
+    k(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+}
+
+template <typename... A>
+static void thunk(void* kernel, void** args) {
+    invoke(reinterpret_cast<void (*)(A...)>(kernel), args, std::index_sequence_for<A...>{});
+}
+
+template <typename... A>
+static inline const char* launch_kernel(void (*k)(A...), const unsigned* grid, const unsigned* block,
+                                        unsigned long long shared_mem, void** args) {
+    static thread_local std::string error;
+    error = launch(grid, block, shared_mem, &thunk<A...>, reinterpret_cast<void*>(k), args);
+    return error.empty() ? nullptr : error.c_str();
+}
+
+template <typename T> struct TypeName { static const char* get() { return "?"; } };
+#define EMU_TYPE_NAME(T, s) template <> struct TypeName<T> { static const char* get() { return s; } };
+EMU_TYPE_NAME(float, "float")
+EMU_TYPE_NAME(double, "double")
+EMU_TYPE_NAME(int, "int")
+EMU_TYPE_NAME(unsigned int, "unsigned int")
+EMU_TYPE_NAME(long long, "long long")
+EMU_TYPE_NAME(unsigned long long, "unsigned long long")
+EMU_TYPE_NAME(long, "long")
+EMU_TYPE_NAME(unsigned long, "unsigned long")
+EMU_TYPE_NAME(short, "short")
+EMU_TYPE_NAME(unsigned short, "unsigned short")
+EMU_TYPE_NAME(char, "char")
+EMU_TYPE_NAME(signed char, "signed char")
+EMU_TYPE_NAME(unsigned char, "unsigned char")
+EMU_TYPE_NAME(bool, "bool")
+EMU_TYPE_NAME(float4, "float4")
+EMU_TYPE_NAME(float2, "float2")
+EMU_TYPE_NAME(int4, "int4")
+EMU_TYPE_NAME(void, "void")
+#undef EMU_TYPE_NAME
+
+template <typename T>
+static inline std::string type_name() {
+    if constexpr (std::is_pointer_v<T>) {
+        using P = std::remove_pointer_t<T>;
+        return std::string(std::is_const_v<P> ? "const " : "") + TypeName<std::remove_cv_t<P>>::get() + "*";
+    } else {
+        return TypeName<std::remove_cv_t<T>>::get();
+    }
+}
+
+// "float*,const int*,int" for void k(float*, const int*, int)
+template <typename... A>
+static inline const char* signature(void (*)(A...)) {
+    static const std::string s = [] {
+        std::string out;
+        ((out += type_name<A>() + ","), ...);
+        if (!out.empty()) { out.pop_back(); }
+        return out;
+    }();
+    return s.c_str();
+}
+
+}  // namespace emu
+
+extern "C" EMU_HIDDEN void emu_fiber_main(emu::Fiber* f) {
+    for (;;) {                                          // one CUDA thread per turn of the loop
+        emu::Worker* w = f->worker;
+        emu::Launch* L = w->launch;
+        L->thunk(L->kernel, L->args);
+        f->state = emu::DONE;                          // the thread returned: it leaves every barrier
+        w->live--;
+        w->warp_live[f->warp]--;
+        emu::yield_fiber(f);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// CUDA built-ins
+
+#define threadIdx (emu::tls_fiber->thread_idx)
+#define blockIdx (emu::tls_worker->block_idx)
+#define blockDim (emu::tls_worker->launch->block)
+#define gridDim (emu::tls_worker->launch->grid)
+
+static inline void __syncthreads() { emu::syncthreads(); }
+static inline void __syncwarp(unsigned mask = 0xffffffffu) { (void)mask; emu::warp_op<int>(emu::SYNCWARP, 0, 0, 32); }
+
+template <typename T> static inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+    (void)mask; return emu::warp_op<T>(emu::SHFL_IDX, v, src, width);
+}
+template <typename T> static inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    (void)mask; return emu::warp_op<T>(emu::SHFL_UP, v, static_cast<int>(delta), width);
+}
+template <typename T> static inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    (void)mask; return emu::warp_op<T>(emu::SHFL_DOWN, v, static_cast<int>(delta), width);
+}
+template <typename T> static inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    (void)mask; return emu::warp_op<T>(emu::SHFL_XOR, v, lane_mask, width);
+}
+
+// atomics: real atomics, since blocks run on several OS threads at once
+static inline float atomicAdd(float* address, float val) {
+    uint32_t* p = reinterpret_cast<uint32_t*>(address);
+    uint32_t old_bits = __atomic_load_n(p, __ATOMIC_RELAXED);
+    for (;;) {
+        float old;
+        memcpy(&old, &old_bits, 4);
+        float sum = old + val;
+        uint32_t new_bits;
+        memcpy(&new_bits, &sum, 4);
+        if (__atomic_compare_exchange_n(p, &old_bits, new_bits, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) { return old; }
+    }
+}
+static inline double atomicAdd(double* address, double val) {
+    uint64_t* p = reinterpret_cast<uint64_t*>(address);
+    uint64_t old_bits = __atomic_load_n(p, __ATOMIC_RELAXED);
+    for (;;) {
+        double old;
+        memcpy(&old, &old_bits, 8);
+        double sum = old + val;
+        uint64_t new_bits;
+        memcpy(&new_bits, &sum, 8);
+        if (__atomic_compare_exchange_n(p, &old_bits, new_bits, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) { return old; }
+    }
+}
+static inline int atomicAdd(int* a, int v) { return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }
+static inline unsigned atomicAdd(unsigned* a, unsigned v) { return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }
+static inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
+    return __atomic_fetch_add(a, v, __ATOMIC_RELAXED);
+}
+static inline int atomicMax(int* a, int v) {
+    int old = __atomic_load_n(a, __ATOMIC_RELAXED);
+    while (old < v && !__atomic_compare_exchange_n(a, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
+    return old;
+}
+static inline int atomicCAS(int* a, int compare, int val) {
+    __atomic_compare_exchange_n(a, &compare, val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    return compare;
+}
+static inline int atomicExch(int* a, int v) { return __atomic_exchange_n(a, v, __ATOMIC_RELAXED); }
+static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+// math intrinsics and cache-hinted loads/stores (hints mean nothing on a CPU); glibc itself declares
+// __expf, __logf, __sinf, __cosf and __powf with the meaning CUDA gives them
+static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+static inline float __fdividef(float x, float y) { return x / y; }
+static inline float __frcp_rn(float x) { return 1.0f / x; }
+static inline float __fsqrt_rn(float x) { return sqrtf(x); }
+static inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
+static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+static inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
+static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
+static inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+static inline long long min(long long a, long long b) { return a < b ? a : b; }
+static inline long long max(long long a, long long b) { return a > b ? a : b; }
+static inline float min(float a, float b) { return fminf(a, b); }
+static inline float max(float a, float b) { return fmaxf(a, b); }
+template <typename T> static inline T __ldg(const T* p) { return *p; }
+template <typename T> static inline T __ldcs(const T* p) { return *p; }
+template <typename T> static inline T __ldcg(const T* p) { return *p; }
+template <typename T> static inline void __stcs(T* p, T v) { *p = v; }
+template <typename T> static inline void __stcg(T* p, T v) { *p = v; }
