@@ -9,9 +9,37 @@ loader, tokenizer, sampler, CLI) and replaces the layers with CUDA kernels.
 """
 
 import os
-from dataclasses import dataclass
+import sys
 
-import numpy as np
+# ----------------------------------------------------------------------------
+# BLAS kernels: NumPy's bundled OpenBLAS picks its kernels by CPU model and may fall back to
+# the AVX2 (Haswell) ones on a CPU it does not know, even when the CPU has AVX-512. The choice
+# is read from OPENBLAS_CORETYPE once, when NumPy is first imported, so it is made here, before
+# `import numpy`, and only when this file is the program (an importer keeps its own choice).
+
+
+def _cpu_has_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+CORETYPE_SET_HERE = False
+if __name__ == "__main__" and "numpy" not in sys.modules and "OPENBLAS_CORETYPE" not in os.environ:
+    if _cpu_has_avx512():
+        os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
+        CORETYPE_SET_HERE = True
+
+import math  # noqa: E402  (after the BLAS choice above)
+import time  # noqa: E402
+import glob as globlib  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # file formats: llm.c's .bin files, byte for byte
@@ -272,3 +300,246 @@ def write_data_shard(path, tokens):
     header = new_header(DATA_MAGIC, 1)
     header[2] = tokens.size
     write_atomic(path, [header, tokens.astype("<u2")])
+
+
+# ----------------------------------------------------------------------------
+# the layers: each a forward/backward pair of plain functions
+#
+# Arguments follow llm.c: outputs first, then inputs, then sizes. Arrays carry their logical
+# shapes, e.g. (B, T, C), and the dtype follows the arrays (float32 in training, float64 in the
+# finite-difference tests), so constants are made with `x.dtype.type(...)`, never a bare float.
+#
+# Backward ADDS into the gradient arrays (`+=`): gradients are zeroed once per step, and a tensor
+# read by two layers (the residual stream, wte used by the encoder and by the classifier) then
+# collects both contributions without any bookkeeping.
+#
+# Letters: B batch, T time, C channels, NH heads, hs = C/NH head size, V vocabulary,
+# Vp padded vocabulary (the logits have Vp columns; columns V..Vp-1 never count), L layers.
+
+
+def encoder_forward(out, inp, wte, wpe, B, T, C):
+    """out[b,t,:] = wte[inp[b,t],:] + wpe[t,:]: token embedding plus position embedding."""
+    np.take(wte, inp, axis=0, out=out)          # (B, T) ids -> (B, T, C) rows of wte
+    out += wpe[:T]                              # (T, C) broadcast over B
+
+
+def encoder_backward(dwte, dwpe, dout, inp, B, T, C):
+    np.add.at(dwte, inp, dout)                  # scatter-add: a token seen twice gets both rows
+    dwpe[:T] += dout.sum(axis=0)                # (B, T, C) -> (T, C)
+
+
+def layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C):
+    """Normalize each (b, t) row over C (biased variance, eps 1e-5), then scale and shift.
+    Caches mean and rstd (B, T) for the backward pass; the normalized input is recomputed."""
+    eps = inp.dtype.type(1e-5)
+    mean[...] = inp.mean(axis=-1)
+    xc = inp - mean[..., None]                  # (B, T, C) centered
+    var = np.mean(xc * xc, axis=-1)             # (B, T) biased variance
+    rstd[...] = 1 / np.sqrt(var + eps)
+    np.multiply(xc, rstd[..., None], out=out)   # normalized
+    out *= weight
+    out += bias
+
+
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, B, T, C):
+    """With n = (x - mean) * rstd and out = n * w + b, and g = dout * w:
+    dx = rstd * (g - mean_C(g) - n * mean_C(g * n)); dw = sum_BT(dout * n); db = sum_BT(dout)."""
+    norm = (inp - mean[..., None]) * rstd[..., None]      # (B, T, C), recomputed
+    dbias += dout.sum(axis=(0, 1))
+    dweight += (dout * norm).sum(axis=(0, 1))
+    dnorm = dout * weight                                  # (B, T, C)
+    dnorm_mean = dnorm.mean(axis=-1, keepdims=True)        # (B, T, 1)
+    dnorm_norm_mean = (dnorm * norm).mean(axis=-1, keepdims=True)
+    dnorm -= dnorm_mean
+    dnorm -= norm * dnorm_norm_mean
+    dnorm *= rstd[..., None]
+    dinp += dnorm
+
+
+def matmul_forward(out, inp, weight, bias, B, T, C, OC):
+    """out = inp @ weight^T + bias, weight stored (OC, C) as PyTorch's nn.Linear holds it."""
+    np.matmul(inp.reshape(B * T, C), weight.T, out=out.reshape(B * T, OC))  # (BT, C) @ (C, OC)
+    if bias is not None:
+        out += bias
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC):
+    dout2 = dout.reshape(B * T, OC)
+    dinp += (dout2 @ weight).reshape(dinp.shape)              # (BT, OC) @ (OC, C)
+    dweight += dout2.T @ inp.reshape(B * T, C)                # (OC, BT) @ (BT, C)
+    if dbias is not None:
+        dbias += dout2.sum(axis=0)
+
+
+def _split_heads(x, B, T, NH):
+    """(B, T, NH*hs) -> (B, NH, T, hs), a view (no copy): one head's rows are strided."""
+    return x.reshape(B, T, NH, -1).transpose(0, 2, 1, 3)
+
+
+def _qkv_heads(inp, B, T, C, NH):
+    """(B, T, 3C) = q|k|v -> three (B, NH, T, hs) views."""
+    qkv = inp.reshape(B, T, 3, NH, C // NH)
+    return [qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
+
+
+def _causal_mask(T):
+    return np.triu(np.ones((T, T), dtype=bool), k=1)    # True above the diagonal: the future
+
+
+def attention_forward(out, preatt, att, inp, B, T, C, NH):
+    """Causal multi-head self-attention on inp (B, T, 3C) = q|k|v.
+    preatt (B, NH, T, T) = q k^T / sqrt(hs), with -inf on the masked (future) entries;
+    att = softmax(preatt) over the last axis, exactly 0 on the masked entries;
+    out (B, T, C) = att @ v with the heads side by side again."""
+    q, k, v = _qkv_heads(inp, B, T, C, NH)
+    scale = inp.dtype.type(1.0 / math.sqrt(C // NH))
+    np.matmul(q, k.transpose(0, 1, 3, 2), out=preatt)      # (B,NH,T,hs) @ (B,NH,hs,T) -> (B,NH,T,T)
+    preatt *= scale
+    preatt[:, :, _causal_mask(T)] = -np.inf
+    np.subtract(preatt, preatt.max(axis=-1, keepdims=True), out=att)
+    np.exp(att, out=att)                                   # exp(-inf) = 0 on the future
+    att /= att.sum(axis=-1, keepdims=True)
+    np.matmul(att, v, out=_split_heads(out, B, T, NH))     # (B,NH,T,T) @ (B,NH,T,hs) -> (B,T,NH,hs)
+
+
+def attention_backward(dinp, dpreatt, datt, dout, inp, att, B, T, C, NH):
+    """Each line inverts one forward line, last first. dinp (B, T, 3C) receives dq|dk|dv."""
+    q, k, v = _qkv_heads(inp, B, T, C, NH)
+    dq, dk, dv = _qkv_heads(dinp, B, T, C, NH)
+    dout_h = _split_heads(dout, B, T, NH)                  # (B, NH, T, hs)
+    scale = inp.dtype.type(1.0 / math.sqrt(C // NH))
+    # out = att @ v
+    datt += dout_h @ v.transpose(0, 1, 3, 2)               # (B,NH,T,hs) @ (B,NH,hs,T)
+    dv += att.transpose(0, 1, 3, 2) @ dout_h               # (B,NH,T,T) @ (B,NH,T,hs)
+    # att = softmax(preatt): d preatt_j = att_j * (d att_j - sum_i att_i d att_i)
+    dpreatt += att * (datt - (att * datt).sum(axis=-1, keepdims=True))
+    # preatt = scale * q @ k^T (the masked entries have att = 0, so their dpreatt is 0)
+    dq += scale * (dpreatt @ k)                            # (B,NH,T,T) @ (B,NH,T,hs)
+    dk += scale * (dpreatt.transpose(0, 1, 3, 2) @ q)
+
+
+def attention_forward_loop(out, preatt, att, inp, B, T, C, NH):
+    """Reference: llm.c's loops over (b, t, h), vectorized only over t2 <= t and hs."""
+    hs = C // NH
+    scale = 1.0 / math.sqrt(hs)
+    for b in range(B):
+        for t in range(T):
+            for h in range(NH):
+                q = inp[b, t, h * hs:(h + 1) * hs]
+                keys = inp[b, :t + 1, C + h * hs:C + (h + 1) * hs]            # (t+1, hs)
+                values = inp[b, :t + 1, 2 * C + h * hs:2 * C + (h + 1) * hs]  # (t+1, hs)
+                preatt[b, h, t, :t + 1] = keys @ q * scale
+                preatt[b, h, t, t + 1:] = -np.inf
+                e = np.exp(preatt[b, h, t, :t + 1] - preatt[b, h, t, :t + 1].max())
+                att[b, h, t, :t + 1] = e / e.sum()
+                att[b, h, t, t + 1:] = 0
+                out[b, t, h * hs:(h + 1) * hs] = att[b, h, t, :t + 1] @ values
+
+
+def attention_backward_loop(dinp, dpreatt, datt, dout, inp, att, B, T, C, NH):
+    """Reference: llm.c's backward loops (each block inverts one block of the forward loop)."""
+    hs = C // NH
+    scale = 1.0 / math.sqrt(hs)
+    for b in range(B):
+        for t in range(T):
+            for h in range(NH):
+                qs, ks, vs = slice(h * hs, (h + 1) * hs), slice(C + h * hs, C + (h + 1) * hs), \
+                    slice(2 * C + h * hs, 2 * C + (h + 1) * hs)
+                a = att[b, h, t, :t + 1]
+                # out = sum_t2 att[t2] * v[t2]
+                datt[b, h, t, :t + 1] += inp[b, :t + 1, vs] @ dout[b, t, qs]
+                dinp[b, :t + 1, vs] += np.outer(a, dout[b, t, qs])
+                # softmax: dpreatt[t3] += sum_t2 att[t2] * (1[t2 == t3] - att[t3]) * datt[t2]
+                da = datt[b, h, t, :t + 1]
+                for t2 in range(t + 1):
+                    for t3 in range(t + 1):
+                        indicator = 1.0 if t2 == t3 else 0.0
+                        dpreatt[b, h, t, t3] += a[t2] * (indicator - a[t3]) * da[t2]
+                # preatt[t2] = scale * q . k[t2]
+                dp = dpreatt[b, h, t, :t + 1] * scale
+                dinp[b, t, qs] += dp @ inp[b, :t + 1, ks]
+                dinp[b, :t + 1, ks] += np.outer(dp, inp[b, t, qs])
+
+
+GELU_SCALING_FACTOR = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(out, inp, N):
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    f = inp.dtype.type
+    np.multiply(inp, inp, out=out)
+    out *= f(0.044715)
+    out += f(1)
+    out *= inp                                  # x + 0.044715 x^3
+    out *= f(GELU_SCALING_FACTOR)
+    np.tanh(out, out=out)
+    out += f(1)
+    out *= inp
+    out *= f(0.5)
+
+
+def gelu_backward(dinp, inp, dout, N):
+    """d gelu/dx = 0.5 (1 + tanh u) + 0.5 x sech^2(u) du/dx, u = s (x + 0.044715 x^3),
+    with sech^2 = 1 - tanh^2 (llm.c writes 1/cosh^2, which overflows to inf at large u)."""
+    f = inp.dtype.type
+    x2 = inp * inp
+    u = (x2 * f(0.044715) + f(1)) * inp * f(GELU_SCALING_FACTOR)
+    th = np.tanh(u)
+    du = (x2 * f(3.0 * 0.044715) + f(1)) * f(GELU_SCALING_FACTOR)
+    local_grad = f(0.5) * (f(1) + th) + f(0.5) * inp * (f(1) - th * th) * du
+    local_grad *= dout
+    dinp += local_grad
+
+
+def residual_forward(out, inp1, inp2, N):
+    np.add(inp1, inp2, out=out)
+
+
+def residual_backward(dinp1, dinp2, dout, N):
+    dinp1 += dout
+    dinp2 += dout
+
+
+def softmax_forward(probs, logits, B, T, V, Vp):
+    """Softmax over the first V of the Vp columns of each (b, t) row; pad columns get 0."""
+    lv, pv = logits[..., :V], probs[..., :V]                # (B, T, V) views
+    np.subtract(lv, lv.max(axis=-1, keepdims=True), out=pv)
+    np.exp(pv, out=pv)
+    pv /= pv.sum(axis=-1, keepdims=True)
+    probs[..., V:] = 0
+
+
+def softmax_forward_loop(probs, logits, B, T, V, Vp):
+    """Reference: llm.c's row loop, the padded columns spelled out."""
+    for b in range(B):
+        for t in range(T):
+            row = logits[b, t]
+            maxval = max(row[:V])
+            e = np.exp(row[:V] - maxval)
+            probs[b, t, :V] = e / e.sum()
+            probs[b, t, V:] = 0                             # pad columns: probability 0
+
+
+def crossentropy_forward(losses, probs, targets, B, T, Vp):
+    """losses[b, t] = -log probs[b, t, targets[b, t]]."""
+    picked = np.take_along_axis(probs, targets[..., None].astype(np.intp), axis=-1)[..., 0]
+    np.log(picked, out=losses)
+    np.negative(losses, out=losses)
+
+
+def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, B, T, V, Vp):
+    """Fused backward of softmax + crossentropy: dlogits = (probs - onehot(target)) * dloss,
+    over the first V columns only; the pad columns' gradients stay exactly 0."""
+    dlogits[..., :V] += probs[..., :V] * dlosses[..., None]
+    b, t = np.indices((B, T))
+    dlogits[b, t, targets] -= dlosses                        # each (b, t) once: no duplicates
+
+
+def crossentropy_softmax_backward_loop(dlogits, dlosses, probs, targets, B, T, V, Vp):
+    """Reference: llm.c's loop; the inner loop stops at V, so columns V..Vp-1 are never touched."""
+    for b in range(B):
+        for t in range(T):
+            ix = targets[b, t]
+            for i in range(V):
+                indicator = 1.0 if i == ix else 0.0
+                dlogits[b, t, i] += (probs[b, t, i] - indicator) * dlosses[b, t]

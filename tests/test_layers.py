@@ -1,0 +1,335 @@
+"""Every layer of train_gpt2.py against float64 central finite differences and torch autograd.
+
+Odd shapes on purpose (B=3, T=13, C=48, NH=3, V=101 padded to Vp=128), so a transposed axis
+or a pad column that leaks shows up. Each check asserts on numbers that a real bug would move.
+"""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import train_gpt2 as m  # noqa: E402
+
+B, T, C, NH, V, Vp = 3, 13, 48, 3, 101, 128
+rng = np.random.default_rng(1234)
+
+
+def rand(*shape, scale=1.0):
+    return rng.standard_normal(shape) * scale
+
+
+# --- each layer wrapped as f(inputs) -> output and g(inputs, dout) -> input gradients -------
+
+def ln_fwd(x):
+    dt = x["inp"].dtype
+    out, mean, rstd = np.empty_like(x["inp"]), np.empty((B, T), dt), np.empty((B, T), dt)
+    m.layernorm_forward(out, mean, rstd, x["inp"], x["weight"], x["bias"], B, T, C)
+    return out
+
+
+def ln_bwd(x, dout):
+    dt = x["inp"].dtype
+    out, mean, rstd = np.empty_like(x["inp"]), np.empty((B, T), dt), np.empty((B, T), dt)
+    m.layernorm_forward(out, mean, rstd, x["inp"], x["weight"], x["bias"], B, T, C)
+    g = {k: np.zeros_like(v) for k, v in x.items()}
+    m.layernorm_backward(g["inp"], g["weight"], g["bias"], dout, x["inp"], x["weight"], mean, rstd, B, T, C)
+    return g
+
+
+def ln_torch(x):
+    return torch.nn.functional.layer_norm(x["inp"], (C,), x["weight"], x["bias"], eps=1e-5)
+
+
+OC = 37  # an output width that is no multiple of anything
+
+
+def mm_fwd(x):
+    out = np.empty((B, T, OC), x["inp"].dtype)
+    m.matmul_forward(out, x["inp"], x["weight"], x["bias"], B, T, C, OC)
+    return out
+
+
+def mm_bwd(x, dout):
+    g = {k: np.zeros_like(v) for k, v in x.items()}
+    m.matmul_backward(g["inp"], g["weight"], g["bias"], dout, x["inp"], x["weight"], B, T, C, OC)
+    return g
+
+
+def mm_torch(x):
+    return torch.nn.functional.linear(x["inp"], x["weight"], x["bias"])
+
+
+def att_fwd(x, fn=m.attention_forward):
+    dt = x["inp"].dtype
+    out, preatt, att = np.empty((B, T, C), dt), np.empty((B, NH, T, T), dt), np.empty((B, NH, T, T), dt)
+    fn(out, preatt, att, x["inp"], B, T, C, NH)
+    return out
+
+
+def att_bwd(x, dout, fwd=m.attention_forward, bwd=m.attention_backward):
+    dt = x["inp"].dtype
+    out, preatt, att = np.empty((B, T, C), dt), np.empty((B, NH, T, T), dt), np.empty((B, NH, T, T), dt)
+    fwd(out, preatt, att, x["inp"], B, T, C, NH)
+    g = {"inp": np.zeros_like(x["inp"])}
+    bwd(g["inp"], np.zeros_like(att), np.zeros_like(att), dout, x["inp"], att, B, T, C, NH)
+    return g
+
+
+def att_torch(x):
+    q, k, v = x["inp"].split(C, dim=2)
+    q, k, v = [t.view(B, T, NH, C // NH).transpose(1, 2) for t in (q, k, v)]   # (B, NH, T, hs)
+    a = (q @ k.transpose(-2, -1)) / math.sqrt(C // NH)
+    a = a.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
+    return (a @ v).transpose(1, 2).reshape(B, T, C)
+
+
+def gelu_fwd(x):
+    out = np.empty_like(x["inp"])
+    m.gelu_forward(out, x["inp"], x["inp"].size)
+    return out
+
+
+def gelu_bwd(x, dout):
+    g = {"inp": np.zeros_like(x["inp"])}
+    m.gelu_backward(g["inp"], x["inp"], dout, x["inp"].size)
+    return g
+
+
+def gelu_torch(x):
+    return torch.nn.functional.gelu(x["inp"], approximate="tanh")
+
+
+def enc_fwd(x, ids):
+    out = np.empty((B, T, C))
+    m.encoder_forward(out, ids, x["wte"], x["wpe"], B, T, C)
+    return out
+
+
+def sce_loss(logits, targets):
+    """softmax + crossentropy over the padded logits; returns (losses (B,T), probs)."""
+    probs, losses = np.empty_like(logits), np.empty((B, T), dtype=logits.dtype)
+    m.softmax_forward(probs, logits, B, T, V, Vp)
+    m.crossentropy_forward(losses, probs, targets, B, T, Vp)
+    return losses, probs
+
+
+LAYERS = {  # name: (forward, backward, torch forward, inputs)
+    "layernorm": (ln_fwd, ln_bwd, ln_torch, lambda: {"inp": rand(B, T, C) * 2 + 0.5,
+                                                     "weight": rand(C), "bias": rand(C)}),
+    "matmul": (mm_fwd, mm_bwd, mm_torch, lambda: {"inp": rand(B, T, C), "weight": rand(OC, C),
+                                                  "bias": rand(OC)}),
+    "attention": (att_fwd, att_bwd, att_torch, lambda: {"inp": rand(B, T, 3 * C)}),
+    "gelu": (gelu_fwd, gelu_bwd, gelu_torch, lambda: {"inp": rand(B, T, 4 * C) * 2}),
+}
+
+
+def finite_difference(fwd, x, dout, name, idx, h=1e-6):
+    """d/dx[name][idx] of sum(fwd(x) * dout), central differences in float64."""
+    saved = x[name][idx]
+    x[name][idx] = saved + h
+    fp = np.sum(fwd(x) * dout)
+    x[name][idx] = saved - h
+    fm = np.sum(fwd(x) * dout)
+    x[name][idx] = saved
+    return (fp - fm) / (2 * h)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_backward_vs_finite_differences(layer):
+    fwd, bwd, _, make = LAYERS[layer]
+    x = make()
+    dout = rand(*fwd(x).shape)
+    grads = bwd(x, dout)
+    for name, arr in x.items():
+        flat = rng.choice(arr.size, size=min(arr.size, 40), replace=False)
+        for f in flat:
+            idx = np.unravel_index(f, arr.shape)
+            fd = finite_difference(fwd, x, dout, name, idx)
+            assert abs(grads[name][idx] - fd) <= 1e-6 * (1 + abs(fd)), (layer, name, idx, grads[name][idx], fd)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_forward_backward_vs_torch(layer):
+    fwd, bwd, torch_fwd, make = LAYERS[layer]
+    x = make()
+    out = fwd(x)
+    dout = rand(*out.shape)
+    grads = bwd(x, dout)
+    tx = {k: torch.tensor(v, requires_grad=True) for k, v in x.items()}
+    tout = torch_fwd(tx)
+    tout.backward(torch.tensor(dout))
+    np.testing.assert_allclose(out, tout.detach().numpy(), rtol=1e-12, atol=1e-12)
+    for name in x:
+        np.testing.assert_allclose(grads[name], tx[name].grad.numpy(), rtol=1e-10, atol=1e-11, err_msg=name)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_float32_stays_float32_and_matches_float64(layer):
+    fwd, bwd, _, make = LAYERS[layer]
+    x64 = make()
+    dout64 = rand(*fwd(x64).shape)
+    x32 = {k: v.astype(np.float32) for k, v in x64.items()}
+    dout32 = dout64.astype(np.float32)
+    out32 = fwd(x32)
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, fwd(x64), rtol=1e-4, atol=1e-4)
+    g32, g64 = bwd(x32, dout32), bwd(x64, dout64)
+    for name in x64:
+        assert g32[name].dtype == np.float32, name
+        np.testing.assert_allclose(g32[name], g64[name], rtol=1e-3, atol=1e-3, err_msg=name)
+
+
+def test_layernorm_float32():
+    x = rand(B, T, C).astype(np.float32) * 3 + 1
+    w, b = rand(C).astype(np.float32), rand(C).astype(np.float32)
+    out, mean, rstd = (np.empty_like(x), np.empty((B, T), np.float32), np.empty((B, T), np.float32))
+    m.layernorm_forward(out, mean, rstd, x, w, b, B, T, C)
+    ref = torch.nn.functional.layer_norm(torch.tensor(x, dtype=torch.float64), (C,), torch.tensor(w, dtype=torch.float64),
+                                         torch.tensor(b, dtype=torch.float64), eps=1e-5).numpy()
+    assert out.dtype == mean.dtype == rstd.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-5)
+    dout = rand(B, T, C).astype(np.float32)
+    dx, dw, db = np.zeros_like(x), np.zeros_like(w), np.zeros_like(b)
+    m.layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, B, T, C)
+    assert dx.dtype == dw.dtype == db.dtype == np.float32
+    g64 = ln_bwd({"inp": x.astype(np.float64), "weight": w.astype(np.float64), "bias": b.astype(np.float64)},
+                 dout.astype(np.float64))
+    np.testing.assert_allclose(dx, g64["inp"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw, g64["weight"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_backward_accumulates(layer):
+    """Backward adds into the gradient arrays: starting from G gives G + grad."""
+    fwd, bwd, _, make = LAYERS[layer]
+    x = make()
+    dout = rand(*fwd(x).shape)
+    fresh = bwd(x, dout)
+    if layer == "matmul":
+        g = {k: rand(*v.shape) for k, v in x.items()}
+        start = {k: v.copy() for k, v in g.items()}
+        m.matmul_backward(g["inp"], g["weight"], g["bias"], dout, x["inp"], x["weight"], B, T, C, OC)
+    elif layer == "layernorm":
+        out, mean, rstd = np.empty_like(x["inp"]), np.empty((B, T)), np.empty((B, T))
+        m.layernorm_forward(out, mean, rstd, x["inp"], x["weight"], x["bias"], B, T, C)
+        g = {k: rand(*v.shape) for k, v in x.items()}
+        start = {k: v.copy() for k, v in g.items()}
+        m.layernorm_backward(g["inp"], g["weight"], g["bias"], dout, x["inp"], x["weight"], mean, rstd, B, T, C)
+    elif layer == "gelu":
+        g = {"inp": rand(*x["inp"].shape)}
+        start = {"inp": g["inp"].copy()}
+        m.gelu_backward(g["inp"], x["inp"], dout, x["inp"].size)
+    else:
+        out, preatt, att = np.empty((B, T, C)), np.empty((B, NH, T, T)), np.empty((B, NH, T, T))
+        m.attention_forward(out, preatt, att, x["inp"], B, T, C, NH)
+        g = {"inp": rand(*x["inp"].shape)}
+        start = {"inp": g["inp"].copy()}
+        m.attention_backward(g["inp"], np.zeros_like(att), np.zeros_like(att), dout, x["inp"], att, B, T, C, NH)
+    for k in g:
+        np.testing.assert_allclose(g[k] - start[k], fresh[k], rtol=1e-9, atol=1e-9, err_msg=k)
+
+
+def test_attention_matches_loop_reference():
+    inp = rand(B, T, 3 * C)
+    outs = []
+    for fwd in (m.attention_forward, m.attention_forward_loop):
+        out, preatt, att = np.empty((B, T, C)), np.empty((B, NH, T, T)), np.empty((B, NH, T, T))
+        fwd(out, preatt, att, inp, B, T, C, NH)
+        outs.append((out, preatt, att))
+    for a, b in zip(outs[0], outs[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    att = outs[0][2]
+    mask = np.triu(np.ones((T, T), bool), 1)
+    assert np.all(att[:, :, mask] == 0) and np.all(np.isneginf(outs[0][1][:, :, mask]))
+    np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-12)
+    dout = rand(B, T, C)
+    g_vec = att_bwd({"inp": inp}, dout)["inp"]
+    g_loop = att_bwd({"inp": inp}, dout, m.attention_forward_loop, m.attention_backward_loop)["inp"]
+    np.testing.assert_allclose(g_vec, g_loop, rtol=1e-10, atol=1e-12)
+
+
+def test_residual():
+    a, b, dout = rand(B, T, C), rand(B, T, C), rand(B, T, C)
+    out = np.empty_like(a)
+    m.residual_forward(out, a, b, a.size)
+    np.testing.assert_array_equal(out, a + b)
+    da, db = np.ones_like(a), np.full_like(b, 2.0)
+    m.residual_backward(da, db, dout, a.size)
+    np.testing.assert_array_equal(da, 1 + dout)
+    np.testing.assert_array_equal(db, 2 + dout)
+
+
+def test_encoder_vs_torch_with_repeated_tokens():
+    ids = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    ids[1, 5] = ids[0, 2] = ids[2, 12] = 7           # a token seen three times must count thrice
+    x = {"wte": rand(Vp, C), "wpe": rand(20, C)}
+    out = enc_fwd(x, ids)
+    dout = rand(B, T, C)
+    dwte, dwpe = np.zeros_like(x["wte"]), np.zeros_like(x["wpe"])
+    m.encoder_backward(dwte, dwpe, dout, ids, B, T, C)
+    twte = torch.tensor(x["wte"], requires_grad=True)
+    twpe = torch.tensor(x["wpe"], requires_grad=True)
+    tout = torch.nn.functional.embedding(torch.tensor(ids, dtype=torch.long), twte) + twpe[:T]
+    tout.backward(torch.tensor(dout))
+    np.testing.assert_allclose(out, tout.detach().numpy(), rtol=1e-14)
+    np.testing.assert_allclose(dwte, twte.grad.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dwpe, twpe.grad.numpy(), rtol=1e-12, atol=1e-12)
+    assert np.all(dwpe[T:] == 0)
+
+
+def test_softmax_crossentropy_padded_vocab_vs_torch():
+    logits = rand(B, T, Vp, scale=3.0)
+    logits[..., V:] = 1e3                            # garbage in the pad columns must not leak
+    targets = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    losses, probs = sce_loss(logits, targets)
+    probs_loop = np.empty_like(probs)
+    m.softmax_forward_loop(probs_loop, logits, B, T, V, Vp)
+    np.testing.assert_allclose(probs, probs_loop, rtol=1e-13, atol=1e-16)
+    assert np.all(probs[..., V:] == 0)
+    tl = torch.tensor(logits[..., :V], requires_grad=True)
+    tloss = torch.nn.functional.cross_entropy(tl.reshape(-1, V), torch.tensor(targets, dtype=torch.long).reshape(-1),
+                                              reduction="none").reshape(B, T)
+    np.testing.assert_allclose(losses, tloss.detach().numpy(), rtol=1e-12)
+    dlosses = rand(B, T)
+    tloss.backward(torch.tensor(dlosses))
+    dlogits = np.zeros_like(logits)
+    m.crossentropy_softmax_backward(dlogits, dlosses, probs, targets, B, T, V, Vp)
+    np.testing.assert_allclose(dlogits[..., :V], tl.grad.numpy(), rtol=1e-10, atol=1e-14)
+    assert np.all(dlogits[..., V:] == 0)
+    dlogits_loop = np.zeros_like(logits)
+    m.crossentropy_softmax_backward_loop(dlogits_loop, dlosses, probs, targets, B, T, V, Vp)
+    np.testing.assert_allclose(dlogits, dlogits_loop, rtol=1e-12, atol=1e-16)
+
+
+def test_softmax_crossentropy_backward_vs_finite_differences():
+    logits = rand(B, T, Vp)
+    targets = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    dlosses = rand(B, T)
+    _, probs = sce_loss(logits, targets)
+    dlogits = np.zeros_like(logits)
+    m.crossentropy_softmax_backward(dlogits, dlosses, probs, targets, B, T, V, Vp)
+    for _ in range(40):
+        idx = (rng.integers(B), rng.integers(T), rng.integers(Vp))
+        saved, h = logits[idx], 1e-6
+        logits[idx] = saved + h
+        fp = np.sum(sce_loss(logits, targets)[0] * dlosses)
+        logits[idx] = saved - h
+        fm = np.sum(sce_loss(logits, targets)[0] * dlosses)
+        logits[idx] = saved
+        fd = (fp - fm) / (2 * h)
+        assert abs(dlogits[idx] - fd) <= 1e-7 * (1 + abs(fd)), (idx, dlogits[idx], fd)
+        if idx[2] >= V:
+            assert dlogits[idx] == 0 and abs(fd) < 1e-12
+
+
+def test_softmax_float32_dtype():
+    logits = rand(B, T, Vp, scale=5).astype(np.float32)
+    targets = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    losses, probs = sce_loss(logits, targets)
+    assert probs.dtype == np.float32 and losses.dtype == np.float32
+    l64, _ = sce_loss(logits.astype(np.float64), targets)
+    np.testing.assert_allclose(losses, l64, rtol=1e-5, atol=1e-5)
