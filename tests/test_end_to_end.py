@@ -1,8 +1,9 @@
 """End to end: export a tiny model with PyTorch, then run test_gpt2.py on it as a user would.
 
-The exporter (train_gpt2_torch.py) runs once per session on a tiny shape (L2, NH2, C32, maxT32; B2, T16)
-over a synthetic data shard; test_gpt2.py must then pass on it with the NumPy trainer (and with the
-CUDA trainer on the CPU emulator, when that exists), and must fail on a checkpoint with one weight changed.
+The exporter (train_gpt2_torch.py) runs once per session on a tiny shape (conftest's tiny_export: L2,
+NH2, C32, maxT32, V50257; B2, T16, 10 AdamW steps) over a synthetic data shard. test_gpt2.py must pass
+on it with the NumPy trainer (and with the CUDA trainer on the CPU emulator, when that exists), and
+must fail on a checkpoint with one weight changed.
 """
 
 import os
@@ -20,38 +21,17 @@ sys.path.insert(0, REPO)
 import test_gpt2  # noqa: E402
 import train_gpt2  # noqa: E402
 
-TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, sequence_length=16)
-NAME = "L2H2C32T32"
-
 
 def run(cmd, cwd, env=None, timeout=300):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def tiktoken_env():
+def child_env():
     env = dict(os.environ)
     cache = os.path.join(REPO, "..", "shared", "data", "tiktoken_cache")
     if "TIKTOKEN_CACHE_DIR" not in env and os.path.isdir(cache):
         env["TIKTOKEN_CACHE_DIR"] = os.path.abspath(cache)
     return env
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    """(checkpoint, debug state) of a tiny model, written by train_gpt2_torch.py into a temp dir."""
-    if not os.path.exists(os.path.join(REPO, "train_gpt2_torch.py")):
-        pytest.skip("train_gpt2_torch.py is not there yet")
-    d = tmp_path_factory.mktemp("e2e")
-    rng = np.random.default_rng(1337)
-    shard = d / "tiny_val.bin"
-    train_gpt2.write_data_shard(str(shard), rng.integers(0, 50257, size=4096))
-    flags = [f"--{k}={v}" for k, v in TINY.items()]
-    r = run([sys.executable, os.path.join(REPO, "train_gpt2_torch.py"), f"--input_bin={shard}", *flags],
-            cwd=d, env=tiktoken_env())
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    ckpt, state = d / f"gpt2_{NAME}.bin", d / f"gpt2_{NAME}_debug_state.bin"
-    assert ckpt.exists() and state.exists(), f"exporter wrote {sorted(os.listdir(d))}"
-    return ckpt, state
 
 
 def run_test_gpt2(ckpt, state, *extra, env=None, timeout=300):
@@ -75,26 +55,30 @@ def assert_passed(r, nsteps):
         assert abs(float(ours) - float(ref)) <= 1e-4 + 1e-4 * abs(float(ref))
 
 
+def paths(tiny_export):
+    return tiny_export.model, tiny_export.state
+
+
 def test_state_records_training(tiny_export):
     """The exporter recorded its 10 training steps, and they trained (loss falls on one batch)."""
-    ckpt, state_path = tiny_export
+    ckpt, state_path = paths(tiny_export)
     config, _ = train_gpt2.read_model_file(str(ckpt))
     state = train_gpt2.read_debug_state(str(state_path), config)
-    assert state.x.shape == (TINY["batch_size"], TINY["sequence_length"])
-    assert state.losses.size == 10
+    assert state.x.shape == (tiny_export.B, tiny_export.T)
+    assert state.losses.size == tiny_export.steps == 10
     assert state.losses[-1] < state.losses[0]
     assert abs(state.losses[0] - state.loss) <= 1e-6 * abs(state.loss)
     assert set(state.optimizer) == set(train_gpt2.STATE_OPT_FIELDS)
 
 
 def test_numpy_trainer_matches_pytorch(tiny_export):
-    ckpt, state = tiny_export
+    ckpt, state = paths(tiny_export)
     assert_passed(run_test_gpt2(ckpt, state), nsteps=10)
 
 
 def test_perturbed_weight_fails(tiny_export, tmp_path):
     """One weight changed by 1e-2 must be caught: exit 1, NOT OK, overall okay: 0."""
-    ckpt, state = tiny_export
+    ckpt, state = paths(tiny_export)
     config, params = train_gpt2.read_model_file(str(ckpt))
     offset = 0
     for name, shape in train_gpt2.param_shapes(config):
@@ -102,7 +86,7 @@ def test_perturbed_weight_fails(tiny_export, tmp_path):
             break
         offset += int(np.prod(shape))
     params[offset + 7] += np.float32(1e-2)  # one element of layer 0's fcw
-    bad = tmp_path / ckpt.name
+    bad = tmp_path / os.path.basename(ckpt)
     train_gpt2.write_model_file(str(bad), config, params)
     r = run_test_gpt2(bad, state)
     assert r.returncode == 1, r.stdout[-3000:]
@@ -132,7 +116,7 @@ def test_cuda_trainer_on_emulator(tiny_export):
             pytest.skip(f"{f} is not there yet")
     if shutil.which("g++") is None:
         pytest.skip("the kernel emulator needs g++")
-    ckpt, state = tiny_export
-    env = tiktoken_env()
+    ckpt, state = paths(tiny_export)
+    env = child_env()
     env["LLMC_EMULATE"] = "1"
     assert_passed(run_test_gpt2(ckpt, state, "--trainer", "cuda", env=env, timeout=600), nsteps=10)

@@ -1,0 +1,362 @@
+"""
+Time whole training steps of our NumPy trainer (train_gpt2.py) against PyTorch eager on the CPU.
+
+  python dev/bench_cpu.py                      # d12 (GPT-2 124M shapes), B=4, T=64, 5 timed steps each
+  python dev/bench_cpu.py --steps 10 --warmup 2 --threads 2
+
+Both trainers start from the same weights (gpt2_d12.bin if present, else a d12 model built from
+scratch by train_gpt2.gpt2_build_from_descriptor and written to a temporary file), read the same
+batches (tiny shakespeare train if present, else seeded random tokens), take the same AdamW step
+(lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay, no clipping: train_gpt2.c's loop), and use
+the same number of threads (OMP/OPENBLAS/MKL_NUM_THREADS and torch.set_num_threads). Each runs in a
+fresh subprocess, one after the other, so its peak RSS (ru_maxrss from wait4) is its own.
+A step is zero_grad + forward + backward + update; the first --warmup steps (which allocate the
+activations, gradients and AdamW state) are not timed. For our trainer the step is also broken
+down by layer function (forward, backward, update), timed by wrapping the module's functions.
+"""
+
+import argparse
+import ctypes
+import glob
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+TARGET_RATIO = 0.5          # ours <= 0.5x PyTorch eager's ms/step
+TARGET_RSS_MIB = 2.5 * 1024  # ours peak RSS <= ~2.5 GiB
+ADAMW = dict(learning_rate=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+
+
+# ----------------------------------------------------------------------------
+# helpers shared by the workers
+
+def get_batches(data, B, T, n, vocab_size):
+    """n (inputs, targets) pairs of int32 (B, T): consecutive windows of the shard, or seeded random tokens."""
+    import numpy as np
+    if data and os.path.exists(data):
+        import train_gpt2
+        tokens = train_gpt2.read_data_shard(data)
+    else:
+        tokens = np.random.default_rng(42).integers(0, vocab_size, size=n * B * T + 1)
+    batches = []
+    for i in range(n):
+        start = (i * B * T) % (len(tokens) - B * T - 1)
+        buf = np.asarray(tokens[start:start + B * T + 1], dtype=np.int32)
+        batches.append((buf[:-1].reshape(B, T), buf[1:].reshape(B, T)))
+    return batches
+
+
+def openblas_info():
+    """(core type, config string, threads) of the OpenBLAS that NumPy loaded, asked through ctypes
+    (np.show_runtime needs threadpoolctl for this); OPENBLAS_CORETYPE overrides the detected core."""
+    import numpy as np
+    libdir = os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs")
+    for path in glob.glob(os.path.join(libdir, "*openblas*")):
+        lib = ctypes.CDLL(path)
+        for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "")):
+            try:
+                corename, config = getattr(lib, prefix + "get_corename" + suffix), getattr(lib, prefix + "get_config" + suffix)
+                nthreads = getattr(lib, prefix + "get_num_threads" + suffix)
+            except AttributeError:
+                continue
+            corename.restype = config.restype = ctypes.c_char_p
+            nthreads.restype = ctypes.c_int
+            return corename().decode(), config().decode().strip(), nthreads()
+    return os.environ.get("OPENBLAS_CORETYPE", "unknown (no OpenBLAS found in numpy.libs)"), "", -1
+
+
+def vm_hwm_mib():
+    """This process's peak RSS from /proc (VmHWM), in MiB; None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------
+# worker: our NumPy trainer, with a per-function breakdown
+
+class WallTimer:
+    """Host wall-clock spans for the Profiler (bench_gpu.py brings one made of CUDA events)."""
+
+    def start(self):
+        return [time.perf_counter(), None]
+
+    def stop(self, span):
+        span[1] = time.perf_counter()
+
+    def seconds(self, span):
+        return span[1] - span[0]
+
+
+class Profiler:
+    """Wraps a trainer module's gpt2_* phases and <layer>_forward/_backward functions with timers. Time in
+    a layer is charged to the phase it runs in (forward, backward, update); nested layer calls are not
+    counted twice. gpt2_forward looks the layers up in the module's globals, so wrapping them works.
+    Spans are read in flush(), once per step, so a CUDA timer is only synchronized there."""
+
+    PHASES = {"gpt2_zero_grad": "zero_grad", "gpt2_forward": "forward", "gpt2_backward": "backward",
+              "gpt2_calculate_grad_norm": "update", "gpt2_update": "update"}
+
+    def __init__(self, module, timer=None):
+        self.timer = timer or WallTimer()
+        self.phase, self.depth, self.enabled = None, 0, False
+        self.totals, self.calls, self.pending = {}, {}, []
+        for name, fn in list(vars(module).items()):
+            if not callable(fn) or isinstance(fn, type) or getattr(fn, "__module__", None) != module.__name__:
+                continue
+            if name in self.PHASES:
+                setattr(module, name, self.wrap(fn, name, self.PHASES[name]))
+            elif name.endswith(("_forward", "_backward")) or name.startswith("adamw"):
+                setattr(module, name, self.wrap(fn, name, None))
+
+    def wrap(self, fn, name, phase):
+        def timed(*args, **kwargs):
+            outer = self.phase
+            if phase is not None:
+                self.phase = phase
+            else:
+                self.depth += 1
+            span = self.timer.start() if self.enabled and (phase is not None or self.depth == 1) else None
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if span is not None:
+                    self.timer.stop(span)
+                    key = (phase, "(total)") if phase is not None else (self.phase or "outside", name)
+                    self.pending.append((key, span))
+                if phase is not None:
+                    self.phase = outer
+                else:
+                    self.depth -= 1
+        return timed
+
+    def flush(self):
+        """Add the finished spans to the totals (call after the step, synchronized)."""
+        for key, span in self.pending:
+            self.totals[key] = self.totals.get(key, 0.0) + self.timer.seconds(span)
+            self.calls[key] = self.calls.get(key, 0) + 1
+        self.pending = []
+
+    def rows(self, steps):
+        """[phase, function, seconds per step, calls per step] for every timed function."""
+        return [[phase, name, secs / steps, self.calls[(phase, name)] / steps]
+                for (phase, name), secs in self.totals.items()]
+
+
+def worker_numpy(args):
+    import numpy as np
+    import train_gpt2 as tg
+    profiler = Profiler(tg) if args.breakdown else None
+    model = tg.gpt2_build_from_checkpoint(args.checkpoint)
+    B, T = args.batch_size, args.seq_len
+    batches = get_batches(args.data, B, T, args.warmup + args.steps, model.config.vocab_size)
+    times, losses = [], []
+    for i, (x, y) in enumerate(batches):
+        if profiler is not None:
+            profiler.enabled = i >= args.warmup
+        t0 = time.perf_counter()
+        tg.gpt2_zero_grad(model)
+        tg.gpt2_forward(model, x, y, B, T)
+        tg.gpt2_backward(model)
+        tg.gpt2_update(model, ADAMW["learning_rate"], ADAMW["beta1"], ADAMW["beta2"], ADAMW["eps"],
+                       ADAMW["weight_decay"], i + 1)
+        dt = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.flush()
+        losses.append(float(model.mean_loss))
+        if i >= args.warmup:
+            times.append(dt)
+        print(f"  numpy step {i}: loss {model.mean_loss:.6f} ({dt * 1000:.0f} ms{'' if i >= args.warmup else ', warm-up'})",
+              file=sys.stderr, flush=True)
+    core, blas_config, blas_threads = openblas_info()
+    breakdown = profiler.rows(args.steps) if profiler is not None else []
+    return dict(times=times, losses=losses, openblas_core=core, openblas_config=blas_config,
+                openblas_threads=blas_threads, numpy=np.__version__, breakdown=breakdown,
+                dtype=str(model.params_memory.dtype))
+
+
+# ----------------------------------------------------------------------------
+# worker: PyTorch eager, the model class of train_gpt2_torch.py
+
+def worker_torch(args):
+    import numpy as np
+    import torch
+    import train_gpt2_torch as tt
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(42)
+    model = tt.model_from_file(args.checkpoint)  # same weights as ours; attention written out, as llm.c's default
+    model.train()
+    fused = {"auto": None, "1": True, "0": False}[args.torch_fused]
+    kwargs = {} if fused is None else dict(fused=fused, foreach=not fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ADAMW["learning_rate"], betas=(ADAMW["beta1"], ADAMW["beta2"]),
+                                  eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"], **kwargs)
+    B, T = args.batch_size, args.seq_len
+    batches = get_batches(args.data, B, T, args.warmup + args.steps, model.config.vocab_size)
+    times, losses = [], []
+    for i, (x, y) in enumerate(batches):
+        x, y = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        dt = time.perf_counter() - t0
+        losses.append(loss.item())
+        if i >= args.warmup:
+            times.append(dt)
+        print(f"  torch step {i}: loss {losses[-1]:.6f} ({dt * 1000:.0f} ms{'' if i >= args.warmup else ', warm-up'})",
+              file=sys.stderr, flush=True)
+    group = optimizer.param_groups[0]
+    if fused is None:  # what torch picks when told nothing: on the CPU, the single-tensor loop
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+        use_fused, use_foreach = _default_to_fused_or_foreach(list(model.parameters()), False, False)
+        impl = "fused" if use_fused else "foreach" if use_foreach else "single-tensor"
+        impl += " (torch's default)"
+    else:
+        impl = "fused" if group.get("fused") else "foreach"
+    return dict(times=times, losses=losses, torch=torch.__version__, adamw=impl,
+                torch_threads=torch.get_num_threads(), mkldnn=torch.backends.mkldnn.is_available())
+
+
+# ----------------------------------------------------------------------------
+# driver
+
+def run_worker(trainer, args, result_path):
+    """Run one trainer in a fresh process; returns (result dict, peak RSS MiB from wait4)."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(args.threads)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", trainer, "--result", result_path,
+           "--checkpoint", args.checkpoint, "--data", args.data or "", "-b", str(args.batch_size),
+           "-t", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads), "--torch_fused", args.torch_fused, "--breakdown", str(args.breakdown)]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_cpu.py: the {trainer} worker failed with exit code {proc.returncode}")
+    with open(result_path) as f:
+        result = json.load(f)
+    return result, usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def make_checkpoint(path):
+    """Write a from-scratch d12 model (our seeded init) to `path`, in a subprocess to keep this one small."""
+    code = ("import sys, train_gpt2 as t; m = t.gpt2_build_from_descriptor('d12'); "
+            "t.write_model_file(sys.argv[1], m.config, m.params_memory)")
+    r = subprocess.run([sys.executable, "-c", code, path], cwd=REPO)
+    if r.returncode != 0:
+        raise SystemExit("bench_cpu.py: could not build d12 from scratch; "
+                         "export it instead with python train_gpt2_torch.py --model d12")
+
+
+def print_breakdown(rows, step_ms):
+    print("\nour step, by layer function (ms per step, summed over layers; calls per step)")
+    print(f"{'phase':<10} {'function':<34} {'ms':>9} {'calls':>6} {'% step':>7}")
+    order = {"zero_grad": 0, "forward": 1, "backward": 2, "update": 3, "outside": 4}
+    rows = sorted(rows, key=lambda r: (order.get(r[0], 9), r[1] != "(total)", -r[2]))
+    phase_total = 0.0
+    for phase, name, secs, calls in rows:
+        ms = secs * 1000
+        if name == "(total)":
+            phase_total += ms
+            print(f"{phase:<10} {'(phase total)':<34} {ms:9.1f} {calls:6.0f} {100 * ms / step_ms:6.1f}%")
+        else:
+            print(f"{'':<10} {name:<34} {ms:9.1f} {calls:6.0f} {100 * ms / step_ms:6.1f}%")
+    print(f"{'':<10} {'(step minus phases: loop overhead)':<34} {step_ms - phase_total:9.1f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="NumPy trainer vs PyTorch eager, whole training steps on the CPU.")
+    parser.add_argument("--checkpoint", default="gpt2_d12.bin", help="model file; built from scratch if absent")
+    parser.add_argument("--data", default="data/tinyshakespeare/tiny_shakespeare_train.bin",
+                        help="data shard; seeded random tokens if absent")
+    parser.add_argument("-b", "--batch_size", type=int, default=4)
+    parser.add_argument("-t", "--seq_len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per trainer")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--trainers", default="numpy,torch", help="comma-separated: numpy, torch")
+    parser.add_argument("--torch_fused", default="auto", choices=["auto", "1", "0"],
+                        help="AdamW for PyTorch: auto = torch's default choice on the CPU, 1 = fused, 0 = foreach")
+    parser.add_argument("--breakdown", type=int, default=1, help="1 = per-layer timing of our step")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+
+    if args.worker:  # inside a subprocess: run one trainer, write the result as JSON
+        os.chdir(REPO)
+        result = {"numpy": worker_numpy, "torch": worker_torch}[args.worker](args)
+        result["vm_hwm_mib"] = vm_hwm_mib()
+        with open(args.result, "w") as f:
+            json.dump(result, f)
+        return
+
+    os.chdir(REPO)
+    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
+    for t in trainers:
+        if t not in ("numpy", "torch"):
+            parser.error(f"unknown trainer {t!r} (numpy, torch)")
+    if "torch" in trainers and not os.path.exists(os.path.join(REPO, "train_gpt2_torch.py")):
+        raise SystemExit("bench_cpu.py: train_gpt2_torch.py not found (PyTorch's model class lives there)")
+    if args.data and not os.path.exists(args.data):
+        print(f"bench_cpu.py: {args.data} not found (python prepro_tinyshakespeare.py makes it); using random tokens")
+        args.data = ""
+
+    with tempfile.TemporaryDirectory(prefix="bench_cpu") as tmp:
+        if not os.path.exists(args.checkpoint):
+            print(f"bench_cpu.py: {args.checkpoint} not found; building d12 from scratch (train_gpt2.gpt2_build_from_descriptor)")
+            args.checkpoint = os.path.join(tmp, "gpt2_d12.bin")
+            make_checkpoint(args.checkpoint)
+        args.checkpoint = os.path.abspath(args.checkpoint)
+        print(f"checkpoint: {args.checkpoint}")
+        print(f"data: {args.data or 'seeded random tokens'}")
+        print(f"B={args.batch_size} T={args.seq_len} warm-up {args.warmup} + timed {args.steps} steps, "
+              f"{args.threads} threads (of {os.cpu_count()} cores), AdamW {ADAMW}")
+        results = {}
+        for t in trainers:
+            print(f"running {t} ...", flush=True)
+            results[t] = run_worker(t, args, os.path.join(tmp, f"{t}.json"))
+
+    tokens = args.batch_size * args.seq_len
+    names = {"numpy": "ours (NumPy, train_gpt2.py)", "torch": "PyTorch eager"}
+    print(f"\n{'trainer':<28} {'median ms/step':>15} {'min':>8} {'max':>8} {'tokens/s':>9} {'peak RSS MiB':>13}")
+    medians = {}
+    for t, (res, rss) in results.items():
+        ms = [s * 1000 for s in res["times"]]
+        medians[t] = statistics.median(ms)
+        print(f"{names[t]:<28} {medians[t]:15.1f} {min(ms):8.1f} {max(ms):8.1f} {tokens / medians[t] * 1000:9.0f} {rss:13.0f}")
+    if "numpy" in results and "torch" in results:
+        ratio = medians["numpy"] / medians["torch"]
+        print(f"ratio ours/PyTorch: {ratio:.3f} (target <= {TARGET_RATIO}: {'met' if ratio <= TARGET_RATIO else 'NOT met'})")
+        loss_gap = max(abs(a - b) for a, b in zip(results["numpy"][0]["losses"], results["torch"][0]["losses"]))
+        print(f"same training: max |loss ours - loss PyTorch| over the {len(results['torch'][0]['losses'])} steps = {loss_gap:.2e}")
+    if "numpy" in results:
+        res, rss = results["numpy"]
+        print(f"ours peak RSS {rss:.0f} MiB (target <= {TARGET_RSS_MIB:.0f}: {'met' if rss <= TARGET_RSS_MIB else 'NOT met'})"
+              f"; params dtype {res['dtype']}")
+        print(f"NumPy {res['numpy']}, OpenBLAS core type: {res['openblas_core']} ({res['openblas_threads']} threads; "
+              f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}); {res['openblas_config']}")
+    if "torch" in results:
+        res, _ = results["torch"]
+        print(f"PyTorch {res['torch']}, {res['torch_threads']} threads, AdamW {res['adamw']}, mkldnn {res['mkldnn']}")
+    if "numpy" in results and results["numpy"][0]["breakdown"]:
+        print_breakdown(results["numpy"][0]["breakdown"], medians["numpy"])
+
+
+if __name__ == "__main__":
+    main()

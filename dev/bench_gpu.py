@@ -1,0 +1,306 @@
+"""
+Time whole training steps of our CuPy trainer (train_gpt2_cuda.py) against PyTorch on one GPU.
+
+  python dev/bench_gpu.py                       # d12 (GPT-2 124M shapes), B=4, T=1024, 3 warm-up + 20 timed steps
+  python dev/bench_gpu.py --steps 50 --tf32 0   # full fp32 GEMMs on both sides
+  python dev/bench_gpu.py --dry_run 1           # no GPU: a tiny model, ours on the kernel emulator
+                                                # (LLMC_EMULATE=1), PyTorch eager on the CPU; checks the plumbing
+
+PyTorch runs as `train_gpt2_torch.py --compile 1 --tensorcores 1` does: torch.compile (inductor, coordinate
+descent tuning), TF32 matmuls, the model's configure_optimizers (fused AdamW on CUDA), clip_grad_norm_ 1.0.
+Ours runs train_gpt2.cu's step: forward, zero_grad, backward, global norm, AdamW with the clip scale, TF32
+GEMMs when --tf32 1 (cuBLAS math mode). Same weights (gpt2_d12.bin, or d12 built from scratch), same batches
+(tiny shakespeare train, or seeded random tokens), AdamW lr 1e-4, betas (0.9, 0.95), eps 1e-8, no weight decay.
+Each trainer runs in a fresh process, one after the other. A step is timed on the host from its start to a
+device synchronize at its end. Peak GPU memory: the framework allocator's high-water mark (CuPy's memory
+pool, which keeps what it allocated; torch.cuda.max_memory_reserved) and the device's used memory (context
+included). Our step is also broken down by layer function with CUDA events (train_gpt2_cuda.Event) around
+each launcher: GPU time from the launcher's first kernel to its last, summed over layers.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_cpu import Profiler, get_batches, make_checkpoint, print_breakdown  # noqa: E402
+
+ADAMW = dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
+DRY_RUN_SHAPE = dict(max_seq_len=32, vocab_size=500, num_layers=2, num_heads=2, channels=32)
+
+
+def gpu_status():
+    """None if CuPy sees a CUDA GPU, else one line saying why not."""
+    try:
+        import cupy
+        n = cupy.cuda.runtime.getDeviceCount()
+    except ImportError:
+        return "CuPy is not installed (pip install cupy-cuda12x on a machine with an NVIDIA GPU)"
+    except Exception as e:
+        return f"CuPy finds no CUDA GPU ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+    return None if n > 0 else "CUDA reports 0 devices"
+
+
+class EventTimer:
+    """Spans made of the trainer's CUDA events (host clocks under the emulator); read after the step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def start(self):
+        start, end = self.trainer.Event(), self.trainer.Event()
+        start.record()
+        return start, end
+
+    def stop(self, span):
+        span[1].record()
+
+    def seconds(self, span):
+        span[1].synchronize()
+        return self.trainer.elapsed_ms(span[0], span[1]) / 1000.0
+
+
+def worker_ours(args):
+    import train_gpt2_cuda as tc
+    tc.require_gpu()
+    tf32 = tc.set_tf32(args.tf32)
+    profiler = Profiler(tc, timer=EventTimer(tc)) if args.breakdown else None
+    if profiler is not None:  # the fused classifier is a layer too, though not named _forward/_backward
+        for name in ("fused_classifier",):
+            if hasattr(tc, name):
+                setattr(tc, name, profiler.wrap(getattr(tc, name), name, None))
+    model = tc.gpt2_build_from_checkpoint(args.checkpoint)
+    B, T = args.batch_size, args.seq_len
+    batches = get_batches(args.data, B, T, args.warmup + args.steps, model.config.vocab_size)
+
+    def synchronize():
+        if not tc.EMULATE:
+            tc.xp.cuda.Device().synchronize()
+
+    mem_used = 0
+    times, losses = [], []
+    for i, (x, y) in enumerate(batches):
+        if profiler is not None:
+            profiler.enabled = i >= args.warmup
+        synchronize()
+        t0 = time.perf_counter()
+        tc.gpt2_forward(model, x, y, B, T)
+        tc.gpt2_zero_grad(model)
+        tc.gpt2_backward(model)
+        norm = tc.gpt2_calculate_grad_norm(model)
+        scale = tc.grad_clip_scale(norm, ADAMW["grad_clip"])
+        tc.gpt2_update(model, ADAMW["learning_rate"], ADAMW["beta1"], ADAMW["beta2"], ADAMW["eps"],
+                       ADAMW["weight_decay"], i + 1, grad_scale=scale)
+        synchronize()
+        dt = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.flush()
+        losses.append(float(model.mean_loss))
+        if i >= args.warmup:
+            times.append(dt)
+        if not tc.EMULATE:
+            free, total = tc.xp.cuda.runtime.memGetInfo()
+            mem_used = max(mem_used, total - free)
+        print(f"  ours step {i}: loss {losses[-1]:.6f} norm {norm:.4f} ({dt * 1000:.1f} ms"
+              f"{'' if i >= args.warmup else ', warm-up'})", file=sys.stderr, flush=True)
+    pool = 0 if tc.EMULATE else tc.xp.get_default_memory_pool().total_bytes()
+    return dict(times=times, losses=losses, device=tc.device_name(), tf32=bool(tf32),
+                alloc_peak_mib=pool / 2**20, device_used_mib=mem_used / 2**20,
+                breakdown=profiler.rows(args.steps) if profiler is not None else [])
+
+
+def worker_torch(args):
+    import numpy as np
+    import torch
+    import train_gpt2_torch as tt
+    device = "cpu" if args.dry_run else "cuda"
+    torch.manual_seed(42)
+    # --tensorcores 1
+    torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+    model = tt.model_from_file(args.checkpoint).to(device)
+    model.train()
+    compiled = bool(args.compile) and not args.dry_run
+    if compiled:  # --compile 1
+        import torch._inductor.config as inductor_config
+        if hasattr(inductor_config, "coordinate_descent_tuning"):
+            inductor_config.coordinate_descent_tuning = True
+        model = torch.compile(model)
+    raw = model._orig_mod if hasattr(model, "_orig_mod") else model
+    optimizer = raw.configure_optimizers(weight_decay=ADAMW["weight_decay"], learning_rate=ADAMW["learning_rate"],
+                                         betas=(ADAMW["beta1"], ADAMW["beta2"]), device_type=device, zero_stage=0)
+    B, T = args.batch_size, args.seq_len
+    batches = get_batches(args.data, B, T, args.warmup + args.steps, raw.config.vocab_size)
+
+    def synchronize():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    mem_used = 0
+    times, losses = [], []
+    for i, (x, y) in enumerate(batches):
+        x = torch.from_numpy(x.astype(np.int64)).to(device)
+        y = torch.from_numpy(y.astype(np.int64)).to(device)
+        if i == args.warmup and device == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # compile-time scratch is not the training's
+        synchronize()
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        _, loss = model(x, y, return_logits=False)
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), ADAMW["grad_clip"]))
+        optimizer.step()
+        synchronize()
+        dt = time.perf_counter() - t0
+        losses.append(loss.item())
+        if i >= args.warmup:
+            times.append(dt)
+        if device == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            mem_used = max(mem_used, total - free)
+        print(f"  torch step {i}: loss {losses[-1]:.6f} norm {norm:.4f} ({dt * 1000:.1f} ms"
+              f"{'' if i >= args.warmup else ', warm-up'})", file=sys.stderr, flush=True)
+    peak = torch.cuda.max_memory_reserved() if device == "cuda" else 0
+    allocated = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (dry run)"
+    return dict(times=times, losses=losses, device=name, tf32=bool(args.tf32), compiled=compiled,
+                torch=torch.__version__, alloc_peak_mib=peak / 2**20, allocated_peak_mib=allocated / 2**20,
+                device_used_mib=mem_used / 2**20, fused_adamw=bool(optimizer.param_groups[0].get("fused")))
+
+
+def run_worker(trainer, args, result_path):
+    env = dict(os.environ)
+    if args.dry_run:
+        env["LLMC_EMULATE"] = "1"
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", trainer, "--result", result_path,
+           "--checkpoint", args.checkpoint, "--data", args.data or "", "-b", str(args.batch_size),
+           "-t", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--tf32", str(args.tf32), "--compile", str(args.compile), "--breakdown", str(args.breakdown),
+           "--dry_run", str(args.dry_run)]
+    r = subprocess.run(cmd, env=env, cwd=REPO)
+    if r.returncode != 0:
+        raise SystemExit(f"bench_gpu.py: the {trainer} worker failed with exit code {r.returncode}")
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def make_tiny_checkpoint(path):
+    """A seeded random model of DRY_RUN_SHAPE (V=500 pads to Vp=512), for --dry_run."""
+    import numpy as np
+    import train_gpt2
+    config = train_gpt2.GPT2Config(padded_vocab_size=train_gpt2.padded_vocab(DRY_RUN_SHAPE["vocab_size"]),
+                                   **DRY_RUN_SHAPE)
+    rng = np.random.default_rng(42)
+    parts = []
+    for name, shape in train_gpt2.param_shapes(config):
+        if name in ("ln1w", "ln2w", "lnfw"):
+            p = np.ones(shape, np.float32)
+        elif name.endswith("b") and name != "wte":
+            p = np.zeros(shape, np.float32)
+        else:
+            p = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        if name == "wte":
+            p[config.vocab_size:] = 0.0  # the padding rows
+        parts.append(p.ravel())
+    train_gpt2.write_model_file(path, config, np.concatenate(parts))
+
+
+def main():
+    parser = argparse.ArgumentParser(description="CuPy trainer vs PyTorch (compile + TF32), whole steps on one GPU.")
+    parser.add_argument("--checkpoint", default="gpt2_d12.bin", help="model file; d12 built from scratch if absent")
+    parser.add_argument("--data", default="data/tinyshakespeare/tiny_shakespeare_train.bin",
+                        help="data shard; seeded random tokens if absent")
+    parser.add_argument("-b", "--batch_size", type=int, default=4)
+    parser.add_argument("-t", "--seq_len", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per trainer")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
+    parser.add_argument("--tf32", type=int, default=1, help="TF32 GEMMs on both sides (--tensorcores 1)")
+    parser.add_argument("--compile", type=int, default=1, help="torch.compile PyTorch's model (--compile 1)")
+    parser.add_argument("--trainers", default="ours,torch", help="comma-separated: ours, torch")
+    parser.add_argument("--breakdown", type=int, default=1, help="1 = per-layer CUDA-event timing of our step")
+    parser.add_argument("--dry_run", type=int, default=0,
+                        help="1 = no GPU needed: tiny model, ours on the emulator, PyTorch eager on the CPU")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+
+    if args.worker:
+        os.chdir(REPO)
+        result = {"ours": worker_ours, "torch": worker_torch}[args.worker](args)
+        with open(args.result, "w") as f:
+            json.dump(result, f)
+        return
+
+    os.chdir(REPO)
+    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
+    for t in trainers:
+        if t not in ("ours", "torch"):
+            parser.error(f"unknown trainer {t!r} (ours, torch)")
+    if not args.dry_run:
+        why = gpu_status()
+        if why is not None:
+            raise SystemExit(f"bench_gpu.py: {why}; nothing to time here (python dev/bench_gpu.py --dry_run 1 "
+                             "checks the plumbing on the CPU, python dev/bench_cpu.py times the NumPy trainer)")
+    if args.data and not os.path.exists(args.data):
+        print(f"bench_gpu.py: {args.data} not found (python prepro_tinyshakespeare.py makes it); using random tokens")
+        args.data = ""
+
+    with tempfile.TemporaryDirectory(prefix="bench_gpu") as tmp:
+        if args.dry_run:
+            if args.checkpoint == parser.get_default("checkpoint"):
+                args.checkpoint = os.path.join(tmp, "gpt2_dry_run.bin")
+                make_tiny_checkpoint(args.checkpoint)
+            if args.seq_len == parser.get_default("seq_len"):
+                args.batch_size, args.seq_len = 2, 16
+            if args.steps == parser.get_default("steps"):
+                args.steps, args.warmup = 2, 1
+            args.data = ""  # random tokens inside the tiny vocabulary
+        elif not os.path.exists(args.checkpoint):
+            print(f"bench_gpu.py: {args.checkpoint} not found; building d12 from scratch (train_gpt2.gpt2_build_from_descriptor)")
+            args.checkpoint = os.path.join(tmp, "gpt2_d12.bin")
+            make_checkpoint(args.checkpoint)
+        args.checkpoint = os.path.abspath(args.checkpoint)
+        print(f"checkpoint: {args.checkpoint}")
+        print(f"data: {args.data or 'seeded random tokens'}")
+        print(f"B={args.batch_size} T={args.seq_len} warm-up {args.warmup} + timed {args.steps} steps, "
+              f"TF32 {args.tf32}, torch.compile {args.compile}{' (dry run: off)' if args.dry_run else ''}, AdamW {ADAMW}")
+        results = {}
+        for t in trainers:
+            print(f"running {t} ...", flush=True)
+            results[t] = run_worker(t, args, os.path.join(tmp, f"{t}.json"))
+
+    tokens = args.batch_size * args.seq_len
+    names = {"ours": "ours (CuPy, train_gpt2_cuda)", "torch": "PyTorch" + (" eager" if args.dry_run else " compile+TF32")}
+    print(f"\n{'trainer':<30} {'median ms/step':>15} {'min':>8} {'max':>8} {'tokens/s':>10} "
+          f"{'alloc peak MiB':>15} {'device used MiB':>16}")
+    medians = {}
+    for t, res in results.items():
+        ms = [s * 1000 for s in res["times"]]
+        medians[t] = statistics.median(ms)
+        print(f"{names[t]:<30} {medians[t]:15.2f} {min(ms):8.2f} {max(ms):8.2f} {tokens / medians[t] * 1000:10.0f} "
+              f"{res['alloc_peak_mib']:15.0f} {res['device_used_mib']:16.0f}")
+    if "ours" in results and "torch" in results:
+        print(f"ratio ours/PyTorch (ms/step): {medians['ours'] / medians['torch']:.3f}")
+        gap = max(abs(a - b) for a, b in zip(results["ours"]["losses"], results["torch"]["losses"]))
+        print(f"same training: max |loss ours - loss PyTorch| over the steps = {gap:.2e}"
+              + (" (TF32 on: expect ~1e-3)" if args.tf32 and not args.dry_run else ""))
+    for t, res in results.items():
+        extra = f", torch {res['torch']}, fused AdamW {res['fused_adamw']}" if t == "torch" else ""
+        print(f"{names[t]}: device {res['device']}, TF32 {res['tf32']}{extra}")
+    if "ours" in results and results["ours"]["breakdown"]:
+        print_breakdown(results["ours"]["breakdown"], medians["ours"])
+
+
+if __name__ == "__main__":
+    main()
