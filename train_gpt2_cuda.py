@@ -1,0 +1,556 @@
+"""
+GPT-2 training on one NVIDIA GPU, a port of llm.c's train_gpt2_fp32.cu driven from Python by CuPy.
+
+It is train_gpt2.py (the NumPy trainer) with the arithmetic moved to the GPU: the same functions,
+flags, files and log lines, and the host code (file formats, data loader, tokenizer, sampler, CLI)
+imported from train_gpt2.py. What changes is where the numbers live and who computes them:
+  - parameters, gradients, AdamW's m and v and the activations are flat float32 buffers in GPU
+    memory, allocated once, with named views into them (llm.c's cudaMalloc + pointer tables);
+  - every layer except the matrix products is a raw CUDA kernel from kernels/*.cu, compiled at
+    first use with cupy.RawModule (NVRTC) and launched with an explicit grid;
+  - the matrix products are cuBLAS sgemm calls, strided-batched for attention, as in llm.c.
+Read it side by side with train_gpt2.py: each launcher has its NumPy twin's name and llm.c's
+argument order, and gpt2_forward / gpt2_backward call them in the same order.
+
+  pip install cupy-cuda12x
+  python train_gpt2_cuda.py -e gpt2_d12.bin         # B=4, T=1024, lr 3e-4, TF32 tensor cores on
+  python train_gpt2_cuda.py -e gpt2_d12.bin -f 0    # full fp32 matmuls
+  LLMC_EMULATE=1 python train_gpt2_cuda.py ...      # no GPU: NumPy + the same kernels on the CPU (tiny models)
+"""
+
+import math
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+import train_gpt2 as host
+from train_gpt2 import (FormatError, GPT2Config, num_parameters, param_shapes, read_debug_state,  # noqa: F401
+                        read_model_file, write_model_file)
+
+# ----------------------------------------------------------------------------
+# the switch: CuPy on a GPU, or (LLMC_EMULATE=1) NumPy with the CPU emulator of the kernels.
+# Everything below this section is the same code in both modes: `xp` is the array module,
+# RawModule compiles kernels/*.cu, gemm is cuBLAS (or NumPy's matmul), Event times the GPU.
+
+EMULATE = os.environ.get("LLMC_EMULATE", "0") == "1"
+NO_GPU = None  # one line saying why the GPU path cannot run here, or None
+
+if EMULATE:
+    import numpy as xp
+    from kernels.emulator import RawModule
+    NULL = None  # a null pointer kernel argument
+
+    def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
+        """out (batch, m, n) (+)= op(a) @ op(b), with NumPy's matmul standing in for cuBLAS."""
+        a = a.swapaxes(-1, -2) if transpose_a else a
+        b = b.swapaxes(-1, -2) if transpose_b else b
+        if accumulate:
+            out += np.matmul(a, b)
+        else:
+            np.matmul(a, b, out=out)
+
+    def set_tf32(enabled):
+        pass  # NumPy has no TF32: the emulator always computes in full fp32
+
+    class Event:
+        """A stand-in for cupy.cuda.Event: NumPy finishes every call before returning."""
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+    def elapsed_ms(start, end):
+        return (end.t - start.t) * 1000.0
+
+    def device_name():
+        return "CPU (LLMC_EMULATE=1: NumPy + kernels/emulator.py)"
+
+    def to_numpy(x):
+        """Device array -> NumPy array (here they already are)."""
+        return np.asarray(x)
+else:
+    try:
+        import cupy as xp
+        if xp.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("CUDA reports 0 devices")
+        from cupy_backends.cuda.libs import cublas
+    except ImportError:
+        xp = None
+        NO_GPU = ("train_gpt2_cuda.py: CuPy is not installed (pip install cupy-cuda12x, with an NVIDIA GPU); "
+                  "without a GPU run the NumPy trainer: python train_gpt2.py")
+    except Exception as e:  # cupy is there but no driver / no device
+        xp = None
+        NO_GPU = (f"train_gpt2_cuda.py: no CUDA GPU found ({type(e).__name__}: {str(e).strip()}); "
+                  "run the NumPy trainer instead: python train_gpt2.py")
+
+    if xp is not None:
+        RawModule = xp.RawModule
+        NULL = np.uint64(0)  # a null pointer argument (CuPy 13 turns None into 0xffffffff, cupy issue #9046)
+        Event = xp.cuda.Event
+        elapsed_ms = xp.cuda.get_elapsed_time
+        _ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)  # host scalars cuBLAS reads
+
+        def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
+            """out (batch, m, n) (+)= op(a) @ op(b) for C-contiguous float32 arrays of 2 or 3 dims
+            (a 2-D operand is shared by the whole batch), as one cublasSgemmStridedBatched call.
+            cuBLAS is column-major, and a row-major (r, c) array is a column-major (c, r) matrix, so
+            we ask it for out^T = op(b)^T @ op(a)^T, which needs no copy and no transpose."""
+            m, n = out.shape[-2:]
+            k = a.shape[-2] if transpose_a else a.shape[-1]
+            batch = out.size // (m * n)
+            stride = lambda x: x.shape[-2] * x.shape[-1] if x.ndim == 3 else 0  # noqa: E731
+            for x in (out, a, b):
+                assert x.flags.c_contiguous and x.dtype == np.float32
+            beta = _ONE if accumulate else _ZERO
+            cublas.sgemmStridedBatched(
+                xp.cuda.device.get_cublas_handle(),
+                cublas.CUBLAS_OP_T if transpose_b else cublas.CUBLAS_OP_N,
+                cublas.CUBLAS_OP_T if transpose_a else cublas.CUBLAS_OP_N,
+                n, m, k, _ONE.ctypes.data,
+                b.data.ptr, b.shape[-1], stride(b),
+                a.data.ptr, a.shape[-1], stride(a),
+                beta.ctypes.data, out.data.ptr, n, stride(out), batch)
+
+        def set_tf32(enabled):
+            """TF32 tensor cores for the float32 GEMMs, as llm.c's fp32 trainer does on sm >= 80
+            (torch.set_float32_matmul_precision('high')). Our GEMMs are sgemm calls, which follow the
+            cuBLAS handle's math mode, so that is the switch: cublasSetMathMode(TF32_TENSOR_OP_MATH).
+            CuPy's own matmul/dot pick their compute type separately (CUPY_TF32=1 in the environment,
+            read once at the first float32 matmul, or _routines_linalg.set_compute_type), so we set
+            that too, for any cupy.matmul a reader adds. On GPUs before Ampere this is a no-op."""
+            tf32 = bool(enabled) and int(xp.cuda.Device().compute_capability) >= 80
+            mode = getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3) if tf32 else cublas.CUBLAS_DEFAULT_MATH
+            cublas.setMathMode(xp.cuda.device.get_cublas_handle(), mode)
+            from cupy._core import _routines_linalg as linalg
+            linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT)
+            return tf32
+
+        def device_name():
+            props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+            name = props["name"]
+            return name.decode() if isinstance(name, bytes) else str(name)
+
+        def to_numpy(x):
+            """Device array -> NumPy array (a copy to the host)."""
+            return xp.asnumpy(x)
+    else:
+        def to_numpy(x):
+            return np.asarray(x)
+
+
+def require_gpu():
+    """Stop with one line if neither a GPU with CuPy nor the emulator is available."""
+    if NO_GPU is not None:
+        raise SystemExit(NO_GPU)
+
+
+# ----------------------------------------------------------------------------
+# kernels: each kernels/<file>.cu is compiled once, at its first launch
+
+KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+_modules, _functions = {}, {}
+
+
+def kernel(file, name):
+    """The __global__ function `name` of kernels/<file>.cu, compiled on first use."""
+    if (file, name) not in _functions:
+        if file not in _modules:
+            with open(os.path.join(KERNEL_DIR, file + ".cu")) as f:
+                _modules[file] = RawModule(code=f.read(), options=("--std=c++17",))
+        _functions[(file, name)] = _modules[file].get_function(name)
+    return _functions[(file, name)]
+
+
+def ceil_div(m, n):
+    return (m + n - 1) // n
+
+
+i32, i64, f32 = np.int32, np.int64, np.float32  # kernel scalar arguments carry their C type
+
+
+def view(buffer, *shape):
+    """The first prod(shape) floats of a contiguous buffer, seen with `shape`. llm.c reuses big
+    buffers as scratch space for other shapes; this is that pointer cast, made visible."""
+    n = math.prod(shape)
+    return buffer.reshape(-1)[:n].reshape(shape)
+
+
+# ----------------------------------------------------------------------------
+# layers: one launcher per NumPy layer, same name, llm.c's argument order (outputs, inputs, sizes).
+#
+# Gradients of PARAMETERS accumulate (+=) into buffers zeroed once per step, as in the NumPy
+# trainer. Gradients of ACTIVATIONS follow llm.c's CUDA trainer instead: they are written (=),
+# because their buffers are scratch space reused layer after layer; the one exception is the
+# residual stream, whose gradient layernorm_backward adds into (+=) so the two branches meet.
+
+def encoder_forward(out, inp, wte, wpe, B, T, C):
+    # out (B,T,C) = wte[inp] + wpe[:T]; inp (B,T) int32 on the device
+    block = 256
+    kernel("encoder", "encoder_forward_kernel")(
+        (ceil_div(B * T * C, block),), (block,), (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
+
+
+def encoder_backward(dwte, dwpe, dout, inp, B, T, C):
+    # dwte[inp] += dout; dwpe[:T] += dout (atomicAdd: a repeated token adds twice)
+    block = 256
+    kernel("encoder", "encoder_backward_kernel")(
+        (ceil_div(B * T * C, block),), (block,), (dwte, dwpe, dout, inp, i32(B), i32(T), i32(C)))
+
+
+def layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C):
+    # out (B,T,C); mean, rstd (B,T) cached for the backward; one warp per row
+    block = 256
+    kernel("layernorm", "layernorm_forward_kernel")(
+        (ceil_div(B * T * 32, block),), (block,), (out, mean, rstd, inp, weight, bias, i32(B * T), i32(C)))
+
+
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, B, T, C):
+    # dinp (B,T,C) += ..., dweight, dbias (C) += ...; one warp per row, 2C floats of shared memory
+    block = 512
+    kernel("layernorm", "layernorm_backward_kernel")(
+        (ceil_div(32 * B * T, block),), (block,),
+        (dinp, dweight, dbias, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)),
+        shared_mem=2 * C * 4)
+
+
+def matmul_forward(out, inp, weight, bias, B, T, C, OC):
+    # out (B,T,OC) = inp (B,T,C) @ weight^T (C,OC) + bias (OC); weight is (OC,C) like nn.Linear
+    gemm(out.reshape(B * T, OC), inp.reshape(B * T, C), weight, transpose_b=True)
+    if bias is not None:
+        block = 256
+        kernel("matmul", "add_bias_kernel")(
+            (ceil_div(B * T * OC, block),), (block,), (out, bias, i32(B * T), i32(OC)))
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC):
+    # dinp (B,T,C) = dout @ weight (written); dweight (OC,C) += dout^T @ inp; dbias (OC) += sum of dout
+    gemm(dinp.reshape(B * T, C), dout.reshape(B * T, OC), weight)
+    gemm(dweight, dout.reshape(B * T, OC), inp.reshape(B * T, C), transpose_a=True, accumulate=True)
+    if dbias is not None:
+        block = 128
+        kernel("matmul", "matmul_backward_bias_kernel")(
+            (ceil_div(OC, 32),), (block,), (dbias, dout, i32(B * T), i32(OC)), shared_mem=block * 4)
+
+
+def attention_forward(out, qkvr, att, inp, B, T, C, NH):
+    # inp (B,T,3C) = q|k|v per position, in the first B*T*3C floats of a scratch buffer that is
+    # big enough to hold (B,NH,T,T) as well: inp is consumed by the permute and then reused for
+    # preatt and for att @ v. qkvr (3,B,NH,T,hs) keeps q, k, v and att (B,NH,T,T) the
+    # probabilities for the backward pass; out (B,T,C).
+    hs = C // NH
+    scale = 1.0 / math.sqrt(hs)
+    q, k, v = view(qkvr, 3, B, NH, T, hs)
+    block = 256
+    kernel("attention", "permute_kernel")(
+        (ceil_div(B * NH * T * hs, block),), (block,), (q, k, v, inp, i32(B), i32(T), i32(NH), i32(hs)))
+    preatt = view(inp, B * NH, T, T)
+    gemm(preatt, q.reshape(B * NH, T, hs), k.reshape(B * NH, T, hs), transpose_b=True)  # q @ k^T, unscaled
+    kernel("attention", "softmax_forward_kernel")(
+        (ceil_div(B * NH * T * 32, block),), (block,), (att, preatt, f32(scale), i32(B), i32(NH), i32(T)))
+    vaccum = view(inp, B * NH, T, hs)
+    gemm(vaccum, att.reshape(B * NH, T, T), v.reshape(B * NH, T, hs))  # (T,T) @ (T,hs) per head
+    kernel("attention", "unpermute_kernel")(
+        (ceil_div(B * NH * T * hs, block),), (block,), (out, vaccum, i32(B), i32(T), i32(NH), i32(hs)))
+
+
+def attention_backward(dinp, dqkvr, dpreatt, datt, scratch, dout, qkvr, att, B, T, C, NH):
+    # dinp (B,T,3C) = d(q|k|v), written; dout (B,T,C). Scratch buffers, each used from its start:
+    # dqkvr >= 3*B*T*C floats, dpreatt and datt >= B*NH*T*T, scratch >= B*T*C.
+    # Every line undoes one line of attention_forward, from the last to the first.
+    hs = C // NH
+    scale = 1.0 / math.sqrt(hs)
+    q, k, v = (x.reshape(B * NH, T, hs) for x in view(qkvr, 3, B, NH, T, hs))
+    dq, dk, dv = (x.reshape(B * NH, T, hs) for x in view(dqkvr, 3, B, NH, T, hs))
+    att = att.reshape(B * NH, T, T)
+    dpreatt, datt = view(dpreatt, B * NH, T, T), view(datt, B * NH, T, T)
+    block = 256
+    dvaccum = view(scratch, B * NH, T, hs)
+    kernel("attention", "unpermute_backward_kernel")(                       # out <- vaccum
+        (ceil_div(B * NH * T * hs, block),), (block,), (dvaccum, dout, i32(B), i32(T), i32(NH), i32(hs)))
+    gemm(datt, dvaccum, v, transpose_b=True)                                 # vaccum = att @ v
+    gemm(dv, att, dvaccum, transpose_a=True)
+    kernel("attention", "softmax_autoregressive_backward_kernel")(           # att = softmax(scale*preatt)
+        (ceil_div(B * NH * T * 32, block),), (block,),
+        (dpreatt, datt, att, f32(scale), i32(B), i32(NH), i32(T)))
+    gemm(dq, dpreatt, k)                                                     # preatt = q @ k^T
+    gemm(dk, dpreatt, q, transpose_a=True)
+    kernel("attention", "permute_backward_kernel")(                          # q, k, v <- inp
+        (ceil_div(B * NH * T * hs, block),), (block,), (dinp, dq, dk, dv, i32(B), i32(T), i32(NH), i32(hs)))
+
+
+def gelu_forward(out, inp, N):
+    block = 256
+    kernel("gelu", "gelu_forward_kernel")((ceil_div(N, block),), (block,), (out, inp, i32(N)))
+
+
+def gelu_backward(dinp, inp, dout, N):
+    # dinp = gelu'(inp) * dout, written; may run in place (dinp is dout)
+    block = 256
+    kernel("gelu", "gelu_backward_kernel")((ceil_div(N, block),), (block,), (dinp, inp, dout, i32(N)))
+
+
+def residual_forward(out, inp1, inp2, N):
+    block = 256
+    kernel("residual", "residual_forward_kernel")((ceil_div(N, block),), (block,), (out, inp1, inp2, i32(N)))
+
+
+def fused_classifier(logits, losses, dlosses, targets, B, T, V, Vp, write_dlogits):
+    # softmax_forward + crossentropy_forward (+ crossentropy_softmax_backward) in one kernel:
+    # losses (B,T) written; with write_dlogits=1 the logits (B,T,Vp) are overwritten with their
+    # gradient for dlosses (B,T), or 1/(B*T) everywhere (the mean loss) when dlosses is None.
+    # One block per row.
+    block = 1024
+    kernel("classifier", "fused_classifier_kernel")(
+        (B * T,), (block,),
+        (logits, losses, NULL if dlosses is None else dlosses, targets,
+         i32(B), i32(T), i32(V), i32(Vp), i32(write_dlogits)))
+
+
+# ----------------------------------------------------------------------------
+# the model: flat device buffers with named views, as llm.c's GPT2 struct
+
+def point_views(memory, shapes):
+    """Named views into one flat buffer, one per (name, shape), in order."""
+    views, offset = {}, 0
+    for name, shape in shapes:
+        n = math.prod(shape)
+        views[name] = memory[offset:offset + n].reshape(shape)
+        offset += n
+    assert offset == memory.size
+    return SimpleNamespace(**views)
+
+
+def activation_shapes(config, B, T):
+    """llm.c train_gpt2_fp32.cu's activations (21 tensors). `output` is the scratch buffer: it
+    holds the logits (B,T,Vp) after the forward pass and, inside each layer, qkv (B,T,3C),
+    preatt (B,NH,T,T) and att @ v; in the backward pass the logits' gradient and datt."""
+    L, NH, C, Vp = config.num_layers, config.num_heads, config.channels, config.padded_vocab_size
+    return [
+        ("encoded", (B, T, C)),
+        ("ln1", (L, B, T, C)), ("ln1_mean", (L, B, T)), ("ln1_rstd", (L, B, T)),
+        ("atty", (L, B, T, C)),                 # attention output before the projection
+        ("att", (L, B, NH, T, T)),              # attention probabilities
+        ("attproj", (L, B, T, C)),
+        ("residual2", (L, B, T, C)),
+        ("ln2", (L, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
+        ("fch", (L, B, T, 4 * C)), ("fch_gelu", (L, B, T, 4 * C)),
+        ("fcproj", (L, B, T, C)),
+        ("residual3", (L, B, T, C)),
+        ("lnf", (B, T, C)), ("lnf_mean", (B, T)), ("lnf_rstd", (B, T)),
+        ("losses", (B, T)),
+        ("qkvr", (L, 3, B, NH, T, C // NH)),    # q, k, v permuted to (B,NH,T,hs), kept for backward
+        ("output", (B * T * max(3 * C, NH * T, Vp),)),
+    ]
+
+
+def grad_activation_shapes(config, B, T):
+    """The backward pass needs only three buffers, reused by every layer (llm.c's GradActTensors)."""
+    NH, C = config.num_heads, config.channels
+    return [("bt4c", (B, T, 4 * C)), ("preatt", (B, NH, T, T)), ("residual3", (B, T, C))]
+
+
+class GPT2:
+    """The model: config, parameters and their gradients (flat device buffers with named views),
+    AdamW's m and v (allocated at the first update), activations (allocated at the first forward,
+    for that B and T), and the state of the last forward pass."""
+
+    def __init__(self, config, params_host):
+        require_gpu()
+        self.config = config
+        self.num_parameters = num_parameters(config)
+        self.param_shapes = param_shapes(config)
+        self.params_memory = xp.asarray(params_host, dtype=np.float32)   # one host -> device copy
+        self.grads_memory = xp.zeros(self.num_parameters, dtype=np.float32)
+        self.params = point_views(self.params_memory, self.param_shapes)
+        self.grads = point_views(self.grads_memory, self.param_shapes)
+        self.m_memory = self.v_memory = None
+        self.acts_memory = self.acts = None
+        self.grads_acts_memory = self.grads_acts = None
+        self.norm_partials = xp.zeros(NORM_BLOCKS, dtype=np.float32)     # gpt2_calculate_grad_norm's
+        self.batch_size = self.seq_len = 0
+        self.inputs = self.targets = None                                  # (B,T) int32 on the device
+        self.mean_loss = -1.0
+
+
+def gpt2_build_from_checkpoint(path):
+    """Load an llm.c model file (v3 fp32, or v5 bf16 widened to fp32) onto the GPU."""
+    require_gpu()
+    config, params = read_model_file(path)
+    return GPT2(config, params)
+
+
+def gpt2_build_from_descriptor(descriptor):
+    """A fresh model from a descriptor such as "d12" (or a .bin path), initialised on the host by
+    train_gpt2.py's seeded init (the same weights as the NumPy trainer), then copied to the GPU."""
+    require_gpu()
+    if descriptor.endswith(".bin"):
+        return gpt2_build_from_checkpoint(descriptor)
+    cpu_model = host.gpt2_build_from_descriptor(descriptor)
+    return GPT2(cpu_model.config, cpu_model.params_memory)
+
+
+def gpt2_forward(model, inputs, targets, B, T):
+    """inputs, targets: host int arrays (B,T); targets may be None. Leaves the logits (B,T,Vp) in
+    model.acts.logits and, with targets, sets model.mean_loss (the step's only host sync)."""
+    config = model.config
+    V, Vp, L, NH, C = (config.vocab_size, config.padded_vocab_size, config.num_layers,
+                       config.num_heads, config.channels)
+    inputs = np.asarray(inputs).reshape(B, T)
+    if inputs.min() < 0 or inputs.max() >= V:
+        raise ValueError(f"gpt2_forward: input token ids must be in [0, {V}), got [{inputs.min()}, {inputs.max()}]")
+    if targets is not None:
+        targets = np.asarray(targets).reshape(B, T)
+        if targets.min() < 0 or targets.max() >= V:
+            raise ValueError(f"gpt2_forward: target ids must be in [0, {V}), got [{targets.min()}, {targets.max()}]")
+
+    # allocate the activations at the first call, for this B and T (as llm.c, which then insists on them)
+    if model.acts_memory is None:
+        if T > config.max_seq_len:
+            raise ValueError(f"gpt2_forward: T={T} exceeds the model's max_seq_len {config.max_seq_len}")
+        model.batch_size, model.seq_len = B, T
+        shapes = activation_shapes(config, B, T)
+        model.acts_memory = xp.zeros(sum(math.prod(s) for _, s in shapes), dtype=np.float32)
+        model.acts = point_views(model.acts_memory, shapes)
+        model.acts.logits = view(model.acts.output, B, T, Vp)  # the logits live in the scratch buffer
+        model.inputs = xp.zeros((B, T), dtype=np.int32)
+        model.targets = xp.zeros((B, T), dtype=np.int32)
+    elif (B, T) != (model.batch_size, model.seq_len):
+        raise ValueError(f"gpt2_forward: the model was set up for B={model.batch_size} T={model.seq_len}, "
+                         f"got B={B} T={T}")
+
+    model.inputs[...] = xp.asarray(inputs.astype(np.int32))       # host -> device
+    if targets is not None:
+        model.targets[...] = xp.asarray(targets.astype(np.int32))
+
+    params, acts = model.params, model.acts
+    scratch = acts.output
+    encoder_forward(acts.encoded, model.inputs, params.wte, params.wpe, B, T, C)
+    for l in range(L):
+        residual = acts.encoded if l == 0 else acts.residual3[l - 1]
+        qkv = view(scratch, B, T, 3 * C)
+        layernorm_forward(acts.ln1[l], acts.ln1_mean[l], acts.ln1_rstd[l], residual,
+                          params.ln1w[l], params.ln1b[l], B, T, C)
+        matmul_forward(qkv, acts.ln1[l], params.qkvw[l], params.qkvb[l], B, T, C, 3 * C)
+        attention_forward(acts.atty[l], acts.qkvr[l], acts.att[l], scratch, B, T, C, NH)
+        matmul_forward(acts.attproj[l], acts.atty[l], params.attprojw[l], params.attprojb[l], B, T, C, C)
+        residual_forward(acts.residual2[l], residual, acts.attproj[l], B * T * C)
+        layernorm_forward(acts.ln2[l], acts.ln2_mean[l], acts.ln2_rstd[l], acts.residual2[l],
+                          params.ln2w[l], params.ln2b[l], B, T, C)
+        matmul_forward(acts.fch[l], acts.ln2[l], params.fcw[l], params.fcb[l], B, T, C, 4 * C)
+        gelu_forward(acts.fch_gelu[l], acts.fch[l], B * T * 4 * C)
+        matmul_forward(acts.fcproj[l], acts.fch_gelu[l], params.fcprojw[l], params.fcprojb[l], B, T, 4 * C, C)
+        residual_forward(acts.residual3[l], acts.residual2[l], acts.fcproj[l], B * T * C)
+
+    residual = acts.residual3[L - 1]
+    layernorm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, residual, params.lnfw, params.lnfb, B, T, C)
+    matmul_forward(acts.logits, acts.lnf, params.wte, None, B, T, C, Vp)   # wte is the classifier
+
+    if targets is not None:
+        # the losses only: the logits stay as they are (the backward pass turns them into dlogits)
+        fused_classifier(acts.logits, acts.losses, None, model.targets, B, T, V, Vp, write_dlogits=0)
+        model.mean_loss = float(acts.losses.mean())                         # device -> host, the sync
+    else:
+        model.mean_loss = -1.0
+
+
+def gpt2_zero_grad(model):
+    model.grads_memory.fill(0)
+    if model.grads_acts_memory is not None:
+        model.grads_acts_memory.fill(0)
+
+
+def gpt2_backward(model):
+    """Gradients of the mean loss of the last forward pass (with targets) into model.grads."""
+    if model.mean_loss == -1.0:
+        raise RuntimeError("gpt2_backward: run gpt2_forward with targets first")
+    config = model.config
+    B, T = model.batch_size, model.seq_len
+    V, Vp, L, NH, C = (config.vocab_size, config.padded_vocab_size, config.num_layers,
+                       config.num_heads, config.channels)
+    if model.grads_acts_memory is None:
+        shapes = grad_activation_shapes(config, B, T)
+        model.grads_acts_memory = xp.zeros(sum(math.prod(s) for _, s in shapes), dtype=np.float32)
+        model.grads_acts = point_views(model.grads_acts_memory, shapes)
+
+    params, grads, acts, grads_acts = model.params, model.grads, model.acts, model.grads_acts
+    # the loss is the mean over B*T positions: the classifier kernel seeds dloss = 1/(B*T) and
+    # overwrites the logits with dlogits (B,T,Vp), pad columns 0
+    fused_classifier(acts.logits, acts.losses, None, model.targets, B, T, V, Vp, write_dlogits=1)
+    dlogits = acts.logits
+    dlnf = view(grads_acts.bt4c, B, T, C)
+    matmul_backward(dlnf, grads.wte, None, dlogits, acts.lnf, params.wte, B, T, C, Vp)
+    residual = acts.residual3[L - 1]
+    dresidual = grads_acts.residual3  # the gradient of the residual stream, (B,T,C), += by layernorms
+    layernorm_backward(dresidual, grads.lnfw, grads.lnfb, dlnf, residual, params.lnfw,
+                       acts.lnf_mean, acts.lnf_rstd, B, T, C)
+
+    for l in reversed(range(L)):
+        residual = acts.encoded if l == 0 else acts.residual3[l - 1]
+        # scratch: lnf's activation is no longer needed, nor (after their last use below) atty and fch
+        dl_btc = acts.lnf                 # (B,T,C)
+        dl_bt4c = grads_acts.bt4c         # (B,T,4C)
+        # residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
+        matmul_backward(dl_bt4c, grads.fcprojw[l], grads.fcprojb[l], dresidual, acts.fch_gelu[l],
+                        params.fcprojw[l], B, T, 4 * C, C)
+        gelu_backward(dl_bt4c, acts.fch[l], dl_bt4c, B * T * 4 * C)
+        matmul_backward(dl_btc, grads.fcw[l], grads.fcb[l], dl_bt4c, acts.ln2[l], params.fcw[l], B, T, C, 4 * C)
+        layernorm_backward(dresidual, grads.ln2w[l], grads.ln2b[l], dl_btc, acts.residual2[l], params.ln2w[l],
+                           acts.ln2_mean[l], acts.ln2_rstd[l], B, T, C)
+        # residual2 = residual + attproj(attention(qkv(ln1(residual))))
+        matmul_backward(dl_btc, grads.attprojw[l], grads.attprojb[l], dresidual, acts.atty[l],
+                        params.attprojw[l], B, T, C, C)
+        dqkv = view(dl_bt4c, B, T, 3 * C)
+        attention_backward(dqkv, acts.fch[l], grads_acts.preatt, acts.output, acts.atty[l], dl_btc,
+                           acts.qkvr[l], acts.att[l], B, T, C, NH)
+        matmul_backward(dl_btc, grads.qkvw[l], grads.qkvb[l], dqkv, acts.ln1[l], params.qkvw[l], B, T, C, 3 * C)
+        layernorm_backward(dresidual, grads.ln1w[l], grads.ln1b[l], dl_btc, residual, params.ln1w[l],
+                           acts.ln1_mean[l], acts.ln1_rstd[l], B, T, C)
+    encoder_backward(grads.wte, grads.wpe, dresidual, model.inputs, B, T, C)
+
+
+# ----------------------------------------------------------------------------
+# optimizer
+
+NORM_BLOCKS = 1024   # partial sums of the gradient norm kernel (a fixed grid: deterministic)
+DECAYED = {"wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"}  # the 2-D weights, as PyTorch's optimizer groups
+
+
+def gpt2_calculate_grad_norm(model):
+    """The L2 norm of all gradients together (python float): per-block partial sums of squares on
+    the device, summed there; reading it is a host sync, as in llm.c."""
+    n = model.num_parameters
+    block = 512
+    grid = min(ceil_div(n, block), NORM_BLOCKS)
+    kernel("adamw", "global_norm_squared_kernel")((grid,), (block,), (model.norm_partials, model.grads_memory, i64(n)))
+    return float(xp.sqrt(model.norm_partials[:grid].sum()))
+
+
+def grad_clip_scale(norm, grad_clip):
+    """The factor clip_grad_norm_ multiplies the gradients by: min(1, grad_clip / (norm + 1e-6))."""
+    return host.grad_clip_scale(norm, grad_clip)
+
+
+def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale=1.0):
+    """AdamW as PyTorch's: gradients scaled by grad_scale (clipping), weight decay on the 2-D
+    weights only; one kernel launch per parameter tensor."""
+    if model.m_memory is None:
+        model.m_memory = xp.zeros(model.num_parameters, dtype=np.float32)
+        model.v_memory = xp.zeros(model.num_parameters, dtype=np.float32)
+    beta1_correction = 1.0 - beta1 ** t
+    beta2_correction = 1.0 - beta2 ** t
+    block = 512
+    offset = 0
+    for name, shape in model.param_shapes:
+        n = math.prod(shape)
+        part = slice(offset, offset + n)
+        wd = weight_decay if name in DECAYED else 0.0
+        kernel("adamw", "adamw_kernel")(
+            (ceil_div(n, block),), (block,),
+            (model.params_memory[part], model.grads_memory[part], model.m_memory[part], model.v_memory[part],
+             i64(n), f32(learning_rate), f32(beta1), f32(beta2), f32(beta1_correction), f32(beta2_correction),
+             f32(eps), f32(wd), f32(grad_scale)))
+        offset += n
