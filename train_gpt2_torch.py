@@ -458,6 +458,20 @@ def model_config(args):
     return GPTConfig(**shape, flash=args.flash), None, size
 
 
+def get_lr(it, learning_rate, warmup_iters, num_iterations, learning_rate_decay_frac):
+    """Linear warmup over warmup_iters, then cosine decay to learning_rate * learning_rate_decay_frac
+    at num_iterations (frac 1.0: a constant learning rate, the default)."""
+    min_lr = learning_rate * learning_rate_decay_frac
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    if it > num_iterations:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / max(1, num_iterations - warmup_iters)
+    assert 0 <= decay_ratio <= 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
 def main(argv=None):
     global master_process
     args = parse_args(argv)
@@ -587,18 +601,6 @@ def main(argv=None):
     optimizer = raw_model.configure_optimizers(weight_decay=args.weight_decay, learning_rate=args.learning_rate,
                                                betas=(0.9, 0.95), device_type=device_type, zero_stage=zero_stage)
 
-    def get_lr(it):
-        """Linear warmup over warmup_iters, then cosine decay to learning_rate * learning_rate_decay_frac."""
-        min_lr = args.learning_rate * args.learning_rate_decay_frac
-        if it < args.warmup_iters:
-            return args.learning_rate * (it + 1) / args.warmup_iters
-        if it > args.num_iterations:
-            return min_lr
-        decay_ratio = (it - args.warmup_iters) / max(1, args.num_iterations - args.warmup_iters)
-        assert 0 <= decay_ratio <= 1
-        coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
-        return min_lr + coeff * (args.learning_rate - min_lr)
-
     logfile = None
     if args.output_dir and master_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -670,7 +672,8 @@ def main(argv=None):
             norm = 0.0
         else:
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
-        lr = get_lr(step)
+        lr = get_lr(step, args.learning_rate, args.warmup_iters, args.num_iterations,
+                    args.learning_rate_decay_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()

@@ -14,6 +14,10 @@ export_model     (session) a factory: export_model(n_layer=.., n_head=.., n_embd
                  block_size=.., vocab_size=.., B=.., T=.., steps=.., extra=[...]) -> TinyExport,
                  cached per argument set, for other shapes (e.g. an odd V to exercise the padding).
 
+Markers
+-------
+@pytest.mark.slow   skipped unless pytest runs with --runslow (or LLMC_SLOW=1): keeps CI fast.
+
 Helpers
 -------
 run_script(script, *args, cwd, env=None, timeout=...) -> subprocess.CompletedProcess
@@ -45,6 +49,23 @@ def run_script(script, *args, cwd, env=None, timeout=600):
     full_env.update(env or {})
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run @pytest.mark.slow tests")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a slow test, skipped unless --runslow or LLMC_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("LLMC_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (or LLMC_SLOW=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @dataclass
