@@ -69,12 +69,12 @@ def check_tensor(name, ours, ref, atol, rtol):
     max_abs = float(err.max()) if err.size else 0.0
     max_rel = float((err[big] / np.abs(ref[big])).max()) if big.any() else 0.0
     worst = float((err / tol).max()) if err.size else 0.0
-    print(f"{name}")
+    print(f"{name:<40} {'ours':>12} {'ref':>12}")
     for a, b in zip(ours[:N_SHOW], ref[:N_SHOW]):
-        print(f"    {a: .8f} {b: .8f}")
+        print(f"{'':<40} {a: 12.8f} {b: 12.8f}")
     bad = int(np.count_nonzero(~(err <= tol)))
     verdict = "OK" if ok else f"NOT OK ({bad} of {err.size} values out of tolerance)"
-    print(f"  max abs err {max_abs:.3e}  max rel err {max_rel:.3e}  err/tol {worst:.3f}  {verdict}")
+    print(f"  max abs err {max_abs:.3e}  max rel err {max_rel:.3e} (|ref| > atol)  err/tol {worst:.3f}  {verdict}")
     return ok
 
 
@@ -123,6 +123,10 @@ def main(argv=None):
         source = "llm.c's test_gpt2.cu table (state records none)"
     nsteps = losses.size if args.steps < 0 else min(args.steps, losses.size)
 
+    print("[GPT-2]")
+    for field in ("max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads", "channels"):
+        print(f"{field}: {getattr(config, field)}")
+    print(f"num_parameters: {model.num_parameters}")
     print("[State]")
     print(f"checkpoint: {args.checkpoint}")
     print(f"debug_state: {state_path}")
