@@ -543,3 +543,425 @@ def crossentropy_softmax_backward_loop(dlogits, dlosses, probs, targets, B, T, V
             for i in range(V):
                 indicator = 1.0 if i == ix else 0.0
                 dlogits[b, t, i] += (probs[b, t, i] - indicator) * dlosses[b, t]
+
+
+# ----------------------------------------------------------------------------
+# random numbers: llm.c's rand.h, which is PyTorch's CPU generator
+#
+# A Mersenne Twister (MT19937) seeded with init_genrand, as llm.c and torch.manual_seed seed it.
+# The data loader shuffles with it (seed 42 + rank) and from-scratch weights are drawn from it
+# (seed 42), in PyTorch's order and with PyTorch's Box-Muller, so `-e d12` starts where
+# PyTorch's from-scratch GPT-2 starts.
+
+MASK32 = 0xFFFFFFFF
+
+
+class MT19937:
+    N, M = 624, 397
+    MATRIX_A = 0x9908B0DF
+
+    def __init__(self, seed):
+        s = [seed & MASK32]
+        for j in range(1, self.N):
+            s.append((1812433253 * (s[j - 1] ^ (s[j - 1] >> 30)) + j) & MASK32)
+        self.state, self.left, self.next = s, 1, 0
+
+    def _twist(self):
+        s, N, M = self.state, self.N, self.M
+        for j in range(N):
+            y = (s[j] & 0x80000000) | (s[(j + 1) % N] & 0x7FFFFFFF)
+            s[j] = s[(j + M) % N] ^ (y >> 1) ^ (self.MATRIX_A if y & 1 else 0)
+        self.left, self.next = N, 0
+
+    def randint32(self):
+        self.left -= 1
+        if self.left <= 0:
+            self._twist()
+        y = self.state[self.next]
+        self.next += 1
+        y ^= y >> 11                                 # tempering
+        y ^= (y << 7) & 0x9D2C5680
+        y ^= (y << 15) & 0xEFC60000
+        y ^= y >> 18
+        return y
+
+
+def random_permutation(data, rng):
+    """Fisher-Yates in place, as llm.c: j = randint32 % (i + 1) for i = n-1 down to 1."""
+    for i in range(len(data) - 1, 0, -1):
+        j = rng.randint32() % (i + 1)
+        data[i], data[j] = data[j], data[i]
+
+
+def normal_(out, std, rng, chunk=1 << 20):
+    """Fill `out` (float32, at least 16 elements) with N(0, std^2) as torch.normal_ does on the CPU:
+    first one uniform u = (x & 0xFFFFFF) / 2^24 per element, then per block of 16 a Box-Muller on
+    the pairs (u[i], u[i+8]); when the size is no multiple of 16, the last 16 are redrawn.
+    `rng` is NumPy's legacy RandomState(seed): it is init_genrand MT19937, and its randint over
+    the full uint32 range returns the raw 32-bit outputs (tests/test_dataloader.py checks both
+    against MT19937 above). It is used here only because 124M draws in pure Python are too slow."""
+    flat = out.reshape(-1)
+    n = flat.size
+    assert n >= 16, "torch draws tensors of fewer than 16 elements differently"
+
+    def box_muller(dst, count):
+        u = (rng.randint(0, 1 << 32, size=count, dtype=np.uint32) & np.uint32(0xFFFFFF)).astype(np.float32)
+        u *= np.float32(1.0 / (1 << 24))
+        blocks = u.reshape(-1, 2, 8)                             # (count/16, 2, 8): u1 | u2 halves
+        radius = np.sqrt(np.float32(-2) * np.log(np.float32(1) - blocks[:, 0] + np.float32(1e-12)))
+        theta = np.float32(2 * math.pi) * blocks[:, 1]
+        pairs = dst.reshape(-1, 2, 8)
+        pairs[:, 0] = radius * np.cos(theta) * np.float32(std)
+        pairs[:, 1] = radius * np.sin(theta) * np.float32(std)
+
+    whole = n // 16 * 16
+    for start in range(0, whole, chunk):                         # chunk is a multiple of 16
+        stop = min(start + chunk, whole)
+        box_muller(flat[start:stop], stop - start)
+    if n % 16:
+        rng.randint(0, 1 << 32, size=n - whole, dtype=np.uint32)  # the leftover uniforms, unused
+        box_muller(flat[n - 16:], 16)
+
+
+# ----------------------------------------------------------------------------
+# the model: GPT-2 in flat buffers with named views
+#
+# Parameters, their gradients, AdamW's m and v, the activations and the activation gradients
+# each live in one float32 array; the names are views into it (llm.c's ParameterTensors and
+# ActivationTensors). Loading a checkpoint is one read into params_memory, the optimizer is one
+# pass over the flat arrays, and zeroing the gradients is one fill.
+
+class ConfigError(ValueError):
+    """A run that cannot work as asked (shapes, flags, data); the message is one line."""
+
+
+MODEL_DEPTHS = {6: (6, 384), 12: (12, 768), 24: (16, 1024), 36: (20, 1280), 48: (25, 1600)}  # L: (NH, C)
+
+# the 2-D weights, which AdamW decays; biases and LayerNorm parameters are not decayed
+DECAYED_PARAMS = ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw")
+
+
+def activation_shapes(config, B, T):
+    """llm.c's 23 activation tensors, in its order."""
+    L, NH, C, Vp = config.num_layers, config.num_heads, config.channels, config.padded_vocab_size
+    return [
+        ("encoded", (B, T, C)),
+        ("ln1", (L, B, T, C)), ("ln1_mean", (L, B, T)), ("ln1_rstd", (L, B, T)),
+        ("qkv", (L, B, T, 3 * C)),
+        ("atty", (L, B, T, C)),
+        ("preatt", (L, B, NH, T, T)), ("att", (L, B, NH, T, T)),
+        ("attproj", (L, B, T, C)),
+        ("residual2", (L, B, T, C)),
+        ("ln2", (L, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
+        ("fch", (L, B, T, 4 * C)), ("fch_gelu", (L, B, T, 4 * C)),
+        ("fcproj", (L, B, T, C)),
+        ("residual3", (L, B, T, C)),
+        ("lnf", (B, T, C)), ("lnf_mean", (B, T)), ("lnf_rstd", (B, T)),
+        ("logits", (B, T, Vp)), ("probs", (B, T, Vp)),
+        ("losses", (B, T)),
+    ]
+
+
+# the backward pass needs a gradient for every activation except these (llm.c allocates them all)
+NO_GRAD_ACTS = ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "probs")
+
+
+def views(memory, shapes, region_sizes=None):
+    """Named views into one flat array. With region_sizes, each view starts where a tensor of
+    that size would (so buffers allocated for (B, T) also serve a smaller (B', T'))."""
+    out, offset = {}, 0
+    for i, (name, shape) in enumerate(shapes):
+        n = math.prod(shape)
+        out[name] = memory[offset:offset + n].reshape(shape)
+        offset += n if region_sizes is None else region_sizes[i]
+    return SimpleNamespace(**out)
+
+
+class GPT2:
+    """What llm.c's GPT2 struct holds. Activations are allocated at the first forward pass,
+    gradients at the first backward, m and v at the first update (as llm.c does)."""
+
+    def __init__(self, config, params_memory):
+        self.config = config
+        self.param_shapes = param_shapes(config)
+        self.num_parameters = params_memory.size
+        self.params_memory = params_memory
+        self.params = views(params_memory, self.param_shapes)
+        self.grads_memory = self.grads = None
+        self.m_memory = self.v_memory = None
+        self.acts_memory = self.acts = self.grads_acts_memory = self.grads_acts = None
+        self.batch_size = self.seq_len = 0          # the (B, T) the activations were allocated for
+        self.B = self.T = 0                         # the (B, T) of the last forward pass
+        self.inputs = self.targets = None
+        self.mean_loss = -1.0
+
+
+def gpt2_build_from_checkpoint(path):
+    """Load an llm.c model file (v3 fp32, or v5 bf16 widened to fp32) into the flat parameter
+    buffer: one read, no second full-size copy."""
+    config, params = read_model_file(path)
+    return GPT2(config, params)
+
+
+def gpt2_build_from_descriptor(descriptor, seed=42):
+    """A GPT-2 from scratch: "d12" (or "gpt2:d12") is the 124M shape, d6/d24/d36/d48 the others.
+    Initialized like PyTorch's GPT-2 (llm.c's train_gpt2.py): weights N(0, 0.02) drawn in module
+    order (wte, wpe, then per layer qkvw, attprojw, fcw, fcprojw), the two projections back into
+    the residual stream scaled by 1/sqrt(2L), biases 0, LayerNorm weights 1, wte's pad rows 0.
+    A path to a .bin file is loaded instead."""
+    if descriptor.endswith(".bin") or os.path.exists(descriptor):
+        return gpt2_build_from_checkpoint(descriptor)
+    name = descriptor.split(":", 1)[1] if descriptor.startswith("gpt2:") else descriptor
+    depth = int(name[1:]) if name[:1] == "d" and name[1:].isdigit() else None
+    if depth not in MODEL_DEPTHS:
+        raise ConfigError(f"unknown model '{descriptor}': use d6, d12, d24, d36, d48 or a .bin checkpoint")
+    NH, C = MODEL_DEPTHS[depth]
+    config = GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=depth, num_heads=NH, channels=C,
+                        padded_vocab_size=padded_vocab(50257))
+    model = GPT2(config, np.zeros(num_parameters(config), dtype=np.float32))
+    init_weights(model, seed)
+    return model
+
+
+def init_weights(model, seed=42):
+    p, L, V = model.params, model.config.num_layers, model.config.vocab_size
+    rng = np.random.RandomState(seed)                    # MT19937, init_genrand(seed): see normal_
+    std, residual_std = 0.02, 0.02 / math.sqrt(2 * L)
+    for w in (p.ln1w, p.ln2w, p.lnfw):
+        w[...] = 1
+    normal_(p.wte[:V], std, rng)                         # the pad rows stay 0
+    normal_(p.wpe, std, rng)
+    for l in range(L):
+        normal_(p.qkvw[l], std, rng)
+        normal_(p.attprojw[l], residual_std, rng)
+        normal_(p.fcw[l], std, rng)
+        normal_(p.fcprojw[l], residual_std, rng)
+
+
+def _allocate_activations(model, B, T):
+    shapes = activation_shapes(model.config, B, T)
+    model.act_sizes = [math.prod(s) for _, s in shapes]
+    model.acts_memory = np.zeros(sum(model.act_sizes), dtype=np.float32)
+    grad_shapes = [(n, s) for n, s in shapes if n not in NO_GRAD_ACTS]
+    model.grad_act_sizes = [math.prod(s) for _, s in grad_shapes]
+    model.grads_acts_memory = None                       # allocated at the first backward
+    model.batch_size, model.seq_len = B, T
+
+
+def gpt2_forward(model, inputs, targets, B, T):
+    """The forward pass of llm.c's train_gpt2.c. inputs, targets: (B, T) token ids; targets may
+    be None (then mean_loss is -1). Sets model.acts (logits, probs, ...) and model.mean_loss."""
+    c = model.config
+    L, NH, C, V, Vp = c.num_layers, c.num_heads, c.channels, c.vocab_size, c.padded_vocab_size
+    if T > c.max_seq_len:
+        raise ConfigError(f"sequence length T={T} exceeds the model's max_seq_len {c.max_seq_len}; use -t {c.max_seq_len} or less")
+    inputs = np.asarray(inputs).reshape(B, T)
+    if inputs.min() < 0 or inputs.max() >= V:
+        raise ConfigError(f"token ids must lie in [0, {V}), got {inputs.min()}..{inputs.max()}")
+    if model.acts_memory is None or B > model.batch_size or T > model.seq_len:
+        _allocate_activations(model, max(B, model.batch_size), max(T, model.seq_len))
+    acts = model.acts = views(model.acts_memory, activation_shapes(c, B, T), model.act_sizes)
+    model.inputs, model.B, model.T = inputs.astype(np.int32), B, T
+    model.targets = None if targets is None else np.asarray(targets).reshape(B, T).astype(np.int32)
+    p = model.params
+
+    encoder_forward(acts.encoded, model.inputs, p.wte, p.wpe, B, T, C)
+    for l in range(L):
+        residual = acts.encoded if l == 0 else acts.residual3[l - 1]
+        layernorm_forward(acts.ln1[l], acts.ln1_mean[l], acts.ln1_rstd[l], residual, p.ln1w[l], p.ln1b[l], B, T, C)
+        matmul_forward(acts.qkv[l], acts.ln1[l], p.qkvw[l], p.qkvb[l], B, T, C, 3 * C)
+        attention_forward(acts.atty[l], acts.preatt[l], acts.att[l], acts.qkv[l], B, T, C, NH)
+        matmul_forward(acts.attproj[l], acts.atty[l], p.attprojw[l], p.attprojb[l], B, T, C, C)
+        residual_forward(acts.residual2[l], residual, acts.attproj[l], B * T * C)
+        layernorm_forward(acts.ln2[l], acts.ln2_mean[l], acts.ln2_rstd[l], acts.residual2[l], p.ln2w[l], p.ln2b[l], B, T, C)
+        matmul_forward(acts.fch[l], acts.ln2[l], p.fcw[l], p.fcb[l], B, T, C, 4 * C)
+        gelu_forward(acts.fch_gelu[l], acts.fch[l], B * T * 4 * C)
+        matmul_forward(acts.fcproj[l], acts.fch_gelu[l], p.fcprojw[l], p.fcprojb[l], B, T, 4 * C, C)
+        residual_forward(acts.residual3[l], acts.residual2[l], acts.fcproj[l], B * T * C)
+    layernorm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, acts.residual3[L - 1], p.lnfw, p.lnfb, B, T, C)
+    matmul_forward(acts.logits, acts.lnf, p.wte, None, B, T, C, Vp)     # the classifier is wte (tied)
+    softmax_forward(acts.probs, acts.logits, B, T, V, Vp)
+
+    if model.targets is None:
+        model.mean_loss = -1.0
+    else:
+        if model.targets.min() < 0 or model.targets.max() >= V:
+            raise ConfigError(f"target ids must lie in [0, {V})")
+        crossentropy_forward(acts.losses, acts.probs, model.targets, B, T, Vp)
+        model.mean_loss = float(acts.losses.mean(dtype=np.float64))
+
+
+def gpt2_zero_grad(model):
+    """Zero the parameter gradients (once per optimizer step; backward accumulates into them)."""
+    if model.grads_memory is not None:
+        model.grads_memory.fill(0)
+
+
+def gpt2_backward(model):
+    """Backward of the last forward pass, adding d(mean loss)/d(params) into model.grads.
+    The activation gradients are scratch for this pass: zeroed here, then filled layer by
+    layer from the loss down to the embeddings (llm.c's gpt2_backward)."""
+    if model.targets is None:
+        raise ConfigError("gpt2_backward needs a forward pass with targets first")
+    c = model.config
+    L, NH, C, V, Vp = c.num_layers, c.num_heads, c.channels, c.vocab_size, c.padded_vocab_size
+    B, T = model.B, model.T
+    if model.grads_memory is None:
+        model.grads_memory = np.zeros(model.num_parameters, dtype=np.float32)
+        model.grads = views(model.grads_memory, model.param_shapes)
+    if model.grads_acts_memory is None:
+        model.grads_acts_memory = np.zeros(sum(model.grad_act_sizes), dtype=np.float32)
+    else:
+        model.grads_acts_memory.fill(0)
+    grad_shapes = [(n, s) for n, s in activation_shapes(c, B, T) if n not in NO_GRAD_ACTS]
+    p, g, acts = model.params, model.grads, model.acts
+    dacts = model.grads_acts = views(model.grads_acts_memory, grad_shapes, model.grad_act_sizes)
+
+    dacts.losses[...] = np.float32(1.0 / (B * T))        # d mean / d loss[b, t]
+    crossentropy_softmax_backward(dacts.logits, dacts.losses, acts.probs, model.targets, B, T, V, Vp)
+    matmul_backward(dacts.lnf, g.wte, None, dacts.logits, acts.lnf, p.wte, B, T, C, Vp)
+    layernorm_backward(dacts.residual3[L - 1], g.lnfw, g.lnfb, dacts.lnf, acts.residual3[L - 1], p.lnfw,
+                       acts.lnf_mean, acts.lnf_rstd, B, T, C)
+    for l in range(L - 1, -1, -1):
+        residual = acts.encoded if l == 0 else acts.residual3[l - 1]
+        dresidual = dacts.encoded if l == 0 else dacts.residual3[l - 1]
+        residual_backward(dacts.residual2[l], dacts.fcproj[l], dacts.residual3[l], B * T * C)
+        matmul_backward(dacts.fch_gelu[l], g.fcprojw[l], g.fcprojb[l], dacts.fcproj[l], acts.fch_gelu[l], p.fcprojw[l],
+                        B, T, 4 * C, C)
+        gelu_backward(dacts.fch[l], acts.fch[l], dacts.fch_gelu[l], B * T * 4 * C)
+        matmul_backward(dacts.ln2[l], g.fcw[l], g.fcb[l], dacts.fch[l], acts.ln2[l], p.fcw[l], B, T, C, 4 * C)
+        layernorm_backward(dacts.residual2[l], g.ln2w[l], g.ln2b[l], dacts.ln2[l], acts.residual2[l], p.ln2w[l],
+                           acts.ln2_mean[l], acts.ln2_rstd[l], B, T, C)
+        residual_backward(dresidual, dacts.attproj[l], dacts.residual2[l], B * T * C)
+        matmul_backward(dacts.atty[l], g.attprojw[l], g.attprojb[l], dacts.attproj[l], acts.atty[l], p.attprojw[l],
+                        B, T, C, C)
+        attention_backward(dacts.qkv[l], dacts.preatt[l], dacts.att[l], dacts.atty[l], acts.qkv[l], acts.att[l],
+                           B, T, C, NH)
+        matmul_backward(dacts.ln1[l], g.qkvw[l], g.qkvb[l], dacts.qkv[l], acts.ln1[l], p.qkvw[l], B, T, C, 3 * C)
+        layernorm_backward(dresidual, g.ln1w[l], g.ln1b[l], dacts.ln1[l], residual, p.ln1w[l],
+                           acts.ln1_mean[l], acts.ln1_rstd[l], B, T, C)
+    encoder_backward(g.wte, g.wpe, dacts.encoded, model.inputs, B, T, C)
+
+
+def to_numpy(x):
+    """Host copy of a model array: the identity here (cupy.asnumpy in train_gpt2_cuda.py)."""
+    return x
+
+
+# ----------------------------------------------------------------------------
+# the optimizer: AdamW exactly as torch.optim.AdamW (single-tensor path), plus the global
+# gradient norm, clipping and the learning-rate schedules
+#
+# Written over the whole flat arrays at once, AdamW is a dozen NumPy expressions on 124M floats,
+# each streaming ~0.5 GB through memory: slower than all the matrix multiplies of a step. So it
+# walks the flat buffers in chunks small enough to stay in the CPU cache (the same dozen ufuncs,
+# in place, into reused scratch), and two threads take half the chunks each (NumPy releases the
+# GIL inside ufuncs).
+
+ADAMW_CHUNK = 1 << 16                  # floats per chunk: p, g, m, v and 2 scratch = 1.5 MiB
+NUM_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+_pool = None
+
+
+def thread_pool():
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=NUM_THREADS)
+    return _pool
+
+
+def adamw_chunk(p, g, m, v, s1, s2, lr, beta1, beta2, eps, weight_decay, bias_correction1,
+                bias_correction2_sqrt, grad_scale):
+    """One AdamW step on matching slices of the flat arrays, in place. s1, s2: scratch.
+    torch:  p *= 1 - lr*wd;  m = lerp(m, g, 1-beta1);  v = beta2*v + (1-beta2)*g*g;
+            p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)"""
+    if grad_scale != 1.0:
+        g = np.multiply(g, grad_scale, out=s2)          # the clipped / averaged gradient
+    if weight_decay != 0.0:
+        p *= 1.0 - lr * weight_decay                    # decoupled weight decay
+    np.subtract(g, m, out=s1)                           # m += (1-beta1) * (g - m)
+    s1 *= 1.0 - beta1
+    m += s1
+    v *= beta2                                          # v = beta2 * v + (1-beta2) * g^2
+    np.multiply(g, g, out=s1)
+    s1 *= 1.0 - beta2
+    v += s1
+    np.sqrt(v, out=s1)                                  # denominator sqrt(v_hat) + eps
+    s1 /= bias_correction2_sqrt
+    s1 += eps
+    np.divide(m, s1, out=s1)                            # m_hat / denominator
+    s1 *= lr / bias_correction1
+    p -= s1
+
+
+def param_segments(model):
+    """(start, stop, decayed) ranges of the flat parameter array, in checkpoint order."""
+    segments, start = [], 0
+    for name, shape in model.param_shapes:
+        stop = start + math.prod(shape)
+        segments.append((start, stop, name in DECAYED_PARAMS))
+        start = stop
+    return segments
+
+
+def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale=1.0):
+    """AdamW step number t (1-based) over all parameters; weight decay only on the 2-D weights;
+    the gradients are multiplied by grad_scale first (clipping, accumulation averaging)."""
+    if model.m_memory is None:
+        model.m_memory = np.zeros(model.num_parameters, dtype=np.float32)
+        model.v_memory = np.zeros(model.num_parameters, dtype=np.float32)
+    p, g, m, v = model.params_memory, model.grads_memory, model.m_memory, model.v_memory
+    chunks = [(a, min(a + ADAMW_CHUNK, stop), decayed)
+              for start, stop, decayed in param_segments(model) for a in range(start, stop, ADAMW_CHUNK)]
+    bias_correction1 = 1.0 - beta1 ** t
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
+
+    def work(my_chunks):
+        s1, s2 = np.empty(ADAMW_CHUNK, np.float32), np.empty(ADAMW_CHUNK, np.float32)
+        for a, b, decayed in my_chunks:
+            n = b - a
+            adamw_chunk(p[a:b], g[a:b], m[a:b], v[a:b], s1[:n], s2[:n], learning_rate, beta1, beta2, eps,
+                        weight_decay if decayed else 0.0, bias_correction1, bias_correction2_sqrt, grad_scale)
+
+    share = -(-len(chunks) // NUM_THREADS)
+    list(thread_pool().map(work, [chunks[i:i + share] for i in range(0, len(chunks), share)]))
+
+
+NORM_CHUNK = 1 << 20
+
+
+def gpt2_calculate_grad_norm(model):
+    """Global L2 norm of all parameter gradients (a python float)."""
+    g = model.grads_memory
+    parts = [g[a:a + NORM_CHUNK] for a in range(0, g.size, NORM_CHUNK)]
+    return math.sqrt(sum(float(np.dot(x, x)) for x in parts))
+
+
+def grad_clip_scale(norm, grad_clip):
+    """The factor torch.nn.utils.clip_grad_norm_ multiplies the gradients by: min(1, clip / (norm + 1e-6))."""
+    if grad_clip <= 0.0:
+        return 1.0
+    return min(1.0, grad_clip / (norm + 1e-6))
+
+
+def get_lr(step, schedule, learning_rate, warmup_iterations, num_iterations, final_learning_rate_frac):
+    """llm.c's schedulers.h: linear warmup (step+1)/warmup, then cosine, linear or constant decay
+    to learning_rate * final_learning_rate_frac at the last step (wsd: constant, then 1-sqrt decay
+    over the last 20%)."""
+    min_lr = learning_rate * final_learning_rate_frac
+    if schedule == "constant":
+        return learning_rate
+    if step < warmup_iterations:
+        return learning_rate * (step + 1) / warmup_iterations
+    if schedule == "wsd":
+        decay_start = int(0.8 * num_iterations)
+        if step < decay_start:
+            return learning_rate
+        ratio = (step - decay_start) / max(1, num_iterations - decay_start)
+        return min_lr + (1.0 - math.sqrt(ratio)) * (learning_rate - min_lr)
+    ratio = (step - warmup_iterations) / max(1, num_iterations - warmup_iterations)
+    if schedule == "cosine":
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+    if schedule == "linear":
+        return learning_rate - ratio * (learning_rate - min_lr)
+    raise ConfigError(f"unknown learning rate schedule '{schedule}': use cosine, linear, constant or wsd")

@@ -333,3 +333,102 @@ def test_softmax_float32_dtype():
     assert probs.dtype == np.float32 and losses.dtype == np.float32
     l64, _ = sce_loss(logits.astype(np.float64), targets)
     np.testing.assert_allclose(losses, l64, rtol=1e-5, atol=1e-5)
+
+
+# --- the whole model: a tiny GPT-2 forward and backward against a float64 PyTorch twin ------
+
+def torch_gpt2_loss(P, x, y, config):
+    """GPT-2 written with torch ops on the named parameters P (float64), returns (logits, loss)."""
+    L, NH, C, V = config.num_layers, config.num_heads, config.channels, config.vocab_size
+    Bx, Tx = x.shape
+    ln = torch.nn.functional.layer_norm
+    h = P["wte"][x] + P["wpe"][:Tx]
+    mask = torch.triu(torch.ones(Tx, Tx, dtype=torch.bool), 1)
+    for l in range(L):
+        a = ln(h, (C,), P["ln1w"][l], P["ln1b"][l], eps=1e-5)
+        q, k, v = (a @ P["qkvw"][l].T + P["qkvb"][l]).split(C, dim=2)
+        q, k, v = [t.view(Bx, Tx, NH, C // NH).transpose(1, 2) for t in (q, k, v)]
+        att = ((q @ k.transpose(-2, -1)) / math.sqrt(C // NH)).masked_fill(mask, float("-inf")).softmax(-1)
+        y_ = (att @ v).transpose(1, 2).reshape(Bx, Tx, C)
+        h = h + y_ @ P["attprojw"][l].T + P["attprojb"][l]
+        a = ln(h, (C,), P["ln2w"][l], P["ln2b"][l], eps=1e-5)
+        f = torch.nn.functional.gelu(a @ P["fcw"][l].T + P["fcb"][l], approximate="tanh")
+        h = h + f @ P["fcprojw"][l].T + P["fcprojb"][l]
+    h = ln(h, (C,), P["lnfw"], P["lnfb"], eps=1e-5)
+    logits = h @ P["wte"][:V].T
+    return logits, torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+
+
+def tiny_model(seed=0):
+    config = m.GPT2Config(max_seq_len=16, vocab_size=V, num_layers=2, num_heads=NH, channels=C,
+                          padded_vocab_size=Vp)
+    r = np.random.default_rng(seed)
+    params = (r.standard_normal(m.num_parameters(config)) * 0.1).astype(np.float32)
+    model = m.GPT2(config, params)
+    model.params.wte[V:] = 0
+    model.params.ln1w[...] += 1
+    model.params.ln2w[...] += 1
+    model.params.lnfw[...] += 1
+    return model
+
+
+def test_tiny_gpt2_forward_backward_vs_torch():
+    model = tiny_model()
+    x = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    y = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    m.gpt2_forward(model, x, y, B, T)
+    m.gpt2_zero_grad(model)
+    m.gpt2_backward(model)
+    P = {name: torch.tensor(getattr(model.params, name), dtype=torch.float64, requires_grad=True)
+         for name, _ in model.param_shapes}
+    logits, loss = torch_gpt2_loss(P, torch.tensor(x, dtype=torch.long), torch.tensor(y, dtype=torch.long), model.config)
+    loss.backward()
+    assert model.acts.logits.dtype == np.float32 and model.grads_memory.dtype == np.float32
+    np.testing.assert_allclose(model.acts.logits[..., :V], logits.detach().numpy(), rtol=0, atol=2e-5)
+    assert np.all(model.acts.logits[..., V:] == 0)             # pad rows of wte are zero
+    assert abs(model.mean_loss - loss.item()) < 1e-5
+    for name, _ in model.param_shapes:
+        ref = P[name].grad.numpy()
+        ours = getattr(model.grads, name)
+        scale = np.abs(ref).max()
+        assert np.abs(ours - ref).max() <= 1e-4 * scale + 1e-7, (name, np.abs(ours - ref).max(), scale)
+    assert np.all(model.grads.wte[V:] == 0)
+
+
+def test_forward_errors_and_smaller_batch():
+    model = tiny_model()
+    with pytest.raises(m.ConfigError, match="exceeds the model's max_seq_len 16"):
+        m.gpt2_forward(model, np.zeros((1, 17), np.int32), None, 1, 17)
+    x = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    m.gpt2_forward(model, x, None, B, T)
+    assert model.mean_loss == -1.0
+    full = model.acts.probs.copy()
+    m.gpt2_forward(model, x[:1, :5], None, 1, 5)                 # a smaller (B, T) reuses the buffers
+    np.testing.assert_allclose(model.acts.probs[0], full[0, :5], rtol=1e-5, atol=1e-7)
+
+
+def test_descriptor_init_statistics():
+    model = m.gpt2_build_from_descriptor("d6")
+    p, cfg = model.params, model.config
+    assert (cfg.num_layers, cfg.num_heads, cfg.channels, cfg.padded_vocab_size) == (6, 6, 384, 50304)
+    assert abs(p.wte[:cfg.vocab_size].std() - 0.02) < 2e-4 and np.all(p.wte[cfg.vocab_size:] == 0)
+    assert abs(p.fcprojw.std() - 0.02 / math.sqrt(12)) < 1e-4 and abs(p.qkvw.std() - 0.02) < 2e-4
+    assert np.all(p.ln1w == 1) and np.all(p.lnfw == 1) and np.all(p.qkvb == 0) and np.all(p.ln2b == 0)
+    again = m.gpt2_build_from_descriptor("d6")
+    assert np.array_equal(again.params_memory, model.params_memory)     # seeded
+    with pytest.raises(m.ConfigError, match="unknown model 'd7'"):
+        m.gpt2_build_from_descriptor("d7")
+
+
+def test_init_matches_torch_normal():
+    """normal_ reproduces torch.normal_ after torch.manual_seed (llm.c's rand.h): the same
+    draws in the same order, up to float rounding of log/cos/sin."""
+    torch.manual_seed(42)
+    a = torch.empty(1000).normal_(0, 0.02)
+    b = torch.empty(37 * 16 + 5).normal_(0, 0.02)                 # not a multiple of 16
+    rs = np.random.RandomState(42)
+    ours_a, ours_b = np.empty(1000, np.float32), np.empty(37 * 16 + 5, np.float32)
+    m.normal_(ours_a, 0.02, rs)
+    m.normal_(ours_b, 0.02, rs)
+    np.testing.assert_allclose(ours_a, a.numpy(), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(ours_b, b.numpy(), rtol=0, atol=1e-7)
