@@ -1,0 +1,595 @@
+"""The CUDA kernels of kernels/*.cu, checked without a GPU.
+
+1. Every .cu compiles with nvcc for sm_80 and sm_90 the way NVRTC sees it (PTX only, C++17, all
+   warnings are errors, no #include), and its header names each kernel with its exact parameters.
+2. Every kernel runs on the CPU emulator (kernels/emulator.py) against train_gpt2.py's NumPy layer
+   evaluated in float64, on odd shapes (N=1000, C=48, T=13, V=101, Vp=128) and odd launch shapes.
+3. The emulator itself: barriers after early returns, shuffles, shared memory, atomics, multi-dim
+   launches, and the errors it must raise (wrong scalar dtypes, deadlocks, shuffles from exited lanes).
+"""
+
+import concurrent.futures
+import glob
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+import train_gpt2 as tg
+from kernels import emulator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL_FILES = sorted(glob.glob(os.path.join(REPO, "kernels", "*.cu")))
+KERNEL_NAMES = [os.path.basename(p)[:-3] for p in KERNEL_FILES]
+i32, f32, i64 = np.int32, np.float32, np.int64
+
+
+def ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+@pytest.fixture(scope="module")
+def mods():
+    """All kernel modules, compiled in parallel (g++ runs outside the GIL; cached after the first run)."""
+    def build(path):
+        with open(path) as f:
+            return emulator.RawModule(code=f.read(), options=("--std=c++17",))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        built = dict(zip(KERNEL_NAMES, pool.map(build, KERNEL_FILES)))
+    return built
+
+
+def fn(mods, module, name):
+    return mods[module].get_function(name)
+
+
+def rand(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def close(got, want, atol, rtol=0.0):
+    """assert |got - want| <= atol + rtol |want| everywhere, printing the worst element on failure."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    err = np.abs(got - want)
+    bad = err > atol + rtol * np.abs(want)
+    if bad.any():
+        i = np.unravel_index(np.argmax(err), err.shape)
+        raise AssertionError(f"{bad.sum()} of {err.size} elements off; worst at {i}: got {got[i]}, "
+                             f"want {want[i]} (max abs err {err.max():.3g})")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. compiles for real GPUs, and the headers say what the code does
+
+def _nvcc(path, arch):
+    cmd = ["nvcc", "--ptx", f"-arch=compute_{arch}", "-std=c++17", "-Werror", "all-warnings",
+           path, "-o", os.devnull]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    return path, arch, res.returncode, res.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed (CUDA toolkit)")
+def test_every_kernel_compiles_with_nvcc_for_sm80_and_sm90():
+    jobs = [(p, arch) for p in KERNEL_FILES for arch in (80, 90)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(lambda j: _nvcc(*j), jobs))
+    failures = [f"{os.path.basename(p)} sm_{a}:\n{err}" for p, a, rc, err in results if rc != 0]
+    assert not failures, "\n".join(failures)
+    assert len(results) == 2 * len(KERNEL_FILES) >= 16
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_kernel_source_is_nvrtc_clean_and_header_matches(name):
+    """NVRTC has no host headers: no #include, no FLT_MAX/INFINITY/std::. Each extern "C" kernel's
+    parameter list appears verbatim (modulo whitespace) in the file's opening comment."""
+    with open(os.path.join(REPO, "kernels", name + ".cu")) as f:
+        src = f.read()
+    code = re.sub(r"//.*", "", src)                   # comments may name what the code must not use
+    for banned in ("#include", "FLT_MAX", "INFINITY", "std::"):
+        assert banned not in code, f"{name}.cu uses {banned}, which NVRTC does not provide"
+    header = " ".join(line.lstrip()[2:] for line in src.splitlines()[:80] if line.lstrip().startswith("//"))
+    kernels = re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', code)
+    assert kernels, f"{name}.cu defines no extern \"C\" __global__ kernel"
+    assert len(kernels) == len(re.findall(r"__global__", code)), "every kernel must be extern \"C\""
+    for kname, params in kernels:
+        m = re.search(re.escape(kname) + r"\(([^)]*)\)", header)
+        assert m, f"{name}.cu: header does not document {kname}(...)"
+        norm = lambda s: re.sub(r"\s+", " ", s).strip()
+        assert norm(m.group(1)) == norm(params), f"{name}.cu: header says {kname}({norm(m.group(1))})"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. each kernel against the NumPy layer (float64)
+
+B, T, C, NH = 3, 13, 48, 3
+V, Vp = 101, 128
+
+
+def test_encoder_forward_backward(mods):
+    rng = np.random.default_rng(0)
+    wte, wpe = rand(rng, Vp, C), rand(rng, T + 3, C)
+    inp = rng.integers(0, 7, size=(B, T)).astype(np.int32)      # few ids: many repeats for the scatter
+    out = np.full((B, T, C), np.nan, np.float32)
+    fn(mods, "encoder", "encoder_forward_kernel")(ceil_div(B * T * C, 256), 256,
+                                                  (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
+    want = np.zeros((B, T, C))
+    tg.encoder_forward(want, inp, wte.astype(np.float64), wpe.astype(np.float64), B, T, C)
+    close(out, want, atol=1e-6)
+
+    dout = rand(rng, B, T, C)
+    dwte, dwpe = rand(rng, Vp, C), rand(rng, T + 3, C)           # nonzero: backward must accumulate
+    want_dwte, want_dwpe = dwte.astype(np.float64), dwpe.astype(np.float64)
+    fn(mods, "encoder", "encoder_backward_kernel")(ceil_div(B * T * C, 128), 128,
+                                                   (dwte, dwpe, dout, inp, i32(B), i32(T), i32(C)))
+    tg.encoder_backward(want_dwte, want_dwpe, dout.astype(np.float64), inp, B, T, C)
+    close(dwte, want_dwte, atol=1e-5)
+    close(dwpe, want_dwpe, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [256, 32, 1024])
+def test_layernorm_forward(mods, block):
+    rng = np.random.default_rng(1)
+    row_scale = np.logspace(-2, 1, B * T).reshape(B, T, 1)  # variances near eps too: eps must be 1e-5
+    inp = ((rand(rng, B, T, C) + 2.0) * row_scale).astype(np.float32)
+    weight, bias = rand(rng, C), rand(rng, C)
+    out = np.full((B, T, C), np.nan, np.float32)
+    mean, rstd = np.zeros((B, T), np.float32), np.zeros((B, T), np.float32)
+    fn(mods, "layernorm", "layernorm_forward_kernel")(ceil_div(B * T * 32, block), block,
+                                                      (out, mean, rstd, inp, weight, bias, i32(B * T), i32(C)))
+    w_out, w_mean, w_rstd = np.zeros((B, T, C)), np.zeros((B, T)), np.zeros((B, T))
+    tg.layernorm_forward(w_out, w_mean, w_rstd, inp.astype(np.float64), weight.astype(np.float64),
+                         bias.astype(np.float64), B, T, C)
+    close(out, w_out, atol=1e-5, rtol=1e-5)
+    close(mean, w_mean, atol=1e-6, rtol=1e-6)
+    close(rstd, w_rstd, atol=0, rtol=1e-5)
+    # mean and rstd may be NULL (inference)
+    out2 = np.full_like(out, np.nan)
+    fn(mods, "layernorm", "layernorm_forward_kernel")(ceil_div(B * T * 32, block), block,
+                                                      (out2, None, None, inp, weight, bias, i32(B * T), i32(C)))
+    assert np.array_equal(out2, out)
+
+
+def test_layernorm_backward(mods):
+    rng = np.random.default_rng(2)
+    inp, dout = rand(rng, B, T, C, scale=2.0), rand(rng, B, T, C)
+    weight, bias = rand(rng, C), rand(rng, C)
+    mean = inp.astype(np.float64).mean(-1)
+    rstd = 1 / np.sqrt(inp.astype(np.float64).var(-1) + 1e-5)
+    dinp, dweight, dbias = rand(rng, B, T, C), rand(rng, C), rand(rng, C)   # accumulate into these
+    want = [x.astype(np.float64) for x in (dinp, dweight, dbias)]
+    tg.layernorm_backward(*want, dout.astype(np.float64), inp.astype(np.float64), weight.astype(np.float64),
+                          mean, rstd, B, T, C)
+    block = 512                                       # 16 rows per block: 3 blocks, the last one partial
+    fn(mods, "layernorm", "layernorm_backward_kernel")(
+        ceil_div(32 * B * T, block), block,
+        (dinp, dweight, dbias, dout, inp, weight, mean.astype(np.float32), rstd.astype(np.float32),
+         i32(B), i32(T), i32(C)), shared_mem=2 * C * 4)
+    close(dinp, want[0], atol=2e-5, rtol=1e-5)
+    close(dweight, want[1], atol=2e-5, rtol=1e-5)
+    close(dbias, want[2], atol=2e-5, rtol=1e-5)
+
+
+def test_matmul_bias_forward_and_backward(mods):
+    rng = np.random.default_rng(3)
+    N, OC = B * T, 100                                # OC not a multiple of 32
+    out, bias = rand(rng, N, OC), rand(rng, OC)
+    want = out.astype(np.float64) + bias
+    fn(mods, "matmul", "add_bias_kernel")(ceil_div(N * OC, 256), 256, (out, bias, i32(N), i32(OC)))
+    close(out, want, atol=1e-6)
+
+    # the full linear layer: host GEMMs (as cuBLAS would do them) + these kernels == matmul_forward/backward
+    inp, weight = rand(rng, B, T, C), rand(rng, OC, C)
+    out = (inp.reshape(N, C) @ weight.T).astype(np.float32)
+    fn(mods, "matmul", "add_bias_kernel")(ceil_div(N * OC, 256), 256, (out, bias, i32(N), i32(OC)))
+    w_out = np.zeros((B, T, OC))
+    tg.matmul_forward(w_out, inp.astype(np.float64), weight.astype(np.float64), bias.astype(np.float64),
+                      B, T, C, OC)
+    close(out.reshape(B, T, OC), w_out, atol=1e-4, rtol=1e-5)
+
+    dout = rand(rng, B, T, OC)
+    w_dinp, w_dweight, w_dbias = np.zeros((B, T, C)), np.zeros((OC, C)), rand(rng, OC).astype(np.float64)
+    for block in (128, 32, 1024):
+        dbias = w_dbias.astype(np.float32)
+        fn(mods, "matmul", "matmul_backward_bias_kernel")(ceil_div(OC, 32), block, (dbias, dout, i32(N), i32(OC)),
+                                                          shared_mem=block * 4)
+        want = w_dbias + dout.astype(np.float64).reshape(N, OC).sum(0)
+        close(dbias, want, atol=1e-5, rtol=1e-6)
+    tg.matmul_backward(w_dinp, w_dweight, w_dbias, dout.astype(np.float64), inp.astype(np.float64),
+                       weight.astype(np.float64), B, T, C, OC)
+    close(dbias, w_dbias, atol=1e-5, rtol=1e-6)       # the same as the NumPy layer's dbias
+
+
+def _attention_forward_cuda(mods, inp, B, T, NH):
+    """llm.c's attention_forward: permute, GEMM, softmax kernel, GEMM, unpermute (GEMMs on the host)."""
+    C = inp.shape[-1] // 3
+    hs = C // NH
+    n = B * NH * T * hs
+    q, k, v = (np.full((B, NH, T, hs), np.nan, np.float32) for _ in range(3))
+    fn(mods, "attention", "permute_kernel")(ceil_div(n, 256), 256, (q, k, v, inp, i32(B), i32(T), i32(NH), i32(hs)))
+    preatt = (q @ k.transpose(0, 1, 3, 2)).astype(np.float32)             # (B,NH,T,T), unscaled
+    att = np.full_like(preatt, np.nan)
+    scale = f32(1.0 / math.sqrt(hs))
+    fn(mods, "attention", "softmax_forward_kernel")(ceil_div(B * NH * T * 32, 256), 256,
+                                                    (att, preatt, scale, i32(B), i32(NH), i32(T)))
+    vaccum = (att @ v).astype(np.float32)                                 # (B,NH,T,hs)
+    out = np.full((B, T, C), np.nan, np.float32)
+    fn(mods, "attention", "unpermute_kernel")(ceil_div(n, 256), 256, (out, vaccum, i32(B), i32(T), i32(NH), i32(hs)))
+    return out, preatt, att, (q, k, v)
+
+
+def test_attention_forward_backward(mods):
+    rng = np.random.default_rng(4)
+    hs = C // NH
+    inp = rand(rng, B, T, 3 * C)
+    out, preatt, att, (q, k, v) = _attention_forward_cuda(mods, inp, B, T, NH)
+
+    w_out, w_preatt, w_att = np.zeros((B, T, C)), np.zeros((B, NH, T, T)), np.zeros((B, NH, T, T))
+    tg.attention_forward(w_out, w_preatt, w_att, inp.astype(np.float64), B, T, C, NH)
+    close(out, w_out, atol=1e-5, rtol=1e-5)
+    close(att, w_att, atol=1e-6, rtol=1e-5)           # includes the exact zeros above the diagonal
+    causal = np.tril(np.ones((T, T), bool))
+    scale = 1.0 / math.sqrt(hs)
+    close((preatt * scale)[:, :, causal], w_preatt[:, :, causal], atol=1e-5, rtol=1e-5)
+
+    # backward, llm.c's order: unpermute_backward, GEMMs, softmax backward, GEMMs, permute_backward
+    dout = rand(rng, B, T, C)
+    n = B * NH * T * hs
+    dvaccum = np.full((B, NH, T, hs), np.nan, np.float32)
+    fn(mods, "attention", "unpermute_backward_kernel")(ceil_div(n, 256), 256,
+                                                       (dvaccum, dout, i32(B), i32(T), i32(NH), i32(hs)))
+    datt = (dvaccum @ v.transpose(0, 1, 3, 2)).astype(np.float32)
+    dv = (att.transpose(0, 1, 3, 2) @ dvaccum).astype(np.float32)
+    dpreatt = np.full_like(datt, np.nan)
+    fn(mods, "attention", "softmax_autoregressive_backward_kernel")(
+        ceil_div(B * NH * T * 32, 128), 128, (dpreatt, datt, att, f32(scale), i32(B), i32(NH), i32(T)))
+    dq = (dpreatt @ k).astype(np.float32)
+    dk = (dpreatt.transpose(0, 1, 3, 2) @ q).astype(np.float32)
+    dinp = np.full((B, T, 3 * C), np.nan, np.float32)
+    fn(mods, "attention", "permute_backward_kernel")(ceil_div(n, 256), 256,
+                                                     (dinp, dq, dk, dv, i32(B), i32(T), i32(NH), i32(hs)))
+
+    w_dinp, w_dpreatt, w_datt = np.zeros((B, T, 3 * C)), np.zeros((B, NH, T, T)), np.zeros((B, NH, T, T))
+    tg.attention_backward(w_dinp, w_dpreatt, w_datt, dout.astype(np.float64), inp.astype(np.float64),
+                          w_att, B, T, C, NH)
+    close(datt[:, :, causal], w_datt[:, :, causal], atol=1e-5, rtol=1e-5)
+    close(dpreatt, scale * w_dpreatt, atol=1e-6, rtol=1e-5)              # kernel's is w.r.t. unscaled q.k
+    close(dinp, w_dinp, atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_long_rows_and_large_logits(mods):
+    """T > 32 so each lane visits several columns; logits of size 80 exercise the online rescaling."""
+    rng = np.random.default_rng(5)
+    b, nh, t = 1, 2, 70
+    preatt = rand(rng, b, nh, t, t, scale=80.0)
+    att = np.full_like(preatt, np.nan)
+    scale = f32(0.25)
+    fn(mods, "attention", "softmax_forward_kernel")(ceil_div(b * nh * t * 32, 64), 64,
+                                                    (att, preatt, scale, i32(b), i32(nh), i32(t)))
+    x = preatt.astype(np.float64) * 0.25
+    x[..., ~np.tril(np.ones((t, t), bool))] = -np.inf
+    want = np.exp(x - x.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    close(att, want, atol=1e-6, rtol=1e-5)
+
+
+def test_permute_roundtrip_is_exact(mods):
+    rng = np.random.default_rng(6)
+    hs = C // NH
+    inp = rand(rng, B, T, 3 * C)
+    q, k, v = (np.zeros((B, NH, T, hs), np.float32) for _ in range(3))
+    n = B * NH * T * hs
+    fn(mods, "attention", "permute_kernel")(ceil_div(n, 100), 100, (q, k, v, inp, i32(B), i32(T), i32(NH), i32(hs)))
+    qkv = inp.reshape(B, T, 3, NH, hs)
+    for i, x in enumerate((q, k, v)):
+        assert np.array_equal(x, qkv[:, :, i].transpose(0, 2, 1, 3))
+    back = np.zeros_like(inp)
+    fn(mods, "attention", "permute_backward_kernel")(ceil_div(n, 100), 100,
+                                                     (back, q, k, v, i32(B), i32(T), i32(NH), i32(hs)))
+    assert np.array_equal(back, inp)
+    out = np.zeros((B, T, C), np.float32)
+    fn(mods, "attention", "unpermute_kernel")(ceil_div(n, 100), 100, (out, q, i32(B), i32(T), i32(NH), i32(hs)))
+    assert np.array_equal(out, inp[:, :, :C])
+
+
+def test_gelu_forward_backward(mods):
+    rng = np.random.default_rng(7)
+    N = 1000
+    inp = rand(rng, N, scale=3.0)
+    inp[:4] = [0.0, 20.0, -20.0, 60.0]                # coshf overflows at 60: the gradient must stay finite
+    out = np.full(N, np.nan, np.float32)
+    fn(mods, "gelu", "gelu_forward_kernel")(ceil_div(N, 256), 256, (out, inp, i32(N)))
+    want = np.zeros(N)
+    tg.gelu_forward(want, inp.astype(np.float64), N)
+    close(out, want, atol=1e-6, rtol=1e-6)
+
+    dout = rand(rng, N)
+    dinp = np.full(N, np.nan, np.float32)
+    fn(mods, "gelu", "gelu_backward_kernel")(ceil_div(N, 128), 128, (dinp, inp, dout, i32(N)))
+    want = np.zeros(N)                                # the kernel writes; the NumPy layer adds into zeros
+    tg.gelu_backward(want, inp.astype(np.float64), dout.astype(np.float64), N)
+    close(dinp, want, atol=1e-6, rtol=1e-5)
+    inplace = dout.copy()                             # llm.c runs it in place on its scratch buffer
+    fn(mods, "gelu", "gelu_backward_kernel")(ceil_div(N, 128), 128, (inplace, inp, inplace, i32(N)))
+    assert np.array_equal(inplace, dinp)
+
+
+def test_residual_forward_backward(mods):
+    rng = np.random.default_rng(8)
+    N = 1000
+    a, b = rand(rng, N), rand(rng, N)
+    out = np.full(N, np.nan, np.float32)
+    fn(mods, "residual", "residual_forward_kernel")(ceil_div(N, 256), 256, (out, a, b, i32(N)))
+    assert np.array_equal(out, a + b)
+    acc = a.copy()
+    fn(mods, "residual", "residual_forward_kernel")(ceil_div(N, 256), 256, (acc, acc, b, i32(N)))
+    assert np.array_equal(acc, a + b)                 # in place: a += b
+    dout, d1, d2 = rand(rng, N), rand(rng, N), rand(rng, N)
+    w1, w2 = d1.copy(), d2.copy()
+    tg.residual_backward(w1, w2, dout, N)
+    fn(mods, "residual", "residual_backward_kernel")(ceil_div(N, 256), 256, (d1, d2, dout, i32(N)))
+    assert np.array_equal(d1, w1) and np.array_equal(d2, w2)
+
+
+@pytest.mark.parametrize("block,use_dlosses", [(1024, True), (64, False), (32, True)])
+def test_fused_classifier(mods, block, use_dlosses):
+    rng = np.random.default_rng(9)
+    logits = rand(rng, B, T, Vp, scale=4.0)
+    logits[..., V:] = 1e3                             # pad columns must be ignored by the softmax
+    targets = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    targets[0, 0], targets[0, 1] = 0, V - 1           # first and last real column
+    dlosses = rand(rng, B, T) if use_dlosses else None
+    kernel = fn(mods, "classifier", "fused_classifier_kernel")
+
+    probs = np.zeros((B, T, Vp))
+    tg.softmax_forward(probs, logits.astype(np.float64), B, T, V, Vp)
+    w_losses = np.zeros((B, T))
+    tg.crossentropy_forward(w_losses, probs, targets, B, T, Vp)
+    w_dlogits = np.zeros((B, T, Vp))
+    dl = dlosses.astype(np.float64) if use_dlosses else np.full((B, T), 1.0 / (B * T))
+    tg.crossentropy_softmax_backward(w_dlogits, dl, probs, targets, B, T, V, Vp)
+
+    x = logits.copy()
+    losses = np.full((B, T), np.nan, np.float32)
+    kernel(B * T, block, (x, losses, dlosses, targets, i32(B), i32(T), i32(V), i32(Vp), i32(0)))
+    close(losses, w_losses, atol=1e-5, rtol=1e-6)
+    assert np.array_equal(x, logits)                  # forward only: the logits stay readable
+
+    losses[:] = np.nan
+    kernel(B * T, block, (x, losses, dlosses, targets, i32(B), i32(T), i32(V), i32(Vp), i32(1)))
+    close(losses, w_losses, atol=1e-5, rtol=1e-6)
+    close(x, w_dlogits, atol=1e-7, rtol=1e-5)
+    assert np.all(x[..., V:] == 0)
+
+
+def _adamw_reference(p, g, m, v, lr, b1, b2, eps, wd, t, grad_scale):
+    """float64 AdamW as torch.optim.AdamW computes it (decoupled weight decay)."""
+    g = g * grad_scale
+    m[:] = b1 * m + (1 - b1) * g
+    v[:] = b2 * v + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    p -= lr * (m_hat / (np.sqrt(v_hat) + eps) + wd * p)
+
+
+def test_adamw_three_steps(mods):
+    rng = np.random.default_rng(10)
+    n = 1000
+    p = rand(rng, n)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    rp, rm, rv = p.astype(np.float64), np.zeros(n), np.zeros(n)
+    lr, b1, b2, eps, wd, scale = 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.5
+    kernel = fn(mods, "adamw", "adamw_kernel")
+    for t in range(1, 4):
+        g = rand(rng, n)
+        kernel(ceil_div(n, 512), 512, (p, g, m, v, i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t),
+                                       f32(1 - b2 ** t), f32(eps), f32(wd), f32(scale)))
+        _adamw_reference(rp, g.astype(np.float64), rm, rv, lr, b1, b2, eps, wd, t, scale)
+        close(m, rm, atol=1e-7, rtol=1e-6)
+        close(v, rv, atol=1e-8, rtol=1e-5)
+        close(p, rp, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("grid,block", [(7, 512), (1, 32), (300, 1024)])
+def test_global_norm_squared(mods, grid, block):
+    rng = np.random.default_rng(11)
+    count = 100_003
+    data = rand(rng, count)
+    out = np.full(grid, np.nan, np.float32)
+    fn(mods, "adamw", "global_norm_squared_kernel")(grid, block, (out, data, i64(count)))
+    want = np.sum(data.astype(np.float64) ** 2)
+    close(out.astype(np.float64).sum(), want, atol=0, rtol=1e-5)
+
+
+def test_emulator_speed_adamw_over_1_7M_params(mods):
+    """The tiny-model training run launches AdamW over ~1.7M floats each step: it must stay well under 1 s."""
+    n = 1_700_000
+    rng = np.random.default_rng(12)
+    p, g = rand(rng, n), rand(rng, n)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    kernel = fn(mods, "adamw", "adamw_kernel")
+    args = (p, g, m, v, i64(n), f32(1e-3), f32(0.9), f32(0.999), f32(0.1), f32(0.001), f32(1e-8), f32(0.0), f32(1.0))
+    kernel(ceil_div(n, 512), 512, args)               # warm up (fiber stacks, pool threads)
+    t0 = time.perf_counter()
+    kernel(ceil_div(n, 512), 512, args)
+    elapsed = time.perf_counter() - t0
+    print(f"adamw over {n} floats in blocks of 512: {elapsed * 1e3:.1f} ms")
+    assert elapsed < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. the emulator itself
+
+SELFTEST = r"""
+extern "C" __global__ void early_return_barrier(int* out, int n) {
+    __shared__ int counter[1];
+    if (threadIdx.x == 0) { counter[0] = 0; }
+    __syncthreads();
+    if (threadIdx.x >= n) { return; }                 // these leave before the next two barriers
+    atomicAdd(&counter[0], 1);
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = counter[0];
+    __syncthreads();
+}
+
+extern "C" __global__ void shuffles(int* down, int* xr, int* idx, int* up, float* fsum, int* seg) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int lane = threadIdx.x % 32;
+    int v = i * 10;
+    down[i] = __shfl_down_sync(0xffffffff, v, 3);
+    xr[i] = __shfl_xor_sync(0xffffffff, v, 5);
+    idx[i] = __shfl_sync(0xffffffff, v, 7);
+    up[i] = __shfl_up_sync(0xffffffff, v, 2);
+    float s = (float)lane;
+    for (int offset = 16; offset > 0; offset /= 2) { s += __shfl_xor_sync(0xffffffff, s, offset); }
+    fsum[i] = s;
+    seg[i] = __shfl_down_sync(0xffffffff, v, 1, 8);   // segments of 8 lanes
+}
+
+extern "C" __global__ void reverse_in_block(float* out, const float* inp, int read_before_write) {
+    extern __shared__ float buf[];
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (read_before_write) { out[i] = buf[threadIdx.x]; return; }
+    buf[threadIdx.x] = inp[i];
+    __syncthreads();
+    out[i] = buf[blockDim.x - 1 - threadIdx.x];
+}
+
+extern "C" __global__ void atomics(float* fsum, int* icount, const float* inp, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) { return; }
+    atomicAdd(fsum, inp[i]);
+    atomicAdd(icount, 1);
+}
+
+extern "C" __global__ void indices(int* out) {
+    int block = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    int thread = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+    int nthreads = blockDim.x * blockDim.y * blockDim.z;
+    out[block * nthreads + thread] = block * 10000 + thread;
+}
+
+extern "C" __global__ void divergent_deadlock(float* out) {
+    if (threadIdx.x < 16) { out[threadIdx.x] = __shfl_xor_sync(0xffffffff, 1.0f, 1); }
+    __syncthreads();
+}
+
+extern "C" __global__ void shuffle_from_exited_lane(float* out) {
+    if (threadIdx.x >= 16) { return; }
+    out[threadIdx.x] = __shfl_down_sync(0xffffffff, (float)threadIdx.x, 16);
+}
+
+extern "C" __global__ void scalars(double* out, int a, float b, long long c, double d, unsigned int e) {
+    out[0] = a; out[1] = b; out[2] = (double)c; out[3] = d; out[4] = e;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def selftest():
+    return emulator.RawModule(code=SELFTEST, options=("--std=c++17",))
+
+
+def test_barrier_tolerates_early_returns(selftest):
+    block, n = 96, 70
+    out = np.full(2 * block, -1, np.int32)
+    selftest.get_function("early_return_barrier")(2, block, (out, i32(n)))
+    for b in range(2):
+        assert np.all(out[b * block:b * block + n] == n)     # every live thread counted before reading
+        assert np.all(out[b * block + n:(b + 1) * block] == -1)
+
+
+def test_warp_shuffles(selftest):
+    nblocks, block = 2, 64
+    n = nblocks * block
+    outs = [np.zeros(n, np.int32) for _ in range(4)] + [np.zeros(n, np.float32), np.zeros(n, np.int32)]
+    selftest.get_function("shuffles")(nblocks, block, tuple(outs))
+    down, xr, idx, up, fsum, seg = outs
+    i = np.arange(n)
+    lane, base = i % 32, i - i % 32
+    v = i * 10
+    assert np.array_equal(down, np.where(lane + 3 < 32, v + 30, v))
+    assert np.array_equal(xr, (base + (lane ^ 5)) * 10)
+    assert np.array_equal(idx, (base + 7) * 10)
+    assert np.array_equal(up, np.where(lane >= 2, v - 20, v))
+    assert np.all(fsum == 496.0)                      # sum of 0..31, in every lane
+    assert np.array_equal(seg, np.where(lane % 8 < 7, v + 10, v))
+
+
+def test_dynamic_shared_memory(selftest):
+    block = 100
+    inp = np.arange(3 * block, dtype=np.float32)
+    out = np.zeros_like(inp)
+    kernel = selftest.get_function("reverse_in_block")
+    kernel(3, block, (out, inp, i32(0)), shared_mem=block * 4)
+    assert np.array_equal(out, inp.reshape(3, block)[:, ::-1].ravel())
+    kernel(3, block, (out, inp, i32(1)), shared_mem=block * 4)
+    assert np.all(np.isnan(out))                      # unwritten shared memory reads as NaN
+
+
+def test_atomics_across_blocks(selftest):
+    n = 300_001                                       # many blocks, so several OS threads add at once
+    inp = np.ones(n, np.float32)
+    fsum, icount = np.zeros(1, np.float32), np.zeros(1, np.int32)
+    selftest.get_function("atomics")(ceil_div(n, 256), 256, (fsum, icount, inp, i64(n)))
+    assert icount[0] == n and fsum[0] == n            # integers below 2^24 add exactly in float32
+
+
+def test_multidimensional_grid_and_block(selftest):
+    grid, block = (3, 2, 2), (4, 3, 2)
+    nb, nt = 12, 24
+    out = np.full(nb * nt, -1, np.int32)
+    selftest.get_function("indices")(grid, block, (out,))
+    assert np.array_equal(out, (np.arange(nb)[:, None] * 10000 + np.arange(nt)[None]).ravel())
+
+
+def test_scalars_pass_through_exactly(selftest):
+    out = np.zeros(5, np.float64)
+    selftest.get_function("scalars")(1, 1, (out, i32(-7), f32(0.5), i64(2**40), np.float64(1e-300), np.uint32(4e9)))
+    assert list(out) == [-7.0, 0.5, 2.0**40, 1e-300, 4e9]
+
+
+def test_argument_errors_are_clear(mods):
+    gelu = fn(mods, "gelu", "gelu_forward_kernel")
+    x = np.zeros(10, np.float32)
+    with pytest.raises(TypeError, match=r"argument 2 \(int\) expects np.int32, got np.int64"):
+        gelu(1, 32, (x, x, np.int64(10)))
+    with pytest.raises(TypeError, match=r"expects np.int32, got Python int"):
+        gelu(1, 32, (x, x, 10))
+    with pytest.raises(TypeError, match=r"argument 1 \(const float\*\) expects a float32 array, got float64"):
+        gelu(1, 32, (x, x.astype(np.float64), i32(10)))
+    with pytest.raises(TypeError, match=r"takes 3 arguments"):
+        gelu(1, 32, (x, x))
+    with pytest.raises(ValueError, match=r"not C-contiguous"):
+        gelu(1, 32, (x, np.zeros(20, np.float32)[::2], i32(10)))
+    with pytest.raises(ValueError, match=r"exceeds CUDA's limits"):
+        gelu(1, 2048, (x, x, i32(10)))
+    adamw = fn(mods, "adamw", "adamw_kernel")
+    with pytest.raises(TypeError, match=r"argument 5 \(float\) expects np.float32, got np.float64"):
+        adamw(1, 32, (x, x, x, x, i64(10), np.float64(1e-3)) + (f32(0),) * 7)
+    ln = fn(mods, "layernorm", "layernorm_backward_kernel")
+    with pytest.raises(ValueError, match=r"dynamic shared memory"):
+        ln(1, 32, (x,) * 8 + (i32(1),) * 3, shared_mem=64 * 1024)
+
+
+def test_device_side_errors_are_raised(selftest, mods):
+    out = np.zeros(32, np.float32)
+    with pytest.raises(RuntimeError, match=r"deadlock"):
+        selftest.get_function("divergent_deadlock")(1, 32, (out,))
+    with pytest.raises(RuntimeError, match=r"reads lane 16 of warp 0 .* exited"):
+        selftest.get_function("shuffle_from_exited_lane")(1, 32, (out,))
+    # a warp-per-row kernel launched with a block that is not a multiple of 32
+    N, Cs = 2, 8
+    x = np.ones(N * Cs, np.float32)
+    with pytest.raises(RuntimeError, match=r"no thread \(block size not a multiple of 32\?\)"):
+        fn(mods, "layernorm", "layernorm_forward_kernel")(1, 48, (x.copy(), None, None, x, x, x, i32(N), i32(Cs)))
+    # and the module still works after an aborted launch
+    block = 96
+    res = np.full(block, -1, np.int32)
+    selftest.get_function("early_return_barrier")(1, block, (res, i32(block)))
+    assert np.all(res == block)
