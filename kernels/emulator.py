@@ -158,10 +158,11 @@ class Function:
         where = f"{self.name}: argument {i} ({ctype})"
         if ctype.endswith("*"):
             base = ctype[:-1].replace("const ", "").strip()
-            if arg is None:
-                return ctypes.c_void_p(None)
+            if arg is None or (isinstance(arg, np.generic) and arg.dtype.kind in "iu" and arg.dtype.itemsize == 8
+                               and arg == 0):
+                return ctypes.c_void_p(None)          # NULL: None, or np.uint64(0) as passed to CuPy
             if not isinstance(arg, np.ndarray):
-                raise TypeError(f"{where} expects a NumPy array or None, got {type(arg).__name__}")
+                raise TypeError(f"{where} expects a NumPy array or None (NULL), got {type(arg).__name__}")
             want = _DTYPES.get(base) or _VECTOR_ELEMENTS.get(base)
             if want is not None and arg.dtype != want:
                 raise TypeError(f"{where} expects a {np.dtype(want).name} array, got {arg.dtype}")
