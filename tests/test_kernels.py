@@ -6,6 +6,10 @@
    evaluated in float64, on odd shapes (N=1000, C=48, T=13, V=101, Vp=128) and odd launch shapes.
 3. The emulator itself: barriers after early returns, shuffles, shared memory, atomics, multi-dim
    launches, and the errors it must raise (wrong scalar dtypes, deadlocks, shuffles from exited lanes).
+
+Where CuPy sees a GPU, the checks of 2 and the semantics checks of 3 also run on it (backend "cupy",
+through DeviceModule, which copies the NumPy arrays in and out). LLMC_TEST_BACKENDS=emulator,adapter
+runs that harness over the emulator, to check the harness itself without a GPU.
 """
 
 import concurrent.futures
@@ -33,15 +37,80 @@ def ceil_div(a, b):
     return (a + b - 1) // b
 
 
-@pytest.fixture(scope="module")
-def mods():
-    """All kernel modules, compiled in parallel (g++ runs outside the GIL; cached after the first run)."""
-    def build(path):
+class DeviceModule:
+    """The same kernels on a real GPU through CuPy, behind the emulator's interface: NumPy arrays
+    go to the device, the kernel runs, and the arrays behind non-const pointers come back. An array
+    passed twice (in place) is one device array."""
+
+    def __init__(self, xp, raw_module, code):
+        self.xp = xp
+        self.mod = raw_module(code=code, options=("--std=c++17",))
+        self.params = {name: [p.strip() for p in params.split(",")]
+                       for name, params in re.findall(r'__global__ void (\w+)\(([^)]*)\)', code)}
+
+    def get_function(self, name):
+        xp, f, params = self.xp, self.mod.get_function(name), self.params[name]
+
+        def launch(grid, block, args, shared_mem=0):
+            on_device, back = {}, []
+            dev_args = []
+            for param, a in zip(params, args):
+                if isinstance(a, np.ndarray):
+                    if id(a) not in on_device:
+                        on_device[id(a)] = xp.asarray(a)
+                        if not param.startswith("const"):
+                            back.append((a, on_device[id(a)]))
+                    dev_args.append(on_device[id(a)])
+                else:
+                    dev_args.append(np.uint64(0) if a is None else a)   # NULL as CuPy wants it
+            as_tuple = lambda d: tuple(d) if isinstance(d, (tuple, list)) else (d,)
+            f(as_tuple(grid), as_tuple(block), tuple(dev_args), shared_mem=shared_mem)
+            for a, d in back:
+                a[...] = xp.asnumpy(d)
+        return launch
+
+
+def _sources():
+    out = {}
+    for name, path in zip(KERNEL_NAMES, KERNEL_FILES):
         with open(path) as f:
-            return emulator.RawModule(code=f.read(), options=("--std=c++17",))
+            out[name] = f.read()
+    return out
+
+
+def _gpu_available():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+# backends for the kernel checks: the emulator always, CuPy when a GPU is there, and "adapter"
+# (the CuPy harness driving the emulator) on request: LLMC_TEST_BACKENDS=emulator,adapter
+BACKENDS = os.environ.get("LLMC_TEST_BACKENDS", "emulator,cupy" if _gpu_available() else "emulator").split(",")
+
+
+def _build_all(make):
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        built = dict(zip(KERNEL_NAMES, pool.map(build, KERNEL_FILES)))
-    return built
+        return dict(zip(KERNEL_NAMES, pool.map(make, _sources().values())))
+
+
+@pytest.fixture(scope="module")
+def emu_mods():
+    """All kernel modules on the emulator, compiled in parallel (g++ runs outside the GIL; cached on disk)."""
+    return _build_all(lambda code: emulator.RawModule(code=code, options=("--std=c++17",)))
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def mods(request, emu_mods):
+    if request.param == "emulator":
+        return emu_mods
+    if request.param == "adapter":
+        host = type("xp", (), {"asarray": staticmethod(np.array), "asnumpy": staticmethod(np.asarray)})
+        return _build_all(lambda code: DeviceModule(host, emulator.RawModule, code))
+    import cupy
+    return _build_all(lambda code: DeviceModule(cupy, cupy.RawModule, code))
 
 
 def fn(mods, module, name):
@@ -406,13 +475,13 @@ def test_global_norm_squared(mods, grid, block):
     close(out.astype(np.float64).sum(), want, atol=0, rtol=1e-5)
 
 
-def test_emulator_speed_adamw_over_1_7M_params(mods):
+def test_emulator_speed_adamw_over_1_7M_params(emu_mods):
     """The tiny-model training run launches AdamW over ~1.7M floats each step: it must stay well under 1 s."""
     n = 1_700_000
     rng = np.random.default_rng(12)
     p, g = rand(rng, n), rand(rng, n)
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    kernel = fn(mods, "adamw", "adamw_kernel")
+    kernel = fn(emu_mods, "adamw", "adamw_kernel")
     args = (p, g, m, v, i64(n), f32(1e-3), f32(0.9), f32(0.999), f32(0.1), f32(0.001), f32(1e-8), f32(0.0), f32(1.0))
     kernel(ceil_div(n, 512), 512, args)               # warm up (fiber stacks, pool threads)
     t0 = time.perf_counter()
@@ -491,8 +560,20 @@ extern "C" __global__ void scalars(double* out, int a, float b, long long c, dou
 
 
 @pytest.fixture(scope="module")
-def selftest():
+def emu_selftest():
     return emulator.RawModule(code=SELFTEST, options=("--std=c++17",))
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def selftest(request, emu_selftest):
+    """The CUDA semantics the emulator must reproduce; on a GPU the expectations themselves are checked."""
+    if request.param == "emulator":
+        return emu_selftest
+    if request.param == "adapter":
+        host = type("xp", (), {"asarray": staticmethod(np.array), "asnumpy": staticmethod(np.asarray)})
+        return DeviceModule(host, emulator.RawModule, SELFTEST)
+    import cupy
+    return DeviceModule(cupy, cupy.RawModule, SELFTEST)
 
 
 def test_barrier_tolerates_early_returns(selftest):
@@ -528,8 +609,9 @@ def test_dynamic_shared_memory(selftest):
     kernel = selftest.get_function("reverse_in_block")
     kernel(3, block, (out, inp, i32(0)), shared_mem=block * 4)
     assert np.array_equal(out, inp.reshape(3, block)[:, ::-1].ravel())
-    kernel(3, block, (out, inp, i32(1)), shared_mem=block * 4)
-    assert np.all(np.isnan(out))                      # unwritten shared memory reads as NaN
+    if isinstance(selftest, emulator.RawModule):
+        kernel(3, block, (out, inp, i32(1)), shared_mem=block * 4)
+        assert np.all(np.isnan(out))                  # the emulator's unwritten shared memory reads as NaN
 
 
 def test_atomics_across_blocks(selftest):
@@ -554,7 +636,8 @@ def test_scalars_pass_through_exactly(selftest):
     assert list(out) == [-7.0, 0.5, 2.0**40, 1e-300, 4e9]
 
 
-def test_argument_errors_are_clear(mods):
+def test_argument_errors_are_clear(emu_mods):
+    mods = emu_mods
     gelu = fn(mods, "gelu", "gelu_forward_kernel")
     x = np.zeros(10, np.float32)
     with pytest.raises(TypeError, match=r"argument 2 \(int\) expects np.int32, got np.int64"):
@@ -577,7 +660,8 @@ def test_argument_errors_are_clear(mods):
         ln(1, 32, (x,) * 8 + (i32(1),) * 3, shared_mem=64 * 1024)
 
 
-def test_device_side_errors_are_raised(selftest, mods):
+def test_device_side_errors_are_raised(emu_selftest, emu_mods):
+    selftest, mods = emu_selftest, emu_mods
     out = np.zeros(32, np.float32)
     with pytest.raises(RuntimeError, match=r"deadlock"):
         selftest.get_function("divergent_deadlock")(1, 32, (out,))
