@@ -965,3 +965,457 @@ def get_lr(step, schedule, learning_rate, warmup_iterations, num_iterations, fin
     if schedule == "linear":
         return learning_rate - ratio * (learning_rate - min_lr)
     raise ConfigError(f"unknown learning rate schedule '{schedule}': use cosine, linear, constant or wsd")
+
+
+# ----------------------------------------------------------------------------
+# the data loader: llm.c's dataloader.h
+#
+# A pattern (one file or a glob) names the shards; each batch is B*T+1 consecutive tokens,
+# inputs the first B*T and targets the last B*T. Sample i of a shard starts at token
+# i*B*T*num_processes + rank*B*T. Sequentially (the val loader, llm.c's train_gpt2.py) the
+# samples come in order, shard after shard, and after the last shard it starts over.
+# Shuffled (the C trainers' train loader) a Mersenne Twister seeded 42 + rank permutes the
+# shard order at each epoch and the sample order inside each shard as it is opened.
+
+class DataLoader:
+    def __init__(self, pattern, B, T, process_rank=0, num_processes=1, should_shuffle=False):
+        self.B, self.T = B, T
+        self.process_rank, self.num_processes = process_rank, num_processes
+        self.should_shuffle = should_shuffle
+        self.files = sorted(globlib.glob(pattern))
+        if not self.files:
+            raise ConfigError(f"no data files match '{pattern}'; create them with python prepro_tinyshakespeare.py")
+        need = num_processes * B * T + 1
+        self.num_tokens = 0
+        for path in self.files:                          # check every shard now, not mid-run
+            ntok = read_data_shard(path).size
+            if ntok < need:
+                raise ConfigError(f"{path}: {ntok} tokens, fewer than the {need} one batch needs "
+                                  f"(B={B}, T={T}); use smaller -b/-t or more data")
+            self.num_tokens += ntok
+        if should_shuffle:
+            self.shuffle_rng = MT19937(42 + process_rank)
+            self.shard_indices = list(range(len(self.files)))
+        self.reset()
+
+    def _load_shard(self, shard_idx):
+        if self.should_shuffle:
+            shard_idx = self.shard_indices[shard_idx]
+        self.tokens = read_data_shard(self.files[shard_idx])
+        # the -1: a sample reads B*T+1 tokens but the next one starts B*T later
+        self.shard_num_samples = (self.tokens.size - 1) // (self.num_processes * self.B * self.T)
+        if self.should_shuffle:
+            self.intra_shard_indices = list(range(self.shard_num_samples))
+            random_permutation(self.intra_shard_indices, self.shuffle_rng)
+
+    def reset(self):
+        """Back to the first shard (a new shard order when shuffling: the old order shuffled again)."""
+        self.current_shard_idx = 0
+        self.current_sample_idx = -1                      # no sample drawn yet
+        if self.should_shuffle:
+            random_permutation(self.shard_indices, self.shuffle_rng)
+        self._load_shard(0)
+
+    def _advance(self):
+        if self.current_shard_idx == len(self.files) - 1:
+            self.reset()                                   # past the last shard: a new epoch
+            return
+        self.current_shard_idx += 1
+        self.current_sample_idx = -1
+        self._load_shard(self.current_shard_idx)
+
+    def next_batch(self):
+        """Returns (inputs, targets), int32 arrays of shape (B, T)."""
+        self.current_sample_idx += 1
+        if self.current_sample_idx >= self.shard_num_samples:
+            self._advance()
+            self.current_sample_idx = 0
+        idx = self.current_sample_idx
+        if self.should_shuffle:
+            idx = self.intra_shard_indices[idx]
+        B, T = self.B, self.T
+        start = idx * self.num_processes * B * T + self.process_rank * B * T
+        buf = np.asarray(self.tokens[start:start + B * T + 1], dtype=np.int32)
+        return buf[:-1].reshape(B, T), buf[1:].reshape(B, T)
+
+
+# ----------------------------------------------------------------------------
+# the tokenizer: decoding only, from gpt2_tokenizer.bin (as llm.c: there is no encoder)
+
+class Tokenizer:
+    def __init__(self, path):
+        self.init_ok = False
+        self.tokens, self.eot_token = [], 50256
+        try:
+            self.tokens, self.eot_token = read_tokenizer_file(path)
+            self.init_ok = True
+        except (OSError, FormatError) as e:
+            print(f"WARNING: failed to read the tokenizer ({e}); samples print as token ids")
+
+    def decode_bytes(self, token_id):
+        return self.tokens[token_id]
+
+    def decode(self, token_id):
+        """The token's text. A token may hold part of a UTF-8 character: that part shows as U+FFFD
+        here; print through an incremental decoder (as main does) to keep such characters whole."""
+        return self.tokens[token_id].decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------
+# the sampler: llm.c's xorshift generator and sampling from the probabilities
+#
+# The generator state is a one-element list holding a uint64, so the functions can advance it.
+
+MASK64 = (1 << 64) - 1
+
+
+def random_u32(state):
+    """xorshift*: state = [uint64], advanced in place; returns a uint32."""
+    x = state[0]
+    x ^= x >> 12
+    x ^= (x << 25) & MASK64
+    x ^= x >> 27
+    state[0] = x
+    return ((x * 0x2545F4914F6CDD1D) & MASK64) >> 32
+
+
+def random_f32(state):
+    """A float32 uniform in [0, 1) from the top 24 bits of random_u32."""
+    return np.float32((random_u32(state) >> 8) / 16777216.0)
+
+
+def sample_mult(probabilities, coin):
+    """Index of the first float32 running sum of `probabilities` that exceeds coin (in [0, 1));
+    the last index if rounding leaves the total below the coin."""
+    cdf = np.cumsum(probabilities, dtype=np.float32)     # sequential float32 sums, as the C loop
+    i = int(np.searchsorted(cdf, np.float32(coin), side="right"))
+    return min(i, len(probabilities) - 1)
+
+
+# ----------------------------------------------------------------------------
+# the profiler: per-layer wall time, switched on with --profile 1
+#
+# It replaces each layer function of this module by a wrapper that adds its time to PROFILE
+# (gpt2_forward looks the layers up by name at call time, so nothing else changes). Matrix
+# multiplies are told apart by their shapes: "matmul_forward 768->50304" is the classifier.
+
+PROFILE = {}          # name -> [seconds, calls]
+PROFILE_ACTIVE = [False]   # main switches it on around the training steps only (not eval, sampling)
+PROFILED = ("encoder", "layernorm", "matmul", "attention", "gelu", "residual", "softmax", "crossentropy",
+            "crossentropy_softmax")
+
+
+def enable_profiler():
+    module = sys.modules[__name__]
+
+    def wrap(fn, name):
+        def timed(*args):
+            key = f"{name} {args[-2]}->{args[-1]}" if name.startswith("matmul") else name
+            t0 = time.perf_counter()
+            fn(*args)
+            if PROFILE_ACTIVE[0]:
+                entry = PROFILE.setdefault(key, [0.0, 0])
+                entry[0] += time.perf_counter() - t0
+                entry[1] += 1
+        timed.__wrapped__ = fn
+        return timed
+
+    for layer in PROFILED:
+        for direction in ("forward", "backward"):
+            name = f"{layer}_{direction}"
+            fn = getattr(module, name, None)
+            if fn is not None and not hasattr(fn, "__wrapped__"):
+                setattr(module, name, wrap(fn, name))
+    for name in ("gpt2_zero_grad", "gpt2_calculate_grad_norm", "gpt2_update"):
+        fn = getattr(module, name)
+        if not hasattr(fn, "__wrapped__"):
+            setattr(module, name, _timed_returning(fn, name))
+
+
+def _timed_returning(fn, name):
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        if PROFILE_ACTIVE[0]:
+            entry = PROFILE.setdefault(name, [0.0, 0])
+            entry[0] += time.perf_counter() - t0
+            entry[1] += 1
+        return result
+    timed.__wrapped__ = fn
+    return timed
+
+
+def profile_report(steps):
+    """The PROFILE table, slowest first, in ms per training step."""
+    total = sum(v[0] for v in PROFILE.values())
+    lines = [f"{'profile (ms per step)':40s} {'ms':>9s} {'calls':>7s} {'%':>6s}"]
+    for key, (seconds, calls) in sorted(PROFILE.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"{key:40s} {1e3 * seconds / steps:9.2f} {calls // steps:7d} {100 * seconds / total:6.1f}")
+    lines.append(f"{'total':40s} {1e3 * total / steps:9.2f}")
+    return "\n".join(lines)
+
+
+def blas_info():
+    """Which OpenBLAS kernels NumPy runs (asked from the library itself), as one line."""
+    import ctypes
+    corename = None
+    roots = [os.path.dirname(np.__file__) + ".libs", os.path.join(os.path.dirname(np.__file__), ".dylibs")]
+    for path in sorted(p for root in roots for p in globlib.glob(os.path.join(root, "*openblas*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                corename = fn().decode()
+                break
+        if corename:
+            break
+    env = os.environ.get("OPENBLAS_CORETYPE")
+    how = "set by train_gpt2.py (the CPU has AVX-512)" if CORETYPE_SET_HERE else ("from the environment" if env else "auto-detected")
+    return f"OpenBLAS core {corename or 'unknown'} (OPENBLAS_CORETYPE={env or 'unset'}, {how})"
+
+
+# ----------------------------------------------------------------------------
+# main: llm.c's command line, train_gpt2.c's defaults
+
+TRAIN_GPT2_C_DEFAULTS = {   # flag letter: default (the value's type is the flag's type)
+    "i": "", "j": "",        # train / val data patterns; "" = tiny shakespeare, else TinyStories
+    "e": "gpt2_124M.bin",    # checkpoint, or a descriptor d6/d12/d24/d36/d48 to start from scratch
+    "o": "",                 # output dir: main.log and the final checkpoint
+    "b": 4, "t": 64,         # micro-batch B, sequence length T
+    "d": -1,                 # total batch size in tokens (-1 = B*T): gradient accumulation
+    "x": 40,                 # optimizer steps (-1 = one epoch)
+    "l": 1e-4, "u": 0, "q": 1.0, "k": "cosine",   # learning rate, warmup, final fraction, schedule
+    "c": 0.0,                # weight decay
+    "v": 10, "m": 5,         # val loss every v steps, over m batches
+    "s": 20, "g": 64,        # sample every s steps, g tokens
+    "a": 0,                  # overfit a single batch
+    "profile": 0,            # --profile 1: per-layer timings at the end
+}
+
+USAGE = {
+    "i": "train data filename pattern", "j": "val data filename pattern",
+    "e": "model checkpoint (.bin) or descriptor to init from scratch (d6, d12, d24, d36, d48)",
+    "o": "output log dir (main.log, final checkpoint)", "b": "(per-GPU, micro) batch size B",
+    "t": "sequence length T", "d": "total desired batch size in tokens (-1 = B*T)",
+    "x": "max number of optimization steps (-1 = one epoch)", "l": "learning rate",
+    "u": "learning rate warmup iterations", "q": "learning rate decay: final fraction at end of training",
+    "k": "learning rate schedule: cosine, linear, constant, wsd", "c": "weight decay",
+    "v": "val loss every how many steps", "m": "val max steps (batches)", "s": "sample every how many steps",
+    "g": "number of tokens to generate", "a": "overfit a single batch? 0/1",
+    "profile": "print per-layer timings at the end? 0/1",
+}
+
+# AdamW settings fixed in train_gpt2.c (no flags): betas (0.9, 0.999), eps 1e-8, no clipping
+BETA1, BETA2, ADAM_EPS, GRAD_CLIP = 0.9, 0.999, 1e-8, 0.0
+
+
+def usage(defaults, problem=None):
+    lines = [] if problem is None else [f"error: {problem}"]
+    lines.append("Usage:   python train_gpt2.py [options]")
+    lines.append("Options: (every flag takes a value)")
+    for key, default in defaults.items():
+        flag = f"-{key}" if len(key) <= 2 else f"--{key}"
+        lines.append(f"  {flag:10s} {USAGE.get(key, '')} (default {default!r})")
+    print("\n".join(lines), file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_args(argv, defaults):
+    """llm.c's parser: `-x value` pairs (one letter, or --name for the extras). Returns a dict
+    {letter: value} with each value of its default's type; anything else prints the usage."""
+    args = dict(defaults)
+    if len(argv) % 2 != 0:
+        usage(defaults, f"flag {argv[-1]} has no value")
+    for flag, value in zip(argv[0::2], argv[1::2]):
+        key = flag[2:] if flag.startswith("--") else flag[1:] if flag.startswith("-") else None
+        if key not in defaults or (flag.startswith("--") and len(key) <= 2):
+            usage(defaults, f"unknown flag {flag}")
+        kind = type(defaults[key])
+        try:
+            args[key] = kind(float(value)) if kind is int and "e" in value.lower() else kind(value)
+        except ValueError:
+            usage(defaults, f"flag {flag} needs a {kind.__name__}, got '{value}'")
+    return args
+
+
+class Logger:
+    """main.log in llm.c's format (`s:%d trl:%f`, `s:%d tel:%f`); does nothing without a dir."""
+
+    def __init__(self, output_dir):
+        self.path = None
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+            self.path = os.path.join(output_dir, "main.log")
+            open(self.path, "w").close()
+
+    def _write(self, line):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+    def log_val(self, step, val_loss):
+        self._write(f"s:{step} tel:{val_loss:f}")
+
+    def log_train(self, step, train_loss):
+        self._write(f"s:{step} trl:{train_loss:f}")
+
+
+def default_data_paths():
+    """tiny shakespeare when it is there, else TinyStories (train_gpt2.c's choice)."""
+    shakespeare = "data/tinyshakespeare/tiny_shakespeare_{}.bin"
+    stories = "data/tinystories/TinyStories_{}.bin"
+    base = shakespeare if os.path.exists(shakespeare.format("train")) else stories
+    return base.format("train"), base.format("val")
+
+
+def resolve_checkpoint(name):
+    if name == "gpt2_124M.bin" and not os.path.exists(name) and os.path.exists("gpt2_d12.bin"):
+        print("gpt2_124M.bin not found: using gpt2_d12.bin (the same shape, from scratch)")
+        return "gpt2_d12.bin"
+    return name
+
+
+def print_config(model):
+    c = model.config
+    print("[GPT-2]")
+    for field in ("max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads", "channels"):
+        print(f"{field}: {getattr(c, field)}")
+    print(f"num_parameters: {model.num_parameters}")
+    print(blas_info())
+
+
+def generate(model, tokenizer, B, T, gen_tokens, rng_state):
+    """Sample gen_tokens-1 tokens after an EOT, one full forward pass per token (no KV cache,
+    as llm.c). Only the first sequence matters, so the passes run on B=1 and a T rounded up to
+    a multiple of 16: causality makes position t's probabilities the same as in the full batch."""
+    V = model.config.vocab_size
+    tokens = np.full(T, tokenizer.eot_token, dtype=np.int32)
+    decoder = __import__("codecs").getincrementaldecoder("utf-8")(errors="replace")
+    print("generating:\n---")
+    for t in range(1, gen_tokens):
+        Tr = min(T, -(-t // 16) * 16)
+        gpt2_forward(model, tokens[None, :Tr], None, 1, Tr)
+        probs = model.acts.probs[0, t - 1, :V]
+        next_token = sample_mult(probs, random_f32(rng_state))
+        tokens[t] = next_token
+        if tokenizer.init_ok:
+            piece = tokenizer.decode_bytes(next_token)
+            if len(piece) == 1 and not (chr(piece[0]).isprintable() or chr(piece[0]).isspace()):
+                continue                                   # llm.c's safe_printf skips control bytes
+            print(decoder.decode(piece), end="", flush=True)
+        else:
+            print(next_token, end=" ", flush=True)
+    print("\n---")
+
+
+def evaluate(model, val_loader, val_max_steps, B, T):
+    val_loader.reset()
+    val_loss = 0.0
+    for _ in range(val_max_steps):
+        x, y = val_loader.next_batch()
+        gpt2_forward(model, x, y, B, T)
+        val_loss += model.mean_loss
+    return val_loss / val_max_steps
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_C_DEFAULTS)
+    try:
+        train(args)
+    except (ConfigError, FormatError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def train(args):
+    B, T = args["b"], args["t"]
+    if B < 1 or T < 1:
+        raise ConfigError(f"-b and -t must be positive, got B={B}, T={T}")
+    if args["profile"]:
+        enable_profiler()
+
+    # the model
+    checkpoint = resolve_checkpoint(args["e"])
+    model = gpt2_build_from_descriptor(checkpoint)
+    print_config(model)
+    if T > model.config.max_seq_len:
+        raise ConfigError(f"sequence length -t {T} exceeds the model's max_seq_len {model.config.max_seq_len}")
+
+    # the data
+    train_pattern, val_pattern = default_data_paths()
+    train_pattern = args["i"] or train_pattern
+    val_pattern = args["j"] or val_pattern
+    if args["a"]:
+        train_pattern = val_pattern                       # llm.c: overfit the first val batch
+    train_loader = DataLoader(train_pattern, B, T, should_shuffle=not args["a"])
+    val_loader = DataLoader(val_pattern, B, T, should_shuffle=False)
+    print(f"train dataset: {train_pattern} ({train_loader.num_tokens:,} tokens, {train_loader.num_tokens // (B * T)} batches)")
+    print(f"val dataset:   {val_pattern} ({val_loader.num_tokens:,} tokens, {val_loader.num_tokens // (B * T)} batches)")
+    val_max_steps = min(args["m"], val_loader.num_tokens // (B * T)) if args["m"] > 0 else val_loader.num_tokens // (B * T)
+
+    total_batch = args["d"] if args["d"] > 0 else B * T
+    if total_batch % (B * T) != 0:
+        raise ConfigError(f"-d {total_batch} is not a multiple of B*T = {B * T}")
+    grad_accum_steps = total_batch // (B * T)
+    num_steps = args["x"] if args["x"] > 0 else train_loader.num_tokens // total_batch
+    print(f"batch: B={B} T={T}, total {total_batch} tokens = {grad_accum_steps} micro-step(s); {num_steps} steps")
+    print(f"AdamW: lr {args['l']:g} ({args['k']}, warmup {args['u']}, final frac {args['q']:g}), "
+          f"betas ({BETA1}, {BETA2}), eps {ADAM_EPS:g}, weight decay {args['c']:g}")
+    get_lr(0, args["k"], args["l"], args["u"], num_steps, args["q"])   # a bad schedule fails now
+
+    tokenizer = Tokenizer("gpt2_tokenizer.bin")
+    logger = Logger(args["o"])
+    rng_state = [1337]
+    step_times = []
+    for step in range(num_steps + 1):
+        last_step = step == num_steps
+        if args["v"] > 0 and (step % args["v"] == 0 or last_step):
+            val_loss = evaluate(model, val_loader, val_max_steps, B, T)
+            print(f"val loss {val_loss:f}")
+            logger.log_val(step, val_loss)
+        if args["s"] > 0 and step > 0 and (step % args["s"] == 0 or last_step):
+            generate(model, tokenizer, B, T, args["g"], rng_state)
+        if last_step:
+            break
+
+        t0 = time.perf_counter()
+        PROFILE_ACTIVE[0] = True
+        gpt2_zero_grad(model)
+        train_loss = 0.0
+        for _ in range(grad_accum_steps):
+            if args["a"]:
+                train_loader.reset()
+            x, y = train_loader.next_batch()
+            gpt2_forward(model, x, y, B, T)
+            gpt2_backward(model)
+            train_loss += model.mean_loss / grad_accum_steps
+        # the gradients hold the sum over micro-steps: average them inside the update
+        norm = gpt2_calculate_grad_norm(model) / grad_accum_steps
+        scale = grad_clip_scale(norm, GRAD_CLIP) / grad_accum_steps
+        lr = get_lr(step, args["k"], args["l"], args["u"], num_steps, args["q"])
+        gpt2_update(model, lr, BETA1, BETA2, ADAM_EPS, args["c"], step + 1, grad_scale=scale)
+        t1 = time.perf_counter()
+        PROFILE_ACTIVE[0] = False
+        ms = 1e3 * (t1 - t0)
+        step_times.append(ms)
+        print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({ms:.2f} ms, {total_batch / (t1 - t0):.0f} tok/s)"
+              f" norm {norm:.4f} lr {lr:.2e}")
+        logger.log_train(step + 1, train_loss)
+
+    if step_times:
+        tail = step_times[1:] or step_times
+        print(f"mean step time (excluding the first): {sum(tail) / len(tail):.2f} ms")
+    if args["profile"] and step_times:
+        print(profile_report(len(step_times)))
+    if args["o"]:
+        path = os.path.join(args["o"], f"model_{num_steps:08d}.bin")
+        write_model_file(path, model.config, model.params_memory)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
