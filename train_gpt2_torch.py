@@ -21,6 +21,7 @@ import argparse
 import glob
 import math
 import os
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -172,13 +173,15 @@ class GPT(nn.Module):
     def from_pretrained(cls, model_type):
         """OpenAI's GPT-2 weights through Hugging Face transformers (downloaded once, then cached)."""
         print(f"loading weights from pretrained gpt: {model_type}")
+        if not hf_reachable():  # use the local cache only, instead of minutes of retries
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             from transformers import GPT2LMHeadModel
             model_hf = GPT2LMHeadModel.from_pretrained(model_type)
         except Exception as e:  # offline, no cache, proxy, ...: all end the same way
             reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
             raise SystemExit(f"could not load the {model_type} weights from Hugging Face ({type(e).__name__}: "
-                             f"{reason}); offline? run python train_gpt2_torch.py --model d12 "
+                             f"{reason}); offline? run python train_gpt2_torch.py --model {SAME_SHAPE.get(model_type, 'd12')} "
                              f"(same shapes, random init)")
         model = cls(GPTConfig(**PRETRAINED[model_type]))
         sd, sd_hf = model.state_dict(), model_hf.state_dict()
@@ -230,6 +233,19 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8, fused=use_fused)
 
 
+def hf_reachable(timeout=5):
+    """Can we open a connection to the Hugging Face hub? (Assume yes behind a proxy.)"""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 # the shapes --model knows: OpenAI's four (weights downloaded) and llm.c's dN (random init)
 PRETRAINED = {  # name: shape; file names use the parameter count, as llm.c does ("355M", not "350M")
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -238,6 +254,7 @@ PRETRAINED = {  # name: shape; file names use the parameter count, as llm.c does
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
 PRETRAINED_SIZE = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+SAME_SHAPE = {"gpt2": "d12", "gpt2-medium": "d24", "gpt2-large": "d36", "gpt2-xl": "d48"}
 DEPTHS = {
     "d6": dict(n_layer=6, n_head=6, n_embd=384),
     "d12": dict(n_layer=12, n_head=12, n_embd=768),
@@ -539,6 +556,12 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = bool(args.tensorcores)
     torch.set_float32_matmul_precision("high" if args.tensorcores else "highest")
 
+    # the data (checked before the model is built, so a bad file fails fast)
+    train_loader = DistributedDataLoader(args.input_bin, B, T, ddp_rank, ddp_world_size, config.vocab_size)
+    val_loader = None
+    if args.input_val_bin:
+        val_loader = DistributedDataLoader(args.input_val_bin, B, T, ddp_rank, ddp_world_size, config.vocab_size)
+
     # the tokenizer: GPT-2's via tiktoken (only for GPT-2's vocabulary)
     enc = None
     if config.vocab_size == 50257:
@@ -563,12 +586,6 @@ def main(argv=None):
             inductor_config.coordinate_descent_tuning = True
         print0("compiling the model...")
         model = torch.compile(model)
-
-    # the data
-    train_loader = DistributedDataLoader(args.input_bin, B, T, ddp_rank, ddp_world_size, config.vocab_size)
-    val_loader = None
-    if args.input_val_bin:
-        val_loader = DistributedDataLoader(args.input_val_bin, B, T, ddp_rank, ddp_world_size, config.vocab_size)
 
     # the bridge files: one fp32 forward/backward on the first batch, before any update
     debug = None

@@ -268,11 +268,11 @@ def test_error_total_batch_size(monkeypatch, tmp_path, tiny_data):
     assert "256" in msg and "48" in msg
 
 
-def test_error_offline_pretrained(tmp_path):
+def test_error_offline_pretrained(tmp_path, tiny_data):
     """--model gpt2 with no network and an empty cache: one line on stderr pointing at --model d12."""
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "TRANSFORMERS_CACHE": str(tmp_path / "hf" / "hub")}
-    r = run_script("train_gpt2_torch.py", "--model", "gpt2", "--write_tensors", "0", cwd=tmp_path, env=env,
+    r = run_script("train_gpt2_torch.py", "--model", "gpt2", "--input_bin", tiny_data, cwd=tmp_path, env=env,
                    timeout=300)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
