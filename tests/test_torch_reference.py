@@ -284,16 +284,23 @@ def test_error_offline_pretrained(tmp_path, tiny_data):
 # other modes
 
 
-def test_sample_and_inference_only(tmp_path, tiny_data):
+def test_sample_val_and_inference_only(tmp_path, tiny_data):
     args = ["--input_bin", tiny_data, *[str(a) for kv in TINY_SHAPE.items() for a in (f"--{kv[0]}", kv[1])],
             "--batch_size", 2, "--sequence_length", 16, "--total_batch_size", 32, "--num_iterations", 1,
             "--device", "cpu"]
-    r = run_script("train_gpt2_torch.py", *args, "--sample_every", 1, "--inference_only", 1, cwd=tmp_path)
+    r = run_script("train_gpt2_torch.py", *args, "--sample_every", 1, "--inference_only", 1, "--input_val_bin",
+                   tiny_data, "--val_loss_every", 1, "--val_max_steps", 3, "--output_dir", "log", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("---------------") == 2 * 2  # a sample at step 0 and at the last step
-    assert len(re.findall(r"^step +1/1 \| train loss", r.stdout, flags=re.M)) == 1
+    train = re.findall(r"^step +1/1 \| train loss (\S+) \| norm 0.0000", r.stdout, flags=re.M)
+    val = re.findall(r"^val loss (\S+)$", r.stdout, flags=re.M)
+    assert len(train) == 1 and len(val) == 2  # val loss at step 0 and at the last step
+    # no update happened, and val reads the same first batches as train: the two agree
+    assert abs(float(val[0]) - float(val[1])) < 1e-6 and 10.0 < float(val[0]) < 11.5
+    log = open(tmp_path / "log" / "main.log").read().splitlines()
+    assert [line.split(":")[1] for line in log] == ["0 tel", "0 trl", "1 tel"]
     # inference only: the tokenizer is written, the model files are not (as llm.c)
-    assert sorted(os.listdir(tmp_path)) == ["gpt2_tokenizer.bin"]
+    assert sorted(os.listdir(tmp_path)) == ["gpt2_tokenizer.bin", "log"]
 
 
 @pytest.mark.slow
