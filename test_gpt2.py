@@ -80,7 +80,8 @@ def check_tensor(name, ours, ref, atol, rtol):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Compare a trainer with PyTorch's debug state.")
-    parser.add_argument("--checkpoint", default="gpt2_d12.bin", help="model file (v3 fp32 or v5 bf16)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="model file (v3 fp32 or v5 bf16); default gpt2_d12.bin, else gpt2_124M.bin if only it is there")
     parser.add_argument("--debug_state", default=None, help="default: the checkpoint's name + _debug_state.bin")
     parser.add_argument("--trainer", default="numpy", choices=["numpy", "cuda"],
                         help="numpy = train_gpt2.py, cuda = train_gpt2_cuda.py (LLMC_EMULATE=1 runs it on a CPU)")
@@ -88,6 +89,9 @@ def main(argv=None):
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--steps", type=int, default=-1, help="training steps to check (-1 = all recorded)")
     args = parser.parse_args(argv)
+    if args.checkpoint is None:  # llm.c's files (python train_gpt2_torch.py --model gpt2) work too
+        only_124m = not os.path.exists("gpt2_d12.bin") and os.path.exists("gpt2_124M.bin")
+        args.checkpoint = "gpt2_124M.bin" if only_124m else "gpt2_d12.bin"
     state_path = args.debug_state or default_debug_state(args.checkpoint)
     for path in (args.checkpoint, state_path):
         if not os.path.exists(path):

@@ -118,7 +118,7 @@ class Profiler:
                 continue
             if name in self.PHASES:
                 setattr(module, name, self.wrap(fn, name, self.PHASES[name]))
-            elif name.endswith(("_forward", "_backward")) or name.startswith("adamw"):
+            elif name.endswith(("_forward", "_backward")):
                 setattr(module, name, self.wrap(fn, name, None))
 
     def wrap(self, fn, name, phase):
