@@ -982,6 +982,8 @@ class DataLoader:
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
         self.should_shuffle = should_shuffle
+        if not 0 <= process_rank < num_processes:
+            raise ConfigError(f"process_rank {process_rank} must be below num_processes {num_processes}")
         self.files = sorted(globlib.glob(pattern))
         if not self.files:
             raise ConfigError(f"no data files match '{pattern}'; create them with python prepro_tinyshakespeare.py")
