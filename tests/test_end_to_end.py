@@ -94,6 +94,21 @@ def test_perturbed_weight_fails(tiny_export, tmp_path):
     assert r.stdout.rstrip().endswith("overall okay: 0")
 
 
+def test_state_without_losses(tiny_export, tmp_path):
+    """A state as llm.c's own exporter writes it (no recorded losses): forward and backward are still checked."""
+    ckpt, state_path = paths(tiny_export)
+    config, _ = train_gpt2.read_model_file(str(ckpt))
+    s = train_gpt2.read_debug_state(str(state_path), config)
+    bare = tmp_path / "bare_debug_state.bin"
+    train_gpt2.write_debug_state(str(bare), s.x, s.y, s.logits, s.loss, s.grads)
+    r = run_test_gpt2(ckpt, bare)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "steps: 0 (the state records no losses)" in r.stdout
+    assert len(re.findall(r"max abs err .* OK$", r.stdout, flags=re.M)) == 2 + 16
+    assert not re.search(r"^step \d", r.stdout, flags=re.M)
+    assert r.stdout.rstrip().endswith("overall okay: 1")
+
+
 def test_missing_files_say_what_to_run(tmp_path):
     r = run_test_gpt2(tmp_path / "gpt2_d12.bin", tmp_path / "gpt2_d12_debug_state.bin")
     assert r.returncode == 1
