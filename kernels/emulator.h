@@ -7,7 +7,8 @@
 // Execution model
 //   * Blocks are independent, as CUDA promises: a small pool of OS threads (one per CPU core,
 //     LLMC_EMULATOR_THREADS to change it, 1 for run-to-run determinism of atomics) takes blocks
-//     from a shared counter. One OS thread runs one block at a time.
+//     from a shared counter. One OS thread runs one block at a time. Launches with fewer than 8192
+//     threads run on the calling thread alone. A fork() child starts a pool of its own.
 //   * The CUDA threads of a block are fibers (user-space threads with their own 128 KiB stack) run
 //     by that OS thread: a fiber runs until it returns or reaches __syncthreads / a warp shuffle /
 //     __syncwarp, then the next fiber runs. When every live thread of the block waits at
@@ -20,6 +21,9 @@
 //   a few nanoseconds (hand-written x86-64 switch; ucontext on other CPUs), which makes the
 //   emulator fast enough for a tiny-model training run. Cooperative fibers also make every run of
 //   a block deterministic: threads interleave in the same order each time.
+//
+// What it cannot see: data races. Threads of a block never interleave between two synchronization
+// points, so a plain `+=` where atomicAdd is needed gives the right answer here (and wrong on a GPU).
 //
 // What it checks (each one is an error raised in Python after the launch):
 //   * deadlock: some live threads wait at __syncthreads while others wait at a warp operation
@@ -56,7 +60,11 @@
 #include <utility>
 #include <vector>
 
-#if !defined(__x86_64__)
+// EMU_ASM_SWITCH: the hand-written x86-64 context switch; elsewhere (or with -DEMU_UCONTEXT, which
+// the tests use to exercise the portable path) fibers switch with ucontext's swapcontext.
+#if defined(__x86_64__) && !defined(EMU_UCONTEXT)
+#define EMU_ASM_SWITCH 1
+#else
 #include <ucontext.h>
 #endif
 
@@ -91,7 +99,7 @@ static constexpr int warpSize = 32;
 // the runtime: fibers, blocks, the worker pool
 
 #define EMU_HIDDEN __attribute__((visibility("hidden")))
-#define EMU_TLS __attribute__((tls_model("initial-exec"))) thread_local
+#define EMU_TLS thread_local
 
 namespace emu {
 
@@ -102,7 +110,7 @@ struct Worker;
 
 struct Fiber {
     void* sp = nullptr;            // saved stack pointer while switched out (x86-64 switch)
-#if !defined(__x86_64__)
+#if !defined(EMU_ASM_SWITCH)
     ucontext_t uc;
 #endif
     char* stack = nullptr;
@@ -135,7 +143,7 @@ struct Launch {
 struct Worker {
     std::vector<Fiber*> fibers;
     void* sched_sp = nullptr;
-#if !defined(__x86_64__)
+#if !defined(EMU_ASM_SWITCH)
     ucontext_t sched_uc;
 #endif
     Launch* launch = nullptr;
@@ -154,7 +162,7 @@ EMU_HIDDEN EMU_TLS Fiber* tls_fiber = nullptr;
 
 extern "C" EMU_HIDDEN void emu_fiber_main(emu::Fiber* f);
 
-#if defined(__x86_64__)
+#if defined(EMU_ASM_SWITCH)
 // emu_switch(save, to): push the callee-saved registers, store rsp in *save, load rsp = to,
 // pop the other context's registers and return into it. emu_fiber_entry starts a fresh fiber
 // (its Fiber* was placed where r12 is popped from).
@@ -201,7 +209,7 @@ namespace emu {
 static const size_t kStackSize = 128 * 1024;
 
 static inline void fiber_reset(Fiber* f) {
-#if defined(__x86_64__)
+#if defined(EMU_ASM_SWITCH)
     uintptr_t top = (reinterpret_cast<uintptr_t>(f->stack) + f->stack_size) & ~uintptr_t(15);
     void** sp = reinterpret_cast<void**>(top - 56);   // r15 r14 r13 r12 rbx rbp ret
     for (int i = 0; i < 7; i++) { sp[i] = nullptr; }
@@ -235,7 +243,7 @@ static inline Fiber* fiber_new(Worker* w) {
 // scheduler -> fiber
 static inline void switch_to_fiber(Worker* w, Fiber* f) {
     tls_fiber = f;
-#if defined(__x86_64__)
+#if defined(EMU_ASM_SWITCH)
     emu_switch(&w->sched_sp, f->sp);
 #else
     swapcontext(&w->sched_uc, &f->uc);
@@ -246,7 +254,7 @@ static inline void switch_to_fiber(Worker* w, Fiber* f) {
 // fiber -> scheduler
 static inline void yield_fiber(Fiber* f) {
     Worker* w = f->worker;
-#if defined(__x86_64__)
+#if defined(EMU_ASM_SWITCH)
     emu_switch(&f->sp, w->sched_sp);
 #else
     swapcontext(&f->uc, &w->sched_uc);
@@ -420,13 +428,15 @@ static inline void pool_thread(Pool* P, Worker* w) {
 }
 
 static inline Pool* pool() {
-    static Pool* P = [] {
-        Pool* p = new Pool();                          // never freed: helper threads live until exit
+    static Pool* P = nullptr;
+    static pid_t owner = 0;
+    if (P == nullptr || owner != getpid()) {          // first launch, or a fork() child: its helpers are gone
+        P = new Pool();                                // never freed: helper threads live until exit
+        owner = getpid();
         int n = pool_size();
-        for (int i = 0; i < n; i++) { p->workers.push_back(new Worker()); }
-        for (int i = 1; i < n; i++) { std::thread(pool_thread, p, p->workers[i]).detach(); }
-        return p;
-    }();
+        for (int i = 0; i < n; i++) { P->workers.push_back(new Worker()); }
+        for (int i = 1; i < n; i++) { std::thread(pool_thread, P, P->workers[i]).detach(); }
+    }
     return P;
 }
 

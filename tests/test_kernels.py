@@ -677,3 +677,41 @@ def test_device_side_errors_are_raised(emu_selftest, emu_mods):
     res = np.full(block, -1, np.int32)
     selftest.get_function("early_return_barrier")(1, block, (res, i32(block)))
     assert np.all(res == block)
+
+
+def test_portable_ucontext_fibers_give_the_same_results():
+    """Off x86-64 the fibers switch with ucontext; -DEMU_UCONTEXT forces that path here."""
+    mod = emulator.RawModule(code=SELFTEST, options=("--std=c++17", "-DEMU_UCONTEXT"))
+    block, n = 96, 70
+    out = np.full(2 * block, -1, np.int32)
+    mod.get_function("early_return_barrier")(2, block, (out, i32(n)))
+    assert np.all(out.reshape(2, block)[:, :n] == n) and np.all(out.reshape(2, block)[:, n:] == -1)
+    outs = [np.zeros(64, np.int32) for _ in range(4)] + [np.zeros(64, np.float32), np.zeros(64, np.int32)]
+    mod.get_function("shuffles")(1, 64, tuple(outs))
+    assert np.all(outs[4] == 496.0) and np.array_equal(outs[1], (np.arange(64) ^ 5) * 10)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_launches_still_work_in_a_forked_child(emu_selftest):
+    """A fork() child has no pool threads: the emulator must notice and start its own."""
+    n = 300_001
+    inp = np.ones(n, np.float32)
+    fsum, icount = np.zeros(1, np.float32), np.zeros(1, np.int32)
+    emu_selftest.get_function("atomics")(ceil_div(n, 256), 256, (fsum, icount, inp, i64(n)))  # pool up
+    pid = os.fork()
+    if pid == 0:                                      # child: launch again, report through the exit code
+        ok = False
+        try:
+            fsum[0], icount[0] = 0, 0
+            emu_selftest.get_function("atomics")(ceil_div(n, 256), 256, (fsum, icount, inp, i64(n)))
+            ok = icount[0] == n and fsum[0] == n
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.time() + 30                       # a child waiting for helpers that are gone hangs
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the launch in the forked child hung")
+    assert os.WEXITSTATUS(done[1]) == 0
