@@ -12,7 +12,8 @@ the same number of threads (OMP/OPENBLAS/MKL_NUM_THREADS and torch.set_num_threa
 fresh subprocess, one after the other, so its peak RSS (ru_maxrss from wait4) is its own.
 A step is zero_grad + forward + backward + update; the first --warmup steps (which allocate the
 activations, gradients and AdamW state) are not timed. For our trainer the step is also broken
-down by layer function (forward, backward, update), timed by wrapping the module's functions.
+down by phase (forward, backward, update) and by layer: train_gpt2.py's own profiler (--profile 1)
+when it has one, else wrappers around the module's layer functions.
 """
 
 import argparse
@@ -109,7 +110,7 @@ class Profiler:
     PHASES = {"gpt2_zero_grad": "zero_grad", "gpt2_forward": "forward", "gpt2_backward": "backward",
               "gpt2_calculate_grad_norm": "update", "gpt2_update": "update"}
 
-    def __init__(self, module, timer=None):
+    def __init__(self, module, timer=None, layers=True):
         self.timer = timer or WallTimer()
         self.phase, self.depth, self.enabled = None, 0, False
         self.totals, self.calls, self.pending = {}, {}, []
@@ -118,7 +119,7 @@ class Profiler:
                 continue
             if name in self.PHASES:
                 setattr(module, name, self.wrap(fn, name, self.PHASES[name]))
-            elif name.endswith(("_forward", "_backward")):
+            elif layers and name.endswith(("_forward", "_backward")):
                 setattr(module, name, self.wrap(fn, name, None))
 
     def wrap(self, fn, name, phase):
@@ -158,7 +159,12 @@ class Profiler:
 def worker_numpy(args):
     import numpy as np
     import train_gpt2 as tg
-    profiler = Profiler(tg) if args.breakdown else None
+    # train_gpt2.py's own profiler (--profile 1) times the layers, telling the matmuls apart by shape;
+    # ours then times only the phases. Without that hook ours wraps the layers too.
+    hook = bool(args.breakdown) and hasattr(tg, "enable_profiler")
+    if hook:
+        tg.enable_profiler()
+    profiler = Profiler(tg, layers=not hook) if args.breakdown else None
     model = tg.gpt2_build_from_checkpoint(args.checkpoint)
     B, T = args.batch_size, args.seq_len
     batches = get_batches(args.data, B, T, args.warmup + args.steps, model.config.vocab_size)
@@ -166,6 +172,8 @@ def worker_numpy(args):
     for i, (x, y) in enumerate(batches):
         if profiler is not None:
             profiler.enabled = i >= args.warmup
+        if hook:
+            tg.PROFILE_ACTIVE[0] = i >= args.warmup
         t0 = time.perf_counter()
         tg.gpt2_zero_grad(model)
         tg.gpt2_forward(model, x, y, B, T)
@@ -182,8 +190,9 @@ def worker_numpy(args):
               file=sys.stderr, flush=True)
     core, blas_config, blas_threads = openblas_info()
     breakdown = profiler.rows(args.steps) if profiler is not None else []
+    layer_report = tg.profile_report(args.steps) if hook else ""
     return dict(times=times, losses=losses, openblas_core=core, openblas_config=blas_config,
-                openblas_threads=blas_threads, numpy=np.__version__, breakdown=breakdown,
+                openblas_threads=blas_threads, numpy=np.__version__, breakdown=breakdown, layer_report=layer_report,
                 dtype=str(model.params_memory.dtype))
 
 
@@ -263,7 +272,9 @@ def make_checkpoint(path):
 
 
 def print_breakdown(rows, step_ms):
-    print("\nour step, by layer function (ms per step, summed over layers; calls per step)")
+    layers = any(name != "(total)" for _, name, _, _ in rows)
+    print("\nour step, by phase" + (" and layer function (ms per step, summed over layers; calls per step)"
+                                     if layers else " (ms per step)"))
     print(f"{'phase':<10} {'function':<34} {'ms':>9} {'calls':>6} {'% step':>7}")
     order = {"zero_grad": 0, "forward": 1, "backward": 2, "update": 3, "outside": 4}
     rows = sorted(rows, key=lambda r: (order.get(r[0], 9), r[1] != "(total)", -r[2]))
@@ -356,6 +367,9 @@ def main():
         print(f"PyTorch {res['torch']}, {res['torch_threads']} threads, AdamW {res['adamw']}, mkldnn {res['mkldnn']}")
     if "numpy" in results and results["numpy"][0]["breakdown"]:
         print_breakdown(results["numpy"][0]["breakdown"], medians["numpy"])
+        if results["numpy"][0]["layer_report"]:
+            print("\nour step, by layer (train_gpt2.py's profiler, as --profile 1 prints it)")
+            print(results["numpy"][0]["layer_report"])
 
 
 if __name__ == "__main__":
