@@ -21,8 +21,10 @@ Markers
 Helpers
 -------
 run_script(script, *args, cwd, env=None, timeout=...) -> subprocess.CompletedProcess
-    runs `python <repo>/<script> *args` with TIKTOKEN_CACHE_DIR set (offline tokenizer)
-    and cwd as given; never raises on a non-zero exit (check .returncode/.stderr).
+    runs `python <repo>/<script> *args` with TIKTOKEN_CACHE_DIR set (offline tokenizer:
+    $TIKTOKEN_CACHE_DIR, else ../shared/data/tiktoken_cache when present) and cwd as given;
+    never raises on a non-zero exit (check .returncode/.stderr).
+SHARED           absolute path of ../shared (offline data; may not exist, e.g. in CI).
 """
 
 import os
@@ -38,14 +40,18 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))
-TIKTOKEN_CACHE = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(SHARED, "data", "tiktoken_cache")
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+# the offline tokenizer: an explicit TIKTOKEN_CACHE_DIR wins, else the shared cache when there is one
+TIKTOKEN_CACHE = os.environ.get("TIKTOKEN_CACHE_DIR", "")
+if not TIKTOKEN_CACHE and os.path.isdir(os.path.join(SHARED, "data", "tiktoken_cache")):
+    TIKTOKEN_CACHE = os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(SHARED, "data", "tiktoken_cache")
 
 TINY_SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50257)
 
 
 def run_script(script, *args, cwd, env=None, timeout=600):
-    full_env = dict(os.environ, TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, PYTHONDONTWRITEBYTECODE="1")
+    full_env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    if TIKTOKEN_CACHE:
+        full_env["TIKTOKEN_CACHE_DIR"] = TIKTOKEN_CACHE
     full_env.update(env or {})
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
