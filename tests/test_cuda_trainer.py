@@ -1,0 +1,280 @@
+"""train_gpt2_cuda.py without a GPU: its one-line refusal, and its numbers on the CPU emulator.
+
+CI has no GPU, so the CUDA trainer runs here with LLMC_EMULATE=1: NumPy arrays stand in for CuPy's,
+NumPy's matmul for cuBLAS, and kernels/emulator.py compiles the very kernels/*.cu sources with g++.
+On a tiny model (L=2, NH=2, C=32, maxT=32, V=101 padded to Vp=128; B=2, T=8) we check the forward
+logits and loss, all 16 gradients and a few clipped AdamW steps against train_gpt2.py, the NumPy
+trainer, and run the CLI end to end. On a GPU the same comparison at full size is test_gpt2.py
+--trainer cuda.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import train_gpt2 as numpy_trainer  # noqa: E402
+
+ATOL, RTOL = 1e-4, 1e-4
+CONFIG = numpy_trainer.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
+                                  padded_vocab_size=128)
+B, T = 2, 8
+
+
+def run_python(code_or_script, *args, env=None, cwd=None, timeout=300):
+    full_env = dict(os.environ)
+    full_env.pop("LLMC_EMULATE", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, *code_or_script, *map(str, args)], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------
+# no CuPy, no GPU: one line that says so and what to run instead
+
+HIDE_CUPY = "import sys; sys.modules['cupy'] = None"          # `import cupy` now raises ImportError
+FAKE_CUPY_NO_DEVICE = """
+import sys, types
+cupy = types.ModuleType('cupy')
+def no_device():
+    raise RuntimeError('cudaErrorNoDevice: no CUDA-capable device is detected')
+cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=no_device))
+sys.modules['cupy'] = cupy
+"""
+RUN_MAIN = "\nimport runpy; sys.argv = ['train_gpt2_cuda.py']; runpy.run_path({!r}, run_name='__main__')"
+
+
+@pytest.mark.parametrize("fake, expected", [(HIDE_CUPY, "CuPy is not installed"),
+                                            (FAKE_CUPY_NO_DEVICE, "no CUDA GPU found")])
+def test_without_a_gpu_it_exits_with_one_line(fake, expected):
+    script = os.path.join(REPO, "train_gpt2_cuda.py")
+    r = run_python(["-c", fake + RUN_MAIN.format(script)])
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr                      # no traceback, one line
+    assert expected in lines[0] and "python train_gpt2.py" in lines[0], lines[0]
+    if "not installed" in expected:
+        assert "pip install cupy-cuda12x" in lines[0]
+    assert r.stdout == ""
+
+
+def test_importing_without_a_gpu_is_harmless():
+    """The module imports (test_gpt2.py, the benchmark and these tests import it); only using it stops."""
+    r = run_python(["-c", HIDE_CUPY + "; import train_gpt2_cuda as t; print(t.NO_GPU is not None, t.EMULATE)"])
+    assert r.returncode == 0 and r.stdout.split() == ["True", "False"], r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# the emulator against the NumPy trainer
+
+@pytest.fixture(scope="module")
+def cuda_trainer():
+    """train_gpt2_cuda imported with LLMC_EMULATE=1 (a separate module object, so the switch at its
+    top sees the variable)."""
+    import importlib.util
+    old = os.environ.get("LLMC_EMULATE")
+    os.environ["LLMC_EMULATE"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location("train_gpt2_cuda_emulated", os.path.join(REPO, "train_gpt2_cuda.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if old is None:
+            del os.environ["LLMC_EMULATE"]
+        else:
+            os.environ["LLMC_EMULATE"] = old
+    assert module.EMULATE and module.xp is np
+    return module
+
+
+def random_params(config, seed=0):
+    """GPT-2-like random weights (std 0.1 so every tensor matters; LayerNorm weights around 1),
+    wte's pad rows zero as in a real checkpoint."""
+    rng = np.random.default_rng(seed)
+    chunks = []
+    for name, shape in numpy_trainer.param_shapes(config):
+        a = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        if name in ("ln1w", "ln2w", "lnfw"):
+            a += np.float32(1.0)
+        if name == "wte":
+            a[config.vocab_size:] = 0.0
+        chunks.append(a.ravel())
+    return np.concatenate(chunks)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cuda_trainer") / "gpt2_tiny.bin")
+    numpy_trainer.write_model_file(path, CONFIG, random_params(CONFIG))
+    return path
+
+
+def batch(seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CONFIG.vocab_size, size=B * T + 1).astype(np.int32)
+    return tokens[:-1].reshape(B, T), tokens[1:].reshape(B, T)
+
+
+def assert_close(name, ours, ref, atol=ATOL, rtol=RTOL):
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} vs {ref.shape}"
+    err = np.abs(ours - ref)
+    bad = ~(err <= atol + rtol * np.abs(ref))
+    assert not bad.any(), f"{name}: {bad.sum()} of {bad.size} values off, max abs err {err.max():.3e}"
+    return float(err.max())
+
+
+def test_forward_backward_and_adamw_match_the_numpy_trainer(cuda_trainer, tiny_checkpoint):
+    cu, npt = cuda_trainer, numpy_trainer
+    ours, ref = cu.gpt2_build_from_checkpoint(tiny_checkpoint), npt.gpt2_build_from_checkpoint(tiny_checkpoint)
+    assert ours.config == ref.config == CONFIG
+    assert ours.params_memory.dtype == np.float32 and ours.params_memory.size == npt.num_parameters(CONFIG)
+    x, y = batch(1)
+    V = CONFIG.vocab_size
+
+    # forward: logits (the first V columns) and loss
+    cu.gpt2_zero_grad(ours)
+    npt.gpt2_zero_grad(ref)
+    cu.gpt2_forward(ours, x, y, B, T)
+    npt.gpt2_forward(ref, x, y, B, T)
+    assert isinstance(ours.mean_loss, float)
+    logits = cu.to_numpy(ours.acts.logits)
+    assert logits.shape == (B, T, CONFIG.padded_vocab_size) and logits.dtype == np.float32
+    errors = {"logits": assert_close("logits", logits[:, :, :V], npt.to_numpy(ref.acts.logits)[:, :, :V])}
+    errors["loss"] = assert_close("loss", ours.mean_loss, ref.mean_loss)
+    assert 3.0 < ours.mean_loss < 8.0                     # near ln(101) = 4.6 for random weights
+
+    # backward: all 16 gradients by name
+    cu.gpt2_backward(ours)
+    npt.gpt2_backward(ref)
+    for name, _ in npt.param_shapes(CONFIG):
+        ours_g, ref_g = cu.to_numpy(getattr(ours.grads, name)), np.asarray(getattr(ref.grads, name))
+        assert np.abs(ref_g).max() > 1e-4, f"d{name} is all zeros in the NumPy trainer: the test would prove nothing"
+        errors["d" + name] = assert_close("d" + name, ours_g, ref_g)
+    assert np.all(cu.to_numpy(ours.grads.wte)[V:] == 0.0)  # pad rows of wte get no gradient
+
+    # training: clipped AdamW with weight decay (only on the 2-D weights), loss after each step
+    norms = []
+    for t in range(1, 5):
+        norm_ours, norm_ref = cu.gpt2_calculate_grad_norm(ours), npt.gpt2_calculate_grad_norm(ref)
+        assert_close(f"grad norm {t}", norm_ours, norm_ref)
+        norms.append(norm_ours)
+        scale = cu.grad_clip_scale(norm_ours, 1.0)
+        assert scale == pytest.approx(npt.grad_clip_scale(norm_ref, 1.0), rel=1e-5)
+        cu.gpt2_update(ours, 1e-2, 0.9, 0.95, 1e-8, 0.1, t, grad_scale=scale)
+        npt.gpt2_update(ref, 1e-2, 0.9, 0.95, 1e-8, 0.1, t, grad_scale=npt.grad_clip_scale(norm_ref, 1.0))
+        for m, tr in ((ours, cu), (ref, npt)):
+            tr.gpt2_zero_grad(m)
+            tr.gpt2_forward(m, x, y, B, T)
+            tr.gpt2_backward(m)
+        errors[f"loss {t}"] = assert_close(f"loss after step {t}", ours.mean_loss, ref.mean_loss)
+    assert norms[0] > 1.0                                 # so the clipping was exercised
+    # The key bias (qkvb[:, C:2C]) has a gradient of exactly 0 in exact arithmetic (adding a constant to
+    # every score of a softmax row changes nothing), so both trainers hold rounding noise of ~1e-9 there,
+    # and AdamW turns noise of either sign into a full +-lr step. Compare every other parameter.
+    C = CONFIG.channels
+    assert np.abs(cu.to_numpy(ours.grads.qkvb)[:, C:2 * C]).max() < 1e-6
+    keep = np.ones(npt.num_parameters(CONFIG), dtype=bool)
+    offset = 0
+    for name, shape in npt.param_shapes(CONFIG):
+        if name == "qkvb":
+            keep[offset:offset + int(np.prod(shape))].reshape(shape)[:, C:2 * C] = False
+        offset += int(np.prod(shape))
+    errors["params"] = assert_close("params after 4 steps (but the key bias)", cu.to_numpy(ours.params_memory)[keep],
+                                    npt.to_numpy(ref.params_memory)[keep])
+    print("max abs errors vs the NumPy trainer: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+
+
+def test_forward_without_targets_and_a_second_batch(cuda_trainer, tiny_checkpoint):
+    """No targets: mean_loss is -1 and backward refuses; the logits do not depend on the targets."""
+    cu = cuda_trainer
+    m = cu.gpt2_build_from_checkpoint(tiny_checkpoint)
+    x, y = batch(2)
+    cu.gpt2_forward(m, x, None, B, T)
+    assert m.mean_loss == -1.0
+    logits = cu.to_numpy(m.acts.logits).copy()
+    with pytest.raises(RuntimeError, match="with targets first"):
+        cu.gpt2_backward(m)
+    cu.gpt2_forward(m, x, y, B, T)
+    np.testing.assert_array_equal(cu.to_numpy(m.acts.logits), logits)  # the forward keeps the logits
+    with pytest.raises(ValueError, match="set up for B=2 T=8"):
+        cu.gpt2_forward(m, x[:, :4], y[:, :4], B, 4)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        cu.gpt2_forward(m, x + CONFIG.vocab_size, y, B, T)
+
+
+def test_grad_norm_and_gemm_helpers(cuda_trainer):
+    cu = cuda_trainer
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    b = rng.standard_normal((3, 6, 4)).astype(np.float32)
+    out = np.ones((3, 5, 6), dtype=np.float32)
+    cu.gemm(out, a, b, transpose_b=True, accumulate=True)
+    np.testing.assert_allclose(out, 1.0 + a @ b.transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
+    assert cu.grad_clip_scale(4.0, 1.0) == pytest.approx(1.0 / (4.0 + 1e-6))
+    assert cu.grad_clip_scale(0.5, 1.0) == 1.0 and cu.grad_clip_scale(4.0, 0.0) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI, end to end on the emulator
+
+def test_gradients_accumulate_over_micro_steps(cuda_trainer, tiny_checkpoint):
+    """Two backward passes without zeroing in between give twice the gradients (the residual
+    stream's scratch gradient restarts from zero in each pass; the parameters' gradients add)."""
+    cu = cuda_trainer
+    m = cu.gpt2_build_from_checkpoint(tiny_checkpoint)
+    x, y = batch(5)
+    cu.gpt2_zero_grad(m)
+    cu.gpt2_forward(m, x, y, B, T)
+    cu.gpt2_backward(m)
+    once = cu.to_numpy(m.grads_memory).copy()
+    cu.gpt2_forward(m, x, y, B, T)
+    cu.gpt2_backward(m)
+    assert_close("grads after two passes", cu.to_numpy(m.grads_memory), 2 * once, atol=1e-6, rtol=1e-5)
+
+
+def test_cli_trains_validates_samples_and_writes_files(tmp_path, tiny_checkpoint):
+    rng = np.random.default_rng(4)
+    V = CONFIG.vocab_size
+    train, val = tmp_path / "tiny_train.bin", tmp_path / "tiny_val.bin"
+    numpy_trainer.write_data_shard(str(train), rng.integers(0, V, size=2000))
+    numpy_trainer.write_data_shard(str(val), rng.integers(0, V, size=500))
+    # a tokenizer for the tiny vocabulary, read from the working directory as llm.c does: token i is
+    # the letter chr(ord('a') + i % 26), the last one (V-1) the EOT
+    tokens = [bytes([ord("a") + i % 26]) for i in range(V - 1)] + [b"<|endoftext|>"]
+    numpy_trainer.write_tokenizer_file(str(tmp_path / "gpt2_tokenizer.bin"), tokens, V - 1)
+    out = tmp_path / "log"
+    r = run_python([os.path.join(REPO, "train_gpt2_cuda.py")], "-e", tiny_checkpoint, "-i", train, "-j", val,
+                   "-o", out, "-b", B, "-t", T, "-d", 2 * B * T, "-x", 4, "-v", 2, "-m", 3, "-s", 2, "-g", 6,
+                   "-l", 1e-2, env={"LLMC_EMULATE": "1"}, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert "TF32: disabled" in lines and f"padded_vocab_size: {CONFIG.padded_vocab_size}" in lines
+    assert f"batch: B={B} T={T}, total {2 * B * T} tokens = 2 micro-step(s); 4 steps" in lines
+    assert "AdamW: lr 0.01 (cosine, warmup 0, final frac 1), betas (0.9, 0.95), eps 1e-08, weight decay 0, grad clip 1" in lines
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 4 and steps[0].startswith("step    1/4: train loss ") and "tok/s) norm " in steps[0], steps
+    val_losses = [float(line.split()[-1]) for line in lines if line.startswith("val loss ")]
+    assert len(val_losses) == 3 and val_losses[-1] < val_losses[0], val_losses   # it learns
+    samples = [lines[i + 2] for i, line in enumerate(lines) if line == "generating:"]
+    assert len(samples) == 2 and all(len(s) == 5 and s.isalpha() for s in samples), samples  # 5 decoded letters
+    log = (out / "main.log").read_text().splitlines()
+    assert [line.split()[0] for line in log if "tel:" in line] == ["s:0", "s:2", "s:4"], log
+    assert [line.split()[0] for line in log if "trl:" in line] == ["s:1", "s:2", "s:3", "s:4"], log
+    config, params = numpy_trainer.read_model_file(str(out / "model_00000004.bin"))
+    _, initial = numpy_trainer.read_model_file(tiny_checkpoint)
+    assert config == CONFIG and np.all(np.isfinite(params)) and 1e-3 < np.abs(params - initial).max() < 1.0
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, tiny_checkpoint):
+    r = run_python([os.path.join(REPO, "train_gpt2_cuda.py")], "-e", tiny_checkpoint, "-i", tmp_path / "none_*.bin",
+                   "-j", tmp_path / "none.bin", "-t", T, env={"LLMC_EMULATE": "1"}, cwd=str(tmp_path))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: no data files match"), r.stderr
+    assert "Traceback" not in r.stderr
