@@ -42,15 +42,18 @@ ADAMW = dict(learning_rate=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=
 def get_batches(data, B, T, n, vocab_size):
     """n (inputs, targets) pairs of int32 (B, T): consecutive windows of the shard, or seeded random tokens."""
     import numpy as np
+    rng = np.random.default_rng(42)
+    tokens = None
     if data and os.path.exists(data):
         import train_gpt2
         tokens = train_gpt2.read_data_shard(data)
-    else:
-        tokens = np.random.default_rng(42).integers(0, vocab_size, size=n * B * T + 1)
     batches = []
-    for i in range(n):
-        start = (i * B * T) % (len(tokens) - B * T - 1)
-        buf = np.asarray(tokens[start:start + B * T + 1], dtype=np.int32)
+    for i in range(n):  # batch i is the same whatever n is
+        if tokens is None:
+            buf = rng.integers(0, vocab_size, size=B * T + 1).astype(np.int32)
+        else:
+            start = (i * B * T) % (len(tokens) - B * T - 1)
+            buf = np.asarray(tokens[start:start + B * T + 1], dtype=np.int32)
         batches.append((buf[:-1].reshape(B, T), buf[1:].reshape(B, T)))
     return batches
 

@@ -15,7 +15,8 @@ Each trainer runs in a fresh process, one after the other. A step is timed on th
 device synchronize at its end. Peak GPU memory: the framework allocator's high-water mark (CuPy's memory
 pool, which keeps what it allocated; torch.cuda.max_memory_reserved) and the device's used memory (context
 included). Our step is also broken down by layer function with CUDA events (train_gpt2_cuda.Event) around
-each launcher: GPU time from the launcher's first kernel to its last, summed over layers.
+each launcher (GPU time from the launcher's first kernel to its last, summed over layers), over
+--breakdown extra steps run after the timed ones, so the events never touch the timing.
 """
 
 import argparse
@@ -79,17 +80,18 @@ def worker_ours(args):
                 setattr(tc, name, profiler.wrap(getattr(tc, name), name, None))
     model = tc.gpt2_build_from_checkpoint(args.checkpoint)
     B, T = args.batch_size, args.seq_len
-    batches = get_batches(args.data, B, T, args.warmup + args.steps, model.config.vocab_size)
+    timed_end = args.warmup + args.steps  # then args.breakdown more steps, profiled (not in the timing)
+    batches = get_batches(args.data, B, T, timed_end + args.breakdown, model.config.vocab_size)
 
     def synchronize():
         if not tc.EMULATE:
             tc.xp.cuda.Device().synchronize()
 
     mem_used = 0
-    times, losses = [], []
+    times, profiled_times, losses = [], [], []
     for i, (x, y) in enumerate(batches):
         if profiler is not None:
-            profiler.enabled = i >= args.warmup
+            profiler.enabled = i >= timed_end
         synchronize()
         t0 = time.perf_counter()
         tc.gpt2_forward(model, x, y, B, T)
@@ -103,18 +105,23 @@ def worker_ours(args):
         dt = time.perf_counter() - t0
         if profiler is not None:
             profiler.flush()
-        losses.append(float(model.mean_loss))
-        if i >= args.warmup:
+        if i < timed_end:
+            losses.append(float(model.mean_loss))
+        if args.warmup <= i < timed_end:
             times.append(dt)
+        elif i >= timed_end:
+            profiled_times.append(dt)
         if not tc.EMULATE:
             free, total = tc.xp.cuda.runtime.memGetInfo()
             mem_used = max(mem_used, total - free)
-        print(f"  ours step {i}: loss {losses[-1]:.6f} norm {norm:.4f} ({dt * 1000:.1f} ms"
-              f"{'' if i >= args.warmup else ', warm-up'})", file=sys.stderr, flush=True)
+        what = ", warm-up" if i < args.warmup else ", profiled" if i >= timed_end else ""
+        print(f"  ours step {i}: loss {model.mean_loss:.6f} norm {norm:.4f} ({dt * 1000:.1f} ms{what})",
+              file=sys.stderr, flush=True)
     pool = 0 if tc.EMULATE else tc.xp.get_default_memory_pool().total_bytes()
     return dict(times=times, losses=losses, device=tc.device_name(), tf32=bool(tf32),
                 alloc_peak_mib=pool / 2**20, device_used_mib=mem_used / 2**20,
-                breakdown=profiler.rows(args.steps) if profiler is not None else [])
+                breakdown=profiler.rows(args.breakdown) if profiler is not None else [],
+                profiled_times=profiled_times)
 
 
 def worker_torch(args):
@@ -226,7 +233,8 @@ def main():
     parser.add_argument("--tf32", type=int, default=1, help="TF32 GEMMs on both sides (--tensorcores 1)")
     parser.add_argument("--compile", type=int, default=1, help="torch.compile PyTorch's model (--compile 1)")
     parser.add_argument("--trainers", default="ours,torch", help="comma-separated: ours, torch")
-    parser.add_argument("--breakdown", type=int, default=1, help="1 = per-layer CUDA-event timing of our step")
+    parser.add_argument("--breakdown", type=int, default=3,
+                        help="extra steps of ours, after the timed ones, with CUDA events around each layer (0 = none)")
     parser.add_argument("--dry_run", type=int, default=0,
                         help="1 = no GPU needed: tiny model, ours on the emulator, PyTorch eager on the CPU")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -264,7 +272,7 @@ def main():
             if args.seq_len == parser.get_default("seq_len"):
                 args.batch_size, args.seq_len = 2, 16
             if args.steps == parser.get_default("steps"):
-                args.steps, args.warmup = 2, 1
+                args.steps, args.warmup, args.breakdown = 2, 1, min(args.breakdown, 1)
             args.data = ""  # random tokens inside the tiny vocabulary
         elif not os.path.exists(args.checkpoint):
             print(f"bench_gpu.py: {args.checkpoint} not found; building d12 from scratch (train_gpt2.gpt2_build_from_descriptor)")
@@ -299,7 +307,9 @@ def main():
         extra = f", torch {res['torch']}, fused AdamW {res['fused_adamw']}" if t == "torch" else ""
         print(f"{names[t]}: device {res['device']}, TF32 {res['tf32']}{extra}")
     if "ours" in results and results["ours"]["breakdown"]:
-        print_breakdown(results["ours"]["breakdown"], medians["ours"])
+        profiled = statistics.median(results["ours"]["profiled_times"]) * 1000
+        print(f"\n(the breakdown is from {args.breakdown} more steps with the events on: median {profiled:.2f} ms/step)")
+        print_breakdown(results["ours"]["breakdown"], profiled)
 
 
 if __name__ == "__main__":
