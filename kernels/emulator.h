@@ -400,7 +400,7 @@ struct Pool {
     std::vector<Worker*> workers;   // workers[0] belongs to the calling thread
     Launch* launch = nullptr;
     unsigned long long generation = 0;
-    int busy = 0;
+    int active = 0;                 // helpers working on the current launch
 };
 
 static inline int pool_size() {
@@ -418,11 +418,13 @@ static inline void pool_thread(Pool* P, Worker* w) {
             P->start_cv.wait(lock, [&] { return P->generation != seen; });
             seen = P->generation;
             L = P->launch;
+            if (L == nullptr) { continue; }            // woke too late: the caller already finished it
+            P->active++;
         }
         run_blocks(w, L);
         {
             std::lock_guard<std::mutex> lock(P->mu);
-            if (--P->busy == 0) { P->done_cv.notify_all(); }
+            if (--P->active == 0) { P->done_cv.notify_all(); }
         }
     }
 }
@@ -460,14 +462,14 @@ static inline std::string launch(const unsigned* grid, const unsigned* block, si
     if (helpers > 0) {
         std::lock_guard<std::mutex> lock(P->mu);
         P->launch = &L;
-        P->busy = helpers;
         P->generation++;
         P->start_cv.notify_all();
     }
-    run_blocks(P->workers[0], &L);
+    run_blocks(P->workers[0], &L);                     // the caller works too, until no block is left
     if (helpers > 0) {
         std::unique_lock<std::mutex> lock(P->mu);
-        P->done_cv.wait(lock, [&] { return P->busy == 0; });
+        P->launch = nullptr;                           // helpers that have not woken yet skip this launch
+        P->done_cv.wait(lock, [&] { return P->active == 0; });
     }
     return L.error;
 }
