@@ -51,7 +51,7 @@ RUN_MAIN = "\nimport runpy; sys.argv = ['train_gpt2_cuda.py']; runpy.run_path({!
 
 
 @pytest.mark.parametrize("fake, expected", [(HIDE_CUPY, "CuPy is not installed"),
-                                            (FAKE_CUPY_NO_DEVICE, "no CUDA GPU found")])
+                                            (FAKE_CUPY_NO_DEVICE, "no CUDA GPU found")], ids=["no-cupy", "no-device"])
 def test_without_a_gpu_it_exits_with_one_line(fake, expected):
     script = os.path.join(REPO, "train_gpt2_cuda.py")
     r = run_python(["-c", fake + RUN_MAIN.format(script)])
@@ -219,6 +219,115 @@ def test_grad_norm_and_gemm_helpers(cuda_trainer):
     np.testing.assert_allclose(out, 1.0 + a @ b.transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
     assert cu.grad_clip_scale(4.0, 1.0) == pytest.approx(1.0 / (4.0 + 1e-6))
     assert cu.grad_clip_scale(0.5, 1.0) == 1.0 and cu.grad_clip_scale(4.0, 0.0) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU code path itself (not the emulator switch), through a fake CuPy
+#
+# The module below stands in for cupy and cupy_backends: arrays are NumPy arrays with a .data.ptr,
+# RawModule is the emulator's, and cublasSgemmStridedBatched is a column-major reference that reads
+# and writes raw memory through the pointers, leading dimensions and strides it is given. So the
+# row-major to column-major mapping of train_gpt2_cuda.gemm, the TF32 math-mode switch and the
+# null-pointer argument run as they would on a GPU (only CuPy's own behaviour is assumed).
+
+FAKE_CUPY = """
+import ctypes, sys, time, types
+import numpy as np
+from kernels.emulator import RawModule
+
+class DevArray(np.ndarray):
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
+asarray = lambda x, dtype=None: np.array(x, dtype=dtype).view(DevArray)
+zeros = lambda shape, dtype=np.float32: np.zeros(shape, dtype=dtype).view(DevArray)
+asnumpy = lambda x: np.array(x)
+sqrt = np.sqrt
+
+class Event:
+    def record(self): self.t = time.perf_counter()
+    def synchronize(self): pass
+
+class Device:
+    id, compute_capability = 0, "90"
+
+cuda = types.SimpleNamespace(
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"FakeGPU"}),
+    Event=Event, get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3, Device=Device,
+    device=types.SimpleNamespace(get_cublas_handle=lambda: 7))
+
+linalg = types.ModuleType("cupy._core._routines_linalg")
+linalg.COMPUTE_TYPE_DEFAULT, linalg.COMPUTE_TYPE_TF32 = 1, 7
+linalg.set_compute_type = lambda dtype, t: setattr(linalg, "current", t)
+_core = types.ModuleType("cupy._core")
+_core._routines_linalg = linalg
+sys.modules["cupy._core"], sys.modules["cupy._core._routines_linalg"] = _core, linalg
+
+cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
+cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, cublas.CUBLAS_DEFAULT_MATH, cublas.CUBLAS_TF32_TENSOR_OP_MATH = 0, 1, 0, 3
+cublas.math_mode, cublas.calls = {}, []
+cublas.setMathMode = lambda handle, mode: cublas.math_mode.__setitem__(handle, mode)
+
+def column_major(ptr, offset, rows, cols, ld):
+    buf = np.ctypeslib.as_array((ctypes.c_float * (offset + (cols - 1) * ld + rows)).from_address(ptr))
+    return np.lib.stride_tricks.as_strided(buf[offset:], shape=(rows, cols), strides=(4, 4 * ld))
+
+def sgemmStridedBatched(handle, transa, transb, m, n, k, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC, batch):
+    alpha, beta = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
+    cublas.calls.append((transa, transb))
+    for i in range(batch):
+        a = column_major(A, i * sA, *((m, k) if transa == 0 else (k, m)), lda)
+        b = column_major(B, i * sB, *((k, n) if transb == 0 else (n, k)), ldb)
+        c = column_major(C, i * sC, m, n, ldc)
+        c[...] = alpha * ((a if transa == 0 else a.T) @ (b if transb == 0 else b.T)) + (beta * c if beta else 0)
+cublas.sgemmStridedBatched = sgemmStridedBatched
+for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs"):
+    sys.modules[name] = types.ModuleType(name)
+sys.modules["cupy_backends.cuda.libs"].cublas = cublas
+sys.modules["cupy_backends.cuda.libs.cublas"] = cublas
+"""
+
+GPU_PATH_CHECK = """
+import os, sys
+import numpy as np
+sys.path[:0] = [{fake!r}, {repo!r}, {tests!r}]
+import train_gpt2_cuda as cu, train_gpt2 as npt
+from test_cuda_trainer import CONFIG, B, T, batch, assert_close
+from cupy_backends.cuda.libs import cublas
+assert not cu.EMULATE and cu.NO_GPU is None and type(cu.xp.zeros(1)).__name__ == "DevArray"
+assert cu.set_tf32(1) is True and cublas.math_mode[7] == 3
+assert cu.set_tf32(0) is False and cublas.math_mode[7] == 0
+ours, ref = cu.gpt2_build_from_checkpoint({ckpt!r}), npt.gpt2_build_from_checkpoint({ckpt!r})
+x, y = batch(1)
+for step in range(3):
+    for tr, m in ((cu, ours), (npt, ref)):
+        tr.gpt2_zero_grad(m)
+        tr.gpt2_forward(m, x, y, B, T)
+        if step == 0:
+            m.logits0 = tr.to_numpy(m.acts.logits)[:, :, :CONFIG.vocab_size].copy()
+        tr.gpt2_backward(m)
+        m.norm = tr.gpt2_calculate_grad_norm(m)
+    assert_close("loss", ours.mean_loss, ref.mean_loss)
+    if step == 0:
+        assert_close("logits", ours.logits0, ref.logits0)
+        for name, _ in npt.param_shapes(CONFIG):
+            assert_close("d" + name, cu.to_numpy(getattr(ours.grads, name)), getattr(ref.grads, name))
+    for tr, m in ((cu, ours), (npt, ref)):
+        tr.gpt2_update(m, 1e-2, 0.9, 0.95, 1e-8, 0.0, step + 1, grad_scale=tr.grad_clip_scale(m.norm, 1.0))
+assert set(cublas.calls) == {{(0, 0), (0, 1), (1, 0)}}, set(cublas.calls)  # N/N, N/T and T/N GEMMs all ran
+print("gpu path ok", len(cublas.calls), "gemm calls")
+"""
+
+
+def test_gpu_code_path_with_a_fake_cupy_and_a_column_major_cublas(tmp_path, tiny_checkpoint):
+    fake = tmp_path / "fake"
+    (fake / "cupy").mkdir(parents=True)
+    (fake / "cupy" / "__init__.py").write_text(FAKE_CUPY)
+    script = GPU_PATH_CHECK.format(fake=str(fake), repo=REPO, tests=os.path.dirname(os.path.abspath(__file__)),
+                                   ckpt=tiny_checkpoint)
+    r = run_python(["-c", script])
+    assert r.returncode == 0 and "gpu path ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------
