@@ -34,7 +34,8 @@
 //
 // What it cannot express (kernels must not use them, or say so in their header with a GPU test):
 //   warp-synchronous code without __syncwarp/shuffles (lanes do NOT run in lockstep here), masks
-//   other than "all live lanes of the warp", cooperative groups, __ballot/__any/__all, clusters,
+//   other than "all live lanes of the warp" (every warp operation waits for all of them), cooperative
+//   groups, clusters,
 //   tensor cores, texture memory, streams, dynamic parallelism, grid-wide sync, bf16/fp16 types,
 //   memory-access checks (an out-of-bounds access corrupts memory or crashes the process).
 //   `extern __shared__ T name[];` is rewritten by emulator.py into a pointer to the block's
@@ -104,7 +105,7 @@ static constexpr int warpSize = 32;
 namespace emu {
 
 enum FiberState { READY, WAIT_BLOCK, WAIT_WARP, DONE };
-enum WarpOp { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, SYNCWARP };
+enum WarpOp { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, SYNCWARP, BALLOT };
 
 struct Worker;
 
@@ -277,11 +278,17 @@ static inline std::string block_name(const Worker* w) {
 static inline bool complete_warp(Worker* w, int k) {
     int first = k * 32;
     int count = std::min(32, w->nthreads - first);
+    uint64_t ballot = 0;                               // bit l: lane l voted with a nonzero predicate
+    for (int lane = 0; lane < count; lane++) {
+        Fiber* f = w->fibers[first + lane];
+        if (f->state == WAIT_WARP && f->op == BALLOT && f->op_value != 0) { ballot |= uint64_t(1) << lane; }
+    }
     for (int lane = 0; lane < count; lane++) {
         Fiber* f = w->fibers[first + lane];
         if (f->state != WAIT_WARP) { continue; }
         f->state = READY;
         if (f->op == SYNCWARP) { continue; }
+        if (f->op == BALLOT) { f->op_result = ballot; continue; }
         int width = f->op_width;
         if (width <= 0 || width > 32 || (width & (width - 1)) != 0) {
             fail(w->launch, block_name(w) + ": shuffle width must be a power of 2 <= 32");
@@ -603,6 +610,18 @@ template <typename T> static inline T __shfl_down_sync(unsigned mask, T v, unsig
 template <typename T> static inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
     (void)mask; return emu::warp_op<T>(emu::SHFL_XOR, v, lane_mask, width);
 }
+
+static inline unsigned __ballot_sync(unsigned mask, int predicate) {
+    (void)mask; return static_cast<unsigned>(emu::warp_op<int>(emu::BALLOT, predicate != 0, 0, 32));
+}
+static inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+static inline int __all_sync(unsigned mask, int predicate) {
+    // every live lane voted yes (lanes that exited do not vote)
+    unsigned votes = __ballot_sync(mask, predicate);
+    unsigned live = __ballot_sync(mask, 1);
+    return votes == live;
+}
+static inline unsigned __activemask() { return __ballot_sync(0xffffffffu, 1); }
 
 // atomics: real atomics, since blocks run on several OS threads at once
 static inline float atomicAdd(float* address, float val) {

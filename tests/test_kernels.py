@@ -520,6 +520,14 @@ extern "C" __global__ void shuffles(int* down, int* xr, int* idx, int* up, float
     seg[i] = __shfl_down_sync(0xffffffff, v, 1, 8);   // segments of 8 lanes
 }
 
+extern "C" __global__ void votes(unsigned int* ballot, int* any, int* all) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int lane = threadIdx.x % 32;
+    ballot[i] = __ballot_sync(0xffffffff, lane % 3 == 0);
+    any[i] = __any_sync(0xffffffff, lane == 31 && blockIdx.x == 1);
+    all[i] = __all_sync(0xffffffff, lane < 32);
+}
+
 extern "C" __global__ void reverse_in_block(float* out, const float* inp, int read_before_write) {
     extern __shared__ float buf[];
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -600,6 +608,14 @@ def test_warp_shuffles(selftest):
     assert np.array_equal(up, np.where(lane >= 2, v - 20, v))
     assert np.all(fsum == 496.0)                      # sum of 0..31, in every lane
     assert np.array_equal(seg, np.where(lane % 8 < 7, v + 10, v))
+
+
+def test_warp_votes(selftest):
+    ballot, any_, all_ = np.zeros(128, np.uint32), np.full(128, -1, np.int32), np.full(128, -1, np.int32)
+    selftest.get_function("votes")(2, 64, (ballot, any_, all_))
+    assert np.all(ballot == sum(1 << lane for lane in range(0, 32, 3)))
+    assert np.array_equal(any_ != 0, np.arange(128) >= 64)
+    assert np.all(all_ != 0)
 
 
 def test_dynamic_shared_memory(selftest):
