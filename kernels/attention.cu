@@ -19,7 +19,9 @@
 // softmax_forward_kernel(float* att, const float* preatt, float scale, int B, int NH, int T)
 //   att[b,h,t,:] = softmax(scale * preatt[b,h,t,:t+1]) and 0 for t2 > t (the causal mask).
 //   One warp per row, online softmax (running max and rescaled sum in one read, as llm.c's
-//   softmax_forward_kernel5). launch: block = 256 (a multiple of 32),
+//   softmax_forward_kernel5, minus its float4 loads, so T need not be a multiple of 4; and unlike
+//   it, the masked entries are written as 0 rather than left as they were, because the att @ v
+//   GEMM reads the whole row). launch: block = 256 (a multiple of 32),
 //   grid = ceil_div(B*NH*T*32, block), no shared memory.
 // softmax_autoregressive_backward_kernel(float* dpreatt, const float* datt, const float* att,
 //                                        float scale, int B, int NH, int T)

@@ -14,6 +14,9 @@
 //   backward calls it again with 1.
 //   launch: one block per row: grid = B*T, block = 1024 (a multiple of 32, <= 1024),
 //   static shared memory 32 floats (one partial per warp).
+// Changes from llm.c's kernel: the write_dlogits switch (llm.c always overwrites, and has an
+// optional probs output instead); pad columns zeroed; and a barrier between thread 0 reading
+// logits[target] for the loss and the threads overwriting the row (llm.c has none, a race).
 //
 // Assumes B*T*Vp < 2^31 (rows are addressed with 64-bit offsets anyway).
 
