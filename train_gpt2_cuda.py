@@ -78,10 +78,14 @@ else:
         if xp.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("CUDA reports 0 devices")
         from cupy_backends.cuda.libs import cublas
-    except ImportError:
+    except ImportError as e:
         xp = None
-        NO_GPU = ("train_gpt2_cuda.py: CuPy is not installed (pip install cupy-cuda12x, with an NVIDIA GPU); "
-                  "without a GPU run the NumPy trainer: python train_gpt2.py")
+        if e.name == "cupy":
+            NO_GPU = ("train_gpt2_cuda.py: CuPy is not installed (pip install cupy-cuda12x, with an NVIDIA GPU); "
+                      "without a GPU run the NumPy trainer: python train_gpt2.py")
+        else:  # CuPy is there but one of its CUDA libraries is not
+            NO_GPU = (f"train_gpt2_cuda.py: CuPy does not load ({str(e).strip().splitlines()[0]}); check that "
+                      "the cupy-cudaXXx package matches your CUDA driver, or run python train_gpt2.py")
     except Exception as e:  # cupy is there but no driver / no device
         xp = None
         NO_GPU = (f"train_gpt2_cuda.py: no CUDA GPU found ({type(e).__name__}: {str(e).strip()}); "
@@ -98,7 +102,9 @@ else:
             """out (batch, m, n) (+)= op(a) @ op(b) for C-contiguous float32 arrays of 2 or 3 dims
             (a 2-D operand is shared by the whole batch), as one cublasSgemmStridedBatched call.
             cuBLAS is column-major, and a row-major (r, c) array is a column-major (c, r) matrix, so
-            we ask it for out^T = op(b)^T @ op(a)^T, which needs no copy and no transpose."""
+            we ask it for out^T = op(b)^T @ op(a)^T, which needs no copy and no transpose.
+            (cupy.matmul would do the same products, but it first copies a transposed batched operand
+            such as att^T (B,NH,T,T) into a contiguous array, and it cannot accumulate: no beta.)"""
             m, n = out.shape[-2:]
             k = a.shape[-2] if transpose_a else a.shape[-1]
             batch = out.size // (m * n)
@@ -383,19 +389,17 @@ def gpt2_build_from_checkpoint(path):
     return GPT2(config, params)
 
 
-def gpt2_build_from_descriptor(descriptor):
+def gpt2_build_from_descriptor(descriptor, seed=42):
     """A fresh model from a descriptor such as "d12" (or a .bin path), initialised on the host by
     train_gpt2.py's seeded init (the same weights as the NumPy trainer), then copied to the GPU."""
     require_gpu()
-    if descriptor.endswith(".bin"):
-        return gpt2_build_from_checkpoint(descriptor)
-    cpu_model = host.gpt2_build_from_descriptor(descriptor)
+    cpu_model = host.gpt2_build_from_descriptor(descriptor, seed)
     return GPT2(cpu_model.config, cpu_model.params_memory)
 
 
 def gpt2_forward(model, inputs, targets, B, T):
     """inputs, targets: host int arrays (B,T); targets may be None. Leaves the logits (B,T,Vp) in
-    model.acts.logits and, with targets, sets model.mean_loss (the step's only host sync)."""
+    model.acts.logits and, with targets, sets model.mean_loss (reading it back waits for the GPU)."""
     config = model.config
     V, Vp, L, NH, C = (config.vocab_size, config.padded_vocab_size, config.num_layers,
                        config.num_heads, config.channels)

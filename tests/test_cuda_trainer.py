@@ -195,6 +195,8 @@ def test_forward_without_targets_and_a_second_batch(cuda_trainer, tiny_checkpoin
     """No targets: mean_loss is -1 and backward refuses; the logits do not depend on the targets."""
     cu = cuda_trainer
     m = cu.gpt2_build_from_checkpoint(tiny_checkpoint)
+    same = cu.gpt2_build_from_descriptor(tiny_checkpoint)          # a .bin "descriptor" loads the file
+    np.testing.assert_array_equal(cu.to_numpy(same.params_memory), cu.to_numpy(m.params_memory))
     x, y = batch(2)
     cu.gpt2_forward(m, x, None, B, T)
     assert m.mean_loss == -1.0
