@@ -180,8 +180,9 @@ class GPT(nn.Module):
             model_hf = GPT2LMHeadModel.from_pretrained(model_type)
         except Exception as e:  # offline, no cache, proxy, ...: all end the same way
             reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            same = SAME_SHAPE.get(model_type, "d12")
             raise SystemExit(f"could not load the {model_type} weights from Hugging Face ({type(e).__name__}: "
-                             f"{reason}); offline? run python train_gpt2_torch.py --model {SAME_SHAPE.get(model_type, 'd12')} "
+                             f"{reason}); offline? run python train_gpt2_torch.py --model {same} "
                              f"(same shapes, random init)")
         model = cls(GPTConfig(**PRETRAINED[model_type]))
         sd, sd_hf = model.state_dict(), model_hf.state_dict()
@@ -411,7 +412,8 @@ def parse_args(argv=None):
     p.add_argument("--input_bin", type=str, default="data/tinyshakespeare/tiny_shakespeare_val.bin",
                    help="input .bin (glob) to train on")
     p.add_argument("--input_val_bin", type=str, default="", help="input .bin (glob) to eval validation loss on")
-    p.add_argument("--output_dir", type=str, default="", help="output directory for main.log (the .bin files go to the CWD)")
+    p.add_argument("--output_dir", type=str, default="",
+                   help="output directory for main.log (the .bin files go to the current directory)")
     p.add_argument("--model", type=str, default="gpt2",
                    help="gpt2|gpt2-medium|gpt2-large|gpt2-xl (OpenAI weights) or d6|d12|d24|d36|d48 (random init)")
     # explicit shapes (random init); any of them given -> named L{n_layer}H{n_head}C{n_embd}T{block_size}
@@ -721,7 +723,8 @@ def main(argv=None):
         optimizer_settings = dict(learning_rate=args.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8,
                                   weight_decay=args.weight_decay, grad_clip=args.grad_clip)
         why_not = [why for why, bad in (
-            (f"{grad_accum_steps} gradient accumulation steps (pass --total_batch_size {B * T})", grad_accum_steps != 1),
+            (f"{grad_accum_steps} gradient accumulation steps (pass --total_batch_size {B * T})",
+             grad_accum_steps != 1),
             ("--overfit_single_batch 0", not args.overfit_single_batch),
             ("--warmup_iters > 0", args.warmup_iters > 0),
             ("--learning_rate_decay_frac != 1", args.learning_rate_decay_frac != 1.0),

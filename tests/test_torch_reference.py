@@ -29,7 +29,8 @@ def tiny_llmc(vocab_size=50257):
 def test_export_files_and_sizes(tiny_export):
     e = tiny_export
     n = tg.num_parameters(tiny_llmc())
-    assert n == 50304 * 32 + 32 * 32 + 2 * (4 * 32 + 3 * 32 * 32 + 3 * 32 + 32 * 32 + 32 + 2 * 4 * 32 * 32 + 4 * 32 + 32) + 2 * 32
+    C, L = 32, 2  # wte (Vp, C) + wpe (maxT, C) + per layer: 2 LNs, qkv, attproj, fc, fcproj + lnf
+    assert n == 50304 * C + 32 * C + L * (4 * C + 3 * C * C + 3 * C + C * C + C + 2 * 4 * C * C + 4 * C + C) + 2 * C
     V, B, T = 50257, e.B, e.T
     assert os.path.getsize(e.model) == 1024 + 4 * n
     assert os.path.getsize(e.model_bf16) == 1024 + 2 * n
