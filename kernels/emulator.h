@@ -22,8 +22,15 @@
 //   emulator fast enough for a tiny-model training run. Cooperative fibers also make every run of
 //   a block deterministic: threads interleave in the same order each time.
 //
-// What it cannot see: data races. Threads of a block never interleave between two synchronization
-// points, so a plain `+=` where atomicAdd is needed gives the right answer here (and wrong on a GPU).
+// Thread order: a thread runs alone until it returns or reaches a synchronization point. The launch
+// picks the order (emulator.py: fn(..., order=...)): "forward" runs every thread of the block to its
+// next sync point, first to last, then releases what can go on; "reverse" does the same last to
+// first; "warps" lets each warp in turn run ahead through its shuffles until it reaches __syncthreads
+// or returns, as a GPU may. A result that changes with the order reveals a race between the threads
+// of a block: a read of what another thread writes with no barrier between them, e.g. a missing
+// __syncthreads (tests/test_kernels.py runs every kernel check in all three orders). What it cannot
+// see: lost updates. A plain `+=` where atomicAdd is needed gives the right answer here, whatever
+// the order (and a wrong one on a GPU).
 //
 // What it checks (each one is an error raised in Python after the launch):
 //   * deadlock: some live threads wait at __syncthreads while others wait at a warp operation
@@ -105,6 +112,7 @@ static constexpr int warpSize = 32;
 namespace emu {
 
 enum FiberState { READY, WAIT_BLOCK, WAIT_WARP, DONE };
+enum ThreadOrder { ORDER_FORWARD, ORDER_REVERSE, ORDER_WARPS };
 enum WarpOp { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, SYNCWARP, BALLOT };
 
 struct Worker;
@@ -135,6 +143,7 @@ struct Launch {
     void* kernel = nullptr;
     void** args = nullptr;
     long long num_blocks = 0;
+    int order = ORDER_FORWARD;      // how the threads of a block take turns (see "thread order")
     std::atomic<long long> next_block{0};
     std::atomic<bool> failed{false};
     std::mutex error_mutex;
@@ -347,10 +356,26 @@ static inline bool run_block(Worker* w, long long linear_block) {
     if (L->shared_mem > 0) { memset(w->smem, 0xFF, L->shared_mem); }
 
     for (;;) {
-        for (int i = 0; i < n; i++) {
-            Fiber* f = w->fibers[i];
-            if (f->state == READY) { switch_to_fiber(w, f); }
+        if (L->order == ORDER_WARPS) {
+            // each warp in turn runs ahead as far as it can: through its warp operations, up to
+            // __syncthreads or its end, before the next warp starts
+            for (int k = 0; k < nwarps && !L->failed; k++) {
+                for (;;) {
+                    for (int i = k * 32; i < std::min(n, k * 32 + 32); i++) {
+                        Fiber* f = w->fibers[i];
+                        if (f->state == READY) { switch_to_fiber(w, f); }
+                    }
+                    if (w->warp_waiting[k] == 0 || w->warp_waiting[k] != w->warp_live[k]) { break; }
+                    if (!complete_warp(w, k)) { break; }
+                }
+            }
+        } else {
+            for (int j = 0; j < n; j++) {
+                Fiber* f = w->fibers[L->order == ORDER_REVERSE ? n - 1 - j : j];
+                if (f->state == READY) { switch_to_fiber(w, f); }
+            }
         }
+        if (L->failed) { break; }
         if (w->live == 0) { return true; }
         bool released = false;
         for (int k = 0; k < nwarps; k++) {
@@ -452,7 +477,7 @@ static inline Pool* pool() {
 static std::mutex launch_mutex;                        // one launch at a time, like one stream
 
 static inline std::string launch(const unsigned* grid, const unsigned* block, size_t shared_mem,
-                                 Thunk thunk, void* kernel, void** args) {
+                                 Thunk thunk, void* kernel, void** args, int order) {
     std::lock_guard<std::mutex> one_at_a_time(launch_mutex);
     Pool* P = pool();
     Launch L;
@@ -462,6 +487,7 @@ static inline std::string launch(const unsigned* grid, const unsigned* block, si
     L.thunk = thunk;
     L.kernel = kernel;
     L.args = args;
+    L.order = order;
     L.num_blocks = static_cast<long long>(grid[0]) * grid[1] * grid[2];
     long long total_threads = L.num_blocks * block[0] * block[1] * block[2];
     int helpers = static_cast<int>(P->workers.size()) - 1;
@@ -523,9 +549,9 @@ static void thunk(void* kernel, void** args) {
 
 template <typename... A>
 static inline const char* launch_kernel(void (*k)(A...), const unsigned* grid, const unsigned* block,
-                                        unsigned long long shared_mem, void** args) {
+                                        unsigned long long shared_mem, void** args, int order) {
     static thread_local std::string error;
-    error = launch(grid, block, shared_mem, &thunk<A...>, reinterpret_cast<void*>(k), args);
+    error = launch(grid, block, shared_mem, &thunk<A...>, reinterpret_cast<void*>(k), args, order);
     return error.empty() ? nullptr : error.c_str();
 }
 

@@ -27,6 +27,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "emulator.h")
 MAX_DYNAMIC_SHARED_DEFAULT = 48 * 1024  # CUDA's limit unless a kernel opts in to more
+THREAD_ORDERS = ("forward", "reverse", "warps")  # emulator.h's ThreadOrder, in its order
 
 # C type names (as emulator.h's signature() spells them) -> NumPy dtypes
 _DTYPES = {
@@ -60,8 +61,8 @@ def _rewrite(code):
     for name in names:
         entries.append(f'extern "C" const char* emu_sig__{name}() {{ return emu::signature({name}); }}')
         entries.append(f'extern "C" const char* emu_launch__{name}(const unsigned* grid, const unsigned* block, '
-                       f'unsigned long long shared_mem, void** args) '
-                       f'{{ return emu::launch_kernel({name}, grid, block, shared_mem, args); }}')
+                       f'unsigned long long shared_mem, void** args, int order) '
+                       f'{{ return emu::launch_kernel({name}, grid, block, shared_mem, args, order); }}')
     return src + "\n".join(entries) + "\n", names
 
 
@@ -152,7 +153,7 @@ class Function:
         self._launch = getattr(lib, "emu_launch__" + name)
         self._launch.restype = ctypes.c_char_p
         self._launch.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
-                                 ctypes.c_ulonglong, ctypes.POINTER(ctypes.c_void_p)]
+                                 ctypes.c_ulonglong, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
 
     def _arg(self, i, ctype, arg):
         where = f"{self.name}: argument {i} ({ctype})"
@@ -181,7 +182,12 @@ class Function:
             raise TypeError(f"{where} expects np.{np.dtype(want).name}, got np.{arg.dtype}")
         return _CTYPES[want](arg.item())
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+    def __call__(self, grid, block, args, shared_mem=0, stream=None, order="forward"):
+        """Launch. order (not a CuPy option) is how the threads of a block take turns: "forward",
+        "reverse" (last to first) or "warps" (each warp runs ahead to __syncthreads in turn); a kernel
+        whose threads race gives different results in different orders (see emulator.h)."""
+        if order not in THREAD_ORDERS:
+            raise ValueError(f"{self.name}: order must be one of {THREAD_ORDERS}, got {order!r}")
         g = _dims(grid, "grid")
         b = _dims(block, "block")
         if b[0] > 1024 or b[1] > 1024 or b[2] > 64 or b[0] * b[1] * b[2] > 1024:
@@ -199,7 +205,8 @@ class Function:
                             f"({', '.join(self.param_types)}), got {len(args)}")
         values = [self._arg(i, t, a) for i, (t, a) in enumerate(zip(self.param_types, args))]
         pointers = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
-        err = self._launch((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, pointers)
+        err = self._launch((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, pointers,
+                           THREAD_ORDERS.index(order))
         if err is not None:
             raise RuntimeError(f"{self.name}: {err.decode()}")
 

@@ -7,6 +7,8 @@
 3. The emulator itself: barriers after early returns, shuffles, shared memory, atomics, multi-dim
    launches, and the errors it must raise (wrong scalar dtypes, deadlocks, shuffles from exited lanes).
 
+The checks of 2 and 3 run in three thread orders on the emulator (first to last, "reverse", and
+"warps": each warp runs ahead to the next barrier), which exposes races between the threads of a block.
 Where CuPy sees a GPU, the checks of 2 and the semantics checks of 3 also run on it (backend "cupy",
 through DeviceModule, which copies the NumPy arrays in and out). LLMC_TEST_BACKENDS=emulator,adapter
 runs that harness over the emulator, to check the harness itself without a GPU.
@@ -70,6 +72,19 @@ class DeviceModule:
         return launch
 
 
+class ThreadOrder:
+    """The emulator with another order of the threads of a block ("reverse": last to first; "warps":
+    each warp runs ahead to __syncthreads in turn): a kernel whose threads race (one reads what another
+    writes, with no barrier between) gives another answer."""
+
+    def __init__(self, mod, order):
+        self.mod, self.order = mod, order
+
+    def get_function(self, name):
+        f, order = self.mod.get_function(name), self.order
+        return lambda grid, block, args, shared_mem=0: f(grid, block, args, shared_mem=shared_mem, order=order)
+
+
 def _sources():
     out = {}
     for name, path in zip(KERNEL_NAMES, KERNEL_FILES):
@@ -86,9 +101,10 @@ def _gpu_available():
         return False
 
 
-# backends for the kernel checks: the emulator always, CuPy when a GPU is there, and "adapter"
-# (the CuPy harness driving the emulator) on request: LLMC_TEST_BACKENDS=emulator,adapter
-BACKENDS = os.environ.get("LLMC_TEST_BACKENDS", "emulator,cupy" if _gpu_available() else "emulator").split(",")
+# backends for the kernel checks: the emulator in its three thread orders always, CuPy when a GPU is there,
+# and "adapter" (the CuPy harness driving the emulator) on request: LLMC_TEST_BACKENDS=emulator,adapter
+BACKENDS = os.environ.get("LLMC_TEST_BACKENDS",
+                          "emulator,reverse,warps" + (",cupy" if _gpu_available() else "")).split(",")
 
 
 def _build_all(make):
@@ -106,6 +122,8 @@ def emu_mods():
 def mods(request, emu_mods):
     if request.param == "emulator":
         return emu_mods
+    if request.param in ("reverse", "warps"):
+        return {name: ThreadOrder(mod, request.param) for name, mod in emu_mods.items()}
     if request.param == "adapter":
         host = type("xp", (), {"asarray": staticmethod(np.array), "asnumpy": staticmethod(np.asarray)})
         return _build_all(lambda code: DeviceModule(host, emulator.RawModule, code))
@@ -127,7 +145,7 @@ def close(got, want, atol, rtol=0.0):
     want = np.asarray(want, dtype=np.float64)
     assert got.shape == want.shape, (got.shape, want.shape)
     err = np.abs(got - want)
-    bad = err > atol + rtol * np.abs(want)
+    bad = ~(err <= atol + rtol * np.abs(want))        # written so that NaN counts as bad
     if bad.any():
         i = np.unravel_index(np.argmax(err), err.shape)
         raise AssertionError(f"{bad.sum()} of {err.size} elements off; worst at {i}: got {got[i]}, "
@@ -577,6 +595,8 @@ def selftest(request, emu_selftest):
     """The CUDA semantics the emulator must reproduce; on a GPU the expectations themselves are checked."""
     if request.param == "emulator":
         return emu_selftest
+    if request.param in ("reverse", "warps"):
+        return ThreadOrder(emu_selftest, request.param)
     if request.param == "adapter":
         host = type("xp", (), {"asarray": staticmethod(np.array), "asnumpy": staticmethod(np.asarray)})
         return DeviceModule(host, emulator.RawModule, SELFTEST)
