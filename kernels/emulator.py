@@ -12,6 +12,11 @@ point that reports the kernel's parameter types, so every launch checks its argu
 of the right dtype for each pointer, and a NumPy scalar of exactly the right type for each scalar
 (np.int32 for int, np.float32 for float, np.int64 for long long). A Python int or float, or an
 np.float64 passed for a float, is the classic silent CuPy bug; here it is a TypeError.
+
+Environment: LLMC_EMULATOR_THREADS (OS threads running blocks; default one per core),
+LLMC_EMULATOR_ORDER (forward | reverse | warps: how the threads of a block take turns; a kernel
+with a race between its threads gives different results in different orders),
+LLMC_EMULATOR_CACHE (where the compiled libraries go; default kernels/build/).
 """
 
 import ctypes
@@ -182,10 +187,13 @@ class Function:
             raise TypeError(f"{where} expects np.{np.dtype(want).name}, got np.{arg.dtype}")
         return _CTYPES[want](arg.item())
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None, order="forward"):
+    def __call__(self, grid, block, args, shared_mem=0, stream=None, order=None):
         """Launch. order (not a CuPy option) is how the threads of a block take turns: "forward",
         "reverse" (last to first) or "warps" (each warp runs ahead to __syncthreads in turn); a kernel
-        whose threads race gives different results in different orders (see emulator.h)."""
+        whose threads race gives different results in different orders (see emulator.h). Default:
+        $LLMC_EMULATOR_ORDER, or "forward"."""
+        if order is None:
+            order = os.environ.get("LLMC_EMULATOR_ORDER") or "forward"
         if order not in THREAD_ORDERS:
             raise ValueError(f"{self.name}: order must be one of {THREAD_ORDERS}, got {order!r}")
         g = _dims(grid, "grid")
