@@ -107,7 +107,6 @@ static constexpr int warpSize = 32;
 // the runtime: fibers, blocks, the worker pool
 
 #define EMU_HIDDEN __attribute__((visibility("hidden")))
-#define EMU_TLS thread_local
 
 namespace emu {
 
@@ -126,7 +125,7 @@ struct Fiber {
     size_t stack_size = 0;
     Worker* worker = nullptr;
     dim3 thread_idx;
-    int linear = 0, warp = 0, lane = 0;
+    int warp = 0;                  // warp index within the block
     FiberState state = DONE;
     // the pending warp operation
     WarpOp op = SYNCWARP;
@@ -161,12 +160,11 @@ struct Worker {
     char* smem = nullptr;
     size_t smem_capacity = 0;
     int nthreads = 0, live = 0, at_barrier = 0;
-    std::vector<int> warp_live, warp_waiting;
-    std::string error;
+    std::vector<int> warp_live, warp_waiting;   // per warp: threads not returned, threads at a warp op
 };
 
-EMU_HIDDEN EMU_TLS Worker* tls_worker = nullptr;
-EMU_HIDDEN EMU_TLS Fiber* tls_fiber = nullptr;
+EMU_HIDDEN thread_local Worker* tls_worker = nullptr;
+EMU_HIDDEN thread_local Fiber* tls_fiber = nullptr;
 
 }  // namespace emu
 
@@ -346,9 +344,7 @@ static inline bool run_block(Worker* w, long long linear_block) {
     w->warp_waiting.assign(nwarps, 0);
     for (int i = 0; i < n; i++) {
         Fiber* f = w->fibers[i];
-        f->linear = i;
         f->warp = i / 32;
-        f->lane = i % 32;
         f->thread_idx = dim3(i % b.x, (i / b.x) % b.y, i / (b.x * b.y));
         f->state = READY;
         w->warp_live[f->warp]++;
