@@ -60,6 +60,66 @@ def keep_freed_memory():
 
 keep_freed_memory()
 
+
+def openblas_library():
+    """NumPy's own OpenBLAS as a ctypes library, with its symbol prefix/suffix and int type;
+    None where NumPy uses another BLAS (then the plain NumPy paths below are used)."""
+    import ctypes
+    roots = [os.path.dirname(np.__file__) + ".libs", os.path.join(os.path.dirname(np.__file__), ".dylibs")]
+    for path in sorted(p for root in roots for p in globlib.glob(os.path.join(root, "*openblas*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix, integer in (("scipy_", "64_", ctypes.c_int64), ("", "64_", ctypes.c_int64),
+                                        ("", "", ctypes.c_int)):
+            if hasattr(lib, f"{prefix}cblas_sgemm{suffix}"):
+                return SimpleNamespace(lib=lib, prefix=prefix, suffix=suffix, integer=integer)
+    return None
+
+
+def _gemm_functions():
+    import ctypes
+    blas = openblas_library()
+    if blas is None:
+        return {}
+    functions = {}
+    for dtype, letter, scalar in ((np.float32, "s", ctypes.c_float), (np.float64, "d", ctypes.c_double)):
+        fn = getattr(blas.lib, f"{blas.prefix}cblas_{letter}gemm{blas.suffix}")
+        i, ptr = blas.integer, ctypes.c_void_p
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i, i, i, scalar, ptr, i, ptr, i, scalar, ptr, i]
+        fn.restype = None
+        functions[np.dtype(dtype)] = fn
+    return functions
+
+
+GEMM = _gemm_functions()
+
+
+def matmul_accumulate(c, a, b):
+    """c += a @ b for 2-D arrays, as one BLAS call with beta = 1 (no temporary, no extra pass
+    over c): what llm.c's matmul_backward does with its += loops. a and b may be transposed
+    views; c must be C-contiguous. Falls back to NumPy's temporary-and-add without OpenBLAS."""
+    fn = GEMM.get(c.dtype)
+    if fn is None or not (a.dtype == b.dtype == c.dtype) or not c.flags.c_contiguous:
+        c += a @ b
+        return
+    operands = []
+    for x in (a, b):
+        if x.flags.c_contiguous:
+            operands.append((111, x.shape[1], x))          # CblasNoTrans, leading dimension
+        elif x.T.flags.c_contiguous:
+            operands.append((112, x.shape[0], x))          # CblasTrans: x is the transpose of a C array
+        else:
+            x = np.ascontiguousarray(x)
+            operands.append((111, x.shape[1], x))
+    (ta, lda, a), (tb, ldb, b) = operands
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0 or K == 0:
+        return
+    fn(101, ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, c.ctypes.data, N)  # 101 = row-major
+
 # ----------------------------------------------------------------------------
 # file formats: llm.c's .bin files, byte for byte
 #
@@ -384,8 +444,8 @@ def matmul_forward(out, inp, weight, bias, B, T, C, OC):
 
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC):
     dout2 = dout.reshape(B * T, OC)
-    dinp += (dout2 @ weight).reshape(dinp.shape)              # (BT, OC) @ (OC, C)
-    dweight += dout2.T @ inp.reshape(B * T, C)                # (OC, BT) @ (BT, C)
+    matmul_accumulate(dinp.reshape(B * T, C), dout2, weight)          # dinp += (BT, OC) @ (OC, C)
+    matmul_accumulate(dweight, dout2.T, inp.reshape(B * T, C))        # dweight += (OC, BT) @ (BT, C)
     if dbias is not None:
         dbias += dout2.sum(axis=0)
 
@@ -1179,21 +1239,12 @@ def profile_report(steps):
 def blas_info():
     """Which OpenBLAS kernels NumPy runs (asked from the library itself), as one line."""
     import ctypes
-    corename = None
-    roots = [os.path.dirname(np.__file__) + ".libs", os.path.join(os.path.dirname(np.__file__), ".dylibs")]
-    for path in sorted(p for root in roots for p in globlib.glob(os.path.join(root, "*openblas*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for symbol in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
-            fn = getattr(lib, symbol, None)
-            if fn is not None:
-                fn.restype = ctypes.c_char_p
-                corename = fn().decode()
-                break
-        if corename:
-            break
+    blas, corename = openblas_library(), None
+    if blas is not None:
+        fn = getattr(blas.lib, f"{blas.prefix}openblas_get_corename{blas.suffix}", None)
+        if fn is not None:
+            fn.restype = ctypes.c_char_p
+            corename = fn().decode()
     env = os.environ.get("OPENBLAS_CORETYPE")
     how = "set by train_gpt2.py (the CPU has AVX-512)" if CORETYPE_SET_HERE else ("from the environment" if env else "auto-detected")
     return f"OpenBLAS core {corename or 'unknown'} (OPENBLAS_CORETYPE={env or 'unset'}, {how})"
