@@ -33,6 +33,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "emulator.h")
 MAX_DYNAMIC_SHARED_DEFAULT = 48 * 1024  # CUDA's limit unless a kernel opts in to more
 THREAD_ORDERS = ("forward", "reverse", "warps")  # emulator.h's ThreadOrder, in its order
+GUARD_BYTES = 65536                             # canary on each side of an array with guard=True
+
+
+def _canary(dtype, nbytes):
+    """Guard bytes: a signaling NaN for floats (reads give NaN, and any arithmetic on it quiets it, so
+    a write of a computed value changes the bits), 0xFF bytes (-1) for everything else."""
+    if dtype == np.float32:
+        return np.full(nbytes // 4, 0x7FA5A5A5, np.uint32).view(np.uint8)
+    if dtype == np.float64:
+        return np.full(nbytes // 8, 0x7FF4A5A5A5A5A5A5, np.uint64).view(np.uint8)
+    return np.full(nbytes, 0xFF, np.uint8)
 
 # C type names (as emulator.h's signature() spells them) -> NumPy dtypes
 _DTYPES = {
@@ -187,11 +198,16 @@ class Function:
             raise TypeError(f"{where} expects np.{np.dtype(want).name}, got np.{arg.dtype}")
         return _CTYPES[want](arg.item())
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None, order=None):
-        """Launch. order (not a CuPy option) is how the threads of a block take turns: "forward",
-        "reverse" (last to first) or "warps" (each warp runs ahead to __syncthreads in turn); a kernel
-        whose threads race gives different results in different orders (see emulator.h). Default:
-        $LLMC_EMULATOR_ORDER, or "forward"."""
+    def __call__(self, grid, block, args, shared_mem=0, stream=None, order=None, guard=False):
+        """Launch. Two options CuPy does not have, for tests:
+        order: how the threads of a block take turns: "forward", "reverse" (last to first) or "warps"
+            (each warp runs ahead to __syncthreads in turn); a kernel whose threads race gives
+            different results in different orders (see emulator.h). Default: $LLMC_EMULATOR_ORDER,
+            or "forward".
+        guard: run on copies of the arrays with GUARD_BYTES of canary on both sides (a signaling
+            NaN for floats, -1 for ints): a write out of bounds is an error, a read out of bounds
+            reads NaN. An array passed twice stays one array; distinct views of one buffer become
+            distinct arrays."""
         if order is None:
             order = os.environ.get("LLMC_EMULATOR_ORDER") or "forward"
         if order not in THREAD_ORDERS:
@@ -212,11 +228,32 @@ class Function:
             raise TypeError(f"{self.name} takes {len(self.param_types)} arguments "
                             f"({', '.join(self.param_types)}), got {len(args)}")
         values = [self._arg(i, t, a) for i, (t, a) in enumerate(zip(self.param_types, args))]
+        if guard:
+            copies = {}                               # id(array) -> (first argument index, array, raw, inner)
+            for i, a in enumerate(args):
+                if isinstance(a, np.ndarray) and id(a) not in copies:
+                    raw = np.empty(a.nbytes + 2 * GUARD_BYTES, np.uint8)
+                    raw[:GUARD_BYTES] = raw[-GUARD_BYTES:] = _canary(a.dtype, GUARD_BYTES)
+                    inner = raw[GUARD_BYTES:GUARD_BYTES + a.nbytes].view(a.dtype).reshape(a.shape)
+                    inner[...] = a
+                    copies[id(a)] = (i, a, raw, inner)
+            values = [ctypes.c_void_p(copies[id(a)][3].ctypes.data) if isinstance(a, np.ndarray) else v
+                      for a, v in zip(args, values)]
         pointers = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
         err = self._launch((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, pointers,
                            THREAD_ORDERS.index(order))
         if err is not None:
             raise RuntimeError(f"{self.name}: {err.decode()}")
+        if guard:
+            for i, a, raw, inner in copies.values():
+                canary = _canary(a.dtype, GUARD_BYTES)
+                before_ok = np.array_equal(raw[:GUARD_BYTES], canary)
+                if not (before_ok and np.array_equal(raw[GUARD_BYTES + a.nbytes:], canary)):
+                    side = "before the start" if not before_ok else "past the end"
+                    raise RuntimeError(f"{self.name}: wrote {side} of argument {i} ({self.param_types[i]}, "
+                                       f"{a.size} elements)")
+                if a.flags.writeable and not self.param_types[i].startswith("const"):
+                    a[...] = inner
 
 
 class RawModule:

@@ -8,7 +8,8 @@
    launches, and the errors it must raise (wrong scalar dtypes, deadlocks, shuffles from exited lanes).
 
 The checks of 2 and 3 run in three thread orders on the emulator (first to last, "reverse", and
-"warps": each warp runs ahead to the next barrier), which exposes races between the threads of a block.
+"warps": each warp runs ahead to the next barrier), which exposes races between the threads of a block,
+and on guarded copies of the arrays, which turns out-of-bounds writes into errors.
 Where CuPy sees a GPU, the checks of 2 and the semantics checks of 3 also run on it (backend "cupy",
 through DeviceModule, which copies the NumPy arrays in and out). LLMC_TEST_BACKENDS=emulator,adapter
 runs that harness over the emulator, to check the harness itself without a GPU.
@@ -72,17 +73,19 @@ class DeviceModule:
         return launch
 
 
-class ThreadOrder:
-    """The emulator with another order of the threads of a block ("reverse": last to first; "warps":
-    each warp runs ahead to __syncthreads in turn): a kernel whose threads race (one reads what another
-    writes, with no barrier between) gives another answer."""
+class Emulated:
+    """The emulator in one thread order ("forward"; "reverse": last to first; "warps": each warp runs
+    ahead to __syncthreads in turn): a kernel whose threads race (one reads what another writes, with
+    no barrier between) gives different answers in different orders. Arrays are guarded: a write out
+    of bounds is an error, a read out of bounds reads NaN (or -1 as an int)."""
 
     def __init__(self, mod, order):
         self.mod, self.order = mod, order
 
     def get_function(self, name):
         f, order = self.mod.get_function(name), self.order
-        return lambda grid, block, args, shared_mem=0: f(grid, block, args, shared_mem=shared_mem, order=order)
+        return lambda grid, block, args, shared_mem=0: f(grid, block, args, shared_mem=shared_mem, order=order,
+                                                         guard=True)
 
 
 def _sources():
@@ -101,7 +104,7 @@ def _gpu_available():
         return False
 
 
-# backends for the kernel checks: the emulator in its three thread orders always, CuPy when a GPU is there,
+# backends for the kernel checks: the emulator in its three thread orders always (guarded arrays), CuPy when a GPU is there,
 # and "adapter" (the CuPy harness driving the emulator) on request: LLMC_TEST_BACKENDS=emulator,adapter
 BACKENDS = os.environ.get("LLMC_TEST_BACKENDS",
                           "emulator,reverse,warps" + (",cupy" if _gpu_available() else "")).split(",")
@@ -120,10 +123,9 @@ def emu_mods():
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def mods(request, emu_mods):
-    if request.param == "emulator":
-        return emu_mods
-    if request.param in ("reverse", "warps"):
-        return {name: ThreadOrder(mod, request.param) for name, mod in emu_mods.items()}
+    if request.param in ("emulator", "reverse", "warps"):
+        order = "forward" if request.param == "emulator" else request.param
+        return {name: Emulated(mod, order) for name, mod in emu_mods.items()}
     if request.param == "adapter":
         host = type("xp", (), {"asarray": staticmethod(np.array), "asnumpy": staticmethod(np.asarray)})
         return _build_all(lambda code: DeviceModule(host, emulator.RawModule, code))
@@ -579,6 +581,11 @@ extern "C" __global__ void shuffle_from_exited_lane(float* out) {
     out[threadIdx.x] = __shfl_down_sync(0xffffffff, (float)threadIdx.x, 16);
 }
 
+extern "C" __global__ void out_of_bounds(float* out, const float* inp, int n, int offset) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { out[i + offset] = inp[i] + 1.0f; }
+}
+
 extern "C" __global__ void scalars(double* out, int a, float b, long long c, double d, unsigned int e) {
     out[0] = a; out[1] = b; out[2] = (double)c; out[3] = d; out[4] = e;
 }
@@ -593,10 +600,8 @@ def emu_selftest():
 @pytest.fixture(scope="module", params=BACKENDS)
 def selftest(request, emu_selftest):
     """The CUDA semantics the emulator must reproduce; on a GPU the expectations themselves are checked."""
-    if request.param == "emulator":
-        return emu_selftest
-    if request.param in ("reverse", "warps"):
-        return ThreadOrder(emu_selftest, request.param)
+    if request.param in ("emulator", "reverse", "warps"):
+        return Emulated(emu_selftest, "forward" if request.param == "emulator" else request.param)
     if request.param == "adapter":
         host = type("xp", (), {"asarray": staticmethod(np.array), "asnumpy": staticmethod(np.asarray)})
         return DeviceModule(host, emulator.RawModule, SELFTEST)
@@ -645,7 +650,7 @@ def test_dynamic_shared_memory(selftest):
     kernel = selftest.get_function("reverse_in_block")
     kernel(3, block, (out, inp, i32(0)), shared_mem=block * 4)
     assert np.array_equal(out, inp.reshape(3, block)[:, ::-1].ravel())
-    if isinstance(selftest, emulator.RawModule):
+    if isinstance(selftest, Emulated):
         kernel(3, block, (out, inp, i32(1)), shared_mem=block * 4)
         assert np.all(np.isnan(out))                  # the emulator's unwritten shared memory reads as NaN
 
@@ -694,6 +699,21 @@ def test_argument_errors_are_clear(emu_mods):
     ln = fn(mods, "layernorm", "layernorm_backward_kernel")
     with pytest.raises(ValueError, match=r"dynamic shared memory"):
         ln(1, 32, (x,) * 8 + (i32(1),) * 3, shared_mem=64 * 1024)
+
+
+def test_guarded_arrays_catch_out_of_bounds_writes(emu_selftest):
+    kernel = emu_selftest.get_function("out_of_bounds")
+    inp = np.arange(10, dtype=np.float32)
+    out = np.zeros(10, np.float32)
+    kernel(1, 32, (out, inp, i32(10), i32(0)), guard=True)
+    assert np.array_equal(out, inp + 1)               # in bounds: results copied back
+    with pytest.raises(RuntimeError, match=r"wrote past the end of argument 0 \(float\*, 10 elements\)"):
+        kernel(1, 32, (out, inp, i32(10), i32(1)), guard=True)
+    with pytest.raises(RuntimeError, match=r"wrote before the start of argument 0"):
+        kernel(1, 32, (out, inp, i32(10), i32(-1)), guard=True)
+    big = np.zeros(12, np.float32)
+    kernel(1, 32, (big, inp[:9].copy(), i32(10), i32(0)), guard=True)  # reads inp[9], past a 9-float array
+    assert np.array_equal(big[:9], inp[:9] + 1) and np.isnan(big[9])
 
 
 def test_device_side_errors_are_raised(emu_selftest, emu_mods):
