@@ -176,12 +176,12 @@ def test_every_kernel_compiles_with_nvcc_for_sm80_and_sm90():
 
 @pytest.mark.parametrize("name", KERNEL_NAMES)
 def test_kernel_source_is_nvrtc_clean_and_header_matches(name):
-    """NVRTC has no host headers: no #include, no FLT_MAX/INFINITY/std::. Each extern "C" kernel's
+    """NVRTC has no host headers: no #include, FLT_MAX, INFINITY, std:: or assert. Each extern "C" kernel's
     parameter list appears verbatim (modulo whitespace) in the file's opening comment."""
     with open(os.path.join(REPO, "kernels", name + ".cu")) as f:
         src = f.read()
     code = re.sub(r"//.*", "", src)                   # comments may name what the code must not use
-    for banned in ("#include", "FLT_MAX", "INFINITY", "std::"):
+    for banned in ("#include", "FLT_MAX", "INFINITY", "std::", "assert("):
         assert banned not in code, f"{name}.cu uses {banned}, which NVRTC does not provide"
     header = " ".join(line.lstrip()[2:] for line in src.splitlines()[:80] if line.lstrip().startswith("//"))
     kernels = re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', code)
