@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+import train_gpt2 as formats  # llm.c's file formats, which both trainers share (imports only numpy)
+
 N_SHOW = 5  # values printed side by side per tensor
 
 # llm.c's own expected losses (test_gpt2.cu), for a debug state written by llm.c's train_gpt2.py, which records
@@ -109,8 +111,8 @@ def main(argv=None):
     try:
         model = trainer.gpt2_build_from_checkpoint(args.checkpoint)
         config = model.config
-        state = trainer.read_debug_state(state_path, config)
-    except (trainer.FormatError, FileNotFoundError) as e:
+        state = formats.read_debug_state(state_path, config)
+    except (formats.FormatError, FileNotFoundError) as e:
         print(f"test_gpt2.py: {e}", file=sys.stderr)
         return 1
     B, T = state.x.shape
@@ -145,10 +147,12 @@ def main(argv=None):
     if nsteps:
         print("optimizer: " + " ".join(f"{k} {v:g}" for k, v in optimizer.items()))
     print(f"tolerance: |ours - ref| <= {args.atol:g} + {args.rtol:g} * |ref|")
+    if formats.read_header(args.checkpoint, formats.MODEL_MAGIC, (3, 5))[0][1] == 5:
+        print("note: a bf16 checkpoint; the state was computed from fp32 weights, so expect differences of bf16 size")
 
     allok = True
     x, y = state.x, state.y
-    shapes = trainer.param_shapes(config)
+    shapes = formats.param_shapes(config)
     # step 0 checks the forward and backward passes; every step checks the loss, then updates
     for step in range(max(nsteps, 1)):
         t0 = time.perf_counter()
