@@ -341,12 +341,16 @@ def main():
         print(f"data: {args.data or 'seeded random tokens'}")
         print(f"B={args.batch_size} T={args.seq_len} warm-up {args.warmup} + timed {args.steps} steps, "
               f"{args.threads} threads (of {os.cpu_count()} cores), AdamW {ADAMW}")
-        results = {}
+        results, loads = {}, []
         for t in trainers:
-            print(f"running {t} ...", flush=True)
+            loads.append(os.getloadavg()[0])
+            print(f"running {t} ... (load average {loads[-1]:.2f})", flush=True)
             results[t] = run_worker(t, args, os.path.join(tmp, f"{t}.json"))
 
     tokens = args.batch_size * args.seq_len
+    if max(loads) > 0.5:  # before a worker starts, nothing of ours runs: the load is someone else's
+        print(f"\nWARNING: the machine was busy (1-minute load average up to {max(loads):.2f} before a trainer "
+              f"started, on {os.cpu_count()} cores): other processes share the cores, times are unreliable")
     names = {"numpy": "ours (NumPy, train_gpt2.py)", "torch": "PyTorch eager"}
     print(f"\n{'trainer':<28} {'median ms/step':>15} {'min':>8} {'max':>8} {'tokens/s':>9} {'peak RSS MiB':>13}")
     medians = {}
