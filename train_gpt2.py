@@ -1,7 +1,8 @@
 """
 GPT-2 training in plain NumPy, a port of llm.c's train_gpt2.c.
 
-Read it top to bottom: the file formats, then every layer as a forward/backward pair,
+Read it top to bottom: a little plumbing that makes NumPy fast (BLAS kernels, memory, an
+accumulating matrix multiply), the file formats, then every layer as a forward/backward pair,
 then the model, the optimizer, the data loader, the tokenizer, the sampler and main.
 Nothing here uses autograd; PyTorch (train_gpt2_torch.py) is only the oracle the tests
 compare against. train_gpt2_cuda.py imports the host code of this file (formats, data
@@ -12,10 +13,13 @@ import os
 import sys
 
 # ----------------------------------------------------------------------------
-# BLAS kernels: NumPy's bundled OpenBLAS picks its kernels by CPU model and may fall back to
-# the AVX2 (Haswell) ones on a CPU it does not know, even when the CPU has AVX-512. The choice
-# is read from OPENBLAS_CORETYPE once, when NumPy is first imported, so it is made here, before
-# `import numpy`, and only when this file is the program (an importer keeps its own choice).
+# plumbing: BLAS kernels, memory for temporaries, an accumulating matrix multiply
+#
+# NumPy's bundled OpenBLAS picks its kernels by CPU model and falls back to the AVX2 (Haswell)
+# ones on a CPU it does not know, even one with AVX-512 (some builds do so on AMD Zen 4). The
+# choice is read from OPENBLAS_CORETYPE once, when NumPy is first imported, so it is made here,
+# before `import numpy`, and only when this file is the program (an importer keeps its own).
+# The config block prints the kernels in use.
 
 
 def _cpu_has_avx512():
@@ -842,6 +846,8 @@ def gpt2_forward(model, inputs, targets, B, T):
     acts = model.acts = views(model.acts_memory, activation_shapes(c, B, T), model.act_sizes)
     model.inputs, model.B, model.T = inputs.astype(np.int32), B, T
     model.targets = None if targets is None else np.asarray(targets).reshape(B, T).astype(np.int32)
+    if model.targets is not None and (model.targets.min() < 0 or model.targets.max() >= V):
+        raise ConfigError(f"target ids must lie in [0, {V}), got {model.targets.min()}..{model.targets.max()}")
     p = model.params
 
     encoder_forward(acts.encoded, model.inputs, p.wte, p.wpe, B, T, C)
@@ -864,8 +870,6 @@ def gpt2_forward(model, inputs, targets, B, T):
     if model.targets is None:
         model.mean_loss = -1.0
     else:
-        if model.targets.min() < 0 or model.targets.max() >= V:
-            raise ConfigError(f"target ids must lie in [0, {V})")
         crossentropy_forward(acts.losses, acts.probs, model.targets, B, T, Vp)
         model.mean_loss = float(acts.losses.mean(dtype=np.float64))
 
