@@ -77,6 +77,20 @@ def openblas_info():
     return os.environ.get("OPENBLAS_CORETYPE", "unknown (no OpenBLAS found in numpy.libs)"), "", -1
 
 
+def other_load(seconds=1.0, samples=20):
+    """How many processes besides this one were running, on average over `seconds` (procs_running of
+    /proc/stat, sampled); the 1-minute load average where there is no /proc."""
+    try:
+        counts = []
+        for _ in range(samples):
+            with open("/proc/stat") as f:
+                counts += [int(line.split()[1]) for line in f if line.startswith("procs_running")]
+            time.sleep(seconds / samples)
+        return max(0.0, sum(counts) / len(counts) - 1)
+    except OSError:
+        return os.getloadavg()[0]
+
+
 def vm_hwm_mib():
     """This process's peak RSS from /proc (VmHWM), in MiB; None where there is no /proc."""
     try:
@@ -343,14 +357,14 @@ def main():
               f"{args.threads} threads (of {os.cpu_count()} cores), AdamW {ADAMW}")
         results, loads = {}, []
         for t in trainers:
-            loads.append(os.getloadavg()[0])
-            print(f"running {t} ... (load average {loads[-1]:.2f})", flush=True)
+            loads.append(other_load())
+            print(f"running {t} ... (other running processes: {loads[-1]:.1f})", flush=True)
             results[t] = run_worker(t, args, os.path.join(tmp, f"{t}.json"))
 
     tokens = args.batch_size * args.seq_len
-    if max(loads) > 0.5:  # before a worker starts, nothing of ours runs: the load is someone else's
-        print(f"\nWARNING: the machine was busy (1-minute load average up to {max(loads):.2f} before a trainer "
-              f"started, on {os.cpu_count()} cores): other processes share the cores, times are unreliable")
+    if max(loads) >= 0.5:
+        print(f"\nWARNING: the machine was busy (on average {max(loads):.1f} other processes running before a "
+              f"trainer started, on {os.cpu_count()} cores): they share the cores, so the times are unreliable")
     names = {"numpy": "ours (NumPy, train_gpt2.py)", "torch": "PyTorch eager"}
     print(f"\n{'trainer':<28} {'median ms/step':>15} {'min':>8} {'max':>8} {'tokens/s':>9} {'peak RSS MiB':>13}")
     medians = {}
