@@ -1459,7 +1459,7 @@ def train(args):
             break
 
         t0 = time.perf_counter()
-        PROFILE_ACTIVE[0] = True
+        PROFILE_ACTIVE[0] = step > 0 or num_steps == 1       # the first step allocates: not profiled
         gpt2_zero_grad(model)
         train_loss = 0.0
         for _ in range(grad_accum_steps):
@@ -1486,7 +1486,7 @@ def train(args):
         tail = step_times[1:] or step_times
         print(f"mean step time (excluding the first): {sum(tail) / len(tail):.2f} ms")
     if args["profile"] and step_times:
-        print(profile_report(len(step_times)))
+        print(profile_report(max(1, len(step_times) - 1)))
     if args["o"]:
         path = os.path.join(args["o"], f"model_{num_steps:08d}.bin")
         write_model_file(path, model.config, model.params_memory)
