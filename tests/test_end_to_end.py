@@ -6,6 +6,7 @@ on it with the NumPy trainer (and with the CUDA trainer on the CPU emulator, whe
 must fail on a checkpoint with one weight changed.
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -124,14 +125,47 @@ def test_check_tensor_rule():
     assert not test_gpt2.check_tensor("t", np.array([np.nan, -2.0, 1000.0], np.float32), ref, 1e-4, 1e-4)
 
 
+def cuda_trainer_missing():
+    return not all(os.path.exists(os.path.join(REPO, f)) for f in ("train_gpt2_cuda.py", "kernels/emulator.py"))
+
+
 def test_cuda_trainer_on_emulator(tiny_export):
     """train_gpt2_cuda.py with its kernels on the CPU emulator passes the same check."""
-    for f in ("train_gpt2_cuda.py", os.path.join("kernels", "emulator.py")):
-        if not os.path.exists(os.path.join(REPO, f)):
-            pytest.skip(f"{f} is not there yet")
+    if cuda_trainer_missing():
+        pytest.skip("train_gpt2_cuda.py or kernels/emulator.py is not there yet")
     if shutil.which("g++") is None:
         pytest.skip("the kernel emulator needs g++")
     ckpt, state = paths(tiny_export)
     env = child_env()
     env["LLMC_EMULATE"] = "1"
     assert_passed(run_test_gpt2(ckpt, state, "--trainer", "cuda", env=env, timeout=600), nsteps=10)
+
+
+def test_bench_cpu_trains_alike(tiny_export):
+    """make bench's script on a tiny model: both trainers take the same steps (losses agree), the table is there."""
+    r = run([sys.executable, os.path.join(REPO, "dev", "bench_cpu.py"), "--checkpoint", str(tiny_export.model),
+             "--data", "", "-b", "2", "-t", "16", "--steps", "2", "--warmup", "1"], cwd=REPO, env=child_env())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    gap = float(re.search(r"max \|loss ours - loss PyTorch\| over the 3 steps = (\S+)", r.stdout)[1])
+    assert gap < 1e-5
+    for row in ("ours (NumPy, train_gpt2.py)", "PyTorch eager"):
+        ms, tok_s, rss = re.search(rf"^{re.escape(row)}\s+(\S+)\s+\S+\s+\S+\s+(\S+)\s+(\S+)$", r.stdout, re.M).groups()
+        assert float(ms) > 0 and float(tok_s) > 0 and 10 < float(rss) < 4096
+    assert re.search(r"^forward\s+\(phase total\)", r.stdout, re.M)
+
+
+def test_bench_gpu_dry_run():
+    """bench_gpu.py without a GPU: one line saying so; --dry_run 1 runs ours on the emulator against PyTorch."""
+    script = os.path.join(REPO, "dev", "bench_gpu.py")
+    if cuda_trainer_missing():
+        pytest.skip("train_gpt2_cuda.py or kernels/emulator.py is not there yet")
+    env = child_env()
+    env.pop("LLMC_EMULATE", None)
+    if importlib.util.find_spec("cupy") is None:  # no CuPy, so no GPU run: the one-line exit
+        r = run([sys.executable, script], cwd=REPO, env=env)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "no" in r.stderr.lower()
+    r = run([sys.executable, script, "--dry_run", "1"], cwd=REPO, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    gap = float(re.search(r"max \|loss ours - loss PyTorch\| over the steps = (\S+)", r.stdout)[1])
+    assert gap < 1e-5
+    assert re.search(r"^\s+fused_classifier\s", r.stdout, re.M)
