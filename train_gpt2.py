@@ -36,7 +36,8 @@ if __name__ == "__main__" and "numpy" not in sys.modules and "OPENBLAS_CORETYPE"
         os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
         CORETYPE_SET_HERE = True
 
-import math  # noqa: E402  (after the BLAS choice above)
+import codecs  # noqa: E402  (after the BLAS choice above)
+import math  # noqa: E402
 import time  # noqa: E402
 import glob as globlib  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
@@ -1370,7 +1371,7 @@ def generate(model, tokenizer, B, T, gen_tokens, rng_state):
     a multiple of 16: causality makes position t's probabilities the same as in the full batch."""
     V = model.config.vocab_size
     tokens = np.full(T, tokenizer.eot_token, dtype=np.int32)
-    decoder = __import__("codecs").getincrementaldecoder("utf-8")(errors="replace")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # keeps split characters whole
     print("generating:\n---")
     for t in range(1, gen_tokens):
         Tr = min(T, -(-t // 16) * 16)
