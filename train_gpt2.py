@@ -1283,6 +1283,7 @@ USAGE = {
     "k": "learning rate schedule: cosine, linear, constant, wsd", "c": "weight decay",
     "v": "val loss every how many steps", "m": "val max steps (batches)", "s": "sample every how many steps",
     "g": "number of tokens to generate", "a": "overfit a single batch? 0/1",
+    "f": "enable TF32 tensor cores for the matmuls? 0/1 (CUDA trainer)",
     "profile": "print per-layer timings at the end? 0/1",
 }
 
@@ -1292,7 +1293,7 @@ BETA1, BETA2, ADAM_EPS, GRAD_CLIP = 0.9, 0.999, 1e-8, 0.0
 
 def usage(defaults, problem=None):
     lines = [] if problem is None else [f"error: {problem}"]
-    lines.append("Usage:   python train_gpt2.py [options]")
+    lines.append(f"Usage:   python {os.path.basename(sys.argv[0]) or 'train_gpt2.py'} [options]")
     lines.append("Options: (every flag takes a value)")
     for key, default in defaults.items():
         flag = f"-{key}" if len(key) <= 2 else f"--{key}"
@@ -1370,7 +1371,8 @@ def generate(model, tokenizer, B, T, gen_tokens, rng_state):
     as llm.c). Only the first sequence matters, so the passes run on B=1 and a T rounded up to
     a multiple of 16: causality makes position t's probabilities the same as in the full batch."""
     V = model.config.vocab_size
-    tokens = np.full(T, tokenizer.eot_token, dtype=np.int32)
+    start = tokenizer.eot_token if tokenizer.eot_token < V else V - 1   # a tiny test vocabulary has no EOT
+    tokens = np.full(T, start, dtype=np.int32)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # keeps split characters whole
     print("generating:\n---")
     for t in range(1, gen_tokens):
