@@ -115,6 +115,10 @@ def main(argv=None):
     except (formats.FormatError, FileNotFoundError) as e:
         print(f"test_gpt2.py: {e}", file=sys.stderr)
         return 1
+    except SystemExit as e:  # train_gpt2_cuda.py without a GPU: its one line, plus the CPU way
+        print(f"{e}; or, for a tiny model, on the kernel emulator: LLMC_EMULATE=1 python test_gpt2.py --trainer cuda "
+              f"--checkpoint ...", file=sys.stderr)
+        return 1
     B, T = state.x.shape
     V, Vp = config.vocab_size, config.padded_vocab_size
     if T > config.max_seq_len:

@@ -117,6 +117,16 @@ def test_missing_files_say_what_to_run(tmp_path):
     assert len(lines) == 1 and "python train_gpt2_torch.py --model d12" in lines[0]
 
 
+def test_cuda_trainer_without_gpu_says_so(tiny_export):
+    if cuda_trainer_missing() or importlib.util.find_spec("cupy") is not None:
+        pytest.skip("needs train_gpt2_cuda.py and a machine without CuPy")
+    env = child_env()
+    env.pop("LLMC_EMULATE", None)
+    r = run_test_gpt2(tiny_export.model, tiny_export.state, "--trainer", "cuda", env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "LLMC_EMULATE=1" in lines[0], r.stderr
+
+
 def test_check_tensor_rule():
     """|ours - ref| <= atol + rtol |ref|, elementwise; NaN fails."""
     ref = np.array([1.0, -2.0, 1000.0], dtype=np.float32)
