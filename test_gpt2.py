@@ -4,6 +4,7 @@ Check a trainer against PyTorch, end to end: llm.c's test_gpt2.c, done properly.
   python train_gpt2_torch.py --model d12          # writes gpt2_d12.bin and gpt2_d12_debug_state.bin
   python test_gpt2.py                             # the NumPy trainer (train_gpt2.py)
   python test_gpt2.py --trainer cuda              # the CuPy trainer (train_gpt2_cuda.py); LLMC_EMULATE=1 on a CPU
+  python test_gpt2.py --checkpoint gpt2_L2H2C32T32.bin --steps 3   # any shape; only the first 3 steps
 
 The debug state holds what PyTorch computed for one batch (x, y): the logits, the loss, and the
 gradients of all 16 parameter tensors, plus the loss before each of its recorded AdamW steps and
@@ -83,7 +84,8 @@ def check_tensor(name, ours, ref, atol, rtol):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Compare a trainer with PyTorch's debug state.")
     parser.add_argument("--checkpoint", default=None,
-                        help="model file (v3 fp32 or v5 bf16); default gpt2_d12.bin, else gpt2_124M.bin if only it is there")
+                        help="model file (v3 fp32 or v5 bf16); default gpt2_d12.bin "
+                             "(gpt2_124M.bin if only it is there)")
     parser.add_argument("--debug_state", default=None, help="default: the checkpoint's name + _debug_state.bin")
     parser.add_argument("--trainer", default="numpy", choices=["numpy", "cuda"],
                         help="numpy = train_gpt2.py, cuda = train_gpt2_cuda.py (LLMC_EMULATE=1 runs it on a CPU)")

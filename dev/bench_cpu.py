@@ -67,7 +67,8 @@ def openblas_info():
         lib = ctypes.CDLL(path)
         for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "")):
             try:
-                corename, config = getattr(lib, prefix + "get_corename" + suffix), getattr(lib, prefix + "get_config" + suffix)
+                corename = getattr(lib, prefix + "get_corename" + suffix)
+                config = getattr(lib, prefix + "get_config" + suffix)
                 nthreads = getattr(lib, prefix + "get_num_threads" + suffix)
             except AttributeError:
                 continue
@@ -203,8 +204,8 @@ def worker_numpy(args):
         losses.append(float(model.mean_loss))
         if i >= args.warmup:
             times.append(dt)
-        print(f"  numpy step {i}: loss {model.mean_loss:.6f} ({dt * 1000:.0f} ms{'' if i >= args.warmup else ', warm-up'})",
-              file=sys.stderr, flush=True)
+        what = "" if i >= args.warmup else ", warm-up"
+        print(f"  numpy step {i}: loss {model.mean_loss:.6f} ({dt * 1000:.0f} ms{what})", file=sys.stderr, flush=True)
     core, blas_config, blas_threads = openblas_info()
     breakdown = profiler.rows(args.steps) if profiler is not None else []
     layer_report = tg.profile_report(args.steps) if hook else ""
@@ -347,7 +348,8 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="bench_cpu") as tmp:
         if not os.path.exists(args.checkpoint):
-            print(f"bench_cpu.py: {args.checkpoint} not found; building d12 from scratch (train_gpt2.gpt2_build_from_descriptor)")
+            print(f"bench_cpu.py: {args.checkpoint} not found; building d12 from scratch "
+                  "(train_gpt2.gpt2_build_from_descriptor)")
             args.checkpoint = os.path.join(tmp, "gpt2_d12.bin")
             make_checkpoint(args.checkpoint)
         args.checkpoint = os.path.abspath(args.checkpoint)
@@ -371,17 +373,20 @@ def main():
     for t, (res, rss) in results.items():
         ms = [s * 1000 for s in res["times"]]
         medians[t] = statistics.median(ms)
-        print(f"{names[t]:<28} {medians[t]:15.1f} {min(ms):8.1f} {max(ms):8.1f} {tokens / medians[t] * 1000:9.0f} {rss:13.0f}")
+        print(f"{names[t]:<28} {medians[t]:15.1f} {min(ms):8.1f} {max(ms):8.1f} "
+              f"{tokens / medians[t] * 1000:9.0f} {rss:13.0f}")
     if "numpy" in results and "torch" in results:
         ratio = medians["numpy"] / medians["torch"]
         best = min(results["numpy"][0]["times"]) / min(results["torch"][0]["times"])
         print(f"ratio ours/PyTorch: {ratio:.3f} of the medians, {best:.3f} of the fastest steps "
               f"(target <= {TARGET_RATIO}: {'met' if ratio <= TARGET_RATIO else 'NOT met'})")
         loss_gap = max(abs(a - b) for a, b in zip(results["numpy"][0]["losses"], results["torch"][0]["losses"]))
-        print(f"same training: max |loss ours - loss PyTorch| over the {len(results['torch'][0]['losses'])} steps = {loss_gap:.2e}")
+        nsteps = len(results["torch"][0]["losses"])
+        print(f"same training: max |loss ours - loss PyTorch| over the {nsteps} steps = {loss_gap:.2e}")
     if "numpy" in results:
         res, rss = results["numpy"]
-        print(f"ours peak RSS {rss:.0f} MiB (target <= {TARGET_RSS_MIB:.0f}: {'met' if rss <= TARGET_RSS_MIB else 'NOT met'})"
+        met = "met" if rss <= TARGET_RSS_MIB else "NOT met"
+        print(f"ours peak RSS {rss:.0f} MiB (target <= {TARGET_RSS_MIB:.0f}: {met})"
               f"; params dtype {res['dtype']}")
         print(f"NumPy {res['numpy']}, OpenBLAS core type: {res['openblas_core']} ({res['openblas_threads']} threads; "
               f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}); {res['openblas_config']}")

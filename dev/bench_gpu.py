@@ -46,7 +46,8 @@ def gpu_status():
     except ImportError:
         return "CuPy is not installed (pip install cupy-cuda12x on a machine with an NVIDIA GPU)"
     except Exception as e:
-        return f"CuPy finds no CUDA GPU ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"CuPy finds no CUDA GPU ({type(e).__name__}: {first})"
     return None if n > 0 else "CUDA reports 0 devices"
 
 
@@ -275,21 +276,24 @@ def main():
                 args.steps, args.warmup, args.breakdown = 2, 1, min(args.breakdown, 1)
             args.data = ""  # random tokens inside the tiny vocabulary
         elif not os.path.exists(args.checkpoint):
-            print(f"bench_gpu.py: {args.checkpoint} not found; building d12 from scratch (train_gpt2.gpt2_build_from_descriptor)")
+            print(f"bench_gpu.py: {args.checkpoint} not found; building d12 from scratch "
+                  "(train_gpt2.gpt2_build_from_descriptor)")
             args.checkpoint = os.path.join(tmp, "gpt2_d12.bin")
             make_checkpoint(args.checkpoint)
         args.checkpoint = os.path.abspath(args.checkpoint)
         print(f"checkpoint: {args.checkpoint}")
         print(f"data: {args.data or 'seeded random tokens'}")
         print(f"B={args.batch_size} T={args.seq_len} warm-up {args.warmup} + timed {args.steps} steps, "
-              f"TF32 {args.tf32}, torch.compile {args.compile}{' (dry run: off)' if args.dry_run else ''}, AdamW {ADAMW}")
+              f"TF32 {args.tf32}, torch.compile {args.compile}{' (dry run: off)' if args.dry_run else ''}, "
+              f"AdamW {ADAMW}")
         results = {}
         for t in trainers:
             print(f"running {t} ...", flush=True)
             results[t] = run_worker(t, args, os.path.join(tmp, f"{t}.json"))
 
     tokens = args.batch_size * args.seq_len
-    names = {"ours": "ours (CuPy, train_gpt2_cuda)", "torch": "PyTorch" + (" eager" if args.dry_run else " compile+TF32")}
+    names = {"ours": "ours (CuPy, train_gpt2_cuda)",
+             "torch": "PyTorch" + (" eager" if args.dry_run else " compile+TF32")}
     print(f"\n{'trainer':<30} {'median ms/step':>15} {'min':>8} {'max':>8} {'tokens/s':>10} "
           f"{'alloc peak MiB':>15} {'device used MiB':>16}")
     medians = {}
