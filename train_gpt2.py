@@ -1357,30 +1357,60 @@ def resolve_checkpoint(name):
     return name
 
 
-def print_config(model):
+# The loop below is shared: train_gpt2_cuda.py calls train(args, trainer=train_gpt2_cuda). A
+# trainer is a module with the model API (gpt2_build_from_descriptor, gpt2_forward, ...) plus these
+# few pieces, which differ between NumPy and the GPU; here are NumPy's.
+
+def device_setup(args):
+    """Runs before the model is built; returns the lines print_config adds under [GPT-2].
+    NumPy: switch on the profiler if asked, and say which BLAS runs the matmuls."""
+    if args.get("profile"):
+        enable_profiler()
+    return [blas_info()]
+
+
+class StepTimer:
+    """Times one training step on the host's clock (train_gpt2_cuda.py uses CUDA events)."""
+
+    def start(self):
+        self.t0 = time.perf_counter()
+
+    def stop(self):
+        """Milliseconds since start()."""
+        return 1e3 * (time.perf_counter() - self.t0)
+
+
+def next_token_probs(model, tokens, t):
+    """The probabilities (V,) of the token after tokens[0, :t]; tokens is the (B, T) sampling buffer.
+    Only row 0 matters, so the pass runs on B=1 and a T rounded up to a multiple of 16: causality
+    makes position t-1's probabilities the same as in the full batch."""
+    Tr = min(tokens.shape[1], -(-t // 16) * 16)
+    gpt2_forward(model, tokens[:1, :Tr], None, 1, Tr)
+    return model.acts.probs[0, t - 1, :model.config.vocab_size]
+
+
+def print_config(model, extra_lines):
     c = model.config
     print("[GPT-2]")
     for field in ("max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads", "channels"):
         print(f"{field}: {getattr(c, field)}")
     print(f"num_parameters: {model.num_parameters}")
-    print(blas_info())
+    for line in extra_lines:
+        print(line)
 
 
-def generate(model, tokenizer, B, T, gen_tokens, rng_state):
+def generate(trainer, model, tokenizer, B, T, gen_tokens, rng_state):
     """Sample gen_tokens-1 tokens after an EOT, one full forward pass per token (no KV cache,
-    as llm.c). Only the first sequence matters, so the passes run on B=1 and a T rounded up to
-    a multiple of 16: causality makes position t's probabilities the same as in the full batch."""
+    as llm.c); trainer.next_token_probs runs the pass and hands the probabilities to the host."""
     V = model.config.vocab_size
     start = tokenizer.eot_token if tokenizer.eot_token < V else V - 1   # a tiny test vocabulary has no EOT
-    tokens = np.full(T, start, dtype=np.int32)
+    tokens = np.full((B, T), start, dtype=np.int32)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # keeps split characters whole
     print("generating:\n---")
     for t in range(1, gen_tokens):
-        Tr = min(T, -(-t // 16) * 16)
-        gpt2_forward(model, tokens[None, :Tr], None, 1, Tr)
-        probs = model.acts.probs[0, t - 1, :V]
+        probs = trainer.next_token_probs(model, tokens, t)             # (V,)
         next_token = sample_mult(probs, random_f32(rng_state))
-        tokens[t] = next_token
+        tokens[0, t] = next_token
         if tokenizer.init_ok:
             piece = tokenizer.decode_bytes(next_token)
             if len(piece) == 1 and not (chr(piece[0]).isprintable() or chr(piece[0]).isspace()):
@@ -1391,12 +1421,12 @@ def generate(model, tokenizer, B, T, gen_tokens, rng_state):
     print("\n---")
 
 
-def evaluate(model, val_loader, val_max_steps, B, T):
+def evaluate(trainer, model, val_loader, val_max_steps, B, T):
     val_loader.reset()
     val_loss = 0.0
     for _ in range(val_max_steps):
         x, y = val_loader.next_batch()
-        gpt2_forward(model, x, y, B, T)
+        trainer.gpt2_forward(model, x, y, B, T)
         val_loss += model.mean_loss
     return val_loss / val_max_steps
 
@@ -1410,17 +1440,18 @@ def main(argv=None):
         sys.exit(1)
 
 
-def train(args):
+def train(args, trainer=None):
+    """llm.c's main loop. trainer: the module that runs the model, this one (NumPy) by default."""
+    tr = trainer or sys.modules[__name__]
     B, T = args["b"], args["t"]
     if B < 1 or T < 1:
         raise ConfigError(f"-b and -t must be positive, got B={B}, T={T}")
-    if args["profile"]:
-        enable_profiler()
+    extra_lines = tr.device_setup(args)
 
     # the model
     checkpoint = resolve_checkpoint(args["e"])
-    model = gpt2_build_from_descriptor(checkpoint)
-    print_config(model)
+    model = tr.gpt2_build_from_descriptor(checkpoint)
+    print_config(model, extra_lines)
     if T > model.config.max_seq_len:
         raise ConfigError(f"sequence length -t {T} exceeds the model's max_seq_len {model.config.max_seq_len}")
 
@@ -1442,57 +1473,58 @@ def train(args):
     grad_accum_steps = total_batch // (B * T)
     num_steps = args["x"] if args["x"] > 0 else train_loader.num_tokens // total_batch
     print(f"batch: B={B} T={T}, total {total_batch} tokens = {grad_accum_steps} micro-step(s); {num_steps} steps")
+    clip = f", grad clip {tr.GRAD_CLIP:g}" if tr.GRAD_CLIP > 0 else ""   # train_gpt2.c does not clip
     print(f"AdamW: lr {args['l']:g} ({args['k']}, warmup {args['u']}, final frac {args['q']:g}), "
-          f"betas ({BETA1}, {BETA2}), eps {ADAM_EPS:g}, weight decay {args['c']:g}")
+          f"betas ({tr.BETA1}, {tr.BETA2}), eps {tr.ADAM_EPS:g}, weight decay {args['c']:g}{clip}")
     get_lr(0, args["k"], args["l"], args["u"], num_steps, args["q"])   # a bad schedule fails now
 
     tokenizer = Tokenizer("gpt2_tokenizer.bin")
     logger = Logger(args["o"])
     rng_state = [1337]
+    timer = tr.StepTimer()
     step_times = []
     for step in range(num_steps + 1):
         last_step = step == num_steps
         if args["v"] > 0 and (step % args["v"] == 0 or last_step):
-            val_loss = evaluate(model, val_loader, val_max_steps, B, T)
+            val_loss = evaluate(tr, model, val_loader, val_max_steps, B, T)
             print(f"val loss {val_loss:f}")
             logger.log_val(step, val_loss)
         if args["s"] > 0 and step > 0 and (step % args["s"] == 0 or last_step):
-            generate(model, tokenizer, B, T, args["g"], rng_state)
+            generate(tr, model, tokenizer, B, T, args["g"], rng_state)
         if last_step:
             break
 
-        t0 = time.perf_counter()
-        PROFILE_ACTIVE[0] = step > 0 or num_steps == 1       # the first step allocates: not profiled
-        gpt2_zero_grad(model)
+        timer.start()
+        PROFILE_ACTIVE[0] = step > 0 or num_steps == 1       # --profile: the first step allocates, not counted
+        tr.gpt2_zero_grad(model)
         train_loss = 0.0
         for _ in range(grad_accum_steps):
             if args["a"]:
                 train_loader.reset()
             x, y = train_loader.next_batch()
-            gpt2_forward(model, x, y, B, T)
-            gpt2_backward(model)
+            tr.gpt2_forward(model, x, y, B, T)
+            tr.gpt2_backward(model)
             train_loss += model.mean_loss / grad_accum_steps
         # the gradients hold the sum over micro-steps: average them inside the update
-        norm = gpt2_calculate_grad_norm(model) / grad_accum_steps
-        scale = grad_clip_scale(norm, GRAD_CLIP) / grad_accum_steps
+        norm = tr.gpt2_calculate_grad_norm(model) / grad_accum_steps
+        scale = grad_clip_scale(norm, tr.GRAD_CLIP) / grad_accum_steps
         lr = get_lr(step, args["k"], args["l"], args["u"], num_steps, args["q"])
-        gpt2_update(model, lr, BETA1, BETA2, ADAM_EPS, args["c"], step + 1, grad_scale=scale)
-        t1 = time.perf_counter()
+        tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args["c"], step + 1, grad_scale=scale)
+        ms = timer.stop()
         PROFILE_ACTIVE[0] = False
-        ms = 1e3 * (t1 - t0)
         step_times.append(ms)
-        print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({ms:.2f} ms, {total_batch / (t1 - t0):.0f} tok/s)"
+        print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({ms:.2f} ms, {total_batch / (ms / 1e3):.0f} tok/s)"
               f" norm {norm:.4f} lr {lr:.2e}")
         logger.log_train(step + 1, train_loss)
 
     if step_times:
         tail = step_times[1:] or step_times
         print(f"mean step time (excluding the first): {sum(tail) / len(tail):.2f} ms")
-    if args["profile"] and step_times:
+    if args.get("profile") and step_times:
         print(profile_report(max(1, len(step_times) - 1)))
     if args["o"]:
         path = os.path.join(args["o"], f"model_{num_steps:08d}.bin")
-        write_model_file(path, model.config, model.params_memory)
+        write_model_file(path, model.config, tr.to_numpy(model.params_memory))
         print(f"wrote {path}")
 
 

@@ -2,8 +2,8 @@
 GPT-2 training on one NVIDIA GPU, a port of llm.c's train_gpt2_fp32.cu driven from Python by CuPy.
 
 It is train_gpt2.py (the NumPy trainer) with the arithmetic moved to the GPU: the same functions,
-flags, files and log lines, and the host code (file formats, data loader, tokenizer, sampler, CLI)
-imported from train_gpt2.py. What changes is where the numbers live and who computes them:
+flags, files and log lines, and the host code (file formats, data loader, tokenizer, sampler, CLI,
+the training loop) imported from train_gpt2.py. What changes is where the numbers live and who computes them:
   - parameters, gradients, AdamW's m and v and the activations are flat float32 buffers in GPU
     memory, allocated once, with named views into them (llm.c's cudaMalloc + pointer tables);
   - every layer except the matrix products is a raw CUDA kernel from kernels/*.cu, compiled at
@@ -556,7 +556,7 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_s
 
 
 # ----------------------------------------------------------------------------
-# main: train_gpt2.py's loop and flags, with llm.c train_gpt2.cu's defaults
+# main: train_gpt2.py's loop (train_gpt2.train) and flags, with llm.c train_gpt2.cu's defaults
 
 TRAIN_GPT2_CU_DEFAULTS = {k: v for k, v in host.TRAIN_GPT2_C_DEFAULTS.items() if k != "profile"}
 TRAIN_GPT2_CU_DEFAULTS.update({
@@ -570,145 +570,53 @@ TRAIN_GPT2_CU_DEFAULTS.update({
 BETA1, BETA2, ADAM_EPS, GRAD_CLIP = 0.9, 0.95, 1e-8, 1.0
 
 
-def print_config(model, tf32):
-    c = model.config
-    print("[GPT-2]")
-    for field in ("max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads", "channels"):
-        print(f"{field}: {getattr(c, field)}")
-    print(f"num_parameters: {model.num_parameters}")
-    print(f"device: {device_name()}")
-    print(f"TF32: {'enabled' if tf32 else 'disabled'}")
+# the pieces train_gpt2.train takes from its trainer module besides the model API (NumPy's are in
+# train_gpt2.py, next to the loop)
+
+def device_setup(args):
+    """Runs before the model is built: TF32 on or off (-f); returns the lines print_config adds."""
+    tf32 = set_tf32(args["f"])
+    return [f"device: {device_name()}", f"TF32: {'enabled' if tf32 else 'disabled'}"]
 
 
-def generate(model, tokenizer, B, T, gen_tokens, rng_state):
-    """Sample gen_tokens-1 tokens after an EOT, one full forward pass per token (no KV cache), on
-    the model's own B and T as llm.c's CUDA trainer: only row 0 matters, and only its logits at
-    position t-1 travel to the host, where they become probabilities for the shared sampler."""
+class StepTimer:
+    """Times one training step on the GPU's clock with two CUDA events; stop() waits for the
+    end event, the step's only sync besides reading the gradient norm."""
+
+    def __init__(self):
+        self.begin, self.end = Event(), Event()
+
+    def start(self):
+        self.begin.record()
+
+    def stop(self):
+        """Milliseconds between the two events."""
+        self.end.record()
+        self.end.synchronize()
+        return elapsed_ms(self.begin, self.end)
+
+
+def next_token_probs(model, tokens, t):
+    """The probabilities (V,) of the token after tokens[0, :t]. The pass runs on the model's own
+    (B, T), as llm.c's CUDA trainer: only row 0's logits at position t-1 travel to the host, where
+    a softmax makes them probabilities for the shared sampler."""
+    B, T = tokens.shape
     V = model.config.vocab_size
-    # GPT-2's EOT is its last token (50256); a smaller vocabulary without a tokenizer of its own
-    # (the default EOT is then 50256) starts from its last token instead
-    eot = tokenizer.eot_token if tokenizer.eot_token < V else V - 1
-    tokens = np.full((B, T), eot, dtype=np.int32)
-    decoder = __import__("codecs").getincrementaldecoder("utf-8")(errors="replace")
-    print("generating:\n---")
-    for t in range(1, gen_tokens):
-        gpt2_forward(model, tokens, None, B, T)
-        logits = to_numpy(model.acts.logits[0, t - 1, :V])          # (V,) device -> host
-        probs = np.exp(logits - logits.max(), dtype=np.float32)
-        probs /= probs.sum(dtype=np.float32)
-        next_token = host.sample_mult(probs, host.random_f32(rng_state))
-        tokens[0, t] = next_token
-        if tokenizer.init_ok:
-            piece = tokenizer.decode_bytes(next_token)
-            if len(piece) == 1 and not (chr(piece[0]).isprintable() or chr(piece[0]).isspace()):
-                continue                                   # llm.c's safe_printf skips control bytes
-            print(decoder.decode(piece), end="", flush=True)
-        else:
-            print(next_token, end=" ", flush=True)
-    print("\n---")
-
-
-def evaluate(model, val_loader, val_max_steps, B, T):
-    val_loader.reset()
-    val_loss = 0.0
-    for _ in range(val_max_steps):
-        x, y = val_loader.next_batch()
-        gpt2_forward(model, x, y, B, T)
-        val_loss += model.mean_loss
-    return val_loss / val_max_steps
+    gpt2_forward(model, tokens, None, B, T)
+    logits = to_numpy(model.acts.logits[0, t - 1, :V])          # (V,) device -> host
+    probs = np.exp(logits - logits.max(), dtype=np.float32)
+    probs /= probs.sum(dtype=np.float32)
+    return probs
 
 
 def main(argv=None):
     require_gpu()
     args = host.parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_CU_DEFAULTS)
     try:
-        train(args)
+        host.train(args, trainer=sys.modules[__name__])   # train_gpt2.py's loop, running this module
     except (host.ConfigError, FormatError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-
-
-def train(args):
-    B, T = args["b"], args["t"]
-    if B < 1 or T < 1:
-        raise host.ConfigError(f"-b and -t must be positive, got B={B}, T={T}")
-    tf32 = set_tf32(args["f"])
-
-    # the model
-    checkpoint = host.resolve_checkpoint(args["e"])
-    model = gpt2_build_from_descriptor(checkpoint)
-    print_config(model, tf32)
-    if T > model.config.max_seq_len:
-        raise host.ConfigError(f"sequence length -t {T} exceeds the model's max_seq_len {model.config.max_seq_len}")
-
-    # the data
-    train_pattern, val_pattern = host.default_data_paths()
-    train_pattern = args["i"] or train_pattern
-    val_pattern = args["j"] or val_pattern
-    if args["a"]:
-        train_pattern = val_pattern                       # llm.c: overfit the first val batch
-    train_loader = host.DataLoader(train_pattern, B, T, should_shuffle=not args["a"])
-    val_loader = host.DataLoader(val_pattern, B, T, should_shuffle=False)
-    print(f"train dataset: {train_pattern} ({train_loader.num_tokens:,} tokens, {train_loader.num_tokens // (B * T)} batches)")
-    print(f"val dataset:   {val_pattern} ({val_loader.num_tokens:,} tokens, {val_loader.num_tokens // (B * T)} batches)")
-    val_max_steps = min(args["m"], val_loader.num_tokens // (B * T)) if args["m"] > 0 else val_loader.num_tokens // (B * T)
-
-    total_batch = args["d"] if args["d"] > 0 else B * T
-    if total_batch % (B * T) != 0:
-        raise host.ConfigError(f"-d {total_batch} is not a multiple of B*T = {B * T}")
-    grad_accum_steps = total_batch // (B * T)
-    num_steps = args["x"] if args["x"] > 0 else train_loader.num_tokens // total_batch
-    print(f"batch: B={B} T={T}, total {total_batch} tokens = {grad_accum_steps} micro-step(s); {num_steps} steps")
-    print(f"AdamW: lr {args['l']:g} ({args['k']}, warmup {args['u']}, final frac {args['q']:g}), "
-          f"betas ({BETA1}, {BETA2}), eps {ADAM_EPS:g}, weight decay {args['c']:g}, grad clip {GRAD_CLIP:g}")
-    host.get_lr(0, args["k"], args["l"], args["u"], num_steps, args["q"])   # a bad schedule fails now
-
-    tokenizer = host.Tokenizer("gpt2_tokenizer.bin")
-    logger = host.Logger(args["o"])
-    rng_state = [1337]
-    step_times = []
-    start, end = Event(), Event()
-    for step in range(num_steps + 1):
-        last_step = step == num_steps
-        if args["v"] > 0 and (step % args["v"] == 0 or last_step):
-            val_loss = evaluate(model, val_loader, val_max_steps, B, T)
-            print(f"val loss {val_loss:f}")
-            logger.log_val(step, val_loss)
-        if args["s"] > 0 and step > 0 and (step % args["s"] == 0 or last_step):
-            generate(model, tokenizer, B, T, args["g"], rng_state)
-        if last_step:
-            break
-
-        start.record()
-        gpt2_zero_grad(model)
-        train_loss = 0.0
-        for _ in range(grad_accum_steps):
-            if args["a"]:
-                train_loader.reset()
-            x, y = train_loader.next_batch()
-            gpt2_forward(model, x, y, B, T)
-            gpt2_backward(model)
-            train_loss += model.mean_loss / grad_accum_steps
-        # the gradients hold the sum over micro-steps: average them inside the update
-        norm = gpt2_calculate_grad_norm(model) / grad_accum_steps
-        scale = grad_clip_scale(norm, GRAD_CLIP) / grad_accum_steps
-        lr = host.get_lr(step, args["k"], args["l"], args["u"], num_steps, args["q"])
-        gpt2_update(model, lr, BETA1, BETA2, ADAM_EPS, args["c"], step + 1, grad_scale=scale)
-        end.record()
-        end.synchronize()                                  # wait for the GPU, then read its clock
-        ms = elapsed_ms(start, end)
-        step_times.append(ms)
-        print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({ms:.2f} ms, {total_batch / (ms / 1e3):.0f} tok/s)"
-              f" norm {norm:.4f} lr {lr:.2e}")
-        logger.log_train(step + 1, train_loss)
-
-    if step_times:
-        tail = step_times[1:] or step_times
-        print(f"mean step time (excluding the first): {sum(tail) / len(tail):.2f} ms")
-    if args["o"]:
-        path = os.path.join(args["o"], f"model_{num_steps:08d}.bin")
-        write_model_file(path, model.config, to_numpy(model.params_memory))
-        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
