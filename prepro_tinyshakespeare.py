@@ -26,6 +26,9 @@ URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshake
 VAL_TOKENS = 32768
 
 
+# download_file and download are shared with prepro_tinystories.py (as llm.c's data scripts share
+# dev/data/data_common.py)
+
 def download_file(url, fname, chunk_size=1024):
     """Stream `url` into `fname` with a tqdm bar; the file appears only once it is complete."""
     import requests
@@ -39,6 +42,17 @@ def download_file(url, fname, chunk_size=1024):
                 bar.update(len(data))
                 yield np.frombuffer(data, dtype=np.uint8)
         train_gpt2.write_atomic(fname, chunks())
+
+
+def download(url, fname, offline_command, chunk_size=1024):
+    """download_file, or one line saying what failed and how to go on without the network."""
+    print(f"downloading {url} to {fname}...")
+    import requests
+    try:
+        download_file(url, fname, chunk_size)
+    except requests.RequestException as e:
+        raise SystemExit(f"could not download {url} ({type(e).__name__}); put a copy of the file at {fname} "
+                         f"or run {offline_command}")
 
 
 def fetch(data_dir, url, local_copy):
@@ -55,13 +69,7 @@ def fetch(data_dir, url, local_copy):
     elif os.path.exists(fname):
         print(f"{fname} already exists, skipping download")
     else:
-        print(f"downloading {url} to {fname}...")
-        import requests
-        try:
-            download_file(url, fname)
-        except requests.RequestException as e:
-            raise SystemExit(f"could not download {url} ({type(e).__name__}); put a copy of the file at {fname} "
-                             f"or run python prepro_tinyshakespeare.py --input PATH/input.txt")
+        download(url, fname, "python prepro_tinyshakespeare.py --input PATH/input.txt")
     return fname
 
 

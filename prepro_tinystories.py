@@ -29,24 +29,10 @@ from multiprocessing import Pool
 import numpy as np
 
 import train_gpt2  # write_atomic and llm.c's data shard header
+from prepro_tinyshakespeare import download  # the shared downloader (llm.c: data_common.py)
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 ARCHIVE = "TinyStories_all_data.tar.gz"
-
-
-def download_file(url, fname, chunk_size=1 << 20):
-    """Stream `url` into `fname` with a tqdm bar; the file appears only once it is complete."""
-    import requests
-    from tqdm import tqdm
-    resp = requests.get(url, stream=True, timeout=30)
-    resp.raise_for_status()
-    total = int(resp.headers.get("content-length", 0))
-    with tqdm(desc=fname, total=total, unit="iB", unit_scale=True, unit_divisor=1024) as bar:
-        def chunks():
-            for data in resp.iter_content(chunk_size=chunk_size):
-                bar.update(len(data))
-                yield np.frombuffer(data, dtype=np.uint8)
-        train_gpt2.write_atomic(fname, chunks())
 
 
 def fetch(data_dir, url, archive):
@@ -61,13 +47,7 @@ def fetch(data_dir, url, archive):
         if os.path.exists(archive):
             print(f"{archive} already exists, skipping download")
         else:
-            print(f"downloading {url} to {archive}...")
-            import requests
-            try:
-                download_file(url, archive)
-            except requests.RequestException as e:
-                raise SystemExit(f"could not download {url} ({type(e).__name__}); put a copy of the file at "
-                                 f"{archive} or run python prepro_tinystories.py --archive PATH/{ARCHIVE}")
+            download(url, archive, f"python prepro_tinystories.py --archive PATH/{ARCHIVE}", chunk_size=1 << 20)
     elif not os.path.isfile(archive):
         raise SystemExit(f"--archive {archive}: no such file")
     print(f"unpacking {archive}...")
