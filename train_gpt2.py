@@ -399,6 +399,85 @@ def write_data_shard(path, tokens):
 #
 # Letters: B batch, T time, C channels, NH heads, hs = C/NH head size, V vocabulary,
 # Vp padded vocabulary (the logits have Vp columns; columns V..Vp-1 never count), L layers.
+#
+# NumPy expressions run on one core, so each layer hands independent blocks of its rows to
+# parallel_rows: NumPy releases the GIL inside ufuncs (and ctypes around BLAS calls), and the
+# blocks run at the same time on our own thread pool. The math of a layer reads the same on a
+# block of rows as on all of them. The matrix multiplies are split the same way, one
+# single-threaded BLAS call per block: OpenBLAS's own threads busy-wait for their next job for a
+# while after each call, and would take a core from every NumPy layer that follows a matmul.
+
+NUM_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+_pool = None
+
+
+def thread_pool():
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=NUM_THREADS)
+        blas = openblas_library()
+        if blas is not None and NUM_THREADS > 1:   # from now on the pool is the parallelism
+            getattr(blas.lib, f"{blas.prefix}openblas_set_num_threads{blas.suffix}")(1)
+    return _pool
+
+
+def parallel_rows(fn, n_rows):
+    """fn(rows) for NUM_THREADS contiguous slices `rows` of range(n_rows), at the same time;
+    the calling thread takes the last slice."""
+    n = min(NUM_THREADS, n_rows)
+    cuts = [n_rows * i // n for i in range(n + 1)] if n > 0 else [0, 0]
+    futures = [thread_pool().submit(fn, slice(cuts[i], cuts[i + 1])) for i in range(len(cuts) - 2)]
+    fn(slice(cuts[-2], cuts[-1]))
+    for f in futures:
+        f.result()
+
+
+def as_rows(x, n_rows):
+    """x viewed as (n_rows, -1) without copying (an error, never a silent copy, for a strided x)."""
+    return x.reshape(n_rows, -1, copy=False)
+
+
+def _blas_layout(x):
+    """(CblasNoTrans or CblasTrans, leading dimension) of a 2-D view BLAS reads in place, or None."""
+    s0, s1 = (s // x.itemsize for s in x.strides)
+    if s1 == 1 and s0 >= max(1, x.shape[1]):
+        return 111, s0                                    # rows strided by s0
+    if s0 == 1 and s1 >= max(1, x.shape[0]):
+        return 112, s1                                    # the transpose of such a view
+    return None
+
+
+def gemm(c, a, b, accumulate):
+    """c = a @ b, or c += a @ b with accumulate, for 2-D views (c's rows may be strided, as a block
+    of columns is), as one BLAS call; plain NumPy where OpenBLAS is not there."""
+    fn = GEMM.get(c.dtype)
+    la, lb, lc = _blas_layout(a), _blas_layout(b), _blas_layout(c)
+    if fn is None or not (a.dtype == b.dtype == c.dtype) or None in (la, lb) or lc is None or lc[0] != 111:
+        if accumulate:
+            c += a @ b
+        else:
+            np.matmul(a, b, out=c)
+        return
+    (M, K), N = a.shape, b.shape[1]
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        if not accumulate:
+            c[...] = 0
+        return
+    fn(101, la[0], lb[0], M, N, K, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1],
+       1.0 if accumulate else 0.0, c.ctypes.data, lc[1])   # 101 = row-major
+
+
+def parallel_gemm(c, a, b, accumulate):
+    """gemm with c cut into blocks, one per thread: blocks of columns (using the same columns of
+    b), or blocks of rows (the same rows of a) where c is much taller than wide (measured faster)."""
+    M, N = c.shape
+    if M >= 4 * N:
+        parallel_rows(lambda r: gemm(c[r], a[r], b, accumulate), M)
+    else:
+        parallel_rows(lambda r: gemm(c[:, r], a, b[:, r], accumulate), N)
+
 
 
 def encoder_forward(out, inp, wte, wpe, B, T, C):
@@ -416,43 +495,62 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C):
     """Normalize each (b, t) row over C (biased variance, eps 1e-5), then scale and shift.
     Caches mean and rstd (B, T) for the backward pass; the normalized input is recomputed."""
     eps = inp.dtype.type(1e-5)
-    mean[...] = inp.mean(axis=-1)
-    xc = inp - mean[..., None]                  # (B, T, C) centered
-    var = np.mean(xc * xc, axis=-1)             # (B, T) biased variance
-    rstd[...] = 1 / np.sqrt(var + eps)
-    np.multiply(xc, rstd[..., None], out=out)   # normalized
-    out *= weight
-    out += bias
+    inp2, out2, mean2, rstd2 = as_rows(inp, B * T), as_rows(out, B * T), mean.reshape(-1, copy=False), rstd.reshape(-1, copy=False)
+
+    def rows(r):                                # r: a slice of the B*T rows of (B*T, C)
+        x = inp2[r]
+        mean2[r] = x.mean(axis=-1)
+        xc = x - mean2[r, None]                 # centered
+        var = np.mean(xc * xc, axis=-1)         # biased variance
+        rstd2[r] = 1 / np.sqrt(var + eps)
+        np.multiply(xc, rstd2[r, None], out=out2[r])   # normalized
+        out2[r] *= weight
+        out2[r] += bias
+    parallel_rows(rows, B * T)
 
 
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, B, T, C):
     """With n = (x - mean) * rstd and out = n * w + b, and g = dout * w:
     dx = rstd * (g - mean_C(g) - n * mean_C(g * n)); dw = sum_BT(dout * n); db = sum_BT(dout)."""
-    norm = (inp - mean[..., None]) * rstd[..., None]      # (B, T, C), recomputed
-    dbias += dout.sum(axis=(0, 1))
-    dweight += (dout * norm).sum(axis=(0, 1))
-    dnorm = dout * weight                                  # (B, T, C)
-    dnorm_mean = dnorm.mean(axis=-1, keepdims=True)        # (B, T, 1)
-    dnorm_norm_mean = (dnorm * norm).mean(axis=-1, keepdims=True)
-    dnorm -= dnorm_mean
-    dnorm -= norm * dnorm_norm_mean
-    dnorm *= rstd[..., None]
-    dinp += dnorm
+    inp2, dinp2, dout2 = as_rows(inp, B * T), as_rows(dinp, B * T), as_rows(dout, B * T)
+    mean2, rstd2 = mean.reshape(-1, copy=False), rstd.reshape(-1, copy=False)
+    db_parts, dw_parts = {}, {}                            # per block of rows, by its first row
+
+    def rows(r):                                           # r: a slice of the B*T rows
+        norm = (inp2[r] - mean2[r, None]) * rstd2[r, None]  # (rows, C), recomputed
+        dout_r = dout2[r]
+        db_parts[r.start] = dout_r.sum(axis=0)
+        dw_parts[r.start] = (dout_r * norm).sum(axis=0)
+        dnorm = dout_r * weight                            # (rows, C)
+        dnorm_mean = dnorm.mean(axis=-1, keepdims=True)    # (rows, 1)
+        dnorm_norm_mean = (dnorm * norm).mean(axis=-1, keepdims=True)
+        dnorm -= dnorm_mean
+        dnorm -= norm * dnorm_norm_mean
+        dnorm *= rstd2[r, None]
+        dinp2[r] += dnorm
+    parallel_rows(rows, B * T)
+    for start in sorted(db_parts):                         # sum the blocks in a fixed order
+        dbias += db_parts[start]
+        dweight += dw_parts[start]
 
 
 def matmul_forward(out, inp, weight, bias, B, T, C, OC):
     """out = inp @ weight^T + bias, weight stored (OC, C) as PyTorch's nn.Linear holds it."""
-    np.matmul(inp.reshape(B * T, C), weight.T, out=out.reshape(B * T, OC))  # (BT, C) @ (C, OC)
-    if bias is not None:
-        out += bias
+    inp2, out2 = as_rows(inp, B * T), as_rows(out, B * T)
+
+    def columns(r):                                        # r: a slice of the OC output columns
+        gemm(out2[:, r], inp2, weight[r].T, accumulate=False)      # (BT, C) @ (C, OC)
+        if bias is not None:
+            out2[:, r] += bias[r]                          # while the block is in cache
+    parallel_rows(columns, OC)
 
 
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC):
-    dout2 = dout.reshape(B * T, OC)
-    matmul_accumulate(dinp.reshape(B * T, C), dout2, weight)          # dinp += (BT, OC) @ (OC, C)
-    matmul_accumulate(dweight, dout2.T, inp.reshape(B * T, C))        # dweight += (OC, BT) @ (BT, C)
+    dout2 = as_rows(dout, B * T)
+    parallel_gemm(as_rows(dinp, B * T), dout2, weight, accumulate=True)        # dinp += (BT, OC) @ (OC, C)
+    parallel_gemm(dweight, dout2.T, as_rows(inp, B * T), accumulate=True)      # dweight += (OC, BT) @ (BT, C)
     if dbias is not None:
-        dbias += dout2.sum(axis=0)
+        parallel_rows(lambda r: np.add(dbias[r], dout2[:, r].sum(axis=0), out=dbias[r]), OC)
 
 
 def _split_heads(x, B, T, NH):
@@ -475,31 +573,42 @@ def attention_forward(out, preatt, att, inp, B, T, C, NH):
     preatt (B, NH, T, T) = q k^T / sqrt(hs), with -inf on the masked (future) entries;
     att = softmax(preatt) over the last axis, exactly 0 on the masked entries;
     out (B, T, C) = att @ v with the heads side by side again."""
-    q, k, v = _qkv_heads(inp, B, T, C, NH)
     scale = inp.dtype.type(1.0 / math.sqrt(C // NH))
-    np.matmul(q, k.transpose(0, 1, 3, 2), out=preatt)      # (B,NH,T,hs) @ (B,NH,hs,T) -> (B,NH,T,T)
-    preatt *= scale
-    preatt[:, :, _causal_mask(T)] = -np.inf
-    np.subtract(preatt, preatt.max(axis=-1, keepdims=True), out=att)
-    np.exp(att, out=att)                                   # exp(-inf) = 0 on the future
-    att /= att.sum(axis=-1, keepdims=True)
-    np.matmul(att, v, out=_split_heads(out, B, T, NH))     # (B,NH,T,T) @ (B,NH,T,hs) -> (B,T,NH,hs)
+    mask = _causal_mask(T)
+
+    def rows(r):                                           # r: a slice of the B sequences
+        Br = r.stop - r.start                              # this block's sequences
+        q, k, v = _qkv_heads(inp[r], Br, T, C, NH)
+        pre, a = preatt[r], att[r]
+        np.matmul(q, k.transpose(0, 1, 3, 2), out=pre)     # (B,NH,T,hs) @ (B,NH,hs,T) -> (B,NH,T,T)
+        pre *= scale
+        pre[:, :, mask] = -np.inf
+        np.subtract(pre, pre.max(axis=-1, keepdims=True), out=a)
+        np.exp(a, out=a)                                   # exp(-inf) = 0 on the future
+        a /= a.sum(axis=-1, keepdims=True)
+        np.matmul(a, v, out=_split_heads(out[r], Br, T, NH))  # (B,NH,T,T) @ (B,NH,T,hs) -> (B,T,NH,hs)
+    parallel_rows(rows, B)
 
 
 def attention_backward(dinp, dpreatt, datt, dout, inp, att, B, T, C, NH):
     """Each line inverts one forward line, last first. dinp (B, T, 3C) receives dq|dk|dv."""
-    q, k, v = _qkv_heads(inp, B, T, C, NH)
-    dq, dk, dv = _qkv_heads(dinp, B, T, C, NH)
-    dout_h = _split_heads(dout, B, T, NH)                  # (B, NH, T, hs)
     scale = inp.dtype.type(1.0 / math.sqrt(C // NH))
-    # out = att @ v
-    datt += dout_h @ v.transpose(0, 1, 3, 2)               # (B,NH,T,hs) @ (B,NH,hs,T)
-    dv += att.transpose(0, 1, 3, 2) @ dout_h               # (B,NH,T,T) @ (B,NH,T,hs)
-    # att = softmax(preatt): d preatt_j = att_j * (d att_j - sum_i att_i d att_i)
-    dpreatt += att * (datt - (att * datt).sum(axis=-1, keepdims=True))
-    # preatt = scale * q @ k^T (the masked entries have att = 0, so their dpreatt is 0)
-    dq += scale * (dpreatt @ k)                            # (B,NH,T,T) @ (B,NH,T,hs)
-    dk += scale * (dpreatt.transpose(0, 1, 3, 2) @ q)
+
+    def rows(r):                                           # r: a slice of the B sequences
+        Br = r.stop - r.start                              # this block's sequences
+        q, k, v = _qkv_heads(inp[r], Br, T, C, NH)
+        dq, dk, dv = _qkv_heads(dinp[r], Br, T, C, NH)
+        dout_h = _split_heads(dout[r], Br, T, NH)          # (B, NH, T, hs)
+        a, da, dpre = att[r], datt[r], dpreatt[r]
+        # out = att @ v
+        da += dout_h @ v.transpose(0, 1, 3, 2)             # (B,NH,T,hs) @ (B,NH,hs,T)
+        dv += a.transpose(0, 1, 3, 2) @ dout_h             # (B,NH,T,T) @ (B,NH,T,hs)
+        # att = softmax(preatt): d preatt_j = att_j * (d att_j - sum_i att_i d att_i)
+        dpre += a * (da - (a * da).sum(axis=-1, keepdims=True))
+        # preatt = scale * q @ k^T (the masked entries have att = 0, so their dpreatt is 0)
+        dq += scale * (dpre @ k)                           # (B,NH,T,T) @ (B,NH,T,hs)
+        dk += scale * (dpre.transpose(0, 1, 3, 2) @ q)
+    parallel_rows(rows, B)
 
 
 def attention_forward_loop(out, preatt, att, inp, B, T, C, NH):
@@ -551,28 +660,38 @@ GELU_SCALING_FACTOR = math.sqrt(2.0 / math.pi)
 def gelu_forward(out, inp, N):
     """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     f = inp.dtype.type
-    np.multiply(inp, inp, out=out)
-    out *= f(0.044715)
-    out += f(1)
-    out *= inp                                  # x + 0.044715 x^3
-    out *= f(GELU_SCALING_FACTOR)
-    np.tanh(out, out=out)
-    out += f(1)
-    out *= inp
-    out *= f(0.5)
+    inp1, out1 = inp.reshape(-1, copy=False), out.reshape(-1, copy=False)
+
+    def rows(r):                                # r: a slice of the N elements
+        x, y = inp1[r], out1[r]
+        np.multiply(x, x, out=y)
+        y *= f(0.044715)
+        y += f(1)
+        y *= x                                  # x + 0.044715 x^3
+        y *= f(GELU_SCALING_FACTOR)
+        np.tanh(y, out=y)
+        y += f(1)
+        y *= x
+        y *= f(0.5)
+    parallel_rows(rows, N)
 
 
 def gelu_backward(dinp, inp, dout, N):
     """d gelu/dx = 0.5 (1 + tanh u) + 0.5 x sech^2(u) du/dx, u = s (x + 0.044715 x^3),
     with sech^2 = 1 - tanh^2 (llm.c writes 1/cosh^2, which overflows to inf at large u)."""
     f = inp.dtype.type
-    x2 = inp * inp
-    u = (x2 * f(0.044715) + f(1)) * inp * f(GELU_SCALING_FACTOR)
-    th = np.tanh(u)
-    du = (x2 * f(3.0 * 0.044715) + f(1)) * f(GELU_SCALING_FACTOR)
-    local_grad = f(0.5) * (f(1) + th) + f(0.5) * inp * (f(1) - th * th) * du
-    local_grad *= dout
-    dinp += local_grad
+    inp1, dinp1, dout1 = inp.reshape(-1, copy=False), dinp.reshape(-1, copy=False), dout.reshape(-1, copy=False)
+
+    def rows(r):                                # r: a slice of the N elements
+        x = inp1[r]
+        x2 = x * x
+        u = (x2 * f(0.044715) + f(1)) * x * f(GELU_SCALING_FACTOR)
+        th = np.tanh(u)
+        du = (x2 * f(3.0 * 0.044715) + f(1)) * f(GELU_SCALING_FACTOR)
+        local_grad = f(0.5) * (f(1) + th) + f(0.5) * x * (f(1) - th * th) * du
+        local_grad *= dout1[r]
+        dinp1[r] += local_grad
+    parallel_rows(rows, N)
 
 
 def residual_forward(out, inp1, inp2, N):
@@ -586,11 +705,15 @@ def residual_backward(dinp1, dinp2, dout, N):
 
 def softmax_forward(probs, logits, B, T, V, Vp):
     """Softmax over the first V of the Vp columns of each (b, t) row; pad columns get 0."""
-    lv, pv = logits[..., :V], probs[..., :V]                # (B, T, V) views
-    np.subtract(lv, lv.max(axis=-1, keepdims=True), out=pv)
-    np.exp(pv, out=pv)
-    pv /= pv.sum(axis=-1, keepdims=True)
-    probs[..., V:] = 0
+    logits2, probs2 = as_rows(logits, B * T), as_rows(probs, B * T)   # (B*T, Vp)
+
+    def rows(r):                                            # r: a slice of the B*T rows
+        lv, pv = logits2[r, :V], probs2[r, :V]              # (rows, V) views
+        np.subtract(lv, lv.max(axis=-1, keepdims=True), out=pv)
+        np.exp(pv, out=pv)
+        pv /= pv.sum(axis=-1, keepdims=True)
+        probs2[r, V:] = 0
+    parallel_rows(rows, B * T)
 
 
 def softmax_forward_loop(probs, logits, B, T, V, Vp):
@@ -614,7 +737,13 @@ def crossentropy_forward(losses, probs, targets, B, T, Vp):
 def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, B, T, V, Vp):
     """Fused backward of softmax + crossentropy: dlogits = (probs - onehot(target)) * dloss,
     over the first V columns only; the pad columns' gradients stay exactly 0."""
-    dlogits[..., :V] += probs[..., :V] * dlosses[..., None]
+    dlogits2, probs2, dlosses1 = as_rows(dlogits, B * T), as_rows(probs, B * T), dlosses.reshape(-1, copy=False)
+
+    def rows(r):                                             # r: a slice of the B*T rows
+        for i in range(r.start, r.stop, 8):                  # 8 rows at a time: a small temporary
+            s = slice(i, min(i + 8, r.stop))
+            dlogits2[s, :V] += probs2[s, :V] * dlosses1[s, None]
+    parallel_rows(rows, B * T)
     b, t = np.indices((B, T))
     dlogits[b, t, targets] -= dlosses                        # each (b, t) once: no duplicates
 
@@ -943,15 +1072,6 @@ def to_numpy(x):
 # GIL inside ufuncs).
 
 ADAMW_CHUNK = 1 << 16                  # floats per chunk: p, g, m, v and 2 scratch = 1.5 MiB
-NUM_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-_pool = None
-
-
-def thread_pool():
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=NUM_THREADS)
-    return _pool
 
 
 def adamw_chunk(p, g, m, v, s1, s2, lr, beta1, beta2, eps, weight_decay, bias_correction1,
