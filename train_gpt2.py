@@ -479,7 +479,6 @@ def parallel_gemm(c, a, b, accumulate):
         parallel_rows(lambda r: gemm(c[:, r], a, b[:, r], accumulate), N)
 
 
-
 def encoder_forward(out, inp, wte, wpe, B, T, C):
     """out[b,t,:] = wte[inp[b,t],:] + wpe[t,:]: token embedding plus position embedding."""
     np.take(wte, inp, axis=0, out=out)          # (B, T) ids -> (B, T, C) rows of wte
@@ -495,7 +494,8 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C):
     """Normalize each (b, t) row over C (biased variance, eps 1e-5), then scale and shift.
     Caches mean and rstd (B, T) for the backward pass; the normalized input is recomputed."""
     eps = inp.dtype.type(1e-5)
-    inp2, out2, mean2, rstd2 = as_rows(inp, B * T), as_rows(out, B * T), mean.reshape(-1, copy=False), rstd.reshape(-1, copy=False)
+    inp2, out2 = as_rows(inp, B * T), as_rows(out, B * T)               # (B*T, C)
+    mean2, rstd2 = mean.reshape(-1, copy=False), rstd.reshape(-1, copy=False)   # (B*T,)
 
     def rows(r):                                # r: a slice of the B*T rows of (B*T, C)
         x = inp2[r]
