@@ -1,19 +1,19 @@
 """
 GPT-2 training in plain NumPy, a port of llm.c's train_gpt2.c.
 
-Read it top to bottom: a little plumbing that makes NumPy fast (BLAS kernels, memory, an
-accumulating matrix multiply), the file formats, then every layer as a forward/backward pair,
+Read it top to bottom: a little plumbing that makes NumPy fast (BLAS kernels, memory, the raw sgemm
+the matmuls call), the file formats, then every layer as a forward/backward pair,
 then the model, the optimizer, the data loader, the tokenizer, the sampler and main.
 Nothing here uses autograd; PyTorch (train_gpt2_torch.py) is only the oracle the tests
 compare against. train_gpt2_cuda.py imports the host code of this file (formats, data
-loader, tokenizer, sampler, CLI) and replaces the layers with CUDA kernels.
+loader, tokenizer, sampler, CLI, training loop) and replaces the layers with CUDA kernels.
 """
 
 import os
 import sys
 
 # ----------------------------------------------------------------------------
-# plumbing: BLAS kernels, memory for temporaries, an accumulating matrix multiply
+# plumbing: BLAS kernels, memory for temporaries, the BLAS sgemm behind the matmuls
 #
 # NumPy's bundled OpenBLAS picks its kernels by CPU model and falls back to the AVX2 (Haswell)
 # ones on a CPU it does not know, even one with AVX-512 (some builds do so on AMD Zen 4). The
@@ -100,30 +100,6 @@ def _gemm_functions():
 
 GEMM = _gemm_functions()
 
-
-def matmul_accumulate(c, a, b):
-    """c += a @ b for 2-D arrays, as one BLAS call with beta = 1 (no temporary, no extra pass
-    over c): what llm.c's matmul_backward does with its += loops. a and b may be transposed
-    views; c must be C-contiguous. Falls back to NumPy's temporary-and-add without OpenBLAS."""
-    fn = GEMM.get(c.dtype)
-    if fn is None or not (a.dtype == b.dtype == c.dtype) or not c.flags.c_contiguous:
-        c += a @ b
-        return
-    operands = []
-    for x in (a, b):
-        if x.flags.c_contiguous:
-            operands.append((111, x.shape[1], x))          # CblasNoTrans, leading dimension
-        elif x.T.flags.c_contiguous:
-            operands.append((112, x.shape[0], x))          # CblasTrans: x is the transpose of a C array
-        else:
-            x = np.ascontiguousarray(x)
-            operands.append((111, x.shape[1], x))
-    (ta, lda, a), (tb, ldb, b) = operands
-    M, K = a.shape
-    N = b.shape[1]
-    if M == 0 or N == 0 or K == 0:
-        return
-    fn(101, ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, c.ctypes.data, N)  # 101 = row-major
 
 # ----------------------------------------------------------------------------
 # file formats: llm.c's .bin files, byte for byte
@@ -1429,14 +1405,16 @@ def usage(defaults, problem=None):
     for key, default in defaults.items():
         flag = f"-{key}" if len(key) <= 2 else f"--{key}"
         lines.append(f"  {flag:10s} {USAGE.get(key, '')} (default {default!r})")
-    print("\n".join(lines), file=sys.stderr)
-    sys.exit(1)
+    print("\n".join(lines), file=sys.stderr if problem else sys.stdout)
+    sys.exit(1 if problem else 0)
 
 
 def parse_args(argv, defaults):
     """llm.c's parser: `-x value` pairs (one letter, or --name for the extras). Returns a dict
     {letter: value} with each value of its default's type; anything else prints the usage."""
     args = dict(defaults)
+    if argv and argv[0] in ("-h", "--help"):
+        usage(defaults)
     if len(argv) % 2 != 0:
         usage(defaults, f"flag {argv[-1]} has no value")
     for flag, value in zip(argv[0::2], argv[1::2]):

@@ -435,13 +435,15 @@ def test_init_matches_torch_normal():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_matmul_accumulate(dtype):
-    """c += a @ b in one BLAS call, for plain, transposed and strided operands."""
+def test_gemm(dtype):
+    """c += a @ b (and c = a @ b) in one BLAS call, for plain, transposed and strided operands."""
     a = rand(7, 5).astype(dtype)
     b = rand(5, 9).astype(dtype)
     for aa, bb in ((a, b), (np.ascontiguousarray(a.T).T, np.ascontiguousarray(b.T).T), (rand(7, 10)[:, ::2].astype(dtype), b)):
         c = rand(7, 9).astype(dtype)
         expected = c + aa @ bb
-        m.matmul_accumulate(c, aa, bb)
+        m.gemm(c, aa, bb, accumulate=True)
         assert c.dtype == dtype
         np.testing.assert_allclose(c, expected, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-6)
+        m.gemm(c, aa, bb, accumulate=False)
+        np.testing.assert_allclose(c, aa @ bb, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-6)

@@ -86,6 +86,11 @@ def test_bad_flags_print_usage(argv, message, capsys):
     assert code == 1 and f"error: {message}" in err and "Usage:" in err and "-x" in err
 
 
+def test_help_prints_usage_and_succeeds(capsys):
+    code, out, err = run_main(["-h"], capsys)
+    assert code == 0 and "Usage:" in out and "-e " in out and err == ""
+
+
 @pytest.mark.parametrize("extra,message", [
     (["-t", "33"], "error: sequence length -t 33 exceeds the model's max_seq_len 32"),
     (["-j", "small.bin"], "small.bin: 20 tokens, fewer than the 33 one batch needs (B=2, T=16)"),
