@@ -45,18 +45,23 @@ __device__ float warp_max(float v) {
     return v;
 }
 
+// The element at flat index idx of a (B,NH,T,hs) tensor is [b, nh, t, d]; return the flat index
+// of [b, t, 0, nh, d] in a tensor laid out (B,T,groups,NH,hs): groups = 3 for qkv (B,T,3C), where
+// k and v follow q at +C and +2C, and groups = 1 for the attention output (B,T,C).
+__device__ int btnh_index(int idx, int T, int NH, int hs, int groups) {
+    int d = idx % hs;
+    int t = (idx / hs) % T;
+    int nh = (idx / (hs * T)) % NH;
+    int b = idx / (hs * T * NH);
+    return ((b * T + t) * groups * NH + nh) * hs + d;
+}
+
 extern "C" __global__ void permute_kernel(float* q, float* k, float* v, const float* inp,
                                           int B, int T, int NH, int hs) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into q (B,NH,T,hs)
     if (idx >= B * NH * T * hs) { return; }
-    int b = idx / (NH * T * hs);
-    int rest = idx % (NH * T * hs);
-    int nh = rest / (T * hs);
-    rest = rest % (T * hs);
-    int t = rest / hs;
-    int d = rest % hs;
     int C = NH * hs;
-    int q_idx = (b * T + t) * 3 * C + nh * hs + d;    // inp[b, t, 0, nh, d]
+    int q_idx = btnh_index(idx, T, NH, hs, 3);        // inp[b, t, 0, nh, d]
     q[idx] = inp[q_idx];
     k[idx] = inp[q_idx + C];                           // inp[b, t, 1, nh, d]
     v[idx] = inp[q_idx + 2 * C];                       // inp[b, t, 2, nh, d]
@@ -65,13 +70,7 @@ extern "C" __global__ void permute_kernel(float* q, float* k, float* v, const fl
 extern "C" __global__ void unpermute_kernel(float* out, const float* inp, int B, int T, int NH, int hs) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into inp (B,NH,T,hs)
     if (idx >= B * NH * T * hs) { return; }
-    int b = idx / (NH * T * hs);
-    int rest = idx % (NH * T * hs);
-    int nh = rest / (T * hs);
-    rest = rest % (T * hs);
-    int t = rest / hs;
-    int d = rest % hs;
-    out[((b * T + t) * NH + nh) * hs + d] = inp[idx]; // out[b, t, nh, d]
+    out[btnh_index(idx, T, NH, hs, 1)] = inp[idx];    // out[b, t, nh, d]
 }
 
 extern "C" __global__ void softmax_forward_kernel(float* att, const float* preatt, float scale,
@@ -126,14 +125,8 @@ extern "C" __global__ void permute_backward_kernel(float* dinp, const float* dq,
                                                    const float* dv, int B, int T, int NH, int hs) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into dq (B,NH,T,hs)
     if (idx >= B * NH * T * hs) { return; }
-    int b = idx / (NH * T * hs);
-    int rest = idx % (NH * T * hs);
-    int nh = rest / (T * hs);
-    rest = rest % (T * hs);
-    int t = rest / hs;
-    int d = rest % hs;
     int C = NH * hs;
-    int q_idx = (b * T + t) * 3 * C + nh * hs + d;
+    int q_idx = btnh_index(idx, T, NH, hs, 3);        // dinp[b, t, 0, nh, d]
     dinp[q_idx] = dq[idx];
     dinp[q_idx + C] = dk[idx];
     dinp[q_idx + 2 * C] = dv[idx];
@@ -143,11 +136,5 @@ extern "C" __global__ void unpermute_backward_kernel(float* dinp, const float* d
                                                      int B, int T, int NH, int hs) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into dinp (B,NH,T,hs)
     if (idx >= B * NH * T * hs) { return; }
-    int b = idx / (NH * T * hs);
-    int rest = idx % (NH * T * hs);
-    int nh = rest / (T * hs);
-    rest = rest % (T * hs);
-    int t = rest / hs;
-    int d = rest % hs;
-    dinp[idx] = dout[((b * T + t) * NH + nh) * hs + d];
+    dinp[idx] = dout[btnh_index(idx, T, NH, hs, 1)];  // dout[b, t, nh, d]
 }
