@@ -161,12 +161,21 @@ KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 _modules, _functions = {}, {}
 
 
+def kernel_source(file):
+    """kernels/common.cuh (the shared warp reductions) + kernels/<file>.cu: the text every compiler
+    of the kernels gets (NVRTC here, g++ in the emulator, nvcc in tests/test_kernels.py). The #line
+    directive gives messages the .cu file's own line numbers."""
+    with open(os.path.join(KERNEL_DIR, "common.cuh")) as f:
+        common = f.read()
+    with open(os.path.join(KERNEL_DIR, file + ".cu")) as f:
+        return f'{common}\n#line 1 "{file}.cu"\n{f.read()}'
+
+
 def kernel(file, name):
     """The __global__ function `name` of kernels/<file>.cu, compiled on first use."""
     if (file, name) not in _functions:
         if file not in _modules:
-            with open(os.path.join(KERNEL_DIR, file + ".cu")) as f:
-                _modules[file] = RawModule(code=f.read(), options=("--std=c++17",))
+            _modules[file] = RawModule(code=kernel_source(file), options=("--std=c++17",))
         _functions[(file, name)] = _modules[file].get_function(name)
     return _functions[(file, name)]
 

@@ -21,6 +21,9 @@
 //   the host sums out[:grid] (and takes the sqrt). Deterministic for a given grid: no atomics.
 //   launch: any grid G (e.g. min(ceil_div(count, block), 1024)), block = 512 (a multiple of 32,
 //   <= 1024), out holds >= G floats, static shared memory 32 floats.
+//
+// warp_sum comes from kernels/common.cuh, which the loader (train_gpt2_cuda.py's kernel_source)
+// puts in front of this file.
 
 __device__ float adamw_lerp(float start, float end, float weight) {
     return fmaf(weight, end, fmaf(-weight, start, start));  // weight*end + (1-weight)*start
@@ -40,11 +43,6 @@ extern "C" __global__ void adamw_kernel(float* params, const float* grads, float
     float m_hat = mi / beta1_correction;
     float v_hat = vi / beta2_correction;
     params[i] -= learning_rate * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * params[i]);
-}
-
-__device__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) { v += __shfl_xor_sync(0xffffffff, v, offset); }
-    return v;
 }
 
 extern "C" __global__ void global_norm_squared_kernel(float* out, const float* data, long long count) {

@@ -18,17 +18,9 @@
 // optional probs output instead); pad columns zeroed; and a barrier between thread 0 reading
 // logits[target] for the loss and the threads overwriting the row (llm.c has none, a race).
 //
-// Assumes B*T*Vp < 2^31 (rows are addressed with 64-bit offsets anyway).
-
-__device__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) { v += __shfl_xor_sync(0xffffffff, v, offset); }
-    return v;
-}
-
-__device__ float warp_max(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) { v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset)); }
-    return v;
-}
+// Assumes B*T*Vp < 2^31 (rows are addressed with 64-bit offsets anyway). warp_sum and warp_max
+// come from kernels/common.cuh, which the loader (train_gpt2_cuda.py's kernel_source) puts in
+// front of this file.
 
 // block-wide reductions: every thread gets the result. shared holds one partial per warp.
 __device__ float block_sum(float v, float* shared) {

@@ -1,7 +1,8 @@
 """The CUDA kernels of kernels/*.cu, checked without a GPU.
 
 1. Every .cu compiles with nvcc for sm_80 and sm_90 the way NVRTC sees it (PTX only, C++17, all
-   warnings are errors, no #include), and its header names each kernel with its exact parameters.
+   warnings are errors, no #include; the text train_gpt2_cuda.kernel_source gives CuPy, common.cuh
+   first), and its header names each kernel with its exact parameters.
 2. Every kernel runs on the CPU emulator (kernels/emulator.py) against train_gpt2.py's NumPy layer
    evaluated in float64, on odd shapes (N=1000, C=48, T=13, V=101, Vp=128) and odd launch shapes.
 3. The emulator itself: barriers after early returns, shuffles, shared memory, atomics, multi-dim
@@ -29,6 +30,7 @@ import pytest
 
 import train_gpt2 as tg
 from kernels import emulator
+from train_gpt2_cuda import kernel_source  # kernels/common.cuh + kernels/<file>.cu, as the trainer compiles it
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_FILES = sorted(glob.glob(os.path.join(REPO, "kernels", "*.cu")))
@@ -89,11 +91,7 @@ class Emulated:
 
 
 def _sources():
-    out = {}
-    for name, path in zip(KERNEL_NAMES, KERNEL_FILES):
-        with open(path) as f:
-            out[name] = f.read()
-    return out
+    return {name: kernel_source(name) for name in KERNEL_NAMES}
 
 
 def _gpu_available():
@@ -165,8 +163,13 @@ def _nvcc(path, arch):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed (CUDA toolkit)")
-def test_every_kernel_compiles_with_nvcc_for_sm80_and_sm90():
-    jobs = [(p, arch) for p in KERNEL_FILES for arch in (80, 90)]
+def test_every_kernel_compiles_with_nvcc_for_sm80_and_sm90(tmp_path):
+    paths = []
+    for name, code in _sources().items():             # common.cuh + <name>.cu, the text NVRTC gets
+        paths.append(str(tmp_path / (name + ".cu")))
+        with open(paths[-1], "w") as f:
+            f.write(code)
+    jobs = [(p, arch) for p in paths for arch in (80, 90)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         results = list(pool.map(lambda j: _nvcc(*j), jobs))
     failures = [f"{os.path.basename(p)} sm_{a}:\n{err}" for p, a, rc, err in results if rc != 0]
@@ -174,15 +177,19 @@ def test_every_kernel_compiles_with_nvcc_for_sm80_and_sm90():
     assert len(results) == 2 * len(KERNEL_FILES) >= 16
 
 
-@pytest.mark.parametrize("name", KERNEL_NAMES)
+@pytest.mark.parametrize("name", KERNEL_NAMES + ["common.cuh"])
 def test_kernel_source_is_nvrtc_clean_and_header_matches(name):
-    """NVRTC has no host headers: no #include, FLT_MAX, INFINITY, std:: or assert. Each extern "C" kernel's
-    parameter list appears verbatim (modulo whitespace) in the file's opening comment."""
-    with open(os.path.join(REPO, "kernels", name + ".cu")) as f:
+    """NVRTC has no host headers: no #include (not even of common.cuh, which the loader prepends),
+    FLT_MAX, INFINITY, std:: or assert. Each extern "C" kernel's parameter list appears verbatim
+    (modulo whitespace) in the file's opening comment."""
+    with open(os.path.join(REPO, "kernels", name if name.endswith(".cuh") else name + ".cu")) as f:
         src = f.read()
     code = re.sub(r"//.*", "", src)                   # comments may name what the code must not use
     for banned in ("#include", "FLT_MAX", "INFINITY", "std::", "assert("):
-        assert banned not in code, f"{name}.cu uses {banned}, which NVRTC does not provide"
+        assert banned not in code, f"{name} uses {banned}, which NVRTC does not provide"
+    if name == "common.cuh":
+        assert "__global__" not in code, "common.cuh holds __device__ helpers only"
+        return
     header = " ".join(line.lstrip()[2:] for line in src.splitlines()[:80] if line.lstrip().startswith("//"))
     kernels = re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', code)
     assert kernels, f"{name}.cu defines no extern \"C\" __global__ kernel"

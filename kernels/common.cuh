@@ -1,0 +1,27 @@
+// common.cuh: the warp reductions the kernel files share.
+//
+// Not compiled on its own and not #included: train_gpt2_cuda.py's kernel_source(file) puts this
+// text in front of kernels/<file>.cu, followed by `#line 1 "<file>.cu"` so that compiler messages
+// keep the file's own line numbers. The same text goes to NVRTC (cupy.RawModule), to the emulator
+// (g++) and to nvcc in tests/test_kernels.py. Prepending, rather than `#include "common.cuh"` with
+// -I, keeps the compile caches honest: CuPy and the emulator both key their caches on the source
+// text, so an edit here recompiles every module.
+//
+// warp_sum(v), warp_max(v): a butterfly over the 32 lanes with __shfl_xor_sync. Lane k receives
+// the v of lane k ^ offset for offsets 16, 8, 4, 2, 1, so afterwards EVERY lane holds the sum
+// (max) over the warp and no broadcast is needed. All 32 lanes must take part (full mask): a
+// kernel whose last warp is partly past the data returns it as a whole, never lane by lane.
+
+// LLMC_COMMON_CUH tells a file that this text came first: layernorm.cu keeps a fallback warp_sum
+// for doc/layernorm.py, which compiles it alone, under #ifndef LLMC_COMMON_CUH.
+#define LLMC_COMMON_CUH
+
+__device__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset /= 2) { v += __shfl_xor_sync(0xffffffff, v, offset); }
+    return v;
+}
+
+__device__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset /= 2) { v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset)); }
+    return v;
+}
