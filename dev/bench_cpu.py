@@ -30,6 +30,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import (Profiler, add_run_args, add_worker_args, check_data, check_run_args,  # noqa: E402
+                          find_checkpoint, get_batches, print_breakdown, step_ms, worker_command)
 
 TARGET_RATIO = 0.5          # ours <= 0.5x PyTorch eager's ms/step
 TARGET_RSS_MIB = 2.5 * 1024  # ours peak RSS <= ~2.5 GiB
@@ -37,26 +41,7 @@ ADAMW = dict(learning_rate=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=
 
 
 # ----------------------------------------------------------------------------
-# helpers shared by the workers
-
-def get_batches(data, B, T, n, vocab_size):
-    """n (inputs, targets) pairs of int32 (B, T): consecutive windows of the shard, or seeded random tokens."""
-    import numpy as np
-    rng = np.random.default_rng(42)
-    tokens = None
-    if data and os.path.exists(data):
-        import train_gpt2
-        tokens = train_gpt2.read_data_shard(data)
-    batches = []
-    for i in range(n):  # batch i is the same whatever n is
-        if tokens is None:
-            buf = rng.integers(0, vocab_size, size=B * T + 1).astype(np.int32)
-        else:
-            start = (i * B * T) % (len(tokens) - B * T - 1)
-            buf = np.asarray(tokens[start:start + B * T + 1], dtype=np.int32)
-        batches.append((buf[:-1].reshape(B, T), buf[1:].reshape(B, T)))
-    return batches
-
+# what the NumPy worker reports about its machine
 
 def openblas_info():
     """(core type, config string, threads) of the OpenBLAS that NumPy loaded, asked through ctypes
@@ -105,74 +90,6 @@ def vm_hwm_mib():
 
 # ----------------------------------------------------------------------------
 # worker: our NumPy trainer, with a per-function breakdown
-
-class WallTimer:
-    """Host wall-clock spans for the Profiler (bench_gpu.py brings one made of CUDA events)."""
-
-    def start(self):
-        return [time.perf_counter(), None]
-
-    def stop(self, span):
-        span[1] = time.perf_counter()
-
-    def seconds(self, span):
-        return span[1] - span[0]
-
-
-class Profiler:
-    """Wraps a trainer module's gpt2_* phases and <layer>_forward/_backward functions with timers. Time in
-    a layer is charged to the phase it runs in (forward, backward, update); nested layer calls are not
-    counted twice. gpt2_forward looks the layers up in the module's globals, so wrapping them works.
-    Spans are read in flush(), once per step, so a CUDA timer is only synchronized there."""
-
-    PHASES = {"gpt2_zero_grad": "zero_grad", "gpt2_forward": "forward", "gpt2_backward": "backward",
-              "gpt2_calculate_grad_norm": "update", "gpt2_update": "update"}
-
-    def __init__(self, module, timer=None, layers=True):
-        self.timer = timer or WallTimer()
-        self.phase, self.depth, self.enabled = None, 0, False
-        self.totals, self.calls, self.pending = {}, {}, []
-        for name, fn in list(vars(module).items()):
-            if not callable(fn) or isinstance(fn, type) or getattr(fn, "__module__", None) != module.__name__:
-                continue
-            if name in self.PHASES:
-                setattr(module, name, self.wrap(fn, name, self.PHASES[name]))
-            elif layers and name.endswith(("_forward", "_backward")):
-                setattr(module, name, self.wrap(fn, name, None))
-
-    def wrap(self, fn, name, phase):
-        def timed(*args, **kwargs):
-            outer = self.phase
-            if phase is not None:
-                self.phase = phase
-            else:
-                self.depth += 1
-            span = self.timer.start() if self.enabled and (phase is not None or self.depth == 1) else None
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if span is not None:
-                    self.timer.stop(span)
-                    key = (phase, "(total)") if phase is not None else (self.phase or "outside", name)
-                    self.pending.append((key, span))
-                if phase is not None:
-                    self.phase = outer
-                else:
-                    self.depth -= 1
-        return timed
-
-    def flush(self):
-        """Add the finished spans to the totals (call after the step, synchronized)."""
-        for key, span in self.pending:
-            self.totals[key] = self.totals.get(key, 0.0) + self.timer.seconds(span)
-            self.calls[key] = self.calls.get(key, 0) + 1
-        self.pending = []
-
-    def rows(self, steps):
-        """[phase, function, seconds per step, calls per step] for every timed function."""
-        return [[phase, name, secs / steps, self.calls[(phase, name)] / steps]
-                for (phase, name), secs in self.totals.items()]
-
 
 def worker_numpy(args):
     import numpy as np
@@ -265,10 +182,8 @@ def run_worker(trainer, args, result_path):
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(args.threads)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", trainer, "--result", result_path,
-           "--checkpoint", args.checkpoint, "--data", args.data or "", "-b", str(args.batch_size),
-           "-t", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--torch_fused", args.torch_fused, "--breakdown", str(args.breakdown)]
+    cmd = worker_command(__file__, trainer, result_path, args) + [
+        "--threads", str(args.threads), "--torch_fused", args.torch_fused, "--breakdown", str(args.breakdown)]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -279,53 +194,18 @@ def run_worker(trainer, args, result_path):
     return result, usage.ru_maxrss / 1024  # KiB on Linux
 
 
-def make_checkpoint(path):
-    """Write a from-scratch d12 model (our seeded init) to `path`, in a subprocess to keep this one small."""
-    code = ("import sys, train_gpt2 as t; m = t.gpt2_build_from_descriptor('d12'); "
-            "t.write_model_file(sys.argv[1], m.config, m.params_memory)")
-    r = subprocess.run([sys.executable, "-c", code, path], cwd=REPO)
-    if r.returncode != 0:
-        raise SystemExit("bench_cpu.py: could not build d12 from scratch; "
-                         "export it instead with python train_gpt2_torch.py --model d12")
-
-
-def print_breakdown(rows, step_ms):
-    layers = any(name != "(total)" for _, name, _, _ in rows)
-    print("\nour step, by phase" + (" and layer function (ms per step, summed over layers; calls per step)"
-                                     if layers else " (ms per step)"))
-    print(f"{'phase':<10} {'function':<34} {'ms':>9} {'calls':>6} {'% step':>7}   (of the mean step, {step_ms:.1f} ms)")
-    order = {"zero_grad": 0, "forward": 1, "backward": 2, "update": 3, "outside": 4}
-    rows = sorted(rows, key=lambda r: (order.get(r[0], 9), r[1] != "(total)", -r[2]))
-    phase_total = 0.0
-    for phase, name, secs, calls in rows:
-        ms = secs * 1000
-        if name == "(total)":
-            phase_total += ms
-            print(f"{phase:<10} {'(phase total)':<34} {ms:9.1f} {calls:6.0f} {100 * ms / step_ms:6.1f}%")
-        else:
-            print(f"{'':<10} {name:<34} {ms:9.1f} {calls:6.0f} {100 * ms / step_ms:6.1f}%")
-    print(f"{'':<10} {'(step minus phases: loop overhead)':<34} {step_ms - phase_total:9.1f}")
-
-
 def main():
     parser = argparse.ArgumentParser(description="NumPy trainer vs PyTorch eager, whole training steps on the CPU.")
-    parser.add_argument("--checkpoint", default="gpt2_d12.bin", help="model file; built from scratch if absent")
-    parser.add_argument("--data", default="data/tinyshakespeare/tiny_shakespeare_train.bin",
-                        help="data shard; seeded random tokens if absent")
-    parser.add_argument("-b", "--batch_size", type=int, default=4)
-    parser.add_argument("-t", "--seq_len", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per trainer")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    add_run_args(parser, seq_len=64, steps=5, warmup=1, checkpoint_help="model file; built from scratch if absent",
+                 warmup_help="untimed steps first")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--trainers", default="numpy,torch", help="comma-separated: numpy, torch")
     parser.add_argument("--torch_fused", default="auto", choices=["auto", "1", "0"],
                         help="AdamW for PyTorch: auto = torch's default choice on the CPU, 1 = fused, 0 = foreach")
     parser.add_argument("--breakdown", type=int, default=1, help="1 = per-layer timing of our step")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    add_worker_args(parser)
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    trainers = check_run_args(parser, args, ("numpy", "torch"))
 
     if args.worker:  # inside a subprocess: run one trainer, write the result as JSON
         os.chdir(REPO)
@@ -336,25 +216,12 @@ def main():
         return
 
     os.chdir(REPO)
-    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
-    for t in trainers:
-        if t not in ("numpy", "torch"):
-            parser.error(f"unknown trainer {t!r} (numpy, torch)")
     if "torch" in trainers and not os.path.exists(os.path.join(REPO, "train_gpt2_torch.py")):
         raise SystemExit("bench_cpu.py: train_gpt2_torch.py not found (PyTorch's model class lives there)")
-    if args.data and not os.path.exists(args.data):
-        print(f"bench_cpu.py: {args.data} not found (python prepro_tinyshakespeare.py makes it); using random tokens")
-        args.data = ""
+    check_data(args, "bench_cpu.py")
 
     with tempfile.TemporaryDirectory(prefix="bench_cpu") as tmp:
-        if not os.path.exists(args.checkpoint):
-            print(f"bench_cpu.py: {args.checkpoint} not found; building d12 from scratch "
-                  "(train_gpt2.gpt2_build_from_descriptor)")
-            args.checkpoint = os.path.join(tmp, "gpt2_d12.bin")
-            make_checkpoint(args.checkpoint)
-        args.checkpoint = os.path.abspath(args.checkpoint)
-        print(f"checkpoint: {args.checkpoint}")
-        print(f"data: {args.data or 'seeded random tokens'}")
+        find_checkpoint(args, tmp, "bench_cpu.py")
         print(f"B={args.batch_size} T={args.seq_len} warm-up {args.warmup} + timed {args.steps} steps, "
               f"{args.threads} threads (of {os.cpu_count()} cores), AdamW {ADAMW}")
         results, loads = {}, []
@@ -371,9 +238,8 @@ def main():
     print(f"\n{'trainer':<28} {'median ms/step':>15} {'min':>8} {'max':>8} {'tokens/s':>9} {'peak RSS MiB':>13}")
     medians = {}
     for t, (res, rss) in results.items():
-        ms = [s * 1000 for s in res["times"]]
-        medians[t] = statistics.median(ms)
-        print(f"{names[t]:<28} {medians[t]:15.1f} {min(ms):8.1f} {max(ms):8.1f} "
+        medians[t], fastest, slowest = step_ms(res["times"])
+        print(f"{names[t]:<28} {medians[t]:15.1f} {fastest:8.1f} {slowest:8.1f} "
               f"{tokens / medians[t] * 1000:9.0f} {rss:13.0f}")
     if "numpy" in results and "torch" in results:
         ratio = medians["numpy"] / medians["torch"]

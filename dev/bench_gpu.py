@@ -32,7 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_cpu import Profiler, get_batches, make_checkpoint, print_breakdown  # noqa: E402
+from bench_common import (Profiler, add_run_args, add_worker_args, check_data, check_run_args,  # noqa: E402
+                          find_checkpoint, get_batches, print_breakdown, print_run, step_ms, worker_command)
 
 ADAMW = dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
 DRY_RUN_SHAPE = dict(max_seq_len=32, vocab_size=500, num_layers=2, num_heads=2, channels=32)
@@ -189,11 +190,9 @@ def run_worker(trainer, args, result_path):
     env = dict(os.environ)
     if args.dry_run:
         env["LLMC_EMULATE"] = "1"
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", trainer, "--result", result_path,
-           "--checkpoint", args.checkpoint, "--data", args.data or "", "-b", str(args.batch_size),
-           "-t", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--tf32", str(args.tf32), "--compile", str(args.compile), "--breakdown", str(args.breakdown),
-           "--dry_run", str(args.dry_run)]
+    cmd = worker_command(__file__, trainer, result_path, args) + [
+        "--tf32", str(args.tf32), "--compile", str(args.compile), "--breakdown", str(args.breakdown),
+        "--dry_run", str(args.dry_run)]
     r = subprocess.run(cmd, env=env, cwd=REPO)
     if r.returncode != 0:
         raise SystemExit(f"bench_gpu.py: the {trainer} worker failed with exit code {r.returncode}")
@@ -224,13 +223,8 @@ def make_tiny_checkpoint(path):
 
 def main():
     parser = argparse.ArgumentParser(description="CuPy trainer vs PyTorch (compile + TF32), whole steps on one GPU.")
-    parser.add_argument("--checkpoint", default="gpt2_d12.bin", help="model file; d12 built from scratch if absent")
-    parser.add_argument("--data", default="data/tinyshakespeare/tiny_shakespeare_train.bin",
-                        help="data shard; seeded random tokens if absent")
-    parser.add_argument("-b", "--batch_size", type=int, default=4)
-    parser.add_argument("-t", "--seq_len", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per trainer")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles here)")
+    add_run_args(parser, seq_len=1024, steps=20, warmup=3, checkpoint_help="model file; d12 built from scratch if absent",
+                 warmup_help="untimed steps first (torch.compile compiles here)")
     parser.add_argument("--tf32", type=int, default=1, help="TF32 GEMMs on both sides (--tensorcores 1)")
     parser.add_argument("--compile", type=int, default=1, help="torch.compile PyTorch's model (--compile 1)")
     parser.add_argument("--trainers", default="ours,torch", help="comma-separated: ours, torch")
@@ -238,11 +232,9 @@ def main():
                         help="extra steps of ours, after the timed ones, with CUDA events around each layer (0 = none)")
     parser.add_argument("--dry_run", type=int, default=0,
                         help="1 = no GPU needed: tiny model, ours on the emulator, PyTorch eager on the CPU")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    add_worker_args(parser)
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    trainers = check_run_args(parser, args, ("ours", "torch"))
 
     if args.worker:
         os.chdir(REPO)
@@ -252,18 +244,12 @@ def main():
         return
 
     os.chdir(REPO)
-    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
-    for t in trainers:
-        if t not in ("ours", "torch"):
-            parser.error(f"unknown trainer {t!r} (ours, torch)")
     if not args.dry_run:
         why = gpu_status()
         if why is not None:
             raise SystemExit(f"bench_gpu.py: {why}; nothing to time here (python dev/bench_gpu.py --dry_run 1 "
                              "checks the plumbing on the CPU, python dev/bench_cpu.py times the NumPy trainer)")
-    if args.data and not os.path.exists(args.data):
-        print(f"bench_gpu.py: {args.data} not found (python prepro_tinyshakespeare.py makes it); using random tokens")
-        args.data = ""
+    check_data(args, "bench_gpu.py")
 
     with tempfile.TemporaryDirectory(prefix="bench_gpu") as tmp:
         if args.dry_run:
@@ -275,14 +261,9 @@ def main():
             if args.steps == parser.get_default("steps"):
                 args.steps, args.warmup, args.breakdown = 2, 1, min(args.breakdown, 1)
             args.data = ""  # random tokens inside the tiny vocabulary
-        elif not os.path.exists(args.checkpoint):
-            print(f"bench_gpu.py: {args.checkpoint} not found; building d12 from scratch "
-                  "(train_gpt2.gpt2_build_from_descriptor)")
-            args.checkpoint = os.path.join(tmp, "gpt2_d12.bin")
-            make_checkpoint(args.checkpoint)
-        args.checkpoint = os.path.abspath(args.checkpoint)
-        print(f"checkpoint: {args.checkpoint}")
-        print(f"data: {args.data or 'seeded random tokens'}")
+            print_run(args)
+        else:
+            find_checkpoint(args, tmp, "bench_gpu.py")
         print(f"B={args.batch_size} T={args.seq_len} warm-up {args.warmup} + timed {args.steps} steps, "
               f"TF32 {args.tf32}, torch.compile {args.compile}{' (dry run: off)' if args.dry_run else ''}, "
               f"AdamW {ADAMW}")
@@ -298,9 +279,8 @@ def main():
           f"{'alloc peak MiB':>15} {'device used MiB':>16}")
     medians = {}
     for t, res in results.items():
-        ms = [s * 1000 for s in res["times"]]
-        medians[t] = statistics.median(ms)
-        print(f"{names[t]:<30} {medians[t]:15.2f} {min(ms):8.2f} {max(ms):8.2f} {tokens / medians[t] * 1000:10.0f} "
+        medians[t], fastest, slowest = step_ms(res["times"])
+        print(f"{names[t]:<30} {medians[t]:15.2f} {fastest:8.2f} {slowest:8.2f} {tokens / medians[t] * 1000:10.0f} "
               f"{res['alloc_peak_mib']:15.0f} {res['device_used_mib']:16.0f}")
     if "ours" in results and "torch" in results:
         print(f"ratio ours/PyTorch (ms/step): {medians['ours'] / medians['torch']:.3f}")
