@@ -21,7 +21,6 @@ import ctypes
 import glob
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys

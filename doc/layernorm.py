@@ -114,7 +114,8 @@ else:
     def ceil_div(a, b):
         return (a + b - 1) // b
 
-    src = open(os.path.join(REPO, "kernels", "layernorm.cu")).read()
+    from train_gpt2_cuda import kernel_source
+    src = kernel_source("layernorm")              # kernels/common.cuh + kernels/layernorm.cu
     mod = RawModule(code=src, options=("--std=c++17",))
     f32, i32, N = np.float32, np.int32, B * T
     inp, weight, bias, dout_ = (a.astype(f32) for a in (x_np, w_np, b_np, dout_np))

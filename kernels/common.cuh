@@ -12,10 +12,6 @@
 // (max) over the warp and no broadcast is needed. All 32 lanes must take part (full mask): a
 // kernel whose last warp is partly past the data returns it as a whole, never lane by lane.
 
-// LLMC_COMMON_CUH tells a file that this text came first: layernorm.cu keeps a fallback warp_sum
-// for doc/layernorm.py, which compiles it alone, under #ifndef LLMC_COMMON_CUH.
-#define LLMC_COMMON_CUH
-
 __device__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset /= 2) { v += __shfl_xor_sync(0xffffffff, v, offset); }
     return v;

@@ -22,15 +22,7 @@
 //
 // Assumes N*C < 2^31. warp_sum (every lane gets the sum over the warp) comes from
 // kernels/common.cuh, which the loader (train_gpt2_cuda.py's kernel_source) puts in front of
-// this file. The copy below is compiled only when this file is compiled alone, as doc/layernorm.py
-// still does (RawModule(code=<this file>)); it goes once that script uses kernel_source.
-
-#ifndef LLMC_COMMON_CUH
-__device__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) { v += __shfl_xor_sync(0xffffffff, v, offset); }
-    return v;
-}
-#endif
+// this file.
 
 extern "C" __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd,
                                                     const float* inp, const float* weight,

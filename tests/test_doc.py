@@ -69,7 +69,7 @@ def quoted_blocks(md_path):
     out = []
     for m in re.finditer(r"```(?:python|cuda)\n(.*?)```", text, re.S):
         before = text[max(0, m.start() - 300):m.start()]
-        refs = re.findall(r"\(([\w/.]+\.(?:py|cu)),\s+lines?\s+(\d+)(?:-(\d+))?\)", before)
+        refs = re.findall(r"\(([\w/.]+\.(?:py|cuh?)),\s+lines?\s+(\d+)(?:-(\d+))?\)", before)
         assert refs, f"{md_path}: a code block without a '(<file>, lines A-B)' reference:\n{m.group(1)[:200]}"
         path, first, last = refs[-1]
         out.append((path, int(first), int(last or first), m.group(1).rstrip("\n").split("\n")))

@@ -1,6 +1,5 @@
 """AdamW, the gradient norm, clipping and the learning-rate schedules of train_gpt2.py against
 torch.optim; gradient accumulation against one big batch."""
-import math
 import os
 import sys
 
