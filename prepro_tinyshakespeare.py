@@ -75,8 +75,7 @@ def fetch(data_dir, url, local_copy):
 
 def tokenize(text):
     """llm.c's tokenization of tiny shakespeare: a list of GPT-2 token ids."""
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = train_gpt2.gpt2_encoding()
     eot = enc._special_tokens["<|endoftext|>"]  # 50256
     sections = text.split("\n\n")
     tokens = []

@@ -79,8 +79,7 @@ _enc = None
 
 def _init_worker():
     global _enc
-    import tiktoken
-    _enc = tiktoken.get_encoding("gpt2")
+    _enc = train_gpt2.gpt2_encoding()   # main() loaded it once already, so this reads tiktoken's cache
 
 
 def tokenize_shard(job):
@@ -122,6 +121,7 @@ def main(argv=None):
     files = shard_files(shards_dir)
     print(f"tokenizing {len(files)} shards with {args.workers} worker(s)")
     from tqdm import tqdm
+    train_gpt2.gpt2_encoding()   # fail here, in one line, rather than in every worker, when it cannot load
     with Pool(max(1, args.workers), initializer=_init_worker) as pool:
         # imap, not imap_unordered: results come back in shard order, so the output never changes
         parts = list(tqdm(pool.imap(tokenize_shard, enumerate(files)), total=len(files), unit="shard"))

@@ -1235,6 +1235,19 @@ class DataLoader:
 # ----------------------------------------------------------------------------
 # the tokenizer: decoding only, from gpt2_tokenizer.bin (as llm.c: there is no encoder)
 
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding, for the prepro scripts and the exporter (the trainers only decode).
+    tiktoken downloads its two files on first use; without a network that fails deep inside
+    requests, so say in one line what to do instead."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' connection errors, or whatever the download raised
+        raise SystemExit(f"tiktoken could not load the gpt2 encoding ({type(e).__name__}: no network?); "
+                         "offline, point TIKTOKEN_CACHE_DIR at a filled cache, e.g. "
+                         "export TIKTOKEN_CACHE_DIR=$PWD/../shared/data/tiktoken_cache") from None
+
+
 class Tokenizer:
     def __init__(self, path):
         self.init_ok = False

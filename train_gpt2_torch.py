@@ -567,8 +567,7 @@ def main(argv=None):
     # the tokenizer: GPT-2's via tiktoken (only for GPT-2's vocabulary)
     enc = None
     if config.vocab_size == 50257:
-        import tiktoken
-        enc = tiktoken.get_encoding("gpt2")
+        enc = train_gpt2.gpt2_encoding()
         if master_process and args.write_tensors:
             write_tokenizer(enc, "gpt2_tokenizer.bin")
 

@@ -84,6 +84,24 @@ def test_tinyshakespeare_download_fails(tmp_path):
     assert [f for f in os.listdir(tmp_path / "data" / "tinyshakespeare")] == []
 
 
+@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason="no offline copy of tiny shakespeare")
+def test_no_tokenizer_files_offline(tmp_path):
+    """An empty tiktoken cache and no way out (a proxy on a closed port): one line saying what to do,
+    for the prepro script and the exporter alike."""
+    proxy = closed_port_url("")
+    tg.write_data_shard(str(tmp_path / "tokens.bin"), np.arange(1000) % 50257)
+    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy,
+           "https_proxy": proxy, "http_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
+    runs = [run_script("prepro_tinyshakespeare.py", "--input", SHAKESPEARE, cwd=tmp_path, env=env),
+            run_script("train_gpt2_torch.py", "--model", "d6", "--input_bin", tmp_path / "tokens.bin",
+                       cwd=tmp_path, env=env)]
+    for r in runs:
+        msg = r.stderr.strip()
+        assert r.returncode == 1 and "\n" not in msg, msg
+        assert "tiktoken could not load the gpt2 encoding" in msg and "TIKTOKEN_CACHE_DIR" in msg
+    assert not os.path.exists(tmp_path / "data" / "tinyshakespeare" / "tiny_shakespeare_val.bin")
+
+
 def test_tinyshakespeare_missing_input(tmp_path):
     r = run_script("prepro_tinyshakespeare.py", "--input", tmp_path / "nope.txt", cwd=tmp_path)
     assert r.returncode == 1 and "nope.txt" in r.stderr and "\n" not in r.stderr.strip()
