@@ -646,30 +646,22 @@ static inline int __all_sync(unsigned mask, int predicate) {
 static inline unsigned __activemask() { return __ballot_sync(0xffffffffu, 1); }
 
 // atomics: real atomics, since blocks run on several OS threads at once
-static inline float atomicAdd(float* address, float val) {
-    uint32_t* p = reinterpret_cast<uint32_t*>(address);
-    uint32_t old_bits = __atomic_load_n(p, __ATOMIC_RELAXED);
+// a compare-and-swap loop on the value's bits: U is the unsigned integer of F's size
+template <typename F, typename U>
+static inline F atomic_add_bits(F* address, F val) {
+    U* p = reinterpret_cast<U*>(address);
+    U old_bits = __atomic_load_n(p, __ATOMIC_RELAXED);
     for (;;) {
-        float old;
-        memcpy(&old, &old_bits, 4);
-        float sum = old + val;
-        uint32_t new_bits;
-        memcpy(&new_bits, &sum, 4);
+        F old;
+        memcpy(&old, &old_bits, sizeof(F));
+        F sum = old + val;
+        U new_bits;
+        memcpy(&new_bits, &sum, sizeof(F));
         if (__atomic_compare_exchange_n(p, &old_bits, new_bits, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) { return old; }
     }
 }
-static inline double atomicAdd(double* address, double val) {
-    uint64_t* p = reinterpret_cast<uint64_t*>(address);
-    uint64_t old_bits = __atomic_load_n(p, __ATOMIC_RELAXED);
-    for (;;) {
-        double old;
-        memcpy(&old, &old_bits, 8);
-        double sum = old + val;
-        uint64_t new_bits;
-        memcpy(&new_bits, &sum, 8);
-        if (__atomic_compare_exchange_n(p, &old_bits, new_bits, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) { return old; }
-    }
-}
+static inline float atomicAdd(float* address, float val) { return atomic_add_bits<float, uint32_t>(address, val); }
+static inline double atomicAdd(double* address, double val) { return atomic_add_bits<double, uint64_t>(address, val); }
 static inline int atomicAdd(int* a, int v) { return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }
 static inline unsigned atomicAdd(unsigned* a, unsigned v) { return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }
 static inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
