@@ -171,25 +171,17 @@ def _check_one_line(err, path, kind, *words):
         assert w in msg, msg
 
 
+@pytest.mark.parametrize("offset,value,message", [(0, 1234, "bad magic 1234"), (4, 99, "version 99")])
 @pytest.mark.parametrize("kind", KINDS)
-def test_bad_magic(tmp_path, kind):
+def test_bad_header(tmp_path, kind, offset, value, message):
+    """A wrong magic (header[0]) or version (header[1]): one line naming the file and the fix."""
     path, reader = _write_all(tmp_path)[kind]
     with open(path, "r+b") as f:
-        f.write(np.array([1234], dtype="<i4").tobytes())
+        f.seek(offset)
+        f.write(np.array([value], dtype="<i4").tobytes())
     with pytest.raises(tg.FormatError) as e:
         reader(path)
-    _check_one_line(e.value, path, kind, "bad magic 1234")
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_bad_version(tmp_path, kind):
-    path, reader = _write_all(tmp_path)[kind]
-    with open(path, "r+b") as f:
-        f.seek(4)
-        f.write(np.array([99], dtype="<i4").tobytes())
-    with pytest.raises(tg.FormatError) as e:
-        reader(path)
-    _check_one_line(e.value, path, kind, "version 99")
+    _check_one_line(e.value, path, kind, message)
 
 
 @pytest.mark.parametrize("kind", KINDS)
