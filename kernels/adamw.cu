@@ -22,7 +22,7 @@
 //   launch: any grid G (e.g. min(ceil_div(count, block), 1024)), block = 512 (a multiple of 32,
 //   <= 1024), out holds >= G floats, static shared memory 32 floats.
 //
-// warp_sum comes from kernels/common.cuh, which the loader (train_gpt2_cuda.py's kernel_source)
+// block_sum comes from kernels/common.cuh, which the loader (train_gpt2_cuda.py's kernel_source)
 // puts in front of this file.
 
 __device__ float adamw_lerp(float start, float end, float weight) {
@@ -47,19 +47,11 @@ extern "C" __global__ void adamw_kernel(float* params, const float* grads, float
 
 extern "C" __global__ void global_norm_squared_kernel(float* out, const float* data, long long count) {
     __shared__ float shared[32];                        // one partial per warp
-    int lane = threadIdx.x % 32;
-    int warp = threadIdx.x / 32;
     float sum = 0.0f;
     long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += stride) {
         sum += data[i] * data[i];
     }
-    sum = warp_sum(sum);
-    if (lane == 0) { shared[warp] = sum; }
-    __syncthreads();
-    if (warp == 0) {
-        sum = (lane < blockDim.x / 32) ? shared[lane] : 0.0f;
-        sum = warp_sum(sum);
-        if (lane == 0) { out[blockIdx.x] = sum; }
-    }
+    sum = block_sum(sum, shared);
+    if (threadIdx.x == 0) { out[blockIdx.x] = sum; }
 }

@@ -33,8 +33,8 @@
 // unpermute_backward_kernel(float* dinp, const float* dout, int B, int T, int NH, int hs)
 //   dout (B,T,C) -> dinp (B,NH,T,hs). launch as permute_kernel.
 //
-// Assumes B*NH*T*T < 2^31. warp_sum and warp_max come from kernels/common.cuh, which the loader
-// (train_gpt2_cuda.py's kernel_source) puts in front of this file.
+// Assumes B*NH*T*T < 2^31. warp_sum, warp_max and FLOAT_LOWEST come from kernels/common.cuh,
+// which the loader (train_gpt2_cuda.py's kernel_source) puts in front of this file.
 
 // The element at flat index idx of a (B,NH,T,hs) tensor is [b, nh, t, d]; return the flat index
 // of [b, t, 0, nh, d] in a tensor laid out (B,T,groups,NH,hs): groups = 3 for qkv (B,T,3C), where
@@ -66,7 +66,6 @@ extern "C" __global__ void unpermute_kernel(float* out, const float* inp, int B,
 
 extern "C" __global__ void softmax_forward_kernel(float* att, const float* preatt, float scale,
                                                   int B, int NH, int T) {
-    const float lowest = -3.402823466e+38f;           // -FLT_MAX (NVRTC has no <cfloat>)
     int lane = threadIdx.x % 32;
     int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;  // (b, h, t) flattened
     if (row >= B * NH * T) { return; }                 // a whole warp leaves together
@@ -75,7 +74,7 @@ extern "C" __global__ void softmax_forward_kernel(float* att, const float* preat
     float* y = att + row * T;
 
     // one pass: each lane keeps the max of its scaled values and the sum of exp(value - max)
-    float maxval = lowest;
+    float maxval = FLOAT_LOWEST;
     float sumval = 0.0f;
     for (int i = lane; i <= t; i += 32) {
         float xi = scale * x[i];

@@ -18,44 +18,19 @@
 // optional probs output instead); pad columns zeroed; and a barrier between thread 0 reading
 // logits[target] for the loss and the threads overwriting the row (llm.c has none, a race).
 //
-// Assumes B*T*Vp < 2^31 (rows are addressed with 64-bit offsets anyway). warp_sum and warp_max
-// come from kernels/common.cuh, which the loader (train_gpt2_cuda.py's kernel_source) puts in
-// front of this file.
-
-// block-wide reductions: every thread gets the result. shared holds one partial per warp.
-__device__ float block_sum(float v, float* shared) {
-    int lane = threadIdx.x % 32;
-    int warp = threadIdx.x / 32;
-    v = warp_sum(v);
-    __syncthreads();                                   // shared may still be read by the last call
-    if (lane == 0) { shared[warp] = v; }
-    __syncthreads();
-    v = (lane < blockDim.x / 32) ? shared[lane] : 0.0f;
-    return warp_sum(v);
-}
-
-__device__ float block_max(float v, float* shared) {
-    const float lowest = -3.402823466e+38f;           // -FLT_MAX
-    int lane = threadIdx.x % 32;
-    int warp = threadIdx.x / 32;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) { shared[warp] = v; }
-    __syncthreads();
-    v = (lane < blockDim.x / 32) ? shared[lane] : lowest;
-    return warp_max(v);
-}
+// Assumes B*T*Vp < 2^31 (rows are addressed with 64-bit offsets anyway). block_sum, block_max
+// and FLOAT_LOWEST come from kernels/common.cuh, which the loader (train_gpt2_cuda.py's
+// kernel_source) puts in front of this file.
 
 extern "C" __global__ void fused_classifier_kernel(float* logits, float* losses, const float* dlosses,
                                                    const int* targets, int B, int T, int V, int Vp,
                                                    int write_dlogits) {
     __shared__ float shared[32];
-    const float lowest = -3.402823466e+38f;
     int row = blockIdx.x;                              // (b, t) flattened
     float* x = logits + (long long)row * Vp;           // (Vp,)
 
     // online softmax statistics: running max and sum of exp(x - max) per thread
-    float maxval = lowest;
+    float maxval = FLOAT_LOWEST;
     float sumval = 0.0f;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
         float newmax = fmaxf(maxval, x[i]);

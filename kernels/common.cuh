@@ -1,4 +1,4 @@
-// common.cuh: the warp reductions the kernel files share.
+// common.cuh: the warp and block reductions the kernel files share.
 //
 // Not compiled on its own and not #included: train_gpt2_cuda.py's kernel_source(file) puts this
 // text in front of kernels/<file>.cu, followed by `#line 1 "<file>.cu"` so that compiler messages
@@ -20,4 +20,34 @@ __device__ float warp_sum(float v) {
 __device__ float warp_max(float v) {
     for (int offset = 16; offset > 0; offset /= 2) { v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset)); }
     return v;
+}
+
+// FLOAT_LOWEST: -FLT_MAX, the start of a running max (NVRTC has no <cfloat>).
+constexpr float FLOAT_LOWEST = -3.402823466e+38f;
+
+// block_sum(v, shared), block_max(v, shared): the sum (max) of v over the whole block, returned to
+// EVERY thread. shared holds >= 32 floats (one partial per warp); blockDim.x is a multiple of 32,
+// <= 1024, and every thread of the block calls it (it has __syncthreads). The barrier before the
+// write lets one shared buffer serve consecutive calls.
+
+__device__ float block_sum(float v, float* shared) {
+    int lane = threadIdx.x % 32;
+    int warp = threadIdx.x / 32;
+    v = warp_sum(v);
+    __syncthreads();                                   // shared may still be read by the last call
+    if (lane == 0) { shared[warp] = v; }
+    __syncthreads();
+    v = (lane < blockDim.x / 32) ? shared[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ float block_max(float v, float* shared) {
+    int lane = threadIdx.x % 32;
+    int warp = threadIdx.x / 32;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) { shared[warp] = v; }
+    __syncthreads();
+    v = (lane < blockDim.x / 32) ? shared[lane] : FLOAT_LOWEST;
+    return warp_max(v);
 }
