@@ -18,7 +18,6 @@ writers in train_gpt2.py) into the current directory:
 """
 
 import argparse
-import glob
 import math
 import os
 import socket
@@ -340,57 +339,30 @@ def write_tokenizer(enc, filename):
 
 
 # ----------------------------------------------------------------------------
-# data: llm.c's shards (magic 20240520), read strictly in order
+# data: llm.c's shards (magic 20240520) through train_gpt2.DataLoader, read strictly in order
 
 
-class DistributedDataLoader:
-    """Reads B*T+1 tokens per batch from the shards matching `filename_pattern`, in order;
-    rank r starts r*B*T tokens in. No shuffling (llm.c's C loaders shuffle, this one does not)."""
-
-    def __init__(self, filename_pattern, B, T, process_rank, num_processes, vocab_size):
-        self.process_rank, self.num_processes = process_rank, num_processes
-        self.B, self.T = B, T
-        self.files = sorted(glob.glob(filename_pattern))
-        if not self.files:
-            raise SystemExit(f"{filename_pattern}: no such file; run python prepro_tinyshakespeare.py")
-        ntok_total = 0
-        for fname in self.files:
+def data_loader(pattern, B, T, process_rank, num_processes, vocab_size):
+    """train_gpt2.DataLoader without shuffling (llm.c's train_gpt2.py does not shuffle), after
+    checking that every token of every shard lies inside the model's vocabulary."""
+    try:
+        loader = train_gpt2.DataLoader(pattern, B, T, process_rank, num_processes, should_shuffle=False)
+    except train_gpt2.ConfigError as e:  # its flags are -b/-t; ours --batch_size/--sequence_length
+        raise SystemExit(f"{e} (here: --batch_size/--sequence_length; more data: python prepro_tinyshakespeare.py)")
+    if vocab_size < 2**16:
+        for fname in loader.files:
             tokens = train_gpt2.read_data_shard(fname)
-            need = num_processes * B * T + 1
-            if len(tokens) < need:
-                raise SystemExit(f"{fname}: has {len(tokens):,} tokens, but B*T+1 = {need:,} are needed "
-                                 f"(B={B}, T={T}, {num_processes} process(es)); use a smaller --batch_size/"
-                                 f"--sequence_length or a bigger file (python prepro_tinyshakespeare.py)")
-            if vocab_size < 2**16 and len(tokens) and int(tokens.max()) >= vocab_size:
+            if len(tokens) and int(tokens.max()) >= vocab_size:
                 raise SystemExit(f"{fname}: token {int(tokens.max())} is outside the model's vocabulary "
                                  f"(V={vocab_size}); use a data file made for it or a bigger --vocab_size")
-            ntok_total += len(tokens)
-        self.ntok_total = ntok_total
-        print0(f"DataLoader: total number of tokens: {ntok_total:,} across {len(self.files)} files")
-        self.current_shard = None
-        self.reset()
+    print0(f"DataLoader: total number of tokens: {loader.num_tokens:,} across {len(loader.files)} files")
+    return loader
 
-    def reset(self):
-        if self.current_shard != 0:
-            self.current_shard = 0
-            self.tokens = train_gpt2.read_data_shard(self.files[0])
-        self.current_position = self.process_rank * self.B * self.T
 
-    def advance(self):  # on to the next shard (wrapping around)
-        self.current_shard = (self.current_shard + 1) % len(self.files)
-        self.current_position = self.process_rank * self.B * self.T
-        self.tokens = train_gpt2.read_data_shard(self.files[self.current_shard])
-
-    def next_batch(self):
-        B, T = self.B, self.T
-        buf = self.tokens[self.current_position:self.current_position + B * T + 1]  # (B*T+1,)
-        buf = torch.tensor(buf.astype(np.int64), dtype=torch.long)
-        x = buf[:-1].view(B, T)  # inputs
-        y = buf[1:].view(B, T)   # targets: the inputs shifted by one
-        self.current_position += B * T * self.num_processes
-        if self.current_position + (B * T * self.num_processes + 1) > len(self.tokens):
-            self.advance()
-        return x, y
+def next_batch(loader, device):
+    """The loader's next (inputs, targets), each (B, T), as torch int64 tensors on `device`."""
+    x, y = loader.next_batch()
+    return torch.from_numpy(x).long().to(device), torch.from_numpy(y).long().to(device)
 
 
 # ----------------------------------------------------------------------------
@@ -559,10 +531,10 @@ def main(argv=None):
     torch.set_float32_matmul_precision("high" if args.tensorcores else "highest")
 
     # the data (checked before the model is built, so a bad file fails fast)
-    train_loader = DistributedDataLoader(args.input_bin, B, T, ddp_rank, ddp_world_size, config.vocab_size)
+    train_loader = data_loader(args.input_bin, B, T, ddp_rank, ddp_world_size, config.vocab_size)
     val_loader = None
     if args.input_val_bin:
-        val_loader = DistributedDataLoader(args.input_val_bin, B, T, ddp_rank, ddp_world_size, config.vocab_size)
+        val_loader = data_loader(args.input_val_bin, B, T, ddp_rank, ddp_world_size, config.vocab_size)
 
     # the tokenizer: GPT-2's via tiktoken (only for GPT-2's vocabulary)
     enc = None
@@ -591,8 +563,7 @@ def main(argv=None):
     # the bridge files: one fp32 forward/backward on the first batch, before any update
     debug = None
     if master_process and args.write_tensors and not args.inference_only:
-        x, y = train_loader.next_batch()
-        x, y = x.to(device), y.to(device)
+        x, y = next_batch(train_loader, device)
         logits, loss = model(x, y)
         loss.backward()
         raw = model._orig_mod if hasattr(model, "_orig_mod") else model
@@ -639,8 +610,7 @@ def main(argv=None):
             with torch.no_grad():
                 val_loss = 0.0
                 for _ in range(args.val_max_steps):
-                    x, y = val_loader.next_batch()
-                    x, y = x.to(device), y.to(device)
+                    x, y = next_batch(val_loader, device)
                     with ctx:
                         _, loss = model(x, y, return_logits=False)
                     val_loss += loss.item()
@@ -672,8 +642,7 @@ def main(argv=None):
             train_loader.reset()
         lossf = 0.0
         for micro_step in range(grad_accum_steps):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device), y.to(device)
+            x, y = next_batch(train_loader, device)
             if ddp:  # all-reduce the gradients only on the last micro step
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
             with ctx, (torch.no_grad() if args.inference_only else nullcontext()):
