@@ -416,7 +416,7 @@ def test_gelu_forward_backward(mods):
     assert np.array_equal(inplace, dinp)
 
 
-def test_residual_forward_backward(mods):
+def test_residual_forward(mods):
     rng = np.random.default_rng(8)
     N = 1000
     a, b = rand(rng, N), rand(rng, N)
@@ -426,11 +426,6 @@ def test_residual_forward_backward(mods):
     acc = a.copy()
     fn(mods, "residual", "residual_forward_kernel")(ceil_div(N, 256), 256, (acc, acc, b, i32(N)))
     assert np.array_equal(acc, a + b)                 # in place: a += b
-    dout, d1, d2 = rand(rng, N), rand(rng, N), rand(rng, N)
-    w1, w2 = d1.copy(), d2.copy()
-    tg.residual_backward(w1, w2, dout, N)
-    fn(mods, "residual", "residual_backward_kernel")(ceil_div(N, 256), 256, (d1, d2, dout, i32(N)))
-    assert np.array_equal(d1, w1) and np.array_equal(d2, w2)
 
 
 @pytest.mark.parametrize("block,use_dlosses", [(1024, True), (64, False), (32, True)])
@@ -785,6 +780,6 @@ def test_every_kernel_is_exercised_here():
     with open(os.path.abspath(__file__)) as f:
         this = f.read()
     names = [k for path in KERNEL_FILES for k in re.findall(r'extern "C" __global__ void (\w+)\(', open(path).read())]
-    assert len(names) >= 19
+    assert len(names) >= 18
     missing = [k for k in names if this.count(f'"{k}"') < 1]
     assert not missing, f"kernels without a test: {missing}"
