@@ -276,7 +276,3 @@ class RawModule:
             self._functions[name] = Function(self._lib, name)
         return self._functions[name]
 
-
-def RawKernel(code, name, options=(), **kwargs):
-    """cupy.RawKernel look-alike: the one kernel `name` of `code`."""
-    return RawModule(code=code, options=options, **kwargs).get_function(name)
