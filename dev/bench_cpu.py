@@ -76,17 +76,6 @@ def other_load(seconds=1.0, samples=20):
         return os.getloadavg()[0]
 
 
-def vm_hwm_mib():
-    """This process's peak RSS from /proc (VmHWM), in MiB; None where there is no /proc."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-
-
 # ----------------------------------------------------------------------------
 # worker: our NumPy trainer, with a per-function breakdown
 
@@ -209,7 +198,6 @@ def main():
     if args.worker:  # inside a subprocess: run one trainer, write the result as JSON
         os.chdir(REPO)
         result = {"numpy": worker_numpy, "torch": worker_torch}[args.worker](args)
-        result["vm_hwm_mib"] = vm_hwm_mib()
         with open(args.result, "w") as f:
             json.dump(result, f)
         return

@@ -179,10 +179,9 @@ def worker_torch(args):
         print(f"  torch step {i}: loss {losses[-1]:.6f} norm {norm:.4f} ({dt * 1000:.1f} ms"
               f"{'' if i >= args.warmup else ', warm-up'})", file=sys.stderr, flush=True)
     peak = torch.cuda.max_memory_reserved() if device == "cuda" else 0
-    allocated = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (dry run)"
-    return dict(times=times, losses=losses, device=name, tf32=bool(args.tf32), compiled=compiled,
-                torch=torch.__version__, alloc_peak_mib=peak / 2**20, allocated_peak_mib=allocated / 2**20,
+    return dict(times=times, losses=losses, device=name, tf32=bool(args.tf32),
+                torch=torch.__version__, alloc_peak_mib=peak / 2**20,
                 device_used_mib=mem_used / 2**20, fused_adamw=bool(optimizer.param_groups[0].get("fused")))
 
 
