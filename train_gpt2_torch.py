@@ -608,13 +608,17 @@ def main(argv=None):
             model.eval()
             val_loader.reset()
             with torch.no_grad():
-                val_loss = 0.0
+                val_loss = torch.zeros((), device=device)
                 for _ in range(args.val_max_steps):
                     x, y = next_batch(val_loader, device)
                     with ctx:
                         _, loss = model(x, y, return_logits=False)
-                    val_loss += loss.item()
+                    val_loss += loss.detach().float()
                 val_loss /= args.val_max_steps
+            if ddp:  # each rank read its own batches: the mean over all of them, as for lossf
+                import torch.distributed as dist
+                dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
+            val_loss = float(val_loss)
             print0(f"val loss {val_loss}")
             if logfile is not None:
                 with open(logfile, "a") as f:
