@@ -36,7 +36,8 @@ if __name__ == "__main__" and "numpy" not in sys.modules and "OPENBLAS_CORETYPE"
         os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
         CORETYPE_SET_HERE = True
 
-import codecs  # noqa: E402  (after the BLAS choice above)
+import codecs  # noqa: E402
+import functools  # noqa: E402  (after the BLAS choice above)
 import math  # noqa: E402
 import time  # noqa: E402
 import glob as globlib  # noqa: E402
@@ -63,9 +64,7 @@ def keep_freed_memory():
         pass
 
 
-keep_freed_memory()
-
-
+@functools.cache
 def openblas_library():
     """NumPy's own OpenBLAS as a ctypes library, with its symbol prefix/suffix and int type;
     None where NumPy uses another BLAS (then the plain NumPy paths below are used)."""
@@ -83,7 +82,9 @@ def openblas_library():
     return None
 
 
-def _gemm_functions():
+@functools.cache
+def gemm_functions():
+    """NumPy's OpenBLAS sgemm/dgemm by dtype, looked up at the first matmul; {} without OpenBLAS."""
     import ctypes
     blas = openblas_library()
     if blas is None:
@@ -97,8 +98,6 @@ def _gemm_functions():
         functions[np.dtype(dtype)] = fn
     return functions
 
-
-GEMM = _gemm_functions()
 
 
 # ----------------------------------------------------------------------------
@@ -426,7 +425,7 @@ def _blas_layout(x):
 def gemm(c, a, b, accumulate):
     """c = a @ b, or c += a @ b with accumulate, for 2-D views (c's rows may be strided, as a block
     of columns is), as one BLAS call; plain NumPy where OpenBLAS is not there."""
-    fn = GEMM.get(c.dtype)
+    fn = gemm_functions().get(c.dtype)
     la, lb, lc = _blas_layout(a), _blas_layout(b), _blas_layout(c)
     if fn is None or not (a.dtype == b.dtype == c.dtype) or None in (la, lb) or lc is None or lc[0] != 111:
         if accumulate:
@@ -876,6 +875,7 @@ class GPT2:
     gradients at the first backward, m and v at the first update (as llm.c does)."""
 
     def __init__(self, config, params_memory):
+        keep_freed_memory()                  # training makes big temporaries: let glibc reuse them
         self.config = config
         self.param_shapes = param_shapes(config)
         self.num_parameters = params_memory.size
@@ -942,23 +942,34 @@ def _allocate_activations(model, B, T):
     model.batch_size, model.seq_len = B, T
 
 
+def check_batch(config, inputs, targets, B, T):
+    """A batch both trainers accept: T within max_seq_len and token ids within the vocabulary.
+    Returns inputs and targets (or None) as int32 (B, T) arrays on the host."""
+    if T > config.max_seq_len:
+        raise ConfigError(f"sequence length T={T} exceeds the model's max_seq_len {config.max_seq_len}; "
+                          f"use -t {config.max_seq_len} or less")
+    V = config.vocab_size
+    checked = []
+    for what, ids in (("token", inputs), ("target", targets)):
+        if ids is not None:
+            ids = np.asarray(ids).reshape(B, T)
+            if ids.min() < 0 or ids.max() >= V:
+                raise ConfigError(f"{what} ids must lie in [0, {V}), got {ids.min()}..{ids.max()}")
+            ids = ids.astype(np.int32)
+        checked.append(ids)
+    return checked
+
+
 def gpt2_forward(model, inputs, targets, B, T):
     """The forward pass of llm.c's train_gpt2.c. inputs, targets: (B, T) token ids; targets may
     be None (then mean_loss is -1). Sets model.acts (logits, probs, ...) and model.mean_loss."""
     c = model.config
     L, NH, C, V, Vp = c.num_layers, c.num_heads, c.channels, c.vocab_size, c.padded_vocab_size
-    if T > c.max_seq_len:
-        raise ConfigError(f"sequence length T={T} exceeds the model's max_seq_len {c.max_seq_len}; use -t {c.max_seq_len} or less")
-    inputs = np.asarray(inputs).reshape(B, T)
-    if inputs.min() < 0 or inputs.max() >= V:
-        raise ConfigError(f"token ids must lie in [0, {V}), got {inputs.min()}..{inputs.max()}")
+    model.inputs, model.targets = check_batch(c, inputs, targets, B, T)
     if model.acts_memory is None or B > model.batch_size or T > model.seq_len:
         _allocate_activations(model, max(B, model.batch_size), max(T, model.seq_len))
     acts = model.acts = views(model.acts_memory, activation_shapes(c, B, T), model.act_sizes)
-    model.inputs, model.B, model.T = inputs.astype(np.int32), B, T
-    model.targets = None if targets is None else np.asarray(targets).reshape(B, T).astype(np.int32)
-    if model.targets is not None and (model.targets.min() < 0 or model.targets.max() >= V):
-        raise ConfigError(f"target ids must lie in [0, {V}), got {model.targets.min()}..{model.targets.max()}")
+    model.B, model.T = B, T
     p = model.params
 
     encoder_forward(acts.encoded, model.inputs, p.wte, p.wpe, B, T, C)

@@ -22,12 +22,11 @@ import math
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 
 import train_gpt2 as host
-from train_gpt2 import (DECAYED_PARAMS, FormatError, GPT2Config, grad_clip_scale, num_parameters,  # noqa: F401
+from train_gpt2 import (FormatError, GPT2Config, grad_clip_scale, num_parameters,  # noqa: F401
                         param_shapes, read_debug_state, read_model_file, write_model_file)
 
 # ----------------------------------------------------------------------------
@@ -328,17 +327,6 @@ def fused_classifier(logits, losses, dlosses, targets, B, T, V, Vp, write_dlogit
 # ----------------------------------------------------------------------------
 # the model: flat device buffers with named views, as llm.c's GPT2 struct
 
-def point_views(memory, shapes):
-    """Named views into one flat buffer, one per (name, shape), in order."""
-    views, offset = {}, 0
-    for name, shape in shapes:
-        n = math.prod(shape)
-        views[name] = memory[offset:offset + n].reshape(shape)
-        offset += n
-    assert offset == memory.size
-    return SimpleNamespace(**views)
-
-
 def activation_shapes(config, B, T):
     """llm.c train_gpt2_fp32.cu's activations (21 tensors). `output` is the scratch buffer: it
     holds the logits (B,T,Vp) after the forward pass and, inside each layer, qkv (B,T,3C),
@@ -380,8 +368,8 @@ class GPT2:
         self.param_shapes = param_shapes(config)
         self.params_memory = xp.asarray(params_host, dtype=np.float32)   # one host -> device copy
         self.grads_memory = xp.zeros(self.num_parameters, dtype=np.float32)
-        self.params = point_views(self.params_memory, self.param_shapes)
-        self.grads = point_views(self.grads_memory, self.param_shapes)
+        self.params = host.views(self.params_memory, self.param_shapes)
+        self.grads = host.views(self.grads_memory, self.param_shapes)
         self.m_memory = self.v_memory = None
         self.acts_memory = self.acts = None
         self.grads_acts_memory = self.grads_acts = None
@@ -412,32 +400,24 @@ def gpt2_forward(model, inputs, targets, B, T):
     config = model.config
     V, Vp, L, NH, C = (config.vocab_size, config.padded_vocab_size, config.num_layers,
                        config.num_heads, config.channels)
-    inputs = np.asarray(inputs).reshape(B, T)
-    if inputs.min() < 0 or inputs.max() >= V:
-        raise ValueError(f"gpt2_forward: input token ids must be in [0, {V}), got [{inputs.min()}, {inputs.max()}]")
-    if targets is not None:
-        targets = np.asarray(targets).reshape(B, T)
-        if targets.min() < 0 or targets.max() >= V:
-            raise ValueError(f"gpt2_forward: target ids must be in [0, {V}), got [{targets.min()}, {targets.max()}]")
+    inputs, targets = host.check_batch(config, inputs, targets, B, T)
 
     # allocate the activations at the first call, for this B and T (as llm.c, which then insists on them)
     if model.acts_memory is None:
-        if T > config.max_seq_len:
-            raise ValueError(f"gpt2_forward: T={T} exceeds the model's max_seq_len {config.max_seq_len}")
         model.batch_size, model.seq_len = B, T
         shapes = activation_shapes(config, B, T)
         model.acts_memory = xp.zeros(sum(math.prod(s) for _, s in shapes), dtype=np.float32)
-        model.acts = point_views(model.acts_memory, shapes)
+        model.acts = host.views(model.acts_memory, shapes)
         model.acts.logits = view(model.acts.output, B, T, Vp)  # the logits live in the scratch buffer
         model.inputs = xp.zeros((B, T), dtype=np.int32)
         model.targets = xp.zeros((B, T), dtype=np.int32)
     elif (B, T) != (model.batch_size, model.seq_len):
-        raise ValueError(f"gpt2_forward: the model was set up for B={model.batch_size} T={model.seq_len}, "
+        raise host.ConfigError(f"gpt2_forward: the model was set up for B={model.batch_size} T={model.seq_len}, "
                          f"got B={B} T={T}")
 
-    model.inputs[...] = xp.asarray(inputs.astype(np.int32))       # host -> device
+    model.inputs[...] = xp.asarray(inputs)       # host -> device
     if targets is not None:
-        model.targets[...] = xp.asarray(targets.astype(np.int32))
+        model.targets[...] = xp.asarray(targets)
 
     params, acts = model.params, model.acts
     scratch = acts.output
@@ -471,9 +451,9 @@ def gpt2_forward(model, inputs, targets, B, T):
 
 
 def gpt2_zero_grad(model):
+    # the activation gradients need no zeroing: the kernels write (=) them, and the one buffer
+    # the layernorms add into (the residual stream's) is cleared at the start of gpt2_backward
     model.grads_memory.fill(0)
-    if model.grads_acts_memory is not None:
-        model.grads_acts_memory.fill(0)
 
 
 def gpt2_backward(model):
@@ -487,7 +467,7 @@ def gpt2_backward(model):
     if model.grads_acts_memory is None:
         shapes = grad_activation_shapes(config, B, T)
         model.grads_acts_memory = xp.zeros(sum(math.prod(s) for _, s in shapes), dtype=np.float32)
-        model.grads_acts = point_views(model.grads_acts_memory, shapes)
+        model.grads_acts = host.views(model.grads_acts_memory, shapes)
 
     params, grads, acts, grads_acts = model.params, model.grads, model.acts, model.grads_acts
     dresidual = grads_acts.residual3  # the gradient of the residual stream (B,T,C): the layernorms add into it
@@ -551,17 +531,14 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_s
     beta1_correction = 1.0 - beta1 ** t
     beta2_correction = 1.0 - beta2 ** t
     block = 512
-    offset = 0
-    for name, shape in model.param_shapes:
-        n = math.prod(shape)
-        part = slice(offset, offset + n)
-        wd = weight_decay if name in DECAYED_PARAMS else 0.0  # the 2-D weights only
+    for start, stop, decayed in host.param_segments(model):
+        part, n = slice(start, stop), stop - start
+        wd = weight_decay if decayed else 0.0  # the 2-D weights only
         kernel("adamw", "adamw_kernel")(
             (ceil_div(n, block),), (block,),
             (model.params_memory[part], model.grads_memory[part], model.m_memory[part], model.v_memory[part],
              i64(n), f32(learning_rate), f32(beta1), f32(beta2), f32(beta1_correction), f32(beta2_correction),
              f32(eps), f32(wd), f32(grad_scale)))
-        offset += n
 
 
 # ----------------------------------------------------------------------------
@@ -619,11 +596,11 @@ def next_token_probs(model, tokens, t):
 
 
 def main(argv=None):
+    args = host.parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_CU_DEFAULTS)   # -h needs no GPU
     require_gpu()
-    args = host.parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_CU_DEFAULTS)
     try:
         host.train(args, trainer=sys.modules[__name__])   # train_gpt2.py's loop, running this module
-    except (host.ConfigError, FormatError, FileNotFoundError, ValueError) as e:
+    except (host.ConfigError, FormatError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -207,7 +207,7 @@ def test_forward_without_targets_and_a_second_batch(cuda_trainer, tiny_checkpoin
     np.testing.assert_array_equal(cu.to_numpy(m.acts.logits), logits)  # the forward keeps the logits
     with pytest.raises(ValueError, match="set up for B=2 T=8"):
         cu.gpt2_forward(m, x[:, :4], y[:, :4], B, 4)
-    with pytest.raises(ValueError, match="token ids must be in"):
+    with pytest.raises(ValueError, match="token ids must lie in"):
         cu.gpt2_forward(m, x + CONFIG.vocab_size, y, B, T)
 
 
