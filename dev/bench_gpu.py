@@ -205,19 +205,9 @@ def make_tiny_checkpoint(path):
     import train_gpt2
     config = train_gpt2.GPT2Config(padded_vocab_size=train_gpt2.padded_vocab(DRY_RUN_SHAPE["vocab_size"]),
                                    **DRY_RUN_SHAPE)
-    rng = np.random.default_rng(42)
-    parts = []
-    for name, shape in train_gpt2.param_shapes(config):
-        if name in ("ln1w", "ln2w", "lnfw"):
-            p = np.ones(shape, np.float32)
-        elif name.endswith("b") and name != "wte":
-            p = np.zeros(shape, np.float32)
-        else:
-            p = (rng.standard_normal(shape) * 0.02).astype(np.float32)
-        if name == "wte":
-            p[config.vocab_size:] = 0.0  # the padding rows
-        parts.append(p.ravel())
-    train_gpt2.write_model_file(path, config, np.concatenate(parts))
+    model = train_gpt2.GPT2(config, np.zeros(train_gpt2.num_parameters(config), np.float32))
+    train_gpt2.init_weights(model, 42)  # the trainer's own seeded init (the padding rows of wte stay 0)
+    train_gpt2.write_model_file(path, config, model.params_memory)
 
 
 def main():
