@@ -352,13 +352,17 @@ def read_data_shard(path):
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
 
 
-def write_data_shard(path, tokens):
-    """Write GPT-2 tokens as an llm.c data shard (version 1, uint16)."""
-    tokens = np.asarray(tokens)
-    assert tokens.size < 2**31 and (tokens.size == 0 or (0 <= tokens.min() and tokens.max() < 2**16))
+def write_data_shard(path, *parts):
+    """Write GPT-2 tokens as an llm.c data shard (version 1, uint16): one array, or several written
+    one after another into the same shard without concatenating them (large splits)."""
+    parts = [np.asarray(p) for p in parts]
+    for p in parts:
+        assert p.size == 0 or (0 <= p.min() and p.max() < 2**16)
+    ntok = sum(p.size for p in parts)
+    assert ntok < 2**31
     header = new_header(DATA_MAGIC, 1)
-    header[2] = tokens.size
-    write_atomic(path, [header, tokens.astype("<u2")])
+    header[2] = ntok
+    write_atomic(path, [header] + [p.astype("<u2", copy=False) for p in parts])
 
 
 # ----------------------------------------------------------------------------

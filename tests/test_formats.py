@@ -139,6 +139,12 @@ def test_data_shard_roundtrip(tmp_path):
     assert got.dtype == np.uint16 and np.array_equal(got, tokens)
     tg.write_data_shard(str(b), np.asarray(got))
     assert a.read_bytes() == b.read_bytes()
+    # several parts: the same bytes as their concatenation, an empty part included
+    c = tmp_path / "c.bin"
+    tg.write_data_shard(str(c), tokens[:300], tokens[300:300], tokens[300:].astype(np.uint16))
+    assert a.read_bytes() == c.read_bytes()
+    with pytest.raises(AssertionError):  # every part is range-checked
+        tg.write_data_shard(str(c), tokens[:3], np.array([2**16]))
 
 
 # ----------------------------------------------------------------------------
