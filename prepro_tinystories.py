@@ -28,7 +28,7 @@ from multiprocessing import Pool
 
 import numpy as np
 
-import train_gpt2  # write_atomic and llm.c's data shard header
+import train_gpt2  # gpt2_encoding and write_data_shard
 from prepro_tinyshakespeare import download  # the shared downloader (llm.c: data_common.py)
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
@@ -97,18 +97,6 @@ def tokenize_shard(job):
     return np.array(tokens, dtype=np.uint16)
 
 
-def write_shards(path, parts):
-    """Write the token arrays `parts`, in order, as one llm.c data shard, without concatenating them
-    (the train split is 1.85 GB of tokens); same bytes as train_gpt2.write_data_shard."""
-    n = sum(p.size for p in parts)
-    assert n < 2**31
-    header = train_gpt2.new_header(train_gpt2.DATA_MAGIC, 1)
-    header[2] = n
-    train_gpt2.write_atomic(path, [header] + [p.astype("<u2", copy=False) for p in parts])
-    print(f"writing {n:,} tokens to {path}")
-    return n
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="TinyStories -> llm.c GPT-2 token shards")
     p.add_argument("--data_dir", default=os.path.join("data", "tinystories"), help="where the files go")
@@ -125,8 +113,11 @@ def main(argv=None):
     with Pool(max(1, args.workers), initializer=_init_worker) as pool:
         # imap, not imap_unordered: results come back in shard order, so the output never changes
         parts = list(tqdm(pool.imap(tokenize_shard, enumerate(files)), total=len(files), unit="shard"))
-    write_shards(os.path.join(args.data_dir, "TinyStories_val.bin"), parts[:1])
-    write_shards(os.path.join(args.data_dir, "TinyStories_train.bin"), parts[1:])
+    # the parts go into each shard one after another, never concatenated (train: 1.85 GB of tokens)
+    for split, split_parts in (("val", parts[:1]), ("train", parts[1:])):
+        out = os.path.join(args.data_dir, f"TinyStories_{split}.bin")
+        train_gpt2.write_data_shard(out, *split_parts)
+        print(f"writing {sum(p.size for p in split_parts):,} tokens to {out}")
 
 
 if __name__ == "__main__":
