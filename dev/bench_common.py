@@ -1,11 +1,12 @@
 """
 What dev/bench_cpu.py and dev/bench_gpu.py share: the batches both trainers read, the d12 checkpoint
 built from scratch when there is none, the command line that both scripts start with, the worker
-subprocess's arguments, the profiler that breaks our step down by phase and layer function, and the
+subprocess's arguments and its launch, the profiler that breaks our step down by phase and layer function, and the
 printing of that breakdown. Each script keeps its own workers and its own result table.
 """
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -107,6 +108,20 @@ def worker_command(script_path, trainer, result_path, args):
             "--checkpoint", args.checkpoint, "--data", args.data or "", "-b", str(args.batch_size),
             "-t", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup)]
 
+
+
+def run_worker(script_path, trainer, args, result_path, extra_args, env=None):
+    """Run one trainer in a fresh process (worker_command + extra_args); returns (the result dict it wrote
+    as JSON, its peak RSS in MiB from wait4)."""
+    cmd = worker_command(script_path, trainer, result_path, args) + extra_args
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{os.path.basename(script_path)}: the {trainer} worker failed with exit code "
+                         f"{proc.returncode}")
+    with open(result_path) as f:
+        return json.load(f), usage.ru_maxrss / 1024  # KiB on Linux
 
 def step_ms(times):
     """(median, min, max) of the timed steps, in ms."""

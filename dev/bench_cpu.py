@@ -22,7 +22,6 @@ import glob
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import (Profiler, add_run_args, add_worker_args, check_data, check_run_args,  # noqa: E402
-                          find_checkpoint, get_batches, print_breakdown, step_ms, worker_command)
+                          find_checkpoint, get_batches, print_breakdown, run_worker, step_ms)
 
 TARGET_RATIO = 0.5          # ours <= 0.5x PyTorch eager's ms/step
 TARGET_RSS_MIB = 2.5 * 1024  # ours peak RSS <= ~2.5 GiB
@@ -165,21 +164,13 @@ def worker_torch(args):
 # ----------------------------------------------------------------------------
 # driver
 
-def run_worker(trainer, args, result_path):
+def run_trainer(trainer, args, result_path):
     """Run one trainer in a fresh process; returns (result dict, peak RSS MiB from wait4)."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(args.threads)
-    cmd = worker_command(__file__, trainer, result_path, args) + [
-        "--threads", str(args.threads), "--torch_fused", args.torch_fused, "--breakdown", str(args.breakdown)]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_cpu.py: the {trainer} worker failed with exit code {proc.returncode}")
-    with open(result_path) as f:
-        result = json.load(f)
-    return result, usage.ru_maxrss / 1024  # KiB on Linux
+    return run_worker(__file__, trainer, args, result_path, env=env, extra_args=[
+        "--threads", str(args.threads), "--torch_fused", args.torch_fused, "--breakdown", str(args.breakdown)])
 
 
 def main():
@@ -215,7 +206,7 @@ def main():
         for t in trainers:
             loads.append(other_load())
             print(f"running {t} ... (other running processes: {loads[-1]:.1f})", flush=True)
-            results[t] = run_worker(t, args, os.path.join(tmp, f"{t}.json"))
+            results[t] = run_trainer(t, args, os.path.join(tmp, f"{t}.json"))
 
     tokens = args.batch_size * args.seq_len
     if max(loads) >= 0.5:

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import (Profiler, add_run_args, add_worker_args, check_data, check_run_args,  # noqa: E402
-                          find_checkpoint, get_batches, print_breakdown, print_run, step_ms, worker_command)
+                          find_checkpoint, get_batches, print_breakdown, print_run, run_worker, step_ms)
 
 ADAMW = dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
 DRY_RUN_SHAPE = dict(max_seq_len=32, vocab_size=500, num_layers=2, num_heads=2, channels=32)
@@ -185,18 +184,15 @@ def worker_torch(args):
                 device_used_mib=mem_used / 2**20, fused_adamw=bool(optimizer.param_groups[0].get("fused")))
 
 
-def run_worker(trainer, args, result_path):
+def run_trainer(trainer, args, result_path):
+    """Run one trainer in a fresh process; returns the result dict it wrote."""
     env = dict(os.environ)
     if args.dry_run:
         env["LLMC_EMULATE"] = "1"
-    cmd = worker_command(__file__, trainer, result_path, args) + [
+    result, _ = run_worker(__file__, trainer, args, result_path, env=env, extra_args=[
         "--tf32", str(args.tf32), "--compile", str(args.compile), "--breakdown", str(args.breakdown),
-        "--dry_run", str(args.dry_run)]
-    r = subprocess.run(cmd, env=env, cwd=REPO)
-    if r.returncode != 0:
-        raise SystemExit(f"bench_gpu.py: the {trainer} worker failed with exit code {r.returncode}")
-    with open(result_path) as f:
-        return json.load(f)
+        "--dry_run", str(args.dry_run)])
+    return result
 
 
 def make_tiny_checkpoint(path):
@@ -259,7 +255,7 @@ def main():
         results = {}
         for t in trainers:
             print(f"running {t} ...", flush=True)
-            results[t] = run_worker(t, args, os.path.join(tmp, f"{t}.json"))
+            results[t] = run_trainer(t, args, os.path.join(tmp, f"{t}.json"))
 
     tokens = args.batch_size * args.seq_len
     names = {"ours": "ours (CuPy, train_gpt2_cuda)",
