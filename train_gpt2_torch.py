@@ -449,20 +449,6 @@ def model_config(args):
     return GPTConfig(**shape, flash=args.flash), None, size
 
 
-def get_lr(it, learning_rate, warmup_iters, num_iterations, learning_rate_decay_frac):
-    """Linear warmup over warmup_iters, then cosine decay to learning_rate * learning_rate_decay_frac
-    at num_iterations (frac 1.0: a constant learning rate, the default)."""
-    min_lr = learning_rate * learning_rate_decay_frac
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / warmup_iters
-    if it > num_iterations:
-        return min_lr
-    decay_ratio = (it - warmup_iters) / max(1, num_iterations - warmup_iters)
-    assert 0 <= decay_ratio <= 1
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
-    return min_lr + coeff * (learning_rate - min_lr)
-
-
 def main(argv=None):
     global master_process
     args = parse_args(argv)
@@ -663,8 +649,9 @@ def main(argv=None):
             norm = 0.0
         else:
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
-        lr = get_lr(step, args.learning_rate, args.warmup_iters, args.num_iterations,
-                    args.learning_rate_decay_frac)
+        # linear warmup, then cosine decay to lr * frac (frac 1.0, the default: a constant rate)
+        lr = train_gpt2.get_lr(step, "cosine", args.learning_rate, args.warmup_iters, args.num_iterations,
+                               args.learning_rate_decay_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()

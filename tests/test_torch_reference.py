@@ -209,8 +209,9 @@ def test_from_pretrained_mapping(tmp_path, monkeypatch):
 
 
 def test_get_lr():
-    lr = lambda it, **kw: tt.get_lr(it, **dict(dict(learning_rate=1e-3, warmup_iters=0, num_iterations=10,  # noqa
-                                                    learning_rate_decay_frac=1.0), **kw))
+    """train_gpt2_torch.py's schedule: train_gpt2.get_lr's cosine, with its flags' names."""
+    def lr(it, learning_rate=1e-3, warmup_iters=0, num_iterations=10, learning_rate_decay_frac=1.0):
+        return tg.get_lr(it, "cosine", learning_rate, warmup_iters, num_iterations, learning_rate_decay_frac)
     assert [lr(i) for i in range(11)] == [1e-3] * 11  # the default: constant
     assert [lr(i, warmup_iters=4) for i in range(3)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
     assert lr(4, warmup_iters=4, learning_rate_decay_frac=0.1) == pytest.approx(1e-3)
