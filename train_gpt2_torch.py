@@ -576,11 +576,7 @@ def main(argv=None):
     optimizer = raw_model.configure_optimizers(weight_decay=args.weight_decay, learning_rate=args.learning_rate,
                                                betas=(0.9, 0.95), device_type=device_type, zero_stage=zero_stage)
 
-    logfile = None
-    if args.output_dir and master_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        logfile = os.path.join(args.output_dir, "main.log")
-        open(logfile, "w").close()
+    logger = train_gpt2.Logger(args.output_dir if master_process else "")  # main.log, rank 0 only
 
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -606,9 +602,7 @@ def main(argv=None):
                 dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
             val_loss = float(val_loss)
             print0(f"val loss {val_loss}")
-            if logfile is not None:
-                with open(logfile, "a") as f:
-                    f.write("s:%d tel:%f\n" % (step, val_loss))
+            logger.log_val(step, val_loss)
 
         # once in a while: a sample from the model, from EOT, top-k 40
         if args.sample_every > 0 and (step % args.sample_every == 0 or last_step) and master_process:
@@ -663,9 +657,7 @@ def main(argv=None):
         tokens_per_second = grad_accum_steps * ddp_world_size * B * T / (t1 - t0)
         print0(f"step {step + 1:4d}/{args.num_iterations} | train loss {lossf:.6f} | norm {norm:.4f} | "
                f"lr {lr:.2e} | ({(t1 - t0) * 1000:.2f} ms | {tokens_per_second:.0f} tok/s)")
-        if logfile is not None:
-            with open(logfile, "a") as f:
-                f.write("s:%d trl:%f\n" % (step, lossf))
+        logger.log_train(step, lossf)
         losses.append(lossf)
         if step > 0 and step > args.num_iterations - 20:
             timings.append(t1 - t0)
