@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-import train_gpt2 as formats  # llm.c's file formats, which both trainers share (imports only numpy)
+import train_gpt2 as formats  # llm.c's file formats and print_config, which both trainers share
 
 N_SHOW = 5  # values printed side by side per tensor
 
@@ -139,10 +139,7 @@ def main(argv=None):
         source = "llm.c's test_gpt2.cu table (state records none)"
     nsteps = losses.size if args.steps < 0 else min(args.steps, losses.size)
 
-    print("[GPT-2]")
-    for field in ("max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads", "channels"):
-        print(f"{field}: {getattr(config, field)}")
-    print(f"num_parameters: {model.num_parameters}")
+    formats.print_config(model, [])  # [GPT-2]: the model's shape and parameter count, as the trainers print it
     print("[State]")
     print(f"checkpoint: {args.checkpoint}")
     print(f"debug_state: {state_path}")
