@@ -5,8 +5,8 @@
 
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
+# MODEL: d6 d12 d24 d36 d48 (random init) or gpt2 gpt2-medium gpt2-large gpt2-xl (OpenAI's weights)
 MODEL ?= d12
-SHARED_DATA := $(wildcard ../shared/data)
 
 # offline tokenizer: use the shared tiktoken cache when there is one and nothing else is set
 ifneq ($(wildcard ../shared/data/tiktoken_cache),)
@@ -16,7 +16,12 @@ endif
 SHAKESPEARE_INPUT := $(if $(wildcard ../shared/data/tinyshakespeare/input.txt),--input ../shared/data/tinyshakespeare/input.txt,)
 
 TS_TRAIN := data/tinyshakespeare/tiny_shakespeare_train.bin
-CHECKPOINT := gpt2_$(MODEL).bin
+# the exporter names OpenAI's models by parameter count (gpt2 -> gpt2_124M.bin), the dN ones by depth
+SIZE_gpt2 := 124M
+SIZE_gpt2-medium := 355M
+SIZE_gpt2-large := 774M
+SIZE_gpt2-xl := 1558M
+CHECKPOINT := gpt2_$(or $(SIZE_$(MODEL)),$(MODEL)).bin
 
 .PHONY: setup data data_tinystories export train train_cuda test test_gpt2 test_gpt2_cuda bench bench_gpu clean
 
@@ -44,12 +49,13 @@ train_cuda: setup data export
 test: setup
 	$(PYTHON) -m pytest -q tests
 
-# the end-to-end check on the full d12 export (slow on a CPU: minutes, not seconds)
+# the end-to-end check on the full d12 export (slow on a CPU: minutes, not seconds); test_gpt2.py
+# finds the debug state beside the checkpoint (gpt2_<size>_debug_state.bin)
 test_gpt2: setup data export
-	$(PYTHON) test_gpt2.py --checkpoint $(CHECKPOINT) --debug_state gpt2_$(MODEL)_debug_state.bin
+	$(PYTHON) test_gpt2.py --checkpoint $(CHECKPOINT)
 
 test_gpt2_cuda: setup data export
-	$(PYTHON) test_gpt2.py --trainer cuda --checkpoint $(CHECKPOINT) --debug_state gpt2_$(MODEL)_debug_state.bin
+	$(PYTHON) test_gpt2.py --trainer cuda --checkpoint $(CHECKPOINT)
 
 bench: setup data
 	$(PYTHON) dev/bench_cpu.py
