@@ -76,7 +76,7 @@ def fetch(data_dir, url, local_copy):
 def tokenize(text):
     """llm.c's tokenization of tiny shakespeare: a list of GPT-2 token ids."""
     enc = train_gpt2.gpt2_encoding()
-    eot = enc._special_tokens["<|endoftext|>"]  # 50256
+    eot = enc.eot_token  # 50256, <|endoftext|>
     sections = text.split("\n\n")
     tokens = []
     for i, s in enumerate(sections):

@@ -85,7 +85,7 @@ def _init_worker():
 def tokenize_shard(job):
     """(shard index, path) -> the shard's GPT-2 tokens (uint16), stories shuffled with Random(1337 + index)."""
     shard_index, path = job
-    eot = _enc._special_tokens["<|endoftext|>"]  # 50256
+    eot = _enc.eot_token  # 50256, <|endoftext|>
     with open(path, "r", encoding="utf-8") as f:
         data = json.load(f)
     rng = random.Random(1337 + shard_index)
