@@ -246,22 +246,13 @@ def hf_reachable(timeout=5):
         return False
 
 
-# the shapes --model knows: OpenAI's four (weights downloaded) and llm.c's dN (random init)
-PRETRAINED = {  # name: shape; file names use the parameter count, as llm.c does ("355M", not "350M")
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
-}
-PRETRAINED_SIZE = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+# the shapes --model knows: llm.c's dN (random init; train_gpt2.MODEL_DEPTHS, L: (NH, C)) and
+# OpenAI's four (weights downloaded), each the shape of one dN
+DEPTHS = {f"d{L}": dict(n_layer=L, n_head=NH, n_embd=C) for L, (NH, C) in train_gpt2.MODEL_DEPTHS.items()}
 SAME_SHAPE = {"gpt2": "d12", "gpt2-medium": "d24", "gpt2-large": "d36", "gpt2-xl": "d48"}
-DEPTHS = {
-    "d6": dict(n_layer=6, n_head=6, n_embd=384),
-    "d12": dict(n_layer=12, n_head=12, n_embd=768),
-    "d24": dict(n_layer=24, n_head=16, n_embd=1024),
-    "d36": dict(n_layer=36, n_head=20, n_embd=1280),
-    "d48": dict(n_layer=48, n_head=25, n_embd=1600),
-}
+PRETRAINED = {name: dict(DEPTHS[same]) for name, same in SAME_SHAPE.items()}
+# file names use the parameter count, as llm.c does ("355M", not "350M")
+PRETRAINED_SIZE = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
 
 # ----------------------------------------------------------------------------
 # the bridge to llm.c's files: parameters and gradients as one flat float32 buffer
