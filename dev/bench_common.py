@@ -1,7 +1,7 @@
 """
 What dev/bench_cpu.py and dev/bench_gpu.py share: the batches both trainers read, the d12 checkpoint
 built from scratch when there is none, the command line that both scripts start with, the worker
-subprocess's arguments and its launch, the profiler that breaks our step down by phase and layer function, and the
+subprocess's arguments, launch and result file, the profiler that breaks our step down by phase and layer function, and the
 printing of that breakdown. Each script keeps its own workers and its own result table.
 """
 
@@ -67,6 +67,14 @@ def add_worker_args(parser):
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
 
 
+def parse_run_args(parser, known):
+    """Parse the command line, with the hidden worker options, and check it: -> (args, the list of
+    trainers to run)."""
+    add_worker_args(parser)
+    args = parser.parse_args()
+    return args, check_run_args(parser, args, known)
+
+
 def check_run_args(parser, args, known):
     """--steps and --warmup in range, and --trainers among `known`: -> the list of trainers to run."""
     if args.steps < 1 or args.warmup < 0:
@@ -122,6 +130,14 @@ def run_worker(script_path, trainer, args, result_path, extra_args, env=None):
                          f"{proc.returncode}")
     with open(result_path) as f:
         return json.load(f), usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def worker_main(args, workers):
+    """Inside the worker subprocess: run workers[args.worker](args) and write its result dict as JSON."""
+    os.chdir(REPO)
+    result = workers[args.worker](args)
+    with open(args.result, "w") as f:
+        json.dump(result, f)
 
 def step_ms(times):
     """(median, min, max) of the timed steps, in ms."""

@@ -19,7 +19,6 @@ when it has one, else wrappers around the module's layer functions.
 import argparse
 import ctypes
 import glob
-import json
 import os
 import statistics
 import sys
@@ -30,8 +29,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import (Profiler, add_run_args, add_worker_args, check_data, check_run_args,  # noqa: E402
-                          find_checkpoint, get_batches, print_breakdown, run_worker, step_ms)
+from bench_common import (Profiler, add_run_args, check_data, find_checkpoint, get_batches,  # noqa: E402
+                          parse_run_args, print_breakdown, run_worker, step_ms, worker_main)
 
 TARGET_RATIO = 0.5          # ours <= 0.5x PyTorch eager's ms/step
 TARGET_RSS_MIB = 2.5 * 1024  # ours peak RSS <= ~2.5 GiB
@@ -182,15 +181,10 @@ def main():
     parser.add_argument("--torch_fused", default="auto", choices=["auto", "1", "0"],
                         help="AdamW for PyTorch: auto = torch's default choice on the CPU, 1 = fused, 0 = foreach")
     parser.add_argument("--breakdown", type=int, default=1, help="1 = per-layer timing of our step")
-    add_worker_args(parser)
-    args = parser.parse_args()
-    trainers = check_run_args(parser, args, ("numpy", "torch"))
+    args, trainers = parse_run_args(parser, ("numpy", "torch"))
 
     if args.worker:  # inside a subprocess: run one trainer, write the result as JSON
-        os.chdir(REPO)
-        result = {"numpy": worker_numpy, "torch": worker_torch}[args.worker](args)
-        with open(args.result, "w") as f:
-            json.dump(result, f)
+        worker_main(args, {"numpy": worker_numpy, "torch": worker_torch})
         return
 
     os.chdir(REPO)

@@ -20,7 +20,6 @@ each launcher (GPU time from the launcher's first kernel to its last, summed ove
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,8 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import (Profiler, add_run_args, add_worker_args, check_data, check_run_args,  # noqa: E402
-                          find_checkpoint, get_batches, print_breakdown, print_run, run_worker, step_ms)
+from bench_common import (Profiler, add_run_args, check_data, find_checkpoint, get_batches,  # noqa: E402
+                          parse_run_args, print_breakdown, print_run, run_worker, step_ms, worker_main)
 
 ADAMW = dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
 DRY_RUN_SHAPE = dict(max_seq_len=32, vocab_size=500, num_layers=2, num_heads=2, channels=32)
@@ -217,15 +216,10 @@ def main():
                         help="extra steps of ours, after the timed ones, with CUDA events around each layer (0 = none)")
     parser.add_argument("--dry_run", type=int, default=0,
                         help="1 = no GPU needed: tiny model, ours on the emulator, PyTorch eager on the CPU")
-    add_worker_args(parser)
-    args = parser.parse_args()
-    trainers = check_run_args(parser, args, ("ours", "torch"))
+    args, trainers = parse_run_args(parser, ("ours", "torch"))
 
-    if args.worker:
-        os.chdir(REPO)
-        result = {"ours": worker_ours, "torch": worker_torch}[args.worker](args)
-        with open(args.result, "w") as f:
-            json.dump(result, f)
+    if args.worker:  # inside a subprocess: run one trainer, write the result as JSON
+        worker_main(args, {"ours": worker_ours, "torch": worker_torch})
         return
 
     os.chdir(REPO)
