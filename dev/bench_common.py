@@ -1,8 +1,9 @@
 """
 What dev/bench_cpu.py and dev/bench_gpu.py share: the batches both trainers read, the d12 checkpoint
 built from scratch when there is none, the command line that both scripts start with, the worker
-subprocess's arguments, launch and result file, the profiler that breaks our step down by phase and layer function, and the
-printing of that breakdown. Each script keeps its own workers and its own result table.
+subprocess's arguments, launch and result file, the profiler that breaks our step down by phase and
+layer function, and the printing of that breakdown. Each script keeps its own workers and its own
+result table.
 """
 
 import argparse
