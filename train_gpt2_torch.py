@@ -169,7 +169,7 @@ class GPT(nn.Module):
         return logits, loss
 
     @classmethod
-    def from_pretrained(cls, model_type):
+    def from_pretrained(cls, model_type, flash=0):
         """OpenAI's GPT-2 weights through Hugging Face transformers (downloaded once, then cached)."""
         print(f"loading weights from pretrained gpt: {model_type}")
         if not hf_reachable():  # use the local cache only, instead of minutes of retries
@@ -183,7 +183,7 @@ class GPT(nn.Module):
             raise SystemExit(f"could not load the {model_type} weights from Hugging Face ({type(e).__name__}: "
                              f"{reason}); offline? run python train_gpt2_torch.py --model {same} "
                              f"(same shapes, random init)")
-        model = cls(GPTConfig(**PRETRAINED[model_type]))
+        model = cls(GPTConfig(**PRETRAINED[model_type], flash=flash))
         sd, sd_hf = model.state_dict(), model_hf.state_dict()
         keys = [k for k in sd if not k.endswith(".attn.bias")]
         keys_hf = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
@@ -521,10 +521,7 @@ def main(argv=None):
             write_tokenizer(enc, "gpt2_tokenizer.bin")
 
     # the model
-    model = GPT.from_pretrained(pretrained) if pretrained else GPT(config)
-    model.config.flash = args.flash
-    for block in model.transformer.h:
-        block.attn.flash = args.flash
+    model = GPT.from_pretrained(pretrained, flash=config.flash) if pretrained else GPT(config)
     model.train()
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
