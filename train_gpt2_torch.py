@@ -467,12 +467,10 @@ def main(argv=None):
             device = "cpu"
             init_process_group(backend="gloo")
         master_process = ddp_rank == 0
-        seed_offset = 0  # every rank starts from the same weights
         zero_stage = args.zero_stage
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
         master_process = True
-        seed_offset = 0
         zero_stage = 0
         if args.device:
             device = args.device
@@ -498,9 +496,9 @@ def main(argv=None):
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     ctx = torch.amp.autocast(device_type="cuda", dtype=ptdtype) if device_type == "cuda" else nullcontext()
 
-    torch.manual_seed(42 + seed_offset)
+    torch.manual_seed(42)  # the same on every rank (the weights have their own generator, see GPT)
     if torch.cuda.is_available():
-        torch.cuda.manual_seed(42 + seed_offset)
+        torch.cuda.manual_seed(42)
 
     # TF32 only when asked: the exported logits and gradients must be exact fp32
     torch.backends.cuda.matmul.allow_tf32 = bool(args.tensorcores)
