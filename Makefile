@@ -38,12 +38,15 @@ data_tinystories:
 
 export: $(CHECKPOINT)
 $(CHECKPOINT): | $(TS_TRAIN)
+	@echo "== train_gpt2_torch.py: the PyTorch reference writes $(CHECKPOINT) and its debug state (10 reference steps)"
 	$(PYTHON) train_gpt2_torch.py --model $(MODEL)
 
 train: setup data export
+	@echo "== the exporter's PyTorch steps are done; now train_gpt2.py (NumPy) trains $(CHECKPOINT) on tiny shakespeare"
 	$(PYTHON) train_gpt2.py -e $(CHECKPOINT)
 
 train_cuda: setup data export
+	@echo "== the exporter's PyTorch steps are done; now train_gpt2_cuda.py (CUDA kernels) trains $(CHECKPOINT)"
 	$(PYTHON) train_gpt2_cuda.py -e $(CHECKPOINT)
 
 test: setup

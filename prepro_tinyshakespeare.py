@@ -20,7 +20,9 @@ import sys
 
 import numpy as np
 
-import train_gpt2  # write_atomic, write_data_shard: llm.c's file formats
+from llmc.formats import write_data_shard
+from llmc.tokenizer import gpt2_encoding
+from llmc.utils import write_atomic
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 VAL_TOKENS = 32768
@@ -41,7 +43,7 @@ def download_file(url, fname, chunk_size=1024):
             for data in resp.iter_content(chunk_size=chunk_size):
                 bar.update(len(data))
                 yield np.frombuffer(data, dtype=np.uint8)
-        train_gpt2.write_atomic(fname, chunks())
+        write_atomic(fname, chunks())
 
 
 def download(url, fname, offline_command, chunk_size=1024):
@@ -75,7 +77,7 @@ def fetch(data_dir, url, local_copy):
 
 def tokenize(text):
     """llm.c's tokenization of tiny shakespeare: a list of GPT-2 token ids."""
-    enc = train_gpt2.gpt2_encoding()
+    enc = gpt2_encoding()
     eot = enc.eot_token  # 50256, <|endoftext|>
     sections = text.split("\n\n")
     tokens = []
@@ -99,7 +101,7 @@ def main(argv=None):
     tokens = np.array(tokenize(text), dtype=np.uint16)
     for split, part in (("val", tokens[:VAL_TOKENS]), ("train", tokens[VAL_TOKENS:])):
         out = os.path.join(args.data_dir, f"tiny_shakespeare_{split}.bin")
-        train_gpt2.write_data_shard(out, part)
+        write_data_shard(out, part)
         print(f"writing {len(part):,} tokens to {out}")
 
 

@@ -28,7 +28,8 @@ from multiprocessing import Pool
 
 import numpy as np
 
-import train_gpt2  # gpt2_encoding and write_data_shard
+from llmc.formats import write_data_shard
+from llmc.tokenizer import gpt2_encoding
 from prepro_tinyshakespeare import download  # the shared downloader (llm.c: data_common.py)
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
@@ -79,7 +80,7 @@ _enc = None
 
 def _init_worker():
     global _enc
-    _enc = train_gpt2.gpt2_encoding()   # main() loaded it once already, so this reads tiktoken's cache
+    _enc = gpt2_encoding()   # main() loaded it once already, so this reads tiktoken's cache
 
 
 def tokenize_shard(job):
@@ -109,14 +110,14 @@ def main(argv=None):
     files = shard_files(shards_dir)
     print(f"tokenizing {len(files)} shards with {args.workers} worker(s)")
     from tqdm import tqdm
-    train_gpt2.gpt2_encoding()   # fail here, in one line, rather than in every worker, when it cannot load
+    gpt2_encoding()   # fail here, in one line, rather than in every worker, when it cannot load
     with Pool(max(1, args.workers), initializer=_init_worker) as pool:
         # imap, not imap_unordered: results come back in shard order, so the output never changes
         parts = list(tqdm(pool.imap(tokenize_shard, enumerate(files)), total=len(files), unit="shard"))
     # the parts go into each shard one after another, never concatenated (train: 1.85 GB of tokens)
     for split, split_parts in (("val", parts[:1]), ("train", parts[1:])):
         out = os.path.join(args.data_dir, f"TinyStories_{split}.bin")
-        train_gpt2.write_data_shard(out, *split_parts)
+        write_data_shard(out, *split_parts)
         print(f"writing {sum(p.size for p in split_parts):,} tokens to {out}")
 
 

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-import train_gpt2 as formats  # llm.c's file formats and print_config, which both trainers share
+from llmc import formats  # llm.c's file formats and the [GPT-2] config block
 
 N_SHOW = 5  # values printed side by side per tensor
 
@@ -139,7 +139,7 @@ def main(argv=None):
         source = "llm.c's test_gpt2.cu table (state records none)"
     nsteps = losses.size if args.steps < 0 else min(args.steps, losses.size)
 
-    formats.print_config(model, [])  # [GPT-2]: the model's shape and parameter count, as the trainers print it
+    formats.print_config(config)  # [GPT-2]: the model's shape and parameter count, as the trainers print it
     print("[State]")
     print(f"checkpoint: {args.checkpoint}")
     print(f"debug_state: {state_path}")

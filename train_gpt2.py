@@ -1,51 +1,40 @@
 """
 GPT-2 training in plain NumPy, a port of llm.c's train_gpt2.c.
 
-Read it top to bottom: a little plumbing that makes NumPy fast (BLAS kernels, memory, the raw sgemm
-the matmuls call), the file formats, then every layer as a forward/backward pair,
-then the model, the optimizer, the data loader, the tokenizer, the sampler and main.
-Nothing here uses autograd; PyTorch (train_gpt2_torch.py) is only the oracle the tests
-compare against. train_gpt2_cuda.py imports the host code of this file (formats, data
-loader, tokenizer, sampler, CLI, training loop) and replaces the layers with CUDA kernels.
+Read it top to bottom, as train_gpt2.c: every layer as a forward/backward pair (each with a loop
+twin that spells out its indices), then the model on flat buffers, AdamW, and the training loop.
+Nothing here uses autograd; PyTorch (train_gpt2_torch.py) is only the oracle the tests compare
+against. What the programs share (file formats, data loader, tokenizer, random numbers, schedules,
+sampler, logger, command line, and the plumbing that makes NumPy fast on a CPU) lives in llmc/.
+train_gpt2_cuda.py runs the same training loop with the layers as CUDA kernels.
 """
 
+import codecs
+import math
 import os
 import sys
+import time
 
-# ----------------------------------------------------------------------------
-# plumbing: BLAS kernels, memory for temporaries, the BLAS sgemm behind the matmuls
-#
-# NumPy's bundled OpenBLAS picks its kernels by CPU model and falls back to the AVX2 (Haswell)
-# ones on a CPU it does not know, even one with AVX-512 (some builds do so on AMD Zen 4). The
-# choice is read from OPENBLAS_CORETYPE once, when NumPy is first imported, so it is made here,
-# before `import numpy`, and only when this file is the program (an importer keeps its own).
-# The config block prints the kernels in use.
+import llmc  # noqa: F401  (first: it picks NumPy's BLAS kernels before NumPy loads)
+import numpy as np
 
+from llmc import profiler
+from llmc.cli import parse_args
+from llmc.dataloader import DataLoader
+from llmc.formats import (MODEL_DEPTHS, FormatError, GPT2Config, num_parameters, padded_vocab, param_shapes,
+                          print_config, read_model_file, write_model_file)
+from llmc.logger import Logger
+from llmc.rand import normal_
+from llmc.sampler import random_f32, sample_mult
+from llmc.schedulers import get_lr
+from llmc.tokenizer import Tokenizer
+from llmc.utils import ConfigError
 
-def _cpu_has_avx512():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
-
-
-CORETYPE_SET_HERE = False
-if __name__ == "__main__" and "numpy" not in sys.modules and "OPENBLAS_CORETYPE" not in os.environ:
-    if _cpu_has_avx512():
-        os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
-        CORETYPE_SET_HERE = True
-
-import codecs  # noqa: E402
-import functools  # noqa: E402  (after the BLAS choice above)
-import math  # noqa: E402
-import time  # noqa: E402
-import glob as globlib  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-
-import numpy as np  # noqa: E402
+# ===== PLUMBING (moving to llmc/cpu.py) =====
+import functools
+import glob as globlib
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 
 def keep_freed_memory():
@@ -98,271 +87,6 @@ def gemm_functions():
         functions[np.dtype(dtype)] = fn
     return functions
 
-
-
-# ----------------------------------------------------------------------------
-# file formats: llm.c's .bin files, byte for byte
-#
-# Every file starts with a header of 256 little-endian int32. Readers check the magic,
-# the version and that the file holds exactly the bytes the header promises; a mismatch
-# is one line that names the file, what was found, what was expected, and what to run.
-
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-
-MODEL_MAGIC = 20240326       # versions: 3 = fp32, 5 = bf16 (padded vocabulary)
-STATE_MAGIC = 20240327       # debug state, version 2
-TOKENIZER_MAGIC = 20240328   # version 2 (with the EOT id)
-DATA_MAGIC = 20240520        # data shard, version 1, uint16 tokens
-
-# The debug state keeps PyTorch's training run in header slots that llm.c leaves at zero
-# (its readers look at [2] B and [3] T only): [4] the number of recorded steps, [8:20] the
-# optimizer settings as six float64, [32:32+n] the loss before each step as float32 bits.
-STATE_NSTEPS, STATE_OPT, STATE_LOSSES = 4, slice(8, 20), 32
-STATE_OPT_FIELDS = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip")
-MAX_RECORDED_STEPS = HEADER_INTS - STATE_LOSSES
-
-WRITERS = {  # what to run when a file is missing or bad
-    MODEL_MAGIC: "python train_gpt2_torch.py --model d12",
-    STATE_MAGIC: "python train_gpt2_torch.py --model d12",
-    TOKENIZER_MAGIC: "python train_gpt2_torch.py --model d12",
-    DATA_MAGIC: "python prepro_tinyshakespeare.py",
-}
-
-
-class FormatError(ValueError):
-    """A .bin file that is not what its reader expects; the message is one line."""
-
-
-def _fail(path, found, expected, magic):
-    raise FormatError(f"{path}: {found} (expected {expected}); re-run {WRITERS[magic]}")
-
-
-def read_header(path, magic, versions):
-    """Open `path`, check magic and version, return (header int32[256], file size in bytes)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file; create it with {WRITERS[magic]}")
-    size = os.path.getsize(path)
-    if size < HEADER_BYTES:
-        _fail(path, f"only {size} bytes", f"a {HEADER_BYTES}-byte header", magic)
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != magic:
-        _fail(path, f"bad magic {header[0]}", magic, magic)
-    if header[1] not in versions:
-        _fail(path, f"unsupported version {header[1]}", " or ".join(map(str, versions)), magic)
-    return header, size
-
-
-def check_size(path, size, expected, magic):
-    if size != expected:
-        _fail(path, f"{size} bytes", f"{expected} bytes as its header says", magic)
-
-
-def write_atomic(path, chunks):
-    """Write the byte chunks to `path` through a temporary name, so no half file is ever left."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def new_header(magic, version):
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1] = magic, version
-    return header
-
-
-@dataclass
-class GPT2Config:
-    max_seq_len: int        # maxT, 1024 for GPT-2
-    vocab_size: int         # V, 50257
-    num_layers: int         # L
-    num_heads: int          # NH
-    channels: int           # C
-    padded_vocab_size: int  # Vp, V rounded up to a multiple of 128 (50304)
-
-
-def padded_vocab(vocab_size):
-    return (vocab_size + 127) // 128 * 128
-
-
-def param_shapes(config):
-    """The 16 parameter tensors in checkpoint order, with their shapes."""
-    Vp, maxT = config.padded_vocab_size, config.max_seq_len
-    L, C = config.num_layers, config.channels
-    return [
-        ("wte", (Vp, C)), ("wpe", (maxT, C)),
-        ("ln1w", (L, C)), ("ln1b", (L, C)),
-        ("qkvw", (L, 3 * C, C)), ("qkvb", (L, 3 * C)),
-        ("attprojw", (L, C, C)), ("attprojb", (L, C)),
-        ("ln2w", (L, C)), ("ln2b", (L, C)),
-        ("fcw", (L, 4 * C, C)), ("fcb", (L, 4 * C)),
-        ("fcprojw", (L, C, 4 * C)), ("fcprojb", (L, C)),
-        ("lnfw", (C,)), ("lnfb", (C,)),
-    ]
-
-
-def num_parameters(config):
-    return sum(int(np.prod(shape)) for _, shape in param_shapes(config))
-
-
-def bf16_to_f32(bits):
-    """bfloat16 bit patterns (uint16) -> float32: they are the high half of a float32."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def f32_to_bf16(x):
-    """float32 -> bfloat16 bit patterns, rounding to nearest even as PyTorch does."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
-    nan = np.isnan(x)
-    if nan.any():
-        rounded = np.where(nan, (bits >> 16) | np.uint32(0x40), rounded)
-    return rounded.astype(np.uint16)
-
-
-def read_model_file(path, out=None):
-    """Read an llm.c model file (version 3 fp32, or version 5 bf16 widened to fp32).
-    Returns (config, params): params is one flat float32 array in checkpoint order.
-    `out`, if given, is a float32 array of the right size to read into (no extra copy)."""
-    header, size = read_header(path, MODEL_MAGIC, (3, 5))
-    config = GPT2Config(max_seq_len=int(header[2]), vocab_size=int(header[3]), num_layers=int(header[4]),
-                        num_heads=int(header[5]), channels=int(header[6]), padded_vocab_size=int(header[7]))
-    if config.padded_vocab_size < config.vocab_size or min(header[2:8]) <= 0:
-        _fail(path, f"bad shape {header[2:8].tolist()}", "positive maxT, V, L, NH, C, Vp with Vp >= V", MODEL_MAGIC)
-    n = num_parameters(config)
-    itemsize = 4 if header[1] == 3 else 2
-    check_size(path, size, HEADER_BYTES + n * itemsize, MODEL_MAGIC)
-    params = np.empty(n, dtype=np.float32) if out is None else out
-    with open(path, "rb") as f:
-        f.seek(HEADER_BYTES)
-        if itemsize == 4:
-            f.readinto(memoryview(params).cast("B"))
-        else:  # widen in chunks so a big bf16 model never needs a second full-size buffer
-            chunk = 1 << 24
-            for start in range(0, n, chunk):
-                bits = np.fromfile(f, dtype="<u2", count=min(chunk, n - start))
-                params[start:start + bits.size] = bf16_to_f32(bits)
-    return config, params
-
-
-def write_model_file(path, config, params, dtype="float32"):
-    """Write `params` (flat float32, checkpoint order) as an llm.c model file, fp32 v3 or bf16 v5."""
-    assert params.size == num_parameters(config)
-    header = new_header(MODEL_MAGIC, 3 if dtype == "float32" else 5)
-    header[2:8] = [config.max_seq_len, config.vocab_size, config.num_layers,
-                   config.num_heads, config.channels, config.padded_vocab_size]
-    body = params.astype("<f4", copy=False) if dtype == "float32" else f32_to_bf16(params)
-    write_atomic(path, [header, body])
-
-
-@dataclass
-class DebugState:
-    x: np.ndarray            # (B, T) int32 inputs
-    y: np.ndarray            # (B, T) int32 targets
-    logits: np.ndarray       # (B, T, V) float32, unpadded
-    loss: float              # mean cross-entropy of the forward pass
-    grads: np.ndarray        # flat float32 gradients in checkpoint order, wte padded to Vp
-    losses: np.ndarray       # float32 loss before each recorded PyTorch training step (may be empty)
-    optimizer: dict          # the settings of those steps (STATE_OPT_FIELDS), empty if none
-
-
-def read_debug_state(path, config):
-    """Read a debug state written for a model of shape `config`."""
-    header, size = read_header(path, STATE_MAGIC, (2,))
-    B, T = int(header[2]), int(header[3])
-    V, n = config.vocab_size, num_parameters(config)
-    check_size(path, size, HEADER_BYTES + 4 * (2 * B * T + B * T * V + 1 + n), STATE_MAGIC)
-    with open(path, "rb") as f:
-        f.seek(HEADER_BYTES)
-        x = np.fromfile(f, dtype="<i4", count=B * T).reshape(B, T)
-        y = np.fromfile(f, dtype="<i4", count=B * T).reshape(B, T)
-        logits = np.fromfile(f, dtype="<f4", count=B * T * V).reshape(B, T, V)
-        loss = float(np.fromfile(f, dtype="<f4", count=1)[0])
-        grads = np.fromfile(f, dtype="<f4", count=n)
-    nsteps = int(header[STATE_NSTEPS])
-    if not 0 <= nsteps <= MAX_RECORDED_STEPS:
-        _fail(path, f"{nsteps} recorded steps in header[{STATE_NSTEPS}]", f"0..{MAX_RECORDED_STEPS}", STATE_MAGIC)
-    losses = header[STATE_LOSSES:STATE_LOSSES + nsteps].view(np.float32).copy()
-    settings = header[STATE_OPT].view(np.float64)
-    optimizer = {k: float(v) for k, v in zip(STATE_OPT_FIELDS, settings)} if nsteps else {}
-    return DebugState(x, y, logits, loss, grads, losses, optimizer)
-
-
-def write_debug_state(path, x, y, logits, loss, grads, losses=(), optimizer=None):
-    """Write llm.c's debug state (version 2). `losses` and `optimizer` (a dict with
-    STATE_OPT_FIELDS) record a PyTorch training run in header slots llm.c ignores."""
-    B, T = x.shape
-    header = new_header(STATE_MAGIC, 2)
-    header[2], header[3] = B, T
-    losses = np.asarray(losses, dtype=np.float32)
-    assert losses.size <= MAX_RECORDED_STEPS
-    if losses.size:
-        header[STATE_NSTEPS] = losses.size
-        header[STATE_OPT] = np.array([optimizer[k] for k in STATE_OPT_FIELDS], dtype=np.float64).view(np.int32)
-        header[STATE_LOSSES:STATE_LOSSES + losses.size] = losses.view(np.int32)
-    write_atomic(path, [header, x.astype("<i4"), y.astype("<i4"), logits.astype("<f4"),
-                        np.array([loss], dtype="<f4"), grads.astype("<f4")])
-
-
-def read_tokenizer_file(path):
-    """Read gpt2_tokenizer.bin: returns (list of token byte strings, eot id)."""
-    header, size = read_header(path, TOKENIZER_MAGIC, (2,))
-    n, eot = int(header[2]), int(header[3])
-    with open(path, "rb") as f:
-        f.seek(HEADER_BYTES)
-        body = f.read()
-    tokens, pos = [], 0
-    for i in range(n):
-        if pos >= len(body):
-            _fail(path, f"file ends at token {i}", f"{n} tokens as its header says", TOKENIZER_MAGIC)
-        length = body[pos]
-        if pos + 1 + length > len(body):
-            _fail(path, f"file ends inside token {i}", f"{n} tokens as its header says", TOKENIZER_MAGIC)
-        tokens.append(body[pos + 1:pos + 1 + length])
-        pos += 1 + length
-    check_size(path, size, HEADER_BYTES + pos, TOKENIZER_MAGIC)
-    return tokens, eot
-
-
-def write_tokenizer_file(path, tokens, eot):
-    """Write gpt2_tokenizer.bin (version 2): per token one uint8 length, then its bytes."""
-    header = new_header(TOKENIZER_MAGIC, 2)
-    header[2], header[3] = len(tokens), eot
-    body = bytearray()
-    for t in tokens:
-        assert 1 <= len(t) <= 255, f"token {t!r} cannot be stored with a one-byte length"
-        body.append(len(t))
-        body += t
-    write_atomic(path, [header, np.frombuffer(bytes(body), dtype=np.uint8)])
-
-
-def read_data_shard(path):
-    """Memory-map an llm.c data shard: returns its uint16 tokens (read-only, not loaded)."""
-    header, size = read_header(path, DATA_MAGIC, (1,))
-    ntok = int(header[2])
-    check_size(path, size, HEADER_BYTES + 2 * ntok, DATA_MAGIC)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
-
-
-def write_data_shard(path, *parts):
-    """Write GPT-2 tokens as an llm.c data shard (version 1, uint16): one array, or several written
-    one after another into the same shard without concatenating them (large splits)."""
-    parts = [np.asarray(p) for p in parts]
-    for p in parts:
-        assert p.size == 0 or (0 <= p.min() and p.max() < 2**16)
-    ntok = sum(p.size for p in parts)
-    assert ntok < 2**31
-    header = new_header(DATA_MAGIC, 1)
-    header[2] = ntok
-    write_atomic(path, [header] + [p.astype("<u2", copy=False) for p in parts])
 
 
 # ----------------------------------------------------------------------------
@@ -743,96 +467,12 @@ def crossentropy_softmax_backward_loop(dlogits, dlosses, probs, targets, B, T, V
 
 
 # ----------------------------------------------------------------------------
-# random numbers: llm.c's rand.h, which is PyTorch's CPU generator
-#
-# A Mersenne Twister (MT19937) seeded with init_genrand, as llm.c and torch.manual_seed seed it.
-# The data loader shuffles with it (seed 42 + rank) and from-scratch weights are drawn from it
-# (seed 42), in PyTorch's order and with PyTorch's Box-Muller, so `-e d12` starts where
-# PyTorch's from-scratch GPT-2 starts.
-
-MASK32 = 0xFFFFFFFF
-
-
-class MT19937:
-    N, M = 624, 397
-    MATRIX_A = 0x9908B0DF
-
-    def __init__(self, seed):
-        s = [seed & MASK32]
-        for j in range(1, self.N):
-            s.append((1812433253 * (s[j - 1] ^ (s[j - 1] >> 30)) + j) & MASK32)
-        self.state, self.left, self.next = s, 1, 0
-
-    def _twist(self):
-        s, N, M = self.state, self.N, self.M
-        for j in range(N):
-            y = (s[j] & 0x80000000) | (s[(j + 1) % N] & 0x7FFFFFFF)
-            s[j] = s[(j + M) % N] ^ (y >> 1) ^ (self.MATRIX_A if y & 1 else 0)
-        self.left, self.next = N, 0
-
-    def randint32(self):
-        self.left -= 1
-        if self.left <= 0:
-            self._twist()
-        y = self.state[self.next]
-        self.next += 1
-        y ^= y >> 11                                 # tempering
-        y ^= (y << 7) & 0x9D2C5680
-        y ^= (y << 15) & 0xEFC60000
-        y ^= y >> 18
-        return y
-
-
-def random_permutation(data, rng):
-    """Fisher-Yates in place, as llm.c: j = randint32 % (i + 1) for i = n-1 down to 1."""
-    for i in range(len(data) - 1, 0, -1):
-        j = rng.randint32() % (i + 1)
-        data[i], data[j] = data[j], data[i]
-
-
-def normal_(out, std, rng, chunk=1 << 20):
-    """Fill `out` (float32, at least 16 elements) with N(0, std^2) as torch.normal_ does on the CPU:
-    first one uniform u = (x & 0xFFFFFF) / 2^24 per element, then per block of 16 a Box-Muller on
-    the pairs (u[i], u[i+8]); when the size is no multiple of 16, the last 16 are redrawn.
-    `rng` is NumPy's legacy RandomState(seed): it is init_genrand MT19937, and its randint over
-    the full uint32 range returns the raw 32-bit outputs (tests/test_dataloader.py checks both
-    against MT19937 above). It is used here only because 124M draws in pure Python are too slow."""
-    flat = out.reshape(-1)
-    n = flat.size
-    assert n >= 16, "torch draws tensors of fewer than 16 elements differently"
-
-    def box_muller(dst, count):
-        u = (rng.randint(0, 1 << 32, size=count, dtype=np.uint32) & np.uint32(0xFFFFFF)).astype(np.float32)
-        u *= np.float32(1.0 / (1 << 24))
-        blocks = u.reshape(-1, 2, 8)                             # (count/16, 2, 8): u1 | u2 halves
-        radius = np.sqrt(np.float32(-2) * np.log(np.float32(1) - blocks[:, 0] + np.float32(1e-12)))
-        theta = np.float32(2 * math.pi) * blocks[:, 1]
-        pairs = dst.reshape(-1, 2, 8)
-        pairs[:, 0] = radius * np.cos(theta) * np.float32(std)
-        pairs[:, 1] = radius * np.sin(theta) * np.float32(std)
-
-    whole = n // 16 * 16
-    for start in range(0, whole, chunk):                         # chunk is a multiple of 16
-        stop = min(start + chunk, whole)
-        box_muller(flat[start:stop], stop - start)
-    if n % 16:
-        rng.randint(0, 1 << 32, size=n - whole, dtype=np.uint32)  # the leftover uniforms, unused
-        box_muller(flat[n - 16:], 16)
-
-
-# ----------------------------------------------------------------------------
 # the model: GPT-2 in flat buffers with named views
 #
 # Parameters, their gradients, AdamW's m and v, the activations and the activation gradients
 # each live in one float32 array; the names are views into it (llm.c's ParameterTensors and
 # ActivationTensors). Loading a checkpoint is one read into params_memory, the optimizer is one
 # pass over the flat arrays, and zeroing the gradients is one fill.
-
-class ConfigError(ValueError):
-    """A run that cannot work as asked (shapes, flags, data); the message is one line."""
-
-
-MODEL_DEPTHS = {6: (6, 384), 12: (12, 768), 24: (16, 1024), 36: (20, 1280), 48: (25, 1600)}  # L: (NH, C)
 
 # the 2-D weights, which AdamW decays; biases and LayerNorm parameters are not decayed
 DECAYED_PARAMS = ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw")
@@ -1150,232 +790,6 @@ def grad_clip_scale(norm, grad_clip):
     return min(1.0, grad_clip / (norm + 1e-6))
 
 
-def get_lr(step, schedule, learning_rate, warmup_iterations, num_iterations, final_learning_rate_frac):
-    """llm.c's schedulers.h: linear warmup (step+1)/warmup, then cosine, linear or constant decay
-    to learning_rate * final_learning_rate_frac at the last step (wsd: constant, then 1-sqrt decay
-    over the last 20%)."""
-    min_lr = learning_rate * final_learning_rate_frac
-    if schedule == "constant":
-        return learning_rate
-    if step < warmup_iterations:
-        return learning_rate * (step + 1) / warmup_iterations
-    if schedule == "wsd":
-        decay_start = int(0.8 * num_iterations)
-        if step < decay_start:
-            return learning_rate
-        ratio = (step - decay_start) / max(1, num_iterations - decay_start)
-        return min_lr + (1.0 - math.sqrt(ratio)) * (learning_rate - min_lr)
-    ratio = (step - warmup_iterations) / max(1, num_iterations - warmup_iterations)
-    if schedule == "cosine":
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-    if schedule == "linear":
-        return learning_rate - ratio * (learning_rate - min_lr)
-    raise ConfigError(f"unknown learning rate schedule '{schedule}': use cosine, linear, constant or wsd")
-
-
-# ----------------------------------------------------------------------------
-# the data loader: llm.c's dataloader.h
-#
-# A pattern (one file or a glob) names the shards; each batch is B*T+1 consecutive tokens,
-# inputs the first B*T and targets the last B*T. Sample i of a shard starts at token
-# i*B*T*num_processes + rank*B*T. Sequentially (the val loader, llm.c's train_gpt2.py) the
-# samples come in order, shard after shard, and after the last shard it starts over.
-# Shuffled (the C trainers' train loader) a Mersenne Twister seeded 42 + rank permutes the
-# shard order at each epoch and the sample order inside each shard as it is opened.
-
-class DataLoader:
-    def __init__(self, pattern, B, T, process_rank=0, num_processes=1, should_shuffle=False):
-        self.B, self.T = B, T
-        self.process_rank, self.num_processes = process_rank, num_processes
-        self.should_shuffle = should_shuffle
-        if not 0 <= process_rank < num_processes:
-            raise ConfigError(f"process_rank {process_rank} must be below num_processes {num_processes}")
-        self.files = sorted(globlib.glob(pattern))
-        if not self.files:
-            raise ConfigError(f"no data files match '{pattern}'; create them with python prepro_tinyshakespeare.py")
-        need = num_processes * B * T + 1
-        self.num_tokens = 0
-        for path in self.files:                          # check every shard now, not mid-run
-            ntok = read_data_shard(path).size
-            if ntok < need:
-                raise ConfigError(f"{path}: {ntok} tokens, fewer than the {need} one batch needs "
-                                  f"(B={B}, T={T}); use smaller -b/-t or more data")
-            self.num_tokens += ntok
-        if should_shuffle:
-            self.shuffle_rng = MT19937(42 + process_rank)
-            self.shard_indices = list(range(len(self.files)))
-        self.reset()
-
-    def _load_shard(self, shard_idx):
-        if self.should_shuffle:
-            shard_idx = self.shard_indices[shard_idx]
-        self.tokens = read_data_shard(self.files[shard_idx])
-        # the -1: a sample reads B*T+1 tokens but the next one starts B*T later
-        self.shard_num_samples = (self.tokens.size - 1) // (self.num_processes * self.B * self.T)
-        if self.should_shuffle:
-            self.intra_shard_indices = list(range(self.shard_num_samples))
-            random_permutation(self.intra_shard_indices, self.shuffle_rng)
-
-    def reset(self):
-        """Back to the first shard (a new shard order when shuffling: the old order shuffled again)."""
-        self.current_shard_idx = 0
-        self.current_sample_idx = -1                      # no sample drawn yet
-        if self.should_shuffle:
-            random_permutation(self.shard_indices, self.shuffle_rng)
-        self._load_shard(0)
-
-    def _advance(self):
-        if self.current_shard_idx == len(self.files) - 1:
-            self.reset()                                   # past the last shard: a new epoch
-            return
-        self.current_shard_idx += 1
-        self.current_sample_idx = -1
-        self._load_shard(self.current_shard_idx)
-
-    def next_batch(self):
-        """Returns (inputs, targets), int32 arrays of shape (B, T)."""
-        self.current_sample_idx += 1
-        if self.current_sample_idx >= self.shard_num_samples:
-            self._advance()
-            self.current_sample_idx = 0
-        idx = self.current_sample_idx
-        if self.should_shuffle:
-            idx = self.intra_shard_indices[idx]
-        B, T = self.B, self.T
-        start = idx * self.num_processes * B * T + self.process_rank * B * T
-        buf = np.asarray(self.tokens[start:start + B * T + 1], dtype=np.int32)
-        return buf[:-1].reshape(B, T), buf[1:].reshape(B, T)
-
-
-# ----------------------------------------------------------------------------
-# the tokenizer: decoding only, from gpt2_tokenizer.bin (as llm.c: there is no encoder)
-
-def gpt2_encoding():
-    """tiktoken's GPT-2 encoding, for the prepro scripts and the exporter (the trainers only decode).
-    tiktoken downloads its two files on first use; without a network that fails deep inside
-    requests, so say in one line what to do instead."""
-    import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # requests' connection errors, or whatever the download raised
-        raise SystemExit(f"tiktoken could not load the gpt2 encoding ({type(e).__name__}: no network?); "
-                         "offline, point TIKTOKEN_CACHE_DIR at a filled cache, e.g. "
-                         "export TIKTOKEN_CACHE_DIR=$PWD/../shared/data/tiktoken_cache") from None
-
-
-class Tokenizer:
-    def __init__(self, path):
-        self.init_ok = False
-        self.tokens, self.eot_token = [], 50256
-        try:
-            self.tokens, self.eot_token = read_tokenizer_file(path)
-            self.init_ok = True
-        except (OSError, FormatError) as e:
-            print(f"WARNING: failed to read the tokenizer ({e}); samples print as token ids")
-
-    def decode_bytes(self, token_id):
-        return self.tokens[token_id]
-
-    def decode(self, token_id):
-        """The token's text. A token may hold part of a UTF-8 character: that part shows as U+FFFD
-        here; print through an incremental decoder (as main does) to keep such characters whole."""
-        return self.tokens[token_id].decode("utf-8", errors="replace")
-
-
-# ----------------------------------------------------------------------------
-# the sampler: llm.c's xorshift generator and sampling from the probabilities
-#
-# The generator state is a one-element list holding a uint64, so the functions can advance it.
-
-MASK64 = (1 << 64) - 1
-
-
-def random_u32(state):
-    """xorshift*: state = [uint64], advanced in place; returns a uint32."""
-    x = state[0]
-    x ^= x >> 12
-    x ^= (x << 25) & MASK64
-    x ^= x >> 27
-    state[0] = x
-    return ((x * 0x2545F4914F6CDD1D) & MASK64) >> 32
-
-
-def random_f32(state):
-    """A float32 uniform in [0, 1) from the top 24 bits of random_u32."""
-    return np.float32((random_u32(state) >> 8) / 16777216.0)
-
-
-def sample_mult(probabilities, coin):
-    """Index of the first float32 running sum of `probabilities` that exceeds coin (in [0, 1));
-    the last index if rounding leaves the total below the coin."""
-    cdf = np.cumsum(probabilities, dtype=np.float32)     # sequential float32 sums, as the C loop
-    i = int(np.searchsorted(cdf, np.float32(coin), side="right"))
-    return min(i, len(probabilities) - 1)
-
-
-# ----------------------------------------------------------------------------
-# the profiler: per-layer wall time, switched on with --profile 1
-#
-# It replaces each layer function of this module by a wrapper that adds its time to PROFILE
-# (gpt2_forward looks the layers up by name at call time, so nothing else changes). Matrix
-# multiplies are told apart by their shapes: "matmul_forward 768->50304" is the classifier.
-
-PROFILE = {}          # name -> [seconds, calls]
-PROFILE_ACTIVE = [False]   # main switches it on around the training steps only (not eval, sampling)
-PROFILED = ("encoder", "layernorm", "matmul", "attention", "gelu", "residual", "softmax", "crossentropy",
-            "crossentropy_softmax")
-
-
-def enable_profiler():
-    module = sys.modules[__name__]
-
-    def wrap(fn, name):
-        def timed(*args):
-            key = f"{name} {args[-2]}->{args[-1]}" if name.startswith("matmul") else name
-            t0 = time.perf_counter()
-            fn(*args)
-            if PROFILE_ACTIVE[0]:
-                entry = PROFILE.setdefault(key, [0.0, 0])
-                entry[0] += time.perf_counter() - t0
-                entry[1] += 1
-        timed.__wrapped__ = fn
-        return timed
-
-    for layer in PROFILED:
-        for direction in ("forward", "backward"):
-            name = f"{layer}_{direction}"
-            fn = getattr(module, name, None)
-            if fn is not None and not hasattr(fn, "__wrapped__"):
-                setattr(module, name, wrap(fn, name))
-    for name in ("gpt2_zero_grad", "gpt2_calculate_grad_norm", "gpt2_update"):
-        fn = getattr(module, name)
-        if not hasattr(fn, "__wrapped__"):
-            setattr(module, name, _timed_returning(fn, name))
-
-
-def _timed_returning(fn, name):
-    def timed(*args, **kwargs):
-        t0 = time.perf_counter()
-        result = fn(*args, **kwargs)
-        if PROFILE_ACTIVE[0]:
-            entry = PROFILE.setdefault(name, [0.0, 0])
-            entry[0] += time.perf_counter() - t0
-            entry[1] += 1
-        return result
-    timed.__wrapped__ = fn
-    return timed
-
-
-def profile_report(steps):
-    """The PROFILE table, slowest first, in ms per training step."""
-    total = sum(v[0] for v in PROFILE.values())
-    lines = [f"{'profile (ms per step)':40s} {'ms':>9s} {'calls':>7s} {'%':>6s}"]
-    for key, (seconds, calls) in sorted(PROFILE.items(), key=lambda kv: -kv[1][0]):
-        lines.append(f"{key:40s} {1e3 * seconds / steps:9.2f} {calls // steps:7d} {100 * seconds / total:6.1f}")
-    lines.append(f"{'total':40s} {1e3 * total / steps:9.2f}")
-    return "\n".join(lines)
-
-
 def blas_info():
     """Which OpenBLAS kernels NumPy runs (asked from the library itself), as one line."""
     import ctypes
@@ -1386,104 +800,58 @@ def blas_info():
             fn.restype = ctypes.c_char_p
             corename = fn().decode()
     env = os.environ.get("OPENBLAS_CORETYPE")
-    how = "set by train_gpt2.py (the CPU has AVX-512)" if CORETYPE_SET_HERE else ("from the environment" if env else "auto-detected")
+    how = "set by llmc (the CPU has AVX-512)" if llmc.OPENBLAS_CORETYPE_SET_HERE else ("from the environment" if env else "auto-detected")
     return f"OpenBLAS core {corename or 'unknown'} (OPENBLAS_CORETYPE={env or 'unset'}, {how})"
 
 
 # ----------------------------------------------------------------------------
-# main: llm.c's command line, train_gpt2.c's defaults
+# the training loop: train_gpt2.c's main, shared with train_gpt2_cuda.py
+#
+# train(args, trainer) runs with any trainer module that provides these (this module is NumPy's):
+#   the model:  gpt2_build_from_descriptor(descriptor) -> model (with model.config, num_parameters,
+#               params_memory), gpt2_forward(model, inputs, targets, B, T) (sets model.mean_loss),
+#               gpt2_zero_grad(model), gpt2_backward(model), gpt2_calculate_grad_norm(model) -> float,
+#               gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale)
+#   AdamW:      BETA1, BETA2, ADAM_EPS, GRAD_CLIP (fixed in llm.c, no flags)
+#   the device: device_setup(args) -> lines for the config block, StepTimer (start(), stop() -> ms),
+#               next_token_probs(model, tokens, t) -> (V,) float32 on the host, to_numpy(array)
+TRAINER_API = ("gpt2_build_from_descriptor", "gpt2_forward", "gpt2_zero_grad", "gpt2_backward",
+               "gpt2_calculate_grad_norm", "gpt2_update", "BETA1", "BETA2", "ADAM_EPS", "GRAD_CLIP",
+               "device_setup", "StepTimer", "next_token_probs", "to_numpy")
 
-TRAIN_GPT2_C_DEFAULTS = {   # flag letter: default (the value's type is the flag's type)
-    "i": "", "j": "",        # train / val data patterns; "" = tiny shakespeare, else TinyStories
-    "e": "gpt2_124M.bin",    # checkpoint, or a descriptor d6/d12/d24/d36/d48 to start from scratch
-    "o": "",                 # output dir: main.log and the final checkpoint
-    "b": 4, "t": 64,         # micro-batch B, sequence length T
-    "d": -1,                 # total batch size in tokens (-1 = B*T): gradient accumulation
-    "x": 40,                 # optimizer steps (-1 = one epoch)
-    "l": 1e-4, "u": 0, "q": 1.0, "k": "cosine",   # learning rate, warmup, final fraction, schedule
-    "c": 0.0,                # weight decay
-    "v": 10, "m": 5,         # val loss every v steps, over m batches
-    "s": 20, "g": 64,        # sample every s steps, g tokens
-    "a": 0,                  # overfit a single batch
-    "profile": 0,            # --profile 1: per-layer timings at the end
+# train_gpt2.c's job, by llm.c's names (llmc/cli.py gives each its flag: -b is B, -l learning_rate, ...)
+TRAIN_GPT2_C_DEFAULTS = {
+    "train_data_pattern": "", "val_data_pattern": "",   # "": tiny shakespeare if made, else TinyStories
+    "load_filename": "gpt2_124M.bin",                   # or a descriptor d6/d12/... to start from scratch
+    "output_log_dir": "",
+    "B": 4, "T": 64,
+    "total_batch_size": -1,                             # -1: B*T, no gradient accumulation
+    "max_steps": 40,
+    "learning_rate": 1e-4, "warmup_iterations": 0, "final_learning_rate_frac": 1.0, "lr_scheduler_type": "cosine",
+    "weight_decay": 0.0,
+    "val_loss_every": 10, "val_max_steps": 5,
+    "sample_every": 20, "genT": 64,
+    "overfit_single_batch": 0,
+    "profile": 0,
 }
-
-USAGE = {
-    "i": "train data filename pattern", "j": "val data filename pattern",
-    "e": "model checkpoint (.bin) or descriptor to init from scratch (d6, d12, d24, d36, d48)",
-    "o": "output log dir (main.log, final checkpoint)", "b": "(per-GPU, micro) batch size B",
-    "t": "sequence length T", "d": "total desired batch size in tokens (-1 = B*T)",
-    "x": "max number of optimization steps (-1 = one epoch)", "l": "learning rate",
-    "u": "learning rate warmup iterations", "q": "learning rate decay: final fraction at end of training",
-    "k": "learning rate schedule: cosine, linear, constant, wsd", "c": "weight decay",
-    "v": "val loss every how many steps", "m": "val max steps (batches)", "s": "sample every how many steps",
-    "g": "number of tokens to generate", "a": "overfit a single batch? 0/1",
-    "f": "enable TF32 tensor cores for the matmuls? 0/1 (CUDA trainer)",
-    "profile": "print per-layer timings at the end? 0/1",
+# what -h shows for the defaults decided at run time
+SHAKESPEARE = "data/tinyshakespeare/tiny_shakespeare_{}.bin"
+TINYSTORIES = "data/tinystories/TinyStories_{}.bin"
+SHOWN_DEFAULTS = {
+    "train_data_pattern": f"{SHAKESPEARE.format('train')} if it exists, else {TINYSTORIES.format('train')}",
+    "val_data_pattern": f"{SHAKESPEARE.format('val')} if it exists, else {TINYSTORIES.format('val')}",
+    "load_filename": "gpt2_124M.bin, or gpt2_d12.bin when only that exists",
+    "output_log_dir": "none",
+    "total_batch_size": "-1 (= B*T)",
 }
 
 # AdamW settings fixed in train_gpt2.c (no flags): betas (0.9, 0.999), eps 1e-8, no clipping
 BETA1, BETA2, ADAM_EPS, GRAD_CLIP = 0.9, 0.999, 1e-8, 0.0
 
 
-def usage(defaults, problem=None):
-    lines = [] if problem is None else [f"error: {problem}"]
-    lines.append(f"Usage:   python {os.path.basename(sys.argv[0]) or 'train_gpt2.py'} [options]")
-    lines.append("Options: (every flag takes a value)")
-    for key, default in defaults.items():
-        flag = f"-{key}" if len(key) <= 2 else f"--{key}"
-        lines.append(f"  {flag:10s} {USAGE.get(key, '')} (default {default!r})")
-    print("\n".join(lines), file=sys.stderr if problem else sys.stdout)
-    sys.exit(1 if problem else 0)
-
-
-def parse_args(argv, defaults):
-    """llm.c's parser: `-x value` pairs (one letter, or --name for the extras). Returns a dict
-    {letter: value} with each value of its default's type; anything else prints the usage."""
-    args = dict(defaults)
-    if argv and argv[0] in ("-h", "--help"):
-        usage(defaults)
-    if len(argv) % 2 != 0:
-        usage(defaults, f"flag {argv[-1]} has no value")
-    for flag, value in zip(argv[0::2], argv[1::2]):
-        key = flag[2:] if flag.startswith("--") else flag[1:] if flag.startswith("-") else None
-        if key not in defaults or (flag.startswith("--") and len(key) <= 2):
-            usage(defaults, f"unknown flag {flag}")
-        kind = type(defaults[key])
-        try:
-            args[key] = kind(float(value)) if kind is int and "e" in value.lower() else kind(value)
-        except ValueError:
-            usage(defaults, f"flag {flag} needs a {kind.__name__}, got '{value}'")
-    return args
-
-
-class Logger:
-    """main.log in llm.c's format (`s:%d trl:%f`, `s:%d tel:%f`); does nothing without a dir."""
-
-    def __init__(self, output_dir):
-        self.path = None
-        if output_dir:
-            os.makedirs(output_dir, exist_ok=True)
-            self.path = os.path.join(output_dir, "main.log")
-            open(self.path, "w").close()
-
-    def _write(self, line):
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
-
-    def log_val(self, step, val_loss):
-        self._write(f"s:{step} tel:{val_loss:f}")
-
-    def log_train(self, step, train_loss):
-        self._write(f"s:{step} trl:{train_loss:f}")
-
-
 def default_data_paths():
     """tiny shakespeare when it is there, else TinyStories (train_gpt2.c's choice)."""
-    shakespeare = "data/tinyshakespeare/tiny_shakespeare_{}.bin"
-    stories = "data/tinystories/TinyStories_{}.bin"
-    base = shakespeare if os.path.exists(shakespeare.format("train")) else stories
+    base = SHAKESPEARE if os.path.exists(SHAKESPEARE.format("train")) else TINYSTORIES
     return base.format("train"), base.format("val")
 
 
@@ -1494,15 +862,11 @@ def resolve_checkpoint(name):
     return name
 
 
-# The loop below is shared: train_gpt2_cuda.py calls train(args, trainer=train_gpt2_cuda). A
-# trainer is a module with the model API (gpt2_build_from_descriptor, gpt2_forward, ...) plus these
-# few pieces, which differ between NumPy and the GPU; here are NumPy's.
-
 def device_setup(args):
     """Runs before the model is built; returns the lines print_config adds under [GPT-2].
     NumPy: switch on the profiler if asked, and say which BLAS runs the matmuls."""
-    if args.get("profile"):
-        enable_profiler()
+    if args.profile:
+        profiler.enable(sys.modules[__name__])
     return [blas_info()]
 
 
@@ -1524,16 +888,6 @@ def next_token_probs(model, tokens, t):
     Tr = min(tokens.shape[1], -(-t // 16) * 16)
     gpt2_forward(model, tokens[:1, :Tr], None, 1, Tr)
     return model.acts.probs[0, t - 1, :model.config.vocab_size]
-
-
-def print_config(model, extra_lines):
-    c = model.config
-    print("[GPT-2]")
-    for field in ("max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads", "channels"):
-        print(f"{field}: {getattr(c, field)}")
-    print(f"num_parameters: {model.num_parameters}")
-    for line in extra_lines:
-        print(line)
 
 
 def generate(trainer, model, tokenizer, B, T, gen_tokens, rng_state):
@@ -1569,74 +923,98 @@ def evaluate(trainer, model, val_loader, val_max_steps, B, T):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_C_DEFAULTS)
+    args = parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_C_DEFAULTS, SHOWN_DEFAULTS)
+    run(args)
+
+
+def run(args, trainer=None):
+    """train(args, trainer), with its one-line errors printed as `error: ...` and exit status 1."""
     try:
-        train(args)
+        train(args, trainer)
     except (ConfigError, FormatError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
+def sequence_length(args, max_seq_len):
+    """-t, checked against the model; a default T longer than a small model's max_seq_len shrinks
+    to it (with a note), a T the user asked for must fit."""
+    T = args.T
+    if T > max_seq_len:
+        if "T" in args.given:
+            raise ConfigError(f"sequence length -t {T} exceeds the model's max_seq_len {max_seq_len}; "
+                              f"use -t {max_seq_len} or less")
+        print(f"T = {max_seq_len}: the model's max_seq_len (the default -t {T} is longer)")
+        T = max_seq_len
+    return T
+
+
 def train(args, trainer=None):
     """llm.c's main loop. trainer: the module that runs the model, this one (NumPy) by default."""
     tr = trainer or sys.modules[__name__]
-    B, T = args["b"], args["t"]
-    if B < 1 or T < 1:
-        raise ConfigError(f"-b and -t must be positive, got B={B}, T={T}")
+    missing = [name for name in TRAINER_API if not hasattr(tr, name)]
+    assert not missing, f"{tr.__name__} lacks {missing} (see TRAINER_API)"
+    B = args.B
+    if B < 1 or args.T < 1:
+        raise ConfigError(f"-b and -t must be positive, got B={B}, T={args.T}")
     extra_lines = tr.device_setup(args)
 
     # the model
-    checkpoint = resolve_checkpoint(args["e"])
-    model = tr.gpt2_build_from_descriptor(checkpoint)
-    print_config(model, extra_lines)
-    if T > model.config.max_seq_len:
-        raise ConfigError(f"sequence length -t {T} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    model = tr.gpt2_build_from_descriptor(resolve_checkpoint(args.load_filename))
+    print_config(model.config, extra_lines)
+    T = sequence_length(args, model.config.max_seq_len)
 
     # the data
     train_pattern, val_pattern = default_data_paths()
-    train_pattern = args["i"] or train_pattern
-    val_pattern = args["j"] or val_pattern
-    if args["a"]:
+    train_pattern = args.train_data_pattern or train_pattern
+    val_pattern = args.val_data_pattern or val_pattern
+    if args.overfit_single_batch:
         train_pattern = val_pattern                       # llm.c: overfit the first val batch
-    train_loader = DataLoader(train_pattern, B, T, should_shuffle=not args["a"])
+    train_loader = DataLoader(train_pattern, B, T, should_shuffle=not args.overfit_single_batch)
     val_loader = DataLoader(val_pattern, B, T, should_shuffle=False)
+    val_batches = val_loader.num_tokens // (B * T)
     print(f"train dataset: {train_pattern} ({train_loader.num_tokens:,} tokens, {train_loader.num_tokens // (B * T)} batches)")
-    print(f"val dataset:   {val_pattern} ({val_loader.num_tokens:,} tokens, {val_loader.num_tokens // (B * T)} batches)")
-    val_max_steps = min(args["m"], val_loader.num_tokens // (B * T)) if args["m"] > 0 else val_loader.num_tokens // (B * T)
+    print(f"val dataset:   {val_pattern} ({val_loader.num_tokens:,} tokens, {val_batches} batches)")
+    val_max_steps = min(args.val_max_steps, val_batches) if args.val_max_steps > 0 else val_batches
 
-    total_batch = args["d"] if args["d"] > 0 else B * T
+    total_batch = args.total_batch_size if args.total_batch_size > 0 else B * T
     if total_batch % (B * T) != 0:
         raise ConfigError(f"-d {total_batch} is not a multiple of B*T = {B * T}")
     grad_accum_steps = total_batch // (B * T)
-    num_steps = args["x"] if args["x"] > 0 else train_loader.num_tokens // total_batch
+    num_steps = args.max_steps if args.max_steps > 0 else train_loader.num_tokens // total_batch
     print(f"batch: B={B} T={T}, total {total_batch} tokens = {grad_accum_steps} micro-step(s); {num_steps} steps")
     clip = f", grad clip {tr.GRAD_CLIP:g}" if tr.GRAD_CLIP > 0 else ""   # train_gpt2.c does not clip
-    print(f"AdamW: lr {args['l']:g} ({args['k']}, warmup {args['u']}, final frac {args['q']:g}), "
-          f"betas ({tr.BETA1}, {tr.BETA2}), eps {tr.ADAM_EPS:g}, weight decay {args['c']:g}{clip}")
-    get_lr(0, args["k"], args["l"], args["u"], num_steps, args["q"])   # a bad schedule fails now
+    print(f"AdamW: lr {args.learning_rate:g} ({args.lr_scheduler_type}, warmup {args.warmup_iterations}, "
+          f"final frac {args.final_learning_rate_frac:g}), betas ({tr.BETA1}, {tr.BETA2}), eps {tr.ADAM_EPS:g}, "
+          f"weight decay {args.weight_decay:g}{clip}")
+
+    def learning_rate(step):
+        return get_lr(step, args.lr_scheduler_type, args.learning_rate, args.warmup_iterations, num_steps,
+                      args.final_learning_rate_frac)
+    learning_rate(0)                                      # a bad schedule name fails now, not at step 1
 
     tokenizer = Tokenizer("gpt2_tokenizer.bin")
-    logger = Logger(args["o"])
+    logger = Logger(args.output_log_dir)
     rng_state = [1337]
     timer = tr.StepTimer()
     step_times = []
     for step in range(num_steps + 1):
         last_step = step == num_steps
-        if args["v"] > 0 and (step % args["v"] == 0 or last_step):
+        if args.val_loss_every > 0 and (step % args.val_loss_every == 0 or last_step):
             val_loss = evaluate(tr, model, val_loader, val_max_steps, B, T)
             print(f"val loss {val_loss:f}")
             logger.log_val(step, val_loss)
-        if args["s"] > 0 and step > 0 and (step % args["s"] == 0 or last_step):
-            generate(tr, model, tokenizer, B, T, args["g"], rng_state)
+        if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last_step):
+            generate(tr, model, tokenizer, B, T, args.genT, rng_state)
         if last_step:
             break
 
         timer.start()
-        PROFILE_ACTIVE[0] = step > 0 or num_steps == 1       # --profile: the first step allocates, not counted
+        profiler.ACTIVE[0] = step > 0 or num_steps == 1   # --profile: the first step allocates, not counted
         tr.gpt2_zero_grad(model)
         train_loss = 0.0
         for _ in range(grad_accum_steps):
-            if args["a"]:
+            if args.overfit_single_batch:
                 train_loader.reset()
             x, y = train_loader.next_batch()
             tr.gpt2_forward(model, x, y, B, T)
@@ -1645,10 +1023,10 @@ def train(args, trainer=None):
         # the gradients hold the sum over micro-steps: average them inside the update
         norm = tr.gpt2_calculate_grad_norm(model) / grad_accum_steps
         scale = grad_clip_scale(norm, tr.GRAD_CLIP) / grad_accum_steps
-        lr = get_lr(step, args["k"], args["l"], args["u"], num_steps, args["q"])
-        tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args["c"], step + 1, grad_scale=scale)
+        lr = learning_rate(step)
+        tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args.weight_decay, step + 1, grad_scale=scale)
         ms = timer.stop()
-        PROFILE_ACTIVE[0] = False
+        profiler.ACTIVE[0] = False
         step_times.append(ms)
         print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({ms:.2f} ms, {total_batch / (ms / 1e3):.0f} tok/s)"
               f" norm {norm:.4f} lr {lr:.2e}")
@@ -1657,10 +1035,10 @@ def train(args, trainer=None):
     if step_times:
         tail = step_times[1:] or step_times
         print(f"mean step time (excluding the first): {sum(tail) / len(tail):.2f} ms")
-    if args.get("profile") and step_times:
-        print(profile_report(max(1, len(step_times) - 1)))
-    if args["o"]:
-        path = os.path.join(args["o"], f"model_{num_steps:08d}.bin")
+    if getattr(args, "profile", 0) and step_times:
+        print(profiler.report(max(1, len(step_times) - 1)))
+    if args.output_log_dir:
+        path = os.path.join(args.output_log_dir, f"model_{num_steps:08d}.bin")
         write_model_file(path, model.config, tr.to_numpy(model.params_memory))
         print(f"wrote {path}")
 

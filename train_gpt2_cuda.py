@@ -25,9 +25,11 @@ import time
 
 import numpy as np
 
-import train_gpt2 as host
-from train_gpt2 import (FormatError, GPT2Config, grad_clip_scale, num_parameters,  # noqa: F401
-                        param_shapes, read_debug_state, read_model_file, write_model_file)
+import train_gpt2 as host  # the model's host side (views, the seeded init) and the training loop
+from train_gpt2 import grad_clip_scale  # noqa: F401  (test_gpt2.py clips with its trainer's own)
+from llmc.cli import parse_args
+from llmc.formats import num_parameters, param_shapes, read_model_file
+from llmc.utils import ConfigError
 
 # ----------------------------------------------------------------------------
 # the switch: CuPy on a GPU, or (LLMC_EMULATE=1) NumPy with the CPU emulator of the kernels.
@@ -412,7 +414,7 @@ def gpt2_forward(model, inputs, targets, B, T):
         model.inputs = xp.zeros((B, T), dtype=np.int32)
         model.targets = xp.zeros((B, T), dtype=np.int32)
     elif (B, T) != (model.batch_size, model.seq_len):
-        raise host.ConfigError(f"gpt2_forward: the model was set up for B={model.batch_size} T={model.seq_len}, "
+        raise ConfigError(f"gpt2_forward: the model was set up for B={model.batch_size} T={model.seq_len}, "
                          f"got B={B} T={T}")
 
     model.inputs[...] = xp.asarray(inputs)       # host -> device
@@ -544,14 +546,16 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_s
 # ----------------------------------------------------------------------------
 # main: train_gpt2.py's loop (train_gpt2.train) and flags, with llm.c train_gpt2.cu's defaults
 
-TRAIN_GPT2_CU_DEFAULTS = {k: v for k, v in host.TRAIN_GPT2_C_DEFAULTS.items() if k != "profile"}
+TRAIN_GPT2_CU_DEFAULTS = {name: v for name, v in host.TRAIN_GPT2_C_DEFAULTS.items() if name != "profile"}
 TRAIN_GPT2_CU_DEFAULTS.update({
-    "t": 1024,               # sequence length T
-    "x": -1,                 # optimizer steps: one epoch
-    "l": 3e-4,               # learning rate
-    "v": 20, "m": 20,        # val loss every 20 steps, over 20 batches
-    "f": 1,                  # TF32 tensor cores for the matmuls (0: full fp32, as test_gpt2.py uses)
+    "T": 1024,                   # sequence length (a smaller model's max_seq_len when -t is not given)
+    "max_steps": -1,             # one epoch
+    "learning_rate": 3e-4,
+    "val_loss_every": 20, "val_max_steps": 20,
+    "override_enable_tf32": 1,   # TF32 tensor cores for the matmuls (0: full fp32, as test_gpt2.py uses)
 })
+USAGE_NOTES = ("Without a GPU: LLMC_EMULATE=1 python train_gpt2_cuda.py ... runs the same kernels on the CPU",
+               "(kernel emulator, slow: for tiny models and tests).")
 # AdamW settings fixed in train_gpt2.cu (no flags): betas (0.9, 0.95), eps 1e-8, gradient clipping at 1.0
 BETA1, BETA2, ADAM_EPS, GRAD_CLIP = 0.9, 0.95, 1e-8, 1.0
 
@@ -561,7 +565,7 @@ BETA1, BETA2, ADAM_EPS, GRAD_CLIP = 0.9, 0.95, 1e-8, 1.0
 
 def device_setup(args):
     """Runs before the model is built: TF32 on or off (-f); returns the lines print_config adds."""
-    tf32 = set_tf32(args["f"])
+    tf32 = set_tf32(args.override_enable_tf32)
     return [f"device: {device_name()}", f"TF32: {'enabled' if tf32 else 'disabled'}"]
 
 
@@ -596,13 +600,10 @@ def next_token_probs(model, tokens, t):
 
 
 def main(argv=None):
-    args = host.parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_CU_DEFAULTS)   # -h needs no GPU
+    args = parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_CU_DEFAULTS, host.SHOWN_DEFAULTS,
+                      USAGE_NOTES)   # -h needs no GPU
     require_gpu()
-    try:
-        host.train(args, trainer=sys.modules[__name__])   # train_gpt2.py's loop, running this module
-    except (host.ConfigError, FormatError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    host.run(args, trainer=sys.modules[__name__])   # train_gpt2.py's loop, running this module
 
 
 if __name__ == "__main__":

@@ -31,7 +31,12 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import train_gpt2  # llm.c's file formats (readers and writers); imports only numpy
+from llmc import formats  # llm.c's file formats (readers and writers)
+from llmc.dataloader import DataLoader
+from llmc.logger import Logger
+from llmc.schedulers import get_lr
+from llmc.tokenizer import gpt2_encoding
+from llmc.utils import ConfigError, FormatError
 
 # ----------------------------------------------------------------------------
 # the model, nanoGPT-style
@@ -246,9 +251,9 @@ def hf_reachable(timeout=5):
         return False
 
 
-# the shapes --model knows: llm.c's dN (random init; train_gpt2.MODEL_DEPTHS, L: (NH, C)) and
+# the shapes --model knows: llm.c's dN (random init; formats.MODEL_DEPTHS, L: (NH, C)) and
 # OpenAI's four (weights downloaded), each the shape of one dN
-DEPTHS = {f"d{L}": dict(n_layer=L, n_head=NH, n_embd=C) for L, (NH, C) in train_gpt2.MODEL_DEPTHS.items()}
+DEPTHS = {f"d{L}": dict(n_layer=L, n_head=NH, n_embd=C) for L, (NH, C) in formats.MODEL_DEPTHS.items()}
 SAME_SHAPE = {"gpt2": "d12", "gpt2-medium": "d24", "gpt2-large": "d36", "gpt2-xl": "d48"}
 PRETRAINED = {name: dict(DEPTHS[same]) for name, same in SAME_SHAPE.items()}
 # file names use the parameter count, as llm.c does ("355M", not "350M")
@@ -274,11 +279,11 @@ def llmc_sources(model):
 
 
 def flat_views(model, flat):
-    """Yield (torch tensor, its slice of `flat`) in llm.c's checkpoint order (train_gpt2.param_shapes).
+    """Yield (torch tensor, its slice of `flat`) in llm.c's checkpoint order (formats.param_shapes).
     wte's slice covers only its first V rows; rows V..Vp-1 are the zero padding."""
     sources = llmc_sources(model)
     offset = 0
-    for name, shape in train_gpt2.param_shapes(llmc_config(model.config)):
+    for name, shape in formats.param_shapes(llmc_config(model.config)):
         pos = offset
         for p in sources[name]:
             yield p, flat[pos:pos + p.numel()]
@@ -290,7 +295,7 @@ def flat_views(model, flat):
 def flat_tensors(model, grads=False):
     """The model's parameters (or their gradients) as one flat float32 array in llm.c's
     checkpoint order, wte zero-padded from V to Vp rows: what the .bin files hold."""
-    flat = np.zeros(train_gpt2.num_parameters(llmc_config(model.config)), dtype=np.float32)
+    flat = np.zeros(formats.num_parameters(llmc_config(model.config)), dtype=np.float32)
     for p, view in flat_views(model, flat):
         x = p.grad if grads else p
         if x is not None:  # no gradient yet: zeros
@@ -301,14 +306,14 @@ def flat_tensors(model, grads=False):
 @torch.no_grad()
 def load_flat_tensors(model, flat):
     """The inverse of flat_tensors: copy llm.c's flat parameters (e.g. from
-    train_gpt2.read_model_file) into the model; the padding rows of wte are dropped."""
+    formats.read_model_file) into the model; the padding rows of wte are dropped."""
     for p, view in flat_views(model, flat):
         p.copy_(torch.from_numpy(np.ascontiguousarray(view)).view_as(p))
 
 
 def model_from_file(path, flash=0):
     """A GPT with the weights of an llm.c model file (fp32 v3 or bf16 v5)."""
-    lc, flat = train_gpt2.read_model_file(path)
+    lc, flat = formats.read_model_file(path)
     model = GPT(GPTConfig(block_size=lc.max_seq_len, vocab_size=lc.vocab_size, n_layer=lc.num_layers,
                           n_head=lc.num_heads, n_embd=lc.channels, flash=flash))
     load_flat_tensors(model, flat)
@@ -316,33 +321,33 @@ def model_from_file(path, flash=0):
 
 
 def llmc_config(c):
-    return train_gpt2.GPT2Config(max_seq_len=c.block_size, vocab_size=c.vocab_size, num_layers=c.n_layer,
-                                 num_heads=c.n_head, channels=c.n_embd,
-                                 padded_vocab_size=train_gpt2.padded_vocab(c.vocab_size))
+    return formats.GPT2Config(max_seq_len=c.block_size, vocab_size=c.vocab_size, num_layers=c.n_layer,
+                              num_heads=c.n_head, channels=c.n_embd,
+                              padded_vocab_size=formats.padded_vocab(c.vocab_size))
 
 
 def write_tokenizer(enc, filename):
     """gpt2_tokenizer.bin: the bytes of every GPT-2 token (not always valid UTF-8), EOT 50256."""
     n = enc.max_token_value + 1
     tokens = [enc.decode_bytes([i]) for i in range(n)]
-    train_gpt2.write_tokenizer_file(filename, tokens, enc.eot_token)
+    formats.write_tokenizer_file(filename, tokens, enc.eot_token)
     print(f"wrote {filename}")
 
 
 # ----------------------------------------------------------------------------
-# data: llm.c's shards (magic 20240520) through train_gpt2.DataLoader, read strictly in order
+# data: llm.c's shards (magic 20240520) through DataLoader, read strictly in order
 
 
 def data_loader(pattern, B, T, process_rank, num_processes, vocab_size):
-    """train_gpt2.DataLoader without shuffling (llm.c's train_gpt2.py does not shuffle), after
+    """DataLoader without shuffling (llm.c's train_gpt2.py does not shuffle), after
     checking that every token of every shard lies inside the model's vocabulary."""
     try:
-        loader = train_gpt2.DataLoader(pattern, B, T, process_rank, num_processes, should_shuffle=False)
-    except train_gpt2.ConfigError as e:  # its flags are -b/-t; ours --batch_size/--sequence_length
+        loader = DataLoader(pattern, B, T, process_rank, num_processes, should_shuffle=False)
+    except ConfigError as e:  # its flags are -b/-t; ours --batch_size/--sequence_length
         raise SystemExit(f"{e} (here: --batch_size/--sequence_length; more data: python prepro_tinyshakespeare.py)")
     if vocab_size < 2**16:
         for fname in loader.files:
-            tokens = train_gpt2.read_data_shard(fname)
+            tokens = formats.read_data_shard(fname)
             if len(tokens) and int(tokens.max()) >= vocab_size:
                 raise SystemExit(f"{fname}: token {int(tokens.max())} is outside the model's vocabulary "
                                  f"(V={vocab_size}); use a data file made for it or a bigger --vocab_size")
@@ -514,7 +519,7 @@ def main(argv=None):
     # the tokenizer: GPT-2's via tiktoken (only for GPT-2's vocabulary)
     enc = None
     if config.vocab_size == 50257:
-        enc = train_gpt2.gpt2_encoding()
+        enc = gpt2_encoding()
         if master_process and args.write_tensors:
             write_tokenizer(enc, "gpt2_tokenizer.bin")
 
@@ -525,6 +530,8 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"model {size}: L={config.n_layer} NH={config.n_head} C={config.n_embd} maxT={config.block_size} "
            f"V={config.vocab_size}, {n_params:,} parameters")
+    padded = formats.num_parameters(llmc_config(config))
+    print0(f"the .bin files hold {padded:,} parameters: {formats.padding_note(llmc_config(config))}")
     if args.compile:
         import torch._inductor.config as inductor_config
         if hasattr(inductor_config, "coordinate_descent_tuning"):
@@ -542,7 +549,7 @@ def main(argv=None):
         params = flat_tensors(raw)
         lconfig = llmc_config(raw.config)
         for filename, dtype in ((f"gpt2_{size}.bin", "float32"), (f"gpt2_{size}_bf16.bin", "bfloat16")):
-            train_gpt2.write_model_file(filename, lconfig, params, dtype)
+            formats.write_model_file(filename, lconfig, params, dtype)
             print0(f"wrote {filename} ({os.path.getsize(filename):,} bytes)")
         del params
         # the debug state is written after training, with the loss of every step; keep its parts
@@ -562,7 +569,7 @@ def main(argv=None):
     optimizer = raw_model.configure_optimizers(weight_decay=args.weight_decay, learning_rate=args.learning_rate,
                                                betas=(0.9, 0.95), device_type=device_type, zero_stage=zero_stage)
 
-    logger = train_gpt2.Logger(args.output_dir if master_process else "")  # main.log, rank 0 only
+    logger = Logger(args.output_dir if master_process else "")  # main.log, rank 0 only
 
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -630,7 +637,7 @@ def main(argv=None):
         else:
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
         # linear warmup, then cosine decay to lr * frac (frac 1.0, the default: a constant rate)
-        lr = train_gpt2.get_lr(step, "cosine", args.learning_rate, args.warmup_iters, args.num_iterations,
+        lr = get_lr(step, "cosine", args.learning_rate, args.warmup_iters, args.num_iterations,
                                args.learning_rate_decay_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -670,10 +677,10 @@ def main(argv=None):
             print0(f"note: not recording the step losses in the debug state, they cannot be replayed on (x, y): "
                    f"{'; '.join(why_not)}")
             losses = []
-        if len(losses) > train_gpt2.MAX_RECORDED_STEPS:
-            print0(f"note: recording the first {train_gpt2.MAX_RECORDED_STEPS} step losses only")
-        train_gpt2.write_debug_state(filename, debug["x"], debug["y"], debug["logits"], debug["loss"],
-                                     debug["grads"], losses[:train_gpt2.MAX_RECORDED_STEPS],
+        if len(losses) > formats.MAX_RECORDED_STEPS:
+            print0(f"note: recording the first {formats.MAX_RECORDED_STEPS} step losses only")
+        formats.write_debug_state(filename, debug["x"], debug["y"], debug["logits"], debug["loss"],
+                                  debug["grads"], losses[:formats.MAX_RECORDED_STEPS],
                                      optimizer_settings)
         print0(f"wrote {filename} ({os.path.getsize(filename):,} bytes)")
 
@@ -685,5 +692,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (train_gpt2.FormatError, FileNotFoundError) as e:
+    except (FormatError, FileNotFoundError) as e:
         sys.exit(str(e))

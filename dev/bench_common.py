@@ -26,8 +26,8 @@ def get_batches(data, B, T, n, vocab_size):
     rng = np.random.default_rng(42)
     tokens = None
     if data and os.path.exists(data):
-        import train_gpt2
-        tokens = train_gpt2.read_data_shard(data)
+        from llmc.formats import read_data_shard
+        tokens = read_data_shard(data)
     batches = []
     for i in range(n):  # batch i is the same whatever n is
         if tokens is None:
@@ -41,8 +41,8 @@ def get_batches(data, B, T, n, vocab_size):
 
 def make_checkpoint(path, script):
     """Write a from-scratch d12 model (our seeded init) to `path`, in a subprocess to keep this one small."""
-    code = ("import sys, train_gpt2 as t; m = t.gpt2_build_from_descriptor('d12'); "
-            "t.write_model_file(sys.argv[1], m.config, m.params_memory)")
+    code = ("import sys, train_gpt2 as t, llmc.formats as f; m = t.gpt2_build_from_descriptor('d12'); "
+            "f.write_model_file(sys.argv[1], m.config, m.params_memory)")
     r = subprocess.run([sys.executable, "-c", code, path], cwd=REPO)
     if r.returncode != 0:
         raise SystemExit(f"{script}: could not build d12 from scratch; "

@@ -80,11 +80,12 @@ def other_load(seconds=1.0, samples=20):
 def worker_numpy(args):
     import numpy as np
     import train_gpt2 as tg
-    # train_gpt2.py's own profiler (--profile 1) times the layers, telling the matmuls apart by shape;
-    # ours then times only the phases. Without that hook ours wraps the layers too.
-    hook = bool(args.breakdown) and hasattr(tg, "enable_profiler")
+    from llmc import profiler as layer_profiler
+    # train_gpt2.py's own profiler (--profile 1, llmc/profiler.py) times the layers, telling the matmuls
+    # apart by shape; ours then times only the phases.
+    hook = bool(args.breakdown)
     if hook:
-        tg.enable_profiler()
+        layer_profiler.enable(tg)
     profiler = Profiler(tg, layers=not hook) if args.breakdown else None
     model = tg.gpt2_build_from_checkpoint(args.checkpoint)
     B, T = args.batch_size, args.seq_len
@@ -94,7 +95,7 @@ def worker_numpy(args):
         if profiler is not None:
             profiler.enabled = i >= args.warmup
         if hook:
-            tg.PROFILE_ACTIVE[0] = i >= args.warmup
+            layer_profiler.ACTIVE[0] = i >= args.warmup
         t0 = time.perf_counter()
         tg.gpt2_zero_grad(model)
         tg.gpt2_forward(model, x, y, B, T)
@@ -111,7 +112,7 @@ def worker_numpy(args):
         print(f"  numpy step {i}: loss {model.mean_loss:.6f} ({dt * 1000:.0f} ms{what})", file=sys.stderr, flush=True)
     core, blas_config, blas_threads = openblas_info()
     breakdown = profiler.rows(args.steps) if profiler is not None else []
-    layer_report = tg.profile_report(args.steps) if hook else ""
+    layer_report = layer_profiler.report(args.steps) if hook else ""
     return dict(times=times, losses=losses, openblas_core=core, openblas_config=blas_config,
                 openblas_threads=blas_threads, numpy=np.__version__, breakdown=breakdown, layer_report=layer_report,
                 dtype=str(model.params_memory.dtype))

@@ -198,11 +198,11 @@ def make_tiny_checkpoint(path):
     """A seeded random model of DRY_RUN_SHAPE (V=500 pads to Vp=512), for --dry_run."""
     import numpy as np
     import train_gpt2
-    config = train_gpt2.GPT2Config(padded_vocab_size=train_gpt2.padded_vocab(DRY_RUN_SHAPE["vocab_size"]),
-                                   **DRY_RUN_SHAPE)
-    model = train_gpt2.GPT2(config, np.zeros(train_gpt2.num_parameters(config), np.float32))
+    from llmc.formats import GPT2Config, num_parameters, padded_vocab, write_model_file
+    config = GPT2Config(padded_vocab_size=padded_vocab(DRY_RUN_SHAPE["vocab_size"]), **DRY_RUN_SHAPE)
+    model = train_gpt2.GPT2(config, np.zeros(num_parameters(config), np.float32))
     train_gpt2.init_weights(model, 42)  # the trainer's own seeded init (the padding rows of wte stay 0)
-    train_gpt2.write_model_file(path, config, model.params_memory)
+    write_model_file(path, config, model.params_memory)
 
 
 def main():

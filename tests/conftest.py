@@ -39,6 +39,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from llmc import formats  # noqa: E402
+
 SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))
 # the offline tokenizer: an explicit TIKTOKEN_CACHE_DIR wins, else the shared cache when there is one
 TIKTOKEN_CACHE = os.environ.get("TIKTOKEN_CACHE_DIR", "")
@@ -96,10 +98,9 @@ def repo_root():
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    import train_gpt2
     path = str(tmp_path_factory.mktemp("tiny_data") / "tiny.bin")
     tokens = np.random.default_rng(0).integers(0, 50257, size=4096)
-    train_gpt2.write_data_shard(path, tokens)
+    formats.write_data_shard(path, tokens)
     return path
 
 
@@ -114,9 +115,8 @@ def export_model(tmp_path_factory, tiny_data):
         out = str(tmp_path_factory.mktemp("export"))
         data = tiny_data
         if vocab_size < 50257:  # keep the synthetic tokens inside the vocabulary
-            import train_gpt2
             data = os.path.join(out, "tiny_v.bin")
-            train_gpt2.write_data_shard(data, np.random.default_rng(0).integers(0, vocab_size, size=4096))
+            formats.write_data_shard(data, np.random.default_rng(0).integers(0, vocab_size, size=4096))
         args = ["--input_bin", data, "--n_layer", n_layer, "--n_head", n_head, "--n_embd", n_embd,
                 "--block_size", block_size, "--vocab_size", vocab_size, "--batch_size", B,
                 "--sequence_length", T, "--total_batch_size", B * T, "--num_iterations", steps,

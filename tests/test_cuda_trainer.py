@@ -20,9 +20,10 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import train_gpt2 as numpy_trainer  # noqa: E402
+from llmc import formats  # noqa: E402
 
 ATOL, RTOL = 1e-4, 1e-4
-CONFIG = numpy_trainer.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
+CONFIG = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
                                   padded_vocab_size=128)
 B, T = 2, 8
 
@@ -64,6 +65,15 @@ def test_without_a_gpu_it_exits_with_one_line(fake, expected):
     assert r.stdout == ""
 
 
+def test_help_without_a_gpu_names_the_emulator():
+    """-h needs no GPU, shows train_gpt2.cu's defaults, and tells a CPU user about LLMC_EMULATE."""
+    r = run_python(["-c", HIDE_CUPY + "; import train_gpt2_cuda as t; t.main(['-h'])"])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "-t         sequence length T (at most the model's max_seq_len) (default: 1024)" in r.stdout
+    assert "-f         TF32 tensor cores for the fp32 matmuls? 0/1 (default: 1)" in r.stdout
+    assert "LLMC_EMULATE=1 python train_gpt2_cuda.py" in r.stdout and "--profile" not in r.stdout
+
+
 def test_importing_without_a_gpu_is_harmless():
     """The module imports (test_gpt2.py, the benchmark and these tests import it); only using it stops."""
     r = run_python(["-c", HIDE_CUPY + "; import train_gpt2_cuda as t; print(t.NO_GPU is not None, t.EMULATE)"])
@@ -98,7 +108,7 @@ def random_params(config, seed=0):
     wte's pad rows zero as in a real checkpoint."""
     rng = np.random.default_rng(seed)
     chunks = []
-    for name, shape in numpy_trainer.param_shapes(config):
+    for name, shape in formats.param_shapes(config):
         a = (0.1 * rng.standard_normal(shape)).astype(np.float32)
         if name in ("ln1w", "ln2w", "lnfw"):
             a += np.float32(1.0)
@@ -111,7 +121,7 @@ def random_params(config, seed=0):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("cuda_trainer") / "gpt2_tiny.bin")
-    numpy_trainer.write_model_file(path, CONFIG, random_params(CONFIG))
+    formats.write_model_file(path, CONFIG, random_params(CONFIG))
     return path
 
 
@@ -134,7 +144,7 @@ def test_forward_backward_and_adamw_match_the_numpy_trainer(cuda_trainer, tiny_c
     cu, npt = cuda_trainer, numpy_trainer
     ours, ref = cu.gpt2_build_from_checkpoint(tiny_checkpoint), npt.gpt2_build_from_checkpoint(tiny_checkpoint)
     assert ours.config == ref.config == CONFIG
-    assert ours.params_memory.dtype == np.float32 and ours.params_memory.size == npt.num_parameters(CONFIG)
+    assert ours.params_memory.dtype == np.float32 and ours.params_memory.size == formats.num_parameters(CONFIG)
     x, y = batch(1)
     V = CONFIG.vocab_size
 
@@ -153,7 +163,7 @@ def test_forward_backward_and_adamw_match_the_numpy_trainer(cuda_trainer, tiny_c
     # backward: all 16 gradients by name
     cu.gpt2_backward(ours)
     npt.gpt2_backward(ref)
-    for name, _ in npt.param_shapes(CONFIG):
+    for name, _ in formats.param_shapes(CONFIG):
         ours_g, ref_g = cu.to_numpy(getattr(ours.grads, name)), np.asarray(getattr(ref.grads, name))
         assert np.abs(ref_g).max() > 1e-4, f"d{name} is all zeros in the NumPy trainer: the test would prove nothing"
         errors["d" + name] = assert_close("d" + name, ours_g, ref_g)
@@ -180,9 +190,9 @@ def test_forward_backward_and_adamw_match_the_numpy_trainer(cuda_trainer, tiny_c
     # and AdamW turns noise of either sign into a full +-lr step. Compare every other parameter.
     C = CONFIG.channels
     assert np.abs(cu.to_numpy(ours.grads.qkvb)[:, C:2 * C]).max() < 1e-6
-    keep = np.ones(npt.num_parameters(CONFIG), dtype=bool)
+    keep = np.ones(formats.num_parameters(CONFIG), dtype=bool)
     offset = 0
-    for name, shape in npt.param_shapes(CONFIG):
+    for name, shape in formats.param_shapes(CONFIG):
         if name == "qkvb":
             keep[offset:offset + int(np.prod(shape))].reshape(shape)[:, C:2 * C] = False
         offset += int(np.prod(shape))
@@ -295,6 +305,7 @@ import os, sys
 import numpy as np
 sys.path[:0] = [{fake!r}, {repo!r}, {tests!r}]
 import train_gpt2_cuda as cu, train_gpt2 as npt
+from llmc import formats
 from test_cuda_trainer import CONFIG, B, T, batch, assert_close
 from cupy_backends.cuda.libs import cublas
 assert not cu.EMULATE and cu.NO_GPU is None and type(cu.xp.zeros(1)).__name__ == "DevArray"
@@ -313,7 +324,7 @@ for step in range(3):
     assert_close("loss", ours.mean_loss, ref.mean_loss)
     if step == 0:
         assert_close("logits", ours.logits0, ref.logits0)
-        for name, _ in npt.param_shapes(CONFIG):
+        for name, _ in formats.param_shapes(CONFIG):
             assert_close("d" + name, cu.to_numpy(getattr(ours.grads, name)), getattr(ref.grads, name))
     for tr, m in ((cu, ours), (npt, ref)):
         tr.gpt2_update(m, 1e-2, 0.9, 0.95, 1e-8, 0.0, step + 1, grad_scale=tr.grad_clip_scale(m.norm, 1.0))
@@ -354,12 +365,12 @@ def test_cli_trains_validates_samples_and_writes_files(tmp_path, tiny_checkpoint
     rng = np.random.default_rng(4)
     V = CONFIG.vocab_size
     train, val = tmp_path / "tiny_train.bin", tmp_path / "tiny_val.bin"
-    numpy_trainer.write_data_shard(str(train), rng.integers(0, V, size=2000))
-    numpy_trainer.write_data_shard(str(val), rng.integers(0, V, size=500))
+    formats.write_data_shard(str(train), rng.integers(0, V, size=2000))
+    formats.write_data_shard(str(val), rng.integers(0, V, size=500))
     # a tokenizer for the tiny vocabulary, read from the working directory as llm.c does: token i is
     # the letter chr(ord('a') + i % 26), the last one (V-1) the EOT
     tokens = [bytes([ord("a") + i % 26]) for i in range(V - 1)] + [b"<|endoftext|>"]
-    numpy_trainer.write_tokenizer_file(str(tmp_path / "gpt2_tokenizer.bin"), tokens, V - 1)
+    formats.write_tokenizer_file(str(tmp_path / "gpt2_tokenizer.bin"), tokens, V - 1)
     out = tmp_path / "log"
     r = run_python([os.path.join(REPO, "train_gpt2_cuda.py")], "-e", tiny_checkpoint, "-i", train, "-j", val,
                    "-o", out, "-b", B, "-t", T, "-d", 2 * B * T, "-x", 4, "-v", 2, "-m", 3, "-s", 2, "-g", 6,
@@ -378,8 +389,8 @@ def test_cli_trains_validates_samples_and_writes_files(tmp_path, tiny_checkpoint
     log = (out / "main.log").read_text().splitlines()
     assert [line.split()[0] for line in log if "tel:" in line] == ["s:0", "s:2", "s:4"], log
     assert [line.split()[0] for line in log if "trl:" in line] == ["s:1", "s:2", "s:3", "s:4"], log
-    config, params = numpy_trainer.read_model_file(str(out / "model_00000004.bin"))
-    _, initial = numpy_trainer.read_model_file(tiny_checkpoint)
+    config, params = formats.read_model_file(str(out / "model_00000004.bin"))
+    _, initial = formats.read_model_file(tiny_checkpoint)
     assert config == CONFIG and np.all(np.isfinite(params)) and 1e-3 < np.abs(params - initial).max() < 1.0
 
 

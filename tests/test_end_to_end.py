@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import test_gpt2  # noqa: E402
-import train_gpt2  # noqa: E402
+from llmc import formats  # noqa: E402
 
 
 def run(cmd, cwd, env=None, timeout=300):
@@ -48,7 +48,7 @@ def assert_passed(r, nsteps):
     assert "NOT OK" not in out
     # every tensor was checked: logits, loss and the 16 gradients, then each recorded step
     assert len(re.findall(r"max abs err .* OK$", out, flags=re.M)) == 2 + 16
-    for name, _ in train_gpt2.param_shapes(train_gpt2.read_model_file(r.args[3])[0]):
+    for name, _ in formats.param_shapes(formats.read_model_file(r.args[3])[0]):
         assert re.search(rf"^d{name} \(", out, flags=re.M), f"gradient d{name} not checked"
     steps = re.findall(r"^step (\d+): loss (\S+) expected (\S+) .* OK \(", out, flags=re.M)
     assert len(steps) == nsteps
@@ -63,13 +63,13 @@ def paths(tiny_export):
 def test_state_records_training(tiny_export):
     """The exporter recorded its 10 training steps, and they trained (loss falls on one batch)."""
     ckpt, state_path = paths(tiny_export)
-    config, _ = train_gpt2.read_model_file(str(ckpt))
-    state = train_gpt2.read_debug_state(str(state_path), config)
+    config, _ = formats.read_model_file(str(ckpt))
+    state = formats.read_debug_state(str(state_path), config)
     assert state.x.shape == (tiny_export.B, tiny_export.T)
     assert state.losses.size == tiny_export.steps == 10
     assert state.losses[-1] < state.losses[0]
     assert abs(state.losses[0] - state.loss) <= 1e-6 * abs(state.loss)
-    assert set(state.optimizer) == set(train_gpt2.STATE_OPT_FIELDS)
+    assert set(state.optimizer) == set(formats.STATE_OPT_FIELDS)
 
 
 def test_numpy_trainer_matches_pytorch(tiny_export):
@@ -80,15 +80,15 @@ def test_numpy_trainer_matches_pytorch(tiny_export):
 def test_perturbed_weight_fails(tiny_export, tmp_path):
     """One weight changed by 1e-2 must be caught: exit 1, NOT OK, overall okay: 0."""
     ckpt, state = paths(tiny_export)
-    config, params = train_gpt2.read_model_file(str(ckpt))
+    config, params = formats.read_model_file(str(ckpt))
     offset = 0
-    for name, shape in train_gpt2.param_shapes(config):
+    for name, shape in formats.param_shapes(config):
         if name == "fcw":
             break
         offset += int(np.prod(shape))
     params[offset + 7] += np.float32(1e-2)  # one element of layer 0's fcw
     bad = tmp_path / os.path.basename(ckpt)
-    train_gpt2.write_model_file(str(bad), config, params)
+    formats.write_model_file(str(bad), config, params)
     r = run_test_gpt2(bad, state)
     assert r.returncode == 1, r.stdout[-3000:]
     assert "NOT OK" in r.stdout
@@ -98,10 +98,10 @@ def test_perturbed_weight_fails(tiny_export, tmp_path):
 def test_state_without_losses(tiny_export, tmp_path):
     """A state as llm.c's own exporter writes it (no recorded losses): forward and backward are still checked."""
     ckpt, state_path = paths(tiny_export)
-    config, _ = train_gpt2.read_model_file(str(ckpt))
-    s = train_gpt2.read_debug_state(str(state_path), config)
+    config, _ = formats.read_model_file(str(ckpt))
+    s = formats.read_debug_state(str(state_path), config)
     bare = tmp_path / "bare_debug_state.bin"
-    train_gpt2.write_debug_state(str(bare), s.x, s.y, s.logits, s.loss, s.grads)
+    formats.write_debug_state(str(bare), s.x, s.y, s.logits, s.loss, s.grads)
     r = run_test_gpt2(ckpt, bare)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "steps: 0 (the state records no losses)" in r.stdout

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-import train_gpt2 as tg
+from llmc import formats, utils
 
-TINY = tg.GPT2Config(max_seq_len=8, vocab_size=13, num_layers=2, num_heads=2, channels=4,
-                     padded_vocab_size=tg.padded_vocab(13))
-D12 = tg.GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=12, num_heads=12, channels=768,
-                    padded_vocab_size=tg.padded_vocab(50257))
+TINY = formats.GPT2Config(max_seq_len=8, vocab_size=13, num_layers=2, num_heads=2, channels=4,
+                     padded_vocab_size=formats.padded_vocab(13))
+D12 = formats.GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=12, num_heads=12, channels=768,
+                    padded_vocab_size=formats.padded_vocab(50257))
 
 
 def tiny_params(seed=0):
-    return np.random.default_rng(seed).standard_normal(tg.num_parameters(TINY)).astype(np.float32)
+    return np.random.default_rng(seed).standard_normal(formats.num_parameters(TINY)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -25,21 +25,21 @@ def tiny_params(seed=0):
 
 def test_d12_sizes():
     assert D12.padded_vocab_size == 50304
-    n = tg.num_parameters(D12)
+    n = formats.num_parameters(D12)
     assert n == 124_475_904
-    assert tg.HEADER_BYTES + 4 * n == 497_904_640   # gpt2_124M.bin / gpt2_d12.bin
-    assert tg.HEADER_BYTES + 2 * n == 248_952_832   # the bf16 file
+    assert formats.HEADER_BYTES + 4 * n == 497_904_640   # gpt2_124M.bin / gpt2_d12.bin
+    assert formats.HEADER_BYTES + 2 * n == 248_952_832   # the bf16 file
     B, T, V = 4, 64, 50257
-    assert tg.HEADER_BYTES + 4 * (2 * B * T + B * T * V + 1 + n) == 549_369_860  # debug state
+    assert formats.HEADER_BYTES + 4 * (2 * B * T + B * T * V + 1 + n) == 549_369_860  # debug state
 
 
 def test_param_shapes_order_and_padding():
-    names = [name for name, _ in tg.param_shapes(D12)]
+    names = [name for name, _ in formats.param_shapes(D12)]
     assert names == ["wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                      "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb", "lnfw", "lnfb"]
-    shapes = dict(tg.param_shapes(D12))
+    shapes = dict(formats.param_shapes(D12))
     assert shapes["wte"] == (50304, 768) and shapes["qkvw"] == (12, 2304, 768) and shapes["fcprojw"] == (12, 768, 3072)
-    assert [tg.padded_vocab(v) for v in (1, 128, 129, 50257)] == [128, 128, 256, 50304]
+    assert [formats.padded_vocab(v) for v in (1, 128, 129, 50257)] == [128, 128, 256, 50304]
 
 
 # ----------------------------------------------------------------------------
@@ -49,16 +49,16 @@ def test_param_shapes_order_and_padding():
 def test_model_file_fp32_roundtrip(tmp_path):
     p = tiny_params()
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
-    tg.write_model_file(str(a), TINY, p)
+    formats.write_model_file(str(a), TINY, p)
     assert os.path.getsize(a) == 1024 + 4 * p.size
     header = np.fromfile(a, dtype="<i4", count=256)
     assert header[:8].tolist() == [20240326, 3, 8, 13, 2, 2, 4, 128] and not header[8:].any()
-    config, q = tg.read_model_file(str(a))
+    config, q = formats.read_model_file(str(a))
     assert config == TINY and q.dtype == np.float32 and np.array_equal(p, q)
-    tg.write_model_file(str(b), config, q)
+    formats.write_model_file(str(b), config, q)
     assert a.read_bytes() == b.read_bytes()
     out = np.empty_like(p)  # reading into a caller's buffer
-    tg.read_model_file(str(a), out=out)
+    formats.read_model_file(str(a), out=out)
     assert np.array_equal(out, p)
 
 
@@ -66,13 +66,13 @@ def test_model_file_bf16_matches_torch(tmp_path):
     p = tiny_params(1) * np.float32(3.7)
     p[:6] = [0.0, -0.0, 1.00390625, 1.01171875, np.float32(3.3895314e38), -1e-40]  # ties and extremes
     path = tmp_path / "m_bf16.bin"
-    tg.write_model_file(str(path), TINY, p, dtype="bfloat16")
+    formats.write_model_file(str(path), TINY, p, dtype="bfloat16")
     assert os.path.getsize(path) == 1024 + 2 * p.size
     assert np.fromfile(path, dtype="<i4", count=2).tolist() == [20240326, 5]
     bits = np.fromfile(path, dtype="<u2", offset=1024)
     torch_bits = torch.from_numpy(p).bfloat16().view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(bits, torch_bits)
-    config, q = tg.read_model_file(str(path))  # widened back to fp32: torch's bf16 -> fp32
+    config, q = formats.read_model_file(str(path))  # widened back to fp32: torch's bf16 -> fp32
     assert config == TINY
     assert np.array_equal(q, torch.from_numpy(p).bfloat16().float().numpy())
     assert np.abs(q - p).max() <= np.abs(p).max() * 2.0**-8
@@ -81,10 +81,10 @@ def test_model_file_bf16_matches_torch(tmp_path):
 def test_bf16_rounding_random_and_nan():
     x = np.random.default_rng(2).standard_normal(100_000).astype(np.float32) * np.float32(1e3)
     x[:4] = [np.inf, -np.inf, np.nan, 65504.0]
-    bits = tg.f32_to_bf16(x)
+    bits = formats.f32_to_bf16(x)
     ref = torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(bits[3:], ref[3:]) and bits[0] == ref[0] and bits[1] == ref[1]
-    assert np.isnan(tg.bf16_to_f32(bits[2:3]))[0]
+    assert np.isnan(formats.bf16_to_f32(bits[2:3]))[0]
 
 
 def test_debug_state_roundtrip(tmp_path):
@@ -96,19 +96,19 @@ def test_debug_state_roundtrip(tmp_path):
     losses = np.array([2.5, 2.25, 2.0], dtype=np.float32)
     opt = dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
-    tg.write_debug_state(str(a), x, y, logits, 2.75, grads, losses, opt)
+    formats.write_debug_state(str(a), x, y, logits, 2.75, grads, losses, opt)
     assert os.path.getsize(a) == 1024 + 4 * (2 * B * T + B * T * V + 1 + grads.size)
-    s = tg.read_debug_state(str(a), TINY)
+    s = formats.read_debug_state(str(a), TINY)
     assert np.array_equal(s.x, x) and np.array_equal(s.y, y) and np.array_equal(s.logits, logits)
     assert s.loss == 2.75 and np.array_equal(s.grads, grads)
     assert np.array_equal(s.losses, losses) and s.optimizer == opt
-    tg.write_debug_state(str(b), s.x, s.y, s.logits, s.loss, s.grads, s.losses, s.optimizer)
+    formats.write_debug_state(str(b), s.x, s.y, s.logits, s.loss, s.grads, s.losses, s.optimizer)
     assert a.read_bytes() == b.read_bytes()
     # without recorded steps the header is llm.c's exactly: only magic, version, B, T
-    tg.write_debug_state(str(b), x, y, logits, 2.75, grads)
+    formats.write_debug_state(str(b), x, y, logits, 2.75, grads)
     header = np.fromfile(b, dtype="<i4", count=256)
     assert header[:4].tolist() == [20240327, 2, B, T] and not header[4:].any()
-    s = tg.read_debug_state(str(b), TINY)
+    s = formats.read_debug_state(str(b), TINY)
     assert s.losses.size == 0 and s.optimizer == {}
 
 
@@ -117,34 +117,34 @@ def test_tokenizer_roundtrip_tiktoken(tmp_path):
     enc = tiktoken.get_encoding("gpt2")
     tokens = [enc.decode_bytes([i]) for i in range(enc.max_token_value + 1)]
     a, b = tmp_path / "tok.bin", tmp_path / "tok2.bin"
-    tg.write_tokenizer_file(str(a), tokens, enc.eot_token)
+    formats.write_tokenizer_file(str(a), tokens, enc.eot_token)
     assert np.fromfile(a, dtype="<i4", count=4).tolist() == [20240328, 2, 50257, 50256]
     assert os.path.getsize(a) == 1024 + len(tokens) + sum(len(t) for t in tokens)
-    got, eot = tg.read_tokenizer_file(str(a))
+    got, eot = formats.read_tokenizer_file(str(a))
     assert eot == 50256 and got == tokens
     assert got[50256] == b"<|endoftext|>"
     ids = enc.encode("Hello world, \u00e9t\u00e9 \U0001F600!")
     assert b"".join(got[i] for i in ids).decode("utf-8") == "Hello world, \u00e9t\u00e9 \U0001F600!"
-    tg.write_tokenizer_file(str(b), got, eot)
+    formats.write_tokenizer_file(str(b), got, eot)
     assert a.read_bytes() == b.read_bytes()
 
 
 def test_data_shard_roundtrip(tmp_path):
     tokens = np.random.default_rng(5).integers(0, 50257, size=1001)
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
-    tg.write_data_shard(str(a), tokens)
+    formats.write_data_shard(str(a), tokens)
     assert os.path.getsize(a) == 1024 + 2 * 1001
     assert np.fromfile(a, dtype="<i4", count=3).tolist() == [20240520, 1, 1001]
-    got = tg.read_data_shard(str(a))
+    got = formats.read_data_shard(str(a))
     assert got.dtype == np.uint16 and np.array_equal(got, tokens)
-    tg.write_data_shard(str(b), np.asarray(got))
+    formats.write_data_shard(str(b), np.asarray(got))
     assert a.read_bytes() == b.read_bytes()
     # several parts: the same bytes as their concatenation, an empty part included
     c = tmp_path / "c.bin"
-    tg.write_data_shard(str(c), tokens[:300], tokens[300:300], tokens[300:].astype(np.uint16))
+    formats.write_data_shard(str(c), tokens[:300], tokens[300:300], tokens[300:].astype(np.uint16))
     assert a.read_bytes() == c.read_bytes()
     with pytest.raises(AssertionError):  # every part is range-checked
-        tg.write_data_shard(str(c), tokens[:3], np.array([2**16]))
+        formats.write_data_shard(str(c), tokens[:3], np.array([2**16]))
 
 
 # ----------------------------------------------------------------------------
@@ -154,13 +154,13 @@ def test_data_shard_roundtrip(tmp_path):
 def _write_all(tmp_path):
     """One good file of each kind; returns {kind: (path, reader)}."""
     paths = {k: str(tmp_path / f"{k}.bin") for k in ("model", "state", "tokenizer", "data")}
-    tg.write_model_file(paths["model"], TINY, tiny_params())
+    formats.write_model_file(paths["model"], TINY, tiny_params())
     z = np.zeros((1, 2), dtype=np.int32)
-    tg.write_debug_state(paths["state"], z, z, np.zeros((1, 2, 13), np.float32), 1.0, tiny_params())
-    tg.write_tokenizer_file(paths["tokenizer"], [b"a", b"bc", b"def"], 2)
-    tg.write_data_shard(paths["data"], np.arange(10))
-    readers = {"model": tg.read_model_file, "state": lambda p: tg.read_debug_state(p, TINY),
-               "tokenizer": tg.read_tokenizer_file, "data": tg.read_data_shard}
+    formats.write_debug_state(paths["state"], z, z, np.zeros((1, 2, 13), np.float32), 1.0, tiny_params())
+    formats.write_tokenizer_file(paths["tokenizer"], [b"a", b"bc", b"def"], 2)
+    formats.write_data_shard(paths["data"], np.arange(10))
+    readers = {"model": formats.read_model_file, "state": lambda p: formats.read_debug_state(p, TINY),
+               "tokenizer": formats.read_tokenizer_file, "data": formats.read_data_shard}
     return {k: (paths[k], readers[k]) for k in paths}
 
 
@@ -185,7 +185,7 @@ def test_bad_header(tmp_path, kind, offset, value, message):
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(np.array([value], dtype="<i4").tobytes())
-    with pytest.raises(tg.FormatError) as e:
+    with pytest.raises(utils.FormatError) as e:
         reader(path)
     _check_one_line(e.value, path, kind, message)
 
@@ -195,11 +195,11 @@ def test_truncated(tmp_path, kind):
     path, reader = _write_all(tmp_path)[kind]
     size = os.path.getsize(path)
     os.truncate(path, size - 1)
-    with pytest.raises(tg.FormatError) as e:
+    with pytest.raises(utils.FormatError) as e:
         reader(path)
     _check_one_line(e.value, path, kind)
     os.truncate(path, 100)  # not even a header
-    with pytest.raises(tg.FormatError) as e:
+    with pytest.raises(utils.FormatError) as e:
         reader(path)
     _check_one_line(e.value, path, kind, "100 bytes")
 
@@ -209,7 +209,7 @@ def test_too_long(tmp_path, kind):
     path, reader = _write_all(tmp_path)[kind]
     with open(path, "ab") as f:
         f.write(b"\0" * 4)
-    with pytest.raises(tg.FormatError) as e:
+    with pytest.raises(utils.FormatError) as e:
         reader(path)
     _check_one_line(e.value, path, kind, str(os.path.getsize(path)))
 
@@ -225,9 +225,9 @@ def test_missing(tmp_path, kind):
 
 def test_state_for_another_model(tmp_path):
     path, _ = _write_all(tmp_path)["state"]
-    other = tg.GPT2Config(8, 13, 3, 2, 4, 128)  # one more layer: the sizes cannot match
-    with pytest.raises(tg.FormatError) as e:
-        tg.read_debug_state(path, other)
+    other = formats.GPT2Config(8, 13, 3, 2, 4, 128)  # one more layer: the sizes cannot match
+    with pytest.raises(utils.FormatError) as e:
+        formats.read_debug_state(path, other)
     _check_one_line(e.value, path, "state")
 
 
@@ -243,13 +243,13 @@ def test_write_atomic_failure_leaves_nothing(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        tg.write_atomic(str(path), chunks())
+        utils.write_atomic(str(path), chunks())
     assert os.listdir(tmp_path) == []
 
 
 def test_write_atomic_failure_keeps_old_file(tmp_path):
     path = tmp_path / "m.bin"
-    tg.write_model_file(str(path), TINY, tiny_params())
+    formats.write_model_file(str(path), TINY, tiny_params())
     before = path.read_bytes()
 
     def chunks():
@@ -257,5 +257,5 @@ def test_write_atomic_failure_keeps_old_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        tg.write_atomic(str(path), chunks())
+        utils.write_atomic(str(path), chunks())
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.bin"]

@@ -13,6 +13,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import train_gpt2 as m  # noqa: E402
+from llmc import formats, utils  # noqa: E402
+from llmc.rand import normal_  # noqa: E402
 
 B, T, C, NH, V, Vp = 3, 13, 48, 3, 101, 128
 rng = np.random.default_rng(1234)
@@ -360,10 +362,10 @@ def torch_gpt2_loss(P, x, y, config):
 
 
 def tiny_model(seed=0):
-    config = m.GPT2Config(max_seq_len=16, vocab_size=V, num_layers=2, num_heads=NH, channels=C,
+    config = formats.GPT2Config(max_seq_len=16, vocab_size=V, num_layers=2, num_heads=NH, channels=C,
                           padded_vocab_size=Vp)
     r = np.random.default_rng(seed)
-    params = (r.standard_normal(m.num_parameters(config)) * 0.1).astype(np.float32)
+    params = (r.standard_normal(formats.num_parameters(config)) * 0.1).astype(np.float32)
     model = m.GPT2(config, params)
     model.params.wte[V:] = 0
     model.params.ln1w[...] += 1
@@ -397,7 +399,7 @@ def test_tiny_gpt2_forward_backward_vs_torch():
 
 def test_forward_errors_and_smaller_batch():
     model = tiny_model()
-    with pytest.raises(m.ConfigError, match="exceeds the model's max_seq_len 16"):
+    with pytest.raises(utils.ConfigError, match="exceeds the model's max_seq_len 16"):
         m.gpt2_forward(model, np.zeros((1, 17), np.int32), None, 1, 17)
     x = rng.integers(0, V, size=(B, T)).astype(np.int32)
     m.gpt2_forward(model, x, None, B, T)
@@ -416,7 +418,7 @@ def test_descriptor_init_statistics():
     assert np.all(p.ln1w == 1) and np.all(p.lnfw == 1) and np.all(p.qkvb == 0) and np.all(p.ln2b == 0)
     again = m.gpt2_build_from_descriptor("d6")
     assert np.array_equal(again.params_memory, model.params_memory)     # seeded
-    with pytest.raises(m.ConfigError, match="unknown model 'd7'"):
+    with pytest.raises(utils.ConfigError, match="unknown model 'd7'"):
         m.gpt2_build_from_descriptor("d7")
 
 
@@ -428,8 +430,8 @@ def test_init_matches_torch_normal():
     b = torch.empty(37 * 16 + 5).normal_(0, 0.02)                 # not a multiple of 16
     rs = np.random.RandomState(42)
     ours_a, ours_b = np.empty(1000, np.float32), np.empty(37 * 16 + 5, np.float32)
-    m.normal_(ours_a, 0.02, rs)
-    m.normal_(ours_b, 0.02, rs)
+    normal_(ours_a, 0.02, rs)
+    normal_(ours_b, 0.02, rs)
     np.testing.assert_allclose(ours_a, a.numpy(), rtol=0, atol=1e-7)
     np.testing.assert_allclose(ours_b, b.numpy(), rtol=0, atol=1e-7)
 

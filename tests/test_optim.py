@@ -9,13 +9,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import train_gpt2 as m  # noqa: E402
+from llmc import formats, schedulers, utils  # noqa: E402
 
-CONFIG = m.GPT2Config(max_seq_len=16, vocab_size=101, num_layers=2, num_heads=3, channels=48, padded_vocab_size=128)
+CONFIG = formats.GPT2Config(max_seq_len=16, vocab_size=101, num_layers=2, num_heads=3, channels=48, padded_vocab_size=128)
 
 
 def tiny_model(seed=0):
     r = np.random.default_rng(seed)
-    model = m.GPT2(CONFIG, (r.standard_normal(m.num_parameters(CONFIG)) * 0.1).astype(np.float32))
+    model = m.GPT2(CONFIG, (r.standard_normal(formats.num_parameters(CONFIG)) * 0.1).astype(np.float32))
     model.params.wte[CONFIG.vocab_size:] = 0
     return model
 
@@ -112,17 +113,17 @@ def torch_lrs(schedule, lr, warmup, steps, frac):
 @pytest.mark.parametrize("schedule,warmup", [("cosine", 0), ("cosine", 5), ("linear", 0), ("linear", 4), ("constant", 0)])
 def test_lr_schedules_match_torch(schedule, warmup):
     lr, steps, frac = 6e-4, 30, 0.1
-    ours = [m.get_lr(s, schedule, lr, warmup, steps, frac) for s in range(steps)]
+    ours = [schedulers.get_lr(s, schedule, lr, warmup, steps, frac) for s in range(steps)]
     np.testing.assert_allclose(ours, torch_lrs(schedule, lr, warmup, steps, frac), rtol=1e-6, atol=1e-12)
     if warmup:
         assert ours[0] == pytest.approx(lr / warmup) and ours[warmup - 1] == pytest.approx(lr)
     if schedule == "cosine":
-        assert m.get_lr(steps, schedule, lr, warmup, steps, frac) == pytest.approx(lr * frac)
+        assert schedulers.get_lr(steps, schedule, lr, warmup, steps, frac) == pytest.approx(lr * frac)
 
 
 def test_lr_bad_schedule():
-    with pytest.raises(m.ConfigError, match="unknown learning rate schedule 'cosin'"):
-        m.get_lr(3, "cosin", 1e-4, 0, 10, 0.0)
+    with pytest.raises(utils.ConfigError, match="unknown learning rate schedule 'cosin'"):
+        schedulers.get_lr(3, "cosin", 1e-4, 0, 10, 0.0)
 
 
 def test_gradient_accumulation_equals_big_batch():

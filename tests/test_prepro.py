@@ -13,7 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 
-import train_gpt2 as tg
+from llmc import formats
 from conftest import SHARED, run_script
 
 SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
@@ -51,8 +51,8 @@ def test_tinyshakespeare_offline(tmp_path):
     assert (out / "input.txt").read_bytes() == copy.read_bytes()
     for name, digest in SHA256.items():
         assert sha256(out / name) == digest, name
-    val = tg.read_data_shard(str(out / "tiny_shakespeare_val.bin"))
-    train = tg.read_data_shard(str(out / "tiny_shakespeare_train.bin"))
+    val = formats.read_data_shard(str(out / "tiny_shakespeare_val.bin"))
+    train = formats.read_data_shard(str(out / "tiny_shakespeare_train.bin"))
     assert len(val) == 32768 and len(train) == 305260
     assert val[:8].tolist() == [50256, 5962, 22307, 25, 198, 8421, 356, 5120]
     assert int((np.asarray(val) == 50256).sum()) + int((np.asarray(train) == 50256).sum()) == 7222  # one per section
@@ -89,7 +89,7 @@ def test_no_tokenizer_files_offline(tmp_path):
     """An empty tiktoken cache and no way out (a proxy on a closed port): one line saying what to do,
     for the prepro script and the exporter alike."""
     proxy = closed_port_url("")
-    tg.write_data_shard(str(tmp_path / "tokens.bin"), np.arange(1000) % 50257)
+    formats.write_data_shard(str(tmp_path / "tokens.bin"), np.arange(1000) % 50257)
     env = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy,
            "https_proxy": proxy, "http_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
     runs = [run_script("prepro_tinyshakespeare.py", "--input", SHAKESPEARE, cwd=tmp_path, env=env),
@@ -154,8 +154,8 @@ def test_tinystories_small_archive(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         assert f"writing {len(want_val):,} tokens" in r.stdout and f"writing {len(want_train):,} tokens" in r.stdout
         val, train = data_dir / "TinyStories_val.bin", data_dir / "TinyStories_train.bin"
-        assert np.array_equal(tg.read_data_shard(str(val)), want_val)
-        assert np.array_equal(tg.read_data_shard(str(train)), want_train)
+        assert np.array_equal(formats.read_data_shard(str(val)), want_val)
+        assert np.array_equal(formats.read_data_shard(str(train)), want_train)
         outputs.append((val.read_bytes(), train.read_bytes()))
     assert outputs[0] == outputs[1]
     assert len(outputs[0][1]) == 1024 + 2 * len(want_train)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import train_gpt2 as tg
+from llmc import formats, schedulers
 import train_gpt2_torch as tt
 from conftest import TINY_SHAPE, run_script
 
@@ -18,8 +18,8 @@ TINY = tt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50
 
 
 def tiny_llmc(vocab_size=50257):
-    return tg.GPT2Config(max_seq_len=32, vocab_size=vocab_size, num_layers=2, num_heads=2, channels=32,
-                         padded_vocab_size=tg.padded_vocab(vocab_size))
+    return formats.GPT2Config(max_seq_len=32, vocab_size=vocab_size, num_layers=2, num_heads=2, channels=32,
+                         padded_vocab_size=formats.padded_vocab(vocab_size))
 
 
 # ----------------------------------------------------------------------------
@@ -28,14 +28,14 @@ def tiny_llmc(vocab_size=50257):
 
 def test_export_files_and_sizes(tiny_export):
     e = tiny_export
-    n = tg.num_parameters(tiny_llmc())
+    n = formats.num_parameters(tiny_llmc())
     C, L = 32, 2  # wte (Vp, C) + wpe (maxT, C) + per layer: 2 LNs, qkv, attproj, fc, fcproj + lnf
     assert n == 50304 * C + 32 * C + L * (4 * C + 3 * C * C + 3 * C + C * C + C + 2 * 4 * C * C + 4 * C + C) + 2 * C
     V, B, T = 50257, e.B, e.T
     assert os.path.getsize(e.model) == 1024 + 4 * n
     assert os.path.getsize(e.model_bf16) == 1024 + 2 * n
     assert os.path.getsize(e.state) == 1024 + 4 * (2 * B * T + B * T * V + 1 + n)
-    tokens, eot = tg.read_tokenizer_file(e.tokenizer)
+    tokens, eot = formats.read_tokenizer_file(e.tokenizer)
     assert len(tokens) == 50257 and eot == 50256 and tokens[50256] == b"<|endoftext|>"
     assert tokens[15496] == b"Hello"
     for path in (e.model, e.model_bf16, e.state, e.tokenizer):
@@ -45,11 +45,11 @@ def test_export_files_and_sizes(tiny_export):
 def test_export_weights_are_the_initial_ones(tiny_export):
     """gpt2_<size>.bin holds the weights as initialised (llm.c's seeded init), not the trained ones;
     the bf16 file is the same weights rounded as torch rounds them."""
-    config, flat = tg.read_model_file(tiny_export.model)
+    config, flat = formats.read_model_file(tiny_export.model)
     assert config == tiny_llmc()
     model = tt.GPT(TINY)
     assert np.array_equal(flat, tt.flat_tensors(model))
-    config16, flat16 = tg.read_model_file(tiny_export.model_bf16)
+    config16, flat16 = formats.read_model_file(tiny_export.model_bf16)
     assert config16 == config
     assert np.array_equal(flat16, torch.from_numpy(flat).bfloat16().float().numpy())
     wte = flat[:50304 * 32].reshape(50304, 32)
@@ -60,10 +60,10 @@ def test_export_weights_are_the_initial_ones(tiny_export):
 def test_debug_state_matches_fresh_autograd(tiny_export, tiny_data):
     """x, y are the first B*T+1 tokens of the data; logits, loss and all 16 gradients are what a fresh
     torch autograd of the exported weights gives, each gradient checked by name against the torch module."""
-    config, _ = tg.read_model_file(tiny_export.model)
-    s = tg.read_debug_state(tiny_export.state, config)
+    config, _ = formats.read_model_file(tiny_export.model)
+    s = formats.read_debug_state(tiny_export.state, config)
     B, T = tiny_export.B, tiny_export.T
-    data = np.asarray(tg.read_data_shard(tiny_data)).astype(np.int32)
+    data = np.asarray(formats.read_data_shard(tiny_data)).astype(np.int32)
     assert s.x.shape == (B, T) and s.logits.shape == (B, T, 50257)
     assert np.array_equal(s.x.reshape(-1), data[:B * T])       # the first batch of the file
     assert np.array_equal(s.y.reshape(-1), data[1:B * T + 1])  # shifted by one
@@ -86,7 +86,7 @@ def test_debug_state_matches_fresh_autograd(tiny_export, tiny_data):
         "lnfw": [model.transformer.ln_f.weight.grad], "lnfb": [model.transformer.ln_f.bias.grad],
     }
     offset = 0
-    for name, shape in tg.param_shapes(config):
+    for name, shape in formats.param_shapes(config):
         n = int(np.prod(shape))
         got = s.grads[offset:offset + n].reshape(shape)
         offset += n
@@ -105,8 +105,8 @@ def test_debug_state_matches_fresh_autograd(tiny_export, tiny_data):
 
 def test_recorded_losses(tiny_export):
     """10 step losses, decreasing on the one batch, equal to the printed ones and to main.log's."""
-    config, _ = tg.read_model_file(tiny_export.model)
-    s = tg.read_debug_state(tiny_export.state, config)
+    config, _ = formats.read_model_file(tiny_export.model)
+    s = formats.read_debug_state(tiny_export.state, config)
     assert s.losses.size == tiny_export.steps == 10
     assert s.losses[0] == np.float32(s.loss)  # step 0 trains on the exported batch
     assert np.all(np.diff(s.losses) < 0)
@@ -123,10 +123,10 @@ def test_export_odd_vocab(export_model):
     """A vocabulary that is not a multiple of 128 is padded in the files (V=1000 -> Vp=1024)."""
     e = export_model(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=1000, B=2, T=8, steps=3)
     assert e.size == "L1H2C16T16V1000"
-    config, flat = tg.read_model_file(e.model)
+    config, flat = formats.read_model_file(e.model)
     assert (config.vocab_size, config.padded_vocab_size) == (1000, 1024)
     assert not flat[1000 * 16:1024 * 16].any()
-    s = tg.read_debug_state(e.state, config)
+    s = formats.read_debug_state(e.state, config)
     assert s.logits.shape == (2, 8, 1000) and s.losses.size == 3
     assert not s.grads[1000 * 16:1024 * 16].any() and np.abs(s.grads[:1000 * 16]).max() > 0
     assert not os.path.exists(e.tokenizer)  # no GPT-2 tokenizer for another vocabulary
@@ -209,9 +209,9 @@ def test_from_pretrained_mapping(tmp_path, monkeypatch):
 
 
 def test_get_lr():
-    """train_gpt2_torch.py's schedule: train_gpt2.get_lr's cosine, with its flags' names."""
+    """train_gpt2_torch.py's schedule: schedulers.get_lr's cosine, with its flags' names."""
     def lr(it, learning_rate=1e-3, warmup_iters=0, num_iterations=10, learning_rate_decay_frac=1.0):
-        return tg.get_lr(it, "cosine", learning_rate, warmup_iters, num_iterations, learning_rate_decay_frac)
+        return schedulers.get_lr(it, "cosine", learning_rate, warmup_iters, num_iterations, learning_rate_decay_frac)
     assert [lr(i) for i in range(11)] == [1e-3] * 11  # the default: constant
     assert [lr(i, warmup_iters=4) for i in range(3)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
     assert lr(4, warmup_iters=4, learning_rate_decay_frac=0.1) == pytest.approx(1e-3)
@@ -247,7 +247,7 @@ def test_error_T_above_block_size(monkeypatch, tmp_path, tiny_data):
 
 def test_error_data_too_short(monkeypatch, tmp_path):
     short = str(tmp_path / "short.bin")
-    tg.write_data_shard(short, np.arange(64))
+    formats.write_data_shard(short, np.arange(64))
     msg = _error(monkeypatch, tmp_path, *SMALL, "--vocab_size", 100, "--input_bin", short,
                  "--batch_size", 4, "--sequence_length", 16)
     assert short in msg and "64 tokens" in msg and "65" in msg and "prepro_tinyshakespeare.py" in msg

@@ -9,23 +9,24 @@ import pytest
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, ROOT)
 import train_gpt2 as m  # noqa: E402
+from llmc import formats  # noqa: E402
 
-TINY = m.GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_heads=2, channels=32, padded_vocab_size=50304)
+TINY = formats.GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_heads=2, channels=32, padded_vocab_size=50304)
 
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A directory with a tiny checkpoint and tiny train/val shards."""
     r = np.random.default_rng(0)
-    params = (r.standard_normal(m.num_parameters(TINY)) * 0.02).astype(np.float32)
+    params = (r.standard_normal(formats.num_parameters(TINY)) * 0.02).astype(np.float32)
     model = m.GPT2(TINY, params)
     model.params.wte[TINY.vocab_size:] = 0
     model.params.ln1w[...] = model.params.ln2w[...] = model.params.lnfw[...] = 1
-    m.write_model_file(str(tmp_path / "tiny.bin"), TINY, params)
+    formats.write_model_file(str(tmp_path / "tiny.bin"), TINY, params)
     # a repetitive text, so the loss can fall in a few steps
     text = np.tile(r.integers(0, 50257, size=40), 20)
-    m.write_data_shard(str(tmp_path / "train.bin"), text)
-    m.write_data_shard(str(tmp_path / "val.bin"), text[:300])
+    formats.write_data_shard(str(tmp_path / "train.bin"), text)
+    formats.write_data_shard(str(tmp_path / "val.bin"), text[:300])
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -47,8 +48,11 @@ def test_tiny_run_logs_samples_and_checkpoint(workdir, capsys):
     code, out, err = run_main(BASE + ["-x", "4", "-v", "2", "-m", "2", "-s", "4", "-g", "6", "-l", "3e-3",
                                       "-o", "log"], capsys)
     assert code == 0, err
+    pad = (50304 - 50257) * 32
     for line in ("[GPT-2]", "max_seq_len: 32", "vocab_size: 50257", "padded_vocab_size: 50304", "num_layers: 1",
-                 "num_heads: 2", "channels: 32", f"num_parameters: {m.num_parameters(TINY)}", "OpenBLAS core"):
+                 "num_heads: 2", "channels: 32", "OpenBLAS core",
+                 f"num_parameters: {formats.num_parameters(TINY)} ({formats.num_parameters(TINY) - pad:,} + {pad:,} "
+                 f"in wte's 47 zero pad rows: the vocabulary 50257 is padded to 50304, a multiple of 128)"):
         assert line in out, line
     steps = [l for l in out.splitlines() if l.startswith("step ")]
     assert len(steps) == 4 and steps[0].startswith("step    1/4: train loss ") and " ms, " in steps[0]
@@ -61,7 +65,7 @@ def test_tiny_run_logs_samples_and_checkpoint(workdir, capsys):
     log = open("log/main.log").read().splitlines()
     assert log[0].startswith("s:0 tel:") and log[1].startswith("s:1 trl:") and log[-1].startswith("s:4 tel:")
     assert float(log[1].split("trl:")[1]) == pytest.approx(losses[0], abs=1e-6)
-    config, params = m.read_model_file("log/model_00000004.bin")
+    config, params = formats.read_model_file("log/model_00000004.bin")
     assert config == TINY and np.isfinite(params).all()
 
 
@@ -76,10 +80,13 @@ def test_overfit_single_batch_and_accumulation(workdir, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["-z", "1"], "unknown flag -z"),
-    (["-b"], "flag -b has no value"),
-    (["-b", "four"], "flag -b needs a int, got 'four'"),
-    (["x", "1"], "unknown flag x"),
+    (["-b"], "flag -b needs a value"),
+    (["-b", "four"], "flag -b needs an integer, got 'four'"),
+    (["-l", "fast"], "flag -l needs a number, got 'fast'"),
+    (["-x", "1.5e0"], "flag -x needs an integer, got '1.5e0'"),
+    (["x", "1"], "expected a flag, got 'x'"),
     (["--b", "2"], "unknown flag --b"),
+    (["-x", "-o", "dir"], "flag -x needs a value"),          # blames -x, not the directory
 ])
 def test_bad_flags_print_usage(argv, message, capsys):
     code, out, err = run_main(argv, capsys)
@@ -89,6 +96,39 @@ def test_bad_flags_print_usage(argv, message, capsys):
 def test_help_prints_usage_and_succeeds(capsys):
     code, out, err = run_main(["-h"], capsys)
     assert code == 0 and "Usage:" in out and "-e " in out and err == ""
+    # the defaults decided at run time are spelled out, not shown as ''
+    assert "(default: data/tinyshakespeare/tiny_shakespeare_train.bin if it exists, else " \
+           "data/tinystories/TinyStories_train.bin)" in out
+    assert "(default: gpt2_124M.bin, or gpt2_d12.bin when only that exists)" in out
+    assert "''" not in out
+
+
+def test_flags_become_llmc_named_attributes():
+    args = m.parse_args(["-l", "3e-3", "-k", "wsd", "-u", "5", "-x", "1e2", "-b", "2"], m.TRAIN_GPT2_C_DEFAULTS)
+    assert (args.learning_rate, args.lr_scheduler_type, args.warmup_iterations, args.max_steps, args.B) == \
+        (3e-3, "wsd", 5, 100, 2)
+    assert (args.T, args.val_loss_every, args.genT) == (64, 10, 64)              # train_gpt2.c's defaults
+    assert args.given == {"learning_rate", "lr_scheduler_type", "warmup_iterations", "max_steps", "B"}
+    assert type(args.learning_rate) is float and type(args.max_steps) is int
+
+
+def test_trainer_api_is_complete():
+    """The shared loop's list of what a trainer module provides names real things in train_gpt2.py."""
+    assert all(hasattr(m, name) for name in m.TRAINER_API)
+
+
+def test_default_T_shrinks_to_a_small_model(workdir, capsys):
+    """-t not given and the default longer than the model's max_seq_len: T becomes max_seq_len, with a note;
+    the same T asked for with -t is an error (see test_one_line_errors)."""
+    saved = m.TRAIN_GPT2_C_DEFAULTS["T"]
+    m.TRAIN_GPT2_C_DEFAULTS["T"] = 1024
+    try:
+        code, out, err = run_main(["-e", "tiny.bin", "-i", "train.bin", "-j", "val.bin", "-b", "1", "-x", "1",
+                                   "-v", "0", "-s", "0"], capsys)
+    finally:
+        m.TRAIN_GPT2_C_DEFAULTS["T"] = saved
+    assert code == 0, err
+    assert "T = 32: the model's max_seq_len (the default -t 1024 is longer)" in out and "B=1 T=32" in out
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -100,7 +140,7 @@ def test_help_prints_usage_and_succeeds(capsys):
     (["-i", "missing_*.bin"], "no data files match 'missing_*.bin'"),
 ])
 def test_one_line_errors(workdir, extra, message, capsys):
-    m.write_data_shard("small.bin", np.arange(20))
+    formats.write_data_shard("small.bin", np.arange(20))
     code, out, err = run_main(BASE + extra, capsys)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
 

@@ -1,0 +1,96 @@
+"""The trainers' command line, as llm.c's: `-x value` pairs, every flag followed by a value.
+
+The letters are llm.c's (train_gpt2.cu), and so are the names the parsed values get: `-l 3e-4`
+becomes args.learning_rate, `-k wsd` args.lr_scheduler_type, `-x 40` args.max_steps. A program
+lists the flags it takes with their defaults, by name; parse_args returns a SimpleNamespace with
+one attribute per flag, of its default's type, and the set of names given on the command line
+(`args.given`), so a program can tell a default from a choice.
+"""
+
+import os
+import sys
+from types import SimpleNamespace
+
+FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
+    "i": ("train_data_pattern", "train data: a file or a glob of shards"),
+    "j": ("val_data_pattern", "val data: a file or a glob of shards"),
+    "e": ("load_filename", "model file (.bin, fp32 or bf16), or d6/d12/d24/d36/d48 to start from scratch"),
+    "o": ("output_log_dir", "output dir: main.log and the final model file (none: write nothing)"),
+    "b": ("B", "(micro) batch size B"),
+    "t": ("T", "sequence length T (at most the model's max_seq_len)"),
+    "d": ("total_batch_size", "tokens per optimizer step, a multiple of B*T: gradient accumulation (-1 = B*T)"),
+    "x": ("max_steps", "optimizer steps (-1 = one epoch)"),
+    "l": ("learning_rate", "learning rate"),
+    "u": ("warmup_iterations", "learning rate warmup steps"),
+    "q": ("final_learning_rate_frac", "final learning rate, as a fraction of -l"),
+    "k": ("lr_scheduler_type", "learning rate schedule: cosine, linear, constant, wsd"),
+    "c": ("weight_decay", "weight decay (the 2-D weights only)"),
+    "v": ("val_loss_every", "val loss every how many steps (0 = never)"),
+    "m": ("val_max_steps", "val batches per val loss (-1 = the whole val split)"),
+    "s": ("sample_every", "sample every how many steps (0 = never)"),
+    "g": ("genT", "tokens to sample"),
+    "a": ("overfit_single_batch", "train on the first val batch over and over? 0/1"),
+    "f": ("override_enable_tf32", "TF32 tensor cores for the fp32 matmuls? 0/1"),
+    "profile": ("profile", "print a per-layer time table at the end? 0/1 (written --profile)"),
+}
+NAMES = {name: flag for flag, (name, _) in FLAGS.items()}      # llm.c's name -> flag letter(s)
+KINDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def flag_of(name):
+    """The command-line spelling of a flag given by its name: -l, or --profile."""
+    flag = NAMES[name]
+    return f"-{flag}" if len(flag) <= 2 else f"--{flag}"
+
+
+def usage(defaults, problem=None, shown=None, notes=()):
+    """Print the usage (to stderr with `error: problem` first) and exit (1 on a problem, else 0).
+    shown: {name: text} where the default is decided at run time (data, checkpoint)."""
+    shown = shown or {}
+    lines = [] if problem is None else [f"error: {problem}"]
+    lines.append(f"Usage:   python {os.path.basename(sys.argv[0]) or 'train_gpt2.py'} [options]")
+    lines.append("Options (every flag takes a value):")
+    for name, default in defaults.items():
+        what = FLAGS[NAMES[name]][1]
+        lines.append(f"  {flag_of(name):10s} {what} (default: {shown.get(name, default)})")
+    lines.extend(notes)
+    print("\n".join(lines), file=sys.stderr if problem else sys.stdout)
+    sys.exit(1 if problem else 0)
+
+
+def _convert(kind, value):
+    if kind is int and "e" in value.lower():          # -x 1e4
+        as_float = float(value)
+        if as_float != int(as_float):
+            raise ValueError(value)
+        return int(as_float)
+    return kind(value)
+
+
+def parse_args(argv, defaults, shown=None, notes=()):
+    """argv: the words after the program's name. defaults: {llm.c's name: default} of the flags the
+    program takes, in the order -h lists them. Returns a SimpleNamespace of every name, plus
+    `given` (the names set on the command line). A bad command line prints the usage and exits 1."""
+    def fail(problem):
+        usage(defaults, problem, shown, notes)
+
+    if argv and argv[0] in ("-h", "--help"):
+        usage(defaults, None, shown, notes)
+    known = {flag_of(name): name for name in defaults}
+    args, given = dict(defaults), set()
+    i = 0
+    while i < len(argv):
+        flag = argv[i]
+        if flag not in known:
+            fail(f"unknown flag {flag}" if flag.startswith("-") else f"expected a flag, got '{flag}'")
+        name = known[flag]
+        if i + 1 == len(argv) or argv[i + 1] in known:
+            fail(f"flag {flag} needs a value")          # `-x -o dir` blames -x, not dir
+        kind, value = type(defaults[name]), argv[i + 1]
+        try:
+            args[name] = _convert(kind, value)
+        except ValueError:
+            fail(f"flag {flag} needs {KINDS[kind]}, got '{value}'")
+        given.add(name)
+        i += 2
+    return SimpleNamespace(**args, given=given)

@@ -1,0 +1,81 @@
+"""The data loader, llm.c's llmc/dataloader.h.
+
+A pattern (one file or a glob) names the shards; each batch is B*T+1 consecutive tokens, inputs the
+first B*T and targets the last B*T. Sample i of a shard starts at token i*B*T*num_processes +
+rank*B*T. Sequentially (the val loader, llm.c's train_gpt2.py) the samples come in order, shard after
+shard, and after the last shard it starts over. Shuffled (the C trainers' train loader) a Mersenne
+Twister seeded 42 + rank permutes the shard order at each epoch and the sample order inside each
+shard as it is opened.
+"""
+
+import glob as globlib
+
+import numpy as np
+
+from llmc.formats import read_data_shard
+from llmc.rand import MT19937, random_permutation
+from llmc.utils import ConfigError
+
+
+class DataLoader:
+    def __init__(self, pattern, B, T, process_rank=0, num_processes=1, should_shuffle=False):
+        self.B, self.T = B, T
+        self.process_rank, self.num_processes = process_rank, num_processes
+        self.should_shuffle = should_shuffle
+        if not 0 <= process_rank < num_processes:
+            raise ConfigError(f"process_rank {process_rank} must be below num_processes {num_processes}")
+        self.files = sorted(globlib.glob(pattern))
+        if not self.files:
+            raise ConfigError(f"no data files match '{pattern}'; create them with python prepro_tinyshakespeare.py")
+        need = num_processes * B * T + 1
+        self.num_tokens = 0
+        for path in self.files:                          # check every shard now, not mid-run
+            ntok = read_data_shard(path).size
+            if ntok < need:
+                raise ConfigError(f"{path}: {ntok} tokens, fewer than the {need} one batch needs "
+                                  f"(B={B}, T={T}); use smaller -b/-t or more data")
+            self.num_tokens += ntok
+        if should_shuffle:
+            self.shuffle_rng = MT19937(42 + process_rank)
+            self.shard_indices = list(range(len(self.files)))
+        self.reset()
+
+    def _load_shard(self, shard_idx):
+        if self.should_shuffle:
+            shard_idx = self.shard_indices[shard_idx]
+        self.tokens = read_data_shard(self.files[shard_idx])
+        # the -1: a sample reads B*T+1 tokens but the next one starts B*T later
+        self.shard_num_samples = (self.tokens.size - 1) // (self.num_processes * self.B * self.T)
+        if self.should_shuffle:
+            self.intra_shard_indices = list(range(self.shard_num_samples))
+            random_permutation(self.intra_shard_indices, self.shuffle_rng)
+
+    def reset(self):
+        """Back to the first shard (a new shard order when shuffling: the old order shuffled again)."""
+        self.current_shard_idx = 0
+        self.current_sample_idx = -1                      # no sample drawn yet
+        if self.should_shuffle:
+            random_permutation(self.shard_indices, self.shuffle_rng)
+        self._load_shard(0)
+
+    def _advance(self):
+        if self.current_shard_idx == len(self.files) - 1:
+            self.reset()                                   # past the last shard: a new epoch
+            return
+        self.current_shard_idx += 1
+        self.current_sample_idx = -1
+        self._load_shard(self.current_shard_idx)
+
+    def next_batch(self):
+        """Returns (inputs, targets), int32 arrays of shape (B, T)."""
+        self.current_sample_idx += 1
+        if self.current_sample_idx >= self.shard_num_samples:
+            self._advance()
+            self.current_sample_idx = 0
+        idx = self.current_sample_idx
+        if self.should_shuffle:
+            idx = self.intra_shard_indices[idx]
+        B, T = self.B, self.T
+        start = idx * self.num_processes * B * T + self.process_rank * B * T
+        buf = np.asarray(self.tokens[start:start + B * T + 1], dtype=np.int32)
+        return buf[:-1].reshape(B, T), buf[1:].reshape(B, T)
