@@ -174,10 +174,6 @@ def section3(ref, pap):
 
 
 # ---- 4. the CUDA kernels of kernels/attention.cu and the cuBLAS calls, on the CPU emulator
-def ceil_div(a, b):
-    return (a + b - 1) // b
-
-
 def section4(ref, pap):
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         print("[skip] emulator: no g++ on this machine")
@@ -185,6 +181,7 @@ def section4(ref, pap):
     os.environ["LLMC_EMULATE"] = "1"               # train_gpt2_cuda: NumPy arrays + the kernel emulator
     import train_gpt2_cuda as tc
     from kernels.emulator import RawModule
+    from train_gpt2_cuda import ceil_div
 
     mod = RawModule(code=tc.kernel_source("attention"), options=("--std=c++17",))
     f32, i32 = np.float32, np.int32
