@@ -176,6 +176,9 @@ def section5():
         n_exporter = sum(p.numel() for p in tt.GPT(tt.GPTConfig()).parameters())   # wte counted once
     print(f"[info] vocab: V = 50257 = 29 * 1733, Vp = {config.padded_vocab_size} = 128 * "
           f"{config.padded_vocab_size // 128}; trainer {n_trainer:,} parameters, exporter {n_exporter:,}")
+    Bm, Tm = 4, 1024
+    one = Bm * Tm * config.padded_vocab_size
+    print(f"[info] memory: B=4 T=1024: one (B,T,Vp) float32 tensor is {one / 2**18:.0f} MiB")
     check("f64", "vocab: Vp vs 50304", config.padded_vocab_size, 50304)
     check("f64", "vocab: trainer - exporter parameters vs (Vp - V) * C", n_trainer - n_exporter,
           (config.padded_vocab_size - config.vocab_size) * config.channels)
@@ -211,6 +214,14 @@ def section5():
           f"from the embedding {np.abs(dwte - classifier_part).max():.2e}")
     check("f64", "tied: classifier + embedding dwte vs autograd", dwte, wte.grad)
     check("f64", "tied: pad rows of dwte are exactly 0", dwte[V:], 0.0)
+
+    # so AdamW never moves them: a zero gradient keeps m and v at 0, and weight decay scales 0 to 0
+    p, g = wte_np.astype(np.float32), dwte.astype(np.float32)
+    m, v, s1, s2 = (np.zeros_like(p) for _ in range(4))
+    for t in range(1, 4):
+        tg.adamw_chunk(p, g, m, v, s1, s2, 1e-3, 0.9, 0.95, 1e-8, 0.1, 1 - 0.9 ** t, math.sqrt(1 - 0.95 ** t), 1.0)
+    check("f32", "tied: pad rows of wte after 3 AdamW steps (decay 0.1)", p[V:], 0.0)
+    check("f32", "tied: real rows of wte moved (1 = yes)", np.abs(p[:V] - wte_np[:V]).max() > 0, 1)
 
 
 if __name__ == "__main__":
