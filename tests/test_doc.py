@@ -217,7 +217,7 @@ def readme_stops():
     parts = re.split(r"^### ", text, flags=re.M)[1:]
     for part in parts:
         head, _, body = part.partition("\n")
-        m = re.match(r"\d+\. `([\w/.]+)`.*\(~(\d+) min\)\s*$", head)
+        m = re.match(r"\d+\. `([\w/.]+)`.*\(~(\d+) min[^)]*\)\s*$", head)
         assert m, f"doc/README.md: a stop heading without `path` and (~M min): {head!r}"
         path = m.group(1)
         refs = []
@@ -238,8 +238,12 @@ def test_readme_is_an_afternoon():
 
 
 def _readme_refs():
+    try:
+        stops = readme_stops()
+    except (AssertionError, OSError):
+        return []                          # test_readme_is_an_afternoon reports it
     refs = {}
-    for _, _, rs in readme_stops():
+    for _, _, rs in stops:
         for file, name in rs:
             refs.setdefault(file, []).append(name)
     return sorted(refs.items())
