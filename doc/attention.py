@@ -1,0 +1,273 @@
+"""Every check that doc/attention.md describes, in its order. Run from anywhere:
+
+    python doc/attention.py
+
+Each check prints one line: [f64] or [f32], what is compared, and its max abs error. The script exits
+non-zero if any error is above its tolerance (1e-10 in float64, 1e-5 in float32). Lines starting
+with [info] are numbers the page quotes (memory sizes), not checks.
+"""
+
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import train_gpt2 as tg  # noqa: E402  (the NumPy layers of section 3)
+
+TOL = {"f64": 1e-10, "f32": 1e-5}
+failed = []
+
+
+def check(tag, what, a, b):
+    err = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    print(f"[{tag}] {what:<60} max abs err {err:.2e}")
+    if not err <= TOL[tag]:
+        failed.append(what)
+
+
+# odd shapes: T = 37 > 32, so a warp walks a row of att in two strides; hs = 16, C = 48
+B, T, NH, C = 2, 37, 3, 48
+hs = C // NH
+rng = np.random.default_rng(0)
+qkv_np = rng.standard_normal((B, T, 3 * C))          # (B, T, 3C) inp: q|k|v of every position
+dout_np = rng.standard_normal((B, T, C))             # (B, T, C) the gradient from the layer above
+
+
+# ---- 1. what attention computes: PyTorch, elementary ops
+def torch_attention(qkv):
+    q, k, v = qkv.split(C, dim=2)                       # 3 x (B, T, C)
+    q = q.view(B, T, NH, hs).transpose(1, 2)            # (B, T, C) -> (B, NH, T, hs)
+    k = k.view(B, T, NH, hs).transpose(1, 2)            # (B, T, C) -> (B, NH, T, hs)
+    v = v.view(B, T, NH, hs).transpose(1, 2)            # (B, T, C) -> (B, NH, T, hs)
+    preatt = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, NH, T, T): row t scores every t2
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)  # (T, T) True where t2 > t
+    preatt = preatt.masked_fill(future, float("-inf"))
+    e = torch.exp(preatt - preatt.max(-1, keepdim=True).values)   # exp(-inf) = 0 on the future
+    att = e / e.sum(-1, keepdim=True)                   # (B, NH, T, T) each row sums to 1
+    y = att @ v                                         # (B, NH, T, T) @ (B, NH, T, hs) -> (B, NH, T, hs)
+    out = y.transpose(1, 2).reshape(B, T, C)            # (B, NH, T, hs) -> (B, T, C) heads side by side
+    return q, k, v, preatt, att, out
+
+
+def section1():
+    qkv = torch.tensor(qkv_np, requires_grad=True)
+    q, k, v, preatt, att, out = torch_attention(qkv)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)         # (B, NH, T, hs)
+    check("f64", "torch: elementary ops vs F.scaled_dot_product_attention",
+          out.detach(), sdpa.transpose(1, 2).reshape(B, T, C).detach())
+    check("f64", "torch: att is 0 above the diagonal", att.detach()[..., torch.from_numpy(future_np())], 0.0)
+    check("f64", "torch: rows of att sum to 1", att.detach().sum(-1), 1.0)
+
+    dout = torch.tensor(dout_np)
+    fakeloss = (out * dout).sum()                       # d fakeloss / d out = dout
+    fakeloss.backward()
+    # the same gradient through PyTorch's fused attention
+    qkv2 = torch.tensor(qkv_np, requires_grad=True)
+    q2, k2, v2 = (x.view(B, T, NH, hs).transpose(1, 2) for x in qkv2.split(C, dim=2))
+    y2 = F.scaled_dot_product_attention(q2, k2, v2, is_causal=True)
+    (y2.transpose(1, 2).reshape(B, T, C) * dout).sum().backward()
+    check("f64", "torch: autograd dinp, elementary vs SDPA", qkv.grad, qkv2.grad)
+    return dict(q=q.detach(), k=k.detach(), v=v.detach(), preatt=preatt.detach(), att=att.detach(),
+                out=out.detach(), dinp=qkv.grad.numpy())
+
+
+def future_np():
+    return np.triu(np.ones((T, T), dtype=bool), k=1)     # True above the diagonal
+
+
+def heads(x):
+    return x.view(B, T, NH, hs).transpose(1, 2)         # (B, T, C) -> (B, NH, T, hs)
+
+
+def merge_qkv(dq, dk, dv):
+    # three (B, NH, T, hs) -> (B, T, 3C), the layout of inp
+    return torch.cat([x.transpose(1, 2).reshape(B, T, C) for x in (dq, dk, dv)], dim=2)
+
+
+# ---- 2. the backward pass on paper
+def paper_backward(q, k, v, att, dout):
+    scale = 1.0 / math.sqrt(hs)
+    dy = heads(dout)                                    # (B, T, C) -> (B, NH, T, hs)
+    datt = dy @ v.transpose(-2, -1)                     # y = att @ v: (B, NH, T, hs) @ (B, NH, hs, T)
+    dv = att.transpose(-2, -1) @ dy                     #              (B, NH, T, T) @ (B, NH, T, hs)
+    dpreatt = att * (datt - (att * datt).sum(-1, keepdim=True))   # through the softmax
+    dq = scale * (dpreatt @ k)                          # preatt = scale * q @ k^T
+    dk = scale * (dpreatt.transpose(-2, -1) @ q)
+    return datt, dpreatt, dq, dk, dv
+
+
+def section2(ref):
+    q, k, v, att = ref["q"], ref["k"], ref["v"], ref["att"]
+    dout = torch.tensor(dout_np)
+    datt, dpreatt, dq, dk, dv = paper_backward(q, k, v, att, dout)
+    dinp = merge_qkv(dq, dk, dv)
+    C3 = ref["dinp"]
+    check("f64", "paper: dq vs autograd", dinp[..., :C], C3[..., :C])
+    check("f64", "paper: dk vs autograd", dinp[..., C:2 * C], C3[..., C:2 * C])
+    check("f64", "paper: dv vs autograd", dinp[..., 2 * C:], C3[..., 2 * C:])
+
+    # the softmax Jacobian of one row, J = diag(a) - a a^T, against torch's; J is symmetric,
+    # so J @ datt is the vector-Jacobian product written in paper_backward
+    b, h, t = 1, 2, 20
+    row = ref["preatt"][b, h, t, :t + 1].clone()
+    J = torch.autograd.functional.jacobian(lambda z: torch.softmax(z, -1), row)
+    a = att[b, h, t, :t + 1]
+    check("f64", "paper: softmax Jacobian diag(a) - a a^T vs torch", torch.diag(a) - torch.outer(a, a), J)
+    check("f64", "paper: J @ datt vs dpreatt (one row)", J @ datt[b, h, t, :t + 1], dpreatt[b, h, t, :t + 1])
+
+    # the mask: datt is not 0 above the diagonal (dy @ v^T fills the square), dpreatt is
+    mask = torch.from_numpy(future_np())
+    print(f"[info] paper: max |datt| above the diagonal {datt[..., mask].abs().max():.2f}")
+    check("f64", "paper: dpreatt is 0 above the diagonal", dpreatt[..., mask], 0.0)
+    check("f64", "paper: rows of dpreatt sum to 0", dpreatt.sum(-1), 0.0)
+
+    # causality, backwards: if dout is 0 after position t0, no input after t0 gets a gradient
+    t0 = 11
+    dout_early = dout.clone()
+    dout_early[:, t0 + 1:] = 0
+    _, _, dq0, dk0, dv0 = paper_backward(q, k, v, att, dout_early)
+    check("f64", "paper: dinp after t0 is 0 when dout is 0 after t0", merge_qkv(dq0, dk0, dv0)[:, t0 + 1:], 0.0)
+
+    # an independent witness: a four-point finite difference of the fake loss along a random u
+    u = rng.standard_normal((B, T, 3 * C))
+
+    def f(s):
+        return float((torch_attention(torch.tensor(qkv_np + s * u))[5] * dout).sum())
+
+    hh = 1e-3
+    fd = (8 * (f(hh) - f(-hh)) - (f(2 * hh) - f(-2 * hh))) / (12 * hh)
+    check("f64", "paper: <dinp, u> vs finite difference (rel)", (C3 * u).sum() / fd - 1, 0.0)
+    return dict(datt=datt.numpy(), dpreatt=dpreatt.numpy(), dq=dq.numpy(), dk=dk.numpy(), dv=dv.numpy())
+
+
+# ---- 3. the NumPy layer of train_gpt2.py and its loop twin, in float64 and float32
+def section3(ref, pap):
+    mask = future_np()
+    for dt, tag in ((np.float64, "f64"), (np.float32, "f32")):
+        inp, dout = qkv_np.astype(dt), dout_np.astype(dt)
+        for name, fwd, bwd in (("", tg.attention_forward, tg.attention_backward),
+                               ("_loop", tg.attention_forward_loop, tg.attention_backward_loop)):
+            out, preatt, att = np.empty((B, T, C), dt), np.empty((B, NH, T, T), dt), np.empty((B, NH, T, T), dt)
+            fwd(out, preatt, att, inp, B, T, C, NH)
+            check(tag, f"numpy: attention_forward{name} out vs torch", out, ref["out"])
+            check(tag, f"numpy: attention_forward{name} att vs torch", att, ref["att"])
+            check(tag, f"numpy: attention_forward{name} preatt (t2 <= t)", preatt[..., ~mask],
+                  ref["preatt"].numpy()[..., ~mask])
+            check(tag, f"numpy: attention_forward{name} preatt -inf above diag", np.isfinite(preatt[..., mask]), 0)
+            # dinp arrives holding something already (backward must add to it); datt and dpreatt are
+            # this layer's own scratch, zeroed by gpt2_backward, and read back after they are added to
+            dinp = np.full((B, T, 3 * C), 0.25, dt)
+            dpreatt, datt = np.zeros((B, NH, T, T), dt), np.zeros((B, NH, T, T), dt)
+            bwd(dinp, dpreatt, datt, dout, inp, att, B, T, C, NH)
+            assert dinp.dtype == dpreatt.dtype == datt.dtype == dt, "a float64 constant promoted the arrays"
+            check(tag, f"numpy: attention_backward{name} dinp - old vs autograd", dinp - 0.25, ref["dinp"])
+            check(tag, f"numpy: attention_backward{name} dpreatt vs paper", dpreatt, pap["dpreatt"])
+            # the loop twin computes datt only where att can use it (t2 <= t)
+            check(tag, f"numpy: attention_backward{name} datt (t2 <= t) vs paper", datt[..., ~mask],
+                  pap["datt"][..., ~mask])
+
+
+# ---- 4. the CUDA kernels of kernels/attention.cu and the cuBLAS calls, on the CPU emulator
+def section4(ref, pap):
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        print("[skip] emulator: no g++ on this machine")
+        return
+    os.environ["LLMC_EMULATE"] = "1"               # train_gpt2_cuda: NumPy arrays + the kernel emulator
+    import train_gpt2_cuda as tc
+    from kernels.emulator import RawModule
+    from train_gpt2_cuda import ceil_div
+
+    mod = RawModule(code=tc.kernel_source("attention"), options=("--std=c++17",))
+    f32, i32 = np.float32, np.int32
+    scale = 1.0 / math.sqrt(hs)
+    inp = qkv_np.astype(f32)
+    tq, tk, tv = (ref[n].numpy() for n in "qkv")     # (B, NH, T, hs) each, float64
+
+    # the kernels one at a time, each fed the float32 of the exact reference input
+    q, k, v = (np.empty((B, NH, T, hs), f32) for _ in range(3))
+    block = 256
+    mod.get_function("permute_kernel")(
+        (ceil_div(B * NH * T * hs, block),), (block,), (q, k, v, inp, i32(B), i32(T), i32(NH), i32(hs)))
+    check("f32", "cuda: permute_kernel q|k|v vs torch", np.stack([q, k, v]), np.stack([tq, tk, tv]))
+
+    preatt = q @ k.transpose(0, 1, 3, 2)              # unscaled, as the sgemm leaves it
+    att = np.empty((B, NH, T, T), f32)
+    mod.get_function("softmax_forward_kernel")(
+        (ceil_div(B * NH * T * 32, block),), (block,), (att, preatt, f32(scale), i32(B), i32(NH), i32(T)))
+    check("f32", "cuda: softmax_forward_kernel att vs torch", att, ref["att"])
+
+    vaccum = (ref["att"] @ ref["v"]).numpy().astype(f32)   # (B, NH, T, hs)
+    out = np.empty((B, T, C), f32)
+    mod.get_function("unpermute_kernel")(
+        (ceil_div(B * NH * T * hs, block),), (block,), (out, vaccum, i32(B), i32(T), i32(NH), i32(hs)))
+    check("f32", "cuda: unpermute_kernel out vs torch", out, ref["out"])
+
+    dvaccum = np.empty((B, NH, T, hs), f32)
+    mod.get_function("unpermute_backward_kernel")(
+        (ceil_div(B * NH * T * hs, block),), (block,), (dvaccum, dout_np.astype(f32), i32(B), i32(T), i32(NH), i32(hs)))
+    check("f32", "cuda: unpermute_backward_kernel vs dout by heads", dvaccum, heads(torch.tensor(dout_np)))
+
+    dpreatt = np.empty((B, NH, T, T), f32)
+    mod.get_function("softmax_autoregressive_backward_kernel")(
+        (ceil_div(B * NH * T * 32, block),), (block,),
+        (dpreatt, pap["datt"].astype(f32), ref["att"].numpy().astype(f32), f32(scale), i32(B), i32(NH), i32(T)))
+    # the kernel's preatt is unscaled, so its gradient carries the scale: scale * dpreatt(scaled)
+    check("f32", "cuda: softmax_autoregressive_backward vs scale*paper", dpreatt, scale * pap["dpreatt"])
+
+    dinp = np.empty((B, T, 3 * C), f32)
+    mod.get_function("permute_backward_kernel")(
+        (ceil_div(B * NH * T * hs, block),), (block,),
+        (dinp, *(pap[n].astype(f32) for n in ("dq", "dk", "dv")), i32(B), i32(T), i32(NH), i32(hs)))
+    check("f32", "cuda: permute_backward_kernel dinp vs autograd", dinp, ref["dinp"])
+
+    # the whole layer as train_gpt2_cuda.py runs it: kernels + strided-batched GEMMs
+    big = max(B * T * 3 * C, B * NH * T * T)          # inp doubles as the preatt and vaccum scratch
+    scratch = np.zeros(big, f32)
+    tc.view(scratch, B, T, 3 * C)[...] = inp
+    out, att = np.zeros((B, T, C), f32), np.zeros((B, NH, T, T), f32)
+    qkvr = np.zeros((3, B, NH, T, hs), f32)
+    tc.attention_forward(out, qkvr, att, scratch, B, T, C, NH)
+    check("f32", "cuda: train_gpt2_cuda.attention_forward out vs torch", out, ref["out"])
+    check("f32", "cuda: train_gpt2_cuda.attention_forward att vs torch", att, ref["att"])
+
+    dinp = np.full((B, T, 3 * C), np.nan, f32)        # written (=), not accumulated: NaN must vanish
+    dqkvr, dpreatt_s, datt_s = np.zeros(3 * B * T * C, f32), np.zeros(big, f32), np.zeros(big, f32)
+    tc.attention_backward(dinp, dqkvr, dpreatt_s, datt_s, np.zeros(B * T * C, f32), dout_np.astype(f32),
+                          qkvr, att, B, T, C, NH)
+    check("f32", "cuda: train_gpt2_cuda.attention_backward dinp vs autograd", dinp, ref["dinp"])
+
+
+# ---- 5. memory: (B, NH, T, T) per layer
+def section5():
+    import train_gpt2_cuda as tc
+    config = tg.GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=12, num_heads=12, channels=768,
+                           padded_vocab_size=50304)
+    Bm, Tm, GiB = 4, 1024, 2**30 / 4                  # GiB in float32 numbers
+    one = Bm * config.num_heads * Tm * Tm
+    print(f"[info] memory: B=4 T=1024 d12: one (B,NH,T,T) float32 tensor is {one / 2**18:.0f} MiB")
+    for who, shapes in (("train_gpt2.py", tg.activation_shapes(config, Bm, Tm)),
+                        ("train_gpt2_cuda.py", tc.activation_shapes(config, Bm, Tm))):
+        shapes = dict(shapes)
+        total = sum(math.prod(s) for s in shapes.values())
+        square = sum(math.prod(shapes[n]) for n in ("preatt", "att") if n in shapes)
+        print(f"[info] memory: {who} activations {total / GiB:.2f} GiB, of which (B,NH,T,T) per layer "
+              f"{square / GiB:.2f} GiB ({100 * square / total:.0f}%)")
+
+
+if __name__ == "__main__":
+    torch.set_default_dtype(torch.float64)
+    ref = section1()
+    pap = section2(ref)
+    section3(ref, pap)
+    section4(ref, pap)
+    section5()
+    if failed:
+        print(f"FAILED: {len(failed)} check(s) above tolerance: {', '.join(failed)}")
+        sys.exit(1)
+    print("all checks passed")
