@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 import train_gpt2 as host
+from llmc.cuda_common import ceil_div, kernel_source
 from train_gpt2 import (FormatError, GPT2Config, grad_clip_scale, num_parameters,  # noqa: F401
                         param_shapes, read_debug_state, read_model_file, write_model_file)
 
@@ -39,7 +40,7 @@ NO_GPU = None  # one line saying why the GPU path cannot run here, or None
 
 if EMULATE:
     import numpy as xp
-    from kernels.emulator import RawModule
+    from emulator import RawModule
     NULL = None  # a null pointer kernel argument
 
     def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
@@ -66,7 +67,7 @@ if EMULATE:
         return (end.t - start.t) * 1000.0
 
     def device_name():
-        return "CPU (LLMC_EMULATE=1: NumPy + kernels/emulator.py)"
+        return "CPU (LLMC_EMULATE=1: NumPy + the kernel emulator, emulator/)"
 
     def to_numpy(x):
         """Device array -> NumPy array (here they already are)."""
@@ -156,31 +157,17 @@ def require_gpu():
 # ----------------------------------------------------------------------------
 # kernels: each kernels/<file>.cu is compiled once, at its first launch
 
-KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 _modules, _functions = {}, {}
 
 
-def kernel_source(file):
-    """kernels/common.cuh (the shared warp reductions) + kernels/<file>.cu: the text every compiler
-    of the kernels gets (NVRTC here, g++ in the emulator, nvcc in tests/test_kernels.py). The #line
-    directive gives messages the .cu file's own line numbers."""
-    with open(os.path.join(KERNEL_DIR, "common.cuh")) as f:
-        common = f.read()
-    with open(os.path.join(KERNEL_DIR, file + ".cu")) as f:
-        return f'{common}\n#line 1 "{file}.cu"\n{f.read()}'
-
-
 def kernel(file, name):
-    """The __global__ function `name` of kernels/<file>.cu, compiled on first use."""
+    """The __global__ function `name` of kernels/<file>.cu, compiled on first use. The text compiled
+    is kernel_source(file) (llmc/cuda_common.py): <file>.cu with common.cuh pasted in for its #include."""
     if (file, name) not in _functions:
         if file not in _modules:
             _modules[file] = RawModule(code=kernel_source(file), options=("--std=c++17",))
         _functions[(file, name)] = _modules[file].get_function(name)
     return _functions[(file, name)]
-
-
-def ceil_div(m, n):
-    return (m + n - 1) // n
 
 
 i32, i64, f32 = np.int32, np.int64, np.float32  # kernel scalar arguments carry their C type

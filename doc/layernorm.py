@@ -109,13 +109,9 @@ for dt, tag in ((np.float64, "f64"), (np.float32, "f32")):
 if shutil.which(os.environ.get("CXX", "g++")) is None:
     print("[skip] emulator: no g++ on this machine")
 else:
-    from kernels.emulator import RawModule
-
-    def ceil_div(a, b):
-        return (a + b - 1) // b
-
-    from train_gpt2_cuda import kernel_source
-    src = kernel_source("layernorm")              # kernels/common.cuh + kernels/layernorm.cu
+    from emulator import RawModule
+    from llmc.cuda_common import ceil_div, kernel_source
+    src = kernel_source("layernorm")              # kernels/layernorm.cu with common.cuh pasted in for its #include
     mod = RawModule(code=src, options=("--std=c++17",))
     f32, i32, N = np.float32, np.int32, B * T
     inp, weight, bias, dout_ = (a.astype(f32) for a in (x_np, w_np, b_np, dout_np))
