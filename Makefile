@@ -68,4 +68,4 @@ bench_gpu: setup data
 	$(PYTHON) dev/bench_gpu.py
 
 clean:
-	rm -rf build __pycache__ tests/__pycache__ .pytest_cache
+	rm -rf build emulator/build __pycache__ tests/__pycache__ .pytest_cache

@@ -28,6 +28,7 @@ import numpy as np
 import train_gpt2 as host  # the model's host side (views, the seeded init) and the training loop
 from train_gpt2 import grad_clip_scale  # noqa: F401  (test_gpt2.py clips with its trainer's own)
 from llmc.cli import parse_args
+from llmc.cuda_common import ceil_div, kernel_source
 from llmc.formats import num_parameters, param_shapes, read_model_file
 from llmc.utils import ConfigError
 
@@ -41,7 +42,7 @@ NO_GPU = None  # one line saying why the GPU path cannot run here, or None
 
 if EMULATE:
     import numpy as xp
-    from kernels.emulator import RawModule
+    from emulator import RawModule
     NULL = None  # a null pointer kernel argument
 
     def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
@@ -68,7 +69,7 @@ if EMULATE:
         return (end.t - start.t) * 1000.0
 
     def device_name():
-        return "CPU (LLMC_EMULATE=1: NumPy + kernels/emulator.py)"
+        return "CPU (LLMC_EMULATE=1: NumPy + the kernel emulator, emulator/)"
 
     def to_numpy(x):
         """Device array -> NumPy array (here they already are)."""
@@ -158,31 +159,17 @@ def require_gpu():
 # ----------------------------------------------------------------------------
 # kernels: each kernels/<file>.cu is compiled once, at its first launch
 
-KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 _modules, _functions = {}, {}
 
 
-def kernel_source(file):
-    """kernels/common.cuh (the shared warp reductions) + kernels/<file>.cu: the text every compiler
-    of the kernels gets (NVRTC here, g++ in the emulator, nvcc in tests/test_kernels.py). The #line
-    directive gives messages the .cu file's own line numbers."""
-    with open(os.path.join(KERNEL_DIR, "common.cuh")) as f:
-        common = f.read()
-    with open(os.path.join(KERNEL_DIR, file + ".cu")) as f:
-        return f'{common}\n#line 1 "{file}.cu"\n{f.read()}'
-
-
 def kernel(file, name):
-    """The __global__ function `name` of kernels/<file>.cu, compiled on first use."""
+    """The __global__ function `name` of kernels/<file>.cu, compiled on first use. The text compiled
+    is kernel_source(file) (llmc/cuda_common.py): <file>.cu with common.cuh pasted in for its #include."""
     if (file, name) not in _functions:
         if file not in _modules:
             _modules[file] = RawModule(code=kernel_source(file), options=("--std=c++17",))
         _functions[(file, name)] = _modules[file].get_function(name)
     return _functions[(file, name)]
-
-
-def ceil_div(m, n):
-    return (m + n - 1) // n
 
 
 i32, i64, f32 = np.int32, np.int64, np.float32  # kernel scalar arguments carry their C type
@@ -478,32 +465,37 @@ def gpt2_backward(model):
     # overwrites the logits with dlogits (B,T,Vp), pad columns 0
     fused_classifier(acts.logits, acts.losses, None, model.targets, B, T, V, Vp, write_dlogits=1)
     dlogits = acts.logits
-    dlnf = view(grads_acts.bt4c, B, T, C)
+    # llm.c's two scratch buffers for the activation gradients of one layer at a time:
+    buffer_b = grads_acts.bt4c        # (B,T,4C): the backward's own scratch, nothing in it yet
+    dlnf = view(buffer_b, B, T, C)
     matmul_backward(dlnf, grads.wte, None, dlogits, acts.lnf, params.wte, B, T, C, Vp)
+    buffer_a = acts.lnf               # (B,T,C): lnf is no longer needed after the classifier's backward
     residual = acts.residual3[L - 1]
     layernorm_backward(dresidual, grads.lnfw, grads.lnfb, dlnf, residual, params.lnfw,
                        acts.lnf_mean, acts.lnf_rstd, B, T, C)
+    # the attention backward's scratch, the same buffers for every layer:
+    datt = acts.output                # >= (B,NH,T,T): held dlogits, no longer needed after the classifier's backward
+    dpreatt = grads_acts.preatt       # (B,NH,T,T): the backward's own scratch
 
     for l in reversed(range(L)):
         residual = acts.encoded if l == 0 else acts.residual3[l - 1]
-        # scratch: lnf's activation is no longer needed, nor (after their last use below) atty and fch
-        dl_btc = acts.lnf                 # (B,T,C)
-        dl_bt4c = grads_acts.bt4c         # (B,T,4C)
         # residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
-        matmul_backward(dl_bt4c, grads.fcprojw[l], grads.fcprojb[l], dresidual, acts.fch_gelu[l],
+        matmul_backward(buffer_b, grads.fcprojw[l], grads.fcprojb[l], dresidual, acts.fch_gelu[l],
                         params.fcprojw[l], B, T, 4 * C, C)
-        gelu_backward(dl_bt4c, acts.fch[l], dl_bt4c, B * T * 4 * C)
-        matmul_backward(dl_btc, grads.fcw[l], grads.fcb[l], dl_bt4c, acts.ln2[l], params.fcw[l], B, T, C, 4 * C)
-        layernorm_backward(dresidual, grads.ln2w[l], grads.ln2b[l], dl_btc, acts.residual2[l], params.ln2w[l],
+        gelu_backward(buffer_b, acts.fch[l], buffer_b, B * T * 4 * C)
+        matmul_backward(buffer_a, grads.fcw[l], grads.fcb[l], buffer_b, acts.ln2[l], params.fcw[l], B, T, C, 4 * C)
+        layernorm_backward(dresidual, grads.ln2w[l], grads.ln2b[l], buffer_a, acts.residual2[l], params.ln2w[l],
                            acts.ln2_mean[l], acts.ln2_rstd[l], B, T, C)
         # residual2 = residual + attproj(attention(qkv(ln1(residual))))
-        matmul_backward(dl_btc, grads.attprojw[l], grads.attprojb[l], dresidual, acts.atty[l],
+        matmul_backward(buffer_a, grads.attprojw[l], grads.attprojb[l], dresidual, acts.atty[l],
                         params.attprojw[l], B, T, C, C)
-        dqkv = view(dl_bt4c, B, T, 3 * C)
-        attention_backward(dqkv, acts.fch[l], grads_acts.preatt, acts.output, acts.atty[l], dl_btc,
+        dqkv = view(buffer_b, B, T, 3 * C)
+        dqkvr = acts.fch[l]           # (B,T,4C) >= 3*B*T*C: layer l's fch was read for the last time by gelu_backward
+        dvaccum = acts.atty[l]        # (B,T,C): layer l's atty was read for the last time by attproj's matmul_backward
+        attention_backward(dqkv, dqkvr, dpreatt, datt, dvaccum, buffer_a,
                            acts.qkvr[l], acts.att[l], B, T, C, NH)
-        matmul_backward(dl_btc, grads.qkvw[l], grads.qkvb[l], dqkv, acts.ln1[l], params.qkvw[l], B, T, C, 3 * C)
-        layernorm_backward(dresidual, grads.ln1w[l], grads.ln1b[l], dl_btc, residual, params.ln1w[l],
+        matmul_backward(buffer_a, grads.qkvw[l], grads.qkvb[l], dqkv, acts.ln1[l], params.qkvw[l], B, T, C, 3 * C)
+        layernorm_backward(dresidual, grads.ln1w[l], grads.ln1b[l], buffer_a, residual, params.ln1w[l],
                            acts.ln1_mean[l], acts.ln1_rstd[l], B, T, C)
     encoder_backward(grads.wte, grads.wpe, dresidual, model.inputs, B, T, C)
 

@@ -180,10 +180,10 @@ def section4(ref, pap):
         return
     os.environ["LLMC_EMULATE"] = "1"               # train_gpt2_cuda: NumPy arrays + the kernel emulator
     import train_gpt2_cuda as tc
-    from kernels.emulator import RawModule
-    from train_gpt2_cuda import ceil_div
+    from emulator import RawModule
+    from llmc.cuda_common import ceil_div, kernel_source
 
-    mod = RawModule(code=tc.kernel_source("attention"), options=("--std=c++17",))
+    mod = RawModule(code=kernel_source("attention"), options=("--std=c++17",))
     f32, i32 = np.float32, np.int32
     scale = 1.0 / math.sqrt(hs)
     inp = qkv_np.astype(f32)

@@ -140,9 +140,10 @@ def section4(ref):
         return
     os.environ["LLMC_EMULATE"] = "1"                   # train_gpt2_cuda: NumPy arrays + the kernel emulator
     import train_gpt2_cuda as tc
-    from kernels.emulator import RawModule
+    from emulator import RawModule
+    from llmc.cuda_common import kernel_source
 
-    mod = RawModule(code=tc.kernel_source("classifier"), options=("--std=c++17",))
+    mod = RawModule(code=kernel_source("classifier"), options=("--std=c++17",))
     f32, i32 = np.float32, np.int32
     targets = targets_np.astype(i32)
     logits = logits_np.astype(f32)

@@ -127,10 +127,10 @@ def section4(ref):
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         print("[skip] emulator: no g++ on this machine")
         return
-    from kernels.emulator import RawModule
-    from train_gpt2_cuda import ceil_div, kernel_source
+    from emulator import RawModule
+    from llmc.cuda_common import ceil_div, kernel_source
 
-    src = kernel_source("layernorm")              # kernels/common.cuh + kernels/layernorm.cu
+    src = kernel_source("layernorm")              # kernels/layernorm.cu with common.cuh pasted in for its #include
     mod = RawModule(code=src, options=("--std=c++17",))
     f32, i32, N = np.float32, np.int32, B * T
     inp, weight, bias, dout_ = (a.astype(f32) for a in (x_np, w_np, b_np, dout_np))

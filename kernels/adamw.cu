@@ -22,8 +22,9 @@
 //   launch: any grid G (e.g. min(ceil_div(count, block), 1024)), block = 512 (a multiple of 32,
 //   <= 1024), out holds >= G floats, static shared memory 32 floats.
 //
-// block_sum comes from kernels/common.cuh, which the loader (train_gpt2_cuda.py's kernel_source)
-// puts in front of this file.
+// block_sum comes from common.cuh.
+
+#include "common.cuh"
 
 __device__ float adamw_lerp(float start, float end, float weight) {
     return fmaf(weight, end, fmaf(-weight, start, start));  // weight*end + (1-weight)*start

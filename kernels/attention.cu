@@ -33,8 +33,9 @@
 // unpermute_backward_kernel(float* dinp, const float* dout, int B, int T, int NH, int hs)
 //   dout (B,T,C) -> dinp (B,NH,T,hs). launch as permute_kernel.
 //
-// Assumes B*NH*T*T < 2^31. warp_sum, warp_max and FLOAT_LOWEST come from kernels/common.cuh,
-// which the loader (train_gpt2_cuda.py's kernel_source) puts in front of this file.
+// Assumes B*NH*T*T < 2^31. warp_sum, warp_max and FLOAT_LOWEST come from common.cuh.
+
+#include "common.cuh"
 
 // The element at flat index idx of a (B,NH,T,hs) tensor is [b, nh, t, d]; return the flat index
 // of [b, t, 0, nh, d] in a tensor laid out (B,T,groups,NH,hs): groups = 3 for qkv (B,T,3C), where

@@ -19,8 +19,9 @@
 // logits[target] for the loss and the threads overwriting the row (llm.c has none, a race).
 //
 // Assumes B*T*Vp < 2^31 (rows are addressed with 64-bit offsets anyway). block_sum, block_max
-// and FLOAT_LOWEST come from kernels/common.cuh, which the loader (train_gpt2_cuda.py's
-// kernel_source) puts in front of this file.
+// and FLOAT_LOWEST come from common.cuh.
+
+#include "common.cuh"
 
 extern "C" __global__ void fused_classifier_kernel(float* logits, float* losses, const float* dlosses,
                                                    const int* targets, int B, int T, int V, int Vp,

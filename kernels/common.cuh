@@ -1,12 +1,16 @@
 // common.cuh: the warp and block reductions the kernel files share.
 //
-// Not compiled on its own and not #included: train_gpt2_cuda.py's kernel_source(file) puts this
-// text in front of kernels/<file>.cu, followed by `#line 1 "<file>.cu"` so that compiler messages
-// keep the file's own line numbers. The same text goes to NVRTC (cupy.RawModule), to the emulator
-// (g++) and to nvcc in tests/test_kernels.py. Prepending, rather than `#include "common.cuh"` with
-// -I, keeps the compile caches honest: CuPy and the emulator both key their caches on the source
-// text, so an edit here recompiles every module.
-//
+// Every kernels/<file>.cu starts with `#include "common.cuh"`, so each file compiles alone:
+// `nvcc -I kernels --ptx kernels/<file>.cu`. NVRTC (cupy.RawModule) and the emulator get the same
+// file as one text instead: llmc/cuda_common.py's kernel_source(file) replaces the #include line
+// with this file, between #line directives, so compiler messages keep both files' line numbers.
+// Expanding it there, rather than passing -I, keeps the compile caches honest: CuPy and the
+// emulator key their caches on the source text, so an edit here recompiles every module.
+// The include guard makes a second #include (or the textual copy plus an #include) harmless.
+
+#ifndef LLMC_COMMON_CUH
+#define LLMC_COMMON_CUH
+
 // warp_sum(v), warp_max(v): a butterfly over the 32 lanes with __shfl_xor_sync. Lane k receives
 // the v of lane k ^ offset for offsets 16, 8, 4, 2, 1, so afterwards EVERY lane holds the sum
 // (max) over the warp and no broadcast is needed. All 32 lanes must take part (full mask): a
@@ -51,3 +55,5 @@ __device__ float block_max(float v, float* shared) {
     v = (lane < blockDim.x / 32) ? shared[lane] : FLOAT_LOWEST;
     return warp_max(v);
 }
+
+#endif  // LLMC_COMMON_CUH

@@ -17,6 +17,8 @@
 //
 // Assumes B*T*C < 2^31. No shared memory, no barriers: the emulator runs it as is.
 
+#include "common.cuh"
+
 extern "C" __global__ void encoder_forward_kernel(float* out, const int* inp, const float* wte,
                                                   const float* wpe, int B, int T, int C) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into out (B,T,C)

@@ -10,6 +10,8 @@
 //   may run in place with dinp == dout as llm.c does with its scratch buffer.
 // launch (both): grid = ceil_div(N, block), block = 256 (any size). Assumes N < 2^31.
 
+#include "common.cuh"
+
 #define GELU_SCALING_FACTOR 0.7978845608028654f  // sqrt(2 / pi)
 
 extern "C" __global__ void gelu_forward_kernel(float* out, const float* inp, int N) {

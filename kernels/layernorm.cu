@@ -20,9 +20,9 @@
 //   launch: block = 512 (a multiple of 32), grid = ceil_div(32*B*T, block),
 //   dynamic shared memory = 2*C*sizeof(float) bytes (C <= 6144 within the default 48 KiB).
 //
-// Assumes N*C < 2^31. warp_sum (every lane gets the sum over the warp) comes from
-// kernels/common.cuh, which the loader (train_gpt2_cuda.py's kernel_source) puts in front of
-// this file.
+// Assumes N*C < 2^31. warp_sum (every lane gets the sum over the warp) comes from common.cuh.
+
+#include "common.cuh"
 
 extern "C" __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd,
                                                     const float* inp, const float* weight,

@@ -19,6 +19,8 @@
 //
 // Assumes N*OC < 2^31.
 
+#include "common.cuh"
+
 extern "C" __global__ void add_bias_kernel(float* out, const float* bias, int N, int OC) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into out (N,OC)
     if (idx >= N * OC) { return; }

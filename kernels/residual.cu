@@ -9,6 +9,8 @@
 //   is a += b).
 // launch: grid = ceil_div(N, block), block = 256 (any size). Assumes N < 2^31.
 
+#include "common.cuh"
+
 extern "C" __global__ void residual_forward_kernel(float* out, const float* inp1, const float* inp2, int N) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N) { return; }

@@ -136,13 +136,13 @@ def test_check_tensor_rule():
 
 
 def cuda_trainer_missing():
-    return not all(os.path.exists(os.path.join(REPO, f)) for f in ("train_gpt2_cuda.py", "kernels/emulator.py"))
+    return not all(os.path.exists(os.path.join(REPO, f)) for f in ("train_gpt2_cuda.py", "emulator/__init__.py"))
 
 
 def test_cuda_trainer_on_emulator(tiny_export):
     """train_gpt2_cuda.py with its kernels on the CPU emulator passes the same check."""
     if cuda_trainer_missing():
-        pytest.skip("train_gpt2_cuda.py or kernels/emulator.py is not there yet")
+        pytest.skip("train_gpt2_cuda.py or emulator/ is not there yet")
     if shutil.which("g++") is None:
         pytest.skip("the kernel emulator needs g++")
     ckpt, state = paths(tiny_export)
@@ -168,7 +168,7 @@ def test_bench_gpu_dry_run():
     """bench_gpu.py without a GPU: one line saying so; --dry_run 1 runs ours on the emulator against PyTorch."""
     script = os.path.join(REPO, "dev", "bench_gpu.py")
     if cuda_trainer_missing():
-        pytest.skip("train_gpt2_cuda.py or kernels/emulator.py is not there yet")
+        pytest.skip("train_gpt2_cuda.py or emulator/ is not there yet")
     env = child_env()
     env.pop("LLMC_EMULATE", None)
     if importlib.util.find_spec("cupy") is None:  # no CuPy, so no GPU run: the one-line exit

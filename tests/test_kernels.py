@@ -1,9 +1,10 @@
 """The CUDA kernels of kernels/*.cu, checked without a GPU.
 
-1. Every .cu compiles with nvcc for sm_80 and sm_90 the way NVRTC sees it (PTX only, C++17, all
-   warnings are errors, no #include; the text train_gpt2_cuda.kernel_source gives CuPy, common.cuh
-   first), and its header names each kernel with its exact parameters.
-2. Every kernel runs on the CPU emulator (kernels/emulator.py) against train_gpt2.py's NumPy layer
+1. Every .cu compiles with nvcc for sm_80 and sm_90 (PTX only, C++17, all warnings are errors), twice:
+   alone, as `nvcc -I kernels --ptx kernels/<file>.cu`, and as the one text NVRTC gets
+   (llmc.cuda_common.kernel_source: common.cuh pasted in for the #include); and its header names each
+   kernel with its exact parameters.
+2. Every kernel runs on the CPU emulator (emulator/) against train_gpt2.py's NumPy layer
    evaluated in float64, on odd shapes (N=1000, C=48, T=13, V=101, Vp=128) and odd launch shapes.
 3. The emulator itself: barriers after early returns, shuffles, shared memory, atomics, multi-dim
    launches, and the errors it must raise (wrong scalar dtypes, deadlocks, shuffles from exited lanes).
@@ -13,7 +14,9 @@ The checks of 2 and 3 run in three thread orders on the emulator (first to last,
 and on guarded copies of the arrays, which turns out-of-bounds writes into errors.
 Where CuPy sees a GPU, the checks of 2 and the semantics checks of 3 also run on it (backend "cupy",
 through DeviceModule, which copies the NumPy arrays in and out). LLMC_TEST_BACKENDS=emulator,adapter
-runs that harness over the emulator, to check the harness itself without a GPU.
+runs that harness over the emulator, to check the harness itself without a GPU. The harness (DeviceModule,
+Emulated, rand, close) lives in dev/check_kernel.py, the command-line check of one kernel file, which
+tests/test_check_kernel.py runs.
 """
 
 import concurrent.futures
@@ -23,89 +26,34 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
+import emulator
 import train_gpt2 as tg
-from kernels import emulator
-from train_gpt2_cuda import kernel_source  # kernels/common.cuh + kernels/<file>.cu, as the trainer compiles it
+from llmc.cuda_common import KERNEL_DIR, ceil_div, kernel_source  # <file>.cu with common.cuh pasted in
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL_FILES = sorted(glob.glob(os.path.join(REPO, "kernels", "*.cu")))
+sys.path.insert(0, os.path.join(REPO, "dev"))
+# the harness is shared with dev/check_kernel.py, the command-line check of one kernel file
+from check_kernel import DeviceModule, Emulated, close, gpu_available, rand  # noqa: E402
+
+KERNEL_FILES = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cu")))
 KERNEL_NAMES = [os.path.basename(p)[:-3] for p in KERNEL_FILES]
 i32, f32, i64 = np.int32, np.float32, np.int64
-
-
-def ceil_div(a, b):
-    return (a + b - 1) // b
-
-
-class DeviceModule:
-    """The same kernels on a real GPU through CuPy, behind the emulator's interface: NumPy arrays
-    go to the device, the kernel runs, and the arrays behind non-const pointers come back. An array
-    passed twice (in place) is one device array."""
-
-    def __init__(self, xp, raw_module, code):
-        self.xp = xp
-        self.mod = raw_module(code=code, options=("--std=c++17",))
-        self.params = {name: [p.strip() for p in params.split(",")]
-                       for name, params in re.findall(r'__global__ void (\w+)\(([^)]*)\)', code)}
-
-    def get_function(self, name):
-        xp, f, params = self.xp, self.mod.get_function(name), self.params[name]
-
-        def launch(grid, block, args, shared_mem=0):
-            on_device, back = {}, []
-            dev_args = []
-            for param, a in zip(params, args):
-                if isinstance(a, np.ndarray):
-                    if id(a) not in on_device:
-                        on_device[id(a)] = xp.asarray(a)
-                        if not param.startswith("const"):
-                            back.append((a, on_device[id(a)]))
-                    dev_args.append(on_device[id(a)])
-                else:
-                    dev_args.append(np.uint64(0) if a is None else a)   # NULL as CuPy wants it
-            as_tuple = lambda d: tuple(d) if isinstance(d, (tuple, list)) else (d,)
-            f(as_tuple(grid), as_tuple(block), tuple(dev_args), shared_mem=shared_mem)
-            for a, d in back:
-                a[...] = xp.asnumpy(d)
-        return launch
-
-
-class Emulated:
-    """The emulator in one thread order ("forward"; "reverse": last to first; "warps": each warp runs
-    ahead to __syncthreads in turn): a kernel whose threads race (one reads what another writes, with
-    no barrier between) gives different answers in different orders. Arrays are guarded: a write out
-    of bounds is an error, a read out of bounds reads NaN (or -1 as an int)."""
-
-    def __init__(self, mod, order):
-        self.mod, self.order = mod, order
-
-    def get_function(self, name):
-        f, order = self.mod.get_function(name), self.order
-        return lambda grid, block, args, shared_mem=0: f(grid, block, args, shared_mem=shared_mem, order=order,
-                                                         guard=True)
 
 
 def _sources():
     return {name: kernel_source(name) for name in KERNEL_NAMES}
 
 
-def _gpu_available():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
 # backends for the kernel checks: the emulator in its three thread orders always (guarded arrays), CuPy when a GPU is there,
 # and "adapter" (the CuPy harness driving the emulator) on request: LLMC_TEST_BACKENDS=emulator,adapter
 BACKENDS = os.environ.get("LLMC_TEST_BACKENDS",
-                          "emulator,reverse,warps" + (",cupy" if _gpu_available() else "")).split(",")
+                          "emulator,reverse,warps" + (",cupy" if gpu_available() else "")).split(",")
 
 
 def _build_all(make):
@@ -135,61 +83,53 @@ def fn(mods, module, name):
     return mods[module].get_function(name)
 
 
-def rand(rng, *shape, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-
-def close(got, want, atol, rtol=0.0):
-    """assert |got - want| <= atol + rtol |want| everywhere, printing the worst element on failure."""
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    err = np.abs(got - want)
-    bad = ~(err <= atol + rtol * np.abs(want))        # written so that NaN counts as bad
-    if bad.any():
-        i = np.unravel_index(np.argmax(err), err.shape)
-        raise AssertionError(f"{bad.sum()} of {err.size} elements off; worst at {i}: got {got[i]}, "
-                             f"want {want[i]} (max abs err {err.max():.3g})")
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. compiles for real GPUs, and the headers say what the code does
 
-def _nvcc(path, arch):
-    cmd = ["nvcc", "--ptx", f"-arch=compute_{arch}", "-std=c++17", "-Werror", "all-warnings",
-           path, "-o", os.devnull]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+def _nvcc(path, arch, include_dir=None):
+    cmd = ["nvcc", "--ptx", f"-arch=compute_{arch}", "-std=c++17", "-Werror", "all-warnings"]
+    cmd += ["-I", include_dir] if include_dir else []
+    res = subprocess.run(cmd + [path, "-o", os.devnull], capture_output=True, text=True)
     return path, arch, res.returncode, res.stderr
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed (CUDA toolkit)")
 def test_every_kernel_compiles_with_nvcc_for_sm80_and_sm90(tmp_path):
-    paths = []
-    for name, code in _sources().items():             # common.cuh + <name>.cu, the text NVRTC gets
-        paths.append(str(tmp_path / (name + ".cu")))
-        with open(paths[-1], "w") as f:
+    """Each file on its own (`nvcc -I kernels --ptx kernels/<file>.cu`), and the expanded text NVRTC gets."""
+    jobs = [(p, arch, KERNEL_DIR) for p in KERNEL_FILES for arch in (80, 90)]
+    for name, code in _sources().items():             # <name>.cu with common.cuh pasted in: the text NVRTC gets
+        path = str(tmp_path / (name + ".cu"))
+        with open(path, "w") as f:
             f.write(code)
-    jobs = [(p, arch) for p in paths for arch in (80, 90)]
+        jobs += [(path, arch, None) for arch in (80, 90)]   # no -I: nothing left to include
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         results = list(pool.map(lambda j: _nvcc(*j), jobs))
-    failures = [f"{os.path.basename(p)} sm_{a}:\n{err}" for p, a, rc, err in results if rc != 0]
+    failures = [f"{p} sm_{a}:\n{err}" for p, a, rc, err in results if rc != 0]
     assert not failures, "\n".join(failures)
-    assert len(results) == 2 * len(KERNEL_FILES) >= 16
+    assert len(results) == 4 * len(KERNEL_FILES) >= 32
 
 
 @pytest.mark.parametrize("name", KERNEL_NAMES + ["common.cuh"])
 def test_kernel_source_is_nvrtc_clean_and_header_matches(name):
-    """NVRTC has no host headers: no #include (not even of common.cuh, which the loader prepends),
-    FLT_MAX, INFINITY, std:: or assert. Each extern "C" kernel's parameter list appears verbatim
-    (modulo whitespace) in the file's opening comment."""
-    with open(os.path.join(REPO, "kernels", name if name.endswith(".cuh") else name + ".cu")) as f:
+    """NVRTC has no host headers: the one #include is `#include "common.cuh"` (every .cu has it; the
+    loader pastes the file in, so the text NVRTC gets has none), and no FLT_MAX, INFINITY, std:: or
+    assert. Each extern "C" kernel's parameter list appears verbatim (modulo whitespace) in the file's
+    opening comment."""
+    with open(os.path.join(KERNEL_DIR, name if name.endswith(".cuh") else name + ".cu")) as f:
         src = f.read()
     code = re.sub(r"//.*", "", src)                   # comments may name what the code must not use
-    for banned in ("#include", "FLT_MAX", "INFINITY", "std::", "assert("):
-        assert banned not in code, f"{name} uses {banned}, which NVRTC does not provide"
+    includes = re.findall(r"#\s*include.*", code)
     if name == "common.cuh":
+        assert includes == [], "common.cuh includes nothing"
         assert "__global__" not in code, "common.cuh holds __device__ helpers only"
+        assert re.search(r"#ifndef (\w+)\s+#define \1\b", code) and code.rstrip().endswith("#endif"), \
+            "common.cuh needs an include guard"
         return
+    assert includes == ['#include "common.cuh"'], f"{name}.cu: includes {includes}, expected common.cuh once"
+    expanded = kernel_source(name)
+    assert "#include" not in re.sub(r"//.*", "", expanded) and "warp_sum" in expanded
+    for banned in ("FLT_MAX", "INFINITY", "std::", "assert("):
+        assert banned not in code, f"{name} uses {banned}, which NVRTC does not provide"
     header = " ".join(line.lstrip()[2:] for line in src.splitlines()[:80] if line.lstrip().startswith("//"))
     kernels = re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', code)
     assert kernels, f"{name}.cu defines no extern \"C\" __global__ kernel"
@@ -197,8 +137,27 @@ def test_kernel_source_is_nvrtc_clean_and_header_matches(name):
     for kname, params in kernels:
         m = re.search(re.escape(kname) + r"\(([^)]*)\)", header)
         assert m, f"{name}.cu: header does not document {kname}(...)"
-        norm = lambda s: re.sub(r"\s+", " ", s).strip()
+        norm = lambda s: re.sub(r"\s+", " ", s).strip()  # noqa: E731
         assert norm(m.group(1)) == norm(params), f"{name}.cu: header says {kname}({norm(m.group(1))})"
+
+
+def test_kernel_source_keeps_line_numbers(tmp_path):
+    """The #line directives around the pasted header: an error in a kernel file is reported at its line
+    in that file, an error in common.cuh at its line there (checked with g++ through the emulator)."""
+    for f in ("common.cuh", "gelu.cu"):
+        shutil.copy(os.path.join(KERNEL_DIR, f), tmp_path / f)
+    gelu = (tmp_path / "gelu.cu").read_text().split("\n")
+    line = next(i for i, text in enumerate(gelu) if "gelu_forward_kernel(" in text and "__global__" in text) + 2
+    gelu.insert(line, "    undefined_in_gelu = 1;")
+    (tmp_path / "gelu.cu").write_text("\n".join(gelu))
+    with pytest.raises(emulator.CompileError, match=rf"gelu\.cu:{line + 1}:.*undefined_in_gelu"):
+        emulator.RawModule(code=kernel_source("gelu", str(tmp_path)), options=("--std=c++17",))
+    common = (tmp_path / "common.cuh").read_text().split("\n")
+    at = next(i for i, text in enumerate(common) if text.startswith("__device__ float warp_sum")) + 1
+    common.insert(at, "    undefined_in_common = 1;")
+    (tmp_path / "common.cuh").write_text("\n".join(common))
+    with pytest.raises(emulator.CompileError, match=rf"common\.cuh:{at + 1}:.*undefined_in_common"):
+        emulator.RawModule(code=kernel_source("gelu", str(tmp_path)), options=("--std=c++17",))
 
 
 # ---------------------------------------------------------------------------------------------

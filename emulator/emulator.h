@@ -1,6 +1,6 @@
 // emulator.h: just enough of CUDA for g++ to compile and run the kernels in kernels/*.cu on the CPU.
 //
-// kernels/emulator.py force-includes this header (g++ -include emulator.h) in front of a kernel
+// emulator/rawmodule.py force-includes this header (g++ -include emulator.h) in front of a kernel
 // source, appends a launch entry per extern "C" kernel, and builds a shared library. Nothing here is
 // used on a GPU: there CuPy compiles the same .cu with NVRTC.
 //
@@ -23,7 +23,7 @@
 //   a block deterministic: threads interleave in the same order each time.
 //
 // Thread order: a thread runs alone until it returns or reaches a synchronization point. The launch
-// picks the order (emulator.py: fn(..., order=...)): "forward" runs every thread of the block to its
+// picks the order (rawmodule.py: fn(..., order=...)): "forward" runs every thread of the block to its
 // next sync point, first to last, then releases what can go on; "reverse" does the same last to
 // first; "warps" lets each warp in turn run ahead through its shuffles until it reaches __syncthreads
 // or returns, as a GPU may. A result that changes with the order reveals a race between the threads
@@ -45,7 +45,7 @@
 //   groups, clusters,
 //   tensor cores, texture memory, streams, dynamic parallelism, grid-wide sync, bf16/fp16 types,
 //   memory-access checks (an out-of-bounds access corrupts memory or crashes the process).
-//   `extern __shared__ T name[];` is rewritten by emulator.py into a pointer to the block's
+//   `extern __shared__ T name[];` is rewritten by rawmodule.py into a pointer to the block's
 //   dynamic shared memory; static `__shared__` variables become `static thread_local`.
 
 #pragma once
@@ -531,7 +531,7 @@ static inline T warp_op(WarpOp op, T value, int arg, int width) {
 
 static inline void* dynamic_smem() { return tls_worker->smem; }
 
-// ---- the launch entry emulator.py generates for each kernel: unpack void** args, report types
+// ---- the launch entry rawmodule.py generates for each kernel: unpack void** args, report types
 
 template <typename... A, size_t... I>
 static inline void invoke(void (*k)(A...), void** args, std::index_sequence<I...>) {

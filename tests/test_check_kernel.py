@@ -1,0 +1,123 @@
+"""dev/check_kernel.py, the one-command check of a kernel file, run on the emulator.
+
+Its table is parsed and held to account here, independently of its own verdict: every kernel of every
+kernels/*.cu has a row, every row is within tolerance, and the exit status agrees. A copy of kernels/
+with a wrong constant in gelu.cu must fail it. The GPU timing path runs against a stand-in CuPy made of
+the emulator (at the odd shape: at d12 the emulator would take minutes), to check its plumbing.
+"""
+
+import os
+import re
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_script
+from llmc.cuda_common import KERNEL_DIR
+
+sys.path.insert(0, os.path.join(REPO, "dev"))
+import check_kernel  # noqa: E402
+
+# kernel, output, (compared with), max abs err, (tolerance), worst/tol, result
+ROW_RE = re.compile(r"^(\w+_kernel)\s+(\S+)\s.*?\s(\d\.\d\de[-+]\d\d|nan)\s.*\s(\d+\.\d{3}|inf)\s+(OK|NOT OK)$")
+
+
+def parse_rows(stdout):
+    """(kernel, output, max abs err, worst/tol, ok) for each row of the table."""
+    rows = []
+    for line in stdout.splitlines():
+        m = ROW_RE.match(line)
+        if m:
+            rows.append((m.group(1), m.group(2), float(m.group(3)), float(m.group(4)), m.group(5) == "OK"))
+    return rows
+
+
+def kernels_of(kernel_dir=KERNEL_DIR):
+    names = []
+    for f in check_kernel.kernel_files(kernel_dir):
+        with open(os.path.join(kernel_dir, f + ".cu")) as fh:
+            names += check_kernel.kernels_in(fh.read())
+    return names
+
+
+@pytest.fixture(scope="module")
+def all_run(tmp_path_factory):
+    return run_script("dev/check_kernel.py", "all", "--backend", "emulator",
+                      cwd=tmp_path_factory.mktemp("check"), timeout=600)
+
+
+def test_all_kernels_pass_on_the_emulator(all_run):
+    r = all_run
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-3000:]}"
+    rows = parse_rows(r.stdout)
+    assert {k for k, *_ in rows} == set(kernels_of()), "every kernel of kernels/*.cu has a row"
+    assert len(rows) >= 28                           # some kernels write several outputs
+    for kernel, output, err, ratio, ok in rows:
+        assert ok and ratio < 1.0, f"{kernel} {output}: max abs err {err:.2e}, {ratio:.2f} of the tolerance"
+        if output != "sum(out)":                       # the norm's sum of squares is ~1e5: 1e-5 relative
+            assert err < 1e-4, f"{kernel} {output}: max abs err {err:.2e}"  # float32 vs float64, small shapes
+    exact = [(k, o) for k, o, err, _, _ in rows if k in ("permute_kernel", "unpermute_backward_kernel")]
+    assert len(exact) == 4 and all(err == 0.0 for k, o, err, _, _ in rows if (k, o) in exact)
+    assert f"{len(set(kernels_of()))} kernels, {len(rows)} outputs: all within tolerance" in r.stdout
+    assert "nothing timed" in r.stdout
+
+
+def test_one_file_and_a_broken_copy(tmp_path):
+    """`check_kernel.py gelu` on kernels/ passes; on a copy with GELU's 0.044715 changed in the forward
+    it fails, naming the output, and still passes the backward, which has its own copy of the constant."""
+    r = run_script("dev/check_kernel.py", "gelu", "--backend", "emulator", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [row[:2] for row in parse_rows(r.stdout)] == [("gelu_forward_kernel", "out"),
+                                                         ("gelu_backward_kernel", "dinp")]
+    broken = tmp_path / "kernels"
+    shutil.copytree(KERNEL_DIR, broken)
+    src = (broken / "gelu.cu").read_text()
+    forward = src.index("gelu_forward_kernel(float*")
+    cut = src.index("0.044715f", forward)
+    (broken / "gelu.cu").write_text(src[:cut] + "0.045f" + src[cut + len("0.044715f"):])
+    r = run_script("dev/check_kernel.py", "gelu", "--backend", "emulator", "--kernel_dir", broken, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    rows = {(k, o): (ratio, ok) for k, o, _, ratio, ok in parse_rows(r.stdout)}
+    assert rows[("gelu_forward_kernel", "out")][1] is False and rows[("gelu_forward_kernel", "out")][0] > 10
+    assert rows[("gelu_backward_kernel", "dinp")][1] is True
+    assert "1 NOT OK: gelu_forward_kernel.out" in r.stdout
+
+
+def test_a_kernel_without_a_check_fails(tmp_path):
+    broken = tmp_path / "kernels"
+    shutil.copytree(KERNEL_DIR, broken)
+    with open(broken / "residual.cu", "a") as f:
+        f.write('\nextern "C" __global__ void residual_twice_kernel(float* out, int N) {}\n')
+    r = run_script("dev/check_kernel.py", "residual", "--backend", "emulator", "--kernel_dir", broken, cwd=tmp_path)
+    assert r.returncode == 1 and "residual_twice_kernel" in r.stdout and "no check" in r.stdout, r.stdout
+
+
+def test_timing_path_with_a_stand_in_cupy(monkeypatch, capsys):
+    """time_file as on a GPU, with CuPy's RawModule, asarray and events played by the emulator and NumPy."""
+    import emulator
+    clock = iter(range(1000))
+
+    class Event:
+        def record(self):
+            self.t = next(clock)
+
+        def synchronize(self):
+            pass
+
+    cupy = types.ModuleType("cupy")
+    cupy.RawModule = emulator.RawModule
+    cupy.asarray = np.array
+    cupy.cuda = types.SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: (b.t - a.t) * 1.0)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    rows = check_kernel.time_file("layernorm", KERNEL_DIR, repeats=2, shape=check_kernel.ODD)
+    out = capsys.readouterr().out
+    assert [k for _, k, _, _ in rows] == ["layernorm_forward_kernel", "layernorm_backward_kernel"]
+    s = check_kernel.ODD
+    n = s.B * s.T * s.C * 4
+    # forward: out, inp (B,T,C) + mean, rstd (B,T) + weight, bias (C); 1 ms per 2 launches -> 0.5 ms
+    fwd_bytes = 2 * n + 2 * s.B * s.T * 4 + 2 * s.C * 4
+    assert rows[0][2] == 0.5 and rows[0][3] == pytest.approx(fwd_bytes / 0.5e-3 / 1e9)
+    assert "layernorm_backward_kernel" in out
