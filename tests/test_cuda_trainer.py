@@ -1,7 +1,7 @@
 """train_gpt2_cuda.py without a GPU: its one-line refusal, and its numbers on the CPU emulator.
 
 CI has no GPU, so the CUDA trainer runs here with LLMC_EMULATE=1: NumPy arrays stand in for CuPy's,
-NumPy's matmul for cuBLAS, and kernels/emulator.py compiles the very kernels/*.cu sources with g++.
+NumPy's matmul for cuBLAS, and the kernel emulator (emulator/) compiles the very kernels/*.cu sources with g++.
 On a tiny model (L=2, NH=2, C=32, maxT=32, V=101 padded to Vp=128; B=2, T=8) we check the forward
 logits and loss, all 16 gradients and a few clipped AdamW steps against train_gpt2.py, the NumPy
 trainer, and run the CLI end to end. On a GPU the same comparison at full size is test_gpt2.py
@@ -245,7 +245,10 @@ def test_grad_norm_and_gemm_helpers(cuda_trainer):
 FAKE_CUPY = """
 import ctypes, sys, time, types
 import numpy as np
-from kernels.emulator import RawModule
+try:
+    from emulator import RawModule          # emulator/, where the kernel emulator lives
+except ImportError:
+    from kernels.emulator import RawModule  # before it moved there
 
 class DevArray(np.ndarray):
     @property

@@ -123,8 +123,11 @@ def test_cuda_trainer_without_gpu_says_so(tiny_export):
     env = child_env()
     env.pop("LLMC_EMULATE", None)
     r = run_test_gpt2(tiny_export.model, tiny_export.state, "--trainer", "cuda", env=env)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and "LLMC_EMULATE=1" in lines[0], r.stderr
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [  # train_gpt2_cuda.py's one line, then test_gpt2.py's way on the CPU
+        "train_gpt2_cuda.py: CuPy is not installed (pip install cupy-cuda12x, with an NVIDIA GPU); without a GPU run "
+        "the NumPy trainer: python train_gpt2.py; or, for a tiny model, on the kernel emulator: LLMC_EMULATE=1 "
+        "python test_gpt2.py --trainer cuda --checkpoint ..."], r.stderr
 
 
 def test_check_tensor_rule():
@@ -136,13 +139,15 @@ def test_check_tensor_rule():
 
 
 def cuda_trainer_missing():
-    return not all(os.path.exists(os.path.join(REPO, f)) for f in ("train_gpt2_cuda.py", "kernels/emulator.py"))
+    """No train_gpt2_cuda.py, or no kernel emulator (emulator/, formerly kernels/emulator.py)."""
+    emulator = any(os.path.exists(os.path.join(REPO, f)) for f in ("emulator/__init__.py", "kernels/emulator.py"))
+    return not (os.path.exists(os.path.join(REPO, "train_gpt2_cuda.py")) and emulator)
 
 
 def test_cuda_trainer_on_emulator(tiny_export):
     """train_gpt2_cuda.py with its kernels on the CPU emulator passes the same check."""
     if cuda_trainer_missing():
-        pytest.skip("train_gpt2_cuda.py or kernels/emulator.py is not there yet")
+        pytest.skip("train_gpt2_cuda.py or the kernel emulator is not there yet")
     if shutil.which("g++") is None:
         pytest.skip("the kernel emulator needs g++")
     ckpt, state = paths(tiny_export)
@@ -168,12 +173,16 @@ def test_bench_gpu_dry_run():
     """bench_gpu.py without a GPU: one line saying so; --dry_run 1 runs ours on the emulator against PyTorch."""
     script = os.path.join(REPO, "dev", "bench_gpu.py")
     if cuda_trainer_missing():
-        pytest.skip("train_gpt2_cuda.py or kernels/emulator.py is not there yet")
+        pytest.skip("train_gpt2_cuda.py or the kernel emulator is not there yet")
     env = child_env()
     env.pop("LLMC_EMULATE", None)
     if importlib.util.find_spec("cupy") is None:  # no CuPy, so no GPU run: the one-line exit
         r = run([sys.executable, script], cwd=REPO, env=env)
-        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "no" in r.stderr.lower()
+        assert r.returncode == 1 and r.stdout == "", r.stdout[-2000:]
+        assert r.stderr.strip().splitlines() == [
+            "bench_gpu.py: CuPy is not installed (pip install cupy-cuda12x on a machine with an NVIDIA GPU); nothing "
+            "to time here (python dev/bench_gpu.py --dry_run 1 checks the plumbing on the CPU, python "
+            "dev/bench_cpu.py times the NumPy trainer)"], r.stderr
     r = run([sys.executable, script, "--dry_run", "1"], cwd=REPO, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     gap = float(re.search(r"max \|loss ours - loss PyTorch\| over the steps = (\S+)", r.stdout)[1])
