@@ -163,10 +163,36 @@ def test_bench_cpu_trains_alike(tiny_export):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     gap = float(re.search(r"max \|loss ours - loss PyTorch\| over the 3 steps = (\S+)", r.stdout)[1])
     assert gap < 1e-5
+    medians = {}
     for row in ("ours (NumPy, train_gpt2.py)", "PyTorch eager"):
-        ms, tok_s, rss = re.search(rf"^{re.escape(row)}\s+(\S+)\s+\S+\s+\S+\s+(\S+)\s+(\S+)$", r.stdout, re.M).groups()
-        assert float(ms) > 0 and float(tok_s) > 0 and 10 < float(rss) < 4096
+        ms, fastest, slowest, tok_s, rss = map(float, re.search(
+            rf"^{re.escape(row)}\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", r.stdout, re.M).groups())
+        assert fastest <= ms <= slowest and 10 < rss < 4096
+        assert abs(tok_s - 2 * 16 / ms * 1000) <= 0.5 + 1e-3 * tok_s   # tokens/s = B*T / median
+        medians[row] = ms
+    ratio = float(re.search(r"^ratio ours/PyTorch: (\S+) of the medians", r.stdout, re.M)[1])
+    assert abs(ratio - medians["ours (NumPy, train_gpt2.py)"] / medians["PyTorch eager"]) <= 1e-3 + 0.01 * ratio
+    assert "target" not in r.stdout.split("ratio ours/PyTorch")[1].splitlines()[0]
+    # the GEMM roofline: the step's GEMM FLOPs, counted here for L2 C32 Vp50304, B*T = 32: every matmul
+    # layer does 3 products (forward, dinp, dweight) of 2 * BT * C_in * OC FLOPs each
+    BT, C, L, Vp = 32, 32, 2, 50304
+    flops = 3 * 2 * BT * (L * (C * 3 * C + C * C + C * 4 * C + 4 * C * C) + C * Vp)
+    x, y, pct, gflop, rate = re.search(r"^GEMM roofline: (\S+) ms of the step's (\S+) ms \((\d+)%\) for its (\S+) GFLOP "
+                                       r"of GEMMs \((\S+) GFLOP/s\)$", r.stdout, re.M).groups()
+    assert float(gflop) == round(flops / 1e9, 2) and float(y) == medians["ours (NumPy, train_gpt2.py)"]
+    assert int(pct) == round(100 * float(x) / float(y)) and 0 < float(x)
+    assert abs(float(rate) - flops / float(x) / 1e6) <= 0.01 * float(rate) + 0.1
+    # the profiler's cost: both medians, and the verdict on the 5% rule
+    profiled, plain, change = re.search(r"^ours with the per-layer profiler: median (\S+) ms/step, without (\S+) ms "
+                                        r"\(([-+]\S+)%\)$", r.stdout, re.M).groups()
+    assert float(plain) == medians["ours (NumPy, train_gpt2.py)"]
+    assert abs(float(change) - 100 * (float(profiled) / float(plain) - 1)) <= 0.1 + 0.01 * abs(float(change))
+    verdict = ("the profiled step is within 5% of the unprofiled one" if abs(float(change)) <= 5 else
+               "WARNING: the profiled step is ")
+    assert verdict in r.stdout
+    assert len(re.findall(r"^  numpy step \d+: .*profiled\)$", r.stderr, re.M)) == 2   # one per timed step
     assert re.search(r"^forward\s+\(phase total\)", r.stdout, re.M)
+    assert re.search(r"^update\s+\(phase total\)", r.stdout, re.M)
 
 
 def test_bench_gpu_dry_run():
