@@ -336,7 +336,8 @@ def main():
         res, _ = results["torch"]
         print(f"PyTorch {res['torch']}, {res['torch_threads']} threads, AdamW {res['adamw']}, mkldnn {res['mkldnn']}")
     if "numpy" in results and results["numpy"][0]["breakdown"]:
-        print_breakdown(results["numpy"][0]["breakdown"], statistics.mean(results["numpy"][0]["times"]) * 1000)
+        res = results["numpy"][0]  # the breakdown comes from the profiled steps: its shares are of those
+        print_breakdown(res["breakdown"], statistics.mean(res["profiled_times"] or res["times"]) * 1000)
         if results["numpy"][0]["layer_report"]:
             print("\nour step, by layer (train_gpt2.py's profiler, as --profile 1 prints it)")
             print(results["numpy"][0]["layer_report"])
