@@ -189,7 +189,8 @@ def worker_gemm(args):
     rows = []
     for M, K, N, b_transposed, calls in step_gemms(config, args.batch_size, args.seq_len):
         a = rng.standard_normal((M, K), dtype=np.float32)
-        b = rng.standard_normal((N, K), dtype=np.float32).T if b_transposed else rng.standard_normal((K, N), dtype=np.float32)
+        b = rng.standard_normal((N, K) if b_transposed else (K, N), dtype=np.float32)
+        b = b.T if b_transposed else b
         out = np.empty((M, N), dtype=np.float32)
         threaded = best_time(a, b, out, threads)
         single = best_time(a, b, out, 1) if set_threads is not None and threads > 1 else float("inf")

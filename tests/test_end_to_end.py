@@ -168,10 +168,11 @@ def test_bench_cpu_trains_alike(tiny_export):
         ms, fastest, slowest, tok_s, rss = map(float, re.search(
             rf"^{re.escape(row)}\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", r.stdout, re.M).groups())
         assert fastest <= ms <= slowest and 10 < rss < 4096
-        assert abs(tok_s - 2 * 16 / ms * 1000) <= 0.5 + 1e-3 * tok_s   # tokens/s = B*T / median
+        assert abs(tok_s - 2 * 16 / ms * 1000) <= 0.5 + tok_s * 0.051 / ms  # tokens/s = B*T / median (ms: 0.1)
         medians[row] = ms
     ratio = float(re.search(r"^ratio ours/PyTorch: (\S+) of the medians", r.stdout, re.M)[1])
-    assert abs(ratio - medians["ours (NumPy, train_gpt2.py)"] / medians["PyTorch eager"]) <= 1e-3 + 0.01 * ratio
+    a, b = medians["ours (NumPy, train_gpt2.py)"], medians["PyTorch eager"]
+    assert abs(ratio - a / b) <= 0.0006 + (a / b) * 0.051 * (1 / a + 1 / b)
     assert "target" not in r.stdout.split("ratio ours/PyTorch")[1].splitlines()[0]
     # the GEMM roofline: the step's GEMM FLOPs, counted here for L2 C32 Vp50304, B*T = 32: every matmul
     # layer does 3 products (forward, dinp, dweight) of 2 * BT * C_in * OC FLOPs each
@@ -180,13 +181,16 @@ def test_bench_cpu_trains_alike(tiny_export):
     x, y, pct, gflop, rate = re.search(r"^GEMM roofline: (\S+) ms of the step's (\S+) ms \((\d+)%\) for its (\S+) GFLOP "
                                        r"of GEMMs \((\S+) GFLOP/s\)$", r.stdout, re.M).groups()
     assert float(gflop) == round(flops / 1e9, 2) and float(y) == medians["ours (NumPy, train_gpt2.py)"]
-    assert int(pct) == round(100 * float(x) / float(y)) and 0 < float(x)
-    assert abs(float(rate) - flops / float(x) / 1e6) <= 0.01 * float(rate) + 0.1
+    share = 100 * float(x) / float(y)  # x and y printed to 0.1 ms, the share to 1%
+    assert abs(int(pct) - share) <= 0.5 + share * 0.051 * (1 / float(x) + 1 / float(y))
+    assert 0 < float(x)
+    assert abs(float(rate) - flops / float(x) / 1e6) <= float(rate) * 0.051 / float(x) + 0.1  # x has 1 decimal
     # the profiler's cost: both medians, and the verdict on the 5% rule
     profiled, plain, change = re.search(r"^ours with the per-layer profiler: median (\S+) ms/step, without (\S+) ms "
                                         r"\(([-+]\S+)%\)$", r.stdout, re.M).groups()
     assert float(plain) == medians["ours (NumPy, train_gpt2.py)"]
-    assert abs(float(change) - 100 * (float(profiled) / float(plain) - 1)) <= 0.1 + 0.01 * abs(float(change))
+    p, q = float(profiled), float(plain)  # printed to 0.1 ms, the change to 0.1%
+    assert abs(float(change) - 100 * (p / q - 1)) <= 100 * 0.051 * (1 / p + 1 / q) * max(1, p / q) + 0.051
     verdict = ("the profiled step is within 5% of the unprofiled one" if abs(float(change)) <= 5 else
                "WARNING: the profiled step is ")
     assert verdict in r.stdout
