@@ -166,7 +166,9 @@ class Profiler:
     """Wraps a trainer module's gpt2_* phases and <layer>_forward/_backward functions with timers. Time in
     a layer is charged to the phase it runs in (forward, backward, update); nested layer calls are not
     counted twice. gpt2_forward looks the layers up in the module's globals, so wrapping them works.
-    Spans are read in flush(), once per step, so a CUDA timer is only synchronized there."""
+    Spans are read in flush(), once per step, so a CUDA timer is only synchronized there.
+    The wrappers are in place from construction; detach() puts the module's own functions back
+    (for steps timed without any profiler) and attach() the wrappers again."""
 
     PHASES = {"gpt2_zero_grad": "zero_grad", "gpt2_forward": "forward", "gpt2_backward": "backward",
               "gpt2_calculate_grad_norm": "update", "gpt2_update": "update"}
@@ -175,13 +177,26 @@ class Profiler:
         self.timer = timer or WallTimer()
         self.phase, self.depth, self.enabled = None, 0, False
         self.totals, self.calls, self.pending = {}, {}, []
+        self.module, self.originals, self.wrapped = module, {}, {}
         for name, fn in list(vars(module).items()):
             if not callable(fn) or isinstance(fn, type) or getattr(fn, "__module__", None) != module.__name__:
                 continue
             if name in self.PHASES:
-                setattr(module, name, self.wrap(fn, name, self.PHASES[name]))
+                self.wrapped[name] = self.wrap(fn, name, self.PHASES[name])
             elif layers and name.endswith(("_forward", "_backward")):
-                setattr(module, name, self.wrap(fn, name, None))
+                self.wrapped[name] = self.wrap(fn, name, None)
+            else:
+                continue
+            self.originals[name] = fn
+        self.attach()
+
+    def attach(self):
+        for name, fn in self.wrapped.items():
+            setattr(self.module, name, fn)
+
+    def detach(self):
+        for name, fn in self.originals.items():
+            setattr(self.module, name, fn)
 
     def wrap(self, fn, name, phase):
         def timed(*args, **kwargs):

@@ -25,9 +25,17 @@ run_script(script, *args, cwd, env=None, timeout=...) -> subprocess.CompletedPro
     $TIKTOKEN_CACHE_DIR, else ../shared/data/tiktoken_cache when present) and cwd as given;
     never raises on a non-zero exit (check .returncode/.stderr).
 SHARED           absolute path of ../shared (offline data; may not exist, e.g. in CI).
+required_size(reader, path) -> int
+    the size in bytes that `reader` (a llmc.formats reader taking a path) demands of the file at
+    `path`, which must be of the wrong size: read off the reader's own size check, so a test states
+    no size formula of its own.
+file_size_as_read(reader, path, tmp_dir) -> int
+    the same for a file of the right size: asked of a copy with one byte more.
 """
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -57,6 +65,30 @@ def run_script(script, *args, cwd, env=None, timeout=600):
     full_env.update(env or {})
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+SIZE_CHECK = re.compile(r": (\d+) bytes \(expected (\d+) bytes as its header says\)")
+
+
+def required_size(reader, path):
+    """The size `reader` demands of `path` (a file of the wrong size), from its size check's message."""
+    with pytest.raises(formats.FormatError) as e:
+        reader(str(path))
+    m = SIZE_CHECK.search(str(e.value))
+    assert m, f"not the size check's message: {e.value}"
+    assert int(m[1]) == os.path.getsize(path)
+    return int(m[2])
+
+
+def file_size_as_read(reader, path, tmp_dir):
+    """The size `reader` demands of `path` (a file it reads), asked of a copy one byte longer."""
+    longer = os.path.join(str(tmp_dir), "one_byte_longer_" + os.path.basename(str(path)))
+    shutil.copyfile(str(path), longer)
+    with open(longer, "ab") as f:
+        f.write(b"\0")
+    size = required_size(reader, longer)
+    os.remove(longer)
+    return size
 
 
 def pytest_addoption(parser):

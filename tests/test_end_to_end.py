@@ -123,8 +123,11 @@ def test_cuda_trainer_without_gpu_says_so(tiny_export):
     env = child_env()
     env.pop("LLMC_EMULATE", None)
     r = run_test_gpt2(tiny_export.model, tiny_export.state, "--trainer", "cuda", env=env)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and "LLMC_EMULATE=1" in lines[0], r.stderr
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [  # train_gpt2_cuda.py's one line, then test_gpt2.py's way on the CPU
+        "train_gpt2_cuda.py: CuPy is not installed (pip install cupy-cuda12x, with an NVIDIA GPU); without a GPU run "
+        "the NumPy trainer: python train_gpt2.py; or, for a tiny model, on the kernel emulator: LLMC_EMULATE=1 "
+        "python test_gpt2.py --trainer cuda --checkpoint ..."], r.stderr
 
 
 def test_check_tensor_rule():
@@ -158,10 +161,40 @@ def test_bench_cpu_trains_alike(tiny_export):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     gap = float(re.search(r"max \|loss ours - loss PyTorch\| over the 3 steps = (\S+)", r.stdout)[1])
     assert gap < 1e-5
+    medians = {}
     for row in ("ours (NumPy, train_gpt2.py)", "PyTorch eager"):
-        ms, tok_s, rss = re.search(rf"^{re.escape(row)}\s+(\S+)\s+\S+\s+\S+\s+(\S+)\s+(\S+)$", r.stdout, re.M).groups()
-        assert float(ms) > 0 and float(tok_s) > 0 and 10 < float(rss) < 4096
+        ms, fastest, slowest, tok_s, rss = map(float, re.search(
+            rf"^{re.escape(row)}\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", r.stdout, re.M).groups())
+        assert fastest <= ms <= slowest and 10 < rss < 4096
+        assert abs(tok_s - 2 * 16 / ms * 1000) <= 0.5 + tok_s * 0.051 / ms  # tokens/s = B*T / median (ms: 0.1)
+        medians[row] = ms
+    ratio = float(re.search(r"^ratio ours/PyTorch: (\S+) of the medians", r.stdout, re.M)[1])
+    a, b = medians["ours (NumPy, train_gpt2.py)"], medians["PyTorch eager"]
+    assert abs(ratio - a / b) <= 0.0006 + (a / b) * 0.051 * (1 / a + 1 / b)
+    assert "target" not in r.stdout.split("ratio ours/PyTorch")[1].splitlines()[0]
+    # the GEMM roofline: the step's GEMM FLOPs, counted here for L2 C32 Vp50304, B*T = 32: every matmul
+    # layer does 3 products (forward, dinp, dweight) of 2 * BT * C_in * OC FLOPs each
+    BT, C, L, Vp = 32, 32, 2, 50304
+    flops = 3 * 2 * BT * (L * (C * 3 * C + C * C + C * 4 * C + 4 * C * C) + C * Vp)
+    x, y, pct, gflop, rate = re.search(r"^GEMM roofline: (\S+) ms of the step's (\S+) ms \((\d+)%\) for its (\S+) GFLOP "
+                                       r"of GEMMs \((\S+) GFLOP/s\)$", r.stdout, re.M).groups()
+    assert float(gflop) == round(flops / 1e9, 2) and float(y) == medians["ours (NumPy, train_gpt2.py)"]
+    share = 100 * float(x) / float(y)  # x and y printed to 0.1 ms, the share to 1%
+    assert abs(int(pct) - share) <= 0.5 + share * 0.051 * (1 / float(x) + 1 / float(y))
+    assert 0 < float(x)
+    assert abs(float(rate) - flops / float(x) / 1e6) <= float(rate) * 0.051 / float(x) + 0.1  # x has 1 decimal
+    # the profiler's cost: both medians, and the verdict on the 5% rule
+    profiled, plain, change = re.search(r"^ours with the per-layer profiler: median (\S+) ms/step, without (\S+) ms "
+                                        r"\(([-+]\S+)%\)$", r.stdout, re.M).groups()
+    assert float(plain) == medians["ours (NumPy, train_gpt2.py)"]
+    p, q = float(profiled), float(plain)  # printed to 0.1 ms, the change to 0.1%
+    assert abs(float(change) - 100 * (p / q - 1)) <= 100 * 0.051 * (1 / p + 1 / q) * max(1, p / q) + 0.051
+    verdict = ("the profiled step is within 5% of the unprofiled one" if abs(float(change)) <= 5 else
+               "WARNING: the profiled step is ")
+    assert verdict in r.stdout
+    assert len(re.findall(r"^  numpy step \d+: .*profiled\)$", r.stderr, re.M)) == 2   # one per timed step
     assert re.search(r"^forward\s+\(phase total\)", r.stdout, re.M)
+    assert re.search(r"^update\s+\(phase total\)", r.stdout, re.M)
 
 
 def test_bench_gpu_dry_run():
@@ -173,7 +206,11 @@ def test_bench_gpu_dry_run():
     env.pop("LLMC_EMULATE", None)
     if importlib.util.find_spec("cupy") is None:  # no CuPy, so no GPU run: the one-line exit
         r = run([sys.executable, script], cwd=REPO, env=env)
-        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "no" in r.stderr.lower()
+        assert r.returncode == 1 and r.stdout == "", r.stdout[-2000:]
+        assert r.stderr.strip().splitlines() == [
+            "bench_gpu.py: CuPy is not installed (pip install cupy-cuda12x on a machine with an NVIDIA GPU); nothing "
+            "to time here (python dev/bench_gpu.py --dry_run 1 checks the plumbing on the CPU, python "
+            "dev/bench_cpu.py times the NumPy trainer)"], r.stderr
     r = run([sys.executable, script, "--dry_run", "1"], cwd=REPO, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     gap = float(re.search(r"max \|loss ours - loss PyTorch\| over the steps = (\S+)", r.stdout)[1])

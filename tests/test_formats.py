@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llmc import formats, utils
+from conftest import file_size_as_read, required_size
 
 TINY = formats.GPT2Config(max_seq_len=8, vocab_size=13, num_layers=2, num_heads=2, channels=4,
                      padded_vocab_size=formats.padded_vocab(13))
@@ -23,14 +24,27 @@ def tiny_params(seed=0):
 # sizes
 
 
-def test_d12_sizes():
+def header_only_file(path, ints):
+    """A file that is nothing but a 256-int32 header beginning with `ints` (the rest zero), written
+    here without llmc.formats."""
+    header = np.zeros(256, dtype="<i4")
+    header[:len(ints)] = ints
+    header.tofile(path)
+    return str(path)
+
+
+def test_d12_sizes(tmp_path):
+    """llm.c's published sizes for GPT-2 124M (d12), asked of the readers' own size checks: a header
+    alone is refused with the size its fields call for (nothing of 500 MB is allocated)."""
     assert D12.padded_vocab_size == 50304
-    n = formats.num_parameters(D12)
-    assert n == 124_475_904
-    assert formats.HEADER_BYTES + 4 * n == 497_904_640   # gpt2_124M.bin / gpt2_d12.bin
-    assert formats.HEADER_BYTES + 2 * n == 248_952_832   # the bf16 file
-    B, T, V = 4, 64, 50257
-    assert formats.HEADER_BYTES + 4 * (2 * B * T + B * T * V + 1 + n) == 549_369_860  # debug state
+    assert formats.num_parameters(D12) == 124_475_904
+    d12 = [1024, 50257, 12, 12, 768, 50304]  # maxT, V, L, NH, C, Vp
+    fp32 = header_only_file(tmp_path / "fp32.bin", [20240326, 3] + d12)
+    bf16 = header_only_file(tmp_path / "bf16.bin", [20240326, 5] + d12)
+    state = header_only_file(tmp_path / "state.bin", [20240327, 2, 4, 64])  # B=4, T=64
+    assert required_size(formats.read_model_file, fp32) == 497_904_640   # gpt2_124M.bin / gpt2_d12.bin
+    assert required_size(formats.read_model_file, bf16) == 248_952_832   # gpt2_124M_bf16.bin
+    assert required_size(lambda p: formats.read_debug_state(p, D12), state) == 549_369_860  # gpt2_124M_debug_state.bin
 
 
 def test_param_shapes_order_and_padding():
@@ -50,7 +64,7 @@ def test_model_file_fp32_roundtrip(tmp_path):
     p = tiny_params()
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     formats.write_model_file(str(a), TINY, p)
-    assert os.path.getsize(a) == 1024 + 4 * p.size
+    assert os.path.getsize(a) == file_size_as_read(formats.read_model_file, a, tmp_path)
     header = np.fromfile(a, dtype="<i4", count=256)
     assert header[:8].tolist() == [20240326, 3, 8, 13, 2, 2, 4, 128] and not header[8:].any()
     config, q = formats.read_model_file(str(a))
@@ -67,7 +81,7 @@ def test_model_file_bf16_matches_torch(tmp_path):
     p[:6] = [0.0, -0.0, 1.00390625, 1.01171875, np.float32(3.3895314e38), -1e-40]  # ties and extremes
     path = tmp_path / "m_bf16.bin"
     formats.write_model_file(str(path), TINY, p, dtype="bfloat16")
-    assert os.path.getsize(path) == 1024 + 2 * p.size
+    assert os.path.getsize(path) == file_size_as_read(formats.read_model_file, path, tmp_path)
     assert np.fromfile(path, dtype="<i4", count=2).tolist() == [20240326, 5]
     bits = np.fromfile(path, dtype="<u2", offset=1024)
     torch_bits = torch.from_numpy(p).bfloat16().view(torch.int16).numpy().view(np.uint16)
@@ -97,7 +111,7 @@ def test_debug_state_roundtrip(tmp_path):
     opt = dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     formats.write_debug_state(str(a), x, y, logits, 2.75, grads, losses, opt)
-    assert os.path.getsize(a) == 1024 + 4 * (2 * B * T + B * T * V + 1 + grads.size)
+    assert os.path.getsize(a) == file_size_as_read(lambda p: formats.read_debug_state(p, TINY), a, tmp_path)
     s = formats.read_debug_state(str(a), TINY)
     assert np.array_equal(s.x, x) and np.array_equal(s.y, y) and np.array_equal(s.logits, logits)
     assert s.loss == 2.75 and np.array_equal(s.grads, grads)
@@ -119,7 +133,7 @@ def test_tokenizer_roundtrip_tiktoken(tmp_path):
     a, b = tmp_path / "tok.bin", tmp_path / "tok2.bin"
     formats.write_tokenizer_file(str(a), tokens, enc.eot_token)
     assert np.fromfile(a, dtype="<i4", count=4).tolist() == [20240328, 2, 50257, 50256]
-    assert os.path.getsize(a) == 1024 + len(tokens) + sum(len(t) for t in tokens)
+    assert os.path.getsize(a) == file_size_as_read(formats.read_tokenizer_file, a, tmp_path)
     got, eot = formats.read_tokenizer_file(str(a))
     assert eot == 50256 and got == tokens
     assert got[50256] == b"<|endoftext|>"
@@ -133,7 +147,7 @@ def test_data_shard_roundtrip(tmp_path):
     tokens = np.random.default_rng(5).integers(0, 50257, size=1001)
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     formats.write_data_shard(str(a), tokens)
-    assert os.path.getsize(a) == 1024 + 2 * 1001
+    assert os.path.getsize(a) == file_size_as_read(formats.read_data_shard, a, tmp_path)
     assert np.fromfile(a, dtype="<i4", count=3).tolist() == [20240520, 1, 1001]
     got = formats.read_data_shard(str(a))
     assert got.dtype == np.uint16 and np.array_equal(got, tokens)

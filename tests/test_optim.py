@@ -121,6 +121,42 @@ def test_lr_schedules_match_torch(schedule, warmup):
         assert schedulers.get_lr(steps, schedule, lr, warmup, steps, frac) == pytest.approx(lr * frac)
 
 
+def wsd_by_definition(lr, warmup, N, frac):
+    """Warmup-stable-decay over steps 0..N, written from its definition (not from schedulers.py):
+    lr * (step+1)/warmup while warming up, lr until int(0.8 N), then from lr down to lr * frac
+    along 1 - sqrt of the fraction of the decay done."""
+    steps = np.arange(N + 1, dtype=np.float64)
+    d = int(0.8 * N)
+    min_lr = lr * frac
+    decaying = min_lr + (1 - np.sqrt(np.clip(steps - d, 0, None) / (N - d))) * (lr - min_lr)
+    out = np.where(steps < d, lr, decaying)
+    return np.where(steps < warmup, lr * (steps + 1) / max(warmup, 1), out)
+
+
+@pytest.mark.parametrize("N,warmup,frac", [(10, 0, 0.0), (10, 2, 0.1), (37, 5, 0.5), (100, 10, 0.0),
+                                           (1000, 0, 0.1), (7, 6, 0.2)])
+def test_wsd_schedule(N, warmup, frac):
+    """llm.c's wsd at every step 0..N: warmup, constant, then the 1-sqrt decay over the last 20%."""
+    lr = 6e-4
+    ours = [schedulers.get_lr(s, "wsd", lr, warmup, N, frac) for s in range(N + 1)]
+    np.testing.assert_allclose(ours, wsd_by_definition(lr, warmup, N, frac), rtol=1e-12, atol=0)
+    d = int(0.8 * N)
+    assert ours[0] == pytest.approx(lr / warmup if warmup else lr, rel=1e-12)
+    assert ours[N] == pytest.approx(lr * frac, rel=1e-12, abs=1e-18)     # the end of the decay: min_lr
+    if warmup <= d:
+        assert ours[d] == pytest.approx(lr, rel=1e-12)                   # the decay starts from lr
+        assert all(v == lr for v in ours[warmup:d])                      # stable: exactly lr
+    after = ours[max(warmup, d):]
+    assert all(b <= a for a, b in zip(after, after[1:]))                 # never rises once decaying
+
+
+def test_wsd_schedule_numbers():
+    """N=10, warmup 2, lr 1e-3 to 0: decay from step 8; step 9 is (1 - sqrt(1/2)) lr."""
+    ours = [schedulers.get_lr(s, "wsd", 1e-3, 2, 10, 0.0) for s in range(11)]
+    want = [5e-4] + [1e-3] * 8 + [2.9289321881345245e-4, 0.0]
+    np.testing.assert_allclose(ours, want, rtol=1e-12, atol=1e-19)
+
+
 def test_lr_bad_schedule():
     with pytest.raises(utils.ConfigError, match="unknown learning rate schedule 'cosin'"):
         schedulers.get_lr(3, "cosin", 1e-4, 0, 10, 0.0)

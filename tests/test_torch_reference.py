@@ -12,7 +12,7 @@ import torch
 
 from llmc import formats, schedulers
 import train_gpt2_torch as tt
-from conftest import TINY_SHAPE, run_script
+from conftest import TINY_SHAPE, file_size_as_read, run_script
 
 TINY = tt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50257)
 
@@ -26,15 +26,19 @@ def tiny_llmc(vocab_size=50257):
 # the exported files
 
 
-def test_export_files_and_sizes(tiny_export):
+def test_export_files_and_sizes(tiny_export, tmp_path):
     e = tiny_export
+    # the files' parameter count: torch's own (wte counted once, tied to lm_head) plus wte's 47 pad rows
     n = formats.num_parameters(tiny_llmc())
-    C, L = 32, 2  # wte (Vp, C) + wpe (maxT, C) + per layer: 2 LNs, qkv, attproj, fc, fcproj + lnf
-    assert n == 50304 * C + 32 * C + L * (4 * C + 3 * C * C + 3 * C + C * C + C + 2 * 4 * C * C + 4 * C + C) + 2 * C
-    V, B, T = 50257, e.B, e.T
-    assert os.path.getsize(e.model) == 1024 + 4 * n
-    assert os.path.getsize(e.model_bf16) == 1024 + 2 * n
-    assert os.path.getsize(e.state) == 1024 + 4 * (2 * B * T + B * T * V + 1 + n)
+    assert n == sum(p.numel() for p in tt.GPT(TINY).parameters()) + (50304 - 50257) * 32
+    # each file is exactly as long as the reader's size check asks, and reads back whole
+    config, flat = formats.read_model_file(e.model)
+    assert flat.size == n and formats.read_model_file(e.model_bf16)[1].size == n
+    for path, reader in ((e.model, formats.read_model_file), (e.model_bf16, formats.read_model_file),
+                         (e.state, lambda p: formats.read_debug_state(p, config))):
+        assert os.path.getsize(path) == file_size_as_read(reader, path, tmp_path), path
+    s = formats.read_debug_state(e.state, config)
+    assert s.x.shape == (e.B, e.T) and s.logits.shape == (e.B, e.T, 50257) and s.grads.size == n
     tokens, eot = formats.read_tokenizer_file(e.tokenizer)
     assert len(tokens) == 50257 and eot == 50256 and tokens[50256] == b"<|endoftext|>"
     assert tokens[15496] == b"Hello"
@@ -237,12 +241,13 @@ SMALL = ["--n_layer", 1, "--n_head", 1, "--n_embd", 8, "--block_size", 16, "--de
 
 def test_error_unknown_model(monkeypatch, tmp_path):
     msg = _error(monkeypatch, tmp_path, "--model", "d13")
-    assert "d13" in msg and all(m in msg for m in ("gpt2", "gpt2-xl", "d6", "d12", "d48"))
+    assert msg == ("unknown --model 'd13'; valid: gpt2, gpt2-medium, gpt2-large, gpt2-xl, d6, d12, d24, d36, d48 "
+                   "(or explicit --n_layer --n_head --n_embd --block_size)")
 
 
 def test_error_T_above_block_size(monkeypatch, tmp_path, tiny_data):
     msg = _error(monkeypatch, tmp_path, *SMALL, "--input_bin", tiny_data, "--sequence_length", 17)
-    assert "17" in msg and "16" in msg and "block size" in msg
+    assert msg == "--sequence_length 17 must be between 1 and the model's block size 16"
 
 
 def test_error_data_too_short(monkeypatch, tmp_path):
@@ -250,24 +255,30 @@ def test_error_data_too_short(monkeypatch, tmp_path):
     formats.write_data_shard(short, np.arange(64))
     msg = _error(monkeypatch, tmp_path, *SMALL, "--vocab_size", 100, "--input_bin", short,
                  "--batch_size", 4, "--sequence_length", 16)
-    assert short in msg and "64 tokens" in msg and "65" in msg and "prepro_tinyshakespeare.py" in msg
+    assert msg.startswith(f"{short}: 64 tokens, fewer than the 65 one batch needs (B=4, T=16); use smaller -b/-t "
+                          "or more data"), msg
+    assert "python prepro_tinyshakespeare.py" in msg
 
 
 def test_error_missing_data(monkeypatch, tmp_path):
     msg = _error(monkeypatch, tmp_path, *SMALL, "--input_bin", tmp_path / "nope_*.bin", "--sequence_length", 8)
-    assert "nope_*.bin" in msg and "prepro_tinyshakespeare.py" in msg
+    assert msg.startswith(f"no data files match '{tmp_path / 'nope_*.bin'}'; create them with "
+                          "python prepro_tinyshakespeare.py"), msg
 
 
 def test_error_token_outside_vocab(monkeypatch, tmp_path, tiny_data):
     msg = _error(monkeypatch, tmp_path, *SMALL, "--vocab_size", 100, "--input_bin", tiny_data,
                  "--batch_size", 1, "--sequence_length", 8, "--total_batch_size", 8)
-    assert tiny_data in msg and "V=100" in msg
+    largest = int(np.max(formats.read_data_shard(tiny_data)))  # the message names the file's largest token
+    assert msg == (f"{tiny_data}: token {largest} is outside the model's vocabulary (V=100); use a data file made "
+                   "for it or a bigger --vocab_size")
 
 
 def test_error_total_batch_size(monkeypatch, tmp_path, tiny_data):
     msg = _error(monkeypatch, tmp_path, *SMALL, "--input_bin", tiny_data, "--batch_size", 3,
                  "--sequence_length", 16)
-    assert "256" in msg and "48" in msg
+    assert msg == ("--total_batch_size 256 is not a multiple of B*T*processes = 48; pass --total_batch_size 48 "
+                   "(or a multiple)")
 
 
 def test_error_offline_pretrained(tmp_path, tiny_data):

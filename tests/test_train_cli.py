@@ -1,5 +1,6 @@
 """train_gpt2.py's command line: llm.c's flags, the errors a user can make, and a tiny run."""
 import os
+import re
 import subprocess
 import sys
 
@@ -158,7 +159,50 @@ def test_profile_flag_prints_per_layer_table(workdir):
     res = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt2.py")] + BASE +
                          ["-x", "2", "-v", "0", "-s", "0", "--profile", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    table = res.stdout.split("profile (ms per step)")[1]
-    for key in ("matmul_forward 32->50304", "matmul_backward 32->50304", "attention_backward", "gpt2_update",
-                "layernorm_forward", "gelu_backward", "total"):
-        assert key in table, key
+    table = res.stdout.split("profile (ms per step)")[1].strip().splitlines()[1:]
+    rows = {" ".join(line.split()[:-3]): line.split()[-3:] for line in table[:-1]}
+    # calls per step for L=1: every layer once, layernorm 2L+1, residual 2L each way, the four matmuls
+    # of the block and the classifier once each way
+    calls = {name: int(c) for name, (_, c, _) in rows.items()}
+    for key, n in {"matmul_forward 32->50304": 1, "matmul_backward 32->50304": 1, "matmul_forward 32->96": 1,
+                   "matmul_forward 128->32": 1, "matmul_backward 32->128": 1, "attention_backward": 1,
+                   "gpt2_update": 1, "gpt2_zero_grad": 1, "layernorm_forward": 3, "layernorm_backward": 3,
+                   "residual_forward": 2, "gelu_backward": 1, "encoder_forward": 1}.items():
+        assert calls.get(key) == n, (key, calls)
+    ms = {name: float(v) for name, (v, _, _) in rows.items()}
+    total = table[-1].split()
+    assert total[0] == "total" and abs(float(total[1]) - sum(ms.values())) <= 0.01 * len(ms)
+    assert abs(sum(float(p) for _, _, p in rows.values()) - 100) <= 0.1 * len(rows)
+    # the profiled time fits inside the counted step (step 2; step 1 allocates and is not counted)
+    step2 = float(re.search(r"^step    2/2: train loss \S+ \((\S+) ms", res.stdout, re.M)[1])
+    assert 0 < float(total[1]) <= step2
+
+
+def test_profiler_wraps_and_unwraps(monkeypatch):
+    """enable() wraps the layers once, records only while ACTIVE, keys matmuls by shape; disable()
+    puts the very same functions back."""
+    from llmc import profiler
+    monkeypatch.setattr(profiler, "PROFILE", {})
+    monkeypatch.setattr(profiler, "ACTIVE", [False])
+    originals = {name: getattr(m, name) for name in profiler.NAMES if hasattr(m, name)}
+    assert "matmul_forward" in originals and "gpt2_update" in originals
+    profiler.enable(m)
+    profiler.enable(m)  # a second call does nothing: one wrapper deep
+    try:
+        for name, fn in originals.items():
+            assert getattr(m, name) is not fn and getattr(m, name).__wrapped__ is fn
+        x = np.ones((1, 2, 4), np.float32)
+        w = np.ones((3, 4), np.float32)
+        out = np.empty((1, 2, 3), np.float32)
+        m.matmul_forward(out, x, w, None, 1, 2, 4, 3)
+        assert profiler.PROFILE == {}
+        profiler.ACTIVE[0] = True
+        m.matmul_forward(out, x, w, None, 1, 2, 4, 3)
+        m.matmul_forward(out, x, w, None, 1, 2, 4, 3)
+        assert np.array_equal(out, np.full((1, 2, 3), 4, np.float32))
+        (key, (seconds, n)), = profiler.PROFILE.items()
+        assert n == 2 and seconds > 0 and "matmul_forward 4->3" in profiler.report(1)
+    finally:
+        profiler.disable(m)
+    for name, fn in originals.items():
+        assert getattr(m, name) is fn
