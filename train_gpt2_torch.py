@@ -343,8 +343,8 @@ def data_loader(pattern, B, T, process_rank, num_processes, vocab_size):
     checking that every token of every shard lies inside the model's vocabulary."""
     try:
         loader = DataLoader(pattern, B, T, process_rank, num_processes, should_shuffle=False)
-    except ConfigError as e:  # its flags are -b/-t; ours --batch_size/--sequence_length
-        raise SystemExit(f"{e} (here: --batch_size/--sequence_length; more data: python prepro_tinyshakespeare.py)")
+    except ConfigError as e:  # its message names the trainers' -b/-t; here they are spelled out
+        raise SystemExit(str(e).replace("-b/-t", "--batch_size/--sequence_length"))
     if vocab_size < 2**16:
         for fname in loader.files:
             tokens = formats.read_data_shard(fname)
