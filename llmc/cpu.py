@@ -240,7 +240,9 @@ def row_blocks(*cut, summed=(), rows="B", block=None):
 
         def run(*args, **kwargs):
             if kwargs:
-                args = signature.bind(*args, **kwargs).args
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                args = bound.args
             args = list(args)
             n = 1
             for i in size_at:
