@@ -24,7 +24,7 @@ import glob
 import inspect
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from types import SimpleNamespace
 
 import numpy as np
@@ -131,7 +131,10 @@ def parallel_rows(fn, n_rows, n_slices=None):
         return [fn(slice(0, n_rows))]
     cuts = [n_rows * i // n for i in range(n + 1)]
     futures = [thread_pool().submit(_run_slice, fn, slice(cuts[i], cuts[i + 1])) for i in range(n - 1)]
-    last = _run_slice(fn, slice(cuts[-2], cuts[-1]))
+    try:
+        last = _run_slice(fn, slice(cuts[-2], cuts[-1]))
+    finally:
+        wait(futures)                  # no slice keeps writing after we return, even on an error
     return [f.result() for f in futures] + [last]
 
 

@@ -633,3 +633,23 @@ def test_matmul_takes_the_blas_path(monkeypatch):
     np.testing.assert_allclose(dinp, dout.astype(np.float64) @ w64, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dweight, dout.reshape(-1, OCx).T.astype(np.float64) @ i64.reshape(-1, Cx),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_parallel_rows_waits_for_every_slice_on_an_error():
+    """A slice that raises does not leave the other slices running behind the caller's back."""
+    import threading
+    import time
+    if cpu.NUM_THREADS < 2:
+        pytest.skip("one thread: no other slices")
+    done = []
+    caller = threading.get_ident()
+
+    def work(r):
+        if threading.get_ident() == caller:
+            raise RuntimeError("boom")
+        time.sleep(0.2)
+        done.append(r)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        cpu.parallel_rows(work, 2)
+    assert len(done) == 1
