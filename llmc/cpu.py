@@ -175,13 +175,13 @@ def gemm(c, a, b, accumulate):
 
 def matmul(out, a, b, accumulate=False, bias=None):
     """out = a @ b (+ bias), or out += a @ b with accumulate. a (..., K), b (K, N), out (..., N):
-    the leading axes of a and out are taken as rows, without copying (an error, never a silent
-    copy, for a view that cannot be). The product is cut into one block per thread, each one
+    the leading axes of a and out are taken as rows (for out without copying: an error, never a
+    silent copy that would receive the result, for a view that cannot be). The product is cut into one block per thread, each one
     single-threaded BLAS call: blocks of columns (each using the same columns of b), or blocks of
     rows where out is much taller than wide (measured faster). The bias is added to each block
     while it is still in cache."""
     out2 = out.reshape(-1, out.shape[-1], copy=False)
-    a2 = a.reshape(-1, a.shape[-1], copy=False)
+    a2 = a.reshape(-1, a.shape[-1])
     M, N = out2.shape
 
     def rows(r):
@@ -194,7 +194,10 @@ def matmul(out, a, b, accumulate=False, bias=None):
         if bias is not None:
             out2[:, r] += bias[r]
 
-    parallel_rows(rows, M) if M >= 4 * N else parallel_rows(columns, N)
+    if M >= 4 * N:
+        parallel_rows(rows, M)
+    else:
+        parallel_rows(columns, N)
 
 
 def matmuls(*products, accumulate=False):
