@@ -353,6 +353,7 @@ def encoder_forward(out, inp, wte, wpe, B, T, C):
 
 
 def encoder_backward(dwte, dwpe, dout, inp, B, T, C):
+    """dwte[inp[b,t],:] += dout[b,t,:]; dwpe[t,:] += sum_b dout[b,t,:]. dout (B, T, C)."""
     np.add.at(dwte, inp, dout)                  # scatter-add: a token seen twice gets both rows
     dwpe[:T] += dout.sum(axis=0)                # (B, T, C) -> (T, C)
 
