@@ -14,8 +14,9 @@ import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
-import llmc  # noqa: F401  (first: it picks NumPy's BLAS kernels before NumPy loads)
+import llmc  # first: it picks NumPy's BLAS kernels before NumPy loads
 import numpy as np
 
 from llmc import profiler
@@ -30,71 +31,20 @@ from llmc.schedulers import get_lr
 from llmc.tokenizer import Tokenizer
 from llmc.utils import ConfigError
 
-# ===== PLUMBING (moving to llmc/cpu.py) =====
-import functools
-import glob as globlib
-from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
-
-
-def keep_freed_memory():
-    """NumPy expressions make temporaries of megabytes (a (B, T, 4C) intermediate is 3 MiB, the
-    wte gradient product 150 MiB). glibc hands such blocks back to the OS when they are freed and
-    the next step faults them in again page by page, which costs more than the arithmetic (13 ms
-    instead of 0.7 ms for GELU's backward). Asking it to keep freed memory for reuse removes that;
-    the peak memory stays what it was. A no-op off glibc."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 256 << 20)    # blocks below 256 MiB come from the heap
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)      # and the heap is not trimmed below 1 GiB free
-    except (OSError, AttributeError):
-        pass
-
-
-@functools.cache
-def openblas_library():
-    """NumPy's own OpenBLAS as a ctypes library, with its symbol prefix/suffix and int type;
-    None where NumPy uses another BLAS (then the plain NumPy paths below are used)."""
-    import ctypes
-    roots = [os.path.dirname(np.__file__) + ".libs", os.path.join(os.path.dirname(np.__file__), ".dylibs")]
-    for path in sorted(p for root in roots for p in globlib.glob(os.path.join(root, "*openblas*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix, integer in (("scipy_", "64_", ctypes.c_int64), ("", "64_", ctypes.c_int64),
-                                        ("", "", ctypes.c_int)):
-            if hasattr(lib, f"{prefix}cblas_sgemm{suffix}"):
-                return SimpleNamespace(lib=lib, prefix=prefix, suffix=suffix, integer=integer)
-    return None
-
-
-@functools.cache
-def gemm_functions():
-    """NumPy's OpenBLAS sgemm/dgemm by dtype, looked up at the first matmul; {} without OpenBLAS."""
-    import ctypes
-    blas = openblas_library()
-    if blas is None:
-        return {}
-    functions = {}
-    for dtype, letter, scalar in ((np.float32, "s", ctypes.c_float), (np.float64, "d", ctypes.c_double)):
-        fn = getattr(blas.lib, f"{blas.prefix}cblas_{letter}gemm{blas.suffix}")
-        i, ptr = blas.integer, ctypes.c_void_p
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i, i, i, scalar, ptr, i, ptr, i, scalar, ptr, i]
-        fn.restype = None
-        functions[np.dtype(dtype)] = fn
-    return functions
-
+# What makes the NumPy below fast lives in llmc/cpu.py, out of the way of the math: NumPy's
+# OpenBLAS sgemm called through ctypes (matmul, matmuls), one thread pool for all the layers
+# (row_blocks runs a layer over blocks of its rows in parallel, in_chunks runs AdamW over
+# cache-sized chunks), and glibc told to keep freed memory for the next step's temporaries.
+from llmc.cpu import blas_info, in_chunks, keep_freed_memory, matmul, matmuls, row_blocks
 
 
 # ----------------------------------------------------------------------------
-# the layers: each a forward/backward pair of plain functions
+# the layers: each a forward/backward pair of plain functions, and its loop twin
 #
 # Arguments follow llm.c: outputs first, then inputs, then sizes. Arrays carry their logical
 # shapes, e.g. (B, T, C), and the dtype follows the arrays (float32 in training, float64 in the
-# finite-difference tests), so constants are made with `x.dtype.type(...)`, never a bare float.
+# tests). Constants are Python floats, which leave a float32 array float32 (NumPy's NEP 50);
+# a NumPy float64 scalar would promote it.
 #
 # Backward ADDS into the gradient arrays (`+=`): gradients are zeroed once per step, and a tensor
 # read by two layers (the residual stream, wte used by the encoder and by the classifier) then
@@ -103,83 +53,18 @@ def gemm_functions():
 # Letters: B batch, T time, C channels, NH heads, hs = C/NH head size, V vocabulary,
 # Vp padded vocabulary (the logits have Vp columns; columns V..Vp-1 never count), L layers.
 #
-# NumPy expressions run on one core, so each layer hands independent blocks of its rows to
-# parallel_rows: NumPy releases the GIL inside ufuncs (and ctypes around BLAS calls), and the
-# blocks run at the same time on our own thread pool. The math of a layer reads the same on a
-# block of rows as on all of them. The matrix multiplies are split the same way, one
-# single-threaded BLAS call per block: OpenBLAS's own threads busy-wait for their next job for a
-# while after each call, and would take a core from every NumPy layer that follows a matmul.
-
-NUM_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-_pool = None
-
-
-def thread_pool():
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=NUM_THREADS)
-        blas = openblas_library()
-        if blas is not None and NUM_THREADS > 1:   # from now on the pool is the parallelism
-            getattr(blas.lib, f"{blas.prefix}openblas_set_num_threads{blas.suffix}")(1)
-    return _pool
-
-
-def parallel_rows(fn, n_rows):
-    """fn(rows) for NUM_THREADS contiguous slices `rows` of range(n_rows), at the same time;
-    the calling thread takes the last slice."""
-    n = min(NUM_THREADS, n_rows)
-    cuts = [n_rows * i // n for i in range(n + 1)] if n > 0 else [0, 0]
-    futures = [thread_pool().submit(fn, slice(cuts[i], cuts[i + 1])) for i in range(len(cuts) - 2)]
-    fn(slice(cuts[-2], cuts[-1]))
-    for f in futures:
-        f.result()
-
-
-def as_rows(x, n_rows):
-    """x viewed as (n_rows, -1) without copying (an error, never a silent copy, for a strided x)."""
-    return x.reshape(n_rows, -1, copy=False)
-
-
-def _blas_layout(x):
-    """(CblasNoTrans or CblasTrans, leading dimension) of a 2-D view BLAS reads in place, or None."""
-    s0, s1 = (s // x.itemsize for s in x.strides)
-    if s1 == 1 and s0 >= max(1, x.shape[1]):
-        return 111, s0                                    # rows strided by s0
-    if s0 == 1 and s1 >= max(1, x.shape[0]):
-        return 112, s1                                    # the transpose of such a view
-    return None
-
-
-def gemm(c, a, b, accumulate):
-    """c = a @ b, or c += a @ b with accumulate, for 2-D views (c's rows may be strided, as a block
-    of columns is), as one BLAS call; plain NumPy where OpenBLAS is not there."""
-    fn = gemm_functions().get(c.dtype)
-    la, lb, lc = _blas_layout(a), _blas_layout(b), _blas_layout(c)
-    if fn is None or not (a.dtype == b.dtype == c.dtype) or None in (la, lb) or lc is None or lc[0] != 111:
-        if accumulate:
-            c += a @ b
-        else:
-            np.matmul(a, b, out=c)
-        return
-    (M, K), N = a.shape, b.shape[1]
-    if M == 0 or N == 0:
-        return
-    if K == 0:
-        if not accumulate:
-            c[...] = 0
-        return
-    fn(101, la[0], lb[0], M, N, K, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1],
-       1.0 if accumulate else 0.0, c.ctypes.data, lc[1])   # 101 = row-major
-
-
-def parallel_gemm(c, a, b, accumulate):
-    """gemm with c cut into blocks, one per thread: blocks of columns (using the same columns of
-    b), or blocks of rows (the same rows of a) where c is much taller than wide (measured faster)."""
-    M, N = c.shape
-    if M >= 4 * N:
-        parallel_rows(lambda r: gemm(c[r], a[r], b, accumulate), M)
-    else:
-        parallel_rows(lambda r: gemm(c[:, r], a, b[:, r], accumulate), N)
+# Each layer body is whole-array NumPy: the formula, as if it ran over all rows on one core.
+# The speed is added from outside the body, by llmc/cpu.py:
+#   - `@row_blocks(...)` on the def line says which arguments hold one entry per row (a sequence
+#     b, a position (b, t), or an element) and which gradients every row adds into. A call then
+#     runs the same body on blocks of rows at once, one block per thread (NumPy releases the GIL
+#     inside its loops), with B (or N) set to the block's size; the summed gradients go through
+#     per-thread partial sums, added in thread order, so the float32 result is the same every run.
+#   - the matrix products call `matmul` / `matmuls`: NumPy's OpenBLAS sgemm through ctypes, the
+#     output cut into one block per thread.
+# Every fast layer has a loop twin beside it (`*_loop`, and llm.c's `matmul_forward_naive`):
+# plain Python loops over b, t and the channels, the index math spelled out; the tests check
+# each fast layer against its twin.
 
 
 def encoder_forward(out, inp, wte, wpe, B, T, C):
@@ -189,86 +74,138 @@ def encoder_forward(out, inp, wte, wpe, B, T, C):
 
 
 def encoder_backward(dwte, dwpe, dout, inp, B, T, C):
+    """dwte[inp[b,t],:] += dout[b,t,:]; dwpe[t,:] += sum_b dout[b,t,:]. dout (B, T, C)."""
     np.add.at(dwte, inp, dout)                  # scatter-add: a token seen twice gets both rows
     dwpe[:T] += dout.sum(axis=0)                # (B, T, C) -> (T, C)
 
 
+def encoder_forward_loop(out, inp, wte, wpe, B, T, C):
+    for b in range(B):
+        for t in range(T):
+            token = inp[b, t]
+            for i in range(C):
+                out[b, t, i] = wte[token, i] + wpe[t, i]
+
+
+def encoder_backward_loop(dwte, dwpe, dout, inp, B, T, C):
+    for b in range(B):
+        for t in range(T):
+            token = inp[b, t]
+            for i in range(C):
+                dwte[token, i] += dout[b, t, i]
+                dwpe[t, i] += dout[b, t, i]
+
+
+@row_blocks("out", "mean", "rstd", "inp", rows="BT")
 def layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C):
     """Normalize each (b, t) row over C (biased variance, eps 1e-5), then scale and shift.
     Caches mean and rstd (B, T) for the backward pass; the normalized input is recomputed."""
-    eps = inp.dtype.type(1e-5)
-    inp2, out2 = as_rows(inp, B * T), as_rows(out, B * T)               # (B*T, C)
-    mean2, rstd2 = mean.reshape(-1, copy=False), rstd.reshape(-1, copy=False)   # (B*T,)
-
-    def rows(r):                                # r: a slice of the B*T rows of (B*T, C)
-        x = inp2[r]
-        mean2[r] = x.mean(axis=-1)
-        xc = x - mean2[r, None]                 # centered
-        var = np.mean(xc * xc, axis=-1)         # biased variance
-        rstd2[r] = 1 / np.sqrt(var + eps)
-        np.multiply(xc, rstd2[r, None], out=out2[r])   # normalized
-        out2[r] *= weight
-        out2[r] += bias
-    parallel_rows(rows, B * T)
+    mean[...] = inp.mean(axis=-1)                                 # (B, T)
+    xc = inp - mean[..., None]                                    # (B, T, C) centered
+    rstd[...] = 1.0 / np.sqrt((xc * xc).mean(axis=-1) + 1e-5)     # (B, T), from the biased variance
+    out[...] = xc * rstd[..., None] * weight + bias               # (B, T, C)
 
 
+@row_blocks("dinp", "dout", "inp", "mean", "rstd", summed=("dweight", "dbias"), rows="BT")
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, B, T, C):
-    """With n = (x - mean) * rstd and out = n * w + b, and g = dout * w:
-    dx = rstd * (g - mean_C(g) - n * mean_C(g * n)); dw = sum_BT(dout * n); db = sum_BT(dout)."""
-    inp2, dinp2, dout2 = as_rows(inp, B * T), as_rows(dinp, B * T), as_rows(dout, B * T)
-    mean2, rstd2 = mean.reshape(-1, copy=False), rstd.reshape(-1, copy=False)
-    db_parts, dw_parts = {}, {}                            # per block of rows, by its first row
+    """With norm = (inp - mean) * rstd, out = norm * weight + bias and dnorm = dout * weight:
+    dinp += rstd * (dnorm - mean_C(dnorm) - norm * mean_C(dnorm * norm));
+    dweight += sum_BT(dout * norm); dbias += sum_BT(dout)."""
+    norm = (inp - mean[..., None]) * rstd[..., None]              # (B, T, C), recomputed
+    dnorm = dout * weight                                         # (B, T, C)
+    dbias += dout.sum(axis=(0, 1))                                # (C,)
+    dweight += (dout * norm).sum(axis=(0, 1))                     # (C,)
+    dinp += rstd[..., None] * (dnorm - dnorm.mean(axis=-1, keepdims=True)
+                               - norm * (dnorm * norm).mean(axis=-1, keepdims=True))
 
-    def rows(r):                                           # r: a slice of the B*T rows
-        norm = (inp2[r] - mean2[r, None]) * rstd2[r, None]  # (rows, C), recomputed
-        dout_r = dout2[r]
-        db_parts[r.start] = dout_r.sum(axis=0)
-        dw_parts[r.start] = (dout_r * norm).sum(axis=0)
-        dnorm = dout_r * weight                            # (rows, C)
-        dnorm_mean = dnorm.mean(axis=-1, keepdims=True)    # (rows, 1)
-        dnorm_norm_mean = (dnorm * norm).mean(axis=-1, keepdims=True)
-        dnorm -= dnorm_mean
-        dnorm -= norm * dnorm_norm_mean
-        dnorm *= rstd2[r, None]
-        dinp2[r] += dnorm
-    parallel_rows(rows, B * T)
-    for start in sorted(db_parts):                         # sum the blocks in a fixed order
-        dbias += db_parts[start]
-        dweight += dw_parts[start]
+
+def layernorm_forward_loop(out, mean, rstd, inp, weight, bias, B, T, C):
+    for b in range(B):
+        for t in range(T):
+            m = 0.0
+            for i in range(C):
+                m += inp[b, t, i]
+            m = m / C
+            v = 0.0
+            for i in range(C):
+                xshift = inp[b, t, i] - m
+                v += xshift * xshift
+            v = v / C
+            s = 1.0 / math.sqrt(v + 1e-5)
+            for i in range(C):
+                n = s * (inp[b, t, i] - m)                # normalized
+                out[b, t, i] = n * weight[i] + bias[i]
+            mean[b, t] = m
+            rstd[b, t] = s
+
+
+def layernorm_backward_loop(dinp, dweight, dbias, dout, inp, weight, mean, rstd, B, T, C):
+    for b in range(B):
+        for t in range(T):
+            # the two reductions over C first
+            dnorm_mean = 0.0
+            dnorm_norm_mean = 0.0
+            for i in range(C):
+                norm_i = (inp[b, t, i] - mean[b, t]) * rstd[b, t]
+                dnorm_i = weight[i] * dout[b, t, i]
+                dnorm_mean += dnorm_i
+                dnorm_norm_mean += dnorm_i * norm_i
+            dnorm_mean = dnorm_mean / C
+            dnorm_norm_mean = dnorm_norm_mean / C
+            # then each channel's three gradients
+            for i in range(C):
+                norm_i = (inp[b, t, i] - mean[b, t]) * rstd[b, t]
+                dnorm_i = weight[i] * dout[b, t, i]
+                dbias[i] += dout[b, t, i]
+                dweight[i] += norm_i * dout[b, t, i]
+                dinp[b, t, i] += (dnorm_i - dnorm_mean - norm_i * dnorm_norm_mean) * rstd[b, t]
 
 
 def matmul_forward(out, inp, weight, bias, B, T, C, OC):
-    """out = inp @ weight^T + bias, weight stored (OC, C) as PyTorch's nn.Linear holds it."""
-    inp2, out2 = as_rows(inp, B * T), as_rows(out, B * T)
-
-    def columns(r):                                        # r: a slice of the OC output columns
-        gemm(out2[:, r], inp2, weight[r].T, accumulate=False)      # (BT, C) @ (C, OC)
-        if bias is not None:
-            out2[:, r] += bias[r]                          # while the block is in cache
-    parallel_rows(columns, OC)
+    """out = inp @ weight^T + bias: (B, T, C) @ (C, OC) + (OC,) -> (B, T, OC). weight is stored
+    (OC, C), as PyTorch's nn.Linear keeps it; bias may be None (the classifier has none)."""
+    matmul(out, inp, weight.T, bias=bias)
 
 
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC):
-    dout2, dinp2, inp2 = as_rows(dout, B * T), as_rows(dinp, B * T), as_rows(inp, B * T)
-    products = (lambda: gemm(dinp2, dout2, weight, accumulate=True),        # dinp += (BT, OC) @ (OC, C)
-                lambda: gemm(dweight, dout2.T, inp2, accumulate=True))      # dweight += (OC, BT) @ (BT, C)
-    if NUM_THREADS == 2:              # the two products cost the same: one whole product per thread
-        parallel_rows(lambda r: products[r.start](), 2)                     # (measured ~5% faster than
-    else:                                                                   # splitting each one)
-        parallel_gemm(dinp2, dout2, weight, accumulate=True)
-        parallel_gemm(dweight, dout2.T, inp2, accumulate=True)
+    """dinp += dout @ weight; dweight += dout^T @ inp, summed over the B*T rows; dbias += sum_BT(dout)."""
+    dout2, inp2 = dout.reshape(B * T, OC), inp.reshape(B * T, C)    # (B*T, OC), (B*T, C)
+    matmuls((dinp, dout, weight),                      # (B, T, OC) @ (OC, C) -> (B, T, C)
+            (dweight, dout2.T, inp2), accumulate=True)  # (OC, B*T) @ (B*T, C) -> (OC, C)
     if dbias is not None:
-        parallel_rows(lambda r: np.add(dbias[r], dout2[:, r].sum(axis=0), out=dbias[r]), OC)
+        dbias += dout2.sum(axis=0)                     # (OC,)
+
+
+def matmul_forward_naive(out, inp, weight, bias, B, T, C, OC):
+    for b in range(B):
+        for t in range(T):
+            for o in range(OC):
+                val = bias[o] if bias is not None else 0.0
+                for i in range(C):
+                    val += inp[b, t, i] * weight[o, i]
+                out[b, t, o] = val
+
+
+def matmul_backward_loop(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC):
+    for b in range(B):
+        for t in range(T):
+            for o in range(OC):
+                d = dout[b, t, o]
+                for i in range(C):
+                    dinp[b, t, i] += weight[o, i] * d      # out[o] reads every inp[i] ...
+                    dweight[o, i] += inp[b, t, i] * d      # ... through weight[o, i]
+                if dbias is not None:
+                    dbias[o] += d
 
 
 def _split_heads(x, B, T, NH):
     """(B, T, NH*hs) -> (B, NH, T, hs), a view (no copy): one head's rows are strided."""
-    return x.reshape(B, T, NH, -1).transpose(0, 2, 1, 3)
+    return x.reshape(B, T, NH, -1, copy=False).transpose(0, 2, 1, 3)
 
 
 def _qkv_heads(inp, B, T, C, NH):
     """(B, T, 3C) = q|k|v -> three (B, NH, T, hs) views."""
-    qkv = inp.reshape(B, T, 3, NH, C // NH)
+    qkv = inp.reshape(B, T, 3, NH, C // NH, copy=False)
     return [qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
 
 
@@ -276,188 +213,217 @@ def _causal_mask(T):
     return np.triu(np.ones((T, T), dtype=bool), k=1)    # True above the diagonal: the future
 
 
+@row_blocks("out", "preatt", "att", "inp", rows="B")
 def attention_forward(out, preatt, att, inp, B, T, C, NH):
     """Causal multi-head self-attention on inp (B, T, 3C) = q|k|v.
     preatt (B, NH, T, T) = q k^T / sqrt(hs), with -inf on the masked (future) entries;
     att = softmax(preatt) over the last axis, exactly 0 on the masked entries;
     out (B, T, C) = att @ v with the heads side by side again."""
-    scale = inp.dtype.type(1.0 / math.sqrt(C // NH))
-    mask = _causal_mask(T)
-
-    def rows(r):                                           # r: a slice of the B sequences
-        Br = r.stop - r.start                              # this block's sequences
-        q, k, v = _qkv_heads(inp[r], Br, T, C, NH)
-        pre, a = preatt[r], att[r]
-        np.matmul(q, k.transpose(0, 1, 3, 2), out=pre)     # (B,NH,T,hs) @ (B,NH,hs,T) -> (B,NH,T,T)
-        pre *= scale
-        pre[:, :, mask] = -np.inf
-        np.subtract(pre, pre.max(axis=-1, keepdims=True), out=a)
-        np.exp(a, out=a)                                   # exp(-inf) = 0 on the future
-        a /= a.sum(axis=-1, keepdims=True)
-        np.matmul(a, v, out=_split_heads(out[r], Br, T, NH))  # (B,NH,T,T) @ (B,NH,T,hs) -> (B,T,NH,hs)
-    parallel_rows(rows, B)
+    q, k, v = _qkv_heads(inp, B, T, C, NH)                        # 3 x (B, NH, T, hs)
+    np.matmul(q, k.transpose(0, 1, 3, 2), out=preatt)             # (B,NH,T,hs) @ (B,NH,hs,T) -> (B,NH,T,T)
+    preatt *= 1.0 / math.sqrt(C // NH)
+    preatt[:, :, _causal_mask(T)] = -np.inf
+    e = np.exp(preatt - preatt.max(axis=-1, keepdims=True))       # exp(-inf) = 0 on the future
+    att[...] = e / e.sum(axis=-1, keepdims=True)
+    np.matmul(att, v, out=_split_heads(out, B, T, NH))            # (B,NH,T,T) @ (B,NH,T,hs) -> (B,T,NH,hs)
 
 
+@row_blocks("dinp", "dpreatt", "datt", "dout", "inp", "att", rows="B")
 def attention_backward(dinp, dpreatt, datt, dout, inp, att, B, T, C, NH):
-    """Each line inverts one forward line, last first. dinp (B, T, 3C) receives dq|dk|dv."""
-    scale = inp.dtype.type(1.0 / math.sqrt(C // NH))
-
-    def rows(r):                                           # r: a slice of the B sequences
-        Br = r.stop - r.start                              # this block's sequences
-        q, k, v = _qkv_heads(inp[r], Br, T, C, NH)
-        dq, dk, dv = _qkv_heads(dinp[r], Br, T, C, NH)
-        dout_h = _split_heads(dout[r], Br, T, NH)          # (B, NH, T, hs)
-        a, da, dpre = att[r], datt[r], dpreatt[r]
-        # out = att @ v
-        da += dout_h @ v.transpose(0, 1, 3, 2)             # (B,NH,T,hs) @ (B,NH,hs,T)
-        dv += a.transpose(0, 1, 3, 2) @ dout_h             # (B,NH,T,T) @ (B,NH,T,hs)
-        # att = softmax(preatt): d preatt_j = att_j * (d att_j - sum_i att_i d att_i)
-        dpre += a * (da - (a * da).sum(axis=-1, keepdims=True))
-        # preatt = scale * q @ k^T (the masked entries have att = 0, so their dpreatt is 0)
-        dq += scale * (dpre @ k)                           # (B,NH,T,T) @ (B,NH,T,hs)
-        dk += scale * (dpre.transpose(0, 1, 3, 2) @ q)
-    parallel_rows(rows, B)
+    """Each line inverts one forward line, last first. dinp (B, T, 3C) receives dq|dk|dv.
+    datt also receives values on the masked entries (dout @ v^T is computed whole); they meet
+    att = 0 there and change nothing else."""
+    scale = 1.0 / math.sqrt(C // NH)
+    q, k, v = _qkv_heads(inp, B, T, C, NH)                        # 3 x (B, NH, T, hs)
+    dq, dk, dv = _qkv_heads(dinp, B, T, C, NH)
+    dout_h = _split_heads(dout, B, T, NH)                         # (B, NH, T, hs)
+    # out = att @ v
+    datt += dout_h @ v.transpose(0, 1, 3, 2)                      # (B,NH,T,hs) @ (B,NH,hs,T)
+    dv += att.transpose(0, 1, 3, 2) @ dout_h                      # (B,NH,T,T) @ (B,NH,T,hs)
+    # att = softmax(preatt): d preatt_j = att_j * (d att_j - sum_i att_i d att_i)
+    dpreatt += att * (datt - (att * datt).sum(axis=-1, keepdims=True))
+    # preatt = scale * q @ k^T (the masked entries have att = 0, so their dpreatt is 0)
+    dq += scale * (dpreatt @ k)                                   # (B,NH,T,T) @ (B,NH,T,hs)
+    dk += scale * (dpreatt.transpose(0, 1, 3, 2) @ q)
 
 
 def attention_forward_loop(out, preatt, att, inp, B, T, C, NH):
-    """Reference: llm.c's loops over (b, t, h), vectorized only over t2 <= t and hs."""
+    """For each sequence b, position t and head h: scores against the keys at t2 <= t, their
+    softmax, and the weighted sum of the values. inp[b, t] holds q | k | v, each NH heads of hs."""
     hs = C // NH
     scale = 1.0 / math.sqrt(hs)
     for b in range(B):
         for t in range(T):
             for h in range(NH):
-                q = inp[b, t, h * hs:(h + 1) * hs]
-                keys = inp[b, :t + 1, C + h * hs:C + (h + 1) * hs]            # (t+1, hs)
-                values = inp[b, :t + 1, 2 * C + h * hs:2 * C + (h + 1) * hs]  # (t+1, hs)
-                preatt[b, h, t, :t + 1] = keys @ q * scale
-                preatt[b, h, t, t + 1:] = -np.inf
-                e = np.exp(preatt[b, h, t, :t + 1] - preatt[b, h, t, :t + 1].max())
-                att[b, h, t, :t + 1] = e / e.sum()
-                att[b, h, t, t + 1:] = 0
-                out[b, t, h * hs:(h + 1) * hs] = att[b, h, t, :t + 1] @ values
+                q = h * hs                                   # offsets of this head's q, k, v
+                k = C + h * hs
+                v = 2 * C + h * hs
+                # scores q . k[t2], and their maximum (for a softmax that cannot overflow)
+                maxval = -math.inf
+                for t2 in range(t + 1):
+                    val = 0.0
+                    for i in range(hs):
+                        val += inp[b, t, q + i] * inp[b, t2, k + i]
+                    val = val * scale
+                    preatt[b, h, t, t2] = val
+                    maxval = max(maxval, val)
+                for t2 in range(t + 1, T):
+                    preatt[b, h, t, t2] = -math.inf          # the future
+                # softmax over t2 <= t; the future gets weight 0
+                expsum = 0.0
+                for t2 in range(t + 1):
+                    e = math.exp(preatt[b, h, t, t2] - maxval)
+                    att[b, h, t, t2] = e
+                    expsum += e
+                for t2 in range(T):
+                    att[b, h, t, t2] = att[b, h, t, t2] / expsum if t2 <= t else 0.0
+                # out = the values weighted by att
+                for i in range(hs):
+                    out[b, t, q + i] = 0.0
+                for t2 in range(t + 1):
+                    for i in range(hs):
+                        out[b, t, q + i] += att[b, h, t, t2] * inp[b, t2, v + i]
 
 
 def attention_backward_loop(dinp, dpreatt, datt, dout, inp, att, B, T, C, NH):
-    """Reference: llm.c's backward loops (each block inverts one block of the forward loop)."""
+    """The forward loop's three steps inverted, last first; only t2 <= t is touched."""
     hs = C // NH
     scale = 1.0 / math.sqrt(hs)
     for b in range(B):
         for t in range(T):
             for h in range(NH):
-                qs, ks, vs = slice(h * hs, (h + 1) * hs), slice(C + h * hs, C + (h + 1) * hs), \
-                    slice(2 * C + h * hs, 2 * C + (h + 1) * hs)
-                a = att[b, h, t, :t + 1]
-                # out = sum_t2 att[t2] * v[t2]
-                datt[b, h, t, :t + 1] += inp[b, :t + 1, vs] @ dout[b, t, qs]
-                dinp[b, :t + 1, vs] += np.outer(a, dout[b, t, qs])
-                # softmax: dpreatt[t3] += sum_t2 att[t2] * (1[t2 == t3] - att[t3]) * datt[t2]
-                da = datt[b, h, t, :t + 1]
+                q = h * hs
+                k = C + h * hs
+                v = 2 * C + h * hs
+                # out[i] = sum_t2 att[t2] * v[t2, i]
+                for t2 in range(t + 1):
+                    for i in range(hs):
+                        datt[b, h, t, t2] += inp[b, t2, v + i] * dout[b, t, q + i]
+                        dinp[b, t2, v + i] += att[b, h, t, t2] * dout[b, t, q + i]
+                # att = softmax(preatt): d att[t2] / d preatt[t3] = att[t2] * (1[t2 == t3] - att[t3])
                 for t2 in range(t + 1):
                     for t3 in range(t + 1):
                         indicator = 1.0 if t2 == t3 else 0.0
-                        dpreatt[b, h, t, t3] += a[t2] * (indicator - a[t3]) * da[t2]
-                # preatt[t2] = scale * q . k[t2]
-                dp = dpreatt[b, h, t, :t + 1] * scale
-                dinp[b, t, qs] += dp @ inp[b, :t + 1, ks]
-                dinp[b, :t + 1, ks] += np.outer(dp, inp[b, t, qs])
+                        local = att[b, h, t, t2] * (indicator - att[b, h, t, t3])
+                        dpreatt[b, h, t, t3] += local * datt[b, h, t, t2]
+                # preatt[t2] = scale * sum_i q[i] * k[t2, i]
+                for t2 in range(t + 1):
+                    for i in range(hs):
+                        dinp[b, t, q + i] += inp[b, t2, k + i] * dpreatt[b, h, t, t2] * scale
+                        dinp[b, t2, k + i] += inp[b, t, q + i] * dpreatt[b, h, t, t2] * scale
 
 
 GELU_SCALING_FACTOR = math.sqrt(2.0 / math.pi)
 
 
+@row_blocks("out", "inp", rows="N", block=1 << 17)
 def gelu_forward(out, inp, N):
-    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    f = inp.dtype.type
-    inp1, out1 = inp.reshape(-1, copy=False), out.reshape(-1, copy=False)
-
-    def rows(r):                                # r: a slice of the N elements
-        x, y = inp1[r], out1[r]
-        np.multiply(x, x, out=y)
-        y *= f(0.044715)
-        y += f(1)
-        y *= x                                  # x + 0.044715 x^3
-        y *= f(GELU_SCALING_FACTOR)
-        np.tanh(y, out=y)
-        y += f(1)
-        y *= x
-        y *= f(0.5)
-    parallel_rows(rows, N)
+    """GELU, tanh approximation, elementwise: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    x = inp
+    out[...] = 0.5 * x * (1.0 + np.tanh(GELU_SCALING_FACTOR * (x + 0.044715 * x * x * x)))
 
 
+@row_blocks("dinp", "inp", "dout", rows="N", block=1 << 17)
 def gelu_backward(dinp, inp, dout, N):
     """d gelu/dx = 0.5 (1 + tanh u) + 0.5 x sech^2(u) du/dx, u = s (x + 0.044715 x^3),
     with sech^2 = 1 - tanh^2 (llm.c writes 1/cosh^2, which overflows to inf at large u)."""
-    f = inp.dtype.type
-    inp1, dinp1, dout1 = inp.reshape(-1, copy=False), dinp.reshape(-1, copy=False), dout.reshape(-1, copy=False)
+    x = inp
+    tanh_u = np.tanh(GELU_SCALING_FACTOR * (x + 0.044715 * x * x * x))
+    du_dx = GELU_SCALING_FACTOR * (1.0 + 3.0 * 0.044715 * x * x)
+    dinp += (0.5 * (1.0 + tanh_u) + 0.5 * x * (1.0 - tanh_u * tanh_u) * du_dx) * dout
 
-    def rows(r):                                # r: a slice of the N elements
-        x = inp1[r]
-        x2 = x * x
-        u = (x2 * f(0.044715) + f(1)) * x * f(GELU_SCALING_FACTOR)
-        th = np.tanh(u)
-        du = (x2 * f(3.0 * 0.044715) + f(1)) * f(GELU_SCALING_FACTOR)
-        local_grad = f(0.5) * (f(1) + th) + f(0.5) * x * (f(1) - th * th) * du
-        local_grad *= dout1[r]
-        dinp1[r] += local_grad
-    parallel_rows(rows, N)
+
+def gelu_forward_loop(out, inp, N):
+    x_flat, out_flat = inp.reshape(-1), out.reshape(-1, copy=False)
+    for i in range(N):
+        x = x_flat[i]
+        cube = 0.044715 * x * x * x
+        out_flat[i] = 0.5 * x * (1.0 + math.tanh(GELU_SCALING_FACTOR * (x + cube)))
+
+
+def gelu_backward_loop(dinp, inp, dout, N):
+    x_flat, dout_flat, dinp_flat = inp.reshape(-1), dout.reshape(-1), dinp.reshape(-1, copy=False)
+    for i in range(N):
+        x = x_flat[i]
+        cube = 0.044715 * x * x * x
+        tanh_out = math.tanh(GELU_SCALING_FACTOR * (x + cube))
+        sech2 = 1.0 - tanh_out * tanh_out
+        local_grad = 0.5 * (1.0 + tanh_out) + x * 0.5 * sech2 * GELU_SCALING_FACTOR * (1.0 + 3.0 * 0.044715 * x * x)
+        dinp_flat[i] += local_grad * dout_flat[i]
 
 
 def residual_forward(out, inp1, inp2, N):
+    """out = inp1 + inp2, elementwise over N."""
     np.add(inp1, inp2, out=out)
 
 
 def residual_backward(dinp1, dinp2, dout, N):
+    """dinp1 += dout; dinp2 += dout (one thread: the arrays are too small to be worth cutting)."""
     dinp1 += dout
     dinp2 += dout
 
 
-def softmax_forward(probs, logits, B, T, V, Vp):
-    """Softmax over the first V of the Vp columns of each (b, t) row; pad columns get 0."""
-    logits2, probs2 = as_rows(logits, B * T), as_rows(probs, B * T)   # (B*T, Vp)
+def residual_forward_loop(out, inp1, inp2, N):
+    a, b, o = inp1.reshape(-1), inp2.reshape(-1), out.reshape(-1, copy=False)
+    for i in range(N):
+        o[i] = a[i] + b[i]
 
-    def rows(r):                                            # r: a slice of the B*T rows
-        lv, pv = logits2[r, :V], probs2[r, :V]              # (rows, V) views
-        np.subtract(lv, lv.max(axis=-1, keepdims=True), out=pv)
-        np.exp(pv, out=pv)
-        pv /= pv.sum(axis=-1, keepdims=True)
-        probs2[r, V:] = 0
-    parallel_rows(rows, B * T)
+
+def residual_backward_loop(dinp1, dinp2, dout, N):
+    d1, d2, d = dinp1.reshape(-1, copy=False), dinp2.reshape(-1, copy=False), dout.reshape(-1)
+    for i in range(N):
+        d1[i] += d[i]
+        d2[i] += d[i]
+
+
+@row_blocks("probs", "logits", rows="BT", block=8)
+def softmax_forward(probs, logits, B, T, V, Vp):
+    """probs (B, T, Vp) = softmax of logits over the first V of the Vp columns; pad columns get 0."""
+    logits_v = logits[..., :V]                                     # (B, T, V): the real vocabulary
+    e = np.exp(logits_v - logits_v.max(axis=-1, keepdims=True))    # shifted by the max: no overflow
+    probs[..., :V] = e / e.sum(axis=-1, keepdims=True)
+    probs[..., V:] = 0.0
 
 
 def softmax_forward_loop(probs, logits, B, T, V, Vp):
-    """Reference: llm.c's row loop, the padded columns spelled out."""
     for b in range(B):
         for t in range(T):
-            row = logits[b, t]
-            maxval = max(row[:V])
-            e = np.exp(row[:V] - maxval)
-            probs[b, t, :V] = e / e.sum()
-            probs[b, t, V:] = 0                             # pad columns: probability 0
+            maxval = -math.inf
+            for i in range(V):
+                maxval = max(maxval, logits[b, t, i])
+            total = 0.0
+            for i in range(V):
+                probs[b, t, i] = math.exp(logits[b, t, i] - maxval)
+                total += probs[b, t, i]
+            for i in range(V):
+                probs[b, t, i] = probs[b, t, i] / total
+            for i in range(V, Vp):
+                probs[b, t, i] = 0.0                        # pad columns: probability 0
 
 
 def crossentropy_forward(losses, probs, targets, B, T, Vp):
-    """losses[b, t] = -log probs[b, t, targets[b, t]]."""
-    picked = np.take_along_axis(probs, targets[..., None].astype(np.intp), axis=-1)[..., 0]
-    np.log(picked, out=losses)
-    np.negative(losses, out=losses)
-
-
-def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, B, T, V, Vp):
-    """Fused backward of softmax + crossentropy: dlogits = (probs - onehot(target)) * dloss,
-    over the first V columns only; the pad columns' gradients stay exactly 0."""
-    dlogits2, probs2, dlosses1 = as_rows(dlogits, B * T), as_rows(probs, B * T), dlosses.reshape(-1, copy=False)
-
-    def rows(r):                                             # r: a slice of the B*T rows
-        for i in range(r.start, r.stop, 8):                  # 8 rows at a time: a small temporary
-            s = slice(i, min(i + 8, r.stop))
-            dlogits2[s, :V] += probs2[s, :V] * dlosses1[s, None]
-    parallel_rows(rows, B * T)
+    """losses (B, T) = -log of the probability each position gives its target token."""
     b, t = np.indices((B, T))
-    dlogits[b, t, targets] -= dlosses                        # each (b, t) once: no duplicates
+    losses[...] = -np.log(probs[b, t, targets])
+
+
+def crossentropy_forward_loop(losses, probs, targets, B, T, Vp):
+    for b in range(B):
+        for t in range(T):
+            losses[b, t] = -math.log(probs[b, t, targets[b, t]])
+
+
+@row_blocks("dlogits", "dlosses", "probs", "targets", rows="BT", block=8)
+def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, B, T, V, Vp):
+    """Fused backward of softmax + crossentropy: dlogits += (probs - onehot(target)) * dlosses,
+    over the first V columns only; the pad columns' gradients stay exactly 0."""
+    dlogits[..., :V] += probs[..., :V] * dlosses[..., None]       # (B, T, V)
+    b, t = np.indices((B, T))
+    dlogits[b, t, targets] -= dlosses                             # each (b, t) once: no duplicates
 
 
 def crossentropy_softmax_backward_loop(dlogits, dlosses, probs, targets, B, T, V, Vp):
-    """Reference: llm.c's loop; the inner loop stops at V, so columns V..Vp-1 are never touched."""
+    """The inner loop stops at V, so columns V..Vp-1 are never touched."""
     for b in range(B):
         for t in range(T):
             ix = targets[b, t]
@@ -701,43 +667,35 @@ def to_numpy(x):
 # the optimizer: AdamW exactly as torch.optim.AdamW (single-tensor path), plus the global
 # gradient norm, clipping and the learning-rate schedules
 #
-# Written over the whole flat arrays at once, AdamW is a dozen NumPy expressions on 124M floats,
-# each streaming ~0.5 GB through memory: slower than all the matrix multiplies of a step. So it
-# walks the flat buffers in chunks small enough to stay in the CPU's last-level cache (the same
-# dozen ufuncs, in place, into reused scratch), and two threads take half the chunks each (NumPy
-# releases the GIL inside ufuncs). Smaller, L2-sized chunks measured slower: each ufunc call
-# holds the GIL for a moment, and with 2 threads and ~30k calls per step those moments add up
-# (d12 on 2 cores: 64K floats 132 ms, 128K 126 ms, 256K 113 ms, 1M 118 ms).
+# adamw is the update written on whole arrays. Run once over the flat 124M-float arrays, each of
+# its NumPy operations would stream ~0.5 GB through memory, more time than all the matrix
+# multiplies of a step; so gpt2_update hands it to llmc.cpu's in_chunks, which calls it on matching
+# chunks of p, g, m and v small enough to stay in the CPU's cache, the chunks shared among the
+# threads. Measured for d12 on 2 cores (ms per update): 64K floats 237 (each NumPy call holds the
+# GIL for a moment, and the two threads wait on each other), 128K 207, 256K 250 (the temporaries
+# no longer fit in the cache).
 
-ADAMW_CHUNK = 1 << 18                  # floats per chunk: p, g, m, v and 2 scratch = 6 MiB
+ADAMW_CHUNK = 1 << 17                  # floats per chunk: p, g, m, v and two temporaries, 3 MiB
 
 
-def adamw_chunk(p, g, m, v, s1, s2, lr, beta1, beta2, eps, weight_decay, bias_correction1,
-                bias_correction2_sqrt, grad_scale):
-    """One AdamW step on matching slices of the flat arrays, in place. s1, s2: scratch.
-    torch:  p *= 1 - lr*wd;  m = lerp(m, g, 1-beta1);  v = beta2*v + (1-beta2)*g*g;
-            p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
-    The last line is computed as p -= m / ((sqrt(v)/sqrt(bc2) + eps) / (lr/bc1)), the step size
-    folded into the denominator's two constants: one pass fewer over the chunk."""
-    if grad_scale != 1.0:
-        g = np.multiply(g, grad_scale, out=s2)          # the clipped / averaged gradient
+def adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t, grad_scale=1.0):
+    """AdamW step number t (1-based) on matching float32 arrays, in place, as torch computes it:
+        g = grad * grad_scale                      (the clipped / averaged gradient)
+        param *= 1 - lr * weight_decay             (decoupled weight decay)
+        m = beta1 * m + (1 - beta1) * g            (torch: m += (1 - beta1) * (g - m))
+        v = beta2 * v + (1 - beta2) * g^2
+        param -= lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t)"""
+    g = grad * grad_scale if grad_scale != 1.0 else grad
     if weight_decay != 0.0:
-        p *= 1.0 - lr * weight_decay                    # decoupled weight decay
-    np.subtract(g, m, out=s1)                           # m += (1-beta1) * (g - m)
-    s1 *= 1.0 - beta1
-    m += s1
-    v *= beta2                                          # v = beta2 * v + (1-beta2) * g^2
-    np.multiply(g, g, out=s1)
-    s1 *= 1.0 - beta2
-    v += s1
-    step_size = lr / bias_correction1
-    if step_size == 0.0:                                # lr 0: the moments move, p does not
-        return
-    np.sqrt(v, out=s1)                                  # (sqrt(v_hat) + eps) / step_size
-    s1 *= 1.0 / (bias_correction2_sqrt * step_size)
-    s1 += eps / step_size
-    np.divide(m, s1, out=s1)                            # step_size * m_hat / (sqrt(v_hat) + eps)
-    p -= s1
+        param *= 1.0 - lr * weight_decay
+    m += (1.0 - beta1) * (g - m)
+    v *= beta2
+    v += (1.0 - beta2) * (g * g)
+    # the last line with m_hat and v_hat written out: step_size * m / (sqrt(v) / sqrt(bc2) + eps),
+    # the step size folded into the denominator's two constants (one pass fewer over the arrays)
+    step_size = lr / (1.0 - beta1 ** t)
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
+    param -= m / (np.sqrt(v) / (bias_correction2_sqrt * step_size) + eps / step_size)
 
 
 def param_segments(model):
@@ -757,30 +715,20 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_s
         model.m_memory = np.zeros(model.num_parameters, dtype=np.float32)
         model.v_memory = np.zeros(model.num_parameters, dtype=np.float32)
     p, g, m, v = model.params_memory, model.grads_memory, model.m_memory, model.v_memory
-    chunks = [(a, min(a + ADAMW_CHUNK, stop), decayed)
-              for start, stop, decayed in param_segments(model) for a in range(start, stop, ADAMW_CHUNK)]
-    bias_correction1 = 1.0 - beta1 ** t
-    bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
-
-    def work(my_chunks):
-        s1, s2 = np.empty(ADAMW_CHUNK, np.float32), np.empty(ADAMW_CHUNK, np.float32)
-        for a, b, decayed in my_chunks:
-            n = b - a
-            adamw_chunk(p[a:b], g[a:b], m[a:b], v[a:b], s1[:n], s2[:n], learning_rate, beta1, beta2, eps,
-                        weight_decay if decayed else 0.0, bias_correction1, bias_correction2_sqrt, grad_scale)
-
-    share = -(-len(chunks) // NUM_THREADS)
-    list(thread_pool().map(work, [chunks[i:i + share] for i in range(0, len(chunks), share)]))
+    for start, stop, decayed in param_segments(model):
+        s = slice(start, stop)
+        in_chunks(adamw, (p[s], g[s], m[s], v[s]), ADAMW_CHUNK, learning_rate, beta1, beta2, eps,
+                  weight_decay if decayed else 0.0, t, grad_scale)
 
 
 NORM_CHUNK = 1 << 20
 
 
 def gpt2_calculate_grad_norm(model):
-    """Global L2 norm of all parameter gradients (a python float)."""
-    g = model.grads_memory
-    parts = [g[a:a + NORM_CHUNK] for a in range(0, g.size, NORM_CHUNK)]
-    return math.sqrt(sum(float(np.dot(x, x)) for x in parts))
+    """Global L2 norm of all parameter gradients (a python float): sqrt(sum g^2), the squares
+    summed per chunk in float32 (a BLAS dot) and the chunks' sums in float64, in order."""
+    squares = in_chunks(lambda x: float(np.dot(x, x)), (model.grads_memory,), NORM_CHUNK)
+    return math.sqrt(sum(squares))
 
 
 def grad_clip_scale(norm, grad_clip):
@@ -788,20 +736,6 @@ def grad_clip_scale(norm, grad_clip):
     if grad_clip <= 0.0:
         return 1.0
     return min(1.0, grad_clip / (norm + 1e-6))
-
-
-def blas_info():
-    """Which OpenBLAS kernels NumPy runs (asked from the library itself), as one line."""
-    import ctypes
-    blas, corename = openblas_library(), None
-    if blas is not None:
-        fn = getattr(blas.lib, f"{blas.prefix}openblas_get_corename{blas.suffix}", None)
-        if fn is not None:
-            fn.restype = ctypes.c_char_p
-            corename = fn().decode()
-    env = os.environ.get("OPENBLAS_CORETYPE")
-    how = "set by llmc (the CPU has AVX-512)" if llmc.OPENBLAS_CORETYPE_SET_HERE else ("from the environment" if env else "auto-detected")
-    return f"OpenBLAS core {corename or 'unknown'} (OPENBLAS_CORETYPE={env or 'unset'}, {how})"
 
 
 # ----------------------------------------------------------------------------
@@ -867,7 +801,7 @@ def device_setup(args):
     NumPy: switch on the profiler if asked, and say which BLAS runs the matmuls."""
     if args.profile:
         profiler.enable(sys.modules[__name__])
-    return [blas_info()]
+    return [blas_info(llmc.OPENBLAS_CORETYPE_SET_HERE)]
 
 
 class StepTimer:

@@ -166,10 +166,10 @@ def worker_gemm(args):
     (times that count: perfect scaling, which OpenBLAS's own threading misses on skinny shapes and on
     a busy machine). The roofline takes the faster of the two, an upper bound on what the BLAS can
     give. Nothing else runs in this process."""
+    import llmc  # noqa: F401  (before NumPy: it picks the OpenBLAS kernels the trainer runs on)
     import numpy as np
-    import train_gpt2 as tg  # first: llmc picks the OpenBLAS kernels the trainer runs on
     from llmc.formats import MODEL_MAGIC, GPT2Config, read_header
-    threads = trainer_threads(tg)
+    threads = trainer_threads()
     header, _ = read_header(args.checkpoint, MODEL_MAGIC, (3, 5))
     config = GPT2Config(*map(int, header[2:8]))
     set_threads = openblas_function("set_num_threads")
@@ -199,16 +199,10 @@ def worker_gemm(args):
     return dict(rows=rows, threads=threads, blas_threads_set=set_threads is not None)
 
 
-def trainer_threads(tg):
-    """The number of threads our trainer runs its layers and matmuls on (its NUM_THREADS)."""
-    for module in (tg, sys.modules.get("llmc.cpu")):
-        if module is not None and hasattr(module, "NUM_THREADS"):
-            return int(module.NUM_THREADS)
-    try:
-        from llmc import cpu
-        return int(cpu.NUM_THREADS)
-    except (ImportError, AttributeError):
-        return os.cpu_count()
+def trainer_threads():
+    """The number of threads our trainer runs its layers and matmuls on (llmc/cpu.py's NUM_THREADS)."""
+    from llmc import cpu
+    return cpu.NUM_THREADS
 
 
 # ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import train_gpt2 as m  # noqa: E402
 from llmc import formats, utils  # noqa: E402
 from llmc.rand import normal_  # noqa: E402
+from llmc import cpu  # noqa: E402
 
 B, T, C, NH, V, Vp = 3, 13, 48, 3, 101, 128
 rng = np.random.default_rng(1234)
@@ -444,8 +445,213 @@ def test_gemm(dtype):
     for aa, bb in ((a, b), (np.ascontiguousarray(a.T).T, np.ascontiguousarray(b.T).T), (rand(7, 10)[:, ::2].astype(dtype), b)):
         c = rand(7, 9).astype(dtype)
         expected = c + aa @ bb
-        m.gemm(c, aa, bb, accumulate=True)
+        cpu.gemm(c, aa, bb, accumulate=True)
         assert c.dtype == dtype
         np.testing.assert_allclose(c, expected, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-6)
-        m.gemm(c, aa, bb, accumulate=False)
+        cpu.gemm(c, aa, bb, accumulate=False)
         np.testing.assert_allclose(c, aa @ bb, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-6)
+
+
+# --- every fast layer against its loop twin (llm.c's loops, written out in Python) -------------
+
+def twin_cases(dtype):
+    """(name, fast, loop, args, compare) for each layer pair, on small odd shapes. Forward outputs
+    start as NaN (every element must be written), gradients as random numbers (backward must add).
+    compare: {argument index: boolean mask} where only part of an output is defined alike."""
+    r = np.random.default_rng(7)
+    B, T, C, NH, V, Vp, OC, maxT = 2, 5, 8, 2, 11, 16, 7, 9
+
+    def f(*shape, scale=1.0):
+        return (r.standard_normal(shape) * scale).astype(dtype)
+
+    def nan(*shape):
+        return np.full(shape, np.nan, dtype)
+
+    ids = r.integers(0, V, size=(B, T)).astype(np.int32)
+    ids[1, 3] = ids[0, 0] = ids[1, 4]                 # a token seen three times
+    inp, w, b = f(B, T, C) * 2 + 0.5, f(C), f(C)
+    mean, rstd = np.empty((B, T), dtype), np.empty((B, T), dtype)
+    m.layernorm_forward(nan(B, T, C), mean, rstd, inp, w, b, B, T, C)
+    qkv = f(B, T, 3 * C)
+    att = np.empty((B, NH, T, T), dtype)
+    m.attention_forward(nan(B, T, C), nan(B, NH, T, T), att, qkv, B, T, C, NH)
+    logits = f(B, T, Vp, scale=3.0)
+    logits[..., V:] = 1e3                             # garbage in the pad columns must not leak
+    probs = np.empty((B, T, Vp), dtype)
+    m.softmax_forward(probs, logits, B, T, V, Vp)
+    causal = np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, NH, T, T))
+    N = B * T * 4 * C
+    return [
+        ("encoder_forward", m.encoder_forward, m.encoder_forward_loop,
+         [nan(B, T, C), ids, f(Vp, C), f(maxT, C), B, T, C], {}),
+        ("encoder_backward", m.encoder_backward, m.encoder_backward_loop,
+         [f(Vp, C), f(maxT, C), f(B, T, C), ids, B, T, C], {}),
+        ("layernorm_forward", m.layernorm_forward, m.layernorm_forward_loop,
+         [nan(B, T, C), nan(B, T), nan(B, T), inp, w, b, B, T, C], {}),
+        ("layernorm_backward", m.layernorm_backward, m.layernorm_backward_loop,
+         [f(B, T, C), f(C), f(C), f(B, T, C), inp, w, mean, rstd, B, T, C], {}),
+        ("matmul_forward", m.matmul_forward, m.matmul_forward_naive,
+         [nan(B, T, OC), f(B, T, C), f(OC, C), f(OC), B, T, C, OC], {}),
+        ("matmul_forward no bias", m.matmul_forward, m.matmul_forward_naive,
+         [nan(B, T, OC), f(B, T, C), f(OC, C), None, B, T, C, OC], {}),
+        ("matmul_backward", m.matmul_backward, m.matmul_backward_loop,
+         [f(B, T, C), f(OC, C), f(OC), f(B, T, OC), f(B, T, C), f(OC, C), B, T, C, OC], {}),
+        ("matmul_backward no bias", m.matmul_backward, m.matmul_backward_loop,
+         [f(B, T, C), f(OC, C), None, f(B, T, OC), f(B, T, C), f(OC, C), B, T, C, OC], {}),
+        ("attention_forward", m.attention_forward, m.attention_forward_loop,
+         [nan(B, T, C), nan(B, NH, T, T), nan(B, NH, T, T), qkv, B, T, C, NH], {}),
+        # dpreatt and datt are scratch that the model zeroes (the fast layer reads them whole);
+        # on datt the loop skips the masked t2 > t, where the fast layer writes dout @ v^T
+        ("attention_backward", m.attention_backward, m.attention_backward_loop,
+         [f(B, T, 3 * C), np.zeros((B, NH, T, T), dtype), np.zeros((B, NH, T, T), dtype), f(B, T, C), qkv, att,
+          B, T, C, NH], {2: causal}),
+        ("gelu_forward", m.gelu_forward, m.gelu_forward_loop, [nan(B, T, 4 * C), f(B, T, 4 * C, scale=2.0), N], {}),
+        ("gelu_backward", m.gelu_backward, m.gelu_backward_loop,
+         [f(B, T, 4 * C), f(B, T, 4 * C, scale=2.0), f(B, T, 4 * C), N], {}),
+        ("residual_forward", m.residual_forward, m.residual_forward_loop,
+         [nan(B, T, C), f(B, T, C), f(B, T, C), B * T * C], {}),
+        ("residual_backward", m.residual_backward, m.residual_backward_loop,
+         [f(B, T, C), f(B, T, C), f(B, T, C), B * T * C], {}),
+        ("softmax_forward", m.softmax_forward, m.softmax_forward_loop, [nan(B, T, Vp), logits, B, T, V, Vp], {}),
+        ("crossentropy_forward", m.crossentropy_forward, m.crossentropy_forward_loop,
+         [nan(B, T), probs, ids, B, T, Vp], {}),
+        ("crossentropy_softmax_backward", m.crossentropy_softmax_backward, m.crossentropy_softmax_backward_loop,
+         [f(B, T, Vp), f(B, T), probs, ids, B, T, V, Vp], {}),
+    ]
+
+
+TWIN_NAMES = [case[0] for case in twin_cases(np.float64)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name", TWIN_NAMES)
+def test_fast_layer_matches_loop_twin(name, dtype):
+    """The whole-array layer (with its row blocks and BLAS calls) and the loop twin, from the same
+    arguments, leave every array argument the same: float64 to 1e-12, float32 to float32 rounding."""
+    _, fast, loop, args, compare = next(c for c in twin_cases(dtype) if c[0] == name)
+    fast_args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    loop_args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    fast(*fast_args)
+    loop(*loop_args)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-5)
+    for i, (x, y) in enumerate(zip(fast_args, loop_args)):
+        if isinstance(x, np.ndarray):
+            assert x.dtype == args[i].dtype, (name, i, x.dtype)
+            mask = compare.get(i, np.ones(x.shape, bool))
+            assert not np.isnan(x[mask]).any(), (name, i, "an output element was never written")
+            np.testing.assert_allclose(x[mask], y[mask], err_msg=f"{name}: argument {i}", **tol)
+    changed = [not np.array_equal(x, a, equal_nan=True) for x, a in zip(fast_args, args) if isinstance(a, np.ndarray)]
+    assert any(changed), f"{name} wrote nothing"
+
+
+def test_row_blocks_cuts_rows_and_sums_in_a_fixed_order():
+    """row_blocks runs the body on blocks of the rows (several when `block` is small), each with
+    its size argument set to the block's count, and adds per-thread partial sums in thread order."""
+    calls = []
+
+    @cpu.row_blocks("out", "x", summed=("total",), rows="N", block=3)
+    def square(out, total, x, N):
+        calls.append(N)
+        out[...] = x * x
+        total += (x * x).sum(axis=0)
+
+    x = np.arange(1.0, 12.0).reshape(11, 1)
+    out, total = np.zeros_like(x), np.full(1, 100.0)
+    square(out, total, x, 11)
+    np.testing.assert_array_equal(out, x * x)
+    assert total[0] == 100.0 + (x * x).sum()
+    assert sum(calls) == 11 and max(calls) <= 3 and len(calls) >= 4
+    bt_calls = []
+
+    @cpu.row_blocks("out", "inp", rows="BT")
+    def rowsum(out, inp, B, T, C):
+        bt_calls.append((B, T, inp.shape))
+        out[...] = inp.sum(axis=-1)
+
+    inp = rand(3, 5, 4)
+    out = np.empty((3, 5))
+    rowsum(out, inp, 3, 5, 4)
+    np.testing.assert_allclose(out, inp.sum(axis=-1), rtol=1e-15)
+    if cpu.NUM_THREADS > 1:
+        assert len(bt_calls) == 2 and all(T == 1 and shape[1:] == (1, 4) for _, T, shape in bt_calls)
+        assert sum(Bb for Bb, _, _ in bt_calls) == 15
+
+
+def test_parameter_gradients_are_the_same_every_run():
+    """The summed gradients (layernorm's dweight and dbias, matmul's dbias) go through per-thread
+    partial sums added in a fixed order: float32 results identical bit for bit, run after run."""
+    x = rand(4, 64, 96).astype(np.float32)
+    w, b = rand(96).astype(np.float32), rand(96).astype(np.float32)
+    dout = rand(4, 64, 96).astype(np.float32)
+    out, mean, rstd = np.empty_like(x), np.empty((4, 64), np.float32), np.empty((4, 64), np.float32)
+    m.layernorm_forward(out, mean, rstd, x, w, b, 4, 64, 96)
+    results = []
+    for _ in range(5):
+        dx, dw, db = np.zeros_like(x), np.zeros_like(w), np.zeros_like(b)
+        m.layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, 4, 64, 96)
+        dxm, dwm, dbm = np.zeros_like(x), np.zeros((96, 96), np.float32), np.zeros(96, np.float32)
+        m.matmul_backward(dxm, dwm, dbm, dout, x, w[None].repeat(96, 0), 4, 64, 96, 96)
+        results.append((dx, dw, db, dxm, dwm, dbm))
+    for again in results[1:]:
+        for first, other in zip(results[0], again):
+            np.testing.assert_array_equal(first, other)
+
+
+def test_matmul_takes_the_blas_path(monkeypatch):
+    """matmul_forward / matmul_backward on float32 go through NumPy's OpenBLAS sgemm called by ctypes
+    (one call per block), never np.matmul: a lookup that silently fails and falls back fails here."""
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    if "openblas" not in blas.lower():
+        pytest.skip(f"NumPy is built with {blas}, not OpenBLAS: the np.matmul fallback is the path")
+    functions = cpu.gemm_functions()
+    assert np.dtype(np.float32) in functions and np.dtype(np.float64) in functions
+    calls = []
+
+    def counting(dtype, fn):
+        def call(*args):
+            calls.append(dtype)
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(cpu, "gemm_functions", lambda: {dt: counting(dt, fn) for dt, fn in functions.items()})
+
+    def no_matmul(*args, **kwargs):
+        raise AssertionError("np.matmul called: the BLAS path was not taken")
+
+    monkeypatch.setattr(np, "matmul", no_matmul)
+    Bx, Tx, Cx, OCx = 2, 24, 40, 56
+    inp, weight, bias = (rand(Bx, Tx, Cx).astype(np.float32), rand(OCx, Cx).astype(np.float32),
+                         rand(OCx).astype(np.float32))
+    out = np.empty((Bx, Tx, OCx), np.float32)
+    m.matmul_forward(out, inp, weight, bias, Bx, Tx, Cx, OCx)
+    forward_calls = len(calls)
+    dout = rand(Bx, Tx, OCx).astype(np.float32)
+    dinp, dweight, dbias = np.zeros_like(inp), np.zeros_like(weight), np.zeros_like(bias)
+    m.matmul_backward(dinp, dweight, dbias, dout, inp, weight, Bx, Tx, Cx, OCx)
+    assert forward_calls >= 1 and len(calls) - forward_calls >= 2, calls     # dinp and dweight
+    assert set(calls) == {np.dtype(np.float32)}
+    i64, w64 = inp.astype(np.float64), weight.astype(np.float64)
+    np.testing.assert_allclose(out, i64 @ w64.T + bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dinp, dout.astype(np.float64) @ w64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dweight, dout.reshape(-1, OCx).T.astype(np.float64) @ i64.reshape(-1, Cx),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_parallel_rows_waits_for_every_slice_on_an_error():
+    """A slice that raises does not leave the other slices running behind the caller's back."""
+    import threading
+    import time
+    if cpu.NUM_THREADS < 2:
+        pytest.skip("one thread: no other slices")
+    done = []
+    caller = threading.get_ident()
+
+    def work(r):
+        if threading.get_ident() == caller:
+            raise RuntimeError("boom")
+        time.sleep(0.2)
+        done.append(r)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        cpu.parallel_rows(work, 2)
+    assert len(done) == 1
