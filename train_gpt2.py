@@ -34,8 +34,9 @@ from llmc.utils import ConfigError
 # What makes the NumPy below fast lives in llmc/cpu.py, out of the way of the math: NumPy's
 # OpenBLAS sgemm called through ctypes (matmul, matmuls), one thread pool for all the layers
 # (row_blocks runs a layer over blocks of its rows in parallel, in_chunks runs AdamW over
-# cache-sized chunks), and glibc told to keep freed memory for the next step's temporaries.
-from llmc.cpu import blas_info, in_chunks, keep_freed_memory, matmul, matmuls, row_blocks
+# cache-sized chunks, zero clears a big buffer), and glibc told to keep freed memory for the
+# next step's temporaries.
+from llmc.cpu import blas_info, in_chunks, keep_freed_memory, matmul, matmuls, row_blocks, zero
 
 
 # ----------------------------------------------------------------------------
@@ -609,7 +610,7 @@ def gpt2_forward(model, inputs, targets, B, T):
 def gpt2_zero_grad(model):
     """Zero the parameter gradients (once per optimizer step; backward accumulates into them)."""
     if model.grads_memory is not None:
-        model.grads_memory.fill(0)
+        zero(model.grads_memory)
 
 
 def gpt2_backward(model):
@@ -627,7 +628,7 @@ def gpt2_backward(model):
     if model.grads_acts_memory is None:
         model.grads_acts_memory = np.zeros(sum(model.grad_act_sizes), dtype=np.float32)
     else:
-        model.grads_acts_memory.fill(0)
+        zero(model.grads_acts_memory)
     grad_shapes = [(n, s) for n, s in activation_shapes(c, B, T) if n not in NO_GRAD_ACTS]
     p, g, acts = model.params, model.grads, model.acts
     dacts = model.grads_acts = views(model.grads_acts_memory, grad_shapes, model.grad_act_sizes)
