@@ -9,7 +9,6 @@ with [info] are numbers the page quotes (memory sizes), not checks.
 
 import math
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -19,16 +18,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import train_gpt2 as tg  # noqa: E402  (the NumPy layers of section 3)
-
-TOL = {"f64": 1e-10, "f32": 1e-5}
-failed = []
-
-
-def check(tag, what, a, b):
-    err = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-    print(f"[{tag}] {what:<60} max abs err {err:.2e}")
-    if not err <= TOL[tag]:
-        failed.append(what)
+from checks import check, kernel_module, verdict  # noqa: E402  (doc/checks.py: the check lines)
 
 
 # odd shapes: T = 37 > 32, so a warp walks a row of att in two strides; hs = 16, C = 48
@@ -175,15 +165,13 @@ def section3(ref, pap):
 
 # ---- 4. the CUDA kernels of kernels/attention.cu and the cuBLAS calls, on the CPU emulator
 def section4(ref, pap):
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        print("[skip] emulator: no g++ on this machine")
+    mod = kernel_module("attention")               # kernels/attention.cu on the emulator
+    if mod is None:
         return
     os.environ["LLMC_EMULATE"] = "1"               # train_gpt2_cuda: NumPy arrays + the kernel emulator
     import train_gpt2_cuda as tc
-    from emulator import RawModule
-    from llmc.cuda_common import ceil_div, kernel_source
+    from llmc.cuda_common import ceil_div
 
-    mod = RawModule(code=kernel_source("attention"), options=("--std=c++17",))
     f32, i32 = np.float32, np.int32
     scale = 1.0 / math.sqrt(hs)
     inp = qkv_np.astype(f32)
@@ -267,7 +255,4 @@ if __name__ == "__main__":
     section3(ref, pap)
     section4(ref, pap)
     section5()
-    if failed:
-        print(f"FAILED: {len(failed)} check(s) above tolerance: {', '.join(failed)}")
-        sys.exit(1)
-    print("all checks passed")
+    verdict()

@@ -8,7 +8,6 @@ with [info] are numbers the page quotes, not checks.
 """
 
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -18,16 +17,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import train_gpt2 as tg  # noqa: E402  (the NumPy layers of section 3)
-
-TOL = {"f64": 1e-10, "f32": 1e-5}
-failed = []
-
-
-def check(tag, what, a, b):
-    err = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-    print(f"[{tag}] {what:<60} max abs err {err:.2e}")
-    if not err <= TOL[tag]:
-        failed.append(what)
+from checks import check, kernel_module, verdict  # noqa: E402  (doc/checks.py: the check lines)
 
 
 # a small vocabulary, padded as the real one is: V = 300 -> Vp = 384 (a multiple of 128)
@@ -134,15 +124,12 @@ def section3(ref):
 
 # ---- 4. the fused CUDA kernel of kernels/classifier.cu, on the CPU emulator
 def section4(ref):
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        print("[skip] emulator: no g++ on this machine")
+    mod = kernel_module("classifier")                  # kernels/classifier.cu on the emulator
+    if mod is None:
         return
     os.environ["LLMC_EMULATE"] = "1"                   # train_gpt2_cuda: NumPy arrays + the kernel emulator
     import train_gpt2_cuda as tc
-    from emulator import RawModule
-    from llmc.cuda_common import kernel_source
 
-    mod = RawModule(code=kernel_source("classifier"), options=("--std=c++17",))
     f32, i32 = np.float32, np.int32
     targets = targets_np.astype(i32)
     logits = logits_np.astype(f32)
@@ -231,7 +218,4 @@ if __name__ == "__main__":
     section3(ref)
     section4(ref)
     section5()
-    if failed:
-        print(f"FAILED: {len(failed)} check(s) above tolerance: {', '.join(failed)}")
-        sys.exit(1)
-    print("all checks passed")
+    verdict()

@@ -7,7 +7,6 @@ non-zero if any error is above its tolerance (1e-10 in float64, 1e-5 in float32)
 """
 
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -16,16 +15,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import train_gpt2 as tg  # noqa: E402  (the NumPy layers of section 3)
-
-TOL = {"f64": 1e-10, "f32": 1e-5}
-failed = []
-
-
-def check(tag, what, a, b):
-    err = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-    print(f"[{tag}] {what:<52} max abs err {err:.2e}")
-    if not err <= TOL[tag]:
-        failed.append(what)
+from checks import check, kernel_module, verdict  # noqa: E402  (doc/checks.py: the check lines)
 
 
 B, T, C = 3, 13, 48           # odd shapes: B*T = 39 rows, C not a multiple of 32
@@ -124,14 +114,10 @@ def section3(ref):
 
 # ---- 4. the CUDA kernels of kernels/layernorm.cu, on the CPU emulator (float32 only)
 def section4(ref):
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        print("[skip] emulator: no g++ on this machine")
+    mod = kernel_module("layernorm")              # kernels/layernorm.cu on the emulator
+    if mod is None:
         return
-    from emulator import RawModule
-    from llmc.cuda_common import ceil_div, kernel_source
-
-    src = kernel_source("layernorm")              # kernels/layernorm.cu with common.cuh pasted in for its #include
-    mod = RawModule(code=src, options=("--std=c++17",))
+    from llmc.cuda_common import ceil_div
     f32, i32, N = np.float32, np.int32, B * T
     inp, weight, bias, dout_ = (a.astype(f32) for a in (x_np, w_np, b_np, dout_np))
     out_ = np.empty((B, T, C), f32)
@@ -162,7 +148,4 @@ if __name__ == "__main__":
     section2(ref)
     section3(ref)
     section4(ref)
-    if failed:
-        print(f"FAILED: {len(failed)} check(s) above tolerance: {', '.join(failed)}")
-        sys.exit(1)
-    print("all checks passed")
+    verdict()

@@ -1,0 +1,40 @@
+"""What the doc scripts (layernorm.py, attention.py, classifier.py) share: every check prints one
+line, `[f64] <what> ... max abs err <x>` (or [f32]), and verdict() ends the script with the count
+of checks above tolerance, exiting 1 if there is any. tests/test_doc.py parses those lines.
+kernel_module(file) compiles a kernel file on the CPU emulator for the CUDA sections."""
+
+import os
+import shutil
+import sys
+
+import numpy as np
+
+TOL = {"f64": 1e-10, "f32": 1e-5}    # float64 is exact to rounding; float32 has 24 bits
+failed = []
+
+
+def check(tag, what, a, b, width=60):
+    """Print the max abs difference of a and b (any shapes that broadcast) and hold it to TOL[tag]."""
+    err = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    print(f"[{tag}] {what:<{width}} max abs err {err:.2e}")
+    if not err <= TOL[tag]:
+        failed.append(what)
+
+
+def verdict():
+    if failed:
+        print(f"FAILED: {len(failed)} check(s) above tolerance: {', '.join(failed)}")
+        sys.exit(1)
+    print("all checks passed")
+
+
+def kernel_module(file):
+    """kernels/<file>.cu on the emulator, compiled from the very text train_gpt2_cuda.py hands NVRTC:
+    RawModule(code=kernel_source(file), options=("--std=c++17",)), kernel_source being the .cu file
+    with common.cuh pasted in for its #include. None, after a [skip] line, where there is no g++."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        print("[skip] emulator: no g++ on this machine")
+        return None
+    from emulator import RawModule
+    from llmc.cuda_common import kernel_source
+    return RawModule(code=kernel_source(file), options=("--std=c++17",))
