@@ -42,11 +42,11 @@ $(CHECKPOINT): | $(TS_TRAIN)
 	$(PYTHON) train_gpt2_torch.py --model $(MODEL)
 
 train: setup data export
-	@echo "== the exporter's PyTorch steps are done; now train_gpt2.py (NumPy) trains $(CHECKPOINT) on tiny shakespeare"
+	@echo "== train_gpt2.py (NumPy) trains $(CHECKPOINT) on tiny shakespeare (the PyTorch steps above, if any, were the exporter's)"
 	$(PYTHON) train_gpt2.py -e $(CHECKPOINT)
 
 train_cuda: setup data export
-	@echo "== the exporter's PyTorch steps are done; now train_gpt2_cuda.py (CUDA kernels) trains $(CHECKPOINT)"
+	@echo "== train_gpt2_cuda.py (CUDA kernels) trains $(CHECKPOINT) (the PyTorch steps above, if any, were the exporter's)"
 	$(PYTHON) train_gpt2_cuda.py -e $(CHECKPOINT)
 
 test: setup
