@@ -776,8 +776,7 @@ SHOWN_DEFAULTS = {
     "train_data_pattern": f"{SHAKESPEARE.format('train')} if it exists, else {TINYSTORIES.format('train')}",
     "val_data_pattern": f"{SHAKESPEARE.format('val')} if it exists, else {TINYSTORIES.format('val')}",
     "load_filename": "gpt2_124M.bin, or gpt2_d12.bin when only that exists",
-    "output_log_dir": "none",
-    "total_batch_size": "-1 (= B*T)",
+    "output_log_dir": "none (nothing is written)",
 }
 
 # AdamW settings fixed in train_gpt2.c (no flags): betas (0.9, 0.999), eps 1e-8, no clipping

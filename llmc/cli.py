@@ -15,7 +15,7 @@ FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
     "i": ("train_data_pattern", "train data: a file or a glob of shards"),
     "j": ("val_data_pattern", "val data: a file or a glob of shards"),
     "e": ("load_filename", "model file (.bin, fp32 or bf16), or d6/d12/d24/d36/d48 to start from scratch"),
-    "o": ("output_log_dir", "output dir: main.log and the final model file (none: write nothing)"),
+    "o": ("output_log_dir", "output dir for main.log and the final model file"),
     "b": ("B", "(micro) batch size B"),
     "t": ("T", "sequence length T (at most the model's max_seq_len)"),
     "d": ("total_batch_size", "tokens per optimizer step, a multiple of B*T: gradient accumulation (-1 = B*T)"),
@@ -31,7 +31,7 @@ FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
     "g": ("genT", "tokens to sample"),
     "a": ("overfit_single_batch", "train on the first val batch over and over? 0/1"),
     "f": ("override_enable_tf32", "TF32 tensor cores for the fp32 matmuls? 0/1"),
-    "profile": ("profile", "print a per-layer time table at the end? 0/1 (written --profile)"),
+    "profile": ("profile", "print a per-layer time table at the end? 0/1"),
 }
 NAMES = {name: flag for flag, (name, _) in FLAGS.items()}      # llm.c's name -> flag letter(s)
 KINDS = {int: "an integer", float: "a number", str: "a string"}
