@@ -234,7 +234,7 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC):
     gemm(dinp.reshape(B * T, C), dout.reshape(B * T, OC), weight)
     gemm(dweight, dout.reshape(B * T, OC), inp.reshape(B * T, C), transpose_a=True, accumulate=True)
     if dbias is not None:
-        block = 128
+        block = 1024  # 32 columns per block, its 32 warps splitting the rows
         kernel("matmul", "matmul_backward_bias_kernel")(
             (ceil_div(OC, 32),), (block,), (dbias, dout, i32(B * T), i32(OC)), shared_mem=block * 4)
 
