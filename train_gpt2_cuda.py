@@ -562,10 +562,21 @@ BETA1, BETA2, ADAM_EPS, GRAD_CLIP = 0.9, 0.95, 1e-8, 1.0
 # the pieces train_gpt2.train takes from its trainer module besides the model API (NumPy's are in
 # train_gpt2.py, next to the loop)
 
+gemm_precision = "fp32"  # the GEMMs' precision, as device_setup set it: "tf32" or "fp32"
+
+
 def device_setup(args):
     """Runs before the model is built: TF32 on or off (-f); returns the lines print_config adds."""
+    global gemm_precision
     tf32 = set_tf32(args.override_enable_tf32)
+    gemm_precision = "tf32" if tf32 else "fp32"
     return [f"device: {device_name()}", f"TF32: {'enabled' if tf32 else 'disabled'}"]
+
+
+def device_info():
+    """(device name, the GEMMs' precision) for the MFU on the step line: train_gpt2.train looks up the
+    peak FLOP/s in llmc/mfu.py (the emulator's "CPU (...)" has none: "MFU n/a")."""
+    return device_name(), gemm_precision
 
 
 class StepTimer:

@@ -392,7 +392,7 @@ def test_cli_trains_validates_samples_and_writes_files(tmp_path, tiny_checkpoint
     assert f"batch: B={B} T={T}, total {2 * B * T} tokens = 2 micro-step(s); 4 steps" in lines
     assert "AdamW: lr 0.01 (cosine, warmup 0, final frac 1), betas (0.9, 0.95), eps 1e-08, weight decay 0, grad clip 1" in lines
     steps = [line for line in lines if line.startswith("step ")]
-    assert len(steps) == 4 and steps[0].startswith("step    1/4: train loss ") and "tok/s) norm " in steps[0], steps
+    assert len(steps) == 4 and steps[0].startswith("step    1/4: train loss ") and "tok/s, MFU n/a) norm " in steps[0], steps
     val_losses = [float(line.split()[-1]) for line in lines if line.startswith("val loss ")]
     assert len(val_losses) == 3 and val_losses[-1] < val_losses[0], val_losses   # it learns
     samples = [lines[i + 2] for i, line in enumerate(lines) if line == "generating:"]
