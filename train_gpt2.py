@@ -25,6 +25,7 @@ from llmc.dataloader import DataLoader
 from llmc.formats import (MODEL_DEPTHS, FormatError, GPT2Config, num_parameters, padded_vocab, param_shapes,
                           print_config, read_model_file, write_model_file)
 from llmc.logger import Logger
+from llmc.mfu import TokensPerSecond, flops_per_token, format_mfu, mfu_percent, peak_flops
 from llmc.rand import normal_
 from llmc.sampler import random_f32, sample_mult
 from llmc.schedulers import get_lr
@@ -748,11 +749,13 @@ def grad_clip_scale(norm, grad_clip):
 #               gpt2_zero_grad(model), gpt2_backward(model), gpt2_calculate_grad_norm(model) -> float,
 #               gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale)
 #   AdamW:      BETA1, BETA2, ADAM_EPS, GRAD_CLIP (fixed in llm.c, no flags)
-#   the device: device_setup(args) -> lines for the config block, StepTimer (start(), stop() -> ms),
+#   the device: device_setup(args) -> lines for the config block, device_info() -> (device name, the
+#               GEMMs' precision "bf16"/"tf32"/"fp32"; after device_setup; llmc/mfu.py looks up its
+#               peak FLOP/s for the MFU), StepTimer (start(), stop() -> ms),
 #               next_token_probs(model, tokens, t) -> (V,) float32 on the host, to_numpy(array)
 TRAINER_API = ("gpt2_build_from_descriptor", "gpt2_forward", "gpt2_zero_grad", "gpt2_backward",
                "gpt2_calculate_grad_norm", "gpt2_update", "BETA1", "BETA2", "ADAM_EPS", "GRAD_CLIP",
-               "device_setup", "StepTimer", "next_token_probs", "to_numpy")
+               "device_setup", "device_info", "StepTimer", "next_token_probs", "to_numpy")
 
 # train_gpt2.c's job, by llm.c's names (llmc/cli.py gives each its flag: -b is B, -l learning_rate, ...)
 TRAIN_GPT2_C_DEFAULTS = {
@@ -802,6 +805,12 @@ def device_setup(args):
     if args.profile:
         profiler.enable(sys.modules[__name__])
     return [blas_info(llmc.OPENBLAS_CORETYPE_SET_HERE)]
+
+
+def device_info():
+    """(device name, precision) for the MFU: the CPU, which has no entry in llmc/mfu.py's peak table,
+    so the step line prints "MFU n/a"."""
+    return "CPU", "fp32"
 
 
 class StepTimer:
@@ -917,6 +926,14 @@ def train(args, trainer=None):
     grad_accum_steps = total_batch // (B * T)
     num_steps = args.max_steps if args.max_steps > 0 else train_loader.num_tokens // total_batch
     print(f"batch: B={B} T={T}, total {total_batch} tokens = {grad_accum_steps} micro-step(s); {num_steps} steps")
+    # MFU: the model's FLOPs per step against the device's peak (llmc/mfu.py; None when it is not in the table)
+    config = model.config
+    flops_per_step = flops_per_token(model.num_parameters, config.num_layers, config.channels, T) * total_batch
+    device, precision = tr.device_info()
+    peak = peak_flops(device, precision)
+    per_token = f"MFU: {flops_per_step // total_batch:,} FLOPs per token (6N + 6LCT)"
+    print(f"{per_token} against {device}'s {precision} peak, {peak / 1e12:g} TFLOP/s" if peak else
+          f"{per_token}; no peak FLOP/s known for {device}, so MFU n/a")
     clip = f", grad clip {tr.GRAD_CLIP:g}" if tr.GRAD_CLIP > 0 else ""   # train_gpt2.c does not clip
     print(f"AdamW: lr {args.learning_rate:g} ({args.lr_scheduler_type}, warmup {args.warmup_iterations}, "
           f"final frac {args.final_learning_rate_frac:g}), betas ({tr.BETA1}, {tr.BETA2}), eps {tr.ADAM_EPS:g}, "
@@ -931,6 +948,7 @@ def train(args, trainer=None):
     logger = Logger(args.output_log_dir)
     rng_state = [1337]
     timer = tr.StepTimer()
+    tokens_per_second = TokensPerSecond()                 # the moving average the step line shows
     step_times = []
     for step in range(num_steps + 1):
         last_step = step == num_steps
@@ -962,7 +980,9 @@ def train(args, trainer=None):
         ms = timer.stop()
         profiler.ACTIVE[0] = False
         step_times.append(ms)
-        print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({ms:.2f} ms, {total_batch / (ms / 1e3):.0f} tok/s)"
+        tok_s = tokens_per_second.update(total_batch, ms / 1e3)
+        mfu = format_mfu(mfu_percent(flops_per_step, ms / 1e3, peak), precision)
+        print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({ms:.2f} ms, {tok_s:.0f} tok/s, {mfu})"
               f" norm {norm:.4f} lr {lr:.2e}")
         logger.log_train(step + 1, train_loss)
 

@@ -98,7 +98,10 @@ else:
         NULL = np.uint64(0)  # a null pointer argument (CuPy 13 turns None into 0xffffffff, cupy issue #9046)
         Event = xp.cuda.Event
         elapsed_ms = xp.cuda.get_elapsed_time
-        _ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)  # host scalars cuBLAS reads
+        # the host scalars cuBLAS reads for alpha and beta, made once: two float32 arrays that live as
+        # long as the module, and their addresses (a .ctypes.data per call built a new object per GEMM)
+        _ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)
+        _ONE_PTR, _ZERO_PTR = _ONE.ctypes.data, _ZERO.ctypes.data
 
         def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
             """out (batch, m, n) (+)= op(a) @ op(b) for C-contiguous float32 arrays of 2 or 3 dims
@@ -113,15 +116,15 @@ else:
             stride = lambda x: x.shape[-2] * x.shape[-1] if x.ndim == 3 else 0  # noqa: E731
             for x in (out, a, b):
                 assert x.flags.c_contiguous and x.dtype == np.float32
-            beta = _ONE if accumulate else _ZERO
+            beta = _ONE_PTR if accumulate else _ZERO_PTR
             cublas.sgemmStridedBatched(
                 xp.cuda.device.get_cublas_handle(),
                 cublas.CUBLAS_OP_T if transpose_b else cublas.CUBLAS_OP_N,
                 cublas.CUBLAS_OP_T if transpose_a else cublas.CUBLAS_OP_N,
-                n, m, k, _ONE.ctypes.data,
+                n, m, k, _ONE_PTR,
                 b.data.ptr, b.shape[-1], stride(b),
                 a.data.ptr, a.shape[-1], stride(a),
-                beta.ctypes.data, out.data.ptr, n, stride(out), batch)
+                beta, out.data.ptr, n, stride(out), batch)
 
         def set_tf32(enabled):
             """TF32 tensor cores for the float32 GEMMs, as llm.c's fp32 trainer does on sm >= 80
@@ -129,12 +132,16 @@ else:
             cuBLAS handle's math mode, so that is the switch: cublasSetMathMode(TF32_TENSOR_OP_MATH).
             CuPy's own matmul/dot pick their compute type separately (CUPY_TF32=1 in the environment,
             read once at the first float32 matmul, or _routines_linalg.set_compute_type), so we set
-            that too, for any cupy.matmul a reader adds. On GPUs before Ampere this is a no-op."""
+            that too, for any cupy.matmul a reader adds; that function is private, and a CuPy without
+            it keeps the math mode alone (our GEMMs need nothing more). On GPUs before Ampere this is a no-op."""
             tf32 = bool(enabled) and int(xp.cuda.Device().compute_capability) >= 80
             mode = getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3) if tf32 else cublas.CUBLAS_DEFAULT_MATH
             cublas.setMathMode(xp.cuda.device.get_cublas_handle(), mode)
-            from cupy._core import _routines_linalg as linalg
-            linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT)
+            try:
+                from cupy._core import _routines_linalg as linalg
+                linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT)
+            except (ImportError, AttributeError):
+                pass  # a CuPy without the private switch: cupy.matmul follows CUPY_TF32 only
             return tf32
 
         def device_name():
@@ -234,7 +241,7 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC):
     gemm(dinp.reshape(B * T, C), dout.reshape(B * T, OC), weight)
     gemm(dweight, dout.reshape(B * T, OC), inp.reshape(B * T, C), transpose_a=True, accumulate=True)
     if dbias is not None:
-        block = 128
+        block = 1024  # 32 columns per block, its 32 warps splitting the rows
         kernel("matmul", "matmul_backward_bias_kernel")(
             (ceil_div(OC, 32),), (block,), (dbias, dout, i32(B * T), i32(OC)), shared_mem=block * 4)
 
@@ -555,10 +562,21 @@ BETA1, BETA2, ADAM_EPS, GRAD_CLIP = 0.9, 0.95, 1e-8, 1.0
 # the pieces train_gpt2.train takes from its trainer module besides the model API (NumPy's are in
 # train_gpt2.py, next to the loop)
 
+gemm_precision = "fp32"  # the GEMMs' precision, as device_setup set it: "tf32" or "fp32"
+
+
 def device_setup(args):
     """Runs before the model is built: TF32 on or off (-f); returns the lines print_config adds."""
+    global gemm_precision
     tf32 = set_tf32(args.override_enable_tf32)
+    gemm_precision = "tf32" if tf32 else "fp32"
     return [f"device: {device_name()}", f"TF32: {'enabled' if tf32 else 'disabled'}"]
+
+
+def device_info():
+    """(device name, the GEMMs' precision) for the MFU on the step line: train_gpt2.train looks up the
+    peak FLOP/s in llmc/mfu.py (the emulator's "CPU (...)" has none: "MFU n/a")."""
+    return device_name(), gemm_precision
 
 
 class StepTimer:

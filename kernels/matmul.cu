@@ -10,12 +10,17 @@
 //   launch: grid = ceil_div(N*OC, block), block = 256 (any size).
 //
 // matmul_backward_bias_kernel(float* dbias, const float* dout, int N, int OC)
-//   dbias (OC) += column sums of dout (N,OC) (accumulates). Deterministic (no atomics).
-//   Each block owns 32 consecutive columns (one per lane); its warps stride over the rows
-//   and meet in shared memory (llm.c's matmul_backward_bias_kernel4, with a bounds check so
-//   OC need not be a multiple of 32).
-//   launch: grid = ceil_div(OC, 32), block = 128 (a multiple of 32, <= 1024),
-//   dynamic shared memory = block*sizeof(float) bytes.
+//   dbias (OC) += column sums of dout (N,OC) (accumulates). Deterministic (no atomics): every
+//   column is summed by one block, in an order fixed by the block size.
+//   Each block owns 32 consecutive columns (one per lane), and its warps split the rows: warp w
+//   reads rows w, w + warps, ..., each read a coalesced 128 bytes; the per-warp sums meet in
+//   shared memory and warp 0 adds them up in warp order (llm.c's matmul_backward_bias_kernel4,
+//   with a bounds check so OC need not be a multiple of 32). A 1024-thread block keeps 32 rows
+//   in flight per block: GPT-2 124M's OC = 768 / 2304 / 3072 give 24 / 72 / 96 blocks, so on a
+//   132-SM GPU each busy SM runs 32 warps (128-thread blocks ran 4). Splitting the rows across
+//   blocks too, with a deterministic second pass, would fill the idle SMs; not done here.
+//   launch: grid = ceil_div(OC, 32), block = 1024 (a multiple of 32, <= 1024; declared
+//   __launch_bounds__(1024)), dynamic shared memory = block*sizeof(float) bytes.
 //
 // Assumes N*OC < 2^31.
 
@@ -27,7 +32,8 @@ extern "C" __global__ void add_bias_kernel(float* out, const float* bias, int N,
     out[idx] += bias[idx % OC];
 }
 
-extern "C" __global__ void matmul_backward_bias_kernel(float* dbias, const float* dout, int N, int OC) {
+extern "C" __global__ void __launch_bounds__(1024) matmul_backward_bias_kernel(float* dbias, const float* dout,
+                                                                            int N, int OC) {
     extern __shared__ float partial[];               // (blockDim.x/32, 32): one row per warp
     int warp = threadIdx.x / 32;
     int lane = threadIdx.x % 32;

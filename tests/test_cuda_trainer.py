@@ -278,7 +278,7 @@ sys.modules["cupy._core"], sys.modules["cupy._core._routines_linalg"] = _core, l
 
 cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
 cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, cublas.CUBLAS_DEFAULT_MATH, cublas.CUBLAS_TF32_TENSOR_OP_MATH = 0, 1, 0, 3
-cublas.math_mode, cublas.calls = {}, []
+cublas.math_mode, cublas.calls, cublas.alphas, cublas.betas = {}, [], set(), set()
 cublas.setMathMode = lambda handle, mode: cublas.math_mode.__setitem__(handle, mode)
 
 def column_major(ptr, offset, rows, cols, ld):
@@ -288,6 +288,8 @@ def column_major(ptr, offset, rows, cols, ld):
 def sgemmStridedBatched(handle, transa, transb, m, n, k, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC, batch):
     alpha, beta = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
     cublas.calls.append((transa, transb))
+    cublas.alphas.add(alpha)
+    cublas.betas.add(beta)
     for i in range(batch):
         a = column_major(A, i * sA, *((m, k) if transa == 0 else (k, m)), lda)
         b = column_major(B, i * sB, *((k, n) if transb == 0 else (n, k)), ldb)
@@ -309,8 +311,9 @@ from llmc import formats
 from test_cuda_trainer import CONFIG, B, T, batch, assert_close
 from cupy_backends.cuda.libs import cublas
 assert not cu.EMULATE and cu.NO_GPU is None and type(cu.xp.zeros(1)).__name__ == "DevArray"
-assert cu.set_tf32(1) is True and cublas.math_mode[7] == 3
-assert cu.set_tf32(0) is False and cublas.math_mode[7] == 0
+linalg = sys.modules["cupy._core._routines_linalg"]
+assert cu.set_tf32(1) is True and cublas.math_mode[7] == 3 and linalg.current == linalg.COMPUTE_TYPE_TF32
+assert cu.set_tf32(0) is False and cublas.math_mode[7] == 0 and linalg.current == linalg.COMPUTE_TYPE_DEFAULT
 ours, ref = cu.gpt2_build_from_checkpoint({ckpt!r}), npt.gpt2_build_from_checkpoint({ckpt!r})
 x, y = batch(1)
 for step in range(3):
@@ -329,6 +332,14 @@ for step in range(3):
     for tr, m in ((cu, ours), (npt, ref)):
         tr.gpt2_update(m, 1e-2, 0.9, 0.95, 1e-8, 0.0, step + 1, grad_scale=tr.grad_clip_scale(m.norm, 1.0))
 assert set(cublas.calls) == {{(0, 0), (0, 1), (1, 0)}}, set(cublas.calls)  # N/N, N/T and T/N GEMMs all ran
+assert cublas.alphas == {{1.0}} and cublas.betas == {{0.0, 1.0}}   # the module's alpha/beta scalars, read as floats
+# a CuPy whose private set_compute_type is gone (AttributeError), or whose module is (ImportError):
+# set_tf32 still switches the cuBLAS math mode
+del linalg.set_compute_type
+assert cu.set_tf32(1) is True and cublas.math_mode[7] == 3
+sys.modules["cupy._core._routines_linalg"] = None
+del sys.modules["cupy._core"]._routines_linalg
+assert cu.set_tf32(0) is False and cublas.math_mode[7] == 0
 print("gpu path ok", len(cublas.calls), "gemm calls")
 """
 
@@ -381,7 +392,7 @@ def test_cli_trains_validates_samples_and_writes_files(tmp_path, tiny_checkpoint
     assert f"batch: B={B} T={T}, total {2 * B * T} tokens = 2 micro-step(s); 4 steps" in lines
     assert "AdamW: lr 0.01 (cosine, warmup 0, final frac 1), betas (0.9, 0.95), eps 1e-08, weight decay 0, grad clip 1" in lines
     steps = [line for line in lines if line.startswith("step ")]
-    assert len(steps) == 4 and steps[0].startswith("step    1/4: train loss ") and "tok/s) norm " in steps[0], steps
+    assert len(steps) == 4 and steps[0].startswith("step    1/4: train loss ") and "tok/s, MFU n/a) norm " in steps[0], steps
     val_losses = [float(line.split()[-1]) for line in lines if line.startswith("val loss ")]
     assert len(val_losses) == 3 and val_losses[-1] < val_losses[0], val_losses   # it learns
     samples = [lines[i + 2] for i, line in enumerate(lines) if line == "generating:"]

@@ -131,7 +131,7 @@ def test_kernel_source_is_nvrtc_clean_and_header_matches(name):
     for banned in ("FLT_MAX", "INFINITY", "std::", "assert("):
         assert banned not in code, f"{name} uses {banned}, which NVRTC does not provide"
     header = " ".join(line.lstrip()[2:] for line in src.splitlines()[:80] if line.lstrip().startswith("//"))
-    kernels = re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', code)
+    kernels = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\)', code)
     assert kernels, f"{name}.cu defines no extern \"C\" __global__ kernel"
     assert len(kernels) == len(re.findall(r"__global__", code)), "every kernel must be extern \"C\""
     for kname, params in kernels:
@@ -250,7 +250,7 @@ def test_matmul_bias_forward_and_backward(mods):
 
     dout = rand(rng, B, T, OC)
     w_dinp, w_dweight, w_dbias = np.zeros((B, T, C)), np.zeros((OC, C)), rand(rng, OC).astype(np.float64)
-    for block in (128, 32, 1024):
+    for block in (1024, 32, 128):                     # 1024 as matmul_backward launches it; any multiple of 32 works
         dbias = w_dbias.astype(np.float32)
         fn(mods, "matmul", "matmul_backward_bias_kernel")(ceil_div(OC, 32), block, (dbias, dout, i32(N), i32(OC)),
                                                           shared_mem=block * 4)
@@ -416,6 +416,46 @@ def test_fused_classifier(mods, block, use_dlosses):
     close(losses, w_losses, atol=1e-5, rtol=1e-6)
     close(x, w_dlogits, atol=1e-7, rtol=1e-5)
     assert np.all(x[..., V:] == 0)
+
+
+def _ftz(x):
+    """float32 with CuPy's -ftz=true: a result below 2^-126 in magnitude (a denormal) becomes 0."""
+    x = np.asarray(x, np.float32)
+    return np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)
+
+
+def test_classifier_loss_of_a_target_far_below_the_max(mods):
+    """A target logit 100 below its row's max: exp(-100) is a float32 denormal (~3.7e-44), which a GPU
+    built with -ftz=true flushes to 0, so a loss of -log(exp(x_t - max) / sum) would be inf there.
+    The emulator keeps denormals and cannot show it; a float32 twin with the flush shows both
+    formulas, and the kernel's text is checked to take the loss from the log-sum-exp."""
+    rng = np.random.default_rng(12)
+    logits = rand(rng, B, T, Vp, scale=4.0)
+    targets = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    rows = logits.reshape(B * T, Vp)
+    for r in (0, 5):
+        rows[r, targets.flat[r]] = rows[r, :V].max() - 100.0
+    x64 = logits[..., :V].astype(np.float64)
+    w_losses = np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1)) + x64.max(-1) \
+        - np.take_along_axis(x64, targets[..., None].astype(np.int64), -1)[..., 0]
+    assert w_losses.flat[0] > 100 and w_losses.flat[5] > 100
+    losses = np.full((B, T), np.nan, np.float32)
+    x = logits.copy()
+    fn(mods, "classifier", "fused_classifier_kernel")(
+        B * T, 1024, (x, losses, None, targets, i32(B), i32(T), i32(V), i32(Vp), i32(1)))
+    assert np.all(np.isfinite(losses))
+    close(losses, w_losses, atol=1e-5, rtol=1e-6)
+
+    # the float32 twin under flush-to-zero: the old formula's exp is flushed, the new one's terms are not
+    row = rows[0, :V]
+    mx, xt = row.max(), row[targets.flat[0]]
+    total = _ftz(np.exp(_ftz(row - mx)).sum(dtype=np.float32))
+    with np.errstate(divide="ignore"):
+        old = -np.log(_ftz(_ftz(np.exp(xt - mx)) / total))            # -logf(expf(x - max) * norm)
+    new = np.log(total) - (xt - mx)                                   # the kernel's log-sum-exp form
+    assert old == np.inf and np.isfinite(new) and abs(new - w_losses.flat[0]) < 1e-4
+    source = open(os.path.join(KERNEL_DIR, "classifier.cu")).read()
+    assert "logf(sum) - (x[target] - gmax)" in source and "logf(prob)" not in source
 
 
 def _adamw_reference(p, g, m, v, lr, b1, b2, eps, wd, t, grad_scale):
@@ -738,7 +778,7 @@ def test_every_kernel_is_exercised_here():
     """A kernel added to kernels/*.cu without a check in this file fails here."""
     with open(os.path.abspath(__file__)) as f:
         this = f.read()
-    names = [k for path in KERNEL_FILES for k in re.findall(r'extern "C" __global__ void (\w+)\(', open(path).read())]
+    names = [k for path in KERNEL_FILES for k in re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', open(path).read())]
     assert len(names) >= 18
     missing = [k for k in names if this.count(f'"{k}"') < 1]
     assert not missing, f"kernels without a test: {missing}"

@@ -56,7 +56,9 @@ def test_tiny_run_logs_samples_and_checkpoint(workdir, capsys):
                  f"in wte's 47 zero pad rows: the vocabulary 50257 is padded to 50304, a multiple of 128)"):
         assert line in out, line
     steps = [l for l in out.splitlines() if l.startswith("step ")]
-    assert len(steps) == 4 and steps[0].startswith("step    1/4: train loss ") and " ms, " in steps[0]
+    assert len(steps) == 4 and all(STEP_RE.match(l) for l in steps), steps
+    assert all(STEP_RE.match(l)["mfu"] == "MFU n/a" for l in steps)     # the CPU has no peak FLOP/s
+    assert "FLOPs per token (6N + 6LCT); no peak FLOP/s known for CPU, so MFU n/a" in out
     losses = [float(l.split("train loss ")[1].split()[0]) for l in steps]
     assert losses[-1] < losses[0]
     assert out.count("val loss ") == 3                          # steps 0, 2 and the last
@@ -68,6 +70,41 @@ def test_tiny_run_logs_samples_and_checkpoint(workdir, capsys):
     assert float(log[1].split("trl:")[1]) == pytest.approx(losses[0], abs=1e-6)
     config, params = formats.read_model_file("log/model_00000004.bin")
     assert config == TINY and np.isfinite(params).all()
+
+
+# the step line: loss, time, tokens/s (a moving average), MFU (or "MFU n/a"), gradient norm, learning rate
+STEP_RE = re.compile(r"^step +(?P<step>\d+)/(?P<steps>\d+): train loss (?P<loss>\S+) \((?P<ms>\S+) ms, "
+                     r"(?P<tok_s>\d+) tok/s, (?P<mfu>MFU n/a|\d+\.\d% (?:bf16|tf32|fp32) MFU)\) "
+                     r"norm (?P<norm>\S+) lr (?P<lr>\S+)$")
+
+
+def test_step_line_shows_tokens_per_second_and_mfu(workdir, capsys, monkeypatch):
+    """With a device the peak table knows (pretended here) and step times we choose (a fake timer), the
+    MFU is each step's model FLOPs over its time and that peak, and tok/s the bias-corrected moving
+    average of 0.95 that leaves the first step out, as computed by hand."""
+    times = iter([4.0, 0.002, 0.001])                 # ms per step (the first a slow warm-up)
+
+    class FixedTimer:
+        def start(self):
+            pass
+
+        def stop(self):
+            return next(times)
+
+    monkeypatch.setattr(m, "device_info", lambda: ("NVIDIA H100 80GB HBM3", "tf32"))
+    monkeypatch.setattr(m, "StepTimer", FixedTimer)
+    code, out, err = run_main(BASE + ["-x", "3", "-v", "0", "-s", "0"], capsys)
+    assert code == 0, err
+    assert "against NVIDIA H100 80GB HBM3's tf32 peak, 494.5 TFLOP/s" in out
+    steps = [STEP_RE.match(l) for l in out.splitlines() if l.startswith("step ")]
+    assert len(steps) == 3 and all(steps), out
+    tokens = 2 * 16                                   # B * T
+    flops = (6 * formats.num_parameters(TINY) + 6 * 1 * 32 * 16) * tokens
+    rates = [tokens / 4e-3, tokens / 2e-6, tokens / 1e-6]
+    want_tok_s = [rates[0], rates[1], (0.95 * 0.05 * rates[1] + 0.05 * rates[2]) / (1 - 0.95 ** 2)]
+    for s, t, tok_s in zip(steps, (4e-3, 2e-6, 1e-6), want_tok_s):
+        assert s["mfu"] == f"{100 * flops / t / 494.5e12:.1f}% tf32 MFU"
+        assert int(s["tok_s"]) == round(tok_s)
 
 
 def test_overfit_single_batch_and_accumulation(workdir, capsys):
