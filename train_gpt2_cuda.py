@@ -204,11 +204,34 @@ def encoder_forward(out, inp, wte, wpe, B, T, C):
         (ceil_div(B * T * C, block),), (block,), (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
 
 
-def encoder_backward(dwte, dwpe, dout, inp, B, T, C):
-    # dwte[inp] += dout; dwpe[:T] += dout (atomicAdd: a repeated token adds twice)
+def encoder_buckets(inp, out=None):
+    # inp (B,T) token ids on the HOST. Groups the B*T positions by token id (no atomics needed in
+    # the backward): positions (B*T,) sorted by token, then by position; starts (n+1,) where
+    # bucket k is positions[starts[k]:starts[k+1]]; tokens (n,) the n distinct ids. Returns
+    # (positions, starts, tokens, n) on the device, in `out` (>= 3*B*T + 1 int32) when given.
+    flat = np.asarray(inp, dtype=np.int32).reshape(-1)
+    positions = np.argsort(flat, kind="stable").astype(np.int32)  # stable: positions stay in order
+    tokens, starts = np.unique(flat[positions], return_index=True)
+    starts = np.append(starts, flat.size).astype(np.int32)
+    n, BT = len(tokens), flat.size
+    if out is None:
+        out = xp.zeros(3 * BT + 1, dtype=np.int32)
+    out[:BT] = xp.asarray(positions)                                # host -> device, three small copies
+    out[BT:BT + n + 1] = xp.asarray(starts)
+    out[2 * BT + 1:2 * BT + 1 + n] = xp.asarray(tokens.astype(np.int32))
+    return out[:BT], out[BT:BT + n + 1], out[2 * BT + 1:2 * BT + 1 + n], n
+
+
+def encoder_backward(dwte, dwpe, dout, inp, B, T, C, buckets=None):
+    # dwte[inp] += dout; dwpe[:T] += dout summed over b. inp (B,T) token ids on the HOST; buckets:
+    # encoder_buckets(inp), if the caller made them already. Deterministic: each float of dwte and
+    # dwpe is summed by one thread, in a fixed order (no atomics)
+    positions, starts, tokens, n = buckets if buckets is not None else encoder_buckets(inp)
     block = 256
-    kernel("encoder", "encoder_backward_kernel")(
-        (ceil_div(B * T * C, block),), (block,), (dwte, dwpe, dout, inp, i32(B), i32(T), i32(C)))
+    kernel("encoder", "encoder_backward_wte_kernel")(
+        (ceil_div(C, block), n), (block,), (dwte, dout, starts, positions, tokens, i32(n), i32(C)))
+    kernel("encoder", "encoder_backward_wpe_kernel")(
+        (ceil_div(T * C, block),), (block,), (dwpe, dout, i32(B), i32(T), i32(C)))
 
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C):
@@ -218,13 +241,24 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C):
         (ceil_div(B * T * 32, block),), (block,), (out, mean, rstd, inp, weight, bias, i32(B * T), i32(C)))
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, B, T, C):
-    # dinp (B,T,C) += ..., dweight, dbias (C) += ...; one warp per row, 2C floats of shared memory
-    block = 512
+LAYERNORM_BACKWARD_BLOCK = 512   # 16 rows (warps) per block
+
+
+def layernorm_scratch_size(B, T, C):
+    # floats of scratch layernorm_backward needs: 2*C partial sums per block of its grid
+    return ceil_div(32 * B * T, LAYERNORM_BACKWARD_BLOCK) * 2 * C
+
+
+def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, rstd, B, T, C):
+    # dinp (B,T,C) += ..., dweight, dbias (C) += ...; one warp per row for dinp. Each block writes
+    # its rows' share of dbias/dweight to scratch (>= layernorm_scratch_size floats), and a second
+    # kernel adds the shares in block order: deterministic, no atomics
+    block = LAYERNORM_BACKWARD_BLOCK
+    grid = ceil_div(32 * B * T, block)
     kernel("layernorm", "layernorm_backward_kernel")(
-        (ceil_div(32 * B * T, block),), (block,),
-        (dinp, dweight, dbias, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)),
-        shared_mem=2 * C * 4)
+        (grid,), (block,), (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)))
+    kernel("layernorm", "layernorm_backward_sum_kernel")(
+        (ceil_div(C, 256),), (256,), (dweight, dbias, scratch, i32(grid), i32(C)))
 
 
 def matmul_forward(out, inp, weight, bias, B, T, C, OC):
@@ -372,6 +406,8 @@ class GPT2:
         self.norm_partials = xp.zeros(NORM_BLOCKS, dtype=np.float32)     # gpt2_calculate_grad_norm's
         self.batch_size = self.seq_len = 0
         self.inputs = self.targets = None                                  # (B,T) int32 on the device
+        self.inputs_host = None                  # (B,T) int32: the last batch's inputs, kept for encoder_buckets
+        self.layernorm_scratch = self.bucket_memory = None  # the deterministic backward's scratch (1st backward)
         self.mean_loss = -1.0
 
 
@@ -412,6 +448,7 @@ def gpt2_forward(model, inputs, targets, B, T):
                          f"got B={B} T={T}")
 
     model.inputs[...] = xp.asarray(inputs)       # host -> device
+    model.inputs_host = np.array(inputs, dtype=np.int32)  # a host copy: the encoder's backward groups it by token
     if targets is not None:
         model.targets[...] = xp.asarray(targets)
 
@@ -464,6 +501,10 @@ def gpt2_backward(model):
         shapes = grad_activation_shapes(config, B, T)
         model.grads_acts_memory = xp.zeros(sum(math.prod(s) for _, s in shapes), dtype=np.float32)
         model.grads_acts = host.views(model.grads_acts_memory, shapes)
+        # scratch of the deterministic backward kernels, allocated once: per-block partial sums of
+        # dweight/dbias (layernorm), and the positions of the batch grouped by token (encoder)
+        model.layernorm_scratch = xp.zeros(layernorm_scratch_size(B, T, C), dtype=np.float32)
+        model.bucket_memory = xp.zeros(3 * B * T + 1, dtype=np.int32)
 
     params, grads, acts, grads_acts = model.params, model.grads, model.acts, model.grads_acts
     dresidual = grads_acts.residual3  # the gradient of the residual stream (B,T,C): the layernorms add into it
@@ -478,7 +519,8 @@ def gpt2_backward(model):
     matmul_backward(dlnf, grads.wte, None, dlogits, acts.lnf, params.wte, B, T, C, Vp)
     buffer_a = acts.lnf               # (B,T,C): lnf is no longer needed after the classifier's backward
     residual = acts.residual3[L - 1]
-    layernorm_backward(dresidual, grads.lnfw, grads.lnfb, dlnf, residual, params.lnfw,
+    ln_scratch = model.layernorm_scratch  # every layernorm_backward's per-block partials of dweight/dbias
+    layernorm_backward(dresidual, grads.lnfw, grads.lnfb, ln_scratch, dlnf, residual, params.lnfw,
                        acts.lnf_mean, acts.lnf_rstd, B, T, C)
     # the attention backward's scratch, the same buffers for every layer:
     datt = acts.output                # >= (B,NH,T,T): held dlogits, no longer needed after the classifier's backward
@@ -491,8 +533,8 @@ def gpt2_backward(model):
                         params.fcprojw[l], B, T, 4 * C, C)
         gelu_backward(buffer_b, acts.fch[l], buffer_b, B * T * 4 * C)
         matmul_backward(buffer_a, grads.fcw[l], grads.fcb[l], buffer_b, acts.ln2[l], params.fcw[l], B, T, C, 4 * C)
-        layernorm_backward(dresidual, grads.ln2w[l], grads.ln2b[l], buffer_a, acts.residual2[l], params.ln2w[l],
-                           acts.ln2_mean[l], acts.ln2_rstd[l], B, T, C)
+        layernorm_backward(dresidual, grads.ln2w[l], grads.ln2b[l], ln_scratch, buffer_a, acts.residual2[l],
+                           params.ln2w[l], acts.ln2_mean[l], acts.ln2_rstd[l], B, T, C)
         # residual2 = residual + attproj(attention(qkv(ln1(residual))))
         matmul_backward(buffer_a, grads.attprojw[l], grads.attprojb[l], dresidual, acts.atty[l],
                         params.attprojw[l], B, T, C, C)
@@ -502,9 +544,10 @@ def gpt2_backward(model):
         attention_backward(dqkv, dqkvr, dpreatt, datt, dvaccum, buffer_a,
                            acts.qkvr[l], acts.att[l], B, T, C, NH)
         matmul_backward(buffer_a, grads.qkvw[l], grads.qkvb[l], dqkv, acts.ln1[l], params.qkvw[l], B, T, C, 3 * C)
-        layernorm_backward(dresidual, grads.ln1w[l], grads.ln1b[l], buffer_a, residual, params.ln1w[l],
+        layernorm_backward(dresidual, grads.ln1w[l], grads.ln1b[l], ln_scratch, buffer_a, residual, params.ln1w[l],
                            acts.ln1_mean[l], acts.ln1_rstd[l], B, T, C)
-    encoder_backward(grads.wte, grads.wpe, dresidual, model.inputs, B, T, C)
+    buckets = encoder_buckets(model.inputs_host, model.bucket_memory)  # the batch's positions grouped by token
+    encoder_backward(grads.wte, grads.wpe, dresidual, model.inputs_host, B, T, C, buckets)
 
 
 # ----------------------------------------------------------------------------

@@ -185,25 +185,40 @@ def f64(x):
     return np.asarray(x, dtype=np.float64)
 
 
+def token_buckets(inp):
+    """The B*T positions of inp grouped by token id, as train_gpt2_cuda.encoder_buckets makes them on
+    the host (there copied to the device): positions (B*T,) by token then position, starts (n+1,),
+    tokens (n,), n."""
+    flat = inp.reshape(-1)
+    positions = np.argsort(flat, kind="stable").astype(np.int32)
+    tokens, starts = np.unique(flat[positions], return_index=True)
+    return positions, np.append(starts, flat.size).astype(np.int32), tokens.astype(np.int32), len(tokens)
+
+
 def encoder_launches(s, rng, reference):
     B, T, C, Vp = s.B, s.T, s.C, s.Vp
     wte, wpe = rand(rng, Vp, C), rand(rng, s.maxT, C)
     inp = rng.integers(0, min(Vp, 7 if reference else Vp), size=(B, T)).astype(np.int32)  # few ids: repeats
+    if reference:
+        inp.flat[::2] = 3                             # and one heavy bucket: token 3 at every other position
     out = np.full((B, T, C), np.nan, np.float32)
     dout = rand(rng, B, T, C)
     dwte, dwpe = rand(rng, Vp, C), rand(rng, s.maxT, C)   # nonzero: the backward must add
+    positions, starts, tokens, n = token_buckets(inp)
     fwd = Launch("encoder_forward_kernel", ceil_div(B * T * C, 256), 256, (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
-    bwd = Launch("encoder_backward_kernel", ceil_div(B * T * C, 256), 256,
-                 (dwte, dwpe, dout, inp, i32(B), i32(T), i32(C)), read_write=(0, 1))
+    bwd_wte = Launch("encoder_backward_wte_kernel", (ceil_div(C, 256), n), 256,
+                     (dwte, dout, starts, positions, tokens, i32(n), i32(C)), read_write=(0,))
+    bwd_wpe = Launch("encoder_backward_wpe_kernel", ceil_div(T * C, 256), 256,
+                     (dwpe, dout, i32(B), i32(T), i32(C)), read_write=(0,))
     if reference:
         want = np.zeros((B, T, C))
         tg.encoder_forward(want, inp, f64(wte), f64(wpe), B, T, C)
         fwd.outputs = [Output("out", out, want, "encoder_forward", 1e-6)]
         w_dwte, w_dwpe = f64(dwte), f64(dwpe)
         tg.encoder_backward(w_dwte, w_dwpe, f64(dout), inp, B, T, C)
-        bwd.outputs = [Output("dwte", dwte, w_dwte, "encoder_backward (+=)", 1e-5),
-                       Output("dwpe", dwpe, w_dwpe, "encoder_backward (+=)", 1e-5)]
-    return [fwd, bwd]
+        bwd_wte.outputs = [Output("dwte", dwte, w_dwte, "encoder_backward (+=)", 1e-5)]
+        bwd_wpe.outputs = [Output("dwpe", dwpe, w_dwpe, "encoder_backward (+=)", 1e-5)]
+    return [fwd, bwd_wte, bwd_wpe]
 
 
 def layernorm_launches(s, rng, reference):
@@ -219,9 +234,13 @@ def layernorm_launches(s, rng, reference):
     dinp, dweight, dbias = rand(rng, B, T, C), rand(rng, C), rand(rng, C)   # the backward adds into these
     b_mean = inp.mean(-1, dtype=np.float64).astype(np.float32)
     b_rstd = (1 / np.sqrt(inp.var(-1, dtype=np.float64) + 1e-5)).astype(np.float32)
-    bwd = Launch("layernorm_backward_kernel", ceil_div(32 * B * T, 512), 512,
-                 (dinp, dweight, dbias, dout, inp, weight, b_mean, b_rstd, i32(B), i32(T), i32(C)),
-                 shared_mem=2 * C * 4, read_write=(0, 1, 2))
+    block = 512                                       # 16 rows per block (the last block partly empty on ODD)
+    grid = ceil_div(32 * B * T, block)
+    scratch = np.full((grid, 2, C), np.nan, np.float32)   # per-block partials, written by the first kernel
+    bwd = Launch("layernorm_backward_kernel", grid, block,
+                 (dinp, scratch, dout, inp, weight, b_mean, b_rstd, i32(B), i32(T), i32(C)), read_write=(0,))
+    bwd_sum = Launch("layernorm_backward_sum_kernel", ceil_div(C, 256), 256,
+                     (dweight, dbias, scratch, i32(grid), i32(C)), read_write=(0, 1))
     if reference:
         w_out, w_mean, w_rstd = np.zeros((B, T, C)), np.zeros((B, T)), np.zeros((B, T))
         tg.layernorm_forward(w_out, w_mean, w_rstd, f64(inp), f64(weight), f64(bias), B, T, C)
@@ -230,9 +249,17 @@ def layernorm_launches(s, rng, reference):
                        Output("rstd", rstd, w_rstd, "layernorm_forward", 0.0, 1e-5)]
         want = [f64(x) for x in (dinp, dweight, dbias)]
         tg.layernorm_backward(*want, f64(dout), f64(inp), f64(weight), f64(b_mean), f64(b_rstd), B, T, C)
-        bwd.outputs = [Output(name, got, w, "layernorm_backward (+=)", 2e-5, 1e-5)
-                       for name, got, w in zip(("dinp", "dweight", "dbias"), (dinp, dweight, dbias), want)]
-    return [fwd, bwd]
+        # the partials: dbias and dweight of each block's 16 rows alone (zero rows pad the last block)
+        rows = np.zeros((grid * block // 32, 2, C))
+        d = f64(dout).reshape(B * T, C)
+        rows[:B * T, 0] = d
+        rows[:B * T, 1] = d * (f64(inp) - f64(b_mean)[..., None]).reshape(B * T, C) * f64(b_rstd).reshape(-1, 1)
+        w_scratch = rows.reshape(grid, block // 32, 2, C).sum(axis=1)
+        bwd.outputs = [Output("dinp", dinp, want[0], "layernorm_backward (+=)", 2e-5, 1e-5),
+                       Output("scratch", scratch, w_scratch, "layernorm_backward per block", 2e-5, 1e-5)]
+        bwd_sum.outputs = [Output(name, got, w, "layernorm_backward (+=)", 2e-5, 1e-5)
+                           for name, got, w in zip(("dweight", "dbias"), (dweight, dbias), want[1:])]
+    return [fwd, bwd, bwd_sum]
 
 
 def matmul_launches(s, rng, reference):
@@ -459,16 +486,17 @@ def time_file(file, kernel_dir, repeats, seed=0, shape=D12):
         nbytes = sum(a.nbytes * (2 if i in lc.read_write else 1)
                      for i, a in enumerate(lc.args) if isinstance(a, np.ndarray))
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        grid = lc.grid if isinstance(lc.grid, tuple) else (lc.grid,)
         for _ in range(2):                            # warm-up: module load, caches
-            fn((lc.grid,), (lc.block,), tuple(args), shared_mem=lc.shared_mem)
+            fn(grid, (lc.block,), tuple(args), shared_mem=lc.shared_mem)
         start.record()
         for _ in range(repeats):
-            fn((lc.grid,), (lc.block,), tuple(args), shared_mem=lc.shared_mem)
+            fn(grid, (lc.block,), tuple(args), shared_mem=lc.shared_mem)
         end.record()
         end.synchronize()
         ms = cupy.cuda.get_elapsed_time(start, end) / repeats
         gbs = nbytes / (ms * 1e-3) / 1e9
-        print(f"{lc.kernel:<40} {lc.grid:>9} x {lc.block:<5} {ms:10.4f} {gbs:10.1f}")
+        print(f"{lc.kernel:<40} {'x'.join(map(str, grid)):>9} x {lc.block:<5} {ms:10.4f} {gbs:10.1f}")
         rows.append((file, lc.kernel, ms, gbs))
         del on_device, args
     return rows

@@ -1,8 +1,11 @@
 // layernorm.cu: LayerNorm over the last axis (C), eps = 1e-5, biased variance.
 //
 // Mirrors train_gpt2.py's layernorm_forward / layernorm_backward (llm.c train_gpt2_fp32.cu:
-// layernorm_forward_kernel3 and layernorm_backward_kernel2; warp reductions written with
-// __shfl_xor_sync instead of cooperative groups).
+// layernorm_forward_kernel3, and layernorm_backward_kernel2's warp per row for dinp; warp
+// reductions written with __shfl_xor_sync instead of cooperative groups). Unlike that kernel the
+// backward has no atomics: per-block partial sums of dweight/dbias go to a scratch buffer and a
+// second kernel adds them in block order, so the whole backward is deterministic (as llm.c's
+// mainline train_gpt2.cu, whose LayerNorm backward also sums per-block partials from a scratch buffer).
 //
 // layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp,
 //                          const float* weight, const float* bias, int N, int C)
@@ -11,14 +14,27 @@
 //   launch: one warp per row: block = 256 (a multiple of 32), grid = ceil_div(N*32, block),
 //   no shared memory. A warp whose row is past N returns as a whole before any shuffle.
 //
-// layernorm_backward_kernel(float* dinp, float* dweight, float* dbias, const float* dout,
-//                           const float* inp, const float* weight, const float* mean,
-//                           const float* rstd, int B, int T, int C)
-//   dinp (B,T,C), dweight (C), dbias (C) all ACCUMULATE (+=). One warp per row; each block
-//   first sums its rows' dweight/dbias in shared memory, then adds them to global memory with
-//   atomicAdd (so dweight/dbias are not bit-deterministic run to run; dinp is).
-//   launch: block = 512 (a multiple of 32), grid = ceil_div(32*B*T, block),
-//   dynamic shared memory = 2*C*sizeof(float) bytes (C <= 6144 within the default 48 KiB).
+// layernorm_backward_kernel(float* dinp, float* scratch, const float* dout, const float* inp,
+//                           const float* weight, const float* mean, const float* rstd,
+//                           int B, int T, int C)
+//   dinp (B,T,C) ACCUMULATES (+=). scratch (gridDim.x, 2, C) is WRITTEN: row 2*blk of it holds
+//   block blk's share of dbias (the sum of dout over its rows), row 2*blk+1 its share of dweight
+//   (the sum of norm * dout), for layernorm_backward_sum_kernel to add up.
+//   launch: block = 512 (a multiple of 32; rows_per_block = block/32), grid = ceil_div(32*B*T, block),
+//   no shared memory. Two phases, no barrier between them (the second reads only inputs):
+//   1. one warp per row: the row's two means by warp_sum, then dinp. A warp past the last row
+//      skips this phase as a whole.
+//   2. the block's threads split the C channels (thread x owns x, x + block, ...) and each sums
+//      the block's rows in row order for its channels, into registers, then writes the scratch.
+//   Every float of the partials is added in one fixed order by one thread: no atomics, no
+//   shared memory, so dweight/dbias come out bit-identical run to run (and so does dinp).
+//
+// layernorm_backward_sum_kernel(float* dweight, float* dbias, const float* scratch,
+//                               int num_blocks, int C)
+//   dweight (C) += sum over blk of scratch[blk, 1, :]; dbias (C) += sum over blk of scratch[blk, 0, :],
+//   in block order 0, 1, ..., num_blocks-1 (ACCUMULATES; deterministic). num_blocks is the grid of
+//   the layernorm_backward_kernel launch that wrote scratch.
+//   launch: grid = ceil_div(C, block), block = 256 (any size); one thread per channel.
 //
 // Assumes N*C < 2^31. warp_sum (every lane gets the sum over the warp) comes from common.cuh.
 
@@ -48,21 +64,19 @@ extern "C" __global__ void layernorm_forward_kernel(float* out, float* mean, flo
     for (int i = lane; i < C; i += 32) { o[i] = s * (x[i] - m) * weight[i] + bias[i]; }
 }
 
-extern "C" __global__ void layernorm_backward_kernel(float* dinp, float* dweight, float* dbias,
-                                                     const float* dout, const float* inp,
-                                                     const float* weight, const float* mean,
-                                                     const float* rstd, int B, int T, int C) {
-    extern __shared__ float shared[];           // 2*C floats: this block's dbias, then dweight
-    float* dbias_shared = shared;
-    float* dweight_shared = shared + C;
+extern "C" __global__ void layernorm_backward_kernel(float* dinp, float* scratch, const float* dout,
+                                                     const float* inp, const float* weight,
+                                                     const float* mean, const float* rstd,
+                                                     int B, int T, int C) {
+    int N = B * T;
+    int rows_per_block = blockDim.x / 32;
+    int first_row = blockIdx.x * rows_per_block;      // this block's rows: first_row .. first_row + rows_per_block
     int warp = threadIdx.x / 32;
     int lane = threadIdx.x % 32;
-    int row = blockIdx.x * (blockDim.x / 32) + warp;  // one warp per row
 
-    for (int i = threadIdx.x; i < C; i += blockDim.x) { dbias_shared[i] = 0.0f; dweight_shared[i] = 0.0f; }
-    __syncthreads();
-
-    if (row < B * T) {                          // no return here: every thread meets both barriers
+    // 1. dinp, one warp per row
+    int row = first_row + warp;
+    if (row < N) {
         const float* dout_row = dout + row * C;
         const float* x = inp + row * C;
         float* dinp_row = dinp + row * C;
@@ -84,14 +98,37 @@ extern "C" __global__ void layernorm_backward_kernel(float* dinp, float* dweight
         for (int i = lane; i < C; i += 32) {
             float norm = (x[i] - m) * s;
             float dnorm = weight[i] * dout_row[i];
-            atomicAdd(&dbias_shared[i], dout_row[i]);           // out = ... + bias
-            atomicAdd(&dweight_shared[i], norm * dout_row[i]);  // out = norm * weight + ...
             dinp_row[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
         }
     }
-    __syncthreads();
+
+    // 2. this block's share of dbias and dweight, one thread per channel, rows in order
+    int last_row = min(first_row + rows_per_block, N);
+    float* dbias_part = scratch + (2 * blockIdx.x) * C;           // scratch[blk, 0, :]
+    float* dweight_part = scratch + (2 * blockIdx.x + 1) * C;     // scratch[blk, 1, :]
     for (int i = threadIdx.x; i < C; i += blockDim.x) {
-        atomicAdd(&dbias[i], dbias_shared[i]);
-        atomicAdd(&dweight[i], dweight_shared[i]);
+        float dbias_sum = 0.0f;
+        float dweight_sum = 0.0f;
+        for (int r = first_row; r < last_row; r++) {
+            float d = dout[r * C + i];
+            dbias_sum += d;                                       // out = ... + bias
+            dweight_sum += (inp[r * C + i] - mean[r]) * rstd[r] * d;  // out = norm * weight + ...
+        }
+        dbias_part[i] = dbias_sum;
+        dweight_part[i] = dweight_sum;
     }
+}
+
+extern "C" __global__ void layernorm_backward_sum_kernel(float* dweight, float* dbias, const float* scratch,
+                                                         int num_blocks, int C) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;    // channel
+    if (i >= C) { return; }
+    float dbias_sum = 0.0f;
+    float dweight_sum = 0.0f;
+    for (int blk = 0; blk < num_blocks; blk++) {      // block order: the same sum every run
+        dbias_sum += scratch[(2 * blk) * C + i];
+        dweight_sum += scratch[(2 * blk + 1) * C + i];
+    }
+    dbias[i] += dbias_sum;
+    dweight[i] += dweight_sum;
 }

@@ -114,10 +114,15 @@ def test_timing_path_with_a_stand_in_cupy(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     rows = check_kernel.time_file("layernorm", KERNEL_DIR, repeats=2, shape=check_kernel.ODD)
     out = capsys.readouterr().out
-    assert [k for _, k, _, _ in rows] == ["layernorm_forward_kernel", "layernorm_backward_kernel"]
+    assert [k for _, k, _, _ in rows] == ["layernorm_forward_kernel", "layernorm_backward_kernel",
+                                          "layernorm_backward_sum_kernel"]
     s = check_kernel.ODD
     n = s.B * s.T * s.C * 4
     # forward: out, inp (B,T,C) + mean, rstd (B,T) + weight, bias (C); 1 ms per 2 launches -> 0.5 ms
     fwd_bytes = 2 * n + 2 * s.B * s.T * 4 + 2 * s.C * 4
     assert rows[0][2] == 0.5 and rows[0][3] == pytest.approx(fwd_bytes / 0.5e-3 / 1e9)
     assert "layernorm_backward_kernel" in out
+    rows = check_kernel.time_file("encoder", KERNEL_DIR, repeats=2, shape=check_kernel.ODD)  # a 2-D grid
+    assert [k for _, k, _, _ in rows] == ["encoder_forward_kernel", "encoder_backward_wte_kernel",
+                                          "encoder_backward_wpe_kernel"]
+    assert "encoder_backward_wte_kernel" in capsys.readouterr().out

@@ -233,6 +233,57 @@ def test_grad_norm_and_gemm_helpers(cuda_trainer):
     assert cu.grad_clip_scale(0.5, 1.0) == 1.0 and cu.grad_clip_scale(4.0, 0.0) == 1.0
 
 
+def three_steps(cu, checkpoint):
+    """3 training steps of the CUDA trainer on a batch with a heavy token (one id at half the positions):
+    the loss, grad norm and all gradients of each step, and the parameters after the last."""
+    m = cu.gpt2_build_from_checkpoint(checkpoint)
+    x, y = batch(6)
+    x.flat[::2] = 17
+    record = {}
+    for step in range(3):
+        cu.gpt2_zero_grad(m)
+        cu.gpt2_forward(m, x, y, B, T)
+        cu.gpt2_backward(m)
+        norm = cu.gpt2_calculate_grad_norm(m)
+        record[f"loss{step}"] = np.float32(m.mean_loss)
+        record[f"norm{step}"] = np.float32(norm)
+        record[f"grads{step}"] = cu.to_numpy(m.grads_memory).copy()
+        cu.gpt2_update(m, 1e-2, 0.9, 0.95, 1e-8, 0.1, step + 1, grad_scale=cu.grad_clip_scale(norm, 1.0))
+    record["params"] = cu.to_numpy(m.params_memory).copy()
+    return record
+
+
+THREE_STEPS_RUN = """
+import sys
+import numpy as np
+sys.path[:0] = [{repo!r}, {tests!r}]
+import train_gpt2_cuda as cu
+from test_cuda_trainer import three_steps
+assert cu.EMULATE
+np.savez({path!r}, **three_steps(cu, {ckpt!r}))
+"""
+
+
+def test_training_is_bitwise_deterministic(cuda_trainer, tiny_checkpoint, tmp_path):
+    """The same 3 steps run twice give bit-identical losses, norms, gradients and parameters: no kernel
+    adds with atomics. Once more in a child process with 4 OS threads running the blocks and the warps
+    thread order (LLMC_EMULATOR_THREADS and _ORDER are read per process)."""
+    first, again = three_steps(cuda_trainer, tiny_checkpoint), three_steps(cuda_trainer, tiny_checkpoint)
+    assert first["loss0"] != first["loss2"]                     # it trained
+    path = str(tmp_path / "three_steps.npz")
+    script = THREE_STEPS_RUN.format(repo=REPO, tests=os.path.dirname(os.path.abspath(__file__)), path=path,
+                                    ckpt=tiny_checkpoint)
+    r = run_python(["-c", script], env={"LLMC_EMULATE": "1", "LLMC_EMULATOR_THREADS": "4",
+                                        "LLMC_EMULATOR_ORDER": "warps"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    with np.load(path) as saved:
+        child = dict(saved)
+    for other, what in ((again, "run twice"), (child, "with 4 threads, order warps")):
+        assert other.keys() == first.keys()
+        for name in first:
+            assert first[name].tobytes() == other[name].tobytes(), f"{name} differs bitwise {what}"
+
+
 # ----------------------------------------------------------------------------------------------
 # the GPU code path itself (not the emulator switch), through a fake CuPy
 #

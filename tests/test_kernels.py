@@ -39,7 +39,7 @@ from llmc.cuda_common import KERNEL_DIR, ceil_div, kernel_source  # <file>.cu wi
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "dev"))
 # the harness is shared with dev/check_kernel.py, the command-line check of one kernel file
-from check_kernel import DeviceModule, Emulated, close, gpu_available, rand  # noqa: E402
+from check_kernel import DeviceModule, Emulated, close, gpu_available, rand, token_buckets  # noqa: E402
 
 KERNEL_FILES = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cu")))
 KERNEL_NAMES = [os.path.basename(p)[:-3] for p in KERNEL_FILES]
@@ -171,6 +171,7 @@ def test_encoder_forward_backward(mods):
     rng = np.random.default_rng(0)
     wte, wpe = rand(rng, Vp, C), rand(rng, T + 3, C)
     inp = rng.integers(0, 7, size=(B, T)).astype(np.int32)      # few ids: many repeats for the scatter
+    inp.flat[1::3] = 5                                          # and one heavy bucket
     out = np.full((B, T, C), np.nan, np.float32)
     fn(mods, "encoder", "encoder_forward_kernel")(ceil_div(B * T * C, 256), 256,
                                                   (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
@@ -181,11 +182,19 @@ def test_encoder_forward_backward(mods):
     dout = rand(rng, B, T, C)
     dwte, dwpe = rand(rng, Vp, C), rand(rng, T + 3, C)           # nonzero: backward must accumulate
     want_dwte, want_dwpe = dwte.astype(np.float64), dwpe.astype(np.float64)
-    fn(mods, "encoder", "encoder_backward_kernel")(ceil_div(B * T * C, 128), 128,
-                                                   (dwte, dwpe, dout, inp, i32(B), i32(T), i32(C)))
+    f32_dwte = dwte.copy()                                       # np.add.at in float32: the same additions
+    positions, starts, tokens, n = token_buckets(inp)
+    assert n <= 7 and np.all(np.diff(positions[starts[0]:starts[1]]) > 0)
+    block = 32                                                   # 2 channel chunks, the second partly empty
+    fn(mods, "encoder", "encoder_backward_wte_kernel")((ceil_div(C, block), n), block,
+                                                       (dwte, dout, starts, positions, tokens, i32(n), i32(C)))
+    fn(mods, "encoder", "encoder_backward_wpe_kernel")(ceil_div(T * C, 128), 128,
+                                                       (dwpe, dout, i32(B), i32(T), i32(C)))
     tg.encoder_backward(want_dwte, want_dwpe, dout.astype(np.float64), inp, B, T, C)
     close(dwte, want_dwte, atol=1e-5)
     close(dwpe, want_dwpe, atol=1e-5)
+    np.add.at(f32_dwte, inp, dout)                               # each position added in turn, in order
+    assert np.array_equal(dwte, f32_dwte), "dwte must add a token's positions in increasing order"
 
 
 @pytest.mark.parametrize("block", [256, 32, 1024])
@@ -222,10 +231,13 @@ def test_layernorm_backward(mods):
     tg.layernorm_backward(*want, dout.astype(np.float64), inp.astype(np.float64), weight.astype(np.float64),
                           mean, rstd, B, T, C)
     block = 512                                       # 16 rows per block: 3 blocks, the last one partial
+    grid = ceil_div(32 * B * T, block)
+    scratch = np.full((grid, 2, C), np.nan, np.float32)
     fn(mods, "layernorm", "layernorm_backward_kernel")(
-        ceil_div(32 * B * T, block), block,
-        (dinp, dweight, dbias, dout, inp, weight, mean.astype(np.float32), rstd.astype(np.float32),
-         i32(B), i32(T), i32(C)), shared_mem=2 * C * 4)
+        grid, block, (dinp, scratch, dout, inp, weight, mean.astype(np.float32), rstd.astype(np.float32),
+                      i32(B), i32(T), i32(C)))
+    fn(mods, "layernorm", "layernorm_backward_sum_kernel")(ceil_div(C, 32), 32,   # 2 blocks, the second partial
+                                                           (dweight, dbias, scratch, i32(grid), i32(C)))
     close(dinp, want[0], atol=2e-5, rtol=1e-5)
     close(dweight, want[1], atol=2e-5, rtol=1e-5)
     close(dbias, want[2], atol=2e-5, rtol=1e-5)
@@ -512,6 +524,78 @@ def test_emulator_speed_adamw_over_1_7M_params(emu_mods):
     assert elapsed < 1.0
 
 
+# the backward kernels that sum many floats into one (dwte, dwpe, dweight, dbias) do so in a fixed
+# order, without atomics: the same inputs give the same bits, whatever order threads and blocks run in
+
+def deterministic_backwards(mods):
+    """encoder and layernorm backward on one fixed input (B=4 T=64 C=96: 16 LayerNorm blocks, dozens of
+    token buckets, one of them heavy: token 7 at half the positions); returns every output."""
+    Bd, Td, Cd, Vd = 4, 64, 96, 128
+    rng = np.random.default_rng(42)
+    inp = rng.integers(0, 50, size=(Bd, Td)).astype(np.int32)
+    inp.flat[::2] = 7
+    dout = rand(rng, Bd, Td, Cd)
+    out = {"dwte": rand(rng, Vd, Cd), "dwpe": rand(rng, Td, Cd)}   # nonzero: the kernels add into them
+    positions, starts, tokens, n = token_buckets(inp)
+    fn(mods, "encoder", "encoder_backward_wte_kernel")((ceil_div(Cd, 64), n), 64,
+                                                       (out["dwte"], dout, starts, positions, tokens, i32(n), i32(Cd)))
+    fn(mods, "encoder", "encoder_backward_wpe_kernel")(ceil_div(Td * Cd, 256), 256,
+                                                       (out["dwpe"], dout, i32(Bd), i32(Td), i32(Cd)))
+    x = rand(rng, Bd, Td, Cd, scale=2.0)
+    weight = rand(rng, Cd)
+    mean = x.mean(-1, dtype=np.float64).astype(np.float32)
+    rstd = (1 / np.sqrt(x.var(-1, dtype=np.float64) + 1e-5)).astype(np.float32)
+    out.update(dinp=rand(rng, Bd, Td, Cd), dweight=rand(rng, Cd), dbias=rand(rng, Cd))
+    block = 512
+    grid = ceil_div(32 * Bd * Td, block)
+    scratch = np.full((grid, 2, Cd), np.nan, np.float32)
+    fn(mods, "layernorm", "layernorm_backward_kernel")(
+        grid, block, (out["dinp"], scratch, dout, x, weight, mean, rstd, i32(Bd), i32(Td), i32(Cd)))
+    fn(mods, "layernorm", "layernorm_backward_sum_kernel")(ceil_div(Cd, 256), 256,
+                                                           (out["dweight"], out["dbias"], scratch, i32(grid), i32(Cd)))
+    return out
+
+
+def assert_bitwise_equal(a, b, what):
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes(), f"{name} differs bitwise {what}"
+
+
+def test_backward_kernels_are_deterministic(mods):
+    """The same launch twice on this backend (the GPU too, where one is found): bit-identical."""
+    assert_bitwise_equal(deterministic_backwards(mods), deterministic_backwards(mods), "between two runs")
+
+
+DETERMINISM_RUN = """
+import sys
+import numpy as np
+sys.path[:0] = [{tests!r}]
+import emulator
+from test_kernels import Emulated, deterministic_backwards, kernel_source
+mods = {{name: Emulated(emulator.RawModule(code=kernel_source(name), options=("--std=c++17",)), {order!r})
+        for name in ("encoder", "layernorm")}}
+np.savez({path!r}, **deterministic_backwards(mods))
+"""
+
+
+def test_backward_kernels_are_deterministic_across_orders_and_threads(emu_mods, tmp_path):
+    """On the emulator: the three thread orders, and 1 or 4 OS threads running the blocks
+    (LLMC_EMULATOR_THREADS, read once per process, so in a child process): all bit-identical."""
+    first = deterministic_backwards({name: Emulated(mod, "forward") for name, mod in emu_mods.items()})
+    for order in ("reverse", "warps"):
+        again = deterministic_backwards({name: Emulated(mod, order) for name, mod in emu_mods.items()})
+        assert_bitwise_equal(first, again, f"between thread orders forward and {order}")
+    for threads, order in (("1", "forward"), ("4", "warps"), ("4", "reverse")):
+        path = str(tmp_path / f"run_{threads}_{order}.npz")
+        script = DETERMINISM_RUN.format(tests=os.path.dirname(os.path.abspath(__file__)), order=order, path=path)
+        env = dict(os.environ, LLMC_EMULATOR_THREADS=threads)
+        r = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        with np.load(path) as saved:
+            assert_bitwise_equal(first, dict(saved), f"with LLMC_EMULATOR_THREADS={threads}, order {order}")
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. the emulator itself
 
@@ -699,7 +783,7 @@ def test_argument_errors_are_clear(emu_mods):
         adamw(1, 32, (x, x, x, x, i64(10), np.float64(1e-3)) + (f32(0),) * 7)
     ln = fn(mods, "layernorm", "layernorm_backward_kernel")
     with pytest.raises(ValueError, match=r"dynamic shared memory"):
-        ln(1, 32, (x,) * 8 + (i32(1),) * 3, shared_mem=64 * 1024)
+        ln(1, 32, (x,) * 7 + (i32(1),) * 3, shared_mem=64 * 1024)
 
 
 def test_guarded_arrays_catch_out_of_bounds_writes(emu_selftest):
