@@ -23,7 +23,7 @@ SIZE_gpt2-large := 774M
 SIZE_gpt2-xl := 1558M
 CHECKPOINT := gpt2_$(or $(SIZE_$(MODEL)),$(MODEL)).bin
 
-.PHONY: setup data data_tinystories export train train_cuda test test_gpt2 test_gpt2_cuda bench bench_gpu clean
+.PHONY: setup data data_tinystories export train train_cuda test test_gpt2 test_gpt2_cuda bench bench_gpu gpu_check clean
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==$(TORCH_VERSION)
@@ -66,6 +66,10 @@ bench: setup data
 
 bench_gpu: setup data
 	$(PYTHON) dev/bench_gpu.py
+
+# every GPU check and benchmark in one run of under 8 minutes, a summary in $(OUT) (default ./gpu_out)
+gpu_check:
+	bash dev/gpu_check.sh
 
 clean:
 	rm -rf build emulator/build __pycache__ tests/__pycache__ .pytest_cache
