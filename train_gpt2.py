@@ -696,6 +696,8 @@ def adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t, grad_scale=
     # the last line with m_hat and v_hat written out: step_size * m / (sqrt(v) / sqrt(bc2) + eps),
     # the step size folded into the denominator's two constants (one pass fewer over the arrays)
     step_size = lr / (1.0 - beta1 ** t)
+    if step_size == 0.0:                          # lr 0: the moments move, the parameters do not
+        return
     bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
     param -= m / (np.sqrt(v) / (bias_correction2_sqrt * step_size) + eps / step_size)
 
@@ -965,9 +967,9 @@ def train(args, trainer=None):
         profiler.ACTIVE[0] = step > 0 or num_steps == 1   # --profile: the first step allocates, not counted
         tr.gpt2_zero_grad(model)
         train_loss = 0.0
+        if args.overfit_single_batch:
+            train_loader.reset()                          # the same batch(es) at every step, as llm.c
         for _ in range(grad_accum_steps):
-            if args.overfit_single_batch:
-                train_loader.reset()
             x, y = train_loader.next_batch()
             tr.gpt2_forward(model, x, y, B, T)
             tr.gpt2_backward(model)
@@ -984,7 +986,7 @@ def train(args, trainer=None):
         mfu = format_mfu(mfu_percent(flops_per_step, ms / 1e3, peak), precision)
         print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({ms:.2f} ms, {tok_s:.0f} tok/s, {mfu})"
               f" norm {norm:.4f} lr {lr:.2e}")
-        logger.log_train(step + 1, train_loss)
+        logger.log_train(step, train_loss, lr, norm)
 
     if step_times:
         tail = step_times[1:] or step_times

@@ -650,7 +650,7 @@ def main(argv=None):
         tokens_per_second = grad_accum_steps * ddp_world_size * B * T / (t1 - t0)
         print0(f"step {step + 1:4d}/{args.num_iterations} | train loss {lossf:.6f} | norm {norm:.4f} | "
                f"lr {lr:.2e} | ({(t1 - t0) * 1000:.2f} ms | {tokens_per_second:.0f} tok/s)")
-        logger.log_train(step, lossf)
+        logger.log_train(step, lossf, lr, norm)
         losses.append(lossf)
         if step > 0 and step > args.num_iterations - 20:
             timings.append(t1 - t0)

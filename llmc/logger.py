@@ -1,5 +1,13 @@
-"""main.log, llm.c's llmc/logger.h: one line per event (`s:%d trl:%f`, `s:%d tel:%f`), so that llm.c's
-plotting code reads our logs and ours reads llm.c's. Does nothing without an output directory."""
+"""main.log, llm.c's llmc/logger.h: one line per event, in its format and numbering, so llm.c's
+plotting code reads our logs and ours reads llm.c's:
+
+    s:<step> tel:<val loss, 4 decimals>                                 before the update of step
+    s:<step> trl:<train loss, 4 decimals> lr:<6 decimals> norm:<2 decimals>  after it
+    s:<step> eval:<HellaSwag acc_norm, 4 decimals>
+
+<step> is the training loop's 0-based index, as train_gpt2.cu writes it: "s:0 tel:" is the val loss
+before any update and "s:0 trl:" the loss of the first update. Does nothing without an output dir.
+"""
 
 import os
 
@@ -18,7 +26,10 @@ class Logger:
                 f.write(line + "\n")
 
     def log_val(self, step, val_loss):
-        self._write(f"s:{step} tel:{val_loss:f}")
+        self._write(f"s:{step} tel:{val_loss:.4f}")
 
-    def log_train(self, step, train_loss):
-        self._write(f"s:{step} trl:{train_loss:f}")
+    def log_train(self, step, train_loss, learning_rate, grad_norm):
+        self._write(f"s:{step} trl:{train_loss:.4f} lr:{learning_rate:.6f} norm:{grad_norm:.2f}")
+
+    def log_eval(self, step, accuracy):
+        self._write(f"s:{step} eval:{accuracy:.4f}")

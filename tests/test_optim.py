@@ -179,3 +179,15 @@ def test_gradient_accumulation_equals_big_batch():
     m.gpt2_forward(small, x[2:], y[2:], 2, T)
     m.gpt2_backward(small)
     np.testing.assert_allclose(small.grads_memory / 2, big.grads_memory, rtol=1e-4, atol=1e-7)
+
+
+def test_adamw_with_learning_rate_zero_moves_only_the_moments():
+    """lr 0 (e.g. -l 0): no division by the zero step size; m and v move as torch's do, p stays."""
+    model = tiny_model()
+    before = model.params_memory.copy()
+    grads = np.random.default_rng(3).standard_normal(model.num_parameters).astype(np.float32)
+    set_grads(model, grads)
+    m.gpt2_update(model, 0.0, 0.9, 0.95, 1e-8, 0.1, 1)
+    np.testing.assert_array_equal(model.params_memory, before)
+    np.testing.assert_allclose(model.m_memory, 0.1 * grads, rtol=1e-6)
+    np.testing.assert_allclose(model.v_memory, 0.05 * grads * grads, rtol=1e-5)

@@ -119,7 +119,8 @@ def test_recorded_losses(tiny_export):
     assert len(printed) == 10
     np.testing.assert_allclose(s.losses, printed, atol=1e-6)
     log = open(tiny_export.log).read().splitlines()
-    assert log == [f"s:{i} trl:{s.losses[i]:f}" for i in range(10)]
+    assert [line.split(" lr:")[0] for line in log] == [f"s:{i} trl:{s.losses[i]:.4f}" for i in range(10)]
+    assert all(re.search(r" lr:0\.000100 norm:\d+\.\d\d$", line) for line in log), log
     assert s.optimizer == dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
 
 

@@ -11,6 +11,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, ROOT)
 import train_gpt2 as m  # noqa: E402
 from llmc import formats  # noqa: E402
+from llmc.dataloader import DataLoader  # noqa: E402
 
 TINY = formats.GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_heads=2, channels=32, padded_vocab_size=50304)
 
@@ -66,8 +67,11 @@ def test_tiny_run_logs_samples_and_checkpoint(workdir, capsys):
     sample = out.split("generating:\n---\n")[1].split("\n---")[0].split()
     assert len(sample) == 5 and all(0 <= int(t) < 50257 for t in sample)   # 5 ids (no tokenizer file)
     log = open("log/main.log").read().splitlines()
-    assert log[0].startswith("s:0 tel:") and log[1].startswith("s:1 trl:") and log[-1].startswith("s:4 tel:")
-    assert float(log[1].split("trl:")[1]) == pytest.approx(losses[0], abs=1e-6)
+    # llm.c's logger.h: the loop's 0-based step, 4 decimals, the first update's loss at s:0
+    assert [l.split()[0] for l in log] == ["s:0", "s:0", "s:1", "s:2", "s:2", "s:3", "s:4"], log
+    assert re.fullmatch(r"s:0 tel:\d+\.\d{4}", log[0]) and log[-1].startswith("s:4 tel:")
+    first = STEP_RE.match(steps[0])
+    assert log[1] == f"s:0 trl:{losses[0]:.4f} lr:{float(first['lr']):.6f} norm:{float(first['norm']):.2f}", log[1]
     config, params = formats.read_model_file("log/model_00000004.bin")
     assert config == TINY and np.isfinite(params).all()
 
@@ -114,6 +118,23 @@ def test_overfit_single_batch_and_accumulation(workdir, capsys):
     assert losses[-1] < losses[0] - 1.5 and all(b < a for a, b in zip(losses, losses[1:]))
     code, out, err = run_main(BASE + ["-x", "1", "-d", "64", "-v", "0", "-s", "0"], capsys)
     assert code == 0 and "total 64 tokens = 2 micro-step(s)" in out
+
+
+def test_overfit_single_batch_resets_once_per_step(workdir, capsys):
+    """-a 1 with 2 micro-steps: each step trains on the val split's first TWO batches (the loader is
+    reset once per optimizer step, as llm.c), not on the first batch twice."""
+    code, out, err = run_main(BASE + ["-x", "2", "-a", "1", "-d", "64", "-v", "0", "-s", "0", "-l", "0"], capsys)
+    assert code == 0, err
+    losses = [float(STEP_RE.match(l)["loss"]) for l in out.splitlines() if l.startswith("step ")]
+    model = m.gpt2_build_from_checkpoint("tiny.bin")
+    loader = DataLoader("val.bin", 2, 16)
+    per_batch = []
+    for _ in range(2):
+        x, y = loader.next_batch()
+        m.gpt2_forward(model, x, y, 2, 16)
+        per_batch.append(model.mean_loss)
+    assert per_batch[0] != pytest.approx(per_batch[1], abs=1e-3)        # the two batches differ
+    assert losses == pytest.approx([sum(per_batch) / 2] * 2, abs=2e-6)   # lr 0: both steps see both batches
 
 
 @pytest.mark.parametrize("argv,message", [
