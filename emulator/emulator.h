@@ -36,6 +36,7 @@
 //   * deadlock: some live threads wait at __syncthreads while others wait at a warp operation
 //     that can never complete (a barrier in divergent code);
 //   * a shuffle that reads a lane which has exited or does not exist (block not a multiple of 32).
+//   * a misaligned address in __ldg/__ldcs/__ldcg/__stcs/__stcg (a float4/int4 not on 16 bytes).
 //   Dynamic shared memory is filled with 0xFF bytes (NaN as float) at the start of each block so
 //   reads before writes show up.
 //
@@ -44,7 +45,9 @@
 //   other than "all live lanes of the warp" (every warp operation waits for all of them), cooperative
 //   groups, clusters,
 //   tensor cores, texture memory, streams, dynamic parallelism, grid-wide sync, fp16 (half),
-//   memory-access checks (an out-of-bounds access corrupts memory or crashes the process).
+//   bf16 fused multiply-add, memory-access checks (an out-of-bounds access corrupts memory or crashes
+//   the process; only the cache-hinted loads/stores check alignment).
+//   bf16 (__nv_bfloat16, __nv_bfloat162) is supported: see the bf16 section and emulator/README.md.
 //   `extern __shared__ T name[];` is rewritten by rawmodule.py into a pointer to the block's
 //   dynamic shared memory; static `__shared__` variables become `static thread_local`.
 

@@ -12,7 +12,8 @@ express) into a shared library cached under emulator/build/ (or $LLMC_EMULATOR_C
 of the source, the header and the flags. Each extern "C" __global__ kernel gets a generated entry
 point that reports the kernel's parameter types, so every launch checks its arguments: a NumPy array
 of the right dtype for each pointer, and a NumPy scalar of exactly the right type for each scalar
-(np.int32 for int, np.float32 for float, np.int64 for long long). A Python int or float, or an
+(np.int32 for int, np.float32 for float, np.int64 for long long; for __nv_bfloat16* a uint16 array of
+bf16 bits or an ml_dtypes.bfloat16 array, for a __nv_bfloat16 np.uint16 bits). A Python int or float, or an
 np.float64 passed for a float, is the classic silent CuPy bug; here it is a TypeError.
 
 Environment: LLMC_EMULATOR_THREADS (OS threads running blocks; default one per core),
@@ -21,7 +22,9 @@ with a race between its threads gives different results in different orders),
 LLMC_EMULATOR_CACHE (where the compiled libraries go; default emulator/build/).
 
 The source must be one self-contained text, as NVRTC takes it: g++ sees no -I of kernels/, so a
-`#include "common.cuh"` must already be expanded (llmc.cuda_common.kernel_source does that).
+`#include "common.cuh"` must already be expanded (llmc.cuda_common.kernel_source does that). g++ does
+see emulator/include/, whose empty cuda_bf16.h lets `#include <cuda_bf16.h>` stand (emulator.h
+defines the bf16 types).
 """
 
 import ctypes
