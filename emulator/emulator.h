@@ -36,6 +36,7 @@
 //   * deadlock: some live threads wait at __syncthreads while others wait at a warp operation
 //     that can never complete (a barrier in divergent code);
 //   * a shuffle that reads a lane which has exited or does not exist (block not a multiple of 32).
+//   * a misaligned address in __ldg/__ldcs/__ldcg/__stcs/__stcg (a float4/int4 not on 16 bytes).
 //   Dynamic shared memory is filled with 0xFF bytes (NaN as float) at the start of each block so
 //   reads before writes show up.
 //
@@ -43,8 +44,10 @@
 //   warp-synchronous code without __syncwarp/shuffles (lanes do NOT run in lockstep here), masks
 //   other than "all live lanes of the warp" (every warp operation waits for all of them), cooperative
 //   groups, clusters,
-//   tensor cores, texture memory, streams, dynamic parallelism, grid-wide sync, bf16/fp16 types,
-//   memory-access checks (an out-of-bounds access corrupts memory or crashes the process).
+//   tensor cores, texture memory, streams, dynamic parallelism, grid-wide sync, fp16 (half),
+//   bf16 fused multiply-add, memory-access checks (an out-of-bounds access corrupts memory or crashes
+//   the process; only the cache-hinted loads/stores check alignment).
+//   bf16 (__nv_bfloat16, __nv_bfloat162) is supported: see the bf16 section and emulator/README.md.
 //   `extern __shared__ T name[];` is rewritten by rawmodule.py into a pointer to the block's
 //   dynamic shared memory; static `__shared__` variables become `static thread_local`.
 
@@ -89,6 +92,137 @@ struct alignas(16) int4 { int x, y, z, w; };
 static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 static inline float2 make_float2(float x, float y) { return float2{x, y}; }
 static inline int4 make_int4(int x, int y, int z, int w) { return int4{x, y, z, w}; }
+
+// ----------------------------------------------------------------------------------------------
+// bf16: __nv_bfloat16 and __nv_bfloat162, as cuda_bf16.h defines them for what kernels use
+//
+// A kernel writes `#include <cuda_bf16.h>` as it must for nvcc and NVRTC; g++ finds the empty stub
+// emulator/include/cuda_bf16.h (rawmodule.py puts emulator/include/ on its include path), since
+// everything is defined here. A bf16 is its 16 bits (the top half of a float32). Conversions from
+// float round to nearest, ties to even, keep infinities and subnormals, and turn every NaN into
+// the canonical bf16 NaN 0x7FFF. Arithmetic (+ - * /, __hadd, __hmul, ...) computes in float and
+// rounds the result to bf16: for one operation on two bf16 values this equals a single correct
+// rounding (float has more than 2*8+2 bits), i.e. what the GPU's bf16 instructions give. Mixed
+// bf16/float expressions (`x * 2.0f`) are ambiguous, as with nvcc: convert explicitly.
+
+namespace emu {
+// float -> bf16 bits: round to nearest even by adding 0x7FFF plus the lowest kept bit, then cutting
+// the low 16 bits; a carry out of the mantissa moves to the next exponent (and past the largest
+// finite value to infinity), as rounding must
+static inline unsigned short bf16_bits_from_float(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) { return 0x7FFF; }     // NaN
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return static_cast<unsigned short>(u >> 16);
+}
+// double -> bf16 bits with one rounding: go to float rounding to odd (truncate, then set the
+// lowest bit if anything was cut), which keeps the information the second rounding needs
+static inline unsigned short bf16_bits_from_double(double d) {
+    if (d != d) { return 0x7FFF; }
+    float f = static_cast<float>(d);
+    if (static_cast<double>(f) != d) {
+        if (fabs(static_cast<double>(f)) > fabs(d)) { f = nextafterf(f, 0.0f); }
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        u |= 1u;
+        memcpy(&f, &u, 4);
+    }
+    return bf16_bits_from_float(f);
+}
+static inline float float_from_bf16_bits(unsigned short b) {
+    uint32_t u = static_cast<uint32_t>(b) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+}  // namespace emu
+
+struct alignas(2) __nv_bfloat16 {
+    unsigned short bits;   // CUDA keeps these private; kernels use __bfloat16_as_ushort
+    __nv_bfloat16() = default;
+    // value conversions, rounded to nearest even (integers of 32 bits and less convert exactly
+    // to double first; 64-bit integers beyond 2^53 round twice)
+    __nv_bfloat16(float f) : bits(emu::bf16_bits_from_float(f)) {}
+    __nv_bfloat16(double d) : bits(emu::bf16_bits_from_double(d)) {}
+    __nv_bfloat16(int v) : bits(emu::bf16_bits_from_double(v)) {}
+    __nv_bfloat16(unsigned int v) : bits(emu::bf16_bits_from_double(v)) {}
+    __nv_bfloat16(short v) : bits(emu::bf16_bits_from_double(v)) {}
+    __nv_bfloat16(unsigned short v) : bits(emu::bf16_bits_from_double(v)) {}
+    __nv_bfloat16(long v) : bits(emu::bf16_bits_from_double(static_cast<double>(v))) {}
+    __nv_bfloat16(unsigned long v) : bits(emu::bf16_bits_from_double(static_cast<double>(v))) {}
+    __nv_bfloat16(long long v) : bits(emu::bf16_bits_from_double(static_cast<double>(v))) {}
+    __nv_bfloat16(unsigned long long v) : bits(emu::bf16_bits_from_double(static_cast<double>(v))) {}
+    operator float() const { return emu::float_from_bf16_bits(bits); }   // exact
+};
+
+struct alignas(4) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+    __nv_bfloat162() = default;
+    __nv_bfloat162(__nv_bfloat16 x_, __nv_bfloat16 y_) : x(x_), y(y_) {}
+};
+
+static_assert(sizeof(__nv_bfloat16) == 2 && sizeof(__nv_bfloat162) == 4, "bf16 layout");
+static_assert(std::is_trivially_copyable<__nv_bfloat16>::value, "bf16 must copy as bits (shuffles, memcpy)");
+
+static inline __nv_bfloat16 emu_bf16_from_bits(unsigned short b) { __nv_bfloat16 h; h.bits = b; return h; }
+
+// conversions and bit casts
+static inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
+static inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
+static inline __nv_bfloat16 __double2bfloat16(double d) { return __nv_bfloat16(d); }
+static inline float __bfloat162float(__nv_bfloat16 h) { return static_cast<float>(h); }
+static inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+static inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return emu_bf16_from_bits(b); }
+static inline short __bfloat16_as_short(__nv_bfloat16 h) { return static_cast<short>(h.bits); }
+static inline __nv_bfloat16 __short_as_bfloat16(short b) { return emu_bf16_from_bits(static_cast<unsigned short>(b)); }
+
+// pairs
+static inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 h) { return __nv_bfloat162(h, h); }
+static inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 lo, __nv_bfloat16 hi) { return __nv_bfloat162(lo, hi); }
+static inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return __nv_bfloat162(lo, hi); }
+static inline __nv_bfloat162 __float22bfloat162_rn(float2 f) { return __nv_bfloat162(f.x, f.y); }
+static inline float2 __bfloat1622float2(__nv_bfloat162 p) { return float2{float(p.x), float(p.y)}; }
+static inline float __low2float(__nv_bfloat162 p) { return static_cast<float>(p.x); }
+static inline float __high2float(__nv_bfloat162 p) { return static_cast<float>(p.y); }
+static inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 p) { return p.x; }
+static inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 p) { return p.y; }
+
+// arithmetic: in float, one rounding to bf16
+static inline __nv_bfloat16 __hadd(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(float(a) + float(b)); }
+static inline __nv_bfloat16 __hsub(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(float(a) - float(b)); }
+static inline __nv_bfloat16 __hmul(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(float(a) * float(b)); }
+static inline __nv_bfloat16 __hdiv(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(float(a) / float(b)); }
+static inline __nv_bfloat16 __hneg(__nv_bfloat16 a) { return emu_bf16_from_bits(static_cast<unsigned short>(a.bits ^ 0x8000u)); }
+static inline bool __hisnan(__nv_bfloat16 a) { return (a.bits & 0x7FFFu) > 0x7F80u; }
+static inline __nv_bfloat16 operator+(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hadd(a, b); }
+static inline __nv_bfloat16 operator-(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hsub(a, b); }
+static inline __nv_bfloat16 operator*(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hmul(a, b); }
+static inline __nv_bfloat16 operator/(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hdiv(a, b); }
+static inline __nv_bfloat16& operator+=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = a + b; }
+static inline __nv_bfloat16& operator-=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = a - b; }
+static inline __nv_bfloat16& operator*=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = a * b; }
+static inline __nv_bfloat16& operator/=(__nv_bfloat16& a, const __nv_bfloat16& b) { return a = a / b; }
+static inline __nv_bfloat16 operator+(const __nv_bfloat16& a) { return a; }
+static inline __nv_bfloat16 operator-(const __nv_bfloat16& a) { return __hneg(a); }
+static inline __nv_bfloat16& operator++(__nv_bfloat16& a) { return a = a + __nv_bfloat16(1.0f); }
+static inline __nv_bfloat16& operator--(__nv_bfloat16& a) { return a = a - __nv_bfloat16(1.0f); }
+static inline __nv_bfloat16 operator++(__nv_bfloat16& a, int) { __nv_bfloat16 old = a; ++a; return old; }
+static inline __nv_bfloat16 operator--(__nv_bfloat16& a, int) { __nv_bfloat16 old = a; --a; return old; }
+// comparisons as float compares them: ordered (false with a NaN), except != (true with a NaN)
+static inline bool operator==(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) == float(b); }
+static inline bool operator!=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) != float(b); }
+static inline bool operator<(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) < float(b); }
+static inline bool operator>(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) > float(b); }
+static inline bool operator<=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) <= float(b); }
+static inline bool operator>=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) >= float(b); }
+// pairs, lane by lane
+static inline __nv_bfloat162 __hadd2(__nv_bfloat162 a, __nv_bfloat162 b) { return __nv_bfloat162(a.x + b.x, a.y + b.y); }
+static inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) { return __nv_bfloat162(a.x * b.x, a.y * b.y); }
+static inline __nv_bfloat162 operator+(const __nv_bfloat162& a, const __nv_bfloat162& b) { return __hadd2(a, b); }
+static inline __nv_bfloat162 operator-(const __nv_bfloat162& a, const __nv_bfloat162& b) { return __nv_bfloat162(a.x - b.x, a.y - b.y); }
+static inline __nv_bfloat162 operator*(const __nv_bfloat162& a, const __nv_bfloat162& b) { return __hmul2(a, b); }
+static inline __nv_bfloat162 operator/(const __nv_bfloat162& a, const __nv_bfloat162& b) { return __nv_bfloat162(a.x / b.x, a.y / b.y); }
 
 #define __global__
 #define __device__
@@ -570,6 +704,8 @@ EMU_TYPE_NAME(bool, "bool")
 EMU_TYPE_NAME(float4, "float4")
 EMU_TYPE_NAME(float2, "float2")
 EMU_TYPE_NAME(int4, "int4")
+EMU_TYPE_NAME(__nv_bfloat16, "__nv_bfloat16")
+EMU_TYPE_NAME(__nv_bfloat162, "__nv_bfloat162")
 EMU_TYPE_NAME(void, "void")
 #undef EMU_TYPE_NAME
 
@@ -698,8 +834,55 @@ static inline long long min(long long a, long long b) { return a < b ? a : b; }
 static inline long long max(long long a, long long b) { return a > b ? a : b; }
 static inline float min(float a, float b) { return fminf(a, b); }
 static inline float max(float a, float b) { return fmaxf(a, b); }
-template <typename T> static inline T __ldg(const T* p) { return *p; }
-template <typename T> static inline T __ldcs(const T* p) { return *p; }
-template <typename T> static inline T __ldcg(const T* p) { return *p; }
-template <typename T> static inline void __stcs(T* p, T v) { *p = v; }
-template <typename T> static inline void __stcg(T* p, T v) { *p = v; }
+
+// Cache-hinted loads and stores (__ldg, __ldcs, __ldcg, __stcs, __stcg), for the types CUDA has them
+// for that exist here: the arithmetic types, float2, float4, int4 (a 128-bit packed load of 4
+// floats or 8 bf16), __nv_bfloat16 and __nv_bfloat162; any other type is a compile error, as with
+// nvcc. Each one checks that the address is aligned to the type's size (16 bytes for float4/int4):
+// a misaligned access is a launch error on a GPU ("misaligned address"), here an error raised after
+// the launch naming the thread and the address; the access itself is then done bytewise so the
+// process does not crash. A plain `*p` through a misaligned float4*/int4* is NOT checked (g++ may
+// use an aligned SSE move, and the process dies with SIGSEGV).
+namespace emu {
+template <typename T> struct CacheHinted
+    : std::integral_constant<bool, std::is_arithmetic<T>::value && !std::is_same<T, bool>::value> {};
+template <> struct CacheHinted<float2> : std::true_type {};
+template <> struct CacheHinted<float4> : std::true_type {};
+template <> struct CacheHinted<int4> : std::true_type {};
+template <> struct CacheHinted<__nv_bfloat16> : std::true_type {};
+template <> struct CacheHinted<__nv_bfloat162> : std::true_type {};
+
+template <typename T>
+static inline void check_aligned(const void* p, const char* what) {
+    uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (a % alignof(T) == 0 || tls_worker == nullptr || tls_fiber == nullptr) { return; }
+    char buf[240];
+    const dim3& t = tls_fiber->thread_idx;
+    snprintf(buf, sizeof buf, " thread (%u,%u,%u): misaligned address: %s of a %zu-byte %s at %p, "
+             "which is not a multiple of %zu (a packed load/store needs an aligned pointer)",
+             t.x, t.y, t.z, what, sizeof(T), TypeName<std::remove_cv_t<T>>::get(), p, alignof(T));
+    fail(tls_worker->launch, block_name(tls_worker) + buf);
+}
+
+template <typename T>
+static inline T hinted_load(const T* p, const char* what) {
+    static_assert(CacheHinted<std::remove_cv_t<T>>::value, "CUDA has no cache-hinted load for this type");
+    check_aligned<T>(p, what);
+    T v;
+    memcpy(static_cast<void*>(&v), static_cast<const void*>(p), sizeof(T));
+    return v;
+}
+
+template <typename T>
+static inline void hinted_store(T* p, const T& v, const char* what) {
+    static_assert(CacheHinted<std::remove_cv_t<T>>::value, "CUDA has no cache-hinted store for this type");
+    check_aligned<T>(p, what);
+    memcpy(static_cast<void*>(p), static_cast<const void*>(&v), sizeof(T));
+}
+}  // namespace emu
+
+template <typename T> static inline T __ldg(const T* p) { return emu::hinted_load(p, "__ldg"); }
+template <typename T> static inline T __ldcs(const T* p) { return emu::hinted_load(p, "__ldcs"); }
+template <typename T> static inline T __ldcg(const T* p) { return emu::hinted_load(p, "__ldcg"); }
+template <typename T> static inline void __stcs(T* p, T v) { emu::hinted_store(p, v, "__stcs"); }
+template <typename T> static inline void __stcg(T* p, T v) { emu::hinted_store(p, v, "__stcg"); }

@@ -12,7 +12,8 @@ express) into a shared library cached under emulator/build/ (or $LLMC_EMULATOR_C
 of the source, the header and the flags. Each extern "C" __global__ kernel gets a generated entry
 point that reports the kernel's parameter types, so every launch checks its arguments: a NumPy array
 of the right dtype for each pointer, and a NumPy scalar of exactly the right type for each scalar
-(np.int32 for int, np.float32 for float, np.int64 for long long). A Python int or float, or an
+(np.int32 for int, np.float32 for float, np.int64 for long long; for __nv_bfloat16* a uint16 array of
+bf16 bits or an ml_dtypes.bfloat16 array, for a __nv_bfloat16 np.uint16 bits). A Python int or float, or an
 np.float64 passed for a float, is the classic silent CuPy bug; here it is a TypeError.
 
 Environment: LLMC_EMULATOR_THREADS (OS threads running blocks; default one per core),
@@ -21,7 +22,9 @@ with a race between its threads gives different results in different orders),
 LLMC_EMULATOR_CACHE (where the compiled libraries go; default emulator/build/).
 
 The source must be one self-contained text, as NVRTC takes it: g++ sees no -I of kernels/, so a
-`#include "common.cuh"` must already be expanded (llmc.cuda_common.kernel_source does that).
+`#include "common.cuh"` must already be expanded (llmc.cuda_common.kernel_source does that). g++ does
+see emulator/include/, whose empty cuda_bf16.h lets `#include <cuda_bf16.h>` stand (emulator.h
+defines the bf16 types).
 """
 
 import ctypes
@@ -36,6 +39,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "emulator.h")
+INCLUDE_DIR = os.path.join(HERE, "include")    # stand-ins for CUDA headers a kernel #includes (cuda_bf16.h)
 MAX_DYNAMIC_SHARED_DEFAULT = 48 * 1024  # CUDA's limit unless a kernel opts in to more
 THREAD_ORDERS = ("forward", "reverse", "warps")  # emulator.h's ThreadOrder, in its order
 GUARD_BYTES = 65536                             # canary on each side of an array with guard=True
@@ -43,7 +47,9 @@ GUARD_BYTES = 65536                             # canary on each side of an arra
 
 def _canary(dtype, nbytes):
     """Guard bytes: a signaling NaN for floats (reads give NaN, and any arithmetic on it quiets it, so
-    a write of a computed value changes the bits), 0xFF bytes (-1) for everything else."""
+    a write of a computed value changes the bits), 0xFF bytes (-1) for everything else: for the
+    uint16 (or ml_dtypes.bfloat16) arrays behind __nv_bfloat16* that is 0xFFFF, a NaN in bf16 that no
+    conversion produces (they give 0x7FFF)."""
     if dtype == np.float32:
         return np.full(nbytes // 4, 0x7FA5A5A5, np.uint32).view(np.uint8)
     if dtype == np.float64:
@@ -58,6 +64,14 @@ _DTYPES = {
     "unsigned char": np.uint8, "bool": np.bool_,
 }
 _VECTOR_ELEMENTS = {"float4": np.float32, "float2": np.float32, "int4": np.int32}  # float4* takes a float32 array
+# bf16 (emulator.h's __nv_bfloat16, also behind a `typedef __nv_bfloat16 floatX`): arrays of its bit
+# patterns as uint16, or of ml_dtypes.bfloat16 where that package is installed (CuPy's bfloat16);
+# a scalar bf16 takes np.uint16 bits, a scalar __nv_bfloat162 np.uint32 (x in the low half)
+_BF16_TYPES = ("__nv_bfloat16", "__nv_bfloat162")
+
+
+def _is_bf16_dtype(dtype):
+    return dtype == np.uint16 or (dtype.name == "bfloat16" and dtype.itemsize == 2)
 _CTYPES = {
     np.float32: ctypes.c_float, np.float64: ctypes.c_double, np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32,
     np.int64: ctypes.c_int64, np.uint64: ctypes.c_uint64, np.int16: ctypes.c_int16, np.uint16: ctypes.c_uint16,
@@ -109,7 +123,7 @@ def _gxx_flags(options):
         elif opt.startswith(("-D", "-I", "-U")):
             flags.append(opt)
         # everything else (-arch, --use_fast_math, -lineinfo, ...) is NVRTC's business
-    return ["-std=" + std, "-O2", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing"] + flags
+    return ["-std=" + std, "-O2", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing"] + flags + ["-I", INCLUDE_DIR]
 
 
 _gxx_version = None
@@ -124,8 +138,10 @@ def _build(code, options):
     flags = _gxx_flags(options)
     if _gxx_version is None:
         _gxx_version = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
-    with open(HEADER, "rb") as f:
-        header = f.read()
+    header = b""
+    for path in [HEADER] + sorted(os.path.join(INCLUDE_DIR, n) for n in os.listdir(INCLUDE_DIR)):
+        with open(path, "rb") as f:
+            header += f.read()
     key = hashlib.sha256(b"\0".join([src.encode(), header, " ".join(flags).encode(), _gxx_version.encode()]))
     path = os.path.join(_cache_dir(), key.hexdigest()[:24] + ".so")
     with _lock:
@@ -185,7 +201,13 @@ class Function:
                 return ctypes.c_void_p(None)          # NULL: None, or np.uint64(0) as passed to CuPy
             if not isinstance(arg, np.ndarray):
                 raise TypeError(f"{where} expects a NumPy array or None (NULL), got {type(arg).__name__}")
-            want = _DTYPES.get(base) or _VECTOR_ELEMENTS.get(base)
+            if base in _BF16_TYPES:
+                if not _is_bf16_dtype(arg.dtype):
+                    raise TypeError(f"{where} expects a uint16 array of bf16 bits (or ml_dtypes.bfloat16), "
+                                    f"got {arg.dtype}")
+                want = None
+            else:
+                want = _DTYPES.get(base) or _VECTOR_ELEMENTS.get(base)
             if want is not None and arg.dtype != want:
                 raise TypeError(f"{where} expects a {np.dtype(want).name} array, got {arg.dtype}")
             if not arg.flags.c_contiguous:
@@ -193,6 +215,14 @@ class Function:
             if not ctype.startswith("const") and not arg.flags.writeable:
                 raise ValueError(f"{where}: the kernel may write through this pointer but the array is read-only")
             return ctypes.c_void_p(arg.ctypes.data)
+        if ctype in _BF16_TYPES:
+            want = np.uint16 if ctype == "__nv_bfloat16" else np.uint32
+            if isinstance(arg, np.generic) and arg.dtype.name == "bfloat16" and ctype == "__nv_bfloat16":
+                arg = arg.view(np.uint16)             # an ml_dtypes.bfloat16 scalar: its bits
+            if not isinstance(arg, np.generic) or arg.dtype != want:
+                got = f"np.{arg.dtype}" if isinstance(arg, np.generic) else f"Python {type(arg).__name__}"
+                raise TypeError(f"{where} expects its bits as np.{np.dtype(want).name}, got {got}")
+            return _CTYPES[want](arg.item())
         want = _DTYPES.get(ctype)
         if want is None:
             raise TypeError(f"{where}: the emulator does not know how to pass this type")
@@ -210,9 +240,9 @@ class Function:
             different results in different orders (see emulator.h). Default: $LLMC_EMULATOR_ORDER,
             or "forward".
         guard: run on copies of the arrays with GUARD_BYTES of canary on both sides (a signaling
-            NaN for floats, -1 for ints): a write out of bounds is an error, a read out of bounds
-            reads NaN. An array passed twice stays one array; distinct views of one buffer become
-            distinct arrays."""
+            NaN for floats, -1 for ints, 0xFFFF for bf16): a write out of bounds is an error, a read
+            out of bounds reads NaN. The copies start 256-byte aligned, as cudaMalloc's do. An array
+            passed twice stays one array; distinct views of one buffer become distinct arrays."""
         if order is None:
             order = os.environ.get("LLMC_EMULATOR_ORDER") or "forward"
         if order not in THREAD_ORDERS:
@@ -237,7 +267,9 @@ class Function:
             copies = {}                               # id(array) -> (first argument index, array, raw, inner)
             for i, a in enumerate(args):
                 if isinstance(a, np.ndarray) and id(a) not in copies:
-                    raw = np.empty(a.nbytes + 2 * GUARD_BYTES, np.uint8)
+                    buf = np.empty(a.nbytes + 2 * GUARD_BYTES + 256, np.uint8)
+                    start = -(buf.ctypes.data + GUARD_BYTES) % 256      # the array's data 256-byte aligned
+                    raw = buf[start:start + a.nbytes + 2 * GUARD_BYTES]
                     raw[:GUARD_BYTES] = raw[-GUARD_BYTES:] = _canary(a.dtype, GUARD_BYTES)
                     inner = raw[GUARD_BYTES:GUARD_BYTES + a.nbytes].view(a.dtype).reshape(a.shape)
                     inner[...] = a
