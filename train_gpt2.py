@@ -928,6 +928,8 @@ def train(args, trainer=None):
     grad_accum_steps = total_batch // (B * T)
     num_steps = args.max_steps if args.max_steps > 0 else train_loader.num_tokens // total_batch
     print(f"batch: B={B} T={T}, total {total_batch} tokens = {grad_accum_steps} micro-step(s); {num_steps} steps")
+    if hasattr(tr, "gpt2_allocate_state"):   # train_gpt2_cuda.py allocates its state now, as llm.c's train_gpt2.cu:
+        tr.gpt2_allocate_state(model, B, T)  # the memory report, and a run too big for the GPU stops here
     # MFU: the model's FLOPs per step against the device's peak (llmc/mfu.py; None when it is not in the table)
     config = model.config
     flops_per_step = flops_per_token(model.num_parameters, config.num_layers, config.channels, T) * total_batch

@@ -357,20 +357,26 @@ def fused_classifier(logits, losses, dlosses, targets, B, T, V, Vp, write_dlogit
 # ----------------------------------------------------------------------------
 # the model: flat device buffers with named views, as llm.c's GPT2 struct
 
-def activation_shapes(config, B, T):
+def activation_shapes(config, B, T, recompute=0):
     """llm.c train_gpt2_fp32.cu's activations (21 tensors). `output` is the scratch buffer: it
     holds the logits (B,T,Vp) after the forward pass and, inside each layer, qkv (B,T,3C),
-    preatt (B,NH,T,T) and att @ v; in the backward pass the logits' gradient and datt."""
+    preatt (B,NH,T,T) and att @ v; in the backward pass the logits' gradient and datt.
+    recompute (-r, as llm.c's train_gpt2.cu) is decided here and only here: a tensor the backward
+    pass recomputes gets ONE buffer, (1, ...), that every layer shares, instead of (L, ...):
+    -r 1 shares fch_gelu (the backward recomputes GELU(fch) before fcproj's matmul_backward),
+    -r 2 also ln1 and ln2 (it reruns their layernorm_forward; mean and rstd stay per layer)."""
     L, NH, C, Vp = config.num_layers, config.num_heads, config.channels, config.padded_vocab_size
+    L_gelu = 1 if recompute >= 1 else L   # layers of fch_gelu kept
+    L_ln = 1 if recompute >= 2 else L     # layers of ln1 and ln2 kept
     return [
         ("encoded", (B, T, C)),
-        ("ln1", (L, B, T, C)), ("ln1_mean", (L, B, T)), ("ln1_rstd", (L, B, T)),
+        ("ln1", (L_ln, B, T, C)), ("ln1_mean", (L, B, T)), ("ln1_rstd", (L, B, T)),
         ("atty", (L, B, T, C)),                 # attention output before the projection
         ("att", (L, B, NH, T, T)),              # attention probabilities
         ("attproj", (L, B, T, C)),
         ("residual2", (L, B, T, C)),
-        ("ln2", (L, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
-        ("fch", (L, B, T, 4 * C)), ("fch_gelu", (L, B, T, 4 * C)),
+        ("ln2", (L_ln, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
+        ("fch", (L, B, T, 4 * C)), ("fch_gelu", (L_gelu, B, T, 4 * C)),
         ("fcproj", (L, B, T, C)),
         ("residual3", (L, B, T, C)),
         ("lnf", (B, T, C)), ("lnf_mean", (B, T)), ("lnf_rstd", (B, T)),
@@ -380,24 +386,132 @@ def activation_shapes(config, B, T):
     ]
 
 
+def layer(activation, l):
+    """Layer l's slice of a per-layer activation (L, ...), or the one slice all layers share when
+    recompute keeps a single buffer (1, ...) for it."""
+    return activation[l if activation.shape[0] > 1 else 0]
+
+
 def grad_activation_shapes(config, B, T):
     """The backward pass needs only three buffers, reused by every layer (llm.c's GradActTensors)."""
     NH, C = config.num_heads, config.channels
     return [("bt4c", (B, T, 4 * C)), ("preatt", (B, NH, T, T)), ("residual3", (B, T, C))]
 
 
+def count(shapes):
+    """The number of elements of a shape table [(name, shape), ...]: one flat buffer's length."""
+    return sum(math.prod(shape) for _, shape in shapes)
+
+
+# ----------------------------------------------------------------------------
+# memory: every device buffer of a run, sized from the shape tables it is allocated with
+
+PARAM_DTYPE = np.float32   # parameters and their gradients
+ACT_DTYPE = np.float32     # activations and their gradients
+OPT_DTYPE = np.float32     # AdamW's m and v, and master weights when the parameters are not OPT_DTYPE
+RECOMPUTE = {0: "none", 1: "GELU", 2: "GELU and LayerNorm"}   # -r: what the backward pass recomputes
+
+
+def check_recompute(recompute):
+    if recompute not in RECOMPUTE:
+        raise ConfigError(f"-r must be 0, 1 or 2 (what the backward recomputes: 0 nothing, 1 GELU, "
+                          f"2 GELU and LayerNorm), got {recompute}")
+
+
+def state_buffers(config, B, T, recompute):
+    """Every device buffer of a run at (B, T): [(name, element count, dtype, at_build), ...].
+    at_build: allocated by GPT2() (parameters and their gradients); the rest by gpt2_allocate_state,
+    which allocates from these very counts, so the memory report and the allocation cannot disagree.
+    The bytes of a buffer are count * dtype's itemsize: a second precision changes only the dtypes."""
+    n, C = num_parameters(config), config.channels
+    return [
+        ("parameters", n, PARAM_DTYPE, True),
+        ("parameter gradients", n, PARAM_DTYPE, True),
+        ("activations", count(activation_shapes(config, B, T, recompute)), ACT_DTYPE, False),
+        ("activation gradients", count(grad_activation_shapes(config, B, T)), ACT_DTYPE, False),
+        ("layernorm backward scratch", layernorm_scratch_size(B, T, C), np.float32, False),
+        ("encoder backward buckets", 3 * B * T + 1, np.int32, False),   # see encoder_buckets
+        ("AdamW optimizer state m", n, OPT_DTYPE, False),
+        ("AdamW optimizer state v", n, OPT_DTYPE, False),
+        ("master weights", 0 if np.dtype(PARAM_DTYPE) == np.dtype(OPT_DTYPE) else n, OPT_DTYPE, False),
+    ]
+
+
+def nbytes(count, dtype):
+    return count * np.dtype(dtype).itemsize
+
+
+def state_bytes_to_allocate(config, B, T, recompute):
+    """Bytes gpt2_allocate_state asks the device for at (B, T) (the model's own are there already)."""
+    return sum(nbytes(n, dtype) for _, n, dtype, at_build in state_buffers(config, B, T, recompute) if not at_build)
+
+
+def largest_batch_size(config, T, recompute, free_bytes):
+    """The largest B whose state fits in free_bytes at this T (0 if not even B=1), found by
+    bisection over state_bytes_to_allocate itself, so it is exactly the check's answer."""
+    fits = lambda B: state_bytes_to_allocate(config, B, T, recompute) <= free_bytes  # noqa: E731
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:                    # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def device_memory():
+    """(free, total) bytes of device memory, or None on the emulator (no device to ask). Free counts
+    what CuPy's memory pool holds unused, which the pool hands out again before asking CUDA."""
+    if EMULATE:
+        return None
+    free, total = xp.cuda.runtime.memGetInfo()
+    return free + xp.get_default_memory_pool().free_bytes(), total
+
+
+def MiB(n_bytes):
+    return f"{n_bytes / 2**20:,.2f} MiB"
+
+
+def memory_report(config, B, T, recompute, memory):
+    """llm.c's start-up lines: what each buffer takes, the total, what recompute saves, and the
+    largest B that fits the device at this T. memory: device_memory()."""
+    buffers = state_buffers(config, B, T, recompute)
+    lines = []
+    for name, n, dtype, _ in buffers:
+        if name == "master weights" and n == 0:
+            lines.append(f"master weights: none ({np.dtype(PARAM_DTYPE).name.replace('float', 'fp')})")
+        else:
+            lines.append(f"allocating {MiB(nbytes(n, dtype))} for {name}")
+    acts, acts_r0 = (nbytes(count(activation_shapes(config, B, T, r)), ACT_DTYPE) for r in (recompute, 0))
+    lines.append(f"recompute: -r {recompute} ({RECOMPUTE[recompute]}): activations {MiB(acts)}, "
+                 f"{MiB(acts_r0 - acts)} less than -r 0")
+    total = sum(nbytes(n, dtype) for _, n, dtype, _ in buffers)
+    if memory is None:
+        lines.append(f"total: {MiB(total)}")
+        lines.append("estimated maximum batch size: n/a (emulator)")
+    else:
+        free, device_total = memory          # measured with the parameters and their gradients in place
+        lines.append(f"total: {MiB(total)} (device: {MiB(free)} free of {MiB(device_total)})")
+        lines.append(f"estimated maximum batch size at T={T}: {largest_batch_size(config, T, recompute, free)}")
+    return lines
+
+
 class GPT2:
     """The model: config, parameters and their gradients (flat device buffers with named views),
-    AdamW's m and v (allocated at the first update), activations (allocated at the first forward,
-    for that B and T), and the state of the last forward pass."""
+    and, from gpt2_allocate_state (for one B and T), the activations, their gradients and AdamW's
+    m and v; the recompute setting (-r); the state of the last forward pass."""
 
-    def __init__(self, config, params_host):
+    def __init__(self, config, params_host, recompute=1):
         require_gpu()
+        check_recompute(recompute)
         self.config = config
+        self.recompute = recompute
         self.num_parameters = num_parameters(config)
         self.param_shapes = param_shapes(config)
-        self.params_memory = xp.asarray(params_host, dtype=np.float32)   # one host -> device copy
-        self.grads_memory = xp.zeros(self.num_parameters, dtype=np.float32)
+        self.params_memory = xp.asarray(params_host, dtype=PARAM_DTYPE)  # one host -> device copy
+        self.grads_memory = xp.zeros(self.num_parameters, dtype=PARAM_DTYPE)
         self.params = host.views(self.params_memory, self.param_shapes)
         self.grads = host.views(self.grads_memory, self.param_shapes)
         self.m_memory = self.v_memory = None
@@ -407,23 +521,59 @@ class GPT2:
         self.batch_size = self.seq_len = 0
         self.inputs = self.targets = None                                  # (B,T) int32 on the device
         self.inputs_host = None                  # (B,T) int32: the last batch's inputs, kept for encoder_buckets
-        self.layernorm_scratch = self.bucket_memory = None  # the deterministic backward's scratch (1st backward)
+        self.layernorm_scratch = self.bucket_memory = None  # the deterministic backward's scratch
         self.mean_loss = -1.0
 
 
-def gpt2_build_from_checkpoint(path):
+def gpt2_build_from_checkpoint(path, recompute=1):
     """Load an llm.c model file (v3 fp32, or v5 bf16 widened to fp32) onto the GPU."""
     require_gpu()
     config, params = read_model_file(path)
-    return GPT2(config, params)
+    return GPT2(config, params, recompute)
 
 
-def gpt2_build_from_descriptor(descriptor, seed=42):
+def gpt2_build_from_descriptor(descriptor, seed=42, recompute=None):
     """A fresh model from a descriptor such as "d12" (or a .bin path), initialised on the host by
-    train_gpt2.py's seeded init (the same weights as the NumPy trainer), then copied to the GPU."""
+    train_gpt2.py's seeded init (the same weights as the NumPy trainer), then copied to the GPU.
+    recompute: None takes the run's -r (device_setup keeps it)."""
     require_gpu()
     cpu_model = host.gpt2_build_from_descriptor(descriptor, seed)
-    return GPT2(cpu_model.config, cpu_model.params_memory)
+    return GPT2(cpu_model.config, cpu_model.params_memory, run_recompute if recompute is None else recompute)
+
+
+def gpt2_allocate_state(model, B, T):
+    """Everything a run at (B, T) needs besides the parameters and their gradients, allocated once
+    (llm.c's gpt2_allocate_state): the activations (as many as model.recompute keeps), the backward's
+    buffers and scratch, AdamW's m and v. First the memory report; and if the device has not got the
+    bytes, one line that says how many are needed and the largest B that fits, before allocating any.
+    train_gpt2.train calls it at start-up; gpt2_forward calls it at the first pass if nobody did."""
+    config, recompute = model.config, model.recompute
+    memory = device_memory()
+    for line in memory_report(config, B, T, recompute, memory):
+        print(line)
+    needed = state_bytes_to_allocate(config, B, T, recompute)
+    if memory is not None and needed > memory[0]:
+        largest = largest_batch_size(config, T, recompute, memory[0])
+        fix = (f"use -b {largest} or less" if largest > 0 else "even B=1 does not fit: use a smaller -t") + \
+            (", or -r 2 (recompute more)" if recompute < 2 and largest > 0 else "")
+        raise ConfigError(f"B={B} T={T} needs {MiB(needed)} of device memory for activations, gradients and "
+                          f"optimizer state, but {MiB(memory[0])} is free; the largest B that fits at T={T} is "
+                          f"{largest}: {fix}")
+    buffers = {name: (n, dtype) for name, n, dtype, _ in state_buffers(config, B, T, recompute)}
+    model.batch_size, model.seq_len = B, T
+    model.acts_memory = xp.zeros(*buffers["activations"])
+    model.acts = host.views(model.acts_memory, activation_shapes(config, B, T, recompute))
+    model.acts.logits = view(model.acts.output, B, T, config.padded_vocab_size)  # the logits live in the scratch buffer
+    model.grads_acts_memory = xp.zeros(*buffers["activation gradients"])
+    model.grads_acts = host.views(model.grads_acts_memory, grad_activation_shapes(config, B, T))
+    # scratch of the deterministic backward kernels: per-block partial sums of dweight/dbias
+    # (layernorm), and the positions of the batch grouped by token (encoder)
+    model.layernorm_scratch = xp.zeros(*buffers["layernorm backward scratch"])
+    model.bucket_memory = xp.zeros(*buffers["encoder backward buckets"])
+    model.m_memory = xp.zeros(*buffers["AdamW optimizer state m"])
+    model.v_memory = xp.zeros(*buffers["AdamW optimizer state v"])
+    model.inputs = xp.zeros((B, T), dtype=np.int32)
+    model.targets = xp.zeros((B, T), dtype=np.int32)
 
 
 def gpt2_forward(model, inputs, targets, B, T):
@@ -434,15 +584,9 @@ def gpt2_forward(model, inputs, targets, B, T):
                        config.num_heads, config.channels)
     inputs, targets = host.check_batch(config, inputs, targets, B, T)
 
-    # allocate the activations at the first call, for this B and T (as llm.c, which then insists on them)
+    # the activations are allocated for one B and T (as llm.c, which then insists on them)
     if model.acts_memory is None:
-        model.batch_size, model.seq_len = B, T
-        shapes = activation_shapes(config, B, T)
-        model.acts_memory = xp.zeros(sum(math.prod(s) for _, s in shapes), dtype=np.float32)
-        model.acts = host.views(model.acts_memory, shapes)
-        model.acts.logits = view(model.acts.output, B, T, Vp)  # the logits live in the scratch buffer
-        model.inputs = xp.zeros((B, T), dtype=np.int32)
-        model.targets = xp.zeros((B, T), dtype=np.int32)
+        gpt2_allocate_state(model, B, T)
     elif (B, T) != (model.batch_size, model.seq_len):
         raise ConfigError(f"gpt2_forward: the model was set up for B={model.batch_size} T={model.seq_len}, "
                          f"got B={B} T={T}")
@@ -458,17 +602,19 @@ def gpt2_forward(model, inputs, targets, B, T):
     for l in range(L):
         residual = acts.encoded if l == 0 else acts.residual3[l - 1]
         qkv = view(scratch, B, T, 3 * C)
-        layernorm_forward(acts.ln1[l], acts.ln1_mean[l], acts.ln1_rstd[l], residual,
+        # with recompute, ln1, ln2 and fch_gelu are buffers all layers share: layer() picks the right one
+        ln1, ln2, fch_gelu = layer(acts.ln1, l), layer(acts.ln2, l), layer(acts.fch_gelu, l)
+        layernorm_forward(ln1, acts.ln1_mean[l], acts.ln1_rstd[l], residual,
                           params.ln1w[l], params.ln1b[l], B, T, C)
-        matmul_forward(qkv, acts.ln1[l], params.qkvw[l], params.qkvb[l], B, T, C, 3 * C)
+        matmul_forward(qkv, ln1, params.qkvw[l], params.qkvb[l], B, T, C, 3 * C)
         attention_forward(acts.atty[l], acts.qkvr[l], acts.att[l], scratch, B, T, C, NH)
         matmul_forward(acts.attproj[l], acts.atty[l], params.attprojw[l], params.attprojb[l], B, T, C, C)
         residual_forward(acts.residual2[l], residual, acts.attproj[l], B * T * C)
-        layernorm_forward(acts.ln2[l], acts.ln2_mean[l], acts.ln2_rstd[l], acts.residual2[l],
+        layernorm_forward(ln2, acts.ln2_mean[l], acts.ln2_rstd[l], acts.residual2[l],
                           params.ln2w[l], params.ln2b[l], B, T, C)
-        matmul_forward(acts.fch[l], acts.ln2[l], params.fcw[l], params.fcb[l], B, T, C, 4 * C)
-        gelu_forward(acts.fch_gelu[l], acts.fch[l], B * T * 4 * C)
-        matmul_forward(acts.fcproj[l], acts.fch_gelu[l], params.fcprojw[l], params.fcprojb[l], B, T, 4 * C, C)
+        matmul_forward(acts.fch[l], ln2, params.fcw[l], params.fcb[l], B, T, C, 4 * C)
+        gelu_forward(fch_gelu, acts.fch[l], B * T * 4 * C)
+        matmul_forward(acts.fcproj[l], fch_gelu, params.fcprojw[l], params.fcprojb[l], B, T, 4 * C, C)
         residual_forward(acts.residual3[l], acts.residual2[l], acts.fcproj[l], B * T * C)
 
     residual = acts.residual3[L - 1]
@@ -497,15 +643,6 @@ def gpt2_backward(model):
     B, T = model.batch_size, model.seq_len
     V, Vp, L, NH, C = (config.vocab_size, config.padded_vocab_size, config.num_layers,
                        config.num_heads, config.channels)
-    if model.grads_acts_memory is None:
-        shapes = grad_activation_shapes(config, B, T)
-        model.grads_acts_memory = xp.zeros(sum(math.prod(s) for _, s in shapes), dtype=np.float32)
-        model.grads_acts = host.views(model.grads_acts_memory, shapes)
-        # scratch of the deterministic backward kernels, allocated once: per-block partial sums of
-        # dweight/dbias (layernorm), and the positions of the batch grouped by token (encoder)
-        model.layernorm_scratch = xp.zeros(layernorm_scratch_size(B, T, C), dtype=np.float32)
-        model.bucket_memory = xp.zeros(3 * B * T + 1, dtype=np.int32)
-
     params, grads, acts, grads_acts = model.params, model.grads, model.acts, model.grads_acts
     dresidual = grads_acts.residual3  # the gradient of the residual stream (B,T,C): the layernorms add into it
     dresidual.fill(0)                 # (so it starts from zero at every micro-step of gradient accumulation)
@@ -528,11 +665,19 @@ def gpt2_backward(model):
 
     for l in reversed(range(L)):
         residual = acts.encoded if l == 0 else acts.residual3[l - 1]
+        ln1, ln2, fch_gelu = layer(acts.ln1, l), layer(acts.ln2, l), layer(acts.fch_gelu, l)
+        # recompute (-r): the shared buffers hold the last layer's values; the same kernels on the same
+        # inputs (kept per layer) give this layer's bits back, so every -r trains bit for bit alike
+        if model.recompute >= 1:
+            gelu_forward(fch_gelu, acts.fch[l], B * T * 4 * C)
+        if model.recompute >= 2:
+            layernorm_forward(ln2, acts.ln2_mean[l], acts.ln2_rstd[l], acts.residual2[l],
+                              params.ln2w[l], params.ln2b[l], B, T, C)
         # residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
-        matmul_backward(buffer_b, grads.fcprojw[l], grads.fcprojb[l], dresidual, acts.fch_gelu[l],
+        matmul_backward(buffer_b, grads.fcprojw[l], grads.fcprojb[l], dresidual, fch_gelu,
                         params.fcprojw[l], B, T, 4 * C, C)
         gelu_backward(buffer_b, acts.fch[l], buffer_b, B * T * 4 * C)
-        matmul_backward(buffer_a, grads.fcw[l], grads.fcb[l], buffer_b, acts.ln2[l], params.fcw[l], B, T, C, 4 * C)
+        matmul_backward(buffer_a, grads.fcw[l], grads.fcb[l], buffer_b, ln2, params.fcw[l], B, T, C, 4 * C)
         layernorm_backward(dresidual, grads.ln2w[l], grads.ln2b[l], ln_scratch, buffer_a, acts.residual2[l],
                            params.ln2w[l], acts.ln2_mean[l], acts.ln2_rstd[l], B, T, C)
         # residual2 = residual + attproj(attention(qkv(ln1(residual))))
@@ -543,7 +688,10 @@ def gpt2_backward(model):
         dvaccum = acts.atty[l]        # (B,T,C): layer l's atty was read for the last time by attproj's matmul_backward
         attention_backward(dqkv, dqkvr, dpreatt, datt, dvaccum, buffer_a,
                            acts.qkvr[l], acts.att[l], B, T, C, NH)
-        matmul_backward(buffer_a, grads.qkvw[l], grads.qkvb[l], dqkv, acts.ln1[l], params.qkvw[l], B, T, C, 3 * C)
+        if model.recompute >= 2:
+            layernorm_forward(ln1, acts.ln1_mean[l], acts.ln1_rstd[l], residual,
+                              params.ln1w[l], params.ln1b[l], B, T, C)
+        matmul_backward(buffer_a, grads.qkvw[l], grads.qkvb[l], dqkv, ln1, params.qkvw[l], B, T, C, 3 * C)
         layernorm_backward(dresidual, grads.ln1w[l], grads.ln1b[l], ln_scratch, buffer_a, residual, params.ln1w[l],
                            acts.ln1_mean[l], acts.ln1_rstd[l], B, T, C)
     buckets = encoder_buckets(model.inputs_host, model.bucket_memory)  # the batch's positions grouped by token
@@ -570,8 +718,7 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_s
     """AdamW as PyTorch's: gradients scaled by grad_scale (clipping), weight decay on the 2-D
     weights only; one kernel launch per parameter tensor."""
     if model.m_memory is None:
-        model.m_memory = xp.zeros(model.num_parameters, dtype=np.float32)
-        model.v_memory = xp.zeros(model.num_parameters, dtype=np.float32)
+        raise RuntimeError("gpt2_update: run gpt2_forward first (gpt2_allocate_state makes AdamW's m and v)")
     beta1_correction = 1.0 - beta1 ** t
     beta2_correction = 1.0 - beta2 ** t
     block = 512
@@ -595,6 +742,7 @@ TRAIN_GPT2_CU_DEFAULTS.update({
     "learning_rate": 3e-4,
     "val_loss_every": 20, "val_max_steps": 20,
     "override_enable_tf32": 1,   # TF32 tensor cores for the matmuls (0: full fp32, as test_gpt2.py uses)
+    "recompute": 1,              # what the backward pass recomputes to save memory: 0 nothing, 1 GELU, 2 + LayerNorm
 })
 USAGE_NOTES = ("Without a GPU: LLMC_EMULATE=1 python train_gpt2_cuda.py ... runs the same kernels on the CPU",
                "(kernel emulator, slow: for tiny models and tests).")
@@ -606,11 +754,14 @@ BETA1, BETA2, ADAM_EPS, GRAD_CLIP = 0.9, 0.95, 1e-8, 1.0
 # train_gpt2.py, next to the loop)
 
 gemm_precision = "fp32"  # the GEMMs' precision, as device_setup set it: "tf32" or "fp32"
+run_recompute = TRAIN_GPT2_CU_DEFAULTS["recompute"]  # -r, as device_setup set it, for gpt2_build_from_descriptor
 
 
 def device_setup(args):
-    """Runs before the model is built: TF32 on or off (-f); returns the lines print_config adds."""
-    global gemm_precision
+    """Runs before the model is built: checks -r, TF32 on or off (-f); returns the lines print_config adds."""
+    global gemm_precision, run_recompute
+    check_recompute(args.recompute)
+    run_recompute = args.recompute
     tf32 = set_tf32(args.override_enable_tf32)
     gemm_precision = "tf32" if tf32 else "fp32"
     return [f"device: {device_name()}", f"TF32: {'enabled' if tf32 else 'disabled'}"]

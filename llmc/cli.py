@@ -31,6 +31,7 @@ FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
     "g": ("genT", "tokens to sample"),
     "a": ("overfit_single_batch", "train on the first val batch over and over? 0/1"),
     "f": ("override_enable_tf32", "TF32 tensor cores for the fp32 matmuls? 0/1"),
+    "r": ("recompute", "recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm"),
     "profile": ("profile", "print a per-layer time table at the end? 0/1"),
 }
 NAMES = {name: flag for flag, (name, _) in FLAGS.items()}      # llm.c's name -> flag letter(s)

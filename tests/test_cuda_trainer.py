@@ -316,9 +316,11 @@ class Device:
     id, compute_capability = 0, "90"
 
 cuda = types.SimpleNamespace(
-    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"FakeGPU"}),
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"FakeGPU"},
+                                  memGetInfo=lambda: (3 << 30, 16 << 30)),    # (free, total) bytes
     Event=Event, get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3, Device=Device,
     device=types.SimpleNamespace(get_cublas_handle=lambda: 7))
+get_default_memory_pool = lambda: types.SimpleNamespace(free_bytes=lambda: 1 << 20)  # unused blocks in the pool
 
 linalg = types.ModuleType("cupy._core._routines_linalg")
 linalg.COMPUTE_TYPE_DEFAULT, linalg.COMPUTE_TYPE_TF32 = 1, 7
@@ -367,6 +369,11 @@ assert cu.set_tf32(1) is True and cublas.math_mode[7] == 3 and linalg.current ==
 assert cu.set_tf32(0) is False and cublas.math_mode[7] == 0 and linalg.current == linalg.COMPUTE_TYPE_DEFAULT
 ours, ref = cu.gpt2_build_from_checkpoint({ckpt!r}), npt.gpt2_build_from_checkpoint({ckpt!r})
 x, y = batch(1)
+free = (3 << 30) + (1 << 20)                       # the device's free bytes and the pool's unused ones
+assert cu.device_memory() == (free, 16 << 30)
+largest = cu.largest_batch_size(CONFIG, T, 1, free)
+assert cu.state_bytes_to_allocate(CONFIG, largest, T, 1) <= free < cu.state_bytes_to_allocate(CONFIG, largest + 1, T, 1)
+assert cu.memory_report(CONFIG, B, T, 1, cu.device_memory())[-1] == f"estimated maximum batch size at T={{T}}: {{largest}}"
 for step in range(3):
     for tr, m in ((cu, ours), (npt, ref)):
         tr.gpt2_zero_grad(m)
