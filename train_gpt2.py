@@ -755,6 +755,9 @@ def grad_clip_scale(norm, grad_clip):
 #               GEMMs' precision "bf16"/"tf32"/"fp32"; after device_setup; llmc/mfu.py looks up its
 #               peak FLOP/s for the MFU), StepTimer (start(), stop() -> ms),
 #               next_token_probs(model, tokens, t) -> (V,) float32 on the host, to_numpy(array)
+#   optional:   gpt2_allocate_state(model, B, T): allocate everything before the first step (the CUDA
+#               trainer: its memory report, and a run too big for the GPU stops before writing anything);
+#               without it (NumPy, as train_gpt2.c) buffers are allocated at first use
 TRAINER_API = ("gpt2_build_from_descriptor", "gpt2_forward", "gpt2_zero_grad", "gpt2_backward",
                "gpt2_calculate_grad_norm", "gpt2_update", "BETA1", "BETA2", "ADAM_EPS", "GRAD_CLIP",
                "device_setup", "device_info", "StepTimer", "next_token_probs", "to_numpy")
