@@ -11,11 +11,15 @@
 #   test_kernels    pytest tests/test_kernels.py (backend cupy on the GPU, plus the emulator)
 #   test_trainer    pytest tests/test_cuda_trainer.py
 #   check_kernel    python dev/check_kernel.py all: every kernel vs its NumPy twin, then timed at d12
-#   data            prepro_tinyshakespeare.py --input ../shared/data/tinyshakespeare/input.txt
+#   data            prepro_tinyshakespeare.py --input <shared data>/tinyshakespeare/input.txt
 #                   (skipped, and what needs it too, when neither that text nor the .bin files exist)
 #   export_d12      python train_gpt2_torch.py --model d12 (checkpoint + PyTorch's debug state)
 #   test_gpt2_cuda  python test_gpt2.py --trainer cuda on that export
 #   bench_gpu       python dev/bench_gpu.py with fewer steps (ours vs PyTorch compile + TF32)
+# Offline data (the tiny shakespeare text and a tiktoken cache for the gpt2 encoding) is read from
+# ./shared/data, else ../shared/data. The device tool sends the checkout and a shared/ folder inside
+# it, not the ../shared beside it, so before a device call copy it in (shared/ is git-ignored):
+#   mkdir -p shared && cp -r ../shared/data shared/
 # Without a GPU the GPU stages say "no GPU" at once; check_kernel then runs on the emulator
 # (no timings) and data runs as usual, so a CPU run checks the script itself.
 # $OUT/summary.txt: one line per stage (PASS / FAIL / TIMEOUT / SKIP, seconds, key numbers), then
@@ -29,8 +33,10 @@ OUT=$(cd "$OUT" && pwd)
 BUDGET=${GPU_CHECK_BUDGET:-450}
 PY=${PYTHON:-python}
 export PYTHONDONTWRITEBYTECODE=1
-if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d ../shared/data/tiktoken_cache ]; then
-    TIKTOKEN_CACHE_DIR=$(cd ../shared/data/tiktoken_cache && pwd)
+SHARED_DATA=../shared/data
+[ -d shared/data ] && SHARED_DATA=shared/data        # the copy a device call carries (see above)
+if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d "$SHARED_DATA/tiktoken_cache" ]; then
+    TIKTOKEN_CACHE_DIR=$(cd "$SHARED_DATA/tiktoken_cache" && pwd)
     export TIKTOKEN_CACHE_DIR                     # the offline tokenizer, when there is one
 fi
 SUMMARY=$OUT/summary.txt
@@ -98,7 +104,7 @@ CHECK_LOG=$LOG
 
 # ---- data, the d12 export, and test_gpt2.py on the CUDA trainer
 VAL=data/tinyshakespeare/tiny_shakespeare_val.bin
-INPUT=../shared/data/tinyshakespeare/input.txt
+INPUT=$SHARED_DATA/tinyshakespeare/input.txt
 if [ -f "$VAL" ]; then
     record data PASS 0 "$VAL already there"
 elif [ -f "$INPUT" ]; then
