@@ -26,6 +26,7 @@ from llmc.formats import (MODEL_DEPTHS, FormatError, GPT2Config, num_parameters,
                           print_config, read_model_file, write_model_file)
 from llmc.logger import Logger
 from llmc.mfu import TokensPerSecond, flops_per_token, format_mfu, mfu_percent, peak_flops
+from llmc.outlier import OutlierDetector
 from llmc.rand import normal_
 from llmc.sampler import random_f32, sample_mult
 from llmc.schedulers import get_lr
@@ -742,6 +743,16 @@ def grad_clip_scale(norm, grad_clip):
     return min(1.0, grad_clip / (norm + 1e-6))
 
 
+def outlier_skip_reason(zloss, zgrad, skip_update_lossz, skip_update_gradz):
+    """llm.c's outlier guard (train_gpt2.cu): why this step's update is skipped, or None. A guard is on when
+    its threshold is not 0; a NaN z-score (the window still filling) never skips; the loss is checked first."""
+    if math.isfinite(zloss) and skip_update_lossz != 0.0 and zloss > skip_update_lossz:
+        return f"skipping update due to loss z-score of {zloss:f}"
+    if math.isfinite(zgrad) and skip_update_gradz != 0.0 and zgrad > skip_update_gradz:
+        return f"skipping update due to grad z-score of {zgrad:f}"
+    return None
+
+
 # ----------------------------------------------------------------------------
 # the training loop: train_gpt2.c's main, shared with train_gpt2_cuda.py
 #
@@ -775,6 +786,7 @@ TRAIN_GPT2_C_DEFAULTS = {
     "val_loss_every": 10, "val_max_steps": 5,
     "sample_every": 20, "genT": 64,
     "overfit_single_batch": 0,
+    "skip_update_lossz": 0.0, "skip_update_gradz": 0.0,  # llm.c's outlier guard (train_gpt2.cu's -sl -sg), off
     "profile": 0,
 }
 # what -h shows for the defaults decided at run time
@@ -945,6 +957,9 @@ def train(args, trainer=None):
     print(f"AdamW: lr {args.learning_rate:g} ({args.lr_scheduler_type}, warmup {args.warmup_iterations}, "
           f"final frac {args.final_learning_rate_frac:g}), betas ({tr.BETA1}, {tr.BETA2}), eps {tr.ADAM_EPS:g}, "
           f"weight decay {args.weight_decay:g}{clip}")
+    if args.skip_update_lossz or args.skip_update_gradz:
+        print(f"outlier guard: skip an update at loss z-score > {args.skip_update_lossz:g} or grad norm z-score > "
+              f"{args.skip_update_gradz:g} (against the last 128 steps; 0 = off)")
 
     def learning_rate(step):
         return get_lr(step, args.lr_scheduler_type, args.learning_rate, args.warmup_iterations, num_steps,
@@ -956,6 +971,7 @@ def train(args, trainer=None):
     rng_state = [1337]
     timer = tr.StepTimer()
     tokens_per_second = TokensPerSecond()                 # the moving average the step line shows
+    loss_outliers, norm_outliers = OutlierDetector(), OutlierDetector()   # z-scores on the step line, -sl -sg
     step_times = []
     for step in range(num_steps + 1):
         last_step = step == num_steps
@@ -983,14 +999,19 @@ def train(args, trainer=None):
         norm = tr.gpt2_calculate_grad_norm(model) / grad_accum_steps
         scale = grad_clip_scale(norm, tr.GRAD_CLIP) / grad_accum_steps
         lr = learning_rate(step)
-        tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args.weight_decay, step + 1, grad_scale=scale)
+        zloss, zgrad = loss_outliers.update(train_loss), norm_outliers.update(norm)   # NaN for the first 128 steps
+        skip = outlier_skip_reason(zloss, zgrad, args.skip_update_lossz, args.skip_update_gradz)
+        if skip:                                          # as llm.c: the step still counts, so the next
+            print(skip)                                   # update's t and lr are its own step's
+        else:
+            tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args.weight_decay, step + 1, grad_scale=scale)
         ms = timer.stop()
         profiler.ACTIVE[0] = False
         step_times.append(ms)
         tok_s = tokens_per_second.update(total_batch, ms / 1e3)
         mfu = format_mfu(mfu_percent(flops_per_step, ms / 1e3, peak), precision)
-        print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({ms:.2f} ms, {tok_s:.0f} tok/s, {mfu})"
-              f" norm {norm:.4f} lr {lr:.2e}")
+        print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({zloss:+.2f}z) ({ms:.2f} ms, "
+              f"{tok_s:.0f} tok/s, {mfu}) norm {norm:.4f} ({zgrad:+.2f}z) lr {lr:.2e}")
         logger.log_train(step, train_loss, lr, norm)
 
     if step_times:

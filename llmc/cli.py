@@ -32,6 +32,8 @@ FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
     "a": ("overfit_single_batch", "train on the first val batch over and over? 0/1"),
     "f": ("override_enable_tf32", "TF32 tensor cores for the fp32 matmuls? 0/1"),
     "r": ("recompute", "recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm"),
+    "sl": ("skip_update_lossz", "skip an update whose loss z-score (last 128 steps) is above this (0 = off)"),
+    "sg": ("skip_update_gradz", "skip an update whose grad norm z-score (last 128 steps) is above this (0 = off)"),
     "profile": ("profile", "print a per-layer time table at the end? 0/1"),
 }
 NAMES = {name: flag for flag, (name, _) in FLAGS.items()}      # llm.c's name -> flag letter(s)
@@ -70,8 +72,8 @@ def _convert(kind, value):
 
 def parse_args(argv, defaults, shown=None, notes=()):
     """argv: the words after the program's name. defaults: {llm.c's name: default} of the flags the
-    program takes, in the order -h lists them. Returns a SimpleNamespace of every name, plus
-    `given` (the names set on the command line). A bad command line prints the usage and exits 1."""
+    program takes, in the order -h lists them; a flag matches whole (`-sl` is not `-s`). Returns a
+    SimpleNamespace of every name, plus `given` (the names set on the command line). A bad command line prints the usage and exits 1."""
     def fail(problem):
         usage(defaults, problem, shown, notes)
 

@@ -58,6 +58,7 @@ def test_tiny_run_logs_samples_and_checkpoint(workdir, capsys):
         assert line in out, line
     steps = [l for l in out.splitlines() if l.startswith("step ")]
     assert len(steps) == 4 and all(STEP_RE.match(l) for l in steps), steps
+    assert all(STEP_RE.match(l)["zloss"] == STEP_RE.match(l)["zgrad"] == "+nan" for l in steps)  # window filling
     assert all(STEP_RE.match(l)["mfu"] == "MFU n/a" for l in steps)     # the CPU has no peak FLOP/s
     assert "FLOPs per token (6N + 6LCT); no peak FLOP/s known for CPU, so MFU n/a" in out
     losses = [float(l.split("train loss ")[1].split()[0]) for l in steps]
@@ -76,10 +77,12 @@ def test_tiny_run_logs_samples_and_checkpoint(workdir, capsys):
     assert config == TINY and np.isfinite(params).all()
 
 
-# the step line: loss, time, tokens/s (a moving average), MFU (or "MFU n/a"), gradient norm, learning rate
-STEP_RE = re.compile(r"^step +(?P<step>\d+)/(?P<steps>\d+): train loss (?P<loss>\S+) \((?P<ms>\S+) ms, "
-                     r"(?P<tok_s>\d+) tok/s, (?P<mfu>MFU n/a|\d+\.\d% (?:bf16|tf32|fp32) MFU)\) "
-                     r"norm (?P<norm>\S+) lr (?P<lr>\S+)$")
+# the step line: loss and its z-score (llm.c's "(%+.2fz)", "+nan" for the first 128 steps), time, tokens/s
+# (a moving average), MFU (or "MFU n/a"), gradient norm and its z-score, learning rate
+STEP_RE = re.compile(r"^step +(?P<step>\d+)/(?P<steps>\d+): train loss (?P<loss>\S+) "
+                     r"\((?P<zloss>[+-](?:nan|\d+\.\d\d))z\) \((?P<ms>\S+) ms, (?P<tok_s>\d+) tok/s, "
+                     r"(?P<mfu>MFU n/a|\d+\.\d% (?:bf16|tf32|fp32) MFU)\) "
+                     r"norm (?P<norm>\S+) \((?P<zgrad>[+-](?:nan|\d+\.\d\d))z\) lr (?P<lr>\S+)$")
 
 
 def test_step_line_shows_tokens_per_second_and_mfu(workdir, capsys, monkeypatch):
@@ -232,7 +235,7 @@ def test_profile_flag_prints_per_layer_table(workdir):
     assert total[0] == "total" and abs(float(total[1]) - sum(ms.values())) <= 0.01 * len(ms)
     assert abs(sum(float(p) for _, _, p in rows.values()) - 100) <= 0.1 * len(rows)
     # the profiled time fits inside the counted step (step 2; step 1 allocates and is not counted)
-    step2 = float(re.search(r"^step    2/2: train loss \S+ \((\S+) ms", res.stdout, re.M)[1])
+    step2 = float(re.search(r"^step    2/2: train loss \S+ \(\S+z\) \((\S+) ms", res.stdout, re.M)[1])
     assert 0 < float(total[1]) <= step2
 
 
@@ -264,3 +267,72 @@ def test_profiler_wraps_and_unwraps(monkeypatch):
         profiler.disable(m)
     for name, fn in originals.items():
         assert getattr(m, name) is fn
+
+
+def test_outlier_guard_skips_the_update_of_a_spike(workdir, capsys, monkeypatch):
+    """-sl / -sg as llm.c's train_gpt2.cu: the loss and grad norm we choose (a fake forward and norm) go
+    through the real loop; a step whose z-score is above the value prints a note and calls no gpt2_update,
+    every other step updates with its own step's t and lr (a skipped step still counts). The printed
+    z-scores are NumPy's over the last 128 values, "+nan" while the window fills."""
+    from test_outlier import window_zscores
+    N = 145
+    r = np.random.default_rng(1)
+    losses = 5.0 + 0.1 * r.standard_normal(N)
+    norms = 1.0 + 0.05 * r.standard_normal(N)
+    losses[50] = 9.0                                  # a spike while the window fills: NaN z, never skipped
+    losses[130] = 8.0                                 # loss spike
+    norms[136] = 3.0                                  # grad norm spike
+    losses[140] = 5.5                                 # a bump below the threshold
+    feed = iter(losses)
+    monkeypatch.setattr(m, "gpt2_forward", lambda model, x, y, B, T: setattr(model, "mean_loss", next(feed)))
+    monkeypatch.setattr(m, "gpt2_backward", lambda model: None)
+    norm_feed = iter(norms)
+    monkeypatch.setattr(m, "gpt2_calculate_grad_norm", lambda model: next(norm_feed))
+    updates = []
+    monkeypatch.setattr(m, "gpt2_update", lambda model, lr, b1, b2, eps, wd, t, grad_scale: updates.append((t, lr)))
+    code, out, err = run_main(BASE + ["-x", str(N), "-v", "0", "-s", "0", "-l", "1e-3", "-u", "10",
+                                      "-sl", "5", "-sg", "4.5"], capsys)
+    assert code == 0, err
+    assert "outlier guard: skip an update at loss z-score > 5 or grad norm z-score > 4.5" in out
+    zl, zg = window_zscores(losses), window_zscores(norms)
+    skipped = [s for s in range(N) if zl[s] > 5 or zg[s] > 4.5]
+    assert skipped == [130, 136] and 1 < zl[140] < 5, (skipped, zl[140])
+    assert f"skipping update due to loss z-score of {zl[130]:f}" in out
+    assert f"skipping update due to grad z-score of {zg[136]:f}" in out
+    lr = [m.get_lr(s, "cosine", 1e-3, 10, N, 1.0) for s in range(N)]
+    assert updates == [(s + 1, lr[s]) for s in range(N) if s not in skipped]
+    steps = [STEP_RE.match(l) for l in out.splitlines() if l.startswith("step ")]
+    assert len(steps) == N and all(steps)
+    assert [s["zloss"] for s in steps] == [f"{z:+.2f}" for z in zl]     # "+nan" for the first 128
+    assert [s["zgrad"] for s in steps] == [f"{z:+.2f}" for z in zg]
+    assert steps[0]["zloss"] == "+nan" and steps[128]["zloss"] != "+nan"
+    # off (the default 0): the same spikes update
+    feed, norm_feed, updates[:] = iter(losses), iter(norms), []
+    code, out, err = run_main(BASE + ["-x", str(N), "-v", "0", "-s", "0"], capsys)
+    assert code == 0 and "skipping" not in out and "outlier guard" not in out
+    assert [t for t, _ in updates] == list(range(1, N + 1))
+
+
+def test_outlier_flags_parse_and_are_listed():
+    args = m.parse_args(["-sl", "7", "-sg", "6.5", "-s", "3"], m.TRAIN_GPT2_C_DEFAULTS)
+    assert (args.skip_update_lossz, args.skip_update_gradz, args.sample_every) == (7.0, 6.5, 3)
+    assert type(args.skip_update_lossz) is float and args.given == {"skip_update_lossz", "skip_update_gradz",
+                                                                    "sample_every"}
+    defaults = m.parse_args([], m.TRAIN_GPT2_C_DEFAULTS)
+    assert (defaults.skip_update_lossz, defaults.skip_update_gradz) == (0.0, 0.0)   # off, as llm.c
+    help_lines = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), "-h"], capture_output=True,
+                                text=True).stdout.splitlines()
+    assert "  -sl        skip an update whose loss z-score (last 128 steps) is above this (0 = off) " \
+           "(default: 0.0)" in help_lines
+    assert "  -sg        skip an update whose grad norm z-score (last 128 steps) is above this (0 = off) " \
+           "(default: 0.0)" in help_lines
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-sl", "-s", "3"], "flag -sl needs a value"),
+    (["-sl", "high"], "flag -sl needs a number, got 'high'"),
+    (["-sx", "1"], "unknown flag -sx"),
+])
+def test_outlier_flags_bad_values(argv, message, capsys):
+    code, out, err = run_main(argv, capsys)
+    assert code == 1 and f"error: {message}" in err
