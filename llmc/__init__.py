@@ -11,6 +11,8 @@ everything around it lives here, once:
     logger.py       Logger: main.log (logger.h)
     cli.py          llm.c's `-x value` flags, parsed into attributes with llm.c's names
     profiler.py     --profile 1: per-layer times
+    mfu.py          FLOPs per token, GPU peaks, MFU and the smoothed tokens/s of the step line (mfu.h)
+    outlier.py      the z-scores of loss and gradient norm behind -sl/-sg (outlier_detector.h)
     cpu.py          what makes NumPy fast on a CPU: BLAS, threads, memory (no llm.c twin: C has OpenMP)
     cuda_common.py  kernels/*.cu as NVRTC (or the emulator) compiles them (cuda_common.h)
 
