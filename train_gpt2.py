@@ -733,9 +733,10 @@ def gpt2_optimizer_state(model):
 
 
 def gpt2_load_optimizer_state(model, m, v):
-    """AdamW's m and v from a checkpoint (host float32 arrays): the next update goes on from them."""
-    model.m_memory = np.array(m, dtype=np.float32)
-    model.v_memory = np.array(v, dtype=np.float32)
+    """AdamW's m and v from a checkpoint (host float32 arrays, taken over, not copied): the next
+    update goes on from them."""
+    model.m_memory = np.asarray(m, dtype=np.float32)
+    model.v_memory = np.asarray(v, dtype=np.float32)
 
 
 NORM_CHUNK = 1 << 20

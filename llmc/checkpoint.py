@@ -93,52 +93,48 @@ def read_state_file(path, num_parameters, num_processes=1, rank=0):
 
     if not os.path.exists(path):
         fail("no such file (the checkpoint is incomplete)")
-    data = open(path, "rb").read()
-    if len(data) < HEADER_BYTES:
-        fail(f"only {len(data)} bytes, not even the {HEADER_BYTES}-byte header (truncated)")
-    header = np.frombuffer(data, dtype="<i4", count=HEADER_INTS)
-    wide = header.view("<u8")
-    if header[0] != STATE_MAGIC:
-        fail(f"bad magic {header[0]} (expected {STATE_MAGIC}): not an llm.c state file")
-    if header[1] != STATE_VERSION:
-        fail(f"unsupported version {header[1]} (expected {STATE_VERSION})")
-    if (header[2], header[3]) != (num_processes, rank):
-        fail(f"written by rank {header[3]} of {header[2]} process(es), this run is rank {rank} of "
-             f"{num_processes}: resume with the same number of processes")
-    use_master, shuffled = int(header[4]), int(header[5])
-    pos = HEADER_BYTES
-    arrays = 3 if use_master else 2
-    need = pos + arrays * 4 * num_parameters + (8 + 8 + MT_BYTES if shuffled else 0)
-    if len(data) < need:
-        fail(f"{len(data)} bytes, fewer than the {need} a state of this model ({num_parameters:,} parameters) "
-             f"needs: truncated, or written for a smaller model")
-
-    def take(dtype, count):
-        nonlocal pos
-        a = np.frombuffer(data, dtype=dtype, count=count, offset=pos)
-        pos += a.nbytes
-        return a
-
-    m, v = take("<f4", num_parameters).copy(), take("<f4", num_parameters).copy()
-    master = take("<f4", num_parameters).copy() if use_master else None
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        fail(f"only {size} bytes, not even the {HEADER_BYTES}-byte header (truncated)")
+    with open(path, "rb") as f:
+        header = np.fromfile(f, dtype="<i4", count=HEADER_INTS)
+        wide = header.view("<u8")
+        if header[0] != STATE_MAGIC:
+            fail(f"bad magic {header[0]} (expected {STATE_MAGIC}): not an llm.c state file")
+        if header[1] != STATE_VERSION:
+            fail(f"unsupported version {header[1]} (expected {STATE_VERSION})")
+        if (header[2], header[3]) != (num_processes, rank):
+            fail(f"written by rank {header[3]} of {header[2]} process(es), this run is rank {rank} of "
+                 f"{num_processes}: resume with the same number of processes")
+        use_master, shuffled = int(header[4]), int(header[5])
+        pos = HEADER_BYTES + (3 if use_master else 2) * 4 * num_parameters       # where the loader's part starts
+        need = pos + (8 + 8 + MT_BYTES if shuffled else 0)
+        if size < need:
+            fail(f"{size} bytes, fewer than the {need} a state of this model ({num_parameters:,} parameters) "
+                 f"needs: truncated, or written for a smaller model")
+        m, v = np.fromfile(f, "<f4", num_parameters), np.fromfile(f, "<f4", num_parameters)  # one read each
+        master = np.fromfile(f, "<f4", num_parameters) if use_master else None
+        tail = f.read()                                                          # the loader's part, small
     loader = (int(wide[15]), int(wide[16]), None, None, None)
     if shuffled:
-        nshards = int(take("<u8", 1)[0])
-        if pos + 4 * nshards + 8 > len(data) - MT_BYTES:
+        nshards = int(np.frombuffer(tail, "<u8", 1)[0])
+        if 8 + 4 * nshards + 8 > len(tail) - MT_BYTES:
             fail(f"the loader's shard count {nshards} does not fit in the file: truncated, or its optimizer "
                  f"state is not for this model ({num_parameters:,} parameters)")
-        shard_indices = take("<i4", nshards).tolist()
-        nsamples = int(take("<u8", 1)[0])
-        if pos + 4 * nsamples + MT_BYTES != len(data):
-            fail(f"{len(data)} bytes, not the {pos + 4 * nsamples + MT_BYTES} its header and counts promise: "
+        shard_indices = np.frombuffer(tail, "<i4", nshards, 8).tolist()
+        at = 8 + 4 * nshards
+        nsamples = int(np.frombuffer(tail, "<u8", 1, at)[0])
+        at += 8
+        if at + 4 * nsamples + MT_BYTES != len(tail):
+            fail(f"{size} bytes, not the {pos + at + 4 * nsamples + MT_BYTES} its header and counts promise: "
                  f"truncated, or its optimizer state is not for this model ({num_parameters:,} parameters)")
-        intra_indices = take("<i4", nsamples).tolist()
-        loader = (*loader[:2], shard_indices, intra_indices, data[pos:pos + MT_BYTES])
+        intra_indices = np.frombuffer(tail, "<i4", nsamples, at).tolist()
+        loader = (*loader[:2], shard_indices, intra_indices, tail[at + 4 * nsamples:])
         if sorted(shard_indices) != list(range(nshards)) or sorted(intra_indices) != list(range(nsamples)):
             fail("the loader's permutations are not permutations: a corrupt file")
-    elif pos != len(data):
-        fail(f"{len(data)} bytes, not the {pos} a state of this model ({num_parameters:,} parameters) holds: "
-             f"truncated, or written for another model")
+    elif tail:
+        fail(f"{size} bytes, not the {pos} a state of this model ({num_parameters:,} parameters) holds: "
+             f"written for another model")
     return TrainState(step=int(header[10]), m=m, v=v, loader=loader, num_processes=int(header[2]),
                       rank=int(header[3]), master_weights=master, rng_state=int(wide[10]),
                       rng_state_last_update=int(wide[11]))
