@@ -996,6 +996,9 @@ def train(args, trainer=None):
         tr.gpt2_allocate_state(model, B, T)  # the memory report, and a run too big for the GPU stops here
     start_step = 0 if resume_step is None else load_checkpoint(tr, model, train_loader, args.output_log_dir,
                                                                 resume_step)
+    if start_step > num_steps:
+        raise ConfigError(f"the checkpoint in {args.output_log_dir} is at step {start_step}, past -x {num_steps}: "
+                          f"give a larger -x")
     # MFU: the model's FLOPs per step against the device's peak (llmc/mfu.py; None when it is not in the table)
     config = model.config
     flops_per_step = flops_per_token(model.num_parameters, config.num_layers, config.channels, T) * total_batch

@@ -335,3 +335,8 @@ def test_state_from_another_model(one_checkpoint, capsys):
 def test_state_from_other_data(one_checkpoint, workdir, capsys):
     formats.write_data_shard(str(workdir / "train_002.bin"), np.arange(300) % 101)
     assert "the state was written for 2 train shard(s), the -i pattern matches 3" in resume_error(capsys)
+
+
+def test_resume_past_the_last_step(one_checkpoint, capsys):
+    line = one_line_error(*run_main(BASE + ["-x", "2", "-v", "0", "-s", "0", "-o", "out", "-y", "1"], capsys)[::2])
+    assert line == "error: the checkpoint in out is at step 3, past -x 2: give a larger -x", line
