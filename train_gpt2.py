@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import llmc  # first: it picks NumPy's BLAS kernels before NumPy loads
 import numpy as np
 
-from llmc import profiler
+from llmc import checkpoint, profiler
 from llmc.cli import parse_args
 from llmc.dataloader import DataLoader
 from llmc.formats import (MODEL_DEPTHS, FormatError, GPT2Config, num_parameters, padded_vocab, param_shapes,
@@ -726,6 +726,20 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_s
                   weight_decay if decayed else 0.0, t, grad_scale)
 
 
+def gpt2_optimizer_state(model):
+    """AdamW's (m, v) as host float32 arrays, for a checkpoint (zeros before the first update)."""
+    if model.m_memory is None:
+        return np.zeros(model.num_parameters, np.float32), np.zeros(model.num_parameters, np.float32)
+    return model.m_memory, model.v_memory
+
+
+def gpt2_load_optimizer_state(model, m, v):
+    """AdamW's m and v from a checkpoint (host float32 arrays, taken over, not copied): the next
+    update goes on from them."""
+    model.m_memory = np.asarray(m, dtype=np.float32)
+    model.v_memory = np.asarray(v, dtype=np.float32)
+
+
 NORM_CHUNK = 1 << 20
 
 
@@ -766,18 +780,22 @@ def outlier_skip_reason(zloss, zgrad, skip_update_lossz, skip_update_gradz):
 #               GEMMs' precision "bf16"/"tf32"/"fp32"; after device_setup; llmc/mfu.py looks up its
 #               peak FLOP/s for the MFU), StepTimer (start(), stop() -> ms),
 #               next_token_probs(model, tokens, t) -> (V,) float32 on the host, to_numpy(array)
+#   checkpoints: gpt2_optimizer_state(model) -> (m, v) float32 host arrays,
+#               gpt2_load_optimizer_state(model, m, v) (after gpt2_allocate_state, where there is one)
 #   optional:   gpt2_allocate_state(model, B, T): allocate everything before the first step (the CUDA
 #               trainer: its memory report, and a run too big for the GPU stops before writing anything);
 #               without it (NumPy, as train_gpt2.c) buffers are allocated at first use
 TRAINER_API = ("gpt2_build_from_descriptor", "gpt2_forward", "gpt2_zero_grad", "gpt2_backward",
                "gpt2_calculate_grad_norm", "gpt2_update", "BETA1", "BETA2", "ADAM_EPS", "GRAD_CLIP",
-               "device_setup", "device_info", "StepTimer", "next_token_probs", "to_numpy")
+               "device_setup", "device_info", "StepTimer", "next_token_probs", "to_numpy",
+               "gpt2_optimizer_state", "gpt2_load_optimizer_state")
 
 # train_gpt2.c's job, by llm.c's names (llmc/cli.py gives each its flag: -b is B, -l learning_rate, ...)
 TRAIN_GPT2_C_DEFAULTS = {
     "train_data_pattern": "", "val_data_pattern": "",   # "": tiny shakespeare if made, else TinyStories
     "load_filename": "gpt2_124M.bin",                   # or a descriptor d6/d12/... to start from scratch
     "output_log_dir": "",
+    "checkpoint_every": 0, "checkpoints_keep": 0, "major_checkpoint_every": 0, "resume": 0,
     "B": 4, "T": 64,
     "total_batch_size": -1,                             # -1: B*T, no gradient accumulation
     "max_steps": 40,
@@ -882,6 +900,38 @@ def evaluate(trainer, model, val_loader, val_max_steps, B, T):
     return val_loss / val_max_steps
 
 
+# checkpoints (llmc/checkpoint.py): what train() writes every -n steps and reads back with -y 1
+
+def save_checkpoint(trainer, model, train_loader, args, step):
+    """model_, state_ and DONE_ of this step into -o, then the old ones -nk and -nm say to delete."""
+    out = args.output_log_dir
+    t0 = time.perf_counter()
+    m, v = trainer.gpt2_optimizer_state(model)
+    state = checkpoint.TrainState(step=step, m=m, v=v, loader=train_loader.state())
+    checkpoint.write_checkpoint(out, step, model.config, trainer.to_numpy(model.params_memory), state)
+    size = sum(os.path.getsize(p) for p in (checkpoint.model_path(out, step), checkpoint.state_path(out, step)))
+    print(f"wrote checkpoint {step} to {out} ({size / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s)")
+    for old in checkpoint.checkpoints_to_delete(checkpoint.done_steps(out), args.checkpoints_keep,
+                                                args.major_checkpoint_every):
+        checkpoint.delete_checkpoint(out, old)
+        print(f"deleted checkpoint {old}")
+
+
+def load_checkpoint(trainer, model, train_loader, output_dir, step):
+    """AdamW's m and v and the train loader's place from state_ of `step`; returns the step to go on from."""
+    t0 = time.perf_counter()
+    path = checkpoint.state_path(output_dir, step)
+    state = checkpoint.read_state_file(path, model.num_parameters)
+    if state.step != step:
+        raise FormatError(f"{path}: holds step {state.step}, its name says {step}; a corrupt checkpoint")
+    if state.master_weights is not None:
+        print(f"{path}: has master weights, which this run does not keep: ignored")
+    trainer.gpt2_load_optimizer_state(model, state.m, state.v)
+    train_loader.resume(*state.loader)
+    print(f"resumed from checkpoint {step} in {output_dir} ({time.perf_counter() - t0:.2f} s)")
+    return state.step
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_C_DEFAULTS, SHOWN_DEFAULTS)
     run(args)
@@ -919,8 +969,19 @@ def train(args, trainer=None):
         raise ConfigError(f"-b and -t must be positive, got B={B}, T={args.T}")
     extra_lines = tr.device_setup(args)
 
+    # -y 1: resume from the newest complete checkpoint in -o (its model file replaces -e)
+    checkpoint.check_flags(args)
+    resume_step = None
+    if args.resume == 1:
+        done = checkpoint.done_steps(args.output_log_dir)
+        resume_step = done[-1] if done else None
+        if resume_step is None:
+            print(f"-y 1: no checkpoint (DONE_ file) in {args.output_log_dir}: starting fresh")
+    model_file = resolve_checkpoint(args.load_filename) if resume_step is None else \
+        checkpoint.model_path(args.output_log_dir, resume_step)
+
     # the model
-    model = tr.gpt2_build_from_descriptor(resolve_checkpoint(args.load_filename))
+    model = tr.gpt2_build_from_descriptor(model_file)
     print_config(model.config, extra_lines)
     T = sequence_length(args, model.config.max_seq_len)
 
@@ -945,6 +1006,11 @@ def train(args, trainer=None):
     print(f"batch: B={B} T={T}, total {total_batch} tokens = {grad_accum_steps} micro-step(s); {num_steps} steps")
     if hasattr(tr, "gpt2_allocate_state"):   # train_gpt2_cuda.py allocates its state now, as llm.c's train_gpt2.cu:
         tr.gpt2_allocate_state(model, B, T)  # the memory report, and a run too big for the GPU stops here
+    start_step = 0 if resume_step is None else load_checkpoint(tr, model, train_loader, args.output_log_dir,
+                                                                resume_step)
+    if start_step > num_steps:
+        raise ConfigError(f"the checkpoint in {args.output_log_dir} is at step {start_step}, past -x {num_steps}: "
+                          f"give a larger -x")
     # MFU: the model's FLOPs per step against the device's peak (llmc/mfu.py; None when it is not in the table)
     config = model.config
     flops_per_step = flops_per_token(model.num_parameters, config.num_layers, config.channels, T) * total_batch
@@ -967,20 +1033,24 @@ def train(args, trainer=None):
     learning_rate(0)                                      # a bad schedule name fails now, not at step 1
 
     tokenizer = Tokenizer("gpt2_tokenizer.bin")
-    logger = Logger(args.output_log_dir)
-    rng_state = [1337]
+    logger = Logger(args.output_log_dir, append=args.resume == 1)
     timer = tr.StepTimer()
     tokens_per_second = TokensPerSecond()                 # the moving average the step line shows
     loss_outliers, norm_outliers = OutlierDetector(), OutlierDetector()   # z-scores on the step line, -sl -sg
     step_times = []
-    for step in range(num_steps + 1):
+    for step in range(start_step, num_steps + 1):
         last_step = step == num_steps
         if args.val_loss_every > 0 and (step % args.val_loss_every == 0 or last_step):
             val_loss = evaluate(tr, model, val_loader, val_max_steps, B, T)
             print(f"val loss {val_loss:f}")
             logger.log_val(step, val_loss)
         if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last_step):
-            generate(tr, model, tokenizer, B, T, args.genT, rng_state)
+            # the sampler's xorshift starts at 1337 at every round, as llm.c's train_gpt2.cu: the same
+            # tokens after a resume (the state file has no slot for it)
+            generate(tr, model, tokenizer, B, T, args.genT, [1337])
+        if args.checkpoint_every > 0 and step != resume_step and \
+                ((step > 0 and step % args.checkpoint_every == 0) or last_step):   # not the step just resumed
+            save_checkpoint(tr, model, train_loader, args, step)
         if last_step:
             break
 
@@ -1019,7 +1089,7 @@ def train(args, trainer=None):
         print(f"mean step time (excluding the first): {sum(tail) / len(tail):.2f} ms")
     if getattr(args, "profile", 0) and step_times:
         print(profiler.report(max(1, len(step_times) - 1)))
-    if args.output_log_dir:
+    if args.output_log_dir and args.checkpoint_every == 0:   # else the last checkpoint holds it
         path = os.path.join(args.output_log_dir, f"model_{num_steps:08d}.bin")
         write_model_file(path, model.config, tr.to_numpy(model.params_memory))
         print(f"wrote {path}")

@@ -732,6 +732,20 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_s
              f32(eps), f32(wd), f32(grad_scale)))
 
 
+def gpt2_optimizer_state(model):
+    """AdamW's (m, v) copied to the host as float32, for a checkpoint's state file."""
+    return to_numpy(model.m_memory).astype(np.float32, copy=False), to_numpy(model.v_memory).astype(np.float32, copy=False)
+
+
+def gpt2_load_optimizer_state(model, m, v):
+    """AdamW's m and v from a checkpoint (host float32 arrays) uploaded into the buffers
+    gpt2_allocate_state made."""
+    if model.m_memory is None:
+        raise RuntimeError("gpt2_load_optimizer_state: call gpt2_allocate_state first")
+    model.m_memory[...] = xp.asarray(m, dtype=OPT_DTYPE)
+    model.v_memory[...] = xp.asarray(v, dtype=OPT_DTYPE)
+
+
 # ----------------------------------------------------------------------------
 # main: train_gpt2.py's loop (train_gpt2.train) and flags, with llm.c train_gpt2.cu's defaults
 

@@ -40,13 +40,13 @@ class DataLoader:
             self.shard_indices = list(range(len(self.files)))
         self.reset()
 
-    def _load_shard(self, shard_idx):
+    def _load_shard(self, shard_idx, permute=True):
         if self.should_shuffle:
             shard_idx = self.shard_indices[shard_idx]
         self.tokens = read_data_shard(self.files[shard_idx])
         # the -1: a sample reads B*T+1 tokens but the next one starts B*T later
         self.shard_num_samples = (self.tokens.size - 1) // (self.num_processes * self.B * self.T)
-        if self.should_shuffle:
+        if self.should_shuffle and permute:
             self.intra_shard_indices = list(range(self.shard_num_samples))
             random_permutation(self.intra_shard_indices, self.shuffle_rng)
 
@@ -65,6 +65,47 @@ class DataLoader:
         self.current_shard_idx += 1
         self.current_sample_idx = -1
         self._load_shard(self.current_shard_idx)
+
+    # -- resume (llm.c's dataloader_resume): a checkpoint's state file holds the position and, when
+    # shuffling, the two permutations and the generator, so the batches go on exactly where they were.
+    # llm.c's current_sample_idx is the next sample to draw; ours is the last one drawn: one less.
+
+    def state(self):
+        """(current_shard_idx, current_sample_idx as llm.c counts it, shard_indices, intra_shard_indices,
+        generator bytes); the last three None when not shuffling."""
+        position = (self.current_shard_idx, self.current_sample_idx + 1)
+        if not self.should_shuffle:
+            return (*position, None, None, None)
+        return (*position, list(self.shard_indices), list(self.intra_shard_indices), self.shuffle_rng.state_bytes())
+
+    def resume(self, current_shard_idx, current_sample_idx, shard_indices=None, intra_shard_indices=None,
+               rng_bytes=None):
+        """Go on from state()'s values; a mismatch with this loader's data or B, T is a ConfigError."""
+        nfiles = len(self.files)
+        if (shard_indices is not None) != self.should_shuffle:
+            raise ConfigError(f"the state's train loader was {'' if shard_indices is not None else 'not '}shuffled, "
+                              f"this run's is {'' if self.should_shuffle else 'not'}: resume with the same -a")
+        if self.should_shuffle:
+            if len(shard_indices) != nfiles:
+                raise ConfigError(f"the state was written for {len(shard_indices)} train shard(s), "
+                                  f"the -i pattern matches {nfiles}; resume with the same data")
+            self.shard_indices = list(shard_indices)
+        if not 0 <= current_shard_idx < nfiles:
+            raise ConfigError(f"the state's shard {current_shard_idx} is past the {nfiles} train shard(s); "
+                              f"resume with the same data")
+        self.current_shard_idx = current_shard_idx
+        self._load_shard(current_shard_idx, permute=False)
+        if self.should_shuffle:
+            if len(intra_shard_indices) != self.shard_num_samples:
+                raise ConfigError(f"the state's shard holds {len(intra_shard_indices)} samples, with this data "
+                                  f"and B={self.B}, T={self.T} it holds {self.shard_num_samples}; "
+                                  f"resume with the same data, -b and -t")
+            self.intra_shard_indices = list(intra_shard_indices)
+            self.shuffle_rng = MT19937.from_state_bytes(rng_bytes)
+        if not 0 <= current_sample_idx <= self.shard_num_samples:
+            raise ConfigError(f"the state's sample {current_sample_idx} is past the shard's {self.shard_num_samples}; "
+                              f"resume with the same data, -b and -t")
+        self.current_sample_idx = current_sample_idx - 1
 
     def next_batch(self):
         """Returns (inputs, targets), int32 arrays of shape (B, T)."""

@@ -7,18 +7,20 @@ plotting code reads our logs and ours reads llm.c's:
 
 <step> is the training loop's 0-based index, as train_gpt2.cu writes it: "s:0 tel:" is the val loss
 before any update and "s:0 trl:" the loss of the first update. Does nothing without an output dir.
+A resumed run (-y 1) appends, as llm.c's logger_init with resume; otherwise the file starts empty.
 """
 
 import os
 
 
 class Logger:
-    def __init__(self, output_dir):
+    def __init__(self, output_dir, append=False):
         self.path = None
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
             self.path = os.path.join(output_dir, "main.log")
-            open(self.path, "w").close()
+            if not append:
+                open(self.path, "w").close()
 
     def _write(self, line):
         if self.path:

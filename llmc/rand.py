@@ -12,16 +12,47 @@ import numpy as np
 
 MASK32 = 0xFFFFFFFF
 
+# llm.c's mt19937_state struct as it lies in memory (x86-64, little-endian), which is how a
+# checkpoint's state file stores the loader's generator: seed_ (u64, never set by llm.c's
+# manual_seed; we write the seed), left_ (int), next_ (uint), state_[624], MATRIX_A[2] = {0, 0x9908b0df}.
+# 8 + 4 + 4 + 2496 + 8 = 2520 bytes, a multiple of the struct's 8-byte alignment: no padding.
+MT_STATE_DTYPE = np.dtype([("seed", "<u8"), ("left", "<i4"), ("next", "<u4"), ("state", "<u4", (624,)),
+                           ("matrix_a", "<u4", (2,))])
+assert MT_STATE_DTYPE.itemsize == 2520
+
 
 class MT19937:
     N, M = 624, 397
     MATRIX_A = 0x9908B0DF
 
     def __init__(self, seed):
+        self.seed = seed
         s = [seed & MASK32]
         for j in range(1, self.N):
             s.append((1812433253 * (s[j - 1] ^ (s[j - 1] >> 30)) + j) & MASK32)
         self.state, self.left, self.next = s, 1, 0
+
+    def state_bytes(self):
+        """The generator as llm.c's mt19937_state struct: MT_STATE_DTYPE, 2520 bytes."""
+        out = np.zeros(1, dtype=MT_STATE_DTYPE)
+        out["seed"], out["left"], out["next"] = self.seed, self.left, self.next
+        out["state"][0] = self.state
+        out["matrix_a"][0] = (0, self.MATRIX_A)
+        return out.tobytes()
+
+    @classmethod
+    def from_state_bytes(cls, data):
+        """The generator that state_bytes wrote (or llm.c's fwrite of its struct), ready to go on.
+        Raises ValueError when the bytes are not such a struct."""
+        if len(data) != MT_STATE_DTYPE.itemsize:
+            raise ValueError(f"{len(data)} bytes, not the {MT_STATE_DTYPE.itemsize} of an mt19937_state")
+        st = np.frombuffer(data, dtype=MT_STATE_DTYPE)[0]
+        if tuple(st["matrix_a"]) != (0, cls.MATRIX_A) or not 1 <= st["left"] <= cls.N or st["next"] > cls.N:
+            raise ValueError("not an mt19937_state (MATRIX_A, left_ or next_ out of place)")
+        rng = cls.__new__(cls)
+        rng.seed, rng.left, rng.next = int(st["seed"]), int(st["left"]), int(st["next"])
+        rng.state = [int(x) for x in st["state"]]
+        return rng
 
     def _twist(self):
         s, N, M = self.state, self.N, self.M
