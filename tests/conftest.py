@@ -168,3 +168,15 @@ def export_model(tmp_path_factory, tiny_data):
 @pytest.fixture(scope="session")
 def tiny_export(export_model):
     return export_model(**TINY_SHAPE)
+
+
+def run_main(argv, capsys):
+    """train_gpt2.main(argv) in this process: (exit code, stdout, stderr)."""
+    import train_gpt2
+    try:
+        train_gpt2.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

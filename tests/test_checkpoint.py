@@ -24,6 +24,7 @@ import train_gpt2 as m  # noqa: E402
 from llmc import checkpoint, formats, utils  # noqa: E402
 from llmc.dataloader import DataLoader  # noqa: E402
 from llmc.rand import MT_STATE_DTYPE, MT19937  # noqa: E402
+from conftest import run_main  # noqa: E402
 
 TINY = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
                           padded_vocab_size=128)
@@ -49,16 +50,6 @@ def workdir(tmp_path, monkeypatch):
 
 BASE = ["-e", "tiny.bin", "-i", "train_*.bin", "-j", "val.bin", "-b", "2", "-t", "8", "-d", "32",
         "-l", "1e-2", "-k", "cosine", "-u", "3", "-q", "0.1", "-v", "5", "-m", "2", "-s", "5", "-g", "6"]
-
-
-def run_main(argv, capsys):
-    try:
-        m.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ sys.path.insert(0, ROOT)
 import train_gpt2 as m  # noqa: E402
 from llmc import formats  # noqa: E402
 from llmc.dataloader import DataLoader  # noqa: E402
+from conftest import run_main  # noqa: E402
 
 TINY = formats.GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_heads=2, channels=32, padded_vocab_size=50304)
 
@@ -31,16 +32,6 @@ def workdir(tmp_path, monkeypatch):
     formats.write_data_shard(str(tmp_path / "val.bin"), text[:300])
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def run_main(argv, capsys):
-    try:
-        m.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 BASE = ["-e", "tiny.bin", "-i", "train.bin", "-j", "val.bin", "-b", "2", "-t", "16"]
