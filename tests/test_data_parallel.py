@@ -49,9 +49,9 @@ def workdir(tmp_path_factory):
     model.params.ln1w[...] = model.params.ln2w[...] = model.params.lnfw[...] = 1
     formats.write_model_file(str(d / "tiny.bin"), TINY, params)
     text = np.tile(rng.integers(0, TINY.vocab_size, size=23), 60)
-    formats.write_data_shard(str(d / "train_000.bin"), text[:600])
-    formats.write_data_shard(str(d / "train_001.bin"), text[600:1100])
-    formats.write_data_shard(str(d / "val.bin"), text[1100:])
+    formats.write_data_shard(str(d / "train_000.bin"), text[:300])     # 2 ranks, B*T 16: 9 samples each
+    formats.write_data_shard(str(d / "train_001.bin"), text[300:550])  # and 7: an epoch is 8 steps of -d 64
+    formats.write_data_shard(str(d / "val.bin"), text[550:])
     return d
 
 
@@ -133,24 +133,30 @@ def test_ranks_match_one_process(workdir, one_process, nproc, zero):
 @needs_gloo
 @pytest.mark.parametrize("zero", [0, 1])
 def test_two_rank_resume_is_bit_exact(workdir, zero):
-    """The shuffled train loader (two shards, crossing an epoch), a val loss averaged over the ranks, and
-    a checkpoint at step 5: the resumed run's step and val lines are the uninterrupted run's, byte for byte,
-    and so are the final model and each rank's state file (ZeRO-1: each holding its shard's m and v)."""
-    flags = [*BASE[:-2], "-v", "5", "-m", "2", "-n", "5", "-z", zero]
-    full, part = f"full{zero}", f"part{zero}"
-    uninterrupted = launch(workdir, 2, *flags, "-o", full)
-    first = launch(workdir, 2, *[f if f != "10" else "5" for f in flags], "-o", part)   # -x 5: stop at 5
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = launch(workdir, 2, *flags, "-o", part, "-y", "1")
-    lines = re.compile(r"^(?:step +\d+/\d+: train loss \S+|val loss \S+)", re.M)
-    ours = lines.findall(first.stdout)[:-1] + lines.findall(resumed.stdout)   # -x 5's last val line is at step 5,
-    theirs = lines.findall(uninterrupted.stdout)                              # as the resumed run's first
-    steps(uninterrupted), steps(resumed)
-    assert "resumed from checkpoint 5" in resumed.stdout
-    assert [re.sub(r"^step +\d+/\d+", "", x) for x in ours] == [re.sub(r"^step +\d+/\d+", "", x) for x in theirs]
-    for name in ("model_00000010.bin", "state_00000010_00000.bin", "state_00000010_00001.bin", "DONE_00000010"):
-        assert (workdir / part / name).read_bytes() == (workdir / full / name).read_bytes(), name
-    state = checkpoint.read_state_file(str(workdir / full / "state_00000010_00001.bin"), P // 2 if zero else P, 2, 1)
+    """The shuffled train loader (two shards, an epoch ending at step 8), a cosine schedule decaying to 0.1 of -l,
+    a val loss averaged over the ranks, checkpoints at steps 5 and 10. Then the step-10 checkpoint is
+    taken away (as if the run had died after step 5) and the run resumed with -y 1 from step 5: its step
+    and val lines are the first run's from step 5 on, byte for byte, and so are the step-10 model and each
+    rank's state file (ZeRO-1: each holding its shard's m and v)."""
+    flags = [*BASE[:-2], "-q", "0.1", "-v", "5", "-m", "2", "-n", "5", "-z", zero]
+    out = workdir / f"resume{zero}"
+    full = launch(workdir, 2, *flags, "-o", out.name)
+    steps(full)
+    names = ("model_00000010.bin", "state_00000010_00000.bin", "state_00000010_00001.bin")
+    first = {name: (out / name).read_bytes() for name in names}
+    for name in ("DONE_00000010", *names):
+        os.remove(out / name)
+    resumed = launch(workdir, 2, *flags, "-o", out.name, "-y", "1")
+    assert "resumed from checkpoint 5" in resumed.stdout and steps(resumed)[0][0] == 6
+    # (step, train loss, norm, lr) of each step line, (val loss,) of each val line; not the times
+    lines = re.compile(r"^step +(\d+)/\d+: train loss (\S+) .* norm (\S+) .* lr (\S+)$|^val loss (\S+)$", re.M)
+    ours, theirs = lines.findall(resumed.stdout), lines.findall(full.stdout)
+    print("\n".join(map(str, ours)))
+    assert len(ours) == 7 and ours == theirs[-7:]                  # val at 5, steps 6..10, val at 10
+    assert theirs[1][3] != theirs[-2][3]                           # the lr does change
+    for name in names:
+        assert (out / name).read_bytes() == first[name], name
+    state = checkpoint.read_state_file(str(out / "state_00000010_00001.bin"), P // 2 if zero else P, 2, 1)
     assert (state.num_processes, state.rank, state.m.size) == (2, 1, P // 2 if zero else P)
 
 
