@@ -799,6 +799,9 @@ def outlier_skip_reason(zloss, zgrad, skip_update_lossz, skip_update_gradz):
 #   optional:   gpt2_allocate_state(model, B, T): allocate everything before the first step (the CUDA
 #               trainer: its memory report, and a run too big for the GPU stops before writing anything);
 #               without it (NumPy, as train_gpt2.c) buffers are allocated at first use
+#   data parallel (several processes, llmc/collectives.py): gpt2_grad_sum_squares(model, lo, hi) -> float,
+#               and for ZeRO-1 gpt2_update(..., shard=(lo, hi)) and gpt2_optimizer_state(model, hi - lo);
+#               a trainer without them runs as one process only
 TRAINER_API = ("gpt2_build_from_descriptor", "gpt2_forward", "gpt2_zero_grad", "gpt2_backward",
                "gpt2_calculate_grad_norm", "gpt2_update", "BETA1", "BETA2", "ADAM_EPS", "GRAD_CLIP",
                "device_setup", "device_info", "StepTimer", "next_token_probs", "to_numpy",
