@@ -1001,7 +1001,7 @@ def train(args, trainer=None, world=None):
     if args.zero_stage not in (0, 1):
         raise ConfigError(f"-z {args.zero_stage}: ZeRO stage 0 or 1 (llm.c's stages 2 and 3 are not implemented)")
     if world.size > 1 and not hasattr(tr, "gpt2_grad_sum_squares"):
-        raise ConfigError(f"{tr.__name__} does not run data parallel yet: start it as one process")
+        raise ConfigError(f"{os.path.basename(tr.__file__)} does not run data parallel yet: start it as one process")
     extra_lines = tr.device_setup(args)
 
     # -y 1: resume from the newest complete checkpoint in -o (its model file replaces -e)

@@ -181,3 +181,18 @@ def test_one_process_needs_no_torch():
             "print(w.rank, w.size, x.sum(), w.mean(2.5), 'torch' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert p.stdout.split() == ["0", "1", "4.0", "2.5", "False"], p.stderr
+
+
+def test_a_trainer_without_data_parallel_refuses_ranks():
+    """train_gpt2_cuda.py has no data parallel yet: under torchrun it stops with one line, before any collective."""
+    import types
+    one_process_only = types.ModuleType("one_process_only")
+    one_process_only.__file__ = "train_gpt2_cuda.py"
+    for name in m.TRAINER_API:
+        setattr(one_process_only, name, getattr(m, name))
+    args = m.parse_args([], m.TRAIN_GPT2_C_DEFAULTS)
+    with pytest.raises(ConfigError, match=r"^train_gpt2_cuda.py does not run data parallel yet: start it as one process$"):
+        m.train(args, one_process_only, collectives.World(0, 2, None))
+    args = m.parse_args(["-z", "2"], m.TRAIN_GPT2_C_DEFAULTS)
+    with pytest.raises(ConfigError, match=r"^-z 2: ZeRO stage 0 or 1"):
+        m.train(args, one_process_only)
