@@ -10,6 +10,7 @@ train_gpt2_cuda.py runs the same training loop with the layers as CUDA kernels.
 """
 
 import codecs
+import contextlib
 import math
 import os
 import sys
@@ -19,7 +20,7 @@ from types import SimpleNamespace
 import llmc  # first: it picks NumPy's BLAS kernels before NumPy loads
 import numpy as np
 
-from llmc import checkpoint, profiler
+from llmc import checkpoint, collectives, profiler
 from llmc.cli import parse_args
 from llmc.dataloader import DataLoader
 from llmc.formats import (MODEL_DEPTHS, FormatError, GPT2Config, num_parameters, padded_vocab, param_shapes,
@@ -713,23 +714,32 @@ def param_segments(model):
     return segments
 
 
-def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale=1.0):
+def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale=1.0, shard=None):
     """AdamW step number t (1-based) over all parameters; weight decay only on the 2-D weights;
-    the gradients are multiplied by grad_scale first (clipping, accumulation averaging)."""
+    the gradients are multiplied by grad_scale first (clipping, accumulation averaging).
+    shard=(lo, hi): ZeRO-1, only params[lo:hi] move, and m, v hold hi - lo floats (this rank's slice)."""
+    lo, hi = shard or (0, model.num_parameters)
     if model.m_memory is None:
-        model.m_memory = np.zeros(model.num_parameters, dtype=np.float32)
-        model.v_memory = np.zeros(model.num_parameters, dtype=np.float32)
-    p, g, m, v = model.params_memory, model.grads_memory, model.m_memory, model.v_memory
+        model.m_memory = np.zeros(hi - lo, dtype=np.float32)
+        model.v_memory = np.zeros(hi - lo, dtype=np.float32)
+    assert model.m_memory.size == hi - lo, "the optimizer state is not this shard's"
+    p, g = model.params_memory[lo:hi], model.grads_memory[lo:hi]
+    m, v = model.m_memory, model.v_memory
     for start, stop, decayed in param_segments(model):
+        start, stop = max(start, lo) - lo, min(stop, hi) - lo   # the tensor's part inside the shard
+        if start >= stop:
+            continue
         s = slice(start, stop)
         in_chunks(adamw, (p[s], g[s], m[s], v[s]), ADAMW_CHUNK, learning_rate, beta1, beta2, eps,
                   weight_decay if decayed else 0.0, t, grad_scale)
 
 
-def gpt2_optimizer_state(model):
-    """AdamW's (m, v) as host float32 arrays, for a checkpoint (zeros before the first update)."""
+def gpt2_optimizer_state(model, size=None):
+    """AdamW's (m, v) as host float32 arrays, for a checkpoint (zeros of `size`, default all parameters,
+    before the first update)."""
     if model.m_memory is None:
-        return np.zeros(model.num_parameters, np.float32), np.zeros(model.num_parameters, np.float32)
+        size = model.num_parameters if size is None else size
+        return np.zeros(size, np.float32), np.zeros(size, np.float32)
     return model.m_memory, model.v_memory
 
 
@@ -743,11 +753,15 @@ def gpt2_load_optimizer_state(model, m, v):
 NORM_CHUNK = 1 << 20
 
 
+def gpt2_grad_sum_squares(model, lo=0, hi=None):
+    """sum g^2 over grads[lo:hi] (a python float): the squares summed per chunk in float32 (a BLAS dot)
+    and the chunks' sums in float64, in order. ZeRO-1 sums each rank's shard's across the ranks."""
+    return sum(in_chunks(lambda x: float(np.dot(x, x)), (model.grads_memory[lo:hi],), NORM_CHUNK))
+
+
 def gpt2_calculate_grad_norm(model):
-    """Global L2 norm of all parameter gradients (a python float): sqrt(sum g^2), the squares
-    summed per chunk in float32 (a BLAS dot) and the chunks' sums in float64, in order."""
-    squares = in_chunks(lambda x: float(np.dot(x, x)), (model.grads_memory,), NORM_CHUNK)
-    return math.sqrt(sum(squares))
+    """Global L2 norm of all parameter gradients (a python float): sqrt(sum g^2)."""
+    return math.sqrt(gpt2_grad_sum_squares(model))
 
 
 def grad_clip_scale(norm, grad_clip):
@@ -785,6 +799,9 @@ def outlier_skip_reason(zloss, zgrad, skip_update_lossz, skip_update_gradz):
 #   optional:   gpt2_allocate_state(model, B, T): allocate everything before the first step (the CUDA
 #               trainer: its memory report, and a run too big for the GPU stops before writing anything);
 #               without it (NumPy, as train_gpt2.c) buffers are allocated at first use
+#   data parallel (several processes, llmc/collectives.py): gpt2_grad_sum_squares(model, lo, hi) -> float,
+#               and for ZeRO-1 gpt2_update(..., shard=(lo, hi)) and gpt2_optimizer_state(model, hi - lo);
+#               a trainer without them runs as one process only
 TRAINER_API = ("gpt2_build_from_descriptor", "gpt2_forward", "gpt2_zero_grad", "gpt2_backward",
                "gpt2_calculate_grad_norm", "gpt2_update", "BETA1", "BETA2", "ADAM_EPS", "GRAD_CLIP",
                "device_setup", "device_info", "StepTimer", "next_token_probs", "to_numpy",
@@ -805,6 +822,7 @@ TRAIN_GPT2_C_DEFAULTS = {
     "sample_every": 20, "genT": 64,
     "overfit_single_batch": 0,
     "skip_update_lossz": 0.0, "skip_update_gradz": 0.0,  # llm.c's outlier guard (train_gpt2.cu's -sl -sg), off
+    "zero_stage": 0,                                    # data parallel (torchrun): 0 or 1 (ZeRO-1), train_gpt2.cu's -z
     "profile": 0,
 }
 # what -h shows for the defaults decided at run time
@@ -902,13 +920,18 @@ def evaluate(trainer, model, val_loader, val_max_steps, B, T):
 
 # checkpoints (llmc/checkpoint.py): what train() writes every -n steps and reads back with -y 1
 
-def save_checkpoint(trainer, model, train_loader, args, step):
-    """model_, state_ and DONE_ of this step into -o, then the old ones -nk and -nm say to delete."""
+def save_checkpoint(trainer, model, train_loader, args, step, world, shard):
+    """model_ (rank 0), state_ (every rank) and DONE_ of this step into -o, then the old ones -nk and -nm
+    say to delete. shard: ZeRO-1's (lo, hi), whose m and v this rank holds, or None (all of them)."""
     out = args.output_log_dir
     t0 = time.perf_counter()
-    m, v = trainer.gpt2_optimizer_state(model)
-    state = checkpoint.TrainState(step=step, m=m, v=v, loader=train_loader.state())
-    checkpoint.write_checkpoint(out, step, model.config, trainer.to_numpy(model.params_memory), state)
+    m, v = trainer.gpt2_optimizer_state(model, shard[1] - shard[0]) if shard else trainer.gpt2_optimizer_state(model)
+    state = checkpoint.TrainState(step=step, m=m, v=v, loader=train_loader.state(), num_processes=world.size,
+                                  rank=world.rank)
+    checkpoint.write_checkpoint(out, step, model.config, trainer.to_numpy(model.params_memory), state,
+                                barrier=world.barrier)
+    if world.rank != 0:
+        return
     size = sum(os.path.getsize(p) for p in (checkpoint.model_path(out, step), checkpoint.state_path(out, step)))
     print(f"wrote checkpoint {step} to {out} ({size / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s)")
     for old in checkpoint.checkpoints_to_delete(checkpoint.done_steps(out), args.checkpoints_keep,
@@ -917,11 +940,13 @@ def save_checkpoint(trainer, model, train_loader, args, step):
         print(f"deleted checkpoint {old}")
 
 
-def load_checkpoint(trainer, model, train_loader, output_dir, step):
-    """AdamW's m and v and the train loader's place from state_ of `step`; returns the step to go on from."""
+def load_checkpoint(trainer, model, train_loader, output_dir, step, world, shard):
+    """AdamW's m and v (this rank's shard of them under ZeRO-1) and the train loader's place from this
+    rank's state_ of `step`; returns the step to go on from."""
     t0 = time.perf_counter()
-    path = checkpoint.state_path(output_dir, step)
-    state = checkpoint.read_state_file(path, model.num_parameters)
+    path = checkpoint.state_path(output_dir, step, world.rank)
+    state = checkpoint.read_state_file(path, shard[1] - shard[0] if shard else model.num_parameters,
+                                       world.size, world.rank)
     if state.step != step:
         raise FormatError(f"{path}: holds step {state.step}, its name says {step}; a corrupt checkpoint")
     if state.master_weights is not None:
@@ -938,9 +963,13 @@ def main(argv=None):
 
 
 def run(args, trainer=None):
-    """train(args, trainer), with its one-line errors printed as `error: ...` and exit status 1."""
+    """train(args, trainer), with its one-line errors printed as `error: ...` and exit status 1. Started by
+    torchrun, this process is one rank of a data-parallel run (llmc/collectives.py); only rank 0 prints."""
     try:
-        train(args, trainer)
+        world = collectives.init()
+        with contextlib.redirect_stdout(sys.stdout if world.rank == 0 else open(os.devnull, "w")):
+            train(args, trainer, world)
+        world.close()
     except (ConfigError, FormatError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -959,14 +988,20 @@ def sequence_length(args, max_seq_len):
     return T
 
 
-def train(args, trainer=None):
-    """llm.c's main loop. trainer: the module that runs the model, this one (NumPy) by default."""
+def train(args, trainer=None, world=None):
+    """llm.c's main loop. trainer: the module that runs the model, this one (NumPy) by default.
+    world: this process's place in a data-parallel run (llmc.collectives.World), one process by default."""
     tr = trainer or sys.modules[__name__]
+    world = world or collectives.World()
     missing = [name for name in TRAINER_API if not hasattr(tr, name)]
     assert not missing, f"{tr.__name__} lacks {missing} (see TRAINER_API)"
     B = args.B
     if B < 1 or args.T < 1:
         raise ConfigError(f"-b and -t must be positive, got B={B}, T={args.T}")
+    if args.zero_stage not in (0, 1):
+        raise ConfigError(f"-z {args.zero_stage}: ZeRO stage 0 or 1 (llm.c's stages 2 and 3 are not implemented)")
+    if world.size > 1 and not hasattr(tr, "gpt2_grad_sum_squares"):
+        raise ConfigError(f"{os.path.basename(tr.__file__)} does not run data parallel yet: start it as one process")
     extra_lines = tr.device_setup(args)
 
     # -y 1: resume from the newest complete checkpoint in -o (its model file replaces -e)
@@ -991,23 +1026,37 @@ def train(args, trainer=None):
     val_pattern = args.val_data_pattern or val_pattern
     if args.overfit_single_batch:
         train_pattern = val_pattern                       # llm.c: overfit the first val batch
-    train_loader = DataLoader(train_pattern, B, T, should_shuffle=not args.overfit_single_batch)
-    val_loader = DataLoader(val_pattern, B, T, should_shuffle=False)
-    val_batches = val_loader.num_tokens // (B * T)
-    print(f"train dataset: {train_pattern} ({train_loader.num_tokens:,} tokens, {train_loader.num_tokens // (B * T)} batches)")
+    # data parallel: rank r reads the r-th B*T of every world.size*B*T tokens (and shuffles with seed 42 + r)
+    train_loader = DataLoader(train_pattern, B, T, world.rank, world.size, should_shuffle=not args.overfit_single_batch)
+    val_loader = DataLoader(val_pattern, B, T, world.rank, world.size, should_shuffle=False)
+    tokens_per_micro_step = B * T * world.size            # over all ranks
+    val_batches = val_loader.num_tokens // tokens_per_micro_step
+    print(f"train dataset: {train_pattern} ({train_loader.num_tokens:,} tokens, "
+          f"{train_loader.num_tokens // tokens_per_micro_step} batches)")
     print(f"val dataset:   {val_pattern} ({val_loader.num_tokens:,} tokens, {val_batches} batches)")
     val_max_steps = min(args.val_max_steps, val_batches) if args.val_max_steps > 0 else val_batches
 
     total_batch = args.total_batch_size if args.total_batch_size > 0 else B * T
-    if total_batch % (B * T) != 0:
-        raise ConfigError(f"-d {total_batch} is not a multiple of B*T = {B * T}")
-    grad_accum_steps = total_batch // (B * T)
+    if total_batch % tokens_per_micro_step != 0:
+        what = "B*T" if world.size == 1 else f"B*T*processes = {B}*{T}*{world.size}"
+        raise ConfigError(f"-d {total_batch} is not a multiple of {what} = {tokens_per_micro_step}")
+    grad_accum_steps = total_batch // tokens_per_micro_step
+    micro_steps = grad_accum_steps * world.size           # over all ranks: what the summed gradients average
     num_steps = args.max_steps if args.max_steps > 0 else train_loader.num_tokens // total_batch
-    print(f"batch: B={B} T={T}, total {total_batch} tokens = {grad_accum_steps} micro-step(s); {num_steps} steps")
+    processes = "" if world.size == 1 else f" on each of {world.size} processes"
+    print(f"batch: B={B} T={T}, total {total_batch} tokens = {grad_accum_steps} micro-step(s){processes}; "
+          f"{num_steps} steps")
+    # ZeRO-1 (-z 1): this rank's AdamW updates only its contiguous 1/world.size of the parameters
+    shard = None
+    if world.size > 1:
+        if args.zero_stage == 1:
+            shard = collectives.shard_range(model.num_parameters, world.rank, world.size)
+        print(f"data parallel: {world.size} processes (torch.distributed, gloo), ZeRO stage {args.zero_stage}"
+              + (f": {shard[1] - shard[0]:,} parameters' m and v on each" if shard else ""))
     if hasattr(tr, "gpt2_allocate_state"):   # train_gpt2_cuda.py allocates its state now, as llm.c's train_gpt2.cu:
         tr.gpt2_allocate_state(model, B, T)  # the memory report, and a run too big for the GPU stops here
     start_step = 0 if resume_step is None else load_checkpoint(tr, model, train_loader, args.output_log_dir,
-                                                                resume_step)
+                                                                resume_step, world, shard)
     if start_step > num_steps:
         raise ConfigError(f"the checkpoint in {args.output_log_dir} is at step {start_step}, past -x {num_steps}: "
                           f"give a larger -x")
@@ -1033,7 +1082,9 @@ def train(args, trainer=None):
     learning_rate(0)                                      # a bad schedule name fails now, not at step 1
 
     tokenizer = Tokenizer("gpt2_tokenizer.bin")
-    logger = Logger(args.output_log_dir, append=args.resume == 1)
+    logger = Logger(args.output_log_dir if world.rank == 0 else "", append=args.resume == 1)   # rank 0 logs
+    if args.output_log_dir:
+        os.makedirs(args.output_log_dir, exist_ok=True)   # every rank writes its state file there
     timer = tr.StepTimer()
     tokens_per_second = TokensPerSecond()                 # the moving average the step line shows
     loss_outliers, norm_outliers = OutlierDetector(), OutlierDetector()   # z-scores on the step line, -sl -sg
@@ -1041,16 +1092,16 @@ def train(args, trainer=None):
     for step in range(start_step, num_steps + 1):
         last_step = step == num_steps
         if args.val_loss_every > 0 and (step % args.val_loss_every == 0 or last_step):
-            val_loss = evaluate(tr, model, val_loader, val_max_steps, B, T)
+            val_loss = world.mean(evaluate(tr, model, val_loader, val_max_steps, B, T))
             print(f"val loss {val_loss:f}")
             logger.log_val(step, val_loss)
-        if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last_step):
+        if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last_step) and world.rank == 0:
             # the sampler's xorshift starts at 1337 at every round, as llm.c's train_gpt2.cu: the same
             # tokens after a resume (the state file has no slot for it)
             generate(tr, model, tokenizer, B, T, args.genT, [1337])
         if args.checkpoint_every > 0 and step != resume_step and \
                 ((step > 0 and step % args.checkpoint_every == 0) or last_step):   # not the step just resumed
-            save_checkpoint(tr, model, train_loader, args, step)
+            save_checkpoint(tr, model, train_loader, args, step, world, shard)
         if last_step:
             break
 
@@ -1065,16 +1116,32 @@ def train(args, trainer=None):
             tr.gpt2_forward(model, x, y, B, T)
             tr.gpt2_backward(model)
             train_loss += model.mean_loss / grad_accum_steps
-        # the gradients hold the sum over micro-steps: average them inside the update
-        norm = tr.gpt2_calculate_grad_norm(model) / grad_accum_steps
-        scale = grad_clip_scale(norm, tr.GRAD_CLIP) / grad_accum_steps
+        # data parallel: sum the gradients over the ranks, all of them (-z 0) or each rank its shard (-z 1)
+        if world.size > 1:
+            train_loss = world.mean(train_loss)
+            if shard:
+                world.reduce_scatter_sum(model.grads_memory)
+                norm = math.sqrt(world.sum(tr.gpt2_grad_sum_squares(model, *shard))) / micro_steps
+            else:
+                world.all_reduce_sum(model.grads_memory)
+                norm = tr.gpt2_calculate_grad_norm(model) / micro_steps
+        else:
+            norm = tr.gpt2_calculate_grad_norm(model) / micro_steps
+        # the gradients hold the sum over all micro-steps (of every rank): average them inside the update
+        scale = grad_clip_scale(norm, tr.GRAD_CLIP) / micro_steps
         lr = learning_rate(step)
         zloss, zgrad = loss_outliers.update(train_loss), norm_outliers.update(norm)   # NaN for the first 128 steps
         skip = outlier_skip_reason(zloss, zgrad, args.skip_update_lossz, args.skip_update_gradz)
         if skip:                                          # as llm.c: the step still counts, so the next
             print(skip)                                   # update's t and lr are its own step's
         else:
-            tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args.weight_decay, step + 1, grad_scale=scale)
+            if shard:                                     # ZeRO-1: update this rank's slice, then share it
+                tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args.weight_decay, step + 1,
+                               grad_scale=scale, shard=shard)
+                world.all_gather(model.params_memory)
+            else:
+                tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args.weight_decay, step + 1,
+                               grad_scale=scale)
         ms = timer.stop()
         profiler.ACTIVE[0] = False
         step_times.append(ms)
@@ -1089,7 +1156,7 @@ def train(args, trainer=None):
         print(f"mean step time (excluding the first): {sum(tail) / len(tail):.2f} ms")
     if getattr(args, "profile", 0) and step_times:
         print(profiler.report(max(1, len(step_times) - 1)))
-    if args.output_log_dir and args.checkpoint_every == 0:   # else the last checkpoint holds it
+    if args.output_log_dir and args.checkpoint_every == 0 and world.rank == 0:   # else the last checkpoint holds it
         path = os.path.join(args.output_log_dir, f"model_{num_steps:08d}.bin")
         write_model_file(path, model.config, tr.to_numpy(model.params_memory))
         print(f"wrote {path}")

@@ -22,6 +22,7 @@ current_sample_idx is the next sample to draw (llm.c's counting). Resume is bit-
 file holds the parameters exactly, the state everything else a step reads.
 """
 
+import glob
 import os
 import re
 from dataclasses import dataclass
@@ -150,16 +151,22 @@ def done_steps(output_dir):
     return sorted(int(name[5:]) for name in os.listdir(output_dir) if re.fullmatch(r"DONE_\d{8}", name))
 
 
-def write_checkpoint(output_dir, step, config, params, state, dtype="float32"):
-    """model, state (rank 0 of 1), then DONE: the marker last, so only a whole checkpoint counts."""
-    write_model_file(model_path(output_dir, step), config, params, dtype)
+def write_checkpoint(output_dir, step, config, params, state, dtype="float32", barrier=lambda: None):
+    """Called by every rank: rank 0 writes the model, every rank its state, and once all have (barrier:
+    the ranks' collective one) rank 0 writes DONE: the marker last, so only a whole checkpoint counts."""
+    if state.rank == 0:
+        write_model_file(model_path(output_dir, step), config, params, dtype)
     write_state_file(state_path(output_dir, step, state.rank), state)
-    write_atomic(done_path(output_dir, step), [])
+    barrier()
+    if state.rank == 0:
+        write_atomic(done_path(output_dir, step), [])
 
 
 def delete_checkpoint(output_dir, step):
-    """The DONE marker first: a run killed halfway through leaves no DONE pointing at missing files."""
-    for path in (done_path(output_dir, step), model_path(output_dir, step), state_path(output_dir, step)):
+    """The DONE marker first: a run killed halfway through leaves no DONE pointing at missing files.
+    Then the model and every rank's state."""
+    states = sorted(glob.glob(os.path.join(glob.escape(output_dir), f"state_{step:08d}_*.bin")))
+    for path in (done_path(output_dir, step), model_path(output_dir, step), *states):
         if os.path.exists(path):
             os.remove(path)
 

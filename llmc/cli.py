@@ -38,6 +38,7 @@ FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
     "r": ("recompute", "recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm"),
     "sl": ("skip_update_lossz", "skip an update whose loss z-score (last 128 steps) is above this (0 = off)"),
     "sg": ("skip_update_gradz", "skip an update whose grad norm z-score (last 128 steps) is above this (0 = off)"),
+    "z": ("zero_stage", "ZeRO stage with several processes (torchrun): 0 all-reduce the gradients, 1 also shard AdamW's m, v"),
     "profile": ("profile", "print a per-layer time table at the end? 0/1"),
 }
 NAMES = {name: flag for flag, (name, _) in FLAGS.items()}      # llm.c's name -> flag letter(s)

@@ -132,7 +132,7 @@ def test_overfit_single_batch_resets_once_per_step(workdir, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["-z", "1"], "unknown flag -z"),
+    (["-zz", "1"], "unknown flag -zz"),
     (["-b"], "flag -b needs a value"),
     (["-b", "four"], "flag -b needs an integer, got 'four'"),
     (["-l", "fast"], "flag -l needs a number, got 'fast'"),
