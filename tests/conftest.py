@@ -180,3 +180,15 @@ def run_main(argv, capsys):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def write_tiny_model(path, config, rng, std):
+    """A seeded model file of shape `config` for the trainer tests: weights N(0, std) drawn from rng,
+    wte's pad rows 0, LayerNorm weights 1. Returns the flat parameters."""
+    import train_gpt2
+    params = (rng.standard_normal(formats.num_parameters(config)) * std).astype(np.float32)
+    model = train_gpt2.GPT2(config, params)
+    model.params.wte[config.vocab_size:] = 0
+    model.params.ln1w[...] = model.params.ln2w[...] = model.params.lnfw[...] = 1
+    formats.write_model_file(str(path), config, params)
+    return params

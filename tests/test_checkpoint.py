@@ -25,6 +25,7 @@ from llmc import checkpoint, formats, utils  # noqa: E402
 from llmc.dataloader import DataLoader  # noqa: E402
 from llmc.rand import MT_STATE_DTYPE, MT19937  # noqa: E402
 from conftest import run_main  # noqa: E402
+from conftest import write_tiny_model  # noqa: E402
 
 TINY = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
                           padded_vocab_size=128)
@@ -35,11 +36,7 @@ P = formats.num_parameters(TINY)
 def workdir(tmp_path, monkeypatch):
     """A tiny model (V=101), two small train shards (18 and 12 samples at B=2, T=8) and a val shard."""
     rng = np.random.default_rng(0)
-    params = (0.1 * rng.standard_normal(P)).astype(np.float32)
-    model = m.GPT2(TINY, params)
-    model.params.wte[TINY.vocab_size:] = 0
-    model.params.ln1w[...] = model.params.ln2w[...] = model.params.lnfw[...] = 1
-    formats.write_model_file(str(tmp_path / "tiny.bin"), TINY, params)
+    write_tiny_model(tmp_path / "tiny.bin", TINY, rng, 0.1)
     text = np.tile(rng.integers(0, TINY.vocab_size, size=23), 30)       # learnable: a repeated phrase
     formats.write_data_shard(str(tmp_path / "train_000.bin"), text[:300])
     formats.write_data_shard(str(tmp_path / "train_001.bin"), text[300:500])

@@ -25,6 +25,7 @@ if REPO not in sys.path:
 import train_gpt2 as m  # noqa: E402
 from llmc import checkpoint, collectives, formats  # noqa: E402
 from llmc.utils import ConfigError  # noqa: E402
+from conftest import write_tiny_model  # noqa: E402
 
 try:
     import torch.distributed as dist
@@ -43,11 +44,7 @@ def workdir(tmp_path_factory):
     """A tiny model (V=101), two train shards and a val shard of a learnable repeated phrase."""
     d = tmp_path_factory.mktemp("dp")
     rng = np.random.default_rng(0)
-    params = (0.1 * rng.standard_normal(P)).astype(np.float32)
-    model = m.GPT2(TINY, params)
-    model.params.wte[TINY.vocab_size:] = 0
-    model.params.ln1w[...] = model.params.ln2w[...] = model.params.lnfw[...] = 1
-    formats.write_model_file(str(d / "tiny.bin"), TINY, params)
+    write_tiny_model(d / "tiny.bin", TINY, rng, 0.1)
     text = np.tile(rng.integers(0, TINY.vocab_size, size=23), 60)
     formats.write_data_shard(str(d / "train_000.bin"), text[:300])     # 2 ranks, B*T 16: 9 samples each
     formats.write_data_shard(str(d / "train_001.bin"), text[300:550])  # and 7: an epoch is 8 steps of -d 64

@@ -13,6 +13,7 @@ import train_gpt2 as m  # noqa: E402
 from llmc import formats  # noqa: E402
 from llmc.dataloader import DataLoader  # noqa: E402
 from conftest import run_main  # noqa: E402
+from conftest import write_tiny_model  # noqa: E402
 
 TINY = formats.GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_heads=2, channels=32, padded_vocab_size=50304)
 
@@ -21,11 +22,7 @@ TINY = formats.GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_he
 def workdir(tmp_path, monkeypatch):
     """A directory with a tiny checkpoint and tiny train/val shards."""
     r = np.random.default_rng(0)
-    params = (r.standard_normal(formats.num_parameters(TINY)) * 0.02).astype(np.float32)
-    model = m.GPT2(TINY, params)
-    model.params.wte[TINY.vocab_size:] = 0
-    model.params.ln1w[...] = model.params.ln2w[...] = model.params.lnfw[...] = 1
-    formats.write_model_file(str(tmp_path / "tiny.bin"), TINY, params)
+    write_tiny_model(tmp_path / "tiny.bin", TINY, r, 0.02)
     # a repetitive text, so the loss can fall in a few steps
     text = np.tile(r.integers(0, 50257, size=40), 20)
     formats.write_data_shard(str(tmp_path / "train.bin"), text)
