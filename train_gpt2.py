@@ -965,14 +965,18 @@ def main(argv=None):
 def run(args, trainer=None):
     """train(args, trainer), with its one-line errors printed as `error: ...` and exit status 1. Started by
     torchrun, this process is one rank of a data-parallel run (llmc/collectives.py); only rank 0 prints."""
+    world = None
     try:
         world = collectives.init()
-        with contextlib.redirect_stdout(sys.stdout if world.rank == 0 else open(os.devnull, "w")):
+        with open(os.devnull, "w") if world.rank != 0 else contextlib.nullcontext(sys.stdout) as out, \
+                contextlib.redirect_stdout(out):
             train(args, trainer, world)
-        world.close()
     except (ConfigError, FormatError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if world is not None:
+            world.close()
 
 
 def sequence_length(args, max_seq_len):
