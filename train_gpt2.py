@@ -23,8 +23,8 @@ import numpy as np
 from llmc import checkpoint, collectives, profiler
 from llmc.cli import parse_args
 from llmc.dataloader import DataLoader
-from llmc.formats import (MODEL_DEPTHS, FormatError, GPT2Config, num_parameters, padded_vocab, param_shapes,
-                          print_config, read_model_file, write_model_file)
+from llmc.formats import (MODEL_DEPTHS, MODEL_MAGIC, FormatError, GPT2Config, num_parameters, padded_vocab,
+                          param_shapes, print_config, read_header, read_model_file, write_model_file)
 from llmc.logger import Logger
 from llmc.mfu import TokensPerSecond, flops_per_token, format_mfu, mfu_percent, peak_flops
 from llmc.outlier import OutlierDetector
@@ -845,10 +845,19 @@ def default_data_paths():
     return base.format("train"), base.format("val")
 
 
+# a default model file that is not there: what to try instead, in order (the pretrained weights come from
+# python train_gpt2_torch.py --model gpt2; gpt2_d12.bin, the same shape from scratch, from --model d12)
+CHECKPOINT_FALLBACKS = {"gpt2_124M_bf16.bin": ("gpt2_124M.bin", "gpt2_d12.bin"), "gpt2_124M.bin": ("gpt2_d12.bin",)}
+
+
 def resolve_checkpoint(name):
-    if name == "gpt2_124M.bin" and not os.path.exists(name) and os.path.exists("gpt2_d12.bin"):
-        print("gpt2_124M.bin not found: using gpt2_d12.bin (the same shape, from scratch)")
-        return "gpt2_d12.bin"
+    if os.path.exists(name):
+        return name
+    for other in CHECKPOINT_FALLBACKS.get(name, ()):
+        if os.path.exists(other):
+            why = "the same shape, from scratch" if other == "gpt2_d12.bin" else "the same weights in fp32"
+            print(f"{name} not found: using {other} ({why})")
+            return other
     return name
 
 
@@ -928,8 +937,10 @@ def save_checkpoint(trainer, model, train_loader, args, step, world, shard):
     m, v = trainer.gpt2_optimizer_state(model, shard[1] - shard[0]) if shard else trainer.gpt2_optimizer_state(model)
     state = checkpoint.TrainState(step=step, m=m, v=v, loader=train_loader.state(), num_processes=world.size,
                                   rank=world.rank)
+    if hasattr(trainer, "gpt2_master_state"):   # the CUDA trainer: master weights, stochastic rounding's generator
+        state.master_weights, state.rng_state, state.rng_state_last_update = trainer.gpt2_master_state(model)
     checkpoint.write_checkpoint(out, step, model.config, trainer.to_numpy(model.params_memory), state,
-                                barrier=world.barrier)
+                                dtype=model_file_dtype(model), barrier=world.barrier)
     if world.rank != 0:
         return
     size = sum(os.path.getsize(p) for p in (checkpoint.model_path(out, step), checkpoint.state_path(out, step)))
@@ -949,12 +960,32 @@ def load_checkpoint(trainer, model, train_loader, output_dir, step, world, shard
                                        world.size, world.rank)
     if state.step != step:
         raise FormatError(f"{path}: holds step {state.step}, its name says {step}; a corrupt checkpoint")
-    if state.master_weights is not None:
+    keeps_master = getattr(model, "use_master_weights", False)
+    if state.master_weights is not None and not keeps_master:
         print(f"{path}: has master weights, which this run does not keep: ignored")
+    if state.master_weights is None and keeps_master:
+        raise ConfigError(f"{path}: has no master weights, which this run keeps (bf16, -w 1): resume with -w 0, "
+                          f"or with the precision that wrote it")
     trainer.gpt2_load_optimizer_state(model, state.m, state.v)
+    if hasattr(trainer, "gpt2_load_master_state"):
+        trainer.gpt2_load_master_state(model, state.master_weights, state.rng_state, state.rng_state_last_update)
     train_loader.resume(*state.loader)
     print(f"resumed from checkpoint {step} in {output_dir} ({time.perf_counter() - t0:.2f} s)")
     return state.step
+
+
+def model_file_dtype(model):
+    """The run's precision as write_model_file names it: a bf16 run writes bf16 (version 5) files, as llm.c."""
+    return "bfloat16" if getattr(model, "precision", "fp32") == "bf16" else "float32"
+
+
+def check_resume_precision(model, path):
+    """A checkpoint's model file must be in the run's precision (llm.c refuses the other one too)."""
+    version = read_header(path, MODEL_MAGIC, (3, 5))[0][1]
+    written = "bf16" if version == 5 else "fp32"
+    ours = getattr(model, "precision", "fp32")
+    if written != ours:
+        raise ConfigError(f"{path} is {written} (version {version}) and this run is {ours}: resume with -p {written}")
 
 
 def main(argv=None):
@@ -1021,6 +1052,8 @@ def train(args, trainer=None, world=None):
 
     # the model
     model = tr.gpt2_build_from_descriptor(model_file)
+    if resume_step is not None:
+        check_resume_precision(model, model_file)
     print_config(model.config, extra_lines)
     T = sequence_length(args, model.config.max_seq_len)
 
@@ -1162,7 +1195,7 @@ def train(args, trainer=None, world=None):
         print(profiler.report(max(1, len(step_times) - 1)))
     if args.output_log_dir and args.checkpoint_every == 0 and world.rank == 0:   # else the last checkpoint holds it
         path = os.path.join(args.output_log_dir, f"model_{num_steps:08d}.bin")
-        write_model_file(path, model.config, tr.to_numpy(model.params_memory))
+        write_model_file(path, model.config, tr.to_numpy(model.params_memory), model_file_dtype(model))
         print(f"wrote {path}")
 
 

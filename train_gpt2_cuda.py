@@ -29,7 +29,8 @@ import train_gpt2 as host  # the model's host side (views, the seeded init) and 
 from train_gpt2 import grad_clip_scale  # noqa: F401  (test_gpt2.py clips with its trainer's own)
 from llmc.cli import parse_args
 from llmc.cuda_common import ceil_div, kernel_source
-from llmc.formats import num_parameters, param_shapes, read_model_file
+from llmc.formats import bf16_to_f32, f32_to_bf16, num_parameters, param_shapes, read_header, read_model_file, MODEL_MAGIC
+from llmc.sampler import random_u32
 from llmc.utils import ConfigError
 
 # ----------------------------------------------------------------------------
@@ -39,6 +40,9 @@ from llmc.utils import ConfigError
 
 EMULATE = os.environ.get("LLMC_EMULATE", "0") == "1"
 NO_GPU = None  # one line saying why the GPU path cannot run here, or None
+# bf16 lives in uint16 arrays of its bit patterns, on the device and on the host alike (CuPy needs no
+# bfloat16 dtype for it; llmc.formats' bf16_to_f32 / f32_to_bf16 convert); fp32 in float32 arrays
+BF16 = np.dtype(np.uint16)
 
 if EMULATE:
     import numpy as xp
@@ -46,10 +50,20 @@ if EMULATE:
     NULL = None  # a null pointer kernel argument
 
     def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
-        """out (batch, m, n) (+)= op(a) @ op(b), with NumPy's matmul standing in for cuBLAS."""
+        """out (batch, m, n) (+)= op(a) @ op(b), with NumPy's matmul standing in for cuBLAS.
+        bf16 arrays (uint16 bits) as cuBLAS's bf16 GEMM with fp32 compute: the bf16 inputs widened
+        exactly, products summed in fp32 (NumPy's sgemm), beta*out added in fp32, one rounding to
+        bf16 (to nearest even) at the store."""
+        if out.dtype == BF16:
+            a, b = bf16_to_f32(a), bf16_to_f32(b)
         a = a.swapaxes(-1, -2) if transpose_a else a
         b = b.swapaxes(-1, -2) if transpose_b else b
-        if accumulate:
+        if out.dtype == BF16:
+            product = np.matmul(a, b)
+            if accumulate:
+                product += bf16_to_f32(out)
+            out[...] = f32_to_bf16(product)
+        elif accumulate:
             out += np.matmul(a, b)
         else:
             np.matmul(a, b, out=out)
@@ -72,8 +86,9 @@ if EMULATE:
         return "CPU (LLMC_EMULATE=1: NumPy + the kernel emulator, emulator/)"
 
     def to_numpy(x):
-        """Device array -> NumPy array (here they already are)."""
-        return np.asarray(x)
+        """Device array -> NumPy array (here they already are); bf16 bits widened exactly to float32."""
+        x = np.asarray(x)
+        return bf16_to_f32(x) if x.dtype == BF16 else x
 else:
     try:
         import cupy as xp
@@ -102,6 +117,10 @@ else:
         # long as the module, and their addresses (a .ctypes.data per call built a new object per GEMM)
         _ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)
         _ONE_PTR, _ZERO_PTR = _ONE.ctypes.data, _ZERO.ctypes.data
+        # cublasGemmStridedBatchedEx's enums (cuda's library_types.h and cublas_api.h), as CuPy names them
+        CUDA_R_16BF = 14
+        CUBLAS_COMPUTE_32F = getattr(cublas, "CUBLAS_COMPUTE_32F", 68)
+        CUBLAS_GEMM_DEFAULT = getattr(cublas, "CUBLAS_GEMM_DEFAULT", -1)
 
         def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
             """out (batch, m, n) (+)= op(a) @ op(b) for C-contiguous float32 arrays of 2 or 3 dims
@@ -115,16 +134,23 @@ else:
             batch = out.size // (m * n)
             stride = lambda x: x.shape[-2] * x.shape[-1] if x.ndim == 3 else 0  # noqa: E731
             for x in (out, a, b):
-                assert x.flags.c_contiguous and x.dtype == np.float32
+                assert x.flags.c_contiguous and x.dtype == out.dtype
             beta = _ONE_PTR if accumulate else _ZERO_PTR
-            cublas.sgemmStridedBatched(
-                xp.cuda.device.get_cublas_handle(),
-                cublas.CUBLAS_OP_T if transpose_b else cublas.CUBLAS_OP_N,
-                cublas.CUBLAS_OP_T if transpose_a else cublas.CUBLAS_OP_N,
-                n, m, k, _ONE_PTR,
-                b.data.ptr, b.shape[-1], stride(b),
-                a.data.ptr, a.shape[-1], stride(a),
-                beta, out.data.ptr, n, stride(out), batch)
+            op_b = cublas.CUBLAS_OP_T if transpose_b else cublas.CUBLAS_OP_N
+            op_a = cublas.CUBLAS_OP_T if transpose_a else cublas.CUBLAS_OP_N
+            handle = xp.cuda.device.get_cublas_handle()
+            if out.dtype == BF16:   # bf16 in and out, fp32 compute (the tensor cores' bf16 path)
+                cublas.gemmStridedBatchedEx(
+                    handle, op_b, op_a, n, m, k, _ONE_PTR,
+                    b.data.ptr, CUDA_R_16BF, b.shape[-1], stride(b),
+                    a.data.ptr, CUDA_R_16BF, a.shape[-1], stride(a),
+                    beta, out.data.ptr, CUDA_R_16BF, n, stride(out), batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+            else:
+                cublas.sgemmStridedBatched(
+                    handle, op_b, op_a, n, m, k, _ONE_PTR,
+                    b.data.ptr, b.shape[-1], stride(b),
+                    a.data.ptr, a.shape[-1], stride(a),
+                    beta, out.data.ptr, n, stride(out), batch)
 
         def set_tf32(enabled):
             """TF32 tensor cores for the float32 GEMMs, as llm.c's fp32 trainer does on sm >= 80
@@ -150,8 +176,9 @@ else:
             return name.decode() if isinstance(name, bytes) else str(name)
 
         def to_numpy(x):
-            """Device array -> NumPy array (a copy to the host)."""
-            return xp.asnumpy(x)
+            """Device array -> NumPy array (a copy to the host); bf16 bits widened exactly to float32."""
+            x = xp.asnumpy(x)
+            return bf16_to_f32(x) if x.dtype == BF16 else x
     else:
         def to_numpy(x):
             return np.asarray(x)
@@ -169,17 +196,34 @@ def require_gpu():
 _modules, _functions = {}, {}
 
 
-def kernel(file, name):
-    """The __global__ function `name` of kernels/<file>.cu, compiled on first use. The text compiled
-    is kernel_source(file) (llmc/cuda_common.py): <file>.cu with common.cuh pasted in for its #include."""
-    if (file, name) not in _functions:
-        if file not in _modules:
-            _modules[file] = RawModule(code=kernel_source(file), options=("--std=c++17",))
-        _functions[(file, name)] = _modules[file].get_function(name)
-    return _functions[(file, name)]
+def nvrtc_options(bf16):
+    """The compile options: C++17, and for bf16 -DENABLE_BF16 (common.cuh's floatX) plus, on a GPU,
+    the CUDA toolkit's include folder, where NVRTC finds cuda_bf16.h (CuPy's own search covers its
+    elementwise kernels, not necessarily a RawModule)."""
+    options = ("--std=c++17",)
+    if not bf16:
+        return options
+    options += ("-DENABLE_BF16",)
+    if not EMULATE:
+        for root in (os.environ.get("CUDA_PATH"), xp.cuda.get_cuda_path(), "/usr/local/cuda"):
+            if root and os.path.exists(os.path.join(root, "include", "cuda_bf16.h")):
+                return options + ("-I" + os.path.join(root, "include"),)
+    return options
 
 
-i32, i64, f32 = np.int32, np.int64, np.float32  # kernel scalar arguments carry their C type
+def kernel(file, name, floatx=np.float32):
+    """The __global__ function `name` of kernels/<file>.cu, compiled on first use for floatX = floatx:
+    float32, or BF16 (compiled with -DENABLE_BF16). The text compiled is kernel_source(file)
+    (llmc/cuda_common.py): <file>.cu with common.cuh pasted in for its #include."""
+    bf16 = np.dtype(floatx) == BF16
+    if (file, name, bf16) not in _functions:
+        if (file, bf16) not in _modules:
+            _modules[(file, bf16)] = RawModule(code=kernel_source(file), options=nvrtc_options(bf16))
+        _functions[(file, name, bf16)] = _modules[(file, bf16)].get_function(name)
+    return _functions[(file, name, bf16)]
+
+
+i32, i64, f32, u32 = np.int32, np.int64, np.float32, np.uint32  # kernel scalar arguments carry their C type
 
 
 def view(buffer, *shape):
@@ -200,7 +244,7 @@ def view(buffer, *shape):
 def encoder_forward(out, inp, wte, wpe, B, T, C):
     # out (B,T,C) = wte[inp] + wpe[:T]; inp (B,T) int32 on the device
     block = 256
-    kernel("encoder", "encoder_forward_kernel")(
+    kernel("encoder", "encoder_forward_kernel", out.dtype)(
         (ceil_div(B * T * C, block),), (block,), (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
 
 
@@ -222,22 +266,23 @@ def encoder_buckets(inp, out=None):
     return out[:BT], out[BT:BT + n + 1], out[2 * BT + 1:2 * BT + 1 + n], n
 
 
-def encoder_backward(dwte, dwpe, dout, inp, B, T, C, buckets=None):
+def encoder_backward(dwte, dwpe, dout, inp, B, T, C, buckets=None, seed=0):
     # dwte[inp] += dout; dwpe[:T] += dout summed over b. inp (B,T) token ids on the HOST; buckets:
     # encoder_buckets(inp), if the caller made them already. Deterministic: each float of dwte and
-    # dwpe is summed by one thread, in a fixed order (no atomics)
+    # dwpe is summed by one thread, in a fixed order (no atomics). bf16: each sum is rounded once,
+    # stochastically, with `seed` (llm.c's encoder backward takes one from the model's generator)
     positions, starts, tokens, n = buckets if buckets is not None else encoder_buckets(inp)
     block = 256
-    kernel("encoder", "encoder_backward_wte_kernel")(
-        (ceil_div(C, block), n), (block,), (dwte, dout, starts, positions, tokens, i32(n), i32(C)))
-    kernel("encoder", "encoder_backward_wpe_kernel")(
-        (ceil_div(T * C, block),), (block,), (dwpe, dout, i32(B), i32(T), i32(C)))
+    kernel("encoder", "encoder_backward_wte_kernel", dwte.dtype)(
+        (ceil_div(C, block), n), (block,), (dwte, dout, starts, positions, tokens, i32(n), i32(C), u32(seed)))
+    kernel("encoder", "encoder_backward_wpe_kernel", dwpe.dtype)(
+        (ceil_div(T * C, block),), (block,), (dwpe, dout, i32(B), i32(T), i32(C), u32(seed)))
 
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C):
     # out (B,T,C); mean, rstd (B,T) cached for the backward; one warp per row
     block = 256
-    kernel("layernorm", "layernorm_forward_kernel")(
+    kernel("layernorm", "layernorm_forward_kernel", out.dtype)(
         (ceil_div(B * T * 32, block),), (block,), (out, mean, rstd, inp, weight, bias, i32(B * T), i32(C)))
 
 
@@ -255,9 +300,9 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
     # kernel adds the shares in block order: deterministic, no atomics
     block = LAYERNORM_BACKWARD_BLOCK
     grid = ceil_div(32 * B * T, block)
-    kernel("layernorm", "layernorm_backward_kernel")(
+    kernel("layernorm", "layernorm_backward_kernel", dinp.dtype)(
         (grid,), (block,), (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)))
-    kernel("layernorm", "layernorm_backward_sum_kernel")(
+    kernel("layernorm", "layernorm_backward_sum_kernel", dinp.dtype)(
         (ceil_div(C, 256),), (256,), (dweight, dbias, scratch, i32(grid), i32(C)))
 
 
@@ -266,7 +311,7 @@ def matmul_forward(out, inp, weight, bias, B, T, C, OC):
     gemm(out.reshape(B * T, OC), inp.reshape(B * T, C), weight, transpose_b=True)
     if bias is not None:
         block = 256
-        kernel("matmul", "add_bias_kernel")(
+        kernel("matmul", "add_bias_kernel", out.dtype)(
             (ceil_div(B * T * OC, block),), (block,), (out, bias, i32(B * T), i32(OC)))
 
 
@@ -276,7 +321,7 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC):
     gemm(dweight, dout.reshape(B * T, OC), inp.reshape(B * T, C), transpose_a=True, accumulate=True)
     if dbias is not None:
         block = 1024  # 32 columns per block, its 32 warps splitting the rows
-        kernel("matmul", "matmul_backward_bias_kernel")(
+        kernel("matmul", "matmul_backward_bias_kernel", dout.dtype)(
             (ceil_div(OC, 32),), (block,), (dbias, dout, i32(B * T), i32(OC)), shared_mem=block * 4)
 
 
@@ -289,15 +334,15 @@ def attention_forward(out, qkvr, att, inp, B, T, C, NH):
     scale = 1.0 / math.sqrt(hs)
     q, k, v = view(qkvr, 3, B, NH, T, hs)
     block = 256
-    kernel("attention", "permute_kernel")(
+    kernel("attention", "permute_kernel", out.dtype)(
         (ceil_div(B * NH * T * hs, block),), (block,), (q, k, v, inp, i32(B), i32(T), i32(NH), i32(hs)))
     preatt = view(inp, B * NH, T, T)
     gemm(preatt, q.reshape(B * NH, T, hs), k.reshape(B * NH, T, hs), transpose_b=True)  # q @ k^T, unscaled
-    kernel("attention", "softmax_forward_kernel")(
+    kernel("attention", "softmax_forward_kernel", out.dtype)(
         (ceil_div(B * NH * T * 32, block),), (block,), (att, preatt, f32(scale), i32(B), i32(NH), i32(T)))
     vaccum = view(inp, B * NH, T, hs)
     gemm(vaccum, att.reshape(B * NH, T, T), v.reshape(B * NH, T, hs))  # (T,T) @ (T,hs) per head
-    kernel("attention", "unpermute_kernel")(
+    kernel("attention", "unpermute_kernel", out.dtype)(
         (ceil_div(B * NH * T * hs, block),), (block,), (out, vaccum, i32(B), i32(T), i32(NH), i32(hs)))
 
 
@@ -313,33 +358,33 @@ def attention_backward(dinp, dqkvr, dpreatt, datt, scratch, dout, qkvr, att, B, 
     dpreatt, datt = view(dpreatt, B * NH, T, T), view(datt, B * NH, T, T)
     block = 256
     dvaccum = view(scratch, B * NH, T, hs)
-    kernel("attention", "unpermute_backward_kernel")(                       # out <- vaccum
+    kernel("attention", "unpermute_backward_kernel", dinp.dtype)(                       # out <- vaccum
         (ceil_div(B * NH * T * hs, block),), (block,), (dvaccum, dout, i32(B), i32(T), i32(NH), i32(hs)))
     gemm(datt, dvaccum, v, transpose_b=True)                                 # vaccum = att @ v
     gemm(dv, att, dvaccum, transpose_a=True)
-    kernel("attention", "softmax_autoregressive_backward_kernel")(           # att = softmax(scale*preatt)
+    kernel("attention", "softmax_autoregressive_backward_kernel", dinp.dtype)(           # att = softmax(scale*preatt)
         (ceil_div(B * NH * T * 32, block),), (block,),
         (dpreatt, datt, att, f32(scale), i32(B), i32(NH), i32(T)))
     gemm(dq, dpreatt, k)                                                     # preatt = q @ k^T
     gemm(dk, dpreatt, q, transpose_a=True)
-    kernel("attention", "permute_backward_kernel")(                          # q, k, v <- inp
+    kernel("attention", "permute_backward_kernel", dinp.dtype)(                          # q, k, v <- inp
         (ceil_div(B * NH * T * hs, block),), (block,), (dinp, dq, dk, dv, i32(B), i32(T), i32(NH), i32(hs)))
 
 
 def gelu_forward(out, inp, N):
     block = 256
-    kernel("gelu", "gelu_forward_kernel")((ceil_div(N, block),), (block,), (out, inp, i32(N)))
+    kernel("gelu", "gelu_forward_kernel", out.dtype)((ceil_div(N, block),), (block,), (out, inp, i32(N)))
 
 
 def gelu_backward(dinp, inp, dout, N):
     # dinp = gelu'(inp) * dout, written; may run in place (dinp is dout)
     block = 256
-    kernel("gelu", "gelu_backward_kernel")((ceil_div(N, block),), (block,), (dinp, inp, dout, i32(N)))
+    kernel("gelu", "gelu_backward_kernel", dinp.dtype)((ceil_div(N, block),), (block,), (dinp, inp, dout, i32(N)))
 
 
 def residual_forward(out, inp1, inp2, N):
     block = 256
-    kernel("residual", "residual_forward_kernel")((ceil_div(N, block),), (block,), (out, inp1, inp2, i32(N)))
+    kernel("residual", "residual_forward_kernel", out.dtype)((ceil_div(N, block),), (block,), (out, inp1, inp2, i32(N)))
 
 
 def fused_classifier(logits, losses, dlosses, targets, B, T, V, Vp, write_dlogits):
@@ -348,7 +393,7 @@ def fused_classifier(logits, losses, dlosses, targets, B, T, V, Vp, write_dlogit
     # gradient for dlosses (B,T), or 1/(B*T) everywhere (the mean loss) when dlosses is None.
     # One block per row.
     block = 1024
-    kernel("classifier", "fused_classifier_kernel")(
+    kernel("classifier", "fused_classifier_kernel", logits.dtype)(
         (B * T,), (block,),
         (logits, losses, NULL if dlosses is None else dlosses, targets,
          i32(B), i32(T), i32(V), i32(Vp), i32(write_dlogits)))
@@ -386,6 +431,17 @@ def activation_shapes(config, B, T, recompute=0):
     ]
 
 
+# the activations that stay fp32 in bf16 (llm.c's mainline): LayerNorm's per-row statistics and the losses;
+# the rest are floatX. They live in two flat buffers, "activations" and "activation statistics".
+FP32_ACTIVATIONS = ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "losses")
+
+
+def split_activations(shapes):
+    """activation_shapes(...) -> (the floatX ones, the fp32 ones), each in its order."""
+    return ([(n, s) for n, s in shapes if n not in FP32_ACTIVATIONS],
+            [(n, s) for n, s in shapes if n in FP32_ACTIVATIONS])
+
+
 def layer(activation, l):
     """Layer l's slice of a per-layer activation (L, ...), or the one slice all layers share when
     recompute keeps a single buffer (1, ...) for it."""
@@ -406,9 +462,8 @@ def count(shapes):
 # ----------------------------------------------------------------------------
 # memory: every device buffer of a run, sized from the shape tables it is allocated with
 
-PARAM_DTYPE = np.float32   # parameters and their gradients
-ACT_DTYPE = np.float32     # activations and their gradients
-OPT_DTYPE = np.float32     # AdamW's m and v, and master weights when the parameters are not OPT_DTYPE
+PRECISIONS = {"fp32": np.dtype(np.float32), "bf16": BF16}   # -p: floatX, the dtype of parameters,
+OPT_DTYPE = np.float32     # gradients and activations; AdamW's m, v and the master weights are always fp32
 RECOMPUTE = {0: "none", 1: "GELU", 2: "GELU and LayerNorm"}   # -r: what the backward pass recomputes
 
 
@@ -418,22 +473,27 @@ def check_recompute(recompute):
                           f"2 GELU and LayerNorm), got {recompute}")
 
 
-def state_buffers(config, B, T, recompute):
+def state_buffers(config, B, T, recompute, precision="fp32", master_weights=True):
     """Every device buffer of a run at (B, T): [(name, element count, dtype, at_build), ...].
     at_build: allocated by GPT2() (parameters and their gradients); the rest by gpt2_allocate_state,
     which allocates from these very counts, so the memory report and the allocation cannot disagree.
-    The bytes of a buffer are count * dtype's itemsize: a second precision changes only the dtypes."""
+    The bytes of a buffer are count * dtype's itemsize: the precision changes only the dtypes.
+    Master weights: an fp32 copy of the parameters that AdamW updates, when they are bf16 and -w 1."""
     n, C = num_parameters(config), config.channels
+    floatx = PRECISIONS[precision]
+    keep_master = master_weights and floatx != np.dtype(OPT_DTYPE)
     return [
-        ("parameters", n, PARAM_DTYPE, True),
-        ("parameter gradients", n, PARAM_DTYPE, True),
-        ("activations", count(activation_shapes(config, B, T, recompute)), ACT_DTYPE, False),
-        ("activation gradients", count(grad_activation_shapes(config, B, T)), ACT_DTYPE, False),
+        ("parameters", n, floatx, True),
+        ("parameter gradients", n, floatx, True),
+        ("activations", count(split_activations(activation_shapes(config, B, T, recompute))[0]), floatx, False),
+        ("activation statistics", count(split_activations(activation_shapes(config, B, T, recompute))[1]),
+         np.float32, False),
+        ("activation gradients", count(grad_activation_shapes(config, B, T)), floatx, False),
         ("layernorm backward scratch", layernorm_scratch_size(B, T, C), np.float32, False),
         ("encoder backward buckets", 3 * B * T + 1, np.int32, False),   # see encoder_buckets
         ("AdamW optimizer state m", n, OPT_DTYPE, False),
         ("AdamW optimizer state v", n, OPT_DTYPE, False),
-        ("master weights", 0 if np.dtype(PARAM_DTYPE) == np.dtype(OPT_DTYPE) else n, OPT_DTYPE, False),
+        ("master weights", n if keep_master else 0, OPT_DTYPE, False),
     ]
 
 
@@ -441,15 +501,16 @@ def nbytes(count, dtype):
     return count * np.dtype(dtype).itemsize
 
 
-def state_bytes_to_allocate(config, B, T, recompute):
+def state_bytes_to_allocate(config, B, T, recompute, precision="fp32", master_weights=True):
     """Bytes gpt2_allocate_state asks the device for at (B, T) (the model's own are there already)."""
-    return sum(nbytes(n, dtype) for _, n, dtype, at_build in state_buffers(config, B, T, recompute) if not at_build)
+    return sum(nbytes(n, dtype) for _, n, dtype, at_build in
+               state_buffers(config, B, T, recompute, precision, master_weights) if not at_build)
 
 
-def largest_batch_size(config, T, recompute, free_bytes):
+def largest_batch_size(config, T, recompute, free_bytes, precision="fp32", master_weights=True):
     """The largest B whose state fits in free_bytes at this T (0 if not even B=1), found by
     bisection over state_bytes_to_allocate itself, so it is exactly the check's answer."""
-    fits = lambda B: state_bytes_to_allocate(config, B, T, recompute) <= free_bytes  # noqa: E731
+    fits = lambda B: state_bytes_to_allocate(config, B, T, recompute, precision, master_weights) <= free_bytes  # noqa: E731
     if not fits(1):
         return 0
     lo, hi = 1, 2
@@ -474,17 +535,20 @@ def MiB(n_bytes):
     return f"{n_bytes / 2**20:,.2f} MiB"
 
 
-def memory_report(config, B, T, recompute, memory):
+def memory_report(config, B, T, recompute, memory, precision="fp32", master_weights=True):
     """llm.c's start-up lines: what each buffer takes, the total, what recompute saves, and the
     largest B that fits the device at this T. memory: device_memory()."""
-    buffers = state_buffers(config, B, T, recompute)
+    buffers = state_buffers(config, B, T, recompute, precision, master_weights)
     lines = []
     for name, n, dtype, _ in buffers:
         if name == "master weights" and n == 0:
-            lines.append(f"master weights: none ({np.dtype(PARAM_DTYPE).name.replace('float', 'fp')})")
+            why = "fp32 parameters" if precision == "fp32" else "-w 0: AdamW updates the bf16 weights"
+            lines.append(f"master weights: none ({why})")
         else:
             lines.append(f"allocating {MiB(nbytes(n, dtype))} for {name}")
-    acts, acts_r0 = (nbytes(count(activation_shapes(config, B, T, r)), ACT_DTYPE) for r in (recompute, 0))
+    floatx = PRECISIONS[precision]
+    acts, acts_r0 = (nbytes(count(split_activations(activation_shapes(config, B, T, r))[0]), floatx)
+                     for r in (recompute, 0))
     lines.append(f"recompute: -r {recompute} ({RECOMPUTE[recompute]}): activations {MiB(acts)}, "
                  f"{MiB(acts_r0 - acts)} less than -r 0")
     total = sum(nbytes(n, dtype) for _, n, dtype, _ in buffers)
@@ -494,24 +558,41 @@ def memory_report(config, B, T, recompute, memory):
     else:
         free, device_total = memory          # measured with the parameters and their gradients in place
         lines.append(f"total: {MiB(total)} (device: {MiB(free)} free of {MiB(device_total)})")
-        lines.append(f"estimated maximum batch size at T={T}: {largest_batch_size(config, T, recompute, free)}")
+        lines.append(f"estimated maximum batch size at T={T}: "
+                     f"{largest_batch_size(config, T, recompute, free, precision, master_weights)}")
     return lines
 
 
 class GPT2:
     """The model: config, parameters and their gradients (flat device buffers with named views),
     and, from gpt2_allocate_state (for one B and T), the activations, their gradients and AdamW's
-    m and v; the recompute setting (-r); the state of the last forward pass."""
+    m and v (and master weights); the recompute setting (-r), the precision (-p) and -w; the
+    stochastic rounding's generator; the state of the last forward pass."""
 
-    def __init__(self, config, params_host, recompute=1):
+    def __init__(self, config, params_host, recompute=1, precision="fp32", master_weights=True, rank=0):
         require_gpu()
         check_recompute(recompute)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"-p must be bf16 or fp32, got {precision}")
         self.config = config
         self.recompute = recompute
+        self.precision = precision
+        self.floatx = PRECISIONS[precision]
+        self.use_master_weights = bool(master_weights) and precision != "fp32"
         self.num_parameters = num_parameters(config)
         self.param_shapes = param_shapes(config)
-        self.params_memory = xp.asarray(params_host, dtype=PARAM_DTYPE)  # one host -> device copy
-        self.grads_memory = xp.zeros(self.num_parameters, dtype=PARAM_DTYPE)
+        params_host = np.asarray(params_host, dtype=np.float32)
+        # bf16: the fp32 values rounded to nearest even, once, on the host (a v5 file's are exact)
+        self.params_memory = xp.asarray(f32_to_bf16(params_host) if self.floatx == BF16 else params_host)
+        self.grads_memory = xp.zeros(self.num_parameters, dtype=self.floatx)
+        # the master weights start from the fp32 values themselves, not their bf16 rounding: a v3 file
+        # or the seeded init keeps its precision there (gpt2_allocate_state uploads them)
+        self.master_init = params_host if self.use_master_weights else None
+        self.master_memory = None
+        # stochastic rounding's generator (llm.c's rng_state, seeded 13371337 + rank): a seed per
+        # parameter tensor per update and one per encoder backward; a checkpoint keeps it
+        self.rng_state = [13371337 + rank]
+        self.rng_state_last_update = self.rng_state[0]
         self.params = host.views(self.params_memory, self.param_shapes)
         self.grads = host.views(self.grads_memory, self.param_shapes)
         self.m_memory = self.v_memory = None
@@ -525,20 +606,24 @@ class GPT2:
         self.mean_loss = -1.0
 
 
-def gpt2_build_from_checkpoint(path, recompute=1):
-    """Load an llm.c model file (v3 fp32, or v5 bf16 widened to fp32) onto the GPU."""
+def gpt2_build_from_checkpoint(path, recompute=1, precision="fp32", master_weights=True):
+    """Load an llm.c model file onto the GPU in `precision`: a v5 (bf16) file loads exactly in bf16,
+    a v3 (fp32) file is rounded to bf16 (its fp32 values become the master weights); in fp32 a v5
+    file is widened exactly."""
     require_gpu()
     config, params = read_model_file(path)
-    return GPT2(config, params, recompute)
+    return GPT2(config, params, recompute, precision, master_weights)
 
 
-def gpt2_build_from_descriptor(descriptor, seed=42, recompute=None):
+def gpt2_build_from_descriptor(descriptor, seed=42, recompute=None, precision=None, master_weights=None):
     """A fresh model from a descriptor such as "d12" (or a .bin path), initialised on the host by
     train_gpt2.py's seeded init (the same weights as the NumPy trainer), then copied to the GPU.
-    recompute: None takes the run's -r (device_setup keeps it)."""
+    recompute, precision, master_weights: None takes the run's -r, -p and -w (device_setup keeps them)."""
     require_gpu()
     cpu_model = host.gpt2_build_from_descriptor(descriptor, seed)
-    return GPT2(cpu_model.config, cpu_model.params_memory, run_recompute if recompute is None else recompute)
+    return GPT2(cpu_model.config, cpu_model.params_memory, run_recompute if recompute is None else recompute,
+                run_precision if precision is None else precision,
+                run_master_weights if master_weights is None else master_weights)
 
 
 def gpt2_allocate_state(model, B, T):
@@ -548,21 +633,25 @@ def gpt2_allocate_state(model, B, T):
     bytes, one line that says how many are needed and the largest B that fits, before allocating any.
     train_gpt2.train calls it at start-up; gpt2_forward calls it at the first pass if nobody did."""
     config, recompute = model.config, model.recompute
+    precision, master = model.precision, model.use_master_weights
     memory = device_memory()
-    for line in memory_report(config, B, T, recompute, memory):
+    for line in memory_report(config, B, T, recompute, memory, precision, master):
         print(line)
-    needed = state_bytes_to_allocate(config, B, T, recompute)
+    needed = state_bytes_to_allocate(config, B, T, recompute, precision, master)
     if memory is not None and needed > memory[0]:
-        largest = largest_batch_size(config, T, recompute, memory[0])
+        largest = largest_batch_size(config, T, recompute, memory[0], precision, master)
         fix = (f"use -b {largest} or less" if largest > 0 else "even B=1 does not fit: use a smaller -t") + \
             (", or -r 2 (recompute more)" if recompute < 2 and largest > 0 else "")
         raise ConfigError(f"B={B} T={T} needs {MiB(needed)} of device memory for activations, gradients and "
                           f"optimizer state, but {MiB(memory[0])} is free; the largest B that fits at T={T} is "
                           f"{largest}: {fix}")
-    buffers = {name: (n, dtype) for name, n, dtype, _ in state_buffers(config, B, T, recompute)}
+    buffers = {name: (n, dtype) for name, n, dtype, _ in state_buffers(config, B, T, recompute, precision, master)}
     model.batch_size, model.seq_len = B, T
+    floatx_shapes, fp32_shapes = split_activations(activation_shapes(config, B, T, recompute))
     model.acts_memory = xp.zeros(*buffers["activations"])
-    model.acts = host.views(model.acts_memory, activation_shapes(config, B, T, recompute))
+    model.acts_fp32_memory = xp.zeros(*buffers["activation statistics"])
+    model.acts = host.views(model.acts_memory, floatx_shapes)
+    vars(model.acts).update(vars(host.views(model.acts_fp32_memory, fp32_shapes)))
     model.acts.logits = view(model.acts.output, B, T, config.padded_vocab_size)  # the logits live in the scratch buffer
     model.grads_acts_memory = xp.zeros(*buffers["activation gradients"])
     model.grads_acts = host.views(model.grads_acts_memory, grad_activation_shapes(config, B, T))
@@ -572,6 +661,9 @@ def gpt2_allocate_state(model, B, T):
     model.bucket_memory = xp.zeros(*buffers["encoder backward buckets"])
     model.m_memory = xp.zeros(*buffers["AdamW optimizer state m"])
     model.v_memory = xp.zeros(*buffers["AdamW optimizer state v"])
+    if model.use_master_weights:
+        model.master_memory = xp.asarray(model.master_init)   # one host -> device copy of the fp32 values
+        model.master_init = None
     model.inputs = xp.zeros((B, T), dtype=np.int32)
     model.targets = xp.zeros((B, T), dtype=np.int32)
 
@@ -695,7 +787,8 @@ def gpt2_backward(model):
         layernorm_backward(dresidual, grads.ln1w[l], grads.ln1b[l], ln_scratch, buffer_a, residual, params.ln1w[l],
                            acts.ln1_mean[l], acts.ln1_rstd[l], B, T, C)
     buckets = encoder_buckets(model.inputs_host, model.bucket_memory)  # the batch's positions grouped by token
-    encoder_backward(grads.wte, grads.wpe, dresidual, model.inputs_host, B, T, C, buckets)
+    encoder_backward(grads.wte, grads.wpe, dresidual, model.inputs_host, B, T, C, buckets,
+                     seed=random_u32(model.rng_state))
 
 
 # ----------------------------------------------------------------------------
@@ -710,26 +803,32 @@ def gpt2_calculate_grad_norm(model):
     n = model.num_parameters
     block = 512
     grid = min(ceil_div(n, block), NORM_BLOCKS)
-    kernel("adamw", "global_norm_squared_kernel")((grid,), (block,), (model.norm_partials, model.grads_memory, i64(n)))
+    kernel("adamw", "global_norm_squared_kernel", model.floatx)(
+        (grid,), (block,), (model.norm_partials, model.grads_memory, i64(n)))
     return float(xp.sqrt(model.norm_partials[:grid].sum()))
 
 
 def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale=1.0):
     """AdamW as PyTorch's: gradients scaled by grad_scale (clipping), weight decay on the 2-D
-    weights only; one kernel launch per parameter tensor."""
+    weights only; one kernel launch per parameter tensor, each with its own stochastic-rounding seed
+    from the model's generator (llm.c's gpt2_update). With master weights (bf16, -w 1) AdamW updates
+    the fp32 copy and rounds it into the bf16 parameters; without (-w 0) it updates the bf16 weights."""
     if model.m_memory is None:
         raise RuntimeError("gpt2_update: run gpt2_forward first (gpt2_allocate_state makes AdamW's m and v)")
     beta1_correction = 1.0 - beta1 ** t
     beta2_correction = 1.0 - beta2 ** t
+    model.rng_state_last_update = model.rng_state[0]   # saved in a checkpoint, as llm.c
     block = 512
     for start, stop, decayed in host.param_segments(model):
         part, n = slice(start, stop), stop - start
         wd = weight_decay if decayed else 0.0  # the 2-D weights only
-        kernel("adamw", "adamw_kernel")(
+        seed = random_u32(model.rng_state)
+        master = NULL if model.master_memory is None else model.master_memory[part]
+        kernel("adamw", "adamw_kernel", model.floatx)(
             (ceil_div(n, block),), (block,),
-            (model.params_memory[part], model.grads_memory[part], model.m_memory[part], model.v_memory[part],
-             i64(n), f32(learning_rate), f32(beta1), f32(beta2), f32(beta1_correction), f32(beta2_correction),
-             f32(eps), f32(wd), f32(grad_scale)))
+            (model.params_memory[part], master, model.grads_memory[part], model.m_memory[part],
+             model.v_memory[part], i64(n), f32(learning_rate), f32(beta1), f32(beta2), f32(beta1_correction),
+             f32(beta2_correction), f32(eps), f32(wd), f32(grad_scale), u32(seed)))
 
 
 def gpt2_optimizer_state(model):
@@ -746,6 +845,22 @@ def gpt2_load_optimizer_state(model, m, v):
     model.v_memory[...] = xp.asarray(v, dtype=OPT_DTYPE)
 
 
+def gpt2_master_state(model):
+    """What a checkpoint keeps besides m and v: (the fp32 master weights on the host, or None without
+    them, the generator's state, its state before the last update)."""
+    master = None if model.master_memory is None else to_numpy(model.master_memory)
+    return master, model.rng_state[0], model.rng_state_last_update
+
+
+def gpt2_load_master_state(model, master, rng_state, rng_state_last_update):
+    """Restore gpt2_master_state's three from a checkpoint (after gpt2_allocate_state). The bf16
+    parameters come from the checkpoint's model file, exactly as they were."""
+    if model.use_master_weights:
+        model.master_memory[...] = xp.asarray(master, dtype=OPT_DTYPE)
+    model.rng_state[0] = rng_state
+    model.rng_state_last_update = rng_state_last_update
+
+
 # ----------------------------------------------------------------------------
 # main: train_gpt2.py's loop (train_gpt2.train) and flags, with llm.c train_gpt2.cu's defaults
 
@@ -755,9 +870,15 @@ TRAIN_GPT2_CU_DEFAULTS.update({
     "max_steps": -1,             # one epoch
     "learning_rate": 3e-4,
     "val_loss_every": 20, "val_max_steps": 20,
-    "override_enable_tf32": 1,   # TF32 tensor cores for the matmuls (0: full fp32, as test_gpt2.py uses)
+    "load_filename": "gpt2_124M_bf16.bin",   # llm.c's; gpt2_124M.bin in fp32; gpt2_d12.bin when neither is there
+    "precision": "auto",         # bf16 (mixed precision, llm.c's mainline) where the GPU has it (SM >= 80), else fp32
+    "use_master_weights": 1,     # bf16: AdamW updates an fp32 copy of the weights (0: the bf16 weights themselves)
+    "override_enable_tf32": 1,   # TF32 tensor cores for the fp32 matmuls (0: full fp32, as test_gpt2.py uses)
     "recompute": 1,              # what the backward pass recomputes to save memory: 0 nothing, 1 GELU, 2 + LayerNorm
 })
+SHOWN_DEFAULTS = dict(host.SHOWN_DEFAULTS, load_filename="gpt2_124M_bf16.bin in bf16, gpt2_124M.bin in fp32, "
+                      "or gpt2_d12.bin when that is not there",
+                      precision="auto: bf16 on GPUs with bf16 (SM >= 80) and the emulator, else fp32")
 USAGE_NOTES = ("Without a GPU: LLMC_EMULATE=1 python train_gpt2_cuda.py ... runs the same kernels on the CPU",
                "(kernel emulator, slow: for tiny models and tests).")
 # AdamW settings fixed in train_gpt2.cu (no flags): betas (0.9, 0.95), eps 1e-8, gradient clipping at 1.0
@@ -767,18 +888,58 @@ BETA1, BETA2, ADAM_EPS, GRAD_CLIP = 0.9, 0.95, 1e-8, 1.0
 # the pieces train_gpt2.train takes from its trainer module besides the model API (NumPy's are in
 # train_gpt2.py, next to the loop)
 
-gemm_precision = "fp32"  # the GEMMs' precision, as device_setup set it: "tf32" or "fp32"
-run_recompute = TRAIN_GPT2_CU_DEFAULTS["recompute"]  # -r, as device_setup set it, for gpt2_build_from_descriptor
+gemm_precision = "fp32"  # the GEMMs' precision, as device_setup set it: "bf16", "tf32" or "fp32"
+# -r, -p, -w as device_setup set them, for gpt2_build_from_descriptor (the library default is fp32)
+run_recompute = TRAIN_GPT2_CU_DEFAULTS["recompute"]
+run_precision = "fp32"
+run_master_weights = True
+
+
+def compute_capability():
+    """The GPU's SM version as an int (80 for sm_80); the emulator stands in for an sm_90."""
+    return 90 if EMULATE else int(xp.cuda.Device().compute_capability)
+
+
+def choose_precision(args):
+    """-p auto|bf16|fp32 -> "bf16" or "fp32", with the one-line errors of a GPU without bf16."""
+    if args.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"-p must be bf16, fp32 or auto, got {args.precision}")
+    if args.use_master_weights not in (0, 1):
+        raise ConfigError(f"-w must be 0 or 1 (keep fp32 master weights?), got {args.use_master_weights}")
+    sm = compute_capability()
+    if args.precision == "bf16" and sm < 80:
+        raise ConfigError(f"-p bf16 needs a GPU with bf16 (SM >= 80); {device_name()} is sm_{sm}: use -p fp32")
+    if args.precision != "auto":
+        return args.precision
+    if sm >= 80:
+        return "bf16"
+    model_file = args.load_filename
+    if os.path.exists(model_file) and model_file.endswith(".bin") and \
+            read_header(model_file, MODEL_MAGIC, (3, 5))[0][1] == 5:
+        raise ConfigError(f"{model_file} is bf16 (version 5) and {device_name()} (sm_{sm}) has no bf16 "
+                          f"(SM >= 80 needed); -p fp32 runs it widened to fp32")
+    return "fp32"
 
 
 def device_setup(args):
-    """Runs before the model is built: checks -r, TF32 on or off (-f); returns the lines print_config adds."""
-    global gemm_precision, run_recompute
+    """Runs before the model is built: checks -r, -p and -w, picks the default model file for the precision,
+    TF32 on or off (-f); returns the lines print_config adds."""
+    global gemm_precision, run_recompute, run_precision, run_master_weights
     check_recompute(args.recompute)
     run_recompute = args.recompute
-    tf32 = set_tf32(args.override_enable_tf32)
-    gemm_precision = "tf32" if tf32 else "fp32"
-    return [f"device: {device_name()}", f"TF32: {'enabled' if tf32 else 'disabled'}"]
+    run_precision = choose_precision(args)
+    run_master_weights = bool(args.use_master_weights)
+    if run_precision == "fp32" and "load_filename" not in args.given:
+        args.load_filename = "gpt2_124M.bin"             # llm.c's fp32 build's default
+    tf32 = set_tf32(args.override_enable_tf32) if run_precision == "fp32" else False
+    gemm_precision = "bf16" if run_precision == "bf16" else "tf32" if tf32 else "fp32"
+    lines = [f"device: {device_name()}"]
+    if run_precision == "bf16":
+        master = "fp32 master weights" if run_master_weights else "no master weights (-w 0)"
+        lines.append(f"precision: bf16 parameters, gradients and activations; fp32 AdamW state, {master}")
+    else:
+        lines += ["precision: fp32", f"TF32: {'enabled' if tf32 else 'disabled'}"]
+    return lines
 
 
 def device_info():
@@ -811,14 +972,14 @@ def next_token_probs(model, tokens, t):
     B, T = tokens.shape
     V = model.config.vocab_size
     gpt2_forward(model, tokens, None, B, T)
-    logits = to_numpy(model.acts.logits[0, t - 1, :V])          # (V,) device -> host
+    logits = to_numpy(model.acts.logits[0, t - 1, :V])          # (V,) device -> host (bf16 widened)
     probs = np.exp(logits - logits.max(), dtype=np.float32)
     probs /= probs.sum(dtype=np.float32)
     return probs
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_CU_DEFAULTS, host.SHOWN_DEFAULTS,
+    args = parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_CU_DEFAULTS, SHOWN_DEFAULTS,
                       USAGE_NOTES)   # -h needs no GPU
     require_gpu()
     host.run(args, trainer=sys.modules[__name__])   # train_gpt2.py's loop, running this module

@@ -3,20 +3,25 @@
 // Mirrors train_gpt2.py's gpt2_update and gpt2_calculate_grad_norm (llm.c train_gpt2_fp32.cu
 // adamw_kernel2; llm.c's global_norm_squared kernels, made deterministic).
 //
-// adamw_kernel(float* params, const float* grads, float* m, float* v, long long num_parameters,
-//              float learning_rate, float beta1, float beta2, float beta1_correction,
-//              float beta2_correction, float eps, float weight_decay, float grad_scale)
-//   For each i < num_parameters, with g = grad_scale * grads[i]:
-//     m = beta1 m + (1-beta1) g;  v = beta2 v + (1-beta2) g^2          (stored back)
-//     params -= learning_rate * (m/beta1_correction / (sqrt(v/beta2_correction) + eps)
-//                                + weight_decay * params)
+// adamw_kernel(floatX* params, float* master_params, const floatX* grads, float* m, float* v,
+//              long long num_parameters, float learning_rate, float beta1, float beta2,
+//              float beta1_correction, float beta2_correction, float eps, float weight_decay,
+//              float grad_scale, unsigned int seed)
+//   For each i < num_parameters, with g = grad_scale * grads[i] and w the weight before the step
+//   (master_params[i] when master_params is not NULL, else params[i] as a float):
+//     m = beta1 m + (1-beta1) g;  v = beta2 v + (1-beta2) g^2          (stored back, fp32)
+//     w' = w - learning_rate * (m/beta1_correction / (sqrt(v/beta2_correction) + eps) + weight_decay * w)
+//     params[i] = w' stochastically rounded to floatX (llm.c's mainline; common.cuh's
+//     stochastic_round with `seed`; in an fp32 build simply w'); master_params[i] = w' (if given).
 //   beta1_correction = 1 - beta1^t, beta2_correction = 1 - beta2^t (computed on the host).
-//   PyTorch decays only the 2-D weights: launch once per tensor (or run of tensors) and pass
-//   weight_decay = 0 for biases and LayerNorm parameters. grad_scale applies gradient clipping
-//   without rewriting grads (1.0 for none).
-//   launch: grid = ceil_div(num_parameters, block), block = 512 (any size).
+//   PyTorch decays only the 2-D weights: launch once per tensor (as llm.c, one seed per tensor) and
+//   pass weight_decay = 0 for biases and LayerNorm parameters. grad_scale applies gradient clipping
+//   and the 1/micro-steps average without rewriting grads (1.0 for none).
+//   The rounding's random bits depend on (threadIdx.x, blockIdx.x) and seed: the same launch shape
+//   and seed round the same way, which a resumed run relies on.
+//   launch: grid = ceil_div(num_parameters, block), block = 512.
 //
-// global_norm_squared_kernel(float* out, const float* data, long long count)
+// global_norm_squared_kernel(float* out, const floatX* data, long long count)
 //   out[blockIdx.x] = sum of data[i]^2 over the i this block visits (grid-stride loop), WRITTEN;
 //   the host sums out[:grid] (and takes the sqrt). Deterministic for a given grid: no atomics.
 //   launch: any grid G (e.g. min(ceil_div(count, block), 1024)), block = 512 (a multiple of 32,
@@ -30,28 +35,34 @@ __device__ float adamw_lerp(float start, float end, float weight) {
     return fmaf(weight, end, fmaf(-weight, start, start));  // weight*end + (1-weight)*start
 }
 
-extern "C" __global__ void adamw_kernel(float* params, const float* grads, float* m, float* v,
-                                        long long num_parameters, float learning_rate, float beta1,
-                                        float beta2, float beta1_correction, float beta2_correction,
-                                        float eps, float weight_decay, float grad_scale) {
+extern "C" __global__ void adamw_kernel(floatX* params, float* master_params, const floatX* grads,
+                                        float* m, float* v, long long num_parameters, float learning_rate,
+                                        float beta1, float beta2, float beta1_correction,
+                                        float beta2_correction, float eps, float weight_decay,
+                                        float grad_scale, unsigned int seed) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= num_parameters) { return; }
-    float grad = grad_scale * grads[i];
+    float grad = grad_scale * (float)grads[i];
     float mi = adamw_lerp(grad, m[i], beta1);          // first moment
     float vi = adamw_lerp(grad * grad, v[i], beta2);   // second moment
     m[i] = mi;
     v[i] = vi;
     float m_hat = mi / beta1_correction;
     float v_hat = vi / beta2_correction;
-    params[i] -= learning_rate * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * params[i]);
+    // the weight before the step: the fp32 master copy when there is one, else the floatX parameter
+    float old = (master_params != nullptr) ? master_params[i] : (float)params[i];
+    float updated = old - learning_rate * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * old);
+    stochastic_round(updated, &params[i], seed);       // bf16: rounded stochastically; fp32: stored
+    if (master_params != nullptr) { master_params[i] = updated; }
 }
 
-extern "C" __global__ void global_norm_squared_kernel(float* out, const float* data, long long count) {
+extern "C" __global__ void global_norm_squared_kernel(float* out, const floatX* data, long long count) {
     __shared__ float shared[32];                        // one partial per warp
     float sum = 0.0f;
     long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += stride) {
-        sum += data[i] * data[i];
+        float x = (float)data[i];
+        sum += x * x;
     }
     sum = block_sum(sum, shared);
     if (threadIdx.x == 0) { out[blockIdx.x] = sum; }

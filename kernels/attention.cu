@@ -48,7 +48,7 @@ __device__ int btnh_index(int idx, int T, int NH, int hs, int groups) {
     return ((b * T + t) * groups * NH + nh) * hs + d;
 }
 
-extern "C" __global__ void permute_kernel(float* q, float* k, float* v, const float* inp,
+extern "C" __global__ void permute_kernel(floatX* q, floatX* k, floatX* v, const floatX* inp,
                                           int B, int T, int NH, int hs) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into q (B,NH,T,hs)
     if (idx >= B * NH * T * hs) { return; }
@@ -59,26 +59,26 @@ extern "C" __global__ void permute_kernel(float* q, float* k, float* v, const fl
     v[idx] = inp[q_idx + 2 * C];                       // inp[b, t, 2, nh, d]
 }
 
-extern "C" __global__ void unpermute_kernel(float* out, const float* inp, int B, int T, int NH, int hs) {
+extern "C" __global__ void unpermute_kernel(floatX* out, const floatX* inp, int B, int T, int NH, int hs) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into inp (B,NH,T,hs)
     if (idx >= B * NH * T * hs) { return; }
     out[btnh_index(idx, T, NH, hs, 1)] = inp[idx];    // out[b, t, nh, d]
 }
 
-extern "C" __global__ void softmax_forward_kernel(float* att, const float* preatt, float scale,
+extern "C" __global__ void softmax_forward_kernel(floatX* att, const floatX* preatt, float scale,
                                                   int B, int NH, int T) {
     int lane = threadIdx.x % 32;
     int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;  // (b, h, t) flattened
     if (row >= B * NH * T) { return; }                 // a whole warp leaves together
     int t = row % T;
-    const float* x = preatt + row * T;
-    float* y = att + row * T;
+    const floatX* x = preatt + row * T;
+    floatX* y = att + row * T;
 
     // one pass: each lane keeps the max of its scaled values and the sum of exp(value - max)
     float maxval = FLOAT_LOWEST;
     float sumval = 0.0f;
     for (int i = lane; i <= t; i += 32) {
-        float xi = scale * x[i];
+        float xi = scale * (float)x[i];
         float newmax = fmaxf(maxval, xi);
         sumval = sumval * expf(maxval - newmax) + expf(xi - newmax);
         maxval = newmax;
@@ -88,32 +88,32 @@ extern "C" __global__ void softmax_forward_kernel(float* att, const float* preat
     float norm = 1.0f / warp_sum(sumval);
 
     for (int i = lane; i < T; i += 32) {
-        y[i] = (i <= t) ? expf(scale * x[i] - gmax) * norm : 0.0f;
+        y[i] = (floatX)((i <= t) ? expf(scale * (float)x[i] - gmax) * norm : 0.0f);
     }
 }
 
-extern "C" __global__ void softmax_autoregressive_backward_kernel(float* dpreatt, const float* datt,
-                                                                  const float* att, float scale,
+extern "C" __global__ void softmax_autoregressive_backward_kernel(floatX* dpreatt, const floatX* datt,
+                                                                  const floatX* att, float scale,
                                                                   int B, int NH, int T) {
     int lane = threadIdx.x % 32;
     int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
     if (row >= B * NH * T) { return; }
     int t = row % T;
-    const float* a = att + row * T;
-    const float* da = datt + row * T;
-    float* dp = dpreatt + row * T;
+    const floatX* a = att + row * T;
+    const floatX* da = datt + row * T;
+    floatX* dp = dpreatt + row * T;
 
     float local = 0.0f;                                // sum_t3 att[t3] * datt[t3]
-    for (int i = lane; i <= t; i += 32) { local += a[i] * da[i]; }
+    for (int i = lane; i <= t; i += 32) { local += (float)a[i] * (float)da[i]; }
     local = warp_sum(local);
 
     for (int i = lane; i < T; i += 32) {
-        dp[i] = (i <= t) ? scale * a[i] * (da[i] - local) : 0.0f;
+        dp[i] = (floatX)((i <= t) ? scale * (float)a[i] * ((float)da[i] - local) : 0.0f);
     }
 }
 
-extern "C" __global__ void permute_backward_kernel(float* dinp, const float* dq, const float* dk,
-                                                   const float* dv, int B, int T, int NH, int hs) {
+extern "C" __global__ void permute_backward_kernel(floatX* dinp, const floatX* dq, const floatX* dk,
+                                                   const floatX* dv, int B, int T, int NH, int hs) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into dq (B,NH,T,hs)
     if (idx >= B * NH * T * hs) { return; }
     int C = NH * hs;
@@ -123,7 +123,7 @@ extern "C" __global__ void permute_backward_kernel(float* dinp, const float* dq,
     dinp[q_idx + 2 * C] = dv[idx];
 }
 
-extern "C" __global__ void unpermute_backward_kernel(float* dinp, const float* dout,
+extern "C" __global__ void unpermute_backward_kernel(floatX* dinp, const floatX* dout,
                                                      int B, int T, int NH, int hs) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into dinp (B,NH,T,hs)
     if (idx >= B * NH * T * hs) { return; }

@@ -31,18 +31,19 @@
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(1024) fused_classifier_kernel(
-        float* logits, float* losses, const float* dlosses, const int* targets, int B, int T, int V, int Vp,
+        floatX* logits, float* losses, const float* dlosses, const int* targets, int B, int T, int V, int Vp,
         int write_dlogits) {
     __shared__ float shared[32];
     int row = blockIdx.x;                              // (b, t) flattened
-    float* x = logits + (long long)row * Vp;           // (Vp,)
+    floatX* x = logits + (long long)row * Vp;          // (Vp,)
 
     // online softmax statistics: running max and sum of exp(x - max) per thread
     float maxval = FLOAT_LOWEST;
     float sumval = 0.0f;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        float newmax = fmaxf(maxval, x[i]);
-        sumval = sumval * expf(maxval - newmax) + expf(x[i] - newmax);
+        float xi = (float)x[i];
+        float newmax = fmaxf(maxval, xi);
+        sumval = sumval * expf(maxval - newmax) + expf(xi - newmax);
         maxval = newmax;
     }
     float gmax = block_max(maxval, shared);
@@ -51,7 +52,7 @@ extern "C" __global__ void __launch_bounds__(1024) fused_classifier_kernel(
 
     int target = targets[row];
     if (threadIdx.x == 0) {
-        losses[row] = logf(sum) - (x[target] - gmax);  // -log(exp(x_target - gmax) / sum)
+        losses[row] = logf(sum) - ((float)x[target] - gmax);  // -log(exp(x_target - gmax) / sum)
     }
     if (write_dlogits == 0) { return; }                // same for the whole block
     __syncthreads();                                   // x[target] is read before anyone overwrites it
@@ -59,11 +60,11 @@ extern "C" __global__ void __launch_bounds__(1024) fused_classifier_kernel(
     float dloss = (dlosses != nullptr) ? dlosses[row] : 1.0f / (B * T);
     for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
         if (i < V) {
-            float prob = expf(x[i] - gmax) * norm;
+            float prob = expf((float)x[i] - gmax) * norm;
             float indicator = (i == target) ? 1.0f : 0.0f;
-            x[i] = (prob - indicator) * dloss;
+            x[i] = (floatX)((prob - indicator) * dloss);
         } else {
-            x[i] = 0.0f;                               // pad columns get no gradient
+            x[i] = (floatX)0.0f;                       // pad columns get no gradient
         }
     }
 }

@@ -35,38 +35,38 @@
 
 #include "common.cuh"
 
-extern "C" __global__ void encoder_forward_kernel(float* out, const int* inp, const float* wte,
-                                                  const float* wpe, int B, int T, int C) {
+extern "C" __global__ void encoder_forward_kernel(floatX* out, const int* inp, const floatX* wte,
+                                                  const floatX* wpe, int B, int T, int C) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into out (B,T,C)
     if (idx >= B * T * C) { return; }
     int bt = idx / C;                                  // row b*T + t
     int c = idx % C;
     int t = bt % T;
     int ix = inp[bt];                                  // token id at (b,t)
-    out[idx] = wte[ix * C + c] + wpe[t * C + c];
+    out[idx] = (floatX)((float)wte[ix * C + c] + (float)wpe[t * C + c]);
 }
 
-extern "C" __global__ void encoder_backward_wte_kernel(float* dwte, const float* dout,
+extern "C" __global__ void encoder_backward_wte_kernel(floatX* dwte, const floatX* dout,
                                                        const int* bucket_starts,
                                                        const int* bucket_positions,
                                                        const int* bucket_tokens,
-                                                       int num_buckets, int C) {
+                                                       int num_buckets, int C, unsigned int seed) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;    // channel
     int k = blockIdx.y;                               // bucket: one token id
     if (c >= C || k >= num_buckets) { return; }
-    float* dst = dwte + bucket_tokens[k] * C + c;      // inverts out = wte[ix] + ...
-    float acc = *dst;
+    floatX* dst = dwte + bucket_tokens[k] * C + c;     // inverts out = wte[ix] + ...
+    float acc = (float)*dst;
     for (int i = bucket_starts[k]; i < bucket_starts[k + 1]; i++) {  // the token's positions, in order
-        acc += dout[bucket_positions[i] * C + c];
+        acc += (float)dout[bucket_positions[i] * C + c];
     }
-    *dst = acc;
+    stochastic_round(acc, dst, seed);                  // bf16: rounded once, stochastically; fp32: stored
 }
 
-extern "C" __global__ void encoder_backward_wpe_kernel(float* dwpe, const float* dout,
-                                                       int B, int T, int C) {
+extern "C" __global__ void encoder_backward_wpe_kernel(floatX* dwpe, const floatX* dout,
+                                                       int B, int T, int C, unsigned int seed) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into dwpe[:T] (T,C)
     if (idx >= T * C) { return; }
-    float acc = dwpe[idx];                             // inverts ... + wpe[t]: every b adds into row t
-    for (int b = 0; b < B; b++) { acc += dout[b * T * C + idx]; }
-    dwpe[idx] = acc;
+    float acc = (float)dwpe[idx];                      // inverts ... + wpe[t]: every b adds into row t
+    for (int b = 0; b < B; b++) { acc += (float)dout[b * T * C + idx]; }
+    stochastic_round(acc, &dwpe[idx], seed);
 }

@@ -14,18 +14,18 @@
 
 #define GELU_SCALING_FACTOR 0.7978845608028654f  // sqrt(2 / pi)
 
-extern "C" __global__ void gelu_forward_kernel(float* out, const float* inp, int N) {
+extern "C" __global__ void gelu_forward_kernel(floatX* out, const floatX* inp, int N) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N) { return; }
-    float x = inp[i];
+    float x = (float)inp[i];
     float cube = 0.044715f * x * x * x;
-    out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALING_FACTOR * (x + cube)));
+    out[i] = (floatX)(0.5f * x * (1.0f + tanhf(GELU_SCALING_FACTOR * (x + cube))));
 }
 
-extern "C" __global__ void gelu_backward_kernel(float* dinp, const float* inp, const float* dout, int N) {
+extern "C" __global__ void gelu_backward_kernel(floatX* dinp, const floatX* inp, const floatX* dout, int N) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N) { return; }
-    float x = inp[i];
+    float x = (float)inp[i];
     float cube = 0.044715f * x * x * x;
     float tanh_arg = GELU_SCALING_FACTOR * (x + cube);
     float tanh_out = tanhf(tanh_arg);
@@ -33,5 +33,5 @@ extern "C" __global__ void gelu_backward_kernel(float* dinp, const float* inp, c
     float sech_out = 1.0f / (cosh_out * cosh_out);
     float local_grad = 0.5f * (1.0f + tanh_out)
                      + x * 0.5f * sech_out * GELU_SCALING_FACTOR * (1.0f + 3.0f * 0.044715f * x * x);
-    dinp[i] = local_grad * dout[i];
+    dinp[i] = (floatX)(local_grad * (float)dout[i]);
 }

@@ -40,32 +40,34 @@
 
 #include "common.cuh"
 
-extern "C" __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd,
-                                                    const float* inp, const float* weight,
-                                                    const float* bias, int N, int C) {
+extern "C" __global__ void layernorm_forward_kernel(floatX* out, float* mean, float* rstd,
+                                                    const floatX* inp, const floatX* weight,
+                                                    const floatX* bias, int N, int C) {
     int lane = threadIdx.x % 32;
     int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;  // one warp per row
     if (row >= N) { return; }
-    const float* x = inp + row * C;                            // (C,)
+    const floatX* x = inp + row * C;                           // (C,)
 
     float sum = 0.0f;
-    for (int i = lane; i < C; i += 32) { sum += x[i]; }
+    for (int i = lane; i < C; i += 32) { sum += (float)x[i]; }
     float m = warp_sum(sum) / C;
 
     float sq = 0.0f;
-    for (int i = lane; i < C; i += 32) { float d = x[i] - m; sq += d * d; }
+    for (int i = lane; i < C; i += 32) { float d = (float)x[i] - m; sq += d * d; }
     float s = rsqrtf(warp_sum(sq) / C + 1e-5f);
 
     if (lane == 0) {
         if (mean != nullptr) { mean[row] = m; }
         if (rstd != nullptr) { rstd[row] = s; }
     }
-    float* o = out + row * C;
-    for (int i = lane; i < C; i += 32) { o[i] = s * (x[i] - m) * weight[i] + bias[i]; }
+    floatX* o = out + row * C;
+    for (int i = lane; i < C; i += 32) {
+        o[i] = (floatX)(s * ((float)x[i] - m) * (float)weight[i] + (float)bias[i]);
+    }
 }
 
-extern "C" __global__ void layernorm_backward_kernel(float* dinp, float* scratch, const float* dout,
-                                                     const float* inp, const float* weight,
+extern "C" __global__ void layernorm_backward_kernel(floatX* dinp, float* scratch, const floatX* dout,
+                                                     const floatX* inp, const floatX* weight,
                                                      const float* mean, const float* rstd,
                                                      int B, int T, int C) {
     int N = B * T;
@@ -77,9 +79,9 @@ extern "C" __global__ void layernorm_backward_kernel(float* dinp, float* scratch
     // 1. dinp, one warp per row
     int row = first_row + warp;
     if (row < N) {
-        const float* dout_row = dout + row * C;
-        const float* x = inp + row * C;
-        float* dinp_row = dinp + row * C;
+        const floatX* dout_row = dout + row * C;
+        const floatX* x = inp + row * C;
+        floatX* dinp_row = dinp + row * C;
         float m = mean[row];
         float s = rstd[row];
 
@@ -87,8 +89,8 @@ extern "C" __global__ void layernorm_backward_kernel(float* dinp, float* scratch
         float dnorm_mean = 0.0f;
         float dnorm_norm_mean = 0.0f;
         for (int i = lane; i < C; i += 32) {
-            float norm = (x[i] - m) * s;
-            float dnorm = weight[i] * dout_row[i];
+            float norm = ((float)x[i] - m) * s;
+            float dnorm = (float)weight[i] * (float)dout_row[i];
             dnorm_mean += dnorm;
             dnorm_norm_mean += dnorm * norm;
         }
@@ -96,9 +98,9 @@ extern "C" __global__ void layernorm_backward_kernel(float* dinp, float* scratch
         dnorm_norm_mean = warp_sum(dnorm_norm_mean) / C;
 
         for (int i = lane; i < C; i += 32) {
-            float norm = (x[i] - m) * s;
-            float dnorm = weight[i] * dout_row[i];
-            dinp_row[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
+            float norm = ((float)x[i] - m) * s;
+            float dnorm = (float)weight[i] * (float)dout_row[i];
+            dinp_row[i] = (floatX)((float)dinp_row[i] + (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s);
         }
     }
 
@@ -110,16 +112,16 @@ extern "C" __global__ void layernorm_backward_kernel(float* dinp, float* scratch
         float dbias_sum = 0.0f;
         float dweight_sum = 0.0f;
         for (int r = first_row; r < last_row; r++) {
-            float d = dout[r * C + i];
+            float d = (float)dout[r * C + i];
             dbias_sum += d;                                       // out = ... + bias
-            dweight_sum += (inp[r * C + i] - mean[r]) * rstd[r] * d;  // out = norm * weight + ...
+            dweight_sum += ((float)inp[r * C + i] - mean[r]) * rstd[r] * d;  // out = norm * weight + ...
         }
         dbias_part[i] = dbias_sum;
         dweight_part[i] = dweight_sum;
     }
 }
 
-extern "C" __global__ void layernorm_backward_sum_kernel(float* dweight, float* dbias, const float* scratch,
+extern "C" __global__ void layernorm_backward_sum_kernel(floatX* dweight, floatX* dbias, const float* scratch,
                                                          int num_blocks, int C) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;    // channel
     if (i >= C) { return; }
@@ -129,6 +131,6 @@ extern "C" __global__ void layernorm_backward_sum_kernel(float* dweight, float* 
         dbias_sum += scratch[(2 * blk) * C + i];
         dweight_sum += scratch[(2 * blk + 1) * C + i];
     }
-    dbias[i] += dbias_sum;
-    dweight[i] += dweight_sum;
+    dbias[i] = (floatX)((float)dbias[i] + dbias_sum);
+    dweight[i] = (floatX)((float)dweight[i] + dweight_sum);
 }

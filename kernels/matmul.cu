@@ -9,7 +9,7 @@
 //   out (N,OC) += bias (OC) broadcast over rows; N = B*T.
 //   launch: grid = ceil_div(N*OC, block), block = 256 (any size).
 //
-// matmul_backward_bias_kernel(float* dbias, const float* dout, int N, int OC)
+// matmul_backward_bias_kernel(floatX* dbias, const floatX* dout, int N, int OC)
 //   dbias (OC) += column sums of dout (N,OC) (accumulates). Deterministic (no atomics): every
 //   column is summed by one block, in an order fixed by the block size.
 //   Each block owns 32 consecutive columns (one per lane), and its warps split the rows: warp w
@@ -26,13 +26,13 @@
 
 #include "common.cuh"
 
-extern "C" __global__ void add_bias_kernel(float* out, const float* bias, int N, int OC) {
+extern "C" __global__ void add_bias_kernel(floatX* out, const floatX* bias, int N, int OC) {
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into out (N,OC)
     if (idx >= N * OC) { return; }
-    out[idx] += bias[idx % OC];
+    out[idx] = (floatX)((float)out[idx] + (float)bias[idx % OC]);
 }
 
-extern "C" __global__ void __launch_bounds__(1024) matmul_backward_bias_kernel(float* dbias, const float* dout,
+extern "C" __global__ void __launch_bounds__(1024) matmul_backward_bias_kernel(floatX* dbias, const floatX* dout,
                                                                             int N, int OC) {
     extern __shared__ float partial[];               // (blockDim.x/32, 32): one row per warp
     int warp = threadIdx.x / 32;
@@ -41,13 +41,13 @@ extern "C" __global__ void __launch_bounds__(1024) matmul_backward_bias_kernel(f
     int col = blockIdx.x * 32 + lane;                 // this lane's column of dout
     float sum = 0.0f;
     if (col < OC) {
-        for (int row = warp; row < N; row += warps) { sum += dout[row * OC + col]; }
+        for (int row = warp; row < N; row += warps) { sum += (float)dout[row * OC + col]; }
     }
     partial[warp * 32 + lane] = sum;
     __syncthreads();
     if (warp == 0 && col < OC) {
         float total = 0.0f;
         for (int w = 0; w < warps; w++) { total += partial[w * 32 + lane]; }
-        dbias[col] += total;
+        dbias[col] = (floatX)((float)dbias[col] + total);
     }
 }

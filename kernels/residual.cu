@@ -11,8 +11,8 @@
 
 #include "common.cuh"
 
-extern "C" __global__ void residual_forward_kernel(float* out, const float* inp1, const float* inp2, int N) {
+extern "C" __global__ void residual_forward_kernel(floatX* out, const floatX* inp1, const floatX* inp2, int N) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N) { return; }
-    out[i] = inp1[i] + inp2[i];
+    out[i] = (floatX)((float)inp1[i] + (float)inp2[i]);
 }

@@ -35,6 +35,8 @@ FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
     "g": ("genT", "tokens to sample"),
     "a": ("overfit_single_batch", "train on the first val batch over and over? 0/1"),
     "f": ("override_enable_tf32", "TF32 tensor cores for the fp32 matmuls? 0/1"),
+    "p": ("precision", "bf16 (mixed precision: bf16 weights, gradients, activations) or fp32 (llm.c: PRECISION at build)"),
+    "w": ("use_master_weights", "bf16: keep fp32 master weights for AdamW? 0/1"),
     "r": ("recompute", "recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm"),
     "sl": ("skip_update_lossz", "skip an update whose loss z-score (last 128 steps) is above this (0 = off)"),
     "sg": ("skip_update_gradz", "skip an update whose grad norm z-score (last 128 steps) is above this (0 = off)"),
