@@ -790,18 +790,22 @@ def outlier_skip_reason(zloss, zgrad, skip_update_lossz, skip_update_gradz):
 #               gpt2_zero_grad(model), gpt2_backward(model), gpt2_calculate_grad_norm(model) -> float,
 #               gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale)
 #   AdamW:      BETA1, BETA2, ADAM_EPS, GRAD_CLIP (fixed in llm.c, no flags)
-#   the device: device_setup(args) -> lines for the config block, device_info() -> (device name, the
+#   the device: device_setup(args, world) -> lines for the config block, device_info() -> (device name, the
 #               GEMMs' precision "bf16"/"tf32"/"fp32"; after device_setup; llmc/mfu.py looks up its
 #               peak FLOP/s for the MFU), StepTimer (start(), stop() -> ms),
 #               next_token_probs(model, tokens, t) -> (V,) float32 on the host, to_numpy(array)
 #   checkpoints: gpt2_optimizer_state(model) -> (m, v) float32 host arrays,
 #               gpt2_load_optimizer_state(model, m, v) (after gpt2_allocate_state, where there is one)
-#   optional:   gpt2_allocate_state(model, B, T): allocate everything before the first step (the CUDA
+#   optional:   gpt2_allocate_state(model, B, T, shard): allocate everything before the first step (the CUDA
 #               trainer: its memory report, and a run too big for the GPU stops before writing anything);
 #               without it (NumPy, as train_gpt2.c) buffers are allocated at first use
 #   data parallel (several processes, llmc/collectives.py): gpt2_grad_sum_squares(model, lo, hi) -> float,
 #               and for ZeRO-1 gpt2_update(..., shard=(lo, hi)) and gpt2_optimizer_state(model, hi - lo);
-#               a trainer without them runs as one process only
+#               a trainer without them runs as one process only; COLLECTIVES, the engine its arrays need
+#               ("gloo" for NumPy arrays, "nccl" for CuPy's: llmc/collectives.py; "gloo" when absent)
+#   mixed precision (optional, the CUDA trainer): model.precision ("bf16" or "fp32": the files it writes),
+#               model.use_master_weights, gpt2_master_state(model) -> (master weights or None, rng_state,
+#               rng_state_last_update) and gpt2_load_master_state(model, master, rng_state, rng_state_last_update)
 TRAINER_API = ("gpt2_build_from_descriptor", "gpt2_forward", "gpt2_zero_grad", "gpt2_backward",
                "gpt2_calculate_grad_norm", "gpt2_update", "BETA1", "BETA2", "ADAM_EPS", "GRAD_CLIP",
                "device_setup", "device_info", "StepTimer", "next_token_probs", "to_numpy",
@@ -861,7 +865,7 @@ def resolve_checkpoint(name):
     return name
 
 
-def device_setup(args):
+def device_setup(args, world=None):
     """Runs before the model is built; returns the lines print_config adds under [GPT-2].
     NumPy: switch on the profiler if asked, and say which BLAS runs the matmuls."""
     if args.profile:
@@ -998,7 +1002,8 @@ def run(args, trainer=None):
     torchrun, this process is one rank of a data-parallel run (llmc/collectives.py); only rank 0 prints."""
     world = None
     try:
-        world = collectives.init()
+        # the engine of the collectives: gloo on the CPU; train_gpt2_cuda.py on GPUs says "nccl"
+        world = collectives.init(getattr(trainer, "COLLECTIVES", "gloo"), args)
         with open(os.devnull, "w") if world.rank != 0 else contextlib.nullcontext(sys.stdout) as out, \
                 contextlib.redirect_stdout(out):
             train(args, trainer, world)
@@ -1037,7 +1042,7 @@ def train(args, trainer=None, world=None):
         raise ConfigError(f"-z {args.zero_stage}: ZeRO stage 0 or 1 (llm.c's stages 2 and 3 are not implemented)")
     if world.size > 1 and not hasattr(tr, "gpt2_grad_sum_squares"):
         raise ConfigError(f"{os.path.basename(tr.__file__)} does not run data parallel yet: start it as one process")
-    extra_lines = tr.device_setup(args)
+    extra_lines = tr.device_setup(args, world)
 
     # -y 1: resume from the newest complete checkpoint in -o (its model file replaces -e)
     checkpoint.check_flags(args)
@@ -1088,10 +1093,11 @@ def train(args, trainer=None, world=None):
     if world.size > 1:
         if args.zero_stage == 1:
             shard = collectives.shard_range(model.num_parameters, world.rank, world.size)
-        print(f"data parallel: {world.size} processes (torch.distributed, gloo), ZeRO stage {args.zero_stage}"
+        engine = "NCCL" if isinstance(world, collectives.NcclWorld) else "torch.distributed, gloo"
+        print(f"data parallel: {world.size} processes ({engine}), ZeRO stage {args.zero_stage}"
               + (f": {shard[1] - shard[0]:,} parameters' m and v on each" if shard else ""))
     if hasattr(tr, "gpt2_allocate_state"):   # train_gpt2_cuda.py allocates its state now, as llm.c's train_gpt2.cu:
-        tr.gpt2_allocate_state(model, B, T)  # the memory report, and a run too big for the GPU stops here
+        tr.gpt2_allocate_state(model, B, T, shard)  # the memory report, and a run too big for the GPU stops here
     start_step = 0 if resume_step is None else load_checkpoint(tr, model, train_loader, args.output_log_dir,
                                                                 resume_step, world, shard)
     if start_step > num_steps:

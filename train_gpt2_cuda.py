@@ -473,13 +473,15 @@ def check_recompute(recompute):
                           f"2 GELU and LayerNorm), got {recompute}")
 
 
-def state_buffers(config, B, T, recompute, precision="fp32", master_weights=True):
+def state_buffers(config, B, T, recompute, precision="fp32", master_weights=True, shard_size=None):
     """Every device buffer of a run at (B, T): [(name, element count, dtype, at_build), ...].
     at_build: allocated by GPT2() (parameters and their gradients); the rest by gpt2_allocate_state,
     which allocates from these very counts, so the memory report and the allocation cannot disagree.
     The bytes of a buffer are count * dtype's itemsize: the precision changes only the dtypes.
-    Master weights: an fp32 copy of the parameters that AdamW updates, when they are bf16 and -w 1."""
+    Master weights: an fp32 copy of the parameters that AdamW updates, when they are bf16 and -w 1.
+    shard_size: ZeRO-1's share of the parameters whose m, v (and master weights) this rank keeps."""
     n, C = num_parameters(config), config.channels
+    ns = n if shard_size is None else shard_size
     floatx = PRECISIONS[precision]
     keep_master = master_weights and floatx != np.dtype(OPT_DTYPE)
     return [
@@ -491,9 +493,9 @@ def state_buffers(config, B, T, recompute, precision="fp32", master_weights=True
         ("activation gradients", count(grad_activation_shapes(config, B, T)), floatx, False),
         ("layernorm backward scratch", layernorm_scratch_size(B, T, C), np.float32, False),
         ("encoder backward buckets", 3 * B * T + 1, np.int32, False),   # see encoder_buckets
-        ("AdamW optimizer state m", n, OPT_DTYPE, False),
-        ("AdamW optimizer state v", n, OPT_DTYPE, False),
-        ("master weights", n if keep_master else 0, OPT_DTYPE, False),
+        ("AdamW optimizer state m", ns, OPT_DTYPE, False),
+        ("AdamW optimizer state v", ns, OPT_DTYPE, False),
+        ("master weights", ns if keep_master else 0, OPT_DTYPE, False),
     ]
 
 
@@ -501,16 +503,17 @@ def nbytes(count, dtype):
     return count * np.dtype(dtype).itemsize
 
 
-def state_bytes_to_allocate(config, B, T, recompute, precision="fp32", master_weights=True):
+def state_bytes_to_allocate(config, B, T, recompute, precision="fp32", master_weights=True, shard_size=None):
     """Bytes gpt2_allocate_state asks the device for at (B, T) (the model's own are there already)."""
     return sum(nbytes(n, dtype) for _, n, dtype, at_build in
-               state_buffers(config, B, T, recompute, precision, master_weights) if not at_build)
+               state_buffers(config, B, T, recompute, precision, master_weights, shard_size) if not at_build)
 
 
-def largest_batch_size(config, T, recompute, free_bytes, precision="fp32", master_weights=True):
+def largest_batch_size(config, T, recompute, free_bytes, precision="fp32", master_weights=True, shard_size=None):
     """The largest B whose state fits in free_bytes at this T (0 if not even B=1), found by
     bisection over state_bytes_to_allocate itself, so it is exactly the check's answer."""
-    fits = lambda B: state_bytes_to_allocate(config, B, T, recompute, precision, master_weights) <= free_bytes  # noqa: E731
+    def fits(B):
+        return state_bytes_to_allocate(config, B, T, recompute, precision, master_weights, shard_size) <= free_bytes
     if not fits(1):
         return 0
     lo, hi = 1, 2
@@ -535,10 +538,10 @@ def MiB(n_bytes):
     return f"{n_bytes / 2**20:,.2f} MiB"
 
 
-def memory_report(config, B, T, recompute, memory, precision="fp32", master_weights=True):
+def memory_report(config, B, T, recompute, memory, precision="fp32", master_weights=True, shard_size=None):
     """llm.c's start-up lines: what each buffer takes, the total, what recompute saves, and the
     largest B that fits the device at this T. memory: device_memory()."""
-    buffers = state_buffers(config, B, T, recompute, precision, master_weights)
+    buffers = state_buffers(config, B, T, recompute, precision, master_weights, shard_size)
     lines = []
     for name, n, dtype, _ in buffers:
         if name == "master weights" and n == 0:
@@ -559,7 +562,7 @@ def memory_report(config, B, T, recompute, memory, precision="fp32", master_weig
         free, device_total = memory          # measured with the parameters and their gradients in place
         lines.append(f"total: {MiB(total)} (device: {MiB(free)} free of {MiB(device_total)})")
         lines.append(f"estimated maximum batch size at T={T}: "
-                     f"{largest_batch_size(config, T, recompute, free, precision, master_weights)}")
+                     f"{largest_batch_size(config, T, recompute, free, precision, master_weights, shard_size)}")
     return lines
 
 
@@ -623,29 +626,33 @@ def gpt2_build_from_descriptor(descriptor, seed=42, recompute=None, precision=No
     cpu_model = host.gpt2_build_from_descriptor(descriptor, seed)
     return GPT2(cpu_model.config, cpu_model.params_memory, run_recompute if recompute is None else recompute,
                 run_precision if precision is None else precision,
-                run_master_weights if master_weights is None else master_weights)
+                run_master_weights if master_weights is None else master_weights, run_rank)
 
 
-def gpt2_allocate_state(model, B, T):
+def gpt2_allocate_state(model, B, T, shard=None):
     """Everything a run at (B, T) needs besides the parameters and their gradients, allocated once
     (llm.c's gpt2_allocate_state): the activations (as many as model.recompute keeps), the backward's
     buffers and scratch, AdamW's m and v. First the memory report; and if the device has not got the
     bytes, one line that says how many are needed and the largest B that fits, before allocating any.
-    train_gpt2.train calls it at start-up; gpt2_forward calls it at the first pass if nobody did."""
+    train_gpt2.train calls it at start-up; gpt2_forward calls it at the first pass if nobody did.
+    shard: ZeRO-1's (lo, hi), the parameters whose m, v and master weights this rank keeps (None: all)."""
     config, recompute = model.config, model.recompute
     precision, master = model.precision, model.use_master_weights
+    model.shard = shard or (0, model.num_parameters)
+    shard_size = model.shard[1] - model.shard[0]
     memory = device_memory()
-    for line in memory_report(config, B, T, recompute, memory, precision, master):
+    for line in memory_report(config, B, T, recompute, memory, precision, master, shard_size):
         print(line)
-    needed = state_bytes_to_allocate(config, B, T, recompute, precision, master)
+    needed = state_bytes_to_allocate(config, B, T, recompute, precision, master, shard_size)
     if memory is not None and needed > memory[0]:
-        largest = largest_batch_size(config, T, recompute, memory[0], precision, master)
+        largest = largest_batch_size(config, T, recompute, memory[0], precision, master, shard_size)
         fix = (f"use -b {largest} or less" if largest > 0 else "even B=1 does not fit: use a smaller -t") + \
             (", or -r 2 (recompute more)" if recompute < 2 and largest > 0 else "")
         raise ConfigError(f"B={B} T={T} needs {MiB(needed)} of device memory for activations, gradients and "
                           f"optimizer state, but {MiB(memory[0])} is free; the largest B that fits at T={T} is "
                           f"{largest}: {fix}")
-    buffers = {name: (n, dtype) for name, n, dtype, _ in state_buffers(config, B, T, recompute, precision, master)}
+    buffers = {name: (n, dtype) for name, n, dtype, _ in
+               state_buffers(config, B, T, recompute, precision, master, shard_size)}
     model.batch_size, model.seq_len = B, T
     floatx_shapes, fp32_shapes = split_activations(activation_shapes(config, B, T, recompute))
     model.acts_memory = xp.zeros(*buffers["activations"])
@@ -662,7 +669,8 @@ def gpt2_allocate_state(model, B, T):
     model.m_memory = xp.zeros(*buffers["AdamW optimizer state m"])
     model.v_memory = xp.zeros(*buffers["AdamW optimizer state v"])
     if model.use_master_weights:
-        model.master_memory = xp.asarray(model.master_init)   # one host -> device copy of the fp32 values
+        lo, hi = model.shard                                   # one host -> device copy of the fp32 values
+        model.master_memory = xp.asarray(model.master_init[lo:hi])
         model.master_init = None
     model.inputs = xp.zeros((B, T), dtype=np.int32)
     model.targets = xp.zeros((B, T), dtype=np.int32)
@@ -797,42 +805,56 @@ def gpt2_backward(model):
 NORM_BLOCKS = 1024   # partial sums of the gradient norm kernel (a fixed grid: deterministic)
 
 
-def gpt2_calculate_grad_norm(model):
-    """The L2 norm of all gradients together (python float): per-block partial sums of squares on
-    the device, summed there; reading it is a host sync, as in llm.c."""
-    n = model.num_parameters
+def gpt2_grad_sum_squares(model, lo=0, hi=None):
+    """sum g^2 over grads[lo:hi] (a python float): per-block partial sums of squares on the device (a
+    fixed grid: deterministic), added there; reading it is a host sync, as in llm.c. ZeRO-1 adds each
+    rank's shard's across the ranks."""
+    hi = model.num_parameters if hi is None else hi
     block = 512
-    grid = min(ceil_div(n, block), NORM_BLOCKS)
+    grid = min(ceil_div(hi - lo, block), NORM_BLOCKS)
     kernel("adamw", "global_norm_squared_kernel", model.floatx)(
-        (grid,), (block,), (model.norm_partials, model.grads_memory, i64(n)))
-    return float(xp.sqrt(model.norm_partials[:grid].sum()))
+        (grid,), (block,), (model.norm_partials, model.grads_memory[lo:hi], i64(hi - lo)))
+    return float(model.norm_partials[:grid].sum())
 
 
-def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale=1.0):
+def gpt2_calculate_grad_norm(model):
+    """The L2 norm of all gradients together (python float)."""
+    return math.sqrt(gpt2_grad_sum_squares(model))
+
+
+def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale=1.0, shard=None):
     """AdamW as PyTorch's: gradients scaled by grad_scale (clipping), weight decay on the 2-D
     weights only; one kernel launch per parameter tensor, each with its own stochastic-rounding seed
     from the model's generator (llm.c's gpt2_update). With master weights (bf16, -w 1) AdamW updates
-    the fp32 copy and rounds it into the bf16 parameters; without (-w 0) it updates the bf16 weights."""
+    the fp32 copy and rounds it into the bf16 parameters; without (-w 0) it updates the bf16 weights.
+    shard=(lo, hi): ZeRO-1, only params[lo:hi] move; m, v and the master weights hold that slice (as
+    gpt2_allocate_state made them)."""
     if model.m_memory is None:
         raise RuntimeError("gpt2_update: run gpt2_forward first (gpt2_allocate_state makes AdamW's m and v)")
+    lo, hi = shard or (0, model.num_parameters)
+    assert model.m_memory.size == hi - lo, "the optimizer state is not this shard's"
     beta1_correction = 1.0 - beta1 ** t
     beta2_correction = 1.0 - beta2 ** t
     model.rng_state_last_update = model.rng_state[0]   # saved in a checkpoint, as llm.c
     block = 512
     for start, stop, decayed in host.param_segments(model):
-        part, n = slice(start, stop), stop - start
+        seed = random_u32(model.rng_state)                # one per tensor, drawn whether or not it is in the shard
+        start, stop = max(start, lo), min(stop, hi)       # the tensor's part inside the shard
+        if start >= stop:
+            continue
+        part, state, n = slice(start, stop), slice(start - lo, stop - lo), stop - start
         wd = weight_decay if decayed else 0.0  # the 2-D weights only
-        seed = random_u32(model.rng_state)
-        master = NULL if model.master_memory is None else model.master_memory[part]
+        master = NULL if model.master_memory is None else model.master_memory[state]
         kernel("adamw", "adamw_kernel", model.floatx)(
             (ceil_div(n, block),), (block,),
-            (model.params_memory[part], master, model.grads_memory[part], model.m_memory[part],
-             model.v_memory[part], i64(n), f32(learning_rate), f32(beta1), f32(beta2), f32(beta1_correction),
+            (model.params_memory[part], master, model.grads_memory[part], model.m_memory[state],
+             model.v_memory[state], i64(n), f32(learning_rate), f32(beta1), f32(beta2), f32(beta1_correction),
              f32(beta2_correction), f32(eps), f32(wd), f32(grad_scale), u32(seed)))
 
 
-def gpt2_optimizer_state(model):
-    """AdamW's (m, v) copied to the host as float32, for a checkpoint's state file."""
+def gpt2_optimizer_state(model, size=None):
+    """AdamW's (m, v) copied to the host as float32, for a checkpoint's state file (this rank's shard of
+    them under ZeRO-1: gpt2_allocate_state sized them; `size` is for the NumPy trainer's interface)."""
     return to_numpy(model.m_memory).astype(np.float32, copy=False), to_numpy(model.v_memory).astype(np.float32, copy=False)
 
 
@@ -875,6 +897,10 @@ TRAIN_GPT2_CU_DEFAULTS.update({
     "use_master_weights": 1,     # bf16: AdamW updates an fp32 copy of the weights (0: the bf16 weights themselves)
     "override_enable_tf32": 1,   # TF32 tensor cores for the fp32 matmuls (0: full fp32, as test_gpt2.py uses)
     "recompute": 1,              # what the backward pass recomputes to save memory: 0 nothing, 1 GELU, 2 + LayerNorm
+    # several GPUs and machines (NCCL; llm.c's flags and defaults): without torchrun or mpirun, -pn processes
+    # started by hand, each with its -pr, find each other through -pi fs (-pf dir) or tcp (-ps IP)
+    "num_processes": 1, "process_rank": 0, "gpus_per_node": 8,
+    "nccl_init_method": "mpi", "server_ip": "", "fs_path": "",
 })
 SHOWN_DEFAULTS = dict(host.SHOWN_DEFAULTS, load_filename="gpt2_124M_bf16.bin in bf16, gpt2_124M.bin in fp32, "
                       "or gpt2_d12.bin when that is not there",
@@ -893,6 +919,8 @@ gemm_precision = "fp32"  # the GEMMs' precision, as device_setup set it: "bf16",
 run_recompute = TRAIN_GPT2_CU_DEFAULTS["recompute"]
 run_precision = "fp32"
 run_master_weights = True
+run_rank = 0                 # the stochastic rounding's generator is seeded 13371337 + this (see device_setup)
+COLLECTIVES = "gloo" if EMULATE else "nccl"   # data parallel: NumPy arrays on the emulator, CuPy's on GPUs
 
 
 def compute_capability():
@@ -921,10 +949,16 @@ def choose_precision(args):
     return "fp32"
 
 
-def device_setup(args):
+def device_setup(args, world=None):
     """Runs before the model is built: checks -r, -p and -w, picks the default model file for the precision,
-    TF32 on or off (-f); returns the lines print_config adds."""
-    global gemm_precision, run_recompute, run_precision, run_master_weights
+    TF32 on or off (-f); returns the lines print_config adds.
+    world: the data-parallel World. Each rank seeds its stochastic rounding with 13371337 + rank, as llm.c,
+    under ZeRO-1 (each rank rounds its own shard, then all-gathers it). Under ZeRO-0 every rank updates
+    all the parameters, and rounding them with different seeds (as llm.c does) would leave the ranks'
+    bf16 weights different by an ulp here and there: there all ranks use rank 0's seed."""
+    global gemm_precision, run_recompute, run_precision, run_master_weights, run_rank
+    world_rank = world.rank if world is not None else 0
+    run_rank = world_rank if args.zero_stage == 1 else 0
     check_recompute(args.recompute)
     run_recompute = args.recompute
     run_precision = choose_precision(args)

@@ -41,6 +41,12 @@ FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
     "sl": ("skip_update_lossz", "skip an update whose loss z-score (last 128 steps) is above this (0 = off)"),
     "sg": ("skip_update_gradz", "skip an update whose grad norm z-score (last 128 steps) is above this (0 = off)"),
     "z": ("zero_stage", "ZeRO stage with several processes (torchrun): 0 all-reduce the gradients, 1 also shard AdamW's m, v"),
+    "pn": ("num_processes", "processes in all, when started by hand (-pi fs or tcp; mpirun and torchrun say it)"),
+    "pr": ("process_rank", "this process's rank, when started by hand (-pi fs or tcp)"),
+    "pg": ("gpus_per_node", "GPUs per machine (rank r uses GPU r % this)"),
+    "pi": ("nccl_init_method", "how the processes exchange NCCL's id: mpi (mpirun), fs (a shared dir, -pf), tcp (-ps)"),
+    "ps": ("server_ip", "-pi tcp: the IP address of rank 0's machine"),
+    "pf": ("fs_path", "-pi fs: a directory every process can read and write"),
     "profile": ("profile", "print a per-layer time table at the end? 0/1"),
 }
 NAMES = {name: flag for flag, (name, _) in FLAGS.items()}      # llm.c's name -> flag letter(s)

@@ -1,5 +1,10 @@
-"""Data parallel across processes: the collectives train() needs, on NumPy float32 arrays, over
-torch.distributed's gloo backend (llm.c's llmc/zero.cuh does the same over NCCL).
+"""Data parallel across processes: the collectives train() needs, on the trainer's own flat arrays.
+
+Two engines, one interface (World):
+  - NumPy arrays (train_gpt2.py, and train_gpt2_cuda.py on the kernel emulator): torch.distributed's gloo
+    backend on the CPU. bf16 arrays (uint16 bits) are summed in float32 and rounded back to nearest even.
+  - CuPy arrays on GPUs (train_gpt2_cuda.py): NCCL through cupy.cuda.nccl (NcclWorld below), as llm.c's
+    llmc/zero.cuh; float32 and bf16 (NCCL's own bfloat16 sums).
 
 The processes are started by torchrun, which gives each one RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT in its environment:
@@ -22,6 +27,7 @@ ZeRO-1's shard of a flat array of n floats is the contiguous slice shard_range(n
 """
 
 import os
+import time
 
 from llmc.utils import ConfigError
 
@@ -48,11 +54,21 @@ class World:
 
     def all_reduce_sum(self, x):
         if self.size > 1:
+            if x.dtype.name == "uint16":                  # bf16 bits: sum them as float32, round back once
+                wide = _widen(x)
+                self.all_reduce_sum(wide)
+                x[...] = _narrow(wide)
+                return
             self.dist.all_reduce(self._tensor(x), op=self.dist.ReduceOp.SUM)
 
     def reduce_scatter_sum(self, x):
         if self.size > 1:
             start, stop = shard_range(x.size, self.rank, self.size)
+            if x.dtype.name == "uint16":
+                wide = _widen(x)
+                self.reduce_scatter_sum(wide)
+                x[start:stop] = _narrow(wide[start:stop])
+                return
             t = self._tensor(x)
             out = t[start:stop].clone()                   # the input's chunks include this view: no aliasing
             self.dist.reduce_scatter(out, list(t.chunk(self.size)), op=self.dist.ReduceOp.SUM)
@@ -61,7 +77,7 @@ class World:
     def all_gather(self, x):
         if self.size > 1:
             start, stop = shard_range(x.size, self.rank, self.size)
-            t = self._tensor(x)
+            t = self._tensor(x.view("float16") if x.dtype.name == "uint16" else x)   # copied as bits (gloo has no int16)
             self.dist.all_gather(list(t.chunk(self.size)), t[start:stop].clone())
 
     def broadcast(self, x, src=0):
@@ -89,8 +105,23 @@ class World:
             self.dist.destroy_process_group()
 
 
-def init():
-    """The World torchrun's environment describes: gloo over MASTER_ADDR:MASTER_PORT, or one process."""
+def _widen(bits):
+    from llmc.formats import bf16_to_f32
+    return bf16_to_f32(bits)
+
+
+def _narrow(x):
+    from llmc.formats import f32_to_bf16
+    return f32_to_bf16(x)
+
+
+def init(engine="gloo", config=None):
+    """This process's World. engine "gloo": the World torchrun's environment describes (gloo over
+    MASTER_ADDR:MASTER_PORT), or one process. engine "nccl": an NcclWorld (see init_nccl), with config the
+    run's llm.c multi-GPU flags (-pn -pr -pg -pi -ps -pf, as attributes num_processes, process_rank,
+    gpus_per_node, nccl_init_method, server_ip, fs_path)."""
+    if engine == "nccl":
+        return init_nccl(config)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return World()
@@ -104,3 +135,151 @@ def init():
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=world_size)   # env://: MASTER_ADDR, MASTER_PORT
     return World(rank, world_size, dist)
+
+
+# ----------------------------------------------------------------------------
+# NCCL, for CuPy arrays on GPUs (train_gpt2_cuda.py)
+
+class NcclWorld(World):
+    """Every collective runs on the GPU through one NCCL communicator, in place on device arrays, on
+    CuPy's current stream: ZeRO-1's reduce-scatter and all-gather use NCCL's in-place forms (this rank's
+    chunk of the buffer is its receive / send buffer). Python floats (loss, squared norm) and the barrier
+    go through a small device buffer too, so after start-up nothing but NCCL is used."""
+
+    def __init__(self, rank, world_size, comm, cupy, nccl):
+        super().__init__(rank, world_size, None)
+        self.comm, self.cp, self.nccl = comm, cupy, nccl
+        self.scalar = cupy.zeros(1, dtype=cupy.float64)
+
+    def _dtype(self, x):
+        if x.dtype.name == "float32":
+            return self.nccl.NCCL_FLOAT32
+        if x.dtype.name == "float64":
+            return self.nccl.NCCL_FLOAT64
+        if x.dtype.name == "uint16":                      # bf16 bits
+            return getattr(self.nccl, "NCCL_BFLOAT16", 9)
+        raise TypeError(f"NCCL collectives take float32, float64 or bf16 (uint16) arrays, not {x.dtype}")
+
+    def _stream(self):
+        return self.cp.cuda.get_current_stream().ptr
+
+    def all_reduce_sum(self, x):
+        if self.size > 1:
+            self.comm.allReduce(x.data.ptr, x.data.ptr, x.size, self._dtype(x), self.nccl.NCCL_SUM, self._stream())
+
+    def reduce_scatter_sum(self, x):
+        if self.size > 1:
+            start, stop = shard_range(x.size, self.rank, self.size)
+            self.comm.reduceScatter(x.data.ptr, x[start:].data.ptr, stop - start, self._dtype(x),
+                                    self.nccl.NCCL_SUM, self._stream())
+
+    def all_gather(self, x):
+        if self.size > 1:
+            start, stop = shard_range(x.size, self.rank, self.size)
+            self.comm.allGather(x[start:].data.ptr, x.data.ptr, stop - start, self._dtype(x), self._stream())
+
+    def broadcast(self, x, src=0):
+        if self.size > 1:
+            self.comm.bcast(x.data.ptr, x.size, self._dtype(x), src, self._stream())
+
+    def sum(self, value):
+        if self.size == 1:
+            return value
+        self.scalar.fill(value)
+        self.all_reduce_sum(self.scalar)
+        return float(self.scalar[0])                      # a device -> host copy: waits for the sum
+
+    def barrier(self):
+        if self.size > 1:
+            self.sum(0.0)                                 # every rank must reach the all-reduce
+
+    def close(self):
+        self.comm.destroy()
+
+
+NCCL_ID_FILE = "ncclUniqueId.sync"
+
+
+def init_nccl(config):
+    """The NcclWorld of this process. Who the processes are and how rank 0's NCCL id reaches the others
+    (llm.c's multi_gpu_config_init):
+      torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment): torch.distributed's store (gloo
+          over MASTER_ADDR:MASTER_PORT) carries the id;
+      -pi mpi (llm.c's default; mpirun): MPI's broadcast (mpi4py);
+      -pi fs -pf DIR -pn N -pr R: rank 0 writes the id to DIR/ncclUniqueId.sync, the others wait for it;
+      -pi tcp -ps IP -pn N -pr R: torch.distributed's TCPStore on IP:12345 (rank 0 serves it).
+    Each process uses GPU (its rank within its node) = rank % -pg, or LOCAL_RANK under torchrun."""
+    import cupy
+    from cupy.cuda import nccl
+    method = getattr(config, "nccl_init_method", "mpi")
+    if "WORLD_SIZE" in os.environ:                        # torchrun
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        method = "torchrun"
+    elif method == "mpi" and _mpi_size() > 1:
+        from mpi4py import MPI
+        rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+        local = rank % config.gpus_per_node
+    elif method in ("fs", "tcp") and config.num_processes > 1:
+        rank, size = config.process_rank, config.num_processes
+        local = rank % config.gpus_per_node
+        if not 0 <= rank < size:
+            raise ConfigError(f"-pr {rank} must be in 0..{size - 1} (-pn {size})")
+    else:
+        return World()                                    # one process: no NCCL at all
+    cupy.cuda.Device(local).use()
+    uid = nccl.get_unique_id() if rank == 0 else None
+    uid = _exchange_id(method, uid, rank, size, config)
+    comm = nccl.NcclCommunicator(size, uid, rank)     # collective: returns once every rank has joined
+    if method == "fs" and rank == 0:
+        os.remove(os.path.join(config.fs_path, NCCL_ID_FILE))   # read by all: a next run must not find it
+    return NcclWorld(rank, size, comm, cupy, nccl)
+
+
+def _mpi_size():
+    """Processes in MPI's world when started by mpirun (its environment says so), else 1, without
+    importing mpi4py in a plain run."""
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 1
+
+
+def _exchange_id(method, uid, rank, size, config):
+    """Rank 0's NCCL unique id (a tuple of ints, as cupy.cuda.nccl gives it) on every rank."""
+    if method == "torchrun":
+        import torch.distributed as dist
+        dist.init_process_group("gloo")                   # env://: MASTER_ADDR, MASTER_PORT
+        box = [uid]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    if method == "mpi":
+        from mpi4py import MPI
+        return MPI.COMM_WORLD.bcast(uid, root=0)
+    if method == "tcp":
+        import pickle
+        from torch.distributed import TCPStore
+        if not config.server_ip:
+            raise ConfigError("-pi tcp needs -ps, the IP address of rank 0's machine")
+        store = TCPStore(config.server_ip, 12345, size, rank == 0)
+        if rank == 0:
+            store.set("nccl_id", pickle.dumps(uid))
+        return pickle.loads(store.get("nccl_id"))
+    if method == "fs":
+        import pickle
+        if not config.fs_path or not os.path.isdir(config.fs_path):
+            raise ConfigError(f"-pi fs needs -pf, a directory all processes share (got '{config.fs_path}')")
+        path = os.path.join(config.fs_path, NCCL_ID_FILE)
+        if rank == 0:
+            import numpy as np
+            from llmc.utils import write_atomic
+            write_atomic(path, [np.frombuffer(pickle.dumps(uid), np.uint8)])
+            return uid
+        deadline = time.time() + 300
+        while not os.path.exists(path):                   # rank 0 writes it (atomically) once
+            if time.time() > deadline:
+                raise ConfigError(f"-pi fs: {path} did not appear in 5 minutes: is rank 0 running with the same -pf?")
+            time.sleep(0.1)
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    raise ConfigError(f"-pi must be mpi, tcp or fs, got {method}")
