@@ -983,6 +983,17 @@ def model_file_dtype(model):
     return "bfloat16" if getattr(model, "precision", "fp32") == "bf16" else "float32"
 
 
+def time_left(step_times, steps_left):
+    """The run's ETA for the step line: the steps left at the mean time of the steps so far (without the
+    first, which compiles and allocates, once there are others), as "1h02m", "3m05s" or "12s". Validation
+    and sampling are not counted: a run that does much of them takes a little longer."""
+    tail = step_times[1:] or step_times
+    seconds = round(steps_left * sum(tail) / len(tail) / 1e3)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def check_resume_precision(model, path):
     """A checkpoint's model file must be in the run's precision (llm.c refuses the other one too)."""
     version = read_header(path, MODEL_MAGIC, (3, 5))[0][1]
@@ -1190,8 +1201,9 @@ def train(args, trainer=None, world=None):
         step_times.append(ms)
         tok_s = tokens_per_second.update(total_batch, ms / 1e3)
         mfu = format_mfu(mfu_percent(flops_per_step, ms / 1e3, peak), precision)
+        eta = time_left(step_times, num_steps - step - 1)
         print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({zloss:+.2f}z) ({ms:.2f} ms, "
-              f"{tok_s:.0f} tok/s, {mfu}) norm {norm:.4f} ({zgrad:+.2f}z) lr {lr:.2e}")
+              f"{tok_s:.0f} tok/s, {mfu}) norm {norm:.4f} ({zgrad:+.2f}z) lr {lr:.2e} eta {eta}")
         logger.log_train(step, train_loss, lr, norm)
 
     if step_times:
