@@ -1203,7 +1203,7 @@ def train(args, trainer=None, world=None):
         mfu = format_mfu(mfu_percent(flops_per_step, ms / 1e3, peak), precision)
         eta = time_left(step_times, num_steps - step - 1)
         print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({zloss:+.2f}z) ({ms:.2f} ms, "
-              f"{tok_s:.0f} tok/s, {mfu}) norm {norm:.4f} ({zgrad:+.2f}z) lr {lr:.2e} eta {eta}")
+              f"{tok_s:.0f} tok/s, {mfu}) norm {norm:.4f} ({zgrad:+.2f}z) lr {lr:.2e} (eta {eta})")
         logger.log_train(step, train_loss, lr, norm)
 
     if step_times:
