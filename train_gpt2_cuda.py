@@ -1,20 +1,28 @@
 """
-GPT-2 training on one NVIDIA GPU, a port of llm.c's train_gpt2_fp32.cu driven from Python by CuPy.
+GPT-2 training on NVIDIA GPUs, a port of llm.c's train_gpt2.cu (its mainline) driven from Python by CuPy.
 
 It is train_gpt2.py (the NumPy trainer) with the arithmetic moved to the GPU: the same functions,
 flags, files and log lines, and the host code (file formats, data loader, tokenizer, sampler, CLI,
 the training loop) imported from train_gpt2.py. What changes is where the numbers live and who computes them:
-  - parameters, gradients, AdamW's m and v and the activations are flat float32 buffers in GPU
-    memory, allocated once, with named views into them (llm.c's cudaMalloc + pointer tables);
+  - parameters, gradients, AdamW's m and v and the activations are flat buffers in GPU memory,
+    allocated once, with named views into them (llm.c's cudaMalloc + pointer tables);
   - every layer except the matrix products is a raw CUDA kernel from kernels/*.cu, compiled at
     first use with cupy.RawModule (NVRTC) and launched with an explicit grid;
-  - the matrix products are cuBLAS sgemm calls, strided-batched for attention, as in llm.c.
+  - the matrix products are cuBLAS calls, strided-batched for attention, as in llm.c.
+Precision (-p), llm.c's mainline recipe by default: bf16 parameters, gradients and activations, with
+LayerNorm's statistics, the losses, AdamW's m and v and an fp32 copy of the weights (master weights, -w 1)
+in fp32, every sum accumulated in fp32, and the bf16 weights rounded stochastically after each update.
+-p fp32 is llm.c's train_gpt2_fp32.cu: fp32 everywhere, TF32 tensor cores for the GEMMs (-f 1).
+The kernels are the same text for both: common.cuh's floatX is __nv_bfloat16 or float.
+Several GPUs, and machines: data parallel over NCCL (-z 0 all-reduce, -z 1 ZeRO-1), started by torchrun
+or mpirun (llmc/collectives.py).
 Read it side by side with train_gpt2.py: each launcher has its NumPy twin's name and llm.c's
 argument order, and gpt2_forward / gpt2_backward call them in the same order.
 
   pip install cupy-cuda12x
-  python train_gpt2_cuda.py -e gpt2_d12.bin         # B=4, T=1024, lr 3e-4, TF32 tensor cores on
-  python train_gpt2_cuda.py -e gpt2_d12.bin -f 0    # full fp32 matmuls
+  python train_gpt2_cuda.py -e gpt2_d12.bin         # bf16 on SM >= 80 (fp32 before), B=4, T=1024, lr 3e-4
+  python train_gpt2_cuda.py -e gpt2_d12.bin -p fp32 -f 0      # full fp32 matmuls
+  torchrun --standalone --nproc_per_node 8 train_gpt2_cuda.py -e gpt2_d12.bin -z 1   # 8 GPUs, ZeRO-1
   LLMC_EMULATE=1 python train_gpt2_cuda.py ...      # no GPU: NumPy + the same kernels on the CPU (tiny models)
 """
 
