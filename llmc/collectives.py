@@ -27,6 +27,7 @@ ZeRO-1's shard of a flat array of n floats is the contiguous slice shard_range(n
 """
 
 import os
+import sys
 import time
 
 from llmc.utils import ConfigError
@@ -195,6 +196,9 @@ class NcclWorld(World):
 
     def close(self):
         self.comm.destroy()
+        dist = sys.modules.get("torch.distributed")       # torchrun's id exchange left a gloo group
+        if dist is not None and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 NCCL_ID_FILE = "ncclUniqueId.sync"
