@@ -28,13 +28,14 @@ def verdict():
     print("all checks passed")
 
 
-def kernel_module(file):
+def kernel_module(file, bf16=False):
     """kernels/<file>.cu on the emulator, compiled from the very text train_gpt2_cuda.py hands NVRTC:
     RawModule(code=kernel_source(file), options=("--std=c++17",)), kernel_source being the .cu file
-    with common.cuh pasted in for its #include. None, after a [skip] line, where there is no g++."""
+    with common.cuh pasted in for its #include; bf16=True adds -DENABLE_BF16 (floatX = __nv_bfloat16,
+    whose arrays are uint16 bit patterns). None, after a [skip] line, where there is no g++."""
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         print("[skip] emulator: no g++ on this machine")
         return None
     from emulator import RawModule
     from llmc.cuda_common import kernel_source
-    return RawModule(code=kernel_source(file), options=("--std=c++17",))
+    return RawModule(code=kernel_source(file), options=("--std=c++17",) + (("-DENABLE_BF16",) if bf16 else ()))
