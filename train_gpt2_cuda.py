@@ -722,7 +722,11 @@ def gpt2_allocate_state(model, B, T):
 
 def gpt2_forward(model, inputs, targets, B, T):
     """inputs, targets: host int arrays (B,T); targets may be None. Leaves the logits (B,T,Vp) in
-    model.acts.logits and, with targets, sets model.mean_loss (reading it back waits for the GPU)."""
+    model.acts.logits and, with targets, sets model.mean_loss (reading it back waits for the GPU).
+    With targets and model.dlogits_in_forward set (a training loop that always runs gpt2_backward
+    next), the classifier kernel overwrites the logits with their gradient in this same pass, as llm.c
+    does, and gpt2_backward skips its own classifier launch: one read of the (B,T,Vp) logits fewer
+    per micro-step, the same bits; model.acts.logits then holds dlogits, not logits."""
     config = model.config
     V, Vp, L, NH, C = (config.vocab_size, config.padded_vocab_size, config.num_layers,
                        config.num_heads, config.channels)
@@ -775,9 +779,13 @@ def gpt2_forward(model, inputs, targets, B, T):
 
     matmul_forward(acts.logits, acts.lnf, params.wte, None, B, T, C, Vp)   # wte is the classifier
 
+    # what model.acts.logits holds now: the logits, or (dlogits_in_forward) already their gradient
+    model.dlogits_ready = targets is not None and getattr(model, "dlogits_in_forward", False)
     if targets is not None:
-        # the losses only: the logits stay as they are (the backward pass turns them into dlogits)
-        fused_classifier(acts.logits, acts.losses, None, model.targets, B, T, V, Vp, write_dlogits=0)
+        # the losses; the logits stay as they are (the backward pass turns them into dlogits) unless
+        # dlogits_in_forward asks for the gradient now, in the same launch
+        fused_classifier(acts.logits, acts.losses, None, model.targets, B, T, V, Vp,
+                         write_dlogits=int(model.dlogits_ready))
         model.mean_loss = float(acts.losses.mean())                         # device -> host, the sync
     else:
         model.mean_loss = -1.0
@@ -801,8 +809,10 @@ def gpt2_backward(model):
     dresidual = grads_acts.residual3  # the gradient of the residual stream (B,T,C): the layernorms add into it
     dresidual.fill(0)                 # (so it starts from zero at every micro-step of gradient accumulation)
     # the loss is the mean over B*T positions: the classifier kernel seeds dloss = 1/(B*T) and
-    # overwrites the logits with dlogits (B,T,Vp), pad columns 0
-    fused_classifier(acts.logits, acts.losses, None, model.targets, B, T, V, Vp, write_dlogits=1)
+    # overwrites the logits with dlogits (B,T,Vp), pad columns 0 (unless the forward pass did already)
+    if not getattr(model, "dlogits_ready", False):
+        fused_classifier(acts.logits, acts.losses, None, model.targets, B, T, V, Vp, write_dlogits=1)
+    model.dlogits_ready = False       # acts.output is the backward's scratch from here on
     dlogits = acts.logits
     # llm.c's two scratch buffers for the activation gradients of one layer at a time:
     buffer_b = grads_acts.bt4c        # (B,T,4C): the backward's own scratch, nothing in it yet

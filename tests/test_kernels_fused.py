@@ -243,7 +243,7 @@ def tiny_params(seed=0):
     return np.concatenate(chunks)
 
 
-def one_step(cu, precision, B, T, recompute):
+def one_step(cu, precision, B, T, recompute, dlogits_in_forward=False):
     """gpt2_forward + gpt2_backward on a fresh model: (loss, logits after the forward, all activations
     after the backward, all gradients), and the kernels launched."""
     launched = []
@@ -256,6 +256,7 @@ def one_step(cu, precision, B, T, recompute):
     cu.kernel = recording_kernel
     try:
         model = cu.GPT2(CONFIG, tiny_params(), recompute=recompute, precision=precision)
+        model.dlogits_in_forward = dlogits_in_forward
         rng = np.random.default_rng(5)
         tokens = rng.integers(0, CONFIG.vocab_size, size=B * T + 1).astype(np.int32)
         x, y = tokens[:-1].reshape(B, T), tokens[1:].reshape(B, T)
@@ -308,3 +309,20 @@ def test_whole_model_is_bit_identical_to_the_per_element_unfused_path(cu, monkey
         assert packed == {"encoder_forward_packed_kernel", "add_bias_packed_kernel", "gelu_forward_packed_kernel",
                           "gelu_backward_packed_kernel"}
         assert not {"gelu_forward_kernel", "gelu_backward_kernel", "add_bias_kernel"} & set(new[5])
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_dlogits_in_the_forward_pass_gives_the_same_gradients(cu, precision):
+    """model.dlogits_in_forward: the forward's classifier launch writes dlogits too (llm.c's one launch
+    per micro-step) and the backward skips its own; the loss, activations and gradients are the same bits."""
+    B, T = 2, 8
+    once = one_step(cu, precision, B, T, 1, dlogits_in_forward=True)
+    twice = one_step(cu, precision, B, T, 1)
+    assert once[0] == twice[0]
+    for got, want, what in zip(once[2:5], twice[2:5], ("activations", "activation statistics", "gradients")):
+        assert_bits_equal(got, want, what)
+    assert once[5].count("fused_classifier_kernel") == 1 and twice[5].count("fused_classifier_kernel") == 2
+    V = CONFIG.vocab_size                     # after the forward, the logits buffer held dlogits: rows sum to 0
+    dlogits = bf16_to_f32(once[1]) if precision == "bf16" else once[1]
+    assert np.all(dlogits[:, :, V:] == 0) and np.abs(dlogits[:, :, :V].sum(-1)).max() < 1e-3
+    assert not np.allclose(dlogits, bf16_to_f32(twice[1]) if precision == "bf16" else twice[1])
