@@ -234,6 +234,22 @@ def kernel(file, name, floatx=np.float32):
 i32, i64, f32, u32 = np.int32, np.int64, np.float32, np.uint32  # kernel scalar arguments carry their C type
 
 
+def pack_size(x):
+    """Elements per 128-bit load or store of x's dtype: common.cuh's x128::size (8 bf16, 4 floats)."""
+    return 16 // x.dtype.itemsize
+
+
+def packable(n, *arrays):
+    """Whether the packed kernels may run: n (the elements per row, or all of them) a multiple of the
+    pack and every array's first element on a 16-byte boundary, as a 128-bit access needs (a misaligned
+    one is a launch error). GPT-2's shapes always are; a flat buffer of odd-sized views (an odd T makes
+    the (B,NH,T,T) attention tensors odd) may not be, and the launchers then take the per-element twin
+    of the kernel, which gives the same bits."""
+    size = pack_size(arrays[0])
+    address = (lambda x: x.ctypes.data) if EMULATE else (lambda x: x.data.ptr)
+    return n % size == 0 and all(address(x) % 16 == 0 for x in arrays)
+
+
 def view(buffer, *shape):
     """The first prod(shape) floats of a contiguous buffer, seen with `shape`. llm.c reuses big
     buffers as scratch space for other shapes; this is that pointer cast, made visible."""
@@ -250,10 +266,15 @@ def view(buffer, *shape):
 # residual stream, whose gradient layernorm_backward adds into (+=) so the two branches meet.
 
 def encoder_forward(out, inp, wte, wpe, B, T, C):
-    # out (B,T,C) = wte[inp] + wpe[:T]; inp (B,T) int32 on the device
-    block = 256
-    kernel("encoder", "encoder_forward_kernel", out.dtype)(
-        (ceil_div(B * T * C, block),), (block,), (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
+    # out (B,T,C) = wte[inp] + wpe[:T]; inp (B,T) int32 on the device. One thread per x128 (8 bf16 or
+    # 4 floats of a row: C a multiple of the pack), else one per element
+    block, size = 256, pack_size(out)
+    if packable(C, out, wte, wpe):
+        kernel("encoder", "encoder_forward_packed_kernel", out.dtype)(
+            (ceil_div(B * T * C, block * size),), (block,), (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
+    else:
+        kernel("encoder", "encoder_forward_kernel", out.dtype)(
+            (ceil_div(B * T * C, block),), (block,), (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
 
 
 def encoder_buckets(inp, out=None):
@@ -318,9 +339,13 @@ def matmul_forward(out, inp, weight, bias, B, T, C, OC):
     # out (B,T,OC) = inp (B,T,C) @ weight^T (C,OC) + bias (OC); weight is (OC,C) like nn.Linear
     gemm(out.reshape(B * T, OC), inp.reshape(B * T, C), weight, transpose_b=True)
     if bias is not None:
-        block = 256
-        kernel("matmul", "add_bias_kernel", out.dtype)(
-            (ceil_div(B * T * OC, block),), (block,), (out, bias, i32(B * T), i32(OC)))
+        block, size = 256, pack_size(out)
+        if packable(OC, out, bias):     # one thread per x128 of a row (OC a multiple of the pack)
+            kernel("matmul", "add_bias_packed_kernel", out.dtype)(
+                (ceil_div(B * T * OC, block * size),), (block,), (out, bias, i32(B * T), i32(OC)))
+        else:
+            kernel("matmul", "add_bias_kernel", out.dtype)(
+                (ceil_div(B * T * OC, block),), (block,), (out, bias, i32(B * T), i32(OC)))
 
 
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC):
@@ -379,20 +404,47 @@ def attention_backward(dinp, dqkvr, dpreatt, datt, scratch, dout, qkvr, att, B, 
         (ceil_div(B * NH * T * hs, block),), (block,), (dinp, dq, dk, dv, i32(B), i32(T), i32(NH), i32(hs)))
 
 
+# The elementwise launchers below run one thread per x128 (8 bf16 or 4 floats, 128-bit loads and stores)
+# when packable(...), else the per-element twin kernel: the same bits either way.
+
 def gelu_forward(out, inp, N):
-    block = 256
-    kernel("gelu", "gelu_forward_kernel", out.dtype)((ceil_div(N, block),), (block,), (out, inp, i32(N)))
+    block, size = 256, pack_size(out)
+    if packable(N, out, inp):
+        kernel("gelu", "gelu_forward_packed_kernel", out.dtype)(
+            (ceil_div(N, block * size),), (block,), (out, inp, i32(N)))
+    else:
+        kernel("gelu", "gelu_forward_kernel", out.dtype)((ceil_div(N, block),), (block,), (out, inp, i32(N)))
 
 
 def gelu_backward(dinp, inp, dout, N):
     # dinp = gelu'(inp) * dout, written; may run in place (dinp is dout)
-    block = 256
-    kernel("gelu", "gelu_backward_kernel", dinp.dtype)((ceil_div(N, block),), (block,), (dinp, inp, dout, i32(N)))
+    block, size = 256, pack_size(dinp)
+    if packable(N, dinp, inp, dout):
+        kernel("gelu", "gelu_backward_packed_kernel", dinp.dtype)(
+            (ceil_div(N, block * size),), (block,), (dinp, inp, dout, i32(N)))
+    else:
+        kernel("gelu", "gelu_backward_kernel", dinp.dtype)(
+            (ceil_div(N, block),), (block,), (dinp, inp, dout, i32(N)))
 
 
 def residual_forward(out, inp1, inp2, N):
+    block, size = 256, pack_size(out)
+    if packable(N, out, inp1, inp2):
+        kernel("residual", "residual_forward_packed_kernel", out.dtype)(
+            (ceil_div(N, block * size),), (block,), (out, inp1, inp2, i32(N)))
+    else:
+        kernel("residual", "residual_forward_kernel", out.dtype)(
+            (ceil_div(N, block),), (block,), (out, inp1, inp2, i32(N)))
+
+
+def fused_residual_forward(residual, normed, mean, rstd, inp1, inp2, weight, bias, B, T, C):
+    # residual_forward(residual, inp1, inp2) then layernorm_forward(normed, mean, rstd, residual, ...)
+    # in one launch (llm.c's fused_residual_forward5), bit for bit the same: the LayerNorm reads the
+    # residual as stored (rounded to floatX). One warp per row, as layernorm_forward
     block = 256
-    kernel("residual", "residual_forward_kernel", out.dtype)((ceil_div(N, block),), (block,), (out, inp1, inp2, i32(N)))
+    kernel("layernorm", "fused_residual_layernorm_forward_kernel", residual.dtype)(
+        (ceil_div(B * T * 32, block),), (block,),
+        (residual, normed, mean, rstd, inp1, inp2, weight, bias, i32(B * T), i32(C)))
 
 
 def fused_classifier(logits, losses, dlosses, targets, B, T, V, Vp, write_dlogits):
@@ -686,7 +738,11 @@ def gpt2_allocate_state(model, B, T, shard=None):
 
 def gpt2_forward(model, inputs, targets, B, T):
     """inputs, targets: host int arrays (B,T); targets may be None. Leaves the logits (B,T,Vp) in
-    model.acts.logits and, with targets, sets model.mean_loss (reading it back waits for the GPU)."""
+    model.acts.logits and, with targets, sets model.mean_loss (reading it back waits for the GPU).
+    With targets and model.dlogits_in_forward set (a training loop that always runs gpt2_backward
+    next), the classifier kernel overwrites the logits with their gradient in this same pass, as llm.c
+    does, and gpt2_backward skips its own classifier launch: one read of the (B,T,Vp) logits fewer
+    per micro-step, the same bits; model.acts.logits then holds dlogits, not logits."""
     config = model.config
     V, Vp, L, NH, C = (config.vocab_size, config.padded_vocab_size, config.num_layers,
                        config.num_heads, config.channels)
@@ -707,31 +763,45 @@ def gpt2_forward(model, inputs, targets, B, T):
     params, acts = model.params, model.acts
     scratch = acts.output
     encoder_forward(acts.encoded, model.inputs, params.wte, params.wpe, B, T, C)
+    # every LayerNorm that reads a residual just made is fused with the residual_forward that makes it
+    # (fused_residual_forward: the same bits, one launch and one read of the residual fewer); only the
+    # first, on the embeddings, runs alone. With recompute, ln1, ln2 and fch_gelu are buffers all
+    # layers share: layer() picks the right one
+    layernorm_forward(layer(acts.ln1, 0), acts.ln1_mean[0], acts.ln1_rstd[0], acts.encoded,
+                      params.ln1w[0], params.ln1b[0], B, T, C)
     for l in range(L):
         residual = acts.encoded if l == 0 else acts.residual3[l - 1]
         qkv = view(scratch, B, T, 3 * C)
-        # with recompute, ln1, ln2 and fch_gelu are buffers all layers share: layer() picks the right one
         ln1, ln2, fch_gelu = layer(acts.ln1, l), layer(acts.ln2, l), layer(acts.fch_gelu, l)
-        layernorm_forward(ln1, acts.ln1_mean[l], acts.ln1_rstd[l], residual,
-                          params.ln1w[l], params.ln1b[l], B, T, C)
+        # ln1 = layernorm(residual): made before the loop (l = 0) or by the last line of layer l-1
         matmul_forward(qkv, ln1, params.qkvw[l], params.qkvb[l], B, T, C, 3 * C)
         attention_forward(acts.atty[l], acts.qkvr[l], acts.att[l], scratch, B, T, C, NH)
         matmul_forward(acts.attproj[l], acts.atty[l], params.attprojw[l], params.attprojb[l], B, T, C, C)
-        residual_forward(acts.residual2[l], residual, acts.attproj[l], B * T * C)
-        layernorm_forward(ln2, acts.ln2_mean[l], acts.ln2_rstd[l], acts.residual2[l],
-                          params.ln2w[l], params.ln2b[l], B, T, C)
+        # residual2 = residual + attproj; ln2 = layernorm(residual2)
+        fused_residual_forward(acts.residual2[l], ln2, acts.ln2_mean[l], acts.ln2_rstd[l], residual,
+                               acts.attproj[l], params.ln2w[l], params.ln2b[l], B, T, C)
         matmul_forward(acts.fch[l], ln2, params.fcw[l], params.fcb[l], B, T, C, 4 * C)
         gelu_forward(fch_gelu, acts.fch[l], B * T * 4 * C)
         matmul_forward(acts.fcproj[l], fch_gelu, params.fcprojw[l], params.fcprojb[l], B, T, 4 * C, C)
-        residual_forward(acts.residual3[l], acts.residual2[l], acts.fcproj[l], B * T * C)
+        # residual3 = residual2 + fcproj, and the LayerNorm that reads it: the next layer's ln1, or lnf
+        if l + 1 < L:
+            next_ln = (layer(acts.ln1, l + 1), acts.ln1_mean[l + 1], acts.ln1_rstd[l + 1],
+                       params.ln1w[l + 1], params.ln1b[l + 1])
+        else:
+            next_ln = (acts.lnf, acts.lnf_mean, acts.lnf_rstd, params.lnfw, params.lnfb)
+        normed, mean, rstd, weight, bias = next_ln
+        fused_residual_forward(acts.residual3[l], normed, mean, rstd, acts.residual2[l], acts.fcproj[l],
+                               weight, bias, B, T, C)
 
-    residual = acts.residual3[L - 1]
-    layernorm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, residual, params.lnfw, params.lnfb, B, T, C)
     matmul_forward(acts.logits, acts.lnf, params.wte, None, B, T, C, Vp)   # wte is the classifier
 
+    # what model.acts.logits holds now: the logits, or (dlogits_in_forward) already their gradient
+    model.dlogits_ready = targets is not None and getattr(model, "dlogits_in_forward", False)
     if targets is not None:
-        # the losses only: the logits stay as they are (the backward pass turns them into dlogits)
-        fused_classifier(acts.logits, acts.losses, None, model.targets, B, T, V, Vp, write_dlogits=0)
+        # the losses; the logits stay as they are (the backward pass turns them into dlogits) unless
+        # dlogits_in_forward asks for the gradient now, in the same launch
+        fused_classifier(acts.logits, acts.losses, None, model.targets, B, T, V, Vp,
+                         write_dlogits=int(model.dlogits_ready))
         model.mean_loss = float(acts.losses.mean())                         # device -> host, the sync
     else:
         model.mean_loss = -1.0
@@ -755,8 +825,10 @@ def gpt2_backward(model):
     dresidual = grads_acts.residual3  # the gradient of the residual stream (B,T,C): the layernorms add into it
     dresidual.fill(0)                 # (so it starts from zero at every micro-step of gradient accumulation)
     # the loss is the mean over B*T positions: the classifier kernel seeds dloss = 1/(B*T) and
-    # overwrites the logits with dlogits (B,T,Vp), pad columns 0
-    fused_classifier(acts.logits, acts.losses, None, model.targets, B, T, V, Vp, write_dlogits=1)
+    # overwrites the logits with dlogits (B,T,Vp), pad columns 0 (unless the forward pass did already)
+    if not getattr(model, "dlogits_ready", False):
+        fused_classifier(acts.logits, acts.losses, None, model.targets, B, T, V, Vp, write_dlogits=1)
+    model.dlogits_ready = False       # acts.output is the backward's scratch from here on
     dlogits = acts.logits
     # llm.c's two scratch buffers for the activation gradients of one layer at a time:
     buffer_b = grads_acts.bt4c        # (B,T,4C): the backward's own scratch, nothing in it yet

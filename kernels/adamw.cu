@@ -1,7 +1,9 @@
 // adamw.cu: the optimizer step and the gradient norm for clipping.
 //
 // Mirrors train_gpt2.py's gpt2_update and gpt2_calculate_grad_norm (llm.c train_gpt2_fp32.cu
-// adamw_kernel2; llm.c's global_norm_squared kernels, made deterministic).
+// adamw_kernel2; llm.c's global_norm_squared kernels, made deterministic). floatX (common.cuh) is
+// float, or bf16 when compiled with -DENABLE_BF16: params and grads are floatX; master_params, m, v,
+// the norm's partials and all the arithmetic are float.
 //
 // adamw_kernel(floatX* params, float* master_params, const floatX* grads, float* m, float* v,
 //              long long num_parameters, float learning_rate, float beta1, float beta2,

@@ -1,8 +1,8 @@
 // attention.cu: the non-GEMM kernels of causal multi-head self-attention.
 //
 // llm.c's train_gpt2_fp32.cu attention_forward: permute qkv into q, k, v (B,NH,T,hs); preatt =
-// q @ k^T (cuBLAS strided-batched sgemm, UNSCALED); att = softmax(scale * preatt) with the causal
-// mask; vaccum = att @ v (sgemm); unpermute vaccum (B,NH,T,hs) -> out (B,T,C). The backward runs
+// q @ k^T (cuBLAS strided-batched GEMM, UNSCALED); att = softmax(scale * preatt) with the causal
+// mask; vaccum = att @ v (GEMM); unpermute vaccum (B,NH,T,hs) -> out (B,T,C). The backward runs
 // the same chain in reverse. The GEMMs are the host's; these kernels do the rest. Together they
 // mirror train_gpt2.py's attention_forward / attention_backward, with one difference to keep in
 // mind: here preatt/dpreatt are the UNSCALED q.k^T and its gradient (the scale 1/sqrt(hs) lives
@@ -10,27 +10,30 @@
 // Shapes: C = NH*hs; qkv (B,T,3C) laid out as (B,T,3,NH,hs); q, k, v (B,NH,T,hs);
 // att, preatt (B,NH,T,T). Everything here is written (=), not accumulated: in llm.c these are
 // scratch buffers overwritten each step (the host adds the final dinp into the real gradient).
+// floatX (common.cuh) is float, or bf16 when compiled with -DENABLE_BF16: every tensor here is
+// floatX (the GEMMs are bf16 in and out with fp32 compute); the permutes copy elements as they are
+// (no rounding), the softmax kernels compute in float and round once per element at the store.
 //
-// permute_kernel(float* q, float* k, float* v, const float* inp, int B, int T, int NH, int hs)
+// permute_kernel(floatX* q, floatX* k, floatX* v, const floatX* inp, int B, int T, int NH, int hs)
 //   inp (B,T,3C) -> q, k, v (B,NH,T,hs).
 //   launch: grid = ceil_div(B*NH*T*hs, block), block = 256 (any size).
-// unpermute_kernel(float* out, const float* inp, int B, int T, int NH, int hs)
+// unpermute_kernel(floatX* out, const floatX* inp, int B, int T, int NH, int hs)
 //   inp (B,NH,T,hs) -> out (B,T,C). launch as permute_kernel.
-// softmax_forward_kernel(float* att, const float* preatt, float scale, int B, int NH, int T)
+// softmax_forward_kernel(floatX* att, const floatX* preatt, float scale, int B, int NH, int T)
 //   att[b,h,t,:] = softmax(scale * preatt[b,h,t,:t+1]) and 0 for t2 > t (the causal mask).
 //   One warp per row, online softmax (running max and rescaled sum in one read, as llm.c's
 //   softmax_forward_kernel5, minus its float4 loads, so T need not be a multiple of 4; and unlike
 //   it, the masked entries are written as 0 rather than left as they were, because the att @ v
 //   GEMM reads the whole row). launch: block = 256 (a multiple of 32),
 //   grid = ceil_div(B*NH*T*32, block), no shared memory.
-// softmax_autoregressive_backward_kernel(float* dpreatt, const float* datt, const float* att,
+// softmax_autoregressive_backward_kernel(floatX* dpreatt, const floatX* datt, const floatX* att,
 //                                        float scale, int B, int NH, int T)
 //   dpreatt[t2] = scale * att[t2] * (datt[t2] - sum_{t3<=t} att[t3]*datt[t3]) for t2 <= t, 0 above
 //   the diagonal. One warp per row; launch as softmax_forward_kernel.
-// permute_backward_kernel(float* dinp, const float* dq, const float* dk, const float* dv,
+// permute_backward_kernel(floatX* dinp, const floatX* dq, const floatX* dk, const floatX* dv,
 //                         int B, int T, int NH, int hs)
 //   dq, dk, dv (B,NH,T,hs) -> dinp (B,T,3C). launch as permute_kernel.
-// unpermute_backward_kernel(float* dinp, const float* dout, int B, int T, int NH, int hs)
+// unpermute_backward_kernel(floatX* dinp, const floatX* dout, int B, int T, int NH, int hs)
 //   dout (B,T,C) -> dinp (B,NH,T,hs). launch as permute_kernel.
 //
 // Assumes B*NH*T*T < 2^31. warp_sum, warp_max and FLOAT_LOWEST come from common.cuh.

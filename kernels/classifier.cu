@@ -3,8 +3,11 @@
 // Mirrors train_gpt2.py's softmax_forward + crossentropy_forward (write_dlogits = 0) and, with
 // write_dlogits = 1, also crossentropy_softmax_backward (llm.c train_gpt2_fp32.cu
 // fused_classifier_kernel3). The probabilities are never stored: each pass recomputes them.
+// floatX (common.cuh) is float, or bf16 when compiled with -DENABLE_BF16: the logits (and the
+// dlogits written over them) are floatX, read into float; the softmax statistics, the losses and
+// dlosses are float; each dlogit is rounded once (to nearest) at its store.
 //
-// fused_classifier_kernel(float* logits, float* losses, const float* dlosses, const int* targets,
+// fused_classifier_kernel(floatX* logits, float* losses, const float* dlosses, const int* targets,
 //                         int B, int T, int V, int Vp, int write_dlogits)
 //   logits (B,T,Vp): only the first V columns are real, the Vp-V pad columns are ignored.
 //   losses (B,T) = -log softmax(logits[b,t,:V])[targets[b,t]], written. targets in [0, V).

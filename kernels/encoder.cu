@@ -1,35 +1,49 @@
 // encoder.cu: token + position embedding, forward and backward.
 //
 // Mirrors train_gpt2.py's encoder_forward / encoder_backward. The forward is llm.c
-// train_gpt2_fp32.cu's encoder_forward_kernel3 without the float4 packing; the backward is
-// deterministic (no atomics), in the spirit of llm.c's mainline train_gpt2.cu: the host groups
-// the B*T positions by token id, and each thread sums one token's positions in a fixed order.
+// train_gpt2_fp32.cu's encoder_forward_kernel3, per element, and packed (x128 per thread, as
+// llm.c's mainline); the backward is deterministic (no atomics), in the spirit of llm.c's
+// mainline train_gpt2.cu: the host groups the B*T positions by token id, and each thread sums one
+// token's positions in a fixed order. floatX (common.cuh) is float, or bf16 when compiled with
+// -DENABLE_BF16: sums are taken in float and rounded once to floatX at the store.
 //
-// encoder_forward_kernel(float* out, const int* inp, const float* wte, const float* wpe,
+// encoder_forward_kernel(floatX* out, const int* inp, const floatX* wte, const floatX* wpe,
 //                        int B, int T, int C)
-//   out (B,T,C) = wte[inp[b,t], :] + wpe[t, :]       (written, not accumulated)
+//   out (B,T,C) = wte[inp[b,t], :] + wpe[t, :]       (written, not accumulated; rounded to nearest)
 //   inp (B,T) int32 token ids in [0, Vp); wte (Vp,C); wpe (maxT,C), T <= maxT.
-//   launch: grid = ceil_div(B*T*C, block), block = 256 (any size); one thread per output float.
+//   launch: grid = ceil_div(B*T*C, block), block = 256 (any size); one thread per output element.
 //
-// encoder_backward_wte_kernel(float* dwte, const float* dout, const int* bucket_starts,
+// encoder_forward_packed_kernel(floatX* out, const int* inp, const floatX* wte, const floatX* wpe,
+//                               int B, int T, int C)
+//   The same, one thread per x128 (8 elements in bf16, 4 in fp32: all in one row, as C is a
+//   multiple of the pack), with 128-bit loads and stores; bit-identical to encoder_forward_kernel.
+//   Requires C a multiple of x128::size and out, wte, wpe 16-byte aligned (else a "misaligned
+//   address" launch error); train_gpt2_cuda.py's launcher checks that and takes the per-element
+//   kernel otherwise. launch: grid = ceil_div(B*T*C, block * x128::size), block = 256 (any size).
+//
+// encoder_backward_wte_kernel(floatX* dwte, const floatX* dout, const int* bucket_starts,
 //                             const int* bucket_positions, const int* bucket_tokens,
-//                             int num_buckets, int C)
+//                             int num_buckets, int C, unsigned int seed)
 //   dwte[token, :] += dout[b,t,:] for every position b*T+t holding that token   (accumulates)
 //   The buckets come from the host (train_gpt2_cuda.py's encoder_buckets): bucket k holds the
 //   token bucket_tokens[k] and the positions bucket_positions[bucket_starts[k] .. bucket_starts[k+1]),
 //   in increasing order; bucket_starts has num_buckets + 1 entries, the tokens are distinct.
 //   launch: grid = (ceil_div(C, block), num_buckets), block = 256 (any size); thread x of block
-//   (cx, k) owns channel c = cx*block + x of bucket k: it starts from dwte[token, c] and adds the
-//   bucket's dout[.., c] one position after the other, in increasing order, then writes the sum.
-//   No two threads touch the same float, and each float's additions happen in one fixed order,
-//   so dwte is bit-identical run to run whatever the scheduling (and equal, float for float, to
-//   NumPy's np.add.at in float32, which adds in the same order). A heavy bucket (a token repeated
-//   many times) is one long loop for its threads; its loads stay coalesced across c.
+//   (cx, k) owns channel c = cx*block + x of bucket k: it starts from dwte[token, c] (as float) and
+//   adds the bucket's dout[.., c] one position after the other, in increasing order, in float, then
+//   stores the sum: in bf16 rounded once, STOCHASTICALLY (common.cuh's stochastic_round with
+//   `seed`, one seed per launch from the model's generator, as llm.c); in fp32 as it is.
+//   No two threads touch the same element, and each one's additions happen in one fixed order,
+//   so dwte is bit-identical run to run whatever the scheduling (in fp32 equal, float for float, to
+//   NumPy's np.add.at in float32, which adds in the same order; in bf16 for the same seed and grid).
+//   A heavy bucket (a token repeated many times) is one long loop for its threads; its loads stay
+//   coalesced across c.
 //
-// encoder_backward_wpe_kernel(float* dwpe, const float* dout, int B, int T, int C)
+// encoder_backward_wpe_kernel(floatX* dwpe, const floatX* dout, int B, int T, int C, unsigned int seed)
 //   dwpe[t, :] += sum over b of dout[b,t,:]    (accumulates)
 //   launch: grid = ceil_div(T*C, block), block = 256 (any size); one thread per (t, c), which
-//   adds b = 0, 1, ..., B-1 in that order to dwpe[t, c]: deterministic, no atomics.
+//   adds b = 0, 1, ..., B-1 in that order to dwpe[t, c] in float and stores the sum as the wte
+//   kernel does (stochastically rounded with `seed` in bf16): deterministic, no atomics.
 //
 // Assumes B*T*C < 2^31. No shared memory, no barriers: the emulator runs them as they are.
 
@@ -44,6 +58,21 @@ extern "C" __global__ void encoder_forward_kernel(floatX* out, const int* inp, c
     int t = bt % T;
     int ix = inp[bt];                                  // token id at (b,t)
     out[idx] = (floatX)((float)wte[ix * C + c] + (float)wpe[t * C + c]);
+}
+
+extern "C" __global__ void encoder_forward_packed_kernel(floatX* out, const int* inp, const floatX* wte,
+                                                         const floatX* wpe, int B, int T, int C) {
+    int idx = (blockIdx.x * blockDim.x + threadIdx.x) * x128::size;  // first of this thread's elements
+    if (idx >= B * T * C) { return; }
+    int bt = idx / C;                                  // one row for the whole pack (C % size == 0)
+    int c = idx % C;
+    int t = bt % T;
+    int ix = inp[bt];
+    x128 token = load128(wte + ix * C + c);            // wte and wpe rows are read again: keep them cached
+    x128 position = load128(wpe + t * C + c);
+    x128 sum;
+    for (int k = 0; k < x128::size; k++) { sum[k] = (floatX)((float)token[k] + (float)position[k]); }
+    store128(out + idx, sum);
 }
 
 extern "C" __global__ void encoder_backward_wte_kernel(floatX* dwte, const floatX* dout,

@@ -1,17 +1,27 @@
 // matmul.cu: the non-GEMM parts of the linear layer.
 //
-// The GEMMs themselves (out = inp @ weight^T; dinp += dout @ weight; dweight += dout^T @ inp)
-// are cuBLAS sgemm calls made by the host (CuPy's matmul), as in llm.c's train_gpt2_fp32.cu
-// matmul_backward; llm.c's hand-tiled matmul_forward_kernel4 is not ported. These kernels
-// mirror the bias parts of train_gpt2.py's matmul_forward / matmul_backward.
+// The GEMMs themselves (out = inp @ weight^T; dinp = dout @ weight; dweight += dout^T @ inp)
+// are cuBLAS calls made by the host (train_gpt2_cuda.py's gemm: sgemm in fp32; in bf16
+// cublasGemmStridedBatchedEx with bf16 in and out and fp32 compute), as in llm.c's matmul_backward;
+// llm.c's hand-tiled matmul_forward_kernel4 is not ported. These kernels mirror the bias parts of
+// train_gpt2.py's matmul_forward / matmul_backward. floatX (common.cuh) is float, or bf16 when
+// compiled with -DENABLE_BF16: sums are taken in float and rounded once to floatX at the store.
 //
-// add_bias_kernel(float* out, const float* bias, int N, int OC)
+// add_bias_kernel(floatX* out, const floatX* bias, int N, int OC)
 //   out (N,OC) += bias (OC) broadcast over rows; N = B*T.
-//   launch: grid = ceil_div(N*OC, block), block = 256 (any size).
+//   launch: grid = ceil_div(N*OC, block), block = 256 (any size); one thread per element.
+//
+// add_bias_packed_kernel(floatX* out, const floatX* bias, int N, int OC)
+//   The same, one thread per x128 (8 elements in bf16, 4 in fp32, all in one row as OC is a
+//   multiple of the pack) with 128-bit loads and stores; bit-identical to add_bias_kernel.
+//   Requires OC a multiple of x128::size and out, bias 16-byte aligned (else a "misaligned
+//   address" launch error); train_gpt2_cuda.py's launcher checks that and takes the per-element
+//   kernel otherwise. launch: grid = ceil_div(N*OC, block * x128::size), block = 256 (any size).
 //
 // matmul_backward_bias_kernel(floatX* dbias, const floatX* dout, int N, int OC)
-//   dbias (OC) += column sums of dout (N,OC) (accumulates). Deterministic (no atomics): every
-//   column is summed by one block, in an order fixed by the block size.
+//   dbias (OC) += column sums of dout (N,OC) (accumulates; the sum in float, rounded once to floatX
+//   when added to dbias). Deterministic (no atomics): every column is summed by one block, in an
+//   order fixed by the block size.
 //   Each block owns 32 consecutive columns (one per lane), and its warps split the rows: warp w
 //   reads rows w, w + warps, ..., each read a coalesced 128 bytes; the per-warp sums meet in
 //   shared memory and warp 0 adds them up in warp order (llm.c's matmul_backward_bias_kernel4,
@@ -30,6 +40,16 @@ extern "C" __global__ void add_bias_kernel(floatX* out, const floatX* bias, int 
     int idx = blockIdx.x * blockDim.x + threadIdx.x;  // flat index into out (N,OC)
     if (idx >= N * OC) { return; }
     out[idx] = (floatX)((float)out[idx] + (float)bias[idx % OC]);
+}
+
+extern "C" __global__ void add_bias_packed_kernel(floatX* out, const floatX* bias, int N, int OC) {
+    int idx = (blockIdx.x * blockDim.x + threadIdx.x) * x128::size;  // first of this thread's elements
+    if (idx >= N * OC) { return; }
+    x128 x = load128cs(out + idx);                     // read once, then overwritten
+    x128 b = load128(bias + idx % OC);                 // bias is read by every row: keep it cached
+    x128 y;
+    for (int k = 0; k < x128::size; k++) { y[k] = (floatX)((float)x[k] + (float)b[k]); }
+    store128(out + idx, y);
 }
 
 extern "C" __global__ void __launch_bounds__(1024) matmul_backward_bias_kernel(floatX* dbias, const floatX* dout,
