@@ -25,6 +25,7 @@ tests/test_kernels.py imports its harness from here (DeviceModule, Emulated, ran
 """
 
 import argparse
+import dataclasses
 import glob
 import math
 import os
@@ -40,9 +41,11 @@ if REPO not in sys.path:
 
 import train_gpt2 as tg  # noqa: E402  (the NumPy twins)
 from llmc.cuda_common import KERNEL_DIR, ceil_div, kernel_source  # noqa: E402
+from llmc.formats import bf16_to_f32, f32_to_bf16  # noqa: E402
 
-i32, i64, f32 = np.int32, np.int64, np.float32
+i32, i64, f32, u32 = np.int32, np.int64, np.float32, np.uint32
 OPTIONS = ("--std=c++17",)
+PRECISION_OPTIONS = {"fp32": OPTIONS, "bf16": OPTIONS + ("-DENABLE_BF16",)}   # floatX = float / __nv_bfloat16
 # a kernel's name and parameter list: extern "C" __global__ void [__launch_bounds__(n)] name(params)
 KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)')
 
@@ -56,9 +59,9 @@ class DeviceModule:
     the device, the kernel runs, and the arrays behind non-const pointers come back. An array
     passed twice (in place) is one device array. `xp` is cupy (or a stand-in for testing this)."""
 
-    def __init__(self, xp, raw_module, code):
+    def __init__(self, xp, raw_module, code, options=OPTIONS):
         self.xp = xp
-        self.mod = raw_module(code=code, options=OPTIONS)
+        self.mod = raw_module(code=code, options=options)
         self.params = {name: [p.strip() for p in params.split(",")]
                        for name, params in re.findall(KERNEL_RE, code)}
 
@@ -151,6 +154,15 @@ class Shape:
     Vp: int
     maxT: int
     n_params: int                                     # AdamW and the norm kernel run over this many floats
+    floatx: str = "fp32"                              # "bf16": the kernels built with -DENABLE_BF16
+
+
+def floatx_values(s):
+    """The rounding a floatX input goes through: none in fp32; in bf16 to the nearest bf16 (as a float32),
+    so that the references are computed from exactly the values the kernel reads."""
+    if s.floatx == "fp32":
+        return lambda x: x
+    return lambda x: bf16_to_f32(f32_to_bf16(x)).reshape(np.shape(x))
 
 
 ODD = Shape(B=3, T=13, C=48, NH=3, V=101, Vp=128, maxT=16, n_params=100_003)
@@ -197,19 +209,20 @@ def token_buckets(inp):
 
 def encoder_launches(s, rng, reference):
     B, T, C, Vp = s.B, s.T, s.C, s.Vp
-    wte, wpe = rand(rng, Vp, C), rand(rng, s.maxT, C)
+    fx = floatx_values(s)
+    wte, wpe = fx(rand(rng, Vp, C)), fx(rand(rng, s.maxT, C))
     inp = rng.integers(0, min(Vp, 7 if reference else Vp), size=(B, T)).astype(np.int32)  # few ids: repeats
     if reference:
         inp.flat[::2] = 3                             # and one heavy bucket: token 3 at every other position
     out = np.full((B, T, C), np.nan, np.float32)
-    dout = rand(rng, B, T, C)
-    dwte, dwpe = rand(rng, Vp, C), rand(rng, s.maxT, C)   # nonzero: the backward must add
+    dout = fx(rand(rng, B, T, C))
+    dwte, dwpe = fx(rand(rng, Vp, C)), fx(rand(rng, s.maxT, C))   # nonzero: the backward must add
     positions, starts, tokens, n = token_buckets(inp)
     fwd = Launch("encoder_forward_kernel", ceil_div(B * T * C, 256), 256, (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
     bwd_wte = Launch("encoder_backward_wte_kernel", (ceil_div(C, 256), n), 256,
-                     (dwte, dout, starts, positions, tokens, i32(n), i32(C)), read_write=(0,))
+                     (dwte, dout, starts, positions, tokens, i32(n), i32(C), u32(1337)), read_write=(0,))
     bwd_wpe = Launch("encoder_backward_wpe_kernel", ceil_div(T * C, 256), 256,
-                     (dwpe, dout, i32(B), i32(T), i32(C)), read_write=(0,))
+                     (dwpe, dout, i32(B), i32(T), i32(C), u32(1338)), read_write=(0,))
     if reference:
         want = np.zeros((B, T, C))
         tg.encoder_forward(want, inp, f64(wte), f64(wpe), B, T, C)
@@ -223,15 +236,16 @@ def encoder_launches(s, rng, reference):
 
 def layernorm_launches(s, rng, reference):
     B, T, C = s.B, s.T, s.C
+    fx = floatx_values(s)
     row_scale = np.logspace(-2, 1, B * T, dtype=np.float32).reshape(B, T, 1)  # variances near eps too
-    inp = ((rand(rng, B, T, C) + 2.0) * row_scale).astype(np.float32)
-    weight, bias = rand(rng, C), rand(rng, C)
+    inp = fx(((rand(rng, B, T, C) + 2.0) * row_scale).astype(np.float32))
+    weight, bias = fx(rand(rng, C)), fx(rand(rng, C))
     out = np.full((B, T, C), np.nan, np.float32)
     mean, rstd = np.full((B, T), np.nan, np.float32), np.full((B, T), np.nan, np.float32)
     fwd = Launch("layernorm_forward_kernel", ceil_div(B * T * 32, 256), 256,
                  (out, mean, rstd, inp, weight, bias, i32(B * T), i32(C)))
-    dout = rand(rng, B, T, C)
-    dinp, dweight, dbias = rand(rng, B, T, C), rand(rng, C), rand(rng, C)   # the backward adds into these
+    dout = fx(rand(rng, B, T, C))
+    dinp, dweight, dbias = fx(rand(rng, B, T, C)), fx(rand(rng, C)), fx(rand(rng, C))   # the backward adds into these
     b_mean = inp.mean(-1, dtype=np.float64).astype(np.float32)
     b_rstd = (1 / np.sqrt(inp.var(-1, dtype=np.float64) + 1e-5)).astype(np.float32)
     block = 512                                       # 16 rows per block (the last block partly empty on ODD)
@@ -266,16 +280,20 @@ def matmul_launches(s, rng, reference):
     # the bias parts of the linear layer; the GEMMs are cuBLAS's (here NumPy's, in float64)
     B, T, C = s.B, s.T, s.C
     N, OC = B * T, (100 if reference else 4 * C)     # OC not a multiple of 32 when checking
-    inp, weight, bias = rand(rng, N, C), rand(rng, OC, C), rand(rng, OC)
-    out = (inp @ weight.T).astype(np.float32)         # the GEMM's output, which the kernel adds the bias to
+    fx = floatx_values(s)
+    inp, weight, bias = fx(rand(rng, N, C)), fx(rand(rng, OC, C)), fx(rand(rng, OC))
+    out = fx((inp @ weight.T).astype(np.float32))     # the GEMM's output (floatX), which the kernel adds the bias to
     fwd = Launch("add_bias_kernel", ceil_div(N * OC, 256), 256, (out, bias, i32(N), i32(OC)), read_write=(0,))
-    dout, dbias = rand(rng, N, OC), rand(rng, OC)
+    dout, dbias = fx(rand(rng, N, OC)), fx(rand(rng, OC))
     bwd = Launch("matmul_backward_bias_kernel", ceil_div(OC, 32), 1024, (dbias, dout, i32(N), i32(OC)),
                  shared_mem=1024 * 4, read_write=(0,))  # as matmul_backward launches it
     if reference:
         w_out = np.zeros((B, T, OC))
         tg.matmul_forward(w_out, f64(inp).reshape(B, T, C), f64(weight), f64(bias), B, T, C, OC)
-        fwd.outputs = [Output("out", out, w_out.reshape(N, OC), "matmul_forward (GEMM + bias)", 1e-4, 1e-5)]
+        twin = "matmul_forward (GEMM + bias)"
+        if s.floatx != "fp32":                        # the GEMM's output was rounded to bf16 before the bias
+            w_out, twin = f64(out) + f64(bias), "GEMM output (bf16) + bias"
+        fwd.outputs = [Output("out", out, w_out.reshape(N, OC), twin, 1e-4, 1e-5)]
         w_dinp, w_dweight, w_dbias = np.zeros((B, T, C)), np.zeros((OC, C)), f64(dbias)
         tg.matmul_backward(w_dinp, w_dweight, w_dbias, f64(dout).reshape(B, T, OC), f64(inp).reshape(B, T, C),
                            f64(weight), B, T, C, OC)
@@ -292,7 +310,8 @@ def attention_launches(s, rng, reference):
     scale = 1.0 / math.sqrt(hs)
     n = B * NH * T * hs
     heads = lambda x: x.reshape(B, T, -1, NH, hs).transpose(2, 0, 3, 1, 4)  # noqa: E731  (B,T,g*C) -> (g,B,NH,T,hs)
-    inp, dout = rand(rng, B, T, 3 * C), rand(rng, B, T, C)
+    fx = floatx_values(s)
+    inp, dout = fx(rand(rng, B, T, 3 * C)), fx(rand(rng, B, T, C))
     q, k, v = (np.full((B, NH, T, hs), np.nan, np.float32) for _ in range(3))
     if reference:
         w_out, w_preatt, w_att = np.zeros((B, T, C)), np.zeros((B, NH, T, T)), np.zeros((B, NH, T, T))
@@ -300,11 +319,11 @@ def attention_launches(s, rng, reference):
         w_dinp, w_dpreatt, w_datt = np.zeros((B, T, 3 * C)), np.zeros((B, NH, T, T)), np.zeros((B, NH, T, T))
         tg.attention_backward(w_dinp, w_dpreatt, w_datt, f64(dout), f64(inp), w_att, B, T, C, NH)
         q_, k_, v_ = heads(inp)
-        preatt = np.ascontiguousarray(q_ @ k_.transpose(0, 1, 3, 2), dtype=np.float32)  # unscaled
-        att = w_att.astype(np.float32)
-        vaccum = np.ascontiguousarray(att @ v_, dtype=np.float32)
-        datt = w_datt.astype(np.float32)
-        dq, dk, dv = (np.ascontiguousarray(x, dtype=np.float32) for x in heads(w_dinp))
+        preatt = fx(np.ascontiguousarray(q_ @ k_.transpose(0, 1, 3, 2), dtype=np.float32))  # unscaled
+        att = fx(w_att.astype(np.float32))
+        vaccum = fx(np.ascontiguousarray(att @ v_, dtype=np.float32))
+        datt = fx(w_datt.astype(np.float32))
+        dq, dk, dv = (fx(np.ascontiguousarray(x, dtype=np.float32)) for x in heads(w_dinp))
     else:
         preatt, att, datt = (rand(rng, B, NH, T, T) for _ in range(3))
         vaccum, dq, dk, dv = (rand(rng, B, NH, T, hs) for _ in range(4))
@@ -328,21 +347,40 @@ def attention_launches(s, rng, reference):
         split = "inp (B,T,3C) split into heads"
         launches[0].outputs = [Output(name, got, want, split, 0.0)
                                for name, got, want in zip("qkv", (q, k, v), heads(f64(inp)))]
-        launches[1].outputs = [Output("att", att_out, w_att, "attention_forward att", 1e-6, 1e-5)]
-        launches[2].outputs = [Output("out", out, w_out, "attention_forward out", 1e-5, 1e-5)]
+        att_twin, dpreatt_twin = "attention_forward att", "attention_backward dpreatt * scale"
+        w_dpreatt = scale * w_dpreatt
+        if s.floatx != "fp32":
+            # bf16: the layer's intermediates reach the softmax kernels rounded, which moves att by far more
+            # than one rounding; so those two are compared with the same formulas on the values they read
+            causal = np.tril(np.ones((T, T), bool))
+            x = np.where(causal, scale * f64(preatt), -np.inf)
+            w_att = np.exp(x - x.max(-1, keepdims=True))
+            w_att /= w_att.sum(-1, keepdims=True)
+            a, da = f64(att), f64(datt)
+            w_dpreatt = np.where(causal, scale * a * (da - (a * da * causal).sum(-1, keepdims=True)), 0.0)
+            att_twin, dpreatt_twin = "causal softmax(scale preatt) (bf16 preatt)", "scale att (datt - sum att datt)"
+        launches[1].outputs = [Output("att", att_out, w_att, att_twin, 1e-6, 1e-5)]
         launches[3].outputs = [Output("dinp", dvaccum, heads(f64(dout))[0], "dout (B,T,C) split into heads", 0.0)]
-        launches[4].outputs = [Output("dpreatt", dpreatt, scale * w_dpreatt, "attention_backward dpreatt * scale",
-                                      1e-6, 1e-5)]
-        launches[5].outputs = [Output("dinp", dinp, w_dinp, "attention_backward dinp", 1e-5, 1e-5)]
+        launches[4].outputs = [Output("dpreatt", dpreatt, w_dpreatt, dpreatt_twin, 1e-6, 1e-5)]
+        if s.floatx == "fp32":
+            launches[2].outputs = [Output("out", out, w_out, "attention_forward out", 1e-5, 1e-5)]
+            launches[5].outputs = [Output("dinp", dinp, w_dinp, "attention_backward dinp", 1e-5, 1e-5)]
+        else:                                         # the two moves of bits, checked as such on their bf16 inputs
+            merged = lambda x: x.transpose(0, 2, 1, 3).reshape(B, T, -1)  # noqa: E731  (B,NH,T,hs) -> (B,T,C)
+            launches[2].outputs = [Output("out", out, merged(f64(vaccum)), "vaccum merged from heads", 0.0)]
+            launches[5].outputs = [Output("dinp", dinp, np.concatenate([merged(f64(x)) for x in (dq, dk, dv)], -1),
+                                          "dq, dk, dv merged from heads", 0.0)]
     return launches
 
 
 def gelu_launches(s, rng, reference):
     N = s.B * s.T * 4 * s.C                           # the MLP's hidden activations
+    fx = floatx_values(s)
     inp = rand(rng, N, scale=3.0)
     inp[:4] = [0.0, 20.0, -20.0, 60.0]                # coshf overflows at 60: the gradient must stay finite
+    inp = fx(inp)
     out, dinp = np.full(N, np.nan, np.float32), np.full(N, np.nan, np.float32)
-    dout = rand(rng, N)
+    dout = fx(rand(rng, N))
     fwd = Launch("gelu_forward_kernel", ceil_div(N, 256), 256, (out, inp, i32(N)))
     bwd = Launch("gelu_backward_kernel", ceil_div(N, 256), 256, (dinp, inp, dout, i32(N)))
     if reference:
@@ -357,7 +395,8 @@ def gelu_launches(s, rng, reference):
 
 def residual_launches(s, rng, reference):
     N = s.B * s.T * s.C
-    inp1, inp2 = rand(rng, N), rand(rng, N)
+    fx = floatx_values(s)
+    inp1, inp2 = fx(rand(rng, N)), fx(rand(rng, N))
     out = np.full(N, np.nan, np.float32)
     launch = Launch("residual_forward_kernel", ceil_div(N, 256), 256, (out, inp1, inp2, i32(N)))
     if reference:
@@ -376,6 +415,7 @@ def classifier_launches(s, rng, reference):
     targets.flat[:2] = 0, V - 1                       # first and last real column
     row = logits.reshape(B * T, Vp)[2]
     row[targets.flat[2]] = row[:V].max() - 100.0      # a target 100 below the max: -ftz=true must not make it inf
+    logits = floatx_values(s)(logits)
     dlosses = rand(rng, B, T)
     losses = np.full((B, T), np.nan, np.float32)
     launch = Launch("fused_classifier_kernel", B * T, 1024,
@@ -392,12 +432,19 @@ def classifier_launches(s, rng, reference):
 
 def adamw_launches(s, rng, reference):
     n = s.n_params
-    params, grads = rand(rng, n), rand(rng, n)
+    fx = floatx_values(s)
+    params, grads = rand(rng, n), fx(rand(rng, n))
     m, v = rand(rng, n, scale=0.1), np.abs(rand(rng, n, scale=0.1))   # a later step: moments already nonzero
     lr, b1, b2, eps, wd, grad_scale, t = 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.5, 3
+    # fp32 runs without master weights (NULL); bf16 with them, as the trainer's default -w 1: the fp32
+    # master copy is the weight before the step, the bf16 parameters its rounding
+    master = None if s.floatx == "fp32" else params.copy()
+    weights = params if master is None else master
+    params = fx(params)
     step = Launch("adamw_kernel", ceil_div(n, 512), 512,
-                  (params, grads, m, v, i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t), f32(1 - b2 ** t),
-                   f32(eps), f32(wd), f32(grad_scale)), read_write=(0, 2, 3))
+                  (params, master, grads, m, v, i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t),
+                   f32(1 - b2 ** t), f32(eps), f32(wd), f32(grad_scale), u32(4242)),
+                  read_write=(0, 3, 4) if master is None else (0, 1, 3, 4))
     grid = min(ceil_div(n, 512), 1024)                # as gpt2_calculate_grad_norm launches it
     partials = np.full(grid, np.nan, np.float32)
     norm = Launch("global_norm_squared_kernel", grid, 512, (partials, grads, i64(n)))
@@ -407,10 +454,13 @@ def adamw_launches(s, rng, reference):
         g = f64(grads) * grad_scale
         w_m = b1 * f64(m) + (1 - b1) * g
         w_v = b2 * f64(v) + (1 - b2) * g * g
-        w_p = f64(params) - lr * (w_m / (1 - b1 ** t) / (np.sqrt(w_v / (1 - b2 ** t)) + eps) + wd * f64(params))
+        w = f64(weights)
+        w_p = w - lr * (w_m / (1 - b1 ** t) / (np.sqrt(w_v / (1 - b2 ** t)) + eps) + wd * w)
         expression = "AdamW in float64 (torch.optim.AdamW)"
         step.outputs = [Output("params", params, w_p, expression, 1e-6, 1e-6),
                         Output("m", m, w_m, expression, 1e-7, 1e-6), Output("v", v, w_v, expression, 1e-8, 1e-5)]
+        if master is not None:
+            step.outputs.append(Output("master", master, w_p, expression, 1e-6, 1e-6))
         norm.outputs = [Output("sum(out)", lambda: f64(partials).sum(), np.sum(f64(grads) ** 2),
                                "sum(grads**2) in float64", 0.0, 1e-5)]   # the host adds the per-block partials
     return [step, norm]
@@ -433,27 +483,78 @@ def kernels_in(code):
 # running them
 
 
-def load(file, backend, kernel_dir, order="forward"):
+def load(file, backend, kernel_dir, order="forward", precision="fp32"):
     code = kernel_source(file, kernel_dir)
     if backend == "cupy":
         import cupy
-        return code, DeviceModule(cupy, cupy.RawModule, code)
+        return code, DeviceModule(cupy, cupy.RawModule, code, PRECISION_OPTIONS[precision])
     from emulator import RawModule
-    return code, Emulated(RawModule(code=code, options=OPTIONS), order)
+    return code, Emulated(RawModule(code=code, options=PRECISION_OPTIONS[precision]), order)
 
 
-def check_file(file, backend, kernel_dir, order="forward", seed=0):
+def floatx_args(code, kernel, args, precision):
+    """The launch's arguments as the kernel takes them. In bf16 each float32 array behind a floatX*
+    parameter goes in as a uint16 array of its bf16 bits (rounded to nearest even; an array passed
+    twice stays one array). Returns (args, back): back pairs each float32 array the kernel may write
+    with its bits, for copy_back to widen into after the launch."""
+    if precision == "fp32":
+        return tuple(args), []
+    params = dict(re.findall(KERNEL_RE, code))[kernel].split(",")
+    bits, back, out = {}, [], []
+    for param, a in zip(params, args):
+        if isinstance(a, np.ndarray) and "floatX" in param:
+            if id(a) not in bits:
+                bits[id(a)] = f32_to_bf16(a)
+                if not param.strip().startswith("const"):
+                    back.append((a, bits[id(a)]))
+            a = bits[id(a)]
+        out.append(a)
+    return tuple(out), back
+
+
+def copy_back(back):
+    for a, bits in back:
+        a[...] = bf16_to_f32(bits)
+
+
+# bf16's tolerances. bf16 keeps 8 significant bits (7 stored), so round to nearest (a floatX store) is
+# within 2^-8 |x| of the float x it rounds (the unit roundoff), and stochastic rounding, which may take
+# either neighbour, within one spacing, 2^-7 |x|. A kernel computes in float from floatX inputs the
+# references also read, so its float result y is within the fp32 tolerance e = atol + rtol |want| of
+# want, and its output within e + r |y| <= e (1 + r) + r |want|: the fp32 tolerance, widened by r.
+BF16_ROUNDING = 2.0 ** -8
+STOCHASTIC_OUTPUTS = {("adamw_kernel", "params"), ("encoder_backward_wte_kernel", "dwte"),
+                      ("encoder_backward_wpe_kernel", "dwpe")}   # common.cuh's stochastic_round
+
+
+def tolerance(code, kernel, output, precision):
+    """(atol, rtol) of one output: the fp32 ones, widened in bf16 where the kernel stores it as floatX.
+    An exact fp32 comparison (a permute, which moves bits) stays exact."""
+    atol, rtol = output.atol, output.rtol
+    params = [p.strip() for p in dict(re.findall(KERNEL_RE, code))[kernel].split(",")]
+    floatx = any("floatX" in p and p.split()[-1] == output.name for p in params)
+    if precision == "fp32" or not floatx or (atol == 0 and rtol == 0):
+        return atol, rtol
+    r = 2 * BF16_ROUNDING if (kernel, output.name) in STOCHASTIC_OUTPUTS else BF16_ROUNDING
+    return atol * (1 + r), rtol * (1 + r) + r
+
+
+def check_file(file, backend, kernel_dir, order="forward", seed=0, precision="fp32"):
     """Run every kernel of one file once on ODD and compare; print one row per output.
     Returns the rows (file, kernel, output, max abs err, worst/tol, ok)."""
-    code, mod = load(file, backend, kernel_dir, order)
-    launches = LAUNCHES[file](ODD, np.random.default_rng(seed), reference=True) if file in LAUNCHES else []
+    code, mod = load(file, backend, kernel_dir, order, precision)
+    shape = dataclasses.replace(ODD, floatx=precision)
+    launches = LAUNCHES[file](shape, np.random.default_rng(seed), reference=True) if file in LAUNCHES else []
     rows = []
     for lc in launches:
-        mod.get_function(lc.kernel)(lc.grid, lc.block, lc.args, shared_mem=lc.shared_mem)
+        args, back = floatx_args(code, lc.kernel, lc.args, precision)
+        mod.get_function(lc.kernel)(lc.grid, lc.block, args, shared_mem=lc.shared_mem)
+        copy_back(back)
         for o in lc.outputs:
             got = o.got() if callable(o.got) else o.got
-            err, ratio, nbad, _ = max_error(got, o.want, o.atol, o.rtol)
-            tol = " + ".join([f"{o.atol:.0e}"] * bool(o.atol) + [f"{o.rtol:.0e}|want|"] * bool(o.rtol)) or "0 (exact)"
+            atol, rtol = tolerance(code, lc.kernel, o, precision)
+            err, ratio, nbad, _ = max_error(got, o.want, atol, rtol)
+            tol = " + ".join([f"{atol:.0e}"] * bool(atol) + [f"{rtol:.0e}|want|"] * bool(rtol)) or "0 (exact)"
             ok = nbad == 0
             print(f"{lc.kernel:<40} {o.name:<13} {o.twin:<42} {err:11.2e}  {tol:<20} {ratio:9.3f}  "
                   f"{'OK' if ok else 'NOT OK'}")
@@ -466,15 +567,17 @@ def check_file(file, backend, kernel_dir, order="forward", seed=0):
     return rows
 
 
-def time_file(file, kernel_dir, repeats, seed=0, shape=D12):
+def time_file(file, kernel_dir, repeats, seed=0, shape=D12, precision="fp32"):
     """Time every kernel of one file at `shape` (d12's) on the GPU with CUDA events; print and return
     (file, kernel, ms, GB/s) rows."""
     import cupy
     code = kernel_source(file, kernel_dir)
-    mod = cupy.RawModule(code=code, options=OPTIONS)
+    mod = cupy.RawModule(code=code, options=PRECISION_OPTIONS[precision])
     rows = []
-    for lc in LAUNCHES[file](shape, np.random.default_rng(seed), reference=False):
+    for lc in LAUNCHES[file](dataclasses.replace(shape, floatx=precision), np.random.default_rng(seed),
+                             reference=False):
         fn = mod.get_function(lc.kernel)
+        lc.args, _ = floatx_args(code, lc.kernel, lc.args, precision)   # bf16: 2-byte arrays, counted as such
         on_device = {}
         args = []
         for a in lc.args:
@@ -511,6 +614,8 @@ def main(argv=None):
     parser.add_argument("--kernel_dir", default=KERNEL_DIR, help="the folder of .cu files (default: kernels/)")
     parser.add_argument("--order", default="forward", choices=["forward", "reverse", "warps"],
                         help="the emulator's thread order (see emulator/README.md)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: build with -DENABLE_BF16 (floatX = __nv_bfloat16) and compare with bf16's tolerances")
     parser.add_argument("--time", type=int, default=1, help="on a GPU: 1 = time each kernel at d12 shapes")
     parser.add_argument("--repeats", type=int, default=20, help="timed launches per kernel")
     args = parser.parse_args(argv)
@@ -527,13 +632,14 @@ def main(argv=None):
     where = "the GPU (CuPy)" if backend == "cupy" else f"the emulator (CPU, thread order {args.order})"
     s = ODD
     print(f"checking on {where}: B={s.B} T={s.T} C={s.C} NH={s.NH} V={s.V} Vp={s.Vp} "
-          f"(elementwise N = B*T*4C or B*T*C, AdamW over {s.n_params} floats), float64 NumPy twins")
+          f"(elementwise N = B*T*4C or B*T*C, AdamW over {s.n_params} floats), float64 NumPy twins, "
+          f"floatX = {'bf16 (-DENABLE_BF16)' if args.precision == 'bf16' else 'float'}")
     rows = []
     for f in files:
         print(f"\n== kernels/{f}.cu")
         print(f"{'kernel':<40} {'output':<13} {'compared with':<42} {'max abs err':>11}  {'tolerance':<20} "
               f"{'worst/tol':>9}  result")
-        rows += check_file(f, backend, args.kernel_dir, args.order)
+        rows += check_file(f, backend, args.kernel_dir, args.order, precision=args.precision)
     failed = [r for r in rows if not r[5]]
     kernels = {(r[0], r[1]) for r in rows}
     print(f"\n{len(kernels)} kernels, {len(rows)} outputs: "
@@ -548,7 +654,7 @@ def main(argv=None):
         print(f"{'kernel':<40} {'grid':>9} x {'block':<5} {'ms':>10} {'GB/s':>10}")
         for f in files:
             if f in LAUNCHES:
-                time_file(f, args.kernel_dir, args.repeats)
+                time_file(f, args.kernel_dir, args.repeats, precision=args.precision)
     elif args.time:
         print("\nnothing timed: the emulator's times say nothing about a GPU's")
     return 1 if failed else 0

@@ -75,7 +75,7 @@ def test_one_file_and_a_broken_copy(tmp_path):
     broken = tmp_path / "kernels"
     shutil.copytree(KERNEL_DIR, broken)
     src = (broken / "gelu.cu").read_text()
-    forward = src.index("gelu_forward_kernel(float*")
+    forward = src.index("void gelu_forward_kernel(")
     cut = src.index("0.044715f", forward)
     (broken / "gelu.cu").write_text(src[:cut] + "0.045f" + src[cut + len("0.044715f"):])
     r = run_script("dev/check_kernel.py", "gelu", "--backend", "emulator", "--kernel_dir", broken, cwd=tmp_path)
@@ -126,3 +126,30 @@ def test_timing_path_with_a_stand_in_cupy(monkeypatch, capsys):
     assert [k for _, k, _, _ in rows] == ["encoder_forward_kernel", "encoder_backward_wte_kernel",
                                           "encoder_backward_wpe_kernel"]
     assert "encoder_backward_wte_kernel" in capsys.readouterr().out
+
+
+def test_all_kernels_pass_in_bf16_and_a_truncating_store_fails(tmp_path):
+    """`--precision bf16`: every kernel built with -DENABLE_BF16, within bf16's tolerances (one rounding,
+    2^-8 relative, on top of the fp32 ones; 2^-7 where the kernel rounds stochastically), the master
+    weights a row of their own. A copy of residual.cu that truncates its float sum to bf16 instead of
+    rounding to nearest (errors up to 2^-7 relative, which fp32's tolerances would never see) fails."""
+    r = run_script("dev/check_kernel.py", "all", "--backend", "emulator", "--precision", "bf16", cwd=tmp_path,
+                   timeout=600)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-3000:]}"
+    assert "floatX = bf16 (-DENABLE_BF16)" in r.stdout
+    rows = parse_rows(r.stdout)
+    assert {k for k, *_ in rows} == set(kernels_of())
+    assert ("adamw_kernel", "master") in {(k, o) for k, o, *_ in rows}
+    assert all(ok and ratio < 1.0 for *_, ratio, ok in rows), r.stdout
+    assert f"{len(set(kernels_of()))} kernels, {len(rows)} outputs: all within tolerance" in r.stdout
+
+    broken = tmp_path / "kernels"
+    shutil.copytree(KERNEL_DIR, broken)
+    src = (broken / "residual.cu").read_text()
+    store = "out[i] = (floatX)((float)inp1[i] + (float)inp2[i]);"
+    assert store in src
+    truncate = "out[i] = __ushort_as_bfloat16((unsigned short)(__float_as_uint((float)inp1[i] + (float)inp2[i]) >> 16));"
+    (broken / "residual.cu").write_text(src.replace(store, truncate))
+    r = run_script("dev/check_kernel.py", "residual", "--backend", "emulator", "--precision", "bf16",
+                   "--kernel_dir", broken, cwd=tmp_path)
+    assert r.returncode == 1 and "1 NOT OK: residual_forward_kernel.out" in r.stdout, r.stdout + r.stderr

@@ -43,7 +43,7 @@ from check_kernel import DeviceModule, Emulated, close, gpu_available, rand, tok
 
 KERNEL_FILES = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cu")))
 KERNEL_NAMES = [os.path.basename(p)[:-3] for p in KERNEL_FILES]
-i32, f32, i64 = np.int32, np.float32, np.int64
+i32, f32, i64, u32 = np.int32, np.float32, np.int64, np.uint32
 
 
 def _sources():
@@ -86,48 +86,63 @@ def fn(mods, module, name):
 # ---------------------------------------------------------------------------------------------
 # 1. compiles for real GPUs, and the headers say what the code does
 
-def _nvcc(path, arch, include_dir=None):
-    cmd = ["nvcc", "--ptx", f"-arch=compute_{arch}", "-std=c++17", "-Werror", "all-warnings"]
+def _nvcc(path, arch, include_dir=None, defines=()):
+    cmd = ["nvcc", "--ptx", f"-arch=compute_{arch}", "-std=c++17", "-Werror", "all-warnings", *defines]
     cmd += ["-I", include_dir] if include_dir else []
     res = subprocess.run(cmd + [path, "-o", os.devnull], capture_output=True, text=True)
-    return path, arch, res.returncode, res.stderr
+    return f"{path}{' ' if defines else ''}{' '.join(defines)}", arch, res.returncode, res.stderr
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed (CUDA toolkit)")
 def test_every_kernel_compiles_with_nvcc_for_sm80_and_sm90(tmp_path):
-    """Each file on its own (`nvcc -I kernels --ptx kernels/<file>.cu`), and the expanded text NVRTC gets."""
-    jobs = [(p, arch, KERNEL_DIR) for p in KERNEL_FILES for arch in (80, 90)]
+    """Each file on its own (`nvcc -I kernels --ptx kernels/<file>.cu`), in fp32 and with -DENABLE_BF16
+    (floatX = __nv_bfloat16), and the expanded text NVRTC gets."""
+    jobs = [(p, arch, KERNEL_DIR, defines) for p in KERNEL_FILES for arch in (80, 90)
+            for defines in ((), ("-DENABLE_BF16",))]
     for name, code in _sources().items():             # <name>.cu with common.cuh pasted in: the text NVRTC gets
         path = str(tmp_path / (name + ".cu"))
         with open(path, "w") as f:
             f.write(code)
-        jobs += [(path, arch, None) for arch in (80, 90)]   # no -I: nothing left to include
+        jobs += [(path, arch, None, ()) for arch in (80, 90)]   # no -I: nothing left to include
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         results = list(pool.map(lambda j: _nvcc(*j), jobs))
     failures = [f"{p} sm_{a}:\n{err}" for p, a, rc, err in results if rc != 0]
     assert not failures, "\n".join(failures)
-    assert len(results) == 4 * len(KERNEL_FILES) >= 32
+    assert len(results) == 6 * len(KERNEL_FILES) >= 48
+
+
+def _split_bf16_blocks(code):
+    """(code outside, code inside) the `#ifdef ENABLE_BF16` blocks, each block up to its #else or #endif."""
+    blocks = re.findall(r"#\s*ifdef\s+ENABLE_BF16\b(.*?)#\s*(?:else|endif)", code, re.S)
+    return re.sub(r"(#\s*ifdef\s+ENABLE_BF16\b).*?(#\s*(?:else|endif))", r"\1\n\2", code, flags=re.S), "".join(blocks)
 
 
 @pytest.mark.parametrize("name", KERNEL_NAMES + ["common.cuh"])
 def test_kernel_source_is_nvrtc_clean_and_header_matches(name):
     """NVRTC has no host headers: the one #include is `#include "common.cuh"` (every .cu has it; the
     loader pastes the file in, so the text NVRTC gets has none), and no FLT_MAX, INFINITY, std:: or
-    assert. Each extern "C" kernel's parameter list appears verbatim (modulo whitespace) in the file's
-    opening comment."""
+    assert. The one exception is common.cuh's `#include <cuda_bf16.h>` inside `#ifdef ENABLE_BF16`
+    (a CUDA header NVRTC has; the fp32 build never sees it). Each extern "C" kernel's parameter list
+    appears verbatim (modulo whitespace) in the file's opening comment."""
     with open(os.path.join(KERNEL_DIR, name if name.endswith(".cuh") else name + ".cu")) as f:
         src = f.read()
     code = re.sub(r"//.*", "", src)                   # comments may name what the code must not use
-    includes = re.findall(r"#\s*include.*", code)
+    outside, inside = _split_bf16_blocks(code)
+    includes = re.findall(r"#\s*include.*", outside)
+    bf16_includes = re.findall(r"#\s*include.*", inside)
     if name == "common.cuh":
-        assert includes == [], "common.cuh includes nothing"
+        assert includes == [], "common.cuh includes nothing outside #ifdef ENABLE_BF16"
+        assert bf16_includes == ["#include <cuda_bf16.h>"], \
+            f"common.cuh: the bf16 build includes {bf16_includes}, expected <cuda_bf16.h> once"
         assert "__global__" not in code, "common.cuh holds __device__ helpers only"
         assert re.search(r"#ifndef (\w+)\s+#define \1\b", code) and code.rstrip().endswith("#endif"), \
             "common.cuh needs an include guard"
         return
     assert includes == ['#include "common.cuh"'], f"{name}.cu: includes {includes}, expected common.cuh once"
-    expanded = kernel_source(name)
-    assert "#include" not in re.sub(r"//.*", "", expanded) and "warp_sum" in expanded
+    assert bf16_includes == [], f"{name}.cu: includes {bf16_includes} for bf16; common.cuh does that"
+    expanded, expanded_bf16 = _split_bf16_blocks(re.sub(r"//.*", "", kernel_source(name)))
+    assert "#include" not in expanded and "warp_sum" in expanded
+    assert re.findall(r"#\s*include.*", expanded_bf16) == ["#include <cuda_bf16.h>"]
     for banned in ("FLT_MAX", "INFINITY", "std::", "assert("):
         assert banned not in code, f"{name} uses {banned}, which NVRTC does not provide"
     header = " ".join(line.lstrip()[2:] for line in src.splitlines()[:80] if line.lstrip().startswith("//"))
@@ -187,9 +202,10 @@ def test_encoder_forward_backward(mods):
     assert n <= 7 and np.all(np.diff(positions[starts[0]:starts[1]]) > 0)
     block = 32                                                   # 2 channel chunks, the second partly empty
     fn(mods, "encoder", "encoder_backward_wte_kernel")((ceil_div(C, block), n), block,
-                                                       (dwte, dout, starts, positions, tokens, i32(n), i32(C)))
+                                                       (dwte, dout, starts, positions, tokens, i32(n), i32(C),
+                                                        u32(7)))   # fp32: the seed is unused (plain stores)
     fn(mods, "encoder", "encoder_backward_wpe_kernel")(ceil_div(T * C, 128), 128,
-                                                       (dwpe, dout, i32(B), i32(T), i32(C)))
+                                                       (dwpe, dout, i32(B), i32(T), i32(C), u32(8)))
     tg.encoder_backward(want_dwte, want_dwpe, dout.astype(np.float64), inp, B, T, C)
     close(dwte, want_dwte, atol=1e-5)
     close(dwpe, want_dwpe, atol=1e-5)
@@ -466,7 +482,7 @@ def test_classifier_loss_of_a_target_far_below_the_max(mods):
         old = -np.log(_ftz(_ftz(np.exp(xt - mx)) / total))            # -logf(expf(x - max) * norm)
     new = np.log(total) - (xt - mx)                                   # the kernel's log-sum-exp form
     assert old == np.inf and np.isfinite(new) and abs(new - w_losses.flat[0]) < 1e-4
-    source = open(os.path.join(KERNEL_DIR, "classifier.cu")).read()
+    source = open(os.path.join(KERNEL_DIR, "classifier.cu")).read().replace("(float)", "")   # casts of floatX
     assert "logf(sum) - (x[target] - gmax)" in source and "logf(prob)" not in source
 
 
@@ -480,21 +496,29 @@ def _adamw_reference(p, g, m, v, lr, b1, b2, eps, wd, t, grad_scale):
 
 
 def test_adamw_three_steps(mods):
+    """Without master weights (NULL, as the fp32 trainer runs it) and with them: in an fp32 build the
+    master copy and the parameters get the same floats, bit for bit the ones of the run without."""
     rng = np.random.default_rng(10)
     n = 1000
     p = rand(rng, n)
+    p2, master = p.copy(), p.copy()
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    m2, v2 = m.copy(), v.copy()
     rp, rm, rv = p.astype(np.float64), np.zeros(n), np.zeros(n)
     lr, b1, b2, eps, wd, scale = 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.5
     kernel = fn(mods, "adamw", "adamw_kernel")
     for t in range(1, 4):
         g = rand(rng, n)
-        kernel(ceil_div(n, 512), 512, (p, g, m, v, i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t),
-                                       f32(1 - b2 ** t), f32(eps), f32(wd), f32(scale)))
+        hyper = (i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t), f32(1 - b2 ** t), f32(eps), f32(wd),
+                 f32(scale), u32(1234 + t))
+        kernel(ceil_div(n, 512), 512, (p, None, g, m, v) + hyper)
+        kernel(ceil_div(n, 512), 512, (p2, master, g, m2, v2) + hyper)
         _adamw_reference(rp, g.astype(np.float64), rm, rv, lr, b1, b2, eps, wd, t, scale)
         close(m, rm, atol=1e-7, rtol=1e-6)
         close(v, rv, atol=1e-8, rtol=1e-5)
         close(p, rp, atol=1e-6, rtol=1e-6)
+        for name, a, b in (("params", p2, p), ("master", master, p), ("m", m2, m), ("v", v2, v)):
+            assert a.tobytes() == b.tobytes(), f"{name} with master weights differs from the run without"
 
 
 @pytest.mark.parametrize("grid,block", [(7, 512), (1, 32), (300, 1024)])
@@ -515,7 +539,8 @@ def test_emulator_speed_adamw_over_1_7M_params(emu_mods):
     p, g = rand(rng, n), rand(rng, n)
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
     kernel = fn(emu_mods, "adamw", "adamw_kernel")
-    args = (p, g, m, v, i64(n), f32(1e-3), f32(0.9), f32(0.999), f32(0.1), f32(0.001), f32(1e-8), f32(0.0), f32(1.0))
+    args = (p, None, g, m, v, i64(n), f32(1e-3), f32(0.9), f32(0.999), f32(0.1), f32(0.001), f32(1e-8), f32(0.0),
+            f32(1.0), u32(0))
     kernel(ceil_div(n, 512), 512, args)               # warm up (fiber stacks, pool threads)
     t0 = time.perf_counter()
     kernel(ceil_div(n, 512), 512, args)
@@ -538,9 +563,10 @@ def deterministic_backwards(mods):
     out = {"dwte": rand(rng, Vd, Cd), "dwpe": rand(rng, Td, Cd)}   # nonzero: the kernels add into them
     positions, starts, tokens, n = token_buckets(inp)
     fn(mods, "encoder", "encoder_backward_wte_kernel")((ceil_div(Cd, 64), n), 64,
-                                                       (out["dwte"], dout, starts, positions, tokens, i32(n), i32(Cd)))
+                                                       (out["dwte"], dout, starts, positions, tokens, i32(n), i32(Cd),
+                                                        u32(1)))
     fn(mods, "encoder", "encoder_backward_wpe_kernel")(ceil_div(Td * Cd, 256), 256,
-                                                       (out["dwpe"], dout, i32(Bd), i32(Td), i32(Cd)))
+                                                       (out["dwpe"], dout, i32(Bd), i32(Td), i32(Cd), u32(2)))
     x = rand(rng, Bd, Td, Cd, scale=2.0)
     weight = rand(rng, Cd)
     mean = x.mean(-1, dtype=np.float64).astype(np.float32)
@@ -779,8 +805,10 @@ def test_argument_errors_are_clear(emu_mods):
     with pytest.raises(ValueError, match=r"exceeds CUDA's limits"):
         gelu(1, 2048, (x, x, i32(10)))
     adamw = fn(mods, "adamw", "adamw_kernel")
-    with pytest.raises(TypeError, match=r"argument 5 \(float\) expects np.float32, got np.float64"):
-        adamw(1, 32, (x, x, x, x, i64(10), np.float64(1e-3)) + (f32(0),) * 7)
+    with pytest.raises(TypeError, match=r"argument 6 \(float\) expects np.float32, got np.float64"):
+        adamw(1, 32, (x, None, x, x, x, i64(10), np.float64(1e-3)) + (f32(0),) * 7 + (u32(0),))
+    with pytest.raises(TypeError, match=r"argument 14 \(unsigned int\) expects np.uint32, got np.int32"):
+        adamw(1, 32, (x, None, x, x, x, i64(10)) + (f32(0),) * 8 + (i32(0),))
     ln = fn(mods, "layernorm", "layernorm_backward_kernel")
     with pytest.raises(ValueError, match=r"dynamic shared memory"):
         ln(1, 32, (x,) * 7 + (i32(1),) * 3, shared_mem=64 * 1024)
