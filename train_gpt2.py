@@ -1107,6 +1107,8 @@ def train(args, trainer=None, world=None):
         engine = "NCCL" if isinstance(world, collectives.NcclWorld) else "torch.distributed, gloo"
         print(f"data parallel: {world.size} processes ({engine}), ZeRO stage {args.zero_stage}"
               + (f": {shard[1] - shard[0]:,} parameters' m and v on each" if shard else ""))
+    if hasattr(model, "dlogits_in_forward"):  # the loop never reads the logits of a forward with targets, so the
+        model.dlogits_in_forward = True       # CUDA trainer's classifier writes dlogits in that pass (llm.c's one)
     if hasattr(tr, "gpt2_allocate_state"):   # train_gpt2_cuda.py allocates its state now, as llm.c's train_gpt2.cu:
         tr.gpt2_allocate_state(model, B, T, shard)  # the memory report, and a run too big for the GPU stops here
     start_step = 0 if resume_step is None else load_checkpoint(tr, model, train_loader, args.output_log_dir,

@@ -656,6 +656,9 @@ class GPT2:
         # parameter tensor per update and one per encoder backward; a checkpoint keeps it
         self.rng_state = [13371337 + rank]
         self.rng_state_last_update = self.rng_state[0]
+        # llm.c's one classifier pass per micro-step: a forward with targets writes dlogits over the logits
+        # (train_gpt2.train turns it on; callers that read the logits after such a forward leave it off)
+        self.dlogits_in_forward = False
         self.params = host.views(self.params_memory, self.param_shapes)
         self.grads = host.views(self.grads_memory, self.param_shapes)
         self.m_memory = self.v_memory = None

@@ -157,6 +157,11 @@ class Shape:
     floatx: str = "fp32"                              # "bf16": the kernels built with -DENABLE_BF16
 
 
+def pack(s):
+    """Elements per 128-bit load of the packed kernels (common.cuh's x128::size): 4 floats or 8 bf16."""
+    return 4 if s.floatx == "fp32" else 8
+
+
 def floatx_values(s):
     """The rounding a floatX input goes through: none in fp32; in bf16 to the nearest bf16 (as a float32),
     so that the references are computed from exactly the values the kernel reads."""
@@ -219,6 +224,9 @@ def encoder_launches(s, rng, reference):
     dwte, dwpe = fx(rand(rng, Vp, C)), fx(rand(rng, s.maxT, C))   # nonzero: the backward must add
     positions, starts, tokens, n = token_buckets(inp)
     fwd = Launch("encoder_forward_kernel", ceil_div(B * T * C, 256), 256, (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
+    out_packed = np.full((B, T, C), np.nan, np.float32)  # C is a multiple of the pack on every shape here
+    fwd_packed = Launch("encoder_forward_packed_kernel", ceil_div(B * T * C, 256 * pack(s)), 256,
+                        (out_packed, inp, wte, wpe, i32(B), i32(T), i32(C)))
     bwd_wte = Launch("encoder_backward_wte_kernel", (ceil_div(C, 256), n), 256,
                      (dwte, dout, starts, positions, tokens, i32(n), i32(C), u32(1337)), read_write=(0,))
     bwd_wpe = Launch("encoder_backward_wpe_kernel", ceil_div(T * C, 256), 256,
@@ -227,11 +235,12 @@ def encoder_launches(s, rng, reference):
         want = np.zeros((B, T, C))
         tg.encoder_forward(want, inp, f64(wte), f64(wpe), B, T, C)
         fwd.outputs = [Output("out", out, want, "encoder_forward", 1e-6)]
+        fwd_packed.outputs = [Output("out", out_packed, want, "encoder_forward", 1e-6)]
         w_dwte, w_dwpe = f64(dwte), f64(dwpe)
         tg.encoder_backward(w_dwte, w_dwpe, f64(dout), inp, B, T, C)
         bwd_wte.outputs = [Output("dwte", dwte, w_dwte, "encoder_backward (+=)", 1e-5)]
         bwd_wpe.outputs = [Output("dwpe", dwpe, w_dwpe, "encoder_backward (+=)", 1e-5)]
-    return [fwd, bwd_wte, bwd_wpe]
+    return [fwd, fwd_packed, bwd_wte, bwd_wpe]
 
 
 def layernorm_launches(s, rng, reference):
@@ -273,7 +282,24 @@ def layernorm_launches(s, rng, reference):
                        Output("scratch", scratch, w_scratch, "layernorm_backward per block", 2e-5, 1e-5)]
         bwd_sum.outputs = [Output(name, got, w, "layernorm_backward (+=)", 2e-5, 1e-5)
                            for name, got, w in zip(("dweight", "dbias"), (dweight, dbias), want[1:])]
-    return [fwd, bwd, bwd_sum]
+    # the fused residual + LayerNorm: residual = inp1 + inp2 (stored as floatX), then its LayerNorm
+    inp1 = fx(rand(rng, B, T, C))
+    inp2 = fx((inp - inp1).astype(np.float32))        # so that the residual is about inp, variances and all
+    residual, normed = np.full((B, T, C), np.nan, np.float32), np.full((B, T, C), np.nan, np.float32)
+    f_mean, f_rstd = np.full((B, T), np.nan, np.float32), np.full((B, T), np.nan, np.float32)
+    fused = Launch("fused_residual_layernorm_forward_kernel", ceil_div(B * T * 32, 256), 256,
+                   (residual, normed, f_mean, f_rstd, inp1, inp2, weight, bias, i32(B * T), i32(C)))
+    if reference:
+        w_res = np.zeros((B, T, C))
+        tg.residual_forward(w_res, f64(inp1), f64(inp2), B * T * C)
+        stored = f64(fx(w_res.astype(np.float32)))    # the LayerNorm reads the residual as the kernel stored it
+        w_norm, w_mean, w_rstd = np.zeros((B, T, C)), np.zeros((B, T)), np.zeros((B, T))
+        tg.layernorm_forward(w_norm, w_mean, w_rstd, stored, f64(weight), f64(bias), B, T, C)
+        fused.outputs = [Output("residual", residual, w_res, "residual_forward", 1e-6, 1e-6),
+                         Output("normed", normed, w_norm, "layernorm_forward", 1e-5, 1e-5),
+                         Output("mean", f_mean, w_mean, "layernorm_forward", 1e-6, 1e-6),
+                         Output("rstd", f_rstd, w_rstd, "layernorm_forward", 0.0, 1e-5)]
+    return [fwd, bwd, bwd_sum, fused]
 
 
 def matmul_launches(s, rng, reference):
@@ -298,7 +324,15 @@ def matmul_launches(s, rng, reference):
         tg.matmul_backward(w_dinp, w_dweight, w_dbias, f64(dout).reshape(B, T, OC), f64(inp).reshape(B, T, C),
                            f64(weight), B, T, C, OC)
         bwd.outputs = [Output("dbias", dbias, w_dbias, "matmul_backward dbias (+=)", 1e-5, 1e-6)]
-    return [fwd, bwd]
+    # the packed bias add needs OC a multiple of the pack: its own arrays, OC rounded up to 8
+    OCp = ceil_div(OC, 8) * 8
+    weight_p, bias_p = fx(rand(rng, OCp, C)), fx(rand(rng, OCp))
+    out_p = fx((inp @ weight_p.T).astype(np.float32))
+    fwd_p = Launch("add_bias_packed_kernel", ceil_div(N * OCp, 256 * pack(s)), 256, (out_p, bias_p, i32(N), i32(OCp)),
+                   read_write=(0,))
+    if reference:
+        fwd_p.outputs = [Output("out", out_p, f64(out_p) + f64(bias_p), "GEMM output + bias", 1e-4, 1e-5)]
+    return [fwd, fwd_p, bwd]
 
 
 def attention_launches(s, rng, reference):
@@ -383,14 +417,20 @@ def gelu_launches(s, rng, reference):
     dout = fx(rand(rng, N))
     fwd = Launch("gelu_forward_kernel", ceil_div(N, 256), 256, (out, inp, i32(N)))
     bwd = Launch("gelu_backward_kernel", ceil_div(N, 256), 256, (dinp, inp, dout, i32(N)))
+    out_p, dinp_p = np.full(N, np.nan, np.float32), dout.copy()      # the packed backward runs in place
+    fwd_p = Launch("gelu_forward_packed_kernel", ceil_div(N, 256 * pack(s)), 256, (out_p, inp, i32(N)))
+    bwd_p = Launch("gelu_backward_packed_kernel", ceil_div(N, 256 * pack(s)), 256, (dinp_p, inp, dinp_p, i32(N)),
+                   read_write=(0,))
     if reference:
         want = np.zeros(N)
         tg.gelu_forward(want, f64(inp), N)
         fwd.outputs = [Output("out", out, want, "gelu_forward", 1e-6, 1e-6)]
+        fwd_p.outputs = [Output("out", out_p, want, "gelu_forward", 1e-6, 1e-6)]
         want = np.zeros(N)                            # the kernel writes; the NumPy layer adds into zeros
         tg.gelu_backward(want, f64(inp), f64(dout), N)
         bwd.outputs = [Output("dinp", dinp, want, "gelu_backward (into zeros)", 1e-6, 1e-5)]
-    return [fwd, bwd]
+        bwd_p.outputs = [Output("dinp", dinp_p, want, "gelu_backward (in place)", 1e-6, 1e-5)]
+    return [fwd, bwd, fwd_p, bwd_p]
 
 
 def residual_launches(s, rng, reference):
@@ -399,11 +439,14 @@ def residual_launches(s, rng, reference):
     inp1, inp2 = fx(rand(rng, N)), fx(rand(rng, N))
     out = np.full(N, np.nan, np.float32)
     launch = Launch("residual_forward_kernel", ceil_div(N, 256), 256, (out, inp1, inp2, i32(N)))
+    out_p = np.full(N, np.nan, np.float32)
+    packed = Launch("residual_forward_packed_kernel", ceil_div(N, 256 * pack(s)), 256, (out_p, inp1, inp2, i32(N)))
     if reference:
         want = np.zeros(N)
         tg.residual_forward(want, f64(inp1), f64(inp2), N)
         launch.outputs = [Output("out", out, want, "residual_forward", 1e-6)]
-    return [launch]
+        packed.outputs = [Output("out", out_p, want, "residual_forward", 1e-6)]
+    return [launch, packed]
 
 
 def classifier_launches(s, rng, reference):

@@ -66,24 +66,29 @@ def test_all_kernels_pass_on_the_emulator(all_run):
 
 
 def test_one_file_and_a_broken_copy(tmp_path):
-    """`check_kernel.py gelu` on kernels/ passes; on a copy with GELU's 0.044715 changed in the forward
-    it fails, naming the output, and still passes the backward, which has its own copy of the constant."""
+    """`check_kernel.py gelu` on kernels/ passes; on a copy with GELU's 0.044715 changed in gelu_value (the
+    forward's math, shared by the per-element and the packed kernel) both forward kernels fail, naming the
+    output, and the backward ones still pass: gelu_grad has its own copy of the constant."""
     r = run_script("dev/check_kernel.py", "gelu", "--backend", "emulator", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert [row[:2] for row in parse_rows(r.stdout)] == [("gelu_forward_kernel", "out"),
-                                                         ("gelu_backward_kernel", "dinp")]
+                                                         ("gelu_backward_kernel", "dinp"),
+                                                         ("gelu_forward_packed_kernel", "out"),
+                                                         ("gelu_backward_packed_kernel", "dinp")]
     broken = tmp_path / "kernels"
     shutil.copytree(KERNEL_DIR, broken)
     src = (broken / "gelu.cu").read_text()
-    forward = src.index("void gelu_forward_kernel(")
+    forward = src.index("float gelu_value(")
     cut = src.index("0.044715f", forward)
     (broken / "gelu.cu").write_text(src[:cut] + "0.045f" + src[cut + len("0.044715f"):])
     r = run_script("dev/check_kernel.py", "gelu", "--backend", "emulator", "--kernel_dir", broken, cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     rows = {(k, o): (ratio, ok) for k, o, _, ratio, ok in parse_rows(r.stdout)}
-    assert rows[("gelu_forward_kernel", "out")][1] is False and rows[("gelu_forward_kernel", "out")][0] > 10
-    assert rows[("gelu_backward_kernel", "dinp")][1] is True
-    assert "1 NOT OK: gelu_forward_kernel.out" in r.stdout
+    for k in ("gelu_forward_kernel", "gelu_forward_packed_kernel"):
+        assert rows[(k, "out")][1] is False and rows[(k, "out")][0] > 10
+    for k in ("gelu_backward_kernel", "gelu_backward_packed_kernel"):
+        assert rows[(k, "dinp")][1] is True
+    assert "2 NOT OK: gelu_forward_kernel.out, gelu_forward_packed_kernel.out" in r.stdout
 
 
 def test_a_kernel_without_a_check_fails(tmp_path):
@@ -115,7 +120,7 @@ def test_timing_path_with_a_stand_in_cupy(monkeypatch, capsys):
     rows = check_kernel.time_file("layernorm", KERNEL_DIR, repeats=2, shape=check_kernel.ODD)
     out = capsys.readouterr().out
     assert [k for _, k, _, _ in rows] == ["layernorm_forward_kernel", "layernorm_backward_kernel",
-                                          "layernorm_backward_sum_kernel"]
+                                          "layernorm_backward_sum_kernel", "fused_residual_layernorm_forward_kernel"]
     s = check_kernel.ODD
     n = s.B * s.T * s.C * 4
     # forward: out, inp (B,T,C) + mean, rstd (B,T) + weight, bias (C); 1 ms per 2 launches -> 0.5 ms
@@ -123,8 +128,8 @@ def test_timing_path_with_a_stand_in_cupy(monkeypatch, capsys):
     assert rows[0][2] == 0.5 and rows[0][3] == pytest.approx(fwd_bytes / 0.5e-3 / 1e9)
     assert "layernorm_backward_kernel" in out
     rows = check_kernel.time_file("encoder", KERNEL_DIR, repeats=2, shape=check_kernel.ODD)  # a 2-D grid
-    assert [k for _, k, _, _ in rows] == ["encoder_forward_kernel", "encoder_backward_wte_kernel",
-                                          "encoder_backward_wpe_kernel"]
+    assert [k for _, k, _, _ in rows] == ["encoder_forward_kernel", "encoder_forward_packed_kernel",
+                                          "encoder_backward_wte_kernel", "encoder_backward_wpe_kernel"]
     assert "encoder_backward_wte_kernel" in capsys.readouterr().out
 
 
