@@ -286,3 +286,40 @@ def test_accuracy_equals_pytorch_example_by_example(tmp_path, enc, capsys):
     stdout = capsys.readouterr().out
     assert f"{n} acc: " in stdout and f"acc_norm: {ref_correct}/{n}={ref_correct / n:.4f}" in stdout
     assert open(tmp_path / "out2" / "hellaswag_val.bin", "rb").read() == open(out, "rb").read()
+
+
+# ----------------------------------------------------------------------------
+# the trainer's -h 1 (skipped until train_gpt2.py takes the flag)
+
+def test_trainer_h1_prints_and_logs_the_score(tmp_path, enc, tiny_data, monkeypatch, capsys):
+    """train_gpt2.py -h 1 with -l 0 (the weights never change): its HellaSwag line and main.log's eval
+    line give the count stat_losses finds here for the same model on the same file."""
+    import train_gpt2
+    from conftest import run_main
+    if "hellaswag_eval" not in train_gpt2.TRAIN_GPT2_C_DEFAULTS:
+        pytest.skip("train_gpt2.py has no -h (hellaswag_eval) flag yet")
+    exs = random_examples(16, seed=4)
+    monkeypatch.chdir(tmp_path)
+    path = make_bin(tmp_path, exs)
+    os.makedirs(os.path.join("dev", "data", "hellaswag"))
+    os.replace(path, os.path.join("dev", "data", "hellaswag", "hellaswag_val.bin"))
+    config = formats.GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_heads=2, channels=32,
+                                padded_vocab_size=formats.padded_vocab(50257))
+    write_tiny_model(tmp_path / "tiny.bin", config, np.random.default_rng(1), 0.3)
+    B, T = 8, 32
+    model = train_gpt2.gpt2_build_from_checkpoint("tiny.bin")
+    want = 0
+    for x, y, mask, labels in EvalLoader(os.path.join("dev", "data", "hellaswag", "hellaswag_val.bin"), B, T):
+        train_gpt2.gpt2_forward(model, x, y, B, T)
+        want += stat_losses(model.acts.losses, mask, labels)
+    assert 0 < want < 16
+
+    code, out, err = run_main([str(a) for a in ("-e", "tiny.bin", "-i", tiny_data, "-j", tiny_data, "-b", B, "-t", T,
+                                                "-x", 1, "-l", 0.0, "-v", 1, "-m", 1, "-s", 0, "-h", 1, "-o", "log")],
+                              capsys)
+    assert code == 0, err
+    assert f"HellaSwag: {want}/16 = {want / 16:f}" in out
+    assert f"s:1 eval:{want / 16:.4f}" in open(os.path.join("log", "main.log")).read().splitlines()
+    code, out, err = run_main(["-e", "tiny.bin", "-i", tiny_data, "-j", tiny_data, "-b", "3", "-t", str(T),
+                               "-x", "1", "-h", "1"], capsys)
+    assert code == 1 and "batch size 3 is < 4" in err
