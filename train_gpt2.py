@@ -23,6 +23,7 @@ import numpy as np
 from llmc import checkpoint, collectives, profiler
 from llmc.cli import parse_args
 from llmc.dataloader import DataLoader
+from llmc.hellaswag import EvalLoader, stat_losses
 from llmc.formats import (MODEL_DEPTHS, MODEL_MAGIC, FormatError, GPT2Config, num_parameters, padded_vocab,
                           param_shapes, print_config, read_header, read_model_file, write_model_file)
 from llmc.logger import Logger
@@ -825,11 +826,13 @@ TRAIN_GPT2_C_DEFAULTS = {
     "val_loss_every": 10, "val_max_steps": 5,
     "sample_every": 20, "genT": 64,
     "overfit_single_batch": 0,
+    "hellaswag_eval": 0,                                # -h 1: HellaSwag every -v steps (train_gpt2.cu's -h)
     "skip_update_lossz": 0.0, "skip_update_gradz": 0.0,  # llm.c's outlier guard (train_gpt2.cu's -sl -sg), off
     "zero_stage": 0,                                    # data parallel (torchrun): 0 or 1 (ZeRO-1), train_gpt2.cu's -z
     "profile": 0,
 }
-# what -h shows for the defaults decided at run time
+HELLASWAG_PATH = os.path.join("dev", "data", "hellaswag", "hellaswag_val.bin")   # train_gpt2.cu's, from the cwd
+# what --help shows for the defaults decided at run time
 SHAKESPEARE = "data/tinyshakespeare/tiny_shakespeare_{}.bin"
 TINYSTORIES = "data/tinystories/TinyStories_{}.bin"
 SHOWN_DEFAULTS = {
@@ -929,6 +932,22 @@ def evaluate(trainer, model, val_loader, val_max_steps, B, T):
         trainer.gpt2_forward(model, x, y, B, T)
         val_loss += model.mean_loss
     return val_loss / val_max_steps
+
+
+def evaluate_hellaswag(trainer, model, hellaswag, B, T, world):
+    """llm.c's HellaSwag eval (llmc/hellaswag.py): B/4 examples per batch, the completion with the lowest mean
+    loss over its own tokens is the prediction; the ranks score their own examples and add the counts."""
+    correct = 0
+    progress = sys.stdout.isatty()
+    for i, (x, y, mask, labels) in enumerate(hellaswag):
+        if progress and i % 10 == 0:
+            print(f"evaluating HellaSwag: {i}/{hellaswag.num_batches}", end="\r", flush=True)
+        trainer.gpt2_forward(model, x, y, B, T)
+        correct += stat_losses(trainer.to_numpy(model.acts.losses), mask, labels)
+    correct = world.sum(correct)
+    accuracy = correct / hellaswag.num_examples
+    print(f"HellaSwag: {int(correct)}/{hellaswag.num_examples} = {accuracy:f}")
+    return accuracy
 
 
 # checkpoints (llmc/checkpoint.py): what train() writes every -n steps and reads back with -y 1
@@ -1137,6 +1156,15 @@ def train(args, trainer=None, world=None):
                       args.final_learning_rate_frac)
     learning_rate(0)                                      # a bad schedule name fails now, not at step 1
 
+    hellaswag = None
+    if args.hellaswag_eval:
+        if os.path.exists(HELLASWAG_PATH):
+            hellaswag = EvalLoader(HELLASWAG_PATH, B, T, world.rank, world.size)
+            print(f"HellaSwag: {hellaswag.num_examples} examples from {HELLASWAG_PATH}, {hellaswag.num_batches} "
+                  f"batches of {hellaswag.can_fit} per process")
+        else:
+            print(f"HellaSwag eval not found at {HELLASWAG_PATH}, skipping it: python dev/data/hellaswag.py makes it")
+
     tokenizer = Tokenizer("gpt2_tokenizer.bin")
     logger = Logger(args.output_log_dir if world.rank == 0 else "", append=args.resume == 1)   # rank 0 logs
     if args.output_log_dir:
@@ -1151,6 +1179,10 @@ def train(args, trainer=None, world=None):
             val_loss = world.mean(evaluate(tr, model, val_loader, val_max_steps, B, T))
             print(f"val loss {val_loss:f}")
             logger.log_val(step, val_loss)
+        if hellaswag is not None and ((step > 0 and args.val_loss_every > 0 and step % args.val_loss_every == 0)
+                                      or last_step):
+            accuracy = evaluate_hellaswag(tr, model, hellaswag, B, T, world)
+            logger.log_eval(step, accuracy)
         if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last_step) and world.rank == 0:
             # the sampler's xorshift starts at 1337 at every round, as llm.c's train_gpt2.cu: the same
             # tokens after a resume (the state file has no slot for it)

@@ -34,6 +34,7 @@ FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
     "s": ("sample_every", "sample every how many steps (0 = never)"),
     "g": ("genT", "tokens to sample"),
     "a": ("overfit_single_batch", "train on the first val batch over and over? 0/1"),
+    "h": ("hellaswag_eval", "HellaSwag (dev/data/hellaswag/hellaswag_val.bin) every -v steps and at the end? 0/1"),
     "f": ("override_enable_tf32", "TF32 tensor cores for the fp32 matmuls? 0/1"),
     "p": ("precision", "bf16 (mixed precision: bf16 weights, gradients, activations) or fp32 (llm.c: PRECISION at build)"),
     "w": ("use_master_weights", "bf16: keep fp32 master weights for AdamW? 0/1"),
@@ -90,7 +91,7 @@ def parse_args(argv, defaults, shown=None, notes=()):
     def fail(problem):
         usage(defaults, problem, shown, notes)
 
-    if argv and argv[0] in ("-h", "--help"):
+    if argv and (argv[0] == "--help" or (argv[0] == "-h" and len(argv) == 1)):   # -h 1 is HellaSwag, as llm.c
         usage(defaults, None, shown, notes)
     known = {flag_of(name): name for name in defaults}
     args, given = dict(defaults), set()
