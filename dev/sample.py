@@ -220,12 +220,12 @@ def main(argv=None):
             prompt = [int(s) for s in args.prompt_ids.replace(",", " ").split()]
             if any(not 0 <= t < V for t in prompt):
                 raise ConfigError(f"--prompt_ids must lie in [0, {V})")
-        elif enc is None:
+        elif enc is None and args.prompt:
             raise ConfigError(f"{path} has a vocabulary of {V} tokens, not GPT-2's {GPT2_VOCAB}: give --prompt_ids")
         else:
-            prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"})
-        if not prompt:
-            prompt = [EOT if V > EOT else V - 1]
+            prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) if args.prompt else []
+        if not prompt:                                        # llm.c's samples start from <|endoftext|>
+            prompt = [EOT if V > EOT else V - 1]              # (a tiny test vocabulary has none: its last id)
         prompt, message = fit_prompt(prompt, args.max_new_tokens, config.max_seq_len)
     except (FormatError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
