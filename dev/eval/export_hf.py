@@ -176,12 +176,12 @@ def write_tokenizer(out_dir):
 
 def export(input_path, output_dir, dtype="bfloat16", tokenizer=True, quiet=False):
     """Write the Hugging Face directory for the model file `input_path` (atomically)."""
+    t0 = time.perf_counter()
+    config, params = read_model_file(input_path)               # first: a bad file fails before torch loads
     import torch
     from tqdm import tqdm
     from transformers import GenerationConfig, GPT2LMHeadModel
 
-    t0 = time.perf_counter()
-    config, params = read_model_file(input_path)
     V, Vp = config.vocab_size, config.padded_vocab_size
     say = (lambda *a: None) if quiet else print
     say(f"{input_path}: L={config.num_layers} NH={config.num_heads} C={config.channels} maxT={config.max_seq_len} "
