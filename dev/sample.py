@@ -87,8 +87,8 @@ def attention_forward_cached(out, inp, k_cache, v_cache, pos, B, T, C, NH):
 def matmul_forward_rows(out, inp, weight, bias, B, T, C, OC):
     """matmul_forward for a handful of rows (decoding: B*T = 1), as NumPy's own product, which OpenBLAS
     runs as a matrix-vector product (sgemv). train_gpt2.matmul_forward cuts the product into sgemm
-    blocks, built for B*T in the hundreds: on one row it was 4x slower here (d12: 231 ms a token
-    against 55 ms for the same products by np.matmul, on 2 cores)."""
+    blocks, built for B*T in the hundreds: on one row it was several times slower here (d12, 2 busy
+    cores: the products of one token took 231 ms that way, 55-110 ms through np.matmul)."""
     out2 = out.reshape(B * T, OC, copy=False)
     np.matmul(inp.reshape(B * T, C), weight.T, out=out2)     # (B*T, C) @ (C, OC) -> (B*T, OC)
     if bias is not None:
@@ -220,6 +220,8 @@ def main(argv=None):
             raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
         if args.top_k < 0:
             raise ConfigError(f"--top_k must be >= 0, got {args.top_k}")
+        if not 0 < args.seed < 2**64:                         # xorshift's state 0 stays 0 forever
+            raise ConfigError(f"--seed must be in [1, 2^64), got {args.seed}")
         path = tg.resolve_checkpoint(args.model)
         config, params = read_model_file(path)
         model = tg.GPT2(config, params)

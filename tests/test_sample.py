@@ -152,6 +152,7 @@ def test_too_long_prompt_keeps_the_last_tokens(model_file, tmp_path):
     (["--prompt", "hello"], "has a vocabulary of 101 tokens, not GPT-2's 50257: give --prompt_ids"),
     (["--prompt_ids", "5,101"], "--prompt_ids must lie in [0, 101)"),
     (["--top_k", -1], "--top_k must be >= 0"),
+    (["--seed", 0], "--seed must be in [1, 2^64)"),
 ])
 def test_bad_arguments_one_line(model_file, tmp_path, args, message):
     r = run_script("dev/sample.py", "--model", model_file, *args, cwd=tmp_path)

@@ -205,8 +205,7 @@ def export(input_path, output_dir, dtype="bfloat16", tokenizer=True, quiet=False
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp", dir=parent)
     try:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
-        GenerationConfig(bos_token_id=hf_conf.bos_token_id, eos_token_id=hf_conf.eos_token_id, do_sample=True,
-                         max_length=config.max_seq_len).save_pretrained(tmp)
+        GenerationConfig(bos_token_id=hf_conf.bos_token_id, eos_token_id=hf_conf.eos_token_id).save_pretrained(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)                           # mkdtemp's 0700: as a plain mkdir would
