@@ -1,0 +1,272 @@
+"""
+Sample from a GPT-2 model file after a prompt, with a KV cache (NumPy, CPU only).
+
+  python dev/sample.py --model gpt2_d12.bin --prompt "The king said" --max_new_tokens 64
+  python dev/sample.py --prompt "Once upon a time" --temperature 0.8 --top_k 40 --seed 7
+  python dev/sample.py --prompt_ids 1,2,3 --model tiny.bin      # token ids, for a vocabulary that is not GPT-2's
+  python dev/sample.py --kv_cache 0 ...                         # one full forward per token, as train_gpt2.py's generate()
+
+The model is any llm.c model file (version 3 fp32 or version 5 bf16; ours or llm.c's: the same format).
+The prompt is encoded with tiktoken's GPT-2 encoding (offline: TIKTOKEN_CACHE_DIR); an empty prompt
+starts from <|endoftext|>, as llm.c's samples do. The text is printed as it is generated, then the
+speed: the prefill (the whole prompt in one forward pass) and the generated tokens per second.
+
+The KV cache. Without one, every new token runs the whole context through the model again (the
+trainers' generate() does, as llm.c: O(t) work per token). The keys and values of a position never
+change once computed (attention is causal), so we keep them, per layer, in K and V arrays of shape
+(L, B, NH, maxT, hs): the prompt runs once (the prefill, T = prompt length), then each new token runs
+alone (T = 1), its query attending to the cached keys of every earlier position. The layers other than
+attention treat each position on its own, so train_gpt2.py's layers serve as they are; only the
+attention is written here (attention_forward_cached).
+
+Sampling. The logits of the real vocabulary (V of the Vp columns) are divided by --temperature, all but
+the --top_k largest set to -inf (0 = keep all), and softmaxed in float32; llm.c's sampler then draws:
+sample_mult(probs, random_f32(state)) with the xorshift state seeded by --seed. With llm.c's settings
+(temperature 1, no top-k, seed 1337) that is exactly train_gpt2.py's generate() given the same context.
+--temperature 0 takes the most likely token (greedy). The model's context is maxT positions: a prompt
+that leaves no room for --max_new_tokens is cut to its last tokens, and the script says so.
+
+GPU: not here. This script is NumPy on the CPU (train_gpt2.py's layers, which call OpenBLAS directly);
+train_gpt2_cuda.py samples on the GPU during training, without a cache.
+"""
+
+import argparse
+import codecs
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import llmc  # noqa: E402,F401  (first: it picks NumPy's BLAS kernels before NumPy loads)
+import numpy as np  # noqa: E402
+
+import train_gpt2 as tg  # noqa: E402
+from llmc.formats import read_model_file  # noqa: E402
+from llmc.sampler import random_f32, sample_mult  # noqa: E402
+from llmc.utils import ConfigError, FormatError  # noqa: E402
+
+GPT2_VOCAB = 50257
+EOT = 50256
+
+
+# ----------------------------------------------------------------------------
+# the cached forward pass
+
+class KVCache:
+    """Keys and values of the positions seen so far: k, v (L, B, NH, maxT, hs); `pos` of them are filled."""
+
+    def __init__(self, config, B):
+        L, NH, C, maxT = config.num_layers, config.num_heads, config.channels, config.max_seq_len
+        self.k = np.zeros((L, B, NH, maxT, C // NH), dtype=np.float32)
+        self.v = np.zeros((L, B, NH, maxT, C // NH), dtype=np.float32)
+        self.pos = 0
+
+
+def attention_forward_cached(out, inp, k_cache, v_cache, pos, B, T, C, NH):
+    """Causal attention of T new positions pos..pos+T-1 on everything up to them.
+    inp (B, T, 3C) = q|k|v of the new positions; k_cache, v_cache (B, NH, maxT, hs) hold positions < pos
+    and get the new keys and values at pos..pos+T-1. Query i (position pos+i) attends to keys 0..pos+i.
+    out (B, T, C): the heads side by side, as train_gpt2.attention_forward writes them."""
+    hs = C // NH
+    q, k, v = tg._qkv_heads(inp, B, T, C, NH)                 # 3 x (B, NH, T, hs)
+    k_cache[:, :, pos:pos + T] = k
+    v_cache[:, :, pos:pos + T] = v
+    keys, values = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]        # (B, NH, pos+T, hs)
+    preatt = np.matmul(q, keys.transpose(0, 1, 3, 2))        # (B,NH,T,hs) @ (B,NH,hs,pos+T) -> (B,NH,T,pos+T)
+    preatt *= 1.0 / np.sqrt(hs)
+    future = np.triu(np.ones((T, pos + T), dtype=bool), k=pos + 1)   # key j > pos+i: after query i
+    preatt[:, :, future] = -np.inf
+    e = np.exp(preatt - preatt.max(axis=-1, keepdims=True))
+    att = e / e.sum(axis=-1, keepdims=True)                   # (B, NH, T, pos+T)
+    np.matmul(att, values, out=tg._split_heads(out, B, T, NH))   # (B,NH,T,pos+T) @ (B,NH,pos+T,hs) -> (B,T,NH,hs)
+
+
+def matmul_forward_rows(out, inp, weight, bias, B, T, C, OC):
+    """matmul_forward for a handful of rows (decoding: B*T = 1), as NumPy's own product, which OpenBLAS
+    runs as a matrix-vector product (sgemv). train_gpt2.matmul_forward cuts the product into sgemm
+    blocks, built for B*T in the hundreds: on one row it was several times slower here (d12, 2 busy
+    cores: the products of one token took 231 ms that way, 55-110 ms through np.matmul)."""
+    out2 = out.reshape(B * T, OC, copy=False)
+    np.matmul(inp.reshape(B * T, C), weight.T, out=out2)     # (B*T, C) @ (C, OC) -> (B*T, OC)
+    if bias is not None:
+        out2 += bias
+
+
+def gpt2_forward_cached(model, cache, tokens):
+    """Logits (B, T, Vp) of the T new tokens (B, T) at positions cache.pos..cache.pos+T-1, the earlier
+    positions read from the cache; their keys and values are added to it. train_gpt2.gpt2_forward's
+    layers in its order, with fresh (not llm.c-preallocated) buffers, since T changes from call to call."""
+    c, p = model.config, model.params
+    L, NH, C, Vp = c.num_layers, c.num_heads, c.channels, c.padded_vocab_size
+    tokens = np.asarray(tokens, dtype=np.int32)
+    B, T = tokens.shape
+    pos = cache.pos
+    matmul_forward = tg.matmul_forward if B * T >= 8 else matmul_forward_rows
+    if pos + T > c.max_seq_len:
+        raise ConfigError(f"position {pos + T} is past the model's context of {c.max_seq_len} tokens")
+    new = lambda *shape: np.empty(shape, dtype=np.float32)    # noqa: E731
+    mean, rstd = new(B, T), new(B, T)                         # LayerNorm's statistics (not needed later)
+    ln, qkv, atty, attproj = new(B, T, C), new(B, T, 3 * C), new(B, T, C), new(B, T, C)
+    residual2, fch, fch_gelu, fcproj = new(B, T, C), new(B, T, 4 * C), new(B, T, 4 * C), new(B, T, C)
+    x = p.wte[tokens] + p.wpe[pos:pos + T]                    # (B, T, C): the encoder at positions pos..
+    for l in range(L):
+        tg.layernorm_forward(ln, mean, rstd, x, p.ln1w[l], p.ln1b[l], B, T, C)
+        matmul_forward(qkv, ln, p.qkvw[l], p.qkvb[l], B, T, C, 3 * C)
+        attention_forward_cached(atty, qkv, cache.k[l], cache.v[l], pos, B, T, C, NH)
+        matmul_forward(attproj, atty, p.attprojw[l], p.attprojb[l], B, T, C, C)
+        tg.residual_forward(residual2, x, attproj, B * T * C)
+        tg.layernorm_forward(ln, mean, rstd, residual2, p.ln2w[l], p.ln2b[l], B, T, C)
+        matmul_forward(fch, ln, p.fcw[l], p.fcb[l], B, T, C, 4 * C)
+        tg.gelu_forward(fch_gelu, fch, B * T * 4 * C)
+        matmul_forward(fcproj, fch_gelu, p.fcprojw[l], p.fcprojb[l], B, T, 4 * C, C)
+        tg.residual_forward(x, residual2, fcproj, B * T * C)  # x is this layer's residual3
+    tg.layernorm_forward(ln, mean, rstd, x, p.lnfw, p.lnfb, B, T, C)
+    logits = new(B, T, Vp)
+    matmul_forward(logits, ln, p.wte, None, B, T, C, Vp)   # the classifier is wte (tied)
+    cache.pos = pos + T
+    return logits
+
+
+def uncached_last_logits(model, context):
+    """Logits (Vp,) after `context` (a list of ids) by one full forward pass over it, as generate() does."""
+    t = len(context)
+    tg.gpt2_forward(model, np.asarray(context, dtype=np.int32)[None], None, 1, t)
+    return model.acts.logits[0, t - 1]
+
+
+# ----------------------------------------------------------------------------
+# the sampler
+
+def next_token_probs(logits, temperature=1.0, top_k=0):
+    """float32 probabilities (V,) from the real vocabulary's logits (V,): divided by the temperature,
+    all but the top_k largest dropped (0 = keep all), softmaxed as train_gpt2.softmax_forward does."""
+    z = np.asarray(logits, dtype=np.float32)
+    if temperature != 1.0:
+        z = z / np.float32(temperature)
+    if 0 < top_k < z.size:
+        dropped = np.argpartition(z, z.size - top_k)[:z.size - top_k]   # the V-k smallest
+        z = z.copy()
+        z[dropped] = -np.inf
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def sample_token(logits, temperature, top_k, rng_state):
+    """The next token from the real vocabulary's logits (V,): greedy at temperature 0, else
+    llm.c's sample_mult on next_token_probs with a coin from the xorshift state."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    return sample_mult(next_token_probs(logits, temperature, top_k), random_f32(rng_state))
+
+
+def fit_prompt(prompt, max_new_tokens, max_seq_len):
+    """(prompt ids that leave room for max_new_tokens in the context, a message or None)."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+    if max_new_tokens >= max_seq_len:
+        raise ConfigError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                          f"context of {max_seq_len} tokens: use at most {max_seq_len - 1}")
+    room = max_seq_len - max_new_tokens
+    if len(prompt) <= room:
+        return list(prompt), None
+    return list(prompt[-room:]), (f"the prompt has {len(prompt)} tokens and the context {max_seq_len} with "
+                                  f"{max_new_tokens} to generate: keeping its last {room} tokens")
+
+
+def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, seed=1337, kv_cache=True, on_token=None):
+    """Sample max_new_tokens ids after `prompt` (ids, already fit to the context). on_token(id) is
+    called as each one is drawn. Returns (new ids, seconds of the prefill, seconds of the rest)."""
+    V = model.config.vocab_size
+    rng_state = [seed]
+    context, new_tokens = list(prompt), []
+    cache = KVCache(model.config, 1) if kv_cache else None
+    t0 = time.perf_counter()
+    logits = gpt2_forward_cached(model, cache, [context])[0, -1] if kv_cache else uncached_last_logits(model, context)
+    t_prefill = time.perf_counter() - t0
+    for i in range(max_new_tokens):
+        token = sample_token(logits[:V], temperature, top_k, rng_state)
+        new_tokens.append(token)
+        context.append(token)
+        if on_token:
+            on_token(token)
+        if i + 1 < max_new_tokens:
+            logits = gpt2_forward_cached(model, cache, [[token]])[0, 0] if kv_cache else uncached_last_logits(model, context)
+    return new_tokens, t_prefill, time.perf_counter() - t0 - t_prefill
+
+
+# ----------------------------------------------------------------------------
+# the command line
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description="Sample from a GPT-2 model file after a prompt, with a KV cache.")
+    ap.add_argument("--model", default="gpt2_124M.bin", help="llm.c model file, fp32 or bf16 (gpt2_d12.bin if the default is missing)")
+    ap.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
+    ap.add_argument("--prompt_ids", default=None, help="the prompt as comma-separated token ids instead (any vocabulary)")
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    ap.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = all, as llm.c)")
+    ap.add_argument("--seed", type=int, default=1337, help="the xorshift sampler's seed (llm.c: 1337)")
+    ap.add_argument("--kv_cache", type=int, default=1, choices=(0, 1), help="0: one full forward per token (no cache)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+        if args.top_k < 0:
+            raise ConfigError(f"--top_k must be >= 0, got {args.top_k}")
+        if not 0 < args.seed < 2**64:                         # xorshift's state 0 stays 0 forever
+            raise ConfigError(f"--seed must be in [1, 2^64), got {args.seed}")
+        path = tg.resolve_checkpoint(args.model)
+        config, params = read_model_file(path)
+        model = tg.GPT2(config, params)
+        V = config.vocab_size
+        enc = None
+        if V == GPT2_VOCAB:                                   # GPT-2's vocabulary: tiktoken encodes and decodes
+            from llmc.tokenizer import gpt2_encoding
+            enc = gpt2_encoding()
+        if args.prompt_ids is not None:
+            prompt = [int(s) for s in args.prompt_ids.replace(",", " ").split()]
+            if any(not 0 <= t < V for t in prompt):
+                raise ConfigError(f"--prompt_ids must lie in [0, {V})")
+        elif enc is None and args.prompt:
+            raise ConfigError(f"{path} has a vocabulary of {V} tokens, not GPT-2's {GPT2_VOCAB}: give --prompt_ids")
+        else:
+            prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) if args.prompt else []
+        if not prompt:                                        # llm.c's samples start from <|endoftext|>
+            prompt = [EOT if V > EOT else V - 1]              # (a tiny test vocabulary has none: its last id)
+        prompt, message = fit_prompt(prompt, args.max_new_tokens, config.max_seq_len)
+    except (FormatError, ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{path}: L={config.num_layers} NH={config.num_heads} C={config.channels} maxT={config.max_seq_len} "
+          f"V={V}; {'KV cache' if args.kv_cache else 'no cache (one full forward per token)'}")
+    if message:
+        print(message)
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # keeps split characters whole
+    def show(token):
+        if enc is not None:
+            print(decoder.decode(enc.decode_single_token_bytes(token)), end="", flush=True)
+        else:
+            print(token, end=" ", flush=True)
+
+    print("---")
+    for token in prompt:
+        show(token)
+    new_tokens, t_prefill, t_gen = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                            args.seed, bool(args.kv_cache), on_token=show)
+    print(decoder.decode(b"", final=True) + "\n---")
+    n = len(new_tokens)
+    rate = (n - 1) / t_gen if n > 1 and t_gen > 0 else float("nan")
+    print(f"prefill: {len(prompt)} tokens in {1e3 * t_prefill:.1f} ms; generated {n} tokens in "
+          f"{t_prefill + t_gen:.2f} s: {rate:.1f} tokens/s after the first")
+
+
+if __name__ == "__main__":
+    main()
