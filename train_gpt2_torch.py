@@ -174,8 +174,9 @@ class GPT(nn.Module):
         return logits, loss
 
     @classmethod
-    def from_pretrained(cls, model_type, flash=0):
-        """OpenAI's GPT-2 weights through Hugging Face transformers (downloaded once, then cached)."""
+    def from_pretrained(cls, model_type, flash=0, shape=None):
+        """OpenAI's GPT-2 weights through Hugging Face transformers (downloaded once, then cached), or a local
+        transformers GPT-2 directory (e.g. dev/eval/export_hf.py's) when shape, its config's sizes, is given."""
         print(f"loading weights from pretrained gpt: {model_type}")
         if not hf_reachable():  # use the local cache only, instead of minutes of retries
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -188,7 +189,7 @@ class GPT(nn.Module):
             raise SystemExit(f"could not load the {model_type} weights from Hugging Face ({type(e).__name__}: "
                              f"{reason}); offline? run python train_gpt2_torch.py --model {same} "
                              f"(same shapes, random init)")
-        model = cls(GPTConfig(**PRETRAINED[model_type], flash=flash))
+        model = cls(GPTConfig(**(shape or PRETRAINED[model_type]), flash=flash))
         sd, sd_hf = model.state_dict(), model_hf.state_dict()
         keys = [k for k in sd if not k.endswith(".attn.bias")]
         keys_hf = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
@@ -383,7 +384,8 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", type=str, default="",
                    help="output directory for main.log (the .bin files go to the current directory)")
     p.add_argument("--model", type=str, default="gpt2",
-                   help="gpt2|gpt2-medium|gpt2-large|gpt2-xl (OpenAI weights) or d6|d12|d24|d36|d48 (random init)")
+                   help="gpt2|gpt2-medium|gpt2-large|gpt2-xl (OpenAI weights), d6|d12|d24|d36|d48 (random init), "
+                        "or a transformers GPT-2 directory (e.g. dev/eval/export_hf.py's)")
     # explicit shapes (random init); any of them given -> named L{n_layer}H{n_head}C{n_embd}T{block_size}
     p.add_argument("--n_layer", type=int, default=None, help="L, number of layers")
     p.add_argument("--n_head", type=int, default=None, help="NH, number of attention heads")
@@ -422,11 +424,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def hf_directory_shape(path):
+    """The sizes in a transformers GPT-2 directory's config.json, as GPTConfig names them."""
+    import json
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise SystemExit(f"--model {path}: a directory without config.json; expected a transformers GPT-2 model")
+    with open(config_path) as f:
+        hf = json.load(f)
+    return dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], block_size=hf["n_positions"],
+                vocab_size=hf["vocab_size"])
+
+
 def model_config(args):
     """(GPTConfig, pretrained name or None, size name used in the file names) from the flags."""
     explicit = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                     block_size=args.block_size, vocab_size=args.vocab_size)
     valid = list(PRETRAINED) + list(DEPTHS)
+    if os.path.isdir(args.model):                       # a transformers GPT-2 directory (dev/eval/export_hf.py)
+        shape = hf_directory_shape(args.model)
+        size = "L{n_layer}H{n_head}C{n_embd}T{block_size}".format(**shape)
+        if shape["vocab_size"] != 50257:
+            size += f"V{shape['vocab_size']}"
+        return GPTConfig(**shape, flash=args.flash), args.model, size
     if args.model not in valid:
         raise SystemExit(f"unknown --model {args.model!r}; valid: {', '.join(valid)} "
                          "(or explicit --n_layer --n_head --n_embd --block_size)")
@@ -524,7 +544,9 @@ def main(argv=None):
             write_tokenizer(enc, "gpt2_tokenizer.bin")
 
     # the model
-    model = GPT.from_pretrained(pretrained, flash=config.flash) if pretrained else GPT(config)
+    local = pretrained is not None and os.path.isdir(pretrained)
+    model = GPT.from_pretrained(pretrained, flash=config.flash, shape=hf_directory_shape(pretrained) if local else None) \
+        if pretrained else GPT(config)
     model.train()
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())

@@ -106,6 +106,22 @@ def test_round_trip_through_train_gpt2_torch(files, tmp_path, monkeypatch, which
     assert open(back, "rb").read() == open(path, "rb").read()
 
 
+@pytest.mark.parametrize("which, dtype", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_round_trip_through_the_train_gpt2_torch_command(files, tmp_path, which, dtype):
+    """`python train_gpt2_torch.py --model <exported dir>` writes gpt2_<shape>.bin and _bf16.bin from the
+    directory's weights before it trains: the one in the export's precision is the input file, byte for byte."""
+    path = files[0] if which == "fp32" else files[1]
+    out = str(tmp_path / "hf")
+    export_hf.export(path, out, dtype, quiet=True)
+    formats.write_data_shard(str(tmp_path / "tokens.bin"), np.arange(64) % CONFIG.vocab_size)   # ids < V
+    r = run_script("train_gpt2_torch.py", "--model", out, "--input_bin", str(tmp_path / "tokens.bin"),
+                   "--batch_size", "1", "--sequence_length", "8", "--total_batch_size", "8", "--num_iterations", "1",
+                   cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    written = tmp_path / ("gpt2_L2H4C32T32V101.bin" if which == "fp32" else "gpt2_L2H4C32T32V101_bf16.bin")
+    assert written.read_bytes() == open(path, "rb").read()
+
+
 def test_truncated_input_one_line_nothing_written(files, tmp_path):
     bad = tmp_path / "truncated.bin"
     bad.write_bytes(open(files[0], "rb").read()[:-1000])
