@@ -33,8 +33,8 @@ tolerances are test_gpt2.cu's bf16 ones:
   the 16 gradients             |ours - ref| <= threshold + 0.079 |ref| (test_gpt2.cu's "bf16 epsilon"),
                                threshold per tensor: BF16_GRAD_THRESHOLDS below
 (test_gpt2.cu reads the reference loss but never compares it; we compare it with the 0.05 of the training
-losses.) Each tensor gets a ratio, the largest over its elements of |ours - ref| / tolerance, printed with
-the tensor and again in a summary at the end. A tensor passes test_gpt2.cu's check when its ratio <= 1.
+losses.) Each tensor gets a ratio, the largest over its elements of |ours - ref| / tolerance (test_gpt2.cu
+prints it as a percentage, "% of maximum error"), printed with the tensor and again in a summary at the end. A tensor passes test_gpt2.cu's check when its ratio <= 1.
 The summary says whether all ratios are <= 1 ("llm.c thresholds: pass") and whether all are <= 0.5
 ("target (every ratio <= 0.5): met": issue 8's target, twice as tight as llm.c). The per-tensor OK/NOT OK,
 "overall okay" and the exit status use --target R (default 1, test_gpt2.cu's thresholds): every ratio must be

@@ -69,6 +69,17 @@ def test_bf16_matches_pytorch_within_target(tiny_export):
     assert out.rstrip().endswith("overall okay: 1")
 
 
+def test_without_master_weights(tiny_export):
+    """-w 0: AdamW updates the bf16 weights themselves (stochastic rounding); two steps still within the target."""
+    r = run_bf16(tiny_export.model, tiny_export.state, "--precision", "bf16", "-w", "0", "--steps", "2",
+                 "--target", "0.5")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "precision: bf16, no master weights (-w 0); the reference is PyTorch's fp32" in r.stdout
+    assert list(summary_ratios(r.stdout)) == NAMES + ["losses (2 steps, worst)"]
+    assert len(re.findall(r"^step \d+: .* OK \(", r.stdout, re.M)) == 2
+    assert r.stdout.rstrip().endswith("overall okay: 1")
+
+
 def moved_state(tiny_export, tmp_path, k):
     """A copy of the debug state with one dfcprojw value (a non-negative one) moved up by k of its bf16
     tolerance: |moved - ref| = k (0.02 + 0.079 |moved|)."""
