@@ -51,7 +51,7 @@ from llmc.tokenizer import gpt2_encoding  # noqa: E402
 
 EOT = 50256                 # <|endoftext|>
 BLOCK_BYTES = 1 << 20       # read files this many bytes at a time
-SHARD_NAME = re.compile(r"_(val|train)_\d{6}\.bin$")
+SHARD_NAME = re.compile(r"_(val|train)_\d{6}\.bin")  # after "<name>", the whole rest of a shard's name
 # a safe cut: one space or newline between two non-space characters; the cut goes before the space/newline.
 # GPT-2's pattern ('s|'t|...| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+) ends the piece before it at
 # the non-space character either way, and the piece from the cut on depends only on the text that follows
@@ -125,8 +125,10 @@ class ShardWriter:
             for path, _, _ in self.written:
                 os.replace(path + ".partial", path)
         ours = {os.path.abspath(p) for p, _, _ in self.written}
-        for old in sorted(globlib.glob(os.path.join(globlib.escape(self.out_dir), globlib.escape(self.name) + "_*.bin"))):
-            if SHARD_NAME.search(old[len(os.path.join(self.out_dir, self.name)):]) and os.path.abspath(old) not in ours:
+        for old in sorted(os.listdir(self.out_dir)):
+            old = os.path.join(self.out_dir, old)
+            if (old.startswith(os.path.join(self.out_dir, self.name)) and os.path.abspath(old) not in ours
+                    and SHARD_NAME.fullmatch(old[len(os.path.join(self.out_dir, self.name)):])):
                 os.remove(old)
                 self.log(f"removed {old}: a shard of an earlier run that this run did not write")
         return self.written
@@ -319,9 +321,9 @@ def encode_task(task):
     out = []
     for starts, text in task:
         if starts:
-            out.append(EOT)
-        out.extend(_enc.encode_ordinary(text))
-    return np.array(out, dtype=np.uint16)
+            out.append(np.array([EOT], dtype=np.uint16))
+        out.append(np.array(_enc.encode_ordinary(text), dtype=np.uint16))  # GPT-2's ids are < 2**16
+    return np.concatenate(out)
 
 
 def tasks(pieces_, chunk_chars):
@@ -350,7 +352,7 @@ def batched(it, n):
 
 def tokenize_into(writer, events, chunk_chars, workers):
     """Tokenize the events' documents and add the tokens to `writer`, in order. Returns the document count.
-    At most 4 tasks per worker are in memory at once (Pool.imap would read the whole input ahead)."""
+    At most 2 tasks per worker are in memory at once (Pool.imap would read the whole input ahead)."""
     ndocs = [0]
 
     def counted(events):
@@ -366,7 +368,7 @@ def tokenize_into(writer, events, chunk_chars, workers):
             writer.add(encode_task(task))
     else:
         with Pool(workers, initializer=_init_worker) as pool:
-            for batch in batched(work, 4 * workers):
+            for batch in batched(work, 2 * workers):
                 for tokens in pool.map(encode_task, batch):
                     writer.add(tokens)
     return ndocs[0]
@@ -395,6 +397,7 @@ def main(argv=None):
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", args.name):
         raise SystemExit(f"--name {args.name!r}: use letters, digits and _.+- only")
     out_dir = args.output_dir or os.path.join("data", args.name)
+    writer = ShardWriter(out_dir, args.name, shard_size, val_tokens, staged=True)  # checks the sizes
     files = expand_inputs(args.inputs)
     gpt2_encoding()  # fail here, in one line, rather than in every worker
 
@@ -404,12 +407,10 @@ def main(argv=None):
           f"one document per {args.doc}) into {out_dir} with {max(1, args.workers)} worker(s)")
     os.makedirs(out_dir, exist_ok=True)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="reading", file=sys.stderr)
-    writer = ShardWriter(out_dir, args.name, shard_size, val_tokens, staged=True, log=bar.write)
-    warnings = []
+    writer.log = bar.write  # lines printed above the bar
 
     def warn(msg):
-        warnings.append(msg)
-        bar.write(f"warning: {msg}")
+        bar.write(f"warning: {msg}", file=sys.stderr)
 
     try:
         ndocs = tokenize_into(writer, documents(files, args.doc, bar, warn), args.chunk_chars, args.workers)
