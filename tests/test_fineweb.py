@@ -16,9 +16,11 @@ from llmc import formats
 from llmc.dataloader import DataLoader
 from conftest import REPO, TIKTOKEN_CACHE
 
-pytest.importorskip("datasets", reason="Hugging Face datasets is not installed (pip install datasets)")
-pa = pytest.importorskip("pyarrow")
-import pyarrow.parquet as pq  # noqa: E402
+
+def need_datasets():
+    """Skip (with the reason) where Hugging Face datasets, and so pyarrow, is not installed."""
+    pytest.importorskip("datasets", reason="Hugging Face datasets is not installed (pip install datasets)")
+    pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install datasets)")
 
 EOT = 50256
 SHARD = 1000
@@ -46,6 +48,9 @@ def make_docs():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
+    need_datasets()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     root = tmp_path_factory.mktemp("fineweb_repo")
     docs = make_docs()
     (root / "sample" / "10BT").mkdir(parents=True)
@@ -112,6 +117,7 @@ def test_fineweb_shards(tmp_path, dataset):
 
 
 def test_fineweb_errors(tmp_path):
+    """Bad flags fail in one line before datasets is imported (so also where it is not installed)."""
     for args, words in [(["-t", "web"], "type must be one of edu, classic"),
                         (["-v", "1B"], "version one of 10B, 100B"),
                         (["-m", "llama-3"], "only gpt-2"),
@@ -122,7 +128,11 @@ def test_fineweb_errors(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], (args, r.stderr)
         assert not (tmp_path / "o").exists()
-    # a folder that is not a dataset: one line naming it
+
+
+def test_fineweb_not_a_dataset(tmp_path):
+    """A folder that is not a dataset: one line naming it."""
+    need_datasets()
     (tmp_path / "empty").mkdir()
     r = fineweb("--dataset_path", tmp_path / "empty", "-o", tmp_path / "o", cwd=tmp_path)
     assert r.returncode == 1 and "empty: cannot load" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
