@@ -12,7 +12,8 @@ then train with
   python train_gpt2.py -i "dev/data/fineweb10B/fineweb_train_*.bin" -j "dev/data/fineweb10B/fineweb_val_*.bin" ...
 
 The download goes through Hugging Face `datasets` (pip install datasets) into its cache (HF_DATASETS_CACHE,
-~/.cache/huggingface by default): about 30 GB for 10B, and the shards take 2 bytes a token (20 GB for 10B).
+~/.cache/huggingface by default): the parquet files plus datasets' Arrow copy of them, tens of GB for 10B;
+the shards take 2 bytes a token (about 20 GB for 10B, in ~100 shards of 1e8 tokens).
 --streaming 1 reads the parquet files over the network as it goes instead of downloading them first
 (nothing but the shards lands on disk). --dataset_path reads a local copy instead of the Hub: a clone of the
 dataset repository (its README.md names the sample-10BT/sample-100BT configurations), or any folder of

@@ -125,10 +125,10 @@ class ShardWriter:
             for path, _, _ in self.written:
                 os.replace(path + ".partial", path)
         ours = {os.path.abspath(p) for p, _, _ in self.written}
-        for old in sorted(os.listdir(self.out_dir)):
-            old = os.path.join(self.out_dir, old)
-            if (old.startswith(os.path.join(self.out_dir, self.name)) and os.path.abspath(old) not in ours
-                    and SHARD_NAME.fullmatch(old[len(os.path.join(self.out_dir, self.name)):])):
+        for fname in sorted(os.listdir(self.out_dir)):
+            old = os.path.join(self.out_dir, fname)
+            if (fname.startswith(self.name) and SHARD_NAME.fullmatch(fname[len(self.name):])
+                    and os.path.abspath(old) not in ours):
                 os.remove(old)
                 self.log(f"removed {old}: a shard of an earlier run that this run did not write")
         return self.written
@@ -146,35 +146,36 @@ class ShardWriter:
 
 
 def expand_inputs(patterns):
-    """The input files in order: each pattern's matches sorted, duplicates dropped; "-" is stdin."""
+    """The input files in order: "-" (stdin), a file, or a glob's matching files sorted; each file once."""
     files, seen = [], set()
     for pattern in patterns:
         if pattern == "-":
             matches = ["-"]
-        else:
-            matches = sorted(globlib.glob(pattern, recursive=True)) if globlib.has_magic(pattern) else [pattern]
-            if globlib.has_magic(pattern) and not matches:
+        elif globlib.has_magic(pattern):
+            matches = sorted(m for m in globlib.glob(pattern, recursive=True) if not os.path.isdir(m))
+            if not matches:
                 raise SystemExit(f"no files match '{pattern}'")
-            matches = [m for m in matches if not os.path.isdir(m)] if globlib.has_magic(pattern) else matches
+        elif os.path.isdir(pattern):
+            raise SystemExit(f"{pattern}: is a directory; pass its files, e.g. '{os.path.join(pattern, '*.txt')}'")
+        elif not os.path.isfile(pattern):
+            raise SystemExit(f"{pattern}: no such file")
+        else:
+            matches = [pattern]
         for m in matches:
-            if m != "-":
-                if os.path.isdir(m):
-                    raise SystemExit(f"{m}: is a directory; pass its files, e.g. '{os.path.join(m, '*.txt')}'")
-                if not os.path.isfile(m):
-                    raise SystemExit(f"{m}: no such file")
             key = m if m == "-" else os.path.realpath(m)
             if key not in seen:
                 seen.add(key)
                 files.append(m)
-    if not files:
-        raise SystemExit(f"no input files among {' '.join(patterns)}")
     return files
 
 
 def read_blocks(path, bar):
     """The UTF-8 text of a file (or stdin for "-"), in blocks decoded from BLOCK_BYTES reads."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    f = sys.stdin.buffer if path == "-" else open(path, "rb")
+    try:
+        f = sys.stdin.buffer if path == "-" else open(path, "rb")
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read it ({e.strerror})") from None
     offset = 0  # bytes read before this block
     try:
         while True:
