@@ -71,10 +71,12 @@ def reference(enc, docs):
 
 def tricky_text(seed, n):
     """Text that stresses GPT-2's pre-tokenizer at every possible cut: runs of spaces and newlines,
-    contractions, digits, punctuation, accented letters, CJK, emoji (4 UTF-8 bytes), tabs, \\r\\n."""
+    contractions, digits, punctuation, accented letters, CJK, emoji (4 UTF-8 bytes), tabs, \\r\\n, and
+    characters that Python and Unicode may class differently as space."""
     rng = random.Random(seed)
     atoms = ["the", "cat", "'s", "'ll", "don't", " ", "  ", "   ", "\n", "\n\n", " \n", "\n ", "\t", "\r\n",
-             "42", "3.14", "!", "?!", "...", "--", "é", "naïve", "日本語", "😀", "🙂x", "a", "I", "(", ")", '"']
+             "42", "3.14", "!", "?!", "...", "--", "é", "naïve", "日本語", "😀", "🙂x", "a", "I", "(", ")", '"',
+             "\u00a0", "\u3000", "\u2028", "\x0b", "\x1c", "\u200b", "\u0301"]  # other spaces, zero width, combining
     return "".join(rng.choice(atoms) for _ in range(n))
 
 
