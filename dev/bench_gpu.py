@@ -29,7 +29,8 @@ and the device's used memory (context included). bf16 rounds print ours/PyTorch 
 target (>= 1.07x).
 The largest B that fits both (--max_batch -1): ours from its memory report (train_gpt2_cuda.largest_batch_size
 on the free memory it measured with its parameters in place, less MAX_BATCH_HEADROOM for what the report does
-not count: cuBLAS's workspace, the compiled kernels); PyTorch's estimated from its B=16 bf16 run, whose peak
+not count: cuBLAS's workspace, the compiled kernels), and at most what the attention kernels' 32-bit indices
+allow (B*NH*T*T < 2^31: B <= 170 for d12 at T=1024, which the memory report does not check); PyTorch's estimated from its B=16 bf16 run, whose peak
 allocated memory is linear in B: peak(B) = fixed + B * per_sample, with fixed = what was allocated before
 the first step (the weights) plus AdamW's m and v, so per_sample = (peak(16) - fixed) / 16 (an upper bound:
 the gradients, also fixed, count as per-sample here), and B = (TORCH_USABLE x the free memory at its start
@@ -104,6 +105,12 @@ def flops_per_token(config, T):
     return count(num_parameters(config), config.num_layers, config.channels, T)
 
 
+def attention_index_limit(config, T):
+    """The largest B our attention kernels can index: they address att (B, NH, T, T) with 32-bit ints
+    (kernels/attention.cu assumes B*NH*T*T < 2^31), a limit the memory report does not know."""
+    return (2**31 - 1) // (config.num_heads * T * T)
+
+
 def worker_ours(args):
     import train_gpt2_cuda as tc
     tc.require_gpu()
@@ -119,8 +126,10 @@ def worker_ours(args):
     B, T = args.batch_size, args.seq_len
     # what the memory report counts from: free memory with the parameters and their gradients in place
     memory = tc.device_memory()
-    largest = None if memory is None else tc.largest_batch_size(
+    by_memory = None if memory is None else tc.largest_batch_size(
         model.config, T, args.recompute, memory[0] - MAX_BATCH_HEADROOM, args.precision, master)
+    by_index = attention_index_limit(model.config, T)
+    largest = None if by_memory is None else min(by_memory, by_index)
     timed_end = args.warmup + args.steps  # then args.breakdown more steps, profiled (not in the timing)
     batches = get_batches(args.data, B, T, timed_end + args.breakdown, model.config.vocab_size)
 
@@ -162,6 +171,7 @@ def worker_ours(args):
     return dict(times=times, losses=losses, device=tc.device_name(), tf32=bool(tf32),
                 gemm="bf16" if bf16 else "tf32" if tf32 else "fp32",
                 flops_per_token=flops_per_token(model.config, T), largest_batch=largest,
+                largest_by_memory=by_memory, largest_by_index=by_index,
                 alloc_peak_mib=pool / 2**20, device_used_mib=mem_used / 2**20,
                 breakdown=profiler.rows(args.breakdown) if profiler is not None else [],
                 profiled_times=profiled_times)
@@ -370,8 +380,9 @@ def print_round(args, results):
         print(f"{label[t]}: device {res['device']}, GEMMs {res['gemm']}{extra}")
     ours = results.get("ours", {})
     if ours.get("largest_batch") is not None:
-        print(f"ours: the memory report's largest B at T={T} in {args.precision}, "
-              f"{MAX_BATCH_HEADROOM / 2**30:.0f} GiB kept free: {ours['largest_batch']}")
+        print(f"ours: the largest B at T={T} in {args.precision}: {ours['largest_batch']} (the memory report's, "
+              f"{MAX_BATCH_HEADROOM / 2**30:.0f} GiB kept free: {ours['largest_by_memory']}; the attention "
+              f"kernels' 32-bit indices, B*NH*T*T < 2^31: {ours['largest_by_index']})")
     if ours.get("breakdown"):
         profiled = statistics.mean(ours["profiled_times"]) * 1000
         print(f"\n(ours in {args.precision} at B={B}: the breakdown is from {args.breakdown} more steps with the "
@@ -393,7 +404,7 @@ def largest_round_batch(args, results):
         return None
     how = []
     if ours is not None:
-        how.append(f"ours {ours} (memory report)")
+        how.append(f"ours {ours} (memory report and 32-bit attention indices)")
     if torch_b is not None:
         r = torch_res
         per_sample = (r["peak_allocated"] - r["fixed_bytes"]) / args.batch_size
