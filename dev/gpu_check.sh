@@ -6,26 +6,26 @@
 #   GPU_CHECK_BUDGET=300 bash dev/gpu_check.sh
 #   GPU_CHECK_STAGES="bench_bf16 bench_fp32" bash dev/gpu_check.sh    # only these (and what they need)
 #
-# Stages, in order of what they tell us (bf16 first), each with its own timeout (cut to what is left
-# of GPU_CHECK_BUDGET seconds, default 450, so the whole run stays under 8 minutes), each going on
+# Stages, in this order (bf16 first), each with its own timeout (cut to what is left of
+# GPU_CHECK_BUDGET seconds, default 450, so the whole run stays under 8 minutes), each going on
 # after a failure:
 #   env               nvidia-smi, Python package versions
 #   test_kernels_bf16 pytest tests/test_kernels_bf16.py (every kernel built with -DENABLE_BF16, on the
 #                     GPU and the emulator; skipped with a line when the file is not there)
-#   test_kernels      pytest tests/test_kernels.py (fp32; backend cupy on the GPU, plus the emulator)
 #   data              prepro_tinyshakespeare.py --input <shared data>/tinyshakespeare/input.txt
 #                     (skipped, and what needs it too, when neither that text nor the .bin files exist)
 #   export_d12        python train_gpt2_torch.py --model d12 (gpt2_d12.bin, gpt2_d12_bf16.bin, debug state)
 #   test_gpt2_bf16    python test_gpt2.py --trainer cuda --precision bf16 on that export
-#   test_gpt2_fp32    python test_gpt2.py --trainer cuda --precision fp32 on that export
-#   bf16_determinism  train_gpt2_cuda.py -e gpt2_d12_bf16.bin -b 4 -t 256 -x 10 -n 10 -p bf16 twice:
-#                     the same step lines (loss, norm) and the same model and state files, byte for byte
-#   bf16_resume       the same, -x 20 in one go against -x 10 then -x 20 -y 1 from its checkpoint:
-#                     the same step lines, model_00000020.bin and state_00000020_00000.bin
 #   bench_bf16        dev/bench_gpu.py --precision bf16: ours vs PyTorch (bf16 autocast, compile, flash)
 #                     at B=16 and at the largest B that fits both, 10 timed steps
+#   bf16_determinism  train_gpt2_cuda.py -e gpt2_d12_bf16.bin -b 4 -t 256 -x 10 -n 10 -p bf16 twice:
+#                     the same step lines (loss, norm) and the same model and state files, byte for byte
+#   bf16_resume       the same, -x 20 in one go against the -x 10 run then -x 20 -y 1 from its checkpoint:
+#                     the same step lines, model_00000020.bin and state_00000020_00000.bin
+#   test_gpt2_fp32    python test_gpt2.py --trainer cuda --precision fp32 on the export
 #   bench_fp32        dev/bench_gpu.py --precision fp32 --trainers ours: our fp32 (TF32) numbers beside
 #                     them (PyTorch fp32 is left to make bench_gpu: one more torch.compile does not fit)
+#   test_kernels      pytest tests/test_kernels.py (fp32; backend cupy on the GPU, plus the emulator)
 #   check_kernel_bf16 python dev/check_kernel.py all --precision bf16: every kernel vs its NumPy twin,
 #                     then timed at d12 in bf16
 #   check_kernel      python dev/check_kernel.py all: the same in fp32
