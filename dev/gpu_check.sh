@@ -336,7 +336,7 @@ TOTAL=$(($(date +%s) - START))
         if [ "$GPU" = 1 ] && [ -n "$log" ] && [ -f "$log" ]; then
             echo
             echo "($(basename "$log" .log))"
-            grep -E -A3 '^(== (bf16|fp32), B=|largest B that fits)' "$log" | grep -v '^--$'
+            sed -nE '/^== (bf16|fp32), B=/,/^$/p; /^largest B that fits/p' "$log"   # each round's table and ratio
             sed -n '/^summary, T=/,$p' "$log"
         fi
     done
