@@ -57,17 +57,21 @@ test: setup
 test_gpt2: setup data export
 	$(PYTHON) test_gpt2.py --checkpoint $(CHECKPOINT)
 
+# on the GPU in its default precision (bf16 where the GPU has it, SM >= 80); PRECISION=fp32 for the fp32 check
+PRECISION ?=
 test_gpt2_cuda: setup data export
-	$(PYTHON) test_gpt2.py --trainer cuda --checkpoint $(CHECKPOINT)
+	$(PYTHON) test_gpt2.py --trainer cuda --checkpoint $(CHECKPOINT) $(if $(PRECISION),--precision $(PRECISION),)
 
 bench: setup data
 	$(PYTHON) dev/bench_cpu.py
 	@$(PYTHON) -c "import cupy; cupy.cuda.runtime.getDeviceCount()" 2>/dev/null && $(PYTHON) dev/bench_gpu.py || echo "bench: no GPU with CuPy here, skipping dev/bench_gpu.py"
 
+# ours vs PyTorch (torch.compile) on one GPU: fp32 and bf16 at B=16, then bf16 at the largest B that fits both
 bench_gpu: setup data
 	$(PYTHON) dev/bench_gpu.py
 
-# every GPU check and benchmark in one run of under 8 minutes, a summary in $(OUT) (default ./gpu_out)
+# every GPU check and benchmark in one run of under 8 minutes (bf16 first), a summary in $(OUT) (default
+# ./gpu_out); GPU_CHECK_STAGES="bench_bf16 ..." runs only those stages, GPU_CHECK_BUDGET the seconds
 gpu_check:
 	bash dev/gpu_check.sh
 

@@ -4,18 +4,32 @@
 #
 #   bash dev/gpu_check.sh                  # logs and summary.txt under $OUT (default ./gpu_out)
 #   GPU_CHECK_BUDGET=300 bash dev/gpu_check.sh
+#   GPU_CHECK_STAGES="bench_bf16 bench_fp32" bash dev/gpu_check.sh    # only these (and what they need)
 #
-# Stages, in order, each with its own timeout (cut to what is left of GPU_CHECK_BUDGET seconds,
-# default 450, so the whole run stays under 8 minutes), each going on after a failure:
-#   env             nvidia-smi, Python package versions
-#   test_kernels    pytest tests/test_kernels.py (backend cupy on the GPU, plus the emulator)
-#   test_trainer    pytest tests/test_cuda_trainer.py
-#   check_kernel    python dev/check_kernel.py all: every kernel vs its NumPy twin, then timed at d12
-#   data            prepro_tinyshakespeare.py --input <shared data>/tinyshakespeare/input.txt
-#                   (skipped, and what needs it too, when neither that text nor the .bin files exist)
-#   export_d12      python train_gpt2_torch.py --model d12 (checkpoint + PyTorch's debug state)
-#   test_gpt2_cuda  python test_gpt2.py --trainer cuda on that export
-#   bench_gpu       python dev/bench_gpu.py with fewer steps (ours vs PyTorch compile + TF32)
+# Stages, in this order (bf16 first), each with its own timeout (cut to what is left of
+# GPU_CHECK_BUDGET seconds, default 450, so the whole run stays under 8 minutes), each going on
+# after a failure:
+#   env               nvidia-smi, Python package versions
+#   test_kernels_bf16 pytest tests/test_kernels_bf16.py (every kernel built with -DENABLE_BF16, on the
+#                     GPU and the emulator; skipped with a line when the file is not there)
+#   data              prepro_tinyshakespeare.py --input <shared data>/tinyshakespeare/input.txt
+#                     (skipped, and what needs it too, when neither that text nor the .bin files exist)
+#   export_d12        python train_gpt2_torch.py --model d12 (gpt2_d12.bin, gpt2_d12_bf16.bin, debug state)
+#   test_gpt2_bf16    python test_gpt2.py --trainer cuda --precision bf16 on that export
+#   bench_bf16        dev/bench_gpu.py --precision bf16: ours vs PyTorch (bf16 autocast, compile, flash)
+#                     at B=16 and at the largest B that fits both, 10 timed steps
+#   bf16_determinism  train_gpt2_cuda.py -e gpt2_d12_bf16.bin -b 4 -t 256 -x 10 -n 10 -p bf16 twice:
+#                     the same step lines (loss, norm) and the same model and state files, byte for byte
+#   bf16_resume       the same, -x 20 in one go against the -x 10 run then -x 20 -y 1 from its checkpoint:
+#                     the same step lines, model_00000020.bin and state_00000020_00000.bin
+#   test_gpt2_fp32    python test_gpt2.py --trainer cuda --precision fp32 on the export
+#   bench_fp32        dev/bench_gpu.py --precision fp32 --trainers ours: our fp32 (TF32) numbers beside
+#                     them (PyTorch fp32 is left to make bench_gpu: one more torch.compile does not fit)
+#   test_kernels      pytest tests/test_kernels.py (fp32; backend cupy on the GPU, plus the emulator)
+#   check_kernel_bf16 python dev/check_kernel.py all --precision bf16: every kernel vs its NumPy twin,
+#                     then timed at d12 in bf16
+#   check_kernel      python dev/check_kernel.py all: the same in fp32
+#   test_trainer      pytest tests/test_cuda_trainer.py (mostly the emulator: last, when time is left)
 # Offline data (the tiny shakespeare text and a tiktoken cache for the gpt2 encoding) is read from
 # ./shared/data, else ../shared/data. The device tool sends the checkout and a shared/ folder inside
 # it, not the ../shared beside it, so before a device call copy it in (shared/ is git-ignored):
@@ -23,15 +37,19 @@
 # Without a GPU the GPU stages say "no GPU" at once; check_kernel then runs on the emulator
 # (no timings) and data runs as usual, so a CPU run checks the script itself.
 # $OUT/summary.txt: one line per stage (PASS / FAIL / TIMEOUT / SKIP, seconds, key numbers), then
-# the kernel timing table and the benchmark table. $OUT/<stage>.log: each stage's full output.
+# the kernel timing tables and the benchmark tables. $OUT/<stage>.log: each stage's full output.
+# The training runs write their checkpoints (GBs for d12) into a temporary folder, never under $OUT.
 
+# shellcheck disable=SC2317  # the bf16 training checks below run in a child bash (export -f), unseen here
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 BUDGET=${GPU_CHECK_BUDGET:-450}
+STAGES=${GPU_CHECK_STAGES:-}
 PY=${PYTHON:-python}
+export PY
 export PYTHONDONTWRITEBYTECODE=1
 SHARED_DATA=../shared/data
 [ -d shared/data ] && SHARED_DATA=shared/data        # the copy a device call carries (see above)
@@ -42,6 +60,8 @@ fi
 SUMMARY=$OUT/summary.txt
 START=$(date +%s)
 : > "$SUMMARY"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")   # the training runs' output folders
+trap 'rm -rf "$WORK"' EXIT
 
 if "$PY" -c "import cupy, sys; sys.exit(0 if cupy.cuda.runtime.getDeviceCount() > 0 else 1)" >/dev/null 2>&1; then
     GPU=1
@@ -50,15 +70,28 @@ else
 fi
 
 record() {  # record NAME STATUS SECONDS NOTE
-    printf '%-15s %-8s %5ss  %s\n' "$1" "$2" "$3" "$4" | tee -a "$SUMMARY"
+    printf '%-17s %-8s %5ss  %s\n' "$1" "$2" "$3" "$4" | tee -a "$SUMMARY"
+}
+
+wanted() {  # wanted NAME...: is any of these stages asked for (all are, without GPU_CHECK_STAGES)?
+    [ -z "$STAGES" ] && return 0
+    local name
+    for name in "$@"; do
+        case " $STAGES " in *" $name "*) return 0 ;; esac
+    done
+    return 1
 }
 
 # stage NAME TIMEOUT NEEDS_GPU COMMAND...: run COMMAND with its output in $OUT/NAME.log; sets STATUS
+# (SKIP, already recorded, when the stage is not wanted, needs a GPU there is not, or has no time left)
 stage() {
     local name=$1 limit=$2 needs_gpu=$3
     shift 3
     LOG="" ELAPSED=0
     local left=$((BUDGET - ($(date +%s) - START)))
+    if ! wanted "$name"; then
+        STATUS=SKIP; record "$name" SKIP 0 "not in GPU_CHECK_STAGES"; return
+    fi
     if [ "$needs_gpu" = 1 ] && [ "$GPU" = 0 ]; then
         STATUS=SKIP; record "$name" SKIP 0 "no GPU (CuPy finds no CUDA device)"; return
     fi
@@ -80,6 +113,84 @@ note_last_line() {  # the last non-empty line of the stage's log, e.g. pytest's 
     grep -v '^\s*$' "$LOG" | tail -n 1 | cut -c1-150
 }
 
+note_match() {  # note_match REGEX: the first line of the stage's log that matches, else its last line
+    local line
+    line=$(grep -m1 -E "$1" "$LOG")
+    if [ -n "$line" ]; then echo "$line" | cut -c1-150; else note_last_line; fi
+}
+
+# ---- the bf16 training checks (run under `timeout` in a child bash: exported with export -f)
+
+# step_lines LOG: a training log's step lines without their timings: "step 3/10: train loss 10.83 (...)
+# (12.1 ms, ...) norm 1.2353 (...) lr 3.00e-04" -> "3 10.83 1.2353"
+step_lines() {
+    sed -nE 's|^step +([0-9]+)/[0-9]+: train loss ([^ ]+) .* norm ([^ ]+) .*|\1 \2 \3|p' "$1"
+}
+
+# train_bf16 LOG ARGS...: train_gpt2_cuda.py in bf16 without val loss and samples, its output in LOG
+train_bf16() {
+    local log=$1
+    shift
+    echo "-- $PY train_gpt2_cuda.py -p bf16 -v 0 -s 0 $*"
+    if ! "$PY" train_gpt2_cuda.py -p bf16 -v 0 -s 0 "$@" > "$log" 2>&1; then
+        cat "$log"
+        echo "FAILED: train_gpt2_cuda.py -p bf16 -v 0 -s 0 $*"
+        return 1
+    fi
+    grep -E '^(precision|allocating|master weights|total|estimated|step|wrote|resumed)' "$log"
+}
+
+# same_files DIR1 DIR2 NAME...: the files byte for byte
+same_files() {
+    local name ok=0
+    for name in "${@:3}"; do
+        if cmp "$1/$name" "$2/$name"; then echo "same bytes: $name"; else ok=1; fi
+    done
+    return "$ok"
+}
+
+# check_determinism MODEL B T DIR: the same 10 bf16 steps twice (into DIR/a and DIR/b)
+check_determinism() {
+    local model=$1 B=$2 T=$3 dir=$4 run
+    for run in a b; do
+        rm -rf "${dir:?}/$run"
+        train_bf16 "$dir/$run.log" -e "$model" -b "$B" -t "$T" -x 10 -n 10 -o "$dir/$run" || return 1
+        step_lines "$dir/$run.log" > "$dir/$run.steps"
+    done
+    if [ "$(wc -l < "$dir/a.steps")" -ne 10 ]; then
+        echo "FAILED: expected 10 step lines, found $(wc -l < "$dir/a.steps")"; return 1
+    fi
+    diff "$dir/a.steps" "$dir/b.steps" || { echo "FAILED: the two runs' steps differ"; return 1; }
+    same_files "$dir/a" "$dir/b" model_00000010.bin state_00000010_00000.bin || {
+        echo "FAILED: the two runs' checkpoints differ"; return 1; }
+    echo "bf16 determinism: 10 steps twice, identical losses and norms (last: $(tail -n 1 "$dir/a.steps")), model and state (master weights, m, v) files identical"
+}
+
+# check_resume MODEL B T DIR: 20 bf16 steps in one go (DIR/full) against 10 (DIR/a, check_determinism's
+# if it is there) then 10 more resumed from its checkpoint (-y 1)
+check_resume() {
+    local model=$1 B=$2 T=$3 dir=$4
+    if [ ! -f "$dir/a/DONE_00000010" ]; then
+        rm -rf "${dir:?}/a"
+        train_bf16 "$dir/a.log" -e "$model" -b "$B" -t "$T" -x 10 -n 10 -o "$dir/a" || return 1
+    fi
+    rm -rf "${dir:?}/full"
+    train_bf16 "$dir/full.log" -e "$model" -b "$B" -t "$T" -x 20 -n 10 -o "$dir/full" || return 1
+    train_bf16 "$dir/resumed.log" -e "$model" -b "$B" -t "$T" -x 20 -n 10 -o "$dir/a" -y 1 || return 1
+    grep -q "resumed from checkpoint 10" "$dir/resumed.log" || { echo "FAILED: -y 1 did not resume from step 10"; return 1; }
+    step_lines "$dir/full.log" > "$dir/full.steps"
+    cat "$dir/a.log" "$dir/resumed.log" > "$dir/both.log"
+    step_lines "$dir/both.log" > "$dir/both.steps"
+    if [ "$(wc -l < "$dir/full.steps")" -ne 20 ]; then
+        echo "FAILED: expected 20 step lines, found $(wc -l < "$dir/full.steps")"; return 1
+    fi
+    diff "$dir/full.steps" "$dir/both.steps" || { echo "FAILED: 10 + 10 resumed steps differ from 20 in one go"; return 1; }
+    same_files "$dir/full" "$dir/a" model_00000020.bin state_00000020_00000.bin || {
+        echo "FAILED: the checkpoints of step 20 differ"; return 1; }
+    echo "bf16 resume: 20 steps = 10 + 10 resumed (-y 1): identical losses and norms (last: $(tail -n 1 "$dir/full.steps")), step 20's model and state files identical"
+}
+export -f step_lines train_bf16 same_files check_determinism check_resume
+
 # ---- env
 stage env 30 0 bash -c "nvidia-smi -L 2>&1 || echo 'nvidia-smi: not found'; $PY -c '
 import platform, numpy; print(\"python\", platform.python_version(), \"numpy\", numpy.__version__)
@@ -89,65 +200,146 @@ for m in (\"cupy\", \"torch\", \"tiktoken\"):
     except Exception as e:
         print(m, \"not importable:\", type(e).__name__)
 '"
-record env "$STATUS" "$ELAPSED" "$(grep -m1 '^GPU 0' "$LOG" || echo 'no nvidia-smi GPU')"
+if [ "$STATUS" != SKIP ]; then
+    NOTE="$(grep -m1 '^GPU 0' "$LOG" | cut -c1-70 || true)"
+    record env "$STATUS" "$ELAPSED" "${NOTE:-no nvidia-smi GPU}; $(grep -E '^(cupy|torch) ' "$LOG" | tr '\n' ' ')"
+fi
 
-# ---- the pytest suites that use the GPU
-stage test_kernels 150 1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
-[ "$STATUS" != SKIP ] && record test_kernels "$STATUS" "$ELAPSED" "$(note_last_line)"
-stage test_trainer 120 1 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_trainer.py
-[ "$STATUS" != SKIP ] && record test_trainer "$STATUS" "$ELAPSED" "$(note_last_line)"
+# ---- the bf16 kernel tests (when the file is there)
+if [ -f tests/test_kernels_bf16.py ]; then
+    stage test_kernels_bf16 100 1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_bf16.py
+    [ "$STATUS" != SKIP ] && record test_kernels_bf16 "$STATUS" "$ELAPSED" "$(note_last_line)"
+else
+    record test_kernels_bf16 SKIP 0 "tests/test_kernels_bf16.py is not in this checkout"
+fi
 
-# ---- every kernel against its NumPy twin, timed at d12 on the GPU (the emulator, untimed, without one)
-stage check_kernel 120 0 "$PY" dev/check_kernel.py all
-record check_kernel "$STATUS" "$ELAPSED" "$(grep -m1 'kernels, .* outputs' "$LOG" || note_last_line)"
-CHECK_LOG=$LOG
-
-# ---- data, the d12 export, and test_gpt2.py on the CUDA trainer
+# ---- data and the d12 export, which the test_gpt2 and bf16 training stages need
+D12_STAGES="test_gpt2_bf16 test_gpt2_fp32 bf16_determinism bf16_resume"
 VAL=data/tinyshakespeare/tiny_shakespeare_val.bin
 INPUT=$SHARED_DATA/tinyshakespeare/input.txt
-if [ -f "$VAL" ]; then
+ASKED=$STAGES
+# shellcheck disable=SC2086  # D12_STAGES: a list of names
+if ! wanted data export_d12 $D12_STAGES; then
+    record data SKIP 0 "not in GPU_CHECK_STAGES"
+elif [ -f "$VAL" ]; then
     record data PASS 0 "$VAL already there"
 elif [ -f "$INPUT" ]; then
-    stage data 60 0 "$PY" prepro_tinyshakespeare.py --input "$INPUT"
+    STAGES="" stage data 60 0 "$PY" prepro_tinyshakespeare.py --input "$INPUT"   # needed: always wanted
     record data "$STATUS" "$ELAPSED" "$(note_last_line)"
 else
-    record data SKIP 0 "no $INPUT and no $VAL: export_d12 and test_gpt2_cuda need them"
+    record data SKIP 0 "no $INPUT and no $VAL: export_d12 and the d12 stages need them"
 fi
-if [ ! -f "$VAL" ]; then
+# shellcheck disable=SC2086
+if ! wanted export_d12 $D12_STAGES; then
+    record export_d12 SKIP 0 "not in GPU_CHECK_STAGES"
+elif [ ! -f "$VAL" ]; then
     record export_d12 SKIP 0 "no data ($VAL)"
-    record test_gpt2_cuda SKIP 0 "no data, no export"
 else
-    [ "$GPU" = 1 ] && rm -f gpt2_d12.bin gpt2_d12_debug_state.bin   # a fresh export, never a stale one
-    stage export_d12 120 1 "$PY" train_gpt2_torch.py --model d12
+    [ "$GPU" = 1 ] && rm -f gpt2_d12.bin gpt2_d12_bf16.bin gpt2_d12_debug_state.bin   # a fresh export, never a stale one
+    STAGES="" stage export_d12 120 1 "$PY" train_gpt2_torch.py --model d12
     [ "$STATUS" != SKIP ] && record export_d12 "$STATUS" "$ELAPSED" "$(grep 'wrote ' "$LOG" | tr '\n' ' ' | cut -c1-150)"
+fi
+STAGES=$ASKED
+
+d12_ready() {  # d12_ready NAME: are the GPU and the export there? If not, record NAME as skipped, saying why
     if [ "$GPU" = 0 ]; then
-        record test_gpt2_cuda SKIP 0 "no GPU (CuPy finds no CUDA device)"
-    elif [ -f gpt2_d12_debug_state.bin ]; then
-        stage test_gpt2_cuda 120 1 "$PY" test_gpt2.py --trainer cuda --checkpoint gpt2_d12.bin
-        [ "$STATUS" != SKIP ] && record test_gpt2_cuda "$STATUS" "$ELAPSED" "$(grep -m1 'overall okay' "$LOG" || note_last_line)"
+        wanted "$1" && record "$1" SKIP 0 "no GPU (CuPy finds no CUDA device)"
+    elif [ ! -f gpt2_d12_debug_state.bin ] || [ ! -f gpt2_d12_bf16.bin ] || [ ! -f gpt2_d12.bin ]; then
+        wanted "$1" && record "$1" SKIP 0 "no d12 export (gpt2_d12.bin, gpt2_d12_bf16.bin, gpt2_d12_debug_state.bin)"
     else
-        record test_gpt2_cuda SKIP 0 "no export (gpt2_d12_debug_state.bin)"
+        return 0
     fi
+    wanted "$1" || record "$1" SKIP 0 "not in GPU_CHECK_STAGES"
+    return 1
+}
+
+# ---- test_gpt2.py on the CUDA trainer in bf16 (test_gpt2.cu's bf16 thresholds, and issue 8's 0.5 target)
+if ! grep -q -- '--precision' test_gpt2.py; then
+    record test_gpt2_bf16 SKIP 0 "test_gpt2.py has no --precision in this checkout"
+elif d12_ready test_gpt2_bf16; then
+    stage test_gpt2_bf16 90 1 "$PY" test_gpt2.py --trainer cuda --precision bf16 --checkpoint gpt2_d12.bin
+    [ "$STATUS" != SKIP ] && record test_gpt2_bf16 "$STATUS" "$ELAPSED" \
+        "$( (grep -m1 'overall okay' "$LOG"; grep -m1 '^target (every ratio' "$LOG") | tr '\n' ' ' | cut -c1-150)"
 fi
 
-# ---- whole training steps: ours vs PyTorch (torch.compile + TF32), fewer steps than the default
-stage bench_gpu 240 1 "$PY" dev/bench_gpu.py --steps 8 --warmup 2 --breakdown 1
-[ "$STATUS" != SKIP ] && record bench_gpu "$STATUS" "$ELAPSED" "$(grep -m1 'ratio ours/PyTorch' "$LOG" || note_last_line)"
-BENCH_LOG=${LOG:-}
+# ---- whole training steps in bf16: ours vs PyTorch at B=16 and at the largest B that fits both
+ratios() {  # the benchmark's "ratio ours/PyTorch in tokens/s (bf16, B=16): 1.123x (target >= 1.07x: met)" lines
+    grep 'ratio ours/PyTorch in tokens/s' "$LOG" | sed 's|ratio ours/PyTorch in tokens/s ||; s|target >= |>= |' |
+        tr '\n' ' ' | cut -c1-150
+}
+stage bench_bf16 240 1 "$PY" dev/bench_gpu.py --precision bf16 --steps 10 --warmup 3 --breakdown 1
+if [ "$STATUS" != SKIP ]; then
+    NOTE=$(ratios)
+    record bench_bf16 "$STATUS" "$ELAPSED" "${NOTE:-$(note_last_line)}"
+fi
+BENCH_BF16_LOG=${LOG:-}
+
+# ---- bf16 determinism and resume (the second reuses the first's 10-step run)
+if d12_ready bf16_determinism; then
+    # shellcheck disable=SC2016  # $1 is the child bash's: "$WORK" passed after the _
+    stage bf16_determinism 90 1 bash -c 'check_determinism gpt2_d12_bf16.bin 4 256 "$1"' _ "$WORK"
+    [ "$STATUS" != SKIP ] && record bf16_determinism "$STATUS" "$ELAPSED" "$(note_match '^(bf16 determinism:|FAILED)')"
+fi
+if d12_ready bf16_resume; then
+    # shellcheck disable=SC2016
+    stage bf16_resume 120 1 bash -c 'check_resume gpt2_d12_bf16.bin 4 256 "$1"' _ "$WORK"
+    [ "$STATUS" != SKIP ] && record bf16_resume "$STATUS" "$ELAPSED" "$(note_match '^(bf16 resume:|FAILED)')"
+fi
+rm -rf "${WORK:?}"/*                                  # GBs of checkpoints
+
+# ---- fp32: test_gpt2.py, our fp32 step beside the bf16 numbers, the fp32 kernel tests
+if d12_ready test_gpt2_fp32; then
+    PRECISION_FLAG=()
+    grep -q -- '--precision' test_gpt2.py && PRECISION_FLAG=(--precision fp32)   # before it: fp32 anyway
+    stage test_gpt2_fp32 90 1 "$PY" test_gpt2.py --trainer cuda "${PRECISION_FLAG[@]}" --checkpoint gpt2_d12.bin
+    [ "$STATUS" != SKIP ] && record test_gpt2_fp32 "$STATUS" "$ELAPSED" "$(note_match 'overall okay')"
+fi
+stage bench_fp32 90 1 "$PY" dev/bench_gpu.py --precision fp32 --trainers ours --steps 10 --warmup 3 --breakdown 1
+if [ "$STATUS" != SKIP ]; then
+    NOTE=$(awk '/^== fp32, B=/ {b = $3} /^ours \(CuPy, -p fp32\)/ {print "ours fp32 " b " " $5 " ms/step, " $8 " tokens/s, MFU " $9; exit}' "$LOG")
+    record bench_fp32 "$STATUS" "$ELAPSED" "${NOTE:-$(note_last_line)}"
+fi
+BENCH_FP32_LOG=${LOG:-}
+stage test_kernels 100 1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
+[ "$STATUS" != SKIP ] && record test_kernels "$STATUS" "$ELAPSED" "$(note_last_line)"
+
+# ---- every kernel against its NumPy twin, timed at d12 on the GPU (the emulator, untimed, without one)
+CHECK_BF16_LOG=""
+if grep -q -- '--precision' dev/check_kernel.py; then
+    stage check_kernel_bf16 90 0 "$PY" dev/check_kernel.py all --precision bf16
+    [ "$STATUS" != SKIP ] && record check_kernel_bf16 "$STATUS" "$ELAPSED" "$(note_match 'kernels, .* outputs')"
+    CHECK_BF16_LOG=${LOG:-}
+else
+    record check_kernel_bf16 SKIP 0 "dev/check_kernel.py has no --precision in this checkout"
+fi
+stage check_kernel 90 0 "$PY" dev/check_kernel.py all
+[ "$STATUS" != SKIP ] && record check_kernel "$STATUS" "$ELAPSED" "$(note_match 'kernels, .* outputs')"
+CHECK_LOG=${LOG:-}
+
+# ---- the CUDA trainer's tests (the emulator, and the GPU code path with a fake CuPy): last
+stage test_trainer 90 1 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_trainer.py
+[ "$STATUS" != SKIP ] && record test_trainer "$STATUS" "$ELAPSED" "$(note_last_line)"
 
 # ---- the tables, after the one-line summary
 TOTAL=$(($(date +%s) - START))
 {
     echo
     echo "total: ${TOTAL}s of a ${BUDGET}s budget; GPU: $([ "$GPU" = 1 ] && echo yes || echo no)"
-    if [ -f "$CHECK_LOG" ] && grep -q '^timing on the GPU' "$CHECK_LOG"; then
-        echo
-        sed -n '/^timing on the GPU/,$p' "$CHECK_LOG"
-    fi
-    if [ "$GPU" = 1 ] && [ -n "$BENCH_LOG" ] && [ -f "$BENCH_LOG" ]; then
-        echo
-        grep -A4 'median ms/step' "$BENCH_LOG"
-    fi
+    for log in "$CHECK_BF16_LOG" "$CHECK_LOG"; do
+        if [ -n "$log" ] && [ -f "$log" ] && grep -q '^timing on the GPU' "$log"; then
+            echo
+            echo "($(basename "$log" .log))"
+            sed -n '/^timing on the GPU/,$p' "$log"
+        fi
+    done
+    for log in "$BENCH_BF16_LOG" "$BENCH_FP32_LOG"; do
+        if [ "$GPU" = 1 ] && [ -n "$log" ] && [ -f "$log" ]; then
+            echo
+            echo "($(basename "$log" .log))"
+            sed -nE '/^== (bf16|fp32), B=/,/^$/p; /^largest B that fits/p' "$log"   # each round's table and ratio
+            sed -n '/^summary, T=/,$p' "$log"
+        fi
+    done
 } | tee -a "$SUMMARY"
 grep -qE '^\S+\s+(FAIL|TIMEOUT) ' "$SUMMARY" && exit 1
 exit 0
