@@ -569,11 +569,22 @@ def state_bytes_to_allocate(config, B, T, recompute, precision="fp32", master_we
                state_buffers(config, B, T, recompute, precision, master_weights, shard_size) if not at_build)
 
 
+INDEX_LIMIT = 2**31   # the kernels index with 32-bit ints: every tensor (the (B,NH,T,T) attention above all) below this
+
+
+def largest_indexable_batch(config, T):
+    """The largest B whose tensors the kernels can index: B*NH*T*T (attention), B*T*4C and B*T*Vp below 2^31."""
+    per_sequence = max(config.num_heads * T * T, T * 4 * config.channels, T * config.padded_vocab_size)
+    return (INDEX_LIMIT - 1) // per_sequence
+
+
 def largest_batch_size(config, T, recompute, free_bytes, precision="fp32", master_weights=True, shard_size=None):
     """The largest B whose state fits in free_bytes at this T (0 if not even B=1), found by
-    bisection over state_bytes_to_allocate itself, so it is exactly the check's answer."""
+    bisection over state_bytes_to_allocate itself, so it is exactly the check's answer; never above
+    what the kernels' 32-bit indices reach (largest_indexable_batch: 170 for d12 at T=1024)."""
     def fits(B):
-        return state_bytes_to_allocate(config, B, T, recompute, precision, master_weights, shard_size) <= free_bytes
+        return B <= largest_indexable_batch(config, T) and \
+            state_bytes_to_allocate(config, B, T, recompute, precision, master_weights, shard_size) <= free_bytes
     if not fits(1):
         return 0
     lo, hi = 1, 2
@@ -706,6 +717,10 @@ def gpt2_allocate_state(model, B, T, shard=None):
     memory = device_memory()
     for line in memory_report(config, B, T, recompute, memory, precision, master, shard_size):
         print(line)
+    if B > largest_indexable_batch(config, T):
+        raise ConfigError(f"B={B} T={T}: the attention tensor (B,NH,T,T) has {B * config.num_heads * T * T:,} elements, "
+                          f"more than the kernels' 32-bit indices reach (2^31); use -b {largest_indexable_batch(config, T)} "
+                          f"or less at T={T}")
     needed = state_bytes_to_allocate(config, B, T, recompute, precision, master, shard_size)
     if memory is not None and needed > memory[0]:
         largest = largest_batch_size(config, T, recompute, memory[0], precision, master, shard_size)
