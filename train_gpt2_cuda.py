@@ -573,8 +573,9 @@ INDEX_LIMIT = 2**31   # the kernels index with 32-bit ints: every tensor (the (B
 
 
 def largest_indexable_batch(config, T):
-    """The largest B whose tensors the kernels can index: B*NH*T*T (attention), B*T*4C and B*T*Vp below 2^31."""
-    per_sequence = max(config.num_heads * T * T, T * 4 * config.channels, T * config.padded_vocab_size)
+    """The largest B whose tensors the kernels can index: B*NH*T*T (attention) and B*T*4C below 2^31 (the
+    classifier, the one kernel on (B,T,Vp), addresses its rows with 64-bit offsets)."""
+    per_sequence = max(config.num_heads * T * T, T * 4 * config.channels)
     return (INDEX_LIMIT - 1) // per_sequence
 
 
