@@ -452,3 +452,105 @@ def test_memory_report_in_bf16(cu, tmp_path, capsys, master_weights):
     assert (model.master_memory is not None) == master_weights
     assert cu.state_bytes_to_allocate(CONFIG, 2, small_T, 1, "bf16", master_weights) == \
         total - 2 * 2 * formats.num_parameters(CONFIG)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU code path in bf16 (not the emulator switch), through test_cuda_trainer.py's fake CuPy, with a
+# column-major cublasGemmStridedBatchedEx that reads and writes bf16 through the pointers, leading
+# dimensions and strides it is given (fp32 products, rounded once to nearest even)
+
+FAKE_GEMM_EX = """
+from llmc.formats import bf16_to_f32, f32_to_bf16
+
+def column_major_bf16(ptr, offset, rows, cols, ld):
+    buf = np.ctypeslib.as_array((ctypes.c_uint16 * (offset + (cols - 1) * ld + rows)).from_address(ptr))
+    return np.lib.stride_tricks.as_strided(buf[offset:], shape=(rows, cols), strides=(2, 2 * ld))
+
+cublas.ex_calls = []
+def gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, sA, B, Btype, ldb, sB, beta,
+                         C, Ctype, ldc, sC, batch, compute_type, algo):
+    alpha, beta = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
+    cublas.ex_calls.append((transa, transb, Atype, Btype, Ctype, compute_type, algo))
+    for i in range(batch):
+        a = bf16_to_f32(np.array(column_major_bf16(A, i * sA, *((m, k) if transa == 0 else (k, m)), lda)))
+        b = bf16_to_f32(np.array(column_major_bf16(B, i * sB, *((k, n) if transb == 0 else (n, k)), ldb)))
+        c = column_major_bf16(C, i * sC, m, n, ldc)
+        product = np.float32(alpha) * ((a if transa == 0 else a.T) @ (b if transb == 0 else b.T))
+        c[...] = f32_to_bf16(product + (np.float32(beta) * bf16_to_f32(np.array(c)) if beta else 0))
+cublas.gemmStridedBatchedEx = gemmStridedBatchedEx
+cuda.get_cuda_path = lambda: None
+
+# NVRTC gets -I<toolkit>/include for cuda_bf16.h; the emulator has its own (g++ must not see the real one)
+_EmulatorModule = RawModule
+compile_options = []
+def RawModule(code=None, options=(), **kwargs):
+    compile_options.append(tuple(options))
+    return _EmulatorModule(code=code, options=tuple(o for o in options if not o.startswith("-I")), **kwargs)
+"""
+
+GPU_BF16_CHECK = """
+import sys
+import numpy as np
+sys.path[:0] = [{fake!r}, {repo!r}]
+import cupy
+import train_gpt2_cuda as cu
+from cupy_backends.cuda.libs import cublas
+assert not cu.EMULATE and type(cu.xp.zeros(1)).__name__ == "DevArray"
+m = cu.gpt2_build_from_checkpoint({ckpt!r}, precision="bf16")
+assert m.params_memory.dtype == np.uint16
+x, y = np.load({batch!r})
+record = {{}}
+for step in range(3):
+    cu.gpt2_zero_grad(m)
+    cu.gpt2_forward(m, x, y, x.shape[0], x.shape[1])
+    record[f"logits{{step}}"] = cu.to_numpy(m.acts.logits).copy()
+    cu.gpt2_backward(m)
+    norm = cu.gpt2_calculate_grad_norm(m)
+    record[f"loss{{step}}"] = np.float32(m.mean_loss)
+    record[f"grads{{step}}"] = cu.to_numpy(m.grads_memory).copy()
+    cu.gpt2_update(m, 1e-2, 0.9, 0.95, 1e-8, 0.0, step + 1, grad_scale=cu.grad_clip_scale(norm, 1.0))
+record["params"] = cu.to_numpy(m.params_memory).copy()
+assert cublas.calls == [], "an fp32 sgemm ran in a bf16 model"
+assert {{c[2:] for c in cublas.ex_calls}} == {{(14, 14, 14, 68, -1)}}, set(cublas.ex_calls)  # bf16 in/out, fp32 compute
+assert {{c[:2] for c in cublas.ex_calls}} == {{(0, 0), (0, 1), (1, 0)}}, set(cublas.ex_calls)  # N/N, N/T, T/N
+assert all("-DENABLE_BF16" in options for options in cupy.compile_options), cupy.compile_options
+np.savez({out!r}, **record)
+print("gpu bf16 path ok", len(cublas.ex_calls), "gemm calls")
+"""
+
+
+def test_gpu_bf16_code_path_with_a_fake_cublas_gemm_ex(cu, tmp_path):
+    """The GPU branch's bf16 GEMMs (cublasGemmStridedBatchedEx with CUDA_R_16BF and CUBLAS_COMPUTE_32F,
+    the row-major to column-major mapping) against the emulator's, for 3 training steps: the same math
+    up to the order of the fp32 sums inside each product (BLAS may sum a transposed operand in another
+    order), so the same losses to 1e-3 and logits, gradients and parameters to a few bf16 ulps. (Here
+    they came out bit for bit equal; a wrong leading dimension or stride gives errors of order 1.)"""
+    from test_cuda_trainer import FAKE_CUPY, run_python
+    fake = tmp_path / "fake"
+    (fake / "cupy").mkdir(parents=True)
+    (fake / "cupy" / "__init__.py").write_text(FAKE_CUPY + FAKE_GEMM_EX)
+    ckpt = str(tmp_path / "tiny.bin")
+    formats.write_model_file(ckpt, CONFIG, random_params(CONFIG, seed=2))
+    x, y = batch_at(0)
+    np.save(str(tmp_path / "batch.npy"), np.stack([x, y]))
+    script = GPU_BF16_CHECK.format(fake=str(fake), repo=REPO, ckpt=ckpt, batch=str(tmp_path / "batch.npy"),
+                                   out=str(tmp_path / "gpu.npz"))
+    r = run_python(["-c", script])
+    assert r.returncode == 0 and "gpu bf16 path ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    with np.load(str(tmp_path / "gpu.npz")) as saved:
+        gpu = dict(saved)
+
+    m = cu.gpt2_build_from_checkpoint(ckpt, precision="bf16")
+    for step in range(3):
+        cu.gpt2_zero_grad(m)
+        quiet(cu.gpt2_forward, m, x, y, B, T)
+        logits = cu.to_numpy(m.acts.logits)
+        cu.gpt2_backward(m)
+        norm = cu.gpt2_calculate_grad_norm(m)
+        assert abs(gpu[f"loss{step}"] - m.mean_loss) < 1e-3 * m.mean_loss, (step, gpu[f"loss{step}"], m.mean_loss)
+        np.testing.assert_allclose(gpu[f"logits{step}"], logits, atol=0.03, rtol=0.02, err_msg=f"logits {step}")
+        grads = cu.to_numpy(m.grads_memory)
+        np.testing.assert_allclose(gpu[f"grads{step}"], grads, atol=0.02 * np.abs(grads).max(), rtol=0.05,
+                                   err_msg=f"gradients {step}")
+        cu.gpt2_update(m, 1e-2, 0.9, 0.95, 1e-8, 0.0, step + 1, grad_scale=cu.grad_clip_scale(norm, 1.0))
+    np.testing.assert_allclose(gpu["params"], cu.to_numpy(m.params_memory), atol=2e-2, rtol=0.02)
