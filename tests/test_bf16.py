@@ -256,7 +256,8 @@ def test_bf16_resume_is_bit_exact(workdir):  # noqa: F811 (the fixture)
         st = checkpoint.read_state_file(state_file, P)
         params = formats.read_model_file(model_file)[1]
         # the bf16 parameters are their master weights rounded (stochastically) to a neighbouring bf16
-        ulp = np.abs(bf16_to_f32(f32_to_bf16(st.master_weights) + np.uint16(1)) - bf16_to_f32(f32_to_bf16(st.master_weights)))
+        nearest = f32_to_bf16(st.master_weights)
+        ulp = np.abs(bf16_to_f32(nearest + np.uint16(1)) - bf16_to_f32(nearest))
         assert np.all(np.abs(params - st.master_weights) <= ulp) and np.any(params != st.master_weights)
         assert st.rng_state != 0 and st.rng_state != st.rng_state_last_update
 
@@ -283,7 +284,11 @@ def test_bf16_run_writes_a_v5_file_of_its_parameters(cu, tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     built = []
     real_build = cu.gpt2_build_from_descriptor
-    monkeypatch.setattr(cu, "gpt2_build_from_descriptor", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+
+    def build_and_keep(*args, **kwargs):         # the run's model, to read its parameters after main()
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+    monkeypatch.setattr(cu, "gpt2_build_from_descriptor", build_and_keep)
     code, out, err = run_cuda_main(cu, cli_args("tiny.bin", "-x", "3", "-o", "out"), capsys)
     assert code == 0, err
     assert BF16_LINE in out.splitlines() and "wrote out/model_00000003.bin" in out
