@@ -230,7 +230,8 @@ def events(stdout):
 @pytest.mark.parametrize("script, emulate", [("train_gpt2.py", False), ("train_gpt2_cuda.py", True)],
                          ids=["numpy", "cuda-emulator"])
 def test_resume_is_bit_exact(workdir, script, emulate):
-    args = BASE + ["-x", "20", "-n", "5", "-f", "0"] if emulate else BASE + ["-x", "20", "-n", "5"]
+    # the CUDA trainer in fp32 here (its default on the emulator is bf16: tests/test_bf16.py resumes that)
+    args = BASE + ["-x", "20", "-n", "5", "-p", "fp32", "-f", "0"] if emulate else BASE + ["-x", "20", "-n", "5"]
     full = run_trainer(script, args + ["-o", "full"], workdir, emulate)
     stopped = run_trainer(script, args + ["-o", "run"], workdir, emulate, kill_after=10)
     assert checkpoint.done_steps("run") == [5, 10] and "step   10/20" in stopped and "step   11/20" not in stopped

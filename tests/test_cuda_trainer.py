@@ -430,7 +430,9 @@ def test_gradients_accumulate_over_micro_steps(cuda_trainer, tiny_checkpoint):
     assert_close("grads after two passes", cu.to_numpy(m.grads_memory), 2 * once, atol=1e-6, rtol=1e-5)
 
 
-def test_cli_trains_validates_samples_and_writes_files(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cli_trains_validates_samples_and_writes_files(tmp_path, tiny_checkpoint, precision):
+    """The whole loop through the CLI: -p fp32, and the emulator's default (-p auto: bf16, as an sm_90)."""
     rng = np.random.default_rng(4)
     V = CONFIG.vocab_size
     train, val = tmp_path / "tiny_train.bin", tmp_path / "tiny_val.bin"
@@ -443,10 +445,16 @@ def test_cli_trains_validates_samples_and_writes_files(tmp_path, tiny_checkpoint
     out = tmp_path / "log"
     r = run_python([os.path.join(REPO, "train_gpt2_cuda.py")], "-e", tiny_checkpoint, "-i", train, "-j", val,
                    "-o", out, "-b", B, "-t", T, "-d", 2 * B * T, "-x", 4, "-v", 2, "-m", 3, "-s", 2, "-g", 6,
-                   "-l", 1e-2, env={"LLMC_EMULATE": "1"}, cwd=str(tmp_path))
+                   "-l", 1e-2, *(["-p", "fp32"] if precision == "fp32" else []), env={"LLMC_EMULATE": "1"},
+                   cwd=str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    assert "TF32: disabled" in lines and f"padded_vocab_size: {CONFIG.padded_vocab_size}" in lines
+    if precision == "fp32":
+        assert "precision: fp32" in lines and "TF32: disabled" in lines
+    else:
+        assert ("precision: bf16 parameters, gradients and activations; fp32 AdamW state, fp32 master weights"
+                in lines) and not any(line.startswith("TF32") for line in lines)
+    assert f"padded_vocab_size: {CONFIG.padded_vocab_size}" in lines
     assert f"batch: B={B} T={T}, total {2 * B * T} tokens = 2 micro-step(s); 4 steps" in lines
     assert "AdamW: lr 0.01 (cosine, warmup 0, final frac 1), betas (0.9, 0.95), eps 1e-08, weight decay 0, grad clip 1" in lines
     steps = [line for line in lines if line.startswith("step ")]
@@ -458,7 +466,9 @@ def test_cli_trains_validates_samples_and_writes_files(tmp_path, tiny_checkpoint
     log = (out / "main.log").read_text().splitlines()
     assert [line.split()[0] for line in log if "tel:" in line] == ["s:0", "s:2", "s:4"], log
     assert [line.split()[0] for line in log if "trl:" in line] == ["s:0", "s:1", "s:2", "s:3"], log
-    config, params = formats.read_model_file(str(out / "model_00000004.bin"))
+    final = str(out / "model_00000004.bin")
+    assert formats.read_header(final, formats.MODEL_MAGIC, (3, 5))[0][1] == {"fp32": 3, "bf16": 5}[precision]
+    config, params = formats.read_model_file(final)
     _, initial = formats.read_model_file(tiny_checkpoint)
     assert config == CONFIG and np.all(np.isfinite(params)) and 1e-3 < np.abs(params - initial).max() < 1.0
 

@@ -20,6 +20,7 @@ from llmc import formats
 L, NH, C, Vp, maxT, V = (CONFIG.num_layers, CONFIG.num_heads, CONFIG.channels, CONFIG.padded_vocab_size,
                          CONFIG.max_seq_len, CONFIG.vocab_size)
 FLOAT, INT = 4, 4   # bytes of a float32 and an int32 (the fp32 trainer's elements)
+FLOATX = {"fp32": 4, "bf16": 2}   # bytes of a floatX (parameters, gradients, activations) per precision
 
 
 def num_parameters():
@@ -27,25 +28,33 @@ def num_parameters():
     return Vp * C + maxT * C + L * (12 * C * C + 13 * C) + 2 * C
 
 
+def statistics_floats(B=B, T=T):
+    # the activations that stay fp32 in every precision ("activation statistics"): (B,T) each:
+    # lnf mean/rstd, losses, and per layer ln1/ln2 mean/rstd
+    return B * T * (3 + 4 * L)
+
+
 def activation_floats(recompute, B=B, T=T):
-    # the 21 activations with every layer kept: (B,T,C) tensors: encoded, lnf, and per layer ln1, atty,
-    # attproj, residual2, ln2, fcproj, residual3 (7), fch and fch_gelu (4 each), qkvr (3);
-    # (B,T): lnf mean/rstd, losses, and per layer ln1/ln2 mean/rstd; att (B,NH,T,T) per layer; the scratch
-    full = (B * T * C * (2 + L * (7 + 4 + 4 + 3)) + B * T * (3 + 4 * L) + L * B * NH * T * T
-            + B * T * max(3 * C, NH * T, Vp))
+    # the floatX activations ("activations") with every layer kept: (B,T,C) tensors: encoded, lnf, and per
+    # layer ln1, atty, attproj, residual2, ln2, fcproj, residual3 (7), fch and fch_gelu (4 each), qkvr (3);
+    # att (B,NH,T,T) per layer; the scratch. (The 21 activations less the statistics above.)
+    full = (B * T * C * (2 + L * (7 + 4 + 4 + 3)) + L * B * NH * T * T + B * T * max(3 * C, NH * T, Vp))
     gelu_saved = (L - 1) * B * T * 4 * C if recompute >= 1 else 0     # fch_gelu: one layer's buffer, not L
     ln_saved = (L - 1) * 2 * B * T * C if recompute >= 2 else 0       # ln1 and ln2: one layer's each
     return full - gelu_saved - ln_saved
 
 
-def state_bytes(recompute, B=B, T=T):
-    """What gpt2_allocate_state allocates: activations, their gradients (bt4c, preatt, dresidual), the
-    layernorm backward's per-block partials (512-thread blocks of 16 rows: 2C floats each), the encoder's
-    token buckets (3BT+1 int32), AdamW m and v."""
+def state_bytes(recompute, B=B, T=T, precision="fp32", master_weights=True):
+    """What gpt2_allocate_state allocates: activations (floatX) and their statistics (fp32), the
+    activation gradients (bt4c, preatt, dresidual: floatX), the layernorm backward's per-block partials
+    (512-thread blocks of 16 rows: 2C floats each), the encoder's token buckets (3BT+1 int32), AdamW m and
+    v (fp32), and in bf16 with -w 1 the fp32 master weights."""
+    X = FLOATX[precision]
     grad_acts = B * T * 4 * C + B * NH * T * T + B * T * C
     ln_scratch = math.ceil(B * T / 16) * 2 * C
-    return FLOAT * (activation_floats(recompute, B, T) + grad_acts + ln_scratch + 2 * num_parameters()) \
-        + INT * (3 * B * T + 1)
+    master = num_parameters() if precision == "bf16" and master_weights else 0
+    return (X * (activation_floats(recompute, B, T) + grad_acts) + FLOAT * statistics_floats(B, T)
+            + FLOAT * (ln_scratch + 2 * num_parameters() + master) + INT * (3 * B * T + 1))
 
 
 def mib(n):
@@ -94,12 +103,50 @@ def test_activation_memory_shrinks_by_the_recomputed_floats(cuda_trainer, tiny_c
     for r in (0, 1, 2):
         m = cu.gpt2_build_from_checkpoint(tiny_checkpoint, recompute=r)
         cu.gpt2_allocate_state(m, B, T)
-        assert m.acts_memory.dtype == np.float32
+        assert m.acts_memory.dtype == m.acts_fp32_memory.dtype == np.float32
         sizes[r] = m.acts_memory.size
         assert sizes[r] == activation_floats(r), f"-r {r}: {sizes[r]} floats, expected {activation_floats(r)}"
+        assert m.acts_fp32_memory.size == statistics_floats()              # recompute keeps every statistic
         assert m.m_memory.size == m.v_memory.size == num_parameters()
     assert sizes[0] - sizes[1] == (L - 1) * B * T * 4 * C                 # L-1 fewer GELU outputs
     assert sizes[1] - sizes[2] == 2 * (L - 1) * B * T * C                 # L-1 fewer ln1 and ln2
+
+
+def expected_report(r, precision="fp32", master_weights=True):
+    """The memory report's lines on the emulator for CONFIG at (B, T), -r r, -p precision, -w, from the
+    sizes above: the floatX buffers in FLOATX[precision] bytes, the rest in 4. Returns (lines, total bytes)."""
+    n, X = num_parameters(), FLOATX[precision]
+    acts, acts0 = X * activation_floats(r), X * activation_floats(0)
+    what = {0: "none", 1: "GELU", 2: "GELU and LayerNorm"}[r]
+    total = 2 * X * n + state_bytes(r, precision=precision, master_weights=master_weights)
+    if precision == "fp32":
+        master = "master weights: none (fp32 parameters)"
+    elif master_weights:
+        master = f"allocating {mib(FLOAT * n)} for master weights"
+    else:
+        master = "master weights: none (-w 0: AdamW updates the bf16 weights)"
+    return [
+        f"allocating {mib(X * n)} for parameters",
+        f"allocating {mib(X * n)} for parameter gradients",
+        f"allocating {mib(acts)} for activations",
+        f"allocating {mib(FLOAT * statistics_floats())} for activation statistics",
+        f"allocating {mib(X * (B * T * 4 * C + B * NH * T * T + B * T * C))} for activation gradients",
+        f"allocating {mib(FLOAT * 2 * C)} for layernorm backward scratch",
+        f"allocating {mib(INT * (3 * B * T + 1))} for encoder backward buckets",
+        f"allocating {mib(FLOAT * n)} for AdamW optimizer state m",
+        f"allocating {mib(FLOAT * n)} for AdamW optimizer state v",
+        master,
+        f"recompute: -r {r} ({what}): activations {mib(acts)}, {mib(acts0 - acts)} less than -r 0",
+        f"total: {mib(total)}",
+        "estimated maximum batch size: n/a (emulator)",
+    ], total
+
+
+def allocated_bytes(m):
+    """The bytes of every device buffer the model holds after gpt2_allocate_state."""
+    buffers = (m.params_memory, m.grads_memory, m.acts_memory, m.acts_fp32_memory, m.grads_acts_memory,
+               m.layernorm_scratch, m.bucket_memory, m.m_memory, m.v_memory)
+    return sum(a.nbytes for a in buffers) + (0 if m.master_memory is None else m.master_memory.nbytes)
 
 
 @pytest.mark.parametrize("r", [0, 1, 2])
@@ -108,26 +155,9 @@ def test_memory_report_numbers(cuda_trainer, tiny_checkpoint, capsys, r):
     m = cu.gpt2_build_from_checkpoint(tiny_checkpoint, recompute=r)
     cu.gpt2_forward(m, *batch(1), B, T)                   # the first pass allocates, with the report
     lines = capsys.readouterr().out.splitlines()
-    n = num_parameters()
-    acts, acts0 = FLOAT * activation_floats(r), FLOAT * activation_floats(0)
-    what = {0: "none", 1: "GELU", 2: "GELU and LayerNorm"}[r]
-    total = 2 * FLOAT * n + state_bytes(r)
-    assert lines == [
-        f"allocating {mib(FLOAT * n)} for parameters",
-        f"allocating {mib(FLOAT * n)} for parameter gradients",
-        f"allocating {mib(acts)} for activations",
-        f"allocating {mib(FLOAT * (B * T * 4 * C + B * NH * T * T + B * T * C))} for activation gradients",
-        f"allocating {mib(FLOAT * 2 * C)} for layernorm backward scratch",
-        f"allocating {mib(INT * (3 * B * T + 1))} for encoder backward buckets",
-        f"allocating {mib(FLOAT * n)} for AdamW optimizer state m",
-        f"allocating {mib(FLOAT * n)} for AdamW optimizer state v",
-        "master weights: none (fp32)",
-        f"recompute: -r {r} ({what}): activations {mib(acts)}, {mib(acts0 - acts)} less than -r 0",
-        f"total: {mib(total)}",
-        "estimated maximum batch size: n/a (emulator)",
-    ], "\n".join(lines)
-    assert sum(a.nbytes for a in (m.params_memory, m.grads_memory, m.acts_memory, m.grads_acts_memory,
-                                  m.layernorm_scratch, m.bucket_memory, m.m_memory, m.v_memory)) == total
+    expected, total = expected_report(r)
+    assert lines == expected, "\n".join(lines)
+    assert m.master_memory is None and allocated_bytes(m) == total
 
 
 def test_largest_batch_size_against_a_given_free_memory(cuda_trainer, tiny_checkpoint, monkeypatch, capsys):
@@ -192,23 +222,29 @@ cu.main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("recompute, fits", [(1, 3), (2, 3), (1, 0)], ids=["r1", "r2", "nothing-fits"])
-def test_batch_too_large_for_the_device(tmp_path, tiny_checkpoint, tiny_data, recompute, fits):
+@pytest.mark.parametrize("recompute, fits, precision", [(1, 3, "bf16"), (2, 3, "bf16"), (1, 0, "bf16"), (1, 3, "fp32")],
+                         ids=["r1", "r2", "nothing-fits", "r1-fp32"])
+def test_batch_too_large_for_the_device(tmp_path, tiny_checkpoint, tiny_data, recompute, fits, precision):
     """B=8 against a device with room for `fits` sequences: the report, then one line naming the bytes
-    needed and the largest B that fits, before any allocation or file."""
+    needed and the largest B that fits, before any allocation or file. bf16 is the CLI's default on the
+    emulator (with master weights); -p fp32 counts 4-byte floatX buffers and no master weights."""
     big_B = 8
-    free = state_bytes(recompute, B=fits) if fits else state_bytes(recompute, B=1) - 1
-    assert state_bytes(recompute, B=fits + 1) > free
+    need = lambda b: state_bytes(recompute, B=b, precision=precision)  # noqa: E731
+    free = need(fits) if fits else need(1) - 1
+    assert need(fits + 1) > free
     out = tmp_path / "out"
     script = FAKE_FREE_MEMORY_RUN.format(repo=REPO, free=free, total=4 * free)
     r = run_python(["-c", script, "-e", tiny_checkpoint, "-i", tiny_data[0], "-j", tiny_data[1], "-o", str(out),
-                    "-b", str(big_B), "-t", str(T), "-r", str(recompute)], env={"LLMC_EMULATE": "1"},
+                    "-b", str(big_B), "-t", str(T), "-r", str(recompute),
+                    *(["-p", "fp32"] if precision == "fp32" else [])], env={"LLMC_EMULATE": "1"},
                    cwd=str(tmp_path))
     if fits == 0:
         fix = "even B=1 does not fit: use a smaller -t"
     else:
         fix = f"use -b {fits} or less" + (", or -r 2 (recompute more)" if recompute < 2 else "")
-    assert_one_error_line(r, f"error: B={big_B} T={T} needs {mib(state_bytes(recompute, B=big_B))} of device memory "
+    assert_one_error_line(r, f"error: B={big_B} T={T} needs {mib(need(big_B))} of device memory "
                              f"for activations, gradients and optimizer state, but {mib(free)} is free; "
                              f"the largest B that fits at T={T} is {fits}: {fix}", str(out))
-    assert f"estimated maximum batch size at T={T}: {fits}" in r.stdout.splitlines()   # the report came first
+    lines = r.stdout.splitlines()
+    assert f"estimated maximum batch size at T={T}: {fits}" in lines   # the report came first
+    assert (f"allocating {mib(FLOATX[precision] * num_parameters())} for parameters") in lines
