@@ -658,7 +658,8 @@ class GPT2:
         self.param_shapes = param_shapes(config)
         params_host = np.asarray(params_host, dtype=np.float32)
         # bf16: the fp32 values rounded to nearest even, once, on the host (a v5 file's are exact)
-        self.params_memory = xp.asarray(f32_to_bf16(params_host) if self.floatx == BF16 else params_host)
+        # a copy always (xp.array): on the emulator xp.asarray would hand back the caller's own array
+        self.params_memory = xp.array(f32_to_bf16(params_host) if self.floatx == BF16 else params_host)
         self.grads_memory = xp.zeros(self.num_parameters, dtype=self.floatx)
         # the master weights start from the fp32 values themselves, not their bf16 rounding: a v3 file
         # or the seeded init keeps its precision there (gpt2_allocate_state uploads them)
@@ -749,7 +750,7 @@ def gpt2_allocate_state(model, B, T, shard=None):
     model.v_memory = xp.zeros(*buffers["AdamW optimizer state v"])
     if model.use_master_weights:
         lo, hi = model.shard                                   # one host -> device copy of the fp32 values
-        model.master_memory = xp.asarray(model.master_init[lo:hi])
+        model.master_memory = xp.array(model.master_init[lo:hi])
         model.master_init = None
     model.inputs = xp.zeros((B, T), dtype=np.int32)
     model.targets = xp.zeros((B, T), dtype=np.int32)
@@ -1040,8 +1041,8 @@ def choose_precision(args):
         return args.precision
     if sm >= 80:
         return "bf16"
-    model_file = args.load_filename
-    if os.path.exists(model_file) and model_file.endswith(".bin") and \
+    model_file = args.load_filename      # only a file the user named: without -e, fp32 takes gpt2_124M.bin
+    if "load_filename" in args.given and os.path.exists(model_file) and model_file.endswith(".bin") and \
             read_header(model_file, MODEL_MAGIC, (3, 5))[0][1] == 5:
         raise ConfigError(f"{model_file} is bf16 (version 5) and {device_name()} (sm_{sm}) has no bf16 "
                           f"(SM >= 80 needed); -p fp32 runs it widened to fp32")

@@ -330,11 +330,9 @@ def test_a_v3_file_rounds_to_nearest_even_and_keeps_fp32_master_weights(cu, tmp_
     assert no_master.master_memory is None and np.array_equal(np.asarray(no_master.params_memory), got)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (train_gpt2_cuda.GPT2 on the emulator): the device buffers are the "
-                                       "caller's host array (np.asarray makes no copy), so training changes it")
 def test_building_a_model_copies_the_host_parameters(cu):
-    """On a GPU, GPT2(config, params) copies params to the device. The emulator's xp.asarray returns the same
-    NumPy array: fp32 params_memory, and bf16's master weights, alias the caller's array."""
+    """On a GPU, GPT2(config, params) copies params to the device; on the emulator it must copy too (once a bug:
+    xp.asarray handed back the caller's array, so training changed it)."""
     changed = []
     for precision in ("fp32", "bf16"):
         params = random_params(CONFIG, seed=3)
@@ -561,8 +559,6 @@ def test_gpu_bf16_code_path_with_a_fake_cublas_gemm_ex(cu, tmp_path):
     np.testing.assert_allclose(gpu["params"], cu.to_numpy(m.params_memory), atol=2e-2, rtol=0.02)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (train_gpt2_cuda.choose_precision): -p auto on a GPU without bf16 "
-                                       "checks the bf16 default gpt2_124M_bf16.bin even when -e is not given")
 def test_auto_without_bf16_and_no_model_flag_runs_the_fp32_default(cu, tmp_path, monkeypatch, capsys):
     """An sm_75 with llm.c's two downloads (gpt2_124M.bin and gpt2_124M_bf16.bin) and no -e: -p auto means
     fp32 there, whose default is gpt2_124M.bin; the bf16 file is nobody's choice, so it is no error."""

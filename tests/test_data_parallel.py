@@ -146,7 +146,7 @@ def test_two_rank_resume_is_bit_exact(workdir, zero):
     resumed = launch(workdir, 2, *flags, "-o", out.name, "-y", "1")
     assert "resumed from checkpoint 5" in resumed.stdout and steps(resumed)[0][0] == 6
     # (step, train loss, norm, lr) of each step line, (val loss,) of each val line; not the times
-    lines = re.compile(r"^step +(\d+)/\d+: train loss (\S+) .* norm (\S+) .* lr (\S+)$|^val loss (\S+)$", re.M)
+    lines = re.compile(r"^step +(\d+)/\d+: train loss (\S+) .* norm (\S+) .* lr (\S+) \(eta \S+\)$|^val loss (\S+)$", re.M)
     ours, theirs = lines.findall(resumed.stdout), lines.findall(full.stdout)
     print("\n".join(map(str, ours)))
     assert len(ours) == 7 and ours == theirs[-7:]                  # val at 5, steps 6..10, val at 10
@@ -181,7 +181,8 @@ def test_one_process_needs_no_torch():
 
 
 def test_a_trainer_without_data_parallel_refuses_ranks():
-    """train_gpt2_cuda.py has no data parallel yet: under torchrun it stops with one line, before any collective."""
+    """A trainer module without the data-parallel functions (here a stand-in named train_gpt2_cuda.py) stops
+    with one line under torchrun, before any collective."""
     import types
     one_process_only = types.ModuleType("one_process_only")
     one_process_only.__file__ = "train_gpt2_cuda.py"

@@ -143,7 +143,8 @@ def cuda_trainer_missing():
 
 
 def test_cuda_trainer_on_emulator(tiny_export):
-    """train_gpt2_cuda.py with its kernels on the CPU emulator passes the same check."""
+    """train_gpt2_cuda.py with its kernels on the CPU emulator passes the same check, in fp32 at the same
+    1e-4 (its bf16 check, against llm.c's bf16 thresholds, is tests/test_gpt2_bf16.py)."""
     if cuda_trainer_missing():
         pytest.skip("train_gpt2_cuda.py or emulator/ is not there yet")
     if shutil.which("g++") is None:
@@ -151,7 +152,8 @@ def test_cuda_trainer_on_emulator(tiny_export):
     ckpt, state = paths(tiny_export)
     env = child_env()
     env["LLMC_EMULATE"] = "1"
-    assert_passed(run_test_gpt2(ckpt, state, "--trainer", "cuda", env=env, timeout=600), nsteps=10)
+    assert_passed(run_test_gpt2(ckpt, state, "--trainer", "cuda", "--precision", "fp32", env=env, timeout=600),
+                  nsteps=10)
 
 
 def test_bench_cpu_trains_alike(tiny_export):

@@ -66,11 +66,12 @@ def test_tiny_run_logs_samples_and_checkpoint(workdir, capsys):
 
 
 # the step line: loss and its z-score (llm.c's "(%+.2fz)", "+nan" for the first 128 steps), time, tokens/s
-# (a moving average), MFU (or "MFU n/a"), gradient norm and its z-score, learning rate
+# (a moving average), MFU (or "MFU n/a"), gradient norm and its z-score, learning rate, the run's ETA
 STEP_RE = re.compile(r"^step +(?P<step>\d+)/(?P<steps>\d+): train loss (?P<loss>\S+) "
                      r"\((?P<zloss>[+-](?:nan|\d+\.\d\d))z\) \((?P<ms>\S+) ms, (?P<tok_s>\d+) tok/s, "
                      r"(?P<mfu>MFU n/a|\d+\.\d% (?:bf16|tf32|fp32) MFU)\) "
-                     r"norm (?P<norm>\S+) \((?P<zgrad>[+-](?:nan|\d+\.\d\d))z\) lr (?P<lr>\S+)$")
+                     r"norm (?P<norm>\S+) \((?P<zgrad>[+-](?:nan|\d+\.\d\d))z\) lr (?P<lr>\S+) "
+                     r"\(eta (?P<eta>\d+h\d\dm|\d+m\d\ds|\d+s)\)$")
 
 
 def test_step_line_shows_tokens_per_second_and_mfu(workdir, capsys, monkeypatch):
