@@ -223,7 +223,7 @@ def events(stdout):
         elif line == "generating:":
             out.append("sample: " + lines[i + 2])
         elif line.startswith("step "):
-            out.append(re.sub(r" \(.*\)", "", line))
+            out.append(re.sub(r" \([\d.]+ ms, [^)]*\)| \(eta [^)]*\)", "", line))   # the timings and the ETA
     return out
 
 

@@ -304,6 +304,7 @@ class DevArray(np.ndarray):
         return types.SimpleNamespace(ptr=self.ctypes.data)
 
 asarray = lambda x, dtype=None: np.array(x, dtype=dtype).view(DevArray)
+array = asarray                       # both copy here, as cupy.array does from the host
 zeros = lambda shape, dtype=np.float32: np.zeros(shape, dtype=dtype).view(DevArray)
 asnumpy = lambda x: np.array(x)
 sqrt = np.sqrt
