@@ -170,11 +170,11 @@ def tiny_export(export_model):
     return export_model(**TINY_SHAPE)
 
 
-def run_main(argv, capsys):
-    """train_gpt2.main(argv) in this process: (exit code, stdout, stderr)."""
+def run_main(argv, capsys, module=None):
+    """module.main(argv) in this process (train_gpt2 by default): (exit code, stdout, stderr)."""
     import train_gpt2
     try:
-        train_gpt2.main(argv)
+        (module or train_gpt2).main(argv)
         code = 0
     except SystemExit as e:
         code = e.code
@@ -192,3 +192,25 @@ def write_tiny_model(path, config, rng, std):
     model.params.ln1w[...] = model.params.ln2w[...] = model.params.lnfw[...] = 1
     formats.write_model_file(str(path), config, params)
     return params
+
+
+def emulated_cuda_trainer(name, register=False):
+    """train_gpt2_cuda.py imported with LLMC_EMULATE=1 as a module object of its own called `name` (so the
+    switch at its top sees the variable, whatever was imported before); register=True also puts it in
+    sys.modules (its main() hands train_gpt2.run the module by name); the caller removes it."""
+    import importlib.util
+    old = os.environ.get("LLMC_EMULATE")
+    os.environ["LLMC_EMULATE"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "train_gpt2_cuda.py"))
+        module = importlib.util.module_from_spec(spec)
+        if register:
+            sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        if old is None:
+            del os.environ["LLMC_EMULATE"]
+        else:
+            os.environ["LLMC_EMULATE"] = old
+    assert module.EMULATE and module.xp is np
+    return module

@@ -20,7 +20,6 @@ monkeypatch its compute_capability; the resume test runs it in child processes, 
 """
 
 import contextlib
-import importlib.util
 import io
 import os
 import sys
@@ -32,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from conftest import emulated_cuda_trainer, run_main  # noqa: E402
 from llmc import checkpoint, formats  # noqa: E402
 from llmc.formats import bf16_to_f32, f32_to_bf16  # noqa: E402
 from test_cuda_trainer import CONFIG, random_params  # noqa: E402
@@ -48,32 +48,15 @@ MODULE_NAME = "train_gpt2_cuda_bf16_emulated"
 def cu():
     """train_gpt2_cuda imported with LLMC_EMULATE=1 as a module of its own, registered in sys.modules
     (its main() hands train_gpt2.run the module by name)."""
-    old = os.environ.get("LLMC_EMULATE")
-    os.environ["LLMC_EMULATE"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location(MODULE_NAME, os.path.join(REPO, "train_gpt2_cuda.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[MODULE_NAME] = module
-        spec.loader.exec_module(module)
-    finally:
-        if old is None:
-            del os.environ["LLMC_EMULATE"]
-        else:
-            os.environ["LLMC_EMULATE"] = old
-    assert module.EMULATE and module.compute_capability() == 90 and module.BF16 == BF16_BITS
+    module = emulated_cuda_trainer(MODULE_NAME, register=True)
+    assert module.compute_capability() == 90 and module.BF16 == BF16_BITS
     yield module
     del sys.modules[MODULE_NAME]
 
 
 def run_cuda_main(cu, argv, capsys):
-    """train_gpt2_cuda.main(argv) in this process: (exit code, stdout, stderr), as conftest.run_main."""
-    try:
-        cu.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    """train_gpt2_cuda.main(argv) in this process: (exit code, stdout, stderr)."""
+    return run_main(argv, capsys, cu)
 
 
 def quiet(f, *args, **kwargs):

@@ -20,6 +20,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import train_gpt2 as numpy_trainer  # noqa: E402
+from conftest import emulated_cuda_trainer  # noqa: E402
 from llmc import formats  # noqa: E402
 
 ATOL, RTOL = 1e-4, 1e-4
@@ -87,19 +88,7 @@ def test_importing_without_a_gpu_is_harmless():
 def cuda_trainer():
     """train_gpt2_cuda imported with LLMC_EMULATE=1 (a separate module object, so the switch at its
     top sees the variable)."""
-    import importlib.util
-    old = os.environ.get("LLMC_EMULATE")
-    os.environ["LLMC_EMULATE"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("train_gpt2_cuda_emulated", os.path.join(REPO, "train_gpt2_cuda.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if old is None:
-            del os.environ["LLMC_EMULATE"]
-        else:
-            os.environ["LLMC_EMULATE"] = old
-    assert module.EMULATE and module.xp is np
+    module = emulated_cuda_trainer("train_gpt2_cuda_emulated")
     return module
 
 

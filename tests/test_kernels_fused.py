@@ -18,13 +18,13 @@ arrays (a write out of bounds raises, a read out of bounds reads NaN):
     the launchers fall back to the per-element kernels there and still agree.
 """
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
 import emulator
+from conftest import emulated_cuda_trainer
 from llmc import formats
 from llmc.cuda_common import ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16
@@ -217,19 +217,7 @@ CONFIG = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_he
 @pytest.fixture(scope="module")
 def cu():
     """train_gpt2_cuda with LLMC_EMULATE=1, as a module object of its own (as tests/test_cuda_trainer.py)."""
-    old = os.environ.get("LLMC_EMULATE")
-    os.environ["LLMC_EMULATE"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("train_gpt2_cuda_fused", os.path.join(REPO, "train_gpt2_cuda.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if old is None:
-            del os.environ["LLMC_EMULATE"]
-        else:
-            os.environ["LLMC_EMULATE"] = old
-    assert module.EMULATE
-    return module
+    return emulated_cuda_trainer("train_gpt2_cuda_fused")
 
 
 def tiny_params(seed=0):
