@@ -56,6 +56,25 @@
 
 #include "common.cuh"
 
+// The rest of a row's LayerNorm once its mean m is known (one warp, every lane calls it): the variance
+// about m, rstd, mean and rstd stored by lane 0 (either pointer may be NULL), and o (C,) = the normalized
+// row times weight plus bias, each rounded once to floatX. Shared by the two forward kernels below, so
+// that the fused one gives layernorm_forward_kernel's bits.
+__device__ void normalize_row(floatX* o, float* mean, float* rstd, const floatX* x, const floatX* weight,
+                              const floatX* bias, float m, int row, int C, int lane) {
+    float sq = 0.0f;
+    for (int i = lane; i < C; i += 32) { float d = (float)x[i] - m; sq += d * d; }
+    float s = rsqrtf(warp_sum(sq) / C + 1e-5f);
+
+    if (lane == 0) {
+        if (mean != nullptr) { mean[row] = m; }
+        if (rstd != nullptr) { rstd[row] = s; }
+    }
+    for (int i = lane; i < C; i += 32) {
+        o[i] = (floatX)(s * ((float)x[i] - m) * (float)weight[i] + (float)bias[i]);
+    }
+}
+
 extern "C" __global__ void layernorm_forward_kernel(floatX* out, float* mean, float* rstd,
                                                     const floatX* inp, const floatX* weight,
                                                     const floatX* bias, int N, int C) {
@@ -68,18 +87,7 @@ extern "C" __global__ void layernorm_forward_kernel(floatX* out, float* mean, fl
     for (int i = lane; i < C; i += 32) { sum += (float)x[i]; }
     float m = warp_sum(sum) / C;
 
-    float sq = 0.0f;
-    for (int i = lane; i < C; i += 32) { float d = (float)x[i] - m; sq += d * d; }
-    float s = rsqrtf(warp_sum(sq) / C + 1e-5f);
-
-    if (lane == 0) {
-        if (mean != nullptr) { mean[row] = m; }
-        if (rstd != nullptr) { rstd[row] = s; }
-    }
-    floatX* o = out + row * C;
-    for (int i = lane; i < C; i += 32) {
-        o[i] = (floatX)(s * ((float)x[i] - m) * (float)weight[i] + (float)bias[i]);
-    }
+    normalize_row(out + row * C, mean, rstd, x, weight, bias, m, row, C, lane);
 }
 
 extern "C" __global__ void layernorm_backward_kernel(floatX* dinp, float* scratch, const floatX* dout,
@@ -172,17 +180,6 @@ extern "C" __global__ void fused_residual_layernorm_forward_kernel(floatX* resid
     }
     float m = warp_sum(sum) / C;
 
-    // from here on, layernorm_forward_kernel line for line (each lane rereads its own elements)
-    float sq = 0.0f;
-    for (int i = lane; i < C; i += 32) { float d = (float)x[i] - m; sq += d * d; }
-    float s = rsqrtf(warp_sum(sq) / C + 1e-5f);
-
-    if (lane == 0) {
-        if (mean != nullptr) { mean[row] = m; }
-        if (rstd != nullptr) { rstd[row] = s; }
-    }
-    floatX* o = normed + row * C;
-    for (int i = lane; i < C; i += 32) {
-        o[i] = (floatX)(s * ((float)x[i] - m) * (float)weight[i] + (float)bias[i]);
-    }
+    // from here on, layernorm_forward_kernel's own code (each lane rereads its own elements)
+    normalize_row(normed + row * C, mean, rstd, x, weight, bias, m, row, C, lane);
 }
