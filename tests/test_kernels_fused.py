@@ -25,6 +25,7 @@ import pytest
 
 import emulator
 from conftest import emulated_cuda_trainer
+from test_cuda_trainer import random_params
 from llmc import formats
 from llmc.cuda_common import ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16
@@ -221,14 +222,7 @@ def cu():
 
 
 def tiny_params(seed=0):
-    rng = np.random.default_rng(seed)
-    chunks = []
-    for name, shape in formats.param_shapes(CONFIG):
-        a = (0.1 * rng.standard_normal(shape)).astype(np.float32)
-        if name in ("ln1w", "ln2w", "lnfw"):
-            a += np.float32(1.0)
-        chunks.append(a.ravel())
-    return np.concatenate(chunks)
+    return random_params(CONFIG, seed)   # test_cuda_trainer's GPT-2-like weights
 
 
 def one_step(cu, precision, B, T, recompute, dlogits_in_forward=False):
