@@ -1040,6 +1040,14 @@ def run(args, trainer=None):
     except (ConfigError, FormatError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:
+        if world is None or world.size == 1 or not collectives.lost_a_peer(e):
+            raise
+        # another rank stopped (its own error is above): say so in one line instead of a traceback, and exit;
+        # torchrun and mpirun then stop whatever is left, so no rank waits for a partner that is gone
+        print(f"error: rank {world.rank}: a collective failed because another process stopped (its error is above): "
+              f"{str(e).strip().splitlines()[0][:200]}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if world is not None:
             world.close()

@@ -106,6 +106,15 @@ class World:
             self.dist.destroy_process_group()
 
 
+def lost_a_peer(error):
+    """Whether an exception is a collective that failed because another process is gone: gloo reports a
+    closed or reset connection, torch.distributed raises its Dist*Error types, NCCL an NcclError."""
+    kind = type(error).__name__
+    text = str(error)
+    return kind in ("DistBackendError", "DistNetworkError", "DistStoreError", "NcclError") or \
+        (isinstance(error, RuntimeError) and ("gloo" in text or "Connection reset" in text or "Connection closed" in text))
+
+
 def _widen(bits):
     from llmc.formats import bf16_to_f32
     return bf16_to_f32(bits)

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -155,6 +156,24 @@ def test_two_rank_resume_is_bit_exact(workdir, zero):
         assert (out / name).read_bytes() == first[name], name
     state = checkpoint.read_state_file(str(out / "state_00000010_00001.bin"), P // 2 if zero else P, 2, 1)
     assert (state.num_processes, state.rank, state.m.size) == (2, 1, P // 2 if zero else P)
+
+
+@needs_gloo
+def test_a_rank_that_dies_stops_the_others(workdir):
+    """Rank 1 stops with its one-line error (its state file of the checkpoint is missing) while rank 0 goes on
+    to the first collective: rank 0 must not wait forever for it. It exits with one line of its own (gloo sees
+    the connection close), or torchrun stops it; either way the run ends within seconds, with status 1."""
+    flags = [*BASE[:-2], "-x", "4", "-n", "2"]
+    out = workdir / "dies"
+    steps(launch(workdir, 2, *flags, "-o", out.name))
+    os.remove(out / "state_00000004_00001.bin")
+    t0 = time.time()
+    p = launch(workdir, 2, *[f if f != "4" else "6" for f in flags], "-o", out.name, "-y", "1", timeout=120)
+    assert p.returncode != 0 and time.time() - t0 < 90
+    assert "error: dies/state_00000004_00001.bin: no such file (the checkpoint is incomplete)" in p.stderr, p.stderr[-3000:]
+    rank0 = "error: rank 0: a collective failed because another process stopped (its error is above)"
+    assert rank0 in p.stderr or "exitcode  : -15" in p.stderr, p.stderr[-3000:]
+    assert "[rank0]: Traceback" not in p.stderr and "[rank1]: Traceback" not in p.stderr, p.stderr[-3000:]
 
 
 @needs_gloo
