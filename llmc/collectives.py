@@ -159,7 +159,7 @@ class NcclWorld(World):
     def __init__(self, rank, world_size, comm, cupy, nccl):
         super().__init__(rank, world_size, None)
         self.comm, self.cp, self.nccl = comm, cupy, nccl
-        self.scalar = cupy.zeros(1, dtype=cupy.float64)
+        self.scalar = cupy.zeros(1, dtype="float64")
 
     def _dtype(self, x):
         if x.dtype.name == "float32":
