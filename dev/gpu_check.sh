@@ -22,6 +22,8 @@
 #                     the same step lines (loss, norm) and the same model and state files, byte for byte
 #   bf16_resume       the same, -x 20 in one go against the -x 10 run then -x 20 -y 1 from its checkpoint:
 #                     the same step lines, model_00000020.bin and state_00000020_00000.bin
+#   nccl_one_rank     the determinism run's 10 steps as one torchrun rank with -z 1: NCCL starts (the id
+#                     over torchrun's store) and the step lines equal the plain run's
 #   test_gpt2_fp32    python test_gpt2.py --trainer cuda --precision fp32 on the export
 #   bench_fp32        dev/bench_gpu.py --precision fp32 --trainers ours: our fp32 (TF32) numbers beside
 #                     them (PyTorch fp32 is left to make bench_gpu: one more torch.compile does not fit)
@@ -189,7 +191,21 @@ check_resume() {
         echo "FAILED: the checkpoints of step 20 differ"; return 1; }
     echo "bf16 resume: 20 steps = 10 + 10 resumed (-y 1): identical losses and norms (last: $(tail -n 1 "$dir/full.steps")), step 20's model and state files identical"
 }
-export -f step_lines train_bf16 same_files check_determinism check_resume
+# check_nccl_one_rank MODEL B T DIR: the 10 steps of check_determinism's DIR/a again as one torchrun rank, so
+# the NCCL start-up runs (the id over torchrun's store, a communicator of one; one GPU cannot host two ranks)
+check_nccl_one_rank() {
+    local model=$1 B=$2 T=$3 dir=$4
+    [ -f "$dir/a.steps" ] || { echo "FAILED: no plain run to compare with (bf16_determinism)"; return 1; }
+    echo "-- $PY -m torch.distributed.run --standalone --nproc_per_node 1 train_gpt2_cuda.py -p bf16 -z 1 ..."
+    if ! "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 train_gpt2_cuda.py -p bf16 -v 0 -s 0 \
+            -e "$model" -b "$B" -t "$T" -x 10 -z 1 > "$dir/nccl.log" 2>&1; then
+        cat "$dir/nccl.log"; echo "FAILED: one rank under torchrun"; return 1
+    fi
+    step_lines "$dir/nccl.log" > "$dir/nccl.steps"
+    diff "$dir/a.steps" "$dir/nccl.steps" || { echo "FAILED: one NCCL rank's steps differ from the plain run's"; return 1; }
+    echo "nccl one rank: NCCL started through torchrun, 10 steps identical to the plain run (last: $(tail -n 1 "$dir/nccl.steps"))"
+}
+export -f step_lines train_bf16 same_files check_determinism check_resume check_nccl_one_rank
 
 # ---- env
 stage env 30 0 bash -c "nvidia-smi -L 2>&1 || echo 'nvidia-smi: not found'; $PY -c '
@@ -214,7 +230,7 @@ else
 fi
 
 # ---- data and the d12 export, which the test_gpt2 and bf16 training stages need
-D12_STAGES="test_gpt2_bf16 test_gpt2_fp32 bf16_determinism bf16_resume"
+D12_STAGES="test_gpt2_bf16 test_gpt2_fp32 bf16_determinism bf16_resume nccl_one_rank"
 VAL=data/tinyshakespeare/tiny_shakespeare_val.bin
 INPUT=$SHARED_DATA/tinyshakespeare/input.txt
 ASKED=$STAGES
@@ -284,6 +300,11 @@ if d12_ready bf16_resume; then
     # shellcheck disable=SC2016
     stage bf16_resume 120 1 bash -c 'check_resume gpt2_d12_bf16.bin 4 256 "$1"' _ "$WORK"
     [ "$STATUS" != SKIP ] && record bf16_resume "$STATUS" "$ELAPSED" "$(note_match '^(bf16 resume:|FAILED)')"
+fi
+if d12_ready nccl_one_rank; then
+    # shellcheck disable=SC2016
+    stage nccl_one_rank 90 1 bash -c 'check_nccl_one_rank gpt2_d12_bf16.bin 4 256 "$1"' _ "$WORK"
+    [ "$STATUS" != SKIP ] && record nccl_one_rank "$STATUS" "$ELAPSED" "$(note_match '^(nccl one rank:|FAILED)')"
 fi
 rm -rf "${WORK:?}"/*                                  # GBs of checkpoints
 
