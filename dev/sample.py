@@ -26,8 +26,11 @@ sample_mult(probs, random_f32(state)) with the xorshift state seeded by --seed. 
 --temperature 0 takes the most likely token (greedy). The model's context is maxT positions: a prompt
 that leaves no room for --max_new_tokens is cut to its last tokens, and the script says so.
 
-GPU: not here. This script is NumPy on the CPU (train_gpt2.py's layers, which call OpenBLAS directly);
-train_gpt2_cuda.py samples on the GPU during training, without a cache.
+On a GPU (--device cuda, with CuPy): the same cached forward pass written with array operations that
+NumPy and CuPy share (gpt2_forward_cached_xp: LayerNorm, GELU and attention as formulas, the products
+as xp.matmul, which CuPy hands to cuBLAS), the parameters and the cache in GPU memory; only the logits
+of the last position come back to the host for the sampler. The tests run that very function with NumPy
+as xp against the CPU path (train_gpt2.py's layers), so on a GPU only the array module changes.
 """
 
 import argparse
@@ -130,6 +133,77 @@ def gpt2_forward_cached(model, cache, tokens):
     return logits
 
 
+# ---- the same on any array module (NumPy or CuPy): for the GPU, where train_gpt2.py's layers (OpenBLAS) cannot go
+
+def layernorm_xp(xp, x, weight, bias):
+    """LayerNorm over the last axis, eps 1e-5, biased variance (train_gpt2.layernorm_forward's formula)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    rstd = 1.0 / xp.sqrt((centered * centered).mean(axis=-1, keepdims=True) + 1e-5)
+    return centered * rstd * weight + bias
+
+
+def gelu_xp(xp, x):
+    """GELU, tanh approximation (train_gpt2.gelu_forward's)."""
+    return 0.5 * x * (1.0 + xp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+def attention_cached_xp(xp, qkv, k_cache, v_cache, pos, NH):
+    """attention_forward_cached with xp: qkv (B, T, 3C) of the new positions -> (B, T, C)."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // NH
+    q, k, v = qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)      # 3 x (B, NH, T, hs)
+    k_cache[:, :, pos:pos + T] = k
+    v_cache[:, :, pos:pos + T] = v
+    keys, values = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]        # (B, NH, pos+T, hs)
+    preatt = xp.matmul(q, keys.transpose(0, 1, 3, 2)) * (1.0 / float(np.sqrt(hs)))   # (B, NH, T, pos+T)
+    future = xp.asarray(np.triu(np.ones((T, pos + T), dtype=bool), k=pos + 1))
+    preatt = xp.where(future, -xp.inf, preatt)
+    e = xp.exp(preatt - preatt.max(axis=-1, keepdims=True))
+    att = e / e.sum(axis=-1, keepdims=True)
+    return xp.matmul(att, values).transpose(0, 2, 1, 3).reshape(B, T, C)   # (B, NH, T, hs) -> (B, T, C)
+
+
+def gpt2_forward_cached_xp(xp, params, config, cache, tokens):
+    """gpt2_forward_cached's logits (B, T, Vp) with the array module xp: params are train_gpt2.views of
+    an xp array, cache a KVCache whose k, v are xp arrays, tokens (B, T) on the host."""
+    L, NH = config.num_layers, config.num_heads
+    tokens = np.asarray(tokens, dtype=np.int32)
+    B, T = tokens.shape
+    pos = cache.pos
+    if pos + T > config.max_seq_len:
+        raise ConfigError(f"position {pos + T} is past the model's context of {config.max_seq_len} tokens")
+    p = params
+    x = p.wte[xp.asarray(tokens)] + p.wpe[pos:pos + T]                       # (B, T, C)
+    for l in range(L):
+        qkv = xp.matmul(layernorm_xp(xp, x, p.ln1w[l], p.ln1b[l]), p.qkvw[l].T) + p.qkvb[l]
+        atty = attention_cached_xp(xp, qkv, cache.k[l], cache.v[l], pos, NH)
+        x = x + xp.matmul(atty, p.attprojw[l].T) + p.attprojb[l]             # residual2
+        h = gelu_xp(xp, xp.matmul(layernorm_xp(xp, x, p.ln2w[l], p.ln2b[l]), p.fcw[l].T) + p.fcb[l])
+        x = x + xp.matmul(h, p.fcprojw[l].T) + p.fcprojb[l]                  # residual3
+    cache.pos = pos + T
+    return xp.matmul(layernorm_xp(xp, x, p.lnfw, p.lnfb), p.wte.T)           # (B, T, Vp): wte is the classifier
+
+
+class DeviceModel:
+    """The model's parameters on xp's device (one copy of the flat array, with train_gpt2's named views)."""
+
+    def __init__(self, model, xp):
+        self.xp, self.config = xp, model.config
+        self.params = tg.views(xp.asarray(model.params_memory), model.param_shapes)
+
+    def new_cache(self, B):
+        cache = KVCache(self.config, B)
+        cache.k, cache.v = self.xp.asarray(cache.k), self.xp.asarray(cache.v)
+        return cache
+
+    def last_logits(self, cache, tokens):
+        """The logits (Vp,) of the last new position, on the host."""
+        logits = gpt2_forward_cached_xp(self.xp, self.params, self.config, cache, tokens)[0, -1]
+        return logits if self.xp is np else self.xp.asnumpy(logits)
+
+
 def uncached_last_logits(model, context):
     """Logits (Vp,) after `context` (a list of ids) by one full forward pass over it, as generate() does."""
     t = len(context)
@@ -176,15 +250,24 @@ def fit_prompt(prompt, max_new_tokens, max_seq_len):
                                   f"{max_new_tokens} to generate: keeping its last {room} tokens")
 
 
-def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, seed=1337, kv_cache=True, on_token=None):
+def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, seed=1337, kv_cache=True, on_token=None,
+             device_model=None):
     """Sample max_new_tokens ids after `prompt` (ids, already fit to the context). on_token(id) is
-    called as each one is drawn. Returns (new ids, seconds of the prefill, seconds of the rest)."""
+    called as each one is drawn. device_model: a DeviceModel to run the cached passes on (the GPU).
+    Returns (new ids, seconds of the prefill, seconds of the rest)."""
     V = model.config.vocab_size
     rng_state = [seed]
     context, new_tokens = list(prompt), []
-    cache = KVCache(model.config, 1) if kv_cache else None
+    if device_model is not None:
+        cache = device_model.new_cache(1)
+        step = lambda tokens: device_model.last_logits(cache, [tokens])          # noqa: E731
+    elif kv_cache:
+        cache = KVCache(model.config, 1)
+        step = lambda tokens: gpt2_forward_cached(model, cache, [tokens])[0, -1]  # noqa: E731
+    else:
+        step = lambda tokens: uncached_last_logits(model, context)                # noqa: E731
     t0 = time.perf_counter()
-    logits = gpt2_forward_cached(model, cache, [context])[0, -1] if kv_cache else uncached_last_logits(model, context)
+    logits = step(context)
     t_prefill = time.perf_counter() - t0
     for i in range(max_new_tokens):
         token = sample_token(logits[:V], temperature, top_k, rng_state)
@@ -193,8 +276,22 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, seed=1337,
         if on_token:
             on_token(token)
         if i + 1 < max_new_tokens:
-            logits = gpt2_forward_cached(model, cache, [[token]])[0, 0] if kv_cache else uncached_last_logits(model, context)
+            logits = step([token])
     return new_tokens, t_prefill, time.perf_counter() - t0 - t_prefill
+
+
+def array_module(device):
+    """NumPy for --device cpu, CuPy for cuda (a one-line error where it is missing or there is no GPU)."""
+    if device == "cpu":
+        return np
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("CUDA reports 0 devices")
+    except Exception as e:  # noqa: BLE001  (ImportError, no driver, no device: all the same to the user)
+        raise ConfigError(f"--device cuda needs CuPy and an NVIDIA GPU ({type(e).__name__}: {str(e).strip()[:100]}); "
+                          f"--device cpu samples with NumPy")
+    return cupy
 
 
 # ----------------------------------------------------------------------------
@@ -210,6 +307,8 @@ def parse_args(argv):
     ap.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = all, as llm.c)")
     ap.add_argument("--seed", type=int, default=1337, help="the xorshift sampler's seed (llm.c: 1337)")
     ap.add_argument("--kv_cache", type=int, default=1, choices=(0, 1), help="0: one full forward per token (no cache)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: the cached passes on the GPU with CuPy (always with the cache)")
     return ap.parse_args(argv)
 
 
@@ -241,11 +340,14 @@ def main(argv=None):
         if not prompt:                                        # llm.c's samples start from <|endoftext|>
             prompt = [EOT if V > EOT else V - 1]              # (a tiny test vocabulary has none: its last id)
         prompt, message = fit_prompt(prompt, args.max_new_tokens, config.max_seq_len)
+        xp = array_module(args.device)
+        device_model = DeviceModel(model, xp) if xp is not np else None
     except (FormatError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"{path}: L={config.num_layers} NH={config.num_heads} C={config.channels} maxT={config.max_seq_len} "
-          f"V={V}; {'KV cache' if args.kv_cache else 'no cache (one full forward per token)'}")
+          f"V={V}; {'KV cache' if args.kv_cache or device_model else 'no cache (one full forward per token)'}"
+          f"{', on the GPU (CuPy)' if device_model else ''}")
     if message:
         print(message)
 
@@ -260,7 +362,7 @@ def main(argv=None):
     for token in prompt:
         show(token)
     new_tokens, t_prefill, t_gen = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k,
-                                            args.seed, bool(args.kv_cache), on_token=show)
+                                            args.seed, bool(args.kv_cache), on_token=show, device_model=device_model)
     print(decoder.decode(b"", final=True) + "\n---")
     n = len(new_tokens)
     rate = (n - 1) / t_gen if n > 1 and t_gen > 0 else float("nan")

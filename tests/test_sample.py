@@ -52,6 +52,33 @@ def test_cached_logits_equal_full_forward_at_every_position(model_file):
         sample.gpt2_forward_cached(model, cache, tokens[:, :1])
 
 
+def test_the_gpu_path_equals_the_cpu_path(model_file):
+    """--device cuda's forward (gpt2_forward_cached_xp, written for any array module) run with NumPy as the
+    module: the same logits as the CPU path's at every position within 1e-5, and the same sampled tokens."""
+    model = load(model_file)
+    B, T = 2, CONFIG.max_seq_len
+    tokens = np.random.default_rng(2).integers(0, CONFIG.vocab_size, size=(B, T)).astype(np.int32)
+    device = sample.DeviceModel(model, np)
+    cpu_cache, dev_cache = sample.KVCache(CONFIG, B), device.new_cache(B)
+    cuts = [0, 6] + list(range(7, T + 1))
+    for a, b in zip(cuts, cuts[1:]):
+        ours = sample.gpt2_forward_cached_xp(np, device.params, CONFIG, dev_cache, tokens[:, a:b])
+        ref = sample.gpt2_forward_cached(model, cpu_cache, tokens[:, a:b])
+        assert ours.shape == ref.shape and np.abs(ours - ref).max() < 1e-5, (a, np.abs(ours - ref).max())
+    prompt = [9, 8, 7, 6]
+    assert sample.generate(model, prompt, 16, device_model=device)[0] == sample.generate(model, prompt, 16)[0]
+
+
+def test_device_cuda_without_a_gpu_is_one_line(model_file, tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here")
+    r = run_script("dev/sample.py", "--model", model_file, "--prompt_ids", "1", "--max_new_tokens", 8, "--device", "cuda",
+                   cwd=tmp_path)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--device cuda needs CuPy and an NVIDIA GPU" in r.stderr
+
+
 def test_greedy_same_tokens_cached_and_uncached(model_file):
     model = load(model_file)
     prompt = [3, 14, 15, 92, 65]
