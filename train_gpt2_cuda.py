@@ -336,7 +336,17 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
 
 
 def matmul_forward(out, inp, weight, bias, B, T, C, OC):
-    # out (B,T,OC) = inp (B,T,C) @ weight^T (C,OC) + bias (OC); weight is (OC,C) like nn.Linear
+    # out (B,T,OC) = inp (B,T,C) @ weight^T (C,OC) + bias (OC); weight is (OC,C) like nn.Linear.
+    # bf16: the bias goes in first and the GEMM adds onto it (beta = 1), so product and bias are summed in
+    # fp32 and rounded ONCE, as llm.c's cuBLASLt bias epilogue does. Rounding the product to bf16 and then
+    # the sum again loses most of a bias smaller than half a bf16 step of the output (AdamW moves biases by
+    # ~lr per step), the same shift at every position: the residual stream shrank layer after layer, and
+    # the bf16 loss drifted below fp32's. fp32 keeps the product, then the bias kernel (bits as before).
+    if bias is not None and out.dtype == BF16:
+        rows = out.reshape(B * T, OC)
+        rows[...] = bias                                # broadcast over the rows: a copy of bits
+        gemm(rows, inp.reshape(B * T, C), weight, transpose_b=True, accumulate=True)
+        return
     gemm(out.reshape(B * T, OC), inp.reshape(B * T, C), weight, transpose_b=True)
     if bias is not None:
         block, size = 256, pack_size(out)

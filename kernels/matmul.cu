@@ -7,6 +7,10 @@
 // train_gpt2.py's matmul_forward / matmul_backward. floatX (common.cuh) is float, or bf16 when
 // compiled with -DENABLE_BF16: sums are taken in float and rounded once to floatX at the store.
 //
+// The fp32 trainer adds the bias after the GEMM with these; the bf16 one does not use them: it copies
+// the bias into the output and lets the GEMM add onto it (beta = 1), one rounding of product + bias
+// (llm.c's cuBLASLt bias epilogue), since a second rounding after the GEMM's drops small biases.
+//
 // add_bias_kernel(floatX* out, const floatX* bias, int N, int OC)
 //   out (N,OC) += bias (OC) broadcast over rows; N = B*T.
 //   launch: grid = ceil_div(N*OC, block), block = 256 (any size); one thread per element.

@@ -553,3 +553,24 @@ def test_auto_without_bf16_and_no_model_flag_runs_the_fp32_default(cu, tmp_path,
                                         "-s", "0", "-x", "1"], capsys)
     assert code == 0, err
     assert "precision: fp32" in out.splitlines()
+
+
+def test_bf16_linear_layer_rounds_product_plus_bias_once(cu):
+    """matmul_forward in bf16: out = bf16(inp @ weight^T + bias), one rounding of the fp32 sum (llm.c's cuBLASLt
+    bias epilogue). Rounding the product first and the sum again (as it once did) drops most of a bias smaller
+    than half a bf16 step of the output, the same at every row: AdamW's first steps move biases by ~lr, and the
+    lost shifts added up along the residual stream (on d12 the bf16 loss drifted below fp32's, step after step).
+    Here biases of 1e-4..3e-4 on outputs of size ~1: all of them survive, on average, as in fp32."""
+    rng = np.random.default_rng(5)
+    N, C, OC = 64, 64, 32
+    inp = f32_to_bf16(rng.standard_normal((N, C)).astype(np.float32) / 8)
+    weight = f32_to_bf16(rng.standard_normal((OC, C)).astype(np.float32) / 8)
+    bias = f32_to_bf16((1e-4 + 2e-4 * rng.random(OC)).astype(np.float32))
+    out = np.zeros((1, N, OC), np.uint16)
+    cu.matmul_forward(out, inp.reshape(1, N, C), weight, bias, 1, N, C, OC)
+    product = bf16_to_f32(inp) @ bf16_to_f32(weight).T                      # fp32, as the GEMM accumulates
+    assert np.array_equal(out[0], f32_to_bf16(product + bf16_to_f32(bias)))   # one rounding
+    kept = (bf16_to_f32(out[0]) - product).mean(axis=0) / bf16_to_f32(bias)   # the bias each column got, on average
+    twice = (bf16_to_f32(f32_to_bf16(bf16_to_f32(f32_to_bf16(product)) + bf16_to_f32(bias))) - product).mean(0)
+    print(f"bias kept: one rounding {kept.mean():.2f}, two roundings {(twice / bf16_to_f32(bias)).mean():.2f}")
+    assert abs(kept.mean() - 1) < 0.25 and (twice / bf16_to_f32(bias)).mean() < 0.75
