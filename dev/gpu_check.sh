@@ -151,6 +151,19 @@ same_files() {
     return "$ok"
 }
 
+# same_run STEPS_A STEPS_B DIR_A DIR_B N WHAT: STEPS_A has N step lines, STEPS_B the same ones, and the
+# output dirs the same model and state files of step N, byte for byte
+same_run() {
+    local steps_a=$1 steps_b=$2 dir_a=$3 dir_b=$4 n=$5 what=$6 step
+    step=$(printf '%08d' "$n")
+    if [ "$(wc -l < "$steps_a")" -ne "$n" ]; then
+        echo "FAILED: expected $n step lines, found $(wc -l < "$steps_a")"; return 1
+    fi
+    diff "$steps_a" "$steps_b" || { echo "FAILED: $what: the steps differ"; return 1; }
+    same_files "$dir_a" "$dir_b" "model_$step.bin" "state_${step}_00000.bin" || {
+        echo "FAILED: $what: the checkpoints of step $n differ"; return 1; }
+}
+
 # check_determinism MODEL B T DIR: the same 10 bf16 steps twice (into DIR/a and DIR/b)
 check_determinism() {
     local model=$1 B=$2 T=$3 dir=$4 run
@@ -159,12 +172,7 @@ check_determinism() {
         train_bf16 "$dir/$run.log" -e "$model" -b "$B" -t "$T" -x 10 -n 10 -o "$dir/$run" || return 1
         step_lines "$dir/$run.log" > "$dir/$run.steps"
     done
-    if [ "$(wc -l < "$dir/a.steps")" -ne 10 ]; then
-        echo "FAILED: expected 10 step lines, found $(wc -l < "$dir/a.steps")"; return 1
-    fi
-    diff "$dir/a.steps" "$dir/b.steps" || { echo "FAILED: the two runs' steps differ"; return 1; }
-    same_files "$dir/a" "$dir/b" model_00000010.bin state_00000010_00000.bin || {
-        echo "FAILED: the two runs' checkpoints differ"; return 1; }
+    same_run "$dir/a.steps" "$dir/b.steps" "$dir/a" "$dir/b" 10 "the two runs" || return 1
     echo "bf16 determinism: 10 steps twice, identical losses and norms (last: $(tail -n 1 "$dir/a.steps")), model and state (master weights, m, v) files identical"
 }
 
@@ -183,12 +191,8 @@ check_resume() {
     step_lines "$dir/full.log" > "$dir/full.steps"
     cat "$dir/a.log" "$dir/resumed.log" > "$dir/both.log"
     step_lines "$dir/both.log" > "$dir/both.steps"
-    if [ "$(wc -l < "$dir/full.steps")" -ne 20 ]; then
-        echo "FAILED: expected 20 step lines, found $(wc -l < "$dir/full.steps")"; return 1
-    fi
-    diff "$dir/full.steps" "$dir/both.steps" || { echo "FAILED: 10 + 10 resumed steps differ from 20 in one go"; return 1; }
-    same_files "$dir/full" "$dir/a" model_00000020.bin state_00000020_00000.bin || {
-        echo "FAILED: the checkpoints of step 20 differ"; return 1; }
+    same_run "$dir/full.steps" "$dir/both.steps" "$dir/full" "$dir/a" 20 "20 steps in one go and 10 + 10 resumed" ||
+        return 1
     echo "bf16 resume: 20 steps = 10 + 10 resumed (-y 1): identical losses and norms (last: $(tail -n 1 "$dir/full.steps")), step 20's model and state files identical"
 }
 # check_nccl_one_rank MODEL B T DIR: the 10 steps of check_determinism's DIR/a again as one torchrun rank, so
@@ -205,7 +209,7 @@ check_nccl_one_rank() {
     diff "$dir/a.steps" "$dir/nccl.steps" || { echo "FAILED: one NCCL rank's steps differ from the plain run's"; return 1; }
     echo "nccl one rank: NCCL started through torchrun, 10 steps identical to the plain run (last: $(tail -n 1 "$dir/nccl.steps"))"
 }
-export -f step_lines train_bf16 same_files check_determinism check_resume check_nccl_one_rank
+export -f step_lines train_bf16 same_files same_run check_determinism check_resume check_nccl_one_rank
 
 # ---- env
 stage env 30 0 bash -c "nvidia-smi -L 2>&1 || echo 'nvidia-smi: not found'; $PY -c '
