@@ -250,6 +250,18 @@ def packable(n, *arrays):
     return n % size == 0 and all(address(x) % 16 == 0 for x in arrays)
 
 
+def launch_elementwise(file, name, count, row, arrays, args):
+    """Launch kernels/<file>.cu's `name` over `count` elements, or its 128-bit twin `name` with _packed before
+    _kernel (one thread per x128) when packable(row, *arrays): row is the length the packs must not cross
+    (a row of C or OC, or count itself for a flat array). 256-thread blocks; args are the kernel's own."""
+    block, floatx = 256, arrays[0].dtype
+    if packable(row, *arrays):
+        packed = name.replace("_kernel", "_packed_kernel")
+        kernel(file, packed, floatx)((ceil_div(count, block * pack_size(arrays[0])),), (block,), args)
+    else:
+        kernel(file, name, floatx)((ceil_div(count, block),), (block,), args)
+
+
 def view(buffer, *shape):
     """The first prod(shape) floats of a contiguous buffer, seen with `shape`. llm.c reuses big
     buffers as scratch space for other shapes; this is that pointer cast, made visible."""
@@ -268,13 +280,8 @@ def view(buffer, *shape):
 def encoder_forward(out, inp, wte, wpe, B, T, C):
     # out (B,T,C) = wte[inp] + wpe[:T]; inp (B,T) int32 on the device. One thread per x128 (8 bf16 or
     # 4 floats of a row: C a multiple of the pack), else one per element
-    block, size = 256, pack_size(out)
-    if packable(C, out, wte, wpe):
-        kernel("encoder", "encoder_forward_packed_kernel", out.dtype)(
-            (ceil_div(B * T * C, block * size),), (block,), (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
-    else:
-        kernel("encoder", "encoder_forward_kernel", out.dtype)(
-            (ceil_div(B * T * C, block),), (block,), (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
+    launch_elementwise("encoder", "encoder_forward_kernel", B * T * C, C, (out, wte, wpe),
+                       (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
 
 
 def encoder_buckets(inp, out=None):
@@ -349,13 +356,7 @@ def matmul_forward(out, inp, weight, bias, B, T, C, OC):
         return
     gemm(out.reshape(B * T, OC), inp.reshape(B * T, C), weight, transpose_b=True)
     if bias is not None:
-        block, size = 256, pack_size(out)
-        if packable(OC, out, bias):     # one thread per x128 of a row (OC a multiple of the pack)
-            kernel("matmul", "add_bias_packed_kernel", out.dtype)(
-                (ceil_div(B * T * OC, block * size),), (block,), (out, bias, i32(B * T), i32(OC)))
-        else:
-            kernel("matmul", "add_bias_kernel", out.dtype)(
-                (ceil_div(B * T * OC, block),), (block,), (out, bias, i32(B * T), i32(OC)))
+        launch_elementwise("matmul", "add_bias_kernel", B * T * OC, OC, (out, bias), (out, bias, i32(B * T), i32(OC)))
 
 
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC):
@@ -415,36 +416,19 @@ def attention_backward(dinp, dqkvr, dpreatt, datt, scratch, dout, qkvr, att, B, 
 
 
 # The elementwise launchers below run one thread per x128 (8 bf16 or 4 floats, 128-bit loads and stores)
-# when packable(...), else the per-element twin kernel: the same bits either way.
+# when packable(...), else the per-element twin kernel: the same bits either way (launch_elementwise).
 
 def gelu_forward(out, inp, N):
-    block, size = 256, pack_size(out)
-    if packable(N, out, inp):
-        kernel("gelu", "gelu_forward_packed_kernel", out.dtype)(
-            (ceil_div(N, block * size),), (block,), (out, inp, i32(N)))
-    else:
-        kernel("gelu", "gelu_forward_kernel", out.dtype)((ceil_div(N, block),), (block,), (out, inp, i32(N)))
+    launch_elementwise("gelu", "gelu_forward_kernel", N, N, (out, inp), (out, inp, i32(N)))
 
 
 def gelu_backward(dinp, inp, dout, N):
     # dinp = gelu'(inp) * dout, written; may run in place (dinp is dout)
-    block, size = 256, pack_size(dinp)
-    if packable(N, dinp, inp, dout):
-        kernel("gelu", "gelu_backward_packed_kernel", dinp.dtype)(
-            (ceil_div(N, block * size),), (block,), (dinp, inp, dout, i32(N)))
-    else:
-        kernel("gelu", "gelu_backward_kernel", dinp.dtype)(
-            (ceil_div(N, block),), (block,), (dinp, inp, dout, i32(N)))
+    launch_elementwise("gelu", "gelu_backward_kernel", N, N, (dinp, inp, dout), (dinp, inp, dout, i32(N)))
 
 
 def residual_forward(out, inp1, inp2, N):
-    block, size = 256, pack_size(out)
-    if packable(N, out, inp1, inp2):
-        kernel("residual", "residual_forward_packed_kernel", out.dtype)(
-            (ceil_div(N, block * size),), (block,), (out, inp1, inp2, i32(N)))
-    else:
-        kernel("residual", "residual_forward_kernel", out.dtype)(
-            (ceil_div(N, block),), (block,), (out, inp1, inp2, i32(N)))
+    launch_elementwise("residual", "residual_forward_kernel", N, N, (out, inp1, inp2), (out, inp1, inp2, i32(N)))
 
 
 def fused_residual_forward(residual, normed, mean, rstd, inp1, inp2, weight, bias, B, T, C):
