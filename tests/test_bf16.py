@@ -35,7 +35,7 @@ from conftest import emulated_cuda_trainer, run_main  # noqa: E402
 from llmc import checkpoint, formats  # noqa: E402
 from llmc.formats import bf16_to_f32, f32_to_bf16  # noqa: E402
 from test_cuda_trainer import CONFIG, random_params  # noqa: E402
-from test_checkpoint import BASE, events, run_trainer, workdir  # noqa: E402,F401 (workdir: a fixture)
+from test_checkpoint import BASE, assert_log_resumed_at_10, events, run_trainer, workdir  # noqa: E402,F401 (workdir: a fixture)
 from test_recompute_memory import allocated_bytes, expected_report  # noqa: E402
 
 BF16_BITS = np.dtype(np.uint16)   # how train_gpt2_cuda holds a bf16 array (bit patterns)
@@ -221,12 +221,7 @@ def test_bf16_resume_is_bit_exact(workdir):  # noqa: F811 (the fixture)
     lrs = {e.split(" lr ")[1] for e in full_ev if e.startswith("step ")}
     assert losses[-1] < losses[0] and len(set(losses)) == 20 and len(lrs) > 10   # it trained, on a schedule
 
-    log_full = open("full/main.log").read().splitlines()
-    log_run = open("run/main.log").read().splitlines()
-    tel10 = [line for line in log_full if line.startswith("s:10 tel:")]
-    assert len(tel10) == 1 and log_run.count(tel10[0]) == 2
-    log_run.remove(tel10[0])
-    assert log_run == log_full and len(log_full) == 3 + 20
+    assert_log_resumed_at_10("full/main.log", "run/main.log", 3 + 20)
 
     P = formats.num_parameters(formats.read_model_file("tiny.bin")[0])
     for step in (10, 20):

@@ -214,6 +214,17 @@ def run_trainer(script, args, cwd, emulate, kill_after=None):
     return r.stdout
 
 
+def assert_log_resumed_at_10(full_path, run_path, lines):
+    """main.log of a run killed after step 10 and resumed: the uninterrupted run's `lines` lines, appended,
+    with step 10's val line twice (written before the kill and again on resume, as llm.c)."""
+    log_full = open(full_path).read().splitlines()
+    log_run = open(run_path).read().splitlines()
+    tel10 = [line for line in log_full if line.startswith("s:10 tel:")]
+    assert len(tel10) == 1 and log_run.count(tel10[0]) == 2
+    log_run.remove(tel10[0])
+    assert log_run == log_full and len(log_full) == lines
+
+
 def events(stdout):
     """What a run computed, in order: val losses, sampled token ids, step lines without their timings."""
     out, lines = [], stdout.splitlines()
@@ -246,13 +257,7 @@ def test_resume_is_bit_exact(workdir, script, emulate):
     losses = [float(e.split("train loss ")[1].split()[0]) for e in full_ev if e.startswith("step ")]
     assert losses[-1] < losses[0] and len(set(losses)) == 20           # it trained, and every step differs
 
-    # main.log: appended, with step 10's val line twice (written before the kill and again on resume)
-    log_full = open("full/main.log").read().splitlines()
-    log_run = open("run/main.log").read().splitlines()
-    tel10 = [line for line in log_full if line.startswith("s:10 tel:")]
-    assert len(tel10) == 1 and log_run.count(tel10[0]) == 2
-    log_run.remove(tel10[0])
-    assert log_run == log_full and len(log_full) == 5 + 20
+    assert_log_resumed_at_10("full/main.log", "run/main.log", 5 + 20)
 
     assert checkpoint.done_steps("run") == checkpoint.done_steps("full") == [5, 10, 15, 20]
     for name in ("model_00000020.bin", "state_00000020_00000.bin", "model_00000015.bin"):
