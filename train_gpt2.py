@@ -13,19 +13,22 @@ import codecs
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from types import SimpleNamespace
 
 import llmc  # first: it picks NumPy's BLAS kernels before NumPy loads
 import numpy as np
 
 from llmc import checkpoint, collectives, profiler
-from llmc.cli import parse_args
+from llmc.cli import flag_of, parse_args
 from llmc.dataloader import DataLoader
 from llmc.hellaswag import EvalLoader, stat_losses
-from llmc.formats import (MODEL_DEPTHS, MODEL_MAGIC, FormatError, GPT2Config, num_parameters, padded_vocab,
-                          param_shapes, print_config, read_header, read_model_file, write_model_file)
+from llmc.formats import (MODEL_DEPTHS, MODEL_MAGIC, FormatError, GPT2Config, nonfinite_report, num_parameters,
+                          padded_vocab, param_shapes, print_config, read_header, read_model_file, write_model_file)
 from llmc.logger import Logger
 from llmc.mfu import TokensPerSecond, flops_per_token, format_mfu, mfu_percent, peak_flops
 from llmc.outlier import OutlierDetector
@@ -33,7 +36,7 @@ from llmc.rand import normal_
 from llmc.sampler import random_f32, sample_mult
 from llmc.schedulers import get_lr
 from llmc.tokenizer import Tokenizer
-from llmc.utils import ConfigError
+from llmc.utils import ConfigError, WriteError
 
 # What makes the NumPy below fast lives in llmc/cpu.py, out of the way of the math: NumPy's
 # OpenBLAS sgemm called through ctypes (matmul, matmuls), one thread pool for all the layers
@@ -858,14 +861,21 @@ CHECKPOINT_FALLBACKS = {"gpt2_124M_bf16.bin": ("gpt2_124M.bin", "gpt2_d12.bin"),
 
 
 def resolve_checkpoint(name):
+    """The model file to load for -e name: the first of its fallbacks that exists when it does not (saying so)."""
     if os.path.exists(name):
         return name
     for other in CHECKPOINT_FALLBACKS.get(name, ()):
         if os.path.exists(other):
-            why = "the same shape, from scratch" if other == "gpt2_d12.bin" else "the same weights in fp32"
-            print(f"{name} not found: using {other} ({why})")
+            print(fallback_note(name, other))
             return other
     return name
+
+
+def fallback_note(name, other):
+    if other != "gpt2_d12.bin":
+        return f"{name} not found: using {other} (the same weights in fp32)"
+    return (f"WARNING: {name} not found: using {other}, a RANDOM init of the same shape, so this run trains from "
+            f"scratch, not from OpenAI's weights (python train_gpt2_torch.py --model gpt2 gets them, with the network)")
 
 
 def device_setup(args, world=None):
@@ -952,18 +962,37 @@ def evaluate_hellaswag(trainer, model, hellaswag, B, T, world):
 
 # checkpoints (llmc/checkpoint.py): what train() writes every -n steps and reads back with -y 1
 
-def save_checkpoint(trainer, model, train_loader, args, step, world, shard):
-    """model_ (rank 0), state_ (every rank) and DONE_ of this step into -o, then the old ones -nk and -nm
-    say to delete. shard: ZeRO-1's (lo, hi), whose m and v this rank holds, or None (all of them)."""
+def finite_params(trainer, model, step, what):
+    """The parameters on the host, for a file; a run whose weights went NaN or inf writes no file over a
+    good one: it stops with one line instead."""
+    params = trainer.to_numpy(model.params_memory)
+    bad = nonfinite_report(model.config, params)
+    if bad:
+        raise DivergedError(f"step {step}: {bad}: the run diverged, so {what} was not written; lower -l, or "
+                            f"resume from an earlier checkpoint with -y 1")
+    return params
+
+
+def save_checkpoint(trainer, model, train_loader, args, step, world, shard, settings):
+    """state_ (every rank), model_ (rank 0) and DONE_ of this step into -o, then the old ones -nk and -nm
+    say to delete, and what killed runs left there. shard: ZeRO-1's (lo, hi), whose m and v this rank
+    holds, or None (all of them). settings: the run's schedule, recorded for -y 1 to compare."""
     out = args.output_log_dir
     t0 = time.perf_counter()
+    params = finite_params(trainer, model, step, f"checkpoint {step}")
     m, v = trainer.gpt2_optimizer_state(model, shard[1] - shard[0]) if shard else trainer.gpt2_optimizer_state(model)
     state = checkpoint.TrainState(step=step, m=m, v=v, loader=train_loader.state(), num_processes=world.size,
-                                  rank=world.rank)
+                                  rank=world.rank, settings=settings)
     if hasattr(trainer, "gpt2_master_state"):   # the CUDA trainer: master weights, stochastic rounding's generator
         state.master_weights, state.rng_state, state.rng_state_last_update = trainer.gpt2_master_state(model)
-    checkpoint.write_checkpoint(out, step, model.config, trainer.to_numpy(model.params_memory), state,
-                                dtype=model_file_dtype(model), barrier=world.barrier)
+    try:
+        checkpoint.write_checkpoint(out, step, model.config, params, state, dtype=model_file_dtype(model),
+                                    barrier=world.barrier)
+    except WriteError as e:
+        done = checkpoint.done_steps(out)
+        kept = f"checkpoint {done[-1]} is whole: make room and -y 1 resumes from it" if done else \
+            "there is no earlier checkpoint"
+        raise WriteError(f"{e}; checkpoint {step} not written (its files removed), {kept}") from None
     if world.rank != 0:
         return
     size = sum(os.path.getsize(p) for p in (checkpoint.model_path(out, step), checkpoint.state_path(out, step)))
@@ -972,15 +1001,17 @@ def save_checkpoint(trainer, model, train_loader, args, step, world, shard):
                                                 args.major_checkpoint_every):
         checkpoint.delete_checkpoint(out, old)
         print(f"deleted checkpoint {old}")
+    clean_litter(out)
 
 
-def load_checkpoint(trainer, model, train_loader, output_dir, step, world, shard):
+def load_checkpoint(trainer, model, train_loader, output_dir, step, world, shard, settings):
     """AdamW's m and v (this rank's shard of them under ZeRO-1) and the train loader's place from this
-    rank's state_ of `step`; returns the step to go on from."""
+    rank's state_ of `step`; returns the step to go on from. Says which of the run's settings (its
+    schedule) differ from the run that wrote the checkpoint: a new schedule can be meant, so it goes on."""
     t0 = time.perf_counter()
     path = checkpoint.state_path(output_dir, step, world.rank)
     state = checkpoint.read_state_file(path, shard[1] - shard[0] if shard else model.num_parameters,
-                                       world.size, world.rank)
+                                       world.size, world.rank, fix=checkpoint.resume_advice(output_dir, step))
     if state.step != step:
         raise FormatError(f"{path}: holds step {state.step}, its name says {step}; a corrupt checkpoint")
     keeps_master = getattr(model, "use_master_weights", False)
@@ -994,7 +1025,71 @@ def load_checkpoint(trainer, model, train_loader, output_dir, step, world, shard
         trainer.gpt2_load_master_state(model, state.master_weights, state.rng_state, state.rng_state_last_update)
     train_loader.resume(*state.loader)
     print(f"resumed from checkpoint {step} in {output_dir} ({time.perf_counter() - t0:.2f} s)")
+    for name, value in settings.items():
+        before = (state.settings or {}).get(name, value)    # llm.c's own state files record none
+        if before != value:
+            show = str if isinstance(value, str) else "{:g}".format
+            print(f"-y 1: {flag_of(name)} changes from {show(before)} (the checkpoint's run) to {show(value)}")
     return state.step
+
+
+def clean_litter(output_dir):
+    """Remove what killed runs left in -o (checkpoint.clean_litter), saying so in one line."""
+    removed = checkpoint.clean_litter(output_dir)
+    if removed:
+        shown = ", ".join(removed[:4]) + (f" and {len(removed) - 4} more" if len(removed) > 4 else "")
+        print(f"removed {len(removed)} file(s) a killed run left in {output_dir}: {shown}")
+
+
+class DivergedError(ConfigError):
+    """The loss, the gradient norm or the weights went NaN or inf: the run stops, writing nothing."""
+
+
+def diverged(step, what, args):
+    """The line of a run that went NaN or inf at `step`."""
+    done = checkpoint.done_steps(args.output_log_dir)
+    resume = f", or -y 1 resumes from checkpoint {done[-1]} (with a lower -l)" if done else ""
+    return (f"step {step}: {what}: the run diverged (NaN or inf) and stops, writing nothing; lower -l "
+            f"(it is {args.learning_rate:g}){resume}")
+
+
+def stop_requested(ctrl_c, world):
+    """Has Ctrl-C been pressed (on any rank: they all stop at the same step)?"""
+    if ctrl_c is None:
+        return False
+    return world.sum(float(ctrl_c.requested)) > 0 if world.size > 1 else ctrl_c.requested
+
+
+def stop_on_ctrl_c(trainer, model, train_loader, args, step, num_steps, world, shard, settings):
+    """The loop's end after a Ctrl-C: with -o, a checkpoint of the step reached; run() prints the line."""
+    kept = "no -o, so nothing was written"
+    if args.output_log_dir:
+        save_checkpoint(trainer, model, train_loader, args, step, world, shard, settings)
+        kept = f"checkpoint {step} is in {args.output_log_dir}: -y 1 goes on from it"
+    raise KeyboardInterrupt(f"stopped by Ctrl-C after step {step} of {num_steps}: {kept}")
+
+
+class StopOnCtrlC:
+    """Ctrl-C while training: the first asks the loop to stop at the end of the step under way (with -o,
+    after a checkpoint that -y 1 goes on from), the second stops at once (run() says so in one line).
+    Python takes signal handlers in the main thread only: elsewhere (ranks run as threads in the tests)
+    Ctrl-C keeps its usual meaning."""
+
+    def __enter__(self):
+        self.requested, self.in_loop, self.previous = False, False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handler)
+        return self
+
+    def handler(self, signum, frame):
+        if self.requested or not self.in_loop:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping at the end of this step (press it again to stop at once)", flush=True)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def model_file_dtype(model):
@@ -1035,11 +1130,17 @@ def run(args, trainer=None):
         # the engine of the collectives: gloo on the CPU; train_gpt2_cuda.py on GPUs says "nccl"
         world = collectives.init(getattr(trainer, "COLLECTIVES", "gloo"), args)
         with open(os.devnull, "w") if world.rank != 0 else contextlib.nullcontext(sys.stdout) as out, \
-                contextlib.redirect_stdout(out):
-            train(args, trainer, world)
-    except (ConfigError, FormatError, FileNotFoundError) as e:
+                contextlib.redirect_stdout(out), StopOnCtrlC() as ctrl_c, warnings.catch_warnings():
+            # NumPy's overflow warnings (from every thread of llmc/cpu.py) stay quiet: a loss or norm gone NaN
+            # or inf stops the run with one line of its own
+            warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
+            train(args, trainer, world, ctrl_c)
+    except (ConfigError, FormatError, FileNotFoundError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as e:   # Ctrl-C: the loop's own line (StopOnCtrlC), or a second press
+        print(str(e) or "stopped at once by Ctrl-C: nothing written since the last checkpoint", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         if world is None or world.size == 1 or not collectives.lost_a_peer(e):
             raise
@@ -1053,37 +1154,63 @@ def run(args, trainer=None):
             world.close()
 
 
-def sequence_length(args, max_seq_len):
-    """-t, checked against the model; a default T longer than a small model's max_seq_len shrinks
-    to it (with a note), a T the user asked for must fit."""
-    T = args.T
-    if T > max_seq_len:
-        if "T" in args.given:
-            raise ConfigError(f"sequence length -t {T} exceeds the model's max_seq_len {max_seq_len}; "
-                              f"use -t {max_seq_len} or less")
-        print(f"T = {max_seq_len}: the model's max_seq_len (the default -t {T} is longer)")
-        T = max_seq_len
-    return T
+def check_args(args):
+    """The flags a run cannot start with, one line each (what they name is checked as it is read)."""
+    if args.B < 1 or args.T < 1:
+        raise ConfigError(f"-b and -t must be positive, got B={args.B}, T={args.T}")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ConfigError(f"-x {args.max_steps}: give a positive number of steps, or -1 for one epoch")
+    if args.learning_rate < 0:
+        raise ConfigError(f"-l {args.learning_rate:g}: the learning rate must be 0 or positive")
+    if args.zero_stage not in (0, 1):
+        raise ConfigError(f"-z {args.zero_stage}: ZeRO stage 0 or 1 (llm.c's stages 2 and 3 are not implemented)")
+    checkpoint.check_flags(args)
 
 
-def train(args, trainer=None, world=None):
+def at_most(args, name, limit, limit_name, what):
+    """args.<name>, checked against `limit`: a default larger than it shrinks to it (with a note), a value
+    the user asked for must fit. Used for -t (the model's max_seq_len) and -g (the sampler's T tokens)."""
+    value, flag = getattr(args, name), flag_of(name)
+    if value <= limit:
+        return value
+    if name in args.given:
+        raise ConfigError(f"{what} {flag} {value} exceeds {limit_name} {limit}; use {flag} {limit} or less")
+    print(f"{name} = {limit}: {limit_name} (the default {flag} {value} is longer)")
+    return limit
+
+
+def check_output_dir(args, rank):
+    """-o: a new run (no -y 1) does not write over an earlier run's files (its -nk would even delete
+    checkpoints it did not write), and what killed runs left there goes (rank 0's job)."""
+    out = args.output_log_dir
+    if not out or rank != 0:
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"-o {out}: a file, not a directory; give a directory for the logs and checkpoints")
+    earlier = checkpoint.earlier_run_files(out)
+    if earlier and args.resume != 1:
+        shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        raise ConfigError(f"-o {out} holds an earlier run's files ({shown}): -y 1 resumes that run; for a new "
+                          f"one give another -o, or delete them")
+    clean_litter(out)
+
+
+def train(args, trainer=None, world=None, ctrl_c=None):
     """llm.c's main loop. trainer: the module that runs the model, this one (NumPy) by default.
-    world: this process's place in a data-parallel run (llmc.collectives.World), one process by default."""
+    world: this process's place in a data-parallel run (llmc.collectives.World), one process by default.
+    ctrl_c: run()'s StopOnCtrlC, whose first Ctrl-C stops the loop at the end of a step."""
     tr = trainer or sys.modules[__name__]
     world = world or collectives.World()
     missing = [name for name in TRAINER_API if not hasattr(tr, name)]
     assert not missing, f"{tr.__name__} lacks {missing} (see TRAINER_API)"
     B = args.B
-    if B < 1 or args.T < 1:
-        raise ConfigError(f"-b and -t must be positive, got B={B}, T={args.T}")
-    if args.zero_stage not in (0, 1):
-        raise ConfigError(f"-z {args.zero_stage}: ZeRO stage 0 or 1 (llm.c's stages 2 and 3 are not implemented)")
+    check_args(args)
     if world.size > 1 and not hasattr(tr, "gpt2_grad_sum_squares"):
         raise ConfigError(f"{os.path.basename(tr.__file__)} does not run data parallel yet: start it as one process")
     extra_lines = tr.device_setup(args, world)
 
     # -y 1: resume from the newest complete checkpoint in -o (its model file replaces -e)
-    checkpoint.check_flags(args)
+    check_output_dir(args, world.rank)
     resume_step = None
     if args.resume == 1:
         done = checkpoint.done_steps(args.output_log_dir)
@@ -1094,11 +1221,18 @@ def train(args, trainer=None, world=None):
         checkpoint.model_path(args.output_log_dir, resume_step)
 
     # the model
-    model = tr.gpt2_build_from_descriptor(model_file)
+    try:
+        model = tr.gpt2_build_from_descriptor(model_file)
+    except (FormatError, FileNotFoundError) as e:    # a checkpoint's bad model file: fall back to an earlier one
+        if resume_step is None or not hasattr(e, "problem"):
+            raise
+        raise FormatError(f"{e.problem}; {checkpoint.resume_advice(args.output_log_dir, resume_step)}") from None
     if resume_step is not None:
         check_resume_precision(model, model_file)
     print_config(model.config, extra_lines)
-    T = sequence_length(args, model.config.max_seq_len)
+    T = at_most(args, "T", model.config.max_seq_len, "the model's max_seq_len", "sequence length")
+    if args.sample_every > 0:   # the sampler writes into a (B, T) buffer: at most T tokens
+        at_most(args, "genT", T, "the sequence length T", "tokens to sample")
 
     # the data
     train_pattern, val_pattern = default_data_paths()
@@ -1126,6 +1260,9 @@ def train(args, trainer=None, world=None):
     processes = "" if world.size == 1 else f" on each of {world.size} processes"
     print(f"batch: B={B} T={T}, total {total_batch} tokens = {grad_accum_steps} micro-step(s){processes}; "
           f"{num_steps} steps")
+    # the schedule, recorded in each checkpoint's state so that -y 1 can say what changed
+    settings = {name: getattr(args, name) for name, _, _ in checkpoint.SETTINGS}
+    settings.update(total_batch_size=total_batch, max_steps=num_steps)
     # ZeRO-1 (-z 1): this rank's AdamW updates only its contiguous 1/world.size of the parameters
     shard = None
     if world.size > 1:
@@ -1139,7 +1276,7 @@ def train(args, trainer=None, world=None):
     if hasattr(tr, "gpt2_allocate_state"):   # train_gpt2_cuda.py allocates its state now, as llm.c's train_gpt2.cu:
         tr.gpt2_allocate_state(model, B, T, shard)  # the memory report, and a run too big for the GPU stops here
     start_step = 0 if resume_step is None else load_checkpoint(tr, model, train_loader, args.output_log_dir,
-                                                                resume_step, world, shard)
+                                                                resume_step, world, shard, settings)
     if start_step > num_steps:
         raise ConfigError(f"the checkpoint in {args.output_log_dir} is at step {start_step}, past -x {num_steps}: "
                           f"give a larger -x")
@@ -1181,10 +1318,17 @@ def train(args, trainer=None, world=None):
     tokens_per_second = TokensPerSecond()                 # the moving average the step line shows
     loss_outliers, norm_outliers = OutlierDetector(), OutlierDetector()   # z-scores on the step line, -sl -sg
     step_times = []
+    genT = min(args.genT, T)
+    if ctrl_c is not None:
+        ctrl_c.in_loop = True                             # from now on the first Ctrl-C waits for the step's end
     for step in range(start_step, num_steps + 1):
         last_step = step == num_steps
+        if step > start_step and not last_step and stop_requested(ctrl_c, world):
+            stop_on_ctrl_c(tr, model, train_loader, args, step, num_steps, world, shard, settings)
         if args.val_loss_every > 0 and (step % args.val_loss_every == 0 or last_step):
             val_loss = world.mean(evaluate(tr, model, val_loader, val_max_steps, B, T))
+            if not math.isfinite(val_loss):
+                raise DivergedError(diverged(step, f"val loss {val_loss}", args))
             print(f"val loss {val_loss:f}")
             logger.log_val(step, val_loss)
         if hellaswag is not None and ((step > 0 and args.val_loss_every > 0 and step % args.val_loss_every == 0)
@@ -1194,10 +1338,10 @@ def train(args, trainer=None, world=None):
         if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last_step) and world.rank == 0:
             # the sampler's xorshift starts at 1337 at every round, as llm.c's train_gpt2.cu: the same
             # tokens after a resume (the state file has no slot for it)
-            generate(tr, model, tokenizer, B, T, args.genT, [1337])
+            generate(tr, model, tokenizer, B, T, genT, [1337])
         if args.checkpoint_every > 0 and step != resume_step and \
                 ((step > 0 and step % args.checkpoint_every == 0) or last_step):   # not the step just resumed
-            save_checkpoint(tr, model, train_loader, args, step, world, shard)
+            save_checkpoint(tr, model, train_loader, args, step, world, shard, settings)
         if last_step:
             break
 
@@ -1223,6 +1367,11 @@ def train(args, trainer=None, world=None):
                 norm = tr.gpt2_calculate_grad_norm(model) / micro_steps
         else:
             norm = tr.gpt2_calculate_grad_norm(model) / micro_steps
+        # a NaN or inf loss or norm stops the run here, before the update, writing nothing. llm.c goes on: its
+        # z-scores turn NaN, which its outlier guard (-sl/-sg, below) reads as no outlier, and the update
+        # spreads the NaN into every weight. The guard skips single spikes of a finite loss, not this.
+        if not (math.isfinite(train_loss) and math.isfinite(norm)):
+            raise DivergedError(diverged(step + 1, f"train loss {train_loss}, gradient norm {norm}", args))
         # the gradients hold the sum over all micro-steps (of every rank): average them inside the update
         scale = grad_clip_scale(norm, tr.GRAD_CLIP) / micro_steps
         lr = learning_rate(step)
@@ -1255,8 +1404,10 @@ def train(args, trainer=None, world=None):
         print(profiler.report(max(1, len(step_times) - 1)))
     if args.output_log_dir and args.checkpoint_every == 0 and world.rank == 0:   # else the last checkpoint holds it
         path = os.path.join(args.output_log_dir, f"model_{num_steps:08d}.bin")
-        write_model_file(path, model.config, tr.to_numpy(model.params_memory), model_file_dtype(model))
+        write_model_file(path, model.config, finite_params(tr, model, num_steps, path), model_file_dtype(model))
         print(f"wrote {path}")
+    if model_file == "gpt2_d12.bin" != args.load_filename and resume_step is None:
+        print(fallback_note(args.load_filename, model_file))   # once more, where the run's output ends
 
 
 if __name__ == "__main__":

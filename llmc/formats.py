@@ -41,18 +41,48 @@ WRITERS = {  # what to run when a file is missing or bad
 }
 
 
-def _fail(path, found, expected, magic):
-    raise FormatError(f"{path}: {found} (expected {expected}); re-run {WRITERS[magic]}")
+KINDS = {MODEL_MAGIC: "an llm.c model file", STATE_MAGIC: "an llm.c debug state", TOKENIZER_MAGIC: "an llm.c tokenizer file",
+         DATA_MAGIC: "an llm.c data shard"}
+TEXT_TO_SHARDS = "python dev/data/prepro_text.py"   # a text file where a data shard was expected
+
+
+def _error(kind, problem, advice):
+    """The one-line error: `problem; advice`. The problem alone is kept on the exception (e.problem),
+    so a caller that knows better advice for its case (a checkpoint's model file) can give that instead."""
+    e = kind(f"{problem}; {advice}")
+    e.problem = problem
+    return e
+
+
+def _fail(path, found, expected, magic, advice=None):
+    raise _error(FormatError, f"{path}: {found} (expected {expected})", advice or f"re-run {WRITERS[magic]}")
+
+
+def looks_like_text(head):
+    """Bytes that decode as UTF-8 (but for a character cut at the end) with no control characters but
+    whitespace: a text file."""
+    text = head.decode("utf-8", errors="replace")
+    text = text[:-3] + text[-3:].rstrip("\ufffd")
+    return bool(text) and "\ufffd" not in text and all(c.isprintable() or c.isspace() for c in text)
 
 
 def read_header(path, magic, versions):
     """Open `path`, check magic and version, return (header int32[256], file size in bytes)."""
+    if os.path.isdir(path):
+        advice = f'give the shards in it as a glob, such as "{os.path.join(path, "*train*.bin")}"' \
+            if magic == DATA_MAGIC else "give the path of the file"
+        raise _error(FormatError, f"{path}: a directory, not {KINDS[magic]}", advice)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file; create it with {WRITERS[magic]}")
+        raise _error(FileNotFoundError, f"{path}: no such file", f"create it with {WRITERS[magic]}")
     size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if magic == DATA_MAGIC and head[:4] != np.int32(DATA_MAGIC).tobytes() and looks_like_text(head):
+        raise _error(FormatError, f"{path}: a text file, not {KINDS[DATA_MAGIC]}",
+                     f"tokenize it into shards with {TEXT_TO_SHARDS} {path}")
     if size < HEADER_BYTES:
         _fail(path, f"only {size} bytes", f"a {HEADER_BYTES}-byte header", magic)
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    header = np.frombuffer(head, dtype="<i4").copy()
     if header[0] != magic:
         _fail(path, f"bad magic {header[0]}", magic, magic)
     if header[1] not in versions:
@@ -133,6 +163,9 @@ def read_model_file(path, out=None):
                         num_heads=int(header[5]), channels=int(header[6]), padded_vocab_size=int(header[7]))
     if config.padded_vocab_size < config.vocab_size or min(header[2:8]) <= 0:
         _fail(path, f"bad shape {header[2:8].tolist()}", "positive maxT, V, L, NH, C, Vp with Vp >= V", MODEL_MAGIC)
+    if config.channels % config.num_heads:
+        _fail(path, f"{config.num_heads} heads do not divide the {config.channels} channels",
+              "NH dividing C: the head size is C / NH", MODEL_MAGIC)
     n = num_parameters(config)
     itemsize = 4 if header[1] == 3 else 2
     check_size(path, size, HEADER_BYTES + n * itemsize, MODEL_MAGIC)
@@ -146,7 +179,32 @@ def read_model_file(path, out=None):
             for start in range(0, n, chunk):
                 bits = np.fromfile(f, dtype="<u2", count=min(chunk, n - start))
                 params[start:start + bits.size] = bf16_to_f32(bits)
+    bad = nonfinite_report(config, params)
+    if bad:
+        raise _error(FormatError, f"{path}: {bad}: written by a run that diverged",
+                     f"load an earlier checkpoint, or re-export the model with {WRITERS[MODEL_MAGIC]}")
     return config, params
+
+
+def nonfinite_report(config, params, chunk=1 << 22):
+    """None when every parameter is finite, else "N non-finite weights (NaN or inf), the first in <tensor>".
+    In chunks: no temporary the size of the model."""
+    count, first = 0, None
+    for start in range(0, params.size, chunk):
+        part = params[start:start + chunk]
+        finite = np.isfinite(part)
+        if not finite.all():
+            count += part.size - int(np.count_nonzero(finite))
+            if first is None:
+                first = start + int(np.argmin(finite))
+    if first is None:
+        return None
+    for name, shape in param_shapes(config):
+        size = int(np.prod(shape))
+        if first < size:
+            break
+        first -= size
+    return f"{count:,} non-finite weights (NaN or inf), the first in {name}"
 
 
 def write_model_file(path, config, params, dtype="float32"):

@@ -38,7 +38,7 @@ def _write_failure(path, error, written, need):
         free = f", {human_bytes(shutil.disk_usage(directory).free)} free there"
     except OSError:
         free = ""
-    return f"could not write {path}: {why} ({size}{free}); nothing was left half-written under that name"
+    return f"could not write {path}: {why} ({size}{free})"
 
 
 def write_atomic(path, chunks):
@@ -60,3 +60,80 @@ def write_atomic(path, chunks):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------
+# output paths: a program replaces or deletes only what it wrote itself
+
+
+class OutputInUse(WriteError):
+    """An output path holds something the program did not write, so it will not replace or delete it:
+    the message is one line naming the path and what was found there, and nothing was written."""
+
+
+def file_starts_with(path, head):
+    """Does the file at `path` begin with the bytes `head` (a PNG's signature, a magic number)?"""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(head)) == head
+    except OSError:
+        return False
+
+
+def has_magic(path, magic):
+    """Does the file at `path` start with llm.c's int32 `magic`, the first number of every .bin header?"""
+    return file_starts_with(path, int(magic).to_bytes(4, "little"))
+
+
+def is_own_file(path, ours):
+    """Is `path` a regular file (not a link, not a folder) that ours(path) accepts as the program's
+    own output (its name, its format)? Such a file may be replaced or removed; nothing else may."""
+    return os.path.isfile(path) and not os.path.islink(path) and bool(ours(path))
+
+
+def foreign_entries(folder, ours):
+    """The names of the entries of `folder` that are not the program's own files (is_own_file), sorted,
+    a subfolder's with a "/": [] when the folder is empty or not there. A program that would replace or
+    empty the folder refuses when this is not []."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(e.name + ("/" if e.is_dir(follow_symlinks=False) else "")
+                  for e in os.scandir(folder) if not is_own_file(e.path, ours))
+
+
+def some_names(names, n=3):
+    """'a, b, c and 4 more': the first n of a list of names, for a one-line message."""
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def refuse_foreign_files(paths, ours, what, hint):
+    """Raise OutputInUse when one of the output files `paths` is there and is not the program's own:
+    '<paths>: not <what>, so not this program's to replace; nothing was written: <hint>'."""
+    found = [p for p in paths if os.path.lexists(p) and not is_own_file(p, ours)]
+    if found:
+        raise OutputInUse(f"{some_names(found)}: not {what}, so not this program's to replace; "
+                          f"nothing was written: {hint}")
+
+
+def one_line_errors(main):
+    """A script's main(argv=None), wrapped: a one-line error (ConfigError, FormatError, an OSError such as
+    WriteError and OutputInUse, or a SystemExit that carries a message) is printed as `error: <message>`
+    on stderr and ends the program with exit status 1, in its tests (which call main) as on the command line."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except (ConfigError, FormatError, OSError) as e:
+            message = str(e)
+        except SystemExit as e:
+            if not isinstance(e.code, str):
+                raise
+            message = e.code
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+    return wrapped
