@@ -1,7 +1,8 @@
 """dev/eval/export_hf.py: an llm.c model file -> a transformers GPT-2 directory. transformers' model gives
 our logits (train_gpt2.gpt2_forward), the directory reads back into the same model file (through
 train_gpt2_torch.py's Hugging Face loader and through export_hf's own inverse), the tokenizer files are
-GPT-2's, and a bad input leaves nothing behind."""
+GPT-2's, a bad input or a full disk leaves nothing behind, and -o is replaced only when it holds an earlier
+export and --overwrite is given."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, TIKTOKEN_CACHE, run_script, write_tiny_model
+from conftest import REPO, TIKTOKEN_CACHE, run_main, run_script, write_tiny_model
 
 pytest.importorskip("torch", reason="export_hf needs torch")
 pytest.importorskip("transformers", reason="export_hf needs transformers")
@@ -134,13 +135,74 @@ def test_truncated_input_one_line_nothing_written(files, tmp_path):
     assert r.returncode == 1 and "no such file" in r.stderr and not out.exists()
 
 
-def test_replaces_an_old_export_whole(files, tmp_path):
+def test_refuses_what_it_did_not_write(files, tmp_path, capsys):
+    """-o holding anything an export does not hold, or a file, is refused in one line naming it and left
+    as it was; an empty folder is fine."""
+    user = tmp_path / "mine"
+    (user / "data").mkdir(parents=True)
+    (user / "notes.txt").write_text("my notes")
+    (user / "config.json").write_text("{}")                            # an export's name beside the user's files
+    code, out, err = run_main(["-i", files[0], "-o", str(user), "--overwrite"], capsys, export_hf)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: -o {user}: holds data/, notes.txt, which no export holds, so it is not this program's to "
+        "replace; nothing was written: export to a new or empty folder"]
+    assert sorted(os.listdir(user)) == ["config.json", "data", "notes.txt"] and (user / "notes.txt").read_text() == "my notes"
+    a_file = tmp_path / "hf_as_a_file"
+    a_file.write_text("not a folder")
+    code, out, err = run_main(["-i", files[0], "-o", str(a_file), "--overwrite"], capsys, export_hf)
+    assert code == 1 and err.strip() == (f"error: -o {a_file}: is a file, not a folder, and not an export; "
+                                         "nothing was written: export to a new or empty folder")
+    assert a_file.read_text() == "not a folder"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = run_main(["-i", files[0], "-o", str(empty), "-d", "float32"], capsys, export_hf)
+    assert code == 0, err
+    assert sorted(os.listdir(empty)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["empty", "hf_as_a_file", "mine"]   # no temporary folder left
+
+
+def test_overwrite_replaces_an_earlier_export_whole(files, tmp_path, capsys):
     out = tmp_path / "hf"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an older export")
     export_hf.export(files[0], str(out), "float32", quiet=True)
-    assert "stale.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"a shard of an older, sharded export")
+    capsys.readouterr()                                               # transformers' progress bar
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    code, _, err = run_main(["-i", files[1], "-o", str(out)], capsys, export_hf)
+    assert code == 1 and err.strip() == (f"error: -o {out}: holds an earlier export (config.json, "
+                                         "generation_config.json, model-00001-of-00002.safetensors and 1 more); "
+                                         "nothing was written: add --overwrite to replace it")
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    code, stdout, err = run_main(["-i", files[1], "-o", str(out), "--overwrite"], capsys, export_hf)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert json.load(open(out / "config.json"))["dtype"] == "bfloat16"          # the new export's
     assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_disk_full_partway_one_line_and_the_earlier_export_kept(files, tmp_path, capsys, monkeypatch):
+    """The weights' write stops with ENOSPC after 1000 bytes: one line, no folder under -o's name (nor a
+    temporary one), and with --overwrite the earlier export as it was, byte for byte."""
+    import errno
+    import transformers.modeling_utils
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    earlier = tmp_path / "earlier"
+    export_hf.export(files[0], str(earlier), "float32", quiet=True)
+    before = {f: (earlier / f).read_bytes() for f in os.listdir(earlier)}
+    capsys.readouterr()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
+    for out, extra, kept in ((tmp_path / "new", [], ""), (earlier, ["--overwrite"], "; an earlier export there is as it was")):
+        code, _, err = run_main(["-i", files[0], "-o", str(out), *extra, "-d", "float32"], capsys, export_hf)
+        line = err.strip().splitlines()[-1]                          # after the progress bars: one error line
+        assert code == 1 and err.count("error:") == 1, err
+        assert line.startswith(f"error: could not write {out}: the disk is full (stopped after ")
+        assert line.endswith(f"; nothing was written under that name{kept}")
+    assert not (tmp_path / "new").exists() and sorted(os.listdir(tmp_path)) == ["earlier"]
+    assert {f: (earlier / f).read_bytes() for f in os.listdir(earlier)} == before
 
 
 def test_gpt2_tokenizer_files(tmp_path):

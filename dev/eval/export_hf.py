@@ -19,14 +19,18 @@ Two layouts differ: llm.c (like nn.Linear) stores a matmul weight as (out, in); 
 uses OpenAI's Conv1D, which stores (in, out), so qkvw, attprojw, fcw and fcprojw are transposed.
 
 --dtype bfloat16 (the default, as llm.c) or float32: the precision of the saved weights. The directory
-is written under a temporary name beside it and renamed into place at the end (an existing one is
-replaced only then), so an error leaves no half-written export. llm.c's --push (to the Hub) and --spin
-(a sample) need a network or a GPU; here sample with dev/sample.py, or with transformers as above.
+is written under a temporary name beside it and renamed into place at the end, so an error (a full
+disk) leaves no half-written export, and an earlier one stays as it was. -o must be a new or empty
+folder, or an earlier export (only the files in EXPORT_FILES) with --overwrite, which replaces it whole,
+at the end; a folder holding anything else, or a file, is refused in one line and left alone.
+llm.c's --push (to the Hub) and --spin (a sample) need a network or a GPU; here sample with
+dev/sample.py, or with transformers as above.
 """
 
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -39,11 +43,17 @@ if REPO not in sys.path:
 import numpy as np  # noqa: E402
 
 from llmc.formats import param_shapes, read_model_file  # noqa: E402
-from llmc.utils import FormatError  # noqa: E402
+from llmc.utils import OutputInUse, WriteError, _write_failure, foreign_entries, one_line_errors, some_names  # noqa: E402
 
 GPT2_VOCAB, EOT = 50257, 50256
 # llm.c's four matmul weights and their Hugging Face names (Conv1D: stored (in, out), the transpose of ours)
 CONV1D = {"qkvw": "attn.c_attn", "attprojw": "attn.c_proj", "fcw": "mlp.c_fc", "fcprojw": "mlp.c_proj"}
+# every file an export holds: transformers' weights (one file, or shards and their index), the two configs,
+# and the tokenizer (vocab.json and merges.txt, and what GPT2Tokenizer.save_pretrained adds, by version)
+EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "added_tokens.json"}
+WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 PER_LAYER = {"ln1w": "ln_1.weight", "ln1b": "ln_1.bias", "qkvb": "attn.c_attn.bias", "attprojb": "attn.c_proj.bias",
              "ln2w": "ln_2.weight", "ln2b": "ln_2.bias", "fcb": "mlp.c_fc.bias", "fcprojb": "mlp.c_proj.bias",
              **{k: v + ".weight" for k, v in CONV1D.items()}}
@@ -174,11 +184,38 @@ def write_tokenizer(out_dir):
 # ----------------------------------------------------------------------------
 # the export
 
-def export(input_path, output_dir, dtype="bfloat16", tokenizer=True, quiet=False):
-    """Write the Hugging Face directory for the model file `input_path` (atomically)."""
+def is_export_file(path):
+    name = os.path.basename(path)
+    return name in EXPORT_FILES or WEIGHT_SHARD.fullmatch(name) is not None
+
+
+def check_output(output_dir, overwrite):
+    """Refuse (OutputInUse, one line) an -o that is a file, a folder holding anything an export does not
+    hold, or an earlier export without --overwrite. A new or empty folder is fine."""
+    if os.path.lexists(output_dir) and (not os.path.isdir(output_dir) or os.path.islink(output_dir)):
+        raise OutputInUse(f"-o {output_dir}: is a file, not a folder, and not an export; nothing was written: "
+                          f"export to a new or empty folder")
+    found = foreign_entries(output_dir, is_export_file)
+    if found:
+        raise OutputInUse(f"-o {output_dir}: holds {some_names(found)}, which no export holds, so it is not this "
+                          f"program's to replace; nothing was written: export to a new or empty folder")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise OutputInUse(f"-o {output_dir}: holds an earlier export ({some_names(sorted(os.listdir(output_dir)))}); "
+                          f"nothing was written: add --overwrite to replace it")
+
+
+def folder_bytes(folder):
+    return sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+
+
+def export(input_path, output_dir, dtype="bfloat16", tokenizer=True, quiet=False, overwrite=False):
+    """Write the Hugging Face directory for the model file `input_path` (atomically). An -o that holds
+    anything is refused (check_output) unless it is an earlier export and `overwrite` is set."""
     t0 = time.perf_counter()
-    config, params = read_model_file(input_path)               # first: a bad file fails before torch loads
+    check_output(output_dir, overwrite)                        # first: nothing to read when -o is refused
+    config, params = read_model_file(input_path)               # then: a bad file fails before torch loads
     import torch
+    from safetensors import SafetensorError
     from tqdm import tqdm
     from transformers import GenerationConfig, GPT2LMHeadModel
 
@@ -213,13 +250,28 @@ def export(input_path, output_dir, dtype="bfloat16", tokenizer=True, quiet=False
             "tokenizer: not written (" + ("--tokenizer 0)" if not tokenizer else f"V={V} is not GPT-2's vocabulary)")
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        if os.path.exists(out):                                  # replace an old export only now
+        check_output(output_dir, overwrite)                      # again: -o may have changed meanwhile
+        if os.path.exists(out):                                  # replace an earlier export only now
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old", dir=parent)
             os.rename(out, os.path.join(old, "x"))
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(os.path.join(old, "x"), out)           # the earlier export back in its place
+                os.rmdir(old)
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, out)
+    except (OSError, SafetensorError) as e:                      # a full disk, no permission: one line
+        if isinstance(e, OutputInUse):
+            raise
+        if not isinstance(e, OSError):                           # safetensors' own: "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(e))
+            e = OSError(int(code[1]) if code else 0, str(e))
+        kept = "; an earlier export there is as it was" if os.path.exists(out) else ""
+        raise WriteError(f"{_write_failure(out, e, folder_bytes(tmp), None)}; nothing was written under "
+                         f"that name{kept}") from None
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
@@ -230,6 +282,7 @@ def export(input_path, output_dir, dtype="bfloat16", tokenizer=True, quiet=False
     return out
 
 
+@one_line_errors
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Export an llm.c model file to a Hugging Face GPT-2 directory.")
     ap.add_argument("--input", "-i", required=True, help="llm.c model file (.bin, fp32 or bf16)")
@@ -237,13 +290,11 @@ def main(argv=None):
     ap.add_argument("--dtype", "-d", default="bfloat16", choices=("bfloat16", "float32"),
                     help="precision of the saved weights (llm.c's default: bfloat16)")
     ap.add_argument("--tokenizer", type=int, default=1, choices=(0, 1), help="also write GPT-2's tokenizer files")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier export at -o (nothing else)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        export(args.input, args.output, args.dtype, bool(args.tokenizer))
-    except (FormatError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    export(args.input, args.output, args.dtype, bool(args.tokenizer), overwrite=args.overwrite)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
