@@ -214,3 +214,38 @@ def emulated_cuda_trainer(name, register=False):
             os.environ["LLMC_EMULATE"] = old
     assert module.EMULATE and module.xp is np
     return module
+
+
+def disk_full_after(monkeypatch, nbytes):
+    """From now on llmc.utils' writes (write_atomic, under every writer of llm.c's files) fail as on a
+    full disk, OSError ENOSPC, once `nbytes` bytes are written in all: the write that crosses the
+    limit writes its first bytes, then raises. No disk needs to be filled."""
+    import errno
+    import llmc.utils
+    left = [nbytes]
+    real_open = open
+
+    class FillingFile:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            data = memoryview(data).cast("B")
+            if data.nbytes > left[0]:
+                self.f.write(data[:left[0]])
+                left[0] = 0
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            left[0] -= data.nbytes
+            return self.f.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def filling_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FillingFile(f) if "w" in mode or "a" in mode else f
+
+    monkeypatch.setattr(llmc.utils, "open", filling_open, raising=False)

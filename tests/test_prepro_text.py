@@ -1,8 +1,9 @@
 """dev/data/prepro_text.py: text files -> llm.c shards. The shards' tokens equal tiktoken's encoding of the
 stripped documents with an EOT before each, whatever the block and chunk sizes (the streaming cuts are
-invisible); val takes the first --val_tokens; shards hold --shard_size tokens; two runs write the same
-bytes; reading is chunked and memory flat; the DataLoader and train_gpt2.py read the result; bad input is
-one line and leaves nothing behind."""
+invisible); val takes the first --val_tokens, by default 10% of a small text; shards hold --shard_size
+tokens; two runs write the same bytes; reading is chunked and memory flat; the DataLoader and train_gpt2.py
+read the result; bad input or a full disk is one line and leaves nothing behind; a file under a shard's
+name that is not a shard is never replaced."""
 
 import glob
 import hashlib
@@ -19,7 +20,8 @@ import pytest
 
 from llmc import formats
 from llmc.dataloader import DataLoader
-from conftest import REPO, TIKTOKEN_CACHE, run_script
+from llmc.utils import human_bytes
+from conftest import REPO, TIKTOKEN_CACHE, disk_full_after, run_script
 
 sys.path.insert(0, os.path.join(REPO, "dev", "data"))
 import prepro_text  # noqa: E402
@@ -37,11 +39,16 @@ def run(argv, capsys):
     """prepro_text.main in this process: (exit code, stdout, stderr)."""
     try:
         code = prepro_text.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        print(e.code, file=sys.stderr)
+    except SystemExit as e:                 # an error: one line "error: ..." on stderr, exit status 1
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def error_line(err):
+    """The one error line of a failed run (stderr may hold tqdm's bar before it)."""
+    assert err.count("error:") == 1, err
+    return err.strip().splitlines()[-1]
 
 
 def shards(out_dir, name="text"):
@@ -238,7 +245,8 @@ def test_streaming_memory_is_flat(tmp_path, capsys, monkeypatch):
         size = os.path.getsize(path)
         reads.clear()
         tracemalloc.start()
-        code, _, err = run([path, "-o", tmp_path / f"o{copies}", "-s", 20_000, "--workers", 1,
+        # an explicit -v: the default split holds the first 327,680 tokens (640 KiB) until it can decide
+        code, _, err = run([path, "-o", tmp_path / f"o{copies}", "-s", 20_000, "-v", 32768, "--workers", 1,
                             "--chunk_chars", 1 << 13], capsys)
         peaks[copies] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
@@ -332,3 +340,118 @@ def test_stale_shards_are_removed(tmp_path, capsys):
     code, stdout, _ = run([f, "-o", out, "-s", 1000, "-v", 50, "--workers", 1], capsys)
     assert code == 0 and "removed" in stdout
     assert len(shards(out)) < many and all(k.exists() for k in keep)
+
+
+# ----------------------------------------------------------------------------
+# the default val split, and the batches it leaves
+
+
+def words_text(nwords, seed):
+    """nwords common words, one GPT-2 token each (with the space before): a text of about nwords tokens."""
+    rng = random.Random(seed)
+    words = "the of and a to in is you that it was for on are as with his they at be this have from".split()
+    return " ".join(rng.choice(words) for _ in range(nwords))
+
+
+@pytest.mark.parametrize("nwords", [13_000, 40_000])
+def test_default_val_is_a_tenth_of_a_small_text(tmp_path, capsys, enc, nwords):
+    """llm.c's 32,768 val tokens would refuse a 13K-token text and take 83% of a 40K one: the default is
+    10% of them (rounded down), and the summary counts each split's batches of train_gpt2.py's B*T = 4*64."""
+    text = words_text(nwords, nwords)
+    ref = reference(enc, [text])
+    ntok, nval = len(ref), len(ref) // 10
+    assert 0.99 * nwords < ntok < 1.01 * nwords + 1
+    f = write(tmp_path / "small.txt", text)
+    code, out, err = run([f, "-o", tmp_path / "o", "--workers", 1], capsys)
+    assert code == 0, err
+    assert [(s, t.size) for s, _, t in shards(tmp_path / "o")] == [("val", nval), ("train", ntok - nval)]
+    assert all_tokens(tmp_path / "o") == ref
+    assert (f"1 documents, {ntok:,} tokens: {nval:,} val (the default: the smaller of 32,768 and 10% of the text), "
+            f"{ntok - nval:,} train, in 2 shard(s)") in out
+    assert f"val: {nval:,} tokens = {(nval - 1) // 256:,} batches of B*T = 4*64 (train_gpt2.py's default)" in out
+    train = ntok - nval
+    assert f"train: {train:,} tokens = {(train - 1) // 256:,} batches of B*T = 4*64 (train_gpt2.py's default)" in out
+    print(out)
+    if nwords == 13_000:   # standard input: the same split (decided at its end), the same bytes
+        r = subprocess.run([sys.executable, os.path.join(REPO, "dev", "data", "prepro_text.py"), "-", "-o", "piped"],
+                           cwd=tmp_path, input=text, env=dict(os.environ, TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE or ""),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        for name in os.listdir(tmp_path / "o"):
+            assert sha(tmp_path / "piped" / name) == sha(tmp_path / "o" / name), name
+
+
+def test_default_val_stops_at_its_maximum_mid_stream(tmp_path, capsys, enc, monkeypatch):
+    """Once the text reaches 10 x the maximum, val is the maximum whatever follows: the held tokens are
+    written out then, and the rest streams as before. (The maximum cut from 32,768 to 100.)"""
+    monkeypatch.setattr(prepro_text, "VAL_MAX", 100)
+    text = words_text(5_000, 3)
+    ref = reference(enc, [text])
+    f = write(tmp_path / "t.txt", text)
+    code, out, err = run([f, "-o", tmp_path / "o", "-s", 700, "--chunk_chars", 500, "--workers", 1], capsys)
+    assert code == 0, err
+    got = shards(tmp_path / "o")
+    assert [(s, t.size) for s, _, t in got][:2] == [("val", 100), ("train", 700)]
+    assert all_tokens(tmp_path / "o") == ref and f"{len(ref):,} tokens: 100 val (the default" in out
+
+
+def test_explicit_val_tokens_keep_their_meaning(tmp_path, capsys, enc):
+    text = words_text(3_000, 4)
+    f = write(tmp_path / "t.txt", text)
+    code, out, err = run([f, "-o", tmp_path / "o", "-v", 32768, "--workers", 1], capsys)
+    assert code == 1 and error_line(err) == (f"error: only {len(reference(enc, [text])):,} tokens, all of them val "
+                                         "(--val_tokens 32,768); lower --val_tokens to leave some for train")
+    code, out, err = run([f, "-o", tmp_path / "o", "-v", 2000, "--workers", 1], capsys)
+    assert code == 0 and [t.size for _, _, t in shards(tmp_path / "o")][0] == 2000, err
+    assert "2,000 val," in out and "(the default" not in out
+
+
+def test_help_states_the_default_split(capsys):
+    with pytest.raises(SystemExit):
+        prepro_text.main(["--help"])
+    assert "(default: the smaller of 32,768 and 10% of the text; 0: no val split)" in " ".join(capsys.readouterr().out.split())
+
+
+# ----------------------------------------------------------------------------
+# nothing lost: only its own shards are replaced or removed
+
+
+def test_never_replaces_a_file_that_is_not_a_shard(tmp_path, capsys):
+    f = write(tmp_path / "a.txt", words_text(3_000, 5))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "text_train_000001.bin").write_text("my own notes, under a shard's name")
+    (out / "notes.txt").write_text("more notes")
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    code, stdout, err = run([f, "-o", out, "--workers", 1], capsys)
+    assert code == 1 and err.strip() == (
+        f"error: {out / 'text_train_000001.bin'}: not an llm.c data shard (magic 20240520), so not this program's "
+        "to replace; nothing was written: move it away, or choose another output folder (-o) or name")
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    code, stdout, err = run([f, "-o", a_file, "--workers", 1], capsys)
+    assert code == 1 and err.strip() == f"error: -o {a_file}: is a file, not a folder; nothing was written: choose another -o"
+    # moved away: the run writes its shards beside notes.txt; run again over its own shards, the same bytes
+    os.remove(out / "text_train_000001.bin")
+    assert run([f, "-o", out, "--workers", 1], capsys)[0] == 0
+    first = {n: sha(out / n) for n in os.listdir(out)}
+    code, stdout, err = run([f, "-o", out, "--workers", 1], capsys)
+    assert code == 0 and {n: sha(out / n) for n in os.listdir(out)} == first, err
+    assert sorted(first) == ["notes.txt", "text_train_000001.bin", "text_val_000000.bin"]
+    assert (out / "notes.txt").read_text() == "more notes"
+
+
+def test_disk_full_partway_one_line_nothing_half_written(tmp_path, capsys, monkeypatch):
+    """The third shard's write stops with ENOSPC: one line naming it, no shard of this run under its name
+    (nor a staged one), and the earlier run's shards as they were."""
+    f = write(tmp_path / "a.txt", words_text(3_000, 6))
+    out = tmp_path / "o"
+    assert run([f, "-o", out, "-s", 1000, "-v", 500, "--workers", 1], capsys)[0] == 0
+    before = {n: sha(out / n) for n in os.listdir(out)}
+    disk_full_after(monkeypatch, 2 * (1024 + 2 * 600) + 1024 + 100)    # two shards of 600 tokens, then 100 bytes
+    code, stdout, err = run([f, "-o", out, "-s", 600, "-v", 600, "--workers", 1], capsys)
+    assert code == 1 and error_line(err).startswith(
+        f"error: could not write {out / 'text_train_000002.bin.partial'}: the disk is full "
+        f"({human_bytes(1024 + 2 * 600)} needed, ")
+    assert {n: sha(out / n) for n in os.listdir(out)} == before

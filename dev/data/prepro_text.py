@@ -7,10 +7,14 @@ Your own text -> llm.c data shards (GPT-2 tokens, uint16), for finetuning or pre
 
 writes, into -o (default data/<name>):
 
-  <name>_val_000000.bin     the first --val_tokens tokens (default 32,768; 0 = no val split)
+  <name>_val_000000.bin     the first --val_tokens tokens (default: 10% of the text, at most 32,768;
+                            0 = no val split)
   <name>_train_000001.bin   then the rest, --shard_size tokens per shard (default 1e8, as fineweb.py),
   <name>_train_000002.bin   the last one with what is left
   ...
+
+and says how many batches of train_gpt2.py's default B*T = 4*64 each split holds, e.g.
+  train: 36,123 tokens = 141 batches of B*T = 4*64 (train_gpt2.py's default)
 
 and the trainer reads them with
   python train_gpt2.py -i "data/<name>/<name>_train_*.bin" -j "data/<name>/<name>_val_*.bin" -e gpt2_124M.bin
@@ -24,15 +28,25 @@ a literal "<|endoftext|>" in the text is encoded as plain text). The val split i
 documents: it may end inside a document, whose rest opens the train split. Inputs are UTF-8; "\\r\\n" is
 kept as it is. Files are read in the order given, each glob's matches sorted, a file matched twice read once.
 
+The default val split. 32,768 tokens is llm.c's val for tiny shakespeare (338K tokens); it would take
+most of a small text, so the default is the smaller of 32,768 and 10% of the text. The text's length in
+tokens is known only once it is tokenized (its bytes say ~4 per token, not exactly), so until the
+tokens reach 10 x 32,768 (640 KiB of uint16) they are held in memory; then val is 32,768 whatever
+follows, or, at the end of a shorter input, 10% of what there is. Files and standard input alike.
+
 Streaming. Files are read in 1 MiB blocks, and a long document is cut into pieces of about --chunk_chars
 characters for the tokenizer, only where a single space or newline stands between two non-space characters:
 GPT-2's pre-tokenizer never joins text across such a point, so the pieces' tokens are the document's tokens.
-Memory stays flat in the input size: a few pieces per worker and one shard's uint16 buffer (200 MB at
-1e8 tokens); only a stretch of text with no such cut point (one giant "word") is held whole.
+Memory stays flat in the input size: a few pieces per worker, one shard's uint16 buffer (200 MB at
+1e8 tokens) and the default split's 640 KiB; only a stretch of text with no such cut point (one giant
+"word") is held whole.
 
 Output. Same input and flags, same bytes. Shards are written under temporary names and renamed only when
-the whole input is done, so an error leaves no half set behind; old shards of the same name in -o that
-this run did not write again are removed, so that a glob over -o never mixes two runs.
+the whole input is done, so an error (a full disk too: one line) leaves no half set behind; old shards of
+the same name in -o that this run did not write again are removed, so that a glob over -o never mixes two
+runs. Only llm.c data shards are replaced or removed: a file under one of the shards' names that is not
+one (its first int32 is not 20240520) stops the run before it writes anything, in one line naming it.
+Other files in -o are left alone.
 """
 
 import argparse
@@ -46,12 +60,14 @@ from multiprocessing import Pool
 import numpy as np
 
 sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")))
-from llmc.formats import write_data_shard  # noqa: E402
+from llmc.formats import DATA_MAGIC, write_data_shard  # noqa: E402
 from llmc.tokenizer import gpt2_encoding  # noqa: E402
+from llmc.utils import OutputInUse, has_magic, one_line_errors, refuse_foreign_files  # noqa: E402
 
 EOT = 50256                 # <|endoftext|>
 BLOCK_BYTES = 1 << 20       # read files this many bytes at a time
-SHARD_NAME = re.compile(r"_(val|train)_\d{6}\.bin")  # after "<name>", the whole rest of a shard's name
+SHARD_NAME = re.compile(r"_(val|train)_\d{6}\.bin(\.partial)?")  # after "<name>": a shard's, or its staged copy's
+VAL_MAX, VAL_SHARE = 32768, 10   # the default val split: the smaller of 32,768 tokens and 1/10 of the text
 # a safe cut: one space or newline between two non-space characters; the cut goes before the space/newline.
 # GPT-2's pattern ('s|'t|...| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+) ends the piece before it at
 # the non-space character either way, and the piece from the cut on depends only on the text that follows
@@ -64,11 +80,22 @@ CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
 # shards: shared with fineweb.py
 
 
+def default_val_tokens(ntok):
+    """The default val split of a text of ntok tokens: the smaller of 32,768 and 10% of it (rounded down)."""
+    return min(VAL_MAX, ntok // VAL_SHARE)
+
+
+def is_data_shard(path):
+    return has_magic(path, DATA_MAGIC)
+
+
 class ShardWriter:
     """Collects uint16 tokens and writes them as llm.c shards of `shard_size` tokens: the first `val_tokens`
     into val shards, the rest into train shards, numbered on from 000000 (<name>_val_000000.bin,
     <name>_train_000001.bin, ... as llm.c's fineweb.py). `staged`: write "<path>.partial" files and rename
-    them all in finish() (all or nothing); else each shard gets its real name as soon as it is full."""
+    them all in finish() (all or nothing); else each shard gets its real name as soon as it is full.
+    val_tokens None: the default split, default_val_tokens of the whole text (see settle_val).
+    It refuses (OutputInUse) to start where it would replace a file that is not an llm.c data shard."""
 
     def __init__(self, out_dir, name, shard_size, val_tokens, staged=True, log=print):
         if shard_size < 1:
@@ -83,6 +110,27 @@ class ShardWriter:
         self.index = 0                                    # the shard being filled
         self.total = 0                                    # tokens written to files so far
         self.written = []                                 # (final path, ntok, split)
+        self.held, self.nheld = [], 0                     # the tokens so far, while val_tokens is None
+        self.check_out_dir()
+
+    def check_out_dir(self):
+        """Refuse an -o that is a file, or that holds a file under one of this writer's names (a shard's,
+        or its .partial copy's) that is not an llm.c data shard: the run would replace or remove it."""
+        if os.path.lexists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise OutputInUse(f"-o {self.out_dir}: is a file, not a folder; nothing was written: choose another -o")
+        refuse_foreign_files(self.named_like_ours(), is_data_shard, f"an llm.c data shard (magic {DATA_MAGIC})",
+                             "move it away, or choose another output folder (-o) or name")
+
+    def named_like_ours(self):
+        """The paths in out_dir under this writer's names: its shards' and their .partial copies'."""
+        if not os.path.isdir(self.out_dir):
+            return []
+        return [os.path.join(self.out_dir, f) for f in sorted(os.listdir(self.out_dir))
+                if f.startswith(self.name) and SHARD_NAME.fullmatch(f[len(self.name):])]
+
+    def ntok(self):
+        """Tokens added so far."""
+        return self.total + self.fill + self.nheld
 
     def split(self):
         return "val" if self.total < self.val_tokens else "train"
@@ -98,6 +146,12 @@ class ShardWriter:
 
     def add(self, tokens):
         tokens = np.asarray(tokens, dtype=np.uint16)
+        if self.val_tokens is None:                       # the default split needs the text's length: hold on
+            self.held.append(tokens)
+            self.nheld += tokens.size
+            if self.nheld >= VAL_SHARE * VAL_MAX:         # long enough: val is VAL_MAX whatever follows
+                self.settle_val()
+            return
         while tokens.size:
             take = min(self.capacity() - self.fill, tokens.size)
             self.buf[self.fill:self.fill + take] = tokens[:take]
@@ -116,19 +170,26 @@ class ShardWriter:
         self.index += 1
         self.fill = 0
 
+    def settle_val(self):
+        """Fix the default split from the tokens held (the whole text, or 10 x VAL_MAX of it) and add them."""
+        if self.val_tokens is None:
+            self.val_tokens = default_val_tokens(self.nheld)
+            held, self.held, self.nheld = self.held, [], 0
+            for tokens in held:
+                self.add(tokens)
+
     def finish(self):
-        """Write the last, partly filled shard, rename the staged files, remove stale shards of this name.
-        Returns [(path, ntok, split)]."""
+        """Write the last, partly filled shard, rename the staged files, remove stale shards of this name
+        (data shards only, see check_out_dir). Returns [(path, ntok, split)]."""
+        self.settle_val()
         if self.fill:
             self._write()
         if self.staged:
             for path, _, _ in self.written:
                 os.replace(path + ".partial", path)
         ours = {os.path.abspath(p) for p, _, _ in self.written}
-        for fname in sorted(os.listdir(self.out_dir)):
-            old = os.path.join(self.out_dir, fname)
-            if (fname.startswith(self.name) and SHARD_NAME.fullmatch(fname[len(self.name):])
-                    and os.path.abspath(old) not in ours):
+        for old in self.named_like_ours():
+            if os.path.abspath(old) not in ours and is_data_shard(old):
                 os.remove(old)
                 self.log(f"removed {old}: a shard of an earlier run that this run did not write")
         return self.written
@@ -375,23 +436,37 @@ def tokenize_into(writer, events, chunk_chars, workers):
     return ndocs[0]
 
 
+def batches_line(split, written):
+    """'train: 36,123 tokens = 141 batches of B*T = 4*64 (train_gpt2.py's default)': a batch takes B*T+1
+    tokens of one shard and the next starts B*T later, as the trainers' DataLoader reads them."""
+    from train_gpt2 import TRAIN_GPT2_C_DEFAULTS
+    B, T = TRAIN_GPT2_C_DEFAULTS["B"], TRAIN_GPT2_C_DEFAULTS["T"]
+    ntok = sum(n for _, n, s in written if s == split)
+    batches = sum((n - 1) // (B * T) for _, n, s in written if s == split)
+    return f"{split}: {ntok:,} tokens = {batches:,} batches of B*T = {B}*{T} (train_gpt2.py's default)"
+
+
+@one_line_errors
 def main(argv=None):
-    p = argparse.ArgumentParser(description="text files -> llm.c GPT-2 token shards",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="text files -> llm.c GPT-2 token shards")
     p.add_argument("inputs", nargs="+", help='text files or globs (quote them: "dir/*.txt"), or - for stdin')
-    p.add_argument("-n", "--name", default="text", help="shard name prefix: <name>_val_000000.bin, ...")
+    p.add_argument("-n", "--name", default="text", help="shard name prefix: <name>_val_000000.bin, ... (default: text)")
     p.add_argument("-o", "--output_dir", default="", help="where the shards go (default: data/<name>)")
     p.add_argument("-d", "--doc", choices=("file", "paragraph", "line"), default="file",
-                   help="what one document is (each starts with <|endoftext|>)")
-    p.add_argument("-s", "--shard_size", type=float, default=1e8, help="tokens per shard")
-    p.add_argument("-v", "--val_tokens", type=float, default=32768, help="the first this many tokens are val")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
-    p.add_argument("--chunk_chars", type=int, default=1 << 20, help="characters per tokenizer task")
+                   help="what one document is (each starts with <|endoftext|>; default: file)")
+    p.add_argument("-s", "--shard_size", type=float, default=1e8, help="tokens per shard (default: 1e8)")
+    p.add_argument("-v", "--val_tokens", type=float, default=None,
+                   help=f"the first this many tokens are val (default: the smaller of {VAL_MAX:,} and "
+                        f"{100 // VAL_SHARE}%% of the text; 0: no val split)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="tokenizer processes (default: the cores, at most 8)")
+    p.add_argument("--chunk_chars", type=int, default=1 << 20, help="characters per tokenizer task (default: 2^20)")
     args = p.parse_args(argv)
 
-    shard_size, val_tokens = int(args.shard_size), int(args.val_tokens)
-    if shard_size != args.shard_size or val_tokens != args.val_tokens or val_tokens < 0:
-        raise SystemExit(f"--shard_size {args.shard_size:g} / --val_tokens {args.val_tokens:g}: "
+    shard_size = int(args.shard_size)
+    val_tokens = None if args.val_tokens is None else int(args.val_tokens)
+    if shard_size != args.shard_size or (val_tokens is not None and (val_tokens != args.val_tokens or val_tokens < 0)):
+        raise SystemExit(f"--shard_size {args.shard_size:g} / --val_tokens {args.val_tokens or 0:g}: "
                          f"need whole numbers of tokens (val >= 0)")
     if args.chunk_chars < 1:
         raise SystemExit(f"--chunk_chars {args.chunk_chars}: must be at least 1")
@@ -415,10 +490,11 @@ def main(argv=None):
 
     try:
         ndocs = tokenize_into(writer, documents(files, args.doc, bar, warn), args.chunk_chars, args.workers)
-        ntok = writer.total + writer.fill
+        ntok = writer.ntok()
         if ndocs == 0:
             raise SystemExit(f"no text in {' '.join(args.inputs)}: every input is empty or whitespace")
-        if ntok <= val_tokens:
+        writer.settle_val()
+        if ntok <= writer.val_tokens:
             raise SystemExit(f"only {ntok:,} tokens, all of them val (--val_tokens {val_tokens:,}); "
                              f"lower --val_tokens to leave some for train")
         written = writer.finish()
@@ -428,10 +504,15 @@ def main(argv=None):
     finally:
         bar.close()
     nval = sum(n for _, n, s in written if s == "val")
-    print(f"{ndocs:,} documents, {ntok:,} tokens: {nval:,} val, {ntok - nval:,} train, in {len(written)} shard(s)")
-    short = [(path, n) for path, n, _ in written if n < 4097]
-    for path, n in short:
-        print(f"note: {path} has {n:,} tokens; the trainers need B*T+1 tokens in every shard (4,097 at -b 4 -t 1024)")
+    default = f" (the default: the smaller of {VAL_MAX:,} and {100 // VAL_SHARE}% of the text)" if val_tokens is None else ""
+    print(f"{ndocs:,} documents, {ntok:,} tokens: {nval:,} val{default}, {ntok - nval:,} train, "
+          f"in {len(written)} shard(s)")
+    for split in ("val", "train") if nval else ("train",):
+        print(batches_line(split, written))
+    for path, n, _ in written:
+        if n < 4097:
+            print(f"note: {path} has {n:,} tokens, fewer than one batch at -b 4 -t 1024 takes (4,097): "
+                  f"train on it with a smaller -b or -t (every shard needs B*T+1 tokens)")
     return 0
 
 
