@@ -115,6 +115,17 @@ def test_fineweb_shards(tmp_path, dataset):
     for f in files:
         assert (tmp_path / "edu" / ("edu_" + f)).read_bytes() == (tmp_path / "out" / f).read_bytes(), f
 
+    # again into the same folder: its own shards are replaced (the same bytes), a shard of an earlier run
+    # under this name that this run does not write is removed, the user's file stays
+    first = {f: (tmp_path / "out" / f).read_bytes() for f in files}
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "out" / "fineweb_train_000099.bin").write_bytes(first[files[-1]])
+    r = fineweb("--dataset_path", root, "-s", SHARD, "-o", tmp_path / "out", "-w", 1, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"removed {tmp_path / 'out' / 'fineweb_train_000099.bin'}: a shard of an earlier run" in r.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(files + ["notes.txt"])
+    assert {f: (tmp_path / "out" / f).read_bytes() for f in files} == first
+
 
 def test_fineweb_errors(tmp_path):
     """Bad flags fail in one line before datasets is imported (so also where it is not installed)."""
@@ -128,6 +139,21 @@ def test_fineweb_errors(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], (args, r.stderr)
         assert not (tmp_path / "o").exists()
+
+
+def test_fineweb_never_replaces_a_file_that_is_not_a_shard(tmp_path):
+    """A file under a shard's name that is not an llm.c shard stops the run in one line, before the
+    dataset is loaded (so also where datasets is not installed); -o's files stay as they were."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "fineweb_val_000000.bin").write_text("my own file")
+    (out / "notes.txt").write_text("mine")
+    r = fineweb("-o", out, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: {out / 'fineweb_val_000000.bin'}: not an llm.c data shard (magic 20240520), so not this "
+        "program's to replace; nothing was written: move it away, or choose another output folder (-o) or name")
+    assert sorted(os.listdir(out)) == ["fineweb_val_000000.bin", "notes.txt"]
+    assert (out / "fineweb_val_000000.bin").read_text() == "my own file"
 
 
 def test_fineweb_not_a_dataset(tmp_path):

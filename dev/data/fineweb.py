@@ -23,7 +23,9 @@ Each document is <|endoftext|> (50256) then its GPT-2 tokens (tiktoken encode_or
 are tokenized in -w worker processes (Pool.imap with chunks of 16, in order, so the shards are the same on
 every run) and streamed into a shard buffer: a document that does not fit finishes in the next shard (also
 one longer than a whole shard, which llm.c's script mishandles). Each shard appears under its real name only
-once it is complete, so after an interruption the files present are whole.
+once it is complete, so after an interruption (or a full disk: one line) the files present are whole.
+Re-running replaces the shards of the same name in -o; a file under one of their names that is not an
+llm.c data shard stops the run before the download, in one line, and the other files in -o stay.
 """
 
 import argparse
@@ -36,6 +38,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.normpath(os.path.join(HERE, "..", "..")))
 from llmc.tokenizer import gpt2_encoding  # noqa: E402
+from llmc.utils import one_line_errors  # noqa: E402
 from prepro_text import EOT, ShardWriter  # noqa: E402  (dev/data/prepro_text.py)
 
 # (-t, -v) -> (output folder, the dataset's configuration name), as llm.c
@@ -87,6 +90,7 @@ def tokenize(text):
     return tokens
 
 
+@one_line_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description="FineWeb and FineWeb-Edu -> llm.c GPT-2 token shards",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -115,6 +119,8 @@ def main(argv=None):
     if args.dataset_path and not os.path.exists(args.dataset_path):
         raise SystemExit(f"--dataset_path {args.dataset_path}: no such file or folder")
 
+    # first: -o's files are checked before the download (see ShardWriter)
+    writer = ShardWriter(out_dir, name, shard_size, val_tokens=shard_size, staged=False)
     gpt2_encoding()  # fail here, in one line, rather than in every worker
     print(f"loading {source} ({config}, {'streaming' if args.streaming else 'downloaded first'})")
     fw = load(source, config, bool(args.streaming))
@@ -123,7 +129,7 @@ def main(argv=None):
 
     from tqdm import tqdm
     bar = tqdm(total=ndocs, unit="docs", desc=f"{name} -> {out_dir}", file=sys.stderr)
-    writer = ShardWriter(out_dir, name, shard_size, val_tokens=shard_size, staged=False, log=bar.write)
+    writer.log = bar.write  # lines printed above the bar
     texts = (row["text"] for row in fw)
     n = 0
 
