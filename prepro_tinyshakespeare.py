@@ -11,18 +11,22 @@ Tiny shakespeare -> llm.c data shards, as llm.c's dev/data/tinyshakespeare.py do
 Tokenization: split the text on blank lines ("\\n\\n"); every section starts with the
 <|endoftext|> token (50256) and is followed by its GPT-2 tokens, encoded with "\\n\\n"
 appended except for the last section (llm.c keeps this quirk for backwards compatibility).
+
+Nothing lost: a re-run replaces its own .bin files (llm.c data shards), never a file of another kind
+under their names, nor an input.txt with other text than --input's; either stops the run in one line
+before it writes anything. A failed write (a full disk) is one line and leaves no half file.
 """
 
 import argparse
+import filecmp
 import os
-import shutil
 import sys
 
 import numpy as np
 
-from llmc.formats import write_data_shard
+from llmc.formats import DATA_MAGIC, write_data_shard
 from llmc.tokenizer import gpt2_encoding
-from llmc.utils import write_atomic
+from llmc.utils import OutputInUse, has_magic, one_line_errors, refuse_foreign_files, write_atomic
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 VAL_TOKENS = 32768
@@ -64,9 +68,11 @@ def fetch(data_dir, url, local_copy):
     if local_copy:
         if not os.path.isfile(local_copy):
             raise SystemExit(f"--input {local_copy}: no such file")
-        if not (os.path.exists(fname) and os.path.samefile(local_copy, fname)):
-            shutil.copyfile(local_copy, fname + ".tmp")
-            os.replace(fname + ".tmp", fname)
+        if os.path.lexists(fname) and not (os.path.isfile(fname) and filecmp.cmp(local_copy, fname, shallow=False)):
+            raise OutputInUse(f"{fname}: already there with other text than --input {local_copy}, so not replaced; "
+                              f"nothing was written: remove it to use {local_copy}, or choose another --data_dir")
+        if not os.path.exists(fname):
+            write_atomic(fname, [np.fromfile(local_copy, dtype=np.uint8)])
             print(f"copied {local_copy} to {fname}")
     elif os.path.exists(fname):
         print(f"{fname} already exists, skipping download")
@@ -88,6 +94,14 @@ def tokenize(text):
     return tokens
 
 
+def refuse_foreign_shards(paths):
+    """Stop (OutputInUse, one line) before writing when one of the output shards' names holds a file that
+    is not an llm.c data shard: it is not this script's to replace. Shared with prepro_tinystories.py."""
+    refuse_foreign_files(paths, lambda path: has_magic(path, DATA_MAGIC), f"an llm.c data shard (magic {DATA_MAGIC})",
+                         "move it away, or choose another --data_dir")
+
+
+@one_line_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description="tiny shakespeare -> llm.c GPT-2 token shards")
     p.add_argument("--input", default="", help="a local copy of input.txt (no download)")
@@ -95,14 +109,15 @@ def main(argv=None):
     p.add_argument("--url", default=URL, help="where to download input.txt from")
     args = p.parse_args(argv)
 
+    outputs = {split: os.path.join(args.data_dir, f"tiny_shakespeare_{split}.bin") for split in ("val", "train")}
+    refuse_foreign_shards(list(outputs.values()))
     fname = fetch(args.data_dir, args.url, args.input)
     with open(fname, "r", encoding="utf-8") as f:
         text = f.read()
     tokens = np.array(tokenize(text), dtype=np.uint16)
     for split, part in (("val", tokens[:VAL_TOKENS]), ("train", tokens[VAL_TOKENS:])):
-        out = os.path.join(args.data_dir, f"tiny_shakespeare_{split}.bin")
-        write_data_shard(out, part)
-        print(f"writing {len(part):,} tokens to {out}")
+        write_data_shard(outputs[split], part)
+        print(f"writing {len(part):,} tokens to {outputs[split]}")
 
 
 if __name__ == "__main__":

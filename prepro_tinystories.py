@@ -14,6 +14,10 @@ random.Random(1337 + shard_index), then each story is stripped and written as
 <|endoftext|> followed by its tokens. Shards are tokenized in worker processes but
 collected in shard order, so the output is byte-identical on every run (llm.c's script
 concatenates the train shards in completion order, which changes run to run).
+
+Nothing lost: the archive is unpacked into a new temporary folder of this run's own, renamed into
+place when complete; a re-run replaces its own two .bin files (llm.c data shards) and stops, in one
+line and before writing, where a file of another kind has one of their names.
 """
 
 import argparse
@@ -24,13 +28,15 @@ import random
 import shutil
 import sys
 import tarfile
+import tempfile
 from multiprocessing import Pool
 
 import numpy as np
 
 from llmc.formats import write_data_shard
 from llmc.tokenizer import gpt2_encoding
-from prepro_tinyshakespeare import download  # the shared downloader (llm.c: data_common.py)
+from llmc.utils import OutputInUse, WriteError, one_line_errors
+from prepro_tinyshakespeare import download, refuse_foreign_shards  # shared, as llm.c's data_common.py
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 ARCHIVE = "TinyStories_all_data.tar.gz"
@@ -43,6 +49,9 @@ def fetch(data_dir, url, archive):
     if os.path.isdir(shards_dir):
         print(f"{shards_dir} already exists, skipping download and unpacking")
         return shards_dir
+    if os.path.lexists(shards_dir):
+        raise OutputInUse(f"{shards_dir}: is a file, not the folder of JSON shards; nothing was written: "
+                          f"move it away, or choose another --data_dir")
     if not archive:
         archive = os.path.join(data_dir, ARCHIVE)
         if os.path.exists(archive):
@@ -52,13 +61,15 @@ def fetch(data_dir, url, archive):
     elif not os.path.isfile(archive):
         raise SystemExit(f"--archive {archive}: no such file")
     print(f"unpacking {archive}...")
-    tmp = shards_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(shards_dir) + ".tmp", dir=data_dir)   # this run's own
     try:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(tmp, filter="data")
     except (tarfile.TarError, OSError, EOFError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:          # a full disk, no permission: not the archive
+            raise WriteError(f"could not unpack {archive} into {shards_dir}: {e.strerror}; the part unpacked "
+                             f"was removed, the archive is kept") from None
         raise SystemExit(f"{archive}: cannot unpack it ({type(e).__name__}: {e}); delete it and re-run "
                          "python prepro_tinystories.py")
     os.replace(tmp, shards_dir)  # only a completely unpacked folder gets the real name
@@ -98,6 +109,7 @@ def tokenize_shard(job):
     return np.array(tokens, dtype=np.uint16)
 
 
+@one_line_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description="TinyStories -> llm.c GPT-2 token shards")
     p.add_argument("--data_dir", default=os.path.join("data", "tinystories"), help="where the files go")
@@ -106,6 +118,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     args = p.parse_args(argv)
 
+    outputs = {split: os.path.join(args.data_dir, f"TinyStories_{split}.bin") for split in ("val", "train")}
+    refuse_foreign_shards(list(outputs.values()))
     shards_dir = fetch(args.data_dir, args.url, args.archive)
     files = shard_files(shards_dir)
     print(f"tokenizing {len(files)} shards with {args.workers} worker(s)")
@@ -116,9 +130,8 @@ def main(argv=None):
         parts = list(tqdm(pool.imap(tokenize_shard, enumerate(files)), total=len(files), unit="shard"))
     # the parts go into each shard one after another, never concatenated (train: 1.85 GB of tokens)
     for split, split_parts in (("val", parts[:1]), ("train", parts[1:])):
-        out = os.path.join(args.data_dir, f"TinyStories_{split}.bin")
-        write_data_shard(out, *split_parts)
-        print(f"writing {sum(p.size for p in split_parts):,} tokens to {out}")
+        write_data_shard(outputs[split], *split_parts)
+        print(f"writing {sum(p.size for p in split_parts):,} tokens to {outputs[split]}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The data scripts: tiny shakespeare gives llm.c's published token counts and sha256, offline
 (--input) and with a failed download; TinyStories on a small archive of the same layout is
-byte-identical run to run, with token counts computed here independently."""
+byte-identical run to run, with token counts computed here independently. Neither replaces a file
+it did not write (a re-run over its own output works), and a full disk is one line, no half file."""
 
 import hashlib
 import json
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from llmc import formats
-from conftest import SHARED, file_size_as_read, run_script
+from conftest import SHARED, disk_full_after, file_size_as_read, run_main, run_script
 
 SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
 SHA256 = {  # from ../shared/data/README.md (llm.c's tokenization)
@@ -107,6 +108,58 @@ def test_tinyshakespeare_missing_input(tmp_path):
     assert r.returncode == 1 and "nope.txt" in r.stderr and "\n" not in r.stderr.strip()
 
 
+SMALL_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
+
+
+def test_tinyshakespeare_never_replaces_what_it_did_not_write(tmp_path):
+    """A file under a shard's name that is not a shard, or an input.txt with other text than --input's,
+    stops the run in one line before it writes anything; a re-run over its own output works."""
+    text = tmp_path / "small.txt"
+    text.write_text(SMALL_TEXT)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tiny_shakespeare_train.bin").write_text("my notes")
+    r = run_script("prepro_tinyshakespeare.py", "--input", text, "--data_dir", data, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: {data / 'tiny_shakespeare_train.bin'}: not an llm.c data shard (magic 20240520), so not this "
+        "program's to replace; nothing was written: move it away, or choose another --data_dir")
+    assert os.listdir(data) == ["tiny_shakespeare_train.bin"] and (data / "tiny_shakespeare_train.bin").read_text() == "my notes"
+    os.remove(data / "tiny_shakespeare_train.bin")
+    (data / "input.txt").write_text("my own text")
+    r = run_script("prepro_tinyshakespeare.py", "--input", text, "--data_dir", data, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: {data / 'input.txt'}: already there with other text than --input {text}, so not replaced; "
+        f"nothing was written: remove it to use {text}, or choose another --data_dir")
+    assert os.listdir(data) == ["input.txt"] and (data / "input.txt").read_text() == "my own text"
+    os.remove(data / "input.txt")
+    outputs = []
+    for _ in range(2):                                        # the second run replaces the first's files
+        r = run_script("prepro_tinyshakespeare.py", "--input", text, "--data_dir", data, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        outputs.append({f: (data / f).read_bytes() for f in os.listdir(data)})
+    assert outputs[0] == outputs[1] and sorted(outputs[0]) == ["input.txt", "tiny_shakespeare_train.bin",
+                                                              "tiny_shakespeare_val.bin"]
+    assert "copied" not in r.stdout                          # the same text: not copied again
+
+
+def test_tinyshakespeare_disk_full_partway(tmp_path, capsys, monkeypatch):
+    """The val shard's write stops with ENOSPC after 100 bytes: one line, and no half file; an earlier
+    run's files are as they were."""
+    import prepro_tinyshakespeare
+    text = tmp_path / "small.txt"
+    text.write_text(SMALL_TEXT)
+    earlier, fresh = tmp_path / "earlier", tmp_path / "fresh"
+    assert run_main(["--input", str(text), "--data_dir", str(earlier)], capsys, prepro_tinyshakespeare)[0] == 0
+    before = {f: (earlier / f).read_bytes() for f in os.listdir(earlier)}
+    # earlier: input.txt is there (not copied again); fresh: input.txt's copy is written first
+    for data_dir, room, kept in ((earlier, 100, before), (fresh, text.stat().st_size + 100, {"input.txt": text.read_bytes()})):
+        disk_full_after(monkeypatch, room)
+        code, out, err = run_main(["--input", str(text), "--data_dir", str(data_dir)], capsys, prepro_tinyshakespeare)
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: could not write {data_dir / 'tiny_shakespeare_val.bin'}: the disk is full (")
+        assert {f: (data_dir / f).read_bytes() for f in os.listdir(data_dir)} == kept
+
+
 # ----------------------------------------------------------------------------
 # TinyStories on a small archive
 
@@ -165,6 +218,27 @@ def test_tinystories_small_archive(tmp_path):
                    "--url", closed_port_url("x.tar.gz"), cwd=tmp_path)
     assert r.returncode == 0 and "skipping download" in r.stdout, r.stderr[-2000:]
     assert (tmp_path / "a" / "TinyStories_train.bin").read_bytes() == outputs[0][1]
+
+
+def test_tinystories_never_replaces_what_it_did_not_write(tmp_path):
+    """A file under an output's name that is not a shard stops the run before it unpacks; a folder of the
+    user's named like the unpacking's temporary one is left alone."""
+    archive, _ = make_archive(tmp_path, nshards=2, per_shard=3)
+    data = tmp_path / "ts"
+    (data / "TinyStories_all_data.tmp" / "mine").mkdir(parents=True)
+    (data / "TinyStories_all_data.tmp" / "mine" / "notes.txt").write_text("mine")
+    (data / "TinyStories_val.bin").write_text("not a shard")
+    r = run_script("prepro_tinystories.py", "--archive", archive, "--data_dir", data, "--workers", 1, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: {data / 'TinyStories_val.bin'}: not an llm.c data shard (magic 20240520), so not this "
+        "program's to replace; nothing was written: move it away, or choose another --data_dir")
+    assert sorted(os.listdir(data)) == ["TinyStories_all_data.tmp", "TinyStories_val.bin"]
+    os.remove(data / "TinyStories_val.bin")
+    r = run_script("prepro_tinystories.py", "--archive", archive, "--data_dir", data, "--workers", 1, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(data)) == ["TinyStories_all_data", "TinyStories_all_data.tmp", "TinyStories_train.bin",
+                                        "TinyStories_val.bin"]
+    assert (data / "TinyStories_all_data.tmp" / "mine" / "notes.txt").read_text() == "mine"
 
 
 def test_tinystories_download_fails(tmp_path):
