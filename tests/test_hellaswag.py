@@ -2,7 +2,8 @@
 here from the layout in llm.c's data_common.py), llmc/hellaswag.py reads it back into llm.c's batches
 (B/4 examples, 4 rows each, the mask one position left of the completion, llm.c's rank split), and
 its score of a model, run by the NumPy trainer on those batches, equals a PyTorch scorer's that works
-from the jsonl one example at a time, example by example."""
+from the jsonl one example at a time, example by example. The script replaces only its own eval file,
+and a full disk is one line that leaves no half file."""
 
 import importlib.util
 import json
@@ -12,10 +13,10 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import REPO, run_script, write_tiny_model
+from conftest import REPO, disk_full_after, run_main, run_script, write_tiny_model
 from llmc import formats
 from llmc.hellaswag import EvalLoader, completion_losses, read_evalfile, stat_losses
-from llmc.utils import ConfigError, FormatError
+from llmc.utils import ConfigError, FormatError, human_bytes
 
 SCRIPT = os.path.join("dev", "data", "hellaswag.py")
 
@@ -185,6 +186,36 @@ def test_prepro_errors(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
     assert "could not download" in r.stderr and "--input" in r.stderr
     assert not os.listdir(tmp_path / "dl")                       # no half-written jsonl
+
+
+def test_prepro_replaces_only_its_own_file(tmp_path, enc):
+    """A file of another kind at hellaswag_val.bin stops the script in one line and stays; a re-run over
+    its own file writes the same bytes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "hellaswag_val.bin").write_text("my notes")
+    jsonl = write_jsonl(tmp_path / "in.jsonl", EXAMPLES)
+    r = run_script(SCRIPT, "--input", jsonl, "--data_dir", out, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: {out / 'hellaswag_val.bin'}: not an llm.c eval file (magic 20240522), so not this program's "
+        "to replace; nothing was written: move it away, or choose another --data_dir")
+    assert os.listdir(out) == ["hellaswag_val.bin"] and (out / "hellaswag_val.bin").read_text() == "my notes"
+    os.remove(out / "hellaswag_val.bin")
+    first = open(make_bin(tmp_path, EXAMPLES), "rb").read()
+    assert open(make_bin(tmp_path, EXAMPLES), "rb").read() == first and os.listdir(out) == ["hellaswag_val.bin"]
+
+
+def test_prepro_disk_full_partway(tmp_path, enc, capsys, monkeypatch):
+    """The eval file's write stops with ENOSPC after 500 bytes: one line; the earlier file as it was."""
+    dev = load_dev_script()
+    jsonl = write_jsonl(tmp_path / "in.jsonl", EXAMPLES)
+    earlier = open(make_bin(tmp_path, EXAMPLES), "rb").read()
+    disk_full_after(monkeypatch, 500)
+    code, stdout, err = run_main(["--input", jsonl, "--data_dir", str(tmp_path / "out")], capsys, dev)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: could not write {tmp_path / 'out' / 'hellaswag_val.bin'}: the disk is full "
+                          f"({human_bytes(len(earlier))} needed, ")
+    assert os.listdir(tmp_path / "out") == ["hellaswag_val.bin"] and open(tmp_path / "out" / "hellaswag_val.bin", "rb").read() == earlier
 
 
 # ----------------------------------------------------------------------------

@@ -16,6 +16,10 @@ layout is in llmc/hellaswag.py; it is byte-identical to llm.c's for the same jso
 Scoring (completion style): each ending's mean cross-entropy over its own tokens given the context; the
 lowest is the prediction (acc_norm); acc uses the sum instead of the mean. llm.c's default evaluates
 gpt2 on cuda every time; here the model is scored only when -m is given.
+
+A re-run replaces its own .bin (an llm.c eval file); a file of another kind under that name stops the
+run in one line before it downloads or writes anything. A failed write (a full disk) is one line and
+leaves no half file.
 """
 
 import argparse
@@ -26,8 +30,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from llmc.hellaswag import NUM_COMPLETIONS, write_evalfile  # noqa: E402
+from llmc.hellaswag import EVAL_MAGIC, NUM_COMPLETIONS, write_evalfile  # noqa: E402
 from llmc.tokenizer import gpt2_encoding  # noqa: E402
+from llmc.utils import has_magic, one_line_errors, refuse_foreign_files  # noqa: E402
 
 DATA_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
 HELLASWAGS = {
@@ -140,6 +145,7 @@ def evaluate(model, rendered, device):
     return correct / n, correct_norm / n, preds
 
 
+@one_line_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag jsonl -> llm.c's eval file (and an optional PyTorch score)")
     p.add_argument("--input", default="", help="a local copy of the HellaSwag jsonl (no download)")
@@ -150,11 +156,13 @@ def main(argv=None):
     p.add_argument("-d", "--device", default="", help="device for -m (default: cuda if there is one, else cpu)")
     args = p.parse_args(argv)
 
+    out = os.path.join(args.data_dir, f"hellaswag_{args.split}.bin")
+    refuse_foreign_files([out], lambda path: has_magic(path, EVAL_MAGIC), f"an llm.c eval file (magic {EVAL_MAGIC})",
+                         "move it away, or choose another --data_dir")
     jsonl = fetch(args.split, args.data_dir, args.url or HELLASWAGS[args.split], args.input)
     examples = read_examples(jsonl)
     enc = gpt2_encoding()
     rendered = [render_example(enc, *ex) for ex in examples]
-    out = os.path.join(args.data_dir, f"hellaswag_{args.split}.bin")
     try:
         nbytes = write_evalfile(out, rendered)
     except ValueError as e:
