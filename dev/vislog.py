@@ -14,13 +14,21 @@ The lines read, one event each (anything else is an error):
   s:<step> eval:<HellaSwag acc_norm>
 A run that crashed and resumed logs some steps twice: the later line wins, as in vislog.ipynb.
 Needs matplotlib (pip install matplotlib).
+
+-o replaces a PNG (an earlier plot); any other file there, or a folder, is refused in one line and left
+as it was. The PNG is drawn in memory and written through a temporary name, so a failed write (a full
+disk: one line) leaves no half file.
 """
 
 import argparse
+import io
 import os
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from llmc.utils import file_starts_with, one_line_errors, refuse_foreign_files, write_atomic  # noqa: E402
 
 # vislog.ipynb's reference points, by model size: OpenAI GPT-2's checkpoint val loss (on FineWeb's val
 # split) and HellaSwag accuracy (llm.c's eval), and GPT-3's HellaSwag from its paper
@@ -29,6 +37,7 @@ GPT2_HELLASWAG = {"124M": 0.294463, "350M": 0.375224, "774M": 0.431986, "1558M":
 GPT3_HELLASWAG = {"124M": 0.337, "350M": 0.436, "774M": 0.510, "1558M": 0.547}
 # one colour per run (train solid, val dashed with dots), none of them the baselines' red and green
 RUN_COLORS = ("C0", "C1", "C4", "C5", "C6", "C7", "C8", "C9")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class LogError(ValueError):
@@ -131,6 +140,7 @@ def default_label(path):
     return parent if name == "main.log" and parent else name
 
 
+@one_line_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description="main.log files -> a PNG of train/val loss and HellaSwag vs steps")
     p.add_argument("logs", nargs="+", help="main.log files (ours or llm.c's)")
@@ -140,6 +150,8 @@ def main(argv=None):
     p.add_argument("--smooth", type=int, default=1, help="moving-average window for the train loss (1 = off)")
     args = p.parse_args(argv)
 
+    refuse_foreign_files([args.output], lambda path: file_starts_with(path, PNG_SIGNATURE), "a PNG",
+                         "give -o another name")
     labels = args.labels.split(",") if args.labels else [default_label(path) for path in args.logs]
     if len(labels) != len(args.logs):
         raise SystemExit(f"--labels has {len(labels)} names for {len(args.logs)} logs")
@@ -160,15 +172,11 @@ def main(argv=None):
         fig = plot(runs, baseline, args.smooth)
     except ImportError:
         raise SystemExit("matplotlib is not installed: pip install matplotlib") from None
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = f"{args.output}.tmp{os.getpid()}"
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    write_atomic(args.output, [np.frombuffer(png.getbuffer(), dtype=np.uint8)])
     print(f"wrote {args.output}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """dev/vislog.py: the series parsed from a main.log this test writes (a resumed run's repeated steps
-taken from the later lines), the lines matplotlib draws from them, the PNG, and one-line errors."""
+taken from the later lines), the lines matplotlib draws from them, the PNG, one-line errors, and -o: only
+a PNG is replaced, and a full disk leaves no half file."""
 
 import importlib.util
 import os
@@ -7,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, disk_full_after, run_main, run_script
 from llmc.logger import Logger
 
 SCRIPT = os.path.join("dev", "vislog.py")
@@ -117,3 +118,38 @@ def test_bad_input_one_line(tmp_path):
         r = run_script(SCRIPT, *args, "-o", tmp_path / "x.png", cwd=tmp_path)
         assert r.returncode == 1 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_replaces_only_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install matplotlib)")
+    vislog = load_vislog()
+    log, _ = write_run(tmp_path / "run")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    (tmp_path / "plots").mkdir()
+    for out, found in ((notes, notes), (tmp_path / "plots", tmp_path / "plots")):
+        code, stdout, err = run_main([log, "-o", str(out)], capsys, vislog)
+        assert code == 1 and err.strip() == (f"error: {found}: not a PNG, so not this program's to replace; "
+                                             "nothing was written: give -o another name"), err
+    assert notes.read_text() == "my notes" and os.listdir(tmp_path / "plots") == []
+    png = tmp_path / "plot.png"
+    for _ in range(2):                                      # the second run replaces the first's PNG
+        code, stdout, err = run_main([log, "-o", str(png)], capsys, vislog)
+        assert code == 0 and f"wrote {png}" in stdout, err
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "plot.png", "plots", "run"]
+
+
+def test_disk_full_partway_one_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install matplotlib)")
+    vislog = load_vislog()
+    log, _ = write_run(tmp_path / "run")
+    earlier = tmp_path / "earlier.png"
+    assert run_main([log, "-o", str(earlier)], capsys, vislog)[0] == 0
+    before = earlier.read_bytes()
+    disk_full_after(monkeypatch, 1000)
+    for out in (earlier, tmp_path / "new.png"):
+        code, stdout, err = run_main([log, "-o", str(out)], capsys, vislog)
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: could not write {out}: the disk is full (")
+    assert earlier.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["earlier.png", "run"]
