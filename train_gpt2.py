@@ -1328,7 +1328,7 @@ def train(args, trainer=None, world=None, ctrl_c=None):
         if args.val_loss_every > 0 and (step % args.val_loss_every == 0 or last_step):
             val_loss = world.mean(evaluate(tr, model, val_loader, val_max_steps, B, T))
             if not math.isfinite(val_loss):
-                raise DivergedError(diverged(step, f"val loss {val_loss}", args))
+                raise DivergedError(diverged(step, f"val loss {val_loss:g}", args))
             print(f"val loss {val_loss:f}")
             logger.log_val(step, val_loss)
         if hellaswag is not None and ((step > 0 and args.val_loss_every > 0 and step % args.val_loss_every == 0)
@@ -1371,7 +1371,7 @@ def train(args, trainer=None, world=None, ctrl_c=None):
         # z-scores turn NaN, which its outlier guard (-sl/-sg, below) reads as no outlier, and the update
         # spreads the NaN into every weight. The guard skips single spikes of a finite loss, not this.
         if not (math.isfinite(train_loss) and math.isfinite(norm)):
-            raise DivergedError(diverged(step + 1, f"train loss {train_loss}, gradient norm {norm}", args))
+            raise DivergedError(diverged(step + 1, f"train loss {train_loss:g}, gradient norm {norm:g}", args))
         # the gradients hold the sum over all micro-steps (of every rank): average them inside the update
         scale = grad_clip_scale(norm, tr.GRAD_CLIP) / micro_steps
         lr = learning_rate(step)
