@@ -3,13 +3,16 @@ Sample from a GPT-2 model file after a prompt, with a KV cache (NumPy, CPU only)
 
   python dev/sample.py --model gpt2_d12.bin --prompt "The king said" --max_new_tokens 64
   python dev/sample.py --prompt "Once upon a time" --temperature 0.8 --top_k 40 --seed 7
-  python dev/sample.py --prompt_ids 1,2,3 --model tiny.bin      # token ids, for a vocabulary that is not GPT-2's
+  python dev/sample.py --prompt_ids 1,2,3 --model tiny.bin      # token ids: any vocabulary, no tiktoken
   python dev/sample.py --kv_cache 0 ...                         # one full forward per token, as train_gpt2.py's generate()
 
 The model is any llm.c model file (version 3 fp32 or version 5 bf16; ours or llm.c's: the same format).
 The prompt is encoded with tiktoken's GPT-2 encoding (offline: TIKTOKEN_CACHE_DIR); an empty prompt
-starts from <|endoftext|>, as llm.c's samples do. The text is printed as it is generated, then the
-speed: the prefill (the whole prompt in one forward pass) and the generated tokens per second.
+starts from <|endoftext|>, as llm.c's samples do. With --prompt_ids tiktoken is never imported: the
+tokens are decoded with llm.c's tokenizer file (--tokenizer, gpt2_tokenizer.bin, which train_gpt2_torch.py
+writes) when it holds the model's V tokens, as the trainers decode their samples, else printed as ids.
+The text is printed as it is generated, then the speed: the prefill (the whole prompt in one forward
+pass) and the generated tokens per second.
 
 The KV cache. Without one, every new token runs the whole context through the model again (the
 trainers' generate() does, as llm.c: O(t) work per token). The keys and values of a position never
@@ -47,7 +50,7 @@ import llmc  # noqa: E402,F401  (first: it picks NumPy's BLAS kernels before Num
 import numpy as np  # noqa: E402
 
 import train_gpt2 as tg  # noqa: E402
-from llmc.formats import read_model_file  # noqa: E402
+from llmc.formats import read_model_file, read_tokenizer_file  # noqa: E402
 from llmc.sampler import random_f32, sample_mult  # noqa: E402
 from llmc.utils import ConfigError, FormatError  # noqa: E402
 
@@ -280,6 +283,23 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, seed=1337,
     return new_tokens, t_prefill, time.perf_counter() - t0 - t_prefill
 
 
+def token_bytes_from_file(path, V, explicit):
+    """The bytes of each of the model's V tokens from llm.c's tokenizer file at `path`, or None (the ids are
+    printed) when it is missing, bad or of another vocabulary, with a note when one was to be expected:
+    an explicit --tokenizer, or a model with GPT-2's vocabulary."""
+    try:
+        tokens, _ = read_tokenizer_file(path)
+    except (OSError, FormatError) as e:
+        problem = f"cannot read it ({e})"
+    else:
+        if len(tokens) == V:
+            return tokens
+        problem = f"it has {len(tokens):,} tokens, the model {V:,}"
+    if explicit or V == GPT2_VOCAB:
+        print(f"note: --tokenizer {path}: {problem}; printing token ids")
+    return None
+
+
 def array_module(device):
     """NumPy for --device cpu, CuPy for cuda (a one-line error where it is missing or there is no GPU)."""
     if device == "cpu":
@@ -301,7 +321,10 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description="Sample from a GPT-2 model file after a prompt, with a KV cache.")
     ap.add_argument("--model", default="gpt2_124M.bin", help="llm.c model file, fp32 or bf16 (gpt2_d12.bin if the default is missing)")
     ap.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
-    ap.add_argument("--prompt_ids", default=None, help="the prompt as comma-separated token ids instead (any vocabulary)")
+    ap.add_argument("--prompt_ids", default=None,
+                    help="the prompt as comma-separated token ids instead (any vocabulary; no tiktoken)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="with --prompt_ids: llm.c's tokenizer file to decode with (default: gpt2_tokenizer.bin)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     ap.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = all, as llm.c)")
@@ -325,18 +348,23 @@ def main(argv=None):
         config, params = read_model_file(path)
         model = tg.GPT2(config, params)
         V = config.vocab_size
-        enc = None
-        if V == GPT2_VOCAB:                                   # GPT-2's vocabulary: tiktoken encodes and decodes
-            from llmc.tokenizer import gpt2_encoding
-            enc = gpt2_encoding()
-        if args.prompt_ids is not None:
+        enc = token_bytes = None
+        if args.prompt_ids is not None:                       # ids in, llm.c's tokenizer file out: no tiktoken
             prompt = [int(s) for s in args.prompt_ids.replace(",", " ").split()]
             if any(not 0 <= t < V for t in prompt):
                 raise ConfigError(f"--prompt_ids must lie in [0, {V})")
-        elif enc is None and args.prompt:
+        elif V != GPT2_VOCAB and args.prompt:
             raise ConfigError(f"{path} has a vocabulary of {V} tokens, not GPT-2's {GPT2_VOCAB}: give --prompt_ids")
-        else:
+        elif V == GPT2_VOCAB:                                 # GPT-2's vocabulary: tiktoken encodes and decodes
+            from llmc.tokenizer import gpt2_encoding
+            try:
+                enc = gpt2_encoding()
+            except ImportError:
+                raise ConfigError("--prompt needs tiktoken (pip install tiktoken); or give the prompt as "
+                                  "--prompt_ids, decoded with gpt2_tokenizer.bin") from None
             prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) if args.prompt else []
+        else:
+            prompt = []
         if not prompt:                                        # llm.c's samples start from <|endoftext|>
             prompt = [EOT if V > EOT else V - 1]              # (a tiny test vocabulary has none: its last id)
         prompt, message = fit_prompt(prompt, args.max_new_tokens, config.max_seq_len)
@@ -350,11 +378,15 @@ def main(argv=None):
           f"{', on the GPU (CuPy)' if device_model else ''}")
     if message:
         print(message)
+    if args.prompt_ids is not None:
+        token_bytes = token_bytes_from_file(args.tokenizer or "gpt2_tokenizer.bin", V, args.tokenizer is not None)
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # keeps split characters whole
     def show(token):
         if enc is not None:
             print(decoder.decode(enc.decode_single_token_bytes(token)), end="", flush=True)
+        elif token_bytes is not None:
+            print(decoder.decode(token_bytes[token]), end="", flush=True)
         else:
             print(token, end=" ", flush=True)
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, run_script, write_tiny_model
+from conftest import REPO, run_main, run_script, write_tiny_model
 
 sys.path.insert(0, os.path.join(REPO, "dev"))
 import sample  # noqa: E402
@@ -192,3 +192,37 @@ def test_truncated_model_file_one_line(model_file, tmp_path):
     r = run_script("dev/sample.py", "--model", str(bad), "--prompt_ids", "1", cwd=tmp_path)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "truncated.bin" in r.stderr and "expected" in r.stderr
+
+
+def test_prompt_ids_decode_with_the_tokenizer_file_without_tiktoken(tmp_path, monkeypatch, capsys):
+    """A model with GPT-2's vocabulary (V=50257) and --prompt_ids, tiktoken unimportable: the tokens are
+    decoded with llm.c's tokenizer file (here a made-up one, token i spelled "<i>"), from --tokenizer or
+    gpt2_tokenizer.bin in the working folder; with neither, the ids are printed. tiktoken is never imported."""
+    config = formats.GPT2Config(max_seq_len=16, vocab_size=50257, num_layers=1, num_heads=2, channels=16,
+                                padded_vocab_size=50304)
+    model_path = tmp_path / "gpt2_vocab.bin"
+    write_tiny_model(model_path, config, np.random.default_rng(3), 0.5)
+    tokenizer = tmp_path / "spelled.bin"
+    formats.write_tokenizer_file(str(tokenizer), [f"<{i}>".encode() for i in range(50257)], 50256)
+    expected = [7, 8, 9] + sample.generate(load(str(model_path)), [7, 8, 9], 8)[0]
+    monkeypatch.setitem(sys.modules, "tiktoken", None)                 # `import tiktoken` raises ImportError
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", str(model_path), "--prompt_ids", "7,8,9", "--max_new_tokens", "8"]
+
+    def sampled(extra):
+        code, out, err = run_main(args + extra, capsys, sample)
+        assert code == 0, err
+        return out.split("---\n")[1].strip(), out
+
+    text, _ = sampled(["--tokenizer", str(tokenizer)])
+    assert text == "".join(f"<{i}>" for i in expected)
+    os.rename(tokenizer, tmp_path / "gpt2_tokenizer.bin")             # the default: in the working folder
+    assert sampled([])[0] == text
+    os.remove(tmp_path / "gpt2_tokenizer.bin")                        # neither: the ids, and a note why
+    ids, out = sampled([])
+    assert [int(s) for s in ids.split()] == expected
+    assert "note: --tokenizer gpt2_tokenizer.bin: cannot read it (gpt2_tokenizer.bin: no such file" in out
+    assert sys.modules["tiktoken"] is None
+    code, out, err = run_main(["--model", str(model_path), "--prompt", "Hello"], capsys, sample)
+    assert code == 1 and err.strip() == ("error: --prompt needs tiktoken (pip install tiktoken); or give the "
+                                         "prompt as --prompt_ids, decoded with gpt2_tokenizer.bin")
