@@ -1231,8 +1231,8 @@ def train(args, trainer=None, world=None, ctrl_c=None):
         check_resume_precision(model, model_file)
     print_config(model.config, extra_lines)
     T = at_most(args, "T", model.config.max_seq_len, "the model's max_seq_len", "sequence length")
-    if args.sample_every > 0:   # the sampler writes into a (B, T) buffer: at most T tokens
-        at_most(args, "genT", T, "the sequence length T", "tokens to sample")
+    # the sampler writes into a (B, T) buffer: at most T tokens
+    genT = at_most(args, "genT", T, "the sequence length T", "tokens to sample") if args.sample_every > 0 else 0
 
     # the data
     train_pattern, val_pattern = default_data_paths()
@@ -1318,7 +1318,6 @@ def train(args, trainer=None, world=None, ctrl_c=None):
     tokens_per_second = TokensPerSecond()                 # the moving average the step line shows
     loss_outliers, norm_outliers = OutlierDetector(), OutlierDetector()   # z-scores on the step line, -sl -sg
     step_times = []
-    genT = min(args.genT, T)
     if ctrl_c is not None:
         ctrl_c.in_loop = True                             # from now on the first Ctrl-C waits for the step's end
     for step in range(start_step, num_steps + 1):
