@@ -2,11 +2,12 @@
 # dev/gpu_check.sh: every GPU check and benchmark of the repository in one run, for a machine
 # lent for a few minutes (an H100/H200 with CuPy, PyTorch and tiktoken installed, no network).
 #
-#   bash dev/gpu_check.sh                  # logs and summary.txt under $OUT (default ./gpu_out)
+#   bash dev/gpu_check.sh                  # summary.txt and stages.log under $OUT (default ./gpu_out)
 #   GPU_CHECK_BUDGET=300 bash dev/gpu_check.sh
 #   GPU_CHECK_STAGES="bench_bf16 bench_fp32" bash dev/gpu_check.sh    # only these (and what they need)
 #
-# Stages, in this order (bf16 first), each with its own timeout (cut to what is left of
+# Stages, in this order (the checks of the results first, bf16 before fp32; then the benchmarks, so a
+# short budget cuts timings, not checks), each with its own timeout (cut to what is left of
 # GPU_CHECK_BUDGET seconds, default 450, so the whole run stays under 8 minutes), each going on
 # after a failure:
 #   env               nvidia-smi, Python package versions
@@ -16,8 +17,6 @@
 #                     (skipped, and what needs it too, when neither that text nor the .bin files exist)
 #   export_d12        python train_gpt2_torch.py --model d12 (gpt2_d12.bin, gpt2_d12_bf16.bin, debug state)
 #   test_gpt2_bf16    python test_gpt2.py --trainer cuda --precision bf16 on that export
-#   bench_bf16        dev/bench_gpu.py --precision bf16: ours vs PyTorch (bf16 autocast, compile, flash)
-#                     at B=16 and at the largest B that fits both, 10 timed steps
 #   bf16_determinism  train_gpt2_cuda.py -e gpt2_d12_bf16.bin -b 4 -t 256 -x 10 -n 10 -p bf16 twice:
 #                     the same step lines (loss, norm) and the same model and state files, byte for byte
 #   bf16_resume       the same, -x 20 in one go against the -x 10 run then -x 20 -y 1 from its checkpoint:
@@ -25,24 +24,31 @@
 #   nccl_one_rank     the determinism run's 10 steps as one torchrun rank with -z 1: NCCL starts (the id
 #                     over torchrun's store) and the step lines equal the plain run's
 #   test_gpt2_fp32    python test_gpt2.py --trainer cuda --precision fp32 on the export
-#   bench_fp32        dev/bench_gpu.py --precision fp32 --trainers ours: our fp32 (TF32) numbers beside
-#                     them (PyTorch fp32 is left to make bench_gpu: one more torch.compile does not fit)
 #   test_kernels      pytest tests/test_kernels.py (fp32; backend cupy on the GPU, plus the emulator)
 #   check_kernel_bf16 python dev/check_kernel.py all --precision bf16: every kernel vs its NumPy twin,
 #                     then timed at d12 in bf16
 #   check_kernel      python dev/check_kernel.py all: the same in fp32
-#   test_trainer      pytest tests/test_cuda_trainer.py (mostly the emulator: last, when time is left)
+#   bench_bf16        dev/bench_gpu.py --precision bf16: ours vs PyTorch (bf16 autocast, compile, flash)
+#                     at B=16 and at the largest B that fits both, 10 timed steps
+#   bench_fp32        dev/bench_gpu.py --precision fp32 --trainers ours: our fp32 (TF32) numbers beside
+#                     them (PyTorch fp32 is left to make bench_gpu: one more torch.compile does not fit)
+#   test_trainer      pytest tests/test_cuda_trainer.py (the emulator and a fake CuPy, as CI runs it: no
+#                     check of the GPU, so last, when time is left)
 # Offline data (the tiny shakespeare text and a tiktoken cache for the gpt2 encoding) is read from
 # ./shared/data, else ../shared/data. The device tool sends the checkout and a shared/ folder inside
 # it, not the ../shared beside it, so before a device call copy it in (shared/ is git-ignored):
 #   mkdir -p shared && cp -r ../shared/data shared/
 # Without a GPU the GPU stages say "no GPU" at once; check_kernel then runs on the emulator
 # (no timings) and data runs as usual, so a CPU run checks the script itself.
+# Every command is run with python3 ($PYTHON to choose another; on the lent machine a plain `python`
+# may be another Python than the one with PyTorch and CuPy, or none).
 # $OUT/summary.txt: one line per stage (PASS / FAIL / TIMEOUT / SKIP, seconds, key numbers), then
-# the kernel timing tables and the benchmark tables. $OUT/<stage>.log: each stage's full output.
+# the kernel timing tables and the benchmark tables. $OUT/stages.log: every stage's full output, one
+# after the other, each opening with its "== <stage>" line, written as it runs (so a run cut short
+# keeps what it did). Two files: the device tool brings back at most 8 from $OUT.
 # The training runs write their checkpoints (GBs for d12) into a temporary folder, never under $OUT.
 
-# shellcheck disable=SC2317  # the bf16 training checks below run in a child bash (export -f), unseen here
+# shellcheck disable=SC2317,SC2329  # the bf16 training checks below run in a child bash (export -f), unseen here
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-./gpu_out}
@@ -50,7 +56,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 BUDGET=${GPU_CHECK_BUDGET:-450}
 STAGES=${GPU_CHECK_STAGES:-}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 export PY
 export PYTHONDONTWRITEBYTECODE=1
 SHARED_DATA=../shared/data
@@ -60,10 +66,13 @@ if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d "$SHARED_DATA/tiktoken_cache" ]; the
     export TIKTOKEN_CACHE_DIR                     # the offline tokenizer, when there is one
 fi
 SUMMARY=$OUT/summary.txt
+STAGES_LOG=$OUT/stages.log
 START=$(date +%s)
 : > "$SUMMARY"
+: > "$STAGES_LOG"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")   # the training runs' output folders
-trap 'rm -rf "$WORK"' EXIT
+STAGE_LOGS=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_logs.XXXXXX")   # each stage's log alone, for its note
+trap 'rm -rf "$WORK" "$STAGE_LOGS"' EXIT
 
 if "$PY" -c "import cupy, sys; sys.exit(0 if cupy.cuda.runtime.getDeviceCount() > 0 else 1)" >/dev/null 2>&1; then
     GPU=1
@@ -84,8 +93,9 @@ wanted() {  # wanted NAME...: is any of these stages asked for (all are, without
     return 1
 }
 
-# stage NAME TIMEOUT NEEDS_GPU COMMAND...: run COMMAND with its output in $OUT/NAME.log; sets STATUS
-# (SKIP, already recorded, when the stage is not wanted, needs a GPU there is not, or has no time left)
+# stage NAME TIMEOUT NEEDS_GPU COMMAND...: run COMMAND, its output added to $STAGES_LOG and kept alone in
+# $LOG for the summary's note; sets STATUS (SKIP, already recorded, when the stage is not wanted, needs a
+# GPU there is not, or has no time left)
 stage() {
     local name=$1 limit=$2 needs_gpu=$3
     shift 3
@@ -101,14 +111,14 @@ stage() {
         STATUS=SKIP; record "$name" SKIP 0 "no time left of the ${BUDGET}s budget"; return
     fi
     [ "$limit" -gt "$left" ] && limit=$left
-    echo "== $name (timeout ${limit}s): $*" | tee "$OUT/$name.log"
-    local t0 rc
+    local log=$STAGE_LOGS/$name.log t0 rc
+    echo "== $name (timeout ${limit}s): $*" | tee -a "$STAGES_LOG" "$log"
     t0=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" >>"$OUT/$name.log" 2>&1
-    rc=$?
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$STAGES_LOG" >> "$log"
+    rc=${PIPESTATUS[0]}
     ELAPSED=$(($(date +%s) - t0))
-    if [ $rc -eq 0 ]; then STATUS=PASS; elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then STATUS=TIMEOUT; else STATUS=FAIL; fi
-    LOG=$OUT/$name.log
+    if [ "$rc" -eq 0 ]; then STATUS=PASS; elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then STATUS=TIMEOUT; else STATUS=FAIL; fi
+    LOG=$log
 }
 
 note_last_line() {  # the last non-empty line of the stage's log, e.g. pytest's "93 passed in 20.1s"
@@ -282,18 +292,6 @@ elif d12_ready test_gpt2_bf16; then
         "$( (grep -m1 'overall okay' "$LOG"; grep -m1 '^target (every ratio' "$LOG") | tr '\n' ' ' | cut -c1-150)"
 fi
 
-# ---- whole training steps in bf16: ours vs PyTorch at B=16 and at the largest B that fits both
-ratios() {  # the benchmark's "ratio ours/PyTorch in tokens/s (bf16, B=16): 1.123x (target >= 1.07x: met)" lines
-    grep 'ratio ours/PyTorch in tokens/s' "$LOG" | sed 's|ratio ours/PyTorch in tokens/s ||; s|target >= |>= |' |
-        tr '\n' ' ' | cut -c1-150
-}
-stage bench_bf16 240 1 "$PY" dev/bench_gpu.py --precision bf16 --steps 10 --warmup 3 --breakdown 1
-if [ "$STATUS" != SKIP ]; then
-    NOTE=$(ratios)
-    record bench_bf16 "$STATUS" "$ELAPSED" "${NOTE:-$(note_last_line)}"
-fi
-BENCH_BF16_LOG=${LOG:-}
-
 # ---- bf16 determinism and resume (the second reuses the first's 10-step run)
 if d12_ready bf16_determinism; then
     # shellcheck disable=SC2016  # $1 is the child bash's: "$WORK" passed after the _
@@ -312,19 +310,13 @@ if d12_ready nccl_one_rank; then
 fi
 rm -rf "${WORK:?}"/*                                  # GBs of checkpoints
 
-# ---- fp32: test_gpt2.py, our fp32 step beside the bf16 numbers, the fp32 kernel tests
+# ---- fp32: test_gpt2.py and the fp32 kernel tests
 if d12_ready test_gpt2_fp32; then
     PRECISION_FLAG=()
     grep -q -- '--precision' test_gpt2.py && PRECISION_FLAG=(--precision fp32)   # before it: fp32 anyway
     stage test_gpt2_fp32 90 1 "$PY" test_gpt2.py --trainer cuda "${PRECISION_FLAG[@]}" --checkpoint gpt2_d12.bin
     [ "$STATUS" != SKIP ] && record test_gpt2_fp32 "$STATUS" "$ELAPSED" "$(note_match 'overall okay')"
 fi
-stage bench_fp32 90 1 "$PY" dev/bench_gpu.py --precision fp32 --trainers ours --steps 10 --warmup 3 --breakdown 1
-if [ "$STATUS" != SKIP ]; then
-    NOTE=$(awk '/^== fp32, B=/ {b = $3} /^ours \(CuPy, -p fp32\)/ {print "ours fp32 " b " " $5 " ms/step, " $8 " tokens/s, MFU " $9; exit}' "$LOG")
-    record bench_fp32 "$STATUS" "$ELAPSED" "${NOTE:-$(note_last_line)}"
-fi
-BENCH_FP32_LOG=${LOG:-}
 stage test_kernels 100 1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
 [ "$STATUS" != SKIP ] && record test_kernels "$STATUS" "$ELAPSED" "$(note_last_line)"
 
@@ -340,6 +332,29 @@ fi
 stage check_kernel 90 0 "$PY" dev/check_kernel.py all
 [ "$STATUS" != SKIP ] && record check_kernel "$STATUS" "$ELAPSED" "$(note_match 'kernels, .* outputs')"
 CHECK_LOG=${LOG:-}
+
+# ==== the benchmarks: after every check of the results, so a kernel that fails its check costs no benchmark time,
+# and a short budget cuts the timings, not the checks
+
+# ---- whole training steps in bf16: ours vs PyTorch at B=16 and at the largest B that fits both
+ratios() {  # the benchmark's "ratio ours/PyTorch in tokens/s (bf16, B=16): 1.123x (target >= 1.07x: met)" lines
+    grep 'ratio ours/PyTorch in tokens/s' "$LOG" | sed 's|ratio ours/PyTorch in tokens/s ||; s|target >= |>= |' |
+        tr '\n' ' ' | cut -c1-150
+}
+stage bench_bf16 240 1 "$PY" dev/bench_gpu.py --precision bf16 --steps 10 --warmup 3 --breakdown 1
+if [ "$STATUS" != SKIP ]; then
+    NOTE=$(ratios)
+    record bench_bf16 "$STATUS" "$ELAPSED" "${NOTE:-$(note_last_line)}"
+fi
+BENCH_BF16_LOG=${LOG:-}
+
+# ---- our fp32 (TF32) step beside the bf16 numbers (PyTorch's fp32 compile is left to make bench_gpu)
+stage bench_fp32 90 1 "$PY" dev/bench_gpu.py --precision fp32 --trainers ours --steps 10 --warmup 3 --breakdown 1
+if [ "$STATUS" != SKIP ]; then
+    NOTE=$(awk '/^== fp32, B=/ {b = $3} /^ours \(CuPy, -p fp32\)/ {print "ours fp32 " b " " $5 " ms/step, " $8 " tokens/s, MFU " $9; exit}' "$LOG")
+    record bench_fp32 "$STATUS" "$ELAPSED" "${NOTE:-$(note_last_line)}"
+fi
+BENCH_FP32_LOG=${LOG:-}
 
 # ---- the CUDA trainer's tests (the emulator, and the GPU code path with a fake CuPy): last
 stage test_trainer 90 1 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_trainer.py

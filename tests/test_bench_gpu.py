@@ -3,7 +3,9 @@ estimate for PyTorch, the attention kernels' index limit, the retry when PyTorch
 largest B, and the summary's target verdict. (tests/test_end_to_end.py runs the whole script with --dry_run 1.)"""
 
 import argparse
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,9 +93,159 @@ def test_print_round_target_verdict(capsys):
     assert "(target >= 1.07x: not met)" in capsys.readouterr().out
 
 
+# ----------------------------------------------------------------------------
+# dev/gpu_check.sh, without a GPU
+
+GPU_CHECK = os.path.join(REPO, "dev", "gpu_check.sh")
+BENCHMARKS = ("bench_bf16", "bench_fp32")
+NOT_CHECKS = ("env", "data", "export_d12", "test_trainer") + BENCHMARKS   # test_trainer: the emulator, as CI
+
+
 def test_gpu_check_script_parses():
-    script = os.path.join(REPO, "dev", "gpu_check.sh")
-    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    assert subprocess.run(["bash", "-n", GPU_CHECK]).returncode == 0
     if shutil.which("shellcheck"):
-        r = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+        r = subprocess.run(["shellcheck", GPU_CHECK], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout
+
+
+def documented_stages():
+    """The stages the script's header lists, in its order ("#   name   what it runs" lines)."""
+    text = open(GPU_CHECK).read()
+    header = text[text.index("# Stages, in this order"):text.index("# Offline data")]
+    return re.findall(r"^#   (\w+) ", header, re.M)
+
+
+def test_gpu_check_stages_are_the_documented_ones():
+    """Every stage the header and dev/README.md list is run (a `stage NAME` call) in their order, and every
+    check function a stage runs in a child bash is defined and exported to it."""
+    text = open(GPU_CHECK).read()
+    stages = documented_stages()
+    assert len(stages) == 15 and stages[0] == "env"
+    assert re.findall(r"^\s*(?:STAGES=\"\" )?stage (\w+) ", text, re.M) == stages
+    readme = open(os.path.join(REPO, "dev", "README.md")).read()
+    table = readme[readme.index("## gpu_check.sh"):]
+    assert [n for row in re.findall(r"^\| `([^|]+)` \|", table, re.M) for n in re.findall(r"\w+", row)] == stages
+    exported = re.search(r"^export -f (.*)$", text, re.M)[1].split()
+    for fn in set(re.findall(r"bash -c '(\w+) ", text)):
+        assert re.search(rf"^{fn}\(\) {{", text, re.M) and fn in exported, fn
+
+
+# The fake python3: records its arguments, answers as each program would on a GPU (CuPy finds one), and
+# writes the files the script looks for; a fake `python` records that it was called and fails.
+FAKE_PYTHON3 = r"""#!SYS_EXECUTABLE
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_CALLS"], "a") as f:
+    f.write(json.dumps(["python3"] + args) + "\n")
+joined = " ".join(args)
+
+def option(flag, default=None):
+    return args[args.index(flag) + 1] if flag in args else default
+
+def train():   # train_gpt2_cuda.py: step lines, and a checkpoint every -n steps into -o
+    steps, out, resume = int(option("-x")), option("-o"), option("-y") == "1"
+    first = 11 if resume else 1
+    if resume:
+        print("resumed from checkpoint 10")
+    for s in range(first, steps + 1):
+        print(f"step {s:4d}/{steps}: train loss {10 - 0.1 * s:.6f} (acc) (12.1 ms, 1000 tok/s) norm {1 + s / 64:.4f} (x) lr 3.00e-04")
+        if out and s % 10 == 0:
+            os.makedirs(out, exist_ok=True)
+            for name in (f"model_{s:08d}.bin", f"state_{s:08d}_00000.bin", f"DONE_{s:08d}"):
+                open(os.path.join(out, name), "w").write(f"{name} of a deterministic run")
+
+if args[0] == "-c":
+    if "platform" in args[1]:
+        print("python 3.12.3 numpy 2.5.2")
+        print("cupy 14.2.0")
+        print("torch 2.11.0")
+        print("tiktoken 0.14.0")
+    sys.exit(0)                                            # also `import cupy ... getDeviceCount()`: one GPU
+if args[:2] == ["-m", "pytest"]:
+    print("12 passed in 1.0s")
+elif args[:2] == ["-m", "torch.distributed.run"]:
+    train()
+elif args[0] == "prepro_tinyshakespeare.py":
+    os.makedirs("data/tinyshakespeare", exist_ok=True)
+    for split in ("val", "train"):
+        open(f"data/tinyshakespeare/tiny_shakespeare_{split}.bin", "w").write(split)
+    print("writing 32,768 tokens to data/tinyshakespeare/tiny_shakespeare_val.bin")
+elif args[0] == "train_gpt2_torch.py":
+    for name in ("gpt2_d12.bin", "gpt2_d12_bf16.bin", "gpt2_d12_debug_state.bin"):
+        open(name, "w").write(name)
+        print(f"wrote {name}")
+elif args[0] == "test_gpt2.py":
+    print("overall okay: 1")
+elif args[0] == "train_gpt2_cuda.py":
+    train()
+elif args[0] == "dev/bench_gpu.py":
+    precision = option("--precision")
+    print(f"== {precision}, B=16, T=1024")
+    print(f"ours (CuPy, -p {precision}) 100.0 ms 163,840 tokens/s 40.0%")
+    print("")
+    if precision == "bf16":
+        print("ratio ours/PyTorch in tokens/s (bf16, B=16): 1.100x (target >= 1.07x: met)")
+elif args[0] == "dev/check_kernel.py":
+    print("24 kernels, 60 outputs within tolerance")
+    print("timing on the GPU (d12)")
+    print("layernorm_forward  0.010 ms")
+else:
+    print("fake python3: unexpected " + joined, file=sys.stderr)
+    sys.exit(2)
+"""
+FAKE_PYTHON = """#!/bin/sh
+echo '["python"]' >> "$FAKE_CALLS"
+exit 127
+"""
+FAKE_NVIDIA_SMI = """#!/bin/sh
+echo 'GPU 0: NVIDIA H200 (UUID: GPU-00000000-fake)'
+"""
+
+
+def test_gpu_check_runs_end_to_end_with_a_fake_python3(tmp_path):
+    """The script in a copy of the checkout, a fake python3 (and nvidia-smi) first on PATH saying there is a
+    GPU: every stage passes, in the documented order, the checks of the results before the benchmarks;
+    every command goes to python3, none to python; $OUT holds at most 8 files (what the device tool brings
+    back), the summary and the full log; the checkpoints go elsewhere."""
+    repo = tmp_path / "repo"
+    (repo / "dev").mkdir(parents=True)
+    shutil.copy(GPU_CHECK, repo / "dev" / "gpu_check.sh")
+    (repo / "tests").mkdir()
+    (repo / "tests" / "test_kernels_bf16.py").write_text("")
+    (repo / "test_gpt2.py").write_text("# --precision")
+    (repo / "dev" / "check_kernel.py").write_text("# --precision")
+    (repo / "shared" / "data" / "tinyshakespeare").mkdir(parents=True)
+    (repo / "shared" / "data" / "tinyshakespeare" / "input.txt").write_text("First Citizen:")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, text in (("python3", FAKE_PYTHON3.replace("SYS_EXECUTABLE", sys.executable)), ("python", FAKE_PYTHON),
+                       ("nvidia-smi", FAKE_NVIDIA_SMI)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    calls, out = tmp_path / "calls.jsonl", tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "GPU_CHECK_STAGES", "GPU_CHECK_BUDGET")}
+    env.update(PATH=f"{fake}{os.pathsep}{env['PATH']}", OUT=str(out), FAKE_CALLS=str(calls), TMPDIR=str(tmp_path))
+    r = subprocess.run(["bash", str(repo / "dev" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    summary = (out / "summary.txt").read_text()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    stages = documented_stages()
+    lines = [line.split() for line in summary.splitlines()[:len(stages)]]
+    assert [(line[0], line[1]) for line in lines] == [(name, "PASS") for name in stages], summary
+    checks = [i for i, name in enumerate(stages) if name not in NOT_CHECKS]
+    assert max(checks) < min(stages.index(name) for name in BENCHMARKS)
+    notes = {line[0]: " ".join(line[3:]) for line in lines}
+    assert notes["bf16_determinism"].startswith("bf16 determinism: 10 steps twice, identical losses and norms")
+    assert notes["bf16_resume"].startswith("bf16 resume: 20 steps = 10 + 10 resumed (-y 1)")
+    assert notes["nccl_one_rank"].startswith("nccl one rank: NCCL started through torchrun, 10 steps identical")
+    assert notes["bench_bf16"] == "(bf16, B=16): 1.100x (>= 1.07x: met)"
+    assert notes["check_kernel"] == "24 kernels, 60 outputs within tolerance"
+
+    programs = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert programs and all(p[0] == "python3" for p in programs), [p for p in programs if p[0] != "python3"]
+    files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
+    assert sorted(os.path.relpath(f, out) for f in files) == ["stages.log", "summary.txt"] and len(files) <= 8
+    log = (out / "stages.log").read_text()
+    assert [m for m in re.findall(r"^== (\w+) \(timeout", log, re.M)] == stages
+    assert sorted(os.listdir(tmp_path)) == ["bin", "calls.jsonl", "out", "repo"]      # the temporary folders gone
