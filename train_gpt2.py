@@ -36,7 +36,7 @@ from llmc.rand import normal_
 from llmc.sampler import random_f32, sample_mult
 from llmc.schedulers import get_lr
 from llmc.tokenizer import Tokenizer
-from llmc.utils import ConfigError, WriteError
+from llmc.utils import ConfigError, WriteError, some_names
 
 # What makes the NumPy below fast lives in llmc/cpu.py, out of the way of the math: NumPy's
 # OpenBLAS sgemm called through ctypes (matmul, matmuls), one thread pool for all the layers
@@ -1037,8 +1037,7 @@ def clean_litter(output_dir):
     """Remove what killed runs left in -o (checkpoint.clean_litter), saying so in one line."""
     removed = checkpoint.clean_litter(output_dir)
     if removed:
-        shown = ", ".join(removed[:4]) + (f" and {len(removed) - 4} more" if len(removed) > 4 else "")
-        print(f"removed {len(removed)} file(s) a killed run left in {output_dir}: {shown}")
+        print(f"removed {len(removed)} file(s) a killed run left in {output_dir}: {some_names(removed, 4)}")
 
 
 class DivergedError(ConfigError):
@@ -1189,9 +1188,8 @@ def check_output_dir(args, rank):
         raise ConfigError(f"-o {out}: a file, not a directory; give a directory for the logs and checkpoints")
     earlier = checkpoint.earlier_run_files(out)
     if earlier and args.resume != 1:
-        shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
-        raise ConfigError(f"-o {out} holds an earlier run's files ({shown}): -y 1 resumes that run; for a new "
-                          f"one give another -o, or delete them")
+        raise ConfigError(f"-o {out} holds an earlier run's files ({some_names(earlier)}): -y 1 resumes that run; "
+                          f"for a new one give another -o, or delete them")
     clean_litter(out)
 
 
