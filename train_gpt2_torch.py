@@ -36,7 +36,7 @@ from llmc.dataloader import DataLoader
 from llmc.logger import Logger
 from llmc.schedulers import get_lr
 from llmc.tokenizer import gpt2_encoding
-from llmc.utils import ConfigError, FormatError
+from llmc.utils import ConfigError, FormatError, WriteError, has_magic, refuse_foreign_files
 
 # ----------------------------------------------------------------------------
 # the model, nanoGPT-style
@@ -476,6 +476,15 @@ def main(argv=None):
         raise SystemExit(f"--sequence_length {T} must be between 1 and the model's block size {config.block_size}")
     if B < 1:
         raise SystemExit(f"--batch_size {B} must be at least 1")
+    if args.write_tensors:   # an earlier export's files are replaced, a file of another kind under their names is not
+        for name, magic in ((f"gpt2_{size}.bin", formats.MODEL_MAGIC), (f"gpt2_{size}_bf16.bin", formats.MODEL_MAGIC),
+                            (f"gpt2_{size}_debug_state.bin", formats.STATE_MAGIC),
+                            ("gpt2_tokenizer.bin", formats.TOKENIZER_MAGIC)):
+            try:
+                refuse_foreign_files([name], lambda path: has_magic(path, magic), formats.KINDS[magic],
+                                     "move it away, or run in another folder")
+            except WriteError as e:
+                raise SystemExit(str(e)) from None
 
     # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on the CPU
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -714,5 +723,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FormatError, FileNotFoundError) as e:
+    except (FormatError, FileNotFoundError, WriteError) as e:
         sys.exit(str(e))

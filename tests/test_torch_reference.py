@@ -281,6 +281,15 @@ def test_error_total_batch_size(monkeypatch, tmp_path, tiny_data):
                    "(or a multiple)")
 
 
+def test_a_file_of_another_kind_under_an_output_name_is_never_replaced(monkeypatch, tmp_path, tiny_data):
+    (tmp_path / "gpt2_L1H1C8T16_debug_state.bin").write_text("my notes")
+    msg = _error(monkeypatch, tmp_path, *SMALL, "--input_bin", tiny_data, "--sequence_length", 8)
+    assert msg == ("gpt2_L1H1C8T16_debug_state.bin: not an llm.c debug state, so not this program's to replace; "
+                   "nothing was written: move it away, or run in another folder"), msg
+    assert [f for f in os.listdir(tmp_path) if f.startswith("gpt2_")] == ["gpt2_L1H1C8T16_debug_state.bin"]
+    assert (tmp_path / "gpt2_L1H1C8T16_debug_state.bin").read_text() == "my notes"
+
+
 def test_error_offline_pretrained(tmp_path, tiny_data):
     """--model gpt2 with no network and an empty cache: one line on stderr pointing at --model d12."""
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
