@@ -23,7 +23,7 @@ SIZE_gpt2-large := 774M
 SIZE_gpt2-xl := 1558M
 CHECKPOINT := gpt2_$(or $(SIZE_$(MODEL)),$(MODEL)).bin
 
-.PHONY: setup data data_tinystories export train train_cuda test test_gpt2 test_gpt2_cuda bench bench_gpu gpu_check clean
+.PHONY: setup data data_tinystories export train train_cuda test test_gpt2 test_gpt2_cuda bench bench_gpu gpu_check gpu_check_quick clean
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==$(TORCH_VERSION)
@@ -70,10 +70,14 @@ bench: setup data
 bench_gpu: setup data
 	$(PYTHON) dev/bench_gpu.py
 
-# every GPU check and benchmark in one run of under 8 minutes (bf16 first), a summary in $(OUT) (default
+# every GPU check and benchmark in one run of under 9 minutes (bf16 first), a summary in $(OUT) (default
 # ./gpu_out); GPU_CHECK_STAGES="bench_bf16 ..." runs only those stages, GPU_CHECK_BUDGET the seconds
 gpu_check:
 	bash dev/gpu_check.sh
+
+# the correctness stages that matter most, under 4 minutes (bash dev/gpu_check.sh --quick)
+gpu_check_quick:
+	bash dev/gpu_check.sh --quick
 
 clean:
 	rm -rf build emulator/build __pycache__ tests/__pycache__ .pytest_cache

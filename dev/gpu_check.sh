@@ -3,16 +3,23 @@
 # lent for a few minutes (an H100/H200 with CuPy, PyTorch and tiktoken installed, no network).
 #
 #   bash dev/gpu_check.sh                  # summary.txt and stages.log under $OUT (default ./gpu_out)
+#   bash dev/gpu_check.sh --quick          # the correctness stages that matter most, under 4 minutes
 #   GPU_CHECK_BUDGET=300 bash dev/gpu_check.sh
 #   GPU_CHECK_STAGES="bench_bf16 bench_fp32" bash dev/gpu_check.sh    # only these (and what they need)
 #
 # Stages, in this order (the checks of the results first, bf16 before fp32; then the benchmarks, so a
 # short budget cuts timings, not checks), each with its own timeout (cut to what is left of
-# GPU_CHECK_BUDGET seconds, default 450, so the whole run stays under 8 minutes), each going on
-# after a failure:
+# GPU_CHECK_BUDGET seconds, default 500, so the whole run stays under 9 minutes; --quick: 220 s and
+# only env, test_kernels_bf16, sanitize_memcheck, data, export_d12, test_gpt2_bf16, bf16_determinism and
+# test_gpt2_fp32), each going on after a failure:
 #   env               nvidia-smi, Python package versions
 #   test_kernels_bf16 pytest tests/test_kernels_bf16.py (every kernel built with -DENABLE_BF16, on the
 #                     GPU and the emulator; skipped with a line when the file is not there)
+#   sanitize_memcheck compute-sanitizer --tool memcheck on the kernel tests' GPU backend only
+#                     (LLMC_TEST_BACKENDS=cupy: small shapes), fp32 and bf16: out-of-bounds and misaligned
+#                     accesses, which the GPU may not fault on; skipped when compute-sanitizer is not there
+#   sanitize_racecheck the same with --tool racecheck on the bf16 kernels: shared-memory races between
+#                     barriers on the real hardware (the emulator checks its own thread orders only)
 #   data              prepro_tinyshakespeare.py --input <shared data>/tinyshakespeare/input.txt
 #                     (skipped, and what needs it too, when neither that text nor the .bin files exist)
 #   export_d12        python train_gpt2_torch.py --model d12 (gpt2_d12.bin, gpt2_d12_bf16.bin, debug state)
@@ -51,11 +58,17 @@
 # shellcheck disable=SC2317,SC2329  # the bf16 training checks below run in a child bash (export -f), unseen here
 set -u
 cd "$(dirname "$0")/.." || exit 1
+BUDGET=${GPU_CHECK_BUDGET:-500}
+STAGES=${GPU_CHECK_STAGES:-}
+if [ "${1:-}" = --quick ]; then                  # the stages a short loan must not miss, bf16 first
+    BUDGET=${GPU_CHECK_BUDGET:-220}
+    STAGES=${GPU_CHECK_STAGES:-env test_kernels_bf16 sanitize_memcheck data export_d12 test_gpt2_bf16 bf16_determinism test_gpt2_fp32}
+elif [ -n "${1:-}" ]; then
+    echo "gpu_check.sh: unknown argument '$1' (the only one is --quick)" >&2; exit 2
+fi
 OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-BUDGET=${GPU_CHECK_BUDGET:-450}
-STAGES=${GPU_CHECK_STAGES:-}
 PY=${PYTHON:-python3}
 export PY
 export PYTHONDONTWRITEBYTECODE=1
@@ -242,6 +255,24 @@ if [ -f tests/test_kernels_bf16.py ]; then
 else
     record test_kernels_bf16 SKIP 0 "tests/test_kernels_bf16.py is not in this checkout"
 fi
+
+# ---- the kernel tests on the GPU under compute-sanitizer (small shapes; the GPU backend only)
+SANITIZER=$(command -v compute-sanitizer || true)
+[ -z "$SANITIZER" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && SANITIZER=/usr/local/cuda/bin/compute-sanitizer
+sanitized() {  # sanitized NAME TOOL TIMEOUT TEST_FILE...: the kernel tests under compute-sanitizer --tool TOOL
+    local name=$1 tool=$2 limit=$3
+    shift 3
+    if [ -z "$SANITIZER" ]; then
+        wanted "$name" && record "$name" SKIP 0 "compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
+        return
+    fi
+    stage "$name" "$limit" 1 env LLMC_TEST_BACKENDS=cupy "$SANITIZER" --tool "$tool" --error-exitcode 3 \
+        "$PY" -m pytest -q -p no:cacheprovider "$@"
+    [ "$STATUS" != SKIP ] && record "$name" "$STATUS" "$ELAPSED" \
+        "$( (grep -m1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG"; note_match 'passed|failed') | tr '\n' ' ' | cut -c1-150)"
+}
+sanitized sanitize_memcheck memcheck 90 tests/test_kernels.py tests/test_kernels_bf16.py
+sanitized sanitize_racecheck racecheck 90 tests/test_kernels_bf16.py
 
 # ---- data and the d12 export, which the test_gpt2 and bf16 training stages need
 D12_STAGES="test_gpt2_bf16 test_gpt2_fp32 bf16_determinism bf16_resume nccl_one_rank"

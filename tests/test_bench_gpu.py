@@ -120,8 +120,8 @@ def test_gpu_check_stages_are_the_documented_ones():
     check function a stage runs in a child bash is defined and exported to it."""
     text = open(GPU_CHECK).read()
     stages = documented_stages()
-    assert len(stages) == 15 and stages[0] == "env"
-    assert re.findall(r"^\s*(?:STAGES=\"\" )?stage (\w+) ", text, re.M) == stages
+    assert len(stages) == 17 and stages[0] == "env"
+    assert re.findall(r"^\s*(?:STAGES=\"\" )?(?:stage|sanitized) (\w+) ", text, re.M) == stages
     readme = open(os.path.join(REPO, "dev", "README.md")).read()
     table = readme[readme.index("## gpu_check.sh"):]
     assert [n for row in re.findall(r"^\| `([^|]+)` \|", table, re.M) for n in re.findall(r"\w+", row)] == stages
@@ -200,13 +200,18 @@ exit 127
 FAKE_NVIDIA_SMI = """#!/bin/sh
 echo 'GPU 0: NVIDIA H200 (UUID: GPU-00000000-fake)'
 """
+FAKE_SANITIZER = """#!/bin/sh
+echo "[\\"compute-sanitizer\\", \\"$2\\", \\"$LLMC_TEST_BACKENDS\\"]" >> "$FAKE_CALLS"
+while [ "$1" != python3 ]; do shift; done
+"$@"; rc=$?
+echo '========= ERROR SUMMARY: 0 errors'
+exit $rc
+"""
 
 
-def test_gpu_check_runs_end_to_end_with_a_fake_python3(tmp_path):
-    """The script in a copy of the checkout, a fake python3 (and nvidia-smi) first on PATH saying there is a
-    GPU: every stage passes, in the documented order, the checks of the results before the benchmarks;
-    every command goes to python3, none to python; $OUT holds at most 8 files (what the device tool brings
-    back), the summary and the full log; the checkpoints go elsewhere."""
+def rehearse(tmp_path, *args):
+    """dev/gpu_check.sh ARGS in a copy of the checkout, a fake python3 (and nvidia-smi, compute-sanitizer)
+    first on PATH saying there is a GPU: (the completed process, $OUT, the file of recorded calls)."""
     repo = tmp_path / "repo"
     (repo / "dev").mkdir(parents=True)
     shutil.copy(GPU_CHECK, repo / "dev" / "gpu_check.sh")
@@ -219,14 +224,22 @@ def test_gpu_check_runs_end_to_end_with_a_fake_python3(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()
     for name, text in (("python3", FAKE_PYTHON3.replace("SYS_EXECUTABLE", sys.executable)), ("python", FAKE_PYTHON),
-                       ("nvidia-smi", FAKE_NVIDIA_SMI)):
+                       ("nvidia-smi", FAKE_NVIDIA_SMI), ("compute-sanitizer", FAKE_SANITIZER)):
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
     calls, out = tmp_path / "calls.jsonl", tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "GPU_CHECK_STAGES", "GPU_CHECK_BUDGET")}
     env.update(PATH=f"{fake}{os.pathsep}{env['PATH']}", OUT=str(out), FAKE_CALLS=str(calls), TMPDIR=str(tmp_path))
-    r = subprocess.run(["bash", str(repo / "dev" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(["bash", str(repo / "dev" / "gpu_check.sh"), *args], env=env, capture_output=True,
+                       text=True, timeout=300)
+    return r, out, calls
+
+
+def test_gpu_check_runs_end_to_end_with_a_fake_python3(tmp_path):
+    """Every stage passes, in the documented order, the checks of the results before the benchmarks;
+    every command goes to python3, none to python; $OUT holds at most 8 files (what the device tool brings
+    back), the summary and the full log; the checkpoints go elsewhere."""
+    r, out, calls = rehearse(tmp_path)
     summary = (out / "summary.txt").read_text()
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
@@ -242,10 +255,27 @@ def test_gpu_check_runs_end_to_end_with_a_fake_python3(tmp_path):
     assert notes["bench_bf16"] == "(bf16, B=16): 1.100x (>= 1.07x: met)"
     assert notes["check_kernel"] == "24 kernels, 60 outputs within tolerance"
 
+    assert notes["sanitize_memcheck"] == "========= ERROR SUMMARY: 0 errors 12 passed in 1.0s"
     programs = [json.loads(line) for line in calls.read_text().splitlines()]
+    for tool in ("memcheck", "racecheck"):                  # on the GPU backend only, never the emulator's
+        assert ["compute-sanitizer", tool, "cupy"] in programs, programs
+    programs = [p for p in programs if p[0] != "compute-sanitizer"]
     assert programs and all(p[0] == "python3" for p in programs), [p for p in programs if p[0] != "python3"]
     files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
     assert sorted(os.path.relpath(f, out) for f in files) == ["stages.log", "summary.txt"] and len(files) <= 8
     log = (out / "stages.log").read_text()
     assert [m for m in re.findall(r"^== (\w+) \(timeout", log, re.M)] == stages
     assert sorted(os.listdir(tmp_path)) == ["bin", "calls.jsonl", "out", "repo"]      # the temporary folders gone
+
+
+def test_gpu_check_quick_runs_the_short_list_within_its_budget(tmp_path):
+    r, out, calls = rehearse(tmp_path, "--quick")
+    summary = (out / "summary.txt").read_text()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ran = [line.split()[0] for line in summary.splitlines() if re.match(r"^\w+\s+PASS ", line)]
+    assert ran == ["env", "test_kernels_bf16", "sanitize_memcheck", "data", "export_d12", "test_gpt2_bf16",
+                   "bf16_determinism", "test_gpt2_fp32"], summary
+    assert "of a 220s budget" in summary
+    assert "not in GPU_CHECK_STAGES" in summary and "bench_bf16" in summary      # the rest: SKIP lines
+    r = subprocess.run(["bash", GPU_CHECK, "--fast"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr == "gpu_check.sh: unknown argument '--fast' (the only one is --quick)\n"
