@@ -6,8 +6,9 @@
 
 rawmodule.py is the Python side (compile, cache, check arguments, launch), emulator.h the CUDA
 built-ins g++ compiles the kernels against (threads as fibers, barriers, shuffles, shared memory).
+`with count_traffic() as launches:` counts the bytes each launch reads and writes in global memory.
 """
 
-from .rawmodule import GUARD_BYTES, THREAD_ORDERS, CompileError, Function, RawModule
+from .rawmodule import GUARD_BYTES, THREAD_ORDERS, CompileError, Function, RawModule, Traffic, count_traffic
 
-__all__ = ["RawModule", "Function", "CompileError", "THREAD_ORDERS", "GUARD_BYTES"]
+__all__ = ["RawModule", "Function", "CompileError", "THREAD_ORDERS", "GUARD_BYTES", "count_traffic", "Traffic"]

@@ -279,6 +279,7 @@ struct Launch {
     int order = ORDER_FORWARD;      // how the threads of a block take turns (see "thread order")
     std::atomic<long long> next_block{0};
     std::atomic<bool> failed{false};
+    std::atomic<unsigned long long> traffic[4] = {};  // bytes read, bytes written, loads, stores (EMU_COUNT_TRAFFIC)
     std::mutex error_mutex;
     std::string error;
 };
@@ -299,6 +300,119 @@ struct Worker {
 
 EMU_HIDDEN thread_local Worker* tls_worker = nullptr;
 EMU_HIDDEN thread_local Fiber* tls_fiber = nullptr;
+
+// ---- the traffic counter (a library built with -DEMU_COUNT_TRAFFIC; rawmodule.py's count_traffic())
+//
+// The counting library is compiled with g++ -fsanitize=thread but NOT linked with libtsan: TSan's
+// compiler pass turns every load and store of N bytes into a call __tsan_readN(addr) /
+// __tsan_writeN(addr) before it (N = 1, 2, 4, 8, 16; __tsan_read_range(addr, N) for other sizes and
+// for the 16-byte copies g++ makes of int4 / float4; unaligned_ and volatile_ variants), and those
+// functions are defined below, uninstrumented. Each adds N to this OS thread's sums when addr lies in
+// one of the launch's global arrays (the pointer arguments, as rawmodule.py registers them: data to
+// data + nbytes, no guard bytes), so shared memory, locals and the emulator's own bookkeeping do not
+// count. Each OS thread adds its sums to the launch's totals when it runs out of blocks. An access is
+// counted whole where it starts (one that starts inside an array and runs past its end counts all its
+// bytes). Atomics: atomicAdd / atomicCAS / atomicMax / atomicExch count one read and one write of
+// their size (the read-modify-write the GPU does), however many compare-and-swap attempts the
+// emulation takes; the __tsan_atomic* calls TSan makes of the emulator's own atomics perform the
+// operation and count nothing. The other calls the pass inserts (function entry and exit, init,
+// vptr updates) do nothing. rawmodule.py links with -Wl,--no-undefined, so a __tsan_ function g++
+// starts to call that is not defined here fails the build by name.
+
+#if defined(EMU_COUNT_TRAFFIC)
+#define EMU_NO_TSAN extern "C" EMU_HIDDEN __attribute__((no_sanitize("thread"), noinline))
+
+struct TrafficRange { uintptr_t lo, size; };
+static const int kMaxTrafficRanges = 64;
+static TrafficRange traffic_ranges[kMaxTrafficRanges];
+static int traffic_nranges = 0;
+static uintptr_t traffic_lo = 0, traffic_span = 0;   // the hull of the ranges: one compare rejects the rest
+struct TrafficSums { unsigned long long read_bytes, write_bytes, reads, writes; };
+EMU_HIDDEN thread_local TrafficSums tls_traffic = {0, 0, 0, 0};
+#endif
+
+}  // namespace emu
+
+#if defined(EMU_COUNT_TRAFFIC)
+EMU_NO_TSAN bool emu_in_arrays(const void* p) {
+    uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (a - emu::traffic_lo >= emu::traffic_span) { return false; }
+    for (int i = 0; i < emu::traffic_nranges; i++) {
+        if (a - emu::traffic_ranges[i].lo < emu::traffic_ranges[i].size) { return true; }
+    }
+    return false;
+}
+EMU_NO_TSAN void emu_count_read(const void* p, unsigned long n) {
+    if (emu_in_arrays(p)) { emu::tls_traffic.read_bytes += n; emu::tls_traffic.reads++; }
+}
+EMU_NO_TSAN void emu_count_write(const void* p, unsigned long n) {
+    if (emu_in_arrays(p)) { emu::tls_traffic.write_bytes += n; emu::tls_traffic.writes++; }
+}
+#define EMU_TSAN_ACCESS(N)                                                                            \
+    EMU_NO_TSAN void __tsan_read##N(void* p) { emu_count_read(p, N); }                                \
+    EMU_NO_TSAN void __tsan_write##N(void* p) { emu_count_write(p, N); }                              \
+    EMU_NO_TSAN void __tsan_unaligned_read##N(void* p) { emu_count_read(p, N); }                      \
+    EMU_NO_TSAN void __tsan_unaligned_write##N(void* p) { emu_count_write(p, N); }                    \
+    EMU_NO_TSAN void __tsan_volatile_read##N(void* p) { emu_count_read(p, N); }                       \
+    EMU_NO_TSAN void __tsan_volatile_write##N(void* p) { emu_count_write(p, N); }                     \
+    EMU_NO_TSAN void __tsan_unaligned_volatile_read##N(void* p) { emu_count_read(p, N); }             \
+    EMU_NO_TSAN void __tsan_unaligned_volatile_write##N(void* p) { emu_count_write(p, N); }
+EMU_TSAN_ACCESS(1)
+EMU_TSAN_ACCESS(2)
+EMU_TSAN_ACCESS(4)
+EMU_TSAN_ACCESS(8)
+EMU_TSAN_ACCESS(16)
+#undef EMU_TSAN_ACCESS
+EMU_NO_TSAN void __tsan_read_range(void* p, unsigned long n) { emu_count_read(p, n); }
+EMU_NO_TSAN void __tsan_write_range(void* p, unsigned long n) { emu_count_write(p, n); }
+EMU_NO_TSAN void __tsan_init() {}
+EMU_NO_TSAN void __tsan_func_entry(void* pc) { (void)pc; }
+EMU_NO_TSAN void __tsan_func_exit() {}
+EMU_NO_TSAN void __tsan_vptr_update(void** p, void* v) { (void)p; (void)v; }
+EMU_NO_TSAN void __tsan_vptr_read(void** p) { (void)p; }
+// the emulator's own atomics, performed for real (sequentially consistent: at least what was asked)
+#define EMU_TSAN_ATOMIC(N, T)                                                                         \
+    EMU_NO_TSAN T __tsan_atomic##N##_load(const volatile T* a, int mo) {                              \
+        (void)mo; return __atomic_load_n(a, __ATOMIC_SEQ_CST); }                                      \
+    EMU_NO_TSAN void __tsan_atomic##N##_store(volatile T* a, T v, int mo) {                           \
+        (void)mo; __atomic_store_n(a, v, __ATOMIC_SEQ_CST); }                                         \
+    EMU_NO_TSAN T __tsan_atomic##N##_exchange(volatile T* a, T v, int mo) {                           \
+        (void)mo; return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); }                               \
+    EMU_NO_TSAN T __tsan_atomic##N##_fetch_add(volatile T* a, T v, int mo) {                          \
+        (void)mo; return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }                                \
+    EMU_NO_TSAN T __tsan_atomic##N##_fetch_sub(volatile T* a, T v, int mo) {                          \
+        (void)mo; return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); }                                \
+    EMU_NO_TSAN T __tsan_atomic##N##_fetch_and(volatile T* a, T v, int mo) {                          \
+        (void)mo; return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); }                                \
+    EMU_NO_TSAN T __tsan_atomic##N##_fetch_or(volatile T* a, T v, int mo) {                           \
+        (void)mo; return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }                                 \
+    EMU_NO_TSAN T __tsan_atomic##N##_fetch_xor(volatile T* a, T v, int mo) {                          \
+        (void)mo; return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); }                                \
+    EMU_NO_TSAN T __tsan_atomic##N##_fetch_nand(volatile T* a, T v, int mo) {                         \
+        (void)mo; return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST); }                               \
+    EMU_NO_TSAN bool __tsan_atomic##N##_compare_exchange_strong(volatile T* a, T* c, T v, int mo, int fmo) { \
+        (void)mo; (void)fmo;                                                                          \
+        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); }     \
+    EMU_NO_TSAN bool __tsan_atomic##N##_compare_exchange_weak(volatile T* a, T* c, T v, int mo, int fmo) { \
+        (void)mo; (void)fmo;                                                                          \
+        return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); }      \
+    EMU_NO_TSAN T __tsan_atomic##N##_compare_exchange_val(volatile T* a, T c, T v, int mo, int fmo) {  \
+        (void)mo; (void)fmo;                                                                          \
+        __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); return c; }
+EMU_TSAN_ATOMIC(8, uint8_t)
+EMU_TSAN_ATOMIC(16, uint16_t)
+EMU_TSAN_ATOMIC(32, uint32_t)
+EMU_TSAN_ATOMIC(64, uint64_t)
+#undef EMU_TSAN_ATOMIC
+EMU_NO_TSAN void __tsan_atomic_thread_fence(int mo) { (void)mo; __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+EMU_NO_TSAN void __tsan_atomic_signal_fence(int mo) { (void)mo; __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+// a CUDA atomic on global memory: one read and one write of n bytes
+#define EMU_COUNT_RMW(p) (emu_count_read((p), sizeof(*(p))), emu_count_write((p), sizeof(*(p))))
+#else
+#define EMU_COUNT_RMW(p) ((void)0)
+#endif
+
+namespace emu {
 
 }  // namespace emu
 
@@ -553,6 +667,14 @@ static inline void run_blocks(Worker* w, Launch* L) {
     }
     tls_worker = saved;
     w->launch = nullptr;
+#if defined(EMU_COUNT_TRAFFIC)
+    TrafficSums sums = tls_traffic;
+    tls_traffic = TrafficSums{0, 0, 0, 0};
+    L->traffic[0] += sums.read_bytes;
+    L->traffic[1] += sums.write_bytes;
+    L->traffic[2] += sums.reads;
+    L->traffic[3] += sums.writes;
+#endif
 }
 
 // the pool: helper OS threads wait for a launch, then take blocks alongside the caller
@@ -606,11 +728,31 @@ static inline Pool* pool() {
 
 static std::mutex launch_mutex;                        // one launch at a time, like one stream
 
+// traffic (a counting library only): ranges holds nranges (address, bytes) pairs, the launch's global
+// arrays; counts receives bytes read, bytes written, loads, stores
 static inline std::string launch(const unsigned* grid, const unsigned* block, size_t shared_mem,
-                                 Thunk thunk, void* kernel, void** args, int order) {
+                                 Thunk thunk, void* kernel, void** args, int order,
+                                 const unsigned long long* ranges = nullptr, int nranges = 0,
+                                 unsigned long long* counts = nullptr) {
     std::lock_guard<std::mutex> one_at_a_time(launch_mutex);
     Pool* P = pool();
     Launch L;
+#if defined(EMU_COUNT_TRAFFIC)
+    if (nranges > kMaxTrafficRanges) { return "the traffic counter takes at most 64 array arguments"; }
+    uintptr_t lo = UINTPTR_MAX, hi = 0;
+    traffic_nranges = 0;
+    for (int i = 0; i < nranges; i++) {
+        TrafficRange r = {static_cast<uintptr_t>(ranges[2 * i]), static_cast<uintptr_t>(ranges[2 * i + 1])};
+        if (r.size == 0) { continue; }
+        traffic_ranges[traffic_nranges++] = r;
+        lo = std::min(lo, r.lo);
+        hi = std::max(hi, r.lo + r.size);
+    }
+    traffic_lo = lo;
+    traffic_span = traffic_nranges > 0 ? hi - lo : 0;
+#else
+    (void)ranges; (void)nranges; (void)counts;
+#endif
     L.grid = dim3(grid[0], grid[1], grid[2]);
     L.block = dim3(block[0], block[1], block[2]);
     L.shared_mem = shared_mem;
@@ -634,6 +776,11 @@ static inline std::string launch(const unsigned* grid, const unsigned* block, si
         P->launch = nullptr;                           // helpers that have not woken yet skip this launch
         P->done_cv.wait(lock, [&] { return P->active == 0; });
     }
+#if defined(EMU_COUNT_TRAFFIC)
+    traffic_nranges = 0;
+    traffic_span = 0;
+    for (int i = 0; i < 4; i++) { counts[i] = L.traffic[i]; }
+#endif
     return L.error;
 }
 
@@ -682,6 +829,18 @@ static inline const char* launch_kernel(void (*k)(A...), const unsigned* grid, c
                                         unsigned long long shared_mem, void** args, int order) {
     static thread_local std::string error;
     error = launch(grid, block, shared_mem, &thunk<A...>, reinterpret_cast<void*>(k), args, order);
+    return error.empty() ? nullptr : error.c_str();
+}
+
+// the counting library's entry: the same launch, with the arrays to count and the counts' place
+template <typename... A>
+static inline const char* launch_kernel_counted(void (*k)(A...), const unsigned* grid, const unsigned* block,
+                                                unsigned long long shared_mem, void** args, int order,
+                                                const unsigned long long* ranges, int nranges,
+                                                unsigned long long* counts) {
+    static thread_local std::string error;
+    error = launch(grid, block, shared_mem, &thunk<A...>, reinterpret_cast<void*>(k), args, order,
+                   ranges, nranges, counts);
     return error.empty() ? nullptr : error.c_str();
 }
 
@@ -781,7 +940,8 @@ static inline int __all_sync(unsigned mask, int predicate) {
 }
 static inline unsigned __activemask() { return __ballot_sync(0xffffffffu, 1); }
 
-// atomics: real atomics, since blocks run on several OS threads at once
+// atomics: real atomics, since blocks run on several OS threads at once; the traffic counter counts
+// each as one read and one write of its size (EMU_COUNT_RMW)
 // a compare-and-swap loop on the value's bits: U is the unsigned integer of F's size
 template <typename F, typename U>
 static inline F atomic_add_bits(F* address, F val) {
@@ -796,23 +956,32 @@ static inline F atomic_add_bits(F* address, F val) {
         if (__atomic_compare_exchange_n(p, &old_bits, new_bits, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) { return old; }
     }
 }
-static inline float atomicAdd(float* address, float val) { return atomic_add_bits<float, uint32_t>(address, val); }
-static inline double atomicAdd(double* address, double val) { return atomic_add_bits<double, uint64_t>(address, val); }
-static inline int atomicAdd(int* a, int v) { return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }
-static inline unsigned atomicAdd(unsigned* a, unsigned v) { return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }
+static inline float atomicAdd(float* address, float val) {
+    EMU_COUNT_RMW(address);
+    return atomic_add_bits<float, uint32_t>(address, val);
+}
+static inline double atomicAdd(double* address, double val) {
+    EMU_COUNT_RMW(address);
+    return atomic_add_bits<double, uint64_t>(address, val);
+}
+static inline int atomicAdd(int* a, int v) { EMU_COUNT_RMW(a); return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }
+static inline unsigned atomicAdd(unsigned* a, unsigned v) { EMU_COUNT_RMW(a); return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }
 static inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
+    EMU_COUNT_RMW(a);
     return __atomic_fetch_add(a, v, __ATOMIC_RELAXED);
 }
 static inline int atomicMax(int* a, int v) {
+    EMU_COUNT_RMW(a);
     int old = __atomic_load_n(a, __ATOMIC_RELAXED);
     while (old < v && !__atomic_compare_exchange_n(a, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
     return old;
 }
 static inline int atomicCAS(int* a, int compare, int val) {
+    EMU_COUNT_RMW(a);
     __atomic_compare_exchange_n(a, &compare, val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     return compare;
 }
-static inline int atomicExch(int* a, int v) { return __atomic_exchange_n(a, v, __ATOMIC_RELAXED); }
+static inline int atomicExch(int* a, int v) { EMU_COUNT_RMW(a); return __atomic_exchange_n(a, v, __ATOMIC_RELAXED); }
 static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 // math intrinsics and cache-hinted loads/stores (hints mean nothing on a CPU); glibc itself declares
@@ -830,6 +999,10 @@ static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int max(int a, int b) { return a > b ? a : b; }
 static inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+static inline unsigned min(int a, unsigned b) { return min(static_cast<unsigned>(a), b); }   // as CUDA's:
+static inline unsigned min(unsigned a, int b) { return min(a, static_cast<unsigned>(b)); }   // both unsigned
+static inline unsigned max(int a, unsigned b) { return max(static_cast<unsigned>(a), b); }
+static inline unsigned max(unsigned a, int b) { return max(a, static_cast<unsigned>(b)); }
 static inline long long min(long long a, long long b) { return a < b ? a : b; }
 static inline long long max(long long a, long long b) { return a > b ? a : b; }
 static inline float min(float a, float b) { return fminf(a, b); }

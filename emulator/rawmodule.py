@@ -27,6 +27,8 @@ see emulator/include/, whose empty cuda_bf16.h lets `#include <cuda_bf16.h>` sta
 defines the bf16 types).
 """
 
+import collections
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -87,8 +89,9 @@ class CompileError(RuntimeError):
     """g++ rejected the source (the message holds its output), like cupy's CompileException."""
 
 
-def _rewrite(code):
-    """CUDA source -> C++ for g++: dynamic shared memory as a pointer, plus one entry point per kernel."""
+def _rewrite(code, counted=False):
+    """CUDA source -> C++ for g++: dynamic shared memory as a pointer, plus one entry point per kernel
+    (counted: the traffic counter's entry, which also takes the arrays to count and the counts' place)."""
     src = _EXTERN_SHARED_RE.sub(lambda m: f"{m.group(1)}* {m.group(2)} = "
                                           f"reinterpret_cast<{m.group(1)}*>(emu::dynamic_smem());", code)
     names = sorted(set(_KERNEL_RE.findall(code)))
@@ -98,6 +101,12 @@ def _rewrite(code):
         entries.append(f'extern "C" const char* emu_launch__{name}(const unsigned* grid, const unsigned* block, '
                        f'unsigned long long shared_mem, void** args, int order) '
                        f'{{ return emu::launch_kernel({name}, grid, block, shared_mem, args, order); }}')
+        if counted:
+            entries.append(f'extern "C" const char* emu_launch_counted__{name}(const unsigned* grid, '
+                           f'const unsigned* block, unsigned long long shared_mem, void** args, int order, '
+                           f'const unsigned long long* ranges, int nranges, unsigned long long* counts) '
+                           f'{{ return emu::launch_kernel_counted({name}, grid, block, shared_mem, args, order, '
+                           f'ranges, nranges, counts); }}')
     return src + "\n".join(entries) + "\n", names
 
 
@@ -131,11 +140,18 @@ _libs = {}
 _lock = threading.Lock()
 
 
-def _build(code, options):
-    """Compile (or find in the cache) the library for this source; return (ctypes.CDLL, kernel names)."""
+# the traffic counter's library: TSan's compiler pass puts a call before every load and store, which
+# emulator.h answers itself (so no libtsan: compile and link are two steps, and the link refuses an
+# undefined symbol, e.g. a __tsan_ function emulator.h lacks)
+COUNT_FLAGS = ["-DEMU_COUNT_TRAFFIC", "-fsanitize=thread"]
+
+
+def _build(code, options, counted=False):
+    """Compile (or find in the cache) the library for this source; return (ctypes.CDLL, kernel names).
+    counted: the traffic counter's variant (see count_traffic), cached under its own key."""
     global _gxx_version
-    src, names = _rewrite(code)
-    flags = _gxx_flags(options)
+    src, names = _rewrite(code, counted)
+    flags = _gxx_flags(options) + (COUNT_FLAGS if counted else [])
     if _gxx_version is None:
         _gxx_version = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
     header = b""
@@ -152,14 +168,22 @@ def _build(code, options):
         with os.fdopen(fd, "w") as f:
             f.write(src)
         tmp_so = tmp_src[:-len(".cu.cpp")] + ".so"
+        tmp_o = tmp_src[:-len(".cu.cpp")] + ".o"
         try:
-            cmd = ["g++", "-x", "c++", "-include", HEADER] + flags + [tmp_src, "-o", tmp_so]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise CompileError(f"emulator: g++ could not compile the kernel source:\n{res.stderr}")
+            if counted:
+                compile_flags = [f for f in flags if f != "-shared"]
+                steps = [("compile", ["g++", "-x", "c++", "-include", HEADER] + compile_flags
+                          + ["-c", tmp_src, "-o", tmp_o]),
+                         ("link", ["g++", "-shared", "-pthread", tmp_o, "-o", tmp_so, "-Wl,--no-undefined"])]
+            else:
+                steps = [("compile", ["g++", "-x", "c++", "-include", HEADER] + flags + [tmp_src, "-o", tmp_so])]
+            for what, cmd in steps:
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise CompileError(f"emulator: g++ could not {what} the kernel source:\n{res.stderr}")
             os.replace(tmp_so, path)  # atomic: a concurrent build of the same source is harmless
         finally:
-            for p in (tmp_src, tmp_so):
+            for p in (tmp_src, tmp_so, tmp_o):
                 if os.path.exists(p):
                     os.remove(p)
     lib = ctypes.CDLL(path)
@@ -178,11 +202,42 @@ def _dims(value, what):
     return dims + [1] * (3 - len(dims))
 
 
+# ---- the traffic counter: bytes each launch reads and writes in global memory
+
+# one launch's global-memory traffic: bytes and accesses (a 128-bit load is one read of 16 bytes)
+Traffic = collections.namedtuple("Traffic", "kernel grid block bytes_read bytes_written reads writes")
+_collectors = []   # the lists of the count_traffic() blocks now open
+
+
+@contextlib.contextmanager
+def count_traffic():
+    """Count the global-memory traffic of every launch inside the block, of every module:
+
+        with count_traffic() as launches:
+            gelu((ceil_div(N, 256),), (256,), (out, inp, np.int32(N)))
+        launches[0].bytes_read, launches[0].bytes_written      # 4N, 4N
+
+    Each launch appends a Traffic(kernel, grid, block, bytes_read, bytes_written, reads, writes). Inside
+    the block kernels run from a second build of their module, compiled with g++ -fsanitize=thread so
+    that every load and store calls a counter (emulator.h, "the traffic counter"), built at the first
+    counted launch and cached under its own key; outside it nothing is counted and nothing is slower.
+    Global memory is the arrays passed as pointer arguments (without the guard bytes of guard=True):
+    shared memory and locals do not count, and neither do caches (every access reaches memory)."""
+    launches = []
+    _collectors.append(launches)
+    try:
+        yield launches
+    finally:
+        _collectors.remove(launches)
+
+
 class Function:
     """One kernel: call it as fn(grid, block, args, shared_mem=0), like cupy.RawKernel."""
 
-    def __init__(self, lib, name):
+    def __init__(self, lib, name, module=None):
         self.name = name
+        self._module = module          # for its counting library, built at the first counted launch
+        self._launch_counted = None
         self.max_dynamic_shared_size_bytes = MAX_DYNAMIC_SHARED_DEFAULT
         sig = getattr(lib, "emu_sig__" + name)
         sig.restype = ctypes.c_char_p
@@ -277,10 +332,22 @@ class Function:
             values = [ctypes.c_void_p(copies[id(a)][3].ctypes.data) if isinstance(a, np.ndarray) else v
                       for a, v in zip(args, values)]
         pointers = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
-        err = self._launch((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, pointers,
-                           THREAD_ORDERS.index(order))
+        launch_args = ((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, pointers,
+                       THREAD_ORDERS.index(order))
+        counting = bool(_collectors)
+        if counting:
+            arrays = [(v.value, a.nbytes) for a, v in zip(args, values) if isinstance(a, np.ndarray) and v.value]
+            ranges = (ctypes.c_ulonglong * max(2, 2 * len(arrays)))(*[x for r in arrays for x in r])
+            counts = (ctypes.c_ulonglong * 4)()
+            err = self._counted()(*launch_args, ranges, len(arrays), counts)
+        else:
+            err = self._launch(*launch_args)
         if err is not None:
             raise RuntimeError(f"{self.name}: {err.decode()}")
+        if counting:
+            record = Traffic(self.name, tuple(g), tuple(b), *[int(c) for c in counts])
+            for launches in _collectors:
+                launches.append(record)
         if guard:
             for i, a, raw, inner in copies.values():
                 canary = _canary(a.dtype, GUARD_BYTES)
@@ -293,6 +360,19 @@ class Function:
                     a[...] = inner
 
 
+    def _counted(self):
+        """The launch entry of the counting library (emulator.h's launch_kernel_counted)."""
+        if self._launch_counted is None:
+            if self._module is None:
+                raise RuntimeError(f"{self.name}: made without its RawModule, so it cannot count traffic")
+            fn = getattr(self._module._counting_lib(), "emu_launch_counted__" + self.name)
+            fn.restype = ctypes.c_char_p
+            fn.argtypes = self._launch.argtypes + [ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_int,
+                                                   ctypes.POINTER(ctypes.c_ulonglong)]
+            self._launch_counted = fn
+        return self._launch_counted
+
+
 class RawModule:
     """cupy.RawModule look-alike: RawModule(code=..., options=...).get_function(name)."""
 
@@ -303,13 +383,20 @@ class RawModule:
             with open(path) as f:
                 code = f.read()
         self._lib, self.kernel_names = _build(code, options)
+        self._code, self._options, self._lib_counted = code, options, None
         self._functions = {}
+
+    def _counting_lib(self):
+        """The same source built to count traffic (count_traffic), on first use."""
+        if self._lib_counted is None:
+            self._lib_counted = _build(self._code, self._options, counted=True)[0]
+        return self._lib_counted
 
     def get_function(self, name):
         if name not in self._functions:
             if name not in self.kernel_names:
                 raise AttributeError(f"no extern \"C\" __global__ kernel named {name!r} in this module "
                                      f"(it has: {', '.join(self.kernel_names)})")
-            self._functions[name] = Function(self._lib, name)
+            self._functions[name] = Function(self._lib, name, self)
         return self._functions[name]
 

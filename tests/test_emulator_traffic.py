@@ -1,0 +1,221 @@
+"""The emulator's traffic counter (emulator.count_traffic): the bytes each launch reads and writes in
+global memory, counted at the loads and stores themselves (emulator.h, "the traffic counter").
+
+First small kernels written here, whose traffic is known by construction: a copy, its 128-bit packed
+twin (the same bytes in a quarter of the accesses), a kernel that reads each element twice (counted
+twice: there are no caches), shared memory (not counted), atomicAdd (one read and one write of its
+size), bf16 (2-byte accesses), guarded arrays (the canary is not counted). Then the real kernels of
+kernels/, each against the byte count its definition implies, in fp32 and bf16 (s = sizeof(floatX)).
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from emulator import RawModule, count_traffic
+from llmc.cuda_common import ceil_div, kernel_source
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
+from check_kernel import PRECISION_OPTIONS  # noqa: E402
+
+i32, i64, f32, u32 = np.int32, np.int64, np.float32, np.uint32
+
+SOURCE = r"""
+#include <cuda_bf16.h>
+
+extern "C" __global__ void copy(float* out, const float* inp, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { out[i] = inp[i]; }
+}
+
+// one thread per 4 floats: a 128-bit load and a 128-bit store (n a multiple of 4)
+extern "C" __global__ void copy_packed(float* out, const float* inp, int n) {
+    int i = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (i < n) { __stcs(reinterpret_cast<float4*>(out + i), __ldcs(reinterpret_cast<const float4*>(inp + i))); }
+}
+
+// every element is read by two threads: i and n-1-i
+extern "C" __global__ void mirror_sum(float* out, const float* inp, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { out[i] = inp[i] + inp[n - 1 - i]; }
+}
+
+// through shared memory: each block reverses its 256 floats (n a multiple of 256)
+extern "C" __global__ void reverse_blocks(float* out, const float* inp, int n) {
+    __shared__ float tile[256];
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    tile[threadIdx.x] = inp[i];
+    __syncthreads();
+    out[i] = tile[blockDim.x - 1 - threadIdx.x];
+}
+
+extern "C" __global__ void sum_atomic(float* out, const float* inp, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { atomicAdd(out, inp[i]); }
+}
+
+extern "C" __global__ void copy_bf16(__nv_bfloat16* out, const __nv_bfloat16* inp, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { out[i] = inp[i]; }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def mod():
+    return RawModule(code=SOURCE, options=("--std=c++17",))
+
+
+def launch(fn, grid, block, args, **kw):
+    """Launch once inside count_traffic(); return its one Traffic record."""
+    with count_traffic() as launches:
+        fn((grid,), (block,), args, **kw)
+    assert len(launches) == 1
+    return launches[0]
+
+
+def traffic(record):
+    return record.bytes_read, record.bytes_written, record.reads, record.writes
+
+
+# n = 1000: the last block is partly idle; n = 65536: enough threads that blocks run on every OS
+# thread of the pool, whose sums must all arrive
+@pytest.mark.parametrize("n", [1000, 65536])
+@pytest.mark.parametrize("guard", [False, True])
+def test_copy(mod, n, guard):
+    inp, out = np.arange(n, dtype=np.float32), np.zeros(n, np.float32)
+    r = launch(mod.get_function("copy"), ceil_div(n, 256), 256, (out, inp, i32(n)), guard=guard)
+    np.testing.assert_array_equal(out, inp)
+    assert traffic(r) == (4 * n, 4 * n, n, n)
+    assert (r.kernel, r.grid, r.block) == ("copy", (ceil_div(n, 256), 1, 1), (256, 1, 1))
+
+
+def test_copy_packed_same_bytes_in_16_byte_accesses(mod):
+    n = 4096
+    inp, out = np.arange(n, dtype=np.float32), np.zeros(n, np.float32)
+    r = launch(mod.get_function("copy_packed"), ceil_div(n // 4, 256), 256, (out, inp, i32(n)))
+    np.testing.assert_array_equal(out, inp)
+    assert traffic(r) == (4 * n, 4 * n, n // 4, n // 4)
+
+
+def test_an_element_read_twice_counts_twice(mod):
+    n = 1000
+    inp, out = np.arange(n, dtype=np.float32), np.zeros(n, np.float32)
+    r = launch(mod.get_function("mirror_sum"), ceil_div(n, 256), 256, (out, inp, i32(n)))
+    np.testing.assert_array_equal(out, inp + inp[::-1])
+    assert traffic(r) == (8 * n, 4 * n, 2 * n, n)
+
+
+def test_shared_memory_is_not_counted(mod):
+    n = 1024
+    inp, out = np.arange(n, dtype=np.float32), np.zeros(n, np.float32)
+    r = launch(mod.get_function("reverse_blocks"), n // 256, 256, (out, inp, i32(n)))
+    np.testing.assert_array_equal(out, inp.reshape(-1, 256)[:, ::-1].reshape(-1))
+    assert traffic(r) == (4 * n, 4 * n, n, n)
+
+
+def test_atomic_add_is_one_read_and_one_write(mod):
+    n = 1000
+    inp, out = np.ones(n, np.float32), np.zeros(1, np.float32)
+    r = launch(mod.get_function("sum_atomic"), ceil_div(n, 256), 256, (out, inp, i32(n)))
+    assert out[0] == n
+    # inp[i] (4 bytes), then the read-modify-write of out[0] (4 read, 4 written), per thread
+    assert traffic(r) == (8 * n, 4 * n, 2 * n, n)
+
+
+def test_bf16_two_byte_accesses(mod):
+    n = 1000
+    inp, out = np.arange(n, dtype=np.uint16), np.zeros(n, np.uint16)
+    r = launch(mod.get_function("copy_bf16"), ceil_div(n, 256), 256, (out, inp, i32(n)))
+    np.testing.assert_array_equal(out, inp)
+    assert traffic(r) == (2 * n, 2 * n, n, n)
+
+
+def test_only_inside_the_block_and_in_every_open_block(mod):
+    n = 256
+    inp, out = np.ones(n, np.float32), np.zeros(n, np.float32)
+    copy = mod.get_function("copy")
+    with count_traffic() as outer:
+        copy((1,), (256,), (out, inp, i32(n)))
+        with count_traffic() as inner:
+            copy((1,), (256,), (out, inp, i32(n)))
+    copy((1,), (256,), (out, inp, i32(n)))                # not counted
+    assert len(outer) == 2 and inner == outer[1:]
+
+
+# ---- the real kernels: s = sizeof(floatX), N elements (or rows of C)
+
+PRECISIONS = {"fp32": (np.float32, 4), "bf16": (np.uint16, 2)}
+
+
+def module(file, precision):
+    return RawModule(code=kernel_source(file), options=PRECISION_OPTIONS[precision])
+
+
+def values(rng, n, precision):
+    """n floatX values: float32, or bf16 bits of float32 values (their top 16 bits)."""
+    x = rng.standard_normal(n).astype(np.float32)
+    return x if precision == "fp32" else (x.view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_residual_forward(precision, packed):
+    # out = inp1 + inp2: reads 2N, writes N elements
+    N = 4096
+    dtype, s = PRECISIONS[precision]
+    rng = np.random.default_rng(0)
+    out, inp1, inp2 = np.zeros(N, dtype), values(rng, N, precision), values(rng, N, precision)
+    name = "residual_forward_packed_kernel" if packed else "residual_forward_kernel"
+    per_thread = 16 // s if packed else 1
+    r = launch(module("residual", precision).get_function(name), ceil_div(N, 256 * per_thread), 256,
+               (out, inp1, inp2, i32(N)))
+    assert (r.bytes_read, r.bytes_written) == (2 * N * s, N * s)
+    assert (r.reads, r.writes) == (2 * N // per_thread, N // per_thread)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gelu_forward(precision):
+    # out = gelu(inp), 128-bit packed: reads N, writes N elements, in N*s/16 accesses each
+    N = 4096
+    dtype, s = PRECISIONS[precision]
+    out, inp = np.zeros(N, dtype), values(np.random.default_rng(0), N, precision)
+    r = launch(module("gelu", precision).get_function("gelu_forward_packed_kernel"),
+               ceil_div(N, 256 * 16 // s), 256, (out, inp, i32(N)))
+    assert traffic(r) == (N * s, N * s, N * s // 16, N * s // 16)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_layernorm_forward(precision):
+    # one warp per row, each reading its row three times (mean, variance, normalize) and all of weight
+    # and bias once: reads 3NC + NC + NC elements; writes out (N, C) plus mean and rstd (N floats each)
+    N, C = 64, 96
+    dtype, s = PRECISIONS[precision]
+    rng = np.random.default_rng(0)
+    out, mean, rstd = np.zeros(N * C, dtype), np.zeros(N, np.float32), np.zeros(N, np.float32)
+    inp, weight, bias = values(rng, N * C, precision), values(rng, C, precision), values(rng, C, precision)
+    r = launch(module("layernorm", precision).get_function("layernorm_forward_kernel"),
+               ceil_div(N * 32, 256), 256, (out, mean, rstd, inp, weight, bias, i32(N), i32(C)))
+    assert (r.bytes_read, r.bytes_written) == (5 * N * C * s, N * C * s + 2 * 4 * N)
+    assert (r.reads, r.writes) == (5 * N * C, N * C + 2 * N)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("master", [False, True])
+def test_adamw(precision, master):
+    # per parameter: reads grad (s), m and v (4 each), and the old weight: the fp32 master copy (4) or
+    # the parameter (s); writes m, v (4 each), the parameter (s) and the master copy (4) when there is one
+    n = 3000
+    dtype, s = PRECISIONS[precision]
+    rng = np.random.default_rng(0)
+    params, grads = values(rng, n, precision), values(rng, n, precision)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    master_params = rng.standard_normal(n).astype(np.float32) if master else None
+    args = (params, master_params, grads, m, v, i64(n), f32(1e-3), f32(0.9), f32(0.999), f32(0.1),
+            f32(0.001), f32(1e-8), f32(0.0), f32(1.0), u32(7))
+    r = launch(module("adamw", precision).get_function("adamw_kernel"), ceil_div(n, 512), 512, args)
+    old = 4 if master else s
+    assert (r.bytes_read, r.bytes_written) == (n * (s + 8 + old), n * (s + 8 + (4 if master else 0)))
+    assert (r.reads, r.writes) == (4 * n, (4 if master else 3) * n)
