@@ -359,14 +359,56 @@ def matmul_forward(out, inp, weight, bias, B, T, C, OC):
         launch_elementwise("matmul", "add_bias_kernel", B * T * OC, OC, (out, bias), (out, bias, i32(B * T), i32(OC)))
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight, B, T, C, OC):
-    # dinp (B,T,C) = dout @ weight (written); dweight (OC,C) += dout^T @ inp; dbias (OC) += sum of dout
+MATMUL_BIAS_BLOCK = 256          # matmul_backward_bias_partial_kernel: 8 warps
+MATMUL_BIAS_BLOCKS = 8 * 132     # its target grid: one full wave of 256-thread blocks on an H100 (2048 x 132 / 256)
+
+
+def matmul_bias_grid(N, OC, pack):
+    # (column blocks, row blocks, rows per block) of matmul_backward_bias_partial_kernel: 32 packs of
+    # columns per block, and the rows split so that the grid is about MATMUL_BIAS_BLOCKS blocks; rows per
+    # block a multiple of 32 (8 warps x 4 loads in flight), so each thread makes full unrolled steps
+    columns = ceil_div(OC, 32 * pack)
+    row_blocks = min(ceil_div(N, 32), max(1, ceil_div(MATMUL_BIAS_BLOCKS, columns)))
+    rows_per_block = ceil_div(ceil_div(N, row_blocks), 32) * 32
+    return columns, ceil_div(N, rows_per_block), rows_per_block
+
+
+def matmul_bias_scratch_size(B, T, C, floatx):
+    # floats of scratch matmul_backward needs for the biased linear layers (OC = 3C, C, 4C): the partial
+    # kernel's (row blocks, OC) column sums, at the largest of them
+    pack = 16 // np.dtype(floatx).itemsize
+    return max(matmul_bias_grid(B * T, OC, pack)[1] * OC for OC in (3 * C, C, 4 * C))
+
+
+def matmul_backward_bias(dbias, scratch, dout, N, OC):
+    # dbias (OC) += dout (N,OC) summed over rows. Packed path (OC a multiple of the pack, dout 16-byte
+    # aligned, scratch given): rows and columns split across ~MATMUL_BIAS_BLOCKS blocks, each writing its
+    # column sums to scratch (row blocks, OC) in fp32, then a second kernel adds them in block order:
+    # deterministic, no atomics. Otherwise the plain kernel: 32 columns per block, its 32 warps splitting
+    # the rows (the same sum in another fixed order)
+    floatx = dout.dtype
+    if scratch is not None and packable(OC, dout):
+        columns, row_blocks, rows_per_block = matmul_bias_grid(N, OC, pack_size(dout))
+        assert scratch.size >= row_blocks * OC, "matmul_backward_bias: scratch too small (matmul_bias_scratch_size)"
+        block = MATMUL_BIAS_BLOCK
+        kernel("matmul", "matmul_backward_bias_partial_kernel", floatx)(
+            (columns, row_blocks), (block,), (scratch, dout, i32(N), i32(OC), i32(rows_per_block)),
+            shared_mem=block * pack_size(dout) * 4)
+        kernel("matmul", "matmul_backward_bias_sum_kernel", floatx)(
+            (ceil_div(OC, 32),), (1024,), (dbias, scratch, i32(row_blocks), i32(OC)), shared_mem=1024 * 4)
+    else:
+        block = 1024  # 32 columns per block, its 32 warps splitting the rows
+        kernel("matmul", "matmul_backward_bias_kernel", floatx)(
+            (ceil_div(OC, 32),), (block,), (dbias, dout, i32(N), i32(OC)), shared_mem=block * 4)
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch, B, T, C, OC):
+    # dinp (B,T,C) = dout @ weight (written); dweight (OC,C) += dout^T @ inp; dbias (OC) += sum of dout.
+    # scratch: >= matmul_bias_scratch_size floats for the bias's partial sums (llm.c's dbias_buffer), or None
     gemm(dinp.reshape(B * T, C), dout.reshape(B * T, OC), weight)
     gemm(dweight, dout.reshape(B * T, OC), inp.reshape(B * T, C), transpose_a=True, accumulate=True)
     if dbias is not None:
-        block = 1024  # 32 columns per block, its 32 warps splitting the rows
-        kernel("matmul", "matmul_backward_bias_kernel", dout.dtype)(
-            (ceil_div(OC, 32),), (block,), (dbias, dout, i32(B * T), i32(OC)), shared_mem=block * 4)
+        matmul_backward_bias(dbias, scratch, dout, B * T, OC)
 
 
 def attention_forward(out, qkvr, att, inp, B, T, C, NH):
@@ -546,6 +588,7 @@ def state_buffers(config, B, T, recompute, precision="fp32", master_weights=True
          np.float32, False),
         ("activation gradients", count(grad_activation_shapes(config, B, T)), floatx, False),
         ("layernorm backward scratch", layernorm_scratch_size(B, T, C), np.float32, False),
+        ("matmul backward bias scratch", matmul_bias_scratch_size(B, T, C, floatx), np.float32, False),
         ("encoder backward buckets", 3 * B * T + 1, np.int32, False),   # see encoder_buckets
         ("AdamW optimizer state m", ns, OPT_DTYPE, False),
         ("AdamW optimizer state v", ns, OPT_DTYPE, False),
@@ -676,6 +719,7 @@ class GPT2:
         self.inputs = self.targets = None                                  # (B,T) int32 on the device
         self.inputs_host = None                  # (B,T) int32: the last batch's inputs, kept for encoder_buckets
         self.layernorm_scratch = self.bucket_memory = None  # the deterministic backward's scratch
+        self.matmul_scratch = None
         self.mean_loss = -1.0
 
 
@@ -739,6 +783,7 @@ def gpt2_allocate_state(model, B, T, shard=None):
     # scratch of the deterministic backward kernels: per-block partial sums of dweight/dbias
     # (layernorm), and the positions of the batch grouped by token (encoder)
     model.layernorm_scratch = xp.zeros(*buffers["layernorm backward scratch"])
+    model.matmul_scratch = xp.zeros(*buffers["matmul backward bias scratch"])  # matmul_backward's bias partials
     model.bucket_memory = xp.zeros(*buffers["encoder backward buckets"])
     model.m_memory = xp.zeros(*buffers["AdamW optimizer state m"])
     model.v_memory = xp.zeros(*buffers["AdamW optimizer state v"])
@@ -847,10 +892,11 @@ def gpt2_backward(model):
     # llm.c's two scratch buffers for the activation gradients of one layer at a time:
     buffer_b = grads_acts.bt4c        # (B,T,4C): the backward's own scratch, nothing in it yet
     dlnf = view(buffer_b, B, T, C)
-    matmul_backward(dlnf, grads.wte, None, dlogits, acts.lnf, params.wte, B, T, C, Vp)
+    matmul_backward(dlnf, grads.wte, None, dlogits, acts.lnf, params.wte, None, B, T, C, Vp)
     buffer_a = acts.lnf               # (B,T,C): lnf is no longer needed after the classifier's backward
     residual = acts.residual3[L - 1]
     ln_scratch = model.layernorm_scratch  # every layernorm_backward's per-block partials of dweight/dbias
+    mm_scratch = model.matmul_scratch     # every matmul_backward's per-block partials of dbias
     layernorm_backward(dresidual, grads.lnfw, grads.lnfb, ln_scratch, dlnf, residual, params.lnfw,
                        acts.lnf_mean, acts.lnf_rstd, B, T, C)
     # the attention backward's scratch, the same buffers for every layer:
@@ -869,14 +915,14 @@ def gpt2_backward(model):
                               params.ln2w[l], params.ln2b[l], B, T, C)
         # residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
         matmul_backward(buffer_b, grads.fcprojw[l], grads.fcprojb[l], dresidual, fch_gelu,
-                        params.fcprojw[l], B, T, 4 * C, C)
+                        params.fcprojw[l], mm_scratch, B, T, 4 * C, C)
         gelu_backward(buffer_b, acts.fch[l], buffer_b, B * T * 4 * C)
-        matmul_backward(buffer_a, grads.fcw[l], grads.fcb[l], buffer_b, ln2, params.fcw[l], B, T, C, 4 * C)
+        matmul_backward(buffer_a, grads.fcw[l], grads.fcb[l], buffer_b, ln2, params.fcw[l], mm_scratch, B, T, C, 4 * C)
         layernorm_backward(dresidual, grads.ln2w[l], grads.ln2b[l], ln_scratch, buffer_a, acts.residual2[l],
                            params.ln2w[l], acts.ln2_mean[l], acts.ln2_rstd[l], B, T, C)
         # residual2 = residual + attproj(attention(qkv(ln1(residual))))
         matmul_backward(buffer_a, grads.attprojw[l], grads.attprojb[l], dresidual, acts.atty[l],
-                        params.attprojw[l], B, T, C, C)
+                        params.attprojw[l], mm_scratch, B, T, C, C)
         dqkv = view(buffer_b, B, T, 3 * C)
         dqkvr = acts.fch[l]           # (B,T,4C) >= 3*B*T*C: layer l's fch was read for the last time by gelu_backward
         dvaccum = acts.atty[l]        # (B,T,C): layer l's atty was read for the last time by attproj's matmul_backward
@@ -885,7 +931,7 @@ def gpt2_backward(model):
         if model.recompute >= 2:
             layernorm_forward(ln1, acts.ln1_mean[l], acts.ln1_rstd[l], residual,
                               params.ln1w[l], params.ln1b[l], B, T, C)
-        matmul_backward(buffer_a, grads.qkvw[l], grads.qkvb[l], dqkv, ln1, params.qkvw[l], B, T, C, 3 * C)
+        matmul_backward(buffer_a, grads.qkvw[l], grads.qkvb[l], dqkv, ln1, params.qkvw[l], mm_scratch, B, T, C, 3 * C)
         layernorm_backward(dresidual, grads.ln1w[l], grads.ln1b[l], ln_scratch, buffer_a, residual, params.ln1w[l],
                            acts.ln1_mean[l], acts.ln1_rstd[l], B, T, C)
     buckets = encoder_buckets(model.inputs_host, model.bucket_memory)  # the batch's positions grouped by token

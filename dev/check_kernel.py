@@ -332,7 +332,25 @@ def matmul_launches(s, rng, reference):
                    read_write=(0,))
     if reference:
         fwd_p.outputs = [Output("out", out_p, f64(out_p) + f64(bias_p), "GEMM output + bias", 1e-4, 1e-5)]
-    return [fwd, fwd_p, bwd]
+    # the GPU-filling bias backward (OC a multiple of the pack too): column sums per block row into an fp32
+    # scratch, then the block rows' partials added into dbias, with train_gpt2_cuda.py's grid
+    from train_gpt2_cuda import MATMUL_BIAS_BLOCK, matmul_bias_grid
+    columns, row_blocks, rows_per_block = matmul_bias_grid(N, OCp, pack(s))
+    dout_p, dbias_p = fx(rand(rng, N, OCp)), fx(rand(rng, OCp))
+    scratch = np.full((row_blocks, OCp), np.nan, np.float32)
+    bwd_partial = Launch("matmul_backward_bias_partial_kernel", (columns, row_blocks), MATMUL_BIAS_BLOCK,
+                         (scratch, dout_p, i32(N), i32(OCp), i32(rows_per_block)),
+                         shared_mem=MATMUL_BIAS_BLOCK * pack(s) * 4)
+    bwd_sum = Launch("matmul_backward_bias_sum_kernel", ceil_div(OCp, 32), 1024,
+                     (dbias_p, scratch, i32(row_blocks), i32(OCp)), shared_mem=1024 * 4, read_write=(0,))
+    if reference:
+        w_partial = np.stack([f64(dout_p)[y:y + rows_per_block].sum(0) for y in range(0, N, rows_per_block)])
+        bwd_partial.outputs = [Output("scratch", scratch, w_partial, "column sums per block row", 1e-5, 1e-6)]
+        w_dbias_p, w_dinp, w_dweight = f64(dbias_p), np.zeros((B, T, C)), np.zeros((OCp, C))
+        tg.matmul_backward(w_dinp, w_dweight, w_dbias_p, f64(dout_p).reshape(B, T, OCp), f64(inp).reshape(B, T, C),
+                           f64(weight_p), B, T, C, OCp)
+        bwd_sum.outputs = [Output("dbias", dbias_p, w_dbias_p, "matmul_backward dbias (+=)", 1e-5, 1e-6)]
+    return [fwd, fwd_p, bwd, bwd_partial, bwd_sum]
 
 
 def attention_launches(s, rng, reference):

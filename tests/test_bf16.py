@@ -428,7 +428,8 @@ def test_memory_report_in_bf16(cu, tmp_path, capsys, master_weights):
     assert allocated_bytes(model) == total
     for buffer in (model.params_memory, model.grads_memory, model.acts_memory, model.grads_acts_memory):
         assert buffer.dtype == BF16_BITS
-    for buffer in (model.acts_fp32_memory, model.m_memory, model.v_memory, model.layernorm_scratch):
+    for buffer in (model.acts_fp32_memory, model.m_memory, model.v_memory, model.layernorm_scratch,
+                   model.matmul_scratch):
         assert buffer.dtype == np.float32
     assert (model.master_memory is not None) == master_weights
     assert cu.state_bytes_to_allocate(CONFIG, 2, small_T, 1, "bf16", master_weights) == \

@@ -288,6 +288,21 @@ def test_matmul_bias_forward_and_backward(mods):
                        weight.astype(np.float64), B, T, C, OC)
     close(dbias, w_dbias, atol=1e-5, rtol=1e-6)       # the same as the NumPy layer's dbias
 
+    # the GPU-filling pair (OC a multiple of the pack): column sums per block row of R rows into a scratch, then
+    # the block rows added into dbias; any R and block (tests/test_matmul_bias.py checks the bits of the order)
+    OCp = 104
+    dout, w_dbias = rand(rng, N, OCp), rand(rng, OCp).astype(np.float64)
+    want = w_dbias + dout.astype(np.float64).sum(0)
+    for R, block in ((32, 256), (7, 64)):
+        dbias, row_blocks = w_dbias.astype(np.float32), ceil_div(N, R)
+        scratch = np.full((row_blocks, OCp), np.nan, np.float32)
+        fn(mods, "matmul", "matmul_backward_bias_partial_kernel")(        # fp32: 4 floats per 128-bit load
+            (ceil_div(OCp, 32 * 4), row_blocks), block, (scratch, dout, i32(N), i32(OCp), i32(R)),
+            shared_mem=block * 4 * 4)
+        fn(mods, "matmul", "matmul_backward_bias_sum_kernel")(
+            ceil_div(OCp, 32), 1024, (dbias, scratch, i32(row_blocks), i32(OCp)), shared_mem=1024 * 4)
+        close(dbias, want, atol=1e-5, rtol=1e-6)
+
 
 def _attention_forward_cuda(mods, inp, B, T, NH):
     """llm.c's attention_forward: permute, GEMM, softmax kernel, GEMM, unpermute (GEMMs on the host)."""

@@ -15,7 +15,8 @@ arrays (a write out of bounds raises, a read out of bounds reads NaN):
     same functions with every launcher forced to its per-element kernel and every fused pair split back
     into residual_forward + layernorm_forward (the code before the change), in fp32 and bf16; and with an
     odd T, whose (B,NH,T,T) attention tensors leave later activations off a 16-byte boundary in bf16,
-    the launchers fall back to the per-element kernels there and still agree.
+    the launchers fall back to the per-element kernels there and still agree. (The bias backward's
+    GPU-filling pair is no bit twin of the plain kernel: both runs take it; tests/test_matmul_bias.py.)
 """
 
 import os
@@ -252,6 +253,21 @@ def one_step(cu, precision, B, T, recompute, dlogits_in_forward=False):
             np.array(model.grads_memory), launched)
 
 
+def bias_backward_as_new(cu):
+    """matmul_backward_bias as in the new path, whatever `packable` says: its GPU-filling pair (column sums
+    per block row into a scratch, then added in block order) is no bit twin of the plain kernel, it adds in
+    another fixed order (tests/test_matmul_bias.py checks each), so both runs here take the same one."""
+    bias_backward, packable = cu.matmul_backward_bias, cu.packable
+
+    def matmul_backward_bias(dbias, scratch, dout, N, OC):
+        forced, cu.packable = cu.packable, packable
+        try:
+            bias_backward(dbias, scratch, dout, N, OC)
+        finally:
+            cu.packable = forced
+    return matmul_backward_bias
+
+
 def unfused_residual_forward(cu):
     """The code before the fusion: residual_forward, then layernorm_forward on what it stored."""
     def fused_residual_forward(residual, normed, mean, rstd, inp1, inp2, weight, bias, B, T, C):
@@ -265,6 +281,7 @@ def unfused_residual_forward(cu):
 def test_whole_model_is_bit_identical_to_the_per_element_unfused_path(cu, monkeypatch, precision, B, T, recompute):
     new = one_step(cu, precision, B, T, recompute)
     with monkeypatch.context() as patch:
+        patch.setattr(cu, "matmul_backward_bias", bias_backward_as_new(cu))
         patch.setattr(cu, "packable", lambda n, *arrays: False)       # every launcher: its per-element kernel
         patch.setattr(cu, "fused_residual_forward", unfused_residual_forward(cu))
         old = one_step(cu, precision, B, T, recompute)
@@ -294,6 +311,11 @@ def test_whole_model_is_bit_identical_to_the_per_element_unfused_path(cu, monkey
                           "gelu_backward_packed_kernel"} | bias
         assert not {"gelu_forward_kernel", "gelu_backward_kernel", "add_bias_kernel"} & set(new[5])
     assert ("add_bias_kernel" in new[5] or "add_bias_packed_kernel" in new[5]) == (precision == "fp32")
+    # the bias backward took the same path in both, launch by launch (its GPU-filling pair where dout is on
+    # a 16-byte boundary: everywhere at T = 8)
+    bias_backward = [[k for k in run[5] if k.startswith("matmul_backward_bias")] for run in (new, old)]
+    assert bias_backward[0] == bias_backward[1]
+    assert T != 8 or "matmul_backward_bias_kernel" not in bias_backward[0]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
