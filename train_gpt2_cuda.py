@@ -634,13 +634,21 @@ def largest_batch_size(config, T, recompute, free_bytes, precision="fp32", maste
     return lo
 
 
+# device memory kept out of the report's "free": cuBLAS's workspace, which its first GEMM allocates (32 MiB per
+# stream on Hopper since CUDA 12, 4 MiB before), and what else its first calls take, with room to spare
+CUBLAS_HEADROOM = 64 << 20
+
+
 def device_memory():
-    """(free, total) bytes of device memory, or None on the emulator (no device to ask). Free counts
-    what CuPy's memory pool holds unused, which the pool hands out again before asking CUDA."""
+    """(free, total) bytes of device memory, or None on the emulator (no device to ask). Free is read once
+    the cuBLAS handle exists (creating it takes memory), counts what CuPy's memory pool holds unused (the
+    pool hands it out again before asking CUDA), and leaves out CUBLAS_HEADROOM: a run at the reported
+    largest B must not fail at its first GEMM."""
     if EMULATE:
         return None
+    xp.cuda.device.get_cublas_handle()
     free, total = xp.cuda.runtime.memGetInfo()
-    return free + xp.get_default_memory_pool().free_bytes(), total
+    return max(0, free + xp.get_default_memory_pool().free_bytes() - CUBLAS_HEADROOM), total
 
 
 def MiB(n_bytes):
@@ -669,7 +677,8 @@ def memory_report(config, B, T, recompute, memory, precision="fp32", master_weig
         lines.append("estimated maximum batch size: n/a (emulator)")
     else:
         free, device_total = memory          # measured with the parameters and their gradients in place
-        lines.append(f"total: {MiB(total)} (device: {MiB(free)} free of {MiB(device_total)})")
+        lines.append(f"total: {MiB(total)} (device: {MiB(free)} free of {MiB(device_total)}, "
+                     f"{MiB(CUBLAS_HEADROOM)} more kept for cuBLAS)")
         lines.append(f"estimated maximum batch size at T={T}: "
                      f"{largest_batch_size(config, T, recompute, free, precision, master_weights, shard_size)}")
     return lines
