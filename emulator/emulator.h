@@ -321,6 +321,7 @@ EMU_HIDDEN thread_local Fiber* tls_fiber = nullptr;
 
 #if defined(EMU_COUNT_TRAFFIC)
 #define EMU_NO_TSAN extern "C" EMU_HIDDEN __attribute__((no_sanitize("thread"), noinline))
+#define EMU_NO_TSAN_INLINE static inline __attribute__((no_sanitize("thread"), always_inline))
 
 struct TrafficRange { uintptr_t lo, size; };
 static const int kMaxTrafficRanges = 64;
@@ -334,7 +335,7 @@ EMU_HIDDEN thread_local TrafficSums tls_traffic = {0, 0, 0, 0};
 }  // namespace emu
 
 #if defined(EMU_COUNT_TRAFFIC)
-EMU_NO_TSAN bool emu_in_arrays(const void* p) {
+EMU_NO_TSAN_INLINE bool emu_in_arrays(const void* p) {
     uintptr_t a = reinterpret_cast<uintptr_t>(p);
     if (a - emu::traffic_lo >= emu::traffic_span) { return false; }
     for (int i = 0; i < emu::traffic_nranges; i++) {
@@ -342,10 +343,10 @@ EMU_NO_TSAN bool emu_in_arrays(const void* p) {
     }
     return false;
 }
-EMU_NO_TSAN void emu_count_read(const void* p, unsigned long n) {
+EMU_NO_TSAN_INLINE void emu_count_read(const void* p, unsigned long n) {
     if (emu_in_arrays(p)) { emu::tls_traffic.read_bytes += n; emu::tls_traffic.reads++; }
 }
-EMU_NO_TSAN void emu_count_write(const void* p, unsigned long n) {
+EMU_NO_TSAN_INLINE void emu_count_write(const void* p, unsigned long n) {
     if (emu_in_arrays(p)) { emu::tls_traffic.write_bytes += n; emu::tls_traffic.writes++; }
 }
 #define EMU_TSAN_ACCESS(N)                                                                            \
@@ -965,7 +966,10 @@ static inline double atomicAdd(double* address, double val) {
     return atomic_add_bits<double, uint64_t>(address, val);
 }
 static inline int atomicAdd(int* a, int v) { EMU_COUNT_RMW(a); return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }
-static inline unsigned atomicAdd(unsigned* a, unsigned v) { EMU_COUNT_RMW(a); return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }
+static inline unsigned atomicAdd(unsigned* a, unsigned v) {
+    EMU_COUNT_RMW(a);
+    return __atomic_fetch_add(a, v, __ATOMIC_RELAXED);
+}
 static inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
     EMU_COUNT_RMW(a);
     return __atomic_fetch_add(a, v, __ATOMIC_RELAXED);

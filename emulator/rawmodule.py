@@ -21,6 +21,9 @@ LLMC_EMULATOR_ORDER (forward | reverse | warps: how the threads of a block take 
 with a race between its threads gives different results in different orders),
 LLMC_EMULATOR_CACHE (where the compiled libraries go; default emulator/build/).
 
+`with count_traffic() as launches:` counts the bytes each launch inside reads and writes in global
+memory (a second build of each module, with g++ -fsanitize=thread; see count_traffic and emulator.h).
+
 The source must be one self-contained text, as NVRTC takes it: g++ sees no -I of kernels/, so a
 `#include "common.cuh"` must already be expanded (llmc.cuda_common.kernel_source does that). g++ does
 see emulator/include/, whose empty cuda_bf16.h lets `#include <cuda_bf16.h>` stand (emulator.h

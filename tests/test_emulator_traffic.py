@@ -6,6 +6,7 @@ twin (the same bytes in a quarter of the accesses), a kernel that reads each ele
 twice: there are no caches), shared memory (not counted), atomicAdd (one read and one write of its
 size), bf16 (2-byte accesses), guarded arrays (the canary is not counted). Then the real kernels of
 kernels/, each against the byte count its definition implies, in fp32 and bf16 (s = sizeof(floatX)).
+Last, dev/perf_model.py's table for one step of the tiny model: its totals are the sums of the launches.
 """
 
 import os
@@ -18,7 +19,9 @@ from emulator import RawModule, count_traffic
 from llmc.cuda_common import ceil_div, kernel_source
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
+import perf_model  # noqa: E402
 from check_kernel import PRECISION_OPTIONS  # noqa: E402
+from conftest import emulated_cuda_trainer  # noqa: E402
 
 i32, i64, f32, u32 = np.int32, np.int64, np.float32, np.uint32
 
@@ -219,3 +222,36 @@ def test_adamw(precision, master):
     old = 4 if master else s
     assert (r.bytes_read, r.bytes_written) == (n * (s + 8 + old), n * (s + 8 + (4 if master else 0)))
     assert (r.reads, r.writes) == (4 * n, (4 if master else 3) * n)
+
+
+# ---- dev/perf_model.py
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_perf_model_totals_are_the_sums_of_the_launches(precision, capsys):
+    trainer = emulated_cuda_trainer("train_gpt2_cuda_perf_model")
+    launches, gemms, rows, total = perf_model.main(["--tiny", "1", "-b", "2", "-t", "16", "-p", precision],
+                                                   trainer=trainer)
+    out = capsys.readouterr().out
+    assert gemms and launches and trainer.gemm.__name__ == "gemm"        # counted, then put back
+    # every table row: its launches and bytes are those of the records with its name
+    assert sorted(r.name for r in rows) == sorted({t.kernel for t in launches} | {f"gemm ({g.caller})" for g in gemms})
+    for row in rows:
+        mine = [t for t in launches if t.kernel == row.name] or [g for g in gemms if f"gemm ({g.caller})" == row.name]
+        assert row.launches == len(mine) > 0
+        assert row.bytes_read == sum(t.bytes_read for t in mine) > 0
+        assert row.bytes_written == sum(t.bytes_written for t in mine) > 0
+        assert row.flops == sum(getattr(t, "flops", 0) for t in mine)
+        assert all(s >= row.launches * perf_model.LAUNCH_OVERHEAD_S for s in row.seconds)
+        assert row.seconds == sorted(row.seconds, reverse=True)            # more bandwidth is never slower
+    assert total.launches == len(launches) + len(gemms)
+    assert total.bytes_read == sum(t.bytes_read for t in launches) + sum(g.bytes_read for g in gemms)
+    assert total.bytes_written == sum(t.bytes_written for t in launches) + sum(g.bytes_written for g in gemms)
+    assert total.flops == sum(g.flops for g in gemms) > 0
+    assert total.seconds == pytest.approx([sum(r.seconds[i] for r in rows) for i in range(len(perf_model.GPUS))])
+    # what the step launched: AdamW once per parameter tensor (16), the fused classifier once (in the forward)
+    assert sum(t.kernel == "adamw_kernel" for t in launches) == 16
+    assert sum(t.kernel == "fused_classifier_kernel" for t in launches) == 1
+    # the classifier's GEMM: (B*T, C) @ (Vp, C)^T in the forward, 2 * B*T * Vp * C FLOPs
+    c = perf_model.TINY
+    assert 2 * 2 * 16 * c.padded_vocab_size * c.channels in [g.flops for g in gemms if g.caller == "matmul_forward"]
+    assert "total" in out and "A100-40GB" in out and "H200" in out
