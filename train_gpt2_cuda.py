@@ -323,6 +323,7 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C):
 
 
 LAYERNORM_BACKWARD_BLOCK = 512   # 16 rows (warps) per block
+LAYERNORM_SUM_BLOCK = 128        # layernorm_backward_sum_split_kernel: 128 threads split the partial rows
 
 
 def layernorm_scratch_size(B, T, C):
@@ -333,13 +334,19 @@ def layernorm_scratch_size(B, T, C):
 def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, rstd, B, T, C):
     # dinp (B,T,C) += ..., dweight, dbias (C) += ...; one warp per row for dinp. Each block writes
     # its rows' share of dbias/dweight to scratch (>= layernorm_scratch_size floats), and a second
-    # kernel adds the shares in block order: deterministic, no atomics
+    # kernel adds the shares in a fixed order: deterministic, no atomics. That sum fills the GPU when
+    # C is a multiple of 4 (scratch, float, is read in 128-bit packs): one block per pack of 4 columns
+    # of the (2, C) rows, its 128 threads splitting the partial rows; else one thread per channel
     block = LAYERNORM_BACKWARD_BLOCK
     grid = ceil_div(32 * B * T, block)
     kernel("layernorm", "layernorm_backward_kernel", dinp.dtype)(
         (grid,), (block,), (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)))
-    kernel("layernorm", "layernorm_backward_sum_kernel", dinp.dtype)(
-        (ceil_div(C, 256),), (256,), (dweight, dbias, scratch, i32(grid), i32(C)))
+    if packable(C, scratch):
+        kernel("layernorm", "layernorm_backward_sum_split_kernel", dinp.dtype)(
+            (2 * C // 4,), (LAYERNORM_SUM_BLOCK,), (dweight, dbias, scratch, i32(grid), i32(C)))
+    else:
+        kernel("layernorm", "layernorm_backward_sum_kernel", dinp.dtype)(
+            (ceil_div(C, 256),), (256,), (dweight, dbias, scratch, i32(grid), i32(C)))
 
 
 def matmul_forward(out, inp, weight, bias, B, T, C, OC):

@@ -264,6 +264,9 @@ def layernorm_launches(s, rng, reference):
                  (dinp, scratch, dout, inp, weight, b_mean, b_rstd, i32(B), i32(T), i32(C)), read_write=(0,))
     bwd_sum = Launch("layernorm_backward_sum_kernel", ceil_div(C, 256), 256,
                      (dweight, dbias, scratch, i32(grid), i32(C)), read_write=(0, 1))
+    dweight_s, dbias_s = dweight.copy(), dbias.copy()   # the GPU-filling sum of the same partials (C % 4 == 0)
+    bwd_split = Launch("layernorm_backward_sum_split_kernel", 2 * C // 4, 128,
+                       (dweight_s, dbias_s, scratch, i32(grid), i32(C)), read_write=(0, 1))
     if reference:
         w_out, w_mean, w_rstd = np.zeros((B, T, C)), np.zeros((B, T)), np.zeros((B, T))
         tg.layernorm_forward(w_out, w_mean, w_rstd, f64(inp), f64(weight), f64(bias), B, T, C)
@@ -282,6 +285,8 @@ def layernorm_launches(s, rng, reference):
                        Output("scratch", scratch, w_scratch, "layernorm_backward per block", 2e-5, 1e-5)]
         bwd_sum.outputs = [Output(name, got, w, "layernorm_backward (+=)", 2e-5, 1e-5)
                            for name, got, w in zip(("dweight", "dbias"), (dweight, dbias), want[1:])]
+        bwd_split.outputs = [Output(name, got, w, "layernorm_backward (+=)", 2e-5, 1e-5)
+                             for name, got, w in zip(("dweight", "dbias"), (dweight_s, dbias_s), want[1:])]
     # the fused residual + LayerNorm: residual = inp1 + inp2 (stored as floatX), then its LayerNorm
     inp1 = fx(rand(rng, B, T, C))
     inp2 = fx((inp - inp1).astype(np.float32))        # so that the residual is about inp, variances and all
@@ -299,7 +304,7 @@ def layernorm_launches(s, rng, reference):
                          Output("normed", normed, w_norm, "layernorm_forward", 1e-5, 1e-5),
                          Output("mean", f_mean, w_mean, "layernorm_forward", 1e-6, 1e-6),
                          Output("rstd", f_rstd, w_rstd, "layernorm_forward", 0.0, 1e-5)]
-    return [fwd, bwd, bwd_sum, fused]
+    return [fwd, bwd, bwd_sum, bwd_split, fused]
 
 
 def matmul_launches(s, rng, reference):

@@ -4,7 +4,7 @@
 // layernorm_forward_kernel3, and layernorm_backward_kernel2's warp per row for dinp; warp
 // reductions written with __shfl_xor_sync instead of cooperative groups). Unlike that kernel the
 // backward has no atomics: per-block partial sums of dweight/dbias go to a scratch buffer and a
-// second kernel adds them in block order, so the whole backward is deterministic (as llm.c's
+// second kernel adds them in a fixed order, so the whole backward is deterministic (as llm.c's
 // mainline train_gpt2.cu, whose LayerNorm backward also sums per-block partials from a scratch buffer).
 // floatX (common.cuh) is float, or bf16 when compiled with -DENABLE_BF16: inputs, outputs,
 // parameters and their gradients are floatX; mean, rstd and the scratch stay float; every sum is
@@ -50,7 +50,35 @@
 //   dweight (C) += sum over blk of scratch[blk, 1, :]; dbias (C) += sum over blk of scratch[blk, 0, :],
 //   in block order 0, 1, ..., num_blocks-1, in float, rounded once to floatX (ACCUMULATES;
 //   deterministic). num_blocks is the grid of the layernorm_backward_kernel launch that wrote scratch.
-//   launch: grid = ceil_div(C, block), block = 256 (any size); one thread per channel.
+//   The plain version, the launcher's fallback when C is not a multiple of 4 (or scratch is not
+//   16-byte aligned). launch: grid = ceil_div(C, block), block = 256 (any size); one thread per channel.
+//   At d12 that is 3 blocks of 256 threads, each thread adding 1024 partials one after the other:
+//   latency-bound, ~60-160 us per launch on an H100 (the issue's ~1.5-4 ms over 25 launches a step).
+//
+// layernorm_backward_sum_split_kernel(floatX* dweight, floatX* dbias, const float* scratch,
+//                                     int num_blocks, int C)
+//   The same sums, GPU-filling: the rows of the partials split across the threads of a block, and
+//   the columns across blocks. scratch (num_blocks, 2, C) is seen as rows of 2C floats, cut into
+//   packs of 4 (f128: one 128-bit load); block p owns pack p, the columns [4p, 4p + 4) of every row
+//   (dbias's when 4p < C, else dweight's 4p - C ...). Thread t adds the rows t, t + block, ... in
+//   order, four independent 128-bit loads in flight (issued before their adds, so the sum is the
+//   plain loop's over those rows), into 4 floats; each warp adds its 32 lanes' sums with warp_sum
+//   (the xor butterfly, offsets 16, 8, 4, 2, 1), and thread k < 4 adds the warps' sums of column
+//   4p + k in warp order, then into dweight/dbias, rounded once to floatX (ACCUMULATES).
+//   Requires C a multiple of 4 (so no pack straddles dbias and dweight, and every row starts on a
+//   16-byte boundary) and scratch 16-byte aligned. No atomics: every float is added in an order fixed
+//   by the launch shape, the same bits every run; not the plain kernel's order (one running sum
+//   over the blocks), so the two agree to fp32 rounding (tests/test_layernorm_sum.py states how far).
+//   launch: grid = C/2 (one block per pack: 2C/4), block = 128 (a multiple of 32, <= 1024), static
+//   shared memory 32*4 floats (one row of 4 per warp).
+//   At d12 B=16 T=1024 C=768: layernorm_backward_kernel's grid is 1024 blocks, so scratch is (1024,
+//   2, 768) floats, 6.3 MB; this kernel runs 384 blocks of 128 threads (~3 per SM of an H100's 132),
+//   each thread 8 rows, two rounds of 4 x 16 bytes in flight (3.1 MB in flight over the GPU).
+//   Modeled: 6.3 MB / 3.35 TB/s = 1.9 us per launch (and the scratch was just written: it sits in
+//   the 50 MB L2), ~47 us for the step's 25 launches, against ~1.5-4 ms for the plain kernel.
+//
+// layernorm_backward_kernel's own grid at d12: ceil_div(32 * 16384, 512) = 1024 blocks of 512 threads,
+// ~7.8 per SM, 4 resident per SM at 2048 threads: about two full waves, so it fills the GPU.
 //
 // Assumes N*C < 2^31. warp_sum (every lane gets the sum over the warp) comes from common.cuh.
 
@@ -157,6 +185,45 @@ extern "C" __global__ void layernorm_backward_sum_kernel(floatX* dweight, floatX
     }
     dbias[i] = (floatX)((float)dbias[i] + dbias_sum);
     dweight[i] = (floatX)((float)dweight[i] + dweight_sum);
+}
+
+extern "C" __global__ void layernorm_backward_sum_split_kernel(floatX* dweight, floatX* dbias, const float* scratch,
+                                                               int num_blocks, int C) {
+    __shared__ float warp_sums[32 * 4];                 // (warps, 4): each warp's sums of the block's 4 columns
+    constexpr int P = f128::size;                       // 4 floats per 128-bit load
+    int warp = threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    int warps = blockDim.x / 32;
+    int col = blockIdx.x * P;                           // this block's pack: columns col .. col+3 of a 2C row
+    const float* x = scratch + col;
+    long long stride = 2LL * C;                         // floats per row of partials: (2, C)
+    float sum[P] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int row = threadIdx.x;
+    int step = blockDim.x;
+    for (; row + 3 * step < num_blocks; row += 4 * step) {   // four independent 128-bit loads in flight
+        f128 a = load128cs(x + row * stride);
+        f128 b = load128cs(x + (row + step) * stride);
+        f128 c = load128cs(x + (row + 2 * step) * stride);
+        f128 d = load128cs(x + (row + 3 * step) * stride);
+        for (int k = 0; k < P; k++) { sum[k] += a[k]; sum[k] += b[k]; sum[k] += c[k]; sum[k] += d[k]; }
+    }
+    for (; row < num_blocks; row += step) {
+        f128 a = load128cs(x + row * stride);
+        for (int k = 0; k < P; k++) { sum[k] += a[k]; }
+    }
+    for (int k = 0; k < P; k++) {
+        float w = warp_sum(sum[k]);                     // every lane takes part: the butterfly's fixed order
+        if (lane == 0) { warp_sums[warp * P + k] = w; }
+    }
+    __syncthreads();
+    if (threadIdx.x < P) {
+        int k = threadIdx.x;
+        float total = 0.0f;
+        for (int w = 0; w < warps; w++) { total += warp_sums[w * P + k]; }   // warps in order
+        int i = col + k;                                // column of the (2, C) row: dbias first, then dweight
+        floatX* out = (i < C) ? dbias + i : dweight + (i - C);
+        *out = (floatX)((float)*out + total);
+    }
 }
 
 extern "C" __global__ void fused_residual_layernorm_forward_kernel(floatX* residual, floatX* normed,

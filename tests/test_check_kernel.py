@@ -120,7 +120,8 @@ def test_timing_path_with_a_stand_in_cupy(monkeypatch, capsys):
     rows = check_kernel.time_file("layernorm", KERNEL_DIR, repeats=2, shape=check_kernel.ODD)
     out = capsys.readouterr().out
     assert [k for _, k, _, _ in rows] == ["layernorm_forward_kernel", "layernorm_backward_kernel",
-                                          "layernorm_backward_sum_kernel", "fused_residual_layernorm_forward_kernel"]
+                                          "layernorm_backward_sum_kernel", "layernorm_backward_sum_split_kernel",
+                                          "fused_residual_layernorm_forward_kernel"]
     s = check_kernel.ODD
     n = s.B * s.T * s.C * 4
     # forward: out, inp (B,T,C) + mean, rstd (B,T) + weight, bias (C); 1 ms per 2 launches -> 0.5 ms

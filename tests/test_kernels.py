@@ -252,11 +252,18 @@ def test_layernorm_backward(mods):
     fn(mods, "layernorm", "layernorm_backward_kernel")(
         grid, block, (dinp, scratch, dout, inp, weight, mean.astype(np.float32), rstd.astype(np.float32),
                       i32(B), i32(T), i32(C)))
+    dweight2, dbias2 = dweight.copy(), dbias.copy()
     fn(mods, "layernorm", "layernorm_backward_sum_kernel")(ceil_div(C, 32), 32,   # 2 blocks, the second partial
                                                            (dweight, dbias, scratch, i32(grid), i32(C)))
     close(dinp, want[0], atol=2e-5, rtol=1e-5)
     close(dweight, want[1], atol=2e-5, rtol=1e-5)
     close(dbias, want[2], atol=2e-5, rtol=1e-5)
+    # the GPU-filling sum (one block per 4 columns, threads over the partials; tests/test_layernorm_sum.py
+    # holds it bit for bit to a NumPy model of its order): 32 threads, so one warp's butterfly
+    fn(mods, "layernorm", "layernorm_backward_sum_split_kernel")(2 * C // 4, 32,
+                                                                 (dweight2, dbias2, scratch, i32(grid), i32(C)))
+    close(dweight2, want[1], atol=2e-5, rtol=1e-5)
+    close(dbias2, want[2], atol=2e-5, rtol=1e-5)
 
 
 def test_matmul_bias_forward_and_backward(mods):
