@@ -494,9 +494,11 @@ def fused_classifier(logits, losses, dlosses, targets, B, T, V, Vp, write_dlogit
     # softmax_forward + crossentropy_forward (+ crossentropy_softmax_backward) in one kernel:
     # losses (B,T) written; with write_dlogits=1 the logits (B,T,Vp) are overwritten with their
     # gradient for dlosses (B,T), or 1/(B*T) everywhere (the mean loss) when dlosses is None.
-    # One block per row.
+    # One block per row; its threads read and write 128-bit packs, 4 in flight, where every row starts on
+    # a pack (Vp a multiple of it, logits 16-byte aligned), else one floatX at a time (the plain kernel)
     block = 1024
-    kernel("classifier", "fused_classifier_kernel", logits.dtype)(
+    name = "fused_classifier_x128_kernel" if packable(Vp, logits) else "fused_classifier_kernel"
+    kernel("classifier", name, logits.dtype)(
         (B * T,), (block,),
         (logits, losses, NULL if dlosses is None else dlosses, targets,
          i32(B), i32(T), i32(V), i32(Vp), i32(write_dlogits)))

@@ -486,6 +486,9 @@ def classifier_launches(s, rng, reference):
     losses = np.full((B, T), np.nan, np.float32)
     launch = Launch("fused_classifier_kernel", B * T, 1024,
                     (logits, losses, dlosses, targets, i32(B), i32(T), i32(V), i32(Vp), i32(1)), read_write=(0,))
+    logits_w, losses_w = logits.copy(), np.full((B, T), np.nan, np.float32)   # the x128 twin (Vp % pack == 0)
+    wide = Launch("fused_classifier_x128_kernel", B * T, 1024,
+                  (logits_w, losses_w, dlosses, targets, i32(B), i32(T), i32(V), i32(Vp), i32(1)), read_write=(0,))
     if reference:
         probs, w_losses, w_dlogits = np.zeros((B, T, Vp)), np.zeros((B, T)), np.zeros((B, T, Vp))
         tg.softmax_forward(probs, f64(logits), B, T, V, Vp)
@@ -493,7 +496,9 @@ def classifier_launches(s, rng, reference):
         tg.crossentropy_softmax_backward(w_dlogits, f64(dlosses), probs, targets, B, T, V, Vp)
         launch.outputs = [Output("losses", losses, w_losses, "softmax_forward + crossentropy_forward", 1e-5, 1e-6),
                           Output("logits", logits, w_dlogits, "crossentropy_softmax_backward (dlogits)", 1e-7, 1e-5)]
-    return [launch]
+        wide.outputs = [Output("losses", losses_w, w_losses, "softmax_forward + crossentropy_forward", 1e-5, 1e-6),
+                        Output("logits", logits_w, w_dlogits, "crossentropy_softmax_backward (dlogits)", 1e-7, 1e-5)]
+    return [launch, wide]
 
 
 def adamw_launches(s, rng, reference):

@@ -437,15 +437,18 @@ def test_residual_forward(mods):
     assert np.array_equal(acc, a + b)                 # in place: a += b
 
 
+@pytest.mark.parametrize("name", ["fused_classifier_kernel", "fused_classifier_x128_kernel"])
 @pytest.mark.parametrize("block,use_dlosses", [(1024, True), (64, False), (32, True)])
-def test_fused_classifier(mods, block, use_dlosses):
+def test_fused_classifier(mods, block, use_dlosses, name):
+    """The plain kernel and its x128 twin (Vp = 128: rows start on a pack; V = 101 is not a whole number of
+    packs, so the last real pack holds pad columns; tests/test_classifier_x128.py compares the two)."""
     rng = np.random.default_rng(9)
     logits = rand(rng, B, T, Vp, scale=4.0)
     logits[..., V:] = 1e3                             # pad columns must be ignored by the softmax
     targets = rng.integers(0, V, size=(B, T)).astype(np.int32)
     targets[0, 0], targets[0, 1] = 0, V - 1           # first and last real column
     dlosses = rand(rng, B, T) if use_dlosses else None
-    kernel = fn(mods, "classifier", "fused_classifier_kernel")
+    kernel = fn(mods, "classifier", name)
 
     probs = np.zeros((B, T, Vp))
     tg.softmax_forward(probs, logits.astype(np.float64), B, T, V, Vp)
@@ -489,12 +492,13 @@ def test_classifier_loss_of_a_target_far_below_the_max(mods):
     w_losses = np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1)) + x64.max(-1) \
         - np.take_along_axis(x64, targets[..., None].astype(np.int64), -1)[..., 0]
     assert w_losses.flat[0] > 100 and w_losses.flat[5] > 100
-    losses = np.full((B, T), np.nan, np.float32)
-    x = logits.copy()
-    fn(mods, "classifier", "fused_classifier_kernel")(
-        B * T, 1024, (x, losses, None, targets, i32(B), i32(T), i32(V), i32(Vp), i32(1)))
-    assert np.all(np.isfinite(losses))
-    close(losses, w_losses, atol=1e-5, rtol=1e-6)
+    for name in ("fused_classifier_kernel", "fused_classifier_x128_kernel"):
+        losses = np.full((B, T), np.nan, np.float32)
+        x = logits.copy()
+        fn(mods, "classifier", name)(
+            B * T, 1024, (x, losses, None, targets, i32(B), i32(T), i32(V), i32(Vp), i32(1)))
+        assert np.all(np.isfinite(losses)), name
+        close(losses, w_losses, atol=1e-5, rtol=1e-6)
 
     # the float32 twin under flush-to-zero: the old formula's exp is flushed, the new one's terms are not
     row = rows[0, :V]
@@ -505,7 +509,7 @@ def test_classifier_loss_of_a_target_far_below_the_max(mods):
     new = np.log(total) - (xt - mx)                                   # the kernel's log-sum-exp form
     assert old == np.inf and np.isfinite(new) and abs(new - w_losses.flat[0]) < 1e-4
     source = open(os.path.join(KERNEL_DIR, "classifier.cu")).read().replace("(float)", "")   # casts of floatX
-    assert "logf(sum) - (x[target] - gmax)" in source and "logf(prob)" not in source
+    assert source.count("logf(sum) - (x[target] - gmax)") == 2 and "logf(prob)" not in source   # both kernels
 
 
 def _adamw_reference(p, g, m, v, lr, b1, b2, eps, wd, t, grad_scale):
