@@ -253,19 +253,24 @@ def one_step(cu, precision, B, T, recompute, dlogits_in_forward=False):
             np.array(model.grads_memory), launched)
 
 
-def bias_backward_as_new(cu):
-    """matmul_backward_bias as in the new path, whatever `packable` says: its GPU-filling pair (column sums
-    per block row into a scratch, then added in block order) is no bit twin of the plain kernel, it adds in
-    another fixed order (tests/test_matmul_bias.py checks each), so both runs here take the same one."""
-    bias_backward, packable = cu.matmul_backward_bias, cu.packable
+def as_new(cu, name):
+    """The launcher `name` as in the new path, whatever `packable` says. Three launchers take a GPU-filling
+    kernel that is no bit twin of their plain one, as it adds in another fixed order: matmul_backward_bias
+    (column sums per block row into a scratch, then added in block order; tests/test_matmul_bias.py),
+    layernorm_backward (its split sum of the partials; tests/test_layernorm_sum.py) and fused_classifier
+    (the x128 kernel's per-pack softmax sums; tests/test_classifier_x128.py). Both runs here take the same one."""
+    launcher, packable = getattr(cu, name), cu.packable
 
-    def matmul_backward_bias(dbias, scratch, dout, N, OC):
+    def as_in_the_new_path(*args, **kwargs):
         forced, cu.packable = cu.packable, packable
         try:
-            bias_backward(dbias, scratch, dout, N, OC)
+            launcher(*args, **kwargs)
         finally:
             cu.packable = forced
-    return matmul_backward_bias
+    return as_in_the_new_path
+
+
+ORDER_CHANGING = ("matmul_backward_bias", "layernorm_backward", "fused_classifier")
 
 
 def unfused_residual_forward(cu):
@@ -281,7 +286,8 @@ def unfused_residual_forward(cu):
 def test_whole_model_is_bit_identical_to_the_per_element_unfused_path(cu, monkeypatch, precision, B, T, recompute):
     new = one_step(cu, precision, B, T, recompute)
     with monkeypatch.context() as patch:
-        patch.setattr(cu, "matmul_backward_bias", bias_backward_as_new(cu))
+        for name in ORDER_CHANGING:
+            patch.setattr(cu, name, as_new(cu, name))
         patch.setattr(cu, "packable", lambda n, *arrays: False)       # every launcher: its per-element kernel
         patch.setattr(cu, "fused_residual_forward", unfused_residual_forward(cu))
         old = one_step(cu, precision, B, T, recompute)
@@ -328,7 +334,8 @@ def test_dlogits_in_the_forward_pass_gives_the_same_gradients(cu, precision):
     assert once[0] == twice[0]
     for got, want, what in zip(once[2:5], twice[2:5], ("activations", "activation statistics", "gradients")):
         assert_bits_equal(got, want, what)
-    assert once[5].count("fused_classifier_kernel") == 1 and twice[5].count("fused_classifier_kernel") == 2
+    classifier = [[k for k in run[5] if k.startswith("fused_classifier")] for run in (once, twice)]
+    assert classifier == [["fused_classifier_x128_kernel"], ["fused_classifier_x128_kernel"] * 2]   # Vp = 128
     V = CONFIG.vocab_size                     # after the forward, the logits buffer held dlogits: rows sum to 0
     dlogits = bf16_to_f32(once[1]) if precision == "bf16" else once[1]
     assert np.all(dlogits[:, :, V:] == 0) and np.abs(dlogits[:, :, :V].sum(-1)).max() < 1e-3
