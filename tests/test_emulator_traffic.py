@@ -250,7 +250,7 @@ def test_perf_model_totals_are_the_sums_of_the_launches(precision, capsys):
     assert total.seconds == pytest.approx([sum(r.seconds[i] for r in rows) for i in range(len(perf_model.GPUS))])
     # what the step launched: AdamW once per parameter tensor (16), the fused classifier once (in the forward)
     assert sum(t.kernel == "adamw_kernel" for t in launches) == 16
-    assert sum(t.kernel == "fused_classifier_kernel" for t in launches) == 1
+    assert sum(t.kernel.startswith("fused_classifier") for t in launches) == 1   # its x128 or plain kernel
     # the classifier's GEMM: (B*T, C) @ (Vp, C)^T in the forward, 2 * B*T * Vp * C FLOPs
     c = perf_model.TINY
     assert 2 * 2 * 16 * c.padded_vocab_size * c.channels in [g.flops for g in gemms if g.caller == "matmul_forward"]
