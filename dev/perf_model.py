@@ -1,34 +1,50 @@
 """dev/perf_model.py: a modeled GPU time for one training step of train_gpt2_cuda.py, before any GPU runs it.
 
 One step of the CUDA trainer (zero_grad, forward with targets, backward, gradient norm, AdamW: the
-training loop's order) runs on the kernel emulator (LLMC_EMULATE=1) inside emulator.count_traffic(),
-which counts the bytes every kernel launch reads and writes in global memory, at its loads and stores
-(emulator/README.md, "traffic counter"). The GEMMs are cuBLAS on a GPU and NumPy here, so gemm() is
-wrapped: each call counts 2*M*N*K*batch FLOPs and its operands' bytes (A and B read once, out written,
-and read too when it accumulates). Per kernel name (all launches of it together) and in total, the
-table gives launches, bytes, and the modeled time on each GPU below:
+training loop's order) is written out as a table, step_launches(): one entry per launch, in the order
+the trainer makes them, each with the kernel's name, where in the model it runs (a layer, "embedding",
+"head" or "optimizer"), and its bytes read, bytes written and FLOPs as formulas of the config (L, NH,
+C, V, Vp), B, T, the precision (s = bytes per floatX), recompute (-r) and master weights (-w). That
+works at any shape, d12 at B=16 T=1024 included. Two byte counts per launch:
 
-    kernel:  LAUNCH_OVERHEAD_S + (bytes read + bytes written) / HBM bandwidth
-    GEMM:    LAUNCH_OVERHEAD_S + max(bytes / HBM bandwidth, FLOPs / tensor-core peak)
+    counted:  every load and store, as the emulator's traffic counter counts them (emulator/README.md,
+              "traffic counter"): a row a kernel reads three times is three reads. tests/ checks these
+              formulas against the counter at small shapes, launch by launch (--check 1 here).
+    DRAM:     an estimate of what reaches HBM: each tensor read once per launch, a row reread by the
+              same warp or block (LayerNorm's passes, the classifier's second pass over its logits row,
+              a bias row every row of the output reads) served from L1/L2. Not checked by anything.
 
-summed launch by launch. The peaks are llmc/mfu.py's (PEAK_TFLOPS, looked up by the name CUDA reports
-for the card: bf16, or tf32 for an fp32 run, as the trainer turns TF32 on for sm >= 80); the bandwidths
-are NVIDIA's datasheet numbers. LAUNCH_OVERHEAD_S is an assumption: about what a launch costs from
-Python (CuPy) when the GPU is not ahead of the host.
+The table's times use the COUNTED bytes; the summary gives the step for both. The modeled time of
+a launch is
 
-What it cannot see: caches (every access counts as HBM traffic; a kernel that rereads a row from L2 or
-L1, as LayerNorm does, is charged for each read), coalescing (a scattered 4-byte access costs a 32-byte
-sector on a GPU, here 4 bytes), latency and occupancy (a kernel with too few threads, or one that waits
-on its own loads, models as fast as one that streams at full bandwidth), and the step's memsets and
-host-device copies (gpt2_zero_grad's fill, the backward's dresidual fill, the batch upload), which are
-not kernel launches here. The modeled time is a lower bound of the kind a roofline gives.
+    LAUNCH_OVERHEAD_S + max((bytes read + bytes written) / HBM bandwidth, FLOPs / tensor-core peak)
 
-    python dev/perf_model.py -e d6 -b 2 -t 64 -p bf16      # d6, one step (about a minute on 2 cores)
-    python dev/perf_model.py --tiny 1                       # L2 NH2 C64, V 1000: seconds
+with FLOPs only for the GEMMs (cuBLAS on a GPU: 2*M*N*K*batch, operands read once, out written, and
+read too when it accumulates); elementwise arithmetic is taken as free. The peaks are llmc/mfu.py's
+(bf16, or tf32 for an fp32 run, as the trainer turns TF32 on for sm >= 80); the bandwidths are
+NVIDIA's datasheet numbers. LAUNCH_OVERHEAD_S is an assumption: about what a launch costs from Python
+(CuPy) when the GPU is not ahead of the host. Besides the kernels of kernels/, the step launches a few
+CuPy fills, copies and sums (gpt2_zero_grad's fill, the backward's dresidual fill, the bf16 bias
+broadcast before a GEMM, the mean loss, the norm's partials); they are in the table as "cupy ..."
+(the emulator does not count them: NumPy does them). MFU is llm.c's: llmc/mfu.py's flops_per_token
+(6N + 6LCT) per token over the modeled time and the peak.
+
+What it cannot see: caches beyond the DRAM estimate above, coalescing (a scattered 4-byte access costs
+a 32-byte sector on a GPU, here 4 bytes), latency and occupancy (a kernel with too few blocks, or one
+that waits on its own loads, models as fast as one that streams at full bandwidth; kernels/README.md's
+audit lists the grids), cuBLAS's real efficiency at each shape, and the host: the launch overhead is
+assumed, the two syncs (mean loss, gradient norm) and the batch's host-device copies are not modeled.
+No GPU has checked these numbers yet. The formulas take the 128-bit kernels, which the launchers pick
+when C, 4C, Vp and B*NH*T*T are multiples of the pack P (GPT-2's shapes always are).
+
+    python dev/perf_model.py -e d12 -b 16 -t 1024 -p bf16     # formulas: any shape, instant
+    python dev/perf_model.py --tiny 1 -b 2 -t 16 --count 1   # counted on the emulator (small shapes only)
+    python dev/perf_model.py --tiny 1 -b 2 -t 16 --check 1   # both, side by side per kernel
 """
 
 import argparse
 import collections
+import math
 import os
 import sys
 import time
@@ -40,7 +56,8 @@ sys.path.insert(0, ROOT)
 
 from emulator import count_traffic  # noqa: E402
 from llmc import formats  # noqa: E402
-from llmc.mfu import peak_flops  # noqa: E402
+from llmc.cuda_common import ceil_div  # noqa: E402
+from llmc.mfu import flops_per_token, peak_flops  # noqa: E402
 
 # the GPUs modeled: a label, the name CUDA reports (llmc/mfu.py's peak_flops looks the tensor-core peak
 # up by it), and the HBM bandwidth in bytes/s from NVIDIA's datasheets (SXM parts)
@@ -55,28 +72,186 @@ LAUNCH_OVERHEAD_S = 3e-6    # per kernel launch and per GEMM call (an assumption
 TINY = formats.GPT2Config(max_seq_len=64, vocab_size=1000, num_layers=2, num_heads=2, channels=64,
                           padded_vocab_size=formats.padded_vocab(1000))
 
+# one launch: counted = whether the emulator counts it (the kernels of kernels/ and the GEMMs, not CuPy's
+# own fills and copies); dram_read: the DRAM estimate of bytes_read (see the header)
+Launch = collections.namedtuple("Launch", "kernel where bytes_read bytes_written flops dram_read counted")
 Gemm = collections.namedtuple("Gemm", "caller m n k batch bytes_read bytes_written flops")
 
 
-class Row:
-    """One line of the table: every launch of one kernel (or every GEMM of one launcher)."""
+# ----------------------------------------------------------------------------
+# the formulas: one entry per launch of one training step, in the trainer's order
 
-    def __init__(self, name):
-        self.name = name
-        self.launches = self.bytes_read = self.bytes_written = self.flops = 0
-        self.seconds = [0.0] * len(GPUS)
+def expected_distinct_tokens(V, n):
+    """The expected number of distinct ids among n uniformly random tokens of V (the encoder backward's
+    buckets; real text has fewer, a small kernel either way)."""
+    return V * (1.0 - (1.0 - 1.0 / V) ** n)
 
-    def add(self, bytes_read, bytes_written, flops, gemm_precision):
-        self.launches += 1
-        self.bytes_read += bytes_read
-        self.bytes_written += bytes_written
-        self.flops += flops
-        for i, (_, device, bandwidth) in enumerate(GPUS):
-            t = (bytes_read + bytes_written) / bandwidth
-            if flops:
-                t = max(t, flops / peak_flops(device, gemm_precision))
-            self.seconds[i] += LAUNCH_OVERHEAD_S + t
 
+def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weights=True, distinct_tokens=None):
+    """Every launch of one step of train_gpt2_cuda.py's training loop (gpt2_zero_grad, gpt2_forward with
+    targets and dlogits in the forward, gpt2_backward, gpt2_calculate_grad_norm, gpt2_update), in order:
+    a list of Launch. cu: the trainer module (its grids: matmul_bias_grid, LAYERNORM_BACKWARD_BLOCK,
+    NORM_BLOCKS). distinct_tokens: the batch's distinct token ids (default: the expectation for random ones).
+    Sizes in elements: N = B*T rows; s = sizeof(floatX); P = floatX per 128-bit pack; att = B*NH*T*T."""
+    L, NH, C, V, Vp = (config.num_layers, config.num_heads, config.channels, config.vocab_size,
+                       config.padded_vocab_size)
+    s = 2 if precision == "bf16" else 4
+    P = 16 // s
+    N, hs, att = B * T, C // NH, B * NH * T * T
+    causal = B * NH * T * (T + 1) // 2           # the (t2 <= t) elements of the (B,NH,T,T) tensors
+    master = master_weights and precision == "bf16"
+    n_tok = expected_distinct_tokens(V, N) if distinct_tokens is None else distinct_tokens
+    out = []
+
+    def launch(kernel, where, read, written, dram_read=None, flops=0, counted=True):
+        out.append(Launch(kernel, where, read, written, flops, read if dram_read is None else dram_read, counted))
+
+    def gemm(caller, where, m, n, k, batch, read, written):
+        # cuBLAS: its operands read once, out written (read too when it accumulates): the emulator's count
+        launch(f"gemm ({caller})", where, read, written, flops=2 * m * n * k * batch)
+
+    def matmul_forward(where, OC, IC):
+        if precision == "bf16":
+            # the bias broadcast into out (a CuPy copy), then the GEMM adds onto it (beta = 1): reads inp
+            # (N, IC), weight (OC, IC) and out (N, OC); writes out
+            launch("cupy copy (matmul_forward bias)", where, OC * s, N * OC * s, counted=False)
+            gemm("matmul_forward", where, N, OC, IC, 1, (N * IC + OC * IC + N * OC) * s, N * OC * s)
+        else:
+            gemm("matmul_forward", where, N, OC, IC, 1, (N * IC + OC * IC) * s, N * OC * s)
+            # add_bias_packed_kernel: reads out and, per pack, the bias pack of its column: N*OC each;
+            # writes out. DRAM: the bias row once
+            launch("add_bias_packed_kernel", where, 2 * N * OC * s, N * OC * s, dram_read=(N * OC + OC) * s)
+
+    def layernorm_forward(where):
+        # one warp per row: reads the row three times (mean, variance, normalize) and weight and bias
+        # once per row: 5NC; writes out (NC) and mean, rstd (N floats each). DRAM: inp once, weight and bias once
+        launch("layernorm_forward_kernel", where, 5 * N * C * s, N * C * s + 8 * N, dram_read=(N * C + 2 * C) * s)
+
+    def fused_residual_forward(where):
+        # reads inp1 and inp2 (NC each), the residual it just wrote twice more (variance, normalize),
+        # weight and bias once per row: 6NC; writes residual and normed (NC each), mean, rstd
+        launch("fused_residual_layernorm_forward_kernel", where, 6 * N * C * s, 2 * N * C * s + 8 * N,
+               dram_read=(2 * N * C + 2 * C) * s)
+
+    def gelu_forward(where):
+        # reads fch, writes fch_gelu: 4NC each
+        launch("gelu_forward_packed_kernel", where, 4 * N * C * s, 4 * N * C * s)
+
+    def matmul_backward(where, OC, IC, bias=True):
+        # dinp (N, IC) = dout (N, OC) @ weight (OC, IC): reads dout and weight, writes dinp
+        gemm("matmul_backward", where, N, IC, OC, 1, (N * OC + OC * IC) * s, N * IC * s)
+        # dweight (OC, IC) += dout^T @ inp: reads dout, inp and dweight (accumulate), writes dweight
+        gemm("matmul_backward", where, OC, IC, N, 1, (N * OC + N * IC + OC * IC) * s, OC * IC * s)
+        if bias:
+            columns, row_blocks, rows_per_block = cu.matmul_bias_grid(N, OC, P)
+            # reads dout (N, OC) once; writes each block row's column sums, (row blocks, OC) floats
+            launch("matmul_backward_bias_partial_kernel", where, N * OC * s, row_blocks * OC * 4)
+            # reads the partials and dbias; writes dbias
+            launch("matmul_backward_bias_sum_kernel", where, row_blocks * OC * 4 + OC * s, OC * s)
+
+    def layernorm_backward(where):
+        blocks = ceil_div(32 * N, cu.LAYERNORM_BACKWARD_BLOCK)
+        # warp per row: reads inp, weight, dout in the first pass (3NC), and again with dinp (+=) in the
+        # second (4NC); mean and rstd by each of the 32 lanes (256 bytes a row); then per block the column
+        # sums reread dout and inp (2NC) with mean and rstd per row and column (8NC bytes). Writes dinp
+        # and 2C floats of partials per block. DRAM: inp, dout, dinp once, weight once, mean and rstd once
+        launch("layernorm_backward_kernel", where, 9 * N * C * s + 256 * N + 8 * N * C,
+               N * C * s + blocks * 2 * C * 4, dram_read=(3 * N * C + C) * s + 8 * N)
+        # reads the partials (blocks, 2C) and dbias, dweight; writes dbias, dweight
+        launch("layernorm_backward_sum_split_kernel", where, blocks * 2 * C * 4 + 2 * C * s, 2 * C * s)
+
+    # gpt2_zero_grad: the gradients' fill (CuPy)
+    launch("cupy fill (gpt2_zero_grad)", "optimizer", 0, formats.num_parameters(config) * s, counted=False)
+
+    # ---- gpt2_forward
+    # encoder: reads the token id once per pack (N*C/P ints), the wte and wpe rows (NC each); writes out.
+    # DRAM: the ids once, wte's N rows, wpe's T rows (the B batch rows reread them)
+    launch("encoder_forward_packed_kernel", "embedding", N * C // P * 4 + 2 * N * C * s, N * C * s,
+           dram_read=N * 4 + (N * C + T * C) * s)
+    layernorm_forward("layer 0")                                    # ln1 of layer 0
+    for l in range(L):
+        where = f"layer {l}"
+        matmul_forward(where, 3 * C, C)                             # qkv
+        # attention_forward: permute reads qkv (3NC), writes q, k, v (3NC)
+        launch("permute_kernel", where, 3 * N * C * s, 3 * N * C * s)
+        # preatt (B*NH, T, T) = q @ k^T: reads q, k; writes preatt
+        gemm("attention_forward", where, T, T, hs, B * NH, 2 * N * C * s, att * s)
+        # softmax: warp per row t, reads preatt[:t+1] twice (max/sum, then exp); writes att (all T)
+        launch("softmax_forward_kernel", where, 2 * causal * s, att * s, dram_read=causal * s)
+        # vaccum (B*NH, T, hs) = att @ v: reads att, v; writes vaccum
+        gemm("attention_forward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)
+        launch("unpermute_kernel", where, N * C * s, N * C * s)     # vaccum -> atty
+        matmul_forward(where, C, C)                                 # attproj
+        fused_residual_forward(where)                               # residual2, ln2
+        matmul_forward(where, 4 * C, C)                             # fc
+        gelu_forward(where)
+        matmul_forward(where, C, 4 * C)                             # fcproj
+        fused_residual_forward(where)                               # residual3, the next ln1 or lnf
+    # the classifier: logits (N, Vp) = lnf @ wte^T, no bias
+    gemm("matmul_forward", "head", N, Vp, C, 1, (N * C + Vp * C) * s, N * Vp * s)
+    # fused_classifier_x128_kernel, block per row: reads the row's real packs (ceil(V/P)*P) twice (max/sum,
+    # then dlogits), the target by each of the 1024 threads, x[target] once; writes the loss and dlogits
+    # (all Vp). DRAM: the row once (its second read from L2), the targets once
+    real = ceil_div(V, P) * P
+    launch("fused_classifier_x128_kernel", "head", N * (2 * real * s + 1024 * 4 + s), N * (4 + Vp * s),
+           dram_read=N * (real * s + 4 + s))
+    launch("cupy sum (mean loss)", "head", N * 4, 4, counted=False)   # acts.losses.mean(), read by the host
+
+    # ---- gpt2_backward
+    launch("cupy fill (dresidual)", "head", 0, N * C * s, counted=False)
+    matmul_backward("head", Vp, C, bias=False)                      # dlnf, dwte from dlogits
+    layernorm_backward("head")                                      # lnf
+    for l in reversed(range(L)):
+        where = f"layer {l}"
+        if recompute >= 1:
+            gelu_forward(where)                                     # fch_gelu again
+        if recompute >= 2:
+            layernorm_forward(where)                                # ln2 again
+        matmul_backward(where, C, 4 * C)                            # fcproj
+        # gelu_backward in place: reads fch and dout (4NC each), writes dinp over dout
+        launch("gelu_backward_packed_kernel", where, 8 * N * C * s, 4 * N * C * s)
+        matmul_backward(where, 4 * C, C)                            # fc
+        layernorm_backward(where)                                   # ln2
+        matmul_backward(where, C, C)                                # attproj
+        # attention_backward: unpermute_backward reads dout, writes dvaccum (NC each)
+        launch("unpermute_backward_kernel", where, N * C * s, N * C * s)
+        gemm("attention_backward", where, T, T, hs, B * NH, 2 * N * C * s, att * s)        # datt = dvaccum @ v^T
+        gemm("attention_backward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)  # dv = att^T @ dvaccum
+        # softmax backward, warp per row t: reads att and datt [:t+1] twice (the dot, then dpreatt);
+        # writes dpreatt (all T)
+        launch("softmax_autoregressive_backward_kernel", where, 4 * causal * s, att * s, dram_read=2 * causal * s)
+        gemm("attention_backward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)  # dq = dpreatt @ k
+        gemm("attention_backward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)  # dk = dpreatt^T @ q
+        launch("permute_backward_kernel", where, 3 * N * C * s, 3 * N * C * s)   # dq, dk, dv -> dqkv
+        if recompute >= 2:
+            layernorm_forward(where)                                # ln1 again
+        matmul_backward(where, 3 * C, C)                            # qkv
+        layernorm_backward(where)                                   # ln1
+    # encoder backward, wte: a thread per (distinct token, channel) reads dwte, the bucket's token id,
+    # start and end, and per position of the token its index and dout: n*C*(s + 12) + N*C*(4 + s); writes
+    # dwte's n rows. DRAM: dout once, the indices once, dwte's n rows
+    launch("encoder_backward_wte_kernel", "embedding", round(n_tok * C * (s + 12) + N * C * (4 + s)),
+           round(n_tok * C * s), dram_read=round(n_tok * C * s + N * C * s + N * 4 + n_tok * 12))
+    # wpe: a thread per (t, c) reads dwpe and the B rows of dout; writes dwpe[:T]
+    launch("encoder_backward_wpe_kernel", "embedding", (B + 1) * T * C * s, T * C * s)
+
+    # ---- gpt2_calculate_grad_norm: reads every gradient, writes one float per block; the host sums them
+    n_params = formats.num_parameters(config)
+    grid = min(ceil_div(n_params, 512), cu.NORM_BLOCKS)
+    launch("global_norm_squared_kernel", "optimizer", n_params * s, grid * 4)
+    launch("cupy sum (grad norm)", "optimizer", grid * 4, 4, counted=False)
+
+    # ---- gpt2_update: one adamw_kernel per parameter tensor. Per parameter it reads the gradient (s), m
+    # and v (4 each) and the old value: the fp32 master copy (4) or the parameter (s); writes m, v, the
+    # parameter and the master copy when there is one
+    for name, shape in formats.param_shapes(config):
+        n = math.prod(shape)
+        launch("adamw_kernel", "optimizer", n * (s + 8 + (4 if master else s)), n * (s + 8 + (4 if master else 0)))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# counting one step on the emulator (small shapes only)
 
 def counting_gemm(gemm, calls):
     """gemm() as the trainer's, that also appends a Gemm record to calls (FLOPs and bytes of the call)."""
@@ -101,13 +276,28 @@ def emulated_trainer():
     return train_gpt2_cuda
 
 
+def model_config(args):
+    """The config of -e (d6, d12, ... or a .bin file's header) or of --tiny, without building the model."""
+    if args.tiny:
+        return TINY
+    if args.model.endswith(".bin") or os.path.exists(args.model):
+        h, _ = formats.read_header(args.model, formats.MODEL_MAGIC, (3, 5))
+        return formats.GPT2Config(max_seq_len=int(h[2]), vocab_size=int(h[3]), num_layers=int(h[4]),
+                                  num_heads=int(h[5]), channels=int(h[6]), padded_vocab_size=int(h[7]))
+    depth = int(args.model[1:]) if args.model[:1] == "d" and args.model[1:].isdigit() else None
+    if depth not in formats.MODEL_DEPTHS:
+        raise SystemExit(f"perf_model.py: unknown model '{args.model}': use d6, d12, d24, d36, d48 or a .bin file")
+    NH, C = formats.MODEL_DEPTHS[depth]
+    return formats.GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=depth, num_heads=NH, channels=C,
+                              padded_vocab_size=formats.padded_vocab(50257))
+
+
 def build_model(cu, args):
-    precision = args.precision
     if args.tiny:
         rng = np.random.default_rng(0)
         params = (0.02 * rng.standard_normal(formats.num_parameters(TINY))).astype(np.float32)
-        return cu.GPT2(TINY, params, args.recompute, precision, bool(args.master_weights))
-    return cu.gpt2_build_from_descriptor(args.model, recompute=args.recompute, precision=precision,
+        return cu.GPT2(TINY, params, args.recompute, args.precision, bool(args.master_weights))
+    return cu.gpt2_build_from_descriptor(args.model, recompute=args.recompute, precision=args.precision,
                                          master_weights=bool(args.master_weights))
 
 
@@ -123,17 +313,16 @@ def training_step(cu, model, x, y, B, T):
     return model.mean_loss
 
 
-def model_step(cu, args):
-    """Run one counted step of the trainer module cu. Returns (launches, gemms, rows, total, loss, model):
-    the emulator's Traffic records, the Gemm records, the table's rows (kernels by name, then GEMMs by
-    launcher), its total Row, the step's loss and the model."""
+def count_step(cu, args):
+    """Run one step of the trainer module cu on the emulator with the traffic counter on. Returns
+    (launches, gemms, loss, distinct tokens): the emulator's Traffic records, the Gemm records, the
+    step's loss and the number of distinct token ids in the batch."""
     model = build_model(cu, args)
     config, B, T = model.config, args.batch_size, args.seq_len
     rng = np.random.default_rng(0)
     x = rng.integers(0, config.vocab_size, (B, T), dtype=np.int32)
     y = rng.integers(0, config.vocab_size, (B, T), dtype=np.int32)
     cu.gpt2_allocate_state(model, B, T)                  # its memory report prints before the table
-    gemm_precision = "bf16" if model.precision == "bf16" else "tf32"
     gemms, gemm = [], cu.gemm
     cu.gemm = counting_gemm(gemm, gemms)
     try:
@@ -141,64 +330,150 @@ def model_step(cu, args):
             loss = training_step(cu, model, x, y, B, T)
     finally:
         cu.gemm = gemm
-    rows = {}
-    for r in launches:
-        rows.setdefault(r.kernel, Row(r.kernel)).add(r.bytes_read, r.bytes_written, 0, gemm_precision)
-    for g in gemms:
-        name = f"gemm ({g.caller})"
-        rows.setdefault(name, Row(name)).add(g.bytes_read, g.bytes_written, g.flops, gemm_precision)
-    total = Row("total")
-    for row in rows.values():
-        total.launches += row.launches
-        total.bytes_read += row.bytes_read
-        total.bytes_written += row.bytes_written
-        total.flops += row.flops
-        total.seconds = [t + s for t, s in zip(total.seconds, row.seconds)]
-    return launches, gemms, list(rows.values()), total, loss, model
+    return launches, gemms, loss, len(np.unique(x))
 
 
-def print_table(rows, total):
+def counted_launches(launches, gemms, formulas):
+    """The counted records as Launch entries: kernels, then GEMMs (the counter keeps two lists). Each
+    takes the `where` of the formula entry at its place when the two sequences name the same kernels."""
+    kernels = [f for f in formulas if f.counted and not f.kernel.startswith("gemm")]
+    products = [f for f in formulas if f.kernel.startswith("gemm")]
+    ks = [Launch(r.kernel, "?", r.bytes_read, r.bytes_written, 0, r.bytes_read, True) for r in launches]
+    gs = [Launch(f"gemm ({g.caller})", "?", g.bytes_read, g.bytes_written, g.flops, g.bytes_read, True) for g in gemms]
+    for mine, theirs in ((ks, kernels), (gs, products)):
+        if [m.kernel for m in mine] == [t.kernel for t in theirs]:
+            mine[:] = [m._replace(where=t.where) for m, t in zip(mine, theirs)]
+    return ks + gs
+
+
+# ----------------------------------------------------------------------------
+# the tables
+
+class Row:
+    """One line of a table: some launches together (all of one kernel, or all of one layer)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.launches = self.bytes_read = self.bytes_written = self.flops = self.dram_read = 0
+        self.seconds = [0.0] * len(GPUS)          # from the counted bytes
+        self.dram_seconds = [0.0] * len(GPUS)     # from the DRAM estimate
+
+    def add(self, launch, gemm_precision):
+        self.launches += 1
+        self.bytes_read += launch.bytes_read
+        self.bytes_written += launch.bytes_written
+        self.dram_read += launch.dram_read
+        self.flops += launch.flops
+        for i, (_, device, bandwidth) in enumerate(GPUS):
+            compute = launch.flops / peak_flops(device, gemm_precision) if launch.flops else 0.0
+            self.seconds[i] += LAUNCH_OVERHEAD_S + max((launch.bytes_read + launch.bytes_written) / bandwidth, compute)
+            self.dram_seconds[i] += LAUNCH_OVERHEAD_S + max((launch.dram_read + launch.bytes_written) / bandwidth,
+                                                            compute)
+
+
+def tabulate(launches, key, gemm_precision):
+    """Rows of launches grouped by key(launch), in first-seen order, and their total Row."""
+    rows, total = {}, Row("total")
+    for launch in launches:
+        rows.setdefault(key(launch), Row(key(launch))).add(launch, gemm_precision)
+        total.add(launch, gemm_precision)
+    return list(rows.values()), total
+
+
+def print_table(title, rows, total, sort=True):
     labels = [label for label, _, _ in GPUS]
-    print(f"{'kernel':<44} {'launches':>8} {'MB read':>9} {'MB written':>10} {'GFLOP':>8} "
+    print(f"{title:<44} {'launches':>8} {'MB read':>10} {'MB written':>10} {'GFLOP':>9} "
           + " ".join(f"{label + ' us':>13}" for label in labels))
-    for row in sorted(rows, key=lambda r: -r.seconds[0]) + [total]:
+    for row in (sorted(rows, key=lambda r: -r.seconds[2]) if sort else rows) + [total]:
         if row is total:
-            print("-" * (44 + 38 + 14 * len(labels) + 1))
-        print(f"{row.name:<44} {row.launches:>8} {row.bytes_read / 1e6:>9.3f} {row.bytes_written / 1e6:>10.3f} "
-              f"{row.flops / 1e9:>8.3f} " + " ".join(f"{s * 1e6:>13.1f}" for s in row.seconds))
+            print("-" * (44 + 41 + 14 * len(labels) + 1))
+        print(f"{row.name:<44} {row.launches:>8} {row.bytes_read / 1e6:>10.3f} {row.bytes_written / 1e6:>10.3f} "
+              f"{row.flops / 1e9:>9.3f} " + " ".join(f"{s * 1e6:>13.1f}" for s in row.seconds))
+
+
+def print_check(counted, formulas):
+    """Per kernel: the counted bytes and the formulas', and their relative difference."""
+    print(f"{'kernel (--check: counted vs formulas)':<44} {'launches':>13} {'counted MB':>11} {'formula MB':>11} "
+          f"{'diff':>8} {'GFLOP diff':>10}")
+    counted_rows = {r.name: r for r in tabulate(counted, lambda x: x.kernel, "bf16")[0]}
+    formula_rows = {r.name: r for r in tabulate([f for f in formulas if f.counted], lambda x: x.kernel, "bf16")[0]}
+    for name in sorted(set(counted_rows) | set(formula_rows)):
+        c, f = counted_rows.get(name, Row(name)), formula_rows.get(name, Row(name))
+        cb, fb = c.bytes_read + c.bytes_written, f.bytes_read + f.bytes_written
+        diff = (fb - cb) / cb if cb else float("inf")
+        fdiff = (f.flops - c.flops) / c.flops if c.flops else 0.0
+        print(f"{name:<44} {c.launches:>6} / {f.launches:<4} {cb / 1e6:>11.4f} {fb / 1e6:>11.4f} {diff:>+8.2%} "
+              f"{fdiff:>+10.2%}")
 
 
 def main(argv=None, trainer=None):
-    """Print the table; return (launches, gemms, rows, total). trainer: train_gpt2_cuda imported with
-    LLMC_EMULATE=1 (default: import it so)."""
+    """Print the tables; return a dict: formulas (the Launch list), counted (the counted Launch list, or
+    None), launches and gemms (the counter's records, or None), rows and total (the kernel table's).
+    trainer: train_gpt2_cuda imported with LLMC_EMULATE=1 (default: import it so)."""
     cu = trainer or emulated_trainer()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-e", "--model", default="d6", help="d6, d12, ... or a .bin checkpoint")
+    parser.add_argument("-e", "--model", default="d12", help="d6, d12, ... or a .bin checkpoint")
     parser.add_argument("--tiny", type=int, default=0, help="1: a tiny model instead (L2 NH2 C64 V1000 maxT64)")
-    parser.add_argument("-b", "--batch_size", type=int, default=2)
-    parser.add_argument("-t", "--seq_len", type=int, default=64)
+    parser.add_argument("-b", "--batch_size", type=int, default=16)
+    parser.add_argument("-t", "--seq_len", type=int, default=1024)
     parser.add_argument("-p", "--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("-r", "--recompute", type=int, default=cu.TRAIN_GPT2_CU_DEFAULTS["recompute"],
                         help="what the backward recomputes, as train_gpt2_cuda.py's -r")
     parser.add_argument("-w", "--master_weights", type=int, default=1)
+    parser.add_argument("--count", type=int, default=0, help="1: count one step on the emulator (small shapes)")
+    parser.add_argument("--check", type=int, default=0, help="1: count and compare with the formulas per kernel")
     args = parser.parse_args(argv)
-    t0 = time.time()
-    launches, gemms, rows, total, loss, model = model_step(cu, args)
-    c = model.config
-    print(f"[perf_model] L={c.num_layers} NH={c.num_heads} C={c.channels} Vp={c.padded_vocab_size} "
-          f"B={args.batch_size} T={args.seq_len} {model.precision}, one training step (loss {loss:.4f}), "
-          f"counted on the emulator in {time.time() - t0:.1f} s")
-    print(f"modeled: {LAUNCH_OVERHEAD_S * 1e6:g} us per launch + bytes / HBM bandwidth "
-          f"(GEMMs: max of that and FLOPs / {'bf16' if model.precision == 'bf16' else 'tf32'} peak)")
-    print("  " + ", ".join(f"{label} {bw / 1e12:g} TB/s {peak_flops(device, 'bf16') / 1e12:g} TFLOP/s bf16"
-                           for label, device, bw in GPUS))
-    print_table(rows, total)
-    tokens = args.batch_size * args.seq_len
-    print("tokens/s modeled: " + ", ".join(f"{label} {tokens / s:,.0f}" for (label, _, _), s in
-                                            zip(GPUS, total.seconds)))
-    print("not counted: caches, coalescing, latency; the step's memsets and host-device copies (see the header)")
-    return launches, gemms, rows, total
+    config, B, T, precision = model_config(args), args.batch_size, args.seq_len, args.precision
+    gemm_precision = "bf16" if precision == "bf16" else "tf32"
+    launches = gemms = counted = None
+    loss, distinct = None, None
+    if args.count or args.check:
+        t0 = time.time()
+        launches, gemms, loss, distinct = count_step(cu, args)
+        print(f"[perf_model] counted on the emulator in {time.time() - t0:.1f} s (loss {loss:.4f})")
+    formulas = step_launches(cu, config, B, T, precision, args.recompute, bool(args.master_weights), distinct)
+    if launches is not None:
+        counted = counted_launches(launches, gemms, formulas)
+    shown = counted if args.count and not args.check else formulas
+    P = 16 // (2 if precision == "bf16" else 4)
+    L, NH, C = config.num_layers, config.num_heads, config.channels
+    print(f"[perf_model] L={L} NH={NH} C={C} V={config.vocab_size} Vp={config.padded_vocab_size} B={B} T={T} "
+          f"{precision} -r {args.recompute} -w {args.master_weights}: one training step, "
+          + ("counted on the emulator" if shown is counted else "from the formulas"))
+    print(f"modeled per launch: {LAUNCH_OVERHEAD_S * 1e6:g} us + max(bytes / HBM bandwidth, FLOPs / "
+          f"{gemm_precision} peak); the tables use the COUNTED bytes (every access, as the emulator counts), "
+          "the summary also the DRAM estimate (a reread row from cache)")
+    print("  " + ", ".join(f"{label} {bw / 1e12:g} TB/s {peak_flops(device, gemm_precision) / 1e12:g} TFLOP/s "
+                           f"{gemm_precision}" for label, device, bw in GPUS))
+    if any(x % P for x in (C, B * NH * T * T, config.padded_vocab_size)) and shown is formulas:
+        print(f"  note: C, Vp or B*NH*T*T is not a multiple of {P}: the trainer takes some per-element kernels "
+              "that the formulas do not model (--count 1 counts them)")
+    rows, total = tabulate(shown, lambda x: x.kernel, gemm_precision)
+    print_table("kernel", rows, total)
+    print()
+    print_table("where", *tabulate(shown, lambda x: x.where, gemm_precision), sort=False)
+    if args.check:
+        print()
+        print_check(counted, formulas)
+    tokens = B * T
+    model_flops = flops_per_token(formats.num_parameters(config), L, C, T) * tokens
+    print()
+    print(f"step ({tokens:,} tokens, {model_flops / 1e12:.2f} TFLOP by llm.c's 6N + 6LCT; "
+          f"{total.bytes_read / 1e9:.2f} GB read, {total.bytes_written / 1e9:.2f} GB written counted, "
+          f"{total.dram_read / 1e9:.2f} GB read DRAM estimate):")
+    for i, (label, device, _) in enumerate(GPUS):
+        peak = peak_flops(device, gemm_precision)
+        line = []
+        for what, seconds in (("counted", total.seconds[i]), ("DRAM estimate", total.dram_seconds[i])):
+            line.append(f"{seconds * 1e3:7.1f} ms/step {tokens / seconds:>9,.0f} tokens/s "
+                        f"MFU {100 * model_flops / seconds / peak:4.1f}% ({what})")
+        print(f"  {label:<10} " + " | ".join(line))
+    print(f"  of which launch overhead: {total.launches} launches x {LAUNCH_OVERHEAD_S * 1e6:g} us = "
+          f"{total.launches * LAUNCH_OVERHEAD_S * 1e3:.1f} ms")
+    print("not modeled: caches beyond the DRAM estimate, coalescing, latency and occupancy, cuBLAS's efficiency, "
+          "the host (syncs, copies); no GPU has checked these numbers (see the header)")
+    return dict(formulas=formulas, counted=counted, launches=launches, gemms=gemms, rows=rows, total=total)
 
 
 if __name__ == "__main__":

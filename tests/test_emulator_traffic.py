@@ -229,10 +229,11 @@ def test_adamw(precision, master):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_perf_model_totals_are_the_sums_of_the_launches(precision, capsys):
     trainer = emulated_cuda_trainer("train_gpt2_cuda_perf_model")
-    launches, gemms, rows, total = perf_model.main(["--tiny", "1", "-b", "2", "-t", "16", "-p", precision],
-                                                   trainer=trainer)
+    result = perf_model.main(["--tiny", "1", "-b", "2", "-t", "16", "-p", precision, "--count", "1"], trainer=trainer)
+    launches, gemms, counted, rows, total = (result[k] for k in ("launches", "gemms", "counted", "rows", "total"))
     out = capsys.readouterr().out
     assert gemms and launches and trainer.gemm.__name__ == "gemm"        # counted, then put back
+    assert len(counted) == len(launches) + len(gemms)
     # every table row: its launches and bytes are those of the records with its name
     assert sorted(r.name for r in rows) == sorted({t.kernel for t in launches} | {f"gemm ({g.caller})" for g in gemms})
     for row in rows:
@@ -254,4 +255,54 @@ def test_perf_model_totals_are_the_sums_of_the_launches(precision, capsys):
     # the classifier's GEMM: (B*T, C) @ (Vp, C)^T in the forward, 2 * B*T * Vp * C FLOPs
     c = perf_model.TINY
     assert 2 * 2 * 16 * c.padded_vocab_size * c.channels in [g.flops for g in gemms if g.caller == "matmul_forward"]
-    assert "total" in out and "A100-40GB" in out and "H200" in out
+    assert "total" in out and "A100-40GB" in out and "H200" in out and "counted on the emulator" in out
+
+
+# the formulas against the counter, launch by launch: (B, T), precision, -r, -w. The tiny model is L2 NH2
+# C64 V1000 (Vp 1024) maxT 64
+FORMULA_CASES = [(2, 16, "bf16", 1, 1), (2, 16, "fp32", 1, 1), (2, 64, "bf16", 0, 1), (2, 64, "fp32", 2, 1),
+                 (3, 32, "bf16", 2, 1), (3, 32, "fp32", 0, 1), (3, 32, "bf16", 1, 0)]
+
+
+@pytest.mark.parametrize("B, T, precision, recompute, master", FORMULA_CASES)
+def test_perf_model_formulas_are_the_counted_step(B, T, precision, recompute, master, capsys):
+    trainer = emulated_cuda_trainer("train_gpt2_cuda_perf_model")
+    result = perf_model.main(["--tiny", "1", "-b", str(B), "-t", str(T), "-p", precision, "-r", str(recompute),
+                              "-w", str(master), "--check", "1"], trainer=trainer)
+    formulas = [f for f in result["formulas"] if f.counted]       # CuPy's fills and copies are not counted
+    counted = result["counted"]
+    kernels = [f for f in formulas if not f.kernel.startswith("gemm")]
+    products = [f for f in formulas if f.kernel.startswith("gemm")]
+    # the same launches in the same order (so per layer too): kernels, then GEMMs (the counter's two lists)
+    assert [t.kernel for t in result["launches"]] == [f.kernel for f in kernels]
+    assert [f"gemm ({g.caller})" for g in result["gemms"]] == [f.kernel for f in products]
+    assert all(c.where == f.where for c, f in zip(counted, kernels + products))      # counted took the places
+    # every launch's bytes exactly, GEMM FLOPs exactly
+    for c, f in zip(counted, kernels + products):
+        assert (c.kernel, c.bytes_read, c.bytes_written, c.flops) == (f.kernel, f.bytes_read, f.bytes_written, f.flops)
+        assert f.dram_read <= f.bytes_read                          # the estimate only removes rereads
+    # the launches per layer: what -r adds to the backward (GELU; and the two LayerNorms)
+    layer0 = [f.kernel for f in formulas if f.where == "layer 0"]
+    assert layer0.count("gelu_forward_packed_kernel") == 1 + (recompute >= 1)
+    assert layer0.count("layernorm_forward_kernel") == 1 + 2 * (recompute >= 2)   # layer 0's ln1, and recomputed
+    assert layer0.count("fused_residual_layernorm_forward_kernel") == 2
+    out = capsys.readouterr().out
+    assert "counted vs formulas" in out and "+0.00%" in out and "DRAM estimate" in out
+
+
+def test_perf_model_formulas_at_d12(capsys):
+    # d12 B=16 T=1024 bf16, which the emulator cannot run: the formulas' launches and the GEMMs' FLOPs
+    trainer = emulated_cuda_trainer("train_gpt2_cuda_perf_model")
+    result = perf_model.main(["-e", "d12", "-b", "16", "-t", "1024", "-p", "bf16"], trainer=trainer)
+    formulas, total = result["formulas"], result["total"]
+    assert result["counted"] is None
+    L, C, Vp, N, T = 12, 768, 50304, 16 * 1024, 1024
+    # the linear layers: 3 GEMMs of 2 * N * weight elements each (forward, dinp, dweight): 6 * N * the 4 weights
+    # per layer and the classifier's wte; attention: 6 batched GEMMs per layer (2 forward, 4 backward) of
+    # 2 * T * T * hs * B * NH = 2 * N * T * C FLOPs each
+    linear = L * (3 * C * C + C * C + 4 * C * C + 4 * C * C) + Vp * C
+    assert total.flops == 6 * N * linear + 6 * L * 2 * N * T * C
+    assert sum(f.kernel == "adamw_kernel" for f in formulas) == 16
+    assert sum(f.kernel == "softmax_forward_kernel" for f in formulas) == L
+    out = capsys.readouterr().out
+    assert "from the formulas" in out and "ms/step" in out and "MFU" in out
