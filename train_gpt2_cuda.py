@@ -26,6 +26,7 @@ argument order, and gpt2_forward / gpt2_backward call them in the same order.
   LLMC_EMULATE=1 python train_gpt2_cuda.py ...      # no GPU: NumPy + the same kernels on the CPU (tiny models)
 """
 
+import ctypes
 import math
 import os
 import sys
@@ -57,15 +58,49 @@ if EMULATE:
     from emulator import RawModule
     NULL = None  # a null pointer kernel argument
 
-    def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
+    GELU_SCALING_FACTOR = np.float32(math.sqrt(2.0 / math.pi))
+
+    def gelu_value(x):
+        # kernels/gelu.cu's gelu_value in float32: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        cube = np.float32(0.044715) * x * x * x
+        return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(GELU_SCALING_FACTOR * (x + cube)))
+
+    def gelu_grad(x):
+        # kernels/gelu.cu's gelu_grad in float32: d gelu(x) / dx
+        cube = np.float32(0.044715) * x * x * x
+        tanh_arg = GELU_SCALING_FACTOR * (x + cube)
+        sech = np.float32(1.0) / (np.cosh(tanh_arg) * np.cosh(tanh_arg))
+        return (np.float32(0.5) * (np.float32(1.0) + np.tanh(tanh_arg)) + x * np.float32(0.5) * sech
+                * GELU_SCALING_FACTOR * (np.float32(1.0) + np.float32(3.0 * 0.044715) * x * x))
+
+    def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False, epilogue=None, bias=None, aux=None):
         """out (batch, m, n) (+)= op(a) @ op(b), with NumPy's matmul standing in for cuBLAS.
         bf16 arrays (uint16 bits) as cuBLAS's bf16 GEMM with fp32 compute: the bf16 inputs widened
         exactly, products summed in fp32 (NumPy's sgemm), beta*out added in fp32, one rounding to
-        bf16 (to nearest even) at the store."""
+        bf16 (to nearest even) at the store.
+        epilogue: cuBLASLt's (-ge; cublaslt_gemm on a GPU), out (m, n) written, not accumulated. Everything
+        between the product and the store is fp32, and each stored tensor is rounded to floatX once:
+          "GELU_AUX_BIAS": pre = product + bias (n,) in fp32; aux (m, n) = pre, rounded; out = gelu(pre),
+                           rounded (GELU of the unrounded sum: -ge 0's gelu_forward reads the rounded aux)
+          "DGELU":         out = product * gelu'(aux) in fp32 (aux as stored, widened), rounded once
+                           (-ge 0 rounds the product into dinp, then gelu_backward rounds again)"""
+        if epilogue is not None:
+            assert epilogue in ("GELU_AUX_BIAS", "DGELU") and not accumulate and out.ndim == 2
         if out.dtype == BF16:
             a, b = bf16_to_f32(a), bf16_to_f32(b)
         a = a.swapaxes(-1, -2) if transpose_a else a
         b = b.swapaxes(-1, -2) if transpose_b else b
+        if epilogue is not None:
+            widen = bf16_to_f32 if out.dtype == BF16 else np.asarray
+            store = f32_to_bf16 if out.dtype == BF16 else np.asarray
+            product = np.matmul(a, b)
+            if epilogue == "GELU_AUX_BIAS":
+                pre = product + widen(bias)
+                aux[...] = store(pre)
+                out[...] = store(gelu_value(pre))
+            else:
+                out[...] = store(product * gelu_grad(widen(aux)))
+            return
         if out.dtype == BF16:
             product = np.matmul(a, b)
             if accumulate:
@@ -130,13 +165,19 @@ else:
         CUBLAS_COMPUTE_32F = getattr(cublas, "CUBLAS_COMPUTE_32F", 68)
         CUBLAS_GEMM_DEFAULT = getattr(cublas, "CUBLAS_GEMM_DEFAULT", -1)
 
-        def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
+        def gemm(out, a, b, transpose_a=False, transpose_b=False, accumulate=False, epilogue=None, bias=None,
+                 aux=None):
             """out (batch, m, n) (+)= op(a) @ op(b) for C-contiguous float32 arrays of 2 or 3 dims
             (a 2-D operand is shared by the whole batch), as one cublasSgemmStridedBatched call.
             cuBLAS is column-major, and a row-major (r, c) array is a column-major (c, r) matrix, so
             we ask it for out^T = op(b)^T @ op(a)^T, which needs no copy and no transpose.
             (cupy.matmul would do the same products, but it first copies a transposed batched operand
-            such as att^T (B,NH,T,T) into a contiguous array, and it cannot accumulate: no beta.)"""
+            such as att^T (B,NH,T,T) into a contiguous array, and it cannot accumulate: no beta.)
+            epilogue, bias, aux: a cuBLASLt epilogue (-ge), as the emulator's gemm describes them:
+            one cublasLtMatmul call instead (cublaslt_gemm below)."""
+            if epilogue is not None:
+                cublaslt_gemm(out, a, b, transpose_a, transpose_b, epilogue, bias, aux)
+                return
             m, n = out.shape[-2:]
             k = a.shape[-2] if transpose_a else a.shape[-1]
             batch = out.size // (m * n)
@@ -196,6 +237,164 @@ def require_gpu():
     """Stop with one line if neither a GPU with CuPy nor the emulator is available."""
     if NO_GPU is not None:
         raise SystemExit(NO_GPU)
+
+
+# ----------------------------------------------------------------------------
+# cuBLASLt (GPU only, -ge 1|2): llm.c's matmul_cublaslt for the two GEMMs that carry GELU, through ctypes into
+# the libcublasLt that CuPy's cuBLAS has loaded already (no extra package). One handle and a 32 MiB workspace,
+# made at the first fused GEMM; descriptors made and destroyed per call, as llm.c does. The emulator's gemm
+# stands in for all of it on the CPU.
+
+CUBLASLT_WORKSPACE_BYTES = 32 << 20                   # llm.c's cublaslt_workspace_size
+# cublasLt.h's enums (the values are the ABI: they do not change between CUDA 11 and 13)
+CUDA_R_32F_, CUDA_R_16BF_ = 0, 14                     # cudaDataType_t (library_types.h)
+COMPUTE_32F, COMPUTE_32F_FAST_TF32 = 68, 77           # cublasComputeType_t
+DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8        # cublasLtMatmulDescAttributes_t
+DESC_EPILOGUE_AUX_POINTER, DESC_EPILOGUE_AUX_LD, DESC_EPILOGUE_AUX_DATA_TYPE, DESC_BIAS_DATA_TYPE = 11, 12, 22, 26
+LAYOUT_BATCH_COUNT, LAYOUT_STRIDED_BATCH_OFFSET = 5, 6                          # cublasLtMatrixLayoutAttribute_t
+PREF_MAX_WORKSPACE_BYTES = 1                                                    # cublasLtMatmulPreferenceAttributes_t
+EPILOGUES = {"GELU_AUX_BIAS": 164, "DGELU": 192}   # cublasLtEpilogue_t (the two -ge uses; BIAS 4, BGRADB 512)
+
+
+class CublasLtHeuristic(ctypes.Structure):
+    # cublasLtMatmulHeuristicResult_t: the algorithm (cublasLtMatmulAlgo_t, 8 uint64), its workspace, status
+    _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspaceSize", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("wavesCount", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
+_p, _i, _u64, _i64, _sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64, ctypes.c_size_t
+CUBLASLT_FUNCTIONS = {  # name: argument types; every one returns a cublasStatus_t (0 = success)
+    "cublasLtCreate": (_p,),
+    "cublasLtMatmulDescCreate": (_p, _i, _i),
+    "cublasLtMatmulDescSetAttribute": (_p, _i, _p, _sz),
+    "cublasLtMatmulDescDestroy": (_p,),
+    "cublasLtMatrixLayoutCreate": (_p, _i, _u64, _u64, _i64),
+    "cublasLtMatrixLayoutSetAttribute": (_p, _i, _p, _sz),
+    "cublasLtMatrixLayoutDestroy": (_p,),
+    "cublasLtMatmulPreferenceCreate": (_p,),
+    "cublasLtMatmulPreferenceSetAttribute": (_p, _i, _p, _sz),
+    "cublasLtMatmulPreferenceDestroy": (_p,),
+    "cublasLtMatmulAlgoGetHeuristic": (_p, _p, _p, _p, _p, _p, _p, _i, _p, _p),
+    "cublasLtMatmul": (_p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _sz, _p),
+}
+
+
+def cublaslt_library():
+    """The loaded libcublasLt (a ctypes.CDLL): the one already in this process (CuPy's libcublas needs it),
+    else by its usual names. Raises OSError with what was tried. (Tests put a table of stand-ins here.)"""
+    tried = []
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = sorted({line.split()[-1] for line in maps if "libcublasLt.so" in line})
+    except OSError:
+        loaded = []
+    for name in loaded + ["libcublasLt.so.12", "libcublasLt.so.13", "libcublasLt.so.11", "libcublasLt.so"]:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            tried.append(name)
+    raise OSError(f"no libcublasLt found (tried {', '.join(tried)})")
+
+
+class CublasLt:
+    """The entry points of CUBLASLT_FUNCTIONS bound to a library (their addresses called through prototypes,
+    so a table of Python stand-ins binds the same way), one handle, one workspace."""
+
+    def __init__(self, library):
+        self.f = {}
+        for name, argtypes in CUBLASLT_FUNCTIONS.items():
+            address = ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+            self.f[name] = ctypes.CFUNCTYPE(ctypes.c_int, *argtypes)(address)
+        self.handle = ctypes.c_void_p()
+        self.call("cublasLtCreate", ctypes.byref(self.handle))
+        self.workspace = xp.zeros(CUBLASLT_WORKSPACE_BYTES, dtype=np.uint8)
+
+    def call(self, name, *args):
+        status = self.f[name](*args)
+        if status != 0:
+            raise RuntimeError(f"{name} failed: cublasStatus_t {status}")
+
+    def set(self, setter, obj, attribute, value):
+        """Set one attribute from a ctypes value (its size is the one cuBLASLt expects for that attribute)."""
+        self.call(setter, obj, attribute, ctypes.byref(value), ctypes.sizeof(value))
+
+
+_cublaslt = None   # the CublasLt of this process, made at the first fused GEMM (cublaslt_gemm)
+
+
+def cublaslt_available():
+    """None if cuBLASLt can be used here, else one line saying why (device_setup then runs -ge 0)."""
+    global _cublaslt
+    if EMULATE or _cublaslt is not None:
+        return None
+    try:
+        _cublaslt = CublasLt(cublaslt_library())
+    except (OSError, AttributeError, RuntimeError) as e:
+        return str(e).strip().splitlines()[0]
+    return None
+
+
+def cublaslt_gemm(out, a, b, transpose_a, transpose_b, epilogue, bias=None, aux=None):
+    """gemm's epilogue path on a GPU: out (m, n) = op(a) @ op(b) with the epilogue, as one cublasLtMatmul.
+    As cuBLAS's gemm, the row-major operands are column-major transposes, so cuBLASLt computes
+    out^T = op(b)^T @ op(a)^T: its A is our b, its B our a, its (rows, cols) of D our (n, m). So the bias of
+    GELU_AUX_BIAS (one per row of its D) is one per column of out, the aux matrix (pre-GELU) has out's shape
+    and leading dimension n.
+    floatX operands, fp32 compute (TF32 with -p fp32 -f 1, as the cuBLAS GEMMs), alpha 1, beta 0."""
+    if cublaslt_available() is not None:
+        raise RuntimeError("cublaslt_gemm: cuBLASLt is not available (device_setup runs -ge 0 then)")
+    lt, f = _cublaslt, ctypes
+    m, n = out.shape[-2:]
+    k = a.shape[-2] if transpose_a else a.shape[-1]
+    batch = out.size // (m * n)
+    for x in (out, a, b) + tuple(x for x in (bias, aux) if x is not None):
+        assert x.flags.c_contiguous and x.dtype == out.dtype and x.data.ptr % 16 == 0, \
+            "cuBLASLt: C-contiguous floatX operands on 16-byte boundaries (as llm.c's matmul_cublaslt asks)"
+    dtype = CUDA_R_16BF_ if out.dtype == BF16 else CUDA_R_32F_
+    compute = COMPUTE_32F_FAST_TF32 if gemm_precision == "tf32" else COMPUTE_32F
+    desc, pref = f.c_void_p(), f.c_void_p()
+    layouts = [f.c_void_p() for _ in range(4)]                          # A, B, C, D
+    lt.call("cublasLtMatmulDescCreate", f.byref(desc), compute, CUDA_R_32F_)
+    try:
+        lt.set("cublasLtMatmulDescSetAttribute", desc, DESC_TRANSA, f.c_int(int(transpose_b)))   # CUBLAS_OP_T = 1
+        lt.set("cublasLtMatmulDescSetAttribute", desc, DESC_TRANSB, f.c_int(int(transpose_a)))
+        lt.set("cublasLtMatmulDescSetAttribute", desc, DESC_EPILOGUE, f.c_int(EPILOGUES[epilogue]))
+        if bias is not None:
+            lt.set("cublasLtMatmulDescSetAttribute", desc, DESC_BIAS_POINTER, f.c_void_p(bias.data.ptr))
+            lt.set("cublasLtMatmulDescSetAttribute", desc, DESC_BIAS_DATA_TYPE, f.c_int(dtype))
+        if aux is not None:
+            assert aux.shape == out.shape
+            lt.set("cublasLtMatmulDescSetAttribute", desc, DESC_EPILOGUE_AUX_POINTER, f.c_void_p(aux.data.ptr))
+            lt.set("cublasLtMatmulDescSetAttribute", desc, DESC_EPILOGUE_AUX_LD, f.c_int64(n))
+            lt.set("cublasLtMatmulDescSetAttribute", desc, DESC_EPILOGUE_AUX_DATA_TYPE, f.c_int(dtype))
+        stride = lambda x: x.shape[-2] * x.shape[-1] if x.ndim == 3 else 0  # noqa: E731
+        # (rows, cols, ld) of each column-major matrix: a row-major (r, c) array is (c, r) with ld c
+        for layout, x, (rows, cols) in zip(layouts, (b, a, out, out), ((b.shape[-1], b.shape[-2]),
+                                           (a.shape[-1], a.shape[-2]), (n, m), (n, m))):
+            lt.call("cublasLtMatrixLayoutCreate", f.byref(layout), dtype, rows, cols, rows)
+            if batch > 1:
+                lt.set("cublasLtMatrixLayoutSetAttribute", layout, LAYOUT_BATCH_COUNT, f.c_int(batch))
+                lt.set("cublasLtMatrixLayoutSetAttribute", layout, LAYOUT_STRIDED_BATCH_OFFSET, f.c_int64(stride(x)))
+        lt.call("cublasLtMatmulPreferenceCreate", f.byref(pref))
+        lt.set("cublasLtMatmulPreferenceSetAttribute", pref, PREF_MAX_WORKSPACE_BYTES,
+               f.c_size_t(CUBLASLT_WORKSPACE_BYTES))
+        heuristic, found = CublasLtHeuristic(), f.c_int(0)
+        lt.call("cublasLtMatmulAlgoGetHeuristic", lt.handle, desc, *layouts, pref, 1, f.byref(heuristic),
+                f.byref(found))
+        if found.value == 0:
+            raise RuntimeError(f"cuBLASLt has no algorithm for {epilogue}: m={m} n={n} k={k} batch={batch}; "
+                               "run -ge 0")
+        alpha, beta = f.c_float(1.0), f.c_float(0.0)
+        lt.call("cublasLtMatmul", lt.handle, desc, f.byref(alpha), b.data.ptr, layouts[0], a.data.ptr, layouts[1],
+                f.byref(beta), out.data.ptr, layouts[2], out.data.ptr, layouts[3], f.byref(heuristic, 0),
+                lt.workspace.data.ptr, CUBLASLT_WORKSPACE_BYTES, xp.cuda.get_current_stream().ptr)
+    finally:
+        if pref.value:
+            lt.call("cublasLtMatmulPreferenceDestroy", pref)
+        for layout in layouts:
+            if layout.value:
+                lt.call("cublasLtMatrixLayoutDestroy", layout)
+        lt.call("cublasLtMatmulDescDestroy", desc)
 
 
 # ----------------------------------------------------------------------------
@@ -349,8 +548,19 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
             (ceil_div(C, 256),), (256,), (dweight, dbias, scratch, i32(grid), i32(C)))
 
 
-def matmul_forward(out, inp, weight, bias, B, T, C, OC):
+def matmul_forward(out, inp, weight, bias, B, T, C, OC, pre_gelu=None, gelu_fusion=0):
     # out (B,T,OC) = inp (B,T,C) @ weight^T (C,OC) + bias (OC); weight is (OC,C) like nn.Linear.
+    # pre_gelu (B,T,OC) given (the fc layer): out = gelu(that), and pre_gelu keeps the sum for the backward.
+    # gelu_fusion >= 1 (-ge): one GEMM with cuBLASLt's GELU_AUX_BIAS epilogue (bias, GELU, the aux store);
+    # else, as llm.c's matmul_forward_cublaslt, the plain matmul into pre_gelu, then gelu_forward
+    if pre_gelu is not None:
+        if gelu_fusion >= 1:
+            gemm(out.reshape(B * T, OC), inp.reshape(B * T, C), weight, transpose_b=True,
+                 epilogue="GELU_AUX_BIAS", bias=bias, aux=pre_gelu.reshape(B * T, OC))
+        else:
+            matmul_forward(pre_gelu, inp, weight, bias, B, T, C, OC)
+            gelu_forward(out, pre_gelu, B * T * OC)
+        return
     # bf16: the bias goes in first and the GEMM adds onto it (beta = 1), so product and bias are summed in
     # fp32 and rounded ONCE, as llm.c's cuBLASLt bias epilogue does. Rounding the product to bf16 and then
     # the sum again loses most of a bias smaller than half a bf16 step of the output (AdamW moves biases by
@@ -409,13 +619,21 @@ def matmul_backward_bias(dbias, scratch, dout, N, OC):
             (ceil_div(OC, 32),), (block,), (dbias, dout, i32(N), i32(OC)), shared_mem=block * 4)
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch, B, T, C, OC):
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch, B, T, C, OC, pre_gelu=None, gelu_fusion=0):
     # dinp (B,T,C) = dout @ weight (written); dweight (OC,C) += dout^T @ inp; dbias (OC) += sum of dout.
-    # scratch: >= matmul_bias_scratch_size floats for the bias's partial sums (llm.c's dbias_buffer), or None
-    gemm(dinp.reshape(B * T, C), dout.reshape(B * T, OC), weight)
+    # scratch: >= matmul_bias_scratch_size floats for the bias's partial sums (llm.c's dbias_buffer), or None.
+    # pre_gelu (B,T,C) given (fcproj, whose inp is gelu(pre_gelu)): dinp is the gradient of pre_gelu instead,
+    # dinp * gelu'(pre_gelu): in the GEMM's DGELU epilogue with gelu_fusion >= 2 (-ge 2), else gelu_backward
+    # in place at the end. The bias gradient stays with matmul_backward_bias, as in llm.c (its matmul_backward
+    # never lets cuBLASLt's BGRADB make it: that epilogue writes, and a gradient must accumulate)
+    fused = pre_gelu is not None and gelu_fusion >= 2
+    gemm(dinp.reshape(B * T, C), dout.reshape(B * T, OC), weight,
+         **(dict(epilogue="DGELU", aux=pre_gelu.reshape(B * T, C)) if fused else {}))
     gemm(dweight, dout.reshape(B * T, OC), inp.reshape(B * T, C), transpose_a=True, accumulate=True)
     if dbias is not None:
         matmul_backward_bias(dbias, scratch, dout, B * T, OC)
+    if pre_gelu is not None and not fused:
+        gelu_backward(dinp, pre_gelu, dinp, B * T * C)
 
 
 def attention_forward(out, qkvr, att, inp, B, T, C, NH):
@@ -572,6 +790,15 @@ OPT_DTYPE = np.float32     # gradients and activations; AdamW's m, v and the mas
 RECOMPUTE = {0: "none", 1: "GELU", 2: "GELU and LayerNorm"}   # -r: what the backward pass recomputes
 
 
+GELU_FUSION = {0: "none", 1: "bias + GELU in the fc GEMM", 2: "bias + GELU in the fc GEMM, GELU's gradient in fcproj's"}
+
+
+def check_gelu_fusion(gelu_fusion):
+    if gelu_fusion not in GELU_FUSION:
+        raise ConfigError(f"-ge must be 0, 1 or 2 (GELU fused into the fc GEMMs by cuBLASLt: 0 none, 1 forward, "
+                          f"2 forward and backward), got {gelu_fusion}")
+
+
 def check_recompute(recompute):
     if recompute not in RECOMPUTE:
         raise ConfigError(f"-r must be 0, 1 or 2 (what the backward recomputes: 0 nothing, 1 GELU, "
@@ -699,13 +926,16 @@ class GPT2:
     m and v (and master weights); the recompute setting (-r), the precision (-p) and -w; the
     stochastic rounding's generator; the state of the last forward pass."""
 
-    def __init__(self, config, params_host, recompute=1, precision="fp32", master_weights=True, rank=0):
+    def __init__(self, config, params_host, recompute=1, precision="fp32", master_weights=True, rank=0,
+                 gelu_fusion=0):
         require_gpu()
         check_recompute(recompute)
+        check_gelu_fusion(gelu_fusion)
         if precision not in PRECISIONS:
             raise ConfigError(f"-p must be bf16 or fp32, got {precision}")
         self.config = config
         self.recompute = recompute
+        self.gelu_fusion = gelu_fusion   # -ge: 0 none, 1 bias + GELU in the fc GEMM, 2 also GELU's gradient in fcproj's
         self.precision = precision
         self.floatx = PRECISIONS[precision]
         self.use_master_weights = bool(master_weights) and precision != "fp32"
@@ -741,24 +971,27 @@ class GPT2:
         self.mean_loss = -1.0
 
 
-def gpt2_build_from_checkpoint(path, recompute=1, precision="fp32", master_weights=True):
+def gpt2_build_from_checkpoint(path, recompute=1, precision="fp32", master_weights=True, gelu_fusion=0):
     """Load an llm.c model file onto the GPU in `precision`: a v5 (bf16) file loads exactly in bf16,
     a v3 (fp32) file is rounded to bf16 (its fp32 values become the master weights); in fp32 a v5
     file is widened exactly."""
     require_gpu()
     config, params = read_model_file(path)
-    return GPT2(config, params, recompute, precision, master_weights)
+    return GPT2(config, params, recompute, precision, master_weights, gelu_fusion=gelu_fusion)
 
 
-def gpt2_build_from_descriptor(descriptor, seed=42, recompute=None, precision=None, master_weights=None):
+def gpt2_build_from_descriptor(descriptor, seed=42, recompute=None, precision=None, master_weights=None,
+                               gelu_fusion=None):
     """A fresh model from a descriptor such as "d12" (or a .bin path), initialised on the host by
     train_gpt2.py's seeded init (the same weights as the NumPy trainer), then copied to the GPU.
-    recompute, precision, master_weights: None takes the run's -r, -p and -w (device_setup keeps them)."""
+    recompute, precision, master_weights, gelu_fusion: None takes the run's -r, -p, -w and -ge (device_setup
+    keeps them)."""
     require_gpu()
     cpu_model = host.gpt2_build_from_descriptor(descriptor, seed)
     return GPT2(cpu_model.config, cpu_model.params_memory, run_recompute if recompute is None else recompute,
                 run_precision if precision is None else precision,
-                run_master_weights if master_weights is None else master_weights, run_rank)
+                run_master_weights if master_weights is None else master_weights, run_rank,
+                run_gelu_fusion if gelu_fusion is None else gelu_fusion)
 
 
 def gpt2_allocate_state(model, B, T, shard=None):
@@ -857,8 +1090,9 @@ def gpt2_forward(model, inputs, targets, B, T):
         # residual2 = residual + attproj; ln2 = layernorm(residual2)
         fused_residual_forward(acts.residual2[l], ln2, acts.ln2_mean[l], acts.ln2_rstd[l], residual,
                                acts.attproj[l], params.ln2w[l], params.ln2b[l], B, T, C)
-        matmul_forward(acts.fch[l], ln2, params.fcw[l], params.fcb[l], B, T, C, 4 * C)
-        gelu_forward(fch_gelu, acts.fch[l], B * T * 4 * C)
+        # fch_gelu = gelu(fch), fch = fc(ln2) kept for the backward (-ge 1|2: one fused GEMM)
+        matmul_forward(fch_gelu, ln2, params.fcw[l], params.fcb[l], B, T, C, 4 * C, pre_gelu=acts.fch[l],
+                       gelu_fusion=model.gelu_fusion)
         matmul_forward(acts.fcproj[l], fch_gelu, params.fcprojw[l], params.fcprojb[l], B, T, 4 * C, C)
         # residual3 = residual2 + fcproj, and the LayerNorm that reads it: the next layer's ln1, or lnf
         if l + 1 < L:
@@ -925,16 +1159,20 @@ def gpt2_backward(model):
         residual = acts.encoded if l == 0 else acts.residual3[l - 1]
         ln1, ln2, fch_gelu = layer(acts.ln1, l), layer(acts.ln2, l), layer(acts.fch_gelu, l)
         # recompute (-r): the shared buffers hold the last layer's values; the same kernels on the same
-        # inputs (kept per layer) give this layer's bits back, so every -r trains bit for bit alike
+        # inputs (kept per layer) give this layer's bits back, so every -r trains bit for bit alike.
+        # With -ge 1|2 too, as llm.c: fch (the GEMM's aux) is kept per layer and gelu_forward recomputes
+        # from it; in bf16 that is GELU of the ROUNDED pre-GELU where the fused forward took the unrounded
+        # sum, so -r 1 and -r 0 may then differ by a bf16 rounding in fch_gelu (and dfcprojw)
         if model.recompute >= 1:
             gelu_forward(fch_gelu, acts.fch[l], B * T * 4 * C)
         if model.recompute >= 2:
             layernorm_forward(ln2, acts.ln2_mean[l], acts.ln2_rstd[l], acts.residual2[l],
                               params.ln2w[l], params.ln2b[l], B, T, C)
         # residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
+        # buffer_b = dfch, through GELU's gradient (-ge 2: in the GEMM's epilogue)
         matmul_backward(buffer_b, grads.fcprojw[l], grads.fcprojb[l], dresidual, fch_gelu,
-                        params.fcprojw[l], mm_scratch, B, T, 4 * C, C)
-        gelu_backward(buffer_b, acts.fch[l], buffer_b, B * T * 4 * C)
+                        params.fcprojw[l], mm_scratch, B, T, 4 * C, C, pre_gelu=acts.fch[l],
+                        gelu_fusion=model.gelu_fusion)
         matmul_backward(buffer_a, grads.fcw[l], grads.fcb[l], buffer_b, ln2, params.fcw[l], mm_scratch, B, T, C, 4 * C)
         layernorm_backward(dresidual, grads.ln2w[l], grads.ln2b[l], ln_scratch, buffer_a, acts.residual2[l],
                            params.ln2w[l], acts.ln2_mean[l], acts.ln2_rstd[l], B, T, C)
@@ -1055,6 +1293,9 @@ TRAIN_GPT2_CU_DEFAULTS.update({
     "use_master_weights": 1,     # bf16: AdamW updates an fp32 copy of the weights (0: the bf16 weights themselves)
     "override_enable_tf32": 1,   # TF32 tensor cores for the fp32 matmuls (0: full fp32, as test_gpt2.py uses)
     "recompute": 1,              # what the backward pass recomputes to save memory: 0 nothing, 1 GELU, 2 + LayerNorm
+    # GELU fused into the fc GEMMs by cuBLASLt's epilogues: llm.c's default is 2 on sm_90 (0 before); here 0 until
+    # dev/gpu_check.sh's gelu_fusion stage has compared -ge 2 with -ge 0 on a GPU
+    "gelu_fusion": 0,
     # several GPUs and machines (NCCL; llm.c's flags and defaults): without torchrun or mpirun, -pn processes
     # started by hand, each with its -pr, find each other through -pi fs (-pf dir) or tcp (-ps IP)
     "num_processes": 1, "process_rank": 0, "gpus_per_node": 8,
@@ -1062,7 +1303,8 @@ TRAIN_GPT2_CU_DEFAULTS.update({
 })
 SHOWN_DEFAULTS = dict(host.SHOWN_DEFAULTS, load_filename="gpt2_124M_bf16.bin in bf16, gpt2_124M.bin in fp32, "
                       "or gpt2_d12.bin when that is not there",
-                      precision="auto: bf16 on GPUs with bf16 (SM >= 80) and the emulator, else fp32")
+                      precision="auto: bf16 on GPUs with bf16 (SM >= 80) and the emulator, else fp32",
+                      gelu_fusion="0; llm.c's 2 on sm_90 waits for a GPU check of -ge 2 against -ge 0")
 USAGE_NOTES = ("Without a GPU: LLMC_EMULATE=1 python train_gpt2_cuda.py ... runs the same kernels on the CPU",
                "(kernel emulator, slow: for tiny models and tests).")
 # AdamW settings fixed in train_gpt2.cu (no flags): betas (0.9, 0.95), eps 1e-8, gradient clipping at 1.0
@@ -1077,6 +1319,7 @@ gemm_precision = "fp32"  # the GEMMs' precision, as device_setup set it: "bf16",
 run_recompute = TRAIN_GPT2_CU_DEFAULTS["recompute"]
 run_precision = "fp32"
 run_master_weights = True
+run_gelu_fusion = 0          # -ge as device_setup set it (0 where cuBLASLt cannot be loaded)
 run_rank = 0                 # the stochastic rounding's generator is seeded 13371337 + this (see device_setup)
 COLLECTIVES = "gloo" if EMULATE else "nccl"   # data parallel: NumPy arrays on the emulator, CuPy's on GPUs
 
@@ -1108,16 +1351,17 @@ def choose_precision(args):
 
 
 def device_setup(args, world=None):
-    """Runs before the model is built: checks -r, -p and -w, picks the default model file for the precision,
+    """Runs before the model is built: checks -r, -p, -w and -ge (cuBLASLt loaded, else -ge 0), picks the default model file for the precision,
     TF32 on or off (-f); returns the lines print_config adds.
     world: the data-parallel World. Each rank seeds its stochastic rounding with 13371337 + rank, as llm.c,
     under ZeRO-1 (each rank rounds its own shard, then all-gathers it). Under ZeRO-0 every rank updates
     all the parameters, and rounding them with different seeds (as llm.c does) would leave the ranks'
     bf16 weights different by an ulp here and there: there all ranks use rank 0's seed."""
-    global gemm_precision, run_recompute, run_precision, run_master_weights, run_rank
+    global gemm_precision, run_recompute, run_precision, run_master_weights, run_rank, run_gelu_fusion
     world_rank = world.rank if world is not None else 0
     run_rank = world_rank if args.zero_stage == 1 else 0
     check_recompute(args.recompute)
+    check_gelu_fusion(args.gelu_fusion)
     run_recompute = args.recompute
     run_precision = choose_precision(args)
     run_master_weights = bool(args.use_master_weights)
@@ -1126,6 +1370,13 @@ def device_setup(args, world=None):
     tf32 = set_tf32(args.override_enable_tf32) if run_precision == "fp32" else False
     gemm_precision = "bf16" if run_precision == "bf16" else "tf32" if tf32 else "fp32"
     lines = [f"device: {device_name()}"]
+    run_gelu_fusion = args.gelu_fusion
+    why_not = cublaslt_available() if run_gelu_fusion else None
+    if why_not is not None:
+        print(f"-ge {run_gelu_fusion}: cuBLASLt cannot be loaded ({why_not}): running -ge 0 (no GELU fusion)")
+        run_gelu_fusion = 0
+    if run_gelu_fusion:
+        lines.append(f"gelu fusion: -ge {run_gelu_fusion} ({GELU_FUSION[run_gelu_fusion]}, cuBLASLt epilogues)")
     if run_precision == "bf16":
         master = "fp32 master weights" if run_master_weights else "no master weights (-w 0)"
         lines.append(f"precision: bf16 parameters, gradients and activations; fp32 AdamW state, {master}")

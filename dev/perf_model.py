@@ -4,7 +4,9 @@ One step of the CUDA trainer (zero_grad, forward with targets, backward, gradien
 training loop's order) is written out as a table, step_launches(): one entry per launch, in the order
 the trainer makes them, each with the kernel's name, where in the model it runs (a layer, "embedding",
 "head" or "optimizer"), and its bytes read, bytes written and FLOPs as formulas of the config (L, NH,
-C, V, Vp), B, T, the precision (s = bytes per floatX), recompute (-r) and master weights (-w). That
+C, V, Vp), B, T, the precision (s = bytes per floatX), recompute (-r), master weights (-w) and GELU
+fusion (-ge: cuBLASLt's epilogues take the fc layer's bias and GELU into its GEMM, and with -ge 2 GELU's
+gradient into fcproj's dinp GEMM; a GEMM's epilogue reads and writes are counted with it). That
 works at any shape, d12 at B=16 T=1024 included. Two byte counts per launch:
 
     counted:  every load and store, as the emulator's traffic counter counts them (emulator/README.md,
@@ -38,6 +40,7 @@ No GPU has checked these numbers yet. The formulas take the 128-bit kernels, whi
 when C, 4C, Vp and B*NH*T*T are multiples of the pack P (GPT-2's shapes always are).
 
     python dev/perf_model.py -e d12 -b 16 -t 1024 -p bf16     # formulas: any shape, instant
+    python dev/perf_model.py -e d12 -b 16 -t 1024 -ge 2       # with GELU fused into the fc GEMMs
     python dev/perf_model.py --tiny 1 -b 2 -t 16 --count 1   # counted on the emulator (small shapes only)
     python dev/perf_model.py --tiny 1 -b 2 -t 16 --check 1   # both, side by side per kernel
 """
@@ -87,11 +90,13 @@ def expected_distinct_tokens(V, n):
     return V * (1.0 - (1.0 - 1.0 / V) ** n)
 
 
-def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weights=True, distinct_tokens=None):
+def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weights=True, distinct_tokens=None,
+                  gelu_fusion=0):
     """Every launch of one step of train_gpt2_cuda.py's training loop (gpt2_zero_grad, gpt2_forward with
     targets and dlogits in the forward, gpt2_backward, gpt2_calculate_grad_norm, gpt2_update), in order:
     a list of Launch. cu: the trainer module (its grids: matmul_bias_grid, LAYERNORM_BACKWARD_BLOCK,
     NORM_BLOCKS). distinct_tokens: the batch's distinct token ids (default: the expectation for random ones).
+    gelu_fusion: -ge (0, 1, 2).
     Sizes in elements: N = B*T rows; s = sizeof(floatX); P = floatX per 128-bit pack; att = B*NH*T*T."""
     L, NH, C, V, Vp = (config.num_layers, config.num_heads, config.channels, config.vocab_size,
                        config.padded_vocab_size)
@@ -137,9 +142,20 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
         # reads fch, writes fch_gelu: 4NC each
         launch("gelu_forward_packed_kernel", where, 4 * N * C * s, 4 * N * C * s)
 
-    def matmul_backward(where, OC, IC, bias=True):
-        # dinp (N, IC) = dout (N, OC) @ weight (OC, IC): reads dout and weight, writes dinp
-        gemm("matmul_backward", where, N, IC, OC, 1, (N * OC + OC * IC) * s, N * IC * s)
+    def matmul_forward_gelu(where, OC, IC):
+        # the fc layer: out = gelu(pre), pre = inp @ weight^T + bias kept for the backward
+        if gelu_fusion >= 1:
+            # one GEMM with the GELU_AUX_BIAS epilogue: reads inp (N, IC), weight (OC, IC) and the bias (OC);
+            # writes out and the aux pre-GELU (N, OC each)
+            gemm("matmul_forward", where, N, OC, IC, 1, (N * IC + OC * IC + OC) * s, 2 * N * OC * s)
+        else:
+            matmul_forward(where, OC, IC)
+            gelu_forward(where)
+
+    def matmul_backward(where, OC, IC, bias=True, dgelu=False):
+        # dinp (N, IC) = dout (N, OC) @ weight (OC, IC): reads dout and weight, writes dinp; the DGELU epilogue
+        # (-ge 2, fcproj) reads the aux pre-GELU (N, IC) too and multiplies by GELU's gradient before the store
+        gemm("matmul_backward", where, N, IC, OC, 1, (N * OC + OC * IC + (N * IC if dgelu else 0)) * s, N * IC * s)
         # dweight (OC, IC) += dout^T @ inp: reads dout, inp and dweight (accumulate), writes dweight
         gemm("matmul_backward", where, OC, IC, N, 1, (N * OC + N * IC + OC * IC) * s, OC * IC * s)
         if bias:
@@ -183,8 +199,7 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
         launch("unpermute_kernel", where, N * C * s, N * C * s)     # vaccum -> atty
         matmul_forward(where, C, C)                                 # attproj
         fused_residual_forward(where)                               # residual2, ln2
-        matmul_forward(where, 4 * C, C)                             # fc
-        gelu_forward(where)
+        matmul_forward_gelu(where, 4 * C, C)                        # fc and GELU (-ge 1|2: one GEMM)
         matmul_forward(where, C, 4 * C)                             # fcproj
         fused_residual_forward(where)                               # residual3, the next ln1 or lnf
     # the classifier: logits (N, Vp) = lnf @ wte^T, no bias
@@ -207,9 +222,10 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
             gelu_forward(where)                                     # fch_gelu again
         if recompute >= 2:
             layernorm_forward(where)                                # ln2 again
-        matmul_backward(where, C, 4 * C)                            # fcproj
-        # gelu_backward in place: reads fch and dout (4NC each), writes dinp over dout
-        launch("gelu_backward_packed_kernel", where, 8 * N * C * s, 4 * N * C * s)
+        matmul_backward(where, C, 4 * C, dgelu=gelu_fusion >= 2)    # fcproj (-ge 2: and GELU's gradient)
+        if gelu_fusion < 2:
+            # gelu_backward in place: reads fch and dout (4NC each), writes dinp over dout
+            launch("gelu_backward_packed_kernel", where, 8 * N * C * s, 4 * N * C * s)
         matmul_backward(where, 4 * C, C)                            # fc
         layernorm_backward(where)                                   # ln2
         matmul_backward(where, C, C)                                # attproj
@@ -255,14 +271,18 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
 
 def counting_gemm(gemm, calls):
     """gemm() as the trainer's, that also appends a Gemm record to calls (FLOPs and bytes of the call)."""
-    def wrapped(out, a, b, transpose_a=False, transpose_b=False, accumulate=False):
+    def wrapped(out, a, b, transpose_a=False, transpose_b=False, accumulate=False, epilogue=None, bias=None,
+                aux=None):
         m, n = out.shape[-2:]
         k = a.shape[-2] if transpose_a else a.shape[-1]
         batch = out.size // (m * n)
         caller = sys._getframe(1).f_code.co_name          # matmul_forward, attention_backward, ...
-        calls.append(Gemm(caller, m, n, k, batch, a.nbytes + b.nbytes + (out.nbytes if accumulate else 0),
-                          out.nbytes, 2 * m * n * k * batch))
-        return gemm(out, a, b, transpose_a, transpose_b, accumulate)
+        # an epilogue's bias is read, its aux read (DGELU) or written (GELU_AUX_BIAS)
+        read = a.nbytes + b.nbytes + (out.nbytes if accumulate else 0) + (bias.nbytes if bias is not None else 0)
+        read += aux.nbytes if epilogue == "DGELU" else 0
+        written = out.nbytes + (aux.nbytes if epilogue == "GELU_AUX_BIAS" else 0)
+        calls.append(Gemm(caller, m, n, k, batch, read, written, 2 * m * n * k * batch))
+        return gemm(out, a, b, transpose_a, transpose_b, accumulate, epilogue, bias, aux)
     return wrapped
 
 
@@ -296,9 +316,10 @@ def build_model(cu, args):
     if args.tiny:
         rng = np.random.default_rng(0)
         params = (0.02 * rng.standard_normal(formats.num_parameters(TINY))).astype(np.float32)
-        return cu.GPT2(TINY, params, args.recompute, args.precision, bool(args.master_weights))
+        return cu.GPT2(TINY, params, args.recompute, args.precision, bool(args.master_weights),
+                       gelu_fusion=args.gelu_fusion)
     return cu.gpt2_build_from_descriptor(args.model, recompute=args.recompute, precision=args.precision,
-                                         master_weights=bool(args.master_weights))
+                                         master_weights=bool(args.master_weights), gelu_fusion=args.gelu_fusion)
 
 
 def training_step(cu, model, x, y, B, T):
@@ -421,6 +442,8 @@ def main(argv=None, trainer=None):
     parser.add_argument("-r", "--recompute", type=int, default=cu.TRAIN_GPT2_CU_DEFAULTS["recompute"],
                         help="what the backward recomputes, as train_gpt2_cuda.py's -r")
     parser.add_argument("-w", "--master_weights", type=int, default=1)
+    parser.add_argument("-ge", "--gelu_fusion", type=int, default=cu.TRAIN_GPT2_CU_DEFAULTS["gelu_fusion"],
+                        choices=(0, 1, 2), help="GELU fused into the fc GEMMs, as train_gpt2_cuda.py's -ge")
     parser.add_argument("--count", type=int, default=0, help="1: count one step on the emulator (small shapes)")
     parser.add_argument("--check", type=int, default=0, help="1: count and compare with the formulas per kernel")
     args = parser.parse_args(argv)
@@ -432,14 +455,15 @@ def main(argv=None, trainer=None):
         t0 = time.time()
         launches, gemms, loss, distinct = count_step(cu, args)
         print(f"[perf_model] counted on the emulator in {time.time() - t0:.1f} s (loss {loss:.4f})")
-    formulas = step_launches(cu, config, B, T, precision, args.recompute, bool(args.master_weights), distinct)
+    formulas = step_launches(cu, config, B, T, precision, args.recompute, bool(args.master_weights), distinct,
+                             args.gelu_fusion)
     if launches is not None:
         counted = counted_launches(launches, gemms, formulas)
     shown = counted if args.count and not args.check else formulas
     P = 16 // (2 if precision == "bf16" else 4)
     L, NH, C = config.num_layers, config.num_heads, config.channels
     print(f"[perf_model] L={L} NH={NH} C={C} V={config.vocab_size} Vp={config.padded_vocab_size} B={B} T={T} "
-          f"{precision} -r {args.recompute} -w {args.master_weights}: one training step, "
+          f"{precision} -r {args.recompute} -w {args.master_weights} -ge {args.gelu_fusion}: one training step, "
           + ("counted on the emulator" if shown is counted else "from the formulas"))
     print(f"modeled per launch: {LAUNCH_OVERHEAD_S * 1e6:g} us + max(bytes / HBM bandwidth, FLOPs / "
           f"{gemm_precision} peak); the tables use the COUNTED bytes (every access, as the emulator counts), "

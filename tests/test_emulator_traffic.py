@@ -258,17 +258,18 @@ def test_perf_model_totals_are_the_sums_of_the_launches(precision, capsys):
     assert "total" in out and "A100-40GB" in out and "H200" in out and "counted on the emulator" in out
 
 
-# the formulas against the counter, launch by launch: (B, T), precision, -r, -w. The tiny model is L2 NH2
+# the formulas against the counter, launch by launch: (B, T), precision, -r, -w, -ge. The tiny model is L2 NH2
 # C64 V1000 (Vp 1024) maxT 64
-FORMULA_CASES = [(2, 16, "bf16", 1, 1), (2, 16, "fp32", 1, 1), (2, 64, "bf16", 0, 1), (2, 64, "fp32", 2, 1),
-                 (3, 32, "bf16", 2, 1), (3, 32, "fp32", 0, 1), (3, 32, "bf16", 1, 0)]
+FORMULA_CASES = [(2, 16, "bf16", 1, 1, 0), (2, 16, "fp32", 1, 1, 0), (2, 64, "bf16", 0, 1, 0), (2, 64, "fp32", 2, 1, 0),
+                 (3, 32, "bf16", 2, 1, 0), (3, 32, "fp32", 0, 1, 0), (3, 32, "bf16", 1, 0, 0),
+                 (2, 16, "bf16", 1, 1, 2), (2, 16, "fp32", 0, 1, 1), (3, 32, "bf16", 0, 1, 1), (2, 64, "fp32", 2, 1, 2)]
 
 
-@pytest.mark.parametrize("B, T, precision, recompute, master", FORMULA_CASES)
-def test_perf_model_formulas_are_the_counted_step(B, T, precision, recompute, master, capsys):
+@pytest.mark.parametrize("B, T, precision, recompute, master, gelu_fusion", FORMULA_CASES)
+def test_perf_model_formulas_are_the_counted_step(B, T, precision, recompute, master, gelu_fusion, capsys):
     trainer = emulated_cuda_trainer("train_gpt2_cuda_perf_model")
     result = perf_model.main(["--tiny", "1", "-b", str(B), "-t", str(T), "-p", precision, "-r", str(recompute),
-                              "-w", str(master), "--check", "1"], trainer=trainer)
+                              "-w", str(master), "-ge", str(gelu_fusion), "--check", "1"], trainer=trainer)
     formulas = [f for f in result["formulas"] if f.counted]       # CuPy's fills and copies are not counted
     counted = result["counted"]
     kernels = [f for f in formulas if not f.kernel.startswith("gemm")]
@@ -281,9 +282,12 @@ def test_perf_model_formulas_are_the_counted_step(B, T, precision, recompute, ma
     for c, f in zip(counted, kernels + products):
         assert (c.kernel, c.bytes_read, c.bytes_written, c.flops) == (f.kernel, f.bytes_read, f.bytes_written, f.flops)
         assert f.dram_read <= f.bytes_read                          # the estimate only removes rereads
-    # the launches per layer: what -r adds to the backward (GELU; and the two LayerNorms)
+    # the launches per layer: what -r adds to the backward (GELU; and the two LayerNorms), what -ge takes away
+    # (the forward's GELU and, bf16, its bias copy, fp32 its bias kernel; -ge 2 the backward's GELU)
     layer0 = [f.kernel for f in formulas if f.where == "layer 0"]
-    assert layer0.count("gelu_forward_packed_kernel") == 1 + (recompute >= 1)
+    assert layer0.count("gelu_forward_packed_kernel") == (gelu_fusion == 0) + (recompute >= 1)
+    assert layer0.count("gelu_backward_packed_kernel") == (gelu_fusion < 2)
+    assert layer0.count("add_bias_packed_kernel") == (4 - (gelu_fusion >= 1) if precision == "fp32" else 0)
     assert layer0.count("layernorm_forward_kernel") == 1 + 2 * (recompute >= 2)   # layer 0's ln1, and recomputed
     assert layer0.count("fused_residual_layernorm_forward_kernel") == 2
     out = capsys.readouterr().out
@@ -306,3 +310,26 @@ def test_perf_model_formulas_at_d12(capsys):
     assert sum(f.kernel == "softmax_forward_kernel" for f in formulas) == L
     out = capsys.readouterr().out
     assert "from the formulas" in out and "ms/step" in out and "MFU" in out
+
+
+def test_perf_model_gelu_fusion_at_d12(capsys):
+    # -ge 2 against -ge 0 at d12 B=16 T=1024 bf16 (-r 1, the default): per layer the forward's GELU, the fc bias
+    # copy and the backward's GELU go (3 L launches fewer), and with them their reads and writes of (B,T,4C)
+    # tensors; the GEMMs' FLOPs stay. The numbers are printed for the README
+    trainer = emulated_cuda_trainer("train_gpt2_cuda_perf_model")
+    totals = {}
+    for ge in (0, 1, 2):
+        totals[ge] = perf_model.main(["-e", "d12", "-b", "16", "-t", "1024", "-p", "bf16", "-ge", str(ge)],
+                                     trainer=trainer)["total"]
+    capsys.readouterr()
+    L = 12
+    assert totals[0].launches - totals[2].launches == 3 * L and totals[0].launches - totals[1].launches == 2 * L
+    moved = {ge: t.bytes_read + t.bytes_written for ge, t in totals.items()}
+    assert moved[2] < moved[1] < moved[0]
+    assert totals[2].flops == totals[0].flops
+    assert all(totals[2].seconds[i] < totals[0].seconds[i] for i in range(len(perf_model.GPUS)))
+    h100 = [label for label, _, _ in perf_model.GPUS].index("H100-SXM")
+    with capsys.disabled():
+        for ge, t in totals.items():
+            print(f"\nd12 B=16 T=1024 bf16 -r 1 -ge {ge}: {t.launches} launches, {moved[ge] / 1e9:.2f} GB counted, "
+                  f"H100 {t.seconds[h100] * 1e3:.1f} ms/step")
