@@ -31,6 +31,9 @@
 #   nccl_one_rank     the determinism run's 10 steps as one torchrun rank with -z 1: NCCL starts (the id
 #                     over torchrun's store) and the step lines equal the plain run's
 #   test_gpt2_fp32    python test_gpt2.py --trainer cuda --precision fp32 on the export
+#   gelu_fusion       train_gpt2_cuda.py -e gpt2_d12_bf16.bin -b 4 -t 256 -x 10 -p bf16 with -ge 2 (cuBLASLt's
+#                     GELU epilogues) and with -ge 0: -ge 2 must have loaded cuBLASLt, and each step's loss must
+#                     be within 0.05 of -ge 0's (test_gpt2.cu's bf16 loss tolerance); test_gpt2.py takes no -ge
 #   test_kernels      pytest tests/test_kernels.py (fp32; backend cupy on the GPU, plus the emulator)
 #   check_kernel_bf16 python dev/check_kernel.py all --precision bf16: every kernel vs its NumPy twin,
 #                     then timed at d12 in bf16
@@ -232,7 +235,23 @@ check_nccl_one_rank() {
     diff "$dir/a.steps" "$dir/nccl.steps" || { echo "FAILED: one NCCL rank's steps differ from the plain run's"; return 1; }
     echo "nccl one rank: NCCL started through torchrun, 10 steps identical to the plain run (last: $(tail -n 1 "$dir/nccl.steps"))"
 }
-export -f step_lines train_bf16 same_files same_run check_determinism check_resume check_nccl_one_rank
+# check_gelu_fusion MODEL B T DIR: 10 bf16 steps with -ge 2 and with -ge 0; the -ge 2 run must have used cuBLASLt
+# (its config line), and each step's loss must be within 0.05 of the -ge 0 run's
+check_gelu_fusion() {
+    local model=$1 B=$2 T=$3 dir=$4 ge
+    for ge in 0 2; do
+        train_bf16 "$dir/ge$ge.log" -e "$model" -b "$B" -t "$T" -x 10 -ge "$ge" || return 1
+        step_lines "$dir/ge$ge.log" > "$dir/ge$ge.steps"
+    done
+    grep -q '^gelu fusion: -ge 2 ' "$dir/ge2.log" || {
+        grep -m1 -e '-ge 2' "$dir/ge2.log"; echo "FAILED: -ge 2 did not run fused (no cuBLASLt?)"; return 1; }
+    [ "$(wc -l < "$dir/ge2.steps")" -eq 10 ] || { echo "FAILED: expected 10 step lines with -ge 2"; return 1; }
+    paste -d ' ' "$dir/ge0.steps" "$dir/ge2.steps" | awk '
+        { d = $2 - $5; if (d < 0) d = -d; if (d > max) max = d; if ($1 != $4 || d > 0.05) bad = 1 }
+        END { printf "gelu fusion: -ge 2 vs -ge 0, 10 bf16 steps: max |loss difference| %.4f (tolerance 0.05), last losses %s (-ge 2) and %s (-ge 0)\n", max, $5, $2
+              if (bad || NR != 10) { print "FAILED: the losses differ by more than 0.05"; exit 1 } }'
+}
+export -f step_lines train_bf16 same_files same_run check_determinism check_resume check_nccl_one_rank check_gelu_fusion
 
 # ---- env
 stage env 30 0 bash -c "nvidia-smi -L 2>&1 || echo 'nvidia-smi: not found'; $PY -c '
@@ -275,7 +294,7 @@ sanitized sanitize_memcheck memcheck 90 tests/test_kernels.py tests/test_kernels
 sanitized sanitize_racecheck racecheck 90 tests/test_kernels_bf16.py
 
 # ---- data and the d12 export, which the test_gpt2 and bf16 training stages need
-D12_STAGES="test_gpt2_bf16 test_gpt2_fp32 bf16_determinism bf16_resume nccl_one_rank"
+D12_STAGES="test_gpt2_bf16 test_gpt2_fp32 gelu_fusion bf16_determinism bf16_resume nccl_one_rank"
 VAL=data/tinyshakespeare/tiny_shakespeare_val.bin
 INPUT=$SHARED_DATA/tinyshakespeare/input.txt
 ASKED=$STAGES
@@ -347,6 +366,13 @@ if d12_ready test_gpt2_fp32; then
     grep -q -- '--precision' test_gpt2.py && PRECISION_FLAG=(--precision fp32)   # before it: fp32 anyway
     stage test_gpt2_fp32 90 1 "$PY" test_gpt2.py --trainer cuda "${PRECISION_FLAG[@]}" --checkpoint gpt2_d12.bin
     [ "$STATUS" != SKIP ] && record test_gpt2_fp32 "$STATUS" "$ELAPSED" "$(note_match 'overall okay')"
+fi
+
+# ---- -ge 2 (GELU fused into the fc GEMMs by cuBLASLt) against -ge 0: 10 bf16 training steps at d12
+if d12_ready gelu_fusion; then
+    # shellcheck disable=SC2016
+    stage gelu_fusion 90 1 bash -c 'check_gelu_fusion gpt2_d12_bf16.bin 4 256 "$1"' _ "$WORK"
+    [ "$STATUS" != SKIP ] && record gelu_fusion "$STATUS" "$ELAPSED" "$(note_match '^(gelu fusion:|FAILED)')"
 fi
 stage test_kernels 100 1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
 [ "$STATUS" != SKIP ] && record test_kernels "$STATUS" "$ELAPSED" "$(note_last_line)"
