@@ -8,7 +8,8 @@ the training loop) imported from train_gpt2.py. What changes is where the number
     allocated once, with named views into them (llm.c's cudaMalloc + pointer tables);
   - every layer except the matrix products is a raw CUDA kernel from kernels/*.cu, compiled at
     first use with cupy.RawModule (NVRTC) and launched with an explicit grid;
-  - the matrix products are cuBLAS calls, strided-batched for attention, as in llm.c.
+  - the matrix products are cuBLAS calls, strided-batched for attention, as in llm.c; with -ge 1|2 (llm.c's
+    gelu_fusion) the fc layer's GEMMs take GELU (and its gradient) in cuBLASLt epilogues, through ctypes.
 Precision (-p), llm.c's mainline recipe by default: bf16 parameters, gradients and activations, with
 LayerNorm's statistics, the losses, AdamW's m and v and an fp32 copy of the weights (master weights, -w 1)
 in fp32, every sum accumulated in fp32, and the bf16 weights rounded stochastically after each update.
@@ -84,13 +85,12 @@ if EMULATE:
                            rounded (GELU of the unrounded sum: -ge 0's gelu_forward reads the rounded aux)
           "DGELU":         out = product * gelu'(aux) in fp32 (aux as stored, widened), rounded once
                            (-ge 0 rounds the product into dinp, then gelu_backward rounds again)"""
-        if epilogue is not None:
-            assert epilogue in ("GELU_AUX_BIAS", "DGELU") and not accumulate and out.ndim == 2
         if out.dtype == BF16:
             a, b = bf16_to_f32(a), bf16_to_f32(b)
         a = a.swapaxes(-1, -2) if transpose_a else a
         b = b.swapaxes(-1, -2) if transpose_b else b
         if epilogue is not None:
+            assert epilogue in ("GELU_AUX_BIAS", "DGELU") and not accumulate and out.ndim == 2
             widen = bf16_to_f32 if out.dtype == BF16 else np.asarray
             store = f32_to_bf16 if out.dtype == BF16 else np.asarray
             product = np.matmul(a, b)
