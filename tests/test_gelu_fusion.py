@@ -174,6 +174,30 @@ def test_flag_is_listed_and_checked(tmp_path):
     assert r.returncode == 1 and "error: unknown flag -ge" in r.stderr
 
 
+def test_cli_runs_fused_and_says_so(tmp_path):
+    """gpu_check's gelu_fusion stage on the emulator: the same run with -ge 2 and -ge 0 through the CLI; the
+    fused one names itself in the config block (the stage greps that line), the losses agree within bf16's
+    rounding (LOSS_TOL)."""
+    checkpoint, train, val = tmp_path / "gpt2_tiny.bin", tmp_path / "train.bin", tmp_path / "val.bin"
+    formats.write_model_file(str(checkpoint), CONFIG, random_params(CONFIG))
+    rng = np.random.default_rng(4)
+    formats.write_data_shard(str(train), rng.integers(0, CONFIG.vocab_size, size=2000))
+    formats.write_data_shard(str(val), rng.integers(0, CONFIG.vocab_size, size=500))
+    losses = {}
+    for ge in (0, 2):
+        r = run_python([os.path.join(REPO, "train_gpt2_cuda.py")], "-e", checkpoint, "-i", train, "-j", val,
+                       "-b", B, "-t", T, "-x", 4, "-v", 0, "-s", 0, "-l", 1e-2, "-ge", ge,
+                       env={"LLMC_EMULATE": "1"}, cwd=str(tmp_path))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        lines = r.stdout.splitlines()
+        fused = [line for line in lines if line.startswith("gelu fusion:")]
+        assert fused == ([] if ge == 0 else ["gelu fusion: -ge 2 (bias + GELU in the fc GEMM, GELU's gradient "
+                                             "in fcproj's, cuBLASLt epilogues)"]), fused
+        losses[ge] = np.array([float(line.split()[4]) for line in lines if line.startswith("step ")])
+    assert len(losses[2]) == 4
+    assert np.all(np.abs(losses[2] - losses[0]) <= LOSS_TOL["bf16"] * losses[0]), losses
+
+
 # ----------------------------------------------------------------------------------------------
 # the GPU code path: a fake CuPy (test_cuda_trainer's) and a fake libcublasLt
 #
