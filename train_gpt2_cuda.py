@@ -348,8 +348,10 @@ def cublaslt_gemm(out, a, b, transpose_a, transpose_b, epilogue, bias=None, aux=
     k = a.shape[-2] if transpose_a else a.shape[-1]
     batch = out.size // (m * n)
     for x in (out, a, b) + tuple(x for x in (bias, aux) if x is not None):
-        assert x.flags.c_contiguous and x.dtype == out.dtype and x.data.ptr % 16 == 0, \
-            "cuBLASLt: C-contiguous floatX operands on 16-byte boundaries (as llm.c's matmul_cublaslt asks)"
+        assert x.flags.c_contiguous and x.dtype == out.dtype
+        if x.data.ptr % 16:    # llm.c's matmul_cublaslt asks the same ("All cuBLASLt pointers must be aligned!")
+            raise ConfigError(f"-ge {run_gelu_fusion}: cuBLASLt needs its operands on 16-byte boundaries, and at this "
+                              "shape one of the activation buffers is not (odd sizes before it): run -ge 0")
     dtype = CUDA_R_16BF_ if out.dtype == BF16 else CUDA_R_32F_
     compute = COMPUTE_32F_FAST_TF32 if gemm_precision == "tf32" else COMPUTE_32F
     desc, pref = f.c_void_p(), f.c_void_p()

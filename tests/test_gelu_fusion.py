@@ -389,6 +389,15 @@ assert all((c["transa"], c["transb"], c["m"], c["n"], c["aux_ld"]) == (1, 0, 4 *
 assert all((c["transa"], c["transb"], c["m"], c["n"], c["aux_ld"]) == (0, 0, 4 * C, B * T, 4 * C) for c in backward)
 assert {{c["compute"] for c in fake.calls}} == {{77 if {tf32} else 68}}    # TF32 follows -f, as the cuBLAS GEMMs
 assert set(o["kind"] for o in fake.objects.values()) == set(), fake.objects   # every descriptor destroyed
+# an operand off a 16-byte boundary (an odd-sized buffer before it) is a one-line error, before any cuBLASLt call
+buf, w, out = cu.xp.zeros(40, np.float32), cu.xp.zeros((4, 9), np.float32), cu.xp.zeros((4, 4), np.float32)
+try:
+    cu.cublaslt_gemm(out, buf[1:37].reshape(4, 9), w, False, True, "GELU_AUX_BIAS", cu.xp.zeros(4, np.float32),
+                     cu.xp.zeros((4, 4), np.float32))
+    raise AssertionError("no error")
+except cu.ConfigError as e:
+    assert str(e).startswith("-ge 2: cuBLASLt needs its operands on 16-byte boundaries") and str(e).endswith("run -ge 0")
+assert len(fake.calls) == 6 * L
 print("cublaslt path ok", len(fake.calls), "fused gemms")
 """
 
