@@ -257,6 +257,7 @@ struct Fiber {
 #endif
     char* stack = nullptr;
     size_t stack_size = 0;
+    bool guarded = false;          // its lowest page is PROT_NONE (else a canary there, see fiber_new)
     Worker* worker = nullptr;
     dim3 thread_idx;
     int warp = 0;                  // warp index within the block
@@ -286,6 +287,8 @@ struct Launch {
 
 struct Worker {
     std::vector<Fiber*> fibers;
+    char* slab = nullptr;          // fiber stacks are cut from slabs of kStacksPerSlab (fiber_new)
+    int slab_used = 0;
     void* sched_sp = nullptr;
 #if !defined(EMU_ASM_SWITCH)
     ucontext_t sched_uc;
@@ -485,16 +488,51 @@ static inline void fiber_reset(Fiber* f) {
 #endif
 }
 
+// Fiber stacks come from slabs of 64 (one mmap each, 8 MiB, reserved lazily): a mapping and a guard page per
+// stack would cost two of the process's memory maps per CUDA thread, and every module (each .so has its own
+// runtime) keeps up to 1024 fibers per worker, so a test session loading dozens of modules ran out of
+// vm.max_map_count (65530) and mmap failed. Each stack's lowest page is its red zone: PROT_NONE for the
+// first stack of a slab (an overflow faults), a canary for the others, checked after every block
+// (check_stacks): an overflow into it fails the launch with a message.
+static const int kStacksPerSlab = 64;
+static const uint64_t kCanary = 0x5AFEC0DE5AFEC0DEull;
+static const int kCanaryWords = 8;                     // the top 64 bytes of the red zone: hit first
+
+static inline uint64_t* fiber_canary(Fiber* f) {
+    return reinterpret_cast<uint64_t*>(f->stack + 4096) - kCanaryWords;
+}
+
 static inline Fiber* fiber_new(Worker* w) {
+    if (w->slab == nullptr || w->slab_used == kStacksPerSlab) {
+        void* mem = mmap(nullptr, kStacksPerSlab * kStackSize, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (mem == MAP_FAILED) { fprintf(stderr, "emulator: cannot map fiber stacks\n"); abort(); }
+        mprotect(mem, 4096, PROT_NONE);                // the slab's guard page
+        w->slab = static_cast<char*>(mem);
+        w->slab_used = 0;
+    }
     Fiber* f = new Fiber();
     f->worker = w;
     f->stack_size = kStackSize;
-    void* mem = mmap(nullptr, kStackSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (mem == MAP_FAILED) { fprintf(stderr, "emulator: cannot map a fiber stack\n"); abort(); }
-    mprotect(mem, 4096, PROT_NONE);                    // guard page: a stack overflow faults
-    f->stack = static_cast<char*>(mem);
+    f->stack = w->slab + static_cast<size_t>(w->slab_used) * kStackSize;
+    f->guarded = w->slab_used++ == 0;
+    if (!f->guarded) {
+        for (int i = 0; i < kCanaryWords; i++) { fiber_canary(f)[i] = kCanary; }
+    }
     fiber_reset(f);
     return f;
+}
+
+// after a block: did a thread's stack run into its red zone? (the guarded ones would have faulted)
+static inline bool stacks_intact(Worker* w, int n) {
+    for (int i = 0; i < n; i++) {
+        Fiber* f = w->fibers[i];
+        if (f->guarded) { continue; }
+        for (int k = 0; k < kCanaryWords; k++) {
+            if (fiber_canary(f)[k] != kCanary) { return false; }
+        }
+    }
+    return true;
 }
 
 // scheduler -> fiber
@@ -621,7 +659,16 @@ static inline bool run_block(Worker* w, long long linear_block) {
             }
         }
         if (L->failed) { break; }
-        if (w->live == 0) { return true; }
+        if (w->live == 0) {
+            if (stacks_intact(w, n)) { return true; }
+            fail(L, block_name(w) + ": a thread ran past the bottom of its 124 KiB stack (a large local array?)");
+            for (int i = 0; i < n; i++) {
+                if (!w->fibers[i]->guarded) {
+                    for (int k = 0; k < kCanaryWords; k++) { fiber_canary(w->fibers[i])[k] = kCanary; }
+                }
+            }
+            break;
+        }
         bool released = false;
         for (int k = 0; k < nwarps; k++) {
             if (w->warp_waiting[k] > 0 && w->warp_waiting[k] == w->warp_live[k]) {

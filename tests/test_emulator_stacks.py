@@ -1,0 +1,61 @@
+"""The emulator's fiber stacks: cut from slabs, so that many modules with 1024-thread blocks stay far below the
+process's limit on memory maps (vm.max_map_count, 65530: a mapping and a guard page per stack once made a full
+test session abort with "cannot map a fiber stack"), and a thread that runs past the bottom of its stack is
+caught: a fault on the slab's guard page, or a launch error from the canary of the others."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import emulator  # noqa: E402
+
+FILL = """
+extern "C" __global__ void fill(float* out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { out[i] = VALUE; }
+}
+"""
+
+DEEP = """
+extern "C" __global__ void deep(float* out) {
+    if (threadIdx.x == 1) {                   // not a slab's first stack: that one would fault on its guard page
+        volatile char big[126 * 1024];        // the stack has 124 KiB above its 4 KiB red zone
+        for (int i = 0; i < (int)sizeof(big); i++) { big[i] = (char)i; }
+        out[0] = big[7];
+    }
+}
+"""
+
+
+def memory_maps():
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def test_many_modules_with_full_blocks_take_few_memory_maps():
+    before = memory_maps()
+    for k in range(8):                        # 8 modules, each its own runtime and workers, 1024 threads a block
+        mod = emulator.RawModule(code=FILL.replace("VALUE", f"{k}.5f"), options=("--std=c++17",))
+        out = np.zeros(4096, np.float32)
+        mod.get_function("fill")((4,), (1024,), (out, np.int32(4096)))
+        assert (out == k + 0.5).all()
+    grown = memory_maps() - before
+    # a slab of 64 stacks is one mapping (two with its guard page): 16 slabs per worker for 1024 threads, a few
+    # workers per module; one mapping and one guard per stack took 2,048 per worker
+    assert grown < 8 * 400, grown
+
+
+def test_a_stack_overflow_is_a_launch_error():
+    mod = emulator.RawModule(code=DEEP, options=("--std=c++17",))
+    out = np.zeros(1, np.float32)
+    with pytest.raises(RuntimeError, match=r"ran past the bottom of its 124 KiB stack"):
+        mod.get_function("deep")((1,), (2,), (out,))
+    fill = emulator.RawModule(code=DEEP.replace("126 * 1024", "64 * 1024"), options=("--std=c++17",))
+    fill.get_function("deep")((1,), (2,), (out,))                 # 64 KiB fits
+    assert out[0] == 7
