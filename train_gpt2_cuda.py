@@ -1353,8 +1353,8 @@ def choose_precision(args):
 
 
 def device_setup(args, world=None):
-    """Runs before the model is built: checks -r, -p, -w and -ge (cuBLASLt loaded, else -ge 0), picks the default model file for the precision,
-    TF32 on or off (-f); returns the lines print_config adds.
+    """Runs before the model is built: checks -r, -p, -w and -ge (cuBLASLt loaded, else -ge 0), picks the
+    default model file for the precision, TF32 on or off (-f); returns the lines print_config adds.
     world: the data-parallel World. Each rank seeds its stochastic rounding with 13371337 + rank, as llm.c,
     under ZeRO-1 (each rank rounds its own shard, then all-gathers it). Under ZeRO-0 every rank updates
     all the parameters, and rounding them with different seeds (as llm.c does) would leave the ranks'
