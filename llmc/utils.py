@@ -29,7 +29,7 @@ def human_bytes(n):
         n /= 1024
 
 
-def _write_failure(path, error, written, need):
+def write_failure(path, error, written, need):
     """The one line of a failed write: what went wrong, the room the file needed and the room there is."""
     directory = os.path.dirname(os.path.abspath(path))
     why = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (error.strerror or str(error))
@@ -56,7 +56,7 @@ def write_atomic(path, chunks):
                 written += f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
         os.replace(tmp, path)
     except OSError as e:
-        raise WriteError(_write_failure(path, e, written, need)) from None
+        raise WriteError(write_failure(path, e, written, need)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

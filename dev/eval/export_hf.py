@@ -43,7 +43,7 @@ if REPO not in sys.path:
 import numpy as np  # noqa: E402
 
 from llmc.formats import param_shapes, read_model_file  # noqa: E402
-from llmc.utils import OutputInUse, WriteError, _write_failure, foreign_entries, one_line_errors, some_names  # noqa: E402
+from llmc.utils import OutputInUse, WriteError, write_failure, foreign_entries, one_line_errors, some_names  # noqa: E402
 
 GPT2_VOCAB, EOT = 50257, 50256
 # llm.c's four matmul weights and their Hugging Face names (Conv1D: stored (in, out), the transpose of ours)
@@ -270,7 +270,7 @@ def export(input_path, output_dir, dtype="bfloat16", tokenizer=True, quiet=False
             code = re.search(r"os error (\d+)", str(e))
             e = OSError(int(code[1]) if code else 0, str(e))
         kept = "; an earlier export there is as it was" if os.path.exists(out) else ""
-        raise WriteError(f"{_write_failure(out, e, folder_bytes(tmp), None)}; nothing was written under "
+        raise WriteError(f"{write_failure(out, e, folder_bytes(tmp), None)}; nothing was written under "
                          f"that name{kept}") from None
     finally:
         if os.path.exists(tmp):
