@@ -248,6 +248,167 @@ def section5():
               f"{square / GiB:.2f} GiB ({100 * square / total:.0f}%)")
 
 
+# ---- 6. flash attention: the same layer in tiles, never holding (T, T)
+BR, BC = 16, 8        # query rows and key columns per tile: T = 37 leaves a tail of 5 in both
+
+
+def tiles(n, size):
+    """(start, stop) of each tile of `size` over range(n), the last one short when size does not divide n."""
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def causal_mask(rows, cols):
+    """(len(rows), len(cols)) True where the key is in the query's future: the -inf entries of one tile."""
+    return np.arange(*cols)[None, :] > np.arange(*rows)[:, None]
+
+
+def flash_forward(q, k, v):
+    """O (B, NH, T, hs) and the log-sum-exp L (B, NH, T) of each row's masked scores, one query tile at a
+    time against the key tiles up to its diagonal, the softmax online: a running max m and a running sum
+    l relative to it, both rescaled by exp(m_old - m_new) whenever a tile raises the max. Also returns
+    the number of (query tile, key tile) pairs computed."""
+    scale = 1.0 / math.sqrt(hs)
+    O, L, computed = np.zeros(q.shape), np.zeros(q.shape[:3]), 0
+    for r0, r1 in tiles(T, BR):
+        qi = q[:, :, r0:r1]                                  # (B, NH, Br, hs)
+        m = np.full(qi.shape[:3], -np.inf)                   # (B, NH, Br) running max
+        l = np.zeros(qi.shape[:3])                           # (B, NH, Br) running sum of exp(s - m)
+        acc = np.zeros(qi.shape)                             # (B, NH, Br, hs) running sum of exp(s - m) v
+        for c0, c1 in tiles(T, BC):
+            if c0 > r1 - 1:                                  # every key of the tile is after every query
+                break
+            computed += 1
+            s = scale * qi @ k[:, :, c0:c1].swapaxes(-1, -2)  # (B, NH, Br, Bc)
+            s[..., causal_mask((r0, r1), (c0, c1))] = -np.inf
+            m_new = np.maximum(m, s.max(-1))                 # finite: key tile 0 holds position 0
+            p = np.exp(s - m_new[..., None])                 # exp(-inf) = 0 on the future
+            rescale = np.exp(m - m_new)                      # 0 on the first tile (m = -inf)
+            l = l * rescale + p.sum(-1)
+            acc = acc * rescale[..., None] + p @ v[:, :, c0:c1]
+            m = m_new
+        O[:, :, r0:r1] = acc / l[..., None]
+        L[:, :, r0:r1] = m + np.log(l)
+    return O, L, computed
+
+
+def recompute_p(q, k, L, rows, cols):
+    """One tile of the probabilities, from Q, K and L alone: exp(scale q k^T - L), 0 in the future."""
+    s = q[:, :, rows[0]:rows[1]] @ k[:, :, cols[0]:cols[1]].swapaxes(-1, -2) / math.sqrt(hs)
+    s[..., causal_mask(rows, cols)] = -np.inf
+    return np.exp(s - L[:, :, rows[0]:rows[1], None])
+
+
+def flash_backward(q, k, v, O, L, dO):
+    """dq, dk, dv (B, NH, T, hs) in two passes over the same tiles, each writing only what it owns: by key
+    tile (dk, dv: sums over the query tiles at or below the diagonal), then by query tile (dq: sums over
+    the key tiles up to it). No tile of one pass adds into another's rows, so there is nothing to
+    add atomically. Each pass recomputes P from Q, K and L; D = rowsum(dO * O) is computed first."""
+    scale = 1.0 / math.sqrt(hs)
+    D = (dO * O).sum(-1)                                     # (B, NH, T) = rowsum(P * dP) of each row
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+
+    def ds_of(rows, cols, p):                                # dS = P * (dP - D), dP = dO V^T
+        dp = dO[:, :, rows[0]:rows[1]] @ v[:, :, cols[0]:cols[1]].swapaxes(-1, -2)
+        return p * (dp - D[:, :, rows[0]:rows[1], None])
+
+    for cols in tiles(T, BC):                                # pass 1: a key tile owns its dk and dv rows
+        for rows in tiles(T, BR):
+            if cols[0] > rows[1] - 1:
+                continue                                     # above the diagonal: P = 0, nothing to add
+            p = recompute_p(q, k, L, rows, cols)
+            dv[:, :, cols[0]:cols[1]] += p.swapaxes(-1, -2) @ dO[:, :, rows[0]:rows[1]]
+            dk[:, :, cols[0]:cols[1]] += scale * ds_of(rows, cols, p).swapaxes(-1, -2) @ q[:, :, rows[0]:rows[1]]
+    for rows in tiles(T, BR):                                # pass 2: a query tile owns its dq rows
+        for cols in tiles(T, BC):
+            if cols[0] > rows[1] - 1:
+                break
+            p = recompute_p(q, k, L, rows, cols)
+            dq[:, :, rows[0]:rows[1]] += scale * ds_of(rows, cols, p) @ k[:, :, cols[0]:cols[1]]
+    return dq, dk, dv
+
+
+def tiles_needed(T_, br, bc):
+    """The (query tile, key tile) pairs holding at least one entry t2 <= t, counted on the mask itself."""
+    past = ~np.triu(np.ones((T_, T_), dtype=bool), k=1)     # (T, T) True where t2 <= t
+    return sum(bool(past[r0:r1, c0:c1].any()) for r0, r1 in tiles(T_, br) for c0, c1 in tiles(T_, bc))
+
+
+def traffic(B_, T_, NH_, hs_, itemsize=2):
+    """Bytes and FLOPs of one layer's attention, forward + backward, at (B, T, NH, hs) in bf16: the
+    materialized path's passes over (B, NH, T, T) tensors, and what a flash kernel must move at least
+    (each input read once, each output written once)."""
+    square = B_ * NH_ * T_ * T_ * itemsize                  # one (B, NH, T, T) tensor
+    passes = {"forward": ["write preatt (q @ k^T)", "read preatt (softmax)", "write att (softmax)",
+                          "read att (att @ v)"],
+              "backward": ["write datt (dy @ v^T)", "read att (att^T @ dy)", "read att (softmax backward)",
+                           "read datt (softmax backward)", "write dpreatt (softmax backward)",
+                           "read dpreatt (dq)", "read dpreatt (dk)"]}
+    n_passes = sum(len(p) for p in passes.values())
+    gemm = 2 * B_ * NH_ * T_ * T_ * hs_                     # FLOPs of one (T, T) x hs product per head
+    row = B_ * T_ * NH_ * hs_ * itemsize                     # one (B, T, C) tensor
+    stat = B_ * NH_ * T_ * 4                                 # one fp32 number per row: L or D
+    flash = (3 * row + row + stat                            # forward: read q|k|v, write O and L
+             + 3 * row + row + row + stat                    # backward: read q|k|v, O, dO, L
+             + stat + stat + 3 * row)                        # D written and read, d(q|k|v) written
+    return dict(square=square, n_passes=n_passes, materialized=n_passes * square, gemm_materialized=6 * gemm,
+                flash=flash, gemm=gemm)
+
+
+def section6(ref, pap):
+    q, k, v = (ref[n].numpy() for n in "qkv")             # (B, NH, T, hs) float64
+    dO = heads(torch.tensor(dout_np)).numpy()
+    preatt, att = ref["preatt"].numpy(), ref["att"].numpy()  # preatt: scaled, -inf in the future
+
+    # the online softmax identity on one row, in chunks of 5: the running (m, l) ends as (max, sum)
+    row = preatt[1, 2, 30, :31]
+    m, l = -np.inf, 0.0
+    for c in range(0, row.size, 5):
+        m_new = max(m, row[c:c + 5].max())
+        l = l * math.exp(m - m_new) + np.exp(row[c:c + 5] - m_new).sum()
+        m = m_new
+    check("f64", "flash: online (m, l) in chunks vs log-sum-exp of the row", m + math.log(l),
+          math.log(np.exp(row).sum()))
+
+    O, L, computed = flash_forward(q, k, v)
+    check("f64", "flash: tiled forward O vs torch", O, heads(ref["out"]).numpy())
+    lse = np.log(np.where(future_np(), 0.0, np.exp(preatt)).sum(-1))       # log of each row's denominator
+    check("f64", "flash: L vs log sum exp of the masked scores", L, lse)
+    n_q, n_k = math.ceil(T / BR), math.ceil(T / BC)
+    check("f64", "flash: tiles computed vs pairs with an unmasked entry", computed, tiles_needed(T, BR, BC))
+    print(f"[info] flash: T={T}, {BR}x{BC} tiles: {computed} of {n_q * n_k} tile pairs computed")
+    n = 1024 // 64                                           # d12's T in 64x64 tiles: n(n+1)/2 of n^2
+    check("f64", "flash: T=1024 64x64 tiles needed vs n(n+1)/2", tiles_needed(1024, 64, 64), n * (n + 1) // 2)
+
+    # the backward's ingredients, each against the materialized path of section 2
+    p_all = recompute_p(q, k, L, (0, T), (0, T))
+    check("f64", "flash: P recomputed from Q, K and L vs att", p_all, att)
+    check("f64", "flash: D = rowsum(dO * O) vs rowsum(att * datt)", (dO * O).sum(-1), (att * pap["datt"]).sum(-1))
+    dq, dk, dv = flash_backward(q, k, v, O, L, dO)
+    check("f64", "flash: tiled backward dq vs paper", dq, pap["dq"])
+    check("f64", "flash: tiled backward dk vs paper", dk, pap["dk"])
+    check("f64", "flash: tiled backward dv vs paper", dv, pap["dv"])
+    check("f64", "flash: tiled backward dinp vs autograd",
+          merge_qkv(*(torch.from_numpy(x) for x in (dq, dk, dv))), ref["dinp"])
+
+    # why the materialized path is memory-bound: d12 at B=16, T=1024 in bf16, against an H100 SXM
+    from llmc.mfu import peak_flops
+    peak, hbm = peak_flops("NVIDIA H100 80GB HBM3", "bf16"), 3.35e12     # FLOP/s; bytes/s (perf_model's)
+    t = traffic(16, 1024, 12, 64)
+    check("f64", "flash: one (B,NH,T,T) bf16 tensor at d12, B=16 T=1024, in MiB", t["square"] / 2**20, 384)
+    print(f"[info] flash: d12 B=16 T=1024 bf16, one layer: {t['n_passes']} passes over (B,NH,T,T) tensors of "
+          f"{t['square'] / 1e9:.3f} GB = {t['materialized'] / 1e9:.2f} GB, x12 layers {12 * t['materialized'] / 1e9:.1f} GB "
+          f"= {12 * t['materialized'] / hbm * 1e3:.1f} ms at {hbm / 1e12:.2f} TB/s")
+    intensity = t["gemm_materialized"] / t["materialized"]
+    print(f"[info] flash: the materialized GEMMs {t['gemm_materialized'] / 1e9:.1f} GFLOP per layer: "
+          f"{intensity:.0f} FLOP/byte against an H100's ridge {peak / hbm:.0f} FLOP/byte "
+          f"({12 * t['gemm_materialized'] / peak * 1e3:.1f} ms of tensor-core time per step)")
+    fraction = tiles_needed(1024, 64, 64) / 16**2
+    work = 9 * t["gemm"] * fraction                          # 2 products forward, 4 + 3 in the two backward passes
+    print(f"[info] flash: at least {t['flash'] / 1e6:.0f} MB per layer ({t['materialized'] / t['flash']:.0f}x less), "
+          f"{work / 1e9:.1f} GFLOP ({fraction:.0%} of the tiles, 9 products): {work / t['flash']:.0f} FLOP/byte")
+    return dict(computed=computed)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)   # as tests/test_optim.py: torch's two-thread results varied run to run there
     torch.set_default_dtype(torch.float64)
@@ -256,4 +417,5 @@ if __name__ == "__main__":
     section3(ref, pap)
     section4(ref, pap)
     section5()
+    section6(ref, pap)
     verdict()
