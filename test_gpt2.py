@@ -40,6 +40,11 @@ The summary says whether all ratios are <= 1 ("llm.c thresholds: pass") and whet
 "overall okay" and the exit status use --target R (default 1, test_gpt2.cu's thresholds): every ratio must be
 <= R, so --target 0.5 makes the exit status follow the issue's target. --atol/--rtol are the fp32 check's
 and --target the bf16 check's: giving one in the other mode is an error.
+
+The CUDA trainer's run settings pass through: -fa/--flash 1|0 (flash attention, its default: 1 where the
+kernel runs, bf16 at head size 64 or 128; elsewhere the materialized path runs and [State] says why; 0 the
+materialized path) and -ge/--gelu_fusion 0|1|2 (GELU in cuBLASLt's epilogues; default 0, as the trainer's).
+[State] names the attention path that ran, so two runs (-fa 1, -fa 0) report each path's ratios.
 """
 
 import argparse
@@ -173,9 +178,18 @@ def main(argv=None):
                         help="bf16 check: the largest ratio |ours - ref| / tolerance that passes, for the verdicts and "
                              "the exit status (default 1 = test_gpt2.cu's thresholds; 0.5 = issue 8's target)")
     parser.add_argument("--steps", type=int, default=-1, help="training steps to check (-1 = all recorded)")
+    parser.add_argument("-fa", "--flash", type=int, default=None, choices=[0, 1],
+                        help="--trainer cuda: attention, as train_gpt2_cuda.py's -fa: 1 flash where it runs (bf16, "
+                             "head size 64 or 128; the default), 0 the materialized (B,NH,T,T) path")
+    parser.add_argument("-ge", "--gelu_fusion", type=int, default=None, choices=[0, 1, 2],
+                        help="--trainer cuda: GELU fused into the fc GEMMs by cuBLASLt, as train_gpt2_cuda.py's -ge "
+                             "(default 0)")
     args = parser.parse_args(argv)
     if args.trainer == "numpy" and args.precision == "bf16":
         parser.error("--precision bf16 needs --trainer cuda (the NumPy trainer is fp32 only)")
+    if args.trainer == "numpy" and (args.flash is not None or args.gelu_fusion is not None):
+        parser.error("-fa and -ge are the CUDA trainer's settings: add --trainer cuda (the NumPy trainer has one "
+                     "attention path and no GELU fusion)")
     if args.target is not None and args.target <= 0:
         parser.error(f"--target must be > 0, got {args.target:g}")
     if args.checkpoint is None:  # llm.c's files (python train_gpt2_torch.py --model gpt2) work too
@@ -212,10 +226,18 @@ def main(argv=None):
     rtol = 1e-4 if args.rtol is None else args.rtol
     limit = 1.0 if args.target is None else args.target  # bf16: the largest ratio that passes
 
+    flash = 1 if args.flash is None else args.flash           # the trainer's default: flash where it runs
+    gelu_fusion = args.gelu_fusion or 0
+    if args.trainer == "cuda" and gelu_fusion:
+        why_not = trainer.cublaslt_available()                 # as the trainer's device_setup: say so, run -ge 0
+        if why_not is not None:
+            print(f"-ge {gelu_fusion}: cuBLASLt cannot be loaded ({why_not}): running -ge 0 (no GELU fusion)")
+            gelu_fusion = 0
     try:
         if args.trainer == "cuda":  # bf16 from a v3 file: the weights rounded at load, fp32 masters kept (-w 1)
             model = trainer.gpt2_build_from_checkpoint(args.checkpoint, precision=precision,
-                                                       master_weights=bool(args.master_weights))
+                                                       master_weights=bool(args.master_weights),
+                                                       gelu_fusion=gelu_fusion, flash_attention=flash)
         else:
             model = trainer.gpt2_build_from_checkpoint(args.checkpoint)
         config = model.config
@@ -248,6 +270,9 @@ def main(argv=None):
     print(f"checkpoint: {args.checkpoint}")
     print(f"debug_state: {state_path}")
     print(f"trainer: {module_name}")
+    if args.trainer == "cuda":
+        print(model.attention_line)
+        print(f"gelu fusion: -ge {gelu_fusion}")
     print(f"batch_size: {B}")
     print(f"seq_len: {T}")
     print(f"steps: {nsteps} (losses: {source})" if nsteps else "steps: 0 (the state records no losses)")

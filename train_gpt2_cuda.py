@@ -727,10 +727,13 @@ def fused_classifier(logits, losses, dlosses, targets, B, T, V, Vp, write_dlogit
 # ----------------------------------------------------------------------------
 # the model: flat device buffers with named views, as llm.c's GPT2 struct
 
-def activation_shapes(config, B, T, recompute=0):
+def activation_shapes(config, B, T, recompute=0, flash=False):
     """llm.c train_gpt2_fp32.cu's activations (21 tensors). `output` is the scratch buffer: it
     holds the logits (B,T,Vp) after the forward pass and, inside each layer, qkv (B,T,3C),
     preatt (B,NH,T,T) and att @ v; in the backward pass the logits' gradient and datt.
+    flash (-fa 1, where flash_attention.cu runs): each layer keeps its qkv (B,T,3C) as the kernel reads it
+    (instead of qkvr, the permuted copy) and the softmax's log-sum-exp lse (B,NH,T, fp32) instead of att
+    (B,NH,T,T); the backward recomputes the probabilities from them. `output` then holds only the logits.
     recompute (-r, as llm.c's train_gpt2.cu) is decided here and only here: a tensor the backward
     pass recomputes gets ONE buffer, (1, ...), that every layer shares, instead of (L, ...):
     -r 1 shares fch_gelu (the backward recomputes GELU(fch) before fcproj's matmul_backward),
@@ -738,11 +741,16 @@ def activation_shapes(config, B, T, recompute=0):
     L, NH, C, Vp = config.num_layers, config.num_heads, config.channels, config.padded_vocab_size
     L_gelu = 1 if recompute >= 1 else L   # layers of fch_gelu kept
     L_ln = 1 if recompute >= 2 else L     # layers of ln1 and ln2 kept
+    if flash:
+        probabilities, qkv, rows = ("lse", (L, B, NH, T)), ("qkv", (L, B, T, 3 * C)), Vp
+    else:
+        probabilities, qkv = ("att", (L, B, NH, T, T)), ("qkvr", (L, 3, B, NH, T, C // NH))
+        rows = max(3 * C, NH * T, Vp)
     return [
         ("encoded", (B, T, C)),
         ("ln1", (L_ln, B, T, C)), ("ln1_mean", (L, B, T)), ("ln1_rstd", (L, B, T)),
         ("atty", (L, B, T, C)),                 # attention output before the projection
-        ("att", (L, B, NH, T, T)),              # attention probabilities
+        probabilities,                          # attention probabilities att, or flash's lse
         ("attproj", (L, B, T, C)),
         ("residual2", (L, B, T, C)),
         ("ln2", (L_ln, B, T, C)), ("ln2_mean", (L, B, T)), ("ln2_rstd", (L, B, T)),
@@ -751,14 +759,14 @@ def activation_shapes(config, B, T, recompute=0):
         ("residual3", (L, B, T, C)),
         ("lnf", (B, T, C)), ("lnf_mean", (B, T)), ("lnf_rstd", (B, T)),
         ("losses", (B, T)),
-        ("qkvr", (L, 3, B, NH, T, C // NH)),    # q, k, v permuted to (B,NH,T,hs), kept for backward
-        ("output", (B * T * max(3 * C, NH * T, Vp),)),
+        qkv,                                    # q, k, v permuted to (B,NH,T,hs), or flash's (B,T,3C)
+        ("output", (B * T * rows,)),
     ]
 
 
 # the activations that stay fp32 in bf16 (llm.c's mainline): LayerNorm's per-row statistics and the losses;
 # the rest are floatX. They live in two flat buffers, "activations" and "activation statistics".
-FP32_ACTIVATIONS = ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "losses")
+FP32_ACTIVATIONS = ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd", "losses", "lse")
 
 
 def split_activations(shapes):
@@ -773,10 +781,12 @@ def layer(activation, l):
     return activation[l if activation.shape[0] > 1 else 0]
 
 
-def grad_activation_shapes(config, B, T):
-    """The backward pass needs only three buffers, reused by every layer (llm.c's GradActTensors)."""
+def grad_activation_shapes(config, B, T, flash=False):
+    """The backward pass needs only three buffers, reused by every layer (llm.c's GradActTensors); with
+    flash (-fa 1) two: no (B,NH,T,T) dpreatt."""
     NH, C = config.num_heads, config.channels
-    return [("bt4c", (B, T, 4 * C)), ("preatt", (B, NH, T, T)), ("residual3", (B, T, C))]
+    preatt = [] if flash else [("preatt", (B, NH, T, T))]
+    return [("bt4c", (B, T, 4 * C))] + preatt + [("residual3", (B, T, C))]
 
 
 def count(shapes):
@@ -801,30 +811,68 @@ def check_gelu_fusion(gelu_fusion):
                           f"2 forward and backward), got {gelu_fusion}")
 
 
+FLASH_ATTENTION = {0: "materialized", 1: "flash"}   # -fa: which attention path (flash where it can run)
+
+
+def check_flash_attention(flash_attention):
+    if flash_attention not in FLASH_ATTENTION:
+        raise ConfigError(f"-fa must be 0 or 1 (attention: 1 flash, 0 the materialized path with its (B,NH,T,T) "
+                          f"tensors), got {flash_attention}")
+
+
+def flash_unavailable(config, precision):
+    """None where kernels/flash_attention.cu can run this model in this precision, else why not (a phrase)."""
+    if precision != "bf16":
+        return "fp32 has no flash variant (flash_attention.cu is bf16 on the tensor cores)"
+    sizes = globals().get("FLASH_HEAD_SIZES")          # the launchers' (below attention_backward)
+    if sizes is None:
+        return "kernels/flash_attention.cu is not in this tree"
+    hs = config.channels // config.num_heads
+    if hs not in sizes:
+        return f"head size {hs} is not one flash_attention.cu takes ({' or '.join(map(str, sizes))})"
+    return None
+
+
+def attention_path(config, precision, flash_attention=1):
+    """-fa for this model and precision -> (whether flash runs, the start-up line saying which path and why).
+    -fa 1 asks for flash where it can run; elsewhere the materialized path runs, as -fa 0."""
+    check_flash_attention(flash_attention)
+    if flash_attention == 0:
+        return False, "attention: materialized, (B,NH,T,T) tensors (-fa 0)"
+    why_not = flash_unavailable(config, precision)
+    if why_not is not None:
+        return False, f"attention: materialized, (B,NH,T,T) tensors: {why_not}"
+    return True, "attention: flash (-fa 1, kernels/flash_attention.cu): no (B,NH,T,T) tensors"
+
+
 def check_recompute(recompute):
     if recompute not in RECOMPUTE:
         raise ConfigError(f"-r must be 0, 1 or 2 (what the backward recomputes: 0 nothing, 1 GELU, "
                           f"2 GELU and LayerNorm), got {recompute}")
 
 
-def state_buffers(config, B, T, recompute, precision="fp32", master_weights=True, shard_size=None):
+def state_buffers(config, B, T, recompute, precision="fp32", master_weights=True, shard_size=None, flash=False):
     """Every device buffer of a run at (B, T): [(name, element count, dtype, at_build), ...].
     at_build: allocated by GPT2() (parameters and their gradients); the rest by gpt2_allocate_state,
     which allocates from these very counts, so the memory report and the allocation cannot disagree.
     The bytes of a buffer are count * dtype's itemsize: the precision changes only the dtypes.
     Master weights: an fp32 copy of the parameters that AdamW updates, when they are bf16 and -w 1.
-    shard_size: ZeRO-1's share of the parameters whose m, v (and master weights) this rank keeps."""
-    n, C = num_parameters(config), config.channels
+    shard_size: ZeRO-1's share of the parameters whose m, v (and master weights) this rank keeps.
+    flash: the flash attention path's tables (no (B,NH,T,T) buffers) and its backward's fp32 scratch."""
+    n, C, NH = num_parameters(config), config.channels, config.num_heads
     ns = n if shard_size is None else shard_size
     floatx = PRECISIONS[precision]
     keep_master = master_weights and floatx != np.dtype(OPT_DTYPE)
+    floatx_acts, fp32_acts = split_activations(activation_shapes(config, B, T, recompute, flash))
+    flash_scratch = [("flash attention backward scratch", flash_scratch_size(B, T, C, NH), np.float32, False)] \
+        if flash else []
     return [
         ("parameters", n, floatx, True),
         ("parameter gradients", n, floatx, True),
-        ("activations", count(split_activations(activation_shapes(config, B, T, recompute))[0]), floatx, False),
-        ("activation statistics", count(split_activations(activation_shapes(config, B, T, recompute))[1]),
-         np.float32, False),
-        ("activation gradients", count(grad_activation_shapes(config, B, T)), floatx, False),
+        ("activations", count(floatx_acts), floatx, False),
+        ("activation statistics", count(fp32_acts), np.float32, False),
+        ("activation gradients", count(grad_activation_shapes(config, B, T, flash)), floatx, False),
+    ] + flash_scratch + [
         ("layernorm backward scratch", layernorm_scratch_size(B, T, C), np.float32, False),
         ("matmul backward bias scratch", matmul_bias_scratch_size(B, T, C, floatx), np.float32, False),
         ("encoder backward buckets", 3 * B * T + 1, np.int32, False),   # see encoder_buckets
@@ -838,29 +886,32 @@ def nbytes(count, dtype):
     return count * np.dtype(dtype).itemsize
 
 
-def state_bytes_to_allocate(config, B, T, recompute, precision="fp32", master_weights=True, shard_size=None):
+def state_bytes_to_allocate(config, B, T, recompute, precision="fp32", master_weights=True, shard_size=None,
+                            flash=False):
     """Bytes gpt2_allocate_state asks the device for at (B, T) (the model's own are there already)."""
     return sum(nbytes(n, dtype) for _, n, dtype, at_build in
-               state_buffers(config, B, T, recompute, precision, master_weights, shard_size) if not at_build)
+               state_buffers(config, B, T, recompute, precision, master_weights, shard_size, flash) if not at_build)
 
 
 INDEX_LIMIT = 2**31   # the kernels index with 32-bit ints: every tensor (the (B,NH,T,T) attention above all) below this
 
 
-def largest_indexable_batch(config, T):
-    """The largest B whose tensors the kernels can index: B*NH*T*T (attention) and B*T*4C below 2^31 (the
-    classifier, the one kernel on (B,T,Vp), addresses its rows with 64-bit offsets)."""
-    per_sequence = max(config.num_heads * T * T, T * 4 * config.channels)
+def largest_indexable_batch(config, T, flash=False):
+    """The largest B whose tensors the kernels can index: B*NH*T*T (the materialized attention) and B*T*4C
+    below 2^31 (the classifier, the one kernel on (B,T,Vp), addresses its rows with 64-bit offsets). With
+    flash there is no (B,NH,T,T) tensor: (B,T,4C) is the largest (d12 at T=1024: 682 against 170)."""
+    per_sequence = max(0 if flash else config.num_heads * T * T, T * 4 * config.channels)
     return (INDEX_LIMIT - 1) // per_sequence
 
 
-def largest_batch_size(config, T, recompute, free_bytes, precision="fp32", master_weights=True, shard_size=None):
+def largest_batch_size(config, T, recompute, free_bytes, precision="fp32", master_weights=True, shard_size=None,
+                       flash=False):
     """The largest B whose state fits in free_bytes at this T (0 if not even B=1), found by
     bisection over state_bytes_to_allocate itself, so it is exactly the check's answer; never above
-    what the kernels' 32-bit indices reach (largest_indexable_batch: 170 for d12 at T=1024)."""
+    what the kernels' 32-bit indices reach (largest_indexable_batch: 170 for d12 at T=1024, 682 with flash)."""
     def fits(B):
-        return B <= largest_indexable_batch(config, T) and \
-            state_bytes_to_allocate(config, B, T, recompute, precision, master_weights, shard_size) <= free_bytes
+        return B <= largest_indexable_batch(config, T, flash) and \
+            state_bytes_to_allocate(config, B, T, recompute, precision, master_weights, shard_size, flash) <= free_bytes
     if not fits(1):
         return 0
     lo, hi = 1, 2
@@ -889,14 +940,31 @@ def device_memory():
     return max(0, free + xp.get_default_memory_pool().free_bytes() - CUBLAS_HEADROOM), total
 
 
+# the GPUs every memory report sizes the batch for, besides the one it runs on: the total memory nvidia-smi shows
+# for an H100 80 GB and an H200 141 GB; and what the CUDA context and CuPy take there before the first buffer
+REPORT_GPUS = (("80 GB", 81559 << 20), ("141 GB", 143771 << 20))
+CUDA_CONTEXT_BYTES = 1 << 30     # an assumption (~0.5 GiB measured on other GPUs), rounded up
+
+
+def largest_batch_on_gpu(config, T, recompute, device_bytes, precision="fp32", master_weights=True,
+                         shard_size=None, flash=False):
+    """largest_batch_size on an empty GPU of device_bytes: free is all of it but the CUDA context, cuBLAS's
+    headroom and the parameters and their gradients (which the model holds before the state is sized)."""
+    model_bytes = 2 * nbytes(num_parameters(config), PRECISIONS[precision])
+    free = device_bytes - CUDA_CONTEXT_BYTES - CUBLAS_HEADROOM - model_bytes
+    return largest_batch_size(config, T, recompute, free, precision, master_weights, shard_size, flash)
+
+
 def MiB(n_bytes):
     return f"{n_bytes / 2**20:,.2f} MiB"
 
 
-def memory_report(config, B, T, recompute, memory, precision="fp32", master_weights=True, shard_size=None):
-    """llm.c's start-up lines: what each buffer takes, the total, what recompute saves, and the
-    largest B that fits the device at this T. memory: device_memory()."""
-    buffers = state_buffers(config, B, T, recompute, precision, master_weights, shard_size)
+def memory_report(config, B, T, recompute, memory, precision="fp32", master_weights=True, shard_size=None,
+                  flash=False):
+    """llm.c's start-up lines: what each buffer takes, the total, what recompute saves, the largest B
+    at this T on an 80 GB and a 141 GB GPU, and the largest B that fits the device at this T. memory:
+    device_memory(). flash: the attention path's buffers (-fa 1 where it runs: no (B,NH,T,T) tensors)."""
+    buffers = state_buffers(config, B, T, recompute, precision, master_weights, shard_size, flash)
     lines = []
     for name, n, dtype, _ in buffers:
         if name == "master weights" and n == 0:
@@ -905,10 +973,15 @@ def memory_report(config, B, T, recompute, memory, precision="fp32", master_weig
         else:
             lines.append(f"allocating {MiB(nbytes(n, dtype))} for {name}")
     floatx = PRECISIONS[precision]
-    acts, acts_r0 = (nbytes(count(split_activations(activation_shapes(config, B, T, r))[0]), floatx)
+    acts, acts_r0 = (nbytes(count(split_activations(activation_shapes(config, B, T, r, flash))[0]), floatx)
                      for r in (recompute, 0))
     lines.append(f"recompute: -r {recompute} ({RECOMPUTE[recompute]}): activations {MiB(acts)}, "
                  f"{MiB(acts_r0 - acts)} less than -r 0")
+    sizes = [largest_batch_on_gpu(config, T, recompute, device_bytes, precision, master_weights, shard_size, flash)
+             for _, device_bytes in REPORT_GPUS]
+    lines.append(f"largest B at T={T} on an {' / '.join(name for name, _ in REPORT_GPUS)} GPU: "
+                 f"{' / '.join(map(str, sizes))} ({FLASH_ATTENTION[flash]} attention; the 32-bit index limit: "
+                 f"{largest_indexable_batch(config, T, flash)})")
     total = sum(nbytes(n, dtype) for _, n, dtype, _ in buffers)
     if memory is None:
         lines.append(f"total: {MiB(total)}")
@@ -918,7 +991,7 @@ def memory_report(config, B, T, recompute, memory, precision="fp32", master_weig
         lines.append(f"total: {MiB(total)} (device: {MiB(free)} free of {MiB(device_total)}, "
                      f"{MiB(CUBLAS_HEADROOM)} more kept for cuBLAS)")
         lines.append(f"estimated maximum batch size at T={T}: "
-                     f"{largest_batch_size(config, T, recompute, free, precision, master_weights, shard_size)}")
+                     f"{largest_batch_size(config, T, recompute, free, precision, master_weights, shard_size, flash)}")
     return lines
 
 
@@ -926,15 +999,18 @@ class GPT2:
     """The model: config, parameters and their gradients (flat device buffers with named views),
     and, from gpt2_allocate_state (for one B and T), the activations, their gradients and AdamW's
     m and v (and master weights); the recompute setting (-r), the precision (-p) and -w; the
-    stochastic rounding's generator; the state of the last forward pass."""
+    stochastic rounding's generator; the state of the last forward pass. flash_attention (-fa): 1 runs
+    flash attention where kernels/flash_attention.cu can (bf16, its head sizes), 0 the materialized path."""
 
     def __init__(self, config, params_host, recompute=1, precision="fp32", master_weights=True, rank=0,
-                 gelu_fusion=0):
+                 gelu_fusion=0, flash_attention=1):
         require_gpu()
         check_recompute(recompute)
         check_gelu_fusion(gelu_fusion)
         if precision not in PRECISIONS:
             raise ConfigError(f"-p must be bf16 or fp32, got {precision}")
+        # which attention path runs (flash, or the materialized one) and the start-up line that says why
+        self.flash, self.attention_line = attention_path(config, precision, flash_attention)
         self.config = config
         self.recompute = recompute
         self.gelu_fusion = gelu_fusion   # -ge: 0 none, 1 bias + GELU in the fc GEMM, 2 also GELU's gradient in fcproj's
@@ -970,30 +1046,34 @@ class GPT2:
         self.inputs_host = None                  # (B,T) int32: the last batch's inputs, kept for encoder_buckets
         self.layernorm_scratch = self.bucket_memory = None  # the deterministic backward's scratch
         self.matmul_scratch = None
+        self.flash_scratch = None                # flash attention's backward scratch (fp32), when flash runs
         self.mean_loss = -1.0
 
 
-def gpt2_build_from_checkpoint(path, recompute=1, precision="fp32", master_weights=True, gelu_fusion=0):
+def gpt2_build_from_checkpoint(path, recompute=1, precision="fp32", master_weights=True, gelu_fusion=0,
+                               flash_attention=1):
     """Load an llm.c model file onto the GPU in `precision`: a v5 (bf16) file loads exactly in bf16,
     a v3 (fp32) file is rounded to bf16 (its fp32 values become the master weights); in fp32 a v5
     file is widened exactly."""
     require_gpu()
     config, params = read_model_file(path)
-    return GPT2(config, params, recompute, precision, master_weights, gelu_fusion=gelu_fusion)
+    return GPT2(config, params, recompute, precision, master_weights, gelu_fusion=gelu_fusion,
+                flash_attention=flash_attention)
 
 
 def gpt2_build_from_descriptor(descriptor, seed=42, recompute=None, precision=None, master_weights=None,
-                               gelu_fusion=None):
+                               gelu_fusion=None, flash_attention=None):
     """A fresh model from a descriptor such as "d12" (or a .bin path), initialised on the host by
     train_gpt2.py's seeded init (the same weights as the NumPy trainer), then copied to the GPU.
-    recompute, precision, master_weights, gelu_fusion: None takes the run's -r, -p, -w and -ge (device_setup
-    keeps them)."""
+    recompute, precision, master_weights, gelu_fusion, flash_attention: None takes the run's -r, -p, -w, -ge
+    and -fa (device_setup keeps them)."""
     require_gpu()
     cpu_model = host.gpt2_build_from_descriptor(descriptor, seed)
     return GPT2(cpu_model.config, cpu_model.params_memory, run_recompute if recompute is None else recompute,
                 run_precision if precision is None else precision,
                 run_master_weights if master_weights is None else master_weights, run_rank,
-                run_gelu_fusion if gelu_fusion is None else gelu_fusion)
+                run_gelu_fusion if gelu_fusion is None else gelu_fusion,
+                run_flash_attention if flash_attention is None else flash_attention)
 
 
 def gpt2_allocate_state(model, B, T, shard=None):
@@ -1007,32 +1087,39 @@ def gpt2_allocate_state(model, B, T, shard=None):
     precision, master = model.precision, model.use_master_weights
     model.shard = shard or (0, model.num_parameters)
     shard_size = model.shard[1] - model.shard[0]
+    flash = model.flash
     memory = device_memory()
-    for line in memory_report(config, B, T, recompute, memory, precision, master, shard_size):
+    print(model.attention_line)
+    for line in memory_report(config, B, T, recompute, memory, precision, master, shard_size, flash):
         print(line)
-    if B > largest_indexable_batch(config, T):
-        raise ConfigError(f"B={B} T={T}: the attention tensor (B,NH,T,T) has {B * config.num_heads * T * T:,} elements, "
-                          f"more than the kernels' 32-bit indices reach (2^31); use -b {largest_indexable_batch(config, T)} "
-                          f"or less at T={T}")
-    needed = state_bytes_to_allocate(config, B, T, recompute, precision, master, shard_size)
+    if B > largest_indexable_batch(config, T, flash):
+        largest = largest_indexable_batch(config, T, flash)
+        attention_binds = not flash and config.num_heads * T > 4 * config.channels
+        tensor = (f"the attention tensor (B,NH,T,T) has {B * config.num_heads * T * T:,}" if attention_binds
+                  else f"the MLP's (B,T,4C) has {B * T * 4 * config.channels:,}")
+        raise ConfigError(f"B={B} T={T}: {tensor} elements, more than the kernels' 32-bit indices reach (2^31); "
+                          f"use -b {largest} or less at T={T}")
+    needed = state_bytes_to_allocate(config, B, T, recompute, precision, master, shard_size, flash)
     if memory is not None and needed > memory[0]:
-        largest = largest_batch_size(config, T, recompute, memory[0], precision, master, shard_size)
+        largest = largest_batch_size(config, T, recompute, memory[0], precision, master, shard_size, flash)
         fix = (f"use -b {largest} or less" if largest > 0 else "even B=1 does not fit: use a smaller -t") + \
             (", or -r 2 (recompute more)" if recompute < 2 and largest > 0 else "")
         raise ConfigError(f"B={B} T={T} needs {MiB(needed)} of device memory for activations, gradients and "
                           f"optimizer state, but {MiB(memory[0])} is free; the largest B that fits at T={T} is "
                           f"{largest}: {fix}")
     buffers = {name: (n, dtype) for name, n, dtype, _ in
-               state_buffers(config, B, T, recompute, precision, master, shard_size)}
+               state_buffers(config, B, T, recompute, precision, master, shard_size, flash)}
     model.batch_size, model.seq_len = B, T
-    floatx_shapes, fp32_shapes = split_activations(activation_shapes(config, B, T, recompute))
+    floatx_shapes, fp32_shapes = split_activations(activation_shapes(config, B, T, recompute, flash))
     model.acts_memory = xp.zeros(*buffers["activations"])
     model.acts_fp32_memory = xp.zeros(*buffers["activation statistics"])
     model.acts = host.views(model.acts_memory, floatx_shapes)
     vars(model.acts).update(vars(host.views(model.acts_fp32_memory, fp32_shapes)))
     model.acts.logits = view(model.acts.output, B, T, config.padded_vocab_size)  # the logits live in the scratch buffer
     model.grads_acts_memory = xp.zeros(*buffers["activation gradients"])
-    model.grads_acts = host.views(model.grads_acts_memory, grad_activation_shapes(config, B, T))
+    model.grads_acts = host.views(model.grads_acts_memory, grad_activation_shapes(config, B, T, flash))
+    if flash:
+        model.flash_scratch = xp.zeros(*buffers["flash attention backward scratch"])
     # scratch of the deterministic backward kernels: per-block partial sums of dweight/dbias
     # (layernorm), and the positions of the batch grouped by token (encoder)
     model.layernorm_scratch = xp.zeros(*buffers["layernorm backward scratch"])
@@ -1083,11 +1170,15 @@ def gpt2_forward(model, inputs, targets, B, T):
                       params.ln1w[0], params.ln1b[0], B, T, C)
     for l in range(L):
         residual = acts.encoded if l == 0 else acts.residual3[l - 1]
-        qkv = view(scratch, B, T, 3 * C)
+        # qkv: kept per layer for flash's backward; else in the scratch buffer, which the permute consumes
+        qkv = acts.qkv[l] if model.flash else view(scratch, B, T, 3 * C)
         ln1, ln2, fch_gelu = layer(acts.ln1, l), layer(acts.ln2, l), layer(acts.fch_gelu, l)
         # ln1 = layernorm(residual): made before the loop (l = 0) or by the last line of layer l-1
         matmul_forward(qkv, ln1, params.qkvw[l], params.qkvb[l], B, T, C, 3 * C)
-        attention_forward(acts.atty[l], acts.qkvr[l], acts.att[l], scratch, B, T, C, NH)
+        if model.flash:   # atty and the softmax's log-sum-exp straight from qkv: no (B,NH,T,T) tensor
+            flash_attention_forward(acts.atty[l], acts.lse[l], qkv, B, T, C, NH)
+        else:
+            attention_forward(acts.atty[l], acts.qkvr[l], acts.att[l], scratch, B, T, C, NH)
         matmul_forward(acts.attproj[l], acts.atty[l], params.attprojw[l], params.attprojb[l], B, T, C, C)
         # residual2 = residual + attproj; ln2 = layernorm(residual2)
         fused_residual_forward(acts.residual2[l], ln2, acts.ln2_mean[l], acts.ln2_rstd[l], residual,
@@ -1153,9 +1244,9 @@ def gpt2_backward(model):
     mm_scratch = model.matmul_scratch     # every matmul_backward's per-block partials of dbias
     layernorm_backward(dresidual, grads.lnfw, grads.lnfb, ln_scratch, dlnf, residual, params.lnfw,
                        acts.lnf_mean, acts.lnf_rstd, B, T, C)
-    # the attention backward's scratch, the same buffers for every layer:
+    # the materialized attention backward's scratch, the same buffers for every layer (flash needs neither):
     datt = acts.output                # >= (B,NH,T,T): held dlogits, no longer needed after the classifier's backward
-    dpreatt = grads_acts.preatt       # (B,NH,T,T): the backward's own scratch
+    dpreatt = None if model.flash else grads_acts.preatt   # (B,NH,T,T): the backward's own scratch
 
     for l in reversed(range(L)):
         residual = acts.encoded if l == 0 else acts.residual3[l - 1]
@@ -1182,10 +1273,14 @@ def gpt2_backward(model):
         matmul_backward(buffer_a, grads.attprojw[l], grads.attprojb[l], dresidual, acts.atty[l],
                         params.attprojw[l], mm_scratch, B, T, C, C)
         dqkv = view(buffer_b, B, T, 3 * C)
-        dqkvr = acts.fch[l]           # (B,T,4C) >= 3*B*T*C: layer l's fch was read for the last time by gelu_backward
-        dvaccum = acts.atty[l]        # (B,T,C): layer l's atty was read for the last time by attproj's matmul_backward
-        attention_backward(dqkv, dqkvr, dpreatt, datt, dvaccum, buffer_a,
-                           acts.qkvr[l], acts.att[l], B, T, C, NH)
+        if model.flash:   # the probabilities recomputed from q, k and lse; atty (the forward's out) still intact
+            flash_attention_backward(dqkv, model.flash_scratch, buffer_a, acts.qkv[l], acts.atty[l], acts.lse[l],
+                                     B, T, C, NH)
+        else:
+            dqkvr = acts.fch[l]       # (B,T,4C) >= 3*B*T*C: layer l's fch was read for the last time by gelu_backward
+            dvaccum = acts.atty[l]    # (B,T,C): layer l's atty was read for the last time by attproj's matmul_backward
+            attention_backward(dqkv, dqkvr, dpreatt, datt, dvaccum, buffer_a,
+                               acts.qkvr[l], acts.att[l], B, T, C, NH)
         if model.recompute >= 2:
             layernorm_forward(ln1, acts.ln1_mean[l], acts.ln1_rstd[l], residual,
                               params.ln1w[l], params.ln1b[l], B, T, C)
@@ -1298,6 +1393,8 @@ TRAIN_GPT2_CU_DEFAULTS.update({
     # GELU fused into the fc GEMMs by cuBLASLt's epilogues: llm.c's default is 2 on sm_90 (0 before); here 0 until
     # dev/gpu_check.sh's gelu_fusion stage has compared -ge 2 with -ge 0 on a GPU
     "gelu_fusion": 0,
+    # attention: flash (kernels/flash_attention.cu) where it runs (bf16, head size 64 or 128), else materialized
+    "flash_attention": 1,
     # several GPUs and machines (NCCL; llm.c's flags and defaults): without torchrun or mpirun, -pn processes
     # started by hand, each with its -pr, find each other through -pi fs (-pf dir) or tcp (-ps IP)
     "num_processes": 1, "process_rank": 0, "gpus_per_node": 8,
@@ -1306,7 +1403,8 @@ TRAIN_GPT2_CU_DEFAULTS.update({
 SHOWN_DEFAULTS = dict(host.SHOWN_DEFAULTS, load_filename="gpt2_124M_bf16.bin in bf16, gpt2_124M.bin in fp32, "
                       "or gpt2_d12.bin when that is not there",
                       precision="auto: bf16 on GPUs with bf16 (SM >= 80) and the emulator, else fp32",
-                      gelu_fusion="0; llm.c's 2 on sm_90 waits for a GPU check of -ge 2 against -ge 0")
+                      gelu_fusion="0; llm.c's 2 on sm_90 waits for a GPU check of -ge 2 against -ge 0",
+                      flash_attention="1: flash in bf16 at head size 64 or 128; materialized in fp32 and elsewhere")
 USAGE_NOTES = ("Without a GPU: LLMC_EMULATE=1 python train_gpt2_cuda.py ... runs the same kernels on the CPU",
                "(kernel emulator, slow: for tiny models and tests).")
 # AdamW settings fixed in train_gpt2.cu (no flags): betas (0.9, 0.95), eps 1e-8, gradient clipping at 1.0
@@ -1322,6 +1420,7 @@ run_recompute = TRAIN_GPT2_CU_DEFAULTS["recompute"]
 run_precision = "fp32"
 run_master_weights = True
 run_gelu_fusion = 0          # -ge as device_setup set it (0 where cuBLASLt cannot be loaded)
+run_flash_attention = 1      # -fa as given (the model decides whether flash can run: GPT2's attention_path)
 run_rank = 0                 # the stochastic rounding's generator is seeded 13371337 + this (see device_setup)
 COLLECTIVES = "gloo" if EMULATE else "nccl"   # data parallel: NumPy arrays on the emulator, CuPy's on GPUs
 
@@ -1353,17 +1452,20 @@ def choose_precision(args):
 
 
 def device_setup(args, world=None):
-    """Runs before the model is built: checks -r, -p, -w and -ge (cuBLASLt loaded, else -ge 0), picks the
+    """Runs before the model is built: checks -r, -p, -w, -fa and -ge (cuBLASLt loaded, else -ge 0), picks the
     default model file for the precision, TF32 on or off (-f); returns the lines print_config adds.
     world: the data-parallel World. Each rank seeds its stochastic rounding with 13371337 + rank, as llm.c,
     under ZeRO-1 (each rank rounds its own shard, then all-gathers it). Under ZeRO-0 every rank updates
     all the parameters, and rounding them with different seeds (as llm.c does) would leave the ranks'
     bf16 weights different by an ulp here and there: there all ranks use rank 0's seed."""
     global gemm_precision, run_recompute, run_precision, run_master_weights, run_rank, run_gelu_fusion
+    global run_flash_attention
     world_rank = world.rank if world is not None else 0
     run_rank = world_rank if args.zero_stage == 1 else 0
     check_recompute(args.recompute)
     check_gelu_fusion(args.gelu_fusion)
+    check_flash_attention(args.flash_attention)
+    run_flash_attention = args.flash_attention
     run_recompute = args.recompute
     run_precision = choose_precision(args)
     run_master_weights = bool(args.use_master_weights)
@@ -1379,6 +1481,8 @@ def device_setup(args, world=None):
         run_gelu_fusion = 0
     if run_gelu_fusion:
         lines.append(f"gelu fusion: -ge {run_gelu_fusion} ({GELU_FUSION[run_gelu_fusion]}, cuBLASLt epilogues)")
+    if run_precision == "fp32" and args.flash_attention == 1 and "flash_attention" in args.given:
+        print(f"-fa 1: {flash_unavailable(None, 'fp32')}: running the materialized attention")
     if run_precision == "bf16":
         master = "fp32 master weights" if run_master_weights else "no master weights (-w 0)"
         lines.append(f"precision: bf16 parameters, gradients and activations; fp32 AdamW state, {master}")

@@ -41,6 +41,8 @@ FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
     "r": ("recompute", "recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm"),
     "ge": ("gelu_fusion", "GELU fused into the fc GEMMs (cuBLASLt epilogues): 0 none, 1 forward (bias + GELU), "
            "2 also backward (GELU's gradient); llm.c's default 2 on sm_90 waits here for a GPU check"),
+    "fa": ("flash_attention", "attention: 1 flash (kernels/flash_attention.cu: bf16, head size 64 or 128; no "
+           "(B,NH,T,T) tensors), 0 materialized (llm.c's non-cuDNN path); where flash cannot run, 0 runs and says why"),
     "sl": ("skip_update_lossz", "skip an update whose loss z-score (last 128 steps) is above this (0 = off)"),
     "sg": ("skip_update_gradz", "skip an update whose grad norm z-score (last 128 steps) is above this (0 = off)"),
     "z": ("zero_stage", "ZeRO stage with several processes (torchrun): 0 all-reduce the gradients, 1 also shard AdamW's m, v"),

@@ -44,6 +44,18 @@ def activation_floats(recompute, B=B, T=T):
     return full - gelu_saved - ln_saved
 
 
+def matmul_scratch_floats(N, pack):
+    """The bias backward's partials for N rows: per biased layer (OC = 3C, C, 4C) one row of OC floats per block
+    row, the rows split so that the grid is about 8 x 132 blocks (of 32 packs of columns each) in multiples of 32
+    rows: one block row per 32 rows at the tests' small shapes, fewer, longer ones at a large B."""
+    def block_rows(OC):
+        columns = math.ceil(OC / (32 * pack))
+        row_blocks = min(math.ceil(N / 32), max(1, math.ceil(8 * 132 / columns)))
+        rows_per_block = math.ceil(math.ceil(N / row_blocks) / 32) * 32
+        return math.ceil(N / rows_per_block)
+    return max(block_rows(OC) * OC for OC in (3 * C, C, 4 * C))
+
+
 def state_bytes(recompute, B=B, T=T, precision="fp32", master_weights=True):
     """What gpt2_allocate_state allocates: activations (floatX) and their statistics (fp32), the
     activation gradients (bt4c, preatt, dresidual: floatX), the layernorm backward's per-block partials
@@ -54,7 +66,7 @@ def state_bytes(recompute, B=B, T=T, precision="fp32", master_weights=True):
     X = FLOATX[precision]
     grad_acts = B * T * 4 * C + B * NH * T * T + B * T * C
     ln_scratch = math.ceil(B * T / 16) * 2 * C
-    mm_scratch = math.ceil(B * T / 32) * 4 * C
+    mm_scratch = matmul_scratch_floats(B * T, 16 // X)
     master = num_parameters() if precision == "bf16" and master_weights else 0
     return (X * (activation_floats(recompute, B, T) + grad_acts) + FLOAT * statistics_floats(B, T)
             + FLOAT * (ln_scratch + mm_scratch + 2 * num_parameters() + master) + INT * (3 * B * T + 1))
@@ -62,6 +74,29 @@ def state_bytes(recompute, B=B, T=T, precision="fp32", master_weights=True):
 
 def mib(n):
     return f"{n / 2**20:,.2f} MiB"
+
+
+# the memory report's line for an 80 GB and a 141 GB GPU: nvidia-smi's totals less the CUDA context (1 GiB),
+# cuBLAS's headroom (64 MiB) and the parameters and their gradients; never above the 32-bit index limit
+REPORT_GPU_BYTES = (81559 << 20, 143771 << 20)
+
+
+def largest_b_on(device_bytes, r, precision, master_weights):
+    free = device_bytes - (1 << 30) - (64 << 20) - 2 * FLOATX[precision] * num_parameters()
+    limit = (2**31 - 1) // max(NH * T * T, T * 4 * C)           # the materialized attention's (B,NH,T,T)
+    lo, hi = 0, limit + 1                                      # state_bytes grows with B: bisect
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if state_bytes(r, B=mid, precision=precision, master_weights=master_weights) <= free \
+            else (lo, mid)
+    return lo, limit
+
+
+def attention_line(precision):
+    """The line before the report: CONFIG's head size 16 keeps the materialized path in both precisions."""
+    why = ("fp32 has no flash variant (flash_attention.cu is bf16 on the tensor cores)" if precision == "fp32"
+           else "head size 16 is not one flash_attention.cu takes (64 or 128)")
+    return f"attention: materialized, (B,NH,T,T) tensors: {why}"
 
 
 def two_steps(cu, checkpoint, recompute):
@@ -128,7 +163,9 @@ def expected_report(r, precision="fp32", master_weights=True):
         master = f"allocating {mib(FLOAT * n)} for master weights"
     else:
         master = "master weights: none (-w 0: AdamW updates the bf16 weights)"
+    (b80, limit), (b141, _) = (largest_b_on(d, r, precision, master_weights) for d in REPORT_GPU_BYTES)
     return [
+        attention_line(precision),
         f"allocating {mib(X * n)} for parameters",
         f"allocating {mib(X * n)} for parameter gradients",
         f"allocating {mib(acts)} for activations",
@@ -141,6 +178,8 @@ def expected_report(r, precision="fp32", master_weights=True):
         f"allocating {mib(FLOAT * n)} for AdamW optimizer state v",
         master,
         f"recompute: -r {r} ({what}): activations {mib(acts)}, {mib(acts0 - acts)} less than -r 0",
+        f"largest B at T={T} on an 80 GB / 141 GB GPU: {b80} / {b141} (materialized attention; the 32-bit index "
+        f"limit: {limit})",
         f"total: {mib(total)}",
         "estimated maximum batch size: n/a (emulator)",
     ], total
