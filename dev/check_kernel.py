@@ -231,6 +231,9 @@ def encoder_launches(s, rng, reference):
                      (dwte, dout, starts, positions, tokens, i32(n), i32(C), u32(1337)), read_write=(0,))
     bwd_wpe = Launch("encoder_backward_wpe_kernel", ceil_div(T * C, 256), 256,
                      (dwpe, dout, i32(B), i32(T), i32(C), u32(1338)), read_write=(0,))
+    dwpe_x128 = dwpe.copy()                           # the x128 twin on the same inputs (C a multiple of the pack)
+    bwd_wpe_x128 = Launch("encoder_backward_wpe_x128_kernel", ceil_div(T * C, 128 * pack(s)), 128,
+                          (dwpe_x128, dout, i32(B), i32(T), i32(C), u32(1338)), read_write=(0,))
     if reference:
         want = np.zeros((B, T, C))
         tg.encoder_forward(want, inp, f64(wte), f64(wpe), B, T, C)
@@ -240,7 +243,8 @@ def encoder_launches(s, rng, reference):
         tg.encoder_backward(w_dwte, w_dwpe, f64(dout), inp, B, T, C)
         bwd_wte.outputs = [Output("dwte", dwte, w_dwte, "encoder_backward (+=)", 1e-5)]
         bwd_wpe.outputs = [Output("dwpe", dwpe, w_dwpe, "encoder_backward (+=)", 1e-5)]
-    return [fwd, fwd_packed, bwd_wte, bwd_wpe]
+        bwd_wpe_x128.outputs = [Output("dwpe", dwpe_x128, w_dwpe, "encoder_backward (+=)", 1e-5)]
+    return [fwd, fwd_packed, bwd_wte, bwd_wpe, bwd_wpe_x128]
 
 
 def layernorm_launches(s, rng, reference):
@@ -255,6 +259,7 @@ def layernorm_launches(s, rng, reference):
                  (out, mean, rstd, inp, weight, bias, i32(B * T), i32(C)))
     dout = fx(rand(rng, B, T, C))
     dinp, dweight, dbias = fx(rand(rng, B, T, C)), fx(rand(rng, C)), fx(rand(rng, C))   # the backward adds into these
+    dinp0 = dinp.copy()                               # for the x128 twin
     b_mean = inp.mean(-1, dtype=np.float64).astype(np.float32)
     b_rstd = (1 / np.sqrt(inp.var(-1, dtype=np.float64) + 1e-5)).astype(np.float32)
     block = 512                                       # 16 rows per block (the last block partly empty on ODD)
@@ -304,7 +309,27 @@ def layernorm_launches(s, rng, reference):
                          Output("normed", normed, w_norm, "layernorm_forward", 1e-5, 1e-5),
                          Output("mean", f_mean, w_mean, "layernorm_forward", 1e-6, 1e-6),
                          Output("rstd", f_rstd, w_rstd, "layernorm_forward", 0.0, 1e-5)]
-    return [fwd, bwd, bwd_sum, bwd_split, fused]
+    # the x128 twins on the same inputs (C is a multiple of the pack on every shape here), against the same
+    # references: their sums run in another order, within the plain kernels' tolerances
+    out_x = np.full((B, T, C), np.nan, np.float32)
+    mean_x, rstd_x = np.full((B, T), np.nan, np.float32), np.full((B, T), np.nan, np.float32)
+    fwd_x = Launch("layernorm_forward_x128_kernel", ceil_div(B * T * 32, 256), 256,
+                   (out_x, mean_x, rstd_x, inp, weight, bias, i32(B * T), i32(C)))
+    dinp_x, scratch_x = dinp0.copy(), np.full((grid, 2, C), np.nan, np.float32)
+    bwd_x = Launch("layernorm_backward_x128_kernel", grid, block,
+                   (dinp_x, scratch_x, dout, inp, weight, b_mean, b_rstd, i32(B), i32(T), i32(C)), read_write=(0,))
+    residual_x, normed_x = np.full((B, T, C), np.nan, np.float32), np.full((B, T, C), np.nan, np.float32)
+    f_mean_x, f_rstd_x = np.full((B, T), np.nan, np.float32), np.full((B, T), np.nan, np.float32)
+    fused_x = Launch("fused_residual_layernorm_forward_x128_kernel", ceil_div(B * T * 32, 256), 256,
+                     (residual_x, normed_x, f_mean_x, f_rstd_x, inp1, inp2, weight, bias, i32(B * T), i32(C)))
+    if reference:
+        fwd_x.outputs = [dataclasses.replace(o, got=got)
+                         for o, got in zip(fwd.outputs, (out_x, mean_x, rstd_x))]
+        bwd_x.outputs = [dataclasses.replace(o, got=got)
+                         for o, got in zip(bwd.outputs, (dinp_x, scratch_x))]
+        fused_x.outputs = [dataclasses.replace(o, got=got)
+                           for o, got in zip(fused.outputs, (residual_x, normed_x, f_mean_x, f_rstd_x))]
+    return [fwd, bwd, bwd_sum, bwd_split, fused, fwd_x, bwd_x, fused_x]
 
 
 def matmul_launches(s, rng, reference):
@@ -595,7 +620,8 @@ def copy_back(back):
 # want, and its output within e + r |y| <= e (1 + r) + r |want|: the fp32 tolerance, widened by r.
 BF16_ROUNDING = 2.0 ** -8
 STOCHASTIC_OUTPUTS = {("adamw_kernel", "params"), ("encoder_backward_wte_kernel", "dwte"),
-                      ("encoder_backward_wpe_kernel", "dwpe")}   # common.cuh's stochastic_round
+                      ("encoder_backward_wpe_kernel", "dwpe"),
+                      ("encoder_backward_wpe_x128_kernel", "dwpe")}   # common.cuh's stochastic_round
 
 
 def tolerance(code, kernel, output, precision):

@@ -90,13 +90,52 @@ def expected_distinct_tokens(V, n):
     return V * (1.0 - (1.0 - 1.0 / V) ** n)
 
 
+def flash_tiles(cu, T, hs):
+    """Per head, what kernels/flash_attention.cu's three kernels load and store in global memory (bytes, bf16:
+    2 a value) and the tensor-core FLOPs they run, from the walk its header describes: a forward block per
+    query tile of BR rows loads its q rows, then the k and v rows of every key tile (BC) that starts before the
+    tile's end (the causal skip); the dq block the same walk, with its dout rows, out rows (D = rowsum(dout *
+    out)) and lse, D per row; the dkdv block per key tile walks the query tiles from the diagonal down, loading
+    q, dout, lse and D. Rows at or past T are neither loaded nor stored. FLOPs per (query tile, key tile) pair:
+    each 16x16x16 product on the whole tile, masked or not: forward S = QK^T and PV (2 x 2 BR BC hs), dq S, dP
+    and dQ (3 x), dkdv S, dP, dV and dK (4 x): the backward is 3.5x the forward (FlashAttention-2's 2.5x
+    recomputes S once, here both kernels do). Returns {kernel: (read, written, flops)} for one (b, h)."""
+    BC, s = cu.FLASH_BC, 2
+    rows = lambda start, n: max(0, min(n, T - start))   # noqa: E731 (rows of a tile inside T)
+    row = hs * s
+    BR = cu.flash_rows(hs, False)
+    read, pairs = 0, 0
+    for q0 in range(0, T, BR):
+        read += rows(q0, BR) * row
+        for k0 in range(0, min(q0 + BR, T), BC):
+            read += 2 * rows(k0, BC) * row
+            pairs += 1
+    tiles = {"flash_attention_forward_kernel": (read, T * row + 4 * T, pairs * 4 * BR * BC * hs)}
+    BR = cu.flash_rows(hs, True)
+    read, pairs = 0, 0
+    for q0 in range(0, T, BR):
+        read += rows(q0, BR) * (3 * row + 4)                # q, dout, out; lse
+        for k0 in range(0, min(q0 + BR, T), BC):
+            read += 2 * rows(k0, BC) * row
+            pairs += 1
+    tiles["flash_attention_backward_dq_kernel"] = (read, T * (row + 4), pairs * 6 * BR * BC * hs)   # dq, D
+    read, pairs = 0, 0
+    for k0 in range(0, T, BC):
+        read += 2 * rows(k0, BC) * row
+        for q0 in range(k0 // BR * BR, T, BR):
+            read += rows(q0, BR) * (2 * row + 8)            # q, dout; lse, D
+            pairs += 1
+    tiles["flash_attention_backward_dkdv_kernel"] = (read, 2 * T * row, pairs * 8 * BR * BC * hs)   # dk, dv
+    return tiles
+
+
 def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weights=True, distinct_tokens=None,
-                  gelu_fusion=0):
+                  gelu_fusion=0, flash=False):
     """Every launch of one step of train_gpt2_cuda.py's training loop (gpt2_zero_grad, gpt2_forward with
     targets and dlogits in the forward, gpt2_backward, gpt2_calculate_grad_norm, gpt2_update), in order:
     a list of Launch. cu: the trainer module (its grids: matmul_bias_grid, LAYERNORM_BACKWARD_BLOCK,
     NORM_BLOCKS). distinct_tokens: the batch's distinct token ids (default: the expectation for random ones).
-    gelu_fusion: -ge (0, 1, 2).
+    gelu_fusion: -ge (0, 1, 2). flash: whether flash attention runs (-fa 1 where it can: cu.attention_path).
     Sizes in elements: N = B*T rows; s = sizeof(floatX); P = floatX per 128-bit pack; att = B*NH*T*T."""
     L, NH, C, V, Vp = (config.num_layers, config.num_heads, config.channels, config.vocab_size,
                        config.padded_vocab_size)
@@ -127,15 +166,19 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
             # writes out. DRAM: the bias row once
             launch("add_bias_packed_kernel", where, 2 * N * OC * s, N * OC * s, dram_read=(N * OC + OC) * s)
 
+    # the LayerNorm kernels and the wpe backward: their x128 twins where C is a multiple of the pack (the
+    # launchers' packable; the buffers are taken to be aligned, as at GPT-2's shapes), the same bytes
+    x128 = "_x128_kernel" if C % P == 0 else "_kernel"
+
     def layernorm_forward(where):
         # one warp per row: reads the row three times (mean, variance, normalize) and weight and bias
         # once per row: 5NC; writes out (NC) and mean, rstd (N floats each). DRAM: inp once, weight and bias once
-        launch("layernorm_forward_kernel", where, 5 * N * C * s, N * C * s + 8 * N, dram_read=(N * C + 2 * C) * s)
+        launch("layernorm_forward" + x128, where, 5 * N * C * s, N * C * s + 8 * N, dram_read=(N * C + 2 * C) * s)
 
     def fused_residual_forward(where):
         # reads inp1 and inp2 (NC each), the residual it just wrote twice more (variance, normalize),
         # weight and bias once per row: 6NC; writes residual and normed (NC each), mean, rstd
-        launch("fused_residual_layernorm_forward_kernel", where, 6 * N * C * s, 2 * N * C * s + 8 * N,
+        launch("fused_residual_layernorm_forward" + x128, where, 6 * N * C * s, 2 * N * C * s + 8 * N,
                dram_read=(2 * N * C + 2 * C) * s)
 
     def gelu_forward(where):
@@ -169,9 +212,11 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
         blocks = ceil_div(32 * N, cu.LAYERNORM_BACKWARD_BLOCK)
         # warp per row: reads inp, weight, dout in the first pass (3NC), and again with dinp (+=) in the
         # second (4NC); mean and rstd by each of the 32 lanes (256 bytes a row); then per block the column
-        # sums reread dout and inp (2NC) with mean and rstd per row and column (8NC bytes). Writes dinp
-        # and 2C floats of partials per block. DRAM: inp, dout, dinp once, weight once, mean and rstd once
-        launch("layernorm_backward_kernel", where, 9 * N * C * s + 256 * N + 8 * N * C,
+        # sums reread dout and inp (2NC) with mean and rstd per row and column (8NC bytes; the x128 kernel
+        # per row and pack: 8NC/P). Writes dinp and 2C floats of partials per block. DRAM: inp, dout, dinp
+        # once, weight once, mean and rstd once
+        stats = 8 * N * C // P if C % P == 0 else 8 * N * C
+        launch("layernorm_backward" + x128, where, 9 * N * C * s + 256 * N + stats,
                N * C * s + blocks * 2 * C * 4, dram_read=(3 * N * C + C) * s + 8 * N)
         # reads the partials (blocks, 2C) and dbias, dweight; writes dbias, dweight
         launch("layernorm_backward_sum_split_kernel", where, blocks * 2 * C * 4 + 2 * C * s, 2 * C * s)
@@ -188,7 +233,12 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
     for l in range(L):
         where = f"layer {l}"
         matmul_forward(where, 3 * C, C)                             # qkv
-        # attention_forward: permute reads qkv (3NC), writes q, k, v (3NC)
+        if flash:   # flash_attention_forward: atty and lse from qkv; DRAM: q, k, v once, out and lse written
+            read, written, flops = (B * NH * x for x in tiles["flash_attention_forward_kernel"])
+            launch("flash_attention_forward_kernel", where, read, written, dram_read=3 * N * C * s, flops=flops)
+        else:
+            materialized_attention_forward(where)
+        matmul_forward(where, C, C)                                 # attproj
         launch("permute_kernel", where, 3 * N * C * s, 3 * N * C * s)
         # preatt (B*NH, T, T) = q @ k^T: reads q, k; writes preatt
         gemm("attention_forward", where, T, T, hs, B * NH, 2 * N * C * s, att * s)
@@ -197,7 +247,6 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
         # vaccum (B*NH, T, hs) = att @ v: reads att, v; writes vaccum
         gemm("attention_forward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)
         launch("unpermute_kernel", where, N * C * s, N * C * s)     # vaccum -> atty
-        matmul_forward(where, C, C)                                 # attproj
         fused_residual_forward(where)                               # residual2, ln2
         matmul_forward_gelu(where, 4 * C, C)                        # fc and GELU (-ge 1|2: one GEMM)
         matmul_forward(where, C, 4 * C)                             # fcproj
@@ -249,7 +298,7 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
     launch("encoder_backward_wte_kernel", "embedding", round(n_tok * C * (s + 12) + N * C * (4 + s)),
            round(n_tok * C * s), dram_read=round(n_tok * C * s + N * C * s + N * 4 + n_tok * 12))
     # wpe: a thread per (t, c) reads dwpe and the B rows of dout; writes dwpe[:T]
-    launch("encoder_backward_wpe_kernel", "embedding", (B + 1) * T * C * s, T * C * s)
+    launch("encoder_backward_wpe" + x128, "embedding", (B + 1) * T * C * s, T * C * s)
 
     # ---- gpt2_calculate_grad_norm: reads every gradient, writes one float per block; the host sums them
     n_params = formats.num_parameters(config)

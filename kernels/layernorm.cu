@@ -80,6 +80,23 @@
 // layernorm_backward_kernel's own grid at d12: ceil_div(32 * 16384, 512) = 1024 blocks of 512 threads,
 // ~7.8 per SM, 4 resident per SM at 2048 threads: about two full waves, so it fills the GPU.
 //
+// layernorm_forward_x128_kernel, fused_residual_layernorm_forward_x128_kernel, layernorm_backward_x128_kernel
+//   (the same parameters and launch shapes as their plain twins above): the same computations with
+//   128-bit loads and stores. Lane k of a row's warp owns the packs of P = x128::size elements (8 bf16, 4
+//   floats) at k*P, k*P + 32P, ... instead of the elements k, k + 32, ..., and issues two packs' loads
+//   before it uses them (visit_lane_packs; the sums still run over the packs in increasing order). At d12
+//   (C = 768, bf16) that is 3 packs a lane: the row's 1.5 KB in two rounds of 16-byte loads instead of 24
+//   dependent 2-byte ones. Requires C a multiple of P and every array 16-byte aligned; the launchers
+//   (train_gpt2_cuda.py: packable) take the plain kernels otherwise. A lane's share of each row sum changes,
+//   so mean, rstd, out (and the backward's dinp) are not the plain kernels' bits, only within fp32
+//   rounding of them (tests/test_layernorm_x128.py states how far); the fused x128 kernel gives exactly the
+//   bits of residual_forward_packed_kernel + layernorm_forward_x128_kernel, as the plain pair does.
+//   layernorm_backward_x128_kernel's second phase (the per-block partials) is the plain kernel's sum per
+//   channel, the block's rows in order, with thread j owning the channels [jP, jP + P): the same scratch
+//   bits, so dweight and dbias are unchanged.
+//   Loads that may see this kernel's own stores (the fused residual, dinp's +=) go through the
+//   coherent path (load128_coherent), not load128's read-only __ldg.
+//
 // Assumes N*C < 2^31. warp_sum (every lane gets the sum over the warp) comes from common.cuh.
 
 #include "common.cuh"
@@ -249,4 +266,187 @@ extern "C" __global__ void fused_residual_layernorm_forward_kernel(floatX* resid
 
     // from here on, layernorm_forward_kernel's own code (each lane rereads its own elements)
     normalize_row(normed + row * C, mean, rstd, x, weight, bias, m, row, C, lane);
+}
+
+// ---- the x128 twins (the launchers' choice where C is a multiple of x128::size and the rows are 16-byte
+// aligned). A lane owns the packs lane*P, lane*P + 32P, ... of a row (P = x128::size) instead of the
+// elements lane, lane + 32, ...: each load moves 16 bytes, and two are issued before either is used.
+
+constexpr int X128 = x128::size;
+
+// A 128-bit load through the ordinary (coherent) path: it sees what this kernel stored before it (the fused
+// kernel's residual, the backward's dinp), which the read-only path of load128 (__ldg) need not.
+__device__ x128 load128_coherent(const floatX* address) {
+    x128 out;
+    *reinterpret_cast<int4*>(&out) = *reinterpret_cast<const int4*>(address);
+    return out;
+}
+
+// Visits the packs `lane` owns in a row of C in increasing order, visit(offset, pack), two loads in flight:
+// the loads of two packs are issued, then both are visited, so the visits (and any sum in them) happen in
+// the order of a plain loop over the packs.
+template <class Visit>
+__device__ void visit_lane_packs(const floatX* row, int C, int lane, Visit visit) {
+    int i = lane * X128;
+    for (; i + 32 * X128 < C; i += 64 * X128) {
+        x128 a = load128_coherent(row + i);
+        x128 b = load128_coherent(row + i + 32 * X128);
+        visit(i, a);
+        visit(i + 32 * X128, b);
+    }
+    if (i < C) { visit(i, load128_coherent(row + i)); }
+}
+
+// normalize_row's x128 twin: the variance and the output from x128 packs; lane 0 stores mean and rstd.
+__device__ void normalize_row_x128(floatX* o, float* mean, float* rstd, const floatX* x, const floatX* weight,
+                                   const floatX* bias, float m, int row, int C, int lane) {
+    float sq = 0.0f;
+    visit_lane_packs(x, C, lane, [&](int, const x128& v) {
+        for (int k = 0; k < X128; k++) { float d = (float)v[k] - m; sq += d * d; }
+    });
+    float s = rsqrtf(warp_sum(sq) / C + 1e-5f);
+
+    if (lane == 0) {
+        if (mean != nullptr) { mean[row] = m; }
+        if (rstd != nullptr) { rstd[row] = s; }
+    }
+    visit_lane_packs(x, C, lane, [&](int i, const x128& v) {
+        x128 w = load128(weight + i);                  // weight and bias: read by every row, kept in cache
+        x128 b = load128(bias + i);
+        x128 r;
+        for (int k = 0; k < X128; k++) { r[k] = (floatX)(s * ((float)v[k] - m) * (float)w[k] + (float)b[k]); }
+        store128(o + i, r);
+    });
+}
+
+extern "C" __global__ void layernorm_forward_x128_kernel(floatX* out, float* mean, float* rstd,
+                                                         const floatX* inp, const floatX* weight,
+                                                         const floatX* bias, int N, int C) {
+    int lane = threadIdx.x % 32;
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;  // one warp per row
+    if (row >= N) { return; }
+    const floatX* x = inp + row * C;
+
+    float sum = 0.0f;
+    visit_lane_packs(x, C, lane, [&](int, const x128& v) {
+        for (int k = 0; k < X128; k++) { sum += (float)v[k]; }
+    });
+    float m = warp_sum(sum) / C;
+
+    normalize_row_x128(out + row * C, mean, rstd, x, weight, bias, m, row, C, lane);
+}
+
+extern "C" __global__ void fused_residual_layernorm_forward_x128_kernel(floatX* residual, floatX* normed,
+                                                                        float* mean, float* rstd,
+                                                                        const floatX* inp1, const floatX* inp2,
+                                                                        const floatX* weight, const floatX* bias,
+                                                                        int N, int C) {
+    int lane = threadIdx.x % 32;
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;  // one warp per row
+    if (row >= N) { return; }
+    const floatX* a = inp1 + row * C;
+    const floatX* b = inp2 + row * C;
+    floatX* x = residual + row * C;
+
+    // residual_forward a pack at a time, and the mean of the rounded values it stores; the lane's packs in
+    // order with two pairs of loads in flight (residual may alias inp1 or inp2: each pack is read, then
+    // written, by the same lane)
+    float sum = 0.0f;
+    auto add = [&](int i, const x128& u, const x128& v) {
+        x128 r;
+        for (int k = 0; k < X128; k++) { r[k] = (floatX)((float)u[k] + (float)v[k]); sum += (float)r[k]; }
+        store128(x + i, r);
+    };
+    int i = lane * X128;
+    for (; i + 32 * X128 < C; i += 64 * X128) {
+        x128 u0 = load128_coherent(a + i), v0 = load128_coherent(b + i);
+        x128 u1 = load128_coherent(a + i + 32 * X128), v1 = load128_coherent(b + i + 32 * X128);
+        add(i, u0, v0);
+        add(i + 32 * X128, u1, v1);
+    }
+    if (i < C) { add(i, load128_coherent(a + i), load128_coherent(b + i)); }
+    float m = warp_sum(sum) / C;
+
+    // layernorm_forward_x128_kernel's own code from here (each lane rereads the packs it stored)
+    normalize_row_x128(normed + row * C, mean, rstd, x, weight, bias, m, row, C, lane);
+}
+
+extern "C" __global__ void layernorm_backward_x128_kernel(floatX* dinp, float* scratch, const floatX* dout,
+                                                          const floatX* inp, const floatX* weight,
+                                                          const float* mean, const float* rstd,
+                                                          int B, int T, int C) {
+    int N = B * T;
+    int rows_per_block = blockDim.x / 32;
+    int first_row = blockIdx.x * rows_per_block;
+    int warp = threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+
+    // 1. dinp, one warp per row, the lane's packs (x, weight, dout: three loads per pack)
+    int row = first_row + warp;
+    if (row < N) {
+        const floatX* dout_row = dout + row * C;
+        const floatX* x = inp + row * C;
+        floatX* dinp_row = dinp + row * C;
+        float m = mean[row];
+        float s = rstd[row];
+
+        float dnorm_mean = 0.0f;
+        float dnorm_norm_mean = 0.0f;
+        visit_lane_packs(x, C, lane, [&](int i, const x128& v) {
+            x128 w = load128(weight + i);
+            x128 g = load128(dout_row + i);
+            for (int k = 0; k < X128; k++) {
+                float norm = ((float)v[k] - m) * s;
+                float dnorm = (float)w[k] * (float)g[k];
+                dnorm_mean += dnorm;
+                dnorm_norm_mean += dnorm * norm;
+            }
+        });
+        dnorm_mean = warp_sum(dnorm_mean) / C;
+        dnorm_norm_mean = warp_sum(dnorm_norm_mean) / C;
+
+        visit_lane_packs(x, C, lane, [&](int i, const x128& v) {
+            x128 w = load128(weight + i);
+            x128 g = load128(dout_row + i);
+            x128 d = load128_coherent(dinp_row + i);      // += : read, then written by this lane
+            for (int k = 0; k < X128; k++) {
+                float norm = ((float)v[k] - m) * s;
+                float dnorm = (float)w[k] * (float)g[k];
+                d[k] = (floatX)((float)d[k] + (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s);
+            }
+            store128(dinp_row + i, d);
+        });
+    }
+
+    // 2. this block's share of dbias and dweight: thread j owns the pack of channels [jP, jP + P) and adds
+    // the block's rows in order, as the plain kernel does per channel (the same bits), two rows' loads in flight
+    int last_row = min(first_row + rows_per_block, N);
+    float* dbias_part = scratch + (2 * blockIdx.x) * C;
+    float* dweight_part = scratch + (2 * blockIdx.x + 1) * C;
+    for (int i = threadIdx.x * X128; i < C; i += blockDim.x * X128) {
+        float dbias_sum[X128];
+        float dweight_sum[X128];
+        for (int k = 0; k < X128; k++) { dbias_sum[k] = 0.0f; dweight_sum[k] = 0.0f; }
+        auto add = [&](int r, const x128& g, const x128& v) {
+            float m = mean[r];                            // once per row and pack, not per channel
+            float s = rstd[r];
+            for (int k = 0; k < X128; k++) {
+                float d = (float)g[k];
+                dbias_sum[k] += d;
+                dweight_sum[k] += ((float)v[k] - m) * s * d;
+            }
+        };
+        int r = first_row;
+        for (; r + 1 < last_row; r += 2) {
+            x128 g0 = load128(dout + r * C + i), v0 = load128(inp + r * C + i);
+            x128 g1 = load128(dout + (r + 1) * C + i), v1 = load128(inp + (r + 1) * C + i);
+            add(r, g0, v0);
+            add(r + 1, g1, v1);
+        }
+        if (r < last_row) { add(r, load128(dout + r * C + i), load128(inp + r * C + i)); }
+        for (int k = 0; k < X128; k++) {
+            dbias_part[i + k] = dbias_sum[k];
+            dweight_part[i + k] = dweight_sum[k];
+        }
+    }
 }

@@ -121,7 +121,9 @@ def test_timing_path_with_a_stand_in_cupy(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert [k for _, k, _, _ in rows] == ["layernorm_forward_kernel", "layernorm_backward_kernel",
                                           "layernorm_backward_sum_kernel", "layernorm_backward_sum_split_kernel",
-                                          "fused_residual_layernorm_forward_kernel"]
+                                          "fused_residual_layernorm_forward_kernel", "layernorm_forward_x128_kernel",
+                                          "layernorm_backward_x128_kernel",
+                                          "fused_residual_layernorm_forward_x128_kernel"]
     s = check_kernel.ODD
     n = s.B * s.T * s.C * 4
     # forward: out, inp (B,T,C) + mean, rstd (B,T) + weight, bias (C); 1 ms per 2 launches -> 0.5 ms
@@ -130,7 +132,8 @@ def test_timing_path_with_a_stand_in_cupy(monkeypatch, capsys):
     assert "layernorm_backward_kernel" in out
     rows = check_kernel.time_file("encoder", KERNEL_DIR, repeats=2, shape=check_kernel.ODD)  # a 2-D grid
     assert [k for _, k, _, _ in rows] == ["encoder_forward_kernel", "encoder_forward_packed_kernel",
-                                          "encoder_backward_wte_kernel", "encoder_backward_wpe_kernel"]
+                                          "encoder_backward_wte_kernel", "encoder_backward_wpe_kernel",
+                                          "encoder_backward_wpe_x128_kernel"]
     assert "encoder_backward_wte_kernel" in capsys.readouterr().out
 
 

@@ -1,0 +1,244 @@
+"""The x128 twins of the LayerNorm kernels and of the wpe backward (kernels/layernorm.cu, kernels/encoder.cu),
+against their plain twins on the CPU emulator, in its three thread orders, on guarded arrays.
+
+A plain LayerNorm lane adds the elements k, k + 32, ... of its row; an x128 lane adds its packs k*P, k*P + 32P,
+... (P = 8 bf16, 4 floats). Both sums are fp32 chains of at most D = ceil(C/32) + 5 additions (the lane's
+elements, then warp_sum's 5 butterfly levels), so each is within D u sum|x| of the exact sum (Higham; u =
+2^-24) and the two within 2 D u sum|x| of each other. From there:
+  mean:  |dm| <= 2 D u mean|x| (+ the division's rounding, 2 u |m|);
+  rstd:  the variance's relative error <= 2 D u per kernel (its m error is second order), halved by the square
+         root, plus rsqrtf's 2 ulp per kernel: |ds| <= (2 D + 4) u s;
+  out:   s (x - m) w + b: |dout| <= |w| (|ds| |x - m| + s |dm|) + 4 u (|w norm| + |b|);
+  dinp:  the two row means a (of dnorm) and c (of dnorm * norm) move by 2 D u mean|dnorm| and
+         2 D u mean|dnorm * norm|, so |ddinp| <= s (|da| + |norm| |dc|) + 4 u (|dinp| + s (|dnorm| + |a| + |norm c|)).
+bf16 stores round the float results once: where the two float results straddle a rounding point they differ
+by one bf16 step, 2^-8 |value|, on top.
+Bit for bit: the x128 backward's per-block partials (scratch) equal the plain kernel's (the same rows in the
+same order per channel); the fused x128 forward equals residual_forward_packed_kernel then
+layernorm_forward_x128_kernel; encoder_backward_wpe_x128_kernel equals the plain wpe kernel in fp32 and in
+bf16 is one of the two bf16 neighbours of the same float sum (its own noise per element); each kernel gives
+the same bits twice.
+"""
+
+import numpy as np
+import pytest
+
+import emulator
+from llmc.cuda_common import ceil_div, kernel_source
+from llmc.formats import bf16_to_f32, f32_to_bf16
+from test_cuda_trainer import cuda_trainer  # noqa: F401 (fixture)
+
+import os
+import sys
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
+from check_kernel import Emulated, close, rand  # noqa: E402
+
+i32, u32 = np.int32, np.uint32
+OPTIONS = {"fp32": ("--std=c++17",), "bf16": ("--std=c++17", "-DENABLE_BF16")}
+PACK = {"fp32": 4, "bf16": 8}
+U = 2.0 ** -24
+STEP = {"fp32": 0.0, "bf16": 2.0 ** -8}               # one rounding of the stored value apart, relative
+ORDERS = ["forward", "reverse", "warps"]
+CHANNELS = (1, 6, 33, 96)                             # packs per row: 33 gives lane 0 two packs, 96 is d12's 768 in bf16
+
+
+@pytest.fixture(scope="module")
+def modules():
+    return {(f, p): emulator.RawModule(code=kernel_source(f), options=o)
+            for f in ("layernorm", "encoder", "residual") for p, o in OPTIONS.items()}
+
+
+def fx(x, precision):
+    return x.astype(np.float32) if precision == "fp32" else f32_to_bf16(x.astype(np.float32))
+
+
+def wide(x):
+    return (bf16_to_f32(x).reshape(x.shape) if x.dtype == np.uint16 else x).astype(np.float64)
+
+
+def depth(C):
+    return ceil_div(C, 32) + 5
+
+
+def forward(mod, name, N, C, inp, weight, bias):
+    out = np.full(inp.shape, 0, inp.dtype)
+    mean, rstd = np.full(N, np.nan, np.float32), np.full(N, np.nan, np.float32)
+    mod.get_function(name)(ceil_div(N * 32, 256), 256, (out, mean, rstd, inp, weight, bias, i32(N), i32(C)))
+    return out, mean, rstd
+
+
+def forward_bounds(x, w, b, C):
+    """|dm|, |ds|, |dout| bounds (float64 arrays) for rows x (N, C) of the float inputs."""
+    D = depth(C)
+    m = x.mean(-1, keepdims=True)
+    s = 1 / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    dm = 2 * D * U * np.abs(x).mean(-1, keepdims=True) + 2 * U * np.abs(m)
+    ds = (2 * D + 4) * U * s
+    dout = np.abs(w) * (ds * np.abs(x - m) + s * dm) + 4 * U * (np.abs(w * (x - m) * s) + np.abs(b))
+    return dm[:, 0], ds[:, 0], dout
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_forward_x128_against_plain(modules, precision, order):
+    mod = Emulated(modules[("layernorm", precision)], order)
+    rng = np.random.default_rng(14)
+    worst = 0.0
+    for packs in CHANNELS:
+        C = packs * PACK[precision]
+        for N in (1, 9):
+            scale = np.logspace(-2, 1, N, dtype=np.float32)[:, None]      # variances near eps too
+            inp = fx((rand(rng, N, C) + 2.0) * scale, precision)
+            weight, bias = fx(rand(rng, C), precision), fx(rand(rng, C), precision)
+            plain = forward(mod, "layernorm_forward_kernel", N, C, inp, weight, bias)
+            x128 = forward(mod, "layernorm_forward_x128_kernel", N, C, inp, weight, bias)
+            again = forward(mod, "layernorm_forward_x128_kernel", N, C, inp, weight, bias)
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(x128, again)), "two runs differ"
+            dm, ds, dout = forward_bounds(wide(inp), wide(weight), wide(bias), C)
+            close(x128[1], plain[1], dm)
+            close(x128[2], plain[2], ds)
+            got, want = wide(x128[0]), wide(plain[0])
+            close(got, want, dout + STEP[precision] * np.abs(want))
+            worst = max(worst, float(np.max(np.abs(got - want) / (dout + STEP[precision] * np.abs(want)))))
+    print(f"largest |x128 - plain| / bound of out ({precision}, {order}): {worst:.2f}")
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_x128_is_residual_then_layernorm_x128(modules, precision, order):
+    ln = Emulated(modules[("layernorm", precision)], order)
+    res = Emulated(modules[("residual", precision)], order)
+    rng = np.random.default_rng(15)
+    for packs in CHANNELS:
+        C = packs * PACK[precision]
+        N = 7
+        inp1, inp2 = fx(rand(rng, N, C), precision), fx(rand(rng, N, C) + 1.0, precision)
+        weight, bias = fx(rand(rng, C), precision), fx(rand(rng, C), precision)
+        residual = np.zeros_like(inp1)
+        res.get_function("residual_forward_packed_kernel")(ceil_div(N * C, 256 * PACK[precision]), 256,
+                                                          (residual, inp1, inp2, i32(N * C)))
+        want = forward(ln, "layernorm_forward_x128_kernel", N, C, residual, weight, bias)
+        for name in ("fused_residual_layernorm_forward_x128_kernel", "fused_residual_layernorm_forward_kernel"):
+            fused_res, normed = np.zeros_like(inp1), np.zeros_like(inp1)
+            mean, rstd = np.full(N, np.nan, np.float32), np.full(N, np.nan, np.float32)
+            ln.get_function(name)(ceil_div(N * 32, 256), 256, (fused_res, normed, mean, rstd, inp1, inp2, weight,
+                                                                bias, i32(N), i32(C)))
+            assert fused_res.tobytes() == residual.tobytes(), f"{name}: the residual"
+            if "x128" in name:                        # the same bits as the two x128 launches
+                for got, w, what in zip((normed, mean, rstd), want, ("normed", "mean", "rstd")):
+                    assert got.tobytes() == w.tobytes(), f"{name} C={C}: {what} differs"
+            else:                                     # the plain fused kernel: within the bounds above
+                dm, ds, dout = forward_bounds(wide(residual), wide(weight), wide(bias), C)
+                close(mean, want[1], dm)
+                close(wide(normed), wide(want[0]), dout + STEP[precision] * np.abs(wide(want[0])))
+    # in place: the residual over inp1, as gpt2_forward may alias it
+    C = 96 * PACK[precision]
+    a, b, weight, bias = (fx(rand(rng, *shape), precision) for shape in ((3, C), (3, C), (C,), (C,)))
+    fused = ln.get_function("fused_residual_layernorm_forward_x128_kernel")
+    residual, normed = np.zeros_like(a), np.zeros_like(a)
+    fused(1, 96, (residual, normed, None, None, a, b, weight, bias, i32(3), i32(C)))
+    in_place, normed_in_place = a.copy(), np.zeros_like(a)
+    fused(1, 96, (in_place, normed_in_place, None, None, in_place, b, weight, bias, i32(3), i32(C)))
+    assert in_place.tobytes() == residual.tobytes() and normed_in_place.tobytes() == normed.tobytes()
+
+
+def backward(mod, name, B, T, C, dinp0, dout, inp, weight, mean, rstd):
+    block = 512
+    grid = ceil_div(32 * B * T, block)
+    dinp, scratch = dinp0.copy(), np.full((grid, 2, C), np.nan, np.float32)
+    mod.get_function(name)(grid, block, (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)))
+    return dinp, scratch
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_backward_x128_against_plain(modules, precision, order):
+    mod = Emulated(modules[("layernorm", precision)], order)
+    rng = np.random.default_rng(16)
+    for packs in CHANNELS:
+        C = packs * PACK[precision]
+        for B, T in ((1, 1), (3, 7)):                # 21 rows: two blocks, the second partly empty
+            inp, dout = fx(rand(rng, B, T, C) + 1.0, precision), fx(rand(rng, B, T, C), precision)
+            weight, dinp0 = fx(rand(rng, C), precision), fx(rand(rng, B, T, C), precision)
+            x = wide(inp)
+            mean = x.mean(-1).astype(np.float32)
+            rstd = (1 / np.sqrt(x.var(-1) + 1e-5)).astype(np.float32)
+            args = (B, T, C, dinp0, dout, inp, weight, mean, rstd)
+            p_dinp, p_scratch = backward(mod, "layernorm_backward_kernel", *args)
+            x_dinp, x_scratch = backward(mod, "layernorm_backward_x128_kernel", *args)
+            again = backward(mod, "layernorm_backward_x128_kernel", *args)
+            assert x_dinp.tobytes() == again[0].tobytes() and x_scratch.tobytes() == again[1].tobytes()
+            assert x_scratch.tobytes() == p_scratch.tobytes(), f"{precision} C={C}: the partials differ"
+            # dinp's bound from the float64 terms of each row
+            D = depth(C)
+            s = rstd.astype(np.float64)[..., None]
+            norm = (x - mean.astype(np.float64)[..., None]) * s
+            dnorm = wide(weight) * wide(dout)
+            a, c = dnorm.mean(-1, keepdims=True), (dnorm * norm).mean(-1, keepdims=True)
+            da = 2 * D * U * np.abs(dnorm).mean(-1, keepdims=True)
+            dc = 2 * D * U * np.abs(dnorm * norm).mean(-1, keepdims=True)
+            want = wide(p_dinp)
+            bound = (s * (da + np.abs(norm) * dc) + 4 * U * (np.abs(want) + s * (np.abs(dnorm) + np.abs(a)
+                                                                                 + np.abs(norm * c)))
+                     + STEP[precision] * np.abs(want))
+            close(wide(x_dinp), want, bound)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_wpe_x128_against_plain(modules, precision, order):
+    mod = Emulated(modules[("encoder", precision)], order)
+    rng = np.random.default_rng(17)
+    for B, T, C in ((1, 1, PACK[precision]), (3, 5, 6 * PACK[precision]), (6, 4, 96 * PACK[precision])):
+        dout, dwpe0 = fx(rand(rng, B, T, C), precision), fx(rand(rng, T + 2, C), precision)  # maxT > T
+        plain, x128 = dwpe0.copy(), dwpe0.copy()
+        mod.get_function("encoder_backward_wpe_kernel")(ceil_div(T * C, 256), 256,
+                                                        (plain, dout, i32(B), i32(T), i32(C), u32(7)))
+        grid = ceil_div(T * C, 128 * PACK[precision])
+        mod.get_function("encoder_backward_wpe_x128_kernel")(grid, 128, (x128, dout, i32(B), i32(T), i32(C), u32(7)))
+        again = dwpe0.copy()
+        mod.get_function("encoder_backward_wpe_x128_kernel")(grid, 128, (again, dout, i32(B), i32(T), i32(C), u32(7)))
+        assert x128.tobytes() == again.tobytes(), "two runs differ"
+        assert x128[T:].tobytes() == dwpe0[T:].tobytes(), "rows past T were touched"
+        if precision == "fp32":
+            assert x128.tobytes() == plain.tobytes(), f"B={B} T={T} C={C}: not the plain kernel's bits"
+            continue
+        acc = wide(dwpe0[:T]).astype(np.float32)      # the float sum both kernels round: b in order
+        for b in range(B):
+            acc = acc + wide(dout[b]).astype(np.float32)
+        low = (acc.view(np.uint32) >> 16).astype(np.uint16)          # the bf16 at or below |acc|
+        exact = (acc.view(np.uint32) & 0xFFFF) == 0
+        high = np.where(exact, low, low + np.uint16(1))
+        for got in (x128[:T], plain[:T]):
+            assert np.all((got == low) | (got == high)), "not one of the two bf16 neighbours of the float sum"
+
+
+def test_launchers_take_the_x128_kernels(cuda_trainer, monkeypatch):  # noqa: F811 (fixture)
+    """train_gpt2_cuda's LayerNorm and encoder launchers: the x128 kernels where C is a multiple of the pack,
+    the plain ones where it is not (C = 12 in bf16), named by what they launch; and the grids at d12."""
+    cu = cuda_trainer
+    launched = []
+    kernel = cu.kernel
+    monkeypatch.setattr(cu, "kernel", lambda file, name, floatx=np.float32: (launched.append(name),
+                                                                              kernel(file, name, floatx))[1])
+    rng = np.random.default_rng(18)
+    for C, suffix in ((16, "x128_kernel"), (12, None)):
+        B, T = 2, 3
+        inp, weight, bias = (f32_to_bf16(rand(rng, *shape)) for shape in ((B, T, C), (C,), (C,)))
+        out = np.zeros_like(inp)
+        mean, rstd = np.zeros(B * T, np.float32), np.zeros(B * T, np.float32)
+        launched.clear()
+        cu.layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C)
+        cu.fused_residual_forward(out.copy(), out, mean, rstd, inp, inp, weight, bias, B, T, C)
+        scratch = np.zeros(cu.layernorm_scratch_size(B, T, C), np.float32)
+        cu.layernorm_backward(np.zeros_like(inp), np.zeros_like(weight), np.zeros_like(bias), scratch, inp, inp,
+                              weight, mean, rstd, B, T, C)
+        cu.encoder_backward(np.zeros((8, C), np.uint16), np.zeros((T, C), np.uint16), inp,
+                            np.zeros((B, T), np.int32), B, T, C)
+        names = ["layernorm_forward", "fused_residual_layernorm_forward", "layernorm_backward",
+                 "encoder_backward_wpe"]
+        got = [n for n in launched if n.rsplit("_", 2)[0] in names or n.rsplit("_", 1)[0] in names]
+        want = [n + ("_" + suffix if suffix else "_kernel") for n in names]
+        assert got == want, (C, launched)
+    # d12 B=16 T=1024 bf16: the wpe x128 grid covers 132 SMs more than four times over
+    assert ceil_div(1024 * 768, cu.ENCODER_WPE_BLOCK * 8) == 768 >= 4 * 132
