@@ -512,32 +512,15 @@ def encoder_backward(dwte, dwpe, dout, inp, B, T, C, buckets=None, seed=0):
     block = 256
     kernel("encoder", "encoder_backward_wte_kernel", dwte.dtype)(
         (ceil_div(C, block), n), (block,), (dwte, dout, starts, positions, tokens, i32(n), i32(C), u32(seed)))
-    # wpe: a thread per x128 of dwpe[:T] (its B rows of dout in 128-bit loads, 4 in flight) where C is a
-    # multiple of the pack, else a thread per element
-    args = (dwpe, dout, i32(B), i32(T), i32(C), u32(seed))
-    if packable(C, dwpe, dout):
-        kernel("encoder", "encoder_backward_wpe_x128_kernel", dwpe.dtype)(
-            (ceil_div(T * C, ENCODER_WPE_BLOCK * pack_size(dwpe)),), (ENCODER_WPE_BLOCK,), args)
-    else:
-        kernel("encoder", "encoder_backward_wpe_kernel", dwpe.dtype)((ceil_div(T * C, block),), (block,), args)
-
-
-ENCODER_WPE_BLOCK = 128   # encoder_backward_wpe_x128_kernel: 768 blocks at d12 (256 would leave < 3 per SM)
+    kernel("encoder", "encoder_backward_wpe_kernel", dwpe.dtype)(
+        (ceil_div(T * C, block),), (block,), (dwpe, dout, i32(B), i32(T), i32(C), u32(seed)))
 
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C):
-    # out (B,T,C); mean, rstd (B,T) cached for the backward; one warp per row, reading 128-bit packs where
-    # C is a multiple of the pack (layernorm_x128_name)
+    # out (B,T,C); mean, rstd (B,T) cached for the backward; one warp per row
     block = 256
-    kernel("layernorm", layernorm_x128_name("layernorm_forward_kernel", C, out, inp, weight, bias), out.dtype)(
+    kernel("layernorm", "layernorm_forward_kernel", out.dtype)(
         (ceil_div(B * T * 32, block),), (block,), (out, mean, rstd, inp, weight, bias, i32(B * T), i32(C)))
-
-
-def layernorm_x128_name(name, C, *arrays):
-    # the x128 twin of a LayerNorm kernel (its lanes read 128-bit packs: not the plain kernel's bits, within
-    # fp32 rounding of them, tests/test_layernorm_x128.py) when C is a multiple of the pack and every array is
-    # 16-byte aligned, else the plain kernel
-    return name.replace("_kernel", "_x128_kernel") if packable(C, *arrays) else name
 
 
 LAYERNORM_BACKWARD_BLOCK = 512   # 16 rows (warps) per block
@@ -557,8 +540,7 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
     # of the (2, C) rows, its 128 threads splitting the partial rows; else one thread per channel
     block = LAYERNORM_BACKWARD_BLOCK
     grid = ceil_div(32 * B * T, block)
-    name = layernorm_x128_name("layernorm_backward_kernel", C, dinp, dout, inp, weight)
-    kernel("layernorm", name, dinp.dtype)(
+    kernel("layernorm", "layernorm_backward_kernel", dinp.dtype)(
         (grid,), (block,), (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)))
     if packable(C, scratch):
         kernel("layernorm", "layernorm_backward_sum_split_kernel", dinp.dtype)(
@@ -723,8 +705,7 @@ def fused_residual_forward(residual, normed, mean, rstd, inp1, inp2, weight, bia
     # in one launch (llm.c's fused_residual_forward5), bit for bit the same: the LayerNorm reads the
     # residual as stored (rounded to floatX). One warp per row, as layernorm_forward
     block = 256
-    name = layernorm_x128_name("fused_residual_layernorm_forward_kernel", C, residual, normed, inp1, inp2, weight, bias)
-    kernel("layernorm", name, residual.dtype)(
+    kernel("layernorm", "fused_residual_layernorm_forward_kernel", residual.dtype)(
         (ceil_div(B * T * 32, block),), (block,),
         (residual, normed, mean, rstd, inp1, inp2, weight, bias, i32(B * T), i32(C)))
 

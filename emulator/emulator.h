@@ -233,7 +233,7 @@ static inline __nv_bfloat162 operator/(const __nv_bfloat162& a, const __nv_bfloa
 #define __restrict__ __restrict
 #define __shared__ static thread_local
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))   // GNU form: also valid after __shared__ (static thread_local)
 
 static constexpr int warpSize = 32;
 

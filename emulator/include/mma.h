@@ -121,30 +121,32 @@ static inline int lane_id() {
 //   enter: wait until every live lane of the warp is at a warp operation, then check that all 32 lanes are
 //     alive and in this same call (its magic): a lane that has returned, or one at another warp operation,
 //     is an error. No lane can be past the call's second step yet (it waits for all), so what the lanes
-//     published is still in place and no lane can have exited since the first step.
+//     published is still in place, and a lane of this call cannot have returned since the first step.
 //   leave: wait until every lane has done its part, so none changes a fragment another still reads.
 // enter fills lanes[32] (unless null) with what each lane published; false: the launch failed (the error is recorded).
 static inline bool warp_enter(const Published* me, const char* what, const Published** lanes) {
     warp_op<uint64_t>(SYNCWARP, reinterpret_cast<uintptr_t>(me), me->magic, 32);
     Fiber* f = tls_fiber;
     char msg[200];
-    int live = tls_worker->warp_live[f->warp];
-    if (live != 32) {
-        snprintf(msg, sizeof msg, "needs all 32 lanes of the warp, but warp %d has %d live threads (lanes that "
-                 "returned early, or a block size that is not a multiple of 32)", f->warp, live);
+    if (f->warp * 32 + 32 > tls_worker->nthreads) {
+        snprintf(msg, sizeof msg, "needs all 32 lanes of a warp, but warp %d has only %d threads (the block size "
+                 "%d is not a multiple of 32)", f->warp, tls_worker->nthreads - f->warp * 32, tls_worker->nthreads);
         wmma_fail(what, msg);
         return false;
     }
     Fiber* const* warp = tls_worker->fibers.data() + f->warp * 32;
     for (int l = 0; l < 32; l++) {
         const Fiber* g = warp[l];
-        if (g->op != SYNCWARP || g->op_arg != me->magic || g->op_value == 0) {
-            snprintf(msg, sizeof msg, "lane %d of warp %d is at another warp operation (all 32 lanes of the warp "
-                     "must make the same call together)", l, f->warp);
-            wmma_fail(what, msg);
-            return false;
+        if (g->state != DONE && g->op == SYNCWARP && g->op_arg == me->magic && g->op_value != 0) {
+            if (lanes != nullptr) { lanes[l] = reinterpret_cast<const Published*>(g->op_value); }
+            continue;
         }
-        if (lanes != nullptr) { lanes[l] = reinterpret_cast<const Published*>(g->op_value); }
+        // a lane that returned may have been at this step and gone on (only a later step could let it
+        // past), so it did not make the call with the others: either way an error
+        snprintf(msg, sizeof msg, "lane %d of warp %d %s (all 32 lanes of the warp must make the same call "
+                 "together)", l, f->warp, g->state == DONE ? "has returned" : "is at another warp operation");
+        wmma_fail(what, msg);
+        return false;
     }
     return true;
 }
