@@ -20,6 +20,9 @@
 #                     accesses, which the GPU may not fault on; skipped when compute-sanitizer is not there
 #   sanitize_racecheck the same with --tool racecheck on the bf16 kernels: shared-memory races between
 #                     barriers on the real hardware (the emulator checks its own thread orders only)
+#   flash_check       dev/bench_attention.py --time 0: flash attention (kernels/flash_attention.cu) and the
+#                     materialized path against PyTorch's SDPA (fp32 and bf16) at B=4, hs 64 and 128, T from 1
+#                     to 1024 (tests/test_flash_attention.py is the emulator's; skipped without the kernel)
 #   data              prepro_tinyshakespeare.py --input <shared data>/tinyshakespeare/input.txt
 #                     (skipped, and what needs it too, when neither that text nor the .bin files exist)
 #   export_d12        python train_gpt2_torch.py --model d12 (gpt2_d12.bin, gpt2_d12_bf16.bin, debug state)
@@ -38,6 +41,9 @@
 #   check_kernel_bf16 python dev/check_kernel.py all --precision bf16: every kernel vs its NumPy twin,
 #                     then timed at d12 in bf16
 #   check_kernel      python dev/check_kernel.py all: the same in fp32
+#   bench_attention   dev/bench_attention.py: one layer's attention forward + backward at B=16 NH=12 hs=64,
+#                     T 1024 and 2048, flash vs materialized vs SDPA (target: flash <= 1.3x SDPA's time), then
+#                     the d12 step's tokens/s with -fa 1 and -fa 0 (target >= 1.2x)
 #   bench_bf16        dev/bench_gpu.py --precision bf16: ours vs PyTorch (bf16 autocast, compile, flash)
 #                     at B=16 and at the largest B that fits both, 10 timed steps
 #   bench_fp32        dev/bench_gpu.py --precision fp32 --trainers ours: our fp32 (TF32) numbers beside
@@ -293,6 +299,14 @@ sanitized() {  # sanitized NAME TOOL TIMEOUT TEST_FILE...: the kernel tests unde
 sanitized sanitize_memcheck memcheck 90 tests/test_kernels.py tests/test_kernels_bf16.py
 sanitized sanitize_racecheck racecheck 90 tests/test_kernels_bf16.py
 
+# ---- flash attention against PyTorch's SDPA on the GPU (the kernel tests run on the emulator only)
+if [ -f kernels/flash_attention.cu ]; then
+    stage flash_check 60 1 "$PY" dev/bench_attention.py --time 0 -B 4 -T 1,7,64,100,257,1024 --hs 64,128
+    [ "$STATUS" != SKIP ] && record flash_check "$STATUS" "$ELAPSED" "$(note_match '^(summary: |FAILED)')"
+else
+    record flash_check SKIP 0 "kernels/flash_attention.cu is not in this checkout"
+fi
+
 # ---- data and the d12 export, which the test_gpt2 and bf16 training stages need
 D12_STAGES="test_gpt2_bf16 test_gpt2_fp32 gelu_fusion bf16_determinism bf16_resume nccl_one_rank"
 VAL=data/tinyshakespeare/tiny_shakespeare_val.bin
@@ -393,6 +407,18 @@ CHECK_LOG=${LOG:-}
 # ==== the benchmarks: after every check of the results, so a kernel that fails its check costs no benchmark time,
 # and a short budget cuts the timings, not the checks
 
+# ---- one layer's attention, flash vs materialized vs SDPA, then the d12 step with -fa 1 and -fa 0
+if [ -f kernels/flash_attention.cu ]; then
+    stage bench_attention 150 1 "$PY" dev/bench_attention.py
+    [ "$STATUS" != SKIP ] && record bench_attention "$STATUS" "$ELAPSED" "$( (grep -m1 -E '^(summary: flash|FAILED)' "$LOG" |
+        sed 's|^summary: flash / SDPA fwd+bwd at B=16 NH=12: |flash/SDPA |'; grep -m1 '^step -fa 1 / -fa 0' "$LOG" |
+        sed 's|^step -fa 1 / -fa 0 in tokens/s: |step -fa 1/-fa 0 |') | tr '\n' ' ' | cut -c1-150)"
+    BENCH_ATTENTION_LOG=${LOG:-}
+else
+    record bench_attention SKIP 0 "kernels/flash_attention.cu is not in this checkout"
+    BENCH_ATTENTION_LOG=""
+fi
+
 # ---- whole training steps in bf16: ours vs PyTorch at B=16 and at the largest B that fits both
 ratios() {  # the benchmark's "ratio ours/PyTorch in tokens/s (bf16, B=16): 1.123x (target >= 1.07x: met)" lines
     grep 'ratio ours/PyTorch in tokens/s' "$LOG" | sed 's|ratio ours/PyTorch in tokens/s ||; s|target >= |>= |' |
@@ -429,6 +455,11 @@ TOTAL=$(($(date +%s) - START))
             sed -n '/^timing on the GPU/,$p' "$log"
         fi
     done
+    if [ "$GPU" = 1 ] && [ -n "$BENCH_ATTENTION_LOG" ] && [ -f "$BENCH_ATTENTION_LOG" ]; then
+        echo
+        echo "(bench_attention)"
+        grep -E '^(== B=|path |flash |materialized |SDPA |flash / SDPA|== the d12|tokens/s|step -fa)' "$BENCH_ATTENTION_LOG"
+    fi
     for log in "$BENCH_BF16_LOG" "$BENCH_FP32_LOG"; do
         if [ "$GPU" = 1 ] && [ -n "$log" ] && [ -f "$log" ]; then
             echo

@@ -396,7 +396,8 @@ def section6(ref, pap):
     t = traffic(16, 1024, 12, 64)
     check("f64", "flash: one (B,NH,T,T) bf16 tensor at d12, B=16 T=1024, in MiB", t["square"] / 2**20, 384)
     print(f"[info] flash: d12 B=16 T=1024 bf16, one layer: {t['n_passes']} passes over (B,NH,T,T) tensors of "
-          f"{t['square'] / 1e9:.3f} GB = {t['materialized'] / 1e9:.2f} GB, x12 layers {12 * t['materialized'] / 1e9:.1f} GB "
+          f"{t['square'] / 1e9:.3f} GB = {t['materialized'] / 1e9:.2f} GB, "
+          f"x12 layers {12 * t['materialized'] / 1e9:.1f} GB "
           f"= {12 * t['materialized'] / hbm * 1e3:.1f} ms at {hbm / 1e12:.2f} TB/s")
     intensity = t["gemm_materialized"] / t["materialized"]
     print(f"[info] flash: the materialized GEMMs {t['gemm_materialized'] / 1e9:.1f} GFLOP per layer: "

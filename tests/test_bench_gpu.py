@@ -97,7 +97,7 @@ def test_print_round_target_verdict(capsys):
 # dev/gpu_check.sh, without a GPU
 
 GPU_CHECK = os.path.join(REPO, "dev", "gpu_check.sh")
-BENCHMARKS = ("bench_bf16", "bench_fp32")
+BENCHMARKS = ("bench_attention", "bench_bf16", "bench_fp32")
 NOT_CHECKS = ("env", "data", "export_d12", "test_trainer") + BENCHMARKS   # test_trainer: the emulator, as CI
 
 
@@ -120,7 +120,7 @@ def test_gpu_check_stages_are_the_documented_ones():
     check function a stage runs in a child bash is defined and exported to it."""
     text = open(GPU_CHECK).read()
     stages = documented_stages()
-    assert len(stages) == 18 and stages[0] == "env"
+    assert len(stages) == 20 and stages[0] == "env"
     assert re.findall(r"^\s*(?:STAGES=\"\" )?(?:stage|sanitized) (\w+) ", text, re.M) == stages
     readme = open(os.path.join(REPO, "dev", "README.md")).read()
     table = readme[readme.index("## gpu_check.sh"):]
@@ -146,7 +146,7 @@ def train():   # train_gpt2_cuda.py: step lines, and a checkpoint every -n steps
     steps, out, resume = int(option("-x")), option("-o"), option("-y") == "1"
     fused = option("-ge", "0") != "0"                      # -ge 1|2: cuBLASLt's GELU epilogues, a loss a little off
     if fused:
-        print(f"gelu fusion: -ge {option('-ge')} (bias + GELU in the fc GEMM, GELU's gradient in fcproj's, cuBLASLt epilogues)")
+        print(f"gelu fusion: -ge {option('-ge')} (bias + GELU in the fc GEMM, the other biases in theirs, GELU's gradient in fcproj's, cuBLASLt epilogues)")
     first = 11 if resume else 1
     if resume:
         print("resumed from checkpoint 10")
@@ -189,6 +189,16 @@ elif args[0] == "dev/bench_gpu.py":
     print("")
     if precision == "bf16":
         print("ratio ours/PyTorch in tokens/s (bf16, B=16): 1.100x (target >= 1.07x: met)")
+elif args[0] == "dev/bench_attention.py":           # --time 0: the comparison only; else timings and the step
+    print("== B=4 NH=12 hs=64 T=1, bf16: max |x - SDPA fp32| / max(max |SDPA fp32|, 1), on the same bf16 inputs")
+    print("flash and materialized agree with SDPA: every error within 2 x SDPA bf16's + 3.91e-03")
+    if option("--time") == "0":
+        print("summary: flash and materialized agree with SDPA at B=4 NH=12, 12 shapes (hs 64,128, T 1,7,64,100,257,1024)")
+    else:
+        print("flash / SDPA time (T=1024): 1.10x (target <= 1.3x: met); materialized / flash: 3.00x")
+        print("summary: flash / SDPA fwd+bwd at B=16 NH=12: hs=64 T=1024 1.10x, hs=64 T=2048 1.05x (target <= 1.3x: met)")
+        print("== the d12 step (d12), B=16 T=1024 bf16, 8 steps each")
+        print("step -fa 1 / -fa 0 in tokens/s: 1.31x (target >= 1.2x: met)")
 elif args[0] == "dev/check_kernel.py":
     print("24 kernels, 60 outputs within tolerance")
     print("timing on the GPU (d12)")
@@ -223,6 +233,8 @@ def rehearse(tmp_path, *args):
     (repo / "tests" / "test_kernels_bf16.py").write_text("")
     (repo / "test_gpt2.py").write_text("# --precision")
     (repo / "dev" / "check_kernel.py").write_text("# --precision")
+    (repo / "kernels").mkdir()
+    (repo / "kernels" / "flash_attention.cu").write_text("")
     (repo / "shared" / "data" / "tinyshakespeare").mkdir(parents=True)
     (repo / "shared" / "data" / "tinyshakespeare" / "input.txt").write_text("First Citizen:")
     fake = tmp_path / "bin"
@@ -261,6 +273,11 @@ def test_gpu_check_runs_end_to_end_with_a_fake_python3(tmp_path):
     ge = [p for p in map(json.loads, calls.read_text().splitlines()) if "-ge" in p]
     assert [p[p.index("-ge") + 1] for p in ge] == ["0", "2"] and all("gpt2_d12_bf16.bin" in p for p in ge)
     assert notes["bench_bf16"] == "(bf16, B=16): 1.100x (>= 1.07x: met)"
+    assert notes["flash_check"] == ("summary: flash and materialized agree with SDPA at B=4 NH=12, 12 shapes "
+                                    "(hs 64,128, T 1,7,64,100,257,1024)")
+    assert notes["bench_attention"] == ("flash/SDPA hs=64 T=1024 1.10x, hs=64 T=2048 1.05x (target <= 1.3x: met) "
+                                        "step -fa 1/-fa 0 1.31x (target >= 1.2x: met)")
+    assert "(bench_attention)" in summary and "step -fa 1 / -fa 0 in tokens/s: 1.31x" in summary
     assert notes["check_kernel"] == "24 kernels, 60 outputs within tolerance"
 
     assert notes["sanitize_memcheck"] == "========= ERROR SUMMARY: 0 errors 12 passed in 1.0s"
