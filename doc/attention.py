@@ -299,10 +299,11 @@ def recompute_p(q, k, L, rows, cols):
 
 
 def flash_backward(q, k, v, O, L, dO):
-    """dq, dk, dv (B, NH, T, hs) in two passes over the same tiles, each writing only what it owns: by key
-    tile (dk, dv: sums over the query tiles at or below the diagonal), then by query tile (dq: sums over
-    the key tiles up to it). No tile of one pass adds into another's rows, so there is nothing to
-    add atomically. Each pass recomputes P from Q, K and L; D = rowsum(dO * O) is computed first."""
+    """dq, dk, dv (B, NH, T, hs) in two passes over the same tiles, each writing only what it owns: by query
+    tile (dq: sums over the key tiles up to it), then by key tile (dk, dv: sums over the query tiles at or
+    below the diagonal), the order of flash_attention.cu's two launches. No tile of one pass adds into
+    another's rows, so there is nothing to add atomically. Each pass recomputes P from Q, K and L;
+    D = rowsum(dO * O) comes first (the kernel's dq pass writes it, the dk/dv pass reads it)."""
     scale = 1.0 / math.sqrt(hs)
     D = (dO * O).sum(-1)                                     # (B, NH, T) = rowsum(P * dP) of each row
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
@@ -311,19 +312,19 @@ def flash_backward(q, k, v, O, L, dO):
         dp = dO[:, :, rows[0]:rows[1]] @ v[:, :, cols[0]:cols[1]].swapaxes(-1, -2)
         return p * (dp - D[:, :, rows[0]:rows[1], None])
 
-    for cols in tiles(T, BC):                                # pass 1: a key tile owns its dk and dv rows
+    for rows in tiles(T, BR):                                # pass 1: a query tile owns its dq rows
+        for cols in tiles(T, BC):
+            if cols[0] > rows[1] - 1:
+                break                                        # this key tile and the rest: all in the future
+            p = recompute_p(q, k, L, rows, cols)
+            dq[:, :, rows[0]:rows[1]] += scale * ds_of(rows, cols, p) @ k[:, :, cols[0]:cols[1]]
+    for cols in tiles(T, BC):                                # pass 2: a key tile owns its dk and dv rows
         for rows in tiles(T, BR):
             if cols[0] > rows[1] - 1:
                 continue                                     # above the diagonal: P = 0, nothing to add
             p = recompute_p(q, k, L, rows, cols)
             dv[:, :, cols[0]:cols[1]] += p.swapaxes(-1, -2) @ dO[:, :, rows[0]:rows[1]]
             dk[:, :, cols[0]:cols[1]] += scale * ds_of(rows, cols, p).swapaxes(-1, -2) @ q[:, :, rows[0]:rows[1]]
-    for rows in tiles(T, BR):                                # pass 2: a query tile owns its dq rows
-        for cols in tiles(T, BC):
-            if cols[0] > rows[1] - 1:
-                break
-            p = recompute_p(q, k, L, rows, cols)
-            dq[:, :, rows[0]:rows[1]] += scale * ds_of(rows, cols, p) @ k[:, :, cols[0]:cols[1]]
     return dq, dk, dv
 
 
