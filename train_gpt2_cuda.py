@@ -84,17 +84,21 @@ if EMULATE:
           "GELU_AUX_BIAS": pre = product + bias (n,) in fp32; aux (m, n) = pre, rounded; out = gelu(pre),
                            rounded (GELU of the unrounded sum: -ge 0's gelu_forward reads the rounded aux)
           "DGELU":         out = product * gelu'(aux) in fp32 (aux as stored, widened), rounded once
-                           (-ge 0 rounds the product into dinp, then gelu_backward rounds again)"""
+                           (-ge 0 rounds the product into dinp, then gelu_backward rounds again)
+          "BIAS":          out = product + bias (n,) in fp32, rounded once: -ge 0's bits (bf16: the bias copied
+                           into out, then the beta = 1 GEMM; fp32: the GEMM, then add_bias_kernel's float sum)"""
         if out.dtype == BF16:
             a, b = bf16_to_f32(a), bf16_to_f32(b)
         a = a.swapaxes(-1, -2) if transpose_a else a
         b = b.swapaxes(-1, -2) if transpose_b else b
         if epilogue is not None:
-            assert epilogue in ("GELU_AUX_BIAS", "DGELU") and not accumulate and out.ndim == 2
+            assert epilogue in ("BIAS", "GELU_AUX_BIAS", "DGELU") and not accumulate and out.ndim == 2
             widen = bf16_to_f32 if out.dtype == BF16 else np.asarray
             store = f32_to_bf16 if out.dtype == BF16 else np.asarray
             product = np.matmul(a, b)
-            if epilogue == "GELU_AUX_BIAS":
+            if epilogue == "BIAS":
+                out[...] = store(product + widen(bias))
+            elif epilogue == "GELU_AUX_BIAS":
                 pre = product + widen(bias)
                 aux[...] = store(pre)
                 out[...] = store(gelu_value(pre))
@@ -253,7 +257,7 @@ DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8        #
 DESC_EPILOGUE_AUX_POINTER, DESC_EPILOGUE_AUX_LD, DESC_EPILOGUE_AUX_DATA_TYPE, DESC_BIAS_DATA_TYPE = 11, 12, 22, 26
 LAYOUT_BATCH_COUNT, LAYOUT_STRIDED_BATCH_OFFSET = 5, 6                          # cublasLtMatrixLayoutAttribute_t
 PREF_MAX_WORKSPACE_BYTES = 1                                                    # cublasLtMatmulPreferenceAttributes_t
-EPILOGUES = {"GELU_AUX_BIAS": 164, "DGELU": 192}   # cublasLtEpilogue_t (the two -ge uses; BIAS 4, BGRADB 512)
+EPILOGUES = {"BIAS": 4, "GELU_AUX_BIAS": 164, "DGELU": 192}   # cublasLtEpilogue_t (the -ge uses; BGRADB 512 not)
 
 
 class CublasLtHeuristic(ctypes.Structure):
@@ -512,15 +516,32 @@ def encoder_backward(dwte, dwpe, dout, inp, B, T, C, buckets=None, seed=0):
     block = 256
     kernel("encoder", "encoder_backward_wte_kernel", dwte.dtype)(
         (ceil_div(C, block), n), (block,), (dwte, dout, starts, positions, tokens, i32(n), i32(C), u32(seed)))
-    kernel("encoder", "encoder_backward_wpe_kernel", dwpe.dtype)(
-        (ceil_div(T * C, block),), (block,), (dwpe, dout, i32(B), i32(T), i32(C), u32(seed)))
+    # wpe: a thread per x128 of dwpe[:T] (its B rows of dout in 128-bit loads, 4 in flight) where C is a
+    # multiple of the pack, else a thread per element
+    args = (dwpe, dout, i32(B), i32(T), i32(C), u32(seed))
+    if packable(C, dwpe, dout):
+        kernel("encoder", "encoder_backward_wpe_x128_kernel", dwpe.dtype)(
+            (ceil_div(T * C, ENCODER_WPE_BLOCK * pack_size(dwpe)),), (ENCODER_WPE_BLOCK,), args)
+    else:
+        kernel("encoder", "encoder_backward_wpe_kernel", dwpe.dtype)((ceil_div(T * C, block),), (block,), args)
+
+
+ENCODER_WPE_BLOCK = 128   # encoder_backward_wpe_x128_kernel: 768 blocks at d12 (256 would leave < 3 per SM)
 
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C):
-    # out (B,T,C); mean, rstd (B,T) cached for the backward; one warp per row
+    # out (B,T,C); mean, rstd (B,T) cached for the backward; one warp per row, reading 128-bit packs where
+    # C is a multiple of the pack (layernorm_x128_name)
     block = 256
-    kernel("layernorm", "layernorm_forward_kernel", out.dtype)(
+    kernel("layernorm", layernorm_x128_name("layernorm_forward_kernel", C, out, inp, weight, bias), out.dtype)(
         (ceil_div(B * T * 32, block),), (block,), (out, mean, rstd, inp, weight, bias, i32(B * T), i32(C)))
+
+
+def layernorm_x128_name(name, C, *arrays):
+    # the x128 twin of a LayerNorm kernel (its lanes read 128-bit packs: not the plain kernel's bits, within
+    # fp32 rounding of them, tests/test_layernorm_x128.py) when C is a multiple of the pack and every array is
+    # 16-byte aligned, else the plain kernel
+    return name.replace("_kernel", "_x128_kernel") if packable(C, *arrays) else name
 
 
 LAYERNORM_BACKWARD_BLOCK = 512   # 16 rows (warps) per block
@@ -540,7 +561,8 @@ def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, r
     # of the (2, C) rows, its 128 threads splitting the partial rows; else one thread per channel
     block = LAYERNORM_BACKWARD_BLOCK
     grid = ceil_div(32 * B * T, block)
-    kernel("layernorm", "layernorm_backward_kernel", dinp.dtype)(
+    name = layernorm_x128_name("layernorm_backward_kernel", C, dinp, dout, inp, weight)
+    kernel("layernorm", name, dinp.dtype)(
         (grid,), (block,), (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)))
     if packable(C, scratch):
         kernel("layernorm", "layernorm_backward_sum_split_kernel", dinp.dtype)(
@@ -562,6 +584,11 @@ def matmul_forward(out, inp, weight, bias, B, T, C, OC, pre_gelu=None, gelu_fusi
         else:
             matmul_forward(pre_gelu, inp, weight, bias, B, T, C, OC)
             gelu_forward(out, pre_gelu, B * T * OC)
+        return
+    # gelu_fusion >= 1: the bias in cuBLASLt's BIAS epilogue, as llm.c's matmul_forward_cublaslt (product + bias
+    # in fp32, one rounding: -ge 0's bits, below, without its copy or bias launch)
+    if bias is not None and gelu_fusion >= 1:
+        gemm(out.reshape(B * T, OC), inp.reshape(B * T, C), weight, transpose_b=True, epilogue="BIAS", bias=bias)
         return
     # bf16: the bias goes in first and the GEMM adds onto it (beta = 1), so product and bias are summed in
     # fp32 and rounded ONCE, as llm.c's cuBLASLt bias epilogue does. Rounding the product to bf16 and then
@@ -705,7 +732,8 @@ def fused_residual_forward(residual, normed, mean, rstd, inp1, inp2, weight, bia
     # in one launch (llm.c's fused_residual_forward5), bit for bit the same: the LayerNorm reads the
     # residual as stored (rounded to floatX). One warp per row, as layernorm_forward
     block = 256
-    kernel("layernorm", "fused_residual_layernorm_forward_kernel", residual.dtype)(
+    name = layernorm_x128_name("fused_residual_layernorm_forward_kernel", C, residual, normed, inp1, inp2, weight, bias)
+    kernel("layernorm", name, residual.dtype)(
         (ceil_div(B * T * 32, block),), (block,),
         (residual, normed, mean, rstd, inp1, inp2, weight, bias, i32(B * T), i32(C)))
 
@@ -802,7 +830,8 @@ OPT_DTYPE = np.float32     # gradients and activations; AdamW's m, v and the mas
 RECOMPUTE = {0: "none", 1: "GELU", 2: "GELU and LayerNorm"}   # -r: what the backward pass recomputes
 
 
-GELU_FUSION = {0: "none", 1: "bias + GELU in the fc GEMM", 2: "bias + GELU in the fc GEMM, GELU's gradient in fcproj's"}
+GELU_FUSION = {0: "none", 1: "bias + GELU in the fc GEMM, the other biases in theirs",
+               2: "bias + GELU in the fc GEMM, the other biases in theirs, GELU's gradient in fcproj's"}
 
 
 def check_gelu_fusion(gelu_fusion):
@@ -1013,7 +1042,7 @@ class GPT2:
         self.flash, self.attention_line = attention_path(config, precision, flash_attention)
         self.config = config
         self.recompute = recompute
-        self.gelu_fusion = gelu_fusion   # -ge: 0 none, 1 bias + GELU in the fc GEMM, 2 also GELU's gradient in fcproj's
+        self.gelu_fusion = gelu_fusion   # -ge: 0 none, 1 every bias (and fc's GELU) in its GEMM, 2 also GELU's gradient
         self.precision = precision
         self.floatx = PRECISIONS[precision]
         self.use_master_weights = bool(master_weights) and precision != "fp32"
@@ -1174,19 +1203,21 @@ def gpt2_forward(model, inputs, targets, B, T):
         qkv = acts.qkv[l] if model.flash else view(scratch, B, T, 3 * C)
         ln1, ln2, fch_gelu = layer(acts.ln1, l), layer(acts.ln2, l), layer(acts.fch_gelu, l)
         # ln1 = layernorm(residual): made before the loop (l = 0) or by the last line of layer l-1
-        matmul_forward(qkv, ln1, params.qkvw[l], params.qkvb[l], B, T, C, 3 * C)
+        matmul_forward(qkv, ln1, params.qkvw[l], params.qkvb[l], B, T, C, 3 * C, gelu_fusion=model.gelu_fusion)
         if model.flash:   # atty and the softmax's log-sum-exp straight from qkv: no (B,NH,T,T) tensor
             flash_attention_forward(acts.atty[l], acts.lse[l], qkv, B, T, C, NH)
         else:
             attention_forward(acts.atty[l], acts.qkvr[l], acts.att[l], scratch, B, T, C, NH)
-        matmul_forward(acts.attproj[l], acts.atty[l], params.attprojw[l], params.attprojb[l], B, T, C, C)
+        matmul_forward(acts.attproj[l], acts.atty[l], params.attprojw[l], params.attprojb[l], B, T, C, C,
+                       gelu_fusion=model.gelu_fusion)
         # residual2 = residual + attproj; ln2 = layernorm(residual2)
         fused_residual_forward(acts.residual2[l], ln2, acts.ln2_mean[l], acts.ln2_rstd[l], residual,
                                acts.attproj[l], params.ln2w[l], params.ln2b[l], B, T, C)
         # fch_gelu = gelu(fch), fch = fc(ln2) kept for the backward (-ge 1|2: one fused GEMM)
         matmul_forward(fch_gelu, ln2, params.fcw[l], params.fcb[l], B, T, C, 4 * C, pre_gelu=acts.fch[l],
                        gelu_fusion=model.gelu_fusion)
-        matmul_forward(acts.fcproj[l], fch_gelu, params.fcprojw[l], params.fcprojb[l], B, T, 4 * C, C)
+        matmul_forward(acts.fcproj[l], fch_gelu, params.fcprojw[l], params.fcprojb[l], B, T, 4 * C, C,
+                       gelu_fusion=model.gelu_fusion)
         # residual3 = residual2 + fcproj, and the LayerNorm that reads it: the next layer's ln1, or lnf
         if l + 1 < L:
             next_ln = (layer(acts.ln1, l + 1), acts.ln1_mean[l + 1], acts.ln1_rstd[l + 1],

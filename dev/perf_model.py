@@ -155,7 +155,10 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
         launch(f"gemm ({caller})", where, read, written, flops=2 * m * n * k * batch)
 
     def matmul_forward(where, OC, IC):
-        if precision == "bf16":
+        if gelu_fusion >= 1:
+            # -ge 1|2: the bias in cuBLASLt's BIAS epilogue: reads inp (N, IC), weight (OC, IC), the bias (OC); writes out
+            gemm("matmul_forward", where, N, OC, IC, 1, (N * IC + OC * IC + OC) * s, N * OC * s)
+        elif precision == "bf16":
             # the bias broadcast into out (a CuPy copy), then the GEMM adds onto it (beta = 1): reads inp
             # (N, IC), weight (OC, IC) and out (N, OC); writes out
             launch("cupy copy (matmul_forward bias)", where, OC * s, N * OC * s, counted=False)

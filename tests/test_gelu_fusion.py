@@ -95,6 +95,37 @@ def test_fused_fc_layer_against_the_unfused_one(cu, precision):
             assert errors["dweight"] <= 4 * BF16_STEP and errors["dbias"] == 0.0, errors
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bias_epilogue_is_the_unfused_bits(cu, precision):
+    """-ge >= 1: every other linear's bias in the BIAS epilogue (product + bias in fp32, rounded once), which is
+    -ge 0's sum: bf16's bias copy then the beta = 1 GEMM, fp32's GEMM then add_bias_kernel. The same bits, and
+    no bias launch or copy left (the launches are counted)."""
+    rng = np.random.default_rng(3)
+    Bs, Ts, C, OC = 2, 8, 32, 96
+    dev = (lambda x: f32_to_bf16(x)) if precision == "bf16" else (lambda x: x.astype(np.float32))
+    dtype = cu.BF16 if precision == "bf16" else np.float32
+    inp, weight, bias = dev(rng.standard_normal((Bs, Ts, C))), dev(0.2 * rng.standard_normal((OC, C))), \
+        dev(rng.standard_normal(OC))
+    outs, launched = {}, {}
+    kernel = cu.kernel
+    for ge in (0, 1, 2):
+        launched[ge] = []
+        cu.kernel = lambda file, name, floatx=np.float32, ge=ge: (launched[ge].append(name), kernel(file, name, floatx))[1]
+        try:
+            out = np.full((Bs, Ts, OC), 7, dtype)
+            cu.matmul_forward(out, inp, weight, bias, Bs, Ts, C, OC, gelu_fusion=ge)
+        finally:
+            cu.kernel = kernel
+        outs[ge] = out
+    assert np.abs(cu.to_numpy(outs[0])).max() > 0.5
+    assert outs[1].tobytes() == outs[0].tobytes() and outs[2].tobytes() == outs[0].tobytes()
+    assert launched[1] == launched[2] == [] and launched[0] == ([] if precision == "bf16" else ["add_bias_packed_kernel"])
+    # without the bias the epilogue is not asked for: the plain GEMM
+    plain = np.zeros((Bs, Ts, OC), dtype)
+    cu.matmul_forward(plain, inp, weight, None, Bs, Ts, C, OC, gelu_fusion=1)
+    assert plain.tobytes() != outs[1].tobytes()
+
+
 # ----------------------------------------------------------------------------------------------
 # the whole model on the emulator: -ge 1 and 2 against -ge 0
 
@@ -191,8 +222,8 @@ def test_cli_runs_fused_and_says_so(tmp_path):
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         lines = r.stdout.splitlines()
         fused = [line for line in lines if line.startswith("gelu fusion:")]
-        assert fused == ([] if ge == 0 else ["gelu fusion: -ge 2 (bias + GELU in the fc GEMM, GELU's gradient "
-                                             "in fcproj's, cuBLASLt epilogues)"]), fused
+        assert fused == ([] if ge == 0 else ["gelu fusion: -ge 2 (bias + GELU in the fc GEMM, the other biases in "
+                                             "theirs, GELU's gradient in fcproj's, cuBLASLt epilogues)"]), fused
         losses[ge] = np.array([float(line.split()[4]) for line in lines if line.startswith("step ")])
     assert len(losses[2]) == 4
     assert np.all(np.abs(losses[2] - losses[0]) <= LOSS_TOL["bf16"] * losses[0]), losses
@@ -321,7 +352,10 @@ class FakeCublasLt:
         assert product.shape == d.shape and (lc["rows"], lc["cols"], lc["ld"]) == (ld_["rows"], ld_["cols"], ld_["ld"])
         result = alpha * product + (beta * d if beta else 0)
         m, n = d.shape
-        if epilogue == 164:                                    # GELU_AUX_BIAS
+        if epilogue == 4:                                      # BIAS
+            assert attrs[26] == 0 and 11 not in attrs
+            result = result + np.ctypeslib.as_array((c.c_float * m).from_address(attrs[8]))[:, None]
+        elif epilogue == 164:                                  # GELU_AUX_BIAS
             assert attrs[26] == 0 and attrs[22] == 0 and attrs[12] >= m
             bias = np.ctypeslib.as_array((c.c_float * m).from_address(attrs[8]))
             result = result + bias[:, None]
@@ -333,7 +367,7 @@ class FakeCublasLt:
         else:
             return 15                                          # CUBLAS_STATUS_NOT_SUPPORTED: only what -ge uses
         d[...] = result
-        self.calls.append(dict(epilogue=epilogue, transa=ta, transb=tb, m=m, n=n, aux_ld=attrs[12],
+        self.calls.append(dict(epilogue=epilogue, transa=ta, transb=tb, m=m, n=n, aux_ld=attrs.get(12),
                                compute=d_["compute"]))
         return 0
 """
@@ -361,7 +395,7 @@ assert cu.run_gelu_fusion == 0 and not any("gelu fusion" in line for line in lin
 fake = FakeCublasLt()
 cu.cublaslt_library = lambda: fake
 lines = cu.device_setup(parse_args(["-ge", "2", "-p", "fp32", "-f", "{tf32}"], cu.TRAIN_GPT2_CU_DEFAULTS))
-assert cu.run_gelu_fusion == 2 and "gelu fusion: -ge 2 (bias + GELU in the fc GEMM, GELU's gradient in fcproj's, " \\
+assert cu.run_gelu_fusion == 2 and "gelu fusion: -ge 2 (bias + GELU in the fc GEMM, the other biases in theirs, GELU's gradient in fcproj's, " \\
     "cuBLASLt epilogues)" in lines, lines
 ours = cu.gpt2_build_from_descriptor({ckpt!r}, recompute={recompute})
 assert ours.gelu_fusion == 2
@@ -384,7 +418,9 @@ L, C = CONFIG.num_layers, CONFIG.channels
 # D (4C, B*T) = fcw^T... (TRANSA = T) with k = C; dinp D (4C, B*T) = fcprojw (4C, C) @ dresidual^T, k = C
 forward = [c for c in fake.calls if c["epilogue"] == 164]
 backward = [c for c in fake.calls if c["epilogue"] == 192]
-assert len(forward) == len(backward) == 3 * L and len(fake.calls) == 6 * L
+biased = [c for c in fake.calls if c["epilogue"] == 4]         # qkv, attproj, fcproj: their bias in the epilogue
+assert len(forward) == len(backward) == 3 * L and len(biased) == 3 * 3 * L and len(fake.calls) == 15 * L
+assert [(c["m"], c["n"]) for c in biased[:3]] == [(3 * C, B * T), (C, B * T), (C, B * T)]
 assert all((c["transa"], c["transb"], c["m"], c["n"], c["aux_ld"]) == (1, 0, 4 * C, B * T, 4 * C) for c in forward)
 assert all((c["transa"], c["transb"], c["m"], c["n"], c["aux_ld"]) == (0, 0, 4 * C, B * T, 4 * C) for c in backward)
 assert {{c["compute"] for c in fake.calls}} == {{77 if {tf32} else 68}}    # TF32 follows -f, as the cuBLAS GEMMs
@@ -397,7 +433,7 @@ try:
     raise AssertionError("no error")
 except cu.ConfigError as e:
     assert str(e).startswith("-ge 2: cuBLASLt needs its operands on 16-byte boundaries") and str(e).endswith("run -ge 0")
-assert len(fake.calls) == 6 * L
+assert len(fake.calls) == 15 * L
 print("cublaslt path ok", len(fake.calls), "fused gemms")
 """
 
