@@ -74,6 +74,8 @@ LAUNCH_OVERHEAD_S = 3e-6    # per kernel launch and per GEMM call (an assumption
 
 TINY = formats.GPT2Config(max_seq_len=64, vocab_size=1000, num_layers=2, num_heads=2, channels=64,
                           padded_vocab_size=formats.padded_vocab(1000))
+TINY_FLASH = formats.GPT2Config(max_seq_len=64, vocab_size=1000, num_layers=2, num_heads=2, channels=128,
+                                padded_vocab_size=formats.padded_vocab(1000))   # --tiny 2: head size 64 (flash runs)
 
 # one launch: counted = whether the emulator counts it (the kernels of kernels/ and the GEMMs, not CuPy's
 # own fills and copies); dram_read: the DRAM estimate of bytes_read (see the header)
@@ -224,6 +226,31 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
         # reads the partials (blocks, 2C) and dbias, dweight; writes dbias, dweight
         launch("layernorm_backward_sum_split_kernel", where, blocks * 2 * C * 4 + 2 * C * s, 2 * C * s)
 
+    def materialized_attention_forward(where):
+        # attention_forward: permute reads qkv (3NC), writes q, k, v (3NC)
+        launch("permute_kernel", where, 3 * N * C * s, 3 * N * C * s)
+        # preatt (B*NH, T, T) = q @ k^T: reads q, k; writes preatt
+        gemm("attention_forward", where, T, T, hs, B * NH, 2 * N * C * s, att * s)
+        # softmax: warp per row t, reads preatt[:t+1] twice (max/sum, then exp); writes att (all T)
+        launch("softmax_forward_kernel", where, 2 * causal * s, att * s, dram_read=causal * s)
+        # vaccum (B*NH, T, hs) = att @ v: reads att, v; writes vaccum
+        gemm("attention_forward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)
+        launch("unpermute_kernel", where, N * C * s, N * C * s)     # vaccum -> atty
+
+    def materialized_attention_backward(where):
+        # attention_backward: unpermute_backward reads dout, writes dvaccum (NC each)
+        launch("unpermute_backward_kernel", where, N * C * s, N * C * s)
+        gemm("attention_backward", where, T, T, hs, B * NH, 2 * N * C * s, att * s)        # datt = dvaccum @ v^T
+        gemm("attention_backward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)  # dv = att^T @ dvaccum
+        # softmax backward, warp per row t: reads att and datt [:t+1] twice (the dot, then dpreatt);
+        # writes dpreatt (all T)
+        launch("softmax_autoregressive_backward_kernel", where, 4 * causal * s, att * s, dram_read=2 * causal * s)
+        gemm("attention_backward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)  # dq = dpreatt @ k
+        gemm("attention_backward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)  # dk = dpreatt^T @ q
+        launch("permute_backward_kernel", where, 3 * N * C * s, 3 * N * C * s)   # dq, dk, dv -> dqkv
+
+    tiles = flash_tiles(cu, T, hs) if flash else None
+
     # gpt2_zero_grad: the gradients' fill (CuPy)
     launch("cupy fill (gpt2_zero_grad)", "optimizer", 0, formats.num_parameters(config) * s, counted=False)
 
@@ -242,14 +269,6 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
         else:
             materialized_attention_forward(where)
         matmul_forward(where, C, C)                                 # attproj
-        launch("permute_kernel", where, 3 * N * C * s, 3 * N * C * s)
-        # preatt (B*NH, T, T) = q @ k^T: reads q, k; writes preatt
-        gemm("attention_forward", where, T, T, hs, B * NH, 2 * N * C * s, att * s)
-        # softmax: warp per row t, reads preatt[:t+1] twice (max/sum, then exp); writes att (all T)
-        launch("softmax_forward_kernel", where, 2 * causal * s, att * s, dram_read=causal * s)
-        # vaccum (B*NH, T, hs) = att @ v: reads att, v; writes vaccum
-        gemm("attention_forward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)
-        launch("unpermute_kernel", where, N * C * s, N * C * s)     # vaccum -> atty
         fused_residual_forward(where)                               # residual2, ln2
         matmul_forward_gelu(where, 4 * C, C)                        # fc and GELU (-ge 1|2: one GEMM)
         matmul_forward(where, C, 4 * C)                             # fcproj
@@ -281,16 +300,13 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
         matmul_backward(where, 4 * C, C)                            # fc
         layernorm_backward(where)                                   # ln2
         matmul_backward(where, C, C)                                # attproj
-        # attention_backward: unpermute_backward reads dout, writes dvaccum (NC each)
-        launch("unpermute_backward_kernel", where, N * C * s, N * C * s)
-        gemm("attention_backward", where, T, T, hs, B * NH, 2 * N * C * s, att * s)        # datt = dvaccum @ v^T
-        gemm("attention_backward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)  # dv = att^T @ dvaccum
-        # softmax backward, warp per row t: reads att and datt [:t+1] twice (the dot, then dpreatt);
-        # writes dpreatt (all T)
-        launch("softmax_autoregressive_backward_kernel", where, 4 * causal * s, att * s, dram_read=2 * causal * s)
-        gemm("attention_backward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)  # dq = dpreatt @ k
-        gemm("attention_backward", where, T, hs, T, B * NH, (att + N * C) * s, N * C * s)  # dk = dpreatt^T @ q
-        launch("permute_backward_kernel", where, 3 * N * C * s, 3 * N * C * s)   # dq, dk, dv -> dqkv
+        if flash:   # flash_attention_backward: dq (and D), then dk and dv. DRAM: each input once
+            for kernel, dram in (("flash_attention_backward_dq_kernel", 5 * N * C * s + 4 * B * NH * T),
+                                 ("flash_attention_backward_dkdv_kernel", 4 * N * C * s + 8 * B * NH * T)):
+                read, written, flops = (B * NH * x for x in tiles[kernel])
+                launch(kernel, where, read, written, dram_read=dram, flops=flops)
+        else:
+            materialized_attention_backward(where)
         if recompute >= 2:
             layernorm_forward(where)                                # ln1 again
         matmul_backward(where, 3 * C, C)                            # qkv
@@ -351,7 +367,7 @@ def emulated_trainer():
 def model_config(args):
     """The config of -e (d6, d12, ... or a .bin file's header) or of --tiny, without building the model."""
     if args.tiny:
-        return TINY
+        return TINY_FLASH if args.tiny == 2 else TINY
     if args.model.endswith(".bin") or os.path.exists(args.model):
         h, _ = formats.read_header(args.model, formats.MODEL_MAGIC, (3, 5))
         return formats.GPT2Config(max_seq_len=int(h[2]), vocab_size=int(h[3]), num_layers=int(h[4]),
@@ -366,12 +382,14 @@ def model_config(args):
 
 def build_model(cu, args):
     if args.tiny:
+        config = model_config(args)
         rng = np.random.default_rng(0)
-        params = (0.02 * rng.standard_normal(formats.num_parameters(TINY))).astype(np.float32)
-        return cu.GPT2(TINY, params, args.recompute, args.precision, bool(args.master_weights),
-                       gelu_fusion=args.gelu_fusion)
+        params = (0.02 * rng.standard_normal(formats.num_parameters(config))).astype(np.float32)
+        return cu.GPT2(config, params, args.recompute, args.precision, bool(args.master_weights),
+                       gelu_fusion=args.gelu_fusion, flash_attention=args.flash_attention)
     return cu.gpt2_build_from_descriptor(args.model, recompute=args.recompute, precision=args.precision,
-                                         master_weights=bool(args.master_weights), gelu_fusion=args.gelu_fusion)
+                                         master_weights=bool(args.master_weights), gelu_fusion=args.gelu_fusion,
+                                         flash_attention=args.flash_attention)
 
 
 def training_step(cu, model, x, y, B, T):
@@ -416,6 +434,9 @@ def counted_launches(launches, gemms, formulas):
     for mine, theirs in ((ks, kernels), (gs, products)):
         if [m.kernel for m in mine] == [t.kernel for t in theirs]:
             mine[:] = [m._replace(where=t.where) for m, t in zip(mine, theirs)]
+    # a kernel's own FLOPs (flash attention's tensor-core products) are not counted: the formula's stand in
+    if [k.kernel for k in ks] == [t.kernel for t in kernels]:
+        ks[:] = [k._replace(flops=t.flops) for k, t in zip(ks, kernels)]
     return ks + gs
 
 
@@ -487,7 +508,8 @@ def main(argv=None, trainer=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-e", "--model", default="d12", help="d6, d12, ... or a .bin checkpoint")
-    parser.add_argument("--tiny", type=int, default=0, help="1: a tiny model instead (L2 NH2 C64 V1000 maxT64)")
+    parser.add_argument("--tiny", type=int, default=0, help="1: a tiny model instead (L2 NH2 C64 V1000 maxT64); "
+                        "2: the same with C128 (head size 64, where flash attention runs)")
     parser.add_argument("-b", "--batch_size", type=int, default=16)
     parser.add_argument("-t", "--seq_len", type=int, default=1024)
     parser.add_argument("-p", "--precision", default="bf16", choices=("bf16", "fp32"))
@@ -496,6 +518,9 @@ def main(argv=None, trainer=None):
     parser.add_argument("-w", "--master_weights", type=int, default=1)
     parser.add_argument("-ge", "--gelu_fusion", type=int, default=cu.TRAIN_GPT2_CU_DEFAULTS["gelu_fusion"],
                         choices=(0, 1, 2), help="GELU fused into the fc GEMMs, as train_gpt2_cuda.py's -ge")
+    parser.add_argument("-fa", "--flash_attention", type=int, default=cu.TRAIN_GPT2_CU_DEFAULTS["flash_attention"],
+                        choices=(0, 1), help="attention, as train_gpt2_cuda.py's -fa: 1 flash where it runs (bf16, "
+                                             "head size 64 or 128), 0 materialized")
     parser.add_argument("--count", type=int, default=0, help="1: count one step on the emulator (small shapes)")
     parser.add_argument("--check", type=int, default=0, help="1: count and compare with the formulas per kernel")
     args = parser.parse_args(argv)
@@ -507,16 +532,18 @@ def main(argv=None, trainer=None):
         t0 = time.time()
         launches, gemms, loss, distinct = count_step(cu, args)
         print(f"[perf_model] counted on the emulator in {time.time() - t0:.1f} s (loss {loss:.4f})")
+    flash, attention = cu.attention_path(config, precision, args.flash_attention)   # as the trainer decides
     formulas = step_launches(cu, config, B, T, precision, args.recompute, bool(args.master_weights), distinct,
-                             args.gelu_fusion)
+                             args.gelu_fusion, flash)
     if launches is not None:
         counted = counted_launches(launches, gemms, formulas)
     shown = counted if args.count and not args.check else formulas
     P = 16 // (2 if precision == "bf16" else 4)
     L, NH, C = config.num_layers, config.num_heads, config.channels
     print(f"[perf_model] L={L} NH={NH} C={C} V={config.vocab_size} Vp={config.padded_vocab_size} B={B} T={T} "
-          f"{precision} -r {args.recompute} -w {args.master_weights} -ge {args.gelu_fusion}: one training step, "
-          + ("counted on the emulator" if shown is counted else "from the formulas"))
+          f"{precision} -r {args.recompute} -w {args.master_weights} -ge {args.gelu_fusion} -fa {args.flash_attention}: "
+          "one training step, " + ("counted on the emulator" if shown is counted else "from the formulas"))
+    print(f"  {attention}")
     print(f"modeled per launch: {LAUNCH_OVERHEAD_S * 1e6:g} us + max(bytes / HBM bandwidth, FLOPs / "
           f"{gemm_precision} peak); the tables use the COUNTED bytes (every access, as the emulator counts), "
           "the summary also the DRAM estimate (a reread row from cache)")
