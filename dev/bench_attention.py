@@ -373,6 +373,8 @@ def main(argv=None):
     if args.step and emulate:
         print("(the d12 step: not on the emulator)")
     elif args.step:
+        tc.xp.get_default_memory_pool().free_all_blocks()   # the layers' buffers, for the training processes
+        torch.cuda.empty_cache()
         step(args)
     return 0
 
