@@ -7,8 +7,11 @@
 rawmodule.py is the Python side (compile, cache, check arguments, launch), emulator.h the CUDA
 built-ins g++ compiles the kernels against (threads as fibers, barriers, shuffles, shared memory).
 `with count_traffic() as launches:` counts the bytes each launch reads and writes in global memory.
+fn(..., racecheck=True) (or LLMC_EMULATOR_RACECHECK=1) raises RaceError when two threads race.
 """
 
-from .rawmodule import GUARD_BYTES, THREAD_ORDERS, CompileError, Function, RawModule, Traffic, count_traffic
+from .rawmodule import (GUARD_BYTES, THREAD_ORDERS, CompileError, Function, RaceError, RawModule, Traffic,
+                        count_traffic)
 
-__all__ = ["RawModule", "Function", "CompileError", "THREAD_ORDERS", "GUARD_BYTES", "count_traffic", "Traffic"]
+__all__ = ["RawModule", "Function", "CompileError", "RaceError", "THREAD_ORDERS", "GUARD_BYTES", "count_traffic",
+           "Traffic"]

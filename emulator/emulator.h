@@ -60,6 +60,9 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#if defined(EMU_RACECHECK)
+#include <link.h>                      // dl_iterate_phdr: where this thread's static __shared__ variables lie
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -260,6 +263,7 @@ struct Fiber {
     bool guarded = false;          // its lowest page is PROT_NONE (else a canary there, see fiber_new)
     Worker* worker = nullptr;
     dim3 thread_idx;
+    int lin = 0;                   // linear thread index within the block (the race checker's thread id)
     int warp = 0;                  // warp index within the block
     FiberState state = DONE;
     // the pending warp operation
@@ -299,6 +303,11 @@ struct Worker {
     size_t smem_capacity = 0;
     int nthreads = 0, live = 0, at_barrier = 0;
     std::vector<int> warp_live, warp_waiting;   // per warp: threads not returned, threads at a warp op
+    // the race checker's clocks (EMU_RACECHECK): the running block, how many __syncthreads it has
+    // completed, and per warp how many warp operations (shuffles, __syncwarp, votes) completed
+    long long block_linear = 0;
+    uint32_t barrier_epoch = 0;
+    uint32_t warp_epoch[32] = {};
 };
 
 EMU_HIDDEN thread_local Worker* tls_worker = nullptr;
@@ -322,10 +331,15 @@ EMU_HIDDEN thread_local Fiber* tls_fiber = nullptr;
 // vptr updates) do nothing. rawmodule.py links with -Wl,--no-undefined, so a __tsan_ function g++
 // starts to call that is not defined here fails the build by name.
 
-#if defined(EMU_COUNT_TRAFFIC)
+#if defined(EMU_COUNT_TRAFFIC) || defined(EMU_RACECHECK)
+#define EMU_TSAN_HOOKS 1               // the __tsan_* hooks below: shared by the counter and the race checker
 #define EMU_NO_TSAN extern "C" EMU_HIDDEN __attribute__((no_sanitize("thread"), noinline))
 #define EMU_NO_TSAN_INLINE static inline __attribute__((no_sanitize("thread"), always_inline))
+#endif
 
+struct RaceState;                      // the race checker's state of one launch (EMU_RACECHECK)
+
+#if defined(EMU_COUNT_TRAFFIC)
 struct TrafficRange { uintptr_t lo, size; };
 static const int kMaxTrafficRanges = 64;
 static TrafficRange traffic_ranges[kMaxTrafficRanges];
@@ -335,9 +349,59 @@ struct TrafficSums { unsigned long long read_bytes, write_bytes, reads, writes; 
 EMU_HIDDEN thread_local TrafficSums tls_traffic = {0, 0, 0, 0};
 #endif
 
+// ---- the race checker (a library built with -DEMU_RACECHECK; rawmodule.py's racecheck=True or
+// LLMC_EMULATOR_RACECHECK=1)
+//
+// Built like the traffic counter (g++ -fsanitize=thread, no libtsan; the same __tsan_* hooks), but each
+// load and store of a checked range updates a shadow of it: per granule (the element size of the
+// array, at most 4 bytes; 2 bytes in shared memory) the last write and a summary of the reads since.
+// Checked: the launch's array arguments, the block's dynamic shared memory and the kernel's static
+// __shared__ variables (the module's thread_local block, found with dl_iterate_phdr, less the
+// emulator's own tls_worker / tls_fiber). Locals (fiber stacks) and the emulator's bookkeeping (heap)
+// lie in no range. An access is stamped with its thread's clocks: block, thread, the block's count of
+// completed __syncthreads (barrier epoch) and its warp's count of completed warp operations (warp
+// epoch). Two accesses to one granule by two threads, at least one a write, race unless
+//   * same block, different barrier epochs (a __syncthreads between them), or
+//   * same warp, different warp epochs (a shuffle, __syncwarp, vote or other warp op between them), or
+//   * both atomic (atomicAdd & co.: EMU_COUNT_RMW stamps them as atomic writes).
+// Blocks are never ordered (no grid sync). The rule compares clocks, not values, so a race is found
+// whatever the thread order; race launches run their blocks one after another on the calling thread
+// (no pool), so the shadow needs no locks. The reads since the last write are summarized in two
+// records (see emu_race_granule), enough to decide whether ANY of them races with a new write.
+// Accesses are clipped to their range; 1-byte elements share a 2-byte granule in shared memory (two
+// threads writing neighbouring bytes there would be reported).
+
+#if defined(EMU_RACECHECK)
+enum RaceAccess { RACE_READ, RACE_WRITE, RACE_ATOMIC };
+struct RaceRange {
+    uintptr_t lo = 0, size = 0;
+    unsigned shift = 2;             // a granule is 1 << shift bytes
+    bool shared = false;            // shared memory: records of another block are stale (each block has its own)
+    int id = 0;                     // argument index, -1 dynamic shared memory, -2 static __shared__
+    uint64_t* shadow = nullptr;     // 3 words per granule: last write, last read, another read
+    size_t shadow_bytes = 0;
+};
+static const int kMaxRaceRanges = 64;
+// a report: kind (0 read-after-write, 1 write-after-write, 2 write-after-read), range id, byte offset,
+// earlier block, earlier thread, later block, later thread (linear indices)
+static const int kRaceReportWords = 7;
+struct RaceState {
+    RaceRange ranges[kMaxRaceRanges + 2];
+    int n = 0;
+    uintptr_t lo = 0, span = 0;     // the hull of the ranges: one compare rejects locals
+    uintptr_t own_tls[2] = {0, 0};  // &tls_worker, &tls_fiber: in the static __shared__ block, not the kernel's
+    unsigned long long* reports = nullptr;
+    int max_reports = 0, nreports = 0;
+    unsigned long long total = 0;   // racing granule accesses in all
+};
+static RaceState* race_state = nullptr;   // the launch being checked (launches are one at a time)
+#endif
+
 }  // namespace emu
 
 #if defined(EMU_COUNT_TRAFFIC)
+#define EMU_HOOK_READ(p, n) emu_count_read((p), (n))
+#define EMU_HOOK_WRITE(p, n) emu_count_write((p), (n))
 EMU_NO_TSAN_INLINE bool emu_in_arrays(const void* p) {
     uintptr_t a = reinterpret_cast<uintptr_t>(p);
     if (a - emu::traffic_lo >= emu::traffic_span) { return false; }
@@ -352,23 +416,168 @@ EMU_NO_TSAN_INLINE void emu_count_read(const void* p, unsigned long n) {
 EMU_NO_TSAN_INLINE void emu_count_write(const void* p, unsigned long n) {
     if (emu_in_arrays(p)) { emu::tls_traffic.write_bytes += n; emu::tls_traffic.writes++; }
 }
+#endif
+
+#if defined(EMU_RACECHECK)
+// A record (64 bits, 0 = none): thread (bits 0-9), block + 1 (10-31, wrapping past 4M blocks), barrier
+// epoch (32-47), warp epoch (48-61; epochs compare modulo their width), flags (62-63): on a last
+// write bit 62 = atomic; on the second read record its kind (kRaceOther*).
+static const uint64_t kRaceAtomic = uint64_t(1) << 62;
+static const uint64_t kRaceOtherBlock = 1, kRaceOtherWarp = 2, kRaceSameWarp = 3;
+EMU_NO_TSAN_INLINE uint64_t emu_race_thread(uint64_t r) { return r & 1023u; }
+EMU_NO_TSAN_INLINE uint64_t emu_race_block(uint64_t r) { return (r >> 10) & 0x3FFFFFu; }
+EMU_NO_TSAN_INLINE uint64_t emu_race_epoch(uint64_t r) { return (r >> 32) & 0xFFFFu; }
+EMU_NO_TSAN_INLINE uint64_t emu_race_wepoch(uint64_t r) { return (r >> 48) & 0x3FFFu; }
+EMU_NO_TSAN_INLINE uint64_t emu_race_warp(uint64_t r) { return emu_race_thread(r) >> 5; }
+EMU_NO_TSAN_INLINE uint64_t emu_race_kind(uint64_t r) { return r >> 62; }
+EMU_NO_TSAN_INLINE uint64_t emu_race_with_kind(uint64_t r, uint64_t k) { return (r & ~(uint64_t(3) << 62)) | (k << 62); }
+
+EMU_NO_TSAN_INLINE uint64_t emu_race_now(const emu::Fiber* f) {
+    const emu::Worker* w = f->worker;
+    uint64_t blk = static_cast<uint64_t>(w->block_linear) % 0x3FFFFFu + 1;
+    return static_cast<uint64_t>(f->lin) | (blk << 10) | (static_cast<uint64_t>(w->barrier_epoch & 0xFFFFu) << 32)
+           | (static_cast<uint64_t>(w->warp_epoch[f->warp] & 0x3FFFu) << 48);
+}
+
+// may the access of record e and the access of record now (later) run at the same time on a GPU?
+EMU_NO_TSAN_INLINE bool emu_race_concurrent(uint64_t e, uint64_t now) {
+    if (emu_race_block(e) != emu_race_block(now)) { return true; }       // blocks are never ordered
+    if (emu_race_thread(e) == emu_race_thread(now)) { return false; }    // one thread is in program order
+    if (emu_race_epoch(e) != emu_race_epoch(now)) { return false; }      // a __syncthreads between them
+    return !(emu_race_warp(e) == emu_race_warp(now) && emu_race_wepoch(e) != emu_race_wepoch(now));
+}
+
+EMU_NO_TSAN_INLINE void emu_race_report(emu::RaceState* S, const emu::RaceRange& r, uintptr_t offset, int kind,
+                                        uint64_t earlier, uint64_t now, long long now_block) {
+    S->total++;
+    unsigned long long e_block = emu_race_block(earlier) - 1, e_thread = emu_race_thread(earlier);
+    unsigned long long n_thread = emu_race_thread(now);
+    for (int i = 0; i < S->nreports; i++) {          // one report per pair of threads and range
+        unsigned long long* q = S->reports + i * emu::kRaceReportWords;
+        if (q[1] == static_cast<unsigned long long>(static_cast<long long>(r.id)) && q[3] == e_block
+            && q[4] == e_thread && q[5] == static_cast<unsigned long long>(now_block) && q[6] == n_thread) { return; }
+    }
+    if (S->nreports >= S->max_reports) { return; }
+    unsigned long long* q = S->reports + S->nreports++ * emu::kRaceReportWords;
+    q[0] = static_cast<unsigned long long>(kind);
+    q[1] = static_cast<unsigned long long>(static_cast<long long>(r.id));
+    q[2] = offset;
+    q[3] = e_block;
+    q[4] = e_thread;
+    q[5] = static_cast<unsigned long long>(now_block);
+    q[6] = n_thread;
+}
+
+// Which earlier read races with a write stamped now? The reads since the last write are summarized by
+// `a`, the latest read, and `o`, one other read, kept so that a write races with some read of the set
+// exactly when it races with a or o: o is a read of another block than a's (kind OtherBlock: then every
+// write races with a or o), else a read of a's block and barrier epoch in another warp than a's
+// (OtherWarp: then every write of that epoch races), else the latest read of a's epoch and warp by
+// another thread than a's (SameWarp). Reads of earlier epochs than a's are ordered before any new
+// write of a's block, so they need no record.
+EMU_NO_TSAN_INLINE uint64_t emu_race_read_witness(uint64_t a, uint64_t o, uint64_t now) {
+    if (a == 0) { return 0; }
+    if (emu_race_block(a) != emu_race_block(now)) { return a; }
+    if (emu_race_kind(o) == kRaceOtherBlock) { return o; }
+    if (emu_race_epoch(a) != emu_race_epoch(now)) { return 0; }
+    if (emu_race_kind(o) == kRaceOtherWarp) { return emu_race_warp(a) != emu_race_warp(now) ? a : o; }
+    if (emu_race_warp(a) != emu_race_warp(now)) { return a; }
+    if (emu_race_thread(a) != emu_race_thread(now)) { return emu_race_wepoch(a) == emu_race_wepoch(now) ? a : 0; }
+    if (emu_race_kind(o) == kRaceSameWarp && emu_race_wepoch(o) == emu_race_wepoch(now)) { return o; }
+    return 0;
+}
+
+// a new read joins the summary (a, o)
+EMU_NO_TSAN_INLINE void emu_race_add_read(uint64_t& a, uint64_t& o, uint64_t now) {
+    if (a == 0) {
+        o = 0;
+    } else if (emu_race_block(a) != emu_race_block(now)) {
+        o = emu_race_with_kind(a, kRaceOtherBlock);
+    } else if (emu_race_kind(o) == kRaceOtherBlock) {
+        // keep it: every later write races with one of the two
+    } else if (emu_race_epoch(a) != emu_race_epoch(now)) {
+        o = 0;                                       // a's epoch is over: ordered before what follows
+    } else if (emu_race_warp(a) != emu_race_warp(now)) {
+        o = emu_race_with_kind(a, kRaceOtherWarp);
+    } else if (emu_race_kind(o) == kRaceOtherWarp) {
+        // keep it: o's warp differs from now's as it differed from a's
+    } else if (emu_race_thread(a) != emu_race_thread(now)) {
+        o = emu_race_with_kind(a, kRaceSameWarp);
+    }
+    a = now;
+}
+
+EMU_NO_TSAN_INLINE void emu_race_granule(emu::RaceState* S, const emu::RaceRange& r, uintptr_t g, uint64_t now,
+                                         int kind, long long now_block) {
+    uint64_t* s = r.shadow + 3 * g;
+    uint64_t w = s[0], a = s[1], o = s[2];
+    if (r.shared) {                                   // another block's shared memory is not this one's
+        if (w != 0 && emu_race_block(w) != emu_race_block(now)) { w = 0; }
+        if (a != 0 && emu_race_block(a) != emu_race_block(now)) { a = 0; o = 0; }
+        if (o != 0 && emu_race_block(o) != emu_race_block(now)) { o = 0; }
+    }
+    uintptr_t offset = g << r.shift;
+    bool w_races = w != 0 && emu_race_concurrent(w, now);
+    if (kind == emu::RACE_READ) {
+        if (w_races) { emu_race_report(S, r, offset, 0, w, now, now_block); }
+        emu_race_add_read(a, o, now);
+        s[0] = w;
+        s[1] = a;
+        s[2] = o;
+        return;
+    }
+    if (w_races && !(kind == emu::RACE_ATOMIC && (w & kRaceAtomic))) {
+        emu_race_report(S, r, offset, 1, w, now, now_block);
+    } else {
+        uint64_t reader = emu_race_read_witness(a, o, now);
+        if (reader != 0) { emu_race_report(S, r, offset, 2, reader, now, now_block); }
+    }
+    s[0] = now | (kind == emu::RACE_ATOMIC ? kRaceAtomic : 0);   // the reads before are ordered or reported
+    s[1] = 0;
+    s[2] = 0;
+}
+
+EMU_NO_TSAN_INLINE void emu_race_access(const void* p, unsigned long n, int kind) {
+    emu::RaceState* S = emu::race_state;
+    uintptr_t addr = reinterpret_cast<uintptr_t>(p);
+    if (S == nullptr || addr - S->lo >= S->span) { return; }
+    emu::Fiber* f = emu::tls_fiber;
+    if (f == nullptr) { return; }                    // the emulator itself, between threads
+    for (int i = 0; i < S->n; i++) {
+        const emu::RaceRange& r = S->ranges[i];
+        uintptr_t off = addr - r.lo;
+        if (off >= r.size) { continue; }
+        if (addr == S->own_tls[0] || addr == S->own_tls[1]) { return; }
+        uintptr_t end = off + n < r.size ? off + n : r.size;
+        uint64_t now = emu_race_now(f);
+        for (uintptr_t g = off >> r.shift; (g << r.shift) < end; g++) {
+            emu_race_granule(S, r, g, now, kind, f->worker->block_linear);
+        }
+        return;
+    }
+}
+#define EMU_HOOK_READ(p, n) emu_race_access((p), (n), emu::RACE_READ)
+#define EMU_HOOK_WRITE(p, n) emu_race_access((p), (n), emu::RACE_WRITE)
+#endif
+
+#if defined(EMU_TSAN_HOOKS)
 #define EMU_TSAN_ACCESS(N)                                                                            \
-    EMU_NO_TSAN void __tsan_read##N(void* p) { emu_count_read(p, N); }                                \
-    EMU_NO_TSAN void __tsan_write##N(void* p) { emu_count_write(p, N); }                              \
-    EMU_NO_TSAN void __tsan_unaligned_read##N(void* p) { emu_count_read(p, N); }                      \
-    EMU_NO_TSAN void __tsan_unaligned_write##N(void* p) { emu_count_write(p, N); }                    \
-    EMU_NO_TSAN void __tsan_volatile_read##N(void* p) { emu_count_read(p, N); }                       \
-    EMU_NO_TSAN void __tsan_volatile_write##N(void* p) { emu_count_write(p, N); }                     \
-    EMU_NO_TSAN void __tsan_unaligned_volatile_read##N(void* p) { emu_count_read(p, N); }             \
-    EMU_NO_TSAN void __tsan_unaligned_volatile_write##N(void* p) { emu_count_write(p, N); }
+    EMU_NO_TSAN void __tsan_read##N(void* p) { EMU_HOOK_READ(p, N); }                                 \
+    EMU_NO_TSAN void __tsan_write##N(void* p) { EMU_HOOK_WRITE(p, N); }                               \
+    EMU_NO_TSAN void __tsan_unaligned_read##N(void* p) { EMU_HOOK_READ(p, N); }                       \
+    EMU_NO_TSAN void __tsan_unaligned_write##N(void* p) { EMU_HOOK_WRITE(p, N); }                     \
+    EMU_NO_TSAN void __tsan_volatile_read##N(void* p) { EMU_HOOK_READ(p, N); }                        \
+    EMU_NO_TSAN void __tsan_volatile_write##N(void* p) { EMU_HOOK_WRITE(p, N); }                      \
+    EMU_NO_TSAN void __tsan_unaligned_volatile_read##N(void* p) { EMU_HOOK_READ(p, N); }              \
+    EMU_NO_TSAN void __tsan_unaligned_volatile_write##N(void* p) { EMU_HOOK_WRITE(p, N); }
 EMU_TSAN_ACCESS(1)
 EMU_TSAN_ACCESS(2)
 EMU_TSAN_ACCESS(4)
 EMU_TSAN_ACCESS(8)
 EMU_TSAN_ACCESS(16)
 #undef EMU_TSAN_ACCESS
-EMU_NO_TSAN void __tsan_read_range(void* p, unsigned long n) { emu_count_read(p, n); }
-EMU_NO_TSAN void __tsan_write_range(void* p, unsigned long n) { emu_count_write(p, n); }
+EMU_NO_TSAN void __tsan_read_range(void* p, unsigned long n) { EMU_HOOK_READ(p, n); }
+EMU_NO_TSAN void __tsan_write_range(void* p, unsigned long n) { EMU_HOOK_WRITE(p, n); }
 EMU_NO_TSAN void __tsan_init() {}
 EMU_NO_TSAN void __tsan_func_entry(void* pc) { (void)pc; }
 EMU_NO_TSAN void __tsan_func_exit() {}
@@ -410,8 +619,13 @@ EMU_TSAN_ATOMIC(64, uint64_t)
 #undef EMU_TSAN_ATOMIC
 EMU_NO_TSAN void __tsan_atomic_thread_fence(int mo) { (void)mo; __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 EMU_NO_TSAN void __tsan_atomic_signal_fence(int mo) { (void)mo; __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+#endif
+#if defined(EMU_COUNT_TRAFFIC)
 // a CUDA atomic on global memory: one read and one write of n bytes
 #define EMU_COUNT_RMW(p) (emu_count_read((p), sizeof(*(p))), emu_count_write((p), sizeof(*(p))))
+#elif defined(EMU_RACECHECK)
+// a CUDA atomic: an atomic write (it races with plain accesses, not with other atomics)
+#define EMU_COUNT_RMW(p) emu_race_access((p), sizeof(*(p)), emu::RACE_ATOMIC)
 #else
 #define EMU_COUNT_RMW(p) ((void)0)
 #endif
@@ -607,6 +821,7 @@ static inline bool complete_warp(Worker* w, int k) {
         f->op_result = (s->state == WAIT_WARP || s->state == READY) ? s->op_value : 0;
     }
     w->warp_waiting[k] = 0;
+    w->warp_epoch[k]++;                                // orders the warp's accesses (race checker)
     return true;
 }
 
@@ -629,8 +844,12 @@ static inline bool run_block(Worker* w, long long linear_block) {
     w->at_barrier = 0;
     w->warp_live.assign(nwarps, 0);
     w->warp_waiting.assign(nwarps, 0);
+    w->block_linear = linear_block;
+    w->barrier_epoch = 0;
+    for (int k = 0; k < nwarps; k++) { w->warp_epoch[k] = 0; }
     for (int i = 0; i < n; i++) {
         Fiber* f = w->fibers[i];
+        f->lin = i;
         f->warp = i / 32;
         f->thread_idx = dim3(i % b.x, (i / b.x) % b.y, i / (b.x * b.y));
         f->state = READY;
@@ -682,6 +901,7 @@ static inline bool run_block(Worker* w, long long linear_block) {
                 if (w->fibers[i]->state == WAIT_BLOCK) { w->fibers[i]->state = READY; }
             }
             w->at_barrier = 0;
+            w->barrier_epoch++;                        // orders the block's accesses (race checker)
             released = true;
         }
         if (!released) {
@@ -698,14 +918,19 @@ static inline bool run_block(Worker* w, long long linear_block) {
     return false;
 }
 
-static inline void run_blocks(Worker* w, Launch* L) {
-    w->launch = L;
-    if (L->shared_mem > w->smem_capacity) {
+static inline void ensure_smem(Worker* w, size_t bytes) {
+    if (bytes > w->smem_capacity) {
         free(w->smem);
-        size_t cap = (L->shared_mem + 63) & ~size_t(63);
+        size_t cap = (bytes + 63) & ~size_t(63);
         w->smem = static_cast<char*>(aligned_alloc(64, cap));
         w->smem_capacity = cap;
     }
+}
+
+
+static inline void run_blocks(Worker* w, Launch* L) {
+    w->launch = L;
+    ensure_smem(w, L->shared_mem);
     Worker* saved = tls_worker;
     tls_worker = w;
     while (!L->failed) {
@@ -776,12 +1001,72 @@ static inline Pool* pool() {
 
 static std::mutex launch_mutex;                        // one launch at a time, like one stream
 
+#if defined(EMU_RACECHECK)
+// this module's static TLS block in the calling thread (dl_iterate_phdr's dlpi_tls_data): where the
+// kernel's static __shared__ variables (static thread_local) lie
+struct TlsBlock { uintptr_t code = 0; uintptr_t data = 0; size_t size = 0; };
+static int find_tls_block(struct dl_phdr_info* info, size_t, void* arg) {
+    TlsBlock* t = static_cast<TlsBlock*>(arg);
+    bool mine = false;
+    size_t tls_size = 0;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        if (ph.p_type == PT_LOAD && t->code - (info->dlpi_addr + ph.p_vaddr) < ph.p_memsz) { mine = true; }
+        if (ph.p_type == PT_TLS) { tls_size = ph.p_memsz; }
+    }
+    if (!mine) { return 0; }
+    t->data = reinterpret_cast<uintptr_t>(info->dlpi_tls_data);
+    t->size = t->data != 0 ? tls_size : 0;
+    return 1;
+}
+
+static inline void race_add_range(RaceState* S, uintptr_t lo, size_t size, unsigned shift, bool shared, int id) {
+    if (size == 0) { return; }
+    RaceRange& r = S->ranges[S->n++];
+    r.lo = lo;
+    r.size = size;
+    r.shift = shift;
+    r.shared = shared;
+    r.id = id;
+    r.shadow_bytes = ((size + (size_t(1) << shift) - 1) >> shift) * 3 * sizeof(uint64_t);
+    void* mem = mmap(nullptr, r.shadow_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED) { fprintf(stderr, "emulator: cannot map the race checker's shadow\n"); abort(); }
+    r.shadow = static_cast<uint64_t*>(mem);            // zero pages: no access yet
+}
+
+// the checked ranges of a launch: the arrays, then the dynamic and static shared memory
+static inline void race_begin(RaceState* S, Worker* w, size_t shared_mem) {
+    uintptr_t lo = UINTPTR_MAX, hi = 0;
+    ensure_smem(w, shared_mem);
+    race_add_range(S, reinterpret_cast<uintptr_t>(w->smem), shared_mem, 1, true, -1);
+    static thread_local int touch = 0;                 // makes sure this thread's TLS block exists
+    touch++;
+    TlsBlock t;
+    t.code = reinterpret_cast<uintptr_t>(&emu_fiber_main);
+    dl_iterate_phdr(find_tls_block, &t);
+    race_add_range(S, t.data, t.size, 1, true, -2);
+    S->own_tls[0] = reinterpret_cast<uintptr_t>(&tls_worker);
+    S->own_tls[1] = reinterpret_cast<uintptr_t>(&tls_fiber);
+    for (int i = 0; i < S->n; i++) {
+        lo = std::min(lo, S->ranges[i].lo);
+        hi = std::max(hi, S->ranges[i].lo + S->ranges[i].size);
+    }
+    S->lo = lo;
+    S->span = S->n > 0 ? hi - lo : 0;
+}
+
+static inline void race_end(RaceState* S) {
+    for (int i = 0; i < S->n; i++) { munmap(S->ranges[i].shadow, S->ranges[i].shadow_bytes); }
+    S->n = 0;
+}
+#endif
+
 // traffic (a counting library only): ranges holds nranges (address, bytes) pairs, the launch's global
 // arrays; counts receives bytes read, bytes written, loads, stores
 static inline std::string launch(const unsigned* grid, const unsigned* block, size_t shared_mem,
                                  Thunk thunk, void* kernel, void** args, int order,
                                  const unsigned long long* ranges = nullptr, int nranges = 0,
-                                 unsigned long long* counts = nullptr) {
+                                 unsigned long long* counts = nullptr, RaceState* race = nullptr) {
     std::lock_guard<std::mutex> one_at_a_time(launch_mutex);
     Pool* P = pool();
     Launch L;
@@ -812,6 +1097,15 @@ static inline std::string launch(const unsigned* grid, const unsigned* block, si
     long long total_threads = L.num_blocks * block[0] * block[1] * block[2];
     int helpers = static_cast<int>(P->workers.size()) - 1;
     if (L.num_blocks < 2 || total_threads < 8192) { helpers = 0; }  // not worth waking anyone
+#if defined(EMU_RACECHECK)
+    if (race != nullptr) {                              // blocks one after another on this thread
+        helpers = 0;
+        race_begin(race, P->workers[0], shared_mem);
+        race_state = race;
+    }
+#else
+    (void)race;
+#endif
     if (helpers > 0) {
         std::lock_guard<std::mutex> lock(P->mu);
         P->launch = &L;
@@ -828,6 +1122,12 @@ static inline std::string launch(const unsigned* grid, const unsigned* block, si
     traffic_nranges = 0;
     traffic_span = 0;
     for (int i = 0; i < 4; i++) { counts[i] = L.traffic[i]; }
+#endif
+#if defined(EMU_RACECHECK)
+    if (race != nullptr) {
+        race_state = nullptr;
+        race_end(race);
+    }
 #endif
     return L.error;
 }
@@ -891,6 +1191,36 @@ static inline const char* launch_kernel_counted(void (*k)(A...), const unsigned*
                    ranges, nranges, counts);
     return error.empty() ? nullptr : error.c_str();
 }
+
+#if defined(EMU_RACECHECK)
+// the race checker's entry: ranges holds nranges (address, bytes, log2 granule) triples, the launch's
+// arrays in argument order (ids 0..nranges-1); reports receives up to max_reports races
+// (kRaceReportWords each), *found how many racing accesses there were in all
+template <typename... A>
+static inline const char* launch_kernel_raced(void (*k)(A...), const unsigned* grid, const unsigned* block,
+                                              unsigned long long shared_mem, void** args, int order,
+                                              const unsigned long long* ranges, const int* ids, int nranges,
+                                              unsigned long long* reports, int max_reports,
+                                              unsigned long long* found) {
+    static thread_local std::string error;
+    if (nranges > kMaxRaceRanges) { return "the race checker takes at most 64 array arguments"; }
+    static RaceState S;                                 // big: not on the stack
+    static std::mutex race_mutex;                       // one checked launch at a time owns S
+    std::lock_guard<std::mutex> one_at_a_time(race_mutex);
+    S.n = 0;
+    for (int i = 0; i < nranges; i++) {
+        race_add_range(&S, ranges[3 * i], ranges[3 * i + 1], static_cast<unsigned>(ranges[3 * i + 2]), false, ids[i]);
+    }
+    S.reports = reports;
+    S.max_reports = max_reports;
+    S.nreports = 0;
+    S.total = 0;
+    error = launch(grid, block, shared_mem, &thunk<A...>, reinterpret_cast<void*>(k), args, order,
+                   nullptr, 0, nullptr, &S);
+    *found = S.total;
+    return error.empty() ? nullptr : error.c_str();
+}
+#endif
 
 template <typename T> struct TypeName { static const char* get() { return "?"; } };
 #define EMU_TYPE_NAME(T, s) template <> struct TypeName<T> { static const char* get() { return s; } };

@@ -92,9 +92,10 @@ class CompileError(RuntimeError):
     """g++ rejected the source (the message holds its output), like cupy's CompileException."""
 
 
-def _rewrite(code, counted=False):
+def _rewrite(code, counted=False, raced=False):
     """CUDA source -> C++ for g++: dynamic shared memory as a pointer, plus one entry point per kernel
-    (counted: the traffic counter's entry, which also takes the arrays to count and the counts' place)."""
+    (counted: the traffic counter's entry, which also takes the arrays to count and the counts' place;
+    raced: the race checker's, which takes the arrays to check and the reports' place)."""
     src = _EXTERN_SHARED_RE.sub(lambda m: f"{m.group(1)}* {m.group(2)} = "
                                           f"reinterpret_cast<{m.group(1)}*>(emu::dynamic_smem());", code)
     names = sorted(set(_KERNEL_RE.findall(code)))
@@ -110,6 +111,13 @@ def _rewrite(code, counted=False):
                            f'const unsigned long long* ranges, int nranges, unsigned long long* counts) '
                            f'{{ return emu::launch_kernel_counted({name}, grid, block, shared_mem, args, order, '
                            f'ranges, nranges, counts); }}')
+        if raced:
+            entries.append(f'extern "C" const char* emu_launch_raced__{name}(const unsigned* grid, '
+                           f'const unsigned* block, unsigned long long shared_mem, void** args, int order, '
+                           f'const unsigned long long* ranges, const int* ids, int nranges, '
+                           f'unsigned long long* reports, int max_reports, unsigned long long* found) '
+                           f'{{ return emu::launch_kernel_raced({name}, grid, block, shared_mem, args, order, '
+                           f'ranges, ids, nranges, reports, max_reports, found); }}')
     return src + "\n".join(entries) + "\n", names
 
 
@@ -147,14 +155,17 @@ _lock = threading.Lock()
 # emulator.h answers itself (so no libtsan: compile and link are two steps, and the link refuses an
 # undefined symbol, e.g. a __tsan_ function emulator.h lacks)
 COUNT_FLAGS = ["-DEMU_COUNT_TRAFFIC", "-fsanitize=thread"]
+# the race checker's library: the same hooks, which record each access in a shadow of the checked memory
+RACE_FLAGS = ["-DEMU_RACECHECK", "-fsanitize=thread"]
 
 
-def _build(code, options, counted=False):
+def _build(code, options, counted=False, raced=False):
     """Compile (or find in the cache) the library for this source; return (ctypes.CDLL, kernel names).
-    counted: the traffic counter's variant (see count_traffic), cached under its own key."""
+    counted: the traffic counter's variant (see count_traffic), raced: the race checker's (see
+    Function.__call__'s racecheck), each cached under its own key."""
     global _gxx_version
-    src, names = _rewrite(code, counted)
-    flags = _gxx_flags(options) + (COUNT_FLAGS if counted else [])
+    src, names = _rewrite(code, counted, raced)
+    flags = _gxx_flags(options) + (COUNT_FLAGS if counted else []) + (RACE_FLAGS if raced else [])
     if _gxx_version is None:
         _gxx_version = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
     header = b""
@@ -173,7 +184,7 @@ def _build(code, options, counted=False):
         tmp_so = tmp_src[:-len(".cu.cpp")] + ".so"
         tmp_o = tmp_src[:-len(".cu.cpp")] + ".o"
         try:
-            if counted:
+            if counted or raced:
                 compile_flags = [f for f in flags if f != "-shared"]
                 steps = [("compile", ["g++", "-x", "c++", "-include", HEADER] + compile_flags
                           + ["-c", tmp_src, "-o", tmp_o]),
@@ -234,6 +245,60 @@ def count_traffic():
         _collectors.remove(launches)
 
 
+# ---- the race checker: races between the threads of a launch (emulator.h, "the race checker")
+
+class RaceError(RuntimeError):
+    """The race checker found accesses of two threads to the same bytes, at least one a write, that no
+    __syncthreads, warp operation or atomicity orders (a launch with racecheck=True)."""
+
+
+RACE_REPORTS = 4                                 # races named in the message; the rest are counted
+_RACE_KINDS = ("read-after-write", "write-after-write", "write-after-read")
+
+
+def _racecheck_default():
+    value = os.environ.get("LLMC_EMULATOR_RACECHECK", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"LLMC_EMULATOR_RACECHECK must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _param_names(code, name):
+    """The parameter names of kernel `name` in the source, for the race checker's messages ([] if the
+    declaration cannot be read)."""
+    m = re.search(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?" + re.escape(name) + r"\s*\(", code)
+    if not m:
+        return []
+    depth, i, start = 1, m.end(), m.end()
+    while i < len(code) and depth:
+        depth += {"(": 1, ")": -1}.get(code[i], 0)
+        i += 1
+    params = [p for p in code[start:i - 1].split(",") if p.strip()]
+    names = [re.search(r"(\w+)\s*(?:\[[^\]]*\]\s*)?$", p.strip()) for p in params]
+    return [n.group(1) if n else "" for n in names]
+
+
+def _coords(linear, dims):
+    x, y = dims[0], dims[1]
+    return f"({linear % x},{linear // x % y},{linear // (x * y)})"
+
+
+def _race_message(kernel, reports, found, names, grid, block):
+    """One line per race: the kernel, the memory and byte offset, both threads (the earlier access first)."""
+    lines = []
+    for kind, rid, offset, e_block, e_thread, l_block, l_thread in reports:
+        if rid >= 0:
+            where = f"{names[rid]} (argument {rid})" if rid < len(names) and names[rid] else f"argument #{rid}"
+        else:
+            where = "shared memory" if rid == -1 else "static __shared__ memory"
+        lines.append(f"racecheck: {kernel}: {_RACE_KINDS[kind]} race on {where} at byte offset {offset} between "
+                     f"block {_coords(e_block, grid)} thread {_coords(e_thread, block)} and "
+                     f"block {_coords(l_block, grid)} thread {_coords(l_thread, block)}")
+    lines.append(f"racecheck: {kernel}: {found} racing accesses in all (missing __syncthreads / __syncwarp, "
+                  f"or a plain store or += where atomicAdd is needed?)")
+    return "\n".join(lines)
+
+
 class Function:
     """One kernel: call it as fn(grid, block, args, shared_mem=0), like cupy.RawKernel."""
 
@@ -241,6 +306,7 @@ class Function:
         self.name = name
         self._module = module          # for its counting library, built at the first counted launch
         self._launch_counted = None
+        self._launch_raced = None
         self.max_dynamic_shared_size_bytes = MAX_DYNAMIC_SHARED_DEFAULT
         sig = getattr(lib, "emu_sig__" + name)
         sig.restype = ctypes.c_char_p
@@ -291,8 +357,8 @@ class Function:
             raise TypeError(f"{where} expects np.{np.dtype(want).name}, got np.{arg.dtype}")
         return _CTYPES[want](arg.item())
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None, order=None, guard=False):
-        """Launch. Two options CuPy does not have, for tests:
+    def __call__(self, grid, block, args, shared_mem=0, stream=None, order=None, guard=False, racecheck=None):
+        """Launch. Three options CuPy does not have, for tests:
         order: how the threads of a block take turns: "forward", "reverse" (last to first) or "warps"
             (each warp runs ahead to __syncthreads in turn); a kernel whose threads race gives
             different results in different orders (see emulator.h). Default: $LLMC_EMULATOR_ORDER,
@@ -300,7 +366,14 @@ class Function:
         guard: run on copies of the arrays with GUARD_BYTES of canary on both sides (a signaling
             NaN for floats, -1 for ints, 0xFFFF for bf16): a write out of bounds is an error, a read
             out of bounds reads NaN. The copies start 256-byte aligned, as cudaMalloc's do. An array
-            passed twice stays one array; distinct views of one buffer become distinct arrays."""
+            passed twice stays one array; distinct views of one buffer become distinct arrays.
+        racecheck: run from the race checker's build of the module (emulator.h, "the race checker") and
+            raise RaceError after the launch when two threads raced: same bytes of an array argument or
+            of shared memory, at least one a write, not ordered by __syncthreads (same block), a warp
+            operation (same warp) or both being atomics. Default: $LLMC_EMULATOR_RACECHECK == "1". A
+            launch inside count_traffic() is counted, not checked."""
+        if racecheck is None:
+            racecheck = _racecheck_default()
         if order is None:
             order = os.environ.get("LLMC_EMULATOR_ORDER") or "forward"
         if order not in THREAD_ORDERS:
@@ -343,10 +416,24 @@ class Function:
             ranges = (ctypes.c_ulonglong * max(2, 2 * len(arrays)))(*[x for r in arrays for x in r])
             counts = (ctypes.c_ulonglong * 4)()
             err = self._counted()(*launch_args, ranges, len(arrays), counts)
+        elif racecheck:
+            checked = [(i, v.value, a.nbytes, min(a.itemsize, 4).bit_length() - 1) for i, (a, v)
+                       in enumerate(zip(args, values)) if isinstance(a, np.ndarray) and v.value and a.nbytes]
+            ranges = (ctypes.c_ulonglong * max(3, 3 * len(checked)))(*[x for c in checked for x in c[1:]])
+            ids = (ctypes.c_int * max(1, len(checked)))(*[c[0] for c in checked])
+            reports = (ctypes.c_ulonglong * (7 * RACE_REPORTS))()
+            found = ctypes.c_ulonglong(0)
+            err = self._raced()(*launch_args, ranges, ids, len(checked), reports, RACE_REPORTS, ctypes.byref(found))
         else:
             err = self._launch(*launch_args)
         if err is not None:
             raise RuntimeError(f"{self.name}: {err.decode()}")
+        if racecheck and not counting and found.value:
+            shown = min(found.value, RACE_REPORTS)
+            rows = [[int(x) for x in reports[7 * k:7 * k + 7]] for k in range(RACE_REPORTS)]
+            rows = [r[:1] + [ctypes.c_longlong(r[1]).value] + r[2:] for r in rows if any(r)][:shown]
+            names = self._module.param_names(self.name) if self._module is not None else []
+            raise RaceError(_race_message(self.name, rows, found.value, names, g, b))
         if counting:
             record = Traffic(self.name, tuple(g), tuple(b), *[int(c) for c in counts])
             for launches in _collectors:
@@ -362,6 +449,19 @@ class Function:
                 if a.flags.writeable and not self.param_types[i].startswith("const"):
                     a[...] = inner
 
+
+    def _raced(self):
+        """The launch entry of the race checker's library (emulator.h's launch_kernel_raced)."""
+        if self._launch_raced is None:
+            if self._module is None:
+                raise RuntimeError(f"{self.name}: made without its RawModule, so it cannot check races")
+            fn = getattr(self._module._racecheck_lib(), "emu_launch_raced__" + self.name)
+            fn.restype = ctypes.c_char_p
+            fn.argtypes = self._launch.argtypes + [ctypes.POINTER(ctypes.c_ulonglong), ctypes.POINTER(ctypes.c_int),
+                                                   ctypes.c_int, ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_int,
+                                                   ctypes.POINTER(ctypes.c_ulonglong)]
+            self._launch_raced = fn
+        return self._launch_raced
 
     def _counted(self):
         """The launch entry of the counting library (emulator.h's launch_kernel_counted)."""
@@ -386,7 +486,7 @@ class RawModule:
             with open(path) as f:
                 code = f.read()
         self._lib, self.kernel_names = _build(code, options)
-        self._code, self._options, self._lib_counted = code, options, None
+        self._code, self._options, self._lib_counted, self._lib_raced = code, options, None, None
         self._functions = {}
 
     def _counting_lib(self):
@@ -394,6 +494,16 @@ class RawModule:
         if self._lib_counted is None:
             self._lib_counted = _build(self._code, self._options, counted=True)[0]
         return self._lib_counted
+
+    def _racecheck_lib(self):
+        """The same source built to check races (Function.__call__'s racecheck), on first use."""
+        if self._lib_raced is None:
+            self._lib_raced = _build(self._code, self._options, raced=True)[0]
+        return self._lib_raced
+
+    def param_names(self, name):
+        """Kernel `name`'s parameter names as the source spells them (for messages)."""
+        return _param_names(self._code, name)
 
     def get_function(self, name):
         if name not in self._functions:

@@ -17,6 +17,9 @@ export_model     (session) a factory: export_model(n_layer=.., n_head=.., n_embd
 Markers
 -------
 @pytest.mark.slow   skipped unless pytest runs with --runslow (or LLMC_SLOW=1): keeps CI fast.
+@pytest.mark.no_racecheck   in the kernel test files of RACECHECK_FILES, which run every emulator launch
+                    through the race checker (LLMC_EMULATOR_RACECHECK=1, unless the environment sets it):
+                    a test that measures the emulator's speed runs without it.
 
 Helpers
 -------
@@ -97,6 +100,21 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a slow test, skipped unless --runslow or LLMC_SLOW=1")
+    config.addinivalue_line("markers", "no_racecheck: runs without the emulator's race checker (see RACECHECK_FILES)")
+
+
+# the kernel tests run every emulator launch through the race checker (emulator/README.md, "Race
+# checker"): a race between the threads of a shipped kernel fails them, whatever the thread order;
+# LLMC_EMULATOR_RACECHECK=0 in the environment turns it off
+RACECHECK_FILES = {"test_kernels.py", "test_kernels_bf16.py", "test_kernels_fused.py", "test_classifier_x128.py",
+                   "test_layernorm_sum.py", "test_matmul_bias.py"}
+
+
+@pytest.fixture(autouse=True)
+def racecheck_kernel_tests(request, monkeypatch):
+    if (os.path.basename(str(request.node.fspath)) in RACECHECK_FILES and "no_racecheck" not in request.keywords
+            and "LLMC_EMULATOR_RACECHECK" not in os.environ):
+        monkeypatch.setenv("LLMC_EMULATOR_RACECHECK", "1")
 
 
 def pytest_collection_modifyitems(config, items):
