@@ -711,6 +711,76 @@ def attention_backward(dinp, dqkvr, dpreatt, datt, scratch, dout, qkvr, att, B, 
         (ceil_div(B * NH * T * hs, block),), (block,), (dinp, dq, dk, dv, i32(B), i32(T), i32(NH), i32(hs)))
 
 
+# Flash attention (kernels/flash_attention.cu, bf16 only): the same layer without the (B,NH,T,T) tensors.
+# q, k, v are read from qkv (B,T,3C) as the matmul wrote it and the output lands in (B,T,C), so there is
+# no permute; the forward saves lse (B,NH,T, fp32), from which the backward recomputes the probabilities.
+
+FLASH_HEAD_SIZES = (64, 128)        # the head sizes flash_attention.cu takes
+FLASH_THREADS = 128                 # 4 warps per block
+FLASH_BC = 32                       # keys per tile; query rows per tile: flash_rows
+
+
+def flash_rows(hs, backward):
+    """Query rows per block: 64 in the forward for hs 64, else 32 (the kernel's tiles, see its header)."""
+    return 64 if hs == 64 and not backward else 32
+
+
+def flash_shared_bytes(hs, backward):
+    """Dynamic shared memory of one block, the sum of the tiles the kernel's header lists."""
+    BR, BC = flash_rows(hs, backward), FLASH_BC
+    if not backward:   # q, k, v bf16; s f32, p bf16; o f32; m, l
+        return 2 * (BR + 2 * BC) * hs + 6 * BR * BC + 4 * BR * hs + 8 * BR
+    return 4 * (BR + BC) * hs + 12 * BR * BC + 8 * BR   # q, dout, k, v bf16; s, dp f32; p, ds bf16; lse, D
+
+
+def flash_check(name, qkv, B, T, C, NH, *aligned):
+    """The one-line error for what the flash kernels do not take (the caller picks the path; a wrong
+    shape here is a bug, never a silent wrong result)."""
+    hs = C // NH
+    address = (lambda x: x.ctypes.data) if EMULATE else (lambda x: x.data.ptr)
+    if qkv.dtype != BF16:
+        raise ValueError(f"{name}: flash attention is bf16 only, got {qkv.dtype}; use attention_forward/backward")
+    if hs * NH != C or hs not in FLASH_HEAD_SIZES:
+        raise ValueError(f"{name}: head size C/NH = {C}/{NH} is not one of {FLASH_HEAD_SIZES}; "
+                         f"use attention_forward/backward")
+    if T < 1 or B * NH >= 65536:
+        raise ValueError(f"{name}: needs T >= 1 and B*NH < 65536 (the grid's y), got T={T} B*NH={B * NH}")
+    if any(address(x) % 16 for x in (qkv,) + aligned):
+        raise ValueError(f"{name}: qkv, out, dout and dqkv must start on 16-byte boundaries (16-byte tile loads)")
+
+
+def flash_attention_forward(out, lse, qkv, B, T, C, NH):
+    # qkv (B,T,3C) bf16 -> out (B,T,C) bf16, lse (B,NH,T) fp32: the softmax's log-sum-exp per row, kept
+    # for flash_attention_backward. One launch; a block per (query tile, head).
+    flash_check("flash_attention_forward", qkv, B, T, C, NH, out)
+    hs = C // NH
+    grid = (ceil_div(T, flash_rows(hs, False)), B * NH)
+    kernel("flash_attention", "flash_attention_forward_kernel", BF16)(
+        grid, (FLASH_THREADS,), (out, lse, qkv, i32(B), i32(T), i32(NH), i32(hs)),
+        shared_mem=flash_shared_bytes(hs, False))
+
+
+def flash_scratch_size(B, T, C, NH):
+    """Floats of fp32 scratch flash_attention_backward needs: D = rowsum(dout * out), (B,NH,T)."""
+    return B * NH * T
+
+
+def flash_attention_backward(dqkv, scratch, dout, qkv, out, lse, B, T, C, NH):
+    # dqkv (B,T,3C) bf16 = d(q|k|v), written; dout, out (B,T,C); lse (B,NH,T) from the forward;
+    # scratch: >= flash_scratch_size(B, T, C, NH) floats. Two launches, no atomics: dq per query tile
+    # (computing D as it goes), then dk and dv per key tile (reading D).
+    flash_check("flash_attention_backward", qkv, B, T, C, NH, dqkv, dout, out)
+    hs = C // NH
+    D = view(scratch, B, NH, T)
+    shared = flash_shared_bytes(hs, True)
+    kernel("flash_attention", "flash_attention_backward_dq_kernel", BF16)(
+        (ceil_div(T, flash_rows(hs, True)), B * NH), (FLASH_THREADS,),
+        (dqkv, D, dout, qkv, out, lse, i32(B), i32(T), i32(NH), i32(hs)), shared_mem=shared)
+    kernel("flash_attention", "flash_attention_backward_dkdv_kernel", BF16)(
+        (ceil_div(T, FLASH_BC), B * NH), (FLASH_THREADS,),
+        (dqkv, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(hs)), shared_mem=shared)
+
+
 # The elementwise launchers below run one thread per x128 (8 bf16 or 4 floats, 128-bit loads and stores)
 # when packable(...), else the per-element twin kernel: the same bits either way (launch_elementwise).
 

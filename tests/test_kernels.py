@@ -117,6 +117,11 @@ def _split_bf16_blocks(code):
     return re.sub(r"(#\s*ifdef\s+ENABLE_BF16\b).*?(#\s*(?:else|endif))", r"\1\n\2", code, flags=re.S), "".join(blocks)
 
 
+# CUDA headers a bf16-only file includes inside its `#ifdef ENABLE_BF16` (NVRTC has them; fp32 builds never see them):
+# flash_attention.cu's tensor-core fragments (nvcuda::wmma) have no fp32 16x16x16 form
+BF16_ONLY_INCLUDES = {"flash_attention": ["#include <mma.h>"]}
+
+
 @pytest.mark.parametrize("name", KERNEL_NAMES + ["common.cuh"])
 def test_kernel_source_is_nvrtc_clean_and_header_matches(name):
     """NVRTC has no host headers: the one #include is `#include "common.cuh"` (every .cu has it; the
@@ -139,10 +144,11 @@ def test_kernel_source_is_nvrtc_clean_and_header_matches(name):
             "common.cuh needs an include guard"
         return
     assert includes == ['#include "common.cuh"'], f"{name}.cu: includes {includes}, expected common.cuh once"
-    assert bf16_includes == [], f"{name}.cu: includes {bf16_includes} for bf16; common.cuh does that"
+    own = BF16_ONLY_INCLUDES.get(name, [])
+    assert bf16_includes == own, f"{name}.cu: includes {bf16_includes} for bf16, expected {own}; common.cuh has cuda_bf16.h"
     expanded, expanded_bf16 = _split_bf16_blocks(re.sub(r"//.*", "", kernel_source(name)))
     assert "#include" not in expanded and "warp_sum" in expanded
-    assert re.findall(r"#\s*include.*", expanded_bf16) == ["#include <cuda_bf16.h>"]
+    assert re.findall(r"#\s*include.*", expanded_bf16) == ["#include <cuda_bf16.h>"] + own
     for banned in ("FLT_MAX", "INFINITY", "std::", "assert("):
         assert banned not in code, f"{name} uses {banned}, which NVRTC does not provide"
     header = " ".join(line.lstrip()[2:] for line in src.splitlines()[:80] if line.lstrip().startswith("//"))
@@ -915,10 +921,12 @@ def test_launches_still_work_in_a_forked_child(emu_selftest):
 
 def test_every_kernel_is_exercised_here():
     """A kernel added to kernels/*.cu without a check in this file (or, for the 128-bit packed and the fused
-    kernels, in test_kernels_fused.py, which holds each bit for bit to the kernels tested here) fails here."""
+    kernels, in test_kernels_fused.py, which holds each bit for bit to the kernels tested here; for the bf16-only
+    flash attention kernels, in test_flash_attention.py) fails here."""
     this = ""
-    for name in (os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                           "test_kernels_fused.py")):
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in (os.path.abspath(__file__), os.path.join(here, "test_kernels_fused.py"),
+                 os.path.join(here, "test_flash_attention.py")):
         with open(name) as f:
             this += f.read()
     names = [k for path in KERNEL_FILES for k in re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', open(path).read())]

@@ -1,0 +1,242 @@
+"""kernels/flash_attention.cu on the CPU emulator: forward O and lse, backward dq, dk, dv, through the
+launchers of train_gpt2_cuda.py (flash_attention_forward / flash_attention_backward), checked against
+
+  (a) causal attention in float64 NumPy, forward and backward by formula (below), from the same
+      bf16-rounded qkv and dout, and
+  (b) the materialized path (train_gpt2_cuda.attention_forward / attention_backward: permute, GEMM,
+      softmax kernel, GEMM, unpermute and back, on the emulator in bf16),
+
+on T in {1, 7, 64, 100, 257} (tails of every tile size), hs in {64, 128}, B*NH in {1, 6}, in the emulator's
+three thread orders, on guarded arrays, with the race checker on (LLMC_EMULATOR_RACECHECK=1, where the
+emulator has one). Outputs start as NaN, so an element never written fails.
+
+Tolerances, from bf16 rounding (u = 2^-8). Both paths read the same bf16 inputs and sum in fp32; they
+round at different places: the materialized path rounds the scores q.k (preatt), the probabilities and
+datt/dpreatt to bf16; flash keeps the scores and the softmax statistics in fp32 and rounds only P and
+dS (for the tensor cores) and the outputs. Each error is measured relative to the largest |value| of
+the float64 tensor (err = max|got - want| / max|want|); a product of bf16-rounded factors summed in fp32
+is off by about u of its terms, one rounded operand more adds about u again, the store u/2:
+  O:          flash 2u (P rounded, store) ; lse: 2u absolute (fp32 scores, lse stays fp32)
+  dq, dk, dv: 4u (P, dS and the stored result rounded; dS = P (dP - D) cancels, which doubles it)
+The materialized path must meet the same bounds (it rounds more: the scores themselves), and flash must
+be within their sum of it. The measured worst cases over all shapes, for the record (flash / materialized,
+err as above): O 0.0050 / 0.0079, dq 0.0098 / 0.0272, dk 0.0084 / 0.0252, dv 0.0042 / 0.0066, lse 0.0004
+absolute (see the assert messages for each shape).
+
+Also: the bits are the same in every run and thread order (no atomics, fixed order of every sum);
+the emulator's traffic counter against the bytes the tiling implies (the perf model's input); and the
+launchers' one-line errors for what the kernel does not take.
+"""
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+import emulator
+from conftest import emulated_cuda_trainer
+from llmc.cuda_common import kernel_source
+from llmc.formats import bf16_to_f32, f32_to_bf16
+
+U = 2.0 ** -8                                           # bf16's unit roundoff
+BF16 = ("--std=c++17", "-DENABLE_BF16")
+ORDERS = ["forward", "reverse", "warps"]
+NAN16 = np.uint16(0x7FC0)                               # a bf16 quiet NaN: what an unwritten output reads as
+TOL = {"out": 2 * U, "dq": 4 * U, "dk": 4 * U, "dv": 4 * U}
+LSE_TOL = 2 * U
+# the largest shapes (T = 257, B*NH = 6: ~15-30 s each) run in one order by default, all three with --runslow
+CASES = [pytest.param(T, hs, bh, order, marks=[pytest.mark.slow] if (T, bh, order) in ((257, 6, "reverse"), (257, 6, "warps")) else [])
+         for T in (1, 7, 64, 100, 257) for hs in (64, 128) for bh in (1, 6) for order in ORDERS]
+
+
+@pytest.fixture(scope="module")
+def cu():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMC_EMULATOR_RACECHECK", "1")
+        yield emulated_cuda_trainer("train_gpt2_cuda_flash")
+
+
+@pytest.fixture(scope="module")
+def flash_mod(cu):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMC_EMULATOR_RACECHECK", "1")
+        return emulator.RawModule(code=kernel_source("flash_attention"), options=BF16)
+
+
+def use_order(monkeypatch, cu, flash_mod, order):
+    """The trainer's launchers, with the flash kernels run in `order` on guarded arrays."""
+    real = cu.kernel
+
+    def kernel(file, name, floatx=np.float32):
+        if file != "flash_attention":
+            return real(file, name, floatx)
+        f = flash_mod.get_function(name)
+        return lambda grid, block, args, shared_mem=0: f(grid, block, args, shared_mem=shared_mem, order=order,
+                                                         guard=True)
+    monkeypatch.setattr(cu, "kernel", kernel)
+
+
+def dims(T, hs, bh):
+    B, NH = (1, 1) if bh == 1 else (2, 3)
+    return B, T, NH * hs, NH
+
+
+def inputs(B, T, C, NH, seed=0):
+    rng = np.random.default_rng(seed + 1000 * T + C + NH)
+    qkv = f32_to_bf16(rng.standard_normal((B, T, 3 * C)).astype(np.float32))
+    dout = f32_to_bf16(rng.standard_normal((B, T, C)).astype(np.float32))
+    return qkv, dout
+
+
+def reference(qkv, dout, B, T, C, NH):
+    """Causal attention in float64: {out, lse, dq, dk, dv}, q/k/v/out in the layouts the kernels use."""
+    hs = C // NH
+    scale = 1.0 / math.sqrt(hs)
+    q, k, v = bf16_to_f32(qkv).astype(np.float64).reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (B,NH,T,hs)
+    do = bf16_to_f32(dout).astype(np.float64).reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
+    s = np.where(np.tril(np.ones((T, T), bool)), scale * q @ k.swapaxes(-1, -2), -np.inf)       # (B,NH,T,T)
+    m = s.max(-1, keepdims=True)
+    e = np.exp(s - m)
+    p = e / e.sum(-1, keepdims=True)
+    o = p @ v
+    dp = do @ v.swapaxes(-1, -2)                                   # o = p v
+    dv = p.swapaxes(-1, -2) @ do
+    ds = p * (dp - (p * dp).sum(-1, keepdims=True))                # p = softmax(s) by rows
+    dq, dk = scale * ds @ k, scale * ds.swapaxes(-1, -2) @ q       # s = scale q k^T
+    lse = (m + np.log(e.sum(-1, keepdims=True)))[..., 0]
+    # each result's scale: the same sums over |terms|, which bound what rounding the terms can do
+    ads = p * (np.abs(dp) + np.abs((p * dp).sum(-1, keepdims=True)))
+    mag = {"out": p @ np.abs(v), "dv": p.swapaxes(-1, -2) @ np.abs(do),
+           "dq": scale * ads @ np.abs(k), "dk": scale * ads.swapaxes(-1, -2) @ np.abs(q)}
+    to_btc = lambda x: x.transpose(0, 2, 1, 3).reshape(B, T, C)   # (B,NH,T,hs) -> (B,T,C)  # noqa: E731
+    return ({"out": to_btc(o), "lse": lse, "dq": to_btc(dq), "dk": to_btc(dk), "dv": to_btc(dv)},
+            {name: float(x.max()) for name, x in mag.items()})
+
+
+def split_dqkv(dqkv, B, T, C):
+    d = bf16_to_f32(dqkv).astype(np.float64).reshape(B, T, 3, C)
+    return {"dq": d[:, :, 0], "dk": d[:, :, 1], "dv": d[:, :, 2]}
+
+
+def run_flash(cu, qkv, dout, B, T, C, NH):
+    out = np.full((B, T, C), NAN16, np.uint16)
+    lse = np.full((B, NH, T), np.nan, np.float32)
+    dqkv = np.full((B, T, 3 * C), NAN16, np.uint16)
+    scratch = np.full(cu.flash_scratch_size(B, T, C, NH), np.nan, np.float32)
+    cu.flash_attention_forward(out, lse, qkv, B, T, C, NH)
+    cu.flash_attention_backward(dqkv, scratch, dout, qkv, out, lse, B, T, C, NH)
+    return out, lse, dqkv
+
+
+def run_materialized(cu, qkv, dout, B, T, C, NH):
+    """The -fa 0 path in bf16: attention_forward's inp is scratch as big as (B,NH,T,T), so qkv is copied in."""
+    hs = C // NH
+    inp = np.zeros(B * T * max(3 * C, NH * T), np.uint16)
+    inp[:qkv.size] = qkv.reshape(-1)
+    out, qkvr = np.empty((B, T, C), np.uint16), np.empty(3 * B * NH * T * hs, np.uint16)
+    att = np.empty(B * NH * T * T, np.uint16)
+    cu.attention_forward(out, qkvr, att, inp, B, T, C, NH)
+    dqkv = np.empty((B, T, 3 * C), np.uint16)
+    dqkvr, scratch = np.empty(3 * B * T * C, np.uint16), np.empty(B * T * C, np.uint16)
+    dpreatt, datt = np.empty(B * NH * T * T, np.uint16), np.empty(B * NH * T * T, np.uint16)
+    cu.attention_backward(dqkv, dqkvr, dpreatt, datt, scratch, dout, qkvr, att, B, T, C, NH)
+    return {"out": bf16_to_f32(out).astype(np.float64), **split_dqkv(dqkv, B, T, C)}
+
+
+def rel_err(got, other, scale):
+    """max |got - other| / scale; NaN (an element never written) is infinite."""
+    err = np.abs(np.asarray(got, np.float64) - other)
+    return math.inf if np.isnan(err).any() else float(err.max() / scale)
+
+
+_materialized = {}                                      # (T, hs, bh) -> its results, the same in every order
+
+
+@pytest.mark.parametrize("T,hs,bh,order", CASES)
+def test_flash_against_float64_and_materialized(cu, flash_mod, monkeypatch, T, hs, bh, order):
+    B, T, C, NH = dims(T, hs, bh)
+    qkv, dout = inputs(B, T, C, NH)
+    want, scale = reference(qkv, dout, B, T, C, NH)
+    if (T, hs, bh) not in _materialized:
+        _materialized[(T, hs, bh)] = run_materialized(cu, qkv, dout, B, T, C, NH)
+    mat = _materialized[(T, hs, bh)]
+    use_order(monkeypatch, cu, flash_mod, order)
+    out, lse, dqkv = run_flash(cu, qkv, dout, B, T, C, NH)
+    got = {"out": bf16_to_f32(out).astype(np.float64), **split_dqkv(dqkv, B, T, C)}
+    lse_err = float(np.abs(lse.astype(np.float64) - want["lse"]).max()) if not np.isnan(lse).any() else math.inf
+    assert lse_err <= LSE_TOL, f"T={T} hs={hs} B*NH={bh} {order}: lse off by {lse_err:.2e} > {LSE_TOL:.2e}"
+    report = []
+    for name, tol in TOL.items():
+        e_flash, e_mat = rel_err(got[name], want[name], scale[name]), rel_err(mat[name], want[name], scale[name])
+        e_pair = rel_err(got[name], mat[name], scale[name])
+        report.append(f"{name}: flash {e_flash:.4f} materialized {e_mat:.4f} apart {e_pair:.4f} (tol {tol:.4f})")
+        ok = e_flash <= tol and e_mat <= tol and e_pair <= 2 * tol
+        assert ok, f"T={T} hs={hs} B*NH={bh} {order}: errors relative to max|float64| over tolerance:\n" + "\n".join(report)
+    print(f"\nT={T} hs={hs} B*NH={bh} {order}: lse {lse_err:.5f}; " + "; ".join(report))
+
+
+@pytest.mark.parametrize("T,hs", [(100, 64), (257, 128)])
+def test_bits_identical_across_runs_and_orders(cu, flash_mod, monkeypatch, T, hs):
+    B, T, C, NH = dims(T, hs, 6)
+    qkv, dout = inputs(B, T, C, NH, seed=7)
+    results = []
+    for order in ("forward", "forward", "reverse", "warps"):
+        use_order(monkeypatch, cu, flash_mod, order)
+        results.append(run_flash(cu, qkv, dout, B, T, C, NH))
+    for order, other in zip(("forward", "reverse", "warps"), results[1:]):
+        for name, a, b in zip(("out", "lse", "dqkv"), results[0], other):
+            assert a.tobytes() == b.tobytes(), f"T={T} hs={hs}: {name} differs between two runs ({order} vs forward)"
+
+
+def expected_traffic(B, T, C, NH):
+    """(forward, dq, dkdv) bytes (read, written) that the tiling implies: a tile load reads its rows < T
+    once per block that walks it (2 bytes a bf16, 4 a float), every output is written once; the dq kernel
+    also reads out per element (D) and writes D; lse and D are read once per row a block walks."""
+    hs = C // NH
+    BR, BC = (64 if hs == 64 else 32), 32
+    rows = lambda r0, n: max(0, min(r0 + n, T) - r0)    # noqa: E731  (rows of a tile inside T)
+    row = 2 * hs                                        # one row of q, k, v, out or dout
+    fwd_read = sum(rows(q0, BR) * row + sum(2 * rows(k0, BC) * row for k0 in range(0, min(q0 + BR, T), BC))
+                   for q0 in range(0, T, BR))
+    dq_read = sum(rows(q0, 32) * (3 * row + 4) + sum(2 * rows(k0, BC) * row for k0 in range(0, min(q0 + 32, T), BC))
+                  for q0 in range(0, T, 32))
+    dkdv_read = sum(2 * rows(k0, BC) * row + sum(rows(q0, 32) * (2 * row + 8) for q0 in range(k0, T, 32))
+                    for k0 in range(0, T, BC))
+    heads = B * NH
+    return ((heads * fwd_read, heads * T * (row + 4)), (heads * dq_read, heads * T * (row + 4)),
+            (heads * dkdv_read, heads * T * 2 * row))
+
+
+def test_traffic_of_forward_and_backward(cu, flash_mod, monkeypatch):
+    """B=1 NH=2 T=256 hs=64 (the numbers dev/perf_model.py can use), and an odd shape."""
+    for B, T, C, NH in ((1, 256, 128, 2), (2, 100, 384, 3)):
+        qkv, dout = inputs(B, T, C, NH)
+        use_order(monkeypatch, cu, flash_mod, "forward")
+        with emulator.count_traffic() as launches:
+            run_flash(cu, qkv, dout, B, T, C, NH)
+        got = [(t.bytes_read, t.bytes_written) for t in launches]
+        names = [t.kernel for t in launches]
+        assert names == ["flash_attention_forward_kernel", "flash_attention_backward_dq_kernel",
+                         "flash_attention_backward_dkdv_kernel"], names
+        assert got == list(expected_traffic(B, T, C, NH)), f"B={B} T={T} C={C} NH={NH}: counted {got}"
+
+
+def test_launchers_refuse_what_the_kernel_does_not_take(cu):
+    B, T, NH = 1, 8, 2
+    for C, dtype, words in ((96, np.uint16, "head size"), (128, np.float32, "bf16 only")):
+        qkv = np.zeros((B, T, 3 * C), dtype)
+        out, lse = np.zeros((B, T, C), dtype), np.zeros((B, NH, T), np.float32)
+        with pytest.raises(ValueError, match=words):
+            cu.flash_attention_forward(out, lse, qkv, B, T, C, NH)
+    buf = np.zeros(B * T * 3 * 128 + 1, np.uint16)
+    with pytest.raises(ValueError, match="16-byte"):
+        cu.flash_attention_forward(np.zeros((B, T, 128), np.uint16), np.zeros((B, NH, T), np.float32),
+                                   buf[1:], B, T, 128, NH)
+
+
+def test_shared_memory_fits_the_default(cu):
+    """The launchers' shared bytes are the kernel header's numbers, all under 48 KiB (no opt-in)."""
+    got = {(hs, bwd): cu.flash_shared_bytes(hs, bwd) for hs in (64, 128) for bwd in (False, True)}
+    assert got == {(64, False): 45568, (128, False): 47360, (64, True): 28928, (128, True): 45312}
+    assert max(got.values()) <= 48 * 1024
