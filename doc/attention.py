@@ -377,8 +377,16 @@ def section6(ref, pap):
     n_q, n_k = math.ceil(T / BR), math.ceil(T / BC)
     check("f64", "flash: tiles computed vs pairs with an unmasked entry", computed, tiles_needed(T, BR, BC))
     print(f"[info] flash: T={T}, {BR}x{BC} tiles: {computed} of {n_q * n_k} tile pairs computed")
-    n = 1024 // 64                                           # d12's T in 64x64 tiles: n(n+1)/2 of n^2
-    check("f64", "flash: T=1024 64x64 tiles needed vs n(n+1)/2", tiles_needed(1024, 64, 64), n * (n + 1) // 2)
+    # kernels/flash_attention.cu's tiles at d12's T=1024, hs=64 (train_gpt2_cuda.py sizes its launches with them):
+    # with Br = r Bc, query tile i needs r (i + 1) key tiles, r n(n+1)/2 of r n^2 in all
+    import train_gpt2_cuda as tc
+    for what, br in (("forward", tc.flash_rows(64, False)), ("backward", tc.flash_rows(64, True))):
+        n, r = 1024 // br, br // tc.FLASH_BC
+        needed = tiles_needed(1024, br, tc.FLASH_BC)
+        print(f"[info] flash: flash_attention.cu's {what} at T=1024 hs=64, {br}x{tc.FLASH_BC} tiles: {needed} of "
+              f"{r * n * n} tile pairs computed ({needed / (r * n * n):.1%})")
+        if what == "forward":
+            check("f64", "flash: T=1024 kernel forward tiles vs r n(n+1)/2", needed, r * n * (n + 1) // 2)
 
     # the backward's ingredients, each against the materialized path of section 2
     p_all = recompute_p(q, k, L, (0, T), (0, T))
@@ -404,8 +412,10 @@ def section6(ref, pap):
     print(f"[info] flash: the materialized GEMMs {t['gemm_materialized'] / 1e9:.1f} GFLOP per layer: "
           f"{intensity:.0f} FLOP/byte against an H100's ridge {peak / hbm:.0f} FLOP/byte "
           f"({12 * t['gemm_materialized'] / peak * 1e3:.1f} ms of tensor-core time per step)")
-    fraction = tiles_needed(1024, 64, 64) / 16**2
-    work = 9 * t["gemm"] * fraction                          # 2 products forward, 4 + 3 in the two backward passes
+    fwd, bwd = (tiles_needed(1024, tc.flash_rows(64, back), tc.FLASH_BC) * tc.flash_rows(64, back) * tc.FLASH_BC
+                / 1024**2 for back in (False, True))         # the share of the (T, T) square each pass computes
+    work = t["gemm"] * (2 * fwd + 7 * bwd)                   # 2 products forward, 3 + 4 in the two backward passes
+    fraction = (2 * fwd + 7 * bwd) / 9
     print(f"[info] flash: at least {t['flash'] / 1e6:.0f} MB per layer ({t['materialized'] / t['flash']:.0f}x less), "
           f"{work / 1e9:.1f} GFLOP ({fraction:.0%} of the tiles, 9 products): {work / t['flash']:.0f} FLOP/byte")
     return dict(computed=computed)
