@@ -1,6 +1,7 @@
 """dev/bench_attention.py without a GPU: a tiny shape end to end on the kernel emulator (flash, the materialized
 path and PyTorch's SDPA on the CPU, compared, then "timed"), the comparison's verdict on planted errors, the
-step lines' tokens/s, the one line without a GPU, and the bad arguments. No assertion is on a time."""
+step lines' tokens/s and the training runs' command line (a fake python standing in for train_gpt2_cuda.py),
+the one line without a GPU, and the bad arguments. No assertion is on a time."""
 
 import os
 import re
@@ -112,3 +113,31 @@ def test_without_a_gpu_one_line_and_exit_0():
 def test_bad_arguments(args, message):
     r = run(*args)
     assert r.returncode == 2 and message in r.stderr
+
+
+FAKE_TRAINER = r"""#!SYS_EXECUTABLE
+import sys
+args = sys.argv[1:]
+fa = args[args.index("-fa") + 1]
+assert args[0] == "train_gpt2_cuda.py" and args[args.index("-p") + 1] == "bf16", args
+flash = fa == "1" and "NOFLASH" not in args[2]
+print("attention: flash (-fa 1, kernels/flash_attention.cu): no (B,NH,T,T) tensors" if flash
+      else "attention: materialized, (B,NH,T,T) tensors (-fa 0)")
+for s, rate in enumerate([10, 20, 1300, 1200, 1250] if fa == "1" else [10, 20, 1000, 1000, 1000], 1):
+    print(f"step {s:4d}/5: train loss 10.5 (+nanz) (12.00 ms, {rate} tok/s, MFU n/a) norm 1.0 (+nanz) "
+          "lr 3e-04 (eta 0s)")
+"""
+
+
+def test_train_step_reads_the_trainer_and_refuses_a_run_without_flash(tmp_path, capsys):
+    """train_step's command line and parsing through a fake python: the median after two steps, the start-up
+    line printed; -fa 1 that runs the materialized path is an error, not a slow number."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_TRAINER.replace("SYS_EXECUTABLE", sys.executable))
+    fake.chmod(0o755)
+    assert bench_attention.train_step("d12", 1, 16, 1024, 5, str(fake)) == 1250
+    assert bench_attention.train_step("d12", 0, 16, 1024, 5, str(fake)) == 1000
+    out = capsys.readouterr().out
+    assert "-e d12 -b 16 -t 1024 -p bf16 -x 5 -v 0 -s 0 -fa 1" in out and "attention: flash (-fa 1" in out
+    with pytest.raises(SystemExit, match="-fa 1 did not run flash attention"):
+        bench_attention.train_step("NOFLASH", 1, 16, 1024, 5, str(fake))
