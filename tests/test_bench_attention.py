@@ -86,6 +86,10 @@ def test_errors_and_agreement_catch_a_planted_error():
     assert bench_attention.agree({"flash": wrong, "materialized": errs, "SDPA": sdpa}) == ["flash dk"]
     nan = dict(errs, out=float("nan"))
     assert bench_attention.agree({"flash": errs, "materialized": nan, "SDPA": sdpa}) == ["materialized out"]
+    # 2 x 2^-9 + 2^-8 = 2^-7 is the edge for flash; the materialized path has one bf16 step more
+    edge = dict.fromkeys(errs, 2**-7 + 2**-10)
+    assert bench_attention.agree({"flash": edge, "materialized": edge, "SDPA": sdpa}) == \
+        ["flash out", "flash dq", "flash dk", "flash dv"]
 
 
 def test_step_tokens_per_second_is_the_median_after_two():
