@@ -44,10 +44,14 @@
 //   warp-synchronous code without __syncwarp/shuffles (lanes do NOT run in lockstep here), masks
 //   other than "all live lanes of the warp" (every warp operation waits for all of them), cooperative
 //   groups, clusters,
-//   tensor cores, texture memory, streams, dynamic parallelism, grid-wide sync, fp16 (half),
+//   tensor cores other than through nvcuda::wmma (inline PTX mma/ldmatrix, wgmma, other wmma shapes and
+//   types), texture memory, streams, dynamic parallelism, grid-wide sync, fp16 (half),
 //   bf16 fused multiply-add, memory-access checks (an out-of-bounds access corrupts memory or crashes
 //   the process; only the cache-hinted loads/stores check alignment).
 //   bf16 (__nv_bfloat16, __nv_bfloat162) is supported: see the bf16 section and emulator/README.md.
+//   Tensor cores through <mma.h>'s nvcuda::wmma, bf16 16x16x16 with a float accumulator, are supported:
+//   emulator/include/mma.h (warp-collective, with a deliberately scrambled element-to-lane map).
+//   Float arithmetic runs with flush-to-zero, as CuPy compiles it (-ftz=true): see FlushToZero.
 //   `extern __shared__ T name[];` is rewritten by rawmodule.py into a pointer to the block's
 //   dynamic shared memory; static `__shared__` variables become `static thread_local`.
 
@@ -103,10 +107,13 @@ static inline int4 make_int4(int x, int y, int z, int w) { return int4{x, y, z, 
 // emulator/include/cuda_bf16.h (rawmodule.py puts emulator/include/ on its include path), since
 // everything is defined here. A bf16 is its 16 bits (the top half of a float32). Conversions from
 // float round to nearest, ties to even, keep infinities and subnormals, and turn every NaN into
-// the canonical bf16 NaN 0x7FFF. Arithmetic (+ - * /, __hadd, __hmul, ...) computes in float and
-// rounds the result to bf16: for one operation on two bf16 values this equals a single correct
-// rounding (float has more than 2*8+2 bits), i.e. what the GPU's bf16 instructions give. Mixed
-// bf16/float expressions (`x * 2.0f`) are ambiguous, as with nvcc: convert explicitly.
+// the canonical bf16 NaN 0x7FFF. Arithmetic (+ - * /, __hadd, __hmul, ...) and comparisons compute in
+// double and round the result to bf16: for one operation on two bf16 values this equals a single correct
+// rounding (double has more than 2*8+2 bits), i.e. what the GPU's bf16 instructions give. Double, and
+// conversions that are integer bit operations, because kernels run with flush-to-zero (see FlushToZero):
+// the GPU's bf16 instructions keep bf16 subnormals under -ftz=true (it is an f32 flag), and every bf16
+// value, and every sum, product and quotient of two, is a normal double. Mixed bf16/float expressions
+// (`x * 2.0f`) are ambiguous, as with nvcc: convert explicitly.
 
 namespace emu {
 // float -> bf16 bits: round to nearest even by adding 0x7FFF plus the lowest kept bit, then cutting
@@ -119,19 +126,37 @@ static inline unsigned short bf16_bits_from_float(float f) {
     u += 0x7FFFu + ((u >> 16) & 1u);
     return static_cast<unsigned short>(u >> 16);
 }
-// double -> bf16 bits with one rounding: go to float rounding to odd (truncate, then set the
-// lowest bit if anything was cut), which keeps the information the second rounding needs
+// double -> bf16 bits with one rounding to nearest even, on the bits alone (no float arithmetic, which
+// flush-to-zero would change): keep 8 significant bits for a normal bf16, fewer below 2^-126 (a bf16
+// subnormal counts units of 2^-133); the carry of a round-up moves into the exponent, and past bf16's
+// largest finite value to infinity
 static inline unsigned short bf16_bits_from_double(double d) {
-    if (d != d) { return 0x7FFF; }
-    float f = static_cast<float>(d);
-    if (static_cast<double>(f) != d) {
-        if (fabs(static_cast<double>(f)) > fabs(d)) { f = nextafterf(f, 0.0f); }
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        u |= 1u;
-        memcpy(&f, &u, 4);
-    }
-    return bf16_bits_from_float(f);
+    uint64_t u;
+    memcpy(&u, &d, 8);
+    unsigned short sign = static_cast<unsigned short>((u >> 48) & 0x8000u);
+    int e = static_cast<int>((u >> 52) & 0x7FF);
+    uint64_t sig = u & ((uint64_t(1) << 52) - 1);
+    if (e == 0x7FF) { return sig != 0 ? 0x7FFF : static_cast<unsigned short>(sign | 0x7F80u); }
+    if (e == 0) { return sign; }                       // zero, or a double subnormal: far below bf16's range
+    sig |= uint64_t(1) << 52;
+    int exponent = e - 1023;
+    int shift = 45 + (exponent < -126 ? -126 - exponent : 0);
+    if (shift > 54) { return sign; }                   // under half of 2^-133: rounds to zero
+    uint64_t q = sig >> shift, rem = sig & ((uint64_t(1) << shift) - 1), half = uint64_t(1) << (shift - 1);
+    if (rem > half || (rem == half && (q & 1))) { q++; }
+    // q holds the implicit bit (128) for a normal result, so the exponent field goes in one lower
+    uint32_t bits = (exponent < -126 ? 0u : static_cast<uint32_t>(exponent + 126) << 7) + static_cast<uint32_t>(q);
+    return static_cast<unsigned short>(sign | std::min<uint32_t>(bits, 0x7F80u));
+}
+// bf16 bits -> double, exactly (a subnormal as its count of 2^-133, a normal double either way)
+static inline double double_from_bf16_bits(unsigned short b) {
+    uint64_t sign = static_cast<uint64_t>(b >> 15) << 63;
+    unsigned e = (b >> 7) & 0xFFu, m = b & 0x7Fu;
+    if (e == 0) { double v = static_cast<double>(m) * 0x1p-133; return sign ? -v : v; }
+    uint64_t u = sign | (static_cast<uint64_t>(e == 0xFF ? 0x7FF : e - 127 + 1023) << 52) | (static_cast<uint64_t>(m) << 45);
+    double d;
+    memcpy(&d, &u, 8);
+    return d;
 }
 static inline float float_from_bf16_bits(unsigned short b) {
     uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -191,11 +216,12 @@ static inline float __high2float(__nv_bfloat162 p) { return static_cast<float>(p
 static inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 p) { return p.x; }
 static inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 p) { return p.y; }
 
-// arithmetic: in float, one rounding to bf16
-static inline __nv_bfloat16 __hadd(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(float(a) + float(b)); }
-static inline __nv_bfloat16 __hsub(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(float(a) - float(b)); }
-static inline __nv_bfloat16 __hmul(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(float(a) * float(b)); }
-static inline __nv_bfloat16 __hdiv(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(float(a) / float(b)); }
+// arithmetic: in double (exact values, subnormals kept whatever MXCSR says), one rounding to bf16
+static inline double emu_bf16_exact(__nv_bfloat16 h) { return emu::double_from_bf16_bits(h.bits); }
+static inline __nv_bfloat16 __hadd(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(emu_bf16_exact(a) + emu_bf16_exact(b)); }
+static inline __nv_bfloat16 __hsub(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(emu_bf16_exact(a) - emu_bf16_exact(b)); }
+static inline __nv_bfloat16 __hmul(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(emu_bf16_exact(a) * emu_bf16_exact(b)); }
+static inline __nv_bfloat16 __hdiv(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat16(emu_bf16_exact(a) / emu_bf16_exact(b)); }
 static inline __nv_bfloat16 __hneg(__nv_bfloat16 a) { return emu_bf16_from_bits(static_cast<unsigned short>(a.bits ^ 0x8000u)); }
 static inline bool __hisnan(__nv_bfloat16 a) { return (a.bits & 0x7FFFu) > 0x7F80u; }
 static inline __nv_bfloat16 operator+(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __hadd(a, b); }
@@ -212,13 +238,13 @@ static inline __nv_bfloat16& operator++(__nv_bfloat16& a) { return a = a + __nv_
 static inline __nv_bfloat16& operator--(__nv_bfloat16& a) { return a = a - __nv_bfloat16(1.0f); }
 static inline __nv_bfloat16 operator++(__nv_bfloat16& a, int) { __nv_bfloat16 old = a; ++a; return old; }
 static inline __nv_bfloat16 operator--(__nv_bfloat16& a, int) { __nv_bfloat16 old = a; --a; return old; }
-// comparisons as float compares them: ordered (false with a NaN), except != (true with a NaN)
-static inline bool operator==(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) == float(b); }
-static inline bool operator!=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) != float(b); }
-static inline bool operator<(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) < float(b); }
-static inline bool operator>(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) > float(b); }
-static inline bool operator<=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) <= float(b); }
-static inline bool operator>=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return float(a) >= float(b); }
+// comparisons as IEEE compares (in double, so a subnormal is not 0): ordered (false with a NaN), except !=
+static inline bool operator==(const __nv_bfloat16& a, const __nv_bfloat16& b) { return emu_bf16_exact(a) == emu_bf16_exact(b); }
+static inline bool operator!=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return emu_bf16_exact(a) != emu_bf16_exact(b); }
+static inline bool operator<(const __nv_bfloat16& a, const __nv_bfloat16& b) { return emu_bf16_exact(a) < emu_bf16_exact(b); }
+static inline bool operator>(const __nv_bfloat16& a, const __nv_bfloat16& b) { return emu_bf16_exact(a) > emu_bf16_exact(b); }
+static inline bool operator<=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return emu_bf16_exact(a) <= emu_bf16_exact(b); }
+static inline bool operator>=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return emu_bf16_exact(a) >= emu_bf16_exact(b); }
 // pairs, lane by lane
 static inline __nv_bfloat162 __hadd2(__nv_bfloat162 a, __nv_bfloat162 b) { return __nv_bfloat162(a.x + b.x, a.y + b.y); }
 static inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) { return __nv_bfloat162(a.x * b.x, a.y * b.y); }
@@ -928,7 +954,22 @@ static inline void ensure_smem(Worker* w, size_t bytes) {
 }
 
 
+// Flush-to-zero, as CuPy compiles kernels (nvcc/NVRTC -ftz=true): float arithmetic reads a subnormal input
+// as 0 (DAZ) and writes 0 for a subnormal result (FTZ). On x86-64 both are bits of MXCSR, a per-thread
+// register: set while this OS thread runs blocks (a pool thread, or the caller for a small launch) and put
+// back after, so NumPy in the calling thread keeps its subnormals. Fibers share their OS thread's MXCSR (the
+// switch leaves it alone; ucontext saves and restores it, and fibers are made while it is set). Elsewhere
+// kernels run with subnormals (not done).
+struct FlushToZero {
+#if defined(__x86_64__)
+    unsigned saved = __builtin_ia32_stmxcsr();
+    FlushToZero() { __builtin_ia32_ldmxcsr(saved | 0x8040u); }   // bit 15 FTZ, bit 6 DAZ
+    ~FlushToZero() { __builtin_ia32_ldmxcsr(saved); }
+#endif
+};
+
 static inline void run_blocks(Worker* w, Launch* L) {
+    FlushToZero ftz;
     w->launch = L;
     ensure_smem(w, L->shared_mem);
     Worker* saved = tls_worker;

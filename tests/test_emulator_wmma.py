@@ -12,6 +12,10 @@ The element-to-lane map is opaque in CUDA and scrambled here, so a kernel that a
 come out wrong, and does; a warp where only some lanes call mma_sync is an error; so are a misaligned pointer,
 a bad ldm and an unsupported fragment type (at compile time). The same source compiles with nvcc for sm_80
 and sm_90, to show the API accepted here is CUDA's.
+
+Also here, since the same kernels show it: flush-to-zero (emulator.h's FlushToZero, as CuPy's -ftz=true). A
+float product that underflows is 0 in a kernel, a subnormal input reads as 0, bf16 arithmetic keeps bf16
+subnormals, and NumPy in the calling thread still has subnormals after the launch.
 """
 
 import os
@@ -147,13 +151,20 @@ extern "C" __global__ void load_at(float* out, const bf16* a, int offset, int ld
     out[threadIdx.x] = s;
 }
 
-// a product that underflows: x * y for x, y normal floats whose product is a float subnormal (flushed to 0
-// under -ftz=true); also passes one subnormal input through (DAZ reads it as 0)
-extern "C" __global__ void underflow(float* out, const float* x, const float* y, const float* sub) {
-    out[0] = x[0] * y[0];
-    out[1] = sub[0] * 1.0f;
-    out[2] = sub[0] + 0.0f;
-    out[3] = sub[0];                                  // a plain copy keeps the bits
+// flush-to-zero: per thread i, out[5i..5i+4] = x[0]*y[0], normal floats whose product is a float subnormal
+// (0 under -ftz=true); a subnormal input times x[1] = 1 and plus y[1] = 0 (DAZ reads it as 0; from arrays, so
+// the compiler cannot fold them away); the subnormal copied (bits kept); and bf16 arithmetic on the subnormal
+// rounded to bf16, which the GPU's bf16 instructions keep
+extern "C" __global__ void underflow(float* out, const float* x, const float* y, const float* sub, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) { return; }
+    float* o = out + 5 * i;
+    o[0] = x[0] * y[0];
+    o[1] = sub[0] * x[1];
+    o[2] = sub[0] + y[1];
+    o[3] = sub[0];
+    __nv_bfloat16 h = __float2bfloat16(sub[0]);
+    o[4] = __bfloat162float(__hadd(h, h));
 }
 """
 
@@ -299,7 +310,8 @@ def test_misaligned_pointer_and_bad_ldm_are_errors(mod):
     assert np.all(out == 8.0)
     with pytest.raises(RuntimeError, match=r"load_matrix_sync: the matrix pointer 0x[0-9a-f]+ is not 16-byte aligned"):
         fn(1, 32, (out, a, i32(1), i32(16)), guard=True)
-    with pytest.raises(RuntimeError, match=r"load_matrix_sync: ldm 20 \(in elements\) must be a positive multiple of 8"):
+    match = r"load_matrix_sync: ldm 20 \(in elements\) must be a positive multiple of 8"
+    with pytest.raises(RuntimeError, match=match):
         fn(1, 32, (out, a, i32(0), i32(20)), guard=True)
 
 
@@ -323,3 +335,23 @@ def test_the_test_kernels_compile_with_nvcc(tmp_path, arch):
            "-o", str(tmp_path / "wmma_selftest.o")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# flush-to-zero (emulator.h's FlushToZero): kernels run with FTZ and DAZ, as CuPy compiles them (-ftz=true)
+
+@pytest.mark.parametrize("grid,block", [(1, 32), (64, 256)])     # the caller alone; the pool's threads too
+def test_kernels_flush_subnormals_and_numpy_keeps_them(mod, grid, block):
+    x, y = np.array([1e-20, 1.0], f32), np.array([1e-20, 0.0], f32)
+    sub = np.array([1e-40], f32)                                  # a float subnormal
+    assert 0 < x[0] * y[0] < np.finfo(f32).tiny                   # NumPy: the product is a subnormal
+    n = grid * block
+    out = np.full((n, 5), np.nan, f32)
+    mod.get_function("underflow")(grid, block, (out, x, y, sub, i32(n)))
+    assert np.all(out[:, 0] == 0) and np.all(out[:, 1] == 0) and np.all(out[:, 2] == 0)   # FTZ, DAZ
+    assert np.all(out[:, 3].view(np.uint32) == sub.view(np.uint32)[0])                   # a copy keeps the bits
+    two_units = f32(2.0 ** -132)                                  # 1e-40 rounds to one bf16 unit, 2^-133
+    assert np.all(out[:, 4] == two_units), out[:3, 4]             # bf16 arithmetic keeps its subnormals
+    # this (the calling) thread got its MXCSR back: NumPy still makes and reads subnormals
+    assert 0 < x[0] * y[0] < np.finfo(f32).tiny
+    assert sub[0] * f32(1) == sub[0] and np.nextafter(f32(0), f32(1)) > 0

@@ -19,17 +19,18 @@
 //   accumulator  lane L holds 2 rows x 4 cols of the 16x16 result: with q = (13L + 5) mod 32, rows
 //     R(2(q/4)), R(2(q/4)+1), cols C(4(q%4) + t), t = 0..3, where R(j) = (7j+3) mod 16 and
 //     C(j) = (5j+11) mod 16; slot i is row number i%2 and col number (i/2 + L) mod 4 of those.
-//   (an accumulator lane's 8 outputs need only 2 rows of A and 4 columns of B: the gather stays small)
+//   (2 rows x 4 columns: a lane's 8 sums are two 4-wide vector sums over one row of A each)
 //
 // Warp-collective: load_matrix_sync, store_matrix_sync and mma_sync each take two warp steps, warp
 // operations of the emulator (emu::warp_op SYNCWARP, the machinery of __syncwarp), so each call is a
 // synchronization point of the warp, and all 32 lanes must make it together: a lane waiting at
 // __syncthreads instead is the emulator's deadlock error; a lane that has returned (or a block whose size is
 // not a multiple of 32), or one at another warp operation, is an error naming the call. At the first step
-// every lane publishes which call it is in (and, for mma_sync, where its a and b fragments are); between
-// the steps each lane loads or stores its own elements, or gathers the 2 rows of A and 4 columns of B its
-// outputs need from the other lanes' fragments and computes them; the second step keeps every lane from
-// changing a fragment before all have gathered. fill_fragment is per lane, as in CUDA.
+// every lane publishes which call it is in (the warp operation's argument) and, for mma_sync, where its a
+// and b fragments are; between the steps each lane loads or stores its own elements, or (mma_sync) lane 0
+// gathers the warp's A and B from all the lanes' fragments; after the second step, which keeps every lane
+// from changing a fragment before the gather, each lane computes its own 8 outputs. fill_fragment is per
+// lane, as in CUDA.
 //
 // Arithmetic: d[r][n] = c[r][n] + sum over k = 0..15 of a[r][k]*b[k][n], in float, summed in the order
 // k = 0, 1, ..., 15 starting from c (16 roundings); each product of two bf16 is exact in float. A GPU's order
@@ -56,9 +57,7 @@ namespace wmma_impl {
 
 // the three element maps: slot (lane*8 + i) <-> element (row*16 + col) of the 16x16 tile
 struct Maps {
-    unsigned char a_elem[256], a_slot[256];
-    unsigned char b_elem[256], b_slot[256];
-    unsigned char c_elem[256];
+    unsigned char a_elem[256], b_elem[256], c_elem[256];
     unsigned char c_rows[32][2], c_cols[32][4];    // an accumulator lane's rows and columns
     unsigned char c_pick[32][8];                   // slot i -> (row number << 2) | col number
     unsigned char c_colbase[32];                   // 4 * (q % 4): where a lane's 4 columns start in C's order
@@ -70,13 +69,13 @@ constexpr Maps make_maps() {
     for (int p = 0; p < 256; p++) {
         int ea = (83 * p + 29) & 255, eb = (109 * p + 71) & 255;
         m.a_elem[p] = static_cast<unsigned char>(ea);
-        m.a_slot[ea] = static_cast<unsigned char>(p);
         m.b_elem[p] = static_cast<unsigned char>(eb);
-        m.b_slot[eb] = static_cast<unsigned char>(p);
     }
     for (int lane = 0; lane < 32; lane++) {
         int q = (13 * lane + 5) & 31;
-        for (int s = 0; s < 2; s++) { m.c_rows[lane][s] = static_cast<unsigned char>((7 * (2 * (q >> 2) + s) + 3) & 15); }
+        for (int s = 0; s < 2; s++) {
+            m.c_rows[lane][s] = static_cast<unsigned char>((7 * (2 * (q >> 2) + s) + 3) & 15);
+        }
         for (int t = 0; t < 4; t++) {
             int j = 4 * (q & 3) + t, n = (5 * j + 11) & 15;
             m.c_cols[lane][t] = static_cast<unsigned char>(n);
@@ -123,7 +122,8 @@ static inline int lane_id() {
 //     is an error. No lane can be past the call's second step yet (it waits for all), so what the lanes
 //     published is still in place, and a lane of this call cannot have returned since the first step.
 //   leave: wait until every lane has done its part, so none changes a fragment another still reads.
-// enter fills lanes[32] (unless null) with what each lane published; false: the launch failed (the error is recorded).
+// enter fills lanes[32] (unless null) with what each lane published; false: the launch failed (the error
+// is recorded).
 static inline bool warp_enter(const Published* me, const char* what, const Published** lanes) {
     warp_op<uint64_t>(SYNCWARP, reinterpret_cast<uintptr_t>(me), me->magic, 32);
     Fiber* f = tls_fiber;
