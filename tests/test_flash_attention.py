@@ -11,17 +11,17 @@ three thread orders, on guarded arrays, with the race checker on (LLMC_EMULATOR_
 emulator has one). Outputs start as NaN, so an element never written fails.
 
 Tolerances, from bf16 rounding (u = 2^-8). Both paths read the same bf16 inputs and sum in fp32; they
-round at different places: the materialized path rounds the scores q.k (preatt), the probabilities and
-datt/dpreatt to bf16; flash keeps the scores and the softmax statistics in fp32 and rounds only P and
-dS (for the tensor cores) and the outputs. Each error is measured relative to the largest |value| of
-the float64 tensor (err = max|got - want| / max|want|); a product of bf16-rounded factors summed in fp32
-is off by about u of its terms, one rounded operand more adds about u again, the store u/2:
-  O:          flash 2u (P rounded, store) ; lse: 2u absolute (fp32 scores, lse stays fp32)
-  dq, dk, dv: 4u (P, dS and the stored result rounded; dS = P (dP - D) cancels, which doubles it)
-The materialized path must meet the same bounds (it rounds more: the scores themselves), and flash must
-be within their sum of it. The measured worst cases over all shapes, for the record (flash / materialized,
-err as above): O 0.0050 / 0.0079, dq 0.0098 / 0.0272, dk 0.0084 / 0.0252, dv 0.0042 / 0.0066, lse 0.0004
-absolute (see the assert messages for each shape).
+round at different places: flash keeps the scores and the softmax statistics in fp32 and rounds P and dS
+(for the tensor cores) and the stored results; the materialized path also rounds the scores (preatt),
+datt and dpreatt. Each error is measured against the scale of its result, the same sum over |terms|
+in float64 (O = P V: max of P|V|; dV: P^T|dO|; dQ: scale (P(|dP| + |D|))|K|; dK: the same with |Q|), since
+rounding a term by u/2 moves a sum by at most u/2 of that. Flash: one rounding of the terms (P or dS) and
+one of the result, so err <= u for O, dq, dk, dv; lse stays fp32, 1e-5 absolute (fp32 sums of scores of a
+few units: a few fp32 ulp). The materialized path also rounds the scores, which exp() turns into relative errors of
+|s| u/2 in P: it gets 2u, and the two paths must be within 3u of each other. Measured worst cases over
+the default shapes and orders (flash / materialized / apart, in units of the scale): O 0.0027 / 0.0046 /
+0.0054, dq 0.0026 / 0.0024 / 0.0043, dk 0.0016 / 0.0020 / 0.0019, dv 0.0026 / 0.0037 / 0.0041 (u = 0.0039);
+lse 4.7e-7. `pytest -s` prints each shape's.
 
 Also: the bits are the same in every run and thread order (no atomics, fixed order of every sum);
 the emulator's traffic counter against the bytes the tiling implies (the perf model's input); and the
@@ -43,8 +43,8 @@ U = 2.0 ** -8                                           # bf16's unit roundoff
 BF16 = ("--std=c++17", "-DENABLE_BF16")
 ORDERS = ["forward", "reverse", "warps"]
 NAN16 = np.uint16(0x7FC0)                               # a bf16 quiet NaN: what an unwritten output reads as
-TOL = {"out": 2 * U, "dq": 4 * U, "dk": 4 * U, "dv": 4 * U}
-LSE_TOL = 2 * U
+FLASH_TOL, MATERIALIZED_TOL = U, 2 * U                # relative to each result's scale (above)
+LSE_TOL = 1e-5                                          # absolute: lse is fp32 all the way
 # the largest shapes (T = 257, B*NH = 6: ~15-30 s each) run in one order by default, all three with --runslow
 CASES = [pytest.param(T, hs, bh, order, marks=[pytest.mark.slow] if (T, bh, order) in ((257, 6, "reverse"), (257, 6, "warps")) else [])
          for T in (1, 7, 64, 100, 257) for hs in (64, 128) for bh in (1, 6) for order in ORDERS]
@@ -52,20 +52,18 @@ CASES = [pytest.param(T, hs, bh, order, marks=[pytest.mark.slow] if (T, bh, orde
 
 @pytest.fixture(scope="module")
 def cu():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLMC_EMULATOR_RACECHECK", "1")
-        yield emulated_cuda_trainer("train_gpt2_cuda_flash")
+    return emulated_cuda_trainer("train_gpt2_cuda_flash")
 
 
 @pytest.fixture(scope="module")
 def flash_mod(cu):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLMC_EMULATOR_RACECHECK", "1")
-        return emulator.RawModule(code=kernel_source("flash_attention"), options=BF16)
+    return emulator.RawModule(code=kernel_source("flash_attention"), options=BF16)
 
 
-def use_order(monkeypatch, cu, flash_mod, order):
-    """The trainer's launchers, with the flash kernels run in `order` on guarded arrays."""
+def use_order(monkeypatch, cu, flash_mod, order, racecheck=True):
+    """The trainer's launchers, with the flash kernels run in `order` on guarded arrays, under the race checker
+    (a race between two threads of a block, e.g. a missing __syncthreads before a tile is overwritten, is an
+    error naming both)."""
     real = cu.kernel
 
     def kernel(file, name, floatx=np.float32):
@@ -73,7 +71,7 @@ def use_order(monkeypatch, cu, flash_mod, order):
             return real(file, name, floatx)
         f = flash_mod.get_function(name)
         return lambda grid, block, args, shared_mem=0: f(grid, block, args, shared_mem=shared_mem, order=order,
-                                                         guard=True)
+                                                         guard=True, racecheck=racecheck)
     monkeypatch.setattr(cu, "kernel", kernel)
 
 
@@ -167,22 +165,23 @@ def test_flash_against_float64_and_materialized(cu, flash_mod, monkeypatch, T, h
     lse_err = float(np.abs(lse.astype(np.float64) - want["lse"]).max()) if not np.isnan(lse).any() else math.inf
     assert lse_err <= LSE_TOL, f"T={T} hs={hs} B*NH={bh} {order}: lse off by {lse_err:.2e} > {LSE_TOL:.2e}"
     report = []
-    for name, tol in TOL.items():
+    for name in ("out", "dq", "dk", "dv"):
         e_flash, e_mat = rel_err(got[name], want[name], scale[name]), rel_err(mat[name], want[name], scale[name])
         e_pair = rel_err(got[name], mat[name], scale[name])
-        report.append(f"{name}: flash {e_flash:.4f} materialized {e_mat:.4f} apart {e_pair:.4f} (tol {tol:.4f})")
-        ok = e_flash <= tol and e_mat <= tol and e_pair <= 2 * tol
-        assert ok, f"T={T} hs={hs} B*NH={bh} {order}: errors relative to max|float64| over tolerance:\n" + "\n".join(report)
-    print(f"\nT={T} hs={hs} B*NH={bh} {order}: lse {lse_err:.5f}; " + "; ".join(report))
+        report.append(f"{name}: flash {e_flash:.4f} materialized {e_mat:.4f} apart {e_pair:.4f}")
+        ok = e_flash <= FLASH_TOL and e_mat <= MATERIALIZED_TOL and e_pair <= FLASH_TOL + MATERIALIZED_TOL
+        assert ok, (f"T={T} hs={hs} B*NH={bh} {order}: errors over tolerance (flash {FLASH_TOL:.4f}, materialized "
+                    f"{MATERIALIZED_TOL:.4f}, apart their sum), relative to each result's scale:\n" + "\n".join(report))
+    print(f"\nT={T} hs={hs} B*NH={bh} {order}: lse {lse_err:.1e}; " + "; ".join(report))
 
 
-@pytest.mark.parametrize("T,hs", [(100, 64), (257, 128)])
-def test_bits_identical_across_runs_and_orders(cu, flash_mod, monkeypatch, T, hs):
-    B, T, C, NH = dims(T, hs, 6)
+@pytest.mark.parametrize("T,hs,bh", [(100, 64, 6), (257, 128, 1)])
+def test_bits_identical_across_runs_and_orders(cu, flash_mod, monkeypatch, T, hs, bh):
+    B, T, C, NH = dims(T, hs, bh)
     qkv, dout = inputs(B, T, C, NH, seed=7)
     results = []
     for order in ("forward", "forward", "reverse", "warps"):
-        use_order(monkeypatch, cu, flash_mod, order)
+        use_order(monkeypatch, cu, flash_mod, order, racecheck=False)
         results.append(run_flash(cu, qkv, dout, B, T, C, NH))
     for order, other in zip(("forward", "reverse", "warps"), results[1:]):
         for name, a, b in zip(("out", "lse", "dqkv"), results[0], other):
@@ -212,7 +211,7 @@ def test_traffic_of_forward_and_backward(cu, flash_mod, monkeypatch):
     """B=1 NH=2 T=256 hs=64 (the numbers dev/perf_model.py can use), and an odd shape."""
     for B, T, C, NH in ((1, 256, 128, 2), (2, 100, 384, 3)):
         qkv, dout = inputs(B, T, C, NH)
-        use_order(monkeypatch, cu, flash_mod, "forward")
+        use_order(monkeypatch, cu, flash_mod, "forward", racecheck=False)
         with emulator.count_traffic() as launches:
             run_flash(cu, qkv, dout, B, T, C, NH)
         got = [(t.bytes_read, t.bytes_written) for t in launches]
@@ -220,6 +219,7 @@ def test_traffic_of_forward_and_backward(cu, flash_mod, monkeypatch):
         assert names == ["flash_attention_forward_kernel", "flash_attention_backward_dq_kernel",
                          "flash_attention_backward_dkdv_kernel"], names
         assert got == list(expected_traffic(B, T, C, NH)), f"B={B} T={T} C={C} NH={NH}: counted {got}"
+        print(f"\nB={B} T={T} C={C} NH={NH}: (read, written) bytes " + ", ".join(f"{n}: {rw}" for n, rw in zip(names, got)))
 
 
 def test_launchers_refuse_what_the_kernel_does_not_take(cu):
@@ -240,3 +240,17 @@ def test_shared_memory_fits_the_default(cu):
     got = {(hs, bwd): cu.flash_shared_bytes(hs, bwd) for hs in (64, 128) for bwd in (False, True)}
     assert got == {(64, False): 45568, (128, False): 47360, (64, True): 28928, (128, True): 45312}
     assert max(got.values()) <= 48 * 1024
+
+
+def test_race_checker_names_a_missing_barrier(cu, monkeypatch):
+    """A planted fault: without the barrier that ends a key tile's step in the forward, the next tile's k, v
+    loads overwrite what other warps may still read. The race checker must name it, so that the checks
+    above, which pass with it on, say something. (One fault: each is a build with -fsanitize=thread.)"""
+    marker = "__syncthreads();                                   // before the next tile overwrites k, v, s, p"
+    src = kernel_source("flash_attention")
+    assert src.count(marker) == 1, marker
+    use_order(monkeypatch, cu, emulator.RawModule(code=src.replace(marker, ""), options=BF16), "forward")
+    B, T, C, NH = dims(100, 64, 1)
+    qkv, dout = inputs(B, T, C, NH)
+    with pytest.raises(emulator.RaceError, match="flash_attention_forward_kernel"):
+        run_flash(cu, qkv, dout, B, T, C, NH)
