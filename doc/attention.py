@@ -240,7 +240,8 @@ def section5():
     one = Bm * config.num_heads * Tm * Tm
     print(f"[info] memory: B=4 T=1024 d12: one (B,NH,T,T) float32 tensor is {one / 2**18:.0f} MiB")
     for who, shapes in (("train_gpt2.py", tg.activation_shapes(config, Bm, Tm)),
-                        ("train_gpt2_cuda.py", tc.activation_shapes(config, Bm, Tm))):
+                        ("train_gpt2_cuda.py", tc.activation_shapes(config, Bm, Tm)),
+                        ("train_gpt2_cuda.py -fa 1", tc.activation_shapes(config, Bm, Tm, flash=True))):
         shapes = dict(shapes)
         total = sum(math.prod(s) for s in shapes.values())
         square = sum(math.prod(shapes[n]) for n in ("preatt", "att") if n in shapes)
