@@ -418,7 +418,7 @@ struct RaceState {
     uintptr_t own_tls[2] = {0, 0};  // &tls_worker, &tls_fiber: in the static __shared__ block, not the kernel's
     unsigned long long* reports = nullptr;
     int max_reports = 0, nreports = 0;
-    unsigned long long total = 0;   // racing granule accesses in all
+    unsigned long long total = 0;   // racing accesses in all
 };
 static RaceState* race_state = nullptr;   // the launch being checked (launches are one at a time)
 #endif
@@ -475,7 +475,6 @@ EMU_NO_TSAN_INLINE bool emu_race_concurrent(uint64_t e, uint64_t now) {
 
 EMU_NO_TSAN_INLINE void emu_race_report(emu::RaceState* S, const emu::RaceRange& r, uintptr_t offset, int kind,
                                         uint64_t earlier, uint64_t now, long long now_block) {
-    S->total++;
     unsigned long long e_block = emu_race_block(earlier) - 1, e_thread = emu_race_thread(earlier);
     unsigned long long n_thread = emu_race_thread(now);
     for (int i = 0; i < S->nreports; i++) {          // one report per pair of threads and range
@@ -533,7 +532,8 @@ EMU_NO_TSAN_INLINE void emu_race_add_read(uint64_t& a, uint64_t& o, uint64_t now
     a = now;
 }
 
-EMU_NO_TSAN_INLINE void emu_race_granule(emu::RaceState* S, const emu::RaceRange& r, uintptr_t g, uint64_t now,
+// one granule of an access: check it against the shadow, report a race (true), update the shadow
+EMU_NO_TSAN_INLINE bool emu_race_granule(emu::RaceState* S, const emu::RaceRange& r, uintptr_t g, uint64_t now,
                                          int kind, long long now_block) {
     uint64_t* s = r.shadow + 3 * g;
     uint64_t w = s[0], a = s[1], o = s[2];
@@ -550,17 +550,20 @@ EMU_NO_TSAN_INLINE void emu_race_granule(emu::RaceState* S, const emu::RaceRange
         s[0] = w;
         s[1] = a;
         s[2] = o;
-        return;
+        return w_races;
     }
+    bool raced = true;
     if (w_races && !(kind == emu::RACE_ATOMIC && (w & kRaceAtomic))) {
         emu_race_report(S, r, offset, 1, w, now, now_block);
     } else {
         uint64_t reader = emu_race_read_witness(a, o, now);
         if (reader != 0) { emu_race_report(S, r, offset, 2, reader, now, now_block); }
+        raced = reader != 0;
     }
     s[0] = now | (kind == emu::RACE_ATOMIC ? kRaceAtomic : 0);   // the reads before are ordered or reported
     s[1] = 0;
     s[2] = 0;
+    return raced;
 }
 
 EMU_NO_TSAN_INLINE void emu_race_access(const void* p, unsigned long n, int kind) {
@@ -576,9 +579,11 @@ EMU_NO_TSAN_INLINE void emu_race_access(const void* p, unsigned long n, int kind
         if (addr == S->own_tls[0] || addr == S->own_tls[1]) { return; }
         uintptr_t end = off + n < r.size ? off + n : r.size;
         uint64_t now = emu_race_now(f);
+        bool raced = false;
         for (uintptr_t g = off >> r.shift; (g << r.shift) < end; g++) {
-            emu_race_granule(S, r, g, now, kind, f->worker->block_linear);
+            raced |= emu_race_granule(S, r, g, now, kind, f->worker->block_linear);
         }
+        S->total += raced;                           // racing accesses, however many granules each covers
         return;
     }
 }
@@ -952,7 +957,6 @@ static inline void ensure_smem(Worker* w, size_t bytes) {
         w->smem_capacity = cap;
     }
 }
-
 
 // Flush-to-zero, as CuPy compiles kernels (nvcc/NVRTC -ftz=true): float arithmetic reads a subnormal input
 // as 0 (DAZ) and writes 0 for a subnormal result (FTZ). On x86-64 both are bits of MXCSR, a per-thread
