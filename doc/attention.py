@@ -9,6 +9,7 @@ with [info] are numbers the page quotes (memory sizes), not checks.
 
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -356,6 +357,27 @@ def traffic(B_, T_, NH_, hs_, itemsize=2):
                 flash=flash, gemm=gemm)
 
 
+def flash_kernel_lse():
+    """kernels/flash_attention.cu's forward through train_gpt2_cuda's launcher on the emulator (bf16, so its own
+    shapes: hs = 64, T = 37): the log-sum-exp it saves, kept in fp32 from fp32 scores, against float64 from the
+    same bf16 inputs. (O is rounded to bf16; tests/test_flash_attention.py holds it to its bf16 bounds.)"""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:   # no emulator: section 4 printed the [skip] line
+        return
+    import train_gpt2_cuda as tc                         # LLMC_EMULATE=1 since section 4
+    from llmc.formats import bf16_to_f32, f32_to_bf16
+    Bk, NHk, hsk, Tk = 1, 2, 64, 37
+    Ck = NHk * hsk
+    qkv = f32_to_bf16(np.random.default_rng(6).standard_normal((Bk, Tk, 3 * Ck)).astype(np.float32))
+    out, lse = np.zeros((Bk, Tk, Ck), tc.BF16), np.full((Bk, NHk, Tk), np.nan, np.float32)
+    tc.flash_attention_forward(out, lse, qkv, Bk, Tk, Ck, NHk)
+    x = bf16_to_f32(qkv).astype(np.float64).reshape(Bk, Tk, 3, NHk, hsk).transpose(2, 0, 3, 1, 4)  # (3,B,NH,T,hs)
+    s = x[0] @ x[1].swapaxes(-1, -2) / math.sqrt(hsk)    # (B, NH, T, T)
+    s[..., np.triu(np.ones((Tk, Tk), dtype=bool), k=1)] = -np.inf
+    m = s.max(-1, keepdims=True)
+    want = m[..., 0] + np.log(np.exp(s - m).sum(-1))     # (B, NH, T)
+    check("f32", "cuda: flash_attention_forward lse vs log-sum-exp", lse, want)
+
+
 def section6(ref, pap):
     q, k, v = (ref[n].numpy() for n in "qkv")             # (B, NH, T, hs) float64
     dO = heads(torch.tensor(dout_np)).numpy()
@@ -399,6 +421,7 @@ def section6(ref, pap):
     check("f64", "flash: tiled backward dv vs paper", dv, pap["dv"])
     check("f64", "flash: tiled backward dinp vs autograd",
           merge_qkv(*(torch.from_numpy(x) for x in (dq, dk, dv))), ref["dinp"])
+    flash_kernel_lse()
 
     # why the materialized path is memory-bound: d12 at B=16, T=1024 in bf16, against an H100 SXM
     from llmc.mfu import peak_flops
