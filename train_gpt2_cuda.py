@@ -621,27 +621,35 @@ def matmul_bias_grid(N, OC, pack):
 
 def matmul_bias_scratch_size(B, T, C, floatx):
     # floats of scratch matmul_backward needs for the biased linear layers (OC = 3C, C, 4C): the partial
-    # kernel's (row blocks, OC) column sums, at the largest of them
+    # kernel's (row blocks, OC) column sums, at the largest of them, and after them the one-launch kernel's
+    # ticket counters (one uint32 per column block, kept at the scratch's end: zero-allocated, left 0)
     pack = 16 // np.dtype(floatx).itemsize
-    return max(matmul_bias_grid(B * T, OC, pack)[1] * OC for OC in (3 * C, C, 4 * C))
+    return (max(matmul_bias_grid(B * T, OC, pack)[1] * OC for OC in (3 * C, C, 4 * C))
+            + max(matmul_bias_grid(B * T, OC, pack)[0] for OC in (3 * C, C, 4 * C)))
+
+
+def matmul_bias_counters(scratch, columns):
+    # the ticket counters of matmul_backward_bias_x128_kernel: the last `columns` floats of scratch, as uint32
+    return scratch.reshape(-1)[scratch.size - columns:].view(np.uint32)
 
 
 def matmul_backward_bias(dbias, scratch, dout, N, OC):
     # dbias (OC) += dout (N,OC) summed over rows. Packed path (OC a multiple of the pack, dout 16-byte
     # aligned, scratch given): rows and columns split across ~MATMUL_BIAS_BLOCKS blocks, each writing its
-    # column sums to scratch (row blocks, OC) in fp32, then a second kernel adds them in block order:
-    # deterministic, no atomics. Otherwise the plain kernel: 32 columns per block, its 32 warps splitting
+    # column sums to scratch (row blocks, OC) in fp32; the last block of each column block to finish (a
+    # ticket counter) adds them in block order, in the same launch: deterministic, the bits of the
+    # partial + sum kernel pair. Otherwise the plain kernel: 32 columns per block, its 32 warps splitting
     # the rows (the same sum in another fixed order)
     floatx = dout.dtype
     if scratch is not None and packable(OC, dout):
         columns, row_blocks, rows_per_block = matmul_bias_grid(N, OC, pack_size(dout))
-        assert scratch.size >= row_blocks * OC, "matmul_backward_bias: scratch too small (matmul_bias_scratch_size)"
+        assert scratch.size >= row_blocks * OC + columns, \
+            "matmul_backward_bias: scratch too small (matmul_bias_scratch_size)"
         block = MATMUL_BIAS_BLOCK
-        kernel("matmul", "matmul_backward_bias_partial_kernel", floatx)(
-            (columns, row_blocks), (block,), (scratch, dout, i32(N), i32(OC), i32(rows_per_block)),
+        kernel("matmul", "matmul_backward_bias_x128_kernel", floatx)(
+            (columns, row_blocks), (block,),
+            (dbias, scratch, matmul_bias_counters(scratch, columns), dout, i32(N), i32(OC), i32(rows_per_block)),
             shared_mem=block * pack_size(dout) * 4)
-        kernel("matmul", "matmul_backward_bias_sum_kernel", floatx)(
-            (ceil_div(OC, 32),), (1024,), (dbias, scratch, i32(row_blocks), i32(OC)), shared_mem=1024 * 4)
     else:
         block = 1024  # 32 columns per block, its 32 warps splitting the rows
         kernel("matmul", "matmul_backward_bias_kernel", floatx)(

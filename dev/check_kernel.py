@@ -380,7 +380,15 @@ def matmul_launches(s, rng, reference):
         tg.matmul_backward(w_dinp, w_dweight, w_dbias_p, f64(dout_p).reshape(B, T, OCp), f64(inp).reshape(B, T, C),
                            f64(weight_p), B, T, C, OCp)
         bwd_sum.outputs = [Output("dbias", dbias_p, w_dbias_p, "matmul_backward dbias (+=)", 1e-5, 1e-6)]
-    return [fwd, fwd_p, bwd, bwd_partial, bwd_sum]
+    # the same in one launch (the last block of each column block adds the partials; its counters start at 0)
+    dbias_1 = dbias_p.copy()
+    scratch_1, counters = np.full((row_blocks, OCp), np.nan, np.float32), np.zeros(columns, np.uint32)
+    bwd_one = Launch("matmul_backward_bias_x128_kernel", (columns, row_blocks), MATMUL_BIAS_BLOCK,
+                     (dbias_1, scratch_1, counters, dout_p, i32(N), i32(OCp), i32(rows_per_block)),
+                     shared_mem=MATMUL_BIAS_BLOCK * pack(s) * 4, read_write=(0,))
+    if reference:
+        bwd_one.outputs = [Output("dbias", dbias_1, w_dbias_p, "matmul_backward dbias (+=)", 1e-5, 1e-6)]
+    return [fwd, fwd_p, bwd, bwd_partial, bwd_sum, bwd_one]
 
 
 def attention_launches(s, rng, reference):

@@ -208,10 +208,13 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
         gemm("matmul_backward", where, OC, IC, N, 1, (N * OC + N * IC + OC * IC) * s, OC * IC * s)
         if bias:
             columns, row_blocks, rows_per_block = cu.matmul_bias_grid(N, OC, P)
-            # reads dout (N, OC) once; writes each block row's column sums, (row blocks, OC) floats
-            launch("matmul_backward_bias_partial_kernel", where, N * OC * s, row_blocks * OC * 4)
-            # reads the partials and dbias; writes dbias
-            launch("matmul_backward_bias_sum_kernel", where, row_blocks * OC * 4 + OC * s, OC * s)
+            # matmul_backward_bias_x128_kernel, one launch: reads dout (N, OC) once; each block row's column sums,
+            # (row blocks, OC) floats, stored by atomicExch and read back by the last block with atomicAdd(0):
+            # an atomic counts a read and a write; a ticket per block and a counter reset per column block
+            # (atomics too); dbias read and written. DRAM: dout, the partials once, dbias
+            atomics = 2 * row_blocks * OC * 4 + columns * row_blocks * 4 + columns * 4
+            launch("matmul_backward_bias_x128_kernel", where, N * OC * s + atomics + OC * s, atomics + OC * s,
+                   dram_read=N * OC * s + row_blocks * OC * 4 + OC * s)
 
     def layernorm_backward(where):
         blocks = ceil_div(32 * N, cu.LAYERNORM_BACKWARD_BLOCK)

@@ -72,6 +72,27 @@
 //   threads each add a handful of partials (<= 8 per warp lane at these shapes): a few us of latency.
 //   What the emulator cannot show: the timing, and that the grid fills the GPU.
 //
+// matmul_backward_bias_x128_kernel(floatX* dbias, float* scratch, unsigned int* counters, const floatX* dout,
+//                                  int N, int OC, int rows_per_block)
+//   The two kernels above in ONE launch (the trainer's choice: one launch a bias instead of two). Each block
+//   first does exactly what matmul_backward_bias_partial_kernel's block does (its column sums to scratch);
+//   then it makes those stores visible GPU-wide (__threadfence), and thread 0 takes a ticket from
+//   counters[blockIdx.x] (atomicAdd): the block that takes the last ticket of its column block (gridDim.y - 1)
+//   is the one that sees every block row's partials of those columns written, and it adds them into dbias,
+//   in matmul_backward_bias_sum_kernel's order: per column, the 32 chains of row blocks w, w + 32, ... (that
+//   kernel's 32 warps of 1024 threads), each in row order, then the chains in order w = 0 .. 31. So dbias
+//   has the same bits as the two-kernel pair, whichever block comes last: deterministic. The partials
+//   cross blocks as atomics: stored with atomicExch, read with atomicAdd(bits, 0) (the same bits back), at
+//   L2, where a plain load could meet a stale L1 line; and two atomics never race (the emulator's race
+//   checker, which orders no blocks, sees them so too). The last block resets its counter to 0 for the
+//   next launch. One thread per column (32*P of them, 256 in bf16), four chains' reads in flight.
+//   Requires counters (>= gridDim.x unsigned ints) all 0 at the launch (train_gpt2_cuda.py keeps them at
+//   the end of the zero-allocated scratch; every launch leaves them 0), and what the partial kernel
+//   requires. launch: the partial kernel's grid and block, the same dynamic shared memory.
+//   At d12 B=16 T=1024 bf16 the last block of a column block adds 256 / 103 / 86 row blocks (OC = 768 /
+//   2304 / 3072): 64 / 26 / 22 rounds of four loads from L2 per thread, a few us after the other blocks,
+//   in place of a second launch.
+//
 // Assumes N*OC < 2^31.
 
 #include "common.cuh"
@@ -130,9 +151,9 @@ extern "C" __global__ void __launch_bounds__(1024) matmul_backward_bias_kernel(f
     if (threadIdx.x < 32 && col < OC) { dbias[col] = (floatX)((float)dbias[col] + total); }
 }
 
-extern "C" __global__ void matmul_backward_bias_partial_kernel(float* scratch, const floatX* dout, int N, int OC,
-                                                               int rows_per_block) {
-    extern __shared__ float partial[];                // (warps, 32*P): each warp's sums of the block's columns
+// One block's share of matmul_backward_bias_partial_kernel (see there): its column sums into scratch.
+__device__ void bias_block_partials(float* scratch, const floatX* dout, int N, int OC, int rows_per_block,
+                                    float* partial, bool atomic_store) {
     constexpr int P = x128::size;
     int warp = threadIdx.x / 32;
     int lane = threadIdx.x % 32;
@@ -165,8 +186,57 @@ extern "C" __global__ void matmul_backward_bias_partial_kernel(float* scratch, c
         if (column >= OC) { break; }
         float total = 0.0f;
         for (int w = 0; w < warps; w++) { total += partial[w * 32 * P + c]; }
-        scratch[blockIdx.y * OC + column] = total;
+        if (atomic_store) {                            // (the one-launch kernel: see there)
+            atomicExch(reinterpret_cast<int*>(scratch + blockIdx.y * OC + column), __float_as_int(total));
+        } else {
+            scratch[blockIdx.y * OC + column] = total;
+        }
     }
+}
+
+extern "C" __global__ void matmul_backward_bias_partial_kernel(float* scratch, const floatX* dout, int N, int OC,
+                                                               int rows_per_block) {
+    extern __shared__ float partial[];                // (warps, 32*P): each warp's sums of the block's columns
+    bias_block_partials(scratch, dout, N, OC, rows_per_block, partial, false);
+}
+
+// A partial written by another block of this launch, read at L2 by an atomic that returns its bits unchanged.
+__device__ float partial_of(float* address) {
+    return __uint_as_float(atomicAdd(reinterpret_cast<unsigned int*>(address), 0u));
+}
+
+extern "C" __global__ void matmul_backward_bias_x128_kernel(floatX* dbias, float* scratch, unsigned int* counters,
+                                                            const floatX* dout, int N, int OC, int rows_per_block) {
+    extern __shared__ float partial[];
+    __shared__ unsigned int ticket;
+    constexpr int P = x128::size;
+    constexpr int SUM_WARPS = 32;                     // matmul_backward_bias_sum_kernel's warps: its order
+    bias_block_partials(scratch, dout, N, OC, rows_per_block, partial, true);
+
+    __threadfence();                                  // this block's partials visible to every block
+    __syncthreads();                                  // ... all of them, before the ticket
+    if (threadIdx.x == 0) { ticket = atomicAdd(&counters[blockIdx.x], 1u); }
+    __syncthreads();
+    if (ticket != gridDim.y - 1) { return; }          // not the last block row of these columns to finish
+    __threadfence();
+
+    int row_blocks = gridDim.y;
+    for (int c = threadIdx.x; c < 32 * P; c += blockDim.x) {
+        int column = blockIdx.x * 32 * P + c;
+        if (column >= OC) { break; }
+        float total = 0.0f;
+        for (int w = 0; w < SUM_WARPS; w += 4) {      // chains w .. w+3, their loads in flight together
+            float chain[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int r = w; r < row_blocks; r += SUM_WARPS) {
+                for (int j = 0; j < 4; j++) {
+                    if (r + j < row_blocks) { chain[j] += partial_of(scratch + (r + j) * OC + column); }
+                }
+            }
+            for (int j = 0; j < 4; j++) { total += chain[j]; }   // the chains in order
+        }
+        dbias[column] = (floatX)((float)dbias[column] + total);
+    }
+    if (threadIdx.x == 0) { atomicExch(reinterpret_cast<int*>(counters + blockIdx.x), 0); }   // for the next launch
 }
 
 extern "C" __global__ void __launch_bounds__(1024) matmul_backward_bias_sum_kernel(floatX* dbias, const float* scratch,

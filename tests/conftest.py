@@ -107,7 +107,7 @@ def pytest_configure(config):
 # checker"): a race between the threads of a shipped kernel fails them, whatever the thread order;
 # LLMC_EMULATOR_RACECHECK=0 in the environment turns it off
 RACECHECK_FILES = {"test_kernels.py", "test_kernels_bf16.py", "test_kernels_fused.py", "test_classifier_x128.py",
-                   "test_layernorm_sum.py", "test_matmul_bias.py"}
+                   "test_layernorm_sum.py", "test_matmul_bias.py", "test_layernorm_x128.py"}
 
 
 @pytest.fixture(autouse=True)

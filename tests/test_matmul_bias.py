@@ -15,6 +15,9 @@ Both are deterministic: every float is added in an order fixed by the launch sha
      + 32 + 1 <= 74 at R = 250 rows per block row), plus one rounding of the result to floatX (u = 2^-24
      in fp32, 2^-8 in bf16);
   3. twice from the same inputs: the same bits.
+The one-launch kernel, matmul_backward_bias_x128_kernel (the partial kernel's blocks, then the last block of each
+column block, found by a ticket counter, adds the partials in the sum kernel's order), is held to the pair's NumPy
+model bit for bit, in every thread order (whichever block comes last), and must leave its counters at 0.
 Shapes: N = 1, 7, 33, 1000 rows by OC = 8, 32, 40, 768 columns, fp32 and bf16; OC = 40 in bf16 is not
 a multiple of the pack (8 bf16), so train_gpt2_cuda.matmul_backward_bias takes the plain kernel there,
 which the launcher test checks, together with its grid at GPT-2 124M's shapes.
@@ -114,6 +117,21 @@ def run_packed(mod, dbias, dout, N, OC, grid, pack, rows_per_block=None):
     return rows_per_block
 
 
+def run_one_launch(mod, dbias, dout, N, OC, grid, pack, rows_per_block=None):
+    """matmul_backward_bias_x128_kernel: the partials and, by the last block of each column block, their sum,
+    in one launch. The counters start at 0 and must be left at 0; the partials start as NaN."""
+    columns, row_blocks, rows_per_block = grid(N, OC, pack) if rows_per_block is None else \
+        (ceil_div(OC, 32 * pack), ceil_div(N, rows_per_block), rows_per_block)
+    scratch = np.full((row_blocks, OC), np.nan, np.float32)
+    counters = np.zeros(columns, np.uint32)
+    block = 256
+    mod.get_function("matmul_backward_bias_x128_kernel")(
+        (columns, row_blocks), block, (dbias, scratch, counters, dout, i32(N), i32(OC), i32(rows_per_block)),
+        shared_mem=block * pack * 4)
+    assert not counters.any(), f"counters left at {counters}"
+    return rows_per_block
+
+
 def twin_tolerance(dbias0, dout, precision):
     """|got - want| allowed against the float64 twin: an fp32 sum of chains < DEPTH additions, then one
     rounding to floatX."""
@@ -138,7 +156,7 @@ def test_bias_backward_bits_and_twin(modules, grid, precision, order):
         atol, rtol = twin_tolerance(b, x, precision)
         # packed: the launcher's grid (32 rows per block row at these N), and 250 rows per block row,
         # so that each warp takes several 4-row steps and a tail (the kernel takes any rows_per_block)
-        paths = ["plain"] + (["packed", 250] if OC % pack == 0 else [])
+        paths = ["plain"] + (["packed", 250, "one launch", ("one launch", 250)] if OC % pack == 0 else [])
         for path in paths:
             results = []
             for _ in range(2):                               # twice: the same bits
@@ -146,11 +164,15 @@ def test_bias_backward_bits_and_twin(modules, grid, precision, order):
                 if path == "plain":
                     run_plain(mod, dbias, dout, N, OC)
                     want_bits = expected_bits(plain_order(b, x), precision)
+                elif path == "one launch" or isinstance(path, tuple):   # the pair's order, so its bits
+                    rows_per_block = run_one_launch(mod, dbias, dout, N, OC, grid, pack,
+                                                    None if path == "one launch" else path[1])
+                    want_bits = expected_bits(packed_order(b, x, rows_per_block), precision)
                 else:
                     rows_per_block = run_packed(mod, dbias, dout, N, OC, grid, pack, None if path == "packed" else path)
                     want_bits = expected_bits(packed_order(b, x, rows_per_block), precision)
                 results.append(dbias)
-            where = f"{precision} {path if path == 'plain' else f'packed R={rows_per_block}'} N={N} OC={OC} ({order})"
+            where = f"{precision} {path if path == 'plain' else f'{path} R={rows_per_block}'} N={N} OC={OC} ({order})"
             assert results[0].tobytes() == results[1].tobytes(), f"{where}: two runs differ"
             diff = np.flatnonzero(results[0] != want_bits)
             assert diff.size == 0, (f"{where}: {diff.size} columns off the NumPy model of the order, first {diff[0]}: "
@@ -171,8 +193,11 @@ def test_launcher_and_its_grid(cuda_trainer):  # noqa: F811 (fixture)
             dbias0 = as_floatx(rand(rng, OC), precision)
             x, b = as_float(dout), as_float(dbias0)
             scratch = np.full(cu.matmul_bias_scratch_size(1, N, OC, dout.dtype), np.nan, np.float32)
+            counters = cu.matmul_bias_counters(scratch, ceil_div(OC, 32 * pack))
+            counters[...] = 0                                # as the zero-allocated scratch of the trainer
             dbias = dbias0.copy()
             cu.matmul_backward_bias(dbias, scratch, dout, N, OC)
+            assert not counters.any()                        # left at 0 for the next launch
             if OC % pack == 0:
                 want = packed_order(b, x, cu.matmul_bias_grid(N, OC, pack)[2])
             else:
@@ -187,4 +212,4 @@ def test_launcher_and_its_grid(cuda_trainer):  # noqa: F811 (fixture)
             columns, row_blocks, rows_per_block = cu.matmul_bias_grid(B * T, OC, pack)
             assert columns * row_blocks >= 4 * 132, (precision, OC, columns, row_blocks)
             assert rows_per_block % 32 == 0 and (row_blocks - 1) * rows_per_block < B * T <= row_blocks * rows_per_block
-            assert row_blocks * OC <= cu.matmul_bias_scratch_size(B, T, C, floatx)
+            assert row_blocks * OC + columns <= cu.matmul_bias_scratch_size(B, T, C, floatx)
