@@ -672,9 +672,11 @@ def check_file(file, backend, kernel_dir, order="forward", seed=0, precision="fp
     return rows
 
 
-def time_file(file, kernel_dir, repeats, seed=0, shape=D12, precision="fp32"):
+def time_file(file, kernel_dir, repeats, seed=0, shape=D12, precision="fp32", bandwidth=None):
     """Time every kernel of one file at `shape` (d12's) on the GPU with CUDA events; print and return
-    (file, kernel, ms, GB/s) rows."""
+    (file, kernel, ms, GB/s) rows. bandwidth (bytes/s, modeled_bandwidth's): each row also prints the
+    traffic model's time, the bytes over that bandwidth (dev/perf_model.py's per-launch rule without its
+    launch cost: the timed launches run back to back), and the measured time over it."""
     import cupy
     code = kernel_source(file, kernel_dir)
     mod = cupy.RawModule(code=code, options=PRECISION_OPTIONS[precision])
@@ -704,10 +706,24 @@ def time_file(file, kernel_dir, repeats, seed=0, shape=D12, precision="fp32"):
         end.synchronize()
         ms = cupy.cuda.get_elapsed_time(start, end) / repeats
         gbs = nbytes / (ms * 1e-3) / 1e9
-        print(f"{lc.kernel:<40} {'x'.join(map(str, grid)):>9} x {lc.block:<5} {ms:10.4f} {gbs:10.1f}")
+        model = f"{nbytes / bandwidth * 1e3:10.4f} {ms / (nbytes / bandwidth * 1e3):8.2f}x" if bandwidth else ""
+        print(f"{lc.kernel:<40} {'x'.join(map(str, grid)):>9} x {lc.block:<5} {ms:10.4f} {gbs:10.1f} {model}")
         rows.append((file, lc.kernel, ms, gbs))
         del on_device, args
     return rows
+
+
+def modeled_bandwidth(name):
+    """(label, bytes/s) of the GPU called `name` (as CUDA reports it) in dev/perf_model.py's table: the exact
+    name, else the first of its family (H100, H200, A100), else None (no model column)."""
+    import perf_model
+    for label, device, bandwidth in perf_model.GPUS:
+        if device == name:
+            return label, bandwidth
+    for label, device, bandwidth in perf_model.GPUS:
+        if label.split("-")[0] in name:
+            return label, bandwidth
+    return None
 
 
 def main(argv=None):
@@ -756,10 +772,17 @@ def main(argv=None):
         print(f"\ntiming on the GPU at d12 shapes: B={s.B} T={s.T} C={s.C} NH={s.NH} Vp={s.Vp}, AdamW over "
               f"{s.n_params} floats; mean of {args.repeats} launches after 2 warm-up (CUDA events); GB/s counts "
               f"each array argument once (twice if read and written)")
-        print(f"{'kernel':<40} {'grid':>9} x {'block':<5} {'ms':>10} {'GB/s':>10}")
+        import cupy
+        name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+        model = modeled_bandwidth(name.decode() if isinstance(name, bytes) else str(name))
+        print("model: the bytes over " + (f"{model[0]}'s {model[1] / 1e12:g} TB/s (dev/perf_model.py's table)"
+                                          if model else "no bandwidth: this GPU is not in dev/perf_model.py's table"))
+        print(f"{'kernel':<40} {'grid':>9} x {'block':<5} {'ms':>10} {'GB/s':>10}"
+              + (f" {'model ms':>10} {'/ model':>9}" if model else ""))
         for f in files:
             if f in LAUNCHES:
-                time_file(f, args.kernel_dir, args.repeats, precision=args.precision)
+                time_file(f, args.kernel_dir, args.repeats, precision=args.precision,
+                          bandwidth=model[1] if model else None)
     elif args.time:
         print("\nnothing timed: the emulator's times say nothing about a GPU's")
     return 1 if failed else 0

@@ -443,6 +443,17 @@ BENCH_FP32_LOG=${LOG:-}
 stage test_trainer 90 1 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_trainer.py
 [ "$STATUS" != SKIP ] && record test_trainer "$STATUS" "$ELAPSED" "$(note_last_line)"
 
+# model_beside LOG PRECISION: dev/perf_model.py's ms/step on an H100 and an H200 for each (B, T) the benchmark log
+# ran (its "== bf16, B=16, T=1024" rounds), to read beside the measured table; the formulas only, a few seconds
+model_beside() {
+    grep -oE "^== $2, B=[0-9]+, T=[0-9]+" "$1" | sort -u | while read -r _ _ b t; do
+        b=${b#B=}; b=${b%,}; t=${t#T=}
+        timeout 60 "$PY" dev/perf_model.py -e d12 -b "$b" -t "$t" -p "$2" 2>/dev/null |
+            awk -v p="$2" -v b="$b" -v t="$t" '/^  (H100-SXM|H200) / {
+                printf "modeled by dev/perf_model.py (%s, B=%s, T=%s): %s %s ms/step from the counted bytes, %s from the DRAM estimate\n", p, b, t, $1, $2, $10 }'
+    done
+}
+
 # ---- the tables, after the one-line summary
 TOTAL=$(($(date +%s) - START))
 {
@@ -466,6 +477,7 @@ TOTAL=$(($(date +%s) - START))
             echo "($(basename "$log" .log))"
             sed -nE '/^== (bf16|fp32), B=/,/^$/p; /^largest B that fits/p' "$log"   # each round's table and ratio
             sed -n '/^summary, T=/,$p' "$log"
+            model_beside "$log" "$([ "$log" = "$BENCH_FP32_LOG" ] && echo fp32 || echo bf16)"
         fi
     done
 } | tee -a "$SUMMARY"

@@ -200,6 +200,11 @@ elif args[0] == "dev/bench_attention.py":           # --time 0: the comparison o
         print("summary: flash / SDPA fwd+bwd at B=16 NH=12: hs=64 T=1024 1.10x, hs=64 T=2048 1.05x (target <= 1.3x: met)")
         print("== the d12 step (d12), B=16 T=1024 bf16, 8 steps each")
         print("step -fa 1 / -fa 0 in tokens/s: 1.31x (target >= 1.2x: met)")
+elif args[0] == "dev/perf_model.py":               # the formulas' summary block, for the shape asked
+    B, T, p = option("-b"), option("-t"), option("-p")
+    print(f"step ({int(B) * int(T):,} tokens, ...), {p}:")
+    print("  H100-SXM      30.9 ms/step   530,000 tokens/s MFU 43.0% (counted) |    28.1 ms/step   583,000 tokens/s MFU 47.3% (DRAM estimate)")
+    print("  H200          23.0 ms/step   712,000 tokens/s MFU 57.8% (counted) |    20.9 ms/step   784,000 tokens/s MFU 63.6% (DRAM estimate)")
 elif args[0] == "dev/check_kernel.py":
     print("24 kernels, 60 outputs within tolerance")
     print("timing on the GPU (d12)")
@@ -279,6 +284,14 @@ def test_gpu_check_runs_end_to_end_with_a_fake_python3(tmp_path):
     assert notes["bench_attention"] == ("flash/SDPA hs=64 T=1024 1.10x, hs=64 T=2048 1.05x (target <= 1.3x: met) "
                                         "step -fa 1/-fa 0 1.31x (target >= 1.2x: met)")
     assert "(bench_attention)" in summary and "step -fa 1 / -fa 0 in tokens/s: 1.31x" in summary
+    # the perf model's prediction beside each benchmark round's measurement, for the same shape
+    for p in ("bf16", "fp32"):
+        assert (f"modeled by dev/perf_model.py ({p}, B=16, T=1024): H100-SXM 30.9 ms/step from the counted bytes, "
+                f"28.1 from the DRAM estimate") in summary.splitlines(), summary
+        assert f"modeled by dev/perf_model.py ({p}, B=16, T=1024): H200 23.0 ms/step" in summary
+    asked = [c for c in map(json.loads, calls.read_text().splitlines()) if c[1:2] == ["dev/perf_model.py"]]
+    assert [c[1:] for c in asked] == [["dev/perf_model.py", "-e", "d12", "-b", "16", "-t", "1024", "-p", p]
+                                      for p in ("bf16", "fp32")]
     assert notes["check_kernel"] == "24 kernels, 60 outputs within tolerance"
 
     assert notes["sanitize_memcheck"] == "========= ERROR SUMMARY: 0 errors 12 passed in 1.0s"

@@ -135,6 +135,16 @@ def test_timing_path_with_a_stand_in_cupy(monkeypatch, capsys):
                                           "encoder_backward_wte_kernel", "encoder_backward_wpe_kernel",
                                           "encoder_backward_wpe_x128_kernel"]
     assert "encoder_backward_wte_kernel" in capsys.readouterr().out
+    # with a bandwidth (an H200's, by the name CUDA gives it) each row prints the model's ms, bytes / bandwidth,
+    # and the measured time over it: the forward moves fwd_bytes in 0.5 ms
+    label, bandwidth = check_kernel.modeled_bandwidth("NVIDIA H200")
+    assert (label, bandwidth) == ("H200", 4.8e12) and check_kernel.modeled_bandwidth("NVIDIA H100 PCIe")[0] == "H100-SXM"
+    assert check_kernel.modeled_bandwidth("Tesla T4") is None
+    check_kernel.time_file("layernorm", KERNEL_DIR, repeats=2, shape=check_kernel.ODD, bandwidth=bandwidth)
+    row = capsys.readouterr().out.splitlines()[0].split()
+    model_ms = fwd_bytes / bandwidth * 1e3
+    assert row[0] == "layernorm_forward_kernel" and float(row[-2]) == pytest.approx(model_ms, abs=1e-4)
+    assert float(row[-1][:-1]) == pytest.approx(0.5 / model_ms, rel=0.01)
 
 
 def test_all_kernels_pass_in_bf16_and_a_truncating_store_fails(tmp_path):
