@@ -1,8 +1,8 @@
 """The emulator's race checker (racecheck=True, LLMC_EMULATOR_RACECHECK=1; emulator.h, "the race checker").
 
-1. Faults planted in copies of the shipped kernels' sources (a __syncthreads removed, a plain += where
-   an atomicAdd is needed, two blocks storing one global element) are named: kernel, buffer, byte
-   offset and both threads, in every thread order.
+1. Faults planted in copies of the shipped kernels' sources (a __syncthreads removed, also after flash
+   attention's tile loads; a plain += where an atomicAdd is needed; two blocks storing one global
+   element) are named: kernel, buffer, byte offset and both threads, in every thread order.
 2. The rules on small hand-written kernels: a __syncthreads orders a block, a warp operation (shuffle,
    __syncwarp, vote) orders a warp but not two warps, atomics on both sides are fine, reads with reads
    are fine, blocks are never ordered (not even by a __syncthreads), shared memory is the block's own,
@@ -176,6 +176,31 @@ def test_norm_partials_added_with_plus_equals_race_and_with_atomicadd_do_not(ord
                                                                          "out (argument 0)", 0)] * 2
     assert [r["threads"] for r in found] == [pair(0, 0, 1, 0), pair(1, 0, 2, 0)]
     assert abs(out[0] - want) < 1e-4 * want            # the emulator still adds right: only the checker sees it
+
+
+FLASH_LOADS = ("        load_tile<HS, BC>(sm.v, q_head + 2 * C, 3 * C, k0, T);\n        __syncthreads();\n"
+               "        matmul_abt<BR, HS>(sm.s, sm.q, sm.k, warp);")
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_flash_forward_without_the_barrier_after_its_tile_loads_races_in_shared_memory(order):
+    """flash_attention_forward_kernel (bf16, nvcuda::wmma) without the __syncthreads between the loads of
+    a key/value tile into shared memory and the tensor-core product that reads them: the warps' fragment
+    loads (each lane's own accesses, emulator/include/mma.h) race with other threads' stores of the tile."""
+    code = planted("flash_attention", FLASH_LOADS, FLASH_LOADS.replace("        __syncthreads();\n", ""))
+    fn = emulator.RawModule(code=code, options=("--std=c++17", "-DENABLE_BF16")).get_function(
+        "flash_attention_forward_kernel")
+    B, T, NH, hs = 1, 40, 1, 64
+    rng = np.random.default_rng(3)
+    qkv = (rng.standard_normal((B, T, 3 * NH * hs)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    out, lse = np.zeros((B, T, NH * hs), np.uint16), np.zeros(B * NH * T, np.float32)
+    found = races(fn, (1, B * NH), 128, (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH), np.int32(hs)),
+                  shared_mem=45568, order=order)                 # train_gpt2_cuda.flash_shared_bytes(64, False)
+    assert found
+    for race in found:
+        assert race["kernel"] == "flash_attention_forward_kernel" and race["where"] == "shared memory"
+        (b1, t1), (b2, t2) = sorted(race["threads"])
+        assert b1 == b2 == (0, 0, 0) and t1 != t2
 
 
 # ---------------------------------------------------------------------------------------------
