@@ -53,7 +53,8 @@ def matmul_scratch_floats(N, pack):
         row_blocks = min(math.ceil(N / 32), max(1, math.ceil(8 * 132 / columns)))
         rows_per_block = math.ceil(math.ceil(N / row_blocks) / 32) * 32
         return math.ceil(N / rows_per_block)
-    return max(block_rows(OC) * OC for OC in (3 * C, C, 4 * C))
+    counters = max(math.ceil(OC / (32 * pack)) for OC in (3 * C, C, 4 * C))   # the one-launch kernel's tickets
+    return max(block_rows(OC) * OC for OC in (3 * C, C, 4 * C)) + counters
 
 
 def state_bytes(recompute, B=B, T=T, precision="fp32", master_weights=True):
@@ -172,7 +173,7 @@ def expected_report(r, precision="fp32", master_weights=True):
         f"allocating {mib(FLOAT * statistics_floats())} for activation statistics",
         f"allocating {mib(X * (B * T * 4 * C + B * NH * T * T + B * T * C))} for activation gradients",
         f"allocating {mib(FLOAT * 2 * C)} for layernorm backward scratch",
-        f"allocating {mib(FLOAT * 4 * C)} for matmul backward bias scratch",
+        f"allocating {mib(FLOAT * matmul_scratch_floats(B * T, 16 // X))} for matmul backward bias scratch",
         f"allocating {mib(INT * (3 * B * T + 1))} for encoder backward buckets",
         f"allocating {mib(FLOAT * n)} for AdamW optimizer state m",
         f"allocating {mib(FLOAT * n)} for AdamW optimizer state v",
