@@ -32,11 +32,14 @@
 // matrix_a fragments. The forward keeps o in shared memory as float (rescaled there by exp(m - m'));
 // the backward keeps dQ, or dK and dV, in accumulator fragments for the whole walk.
 //
-// Shared memory (dynamic, bytes; all under the 48 KiB default, so no opt-in is needed):
-//   forward:  q (BR,hs) bf16 + k, v (BC,hs) bf16 + s (BR,BC) f32 + p (BR,BC) bf16 + o (BR,hs) f32
-//             + m, l (BR) f32 = 45,568 (hs 64, BR 64) and 47,360 (hs 128, BR 32).
-//   backward: q, do (BR,hs) bf16 + k, v (BC,hs) bf16 + s, dp (BR,BC) f32 + p, ds (BR,BC) bf16
-//             + lse, D (BR) f32 = 28,928 (hs 64) and 45,312 (hs 128); both kernels use the same layout.
+// Shared memory (dynamic, bytes; all under the 48 KiB default, so no opt-in is needed). Rows are padded
+// by 16 bytes (hs + 8 bf16, hs + 4 or 36 floats) so that fragment loads and stores avoid bank conflicts;
+// p is written over s, and ds over dp, row by row, once a row is read (LDP = 72 bf16 per row):
+//   forward:  q (BR,hs+8) bf16 + k, v (BC,hs+8) bf16 + s/p (BR,36) f32 + o (BR,hs+4) f32 + m, l (BR) f32
+//             = 45,568 (hs 64, BR 64) and 47,872 (hs 128, BR 32).
+//   backward: q, dout (BR,hs+8) bf16 + k, v (BC,hs+8) bf16 + s/p, dp/ds (BR,36) f32 + lse, D (BR) f32
+//             = 27,904 (hs 64) and 44,288 (hs 128); both kernels use the same layout, and stage their
+//             (32,hs+4) f32 results where q and dout were.
 //   train_gpt2_cuda.py's flash_shared_bytes computes the same sums.
 // Launch: block = 128 (4 warps); grid = (ceil(T/BR), B*NH) for the forward and dq kernels (query
 // tiles, the longest first), (ceil(T/BC), B*NH) for dkdv (key tiles, the longest first).
@@ -65,6 +68,15 @@ constexpr int THREADS = 128;              // 4 warps
 constexpr int WARPS = THREADS / 32;
 constexpr int BC = 32;                    // keys per tile: one per lane in the row work
 constexpr int BWD_BR = 32;                // query rows per tile in the backward
+// Row strides in shared memory, padded by 16 bytes: a row of hs bf16 (128 or 256 bytes) or of 32 floats
+// would start every row on the same bank, and a fragment load or store (8 rows of 16 bytes at a time)
+// would hit one bank 8 times; with the pad, consecutive rows start 4 banks apart.
+constexpr int LDS = BC + 4;               // floats per row of s and dp
+constexpr int LDP = 2 * LDS;              // bf16 per row of p and ds, which overwrite s and dp in place
+template <int HS> struct Ld {
+    static constexpr int H = HS + 8;      // bf16 per row of q, k, v, dout
+    static constexpr int O = HS + 4;      // floats per row of o and of the results' staging
+};
 
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::row_major> FragA;
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::col_major> FragAT;   // a transposed
@@ -72,8 +84,8 @@ typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, wmma::row_major> Frag
 typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, wmma::col_major> FragBT;   // b transposed
 typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> FragC;
 
-// rows [row0, row0 + ROWS) of one head's q, k, v or dout into a (ROWS, HS) bf16 tile, 16 bytes per
-// access; rows at or past T become zeros
+// rows [row0, row0 + ROWS) of one head's q, k, v or dout into a (ROWS, HS) bf16 tile (row stride
+// Ld<HS>::H), 16 bytes per access; rows at or past T become zeros
 template <int HS, int ROWS>
 __device__ void load_tile(floatX* tile, const floatX* head, size_t row_stride, int row0, int T) {
     constexpr int PER_ROW = HS / 8;       // 16-byte chunks per row
@@ -81,26 +93,27 @@ __device__ void load_tile(floatX* tile, const floatX* head, size_t row_stride, i
         int r = c / PER_ROW, col = (c % PER_ROW) * 8;
         int4 v = make_int4(0, 0, 0, 0);
         if (row0 + r < T) { v = *reinterpret_cast<const int4*>(head + (size_t)(row0 + r) * row_stride + col); }
-        *reinterpret_cast<int4*>(tile + r * HS + col) = v;
+        *reinterpret_cast<int4*>(tile + r * Ld<HS>::H + col) = v;
     }
 }
 
-// out (M,N) f32 (ld N) = a (M,K) bf16 (ld K) @ b^T, b (N,K) bf16 (ld K): the score-like products
-// S = Q K^T and dP = dO V^T, each warp taking 16x16 output tiles in turn
-template <int M, int N, int K>
-__device__ void matmul_abt(float* out, const floatX* a, const floatX* b, int warp) {
-    for (int t = warp; t < (M / 16) * (N / 16); t += WARPS) {
-        int i = t / (N / 16), j = t % (N / 16);
+// s (M,BC) f32 (row stride LDS) = a (M,HS) bf16 @ b^T, b (BC,HS) bf16 (both row stride Ld<HS>::H): the
+// score-like products S = Q K^T and dP = dO V^T, each warp taking 16x16 output tiles in turn
+template <int M, int HS>
+__device__ void matmul_abt(float* s, const floatX* a, const floatX* b, int warp) {
+    constexpr int LD = Ld<HS>::H;
+    for (int t = warp; t < (M / 16) * (BC / 16); t += WARPS) {
+        int i = t / (BC / 16), j = t % (BC / 16);
         FragC acc;
         wmma::fill_fragment(acc, 0.0f);
-        for (int kk = 0; kk < K / 16; kk++) {
+        for (int kk = 0; kk < HS / 16; kk++) {
             FragA fa;
             FragBT fb;
-            wmma::load_matrix_sync(fa, a + i * 16 * K + kk * 16, K);
-            wmma::load_matrix_sync(fb, b + j * 16 * K + kk * 16, K);
+            wmma::load_matrix_sync(fa, a + i * 16 * LD + kk * 16, LD);
+            wmma::load_matrix_sync(fb, b + j * 16 * LD + kk * 16, LD);
             wmma::mma_sync(acc, fa, fb, acc);
         }
-        wmma::store_matrix_sync(out + i * 16 * N + j * 16, acc, N, wmma::mem_row_major);
+        wmma::store_matrix_sync(s + i * 16 * LDS + j * 16, acc, LDS, wmma::mem_row_major);
     }
 }
 
@@ -112,12 +125,12 @@ struct ForwardSmem {
     floatX* q; floatX* k; floatX* v; float* s; floatX* p; float* o; float* m; float* l;
     __device__ explicit ForwardSmem(unsigned char* base) {
         q = reinterpret_cast<floatX*>(base);
-        k = q + BR * HS;
-        v = k + BC * HS;
-        s = reinterpret_cast<float*>(v + BC * HS);
-        p = reinterpret_cast<floatX*>(s + BR * BC);
-        o = reinterpret_cast<float*>(p + BR * BC);
-        m = o + BR * HS;
+        k = q + BR * Ld<HS>::H;
+        v = k + BC * Ld<HS>::H;
+        s = reinterpret_cast<float*>(v + BC * Ld<HS>::H);
+        p = reinterpret_cast<floatX*>(s);                  // row r of p in the first half of row r of s
+        o = s + BR * LDS;
+        m = o + BR * Ld<HS>::O;
         l = m + BR;
     }
 };
@@ -128,14 +141,14 @@ __device__ void forward_rows(const ForwardSmem<HS, BR>& sm, int q0, int k0, int 
     for (int r = warp; r < BR; r += WARPS) {
         int qi = q0 + r, kj = k0 + lane;
         bool valid = kj <= qi && kj < T;
-        float s = valid ? sm.s[r * BC + lane] * scale : FLOAT_LOWEST;
+        float s = valid ? sm.s[r * LDS + lane] * scale : FLOAT_LOWEST;
         float m_old = sm.m[r];
         float m_new = fmaxf(m_old, warp_max(s));           // finite: key 0 is in the first tile of every row
         float p = valid ? expf(s - m_new) : 0.0f;
-        sm.p[r * BC + lane] = (floatX)p;                   // rounded for the tensor cores; l sums it in fp32
-        float p_sum = warp_sum(p);
+        sm.p[r * LDP + lane] = (floatX)p;                  // over s: every lane read its s before warp_max
+        float p_sum = warp_sum(p);                         // l sums p in fp32; the tensor cores get it rounded
         float alpha = expf(m_old - m_new);                 // 0 on the first tile (m_old = FLOAT_LOWEST)
-        for (int c = lane; c < HS; c += 32) { sm.o[r * HS + c] *= alpha; }
+        for (int c = lane; c < HS; c += 32) { sm.o[r * Ld<HS>::O + c] *= alpha; }
         if (lane == 0) {                                   // every lane read m and l before the shuffles
             sm.l[r] = sm.l[r] * alpha + p_sum;
             sm.m[r] = m_new;
@@ -146,18 +159,19 @@ __device__ void forward_rows(const ForwardSmem<HS, BR>& sm, int q0, int k0, int 
 // o (BR,HS) f32 += p (BR,BC) bf16 @ v (BC,HS) bf16
 template <int HS, int BR>
 __device__ void forward_pv(const ForwardSmem<HS, BR>& sm, int warp) {
+    constexpr int LDH = Ld<HS>::H, LDO = Ld<HS>::O;
     for (int t = warp; t < (BR / 16) * (HS / 16); t += WARPS) {
         int i = t / (HS / 16), j = t % (HS / 16);
         FragC acc;
-        wmma::load_matrix_sync(acc, sm.o + i * 16 * HS + j * 16, HS, wmma::mem_row_major);
+        wmma::load_matrix_sync(acc, sm.o + i * 16 * LDO + j * 16, LDO, wmma::mem_row_major);
         for (int kk = 0; kk < BC / 16; kk++) {
             FragA fa;
             FragB fb;
-            wmma::load_matrix_sync(fa, sm.p + i * 16 * BC + kk * 16, BC);
-            wmma::load_matrix_sync(fb, sm.v + kk * 16 * HS + j * 16, HS);
+            wmma::load_matrix_sync(fa, sm.p + i * 16 * LDP + kk * 16, LDP);
+            wmma::load_matrix_sync(fb, sm.v + kk * 16 * LDH + j * 16, LDH);
             wmma::mma_sync(acc, fa, fb, acc);
         }
-        wmma::store_matrix_sync(sm.o + i * 16 * HS + j * 16, acc, HS, wmma::mem_row_major);
+        wmma::store_matrix_sync(sm.o + i * 16 * LDO + j * 16, acc, LDO, wmma::mem_row_major);
     }
 }
 
@@ -172,14 +186,14 @@ __device__ void forward(unsigned char* smem, floatX* out, float* lse, const floa
     float scale = 1.0f / sqrtf((float)HS);
 
     load_tile<HS, BR>(sm.q, q_head, 3 * C, q0, T);
-    for (int i = threadIdx.x; i < BR * HS; i += THREADS) { sm.o[i] = 0.0f; }
+    for (int i = threadIdx.x; i < BR * Ld<HS>::O; i += THREADS) { sm.o[i] = 0.0f; }
     for (int r = threadIdx.x; r < BR; r += THREADS) { sm.m[r] = FLOAT_LOWEST; sm.l[r] = 0.0f; }
     int key_end = min(q0 + BR, T);                         // keys past the tile's last row are all masked
     for (int k0 = 0; k0 < key_end; k0 += BC) {
         load_tile<HS, BC>(sm.k, q_head + C, 3 * C, k0, T);
         load_tile<HS, BC>(sm.v, q_head + 2 * C, 3 * C, k0, T);
         __syncthreads();
-        matmul_abt<BR, BC, HS>(sm.s, sm.q, sm.k, warp);    // s = q k^T
+        matmul_abt<BR, HS>(sm.s, sm.q, sm.k, warp);        // s = q k^T
         __syncthreads();
         forward_rows<HS, BR>(sm, q0, k0, T, scale, warp, lane);
         __syncthreads();
@@ -190,7 +204,7 @@ __device__ void forward(unsigned char* smem, floatX* out, float* lse, const floa
     for (int r = warp; r < BR && q0 + r < T; r += WARPS) {
         float inv_l = 1.0f / sm.l[r];
         for (int c = lane; c < HS; c += 32) {
-            out_head[(size_t)(q0 + r) * C + c] = (floatX)(sm.o[r * HS + c] * inv_l);
+            out_head[(size_t)(q0 + r) * C + c] = (floatX)(sm.o[r * Ld<HS>::O + c] * inv_l);
         }
         if (lane == 0) { lse[(size_t)bh * T + q0 + r] = sm.m[r] + logf(sm.l[r]); }
     }
@@ -206,17 +220,17 @@ struct BackwardSmem {
     float* lse; float* D;
     __device__ explicit BackwardSmem(unsigned char* base) {
         q = reinterpret_cast<floatX*>(base);
-        dout = q + BR * HS;
-        k = dout + BR * HS;
-        v = k + BC * HS;
-        s = reinterpret_cast<float*>(v + BC * HS);
-        dp = s + BR * BC;
-        p = reinterpret_cast<floatX*>(dp + BR * BC);
-        ds = p + BR * BC;
-        lse = reinterpret_cast<float*>(ds + BR * BC);
+        dout = q + BR * Ld<HS>::H;
+        k = dout + BR * Ld<HS>::H;
+        v = k + BC * Ld<HS>::H;
+        s = reinterpret_cast<float*>(v + BC * Ld<HS>::H);
+        dp = s + BR * LDS;
+        p = reinterpret_cast<floatX*>(s);                  // p over s and ds over dp, row by row
+        ds = reinterpret_cast<floatX*>(dp);
+        lse = dp + BR * LDS;
         D = lse + BR;
     }
-    // (BR,HS) floats where q and dout were: the results' staging area once the walk is over
+    // (BR,HS) floats (row stride Ld<HS>::O) where q and dout were: the results' staging area after the walk
     __device__ float* staging() const { return reinterpret_cast<float*>(q); }
 };
 
@@ -224,15 +238,17 @@ struct BackwardSmem {
 template <int HS>
 __device__ void backward_scores(const BackwardSmem<HS>& sm, int q0, int k0, int T, float scale, int warp, int lane) {
     constexpr int BR = BackwardSmem<HS>::BR;
-    matmul_abt<BR, BC, HS>(sm.s, sm.q, sm.k, warp);
-    matmul_abt<BR, BC, HS>(sm.dp, sm.dout, sm.v, warp);
+    matmul_abt<BR, HS>(sm.s, sm.q, sm.k, warp);
+    matmul_abt<BR, HS>(sm.dp, sm.dout, sm.v, warp);
     __syncthreads();
     for (int r = warp; r < BR; r += WARPS) {
         int qi = q0 + r, kj = k0 + lane;
         bool valid = kj <= qi && kj < T && qi < T;
-        float p = valid ? expf(sm.s[r * BC + lane] * scale - sm.lse[r]) : 0.0f;
-        sm.p[r * BC + lane] = (floatX)p;
-        sm.ds[r * BC + lane] = (floatX)(p * (sm.dp[r * BC + lane] - sm.D[r]) * scale);
+        float s = sm.s[r * LDS + lane], dp = sm.dp[r * LDS + lane];
+        __syncwarp();                                      // the row is read before p and ds overwrite it
+        float p = valid ? expf(s * scale - sm.lse[r]) : 0.0f;
+        sm.p[r * LDP + lane] = (floatX)p;
+        sm.ds[r * LDP + lane] = (floatX)(p * (dp - sm.D[r]) * scale);
     }
     __syncthreads();
 }
@@ -241,15 +257,16 @@ __device__ void backward_scores(const BackwardSmem<HS>& sm, int q0, int k0, int 
 template <int HS, int ROWS, int N>
 __device__ void store_result(const BackwardSmem<HS>& sm, FragC (&acc)[N], floatX* head, size_t row_stride,
                              int row0, int T, int warp) {
+    constexpr int LDO = Ld<HS>::O;
     float* staging = sm.staging();
     for (int n = 0; n < N; n++) {
         int t = warp + n * WARPS, i = t / (HS / 16), j = t % (HS / 16);
-        wmma::store_matrix_sync(staging + i * 16 * HS + j * 16, acc[n], HS, wmma::mem_row_major);
+        wmma::store_matrix_sync(staging + i * 16 * LDO + j * 16, acc[n], LDO, wmma::mem_row_major);
     }
     __syncthreads();
     for (int e = threadIdx.x; e < ROWS * HS; e += THREADS) {
         int r = e / HS, c = e % HS;
-        if (row0 + r < T) { head[(size_t)(row0 + r) * row_stride + c] = (floatX)staging[e]; }
+        if (row0 + r < T) { head[(size_t)(row0 + r) * row_stride + c] = (floatX)staging[r * LDO + c]; }
     }
     __syncthreads();                                       // the staging area may be reused
 }
@@ -257,7 +274,7 @@ __device__ void store_result(const BackwardSmem<HS>& sm, FragC (&acc)[N], floatX
 template <int HS>
 __device__ void backward_dq(unsigned char* smem, floatX* dqkv, float* D, const floatX* dout, const floatX* qkv,
                             const floatX* out, const float* lse, int T, int NH) {
-    constexpr int BR = BWD_BR, N = (BR / 16) * (HS / 16) / WARPS;
+    constexpr int BR = BWD_BR, N = (BR / 16) * (HS / 16) / WARPS, LDH = Ld<HS>::H;
     BackwardSmem<HS> sm(smem);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int q0 = (gridDim.x - 1 - blockIdx.x) * BR;            // the longest walks start first
@@ -275,7 +292,7 @@ __device__ void backward_dq(unsigned char* smem, floatX* dqkv, float* D, const f
         int qi = q0 + r;
         float d = 0.0f;
         if (qi < T) {
-            for (int c = lane; c < HS; c += 32) { d += (float)sm.dout[r * HS + c] * (float)out_head[(size_t)qi * C + c]; }
+            for (int c = lane; c < HS; c += 32) { d += (float)sm.dout[r * LDH + c] * (float)out_head[(size_t)qi * C + c]; }
         }
         d = warp_sum(d);
         if (lane == 0) {
@@ -297,8 +314,8 @@ __device__ void backward_dq(unsigned char* smem, floatX* dqkv, float* D, const f
             for (int kk = 0; kk < BC / 16; kk++) {
                 FragA fa;
                 FragB fb;
-                wmma::load_matrix_sync(fa, sm.ds + i * 16 * BC + kk * 16, BC);
-                wmma::load_matrix_sync(fb, sm.k + kk * 16 * HS + j * 16, HS);
+                wmma::load_matrix_sync(fa, sm.ds + i * 16 * LDP + kk * 16, LDP);
+                wmma::load_matrix_sync(fb, sm.k + kk * 16 * LDH + j * 16, LDH);
                 wmma::mma_sync(acc[n], fa, fb, acc[n]);
             }
         }
@@ -307,16 +324,17 @@ __device__ void backward_dq(unsigned char* smem, floatX* dqkv, float* D, const f
     store_result<HS, BR, N>(sm, acc, dqkv + (size_t)b * T * 3 * C + (size_t)h * HS, 3 * C, q0, T, warp);
 }
 
-// acc[n] += a^T @ b for a (BR,BC) bf16 (ld BC) and b (BR,HS) bf16 (ld HS): dV += P^T dO, dK += dS^T Q
+// acc[n] += a^T @ b for a (BR,BC) bf16 (row stride LDP) and b (BR,HS) bf16: dV += P^T dO, dK += dS^T Q
 template <int HS, int N>
 __device__ void accumulate_atb(FragC (&acc)[N], const floatX* a, const floatX* b, int warp) {
+    constexpr int LDH = Ld<HS>::H;
     for (int n = 0; n < N; n++) {
         int t = warp + n * WARPS, i = t / (HS / 16), j = t % (HS / 16);
         for (int kk = 0; kk < BWD_BR / 16; kk++) {
             FragAT fa;
             FragB fb;
-            wmma::load_matrix_sync(fa, a + kk * 16 * BC + i * 16, BC);
-            wmma::load_matrix_sync(fb, b + kk * 16 * HS + j * 16, HS);
+            wmma::load_matrix_sync(fa, a + kk * 16 * LDP + i * 16, LDP);
+            wmma::load_matrix_sync(fb, b + kk * 16 * LDH + j * 16, LDH);
             wmma::mma_sync(acc[n], fa, fb, acc[n]);
         }
     }
