@@ -754,13 +754,13 @@ def flash_check(name, qkv, B, T, C, NH, *aligned):
     if T < 1 or B * NH >= 65536:
         raise ValueError(f"{name}: needs T >= 1 and B*NH < 65536 (the grid's y), got T={T} B*NH={B * NH}")
     if any(address(x) % 16 for x in (qkv,) + aligned):
-        raise ValueError(f"{name}: qkv, out, dout and dqkv must start on 16-byte boundaries (16-byte tile loads)")
+        raise ValueError(f"{name}: qkv and dout must start on 16-byte boundaries (the kernels load 16-byte pieces)")
 
 
 def flash_attention_forward(out, lse, qkv, B, T, C, NH):
     # qkv (B,T,3C) bf16 -> out (B,T,C) bf16, lse (B,NH,T) fp32: the softmax's log-sum-exp per row, kept
     # for flash_attention_backward. One launch; a block per (query tile, head).
-    flash_check("flash_attention_forward", qkv, B, T, C, NH, out)
+    flash_check("flash_attention_forward", qkv, B, T, C, NH)
     hs = C // NH
     grid = (ceil_div(T, flash_rows(hs, False)), B * NH)
     kernel("flash_attention", "flash_attention_forward_kernel", BF16)(
@@ -777,7 +777,7 @@ def flash_attention_backward(dqkv, scratch, dout, qkv, out, lse, B, T, C, NH):
     # dqkv (B,T,3C) bf16 = d(q|k|v), written; dout, out (B,T,C); lse (B,NH,T) from the forward;
     # scratch: >= flash_scratch_size(B, T, C, NH) floats. Two launches, no atomics: dq per query tile
     # (computing D as it goes), then dk and dv per key tile (reading D).
-    flash_check("flash_attention_backward", qkv, B, T, C, NH, dqkv, dout, out)
+    flash_check("flash_attention_backward", qkv, B, T, C, NH, dout)
     hs = C // NH
     D = view(scratch, B, NH, T)
     shared = flash_shared_bytes(hs, True)

@@ -43,12 +43,14 @@
 //   train_gpt2_cuda.py's flash_shared_bytes computes the same sums.
 // Launch: block = 128 (4 warps); grid = (ceil(T/BR), B*NH) for the forward and dq kernels (query
 // tiles, the longest first), (ceil(T/BC), B*NH) for dkdv (key tiles, the longest first).
-// Backward = 2 launches: dq (writing D as it goes), then dkdv.
+// Backward = 2 launches: dq (writing D as it goes), then dkdv. The price of having no atomics: both
+// recompute S and dP, 7 tile products per (query tile, key tile) pair where FlashAttention-2's one
+// kernel with atomic dQ adds needs 5.
 //
 // Determinism: no atomics. Each output element is written by one thread of one block, each sum runs
 // over its tiles in a fixed order, so the bits are the same in every run and thread order.
 // Assumes: hs in {64, 128} (other head sizes: the kernels return at once; the launcher refuses them),
-// qkv, out, dout and dqkv 16-byte aligned (16-byte tile loads), B*NH < 65536 (grid.y), T >= 1. Global
+// qkv and dout 16-byte aligned (16-byte tile loads), B*NH < 65536 (grid.y), 1 <= T < 2^31. Global
 // offsets are 64-bit, so B*T*3C may exceed 2^31.
 // fp32 build: the kernels' bodies exist only with -DENABLE_BF16 (empty otherwise), since wmma has no
 // 16x16x16 fragment for float inputs (tf32 would be another kernel); an fp32 trainer runs attention.cu.
