@@ -10,7 +10,9 @@ gamma_K = K u / (1 - K u), u = 2^-24. Every check runs in the emulator's three t
 
 The element-to-lane map is opaque in CUDA and scrambled here, so a kernel that assumes the sm_80 layout must
 come out wrong, and does; a warp where only some lanes call mma_sync is an error; so are a misaligned pointer,
-a bad ldm and an unsupported fragment type (at compile time). The same source compiles with nvcc for sm_80
+a bad ldm and an unsupported fragment type (at compile time). The race checker sees the loads and stores of
+load/store_matrix_sync (a shared tile read without the barrier after another warp writes it is a race) and
+takes their warp steps as synchronization (a GEMM is clean). The same source compiles with nvcc for sm_80
 and sm_90, to show the API accepted here is CUDA's.
 
 Also here, since the same kernels show it: flush-to-zero (emulator.h's FlushToZero, as CuPy's -ftz=true). A
@@ -142,6 +144,27 @@ extern "C" __global__ void partial_mma(float* out, const bf16* a, const bf16* b,
     if ((int)(threadIdx.x % 32) < callers) { wmma::store_matrix_sync(out, acc, 16, wmma::mem_row_major); }
 }
 
+// warp 1 fills a 16x16 bf16 tile A in dynamic shared memory, warp 0 computes A*A from it; barrier = 0
+// leaves out the __syncthreads between them: a race the race checker must name
+extern "C" __global__ void tile_handoff(float* out, const bf16* a, int barrier) {
+    extern __shared__ __align__(32) unsigned char smem[];
+    bf16* tile = reinterpret_cast<bf16*>(smem);
+    if (threadIdx.x >= 32) {
+        for (int i = threadIdx.x - 32; i < 256; i += 32) { tile[i] = a[i]; }
+    }
+    if (barrier) { __syncthreads(); }
+    if (threadIdx.x < 32) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fb;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        wmma::load_matrix_sync(fa, tile, 16);
+        wmma::load_matrix_sync(fb, tile, 16);
+        wmma::mma_sync(acc, fa, fb, acc);
+        wmma::store_matrix_sync(out, acc, 16, wmma::mem_row_major);
+    }
+}
+
 // a tile at an element offset and a leading dimension, to see the alignment and ldm checks
 extern "C" __global__ void load_at(float* out, const bf16* a, int offset, int lda) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
@@ -263,6 +286,25 @@ def test_a_kernel_assuming_the_sm80_layout_is_wrong_here(mod, order):
     assert np.all(np.isfinite(out))                      # it wrote every element once...
     assert np.sort(out, axis=None).tolist() == np.sort(want, axis=None).tolist()   # ...the right values...
     assert np.mean(out != want) > 0.9                    # ...nearly all in the wrong places
+
+
+def test_the_race_checker_sees_wmma_accesses(mod):
+    """Under racecheck=True: a GEMM is clean (its warp steps order the lanes); a shared tile read by
+    load_matrix_sync while another warp writes it, with no __syncthreads, is a race."""
+    rng = np.random.default_rng(7)
+    M, N, K = 32, 48, 32
+    a, b = operands(rng, M, N, K, integers=True)
+    out = np.full((M, N), np.nan, f32)
+    mod.get_function("gemm")(M // 16, 32 * (N // 16), (out, a, b, None, i32(M), i32(N), i32(K), i32(0), f32(1)),
+                             racecheck=True)
+    assert np.array_equal(out, bf16_values(a) @ bf16_values(b))
+    t, _ = operands(rng, 16, 16, 16, integers=True)
+    fn = mod.get_function("tile_handoff")
+    out = np.full((16, 16), np.nan, f32)
+    fn(1, 64, (out, t, i32(1)), shared_mem=512, racecheck=True)
+    assert np.array_equal(out, bf16_values(t) @ bf16_values(t))
+    with pytest.raises(emulator.RaceError, match=r"race on shared memory"):
+        fn(1, 64, (out, t, i32(0)), shared_mem=512, racecheck=True)
 
 
 def test_traffic_counts_each_tile_once(mod):
