@@ -28,15 +28,18 @@
 // first; "warps" lets each warp in turn run ahead through its shuffles until it reaches __syncthreads
 // or returns, as a GPU may. A result that changes with the order reveals a race between the threads
 // of a block: a read of what another thread writes with no barrier between them, e.g. a missing
-// __syncthreads (tests/test_kernels.py runs every kernel check in all three orders). What it cannot
-// see: lost updates. A plain `+=` where atomicAdd is needed gives the right answer here, whatever
-// the order (and a wrong one on a GPU).
+// __syncthreads (tests/test_kernels.py runs every kernel check in all three orders). What the orders
+// cannot show: lost updates. A plain `+=` where atomicAdd is needed gives the right answer here,
+// whatever the order (and a wrong one on a GPU). The race checker does (a build with -DEMU_RACECHECK,
+// racecheck=True or LLMC_EMULATOR_RACECHECK=1; see "the race checker" below): it reasons on
+// synchronization, not values, and names any two unordered accesses of two threads to the same bytes.
 //
 // What it checks (each one is an error raised in Python after the launch):
 //   * deadlock: some live threads wait at __syncthreads while others wait at a warp operation
 //     that can never complete (a barrier in divergent code);
 //   * a shuffle that reads a lane which has exited or does not exist (block not a multiple of 32).
 //   * a misaligned address in __ldg/__ldcs/__ldcg/__stcs/__stcg (a float4/int4 not on 16 bytes).
+//   * with the race checker on: races in the array arguments and shared memory (RaceError).
 //   Dynamic shared memory is filled with 0xFF bytes (NaN as float) at the start of each block so
 //   reads before writes show up.
 //
@@ -421,6 +424,8 @@ struct RaceState {
     unsigned long long total = 0;   // racing accesses in all
 };
 static RaceState* race_state = nullptr;   // the launch being checked (launches are one at a time)
+static Fiber* race_fiber = nullptr;       // the fiber running now: checked launches use one OS thread, and a
+                                          // global is cheaper in the hooks than tls_fiber (__tls_get_addr)
 #endif
 
 }  // namespace emu
@@ -566,12 +571,11 @@ EMU_NO_TSAN_INLINE bool emu_race_granule(emu::RaceState* S, const emu::RaceRange
     return raced;
 }
 
-EMU_NO_TSAN_INLINE void emu_race_access(const void* p, unsigned long n, int kind) {
+// an access inside the hull of the checked ranges, by a CUDA thread
+EMU_NO_TSAN void emu_race_checked_access(uintptr_t addr, unsigned long n, int kind) {
     emu::RaceState* S = emu::race_state;
-    uintptr_t addr = reinterpret_cast<uintptr_t>(p);
-    if (S == nullptr || addr - S->lo >= S->span) { return; }
-    emu::Fiber* f = emu::tls_fiber;
-    if (f == nullptr) { return; }                    // the emulator itself, between threads
+    emu::Fiber* f = emu::race_fiber;
+    if (addr - reinterpret_cast<uintptr_t>(f->stack) < f->stack_size) { return; }   // a local
     for (int i = 0; i < S->n; i++) {
         const emu::RaceRange& r = S->ranges[i];
         uintptr_t off = addr - r.lo;
@@ -586,6 +590,14 @@ EMU_NO_TSAN_INLINE void emu_race_access(const void* p, unsigned long n, int kind
         S->total += raced;                           // racing accesses, however many granules each covers
         return;
     }
+}
+
+// every hook's first test, inlined: most accesses are the emulator's own (no fiber runs) or far away
+EMU_NO_TSAN_INLINE void emu_race_access(const void* p, unsigned long n, int kind) {
+    emu::RaceState* S = emu::race_state;
+    uintptr_t addr = reinterpret_cast<uintptr_t>(p);
+    if (S == nullptr || emu::race_fiber == nullptr || addr - S->lo >= S->span) { return; }
+    emu_race_checked_access(addr, n, kind);
 }
 #define EMU_HOOK_READ(p, n) emu_race_access((p), (n), emu::RACE_READ)
 #define EMU_HOOK_WRITE(p, n) emu_race_access((p), (n), emu::RACE_WRITE)
@@ -783,10 +795,16 @@ static inline bool stacks_intact(Worker* w, int n) {
 // scheduler -> fiber
 static inline void switch_to_fiber(Worker* w, Fiber* f) {
     tls_fiber = f;
+#if defined(EMU_RACECHECK)
+    race_fiber = f;
+#endif
 #if defined(EMU_ASM_SWITCH)
     emu_switch(&w->sched_sp, f->sp);
 #else
     swapcontext(&w->sched_uc, &f->uc);
+#endif
+#if defined(EMU_RACECHECK)
+    race_fiber = nullptr;
 #endif
     tls_fiber = nullptr;
 }
@@ -1084,11 +1102,11 @@ static inline void race_begin(RaceState* S, Worker* w, size_t shared_mem) {
     uintptr_t lo = UINTPTR_MAX, hi = 0;
     ensure_smem(w, shared_mem);
     race_add_range(S, reinterpret_cast<uintptr_t>(w->smem), shared_mem, 1, true, -1);
-    static thread_local int touch = 0;                 // makes sure this thread's TLS block exists
-    touch++;
-    TlsBlock t;
-    t.code = reinterpret_cast<uintptr_t>(&emu_fiber_main);
-    dl_iterate_phdr(find_tls_block, &t);
+    static thread_local TlsBlock t;                    // found once per OS thread (it does not move)
+    if (t.code == 0) {
+        t.code = reinterpret_cast<uintptr_t>(&emu_fiber_main);   // taking t's address made this block exist
+        dl_iterate_phdr(find_tls_block, &t);
+    }
     race_add_range(S, t.data, t.size, 1, true, -2);
     S->own_tls[0] = reinterpret_cast<uintptr_t>(&tls_worker);
     S->own_tls[1] = reinterpret_cast<uintptr_t>(&tls_fiber);
