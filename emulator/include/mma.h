@@ -205,7 +205,13 @@ struct Tiles {
 };
 static thread_local Tiles warp_tiles[32];
 
-static inline void gather(Tiles& t, const Published* const* lanes) {
+// The gather and the multiply stand for register work on a GPU, so the race checker and the traffic counter
+// (both builds with -fsanitize=thread) must not see them: the tiles lie in this thread's thread_local block,
+// where the race checker looks for static __shared__ variables, and checking their every access cost more
+// than the multiply. The loads and stores of load/store_matrix_sync stay instrumented.
+#define EMU_WMMA_REGISTERS static __attribute__((no_sanitize("thread"), noinline))
+
+EMU_WMMA_REGISTERS void gather(Tiles& t, const Published* const* lanes) {
     const Maps& m = kMaps;
     for (int l = 0; l < 32; l++) {
         const __nv_bfloat16* a = lanes[l]->a;
@@ -220,7 +226,7 @@ static inline void gather(Tiles& t, const Published* const* lanes) {
 
 typedef float emu_float4v __attribute__((vector_size(16)));   // GCC's portable vectors (SSE on x86-64)
 
-static inline void mma_lane(float* d, const float* c, const Tiles& t, int lane) {
+EMU_WMMA_REGISTERS void mma_lane(float* d, const float* c, const Tiles& t, int lane) {
     const Maps& m = kMaps;
     float init[2][4];
     for (int i = 0; i < 8; i++) { int pick = m.c_pick[lane][i]; init[pick >> 2][pick & 3] = c[i]; }
