@@ -736,8 +736,8 @@ def flash_rows(hs, backward):
 def flash_shared_bytes(hs, backward):
     """Dynamic shared memory of one block, the sum of the tiles the kernel's header lists."""
     BR, BC = flash_rows(hs, backward), FLASH_BC   # rows padded by 16 bytes: hs + 8 bf16, hs + 4 and BC + 4 floats
-    if not backward:   # q, k, v bf16; s f32 (p over it); o f32; m, l
-        return 2 * (BR + 2 * BC) * (hs + 8) + 4 * BR * (BC + 4) + 4 * BR * (hs + 4) + 8 * BR
+    if not backward:   # q, k, v bf16; s f32 (p over it); o f32; m, l, alpha
+        return 2 * (BR + 2 * BC) * (hs + 8) + 4 * BR * (BC + 4) + 4 * BR * (hs + 4) + 12 * BR
     return 4 * (BR + BC) * (hs + 8) + 8 * BR * (BC + 4) + 8 * BR   # q, dout, k, v bf16; s, dp f32 (p, ds over them); lse, D
 
 

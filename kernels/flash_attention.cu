@@ -17,7 +17,9 @@
 //   forward, online softmax over key tiles: per row keep the running max m and sum l of exp(s - m) and
 //   the unnormalized output o; a new tile with scores s_j gives m' = max(m, max_j s_j), p_j = exp(s_j - m'),
 //   l' = l exp(m - m') + sum_j p_j, o' = o exp(m - m') + sum_j p_j v_j; after the last tile O = o / l and
-//   L = m + log l, so that P_ts = exp(s_ts - L_t) can be recomputed without m or l.
+//   L = m + log l, so that P_ts = exp(s_ts - L_t) can be recomputed without m or l. Any m >= the true
+//   max minus a little works (it cancels in o / l and in L): here m moves only when a tile's max exceeds
+//   it by more than MAX_SLACK = 8, so p <= e^8 and most tiles need no rescale of o at all.
 //   backward (dO given): dV = P^T dO; dP = dO V^T; dS = P * (dP - D) with D_t = sum_s P_ts dP_ts
 //   = sum_d dO_td O_td (the softmax Jacobian); dQ = scale dS K, dK = scale dS^T Q. P and dS round to bf16
 //   before they enter a product, as the materialized path's att and dpreatt do.
@@ -29,14 +31,16 @@
 // Products are 16x16x16 wmma fragments (bf16 in, float accumulate); the fragments' element-to-lane
 // layout is never used: S and dP go to shared memory with store_matrix_sync, the per-row work runs
 // on plain threads (a warp per row, a lane per key, warp_max/warp_sum), and P and dS come back as
-// matrix_a fragments. The forward keeps o in shared memory as float (rescaled there by exp(m - m'));
-// the backward keeps dQ, or dK and dV, in accumulator fragments for the whole walk.
+// matrix_a fragments. The forward keeps o in accumulator fragments; on a tile where some row's m moves,
+// they make a round trip through shared memory, where plain threads scale the rows by exp(m - m').
+// The backward keeps dQ, or dK and dV, in accumulator fragments for the whole walk.
 //
 // Shared memory (dynamic, bytes; all under the 48 KiB default, so no opt-in is needed). Rows are padded
 // by 16 bytes (hs + 8 bf16, hs + 4 or 36 floats) so that fragment loads and stores avoid bank conflicts;
 // p is written over s, and ds over dp, row by row, once a row is read (LDP = 72 bf16 per row):
-//   forward:  q (BR,hs+8) bf16 + k, v (BC,hs+8) bf16 + s/p (BR,36) f32 + o (BR,hs+4) f32 + m, l (BR) f32
-//             = 45,568 (hs 64, BR 64) and 47,872 (hs 128, BR 32).
+//   forward:  q (BR,hs+8) bf16 + k, v (BC,hs+8) bf16 + s/p (BR,36) f32 + o (BR,hs+4) f32 (the staging
+//             area of a rescale and of the end) + m, l, alpha (BR) f32 = 45,824 (hs 64, BR 64) and 48,000
+//             (hs 128, BR 32).
 //   backward: q, dout (BR,hs+8) bf16 + k, v (BC,hs+8) bf16 + s/p, dp/ds (BR,36) f32 + lse, D (BR) f32
 //             = 27,904 (hs 64) and 44,288 (hs 128); both kernels use the same layout, and stage their
 //             (32,hs+4) f32 results where q and dout were.
@@ -124,7 +128,7 @@ __device__ void matmul_abt(float* s, const floatX* a, const floatX* b, int warp)
 
 template <int HS, int BR>
 struct ForwardSmem {
-    floatX* q; floatX* k; floatX* v; float* s; floatX* p; float* o; float* m; float* l;
+    floatX* q; floatX* k; floatX* v; float* s; floatX* p; float* o; float* m; float* l; float* alpha;
     __device__ explicit ForwardSmem(unsigned char* base) {
         q = reinterpret_cast<floatX*>(base);
         k = q + BR * Ld<HS>::H;
@@ -134,10 +138,18 @@ struct ForwardSmem {
         o = s + BR * LDS;
         m = o + BR * Ld<HS>::O;
         l = m + BR;
+        alpha = l + BR;
     }
 };
 
-// one key tile's online-softmax step for the rows of this warp: p = exp(s - m'), m, l updated, o rescaled
+// The running max moves only when a tile's max exceeds it by more than this (natural-log units), so
+// that most tiles leave every row's max alone and o, kept in accumulator fragments, needs no rescaling
+// (a rescale is a round trip through shared memory). p = exp(s - m) is then at most e^8 ~ 3000: fine
+// in bf16 and fp32, and lse = m + log l is the same number whichever m it was computed with.
+constexpr float MAX_SLACK = 8.0f;
+
+// one key tile's online-softmax step for the rows of this warp: p = exp(s - m'), m and l updated, and
+// alpha = exp(m - m') (exactly 1 where m stays), by which o must be rescaled
 template <int HS, int BR>
 __device__ void forward_rows(const ForwardSmem<HS, BR>& sm, int q0, int k0, int T, float scale, int warp, int lane) {
     for (int r = warp; r < BR; r += WARPS) {
@@ -145,40 +157,61 @@ __device__ void forward_rows(const ForwardSmem<HS, BR>& sm, int q0, int k0, int 
         bool valid = kj <= qi && kj < T;
         float s = valid ? sm.s[r * LDS + lane] * scale : FLOAT_LOWEST;
         float m_old = sm.m[r];
-        float m_new = fmaxf(m_old, warp_max(s));           // finite: key 0 is in the first tile of every row
+        float tile_max = warp_max(s);                      // finite on the first tile: key 0 is in it
+        float m_new = tile_max > m_old + MAX_SLACK ? tile_max : m_old;
         float p = valid ? expf(s - m_new) : 0.0f;
         sm.p[r * LDP + lane] = (floatX)p;                  // over s: every lane read its s before warp_max
         float p_sum = warp_sum(p);                         // l sums p in fp32; the tensor cores get it rounded
-        float alpha = expf(m_old - m_new);                 // 0 on the first tile (m_old = FLOAT_LOWEST)
-        for (int c = lane; c < HS; c += 32) { sm.o[r * Ld<HS>::O + c] *= alpha; }
+        float alpha = m_new == m_old ? 1.0f : expf(m_old - m_new);   // 0 on the first tile
         if (lane == 0) {                                   // every lane read m and l before the shuffles
             sm.l[r] = sm.l[r] * alpha + p_sum;
             sm.m[r] = m_new;
+            sm.alpha[r] = alpha;
         }
     }
 }
 
-// o (BR,HS) f32 += p (BR,BC) bf16 @ v (BC,HS) bf16
-template <int HS, int BR>
-__device__ void forward_pv(const ForwardSmem<HS, BR>& sm, int warp) {
-    constexpr int LDH = Ld<HS>::H, LDO = Ld<HS>::O;
-    for (int t = warp; t < (BR / 16) * (HS / 16); t += WARPS) {
-        int i = t / (HS / 16), j = t % (HS / 16);
-        FragC acc;
-        wmma::load_matrix_sync(acc, sm.o + i * 16 * LDO + j * 16, LDO, wmma::mem_row_major);
+// o *= alpha by rows, when some row's max moved (every warp reads the same alphas, so every thread of
+// the block takes the same branch and the barriers inside are reached by all): the fragments go to
+// shared memory, the rows are scaled there by plain threads, and the fragments come back
+template <int HS, int BR, int N>
+__device__ void forward_rescale(const ForwardSmem<HS, BR>& sm, FragC (&o)[N], int warp, int lane) {
+    constexpr int LDO = Ld<HS>::O;
+    float moved = 0.0f;
+    for (int r = lane; r < BR; r += 32) { moved = fmaxf(moved, sm.alpha[r] != 1.0f ? 1.0f : 0.0f); }
+    if (warp_max(moved) == 0.0f) { return; }
+    for (int n = 0; n < N; n++) {
+        int t = warp + n * WARPS, i = t / (HS / 16), j = t % (HS / 16);
+        wmma::store_matrix_sync(sm.o + i * 16 * LDO + j * 16, o[n], LDO, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < BR * HS; e += THREADS) { sm.o[(e / HS) * LDO + e % HS] *= sm.alpha[e / HS]; }
+    __syncthreads();
+    for (int n = 0; n < N; n++) {
+        int t = warp + n * WARPS, i = t / (HS / 16), j = t % (HS / 16);
+        wmma::load_matrix_sync(o[n], sm.o + i * 16 * LDO + j * 16, LDO, wmma::mem_row_major);
+    }
+}
+
+// o (BR,HS) f32 += p (BR,BC) bf16 @ v (BC,HS) bf16, o in this warp's accumulator fragments
+template <int HS, int BR, int N>
+__device__ void forward_pv(const ForwardSmem<HS, BR>& sm, FragC (&o)[N], int warp) {
+    constexpr int LDH = Ld<HS>::H;
+    for (int n = 0; n < N; n++) {
+        int t = warp + n * WARPS, i = t / (HS / 16), j = t % (HS / 16);
         for (int kk = 0; kk < BC / 16; kk++) {
             FragA fa;
             FragB fb;
             wmma::load_matrix_sync(fa, sm.p + i * 16 * LDP + kk * 16, LDP);
             wmma::load_matrix_sync(fb, sm.v + kk * 16 * LDH + j * 16, LDH);
-            wmma::mma_sync(acc, fa, fb, acc);
+            wmma::mma_sync(o[n], fa, fb, o[n]);
         }
-        wmma::store_matrix_sync(sm.o + i * 16 * LDO + j * 16, acc, LDO, wmma::mem_row_major);
     }
 }
 
 template <int HS, int BR>
 __device__ void forward(unsigned char* smem, floatX* out, float* lse, const floatX* qkv, int T, int NH) {
+    constexpr int N = (BR / 16) * (HS / 16) / WARPS, LDO = Ld<HS>::O;
     ForwardSmem<HS, BR> sm(smem);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int q0 = (gridDim.x - 1 - blockIdx.x) * BR;            // the longest walks start first
@@ -188,8 +221,9 @@ __device__ void forward(unsigned char* smem, floatX* out, float* lse, const floa
     float scale = 1.0f / sqrtf((float)HS);
 
     load_tile<HS, BR>(sm.q, q_head, 3 * C, q0, T);
-    for (int i = threadIdx.x; i < BR * Ld<HS>::O; i += THREADS) { sm.o[i] = 0.0f; }
     for (int r = threadIdx.x; r < BR; r += THREADS) { sm.m[r] = FLOAT_LOWEST; sm.l[r] = 0.0f; }
+    FragC o[N];
+    for (int n = 0; n < N; n++) { wmma::fill_fragment(o[n], 0.0f); }
     int key_end = min(q0 + BR, T);                         // keys past the tile's last row are all masked
     for (int k0 = 0; k0 < key_end; k0 += BC) {
         load_tile<HS, BC>(sm.k, q_head + C, 3 * C, k0, T);
@@ -199,14 +233,20 @@ __device__ void forward(unsigned char* smem, floatX* out, float* lse, const floa
         __syncthreads();
         forward_rows<HS, BR>(sm, q0, k0, T, scale, warp, lane);
         __syncthreads();
-        forward_pv<HS, BR>(sm, warp);                      // o += p v
-        __syncthreads();                                   // before the next tile overwrites k, v, s, p
+        if (k0 > 0) { forward_rescale<HS, BR, N>(sm, o, warp, lane); }   // o is still 0 on the first tile
+        forward_pv<HS, BR, N>(sm, o, warp);                // o += p v
+        __syncthreads();                                   // before the next tile overwrites k, v, s, p, alpha
     }
+    for (int n = 0; n < N; n++) {
+        int t = warp + n * WARPS, i = t / (HS / 16), j = t % (HS / 16);
+        wmma::store_matrix_sync(sm.o + i * 16 * LDO + j * 16, o[n], LDO, wmma::mem_row_major);
+    }
+    __syncthreads();
     floatX* out_head = out + (size_t)b * T * C + (size_t)h * HS;
     for (int r = warp; r < BR && q0 + r < T; r += WARPS) {
         float inv_l = 1.0f / sm.l[r];
         for (int c = lane; c < HS; c += 32) {
-            out_head[(size_t)(q0 + r) * C + c] = (floatX)(sm.o[r * Ld<HS>::O + c] * inv_l);
+            out_head[(size_t)(q0 + r) * C + c] = (floatX)(sm.o[r * LDO + c] * inv_l);
         }
         if (lane == 0) { lse[(size_t)bh * T + q0 + r] = sm.m[r] + logf(sm.l[r]); }
     }
