@@ -549,27 +549,41 @@ LAYERNORM_SUM_BLOCK = 128        # layernorm_backward_sum_split_kernel: 128 thre
 
 
 def layernorm_scratch_size(B, T, C):
-    # floats of scratch layernorm_backward needs: 2*C partial sums per block of its grid
-    return ceil_div(32 * B * T, LAYERNORM_BACKWARD_BLOCK) * 2 * C
+    # floats of scratch layernorm_backward needs: 3*C partial sums per block of its grid (dbias, dweight and,
+    # with linear_dbias, the column sums of dinp)
+    return ceil_div(32 * B * T, LAYERNORM_BACKWARD_BLOCK) * 3 * C
 
 
-def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, rstd, B, T, C):
+def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, rstd, B, T, C, linear_dbias=None,
+                       linear_scratch=None):
     # dinp (B,T,C) += ..., dweight, dbias (C) += ...; one warp per row for dinp. Each block writes
     # its rows' share of dbias/dweight to scratch (>= layernorm_scratch_size floats), and a second
     # kernel adds the shares in a fixed order: deterministic, no atomics. That sum fills the GPU when
     # C is a multiple of 4 (scratch, float, is read in 128-bit packs): one block per pack of 4 columns
-    # of the (2, C) rows, its 128 threads splitting the partial rows; else one thread per channel
+    # of the (2, C) rows, its 128 threads splitting the partial rows; else one thread per channel.
+    # linear_dbias (C) given: it also gets += the column sums of dinp after the update (the bias gradient of
+    # the linear layer whose output is added into the residual stream dinp is the gradient of): in the same
+    # two launches where the x128 kernel runs (its third row of partials per block, layernorm_backward_sum3),
+    # else by matmul_backward_bias(linear_dbias, linear_scratch, dinp) afterwards
     block = LAYERNORM_BACKWARD_BLOCK
     grid = ceil_div(32 * B * T, block)
     name = layernorm_x128_name("layernorm_backward_kernel", C, dinp, dout, inp, weight)
+    x128 = name != "layernorm_backward_kernel"
+    fused = linear_dbias is not None and x128 and packable(C, scratch)
     kernel("layernorm", name, dinp.dtype)(
-        (grid,), (block,), (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)))
-    if packable(C, scratch):
+        (grid,), (block,), (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C))
+        + ((i32(fused),) if x128 else ()))
+    if fused:
+        kernel("layernorm", "layernorm_backward_sum3_split_kernel", dinp.dtype)(
+            (3 * C // 4,), (LAYERNORM_SUM_BLOCK,), (dweight, dbias, linear_dbias, scratch, i32(grid), i32(C)))
+    elif packable(C, scratch):
         kernel("layernorm", "layernorm_backward_sum_split_kernel", dinp.dtype)(
             (2 * C // 4,), (LAYERNORM_SUM_BLOCK,), (dweight, dbias, scratch, i32(grid), i32(C)))
     else:
         kernel("layernorm", "layernorm_backward_sum_kernel", dinp.dtype)(
             (ceil_div(C, 256),), (256,), (dweight, dbias, scratch, i32(grid), i32(C)))
+    if linear_dbias is not None and not fused:
+        matmul_backward_bias(linear_dbias, linear_scratch, dinp, B * T, C)
 
 
 def matmul_forward(out, inp, weight, bias, B, T, C, OC, pre_gelu=None, gelu_fusion=0):
@@ -1351,8 +1365,12 @@ def gpt2_backward(model):
     residual = acts.residual3[L - 1]
     ln_scratch = model.layernorm_scratch  # every layernorm_backward's per-block partials of dweight/dbias
     mm_scratch = model.matmul_scratch     # every matmul_backward's per-block partials of dbias
+    # each LayerNorm backward also takes the bias gradient of the linear layer whose output joined the residual
+    # stream there, from the stream's gradient it has just updated: lnf the last fcproj's, ln2 attproj's, ln1 the
+    # previous layer's fcproj's (so those matmul_backward calls get no dbias)
     layernorm_backward(dresidual, grads.lnfw, grads.lnfb, ln_scratch, dlnf, residual, params.lnfw,
-                       acts.lnf_mean, acts.lnf_rstd, B, T, C)
+                       acts.lnf_mean, acts.lnf_rstd, B, T, C,
+                       linear_dbias=grads.fcprojb[L - 1], linear_scratch=mm_scratch)
     # the materialized attention backward's scratch, the same buffers for every layer (flash needs neither):
     datt = acts.output                # >= (B,NH,T,T): held dlogits, no longer needed after the classifier's backward
     dpreatt = None if model.flash else grads_acts.preatt   # (B,NH,T,T): the backward's own scratch
@@ -1372,14 +1390,15 @@ def gpt2_backward(model):
                               params.ln2w[l], params.ln2b[l], B, T, C)
         # residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
         # buffer_b = dfch, through GELU's gradient (-ge 2: in the GEMM's epilogue)
-        matmul_backward(buffer_b, grads.fcprojw[l], grads.fcprojb[l], dresidual, fch_gelu,
+        matmul_backward(buffer_b, grads.fcprojw[l], None, dresidual, fch_gelu,   # dbias: the LayerNorm after it
                         params.fcprojw[l], mm_scratch, B, T, 4 * C, C, pre_gelu=acts.fch[l],
                         gelu_fusion=model.gelu_fusion)
         matmul_backward(buffer_a, grads.fcw[l], grads.fcb[l], buffer_b, ln2, params.fcw[l], mm_scratch, B, T, C, 4 * C)
         layernorm_backward(dresidual, grads.ln2w[l], grads.ln2b[l], ln_scratch, buffer_a, acts.residual2[l],
-                           params.ln2w[l], acts.ln2_mean[l], acts.ln2_rstd[l], B, T, C)
+                           params.ln2w[l], acts.ln2_mean[l], acts.ln2_rstd[l], B, T, C,
+                           linear_dbias=grads.attprojb[l], linear_scratch=mm_scratch)
         # residual2 = residual + attproj(attention(qkv(ln1(residual))))
-        matmul_backward(buffer_a, grads.attprojw[l], grads.attprojb[l], dresidual, acts.atty[l],
+        matmul_backward(buffer_a, grads.attprojw[l], None, dresidual, acts.atty[l],   # dbias: ln2's backward
                         params.attprojw[l], mm_scratch, B, T, C, C)
         dqkv = view(buffer_b, B, T, 3 * C)
         if model.flash:   # the probabilities recomputed from q, k and lse; atty (the forward's out) still intact
@@ -1395,7 +1414,8 @@ def gpt2_backward(model):
                               params.ln1w[l], params.ln1b[l], B, T, C)
         matmul_backward(buffer_a, grads.qkvw[l], grads.qkvb[l], dqkv, ln1, params.qkvw[l], mm_scratch, B, T, C, 3 * C)
         layernorm_backward(dresidual, grads.ln1w[l], grads.ln1b[l], ln_scratch, buffer_a, residual, params.ln1w[l],
-                           acts.ln1_mean[l], acts.ln1_rstd[l], B, T, C)
+                           acts.ln1_mean[l], acts.ln1_rstd[l], B, T, C,
+                           linear_dbias=grads.fcprojb[l - 1] if l > 0 else None, linear_scratch=mm_scratch)
     buckets = encoder_buckets(model.inputs_host, model.bucket_memory)  # the batch's positions grouped by token
     encoder_backward(grads.wte, grads.wpe, dresidual, model.inputs_host, B, T, C, buckets,
                      seed=random_u32(model.rng_state))

@@ -315,9 +315,15 @@ def layernorm_launches(s, rng, reference):
     mean_x, rstd_x = np.full((B, T), np.nan, np.float32), np.full((B, T), np.nan, np.float32)
     fwd_x = Launch("layernorm_forward_x128_kernel", ceil_div(B * T * 32, 256), 256,
                    (out_x, mean_x, rstd_x, inp, weight, bias, i32(B * T), i32(C)))
-    dinp_x, scratch_x = dinp0.copy(), np.full((grid, 2, C), np.nan, np.float32)
+    # (with dinp_sums = 1: a third partial row per block, the column sums of the updated dinp, which
+    # layernorm_backward_sum3_split_kernel adds into a linear layer's dbias beside dweight and dbias)
+    dinp_x, scratch_x = dinp0.copy(), np.full((grid, 3, C), np.nan, np.float32)
     bwd_x = Launch("layernorm_backward_x128_kernel", grid, block,
-                   (dinp_x, scratch_x, dout, inp, weight, b_mean, b_rstd, i32(B), i32(T), i32(C)), read_write=(0,))
+                   (dinp_x, scratch_x, dout, inp, weight, b_mean, b_rstd, i32(B), i32(T), i32(C), i32(1)),
+                   read_write=(0,))
+    dweight_3, dbias_3, dlinear_3 = dweight.copy(), dbias.copy(), fx(rand(rng, C))
+    bwd_sum3 = Launch("layernorm_backward_sum3_split_kernel", 3 * C // 4, 128,
+                      (dweight_3, dbias_3, dlinear_3, scratch_x, i32(grid), i32(C)), read_write=(0, 1, 2))
     residual_x, normed_x = np.full((B, T, C), np.nan, np.float32), np.full((B, T, C), np.nan, np.float32)
     f_mean_x, f_rstd_x = np.full((B, T), np.nan, np.float32), np.full((B, T), np.nan, np.float32)
     fused_x = Launch("fused_residual_layernorm_forward_x128_kernel", ceil_div(B * T * 32, 256), 256,
@@ -325,11 +331,29 @@ def layernorm_launches(s, rng, reference):
     if reference:
         fwd_x.outputs = [dataclasses.replace(o, got=got)
                          for o, got in zip(fwd.outputs, (out_x, mean_x, rstd_x))]
-        bwd_x.outputs = [dataclasses.replace(o, got=got)
-                         for o, got in zip(bwd.outputs, (dinp_x, scratch_x))]
+        # the dinp sums are of dinp AS STORED (bf16: rounded), known only after the launch: their references are
+        # filled in place when the check reads the output (got is a function, called first)
+        w_dinp_sums, w_dlinear = np.zeros((grid, C)), f64(dlinear_3).copy()
+
+        def stored_dinp_sums():
+            rows = np.zeros((grid * block // 32, C))
+            rows[:B * T] = f64(dinp_x).reshape(B * T, C)
+            w_dinp_sums[...] = rows.reshape(grid, block // 32, C).sum(axis=1)
+            return scratch_x[:, 2]
+
+        def dlinear_after():
+            w_dlinear[...] += f64(dinp_x).reshape(B * T, C).sum(0)
+            return dlinear_3
+        bwd_x.outputs = [dataclasses.replace(bwd.outputs[0], got=dinp_x),
+                         dataclasses.replace(bwd.outputs[1], got=lambda: scratch_x[:, :2]),
+                         Output("dinp sums", stored_dinp_sums, w_dinp_sums, "column sums of the stored dinp",
+                                1e-5, 1e-6)]
+        bwd_sum3.outputs = [Output(name, got, w, "layernorm_backward (+=)", 2e-5, 1e-5) for name, got, w in
+                            zip(("dweight", "dbias", "dlinear_bias"), (dweight_3, dbias_3, dlinear_after),
+                                (want[1], want[2], w_dlinear))]
         fused_x.outputs = [dataclasses.replace(o, got=got)
                            for o, got in zip(fused.outputs, (residual_x, normed_x, f_mean_x, f_rstd_x))]
-    return [fwd, bwd, bwd_sum, bwd_split, fused, fwd_x, bwd_x, fused_x]
+    return [fwd, bwd, bwd_sum, bwd_split, fused, fwd_x, bwd_x, bwd_sum3, fused_x]
 
 
 def matmul_launches(s, rng, reference):

@@ -207,16 +207,23 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
         # dweight (OC, IC) += dout^T @ inp: reads dout, inp and dweight (accumulate), writes dweight
         gemm("matmul_backward", where, OC, IC, N, 1, (N * OC + N * IC + OC * IC) * s, OC * IC * s)
         if bias:
-            columns, row_blocks, rows_per_block = cu.matmul_bias_grid(N, OC, P)
-            # matmul_backward_bias_x128_kernel, one launch: reads dout (N, OC) once; each block row's column sums,
-            # (row blocks, OC) floats, stored by atomicExch and read back by the last block with atomicAdd(0):
-            # an atomic counts a read and a write; a ticket per block and a counter reset per column block
-            # (atomics too); dbias read and written. DRAM: dout, the partials once, dbias
-            atomics = 2 * row_blocks * OC * 4 + columns * row_blocks * 4 + columns * 4
-            launch("matmul_backward_bias_x128_kernel", where, N * OC * s + atomics + OC * s, atomics + OC * s,
-                   dram_read=N * OC * s + row_blocks * OC * 4 + OC * s)
+            bias_backward(where, OC)
 
-    def layernorm_backward(where):
+    def bias_backward(where, OC):
+        columns, row_blocks, rows_per_block = cu.matmul_bias_grid(N, OC, P)
+        # matmul_backward_bias_x128_kernel, one launch: reads dout (N, OC) once; each block row's column sums,
+        # (row blocks, OC) floats, stored by atomicExch and read back by the last block with atomicAdd(0):
+        # an atomic counts a read and a write; a ticket per block and a counter reset per column block
+        # (atomics too); dbias read and written. DRAM: dout, the partials once, dbias
+        atomics = 2 * row_blocks * OC * 4 + columns * row_blocks * 4 + columns * 4
+        launch("matmul_backward_bias_x128_kernel", where, N * OC * s + atomics + OC * s, atomics + OC * s,
+               dram_read=N * OC * s + row_blocks * OC * 4 + OC * s)
+
+    def layernorm_backward(where, linear_bias=False):
+        # linear_bias: this LayerNorm's backward also gives the bias gradient of the linear layer before it
+        # (the x128 kernel's third row of partials: it rereads the dinp rows it stored, NC, and writes C floats
+        # more per block; the 3-row sum), else matmul_backward_bias on dinp after it
+        fused = linear_bias and x128 == "_x128_kernel" and C % 4 == 0
         blocks = ceil_div(32 * N, cu.LAYERNORM_BACKWARD_BLOCK)
         # warp per row: reads inp, weight, dout in the first pass (3NC), and again with dinp (+=) in the
         # second (4NC); mean and rstd by each of the 32 lanes (256 bytes a row); then per block the column
@@ -224,10 +231,15 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
         # per row and pack: 8NC/P). Writes dinp and 2C floats of partials per block. DRAM: inp, dout, dinp
         # once, weight once, mean and rstd once
         stats = 8 * N * C // P if C % P == 0 else 8 * N * C
-        launch("layernorm_backward" + x128, where, 9 * N * C * s + 256 * N + stats,
-               N * C * s + blocks * 2 * C * 4, dram_read=(3 * N * C + C) * s + 8 * N)
+        launch("layernorm_backward" + x128, where, 9 * N * C * s + 256 * N + stats + fused * N * C * s,
+               N * C * s + blocks * (2 + fused) * C * 4, dram_read=(3 * N * C + C) * s + 8 * N)
+        if fused:   # reads the partials (blocks, 3C) and the three gradients; writes them
+            launch("layernorm_backward_sum3_split_kernel", where, blocks * 3 * C * 4 + 3 * C * s, 3 * C * s)
+            return
         # reads the partials (blocks, 2C) and dbias, dweight; writes dbias, dweight
         launch("layernorm_backward_sum_split_kernel", where, blocks * 2 * C * 4 + 2 * C * s, 2 * C * s)
+        if linear_bias:
+            bias_backward(where, C)
 
     def materialized_attention_forward(where):
         # attention_forward: permute reads qkv (3NC), writes q, k, v (3NC)
@@ -289,20 +301,21 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
     # ---- gpt2_backward
     launch("cupy fill (dresidual)", "head", 0, N * C * s, counted=False)
     matmul_backward("head", Vp, C, bias=False)                      # dlnf, dwte from dlogits
-    layernorm_backward("head")                                      # lnf
+    layernorm_backward("head", linear_bias=True)                    # lnf, and the last fcproj's dbias
     for l in reversed(range(L)):
         where = f"layer {l}"
         if recompute >= 1:
             gelu_forward(where)                                     # fch_gelu again
         if recompute >= 2:
             layernorm_forward(where)                                # ln2 again
-        matmul_backward(where, C, 4 * C, dgelu=gelu_fusion >= 2)    # fcproj (-ge 2: and GELU's gradient)
+        # fcproj (-ge 2: and GELU's gradient); its dbias came with the LayerNorm backward after it
+        matmul_backward(where, C, 4 * C, bias=False, dgelu=gelu_fusion >= 2)
         if gelu_fusion < 2:
             # gelu_backward in place: reads fch and dout (4NC each), writes dinp over dout
             launch("gelu_backward_packed_kernel", where, 8 * N * C * s, 4 * N * C * s)
         matmul_backward(where, 4 * C, C)                            # fc
-        layernorm_backward(where)                                   # ln2
-        matmul_backward(where, C, C)                                # attproj
+        layernorm_backward(where, linear_bias=True)                 # ln2, and attproj's dbias
+        matmul_backward(where, C, C, bias=False)                    # attproj
         if flash:   # flash_attention_backward: dq (and D), then dk and dv. DRAM: each input once
             for kernel, dram in (("flash_attention_backward_dq_kernel", 5 * N * C * s + 4 * B * NH * T),
                                  ("flash_attention_backward_dkdv_kernel", 4 * N * C * s + 8 * B * NH * T)):
@@ -313,7 +326,7 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
         if recompute >= 2:
             layernorm_forward(where)                                # ln1 again
         matmul_backward(where, 3 * C, C)                            # qkv
-        layernorm_backward(where)                                   # ln1
+        layernorm_backward(where, linear_bias=l > 0)                # ln1, and the previous layer's fcproj's dbias
     # encoder backward, wte: a thread per (distinct token, channel) reads dwte, the bucket's token id,
     # start and end, and per position of the token its index and dout: n*C*(s + 12) + N*C*(4 + s); writes
     # dwte's n rows. DRAM: dout once, the indices once, dwte's n rows
@@ -577,9 +590,29 @@ def main(argv=None, trainer=None):
         print(f"  {label:<10} " + " | ".join(line))
     print(f"  of which launch overhead: {total.launches} launches x {LAUNCH_OVERHEAD_S * 1e6:g} us = "
           f"{total.launches * LAUNCH_OVERHEAD_S * 1e3:.1f} ms")
+    print(call_counts(formulas))
     print("not modeled: caches beyond the DRAM estimate, coalescing, latency and occupancy, cuBLAS's efficiency, "
           "the host (syncs, copies); no GPU has checked these numbers (see the header)")
     return dict(formulas=formulas, counted=counted, launches=launches, gemms=gemms, rows=rows, total=total)
+
+
+# the calls of a step by kind (issue 14: at most 60% of the 471 of the d12 B=16 T=1024 bf16 step it started
+# from): the GEMMs (cuBLAS / cuBLASLt), CuPy's fills, copies and sums, and our kernels by what they do
+CALL_KINDS = (("GEMMs", ("gemm",)), ("CuPy", ("cupy",)), ("attention", ("flash_", "softmax", "permute", "unpermute")),
+              ("LayerNorm forward", ("layernorm_forward", "fused_residual")),
+              ("LayerNorm backward", ("layernorm_backward",)), ("bias", ("matmul_backward_bias", "add_bias")),
+              ("GELU", ("gelu",)), ("AdamW and norm", ("adamw", "global_norm")),
+              ("embedding and classifier", ("encoder", "fused_classifier")))
+
+
+def call_counts(formulas):
+    """One line: the step's calls in all, by kind (CALL_KINDS, first match), and against issue 14's bound."""
+    counts = collections.Counter()
+    for f in formulas:
+        kind = next((k for k, prefixes in CALL_KINDS if f.kernel.startswith(prefixes)), "other")
+        counts[kind] += 1
+    kinds = ", ".join(f"{counts[k]} {k}" for k, _ in CALL_KINDS + (("other", ()),) if counts[k])
+    return f"calls per step: {len(formulas)} ({kinds}); issue 14's bound at d12 B=16 T=1024 bf16: 282"
 
 
 if __name__ == "__main__":

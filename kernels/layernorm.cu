@@ -96,6 +96,21 @@
 //   bits, so dweight and dbias are unchanged.
 //   Loads that may see this kernel's own stores (the fused residual, dinp's +=) go through the
 //   coherent path (load128_coherent), not load128's read-only __ldg.
+//   layernorm_backward_x128_kernel takes one more parameter, int dinp_sums: 1 makes scratch (gridDim.x, 3, C)
+//   instead of (gridDim.x, 2, C), its third row per block the column sums of the block's dinp rows AS STORED
+//   after the += (after a __syncthreads: phase 1's warps wrote them), the rows in order, two in flight. In
+//   the trainer dinp is the residual stream's gradient, and those sums are the bias gradient of the linear
+//   layer whose output joined the stream there (attproj after ln2, the previous layer's fcproj after ln1,
+//   the last fcproj after lnf): its matmul_backward_bias launch and its read of dresidual are saved.
+//
+// layernorm_backward_sum3_split_kernel(floatX* dweight, floatX* dbias, floatX* dlinear_bias, const float* scratch,
+//                                      int num_blocks, int C)
+//   layernorm_backward_sum_split_kernel for the (num_blocks, 3, C) scratch of dinp_sums = 1: the same sum
+//   per column (so dweight and dbias get the 2-row kernel's bits from the same partials), the third row's
+//   into dlinear_bias (ACCUMULATES, rounded once). That sum adds the same floatX values matmul_backward_bias
+//   would, in another fixed order: 16 rows per block, then this kernel's order (tests/test_layernorm_x128.py
+//   states how far apart). launch: grid = 3C/4, block = 128, static shared memory 32*4 floats; C a multiple
+//   of 4 and scratch 16-byte aligned. At d12: 576 blocks, 9.4 MB of partials.
 //
 // Assumes N*C < 2^31. warp_sum (every lane gets the sum over the warp) comes from common.cuh.
 
@@ -204,16 +219,15 @@ extern "C" __global__ void layernorm_backward_sum_kernel(floatX* dweight, floatX
     dweight[i] = (floatX)((float)dweight[i] + dweight_sum);
 }
 
-extern "C" __global__ void layernorm_backward_sum_split_kernel(floatX* dweight, floatX* dbias, const float* scratch,
-                                                               int num_blocks, int C) {
-    __shared__ float warp_sums[32 * 4];                 // (warps, 4): each warp's sums of the block's 4 columns
+// The sum of the split kernels below for the 4 columns [col, col + 4) of scratch, seen as num_blocks rows of
+// `stride` floats: thread t adds rows t, t + block, ... (four 128-bit loads in flight), each warp its lanes by
+// warp_sum, then the warps in order. Returns column col + threadIdx.x's total in threads 0..3 (others: 0).
+__device__ float split_column_sum(const float* scratch, int num_blocks, long long stride, int col, float* warp_sums) {
     constexpr int P = f128::size;                       // 4 floats per 128-bit load
     int warp = threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     int warps = blockDim.x / 32;
-    int col = blockIdx.x * P;                           // this block's pack: columns col .. col+3 of a 2C row
     const float* x = scratch + col;
-    long long stride = 2LL * C;                         // floats per row of partials: (2, C)
     float sum[P] = {0.0f, 0.0f, 0.0f, 0.0f};
     int row = threadIdx.x;
     int step = blockDim.x;
@@ -233,12 +247,33 @@ extern "C" __global__ void layernorm_backward_sum_split_kernel(floatX* dweight, 
         if (lane == 0) { warp_sums[warp * P + k] = w; }
     }
     __syncthreads();
+    float total = 0.0f;
     if (threadIdx.x < P) {
-        int k = threadIdx.x;
-        float total = 0.0f;
-        for (int w = 0; w < warps; w++) { total += warp_sums[w * P + k]; }   // warps in order
-        int i = col + k;                                // column of the (2, C) row: dbias first, then dweight
+        for (int w = 0; w < warps; w++) { total += warp_sums[w * P + threadIdx.x]; }   // warps in order
+    }
+    return total;
+}
+
+extern "C" __global__ void layernorm_backward_sum_split_kernel(floatX* dweight, floatX* dbias, const float* scratch,
+                                                               int num_blocks, int C) {
+    __shared__ float warp_sums[32 * 4];                 // (warps, 4): each warp's sums of the block's 4 columns
+    int col = blockIdx.x * 4;                           // this block's pack: columns col .. col+3 of a 2C row
+    float total = split_column_sum(scratch, num_blocks, 2LL * C, col, warp_sums);
+    if (threadIdx.x < 4) {
+        int i = col + threadIdx.x;                      // column of the (2, C) row: dbias first, then dweight
         floatX* out = (i < C) ? dbias + i : dweight + (i - C);
+        *out = (floatX)((float)*out + total);
+    }
+}
+
+extern "C" __global__ void layernorm_backward_sum3_split_kernel(floatX* dweight, floatX* dbias, floatX* dlinear_bias,
+                                                                const float* scratch, int num_blocks, int C) {
+    __shared__ float warp_sums[32 * 4];
+    int col = blockIdx.x * 4;                           // columns col .. col+3 of a 3C row
+    float total = split_column_sum(scratch, num_blocks, 3LL * C, col, warp_sums);
+    if (threadIdx.x < 4) {
+        int i = col + threadIdx.x;                      // dbias, dweight, then the linear layer's dbias
+        floatX* out = (i < C) ? dbias + i : (i < 2 * C) ? dweight + (i - C) : dlinear_bias + (i - 2 * C);
         *out = (floatX)((float)*out + total);
     }
 }
@@ -374,7 +409,7 @@ extern "C" __global__ void fused_residual_layernorm_forward_x128_kernel(floatX* 
 extern "C" __global__ void layernorm_backward_x128_kernel(floatX* dinp, float* scratch, const floatX* dout,
                                                           const floatX* inp, const floatX* weight,
                                                           const float* mean, const float* rstd,
-                                                          int B, int T, int C) {
+                                                          int B, int T, int C, int dinp_sums) {
     int N = B * T;
     int rows_per_block = blockDim.x / 32;
     int first_row = blockIdx.x * rows_per_block;
@@ -419,10 +454,30 @@ extern "C" __global__ void layernorm_backward_x128_kernel(floatX* dinp, float* s
     }
 
     // 2. this block's share of dbias and dweight: thread j owns the pack of channels [jP, jP + P) and adds
-    // the block's rows in order, as the plain kernel does per channel (the same bits), two rows' loads in flight
+    // the block's rows in order, as the plain kernel does per channel (the same bits), two rows' loads in flight;
+    // with dinp_sums, also the column sums of the dinp rows phase 1 stored (the barrier: other warps wrote them)
     int last_row = min(first_row + rows_per_block, N);
-    float* dbias_part = scratch + (2 * blockIdx.x) * C;
-    float* dweight_part = scratch + (2 * blockIdx.x + 1) * C;
+    int parts = dinp_sums ? 3 : 2;                          // scratch rows per block
+    float* dbias_part = scratch + (parts * blockIdx.x) * C;
+    float* dweight_part = scratch + (parts * blockIdx.x + 1) * C;
+    if (dinp_sums) {
+        __syncthreads();                                    // (every thread gets here: phase 1 has no return)
+        float* dinp_part = scratch + (parts * blockIdx.x + 2) * C;
+        for (int i = threadIdx.x * X128; i < C; i += blockDim.x * X128) {
+            float total[X128];
+            for (int k = 0; k < X128; k++) { total[k] = 0.0f; }
+            int r = first_row;
+            for (; r + 1 < last_row; r += 2) {
+                x128 d0 = load128_coherent(dinp + r * C + i), d1 = load128_coherent(dinp + (r + 1) * C + i);
+                for (int k = 0; k < X128; k++) { total[k] += (float)d0[k]; total[k] += (float)d1[k]; }
+            }
+            if (r < last_row) {
+                x128 d0 = load128_coherent(dinp + r * C + i);
+                for (int k = 0; k < X128; k++) { total[k] += (float)d0[k]; }
+            }
+            for (int k = 0; k < X128; k++) { dinp_part[i + k] = total[k]; }
+        }
+    }
     for (int i = threadIdx.x * X128; i < C; i += blockDim.x * X128) {
         float dbias_sum[X128];
         float dweight_sum[X128];

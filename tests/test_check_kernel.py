@@ -122,7 +122,7 @@ def test_timing_path_with_a_stand_in_cupy(monkeypatch, capsys):
     assert [k for _, k, _, _ in rows] == ["layernorm_forward_kernel", "layernorm_backward_kernel",
                                           "layernorm_backward_sum_kernel", "layernorm_backward_sum_split_kernel",
                                           "fused_residual_layernorm_forward_kernel", "layernorm_forward_x128_kernel",
-                                          "layernorm_backward_x128_kernel",
+                                          "layernorm_backward_x128_kernel", "layernorm_backward_sum3_split_kernel",
                                           "fused_residual_layernorm_forward_x128_kernel"]
     s = check_kernel.ODD
     n = s.B * s.T * s.C * 4

@@ -142,11 +142,12 @@ def test_fused_x128_is_residual_then_layernorm_x128(modules, precision, order):
     assert in_place.tobytes() == residual.tobytes() and normed_in_place.tobytes() == normed.tobytes()
 
 
-def backward(mod, name, B, T, C, dinp0, dout, inp, weight, mean, rstd):
+def backward(mod, name, B, T, C, dinp0, dout, inp, weight, mean, rstd, dinp_sums=0):
     block = 512
     grid = ceil_div(32 * B * T, block)
-    dinp, scratch = dinp0.copy(), np.full((grid, 2, C), np.nan, np.float32)
-    mod.get_function(name)(grid, block, (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)))
+    dinp, scratch = dinp0.copy(), np.full((grid, 2 + dinp_sums, C), np.nan, np.float32)
+    extra = (i32(dinp_sums),) if "x128" in name else ()
+    mod.get_function(name)(grid, block, (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)) + extra)
     return dinp, scratch
 
 
@@ -182,6 +183,49 @@ def test_backward_x128_against_plain(modules, precision, order):
                                                                                  + np.abs(norm * c)))
                      + STEP[precision] * np.abs(want))
             close(wide(x_dinp), want, bound)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_backward_with_the_linear_bias(modules, precision, order):
+    """dinp_sums = 1: the same dinp and dweight/dbias partials as dinp_sums = 0, and a third row per block, the
+    column sums of the stored dinp rows (the block's rows in order: bit for bit a NumPy float32 model); then
+    layernorm_backward_sum3_split_kernel: dweight and dbias the bits of the 2-row split sum, the linear bias
+    within an fp32 sum of chains of at most rows_per_block + ceil(blocks/128) + 5 + 4 + 1 additions (and one
+    bf16 rounding) of the float64 sum of the stored dinp, matmul_backward_bias's NumPy twin."""
+    mod = Emulated(modules[("layernorm", precision)], order)
+    rng = np.random.default_rng(19)
+    for packs in (1, 6, 96):
+        C = packs * PACK[precision]
+        for B, T in ((1, 1), (3, 7), (2, 24)):        # 48 rows: three blocks of 16
+            inp, dout = fx(rand(rng, B, T, C) + 1.0, precision), fx(rand(rng, B, T, C), precision)
+            weight, dinp0 = fx(rand(rng, C), precision), fx(rand(rng, B, T, C), precision)
+            x = wide(inp)
+            mean = x.mean(-1).astype(np.float32)
+            rstd = (1 / np.sqrt(x.var(-1) + 1e-5)).astype(np.float32)
+            args = (B, T, C, dinp0, dout, inp, weight, mean, rstd)
+            dinp2, scratch2 = backward(mod, "layernorm_backward_x128_kernel", *args)
+            dinp3, scratch3 = backward(mod, "layernorm_backward_x128_kernel", *args, dinp_sums=1)
+            assert dinp3.tobytes() == dinp2.tobytes() and scratch3[:, :2].tobytes() == scratch2.tobytes()
+            grid, N = scratch3.shape[0], B * T
+            stored = np.zeros((grid * 16, C), np.float32)
+            stored[:N] = wide(dinp3).reshape(N, C)
+            model = np.zeros((grid, C), np.float32)
+            for r in range(16):                       # each block's rows in order, float32 additions
+                model += stored.reshape(grid, 16, C)[:, r]
+            assert scratch3[:, 2].tobytes() == model.tobytes(), f"{precision} C={C}: the dinp column sums"
+            # the sums into (dweight, dbias, dlinear_bias)
+            dweight0, dbias0, dlin0 = (fx(rand(rng, C), precision) for _ in range(3))
+            two = [dweight0.copy(), dbias0.copy()]
+            mod.get_function("layernorm_backward_sum_split_kernel")(2 * C // 4, 128, (*two, scratch2, i32(grid), i32(C)))
+            three = [dweight0.copy(), dbias0.copy(), dlin0.copy()]
+            mod.get_function("layernorm_backward_sum3_split_kernel")(3 * C // 4, 128,
+                                                                     (*three, scratch3, i32(grid), i32(C)))
+            assert three[0].tobytes() == two[0].tobytes() and three[1].tobytes() == two[1].tobytes()
+            want = wide(dlin0) + wide(dinp3).reshape(N, C).sum(0)
+            chains = 16 + ceil_div(grid, 128) + 5 + 4 + 1
+            magnitude = np.abs(wide(dlin0)) + np.abs(wide(dinp3)).reshape(N, C).sum(0)
+            close(wide(three[2]), want, chains * U * magnitude + STEP[precision] * np.abs(want))
 
 
 @pytest.mark.parametrize("order", ORDERS)
