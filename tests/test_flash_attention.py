@@ -10,18 +10,20 @@ on T in {1, 7, 64, 100, 257} (tails of every tile size), hs in {64, 128}, B*NH i
 three thread orders, on guarded arrays, with the race checker on (LLMC_EMULATOR_RACECHECK=1, where the
 emulator has one). Outputs start as NaN, so an element never written fails.
 
-Tolerances, from bf16 rounding (u = 2^-8). Both paths read the same bf16 inputs and sum in fp32; they
-round at different places: flash keeps the scores and the softmax statistics in fp32 and rounds P and dS
-(for the tensor cores) and the stored results; the materialized path also rounds the scores (preatt),
-datt and dpreatt. Each error is measured against the scale of its result, the same sum over |terms|
-in float64 (O = P V: max of P|V|; dV: P^T|dO|; dQ: scale (P(|dP| + |D|))|K|; dK: the same with |Q|), since
-rounding a term by u/2 moves a sum by at most u/2 of that. Flash: one rounding of the terms (P or dS) and
-one of the result, so err <= u for O, dq, dk, dv; lse stays fp32, 1e-5 absolute (fp32 sums of scores of a
-few units: a few fp32 ulp). The materialized path also rounds the scores, which exp() turns into relative errors of
-|s| u/2 in P: it gets 2u, and the two paths must be within 3u of each other. Measured worst cases over
-the default shapes and orders (flash / materialized / apart, in units of the scale): O 0.0027 / 0.0046 /
+Tolerances, from bf16 rounding (u = 2^-8: a value rounded to nearest bf16 is within u of itself,
+relatively). Both paths read the same bf16 inputs and sum in fp32; they round at different places:
+flash keeps the scores and the softmax statistics in fp32 and rounds P and dS (for the tensor cores) and
+the stored results; the materialized path also rounds the scores (preatt), datt and dpreatt. Each error
+is measured against the scale of its result, the same sum over |terms| in float64 (O = P V: max of
+P|V|; dV: P^T|dO|; dQ: scale (P(|dP| + |D|))|K|; dK: the same with |Q|), since rounding every term by u
+moves a sum by at most u of that. Flash: one rounding of the terms (P or dS) and one of the result, so
+err <= 2u for O, dq, dk, dv; lse stays fp32, 1e-5 absolute (fp32 sums of scores of a few units: a few
+fp32 ulp). The materialized path also rounds the scores, which exp() turns into relative errors of |s| u
+in P: it gets 3u, and the two paths must be within 5u of each other. Measured worst cases over the
+default shapes and orders (flash / materialized / apart, in units of the scale): O 0.0027 / 0.0046 /
 0.0054, dq 0.0026 / 0.0024 / 0.0043, dk 0.0016 / 0.0020 / 0.0019, dv 0.0026 / 0.0037 / 0.0041 (u = 0.0039);
-lse 5.9e-7. `pytest -s` prints each shape's.
+lse 5.9e-7; with scores in the tens (test_flash_with_scores_growing_along_the_keys) flash's O 0.0042.
+`pytest -s` prints each shape's.
 
 Also: the bits are the same in every run and thread order (no atomics, fixed order of every sum);
 the emulator's traffic counter against the bytes the tiling implies (the perf model's input); and the
@@ -43,7 +45,7 @@ U = 2.0 ** -8                                           # bf16's unit roundoff
 BF16 = ("--std=c++17", "-DENABLE_BF16")
 ORDERS = ["forward", "reverse", "warps"]
 NAN16 = np.uint16(0x7FC0)                               # a bf16 quiet NaN: what an unwritten output reads as
-FLASH_TOL, MATERIALIZED_TOL = U, 2 * U                # relative to each result's scale (above)
+FLASH_TOL, MATERIALIZED_TOL = 2 * U, 3 * U            # relative to each result's scale (above)
 LSE_TOL = 1e-5                                          # absolute: lse is fp32 all the way
 # the largest shapes (T = 257, B*NH = 6: ~15-30 s each) run in one order by default, all three with --runslow
 CASES = [pytest.param(T, hs, bh, order, marks=[pytest.mark.slow] if (T, bh, order) in ((257, 6, "reverse"), (257, 6, "warps")) else [])
@@ -254,3 +256,23 @@ def test_race_checker_names_a_missing_barrier(cu, monkeypatch):
     qkv, dout = inputs(B, T, C, NH)
     with pytest.raises(emulator.RaceError, match="flash_attention_forward_kernel"):
         run_flash(cu, qkv, dout, B, T, C, NH)
+
+
+@pytest.mark.parametrize("T,hs,order", [(100, 64, "warps"), (257, 128, "reverse")])
+def test_flash_with_scores_growing_along_the_keys(cu, flash_mod, monkeypatch, T, hs, order):
+    """Keys scaled by 1 + t/4: the scores' spread grows ~8 per key tile, so the running max moves past
+    its slack on most tiles and o takes the rescale path (random inputs of unit scale almost never do).
+    Against float64 only: the materialized path rounds scores of tens to bf16, off by far more than u."""
+    B, T, C, NH = dims(T, hs, 6)
+    qkv, dout = inputs(B, T, C, NH, seed=3)
+    x = bf16_to_f32(qkv).reshape(B, T, 3, C)
+    x[:, :, 1] *= (1 + np.arange(T, dtype=np.float32) / 4)[None, :, None]
+    qkv = f32_to_bf16(x.reshape(B, T, 3 * C))
+    want, scale = reference(qkv, dout, B, T, C, NH)
+    assert np.abs(want["lse"]).max() > 50, "the scores should reach the tens"
+    use_order(monkeypatch, cu, flash_mod, order)
+    out, lse, dqkv = run_flash(cu, qkv, dout, B, T, C, NH)
+    got = {"out": bf16_to_f32(out).astype(np.float64), **split_dqkv(dqkv, B, T, C)}
+    errors = {name: rel_err(got[name], want[name], scale[name]) for name in ("out", "dq", "dk", "dv")}
+    lse_err = float(np.abs(lse.astype(np.float64) - want["lse"]).max() / np.abs(want["lse"]).max())
+    assert max(errors.values()) <= FLASH_TOL and lse_err <= 1e-6, f"T={T} hs={hs}: {errors}, lse (relative) {lse_err:.1e}"
