@@ -85,13 +85,13 @@
 //   cross blocks as atomics: stored with atomicExch, read with atomicAdd(bits, 0) (the same bits back), at
 //   L2, where a plain load could meet a stale L1 line; and two atomics never race (the emulator's race
 //   checker, which orders no blocks, sees them so too). The last block resets its counter to 0 for the
-//   next launch. One thread per column (32*P of them, 256 in bf16), four chains' reads in flight.
+//   next launch. One thread per column (32*P of them, 256 in bf16), the 32 chains' reads in flight together.
 //   Requires counters (>= gridDim.x unsigned ints) all 0 at the launch (train_gpt2_cuda.py keeps them at
 //   the end of the zero-allocated scratch; every launch leaves them 0), and what the partial kernel
 //   requires. launch: the partial kernel's grid and block, the same dynamic shared memory.
 //   At d12 B=16 T=1024 bf16 the last block of a column block adds 256 / 103 / 86 row blocks (OC = 768 /
-//   2304 / 3072): 64 / 26 / 22 rounds of four loads from L2 per thread, a few us after the other blocks,
-//   in place of a second launch.
+//   2304 / 3072): 8 / 4 / 3 rounds of 32 atomic reads at L2 per thread, a few us after the other blocks,
+//   in place of a second launch (the GPU has not timed it: dev/check_kernel.py does, beside the pair).
 //
 // Assumes N*OC < 2^31.
 
@@ -224,16 +224,19 @@ extern "C" __global__ void matmul_backward_bias_x128_kernel(floatX* dbias, float
     for (int c = threadIdx.x; c < 32 * P; c += blockDim.x) {
         int column = blockIdx.x * 32 * P + c;
         if (column >= OC) { break; }
-        float total = 0.0f;
-        for (int w = 0; w < SUM_WARPS; w += 4) {      // chains w .. w+3, their loads in flight together
-            float chain[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int r = w; r < row_blocks; r += SUM_WARPS) {
-                for (int j = 0; j < 4; j++) {
-                    if (r + j < row_blocks) { chain[j] += partial_of(scratch + (r + j) * OC + column); }
-                }
+        float chain[SUM_WARPS];                       // chain j: the row blocks j, j + 32, ... in order
+        for (int j = 0; j < SUM_WARPS; j++) { chain[j] = 0.0f; }
+        for (int r = 0; r < row_blocks; r += SUM_WARPS) {   // the 32 chains' next reads in flight together
+            float v[SUM_WARPS];
+            for (int j = 0; j < SUM_WARPS; j++) {
+                if (r + j < row_blocks) { v[j] = partial_of(scratch + (r + j) * OC + column); }
             }
-            for (int j = 0; j < 4; j++) { total += chain[j]; }   // the chains in order
+            for (int j = 0; j < SUM_WARPS; j++) {
+                if (r + j < row_blocks) { chain[j] += v[j]; }
+            }
         }
+        float total = 0.0f;
+        for (int j = 0; j < SUM_WARPS; j++) { total += chain[j]; }   // the chains in order
         dbias[column] = (floatX)((float)dbias[column] + total);
     }
     if (threadIdx.x == 0) { atomicExch(reinterpret_cast<int*>(counters + blockIdx.x), 0); }   // for the next launch
