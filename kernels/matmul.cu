@@ -85,13 +85,17 @@
 //   cross blocks as atomics: stored with atomicExch, read with atomicAdd(bits, 0) (the same bits back), at
 //   L2, where a plain load could meet a stale L1 line; and two atomics never race (the emulator's race
 //   checker, which orders no blocks, sees them so too). The last block resets its counter to 0 for the
-//   next launch. One thread per column (32*P of them, 256 in bf16), the 32 chains' reads in flight together.
+//   next launch. One thread per column (32*P of them, 256 in bf16), 8 chains' reads in flight together: 45
+//   registers on sm_80/sm_90 (5 blocks of 256 per SM; the partial kernel alone: 32, 8 per SM; 4 chains: 40;
+//   all 32 at once: ~130). The reads are atomics (4 bytes each), not 128-bit loads: the price of the race
+//   checker's rule, paid in the tail only.
 //   Requires counters (>= gridDim.x unsigned ints) all 0 at the launch (train_gpt2_cuda.py keeps them at
 //   the end of the zero-allocated scratch; every launch leaves them 0), and what the partial kernel
 //   requires. launch: the partial kernel's grid and block, the same dynamic shared memory.
 //   At d12 B=16 T=1024 bf16 the last block of a column block adds 256 / 103 / 86 row blocks (OC = 768 /
-//   2304 / 3072): 8 / 4 / 3 rounds of 32 atomic reads at L2 per thread, a few us after the other blocks,
-//   in place of a second launch (the GPU has not timed it: dev/check_kernel.py does, beside the pair).
+//   2304 / 3072): 32 / 16 / 12 rounds of 8 atomic reads at L2 per thread, ~5-15 us after the other blocks
+//   (L2 latency), in place of a second launch; the trainer's OC = 768 biases (attproj, fcproj) come from the
+//   LayerNorm backward instead. No GPU has timed it yet: dev/check_kernel.py does, beside the pair.
 //
 // Assumes N*OC < 2^31.
 
@@ -224,19 +228,22 @@ extern "C" __global__ void matmul_backward_bias_x128_kernel(floatX* dbias, float
     for (int c = threadIdx.x; c < 32 * P; c += blockDim.x) {
         int column = blockIdx.x * 32 * P + c;
         if (column >= OC) { break; }
-        float chain[SUM_WARPS];                       // chain j: the row blocks j, j + 32, ... in order
-        for (int j = 0; j < SUM_WARPS; j++) { chain[j] = 0.0f; }
-        for (int r = 0; r < row_blocks; r += SUM_WARPS) {   // the 32 chains' next reads in flight together
-            float v[SUM_WARPS];
-            for (int j = 0; j < SUM_WARPS; j++) {
-                if (r + j < row_blocks) { v[j] = partial_of(scratch + (r + j) * OC + column); }
-            }
-            for (int j = 0; j < SUM_WARPS; j++) {
-                if (r + j < row_blocks) { chain[j] += v[j]; }
-            }
-        }
+        constexpr int GROUP = 8;                      // chains summed side by side: 8 reads in flight
         float total = 0.0f;
-        for (int j = 0; j < SUM_WARPS; j++) { total += chain[j]; }   // the chains in order
+        for (int w = 0; w < SUM_WARPS; w += GROUP) {  // chain j: the row blocks j, j + 32, ... in order
+            float chain[GROUP];
+            for (int j = 0; j < GROUP; j++) { chain[j] = 0.0f; }
+            for (int r = w; r < row_blocks; r += SUM_WARPS) {
+                float v[GROUP];
+                for (int j = 0; j < GROUP; j++) {
+                    if (r + j < row_blocks) { v[j] = partial_of(scratch + (r + j) * OC + column); }
+                }
+                for (int j = 0; j < GROUP; j++) {
+                    if (r + j < row_blocks) { chain[j] += v[j]; }
+                }
+            }
+            for (int j = 0; j < GROUP; j++) { total += chain[j]; }   // the chains in order
+        }
         dbias[column] = (floatX)((float)dbias[column] + total);
     }
     if (threadIdx.x == 0) { atomicExch(reinterpret_cast<int*>(counters + blockIdx.x), 0); }   // for the next launch
