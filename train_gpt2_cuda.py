@@ -765,8 +765,8 @@ def flash_check(name, qkv, B, T, C, NH, *aligned):
     if hs * NH != C or hs not in FLASH_HEAD_SIZES:
         raise ValueError(f"{name}: head size C/NH = {C}/{NH} is not one of {FLASH_HEAD_SIZES}; "
                          f"use attention_forward/backward")
-    if T < 1 or B * NH >= 65536:
-        raise ValueError(f"{name}: needs T >= 1 and B*NH < 65536 (the grid's y), got T={T} B*NH={B * NH}")
+    if not 1 <= T <= 65535 * FLASH_BC:
+        raise ValueError(f"{name}: needs 1 <= T <= {65535 * FLASH_BC} (tiles of 32 on the grid's y), got T={T}")
     if any(address(x) % 16 for x in (qkv,) + aligned):
         raise ValueError(f"{name}: qkv and dout must start on 16-byte boundaries (the kernels load 16-byte pieces)")
 
@@ -776,7 +776,7 @@ def flash_attention_forward(out, lse, qkv, B, T, C, NH):
     # for flash_attention_backward. One launch; a block per (query tile, head).
     flash_check("flash_attention_forward", qkv, B, T, C, NH)
     hs = C // NH
-    grid = (ceil_div(T, flash_rows(hs, False)), B * NH)
+    grid = (B * NH, ceil_div(T, flash_rows(hs, False)))
     kernel("flash_attention", "flash_attention_forward_kernel", BF16)(
         grid, (FLASH_THREADS,), (out, lse, qkv, i32(B), i32(T), i32(NH), i32(hs)),
         shared_mem=flash_shared_bytes(hs, False))
@@ -796,10 +796,10 @@ def flash_attention_backward(dqkv, scratch, dout, qkv, out, lse, B, T, C, NH):
     D = view(scratch, B, NH, T)
     shared = flash_shared_bytes(hs, True)
     kernel("flash_attention", "flash_attention_backward_dq_kernel", BF16)(
-        (ceil_div(T, flash_rows(hs, True)), B * NH), (FLASH_THREADS,),
+        (B * NH, ceil_div(T, flash_rows(hs, True))), (FLASH_THREADS,),
         (dqkv, D, dout, qkv, out, lse, i32(B), i32(T), i32(NH), i32(hs)), shared_mem=shared)
     kernel("flash_attention", "flash_attention_backward_dkdv_kernel", BF16)(
-        (ceil_div(T, FLASH_BC), B * NH), (FLASH_THREADS,),
+        (B * NH, ceil_div(T, FLASH_BC)), (FLASH_THREADS,),
         (dqkv, dout, qkv, lse, D, i32(B), i32(T), i32(NH), i32(hs)), shared_mem=shared)
 
 

@@ -45,8 +45,9 @@
 //             = 27,904 (hs 64) and 44,288 (hs 128); both kernels use the same layout, and stage their
 //             (32,hs+4) f32 results where q and dout were.
 //   train_gpt2_cuda.py's flash_shared_bytes computes the same sums.
-// Launch: block = 128 (4 warps); grid = (ceil(T/BR), B*NH) for the forward and dq kernels (query
-// tiles, the longest first), (ceil(T/BC), B*NH) for dkdv (key tiles, the longest first).
+// Launch: block = 128 (4 warps); grid = (B*NH, ceil(T/BR)) for the forward and dq kernels (query
+// tiles), (B*NH, ceil(T/BC)) for dkdv (key tiles). Blocks start in order of x + y*gridDim.x, so every
+// head's longest walk comes first: query tiles are numbered from the last, key tiles from the first.
 // Backward = 2 launches: dq (writing D as it goes), then dkdv. The price of having no atomics: both
 // recompute S and dP, 7 tile products per (query tile, key tile) pair where FlashAttention-2's one
 // kernel with atomic dQ adds needs 5.
@@ -54,7 +55,7 @@
 // Determinism: no atomics. Each output element is written by one thread of one block, each sum runs
 // over its tiles in a fixed order, so the bits are the same in every run and thread order.
 // Assumes: hs in {64, 128} (other head sizes: the kernels return at once; the launcher refuses them),
-// qkv and dout 16-byte aligned (16-byte tile loads), B*NH < 65536 (grid.y), 1 <= T < 2^31. Global
+// qkv and dout 16-byte aligned (16-byte tile loads), 1 <= T <= 65535*32 (grid.y), B*NH < 2^31. Global
 // offsets are 64-bit, so B*T*3C may exceed 2^31.
 // fp32 build: the kernels' bodies exist only with -DENABLE_BF16 (empty otherwise), since wmma has no
 // 16x16x16 fragment for float inputs (tf32 would be another kernel); an fp32 trainer runs attention.cu.
@@ -214,8 +215,8 @@ __device__ void forward(unsigned char* smem, floatX* out, float* lse, const floa
     constexpr int N = (BR / 16) * (HS / 16) / WARPS, LDO = Ld<HS>::O;
     ForwardSmem<HS, BR> sm(smem);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int q0 = (gridDim.x - 1 - blockIdx.x) * BR;            // the longest walks start first
-    int bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    int q0 = (gridDim.y - 1 - blockIdx.y) * BR;            // the longest walks start first
+    int bh = blockIdx.x, b = bh / NH, h = bh % NH;
     size_t C = (size_t)NH * HS;
     const floatX* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
     float scale = 1.0f / sqrtf((float)HS);
@@ -319,8 +320,8 @@ __device__ void backward_dq(unsigned char* smem, floatX* dqkv, float* D, const f
     constexpr int BR = BWD_BR, N = (BR / 16) * (HS / 16) / WARPS, LDH = Ld<HS>::H;
     BackwardSmem<HS> sm(smem);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int q0 = (gridDim.x - 1 - blockIdx.x) * BR;            // the longest walks start first
-    int bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    int q0 = (gridDim.y - 1 - blockIdx.y) * BR;            // the longest walks start first
+    int bh = blockIdx.x, b = bh / NH, h = bh % NH;
     size_t C = (size_t)NH * HS;
     const floatX* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
     const floatX* dout_head = dout + (size_t)b * T * C + (size_t)h * HS;
@@ -388,8 +389,8 @@ __device__ void backward_dkdv(unsigned char* smem, floatX* dqkv, const floatX* d
     constexpr int BR = BWD_BR, N = (BC / 16) * (HS / 16) / WARPS;
     BackwardSmem<HS> sm(smem);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int k0 = blockIdx.x * BC;                              // the first key tiles walk the most queries
-    int bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    int k0 = blockIdx.y * BC;                              // the first key tiles walk the most queries
+    int bh = blockIdx.x, b = bh / NH, h = bh % NH;
     size_t C = (size_t)NH * HS;
     const floatX* q_head = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
     const floatX* dout_head = dout + (size_t)b * T * C + (size_t)h * HS;
