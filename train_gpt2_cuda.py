@@ -1064,7 +1064,7 @@ def device_memory():
 # the GPUs every memory report sizes the batch for, besides the one it runs on: the total memory nvidia-smi shows
 # for an H100 80 GB and an H200 141 GB; and what the CUDA context and CuPy take there before the first buffer
 REPORT_GPUS = (("80 GB", 81559 << 20), ("141 GB", 143771 << 20))
-CUDA_CONTEXT_BYTES = 1 << 30     # an assumption (~0.5 GiB measured on other GPUs), rounded up
+CUDA_CONTEXT_BYTES = 1 << 30     # an assumption: a few hundred MiB on recent GPUs, rounded up; no GPU here has said
 
 
 def largest_batch_on_gpu(config, T, recompute, device_bytes, precision="fp32", master_weights=True,
