@@ -286,3 +286,46 @@ def test_launchers_take_the_x128_kernels(cuda_trainer, monkeypatch):  # noqa: F8
         assert got == want, (C, launched)
     # d12 B=16 T=1024 bf16: the wpe x128 grid covers 132 SMs more than four times over
     assert ceil_div(1024 * 768, cu.ENCODER_WPE_BLOCK * 8) == 768 >= 4 * 132
+
+
+def test_launcher_with_the_linear_bias(cuda_trainer, monkeypatch):  # noqa: F811 (fixture)
+    """layernorm_backward(..., linear_dbias=...): linear_dbias += the column sums of dinp after the update, by
+    the x128 kernel's third partial row and the 3-row sum (C = 16 in bf16, 8 in fp32: two launches in all) or,
+    where the x128 kernel cannot run (C = 12 in bf16), by matmul_backward_bias afterwards (three launches);
+    either way within an fp32 sum's error and one floatX rounding of the float64 sum of the stored dinp; and
+    dinp, dweight, dbias the bits of the same call without linear_dbias."""
+    cu = cuda_trainer
+    launched = []
+    kernel = cu.kernel
+    monkeypatch.setattr(cu, "kernel", lambda file, name, floatx=np.float32: (launched.append(name),
+                                                                              kernel(file, name, floatx))[1])
+    rng = np.random.default_rng(20)
+    B, T = 2, 24
+    for precision, C, fused in (("bf16", 16, True), ("bf16", 12, False), ("fp32", 8, True)):
+        inp, dout = fx(rand(rng, B, T, C) + 1.0, precision), fx(rand(rng, B, T, C), precision)
+        weight, dinp0 = fx(rand(rng, C), precision), fx(rand(rng, B, T, C), precision)
+        x = wide(inp)
+        mean = x.mean(-1).astype(np.float32)
+        rstd = (1 / np.sqrt(x.var(-1) + 1e-5)).astype(np.float32)
+        dweight0, dbias0, dlin0 = (fx(rand(rng, C), precision) for _ in range(3))
+        runs = []
+        for linear in (False, True):
+            dinp, dweight, dbias, dlin = dinp0.copy(), dweight0.copy(), dbias0.copy(), dlin0.copy()
+            ln_scratch = np.zeros(cu.layernorm_scratch_size(B, T, C), np.float32)
+            mm_scratch = np.zeros(cu.matmul_bias_scratch_size(B, T, C, dinp.dtype), np.float32)
+            launched.clear()
+            cu.layernorm_backward(dinp, dweight, dbias, ln_scratch, dout, inp, weight, mean, rstd, B, T, C,
+                                  **(dict(linear_dbias=dlin, linear_scratch=mm_scratch) if linear else {}))
+            runs.append((dinp, dweight, dbias, dlin, list(launched)))
+        (dinp, dweight, dbias, _, _), (dinp_l, dweight_l, dbias_l, dlin, names) = runs
+        assert dinp_l.tobytes() == dinp.tobytes() and dweight_l.tobytes() == dweight.tobytes()
+        assert dbias_l.tobytes() == dbias.tobytes()
+        if fused:
+            assert names == ["layernorm_backward_x128_kernel", "layernorm_backward_sum3_split_kernel"], names
+        else:
+            assert names == ["layernorm_backward_kernel", "layernorm_backward_sum_split_kernel",
+                             "matmul_backward_bias_kernel"], names
+        want = wide(dlin0) + wide(dinp_l).reshape(B * T, C).sum(0)
+        magnitude = np.abs(wide(dlin0)) + np.abs(wide(dinp_l)).reshape(B * T, C).sum(0)
+        close(wide(dlin), want, 80 * U * magnitude + STEP[precision] * np.abs(want))
+        assert np.abs(wide(dlin) - wide(dlin0)).max() > 0.1            # it did add something
