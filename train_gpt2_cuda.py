@@ -822,8 +822,15 @@ def residual_forward(out, inp1, inp2, N):
 def fused_residual_forward(residual, normed, mean, rstd, inp1, inp2, weight, bias, B, T, C):
     # residual_forward(residual, inp1, inp2) then layernorm_forward(normed, mean, rstd, residual, ...)
     # in one launch (llm.c's fused_residual_forward5), bit for bit the same: the LayerNorm reads the
-    # residual as stored (rounded to floatX). One warp per row, as layernorm_forward
+    # residual as stored (rounded to floatX). One warp per row, as layernorm_forward. Where layernorm_forward
+    # would take its x128 kernel (residual, normed, weight, bias aligned) but inp1 or inp2 is off a 16-byte
+    # boundary, the two launches it replaces run instead: a LayerNorm recomputed from the residual (-r 2)
+    # then gives the forward's bits, as it must
     block = 256
+    if packable(C, residual, normed, weight, bias) and not packable(C, inp1, inp2):
+        residual_forward(residual, inp1, inp2, B * T * C)
+        layernorm_forward(normed, mean, rstd, residual, weight, bias, B, T, C)
+        return
     name = layernorm_x128_name("fused_residual_layernorm_forward_kernel", C, residual, normed, inp1, inp2, weight, bias)
     kernel("layernorm", name, residual.dtype)(
         (ceil_div(B * T * 32, block),), (block,),

@@ -284,6 +284,23 @@ def test_launchers_take_the_x128_kernels(cuda_trainer, monkeypatch):  # noqa: F8
         got = [n for n in launched if n.rsplit("_", 2)[0] in names or n.rsplit("_", 1)[0] in names]
         want = [n + ("_" + suffix if suffix else "_kernel") for n in names]
         assert got == want, (C, launched)
+    # the fused residual + LayerNorm with an input off a 16-byte boundary but its outputs on one: the two
+    # launches it replaces (residual, then the x128 LayerNorm), so a LayerNorm recomputed from the residual under
+    # -r 2 (layernorm_forward, x128) gives the forward's bits
+    C, B, T = 16, 2, 3
+    buf = f32_to_bf16(rand(rng, B * T * C + 8))
+    inp1 = buf[8:].reshape(B, T, C)                   # 16 bytes in: aligned
+    inp2 = f32_to_bf16(rand(rng, B * T * C + 4))[4:].reshape(B, T, C)   # 8 bytes in: not
+    weight, bias = f32_to_bf16(rand(rng, C)), f32_to_bf16(rand(rng, C))
+    residual, normed = np.zeros((B, T, C), np.uint16), np.zeros((B, T, C), np.uint16)
+    mean, rstd = np.zeros(B * T, np.float32), np.zeros(B * T, np.float32)
+    assert cu.packable(C, inp1) and not cu.packable(C, inp2) and cu.packable(C, residual, normed)
+    launched.clear()
+    cu.fused_residual_forward(residual, normed, mean, rstd, inp1, inp2, weight, bias, B, T, C)
+    assert launched == ["residual_forward_kernel", "layernorm_forward_x128_kernel"], launched
+    again, again_mean = np.zeros_like(normed), np.zeros_like(mean)
+    cu.layernorm_forward(again, again_mean, np.zeros_like(rstd), residual, weight, bias, B, T, C)
+    assert again.tobytes() == normed.tobytes() and again_mean.tobytes() == mean.tobytes()
     # d12 B=16 T=1024 bf16: the wpe x128 grid covers 132 SMs more than four times over
     assert ceil_div(1024 * 768, cu.ENCODER_WPE_BLOCK * 8) == 768 >= 4 * 132
 
