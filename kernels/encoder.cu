@@ -116,7 +116,7 @@ extern "C" __global__ void encoder_backward_wpe_x128_kernel(floatX* dwpe, const 
     constexpr int P = x128::size;
     int idx = (blockIdx.x * blockDim.x + threadIdx.x) * P;   // first of this thread's elements of dwpe[:T]
     if (idx >= T * C) { return; }
-    x128 old = load128(dwpe + idx);
+    x128 old = load128cs(dwpe + idx);                        // (not __ldg: this thread writes it back)
     float acc[P];
     for (int k = 0; k < P; k++) { acc[k] = (float)old[k]; }
     int stride = T * C;                                       // from one b to the next
