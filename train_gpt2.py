@@ -721,21 +721,22 @@ def param_segments(model):
 def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale=1.0, shard=None):
     """AdamW step number t (1-based) over all parameters; weight decay only on the 2-D weights;
     the gradients are multiplied by grad_scale first (clipping, accumulation averaging).
-    shard=(lo, hi): ZeRO-1, only params[lo:hi] move, and m, v hold hi - lo floats (this rank's slice)."""
-    lo, hi = shard or (0, model.num_parameters)
+    shard: ZeRO-1's collectives.ShardLayout: only this rank's pieces (its 1/N of every layer of every tensor)
+    move, and m, v hold them compactly in llm.c's order (shard.num_state floats)."""
+    size = model.num_parameters if shard is None else shard.num_state
     if model.m_memory is None:
-        model.m_memory = np.zeros(hi - lo, dtype=np.float32)
-        model.v_memory = np.zeros(hi - lo, dtype=np.float32)
-    assert model.m_memory.size == hi - lo, "the optimizer state is not this shard's"
-    p, g = model.params_memory[lo:hi], model.grads_memory[lo:hi]
-    m, v = model.m_memory, model.v_memory
-    for start, stop, decayed in param_segments(model):
-        start, stop = max(start, lo) - lo, min(stop, hi) - lo   # the tensor's part inside the shard
-        if start >= stop:
-            continue
-        s = slice(start, stop)
-        in_chunks(adamw, (p[s], g[s], m[s], v[s]), ADAMW_CHUNK, learning_rate, beta1, beta2, eps,
-                  weight_decay if decayed else 0.0, t, grad_scale)
+        model.m_memory = np.zeros(size, dtype=np.float32)
+        model.v_memory = np.zeros(size, dtype=np.float32)
+    assert model.m_memory.size == size, "the optimizer state is not this shard's"
+    segments = param_segments(model)
+    # (tensor index, start in the parameters, start in m and v, count): whole tensors, or the shard's pieces
+    parts = [(i, start, start, stop - start) for i, (start, stop, _) in enumerate(segments)] if shard is None \
+        else [(i, start, state, n) for i, _, start, state, n in shard.pieces]
+    p, g, m, v = model.params_memory, model.grads_memory, model.m_memory, model.v_memory
+    for index, start, state, n in parts:
+        w, s = slice(start, start + n), slice(state, state + n)
+        in_chunks(adamw, (p[w], g[w], m[s], v[s]), ADAMW_CHUNK, learning_rate, beta1, beta2, eps,
+                  weight_decay if segments[index][2] else 0.0, t, grad_scale)
 
 
 def gpt2_optimizer_state(model, size=None):
@@ -804,12 +805,14 @@ def outlier_skip_reason(zloss, zgrad, skip_update_lossz, skip_update_gradz):
 #               trainer: its memory report, and a run too big for the GPU stops before writing anything);
 #               without it (NumPy, as train_gpt2.c) buffers are allocated at first use
 #   data parallel (several processes, llmc/collectives.py): gpt2_grad_sum_squares(model, lo, hi) -> float,
-#               and for ZeRO-1 gpt2_update(..., shard=(lo, hi)) and gpt2_optimizer_state(model, hi - lo);
+#               and for ZeRO-1 gpt2_update(..., shard=layout) and gpt2_optimizer_state(model, layout.num_state)
+#               (layout: collectives.ShardLayout, llm.c's pieces of every layer of every tensor);
 #               a trainer without them runs as one process only; COLLECTIVES, the engine its arrays need
 #               ("gloo" for NumPy arrays, "nccl" for CuPy's: llmc/collectives.py; "gloo" when absent)
 #   mixed precision (optional, the CUDA trainer): model.precision ("bf16" or "fp32": the files it writes),
 #               model.use_master_weights, gpt2_master_state(model) -> (master weights or None, rng_state,
 #               rng_state_last_update) and gpt2_load_master_state(model, master, rng_state, rng_state_last_update)
+#               (master weights in the compact layout of gpt2_optimizer_state's m and v)
 TRAINER_API = ("gpt2_build_from_descriptor", "gpt2_forward", "gpt2_zero_grad", "gpt2_backward",
                "gpt2_calculate_grad_norm", "gpt2_update", "BETA1", "BETA2", "ADAM_EPS", "GRAD_CLIP",
                "device_setup", "device_info", "StepTimer", "next_token_probs", "to_numpy",
@@ -975,12 +978,12 @@ def finite_params(trainer, model, step, what):
 
 def save_checkpoint(trainer, model, train_loader, args, step, world, shard, settings):
     """state_ (every rank), model_ (rank 0) and DONE_ of this step into -o, then the old ones -nk and -nm
-    say to delete, and what killed runs left there. shard: ZeRO-1's (lo, hi), whose m and v this rank
-    holds, or None (all of them). settings: the run's schedule, recorded for -y 1 to compare."""
+    say to delete, and what killed runs left there. shard: ZeRO-1's collectives.ShardLayout, whose pieces'
+    m and v this rank holds, or None (all of them). settings: the run's schedule, recorded for -y 1 to compare."""
     out = args.output_log_dir
     t0 = time.perf_counter()
     params = finite_params(trainer, model, step, f"checkpoint {step}")
-    m, v = trainer.gpt2_optimizer_state(model, shard[1] - shard[0]) if shard else trainer.gpt2_optimizer_state(model)
+    m, v = trainer.gpt2_optimizer_state(model, shard.num_state) if shard else trainer.gpt2_optimizer_state(model)
     state = checkpoint.TrainState(step=step, m=m, v=v, loader=train_loader.state(), num_processes=world.size,
                                   rank=world.rank, settings=settings)
     if hasattr(trainer, "gpt2_master_state"):   # the CUDA trainer: master weights, stochastic rounding's generator
@@ -1010,12 +1013,13 @@ def load_checkpoint(trainer, model, train_loader, output_dir, step, world, shard
     schedule) differ from the run that wrote the checkpoint: a new schedule can be meant, so it goes on."""
     t0 = time.perf_counter()
     path = checkpoint.state_path(output_dir, step, world.rank)
-    state = checkpoint.read_state_file(path, shard[1] - shard[0] if shard else model.num_parameters,
+    state = checkpoint.read_state_file(path, shard.num_state if shard else model.num_parameters,
                                        world.size, world.rank, fix=checkpoint.resume_advice(output_dir, step))
     if state.step != step:
         raise FormatError(f"{path}: holds step {state.step}, its name says {step}; a corrupt checkpoint")
     keeps_master = getattr(model, "use_master_weights", False)
-    if state.master_weights is not None and not keeps_master:
+    writes_master = getattr(model, "master_in_state", keeps_master)   # fp32 -w 1: its parameters, as llm.c's
+    if state.master_weights is not None and not writes_master:
         print(f"{path}: has master weights, which this run does not keep: ignored")
     if state.master_weights is None and keeps_master:
         raise ConfigError(f"{path}: has no master weights, which this run keeps (bf16, -w 1): resume with -w 0, "
@@ -1261,14 +1265,14 @@ def train(args, trainer=None, world=None, ctrl_c=None):
     # the schedule, recorded in each checkpoint's state so that -y 1 can say what changed
     settings = {name: getattr(args, name) for name, _, _ in checkpoint.SETTINGS}
     settings.update(total_batch_size=total_batch, max_steps=num_steps)
-    # ZeRO-1 (-z 1): this rank's AdamW updates only its contiguous 1/world.size of the parameters
+    # ZeRO-1 (-z 1): this rank's AdamW updates only its 1/world.size of every layer of every tensor (llm.c's)
     shard = None
     if world.size > 1:
         if args.zero_stage == 1:
-            shard = collectives.shard_range(model.num_parameters, world.rank, world.size)
+            shard = collectives.ShardLayout(model.param_shapes, world.rank, world.size)
         engine = "NCCL" if isinstance(world, collectives.NcclWorld) else "torch.distributed, gloo"
         print(f"data parallel: {world.size} processes ({engine}), ZeRO stage {args.zero_stage}"
-              + (f": {shard[1] - shard[0]:,} parameters' m and v on each" if shard else ""))
+              + (f": {shard.num_state:,} parameters' m and v on each" if shard else ""))
     if hasattr(model, "dlogits_in_forward"):  # the loop never reads the logits of a forward with targets, so the
         model.dlogits_in_forward = True       # CUDA trainer's classifier writes dlogits in that pass (llm.c's one)
     if hasattr(tr, "gpt2_allocate_state"):   # train_gpt2_cuda.py allocates its state now, as llm.c's train_gpt2.cu:
@@ -1357,8 +1361,9 @@ def train(args, trainer=None, world=None, ctrl_c=None):
         if world.size > 1:
             train_loss = world.mean(train_loss)
             if shard:
-                world.reduce_scatter_sum(model.grads_memory)
-                norm = math.sqrt(world.sum(tr.gpt2_grad_sum_squares(model, *shard))) / micro_steps
+                world.reduce_scatter_sum(model.grads_memory, shard)
+                mine = sum(tr.gpt2_grad_sum_squares(model, start, start + n) for _, _, start, _, n in shard.pieces)
+                norm = math.sqrt(world.sum(mine)) / micro_steps
             else:
                 world.all_reduce_sum(model.grads_memory)
                 norm = tr.gpt2_calculate_grad_norm(model) / micro_steps
@@ -1380,7 +1385,7 @@ def train(args, trainer=None, world=None, ctrl_c=None):
             if shard:                                     # ZeRO-1: update this rank's slice, then share it
                 tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args.weight_decay, step + 1,
                                grad_scale=scale, shard=shard)
-                world.all_gather(model.params_memory)
+                world.all_gather(model.params_memory, shard)
             else:
                 tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args.weight_decay, step + 1,
                                grad_scale=scale)

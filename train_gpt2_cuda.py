@@ -38,6 +38,7 @@ import numpy as np
 import train_gpt2 as host  # the model's host side (views, the seeded init) and the training loop
 from train_gpt2 import grad_clip_scale  # noqa: F401  (test_gpt2.py clips with its trainer's own)
 from llmc.cli import parse_args
+from llmc.collectives import ShardLayout
 from llmc.cuda_common import ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16, num_parameters, param_shapes, read_header, read_model_file, MODEL_MAGIC
 from llmc.sampler import random_u32
@@ -1145,6 +1146,9 @@ class GPT2:
         self.precision = precision
         self.floatx = PRECISIONS[precision]
         self.use_master_weights = bool(master_weights) and precision != "fp32"
+        # llm.c's fp32 build keeps master weights too under -w 1 (its default): a copy equal to the fp32
+        # parameters bit for bit, so here the state file's master weights are the parameters themselves
+        self.master_in_state = bool(master_weights)
         self.num_parameters = num_parameters(config)
         self.param_shapes = param_shapes(config)
         params_host = np.asarray(params_host, dtype=np.float32)
@@ -1210,11 +1214,12 @@ def gpt2_allocate_state(model, B, T, shard=None):
     buffers and scratch, AdamW's m and v. First the memory report; and if the device has not got the
     bytes, one line that says how many are needed and the largest B that fits, before allocating any.
     train_gpt2.train calls it at start-up; gpt2_forward calls it at the first pass if nobody did.
-    shard: ZeRO-1's (lo, hi), the parameters whose m, v and master weights this rank keeps (None: all)."""
+    shard: ZeRO-1's collectives.ShardLayout, the pieces whose m, v and master weights this rank keeps, in
+    llm.c's compact order (None: all parameters, in their own order)."""
     config, recompute = model.config, model.recompute
     precision, master = model.precision, model.use_master_weights
-    model.shard = shard or (0, model.num_parameters)
-    shard_size = model.shard[1] - model.shard[0]
+    model.shard = shard or ShardLayout(model.param_shapes)
+    shard_size = model.shard.num_state
     flash = model.flash
     memory = device_memory()
     print(model.attention_line)
@@ -1256,8 +1261,8 @@ def gpt2_allocate_state(model, B, T, shard=None):
     model.m_memory = xp.zeros(*buffers["AdamW optimizer state m"])
     model.v_memory = xp.zeros(*buffers["AdamW optimizer state v"])
     if model.use_master_weights:
-        lo, hi = model.shard                                   # one host -> device copy of the fp32 values
-        model.master_memory = xp.array(model.master_init[lo:hi])
+        # this rank's pieces of the fp32 values, compact; one host -> device copy
+        model.master_memory = xp.array(model.shard.gather(model.master_init))
         model.master_init = None
     model.inputs = xp.zeros((B, T), dtype=np.int32)
     model.targets = xp.zeros((B, T), dtype=np.int32)
@@ -1454,31 +1459,56 @@ def gpt2_calculate_grad_norm(model):
 def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale=1.0, shard=None):
     """AdamW as PyTorch's: gradients scaled by grad_scale (clipping), weight decay on the 2-D
     weights only; one kernel launch per parameter tensor, each with its own stochastic-rounding seed
-    from the model's generator (llm.c's gpt2_update). With master weights (bf16, -w 1) AdamW updates
-    the fp32 copy and rounds it into the bf16 parameters; without (-w 0) it updates the bf16 weights.
-    shard=(lo, hi): ZeRO-1, only params[lo:hi] move; m, v and the master weights hold that slice (as
-    gpt2_allocate_state made them)."""
+    from the model's generator, on a grid with one row per layer (llm.c's gpt2_update and
+    adamw_kernel3: an element's random draw is fixed by its place in its layer and its layer). With
+    master weights (bf16, -w 1) AdamW updates the fp32 copy and rounds it into the bf16 parameters;
+    without (-w 0) it updates the bf16 weights. shard: ZeRO-1's collectives.ShardLayout, only this
+    rank's 1/N of each layer of each tensor moves; m, v and the master weights hold those pieces
+    compactly (as gpt2_allocate_state made them)."""
     if model.m_memory is None:
         raise RuntimeError("gpt2_update: run gpt2_forward first (gpt2_allocate_state makes AdamW's m and v)")
-    lo, hi = shard or (0, model.num_parameters)
-    assert model.m_memory.size == hi - lo, "the optimizer state is not this shard's"
+    layout = shard or ShardLayout(model.param_shapes)
+    assert model.m_memory.size == layout.num_state, "the optimizer state is not this shard's"
     beta1_correction = 1.0 - beta1 ** t
     beta2_correction = 1.0 - beta2 ** t
     model.rng_state_last_update = model.rng_state[0]   # saved in a checkpoint, as llm.c
-    block = 512
-    for start, stop, decayed in host.param_segments(model):
-        seed = random_u32(model.rng_state)                # one per tensor, drawn whether or not it is in the shard
-        start, stop = max(start, lo), min(stop, hi)       # the tensor's part inside the shard
-        if start >= stop:
-            continue
-        part, state, n = slice(start, stop), slice(start - lo, stop - lo), stop - start
-        wd = weight_decay if decayed else 0.0  # the 2-D weights only
-        master = NULL if model.master_memory is None else model.master_memory[state]
+    for index, name, w, s, part, rows, stride in _update_launches(layout):
+        seed = random_u32(model.rng_state)                # one per tensor, as llm.c
+        wd = weight_decay if name in host.DECAYED_PARAMS else 0.0  # the 2-D weights only
+        master = NULL if model.master_memory is None else model.master_memory[s:]
         kernel("adamw", "adamw_kernel", model.floatx)(
-            (ceil_div(n, block),), (block,),
-            (model.params_memory[part], master, model.grads_memory[part], model.m_memory[state],
-             model.v_memory[state], i64(n), f32(learning_rate), f32(beta1), f32(beta2), f32(beta1_correction),
+            (ceil_div(part, ADAMW_BLOCK), rows), (ADAMW_BLOCK,),
+            (model.params_memory[w:], master, model.grads_memory[w:], model.m_memory[s:], model.v_memory[s:],
+             i64(part), i64(stride), i64(part), f32(learning_rate), f32(beta1), f32(beta2), f32(beta1_correction),
              f32(beta2_correction), f32(eps), f32(wd), f32(grad_scale), u32(seed)))
+
+
+ADAMW_BLOCK = 512   # llm.c's: the stochastic rounding's draws depend on it, so it is part of the checkpoint format
+
+
+def _update_launches(layout):
+    """Per tensor, AdamW's launch over this rank's pieces (llm.c's gpt2_update): (index, name, first piece's
+    start in the parameters, in the state, the piece's size, rows = layers, the parameters' row stride)."""
+    for index, name, offset, slice_size, layers in layout.tensors:
+        part = slice_size // layout.size
+        yield index, name, offset + layout.rank * part, offset // layout.size, part, layers, slice_size
+
+
+def gpt2_rebuild_from_master(model):
+    """llm.c's init_from_master: this rank's pieces of the bf16 parameters rounded again from the master
+    weights with the generator as it was before the last update (the seeds that update drew), so they come
+    out as that update wrote them. Returns how many of those parameters changed (0 when the master
+    weights and the parameters belong together)."""
+    if model.master_memory is None or model.floatx != BF16:
+        return 0
+    before = model.shard.gather(to_numpy(model.params_memory))
+    generator = [model.rng_state_last_update]
+    for index, name, w, s, part, rows, stride in _update_launches(model.shard):
+        kernel("adamw", "init_from_master_kernel", model.floatx)(
+            (ceil_div(part, ADAMW_BLOCK), rows), (ADAMW_BLOCK,),
+            (model.params_memory[w:], model.master_memory[s:], i64(part), i64(stride), i64(part),
+             u32(random_u32(generator))))
+    return int(np.count_nonzero(model.shard.gather(to_numpy(model.params_memory)) != before))
 
 
 def gpt2_optimizer_state(model, size=None):
@@ -1497,19 +1527,35 @@ def gpt2_load_optimizer_state(model, m, v):
 
 
 def gpt2_master_state(model):
-    """What a checkpoint keeps besides m and v: (the fp32 master weights on the host, or None without
-    them, the generator's state, its state before the last update)."""
-    master = None if model.master_memory is None else to_numpy(model.master_memory)
+    """What a checkpoint keeps besides m and v: (this rank's master weights on the host in m's compact
+    layout, or None without them, the generator's state, its state before the last update). fp32 with
+    -w 1 gives its parameters' pieces, which are what llm.c's fp32 build keeps as master weights."""
+    if model.master_memory is not None:
+        master = to_numpy(model.master_memory)
+    elif model.master_in_state and model.floatx != BF16:
+        master = model.shard.gather(to_numpy(model.params_memory)).astype(np.float32)
+    else:
+        master = None
     return master, model.rng_state[0], model.rng_state_last_update
 
 
 def gpt2_load_master_state(model, master, rng_state, rng_state_last_update):
-    """Restore gpt2_master_state's three from a checkpoint (after gpt2_allocate_state). The bf16
-    parameters come from the checkpoint's model file, exactly as they were."""
-    if model.use_master_weights:
-        model.master_memory[...] = xp.asarray(master, dtype=OPT_DTYPE)
+    """Restore gpt2_master_state's three from a checkpoint (after gpt2_allocate_state and the model file's
+    parameters). bf16 with master weights: the parameters are then rebuilt from them as llm.c's load_state
+    does (gpt2_rebuild_from_master), which gives the model file's bits back; where it does not (a checkpoint
+    written before the first update, whose master weights the first update has not yet rounded), the
+    model file's are kept, with a line saying so. fp32 keeps its parameters from the model file."""
     model.rng_state[0] = rng_state
     model.rng_state_last_update = rng_state_last_update
+    if not model.use_master_weights:
+        return
+    model.master_memory[...] = xp.asarray(master, dtype=OPT_DTYPE)
+    saved = model.params_memory.copy()
+    changed = gpt2_rebuild_from_master(model)
+    if changed:
+        model.params_memory[...] = saved
+        print(f"the master weights round to {changed:,} parameters other than the model file's (a checkpoint "
+              f"before the first update): the model file's kept")
 
 
 # ----------------------------------------------------------------------------

@@ -570,7 +570,7 @@ def adamw_launches(s, rng, reference):
     weights = params if master is None else master
     params = fx(params)
     step = Launch("adamw_kernel", ceil_div(n, 512), 512,
-                  (params, master, grads, m, v, i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t),
+                  (params, master, grads, m, v, i64(n), i64(n), i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t),
                    f32(1 - b2 ** t), f32(eps), f32(wd), f32(grad_scale), u32(4242)),
                   read_write=(0, 3, 4) if master is None else (0, 1, 3, 4))
     grid = min(ceil_div(n, 512), 1024)                # as gpt2_calculate_grad_norm launches it
@@ -591,7 +591,16 @@ def adamw_launches(s, rng, reference):
             step.outputs.append(Output("master", master, w_p, expression, 1e-6, 1e-6))
         norm.outputs = [Output("sum(out)", lambda: f64(partials).sum(), np.sum(f64(grads) ** 2),
                                "sum(grads**2) in float64", 0.0, 1e-5)]   # the host adds the per-block partials
-    return [step, norm]
+    # llm.c's init_from_master on a 2-row grid (two layers of n // 2): each row's floatX weights from its master
+    half = n // 2
+    source, rebuilt = rand(rng, n), np.zeros(n, np.float32)
+    rebuild = Launch("init_from_master_kernel", (ceil_div(half, 512), 2), 512,
+                     (rebuilt, source, i64(half), i64(half), i64(half), u32(4243)))
+    if reference:
+        want = f64(source)
+        want[2 * half:] = 0.0                         # an odd n's last element is in no row: left as it was
+        rebuild.outputs = [Output("params", rebuilt, want, "the master weights (stochastically rounded)", 1e-7, 1e-7)]
+    return [step, norm, rebuild]
 
 
 LAUNCHES = {"encoder": encoder_launches, "layernorm": layernorm_launches, "matmul": matmul_launches,
@@ -651,7 +660,7 @@ def copy_back(back):
 # references also read, so its float result y is within the fp32 tolerance e = atol + rtol |want| of
 # want, and its output within e + r |y| <= e (1 + r) + r |want|: the fp32 tolerance, widened by r.
 BF16_ROUNDING = 2.0 ** -8
-STOCHASTIC_OUTPUTS = {("adamw_kernel", "params"), ("encoder_backward_wte_kernel", "dwte"),
+STOCHASTIC_OUTPUTS = {("adamw_kernel", "params"), ("init_from_master_kernel", "params"), ("encoder_backward_wte_kernel", "dwte"),
                       ("encoder_backward_wpe_kernel", "dwpe"),
                       ("encoder_backward_wpe_x128_kernel", "dwpe")}   # common.cuh's stochastic_round
 

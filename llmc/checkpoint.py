@@ -17,10 +17,18 @@ The state file, llm.c's save_state byte for byte (little-endian):
                        [20..21] rng_state u64 [22..23] rng_state_last_update u64 (stochastic rounding)
                        [30..31] current_shard_idx size_t [32..33] current_sample_idx size_t
                        [64..] the run's schedule (ours, in slots llm.c's load_state never reads; below)
-    body:  m, v (fp32, num_parameters each), master weights (fp32) if [4] is 1; then, if [5] is 1:
+    body:  m, v (fp32, num_parameters each, or this rank's 1/N under ZeRO-1), master weights (fp32, as
+           many) if [4] is 1; then, if [5] is 1:
            size_t number of shards, int32 shard permutation, size_t samples in the current shard,
            int32 permutation of those samples, the loader's Mersenne Twister as llm.c's
            mt19937_state struct (llmc.rand.MT_STATE_DTYPE, 2520 bytes).
+
+Under ZeRO-1 (-z 1) a rank's m, v and master weights are llm.c's (gpt2_update with zero.cuh's
+multi_gpu_get_shard_offset; llmc.collectives.ShardLayout): its 1/N of every layer slice of every parameter
+tensor, stored tensor by tensor and layer by layer, a tensor's at its offset / N. Master weights are present
+whenever the run has -w 1: in bf16 the fp32 copy, in fp32 the parameters themselves (what llm.c's fp32
+build's copy holds); the generator's two states are saved in both precisions, and -y 1 in bf16 rebuilds the
+bf16 weights from the master weights with rng_state_last_update, as llm.c's load_state does.
 
 current_sample_idx is the next sample to draw (llm.c's counting). Resume is bit-exact: the model
 file holds the parameters exactly, the state everything else a step reads. The schedule slots let

@@ -23,7 +23,10 @@ collectives do nothing, and torch is never imported. The arrays are handed to to
     sum(value) / mean(value) a python float summed / averaged over the ranks (loss, squared norm)
     barrier()                every rank waits until all have arrived here
 
-ZeRO-1's shard of a flat array of n floats is the contiguous slice shard_range(n) of n / world floats.
+ZeRO-1's shard is llm.c's (train_gpt2.cu's gpt2_update with llmc/zero.cuh's multi_gpu_get_shard_offset): a
+ShardLayout (below) gives each rank its 1/world of every layer slice of every parameter tensor, and
+reduce_scatter_sum / all_gather take it as `layout` to move exactly those pieces. Without a layout they work
+on x as one block: rank r's contiguous 1/world of it, shard_range(x.size).
 """
 
 import os
@@ -40,6 +43,56 @@ def shard_range(n, rank, world_size):
                           f"them; use -z 0 or a number of processes that divides {n:,}")
     size = n // world_size
     return rank * size, (rank + 1) * size
+
+
+# the tensors outside the transformer blocks (llm.c's parameter tensors 0, 1, 14, 15): one slice each;
+# every other tensor has one slice per layer
+WHOLE_TENSORS = ("wte", "wpe", "lnfw", "lnfb")
+
+
+class ShardLayout:
+    """llm.c's ZeRO-1 split of the flat parameter vector over `world_size` ranks, seen from `rank`.
+
+    Each tensor is cut into slices, one per layer for the per-layer tensors (L of them) and one for
+    wte, wpe, lnfw, lnfb; rank r owns the r-th 1/world of every slice. Its m, v and master weights are
+    stored compactly, tensor by tensor, layer by layer: the tensor's at tensor offset / world, then its
+    layer l's at l * slice / world after that. world_size 1 (or -z 0) is the same walk with whole slices,
+    which is also how AdamW's kernel is launched (one grid row per layer) whatever the world size.
+
+    pieces: (tensor index, layer, start in the flat vector, start in the compact state, size), in state
+    order; tensors: (index, name, offset, slice size, layers) per tensor; num_state: the state's length."""
+
+    def __init__(self, param_shapes, rank=0, world_size=1):
+        self.rank, self.size = rank, world_size
+        self.tensors, self.pieces = [], []
+        offset = 0
+        for index, (name, shape) in enumerate(param_shapes):
+            count = 1
+            for d in shape:
+                count *= d
+            layers = 1 if name in WHOLE_TENSORS else shape[0]
+            slice_size = count // layers
+            if slice_size % world_size != 0:   # llm.c's multi_gpu_get_shard_offset exits here
+                raise ConfigError(f"-z 1 gives each of the {world_size} processes 1/{world_size} of every layer "
+                                  f"of every parameter tensor (llm.c's ZeRO-1), but {name}'s {slice_size:,} parameters"
+                                  f"{' per layer' if layers > 1 else ''} do not divide by {world_size}; use -z 0")
+            part = slice_size // world_size
+            self.tensors.append((index, name, offset, slice_size, layers))
+            for layer in range(layers):
+                start = offset + layer * slice_size
+                self.pieces.append((index, layer, start + rank * part, offset // world_size + layer * part, part))
+            offset += count
+        self.num_parameters = offset
+        self.num_state = offset // world_size
+
+    def pieces_of(self, rank):
+        """The pieces rank `rank` owns: (start in the flat vector, size), in state order."""
+        return [(start - self.rank * size + rank * size, size) for _, _, start, _, size in self.pieces]
+
+    def gather(self, flat):
+        """This rank's pieces of the flat vector `flat`, concatenated in state order (a new array)."""
+        import numpy as np
+        return np.concatenate([np.asarray(flat[start:start + size]) for _, _, start, _, size in self.pieces])
 
 
 class World:
@@ -62,8 +115,10 @@ class World:
                 return
             self.dist.all_reduce(self._tensor(x), op=self.dist.ReduceOp.SUM)
 
-    def reduce_scatter_sum(self, x):
+    def reduce_scatter_sum(self, x, layout=None):
         if self.size > 1:
+            if layout is not None:
+                return self._by_layout(x, layout, self.reduce_scatter_sum, back=True)
             start, stop = shard_range(x.size, self.rank, self.size)
             if x.dtype.name == "uint16":
                 wide = _widen(x)
@@ -75,11 +130,28 @@ class World:
             self.dist.reduce_scatter(out, list(t.chunk(self.size)), op=self.dist.ReduceOp.SUM)
             t[start:stop] = out
 
-    def all_gather(self, x):
+    def all_gather(self, x, layout=None):
         if self.size > 1:
+            if layout is not None:
+                return self._by_layout(x, layout, self.all_gather, back=False)
             start, stop = shard_range(x.size, self.rank, self.size)
             t = self._tensor(x.view("float16") if x.dtype.name == "uint16" else x)   # copied as bits (gloo has no int16)
             self.dist.all_gather(list(t.chunk(self.size)), t[start:stop].clone())
+
+    def _by_layout(self, x, layout, collective, back):
+        """A collective over the layout's pieces as ONE gloo call: every rank's pieces copied rank after rank
+        into a buffer, whose r-th contiguous chunk is then rank r's (the same sums, element by element, as
+        llm.c's per-slice calls); back: only this rank's own chunk returns to x (reduce-scatter), else all."""
+        import numpy as np
+        owners = [layout.pieces_of(r) for r in range(self.size)]
+        buf = np.concatenate([x[start:start + size] for pieces in owners for start, size in pieces])
+        collective(buf)
+        at = 0
+        for r, pieces in enumerate(owners):
+            for start, size in pieces:
+                if r == self.rank or not back:
+                    x[start:start + size] = buf[at:at + size]
+                at += size
 
     def broadcast(self, x, src=0):
         if self.size > 1:
@@ -177,14 +249,23 @@ class NcclWorld(World):
         if self.size > 1:
             self.comm.allReduce(x.data.ptr, x.data.ptr, x.size, self._dtype(x), self.nccl.NCCL_SUM, self._stream())
 
-    def reduce_scatter_sum(self, x):
-        if self.size > 1:
+    def reduce_scatter_sum(self, x, layout=None):
+        if self.size > 1 and layout is not None:          # llm.c: one in-place reduce-scatter per slice
+            for _, _, start, _, size in layout.pieces:
+                whole = start - self.rank * size          # the slice this piece is rank's 1/world of
+                self.comm.reduceScatter(x[whole:].data.ptr, x[start:].data.ptr, size, self._dtype(x),
+                                        self.nccl.NCCL_SUM, self._stream())
+        elif self.size > 1:
             start, stop = shard_range(x.size, self.rank, self.size)
             self.comm.reduceScatter(x.data.ptr, x[start:].data.ptr, stop - start, self._dtype(x),
                                     self.nccl.NCCL_SUM, self._stream())
 
-    def all_gather(self, x):
-        if self.size > 1:
+    def all_gather(self, x, layout=None):
+        if self.size > 1 and layout is not None:          # llm.c: one in-place all-gather per slice
+            for _, _, start, _, size in layout.pieces:
+                self.comm.allGather(x[start:].data.ptr, x[start - self.rank * size:].data.ptr, size,
+                                    self._dtype(x), self._stream())
+        elif self.size > 1:
             start, stop = shard_range(x.size, self.rank, self.size)
             self.comm.allGather(x[start:].data.ptr, x.data.ptr, stop - start, self._dtype(x), self._stream())
 

@@ -216,7 +216,7 @@ def test_adamw(precision, master):
     params, grads = values(rng, n, precision), values(rng, n, precision)
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
     master_params = rng.standard_normal(n).astype(np.float32) if master else None
-    args = (params, master_params, grads, m, v, i64(n), f32(1e-3), f32(0.9), f32(0.999), f32(0.1),
+    args = (params, master_params, grads, m, v, i64(n), i64(n), i64(n), f32(1e-3), f32(0.9), f32(0.999), f32(0.1),
             f32(0.001), f32(1e-8), f32(0.0), f32(1.0), u32(7))
     r = launch(module("adamw", precision).get_function("adamw_kernel"), ceil_div(n, 512), 512, args)
     old = 4 if master else s

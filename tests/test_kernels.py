@@ -541,7 +541,7 @@ def test_adamw_three_steps(mods):
     kernel = fn(mods, "adamw", "adamw_kernel")
     for t in range(1, 4):
         g = rand(rng, n)
-        hyper = (i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t), f32(1 - b2 ** t), f32(eps), f32(wd),
+        hyper = (i64(n), i64(n), i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t), f32(1 - b2 ** t), f32(eps), f32(wd),
                  f32(scale), u32(1234 + t))
         kernel(ceil_div(n, 512), 512, (p, None, g, m, v) + hyper)
         kernel(ceil_div(n, 512), 512, (p2, master, g, m2, v2) + hyper)
@@ -572,8 +572,8 @@ def test_emulator_speed_adamw_over_1_7M_params(emu_mods):
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
 @pytest.mark.no_racecheck                           # the plain emulator's speed
     kernel = fn(emu_mods, "adamw", "adamw_kernel")
-    args = (p, None, g, m, v, i64(n), f32(1e-3), f32(0.9), f32(0.999), f32(0.1), f32(0.001), f32(1e-8), f32(0.0),
-            f32(1.0), u32(0))
+    args = (p, None, g, m, v, i64(n), i64(n), i64(n), f32(1e-3), f32(0.9), f32(0.999), f32(0.1), f32(0.001),
+            f32(1e-8), f32(0.0), f32(1.0), u32(0))
     kernel(ceil_div(n, 512), 512, args)               # warm up (fiber stacks, pool threads)
     t0 = time.perf_counter()
     kernel(ceil_div(n, 512), 512, args)
@@ -838,10 +838,10 @@ def test_argument_errors_are_clear(emu_mods):
     with pytest.raises(ValueError, match=r"exceeds CUDA's limits"):
         gelu(1, 2048, (x, x, i32(10)))
     adamw = fn(mods, "adamw", "adamw_kernel")
-    with pytest.raises(TypeError, match=r"argument 6 \(float\) expects np.float32, got np.float64"):
-        adamw(1, 32, (x, None, x, x, x, i64(10), np.float64(1e-3)) + (f32(0),) * 7 + (u32(0),))
-    with pytest.raises(TypeError, match=r"argument 14 \(unsigned int\) expects np.uint32, got np.int32"):
-        adamw(1, 32, (x, None, x, x, x, i64(10)) + (f32(0),) * 8 + (i32(0),))
+    with pytest.raises(TypeError, match=r"argument 8 \(float\) expects np.float32, got np.float64"):
+        adamw(1, 32, (x, None, x, x, x, i64(10), i64(10), i64(10), np.float64(1e-3)) + (f32(0),) * 7 + (u32(0),))
+    with pytest.raises(TypeError, match=r"argument 16 \(unsigned int\) expects np.uint32, got np.int32"):
+        adamw(1, 32, (x, None, x, x, x, i64(10), i64(10), i64(10)) + (f32(0),) * 8 + (i32(0),))
     ln = fn(mods, "layernorm", "layernorm_backward_kernel")
     with pytest.raises(ValueError, match=r"dynamic shared memory"):
         ln(1, 32, (x,) * 7 + (i32(1),) * 3, shared_mem=64 * 1024)
