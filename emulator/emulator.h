@@ -419,6 +419,9 @@ struct RaceState {
     int n = 0;
     uintptr_t lo = 0, span = 0;     // the hull of the ranges: one compare rejects locals
     uintptr_t own_tls[2] = {0, 0};  // &tls_worker, &tls_fiber: in the static __shared__ block, not the kernel's
+    int last = 0;                   // the range the last checked access fell in (accesses come in runs)
+    static const int kMissPages = 256;
+    uintptr_t miss_page[kMissPages];   // 4 KiB pages inside the hull but in no range (the emulator's heap)
     unsigned long long* reports = nullptr;
     int max_reports = 0, nreports = 0;
     unsigned long long total = 0;   // racing accesses in all
@@ -572,24 +575,39 @@ EMU_NO_TSAN_INLINE bool emu_race_granule(emu::RaceState* S, const emu::RaceRange
 }
 
 // an access inside the hull of the checked ranges, by a CUDA thread
+EMU_NO_TSAN_INLINE void emu_race_in_range(emu::RaceState* S, const emu::RaceRange& r, uintptr_t off,
+                                          unsigned long n, int kind, const emu::Fiber* f) {
+    uintptr_t end = off + n < r.size ? off + n : r.size;
+    uint64_t now = emu_race_now(f);
+    bool raced = false;
+    for (uintptr_t g = off >> r.shift; (g << r.shift) < end; g++) {
+        raced |= emu_race_granule(S, r, g, now, kind, f->worker->block_linear);
+    }
+    S->total += raced;                               // racing accesses, however many granules each covers
+}
+
 EMU_NO_TSAN void emu_race_checked_access(uintptr_t addr, unsigned long n, int kind) {
     emu::RaceState* S = emu::race_state;
     emu::Fiber* f = emu::race_fiber;
     if (addr - reinterpret_cast<uintptr_t>(f->stack) < f->stack_size) { return; }   // a local
+    if (addr == S->own_tls[0] || addr == S->own_tls[1]) { return; }                 // threadIdx, blockIdx, ...
+    const emu::RaceRange& last = S->ranges[S->last];
+    if (addr - last.lo < last.size) { emu_race_in_range(S, last, addr - last.lo, n, kind, f); return; }
+    uintptr_t page = addr >> 12;
+    uintptr_t& miss = S->miss_page[page % emu::RaceState::kMissPages];
+    if (miss == page) { return; }
     for (int i = 0; i < S->n; i++) {
         const emu::RaceRange& r = S->ranges[i];
-        uintptr_t off = addr - r.lo;
-        if (off >= r.size) { continue; }
-        if (addr == S->own_tls[0] || addr == S->own_tls[1]) { return; }
-        uintptr_t end = off + n < r.size ? off + n : r.size;
-        uint64_t now = emu_race_now(f);
-        bool raced = false;
-        for (uintptr_t g = off >> r.shift; (g << r.shift) < end; g++) {
-            raced |= emu_race_granule(S, r, g, now, kind, f->worker->block_linear);
+        if (addr - r.lo < r.size) {
+            S->last = i;
+            emu_race_in_range(S, r, addr - r.lo, n, kind, f);
+            return;
         }
-        S->total += raced;                           // racing accesses, however many granules each covers
-        return;
     }
+    for (int i = 0; i < S->n; i++) {                 // no range touches this page: remember it
+        if (S->ranges[i].lo < (page + 1) << 12 && S->ranges[i].lo + S->ranges[i].size > page << 12) { return; }
+    }
+    miss = page;
 }
 
 // every hook's first test, inlined: most accesses are the emulator's own (no fiber runs) or far away
@@ -1097,6 +1115,11 @@ static inline void race_add_range(RaceState* S, uintptr_t lo, size_t size, unsig
     r.shadow = static_cast<uint64_t*>(mem);            // zero pages: no access yet
 }
 
+static inline void race_forget_misses(RaceState* S) {
+    for (int i = 0; i < RaceState::kMissPages; i++) { S->miss_page[i] = ~uintptr_t(0); }
+    S->last = 0;
+}
+
 // the checked ranges of a launch: the arrays, then the dynamic and static shared memory
 static inline void race_begin(RaceState* S, Worker* w, size_t shared_mem) {
     uintptr_t lo = UINTPTR_MAX, hi = 0;
@@ -1116,6 +1139,7 @@ static inline void race_begin(RaceState* S, Worker* w, size_t shared_mem) {
     }
     S->lo = lo;
     S->span = S->n > 0 ? hi - lo : 0;
+    race_forget_misses(S);
 }
 
 static inline void race_end(RaceState* S) {
