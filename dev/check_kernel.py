@@ -570,8 +570,8 @@ def adamw_launches(s, rng, reference):
     weights = params if master is None else master
     params = fx(params)
     step = Launch("adamw_kernel", ceil_div(n, 512), 512,
-                  (params, master, grads, m, v, i64(n), i64(n), i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t),
-                   f32(1 - b2 ** t), f32(eps), f32(wd), f32(grad_scale), u32(4242)),
+                  (params, master, grads, m, v, i64(n), i64(n), i64(n), f32(lr), f32(b1), f32(b2),
+                   f32(1 - b1 ** t), f32(1 - b2 ** t), f32(eps), f32(wd), f32(grad_scale), u32(4242)),
                   read_write=(0, 3, 4) if master is None else (0, 1, 3, 4))
     grid = min(ceil_div(n, 512), 1024)                # as gpt2_calculate_grad_norm launches it
     partials = np.full(grid, np.nan, np.float32)
@@ -660,7 +660,8 @@ def copy_back(back):
 # references also read, so its float result y is within the fp32 tolerance e = atol + rtol |want| of
 # want, and its output within e + r |y| <= e (1 + r) + r |want|: the fp32 tolerance, widened by r.
 BF16_ROUNDING = 2.0 ** -8
-STOCHASTIC_OUTPUTS = {("adamw_kernel", "params"), ("init_from_master_kernel", "params"), ("encoder_backward_wte_kernel", "dwte"),
+STOCHASTIC_OUTPUTS = {("adamw_kernel", "params"), ("init_from_master_kernel", "params"),
+                      ("encoder_backward_wte_kernel", "dwte"),
                       ("encoder_backward_wpe_kernel", "dwpe"),
                       ("encoder_backward_wpe_x128_kernel", "dwpe")}   # common.cuh's stochastic_round
 

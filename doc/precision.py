@@ -127,7 +127,8 @@ def section3(emulated):
         grads = f32_to_bf16(rng.standard_normal(n).astype(np.float32))
         seed = 1000 + t
         adamw(((n + 511) // 512,), (512,),
-              (params, master, grads, m, v, np.int64(n), np.int64(n), np.int64(n), np.float32(1e-3), np.float32(0.9), np.float32(0.95),
+              (params, master, grads, m, v, np.int64(n), np.int64(n), np.int64(n), np.float32(1e-3),
+               np.float32(0.9), np.float32(0.95),
                np.float32(1 - 0.9 ** t), np.float32(1 - 0.95 ** t), np.float32(1e-8), np.float32(0.0),
                np.float32(1.0), np.uint32(seed)))
         w64, m64, v64 = adamw_numpy(w64, bf16_to_f32(grads), m64, v64, 1e-3, 0.9, 0.95, 1e-8, t)

@@ -541,8 +541,8 @@ def test_adamw_three_steps(mods):
     kernel = fn(mods, "adamw", "adamw_kernel")
     for t in range(1, 4):
         g = rand(rng, n)
-        hyper = (i64(n), i64(n), i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t), f32(1 - b2 ** t), f32(eps), f32(wd),
-                 f32(scale), u32(1234 + t))
+        hyper = (i64(n), i64(n), i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t), f32(1 - b2 ** t), f32(eps),
+                 f32(wd), f32(scale), u32(1234 + t))
         kernel(ceil_div(n, 512), 512, (p, None, g, m, v) + hyper)
         kernel(ceil_div(n, 512), 512, (p2, master, g, m2, v2) + hyper)
         _adamw_reference(rp, g.astype(np.float64), rm, rv, lr, b1, b2, eps, wd, t, scale)

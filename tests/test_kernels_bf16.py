@@ -147,9 +147,9 @@ def test_encoder_backward_rounds_stochastically(bf16_mods, order):
 def _adamw_step(mod, params, master, grads, m, v, t, seed):
     lr, b1, b2, eps, wd, scale = 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.5
     n = params.size
-    mod.get_function("adamw_kernel")(ceil_div(n, 512), 512, (params, master, grads, m, v, i64(n), i64(n), i64(n), f32(lr),
-                                                             f32(b1), f32(b2), f32(1 - b1 ** t), f32(1 - b2 ** t), f32(eps),
-                                                             f32(wd), f32(scale), u32(seed)))
+    args = (params, master, grads, m, v, i64(n), i64(n), i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t),
+            f32(1 - b2 ** t), f32(eps), f32(wd), f32(scale), u32(seed))   # one row: the row strides unused
+    mod.get_function("adamw_kernel")(ceil_div(n, 512), 512, args)
     return lambda w, g, m0, v0: (w - lr * ((b1 * m0 + (1 - b1) * g * scale) / (1 - b1 ** t)
                                            / (np.sqrt((b2 * v0 + (1 - b2) * (g * scale) ** 2) / (1 - b2 ** t)) + eps)
                                            + wd * w))

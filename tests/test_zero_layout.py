@@ -170,3 +170,29 @@ def test_two_rank_zero1_state_holds_llmc_pieces(workdir):
         np.testing.assert_allclose(mine, layout.gather(whole), rtol=1e-4, atol=1e-7)
         contiguous = whole[rank * (P // 2):(rank + 1) * (P // 2)]
         assert np.abs(mine - contiguous).max() > 1e-3    # not the old contiguous half
+
+
+# ---- the collectives by the layout: NCCL (the stand-in communicator of test_collectives_nccl.py)
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_nccl_reduce_scatter_and_all_gather_move_the_layout_pieces(bf16):
+    from test_collectives_nccl import narrow, on_two_ranks, rank_values, widen
+    shapes, code = formats.param_shapes(TINY), 9 if bf16 else 7
+    total = narrow(sum(widen(np.asarray(rank_values(r, P, bf16)), code) for r in (0, 1)), code)
+
+    def job(world):
+        layout = ShardLayout(shapes, world.rank, 2)
+        x = rank_values(world.rank, P, bf16)
+        world.reduce_scatter_sum(x, layout)
+        scattered = np.array(x)
+        world.all_gather(x, layout)
+        return layout, scattered, np.array(x)
+
+    for layout, scattered, gathered in on_two_ranks(job):
+        mine = np.zeros(P, bool)
+        for _, _, start, _, n in layout.pieces:
+            mine[start:start + n] = True
+        assert mine.sum() == P // 2
+        assert np.array_equal(scattered[mine], total[mine])                     # its pieces: the sums
+        assert np.array_equal(scattered[~mine], np.asarray(rank_values(layout.rank, P, bf16))[~mine])  # the rest
+        assert np.array_equal(gathered, total)                                  # then every piece everywhere
