@@ -6,7 +6,8 @@ probabilities att (B,NH,T,T), and the backward has no (B,NH,T,T) scratch. Elsewh
 materialized path of kernels/attention.cu runs, exactly as before flash existed. What is checked:
 
   flag     -h lists -fa; -fa 2 is one line; the NumPy trainer refuses -fa as it refuses -ge; fp32 with -fa 1
-           says in one line which path runs; the start-up line names the path and why;
+           says in one line which path runs; the start-up line names the path and why; a checkpoint written
+           with flash resumes with -fa 0 (a setting of the run, not recorded, as -ge);
   bits     -fa 0 keeps the pre-flash trainer's buffers (train_gpt2_cuda.py at PRE_FLASH, read from git): the
            same tables in the same order; -fa 0 and fp32 call the materialized attention as that trainer does
            (its layer launchers replaced by today's): the same launchers on the same buffers and offsets, and
@@ -156,6 +157,28 @@ def test_cli_says_which_path_runs(tmp_path, precision, fa):
             "attention: materialized, (B,NH,T,T) tensors: fp32 has no flash variant (flash_attention.cu is bf16 "
             "on the tensor cores)"], attention
     assert len([line for line in lines if line.startswith("step ")]) == 2
+
+
+def test_resume_may_switch_the_attention_path(tmp_path):
+    """-fa is a setting of the run (as -ge): a checkpoint does not record it, and a run written with flash resumes
+    with the materialized path (and back) without a word about it; the loss goes on from where it was, within
+    bf16's rounding of the uninterrupted flash run."""
+    checkpoint, train, val = write_run_files(tmp_path, FLASH_CONFIG)
+    base = [os.path.join(REPO, "train_gpt2_cuda.py"), "-e", checkpoint, "-i", train, "-j", val, "-b", B, "-t", T,
+            "-v", 0, "-s", 0, "-n", 2]
+
+    def run(out, *flags):
+        r = run_python(base[:1], *base[1:], "-o", out, *flags, env={"LLMC_EMULATE": "1"}, cwd=str(tmp_path))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout, [float(line.split()[4]) for line in r.stdout.splitlines() if line.startswith("step ")]
+
+    _, straight = run("straight", "-x", 4, "-fa", 1)
+    run("switched", "-x", 2, "-fa", 1)
+    out, resumed = run("switched", "-x", 4, "-fa", 0, "-y", 1)
+    assert "resumed from checkpoint 2 in switched" in out and "-y 1: -fa" not in out
+    assert "attention: materialized, (B,NH,T,T) tensors (-fa 0)" in out.splitlines()
+    assert len(straight) == 4 and len(resumed) == 2
+    assert np.allclose(resumed, straight[2:], rtol=5e-3), (resumed, straight)
 
 
 # ----------------------------------------------------------------------------------------------
