@@ -184,7 +184,8 @@ def test_resume_may_switch_the_attention_path(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # -fa 0 is the path as it was, bit for bit
 
-# the layers' launchers and the scratch sizes they need: the pre-flash model code calls today's (see trainer_before_flash)
+# the layers' launchers and the scratch sizes they need: the pre-flash model code calls today's
+# (see trainer_before_flash)
 LAYER_LAUNCHERS = ("encoder_forward", "encoder_buckets", "encoder_backward", "layernorm_forward", "layernorm_backward",
                    "layernorm_scratch_size", "matmul_forward", "matmul_backward", "matmul_bias_scratch_size",
                    "attention_forward", "attention_backward", "fused_residual_forward", "fused_classifier",
@@ -227,7 +228,8 @@ def test_materialized_tables_are_the_old_ones(cu, tmp_path, recompute):
     same offsets in the flat buffers): the activations, their fp32 statistics, the backward's buffers."""
     old = trainer_before_flash(tmp_path, cu)
     for config in (FLASH_CONFIG, D12):
-        assert cu.activation_shapes(config, B, T, recompute, flash=False) == old.activation_shapes(config, B, T, recompute)
+        assert cu.activation_shapes(config, B, T, recompute, flash=False) == \
+            old.activation_shapes(config, B, T, recompute)
         assert cu.grad_activation_shapes(config, B, T, flash=False) == old.grad_activation_shapes(config, B, T)
         for precision in ("bf16", "fp32"):
             new_buffers = cu.state_buffers(config, B, T, recompute, precision, True, flash=False)
