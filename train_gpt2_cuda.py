@@ -549,41 +549,50 @@ LAYERNORM_BACKWARD_BLOCK = 512   # 16 rows (warps) per block
 LAYERNORM_SUM_BLOCK = 128        # layernorm_backward_sum_split_kernel: 128 threads split the partial rows
 
 
+LAYERNORM_GROUP = 32             # layernorm_backward_onepass_kernel: blocks per group (its sum's first level)
+
+
 def layernorm_scratch_size(B, T, C):
     # floats of scratch layernorm_backward needs: 3*C partial sums per block of its grid (dbias, dweight and,
-    # with linear_dbias, the column sums of dinp)
-    return ceil_div(32 * B * T, LAYERNORM_BACKWARD_BLOCK) * 3 * C
+    # with linear_dbias, the column sums of dinp), 3*C per group of LAYERNORM_GROUP blocks, and at the end the
+    # one-launch kernel's ticket counters (groups + 1 uint32: zero-allocated, every launch leaves them 0)
+    grid = ceil_div(32 * B * T, LAYERNORM_BACKWARD_BLOCK)
+    groups = ceil_div(grid, LAYERNORM_GROUP)
+    return (grid + groups) * 3 * C + groups + 1
 
 
 def layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, mean, rstd, B, T, C, linear_dbias=None,
                        linear_scratch=None):
     # dinp (B,T,C) += ..., dweight, dbias (C) += ...; one warp per row for dinp. Each block writes
-    # its rows' share of dbias/dweight to scratch (>= layernorm_scratch_size floats), and a second
-    # kernel adds the shares in a fixed order: deterministic, no atomics. That sum fills the GPU when
-    # C is a multiple of 4 (scratch, float, is read in 128-bit packs): one block per pack of 4 columns
-    # of the (2, C) rows, its 128 threads splitting the partial rows; else one thread per channel.
-    # linear_dbias (C) given: it also gets += the column sums of dinp after the update (the bias gradient of
-    # the linear layer whose output is added into the residual stream dinp is the gradient of): in the same
-    # two launches where the x128 kernel runs (its third row of partials per block, layernorm_backward_sum3),
-    # else by matmul_backward_bias(linear_dbias, linear_scratch, dinp) afterwards
+    # its rows' share of dbias/dweight to scratch (>= layernorm_scratch_size floats), and they are added in a
+    # fixed order: deterministic, no float atomics. linear_dbias (C) given: it also gets += the column sums of
+    # dinp after the update (the bias gradient of the linear layer whose output is added into the residual
+    # stream dinp is the gradient of). Where C is a multiple of the pack and the arrays are 16-byte aligned:
+    # ONE launch, layernorm_backward_onepass_kernel (the x128 rows, then the last block of each group of
+    # LAYERNORM_GROUP blocks adds the group's partials, and the last group the groups', found by atomic ticket
+    # counters at the end of scratch). Else the plain kernel, then a second kernel adds the shares (one block
+    # per pack of 4 columns of the (2, C) rows where C is a multiple of 4, else one thread per channel), and
+    # matmul_backward_bias(linear_dbias, linear_scratch, dinp) after them
     block = LAYERNORM_BACKWARD_BLOCK
     grid = ceil_div(32 * B * T, block)
-    name = layernorm_x128_name("layernorm_backward_kernel", C, dinp, dout, inp, weight)
-    x128 = name != "layernorm_backward_kernel"
-    fused = linear_dbias is not None and x128 and packable(C, scratch)
-    kernel("layernorm", name, dinp.dtype)(
-        (grid,), (block,), (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C))
-        + ((i32(fused),) if x128 else ()))
-    if fused:
-        kernel("layernorm", "layernorm_backward_sum3_split_kernel", dinp.dtype)(
-            (3 * C // 4,), (LAYERNORM_SUM_BLOCK,), (dweight, dbias, linear_dbias, scratch, i32(grid), i32(C)))
-    elif packable(C, scratch):
+    if layernorm_x128_name("layernorm_backward_kernel", C, dinp, dout, inp, weight) != "layernorm_backward_kernel":
+        groups = ceil_div(grid, LAYERNORM_GROUP)
+        assert scratch.size >= (grid + groups) * 3 * C + groups + 1, \
+            "layernorm_backward: scratch too small (layernorm_scratch_size)"
+        counters = scratch.reshape(-1)[scratch.size - (groups + 1):].view(np.uint32)
+        kernel("layernorm", "layernorm_backward_onepass_kernel", dinp.dtype)(
+            (grid,), (block,), (dinp, dweight, dbias, NULL if linear_dbias is None else linear_dbias, scratch,
+                                counters, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)))
+        return
+    kernel("layernorm", "layernorm_backward_kernel", dinp.dtype)(
+        (grid,), (block,), (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)))
+    if packable(C, scratch):
         kernel("layernorm", "layernorm_backward_sum_split_kernel", dinp.dtype)(
             (2 * C // 4,), (LAYERNORM_SUM_BLOCK,), (dweight, dbias, scratch, i32(grid), i32(C)))
     else:
         kernel("layernorm", "layernorm_backward_sum_kernel", dinp.dtype)(
             (ceil_div(C, 256),), (256,), (dweight, dbias, scratch, i32(grid), i32(C)))
-    if linear_dbias is not None and not fused:
+    if linear_dbias is not None:
         matmul_backward_bias(linear_dbias, linear_scratch, dinp, B * T, C)
 
 

@@ -353,7 +353,25 @@ def layernorm_launches(s, rng, reference):
                                 (want[1], want[2], w_dlinear))]
         fused_x.outputs = [dataclasses.replace(o, got=got)
                            for o, got in zip(fused.outputs, (residual_x, normed_x, f_mean_x, f_rstd_x))]
-    return [fwd, bwd, bwd_sum, bwd_split, fused, fwd_x, bwd_x, bwd_sum3, fused_x]
+    # the trainer's: the x128 rows and every sum in one launch (ticket counters, start at 0), with the linear bias
+    groups = ceil_div(grid, 32)
+    dinp_1, dweight_1, dbias_1, dlinear_1 = dinp0.copy(), dweight.copy(), dbias.copy(), fx(rand(rng, C))
+    scratch_1, counters_1 = np.full((grid + groups) * 3 * C, np.nan, np.float32), np.zeros(groups + 1, np.uint32)
+    bwd_one = Launch("layernorm_backward_onepass_kernel", grid, block,
+                     (dinp_1, dweight_1, dbias_1, dlinear_1, scratch_1, counters_1, dout, inp, weight, b_mean, b_rstd,
+                      i32(B), i32(T), i32(C)), read_write=(0, 1, 2, 3))
+    if reference:
+        w_dlinear_1 = f64(dlinear_1).copy()
+
+        def dlinear_1_after():                        # the stored dinp's sums, known after the launch
+            w_dlinear_1[...] += f64(dinp_1).reshape(B * T, C).sum(0)
+            return dlinear_1
+        bwd_one.outputs = [Output("dinp", dinp_1, want[0], "layernorm_backward (+=)", 2e-5, 1e-5),
+                           Output("dweight", dweight_1, want[1], "layernorm_backward (+=)", 2e-5, 1e-5),
+                           Output("dbias", dbias_1, want[2], "layernorm_backward (+=)", 2e-5, 1e-5),
+                           Output("dlinear_bias", dlinear_1_after, w_dlinear_1, "column sums of dinp (+=)",
+                                  2e-5, 1e-5)]
+    return [fwd, bwd, bwd_sum, bwd_split, fused, fwd_x, bwd_x, bwd_sum3, fused_x, bwd_one]
 
 
 def matmul_launches(s, rng, reference):

@@ -220,24 +220,35 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
                dram_read=N * OC * s + row_blocks * OC * 4 + OC * s)
 
     def layernorm_backward(where, linear_bias=False):
-        # linear_bias: this LayerNorm's backward also gives the bias gradient of the linear layer before it
-        # (the x128 kernel's third row of partials: it rereads the dinp rows it stored, NC, and writes C floats
-        # more per block; the 3-row sum), else matmul_backward_bias on dinp after it
-        fused = linear_bias and x128 == "_x128_kernel" and C % 4 == 0
+        # linear_bias: this LayerNorm's backward also gives the bias gradient of the linear layer before it (the
+        # column sums of dinp after its update): a third row of partials per block where the x128 kernel runs,
+        # else matmul_backward_bias on dinp after the plain kernels
         blocks = ceil_div(32 * N, cu.LAYERNORM_BACKWARD_BLOCK)
         # warp per row: reads inp, weight, dout in the first pass (3NC), and again with dinp (+=) in the
         # second (4NC); mean and rstd by each of the 32 lanes (256 bytes a row); then per block the column
         # sums reread dout and inp (2NC) with mean and rstd per row and column (8NC bytes; the x128 kernel
-        # per row and pack: 8NC/P). Writes dinp and 2C floats of partials per block. DRAM: inp, dout, dinp
-        # once, weight once, mean and rstd once
+        # per row and pack: 8NC/P), and with linear_bias the dinp rows it stored (NC). Writes dinp and the
+        # partials. DRAM: inp, dout, dinp once, weight once, mean and rstd once
         stats = 8 * N * C // P if C % P == 0 else 8 * N * C
-        launch("layernorm_backward" + x128, where, 9 * N * C * s + 256 * N + stats + fused * N * C * s,
-               N * C * s + blocks * (2 + fused) * C * 4, dram_read=(3 * N * C + C) * s + 8 * N)
-        if fused:   # reads the partials (blocks, 3C) and the three gradients; writes them
-            launch("layernorm_backward_sum3_split_kernel", where, blocks * 3 * C * 4 + 3 * C * s, 3 * C * s)
+        base_read = 9 * N * C * s + 256 * N + stats
+        if x128 == "_x128_kernel":
+            # layernorm_backward_onepass_kernel, one launch: its partials (blocks, W), W = (2 + linear_bias) C,
+            # stored by atomicExch; a ticket per block; the last block of each group of LAYERNORM_GROUP reads its
+            # group's rows (atomicAdd(0)) and stores the group's row, resets its counter, takes a ticket; the last
+            # group reads the group rows and reads and writes the W outputs (floatX), then resets the last
+            # counter. An atomic counts a read and a write of 4 bytes. DRAM: the non-atomic part, the partials once
+            W = (2 + linear_bias) * C
+            groups = ceil_div(blocks, cu.LAYERNORM_GROUP)
+            atomics = 4 * (2 * blocks * W + 2 * groups * W + blocks + 2 * groups + 1)
+            launch("layernorm_backward_onepass_kernel", where, base_read + linear_bias * N * C * s + atomics + W * s,
+                   N * C * s + atomics + W * s, dram_read=(3 * N * C + C) * s + 8 * N + blocks * W * 4 + W * s)
             return
-        # reads the partials (blocks, 2C) and dbias, dweight; writes dbias, dweight
-        launch("layernorm_backward_sum_split_kernel", where, blocks * 2 * C * 4 + 2 * C * s, 2 * C * s)
+        launch("layernorm_backward_kernel", where, base_read, N * C * s + blocks * 2 * C * 4,
+               dram_read=(3 * N * C + C) * s + 8 * N)
+        if C % 4 == 0:   # reads the partials (blocks, 2C) and dbias, dweight; writes dbias, dweight
+            launch("layernorm_backward_sum_split_kernel", where, blocks * 2 * C * 4 + 2 * C * s, 2 * C * s)
+        else:            # one thread per channel: the same bytes
+            launch("layernorm_backward_sum_kernel", where, blocks * 2 * C * 4 + 2 * C * s, 2 * C * s)
         if linear_bias:
             bias_backward(where, C)
 

@@ -112,6 +112,27 @@
 //   states how far apart). launch: grid = 3C/4, block = 128, static shared memory 32*4 floats; C a multiple
 //   of 4 and scratch 16-byte aligned. At d12: 576 blocks, 9.4 MB of partials.
 //
+// layernorm_backward_onepass_kernel(floatX* dinp, floatX* dweight, floatX* dbias, floatX* dlinear_bias,
+//                                   float* scratch, unsigned int* counters, const floatX* dout, const floatX* inp,
+//                                   const floatX* weight, const float* mean, const float* rstd, int B, int T, int C)
+//   The trainer's LayerNorm backward, ONE launch: layernorm_backward_x128_kernel's rows (dinp_sums = 1 when
+//   dlinear_bias is not NULL), its partials stored as atomics, then the sums in the same launch. Each block
+//   takes a ticket from counters[group] (group = blockIdx.x / 32, GROUP blocks a group); the last block of a
+//   group adds the group's partial rows in block order (a thread per column, 8 reads in flight) into the
+//   group's row of scratch, resets its counter and takes a ticket from counters[groups]; the last group adds
+//   the group rows in group order into dbias, dweight (and dlinear_bias), rounded once (ACCUMULATES), and
+//   resets that counter. The partials and group rows cross blocks as atomics (atomicExch stores, atomicAdd(0)
+//   reads: the same bits, at L2; two atomics never race, which is how the emulator's race checker, ordering
+//   no blocks, sees them too); no float is added atomically: the order is fixed by the grid, so the bits are
+//   too (not the split kernels': tests/test_layernorm_x128.py holds them to a NumPy model of this order).
+//   scratch: (gridDim.x + groups) rows of (2 + dinp_sums) * C floats; counters: groups + 1 unsigned ints, all 0
+//   at the launch, all 0 after it (train_gpt2_cuda.py keeps them at the end of the zero-allocated scratch).
+//   launch: as layernorm_backward_kernel (block = 512; grid = ceil_div(32*B*T, block)); C a multiple of P,
+//   dinp, dout, inp, weight 16-byte aligned. 64 registers (2 blocks of 512 per SM, as the x128 kernel's 48).
+//   At d12: 1024 blocks in 32 groups; each group's last block reads 32 x 2304 floats (144 per thread, 18
+//   rounds of 8 atomic reads), the last group's the same again: ~10-20 us of L2 latency after the other
+//   blocks, in place of the second launch (the split sum, ~3 us plus a launch). No GPU has timed it yet.
+//
 // Assumes N*C < 2^31. warp_sum (every lane gets the sum over the warp) comes from common.cuh.
 
 #include "common.cuh"
@@ -406,10 +427,24 @@ extern "C" __global__ void fused_residual_layernorm_forward_x128_kernel(floatX* 
     normalize_row_x128(normed + row * C, mean, rstd, x, weight, bias, m, row, C, lane);
 }
 
-extern "C" __global__ void layernorm_backward_x128_kernel(floatX* dinp, float* scratch, const floatX* dout,
-                                                          const floatX* inp, const floatX* weight,
-                                                          const float* mean, const float* rstd,
-                                                          int B, int T, int C, int dinp_sums) {
+// A float of this launch's partials: stored plainly, or (the one-launch kernel, whose last blocks read other
+// blocks' partials) as an atomic exchange of its bits, read back by an atomic that returns them unchanged.
+__device__ void put_partial(float* address, float value, bool atomic) {
+    if (atomic) {
+        atomicExch(reinterpret_cast<int*>(address), __float_as_int(value));
+    } else {
+        *address = value;
+    }
+}
+
+__device__ float get_partial(float* address) {
+    return __uint_as_float(atomicAdd(reinterpret_cast<unsigned int*>(address), 0u));
+}
+
+// layernorm_backward_x128_kernel's body (see there); atomic_partials: its partials stored with put_partial's atomic.
+__device__ void layernorm_backward_x128_rows(floatX* dinp, float* scratch, const floatX* dout, const floatX* inp,
+                                             const floatX* weight, const float* mean, const float* rstd,
+                                             int B, int T, int C, int dinp_sums, bool atomic_partials) {
     int N = B * T;
     int rows_per_block = blockDim.x / 32;
     int first_row = blockIdx.x * rows_per_block;
@@ -475,7 +510,7 @@ extern "C" __global__ void layernorm_backward_x128_kernel(floatX* dinp, float* s
                 x128 d0 = load128_coherent(dinp + r * C + i);
                 for (int k = 0; k < X128; k++) { total[k] += (float)d0[k]; }
             }
-            for (int k = 0; k < X128; k++) { dinp_part[i + k] = total[k]; }
+            for (int k = 0; k < X128; k++) { put_partial(dinp_part + i + k, total[k], atomic_partials); }
         }
     }
     for (int i = threadIdx.x * X128; i < C; i += blockDim.x * X128) {
@@ -500,8 +535,80 @@ extern "C" __global__ void layernorm_backward_x128_kernel(floatX* dinp, float* s
         }
         if (r < last_row) { add(r, load128(dout + r * C + i), load128(inp + r * C + i)); }
         for (int k = 0; k < X128; k++) {
-            dbias_part[i + k] = dbias_sum[k];
-            dweight_part[i + k] = dweight_sum[k];
+            put_partial(dbias_part + i + k, dbias_sum[k], atomic_partials);
+            put_partial(dweight_part + i + k, dweight_sum[k], atomic_partials);
         }
     }
+}
+
+extern "C" __global__ void layernorm_backward_x128_kernel(floatX* dinp, float* scratch, const floatX* dout,
+                                                          const floatX* inp, const floatX* weight,
+                                                          const float* mean, const float* rstd,
+                                                          int B, int T, int C, int dinp_sums) {
+    layernorm_backward_x128_rows(dinp, scratch, dout, inp, weight, mean, rstd, B, T, C, dinp_sums, false);
+}
+
+// The sum over `rows` rows of `width` floats from `from` (row stride `width`), column by column (a thread per
+// column, the rows in order, 8 reads in flight), each column's total handed to out(column, total).
+template <class Out>
+__device__ void sum_rows_in_order(float* from, int rows, int width, Out out) {
+    constexpr int AHEAD = 8;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        float total = 0.0f;
+        for (int r = 0; r < rows; r += AHEAD) {
+            float v[AHEAD];
+            for (int j = 0; j < AHEAD; j++) {
+                if (r + j < rows) { v[j] = get_partial(from + (long long)(r + j) * width + c); }
+            }
+            for (int j = 0; j < AHEAD; j++) {
+                if (r + j < rows) { total += v[j]; }
+            }
+        }
+        out(c, total);
+    }
+}
+
+extern "C" __global__ void layernorm_backward_onepass_kernel(floatX* dinp, floatX* dweight, floatX* dbias,
+                                                             floatX* dlinear_bias, float* scratch,
+                                                             unsigned int* counters, const floatX* dout,
+                                                             const floatX* inp, const floatX* weight,
+                                                             const float* mean, const float* rstd,
+                                                             int B, int T, int C) {
+    __shared__ unsigned int ticket;
+    constexpr int GROUP = 32;                             // blocks per group: the first level of the sum
+    int dinp_sums = dlinear_bias != nullptr;
+    int width = (2 + dinp_sums) * C;                      // floats per row of partials
+    int groups = (gridDim.x + GROUP - 1) / GROUP;
+    int group = blockIdx.x / GROUP;
+    int first = group * GROUP;
+    int members = min(GROUP, (int)gridDim.x - first);
+    float* group_rows = scratch + (long long)gridDim.x * width;    // (groups, width) after the blocks' rows
+    layernorm_backward_x128_rows(dinp, scratch, dout, inp, weight, mean, rstd, B, T, C, dinp_sums, true);
+
+    // the last block of each group adds its group's rows, in block order, into the group's row
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) { ticket = atomicAdd(&counters[group], 1u); }
+    __syncthreads();
+    if (ticket != (unsigned int)(members - 1)) { return; }
+    __threadfence();
+    sum_rows_in_order(scratch + (long long)first * width, members, width, [&](int c, float total) {
+        put_partial(group_rows + (long long)group * width + c, total, true);
+    });
+
+    // the last group to finish adds the group rows, in group order, into dbias, dweight (and dlinear_bias)
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        atomicExch(reinterpret_cast<int*>(counters + group), 0);      // ready for the next launch
+        ticket = atomicAdd(&counters[groups], 1u);
+    }
+    __syncthreads();
+    if (ticket != (unsigned int)(groups - 1)) { return; }
+    __threadfence();
+    sum_rows_in_order(group_rows, groups, width, [&](int c, float total) {
+        floatX* out = (c < C) ? dbias + c : (c < 2 * C) ? dweight + (c - C) : dlinear_bias + (c - 2 * C);
+        *out = (floatX)((float)*out + total);
+    });
+    if (threadIdx.x == 0) { atomicExch(reinterpret_cast<int*>(counters + groups), 0); }
 }

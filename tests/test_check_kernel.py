@@ -123,7 +123,8 @@ def test_timing_path_with_a_stand_in_cupy(monkeypatch, capsys):
                                           "layernorm_backward_sum_kernel", "layernorm_backward_sum_split_kernel",
                                           "fused_residual_layernorm_forward_kernel", "layernorm_forward_x128_kernel",
                                           "layernorm_backward_x128_kernel", "layernorm_backward_sum3_split_kernel",
-                                          "fused_residual_layernorm_forward_x128_kernel"]
+                                          "fused_residual_layernorm_forward_x128_kernel",
+                                          "layernorm_backward_onepass_kernel"]
     s = check_kernel.ODD
     n = s.B * s.T * s.C * 4
     # forward: out, inp (B,T,C) + mean, rstd (B,T) + weight, bias (C); 1 ms per 2 launches -> 0.5 ms

@@ -283,6 +283,8 @@ def test_launchers_take_the_x128_kernels(cuda_trainer, monkeypatch):  # noqa: F8
                  "encoder_backward_wpe"]
         got = [n for n in launched if n.rsplit("_", 2)[0] in names or n.rsplit("_", 1)[0] in names]
         want = [n + ("_" + suffix if suffix else "_kernel") for n in names]
+        if suffix:                                    # the backward: its one-launch kernel (x128 rows + the sums)
+            want[2] = "layernorm_backward_onepass_kernel"
         assert got == want, (C, launched)
     # the fused residual + LayerNorm with an input off a 16-byte boundary but its outputs on one: the two
     # launches it replaces (residual, then the x128 LayerNorm), so a LayerNorm recomputed from the residual under
@@ -307,7 +309,7 @@ def test_launchers_take_the_x128_kernels(cuda_trainer, monkeypatch):  # noqa: F8
 
 def test_launcher_with_the_linear_bias(cuda_trainer, monkeypatch):  # noqa: F811 (fixture)
     """layernorm_backward(..., linear_dbias=...): linear_dbias += the column sums of dinp after the update, by
-    the x128 kernel's third partial row and the 3-row sum (C = 16 in bf16, 8 in fp32: two launches in all) or,
+    the one-launch kernel's third partial row and its sums (C = 16 in bf16, 8 in fp32: one launch in all) or,
     where the x128 kernel cannot run (C = 12 in bf16), by matmul_backward_bias afterwards (three launches);
     either way within an fp32 sum's error and one floatX rounding of the float64 sum of the stored dinp; and
     dinp, dweight, dbias the bits of the same call without linear_dbias."""
@@ -338,7 +340,7 @@ def test_launcher_with_the_linear_bias(cuda_trainer, monkeypatch):  # noqa: F811
         assert dinp_l.tobytes() == dinp.tobytes() and dweight_l.tobytes() == dweight.tobytes()
         assert dbias_l.tobytes() == dbias.tobytes()
         if fused:
-            assert names == ["layernorm_backward_x128_kernel", "layernorm_backward_sum3_split_kernel"], names
+            assert names == ["layernorm_backward_onepass_kernel"], names
         else:
             assert names == ["layernorm_backward_kernel", "layernorm_backward_sum_split_kernel",
                              "matmul_backward_bias_kernel"], names
@@ -346,3 +348,59 @@ def test_launcher_with_the_linear_bias(cuda_trainer, monkeypatch):  # noqa: F811
         magnitude = np.abs(wide(dlin0)) + np.abs(wide(dinp_l)).reshape(B * T, C).sum(0)
         close(wide(dlin), want, 80 * U * magnitude + STEP[precision] * np.abs(want))
         assert np.abs(wide(dlin) - wide(dlin0)).max() > 0.1            # it did add something
+
+
+def onepass_model(acc, partials, group=32):
+    """layernorm_backward_onepass_kernel's bits: partials (blocks, width) summed per group of `group` blocks in
+    block order (float32, from 0), the group sums in group order (from 0), added to acc (width,) in float32."""
+    groups = [np.zeros(partials.shape[1], np.float32) for _ in range(0, len(partials), group)]
+    for b, row in enumerate(partials):
+        groups[b // group] += row
+    total = np.zeros(partials.shape[1], np.float32)
+    for g in groups:
+        total += g
+    return np.float32(acc + total)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_backward_in_one_launch(modules, precision, order):
+    """layernorm_backward_onepass_kernel: dinp the x128 kernel's bits; dbias, dweight (and the linear bias) bit
+    for bit the NumPy model of its order over the x128 kernel's partials (the block rows, then the groups of 32
+    blocks' sums in order, then those in group order), whichever block finishes last (three thread orders,
+    under the race checker: the partials cross blocks as atomics); the counters left at 0; the same bits twice."""
+    mod = Emulated(modules[("layernorm", precision)], order)
+    rng = np.random.default_rng(21)
+    C = 2 * PACK[precision]
+    for B, T in ((3, 7), (3, 200)):                   # 2 blocks (one group), 38 blocks (groups of 32 and 6)
+        for linear in (False, True):
+            inp, dout = fx(rand(rng, B, T, C) + 1.0, precision), fx(rand(rng, B, T, C), precision)
+            weight, dinp0 = fx(rand(rng, C), precision), fx(rand(rng, B, T, C), precision)
+            x = wide(inp)
+            mean = x.mean(-1).astype(np.float32)
+            rstd = (1 / np.sqrt(x.var(-1) + 1e-5)).astype(np.float32)
+            want_dinp, partials = backward(mod, "layernorm_backward_x128_kernel", B, T, C, dinp0, dout, inp,
+                                           weight, mean, rstd, dinp_sums=int(linear))
+            grid = partials.shape[0]
+            groups = ceil_div(grid, 32)
+            outs0 = [fx(rand(rng, C), precision) for _ in range(2 + linear)]      # dbias, dweight, dlinear
+            results = []
+            for _ in range(2):
+                dinp, outs = dinp0.copy(), [o.copy() for o in outs0]
+                scratch = np.full((grid + groups) * 3 * C, np.nan, np.float32)
+                counters = np.zeros(groups + 1, np.uint32)
+                dlin = outs[2] if linear else None
+                mod.get_function("layernorm_backward_onepass_kernel")(
+                    grid, 512, (dinp, outs[1], outs[0], dlin, scratch, counters, dout, inp, weight, mean, rstd,
+                                i32(B), i32(T), i32(C)))
+                assert not counters.any(), counters
+                results.append((dinp, outs))
+            (dinp, outs), (dinp2, outs2) = results
+            assert dinp.tobytes() == want_dinp.tobytes() and dinp2.tobytes() == dinp.tobytes()
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(outs, outs2)), "two runs differ"
+            acc = np.concatenate([wide(o).astype(np.float32) for o in outs0])
+            model = onepass_model(acc, partials.reshape(grid, -1))
+            got = np.concatenate([wide(o).astype(np.float32) for o in outs])
+            want = model if precision == "fp32" else bf16_to_f32(f32_to_bf16(model))
+            where = f"{precision} B={B} T={T} linear={linear} ({order})"
+            assert got.tobytes() == want.astype(np.float32).tobytes(), where

@@ -60,13 +60,14 @@ def matmul_scratch_floats(N, pack):
 def state_bytes(recompute, B=B, T=T, precision="fp32", master_weights=True):
     """What gpt2_allocate_state allocates: activations (floatX) and their statistics (fp32), the
     activation gradients (bt4c, preatt, dresidual: floatX), the layernorm backward's per-block partials
-    (512-thread blocks of 16 rows: 3C floats each), the matmul bias backward's per-block column sums (one
+    (512-thread blocks of 16 rows: 3C floats each, 3C per group of 32 blocks, and the group counters), the matmul bias backward's per-block column sums (one
     block row per 32 rows here, as the tiny model's grid is far below its 1056-block target, and OC = 4C,
     the widest biased layer: 4C floats each), the encoder's token buckets (3BT+1 int32), AdamW m and v
     (fp32), and in bf16 with -w 1 the fp32 master weights."""
     X = FLOATX[precision]
     grad_acts = B * T * 4 * C + B * NH * T * T + B * T * C
-    ln_scratch = math.ceil(B * T / 16) * 3 * C
+    blocks = math.ceil(B * T / 16)
+    ln_scratch = (blocks + math.ceil(blocks / 32)) * 3 * C + math.ceil(blocks / 32) + 1   # + groups' rows, counters
     mm_scratch = matmul_scratch_floats(B * T, 16 // X)
     master = num_parameters() if precision == "bf16" and master_weights else 0
     return (X * (activation_floats(recompute, B, T) + grad_acts) + FLOAT * statistics_floats(B, T)
@@ -172,7 +173,7 @@ def expected_report(r, precision="fp32", master_weights=True):
         f"allocating {mib(acts)} for activations",
         f"allocating {mib(FLOAT * statistics_floats())} for activation statistics",
         f"allocating {mib(X * (B * T * 4 * C + B * NH * T * T + B * T * C))} for activation gradients",
-        f"allocating {mib(FLOAT * 3 * C)} for layernorm backward scratch",
+        f"allocating {mib(FLOAT * (2 * 3 * C + 2))} for layernorm backward scratch",
         f"allocating {mib(FLOAT * matmul_scratch_floats(B * T, 16 // X))} for matmul backward bias scratch",
         f"allocating {mib(INT * (3 * B * T + 1))} for encoder backward buckets",
         f"allocating {mib(FLOAT * n)} for AdamW optimizer state m",
