@@ -138,6 +138,31 @@ def test_bf16_update_rounds_at_llmc_positions_and_rebuilds_bit_for_bit(cu, rank,
     assert cu.gpt2_rebuild_from_master(model) > 0
 
 
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
+def test_resume_rebuilds_the_model_files_weights(cu, rank, world):
+    """-y 1's path: a model from the written weights (the model file's bf16 values) given the state's master
+    weights and generator rebuilds its pieces from them (llm.c's load_state) and gets the same bits back."""
+    layout = ShardLayout(formats.param_shapes(CONFIG), rank, world) if world > 1 else None
+    model = trained(cu, "bf16", layout)
+    written = np.array(model.params_memory)
+    master, rng_state, last = cu.gpt2_master_state(model)
+    resumed = cu.GPT2(CONFIG, bf16_to_f32(written), 1, "bf16", True, 0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        cu.gpt2_allocate_state(resumed, B, T, layout)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cu.gpt2_load_master_state(resumed, master, rng_state, last)
+    assert out.getvalue() == ""                           # the rebuild changed nothing: no line about it
+    assert np.array_equal(np.array(resumed.params_memory), written)
+    assert (resumed.rng_state[0], resumed.rng_state_last_update) == (rng_state, last)
+    # master weights that do not belong to the weights (the fp32 init, as before any update): a line, and the
+    # model file's weights kept
+    with contextlib.redirect_stdout(out):
+        cu.gpt2_load_master_state(resumed, master * np.float32(1.001), rng_state, last)
+    assert "the master weights round to" in out.getvalue() and "the model file's kept" in out.getvalue()
+    assert np.array_equal(np.array(resumed.params_memory), written)
+
+
 def test_fp32_state_has_the_generator_and_master_weights(cu):
     """llm.c's fp32 build keeps master weights under -w 1 (its default) and still draws its seeds: the state
     holds both; its master weights are the fp32 parameters, bit for bit (llm.c's copy is the same)."""
