@@ -1258,6 +1258,9 @@ def train(args, trainer=None, world=None, ctrl_c=None):
         raise ConfigError(f"-d {total_batch} is not a multiple of {what} = {tokens_per_micro_step}")
     grad_accum_steps = total_batch // tokens_per_micro_step
     micro_steps = grad_accum_steps * world.size           # over all ranks: what the summed gradients average
+    # NCCL (GPUs): the last micro-step's backward reduces each layer as it finishes (collectives.
+    # OverlappedReduction); gloo blocks the host, so the CPU paths reduce after the backward
+    overlap = world.size > 1 and world.overlaps and getattr(tr, "REDUCES_IN_BACKWARD", False)
     num_steps = args.max_steps if args.max_steps > 0 else train_loader.num_tokens // total_batch
     processes = "" if world.size == 1 else f" on each of {world.size} processes"
     print(f"batch: B={B} T={T}, total {total_batch} tokens = {grad_accum_steps} micro-step(s){processes}; "
@@ -1352,20 +1355,26 @@ def train(args, trainer=None, world=None, ctrl_c=None):
         train_loss = 0.0
         if args.overfit_single_batch:
             train_loader.reset()                          # the same batch(es) at every step, as llm.c
-        for _ in range(grad_accum_steps):
+        for micro_step in range(grad_accum_steps):
             x, y = train_loader.next_batch()
             tr.gpt2_forward(model, x, y, B, T)
+            if overlap and micro_step == grad_accum_steps - 1:   # NCCL: the backward reduces layer by layer
+                model.reduce_in_backward = collectives.OverlappedReduction(
+                    world, model.grads_memory, model.param_shapes, sharded=bool(shard))
             tr.gpt2_backward(model)
             train_loss += model.mean_loss / grad_accum_steps
-        # data parallel: sum the gradients over the ranks, all of them (-z 0) or each rank its shard (-z 1)
+        # data parallel: sum the gradients over the ranks, all of them (-z 0) or each rank its shard (-z 1);
+        # with NCCL the last backward did (overlap), with gloo it happens here, after the backward
         if world.size > 1:
             train_loss = world.mean(train_loss)
             if shard:
-                world.reduce_scatter_sum(model.grads_memory, shard)
+                if not overlap:
+                    world.reduce_scatter_sum(model.grads_memory, shard)
                 mine = sum(tr.gpt2_grad_sum_squares(model, start, start + n) for _, _, start, _, n in shard.pieces)
                 norm = math.sqrt(world.sum(mine)) / micro_steps
             else:
-                world.all_reduce_sum(model.grads_memory)
+                if not overlap:
+                    world.all_reduce_sum(model.grads_memory)
                 norm = tr.gpt2_calculate_grad_norm(model) / micro_steps
         else:
             norm = tr.gpt2_calculate_grad_norm(model) / micro_steps

@@ -1362,9 +1362,13 @@ def gpt2_zero_grad(model):
 
 
 def gpt2_backward(model):
-    """Gradients of the mean loss of the last forward pass (with targets) into model.grads."""
+    """Gradients of the mean loss of the last forward pass (with targets) into model.grads.
+    model.reduce_in_backward: None, or (data parallel on GPUs, the last micro-step) a
+    collectives.OverlappedReduction that sums each layer's gradients over the ranks as soon as they are
+    final, on a second stream, as llm.c's gpt2_backward_and_reduce; cleared once used."""
     if model.mean_loss == -1.0:
         raise RuntimeError("gpt2_backward: run gpt2_forward with targets first")
+    reduction, model.reduce_in_backward = getattr(model, "reduce_in_backward", None), None
     config = model.config
     B, T = model.batch_size, model.seq_len
     V, Vp, L, NH, C = (config.vocab_size, config.padded_vocab_size, config.num_layers,
@@ -1437,13 +1441,20 @@ def gpt2_backward(model):
         layernorm_backward(dresidual, grads.ln1w[l], grads.ln1b[l], ln_scratch, buffer_a, residual, params.ln1w[l],
                            acts.ln1_mean[l], acts.ln1_rstd[l], B, T, C,
                            linear_dbias=grads.fcprojb[l - 1] if l > 0 else None, linear_scratch=mm_scratch)
+        if reduction is not None:     # layer l's gradients are final: reduce them while the layers below run
+            reduction.layer(l)
     buckets = encoder_buckets(model.inputs_host, model.bucket_memory)  # the batch's positions grouped by token
     encoder_backward(grads.wte, grads.wpe, dresidual, model.inputs_host, B, T, C, buckets,
                      seed=random_u32(model.rng_state))
+    if reduction is not None:
+        reduction.outside()
+        reduction.finish()
 
 
 # ----------------------------------------------------------------------------
 # optimizer
+
+REDUCES_IN_BACKWARD = True   # train(): with NCCL, the last micro-step's backward reduces the gradients itself
 
 NORM_BLOCKS = 1024   # partial sums of the gradient norm kernel (a fixed grid: deterministic)
 

@@ -96,7 +96,11 @@ class ShardLayout:
 
 
 class World:
-    """This process's rank among world_size; `dist` is torch.distributed, None for one process."""
+    """This process's rank among world_size; `dist` is torch.distributed, None for one process.
+    overlaps: whether the trainer may reduce the gradients during the backward pass (OverlappedReduction,
+    below); gloo's calls block the host, so on the CPU they run after the backward."""
+
+    overlaps = False
 
     def __init__(self, rank=0, world_size=1, dist=None):
         self.rank, self.size, self.dist = rank, world_size, dist
@@ -178,6 +182,34 @@ class World:
             self.dist.destroy_process_group()
 
 
+class OverlappedReduction:
+    """The last micro-step's gradient reduction during the backward pass, as llm.c's gpt2_backward_and_reduce:
+    the backward calls layer(l) once layer l's gradients are final (the end of its layer's step: layer l's
+    fcprojb is final since layer l+1's, or the final LayerNorm's, backward, its attprojb since its own ln2's)
+    and outside() after the encoder's (wte, wpe, lnfw, lnfb), then finish(). Each call reduces those tensors'
+    slices of world's layout (tensor by tensor; the layer's slice of each per-layer tensor) on the world's
+    second stream: all-reduce (-z 0) or reduce-scatter, each rank keeping its 1/world of each slice (-z 1,
+    llm.c's ZeRO-1 shards). Every slice is reduced once, by the same call as after the backward, so the sums
+    are the same bits; only when they run changes."""
+
+    def __init__(self, world, grads, param_shapes, sharded):
+        self.world, self.grads, self.sharded = world, grads, sharded
+        self.tensors = ShardLayout(param_shapes).tensors   # (index, name, offset, slice size, layers)
+
+    def _slices(self, layer, outside):
+        return [(offset + (0 if outside else layer * size), size) for _, name, offset, size, layers in self.tensors
+                if (name in WHOLE_TENSORS) == outside]
+
+    def layer(self, layer):
+        self.world.reduce_slices_async(self.grads, self._slices(layer, False), self.sharded)
+
+    def outside(self):
+        self.world.reduce_slices_async(self.grads, self._slices(0, True), self.sharded)
+
+    def finish(self):
+        self.world.wait_reductions()
+
+
 def lost_a_peer(error):
     """Whether an exception is a collective that failed because another process is gone: gloo reports a
     closed or reset connection, torch.distributed raises its Dist*Error types, NCCL an NcclError."""
@@ -228,10 +260,47 @@ class NcclWorld(World):
     chunk of the buffer is its receive / send buffer). Python floats (loss, squared norm) and the barrier
     go through a small device buffer too, so after start-up nothing but NCCL is used."""
 
+    overlaps = True
+
     def __init__(self, rank, world_size, comm, cupy, nccl):
         super().__init__(rank, world_size, None)
         self.comm, self.cp, self.nccl = comm, cupy, nccl
         self.scalar = cupy.zeros(1, dtype="float64")
+        self.side_stream = None                           # the reductions' own stream, made on first use
+
+    def reduce_slices_async(self, x, slices, sharded):
+        """llm.c's multi_gpu_async_reduce_gradient: the slices [(start, size)] of x summed over the ranks
+        on a second stream, once every kernel queued so far on the compute stream has run (an event, so the
+        host does not wait and the backward goes on queueing). sharded (-z 1): an in-place reduce-scatter
+        of each slice, this rank receiving its 1/world of it; else an all-reduce of each. One NCCL group."""
+        if self.size == 1:
+            return
+        cp = self.cp
+        if self.side_stream is None:
+            self.side_stream = cp.cuda.Stream(non_blocking=True)
+            self.computed, self.reduced = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
+        self.computed.record(cp.cuda.get_current_stream())
+        self.side_stream.wait_event(self.computed)
+        dtype, stream = self._dtype(x), self.side_stream.ptr
+        self.nccl.groupStart()
+        try:
+            for start, size in slices:
+                if sharded:
+                    part = size // self.size
+                    self.comm.reduceScatter(x[start:].data.ptr, x[start + self.rank * part:].data.ptr, part, dtype,
+                                            self.nccl.NCCL_SUM, stream)
+                else:
+                    self.comm.allReduce(x[start:].data.ptr, x[start:].data.ptr, size, dtype, self.nccl.NCCL_SUM,
+                                        stream)
+        finally:
+            self.nccl.groupEnd()
+
+    def wait_reductions(self):
+        """The compute stream waits for every reduction queued on the second stream (llm.c synchronizes
+        the device at the end of its backward; an event keeps the host free)."""
+        if self.side_stream is not None:
+            self.reduced.record(self.side_stream)
+            self.cp.cuda.get_current_stream().wait_event(self.reduced)
 
     def _dtype(self, x):
         if x.dtype.name == "float32":
