@@ -27,6 +27,10 @@ ZeRO-1's shard is llm.c's (train_gpt2.cu's gpt2_update with llmc/zero.cuh's mult
 ShardLayout (below) gives each rank its 1/world of every layer slice of every parameter tensor, and
 reduce_scatter_sum / all_gather take it as `layout` to move exactly those pieces. Without a layout they work
 on x as one block: rank r's contiguous 1/world of it, shard_range(x.size).
+
+On GPUs the last micro-step's reduction runs during the backward pass (OverlappedReduction, NcclWorld's
+reduce_slices_async / wait_reductions: a second stream and two events, as llm.c's
+multi_gpu_async_reduce_gradient); gloo's World reduces after the backward (World.overlaps).
 """
 
 import os
