@@ -41,7 +41,8 @@ from llmc.utils import ConfigError
 
 
 def shard_range(n, rank, world_size):
-    """(start, stop) of rank's contiguous 1/world_size of n floats; n must divide evenly (as llm.c's ZeRO-1)."""
+    """(start, stop) of rank's contiguous 1/world_size of n floats, n dividing evenly: the collectives' split
+    of an array given without a ShardLayout (ZeRO-1's parameters go by the layout, llm.c's pieces)."""
     if n % world_size != 0:
         raise ConfigError(f"-z 1 shards the {n:,} parameters over {world_size} processes, which does not divide "
                           f"them; use -z 0 or a number of processes that divides {n:,}")
