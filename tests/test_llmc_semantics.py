@@ -106,7 +106,7 @@ def test_numpy_trainer_states_read_by_llmc(workdir):
 def test_cuda_trainer_states_read_by_llmc(workdir, precision):
     version = 5 if precision == "bf16" else 3
     got = {}
-    for n, z, w in ((2, 1, 1), (2, 0, 1), (0, 0, 0)):
+    for n, z, w in ((2, 1, 1), (2, 1, 0), (2, 0, 1), (0, 0, 0)):
         out = run_cuda(workdir, f"cu_{precision}_{n}_{z}_{w}", n, precision, "-z", z, "-w", w)
         header, params, sizes, L, states = llmc_states(out, 1, n, z)
         assert header[1] == version
@@ -115,9 +115,14 @@ def test_cuda_trainer_states_read_by_llmc(workdir, precision):
         check_m_pairs_with_v(m, v, "cuda")
         if w:
             check_master_pairs_with_params(whole(states, sizes, L, z, "master"), params, version)
-        got[n, z] = m
-    check_same_gradients(got[2, 1], got[2, 0], sizes)     # ZeRO-1 by llm.c's layout = ZeRO-0's own index
-    close = np.isclose(got[0, 0], got[2, 0], rtol=0.02, atol=1e-6)   # bf16 gradients summed in another order
+        got[n, z, w] = m
+        if (n, z, w) == (2, 1, 1):
+            contiguous = np.concatenate([st["m"] for st in states])   # rank r's state as the r-th 1/N of all
+    for w in (1, 0):                                      # ZeRO-1 by llm.c's layout = ZeRO-0's own index
+        check_same_gradients(got[2, 1, w], got[2, 0, 1], sizes)
+    with pytest.raises(AssertionError):                   # the check tells llm.c's layout from a contiguous split
+        check_same_gradients(contiguous, got[2, 0, 1], sizes)
+    close = np.isclose(got[0, 0, 0], got[2, 0, 1], rtol=0.02, atol=1e-6)   # bf16 gradients summed in another order
     assert close.mean() > 0.99
 
 
