@@ -564,13 +564,13 @@ def test_global_norm_squared(mods, grid, block):
     close(out.astype(np.float64).sum(), want, atol=0, rtol=1e-5)
 
 
+@pytest.mark.no_racecheck                           # the plain emulator's speed
 def test_emulator_speed_adamw_over_1_7M_params(emu_mods):
     """The tiny-model training run launches AdamW over ~1.7M floats each step: it must stay well under 1 s."""
     n = 1_700_000
     rng = np.random.default_rng(12)
     p, g = rand(rng, n), rand(rng, n)
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
-@pytest.mark.no_racecheck                           # the plain emulator's speed
     kernel = fn(emu_mods, "adamw", "adamw_kernel")
     args = (p, None, g, m, v, i64(n), i64(n), i64(n), f32(1e-3), f32(0.9), f32(0.999), f32(0.1), f32(0.001),
             f32(1e-8), f32(0.0), f32(1.0), u32(0))
