@@ -80,8 +80,16 @@
 // layernorm_backward_kernel's own grid at d12: ceil_div(32 * 16384, 512) = 1024 blocks of 512 threads,
 // ~7.8 per SM, 4 resident per SM at 2048 threads: about two full waves, so it fills the GPU.
 //
-// layernorm_forward_x128_kernel, fused_residual_layernorm_forward_x128_kernel, layernorm_backward_x128_kernel
-//   (the same parameters and launch shapes as their plain twins above): the same computations with
+// layernorm_forward_x128_kernel(floatX* out, float* mean, float* rstd, const floatX* inp,
+//                               const floatX* weight, const floatX* bias, int N, int C)
+// fused_residual_layernorm_forward_x128_kernel(floatX* residual, floatX* normed, float* mean, float* rstd,
+//                                              const floatX* inp1, const floatX* inp2, const floatX* weight,
+//                                              const floatX* bias, int N, int C)
+// layernorm_backward_x128_kernel(floatX* dinp, float* scratch, const floatX* dout, const floatX* inp,
+//                                const floatX* weight, const float* mean, const float* rstd,
+//                                int B, int T, int C, int dinp_sums)
+//   (the launch shapes of their plain twins above; the backward has one parameter more, dinp_sums, below):
+//   the same computations with
 //   128-bit loads and stores. Lane k of a row's warp owns the packs of P = x128::size elements (8 bf16, 4
 //   floats) at k*P, k*P + 32P, ... instead of the elements k, k + 32, ..., and issues two packs' loads
 //   before it uses them (visit_lane_packs; the sums still run over the packs in increasing order). At d12

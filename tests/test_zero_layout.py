@@ -129,7 +129,8 @@ def test_bf16_update_rounds_at_llmc_positions_and_rebuilds_bit_for_bit(cu, rank,
         assert np.array_equal(params[start:start + n], expect), (shapes[index][0], layer)
         rows += layer > 0
     assert rows > 0                                       # layers >= 1 were checked: where a 1-D grid differs
-    # init_from_master: from the master weights and rng_state_last_update, the same bits (as the model file's)
+    # init_from_master (gpt2_rebuild_from_master launches "init_from_master_kernel"): from the master weights and
+    # rng_state_last_update, the same bits (as the model file's)
     model.params_memory[...] = 0
     assert cu.gpt2_rebuild_from_master(model) > 0         # it wrote this rank's pieces
     assert np.array_equal(model.shard.gather(np.array(model.params_memory)), model.shard.gather(params))
