@@ -21,6 +21,11 @@ and GB/s = the bytes of its array arguments (each read once, written once; twice
 reads and writes back) / time, a lower bound on the memory traffic. Without a GPU the launches run
 on the emulator (emulator/, guarded arrays: an out-of-bounds write is an error) and nothing is timed.
 
+kernels/flash_attention.cu is bf16 only: with --precision bf16 its three kernels are launched through
+train_gpt2_cuda.py's own launchers (their grids live there alone) on B=2 T=37 NH=2 hs=64 (flash takes head
+sizes 64 and 128), checked against causal attention in float64, and timed at B=16 NH=12 hs=64 T=1024 with
+dev/perf_model.py's flash_tiles bytes in the model column; in fp32 the file is skipped with a line saying so.
+
 tests/test_kernels.py imports its harness from here (DeviceModule, Emulated, rand, max_error, close).
 """
 
@@ -196,6 +201,7 @@ class Launch:
     shared_mem: int = 0
     outputs: list = field(default_factory=list)       # empty when built without references (timing)
     read_write: tuple = ()                            # argument positions read AND written (counted twice)
+    model_bytes: int = 0                              # the perf model's bytes where they are not the arguments'
 
 
 def f64(x):
@@ -621,9 +627,132 @@ def adamw_launches(s, rng, reference):
     return [step, norm, rebuild]
 
 
+# flash attention (kernels/flash_attention.cu, bf16 only). Its launch shapes (grids, block, shared memory) live
+# in train_gpt2_cuda.py's launchers alone: they run here on a copy of the trainer whose kernel() records each
+# launch instead of making it, and the recorded launches are what gets checked and timed.
+
+FLASH_CHECK = (2, 37, 128, 2)                         # B, T, C, NH: hs 64, T a tail of 32- and 64-row tiles
+FLASH_D12 = (16, 1024, 768, 12)                       # d12's attention at llm.c's B=16 (dev/bench_attention.py's)
+FLASH_KERNELS = ("flash_attention_forward_kernel", "flash_attention_backward_dq_kernel",
+                 "flash_attention_backward_dkdv_kernel")
+_trainer = []
+
+
+def launch_trainer():
+    """train_gpt2_cuda.py imported once with LLMC_EMULATE=1 under a name of its own (NumPy arrays in its
+    launchers; nothing compiled), for the launch shapes of its launchers."""
+    if not _trainer:
+        import importlib.util
+        old = os.environ.get("LLMC_EMULATE")
+        os.environ["LLMC_EMULATE"] = "1"
+        try:
+            spec = importlib.util.spec_from_file_location("check_kernel_trainer", os.path.join(REPO, "train_gpt2_cuda.py"))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        finally:
+            if old is None:
+                del os.environ["LLMC_EMULATE"]
+            else:
+                os.environ["LLMC_EMULATE"] = old
+        _trainer.append(module)
+    return _trainer[0]
+
+
+def recorded_launches(call, widen):
+    """The launches a trainer launcher makes, as Launch rows (no outputs yet): call(cu) runs the launcher with
+    bf16 bits arrays; widen maps id(bits) to the float32 array the harness passes in their place."""
+    cu, made = launch_trainer(), []
+
+    def kernel(file, name, floatx=np.float32):
+        def record(grid, block, args, shared_mem=0):
+            block = block[0] if isinstance(block, tuple) and len(block) == 1 else block
+            args = tuple(widen.get(id(a), a) if isinstance(a, np.ndarray) else a for a in args)
+            made.append(Launch(name, grid, block, args, shared_mem))
+        return record
+    real = cu.kernel
+    cu.kernel = kernel
+    try:
+        call(cu)
+    finally:
+        cu.kernel = real
+    return made
+
+
+def flash_reference(q, k, v, dout):
+    """Causal attention in float64 on (B,NH,T,hs) arrays: out, lse, dq, dk, dv (the same layouts) and each
+    result's scale, the largest of the same sums over |terms| (tests/test_flash_attention.py's): rounding
+    each term by u moves a result by at most u of its scale."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    T = q.shape[2]
+    s = np.where(np.tril(np.ones((T, T), bool)), scale * q @ k.swapaxes(-1, -2), -np.inf)
+    m = s.max(-1, keepdims=True)
+    e = np.exp(s - m)
+    p = e / e.sum(-1, keepdims=True)
+    dp = dout @ v.swapaxes(-1, -2)
+    rowdot = (p * dp).sum(-1, keepdims=True)
+    ds = p * (dp - rowdot)
+    ads = p * (np.abs(dp) + np.abs(rowdot))
+    want = {"out": p @ v, "lse": (m + np.log(e.sum(-1, keepdims=True)))[..., 0], "dq": scale * ds @ k,
+            "dk": scale * ds.swapaxes(-1, -2) @ q, "dv": p.swapaxes(-1, -2) @ dout}
+    mag = {"out": p @ np.abs(v), "dq": scale * ads @ np.abs(k), "dk": scale * ads.swapaxes(-1, -2) @ np.abs(q),
+           "dv": p.swapaxes(-1, -2) @ np.abs(dout)}
+    return want, {name: float(x.max()) for name, x in mag.items()}
+
+
+def flash_launches(s, rng, reference):
+    """The forward, then the backward's two kernels, on FLASH_CHECK (flash takes head sizes 64 and 128 only, so
+    not ODD's 16), or FLASH_D12 when timed at d12's T. Tolerances as tests/test_flash_attention.py derives
+    them: out, dq, dk, dv within 2u of their scale (one bf16 rounding of P or dS, one of the result), lse
+    (fp32 throughout) within 1e-5. The backward reads the reference's out (rounded to bf16) and lse, so a
+    wrong forward fails its own rows only. Each launch's model bytes: dev/perf_model.py's flash_tiles."""
+    if s.floatx != "bf16":
+        return []                                     # never launched in fp32 (check_file and time_file skip it)
+    B, T, C, NH = FLASH_D12 if s.T == D12.T else FLASH_CHECK
+    hs = C // NH
+    fx = floatx_values(s)
+    qkv, dout = fx(rand(rng, B, T, 3 * C)), fx(rand(rng, B, T, C))
+    out, dqkv = np.full((B, T, C), np.nan, np.float32), np.full((B, T, 3 * C), np.nan, np.float32)
+    lse = np.full((B, NH, T), np.nan, np.float32)
+    cu = launch_trainer()
+    scratch = np.full(cu.flash_scratch_size(B, T, C, NH), np.nan, np.float32)
+    heads = lambda x: f64(x).reshape(B, T, -1, NH, hs).transpose(2, 0, 3, 1, 4)   # noqa: E731 (->, B, NH, T, hs)
+    to_btc = lambda x: x.transpose(0, 2, 1, 3).reshape(B, T, C)                   # noqa: E731
+    b_out, b_lse = out.copy(), lse.copy()             # the backward's inputs: the reference's, when checking
+    if reference:
+        q, k, v = heads(qkv)
+        want, mag = flash_reference(q, k, v, heads(dout)[0])
+        b_out[...] = fx(to_btc(want["out"]).astype(np.float32))
+        b_lse[...] = want["lse"]
+    bits = {name: f32_to_bf16(a) for name, a in (("out", out), ("qkv", qkv), ("dqkv", dqkv), ("dout", dout),
+                                                  ("b_out", b_out))}
+    widen = {id(bits[name]): a for name, a in (("out", out), ("qkv", qkv), ("dqkv", dqkv), ("dout", dout),
+                                               ("b_out", b_out))}
+    launches = recorded_launches(lambda cu: cu.flash_attention_forward(bits["out"], lse, bits["qkv"], B, T, C, NH),
+                                 widen)
+    launches += recorded_launches(lambda cu: cu.flash_attention_backward(bits["dqkv"], scratch, bits["dout"],
+                                                                          bits["qkv"], bits["b_out"], b_lse,
+                                                                          B, T, C, NH), widen)
+    assert [lc.kernel for lc in launches] == list(FLASH_KERNELS), [lc.kernel for lc in launches]
+    import perf_model
+    for lc in launches:
+        read, written, _ = perf_model.flash_tiles(cu, T, hs)[lc.kernel]
+        lc.model_bytes = B * NH * (read + written)
+    if reference:
+        fwd, dq, dkdv = launches
+        twin = "causal attention in float64"
+        part = lambda i: lambda: f64(dqkv).reshape(B, T, 3, C)[:, :, i]   # noqa: E731 (dq, dk, dv of dqkv)
+        fwd.outputs = [Output("out", out, to_btc(want["out"]), twin, 2 * BF16_ROUNDING * mag["out"]),
+                       Output("lse", lse, want["lse"], twin, 1e-5)]
+        dq.outputs = [Output("dq", part(0), to_btc(want["dq"]), twin + " (bwd)", 2 * BF16_ROUNDING * mag["dq"])]
+        dkdv.outputs = [Output(name, part(i), to_btc(want[name]), twin + " (bwd)", 2 * BF16_ROUNDING * mag[name])
+                        for i, name in ((1, "dk"), (2, "dv"))]
+    return launches
+
+
 LAUNCHES = {"encoder": encoder_launches, "layernorm": layernorm_launches, "matmul": matmul_launches,
             "attention": attention_launches, "gelu": gelu_launches, "residual": residual_launches,
-            "classifier": classifier_launches, "adamw": adamw_launches}
+            "classifier": classifier_launches, "adamw": adamw_launches, "flash_attention": flash_launches}
+BF16_ONLY = {"flash_attention"}                        # files whose kernels have no fp32 variant
 
 
 def kernel_files(kernel_dir=KERNEL_DIR):
@@ -638,11 +767,25 @@ def kernels_in(code):
 # running them
 
 
+def device_options(cupy, precision):
+    """NVRTC's options on a GPU: in bf16 also the CUDA toolkit's include folder, where NVRTC finds cuda_bf16.h
+    and flash's mma.h (searched as train_gpt2_cuda.nvrtc_options searches; a stand-in CuPy without
+    get_cuda_path, as in the tests, gets the plain options)."""
+    options = PRECISION_OPTIONS[precision]
+    cuda_path = getattr(cupy.cuda, "get_cuda_path", None)
+    if precision != "bf16" or cuda_path is None:
+        return options
+    for root in (os.environ.get("CUDA_PATH"), cuda_path(), "/usr/local/cuda"):
+        if root and os.path.exists(os.path.join(root, "include", "cuda_bf16.h")):
+            return options + ("-I" + os.path.join(root, "include"),)
+    return options
+
+
 def load(file, backend, kernel_dir, order="forward", precision="fp32"):
     code = kernel_source(file, kernel_dir)
     if backend == "cupy":
         import cupy
-        return code, DeviceModule(cupy, cupy.RawModule, code, PRECISION_OPTIONS[precision])
+        return code, DeviceModule(cupy, cupy.RawModule, code, device_options(cupy, precision))
     from emulator import RawModule
     return code, Emulated(RawModule(code=code, options=PRECISION_OPTIONS[precision]), order)
 
@@ -686,11 +829,12 @@ STOCHASTIC_OUTPUTS = {("adamw_kernel", "params"), ("init_from_master_kernel", "p
 
 def tolerance(code, kernel, output, precision):
     """(atol, rtol) of one output: the fp32 ones, widened in bf16 where the kernel stores it as floatX.
-    An exact fp32 comparison (a permute, which moves bits) stays exact."""
+    An exact fp32 comparison (a permute, which moves bits) stays exact; the flash rows' tolerances count
+    their bf16 roundings already (flash_launches)."""
     atol, rtol = output.atol, output.rtol
     params = [p.strip() for p in dict(re.findall(KERNEL_RE, code))[kernel].split(",")]
     floatx = any("floatX" in p and p.split()[-1] == output.name for p in params)
-    if precision == "fp32" or not floatx or (atol == 0 and rtol == 0):
+    if precision == "fp32" or not floatx or (atol == 0 and rtol == 0) or kernel in FLASH_KERNELS:
         return atol, rtol
     r = 2 * BF16_ROUNDING if (kernel, output.name) in STOCHASTIC_OUTPUTS else BF16_ROUNDING
     return atol * (1 + r), rtol * (1 + r) + r
@@ -698,7 +842,10 @@ def tolerance(code, kernel, output, precision):
 
 def check_file(file, backend, kernel_dir, order="forward", seed=0, precision="fp32"):
     """Run every kernel of one file once on ODD and compare; print one row per output.
-    Returns the rows (file, kernel, output, max abs err, worst/tol, ok)."""
+    Returns the rows (file, kernel, output, max abs err, worst/tol, ok); none for a bf16-only file in fp32."""
+    if file in BF16_ONLY and precision != "bf16":
+        print(f"skipped: kernels/{file}.cu is bf16-only (no fp32 variant); check it with --precision bf16")
+        return []
     code, mod = load(file, backend, kernel_dir, order, precision)
     shape = dataclasses.replace(ODD, floatx=precision)
     launches = LAUNCHES[file](shape, np.random.default_rng(seed), reference=True) if file in LAUNCHES else []
@@ -729,9 +876,12 @@ def time_file(file, kernel_dir, repeats, seed=0, shape=D12, precision="fp32", ba
     (file, kernel, ms, GB/s) rows. bandwidth (bytes/s, modeled_bandwidth's): each row also prints the
     traffic model's time, the bytes over that bandwidth (dev/perf_model.py's per-launch rule without its
     launch cost: the timed launches run back to back), and the measured time over it."""
+    if file in BF16_ONLY and precision != "bf16":
+        print(f"{file}: not timed, bf16-only")
+        return []
     import cupy
     code = kernel_source(file, kernel_dir)
-    mod = cupy.RawModule(code=code, options=PRECISION_OPTIONS[precision])
+    mod = cupy.RawModule(code=code, options=device_options(cupy, precision))
     rows = []
     for lc in LAUNCHES[file](dataclasses.replace(shape, floatx=precision), np.random.default_rng(seed),
                              reference=False):
@@ -758,7 +908,8 @@ def time_file(file, kernel_dir, repeats, seed=0, shape=D12, precision="fp32", ba
         end.synchronize()
         ms = cupy.cuda.get_elapsed_time(start, end) / repeats
         gbs = nbytes / (ms * 1e-3) / 1e9
-        model = f"{nbytes / bandwidth * 1e3:10.4f} {ms / (nbytes / bandwidth * 1e3):8.2f}x" if bandwidth else ""
+        modeled = lc.model_bytes or nbytes            # flash: its tiles' traffic, not its arguments once
+        model = f"{modeled / bandwidth * 1e3:10.4f} {ms / (modeled / bandwidth * 1e3):8.2f}x" if bandwidth else ""
         print(f"{lc.kernel:<40} {'x'.join(map(str, grid)):>9} x {lc.block:<5} {ms:10.4f} {gbs:10.1f} {model}")
         rows.append((file, lc.kernel, ms, gbs))
         del on_device, args
@@ -815,19 +966,22 @@ def main(argv=None):
         rows += check_file(f, backend, args.kernel_dir, args.order, precision=args.precision)
     failed = [r for r in rows if not r[5]]
     kernels = {(r[0], r[1]) for r in rows}
+    skipped = [f for f in files if f in BF16_ONLY and args.precision != "bf16"]
     print(f"\n{len(kernels)} kernels, {len(rows)} outputs: "
           + ("all within tolerance" if not failed else
-             f"{len(failed)} NOT OK: " + ", ".join(f"{r[1]}.{r[2]}" for r in failed)))
+             f"{len(failed)} NOT OK: " + ", ".join(f"{r[1]}.{r[2]}" for r in failed))
+          + "".join(f" ({f}.cu skipped: bf16-only)" for f in skipped))
 
     if backend == "cupy" and args.time:
         s = D12
+        fb, ft, fc, fnh = FLASH_D12
         print(f"\ntiming on the GPU at d12 shapes: B={s.B} T={s.T} C={s.C} NH={s.NH} Vp={s.Vp}, AdamW over "
-              f"{s.n_params} floats; mean of {args.repeats} launches after 2 warm-up (CUDA events); GB/s counts "
+              f"{s.n_params} floats, flash attention (bf16) at B={fb} NH={fnh} hs={fc // fnh} T={ft}; mean of {args.repeats} launches after 2 warm-up (CUDA events); GB/s counts "
               f"each array argument once (twice if read and written)")
         import cupy
         name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
         model = modeled_bandwidth(name.decode() if isinstance(name, bytes) else str(name))
-        print("model: the bytes over " + (f"{model[0]}'s {model[1] / 1e12:g} TB/s (dev/perf_model.py's table)"
+        print("model: the bytes (flash: dev/perf_model.py's flash_tiles, K and V read once per query tile) over " + (f"{model[0]}'s {model[1] / 1e12:g} TB/s (dev/perf_model.py's table)"
                                           if model else "no bandwidth: this GPU is not in dev/perf_model.py's table"))
         print(f"{'kernel':<40} {'grid':>9} x {'block':<5} {'ms':>10} {'GB/s':>10}"
               + (f" {'model ms':>10} {'/ model':>9}" if model else ""))

@@ -6,6 +6,7 @@ with a wrong constant in gelu.cu must fail it. The GPU timing path runs against 
 the emulator (at the odd shape: at d12 the emulator would take minutes), to check its plumbing.
 """
 
+import dataclasses
 import os
 import re
 import shutil
@@ -50,10 +51,14 @@ def all_run(tmp_path_factory):
 
 
 def test_all_kernels_pass_on_the_emulator(all_run):
+    """fp32: every kernel but flash attention's (bf16 only: one line says it is skipped, and it fails nothing)."""
     r = all_run
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-3000:]}"
     rows = parse_rows(r.stdout)
-    assert {k for k, *_ in rows} == set(kernels_of()), "every kernel of kernels/*.cu has a row"
+    fp32 = set(kernels_of()) - set(check_kernel.FLASH_KERNELS)
+    assert set(check_kernel.FLASH_KERNELS) <= set(kernels_of())
+    assert {k for k, *_ in rows} == fp32, "every kernel of kernels/*.cu but flash's has a row"
+    assert r.stdout.count("skipped: kernels/flash_attention.cu is bf16-only") == 1
     assert len(rows) >= 28                           # some kernels write several outputs
     for kernel, output, err, ratio, ok in rows:
         assert ok and ratio < 1.0, f"{kernel} {output}: max abs err {err:.2e}, {ratio:.2f} of the tolerance"
@@ -61,7 +66,8 @@ def test_all_kernels_pass_on_the_emulator(all_run):
             assert err < 1e-4, f"{kernel} {output}: max abs err {err:.2e}"  # float32 vs float64, small shapes
     exact = [(k, o) for k, o, err, _, _ in rows if k in ("permute_kernel", "unpermute_backward_kernel")]
     assert len(exact) == 4 and all(err == 0.0 for k, o, err, _, _ in rows if (k, o) in exact)
-    assert f"{len(set(kernels_of()))} kernels, {len(rows)} outputs: all within tolerance" in r.stdout
+    assert (f"{len(fp32)} kernels, {len(rows)} outputs: all within tolerance (flash_attention.cu skipped: "
+            "bf16-only)") in r.stdout
     assert "nothing timed" in r.stdout
 
 
@@ -146,6 +152,18 @@ def test_timing_path_with_a_stand_in_cupy(monkeypatch, capsys):
     model_ms = fwd_bytes / bandwidth * 1e3
     assert row[0] == "layernorm_forward_kernel" and float(row[-2]) == pytest.approx(model_ms, abs=1e-4)
     assert float(row[-1][:-1]) == pytest.approx(0.5 / model_ms, rel=0.01)
+    # flash (bf16 only): its three recorded launches, the model column from flash_tiles' bytes, not the arguments'
+    rows = check_kernel.time_file("flash_attention", KERNEL_DIR, repeats=2, shape=check_kernel.ODD, precision="bf16",
+                                  bandwidth=bandwidth)
+    assert [k for _, k, _, _ in rows] == list(check_kernel.FLASH_KERNELS)
+    lines = capsys.readouterr().out.splitlines()
+    launches = check_kernel.flash_launches(dataclasses.replace(check_kernel.ODD, floatx="bf16"),
+                                           np.random.default_rng(0), reference=False)
+    for (_, kernel, ms, _), line, lc in zip(rows, lines, launches):
+        assert line.split()[0] == kernel and lc.model_bytes > 0
+        assert float(line.split()[-1][:-1]) == pytest.approx(ms / (lc.model_bytes / bandwidth * 1e3), rel=0.01)
+    assert check_kernel.time_file("flash_attention", KERNEL_DIR, repeats=2, shape=check_kernel.ODD) == []
+    assert "not timed, bf16-only" in capsys.readouterr().out
 
 
 def test_all_kernels_pass_in_bf16_and_a_truncating_store_fails(tmp_path):
@@ -161,6 +179,15 @@ def test_all_kernels_pass_in_bf16_and_a_truncating_store_fails(tmp_path):
     assert {k for k, *_ in rows} == set(kernels_of())
     assert ("adamw_kernel", "master") in {(k, o) for k, o, *_ in rows}
     assert all(ok and ratio < 1.0 for *_, ratio, ok in rows), r.stdout
+    # flash's five outputs, computed (not copied: nonzero errors) and well inside 2u of their scale
+    flash = {(k, o): (err, ratio) for k, o, err, ratio, _ in rows if k in check_kernel.FLASH_KERNELS}
+    assert sorted(flash) == sorted([("flash_attention_forward_kernel", "out"), ("flash_attention_forward_kernel", "lse"),
+                                    ("flash_attention_backward_dq_kernel", "dq"),
+                                    ("flash_attention_backward_dkdv_kernel", "dk"),
+                                    ("flash_attention_backward_dkdv_kernel", "dv")])
+    assert all(0 < err and ratio < 0.6 for err, ratio in flash.values()), flash
+    assert flash[("flash_attention_forward_kernel", "lse")][0] < 1e-5
+    assert "skipped" not in r.stdout
     assert f"{len(set(kernels_of()))} kernels, {len(rows)} outputs: all within tolerance" in r.stdout
 
     broken = tmp_path / "kernels"
@@ -173,3 +200,44 @@ def test_all_kernels_pass_in_bf16_and_a_truncating_store_fails(tmp_path):
     r = run_script("dev/check_kernel.py", "residual", "--backend", "emulator", "--precision", "bf16",
                    "--kernel_dir", broken, cwd=tmp_path)
     assert r.returncode == 1 and "1 NOT OK: residual_forward_kernel.out" in r.stdout, r.stdout + r.stderr
+
+
+def test_flash_rows_fail_on_a_broken_copy(tmp_path):
+    """A copy of flash_attention.cu whose backward drops the diagonal (kj < qi: no key attends to itself)
+    fails dq, dk and dv, and only those: the backward reads the reference's out and lse, so the forward
+    rows stay OK."""
+    broken = tmp_path / "kernels"
+    shutil.copytree(KERNEL_DIR, broken)
+    src = (broken / "flash_attention.cu").read_text()
+    mask = "bool valid = kj <= qi && kj < T && qi < T;"
+    assert src.count(mask) == 1
+    (broken / "flash_attention.cu").write_text(src.replace(mask, mask.replace("kj <= qi", "kj < qi")))
+    r = run_script("dev/check_kernel.py", "flash_attention", "--backend", "emulator", "--precision", "bf16",
+                   "--kernel_dir", broken, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    rows = {(k, o): (ratio, ok) for k, o, _, ratio, ok in parse_rows(r.stdout)}
+    assert rows[("flash_attention_forward_kernel", "out")][1] and rows[("flash_attention_forward_kernel", "lse")][1]
+    for k, o in (("flash_attention_backward_dq_kernel", "dq"), ("flash_attention_backward_dkdv_kernel", "dk"),
+                 ("flash_attention_backward_dkdv_kernel", "dv")):
+        assert not rows[(k, o)][1] and rows[(k, o)][0] > 2, (k, o, rows[(k, o)])
+    assert "3 NOT OK: flash_attention_backward_dq_kernel.dq" in r.stdout
+
+
+def test_flash_launch_shapes_come_from_the_trainer():
+    """The flash rows' launches are the ones train_gpt2_cuda.py's launchers make (grid, block, shared memory),
+    recorded, with dev/perf_model.py's flash_tiles bytes; in fp32 there are none."""
+    shape = dataclasses.replace(check_kernel.ODD, floatx="bf16")
+    launches = check_kernel.flash_launches(shape, np.random.default_rng(0), reference=False)
+    cu = check_kernel.launch_trainer()
+    B, T, C, NH = check_kernel.FLASH_CHECK
+    hs = C // NH
+    assert (B, T, hs) == (2, 37, 64)
+    assert [(lc.kernel, lc.grid, lc.block, lc.shared_mem) for lc in launches] == [
+        ("flash_attention_forward_kernel", (B * NH, 1), 128, cu.flash_shared_bytes(hs, False)),   # 64-row tiles
+        ("flash_attention_backward_dq_kernel", (B * NH, 2), 128, cu.flash_shared_bytes(hs, True)),  # 32-row tiles
+        ("flash_attention_backward_dkdv_kernel", (B * NH, 2), 128, cu.flash_shared_bytes(hs, True))]
+    assert all(a.dtype != np.uint16 for lc in launches for a in lc.args if isinstance(a, np.ndarray))
+    # the forward's per-head traffic by hand: one 64-row query tile (37 rows of 128 bytes) and two key tiles
+    # (32 and 5 rows, k and v); out (37 rows) and lse (37 floats) written
+    assert launches[0].model_bytes == B * NH * (37 * 128 + 2 * 37 * 128 + 37 * 128 + 4 * 37)
+    assert check_kernel.flash_launches(check_kernel.ODD, np.random.default_rng(0), reference=False) == []
