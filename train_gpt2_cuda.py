@@ -1182,6 +1182,7 @@ class GPT2:
         self.acts_memory = self.acts = None
         self.grads_acts_memory = self.grads_acts = None
         self.norm_partials = xp.zeros(NORM_BLOCKS, dtype=np.float32)     # gpt2_calculate_grad_norm's
+        self.adamw_table = None     # gpt2_update's per-tensor table ((rank, ranks), device array), built once
         self.batch_size = self.seq_len = 0
         self.inputs = self.targets = None                                  # (B,T) int32 on the device
         self.inputs_host = None                  # (B,T) int32: the last batch's inputs, kept for encoder_buckets
@@ -1478,9 +1479,11 @@ def gpt2_calculate_grad_norm(model):
 
 def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale=1.0, shard=None):
     """AdamW as PyTorch's: gradients scaled by grad_scale (clipping), weight decay on the 2-D
-    weights only; one kernel launch per parameter tensor, each with its own stochastic-rounding seed
-    from the model's generator, on a grid with one row per layer (llm.c's gpt2_update and
-    adamw_kernel3: an element's random draw is fixed by its place in its layer and its layer). With
+    weights only; each parameter tensor with its own stochastic-rounding seed from the model's generator
+    (drawn in llm.c's order), on a grid with one row per layer (llm.c's gpt2_update and adamw_kernel3: an
+    element's random draw is fixed by its place in its layer and its layer). All the tensors in ONE
+    launch (adamw_multi_tensor_kernel, bit for bit llm.c's per-tensor launches) after one upload of the
+    16 seeds; gpt2_update_per_tensor launches them one by one (the reference the tests compare). With
     master weights (bf16, -w 1) AdamW updates the fp32 copy and rounds it into the bf16 parameters;
     without (-w 0) it updates the bf16 weights. shard: ZeRO-1's collectives.ShardLayout, only this
     rank's 1/N of each layer of each tensor moves; m, v and the master weights hold those pieces
@@ -1492,6 +1495,26 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_s
     beta1_correction = 1.0 - beta1 ** t
     beta2_correction = 1.0 - beta2 ** t
     model.rng_state_last_update = model.rng_state[0]   # saved in a checkpoint, as llm.c
+    table, table_rows, blocks = _adamw_table(model, layout)
+    seeds = xp.asarray(np.array([random_u32(model.rng_state) for _ in layout.tensors], dtype=np.uint32))  # one copy
+    master = NULL if model.master_memory is None else model.master_memory
+    kernel("adamw", "adamw_multi_tensor_kernel", model.floatx)(
+        (blocks,), (ADAMW_BLOCK,),
+        (model.params_memory, master, model.grads_memory, model.m_memory, model.v_memory, table, i32(table_rows),
+         seeds, f32(learning_rate), f32(beta1), f32(beta2), f32(beta1_correction), f32(beta2_correction), f32(eps),
+         f32(weight_decay), f32(grad_scale)))
+
+
+def gpt2_update_per_tensor(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale=1.0, shard=None):
+    """gpt2_update as llm.c launches it: adamw_kernel once per parameter tensor (16 launches). The same
+    bits as gpt2_update's one launch; kept as the reference the tests hold that launch to."""
+    if model.m_memory is None:
+        raise RuntimeError("gpt2_update_per_tensor: run gpt2_forward first (gpt2_allocate_state makes AdamW's m and v)")
+    layout = shard or ShardLayout(model.param_shapes)
+    assert model.m_memory.size == layout.num_state, "the optimizer state is not this shard's"
+    beta1_correction = 1.0 - beta1 ** t
+    beta2_correction = 1.0 - beta2 ** t
+    model.rng_state_last_update = model.rng_state[0]
     for index, name, w, s, part, rows, stride in _update_launches(layout):
         seed = random_u32(model.rng_state)                # one per tensor, as llm.c
         wd = weight_decay if name in host.DECAYED_PARAMS else 0.0  # the 2-D weights only
@@ -1504,6 +1527,28 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_s
 
 
 ADAMW_BLOCK = 512   # llm.c's: the stochastic rounding's draws depend on it, so it is part of the checkpoint format
+
+
+ADAMW_FIELDS = 8    # long longs per tensor in adamw_multi_tensor_kernel's table (kernels/adamw.cu)
+
+
+def _adamw_table(model, layout):
+    """adamw_multi_tensor_kernel's table for this rank's layout, uploaded on the first update and kept
+    (the layout of a run never changes): (device table, its rows (a power of two), the grid's blocks)."""
+    key = (layout.rank, layout.size)
+    if model.adamw_table is None or model.adamw_table[0] != key:
+        launches = list(_update_launches(layout))
+        table_rows = 1 << max(len(launches) - 1, 0).bit_length()       # a power of two >= the tensors
+        table = np.zeros((table_rows, ADAMW_FIELDS), dtype=np.int64)
+        table[:, 0] = np.iinfo(np.int64).max                           # padding rows: never a block's tensor
+        first = 0
+        for t, (index, name, w, s, part, rows, stride) in enumerate(launches):
+            per_row = ceil_div(part, ADAMW_BLOCK)
+            decay = name in host.DECAYED_PARAMS                          # the 2-D weights only
+            table[t, :7] = (first, per_row, part, w, stride, s, int(decay))
+            first += per_row * rows
+        model.adamw_table = (key, xp.asarray(table.reshape(-1)), table_rows, first)
+    return model.adamw_table[1:]
 
 
 def _update_launches(layout):

@@ -27,6 +27,23 @@
 //   master weights re-round to the same bf16 weights (init_from_master_kernel, same launch).
 //   launch: grid = (ceil_div(num_parameters, block), rows), block = 512 (llm.c's: the draws need it).
 //
+// adamw_multi_tensor_kernel(floatX* params, float* master_params, const floatX* grads, float* m,
+//                           float* v, const long long* table, int table_rows, const unsigned int* seeds,
+//                           float learning_rate, float beta1, float beta2, float beta1_correction,
+//                           float beta2_correction, float eps, float weight_decay, float grad_scale)
+//   The whole update in ONE launch: every adamw_kernel launch of a step (one per tensor) laid end to
+//   end on a 1-D grid, each element computed and rounded with exactly the arithmetic and the random
+//   draw adamw_kernel gives it. table holds table_rows (a power of two) rows of ADAMW_FIELDS long longs,
+//   row t for tensor t: [first block, blocks per layer row, elements per row (part), the first row's
+//   offset into params / grads, the row stride there, the first row's offset into m / v / master_params,
+//   decay (1: weight_decay applies, 0: it is 0 for this tensor), unused]; rows past the tensors have
+//   first block = LLONG_MAX. seeds[t] is tensor t's seed of this update. Block b belongs to the last
+//   tensor t whose first block <= b (a binary search of log2(table_rows) reads by thread 0); local block
+//   k = b - first is layer k / blocks-per-row, block k % blocks-per-row of that row, and the draw uses
+//   those two as adamw_kernel's blockIdx.y and blockIdx.x. Global reads per block beyond the elements':
+//   (log2(table_rows) + 7) * 8 bytes of table and 4 of seed, all by thread 0.
+//   launch: grid = the tensors' blocks in all (sum of blocks per row * rows), block = 512 (ADAMW_BLOCK).
+//
 // init_from_master_kernel(floatX* params, const float* master_params, long long num_parameters,
 //                         long long w_stride, long long s_stride, unsigned int seed)
 //   params[y * w_stride + i] = master_params[y * s_stride + i] rounded as adamw_kernel rounds it with the
@@ -66,6 +83,63 @@ extern "C" __global__ void adamw_kernel(floatX* params, float* master_params, co
     float old = (master_params != nullptr) ? master_params[s] : (float)params[w];
     float updated = old - learning_rate * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * old);
     stochastic_round(updated, &params[w], seed);       // bf16: rounded stochastically; fp32: stored
+    if (master_params != nullptr) { master_params[s] = updated; }
+}
+
+// the bf16 rounding of adamw_kernel at an explicit block position (x = block in its row, y = layer):
+// thread_noise's hash with blockIdx replaced, so the one-launch update draws what the per-tensor one does
+__device__ void adamw_round_at(float value, float* out, unsigned int seed, unsigned int bx, unsigned int by) {
+    *out = value;                                      // fp32: nothing to round
+}
+
+#ifdef ENABLE_BF16
+__device__ void adamw_round_at(float value, __nv_bfloat16* out, unsigned int seed, unsigned int bx,
+                               unsigned int by) {
+    unsigned int position = threadIdx.x + 198491317u * (bx * blockDim.x + by);   // thread_noise's
+    unsigned int threshold = noise_hash(position, seed) & 0xFFFFu;
+    unsigned int bits = __float_as_uint(value);
+    bits = ((bits & 0xFFFFu) > threshold) ? (bits | 0xFFFFu) : (bits & ~0xFFFFu);
+    *out = __float2bfloat16_rn(__uint_as_float(bits));
+}
+#endif
+
+#define ADAMW_FIELDS 8   // long longs per tensor row of adamw_multi_tensor_kernel's table
+
+extern "C" __global__ void adamw_multi_tensor_kernel(floatX* params, float* master_params, const floatX* grads,
+                                                     float* m, float* v, const long long* table, int table_rows,
+                                                     const unsigned int* seeds, float learning_rate, float beta1,
+                                                     float beta2, float beta1_correction, float beta2_correction,
+                                                     float eps, float weight_decay, float grad_scale) {
+    __shared__ long long row[ADAMW_FIELDS];            // this block's tensor's row; row[7] holds its seed
+    if (threadIdx.x == 0) {
+        // the last tensor starting at or before this block: a fixed number of reads (table_rows is a
+        // power of two, padded with rows that start at LLONG_MAX)
+        long long b = blockIdx.x;
+        int t = 0;
+        for (int half = table_rows / 2; half >= 1; half /= 2) {
+            if (table[(t + half) * ADAMW_FIELDS] <= b) { t += half; }
+        }
+        for (int f = 0; f < 7; f++) { row[f] = table[t * ADAMW_FIELDS + f]; }
+        row[7] = seeds[t];
+    }
+    __syncthreads();
+    long long local = (long long)blockIdx.x - row[0];
+    long long layer = local / row[1], bx = local % row[1];   // adamw_kernel's blockIdx.y and blockIdx.x
+    long long i = bx * blockDim.x + threadIdx.x;
+    if (i >= row[2]) { return; }
+    long long w = row[3] + layer * row[4] + i, s = row[5] + layer * row[2] + i;
+    float decay = row[6] ? weight_decay : 0.0f;
+    // from here adamw_kernel's arithmetic, operation for operation
+    float grad = grad_scale * (float)grads[w];
+    float mi = adamw_lerp(grad, m[s], beta1);
+    float vi = adamw_lerp(grad * grad, v[s], beta2);
+    m[s] = mi;
+    v[s] = vi;
+    float m_hat = mi / beta1_correction;
+    float v_hat = vi / beta2_correction;
+    float old = (master_params != nullptr) ? master_params[s] : (float)params[w];
+    float updated = old - learning_rate * (m_hat / (sqrtf(v_hat) + eps) + decay * old);
+    adamw_round_at(updated, &params[w], (unsigned int)row[7], (unsigned int)bx, (unsigned int)layer);
     if (master_params != nullptr) { master_params[s] = updated; }
 }
 
