@@ -40,6 +40,8 @@
 //   * a shuffle that reads a lane which has exited or does not exist (block not a multiple of 32).
 //   * a misaligned address in __ldg/__ldcs/__ldcg/__stcs/__stcg (a float4/int4 not on 16 bytes).
 //   * with the race checker on: races in the array arguments and shared memory (RaceError).
+//   * a write past the end of the launch's dynamic shared memory (a 4 KiB red zone checked after
+//     each block).
 //   Dynamic shared memory is filled with 0xFF bytes (NaN as float) at the start of each block so
 //   reads before writes show up.
 //
@@ -897,6 +899,40 @@ static inline void ensure_fibers(Worker* w, int n) {
 }
 
 // run one block on this OS thread; false on an error (already recorded in the launch)
+// Dynamic shared memory is followed by a red zone of kSmemRedZone bytes, filled with 0xFF as the shared memory
+// itself and checked after each block: a kernel that writes past the shared_mem its launch asked for (a
+// launcher that sized it too small) is a launch error naming the block, instead of a corrupted heap and a
+// crash somewhere later. Reads past the end read the red zone's NaNs.
+static constexpr size_t kSmemRedZone = 4096;
+
+static inline void ensure_smem(Worker* w, size_t bytes) {
+    if (bytes > w->smem_capacity || w->smem == nullptr) {
+        free(w->smem);
+        size_t cap = (bytes + 63) & ~size_t(63);
+        w->smem = static_cast<char*>(aligned_alloc(64, cap + kSmemRedZone));
+        w->smem_capacity = cap;
+    }
+}
+
+// the red zone: the kSmemRedZone bytes right after the launch's shared_mem (filled once per launch and OS thread)
+static inline void fill_smem_red_zone(Worker* w, size_t shared_mem) {
+    memset(w->smem + shared_mem, 0xFF, kSmemRedZone);
+}
+
+// whether the red zone is untouched (refilled for the next block if not)
+static inline bool smem_red_zone_intact(Worker* w, size_t shared_mem) {
+    const char* zone = w->smem + shared_mem;
+    uint64_t all = ~uint64_t(0);
+    for (size_t i = 0; i < kSmemRedZone; i += 8) {
+        uint64_t word;
+        memcpy(&word, zone + i, 8);
+        all &= word;
+    }
+    if (all == ~uint64_t(0)) { return true; }
+    fill_smem_red_zone(w, shared_mem);
+    return false;
+}
+
 static inline bool run_block(Worker* w, long long linear_block) {
     Launch* L = w->launch;
     const dim3& g = L->grid;
@@ -946,6 +982,13 @@ static inline bool run_block(Worker* w, long long linear_block) {
         }
         if (L->failed) { break; }
         if (w->live == 0) {
+            if (!smem_red_zone_intact(w, L->shared_mem)) {
+                char buf[160];
+                snprintf(buf, sizeof buf, ": wrote past the end of its %zu bytes of dynamic shared memory (the "
+                         "launch's shared_mem is too small for what the kernel uses)", L->shared_mem);
+                fail(L, block_name(w) + buf);
+                break;
+            }
             if (stacks_intact(w, n)) { return true; }
             fail(L, block_name(w) + ": a thread ran past the bottom of its 124 KiB stack (a large local array?)");
             for (int i = 0; i < n; i++) {
@@ -985,15 +1028,6 @@ static inline bool run_block(Worker* w, long long linear_block) {
     return false;
 }
 
-static inline void ensure_smem(Worker* w, size_t bytes) {
-    if (bytes > w->smem_capacity) {
-        free(w->smem);
-        size_t cap = (bytes + 63) & ~size_t(63);
-        w->smem = static_cast<char*>(aligned_alloc(64, cap));
-        w->smem_capacity = cap;
-    }
-}
-
 // Flush-to-zero, as CuPy compiles kernels (nvcc/NVRTC -ftz=true): float arithmetic reads a subnormal input
 // as 0 (DAZ) and writes 0 for a subnormal result (FTZ). On x86-64 both are bits of MXCSR, a per-thread
 // register: set while this OS thread runs blocks (a pool thread, or the caller for a small launch) and put
@@ -1012,6 +1046,7 @@ static inline void run_blocks(Worker* w, Launch* L) {
     FlushToZero ftz;
     w->launch = L;
     ensure_smem(w, L->shared_mem);
+    fill_smem_red_zone(w, L->shared_mem);
     Worker* saved = tls_worker;
     tls_worker = w;
     while (!L->failed) {

@@ -59,3 +59,26 @@ def test_a_stack_overflow_is_a_launch_error():
     fill = emulator.RawModule(code=DEEP.replace("126 * 1024", "64 * 1024"), options=("--std=c++17",))
     fill.get_function("deep")((1,), (2,), (out,))                 # 64 KiB fits
     assert out[0] == 7
+
+
+PAST_SHARED = """
+extern "C" __global__ void past(float* out, int n) {
+    extern __shared__ float tile[];
+    tile[threadIdx.x] = 1.0f;                 // n floats asked for at the launch; threads beyond n write past them
+    __syncthreads();
+    if (threadIdx.x == 0) { out[blockIdx.x] = tile[0]; }
+}
+"""
+
+
+@pytest.mark.parametrize("grid", [1, 256])     # on the calling thread, and on the pool (8,192 threads)
+def test_a_write_past_dynamic_shared_memory_is_a_launch_error(grid):
+    """Dynamic shared memory ends in a red zone checked after each block: a launcher that asks for fewer bytes than
+    its kernel uses (once a heap corruption and a crash at some later launch) is a launch error naming the size."""
+    mod = emulator.RawModule(code=PAST_SHARED, options=("--std=c++17",))
+    out = np.zeros(grid, np.float32)
+    fn = mod.get_function("past")
+    with pytest.raises(RuntimeError, match=r"wrote past the end of its 64 bytes of dynamic shared memory"):
+        fn((grid,), (32,), (out, np.int32(16)), shared_mem=64)              # 32 floats written into 16
+    fn((grid,), (32,), (out, np.int32(32)), shared_mem=128)                 # enough: no error, and nothing left over
+    assert (out == 1.0).all()
