@@ -723,19 +723,22 @@ def flash_launches(s, rng, reference):
         want, mag = flash_reference(q, k, v, heads(dout)[0])
         b_out[...] = fx(to_btc(want["out"]).astype(np.float32))
         b_lse[...] = want["lse"]
-    bits = {name: f32_to_bf16(a) for name, a in (("out", out), ("qkv", qkv), ("dqkv", dqkv), ("dout", dout),
-                                                  ("b_out", b_out))}
-    widen = {id(bits[name]): a for name, a in (("out", out), ("qkv", qkv), ("dqkv", dqkv), ("dout", dout),
-                                               ("b_out", b_out))}
+    # the launchers take bf16 bits (they check the dtype); the recorded launches get the float32 arrays back
+    floatx = {"out": out, "qkv": qkv, "dqkv": dqkv, "dout": dout, "b_out": b_out}
+    bits = {name: f32_to_bf16(a) for name, a in floatx.items()}
+    widen = {id(bits[name]): a for name, a in floatx.items()}
     launches = recorded_launches(lambda cu: cu.flash_attention_forward(bits["out"], lse, bits["qkv"], B, T, C, NH),
                                  widen)
     launches += recorded_launches(lambda cu: cu.flash_attention_backward(bits["dqkv"], scratch, bits["dout"],
                                                                           bits["qkv"], bits["b_out"], b_lse,
                                                                           B, T, C, NH), widen)
-    assert [lc.kernel for lc in launches] == list(FLASH_KERNELS), [lc.kernel for lc in launches]
+    if [lc.kernel for lc in launches] != list(FLASH_KERNELS):
+        raise RuntimeError(f"check_kernel.py: the flash launchers made {[lc.kernel for lc in launches]}, not "
+                           f"{list(FLASH_KERNELS)}; update FLASH_KERNELS and flash_launches' outputs")
     import perf_model
+    tiles = perf_model.flash_tiles(cu, T, hs)
     for lc in launches:
-        read, written, _ = perf_model.flash_tiles(cu, T, hs)[lc.kernel]
+        read, written, _ = tiles[lc.kernel]
         lc.model_bytes = B * NH * (read + written)
     if reference:
         fwd, dq, dkdv = launches
