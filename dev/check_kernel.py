@@ -582,6 +582,54 @@ def classifier_launches(s, rng, reference):
     return [launch, wide]
 
 
+def adamw_multi_tensor_launch(s, rng, reference):
+    """adamw_multi_tensor_kernel, the whole update in one launch over GPT-2's 16 tensors (C, Vp, maxT of the
+    shape; 12 layers at d12's T, else 3), its table and grid made by train_gpt2_cuda._adamw_table. Checked on
+    rank 1 of a ZeRO-1 shard of 2 (m, v, master hold that rank's half; the parameters outside its pieces must
+    stay as they were), timed on one rank. The reference: AdamW in float64 on each piece, decay on the 2-D
+    weights only (the table's flag)."""
+    from llmc.collectives import ShardLayout
+    from llmc.formats import param_shapes
+    cu = launch_trainer()
+    config = argparse.Namespace(padded_vocab_size=s.Vp, max_seq_len=s.maxT, num_layers=L12 if s.T == D12.T else 3,
+                                channels=s.C)
+    rank, size = (1, 2) if reference else (0, 1)
+    layout = ShardLayout(param_shapes(config), rank, size)
+    table, table_rows, blocks = cu._adamw_table(argparse.Namespace(adamw_table=None), layout)
+    n, ns = layout.num_parameters, layout.num_state
+    fx = floatx_values(s)
+    params, grads = rand(rng, n), fx(rand(rng, n))
+    m, v = rand(rng, ns, scale=0.1), np.abs(rand(rng, ns, scale=0.1))
+    seeds = rng.integers(0, 2 ** 32, size=len(layout.tensors), dtype=np.uint32)
+    lr, b1, b2, eps, wd, grad_scale, t = 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.5, 3
+    master = None if s.floatx == "fp32" else rand(rng, ns)       # bf16 with master weights, as -w 1
+    params = fx(params)
+    launch = Launch("adamw_multi_tensor_kernel", blocks, cu.ADAMW_BLOCK,
+                    (params, master, grads, m, v, np.asarray(table), i32(table_rows), seeds, f32(lr), f32(b1),
+                     f32(b2), f32(1 - b1 ** t), f32(1 - b2 ** t), f32(eps), f32(wd), f32(grad_scale)),
+                    read_write=(0, 3, 4) if master is None else (0, 1, 3, 4))
+    if reference:
+        w_p, w_m, w_v = f64(params), f64(m), f64(v)
+        w_master = None if master is None else f64(master)
+        for index, layer, w, st, part in layout.pieces:
+            name = layout.tensors[index][1]
+            g = f64(grads[w:w + part]) * grad_scale
+            mi = b1 * w_m[st:st + part] + (1 - b1) * g
+            vi = b2 * w_v[st:st + part] + (1 - b2) * g * g
+            old = w_p[w:w + part] if master is None else w_master[st:st + part]
+            decay = wd if name in tg.DECAYED_PARAMS else 0.0
+            new = old - lr * (mi / (1 - b1 ** t) / (np.sqrt(vi / (1 - b2 ** t)) + eps) + decay * old)
+            w_m[st:st + part], w_v[st:st + part], w_p[w:w + part] = mi, vi, new
+            if master is not None:
+                w_master[st:st + part] = new
+        expression = "AdamW in float64 per piece (rank 1 of 2)"
+        launch.outputs = [Output("params", params, w_p, expression, 1e-6, 1e-6),
+                          Output("m", m, w_m, expression, 1e-7, 1e-6), Output("v", v, w_v, expression, 1e-8, 1e-5)]
+        if master is not None:
+            launch.outputs.append(Output("master", master, w_master, expression, 1e-6, 1e-6))
+    return launch
+
+
 def adamw_launches(s, rng, reference):
     n = s.n_params
     fx = floatx_values(s)
@@ -624,7 +672,7 @@ def adamw_launches(s, rng, reference):
         want = f64(source)
         want[2 * half:] = 0.0                         # an odd n's last element is in no row: left as it was
         rebuild.outputs = [Output("params", rebuilt, want, "the master weights (stochastically rounded)", 1e-7, 1e-7)]
-    return [step, norm, rebuild]
+    return [step, norm, rebuild, adamw_multi_tensor_launch(s, rng, reference)]
 
 
 # flash attention (kernels/flash_attention.cu, bf16 only). Its launch shapes (grids, block, shared memory) live
@@ -824,7 +872,7 @@ def copy_back(back):
 # references also read, so its float result y is within the fp32 tolerance e = atol + rtol |want| of
 # want, and its output within e + r |y| <= e (1 + r) + r |want|: the fp32 tolerance, widened by r.
 BF16_ROUNDING = 2.0 ** -8
-STOCHASTIC_OUTPUTS = {("adamw_kernel", "params"), ("init_from_master_kernel", "params"),
+STOCHASTIC_OUTPUTS = {("adamw_kernel", "params"), ("adamw_multi_tensor_kernel", "params"), ("init_from_master_kernel", "params"),
                       ("encoder_backward_wte_kernel", "dwte"),
                       ("encoder_backward_wpe_kernel", "dwpe"),
                       ("encoder_backward_wpe_x128_kernel", "dwpe")}   # common.cuh's stochastic_round
