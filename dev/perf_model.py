@@ -352,12 +352,21 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
     launch("global_norm_squared_kernel", "optimizer", n_params * s, grid * 4)
     launch("cupy sum (grad norm)", "optimizer", grid * 4, 4, counted=False)
 
-    # ---- gpt2_update: one adamw_kernel per parameter tensor. Per parameter it reads the gradient (s), m
-    # and v (4 each) and the old value: the fp32 master copy (4) or the parameter (s); writes m, v, the
-    # parameter and the master copy when there is one
-    for name, shape in formats.param_shapes(config):
-        n = math.prod(shape)
-        launch("adamw_kernel", "optimizer", n * (s + 8 + (4 if master else s)), n * (s + 8 + (4 if master else 0)))
+    # ---- gpt2_update: the 16 seeds uploaded in one copy, then ONE adamw_multi_tensor_kernel over every
+    # tensor. Per parameter it reads the gradient (s), m and v (4 each) and the old value: the fp32 master
+    # copy (4) or the parameter (s); writes m, v, the parameter and the master copy when there is one. Per
+    # block (ceil(layer slice / 512) per layer of each tensor) thread 0 reads its tensor's table row: a
+    # binary search (log2 of the table's rows, a power of two) and 7 fields of 8 bytes, and its 4-byte seed
+    shapes = formats.param_shapes(config)
+    launch("cupy copy (adamw seeds)", "optimizer", 4 * len(shapes), 4 * len(shapes), counted=False)
+    n_params, blocks = 0, 0
+    for index, name, offset, slice_size, layers in cu.ShardLayout(shapes).tensors:   # llm.c's per-layer rows
+        n_params += slice_size * layers
+        blocks += layers * ceil_div(slice_size, cu.ADAMW_BLOCK)
+    table_rows = 1 << (len(shapes) - 1).bit_length()
+    per_block = (table_rows.bit_length() - 1 + 7) * 8 + 4
+    launch("adamw_multi_tensor_kernel", "optimizer", n_params * (s + 8 + (4 if master else s)) + blocks * per_block,
+           n_params * (s + 8 + (4 if master else 0)))
     return out
 
 
