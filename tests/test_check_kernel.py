@@ -241,3 +241,21 @@ def test_flash_launch_shapes_come_from_the_trainer():
     # (32 and 5 rows, k and v); out (37 rows) and lse (37 floats) written
     assert launches[0].model_bytes == B * NH * (37 * 128 + 2 * 37 * 128 + 37 * 128 + 4 * 37)
     assert check_kernel.flash_launches(check_kernel.ODD, np.random.default_rng(0), reference=False) == []
+
+
+def test_adamw_multi_tensor_row_fails_on_broken_copies(tmp_path):
+    """adamw_multi_tensor_kernel's row (a ZeRO-1 rank 1 of 2 over GPT-2's 16 tensors) sees a copy that decays
+    every tensor (the table's flag ignored: params off, m and v fine) and one that steps through the parameters
+    by the piece's size instead of the layer's stride (the wrong pieces moved: params, m, v all off)."""
+    def run(old, new):
+        broken = tmp_path / f"kernels{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(KERNEL_DIR, broken)
+        src = (broken / "adamw.cu").read_text()
+        assert src.count(old) == 1
+        (broken / "adamw.cu").write_text(src.replace(old, new))
+        r = run_script("dev/check_kernel.py", "adamw", "--backend", "emulator", "--kernel_dir", broken, cwd=tmp_path)
+        assert r.returncode == 1, r.stdout + r.stderr
+        return {o for k, o, _, _, ok in parse_rows(r.stdout) if k == "adamw_multi_tensor_kernel" and not ok}
+    assert run("float decay = row[6] ? weight_decay : 0.0f;", "float decay = weight_decay;") == {"params"}
+    assert run("long long w = row[3] + layer * row[4] + i", "long long w = row[3] + layer * row[2] + i") == {
+        "params", "m", "v"}
