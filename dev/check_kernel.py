@@ -790,12 +790,12 @@ def flash_launches(s, rng, reference):
         lc.model_bytes = B * NH * (read + written)
     if reference:
         fwd, dq, dkdv = launches
-        twin = "causal attention in float64"
+        twin = f"causal attention f64, B={B} NH={NH} T={T} hs={hs}"   # flash's own shape, not ODD
         part = lambda i: lambda: f64(dqkv).reshape(B, T, 3, C)[:, :, i]   # noqa: E731 (dq, dk, dv of dqkv)
         fwd.outputs = [Output("out", out, to_btc(want["out"]), twin, 2 * BF16_ROUNDING * mag["out"]),
                        Output("lse", lse, want["lse"], twin, 1e-5)]
-        dq.outputs = [Output("dq", part(0), to_btc(want["dq"]), twin + " (bwd)", 2 * BF16_ROUNDING * mag["dq"])]
-        dkdv.outputs = [Output(name, part(i), to_btc(want[name]), twin + " (bwd)", 2 * BF16_ROUNDING * mag[name])
+        dq.outputs = [Output("dq", part(0), to_btc(want["dq"]), twin, 2 * BF16_ROUNDING * mag["dq"])]
+        dkdv.outputs = [Output(name, part(i), to_btc(want[name]), twin, 2 * BF16_ROUNDING * mag[name])
                         for i, name in ((1, "dk"), (2, "dv"))]
     return launches
 
