@@ -804,7 +804,8 @@ def outlier_skip_reason(zloss, zgrad, skip_update_lossz, skip_update_gradz):
 #   optional:   gpt2_allocate_state(model, B, T, shard): allocate everything before the first step (the CUDA
 #               trainer: its memory report, and a run too big for the GPU stops before writing anything);
 #               without it (NumPy, as train_gpt2.c) buffers are allocated at first use
-#   data parallel (several processes, llmc/collectives.py): gpt2_grad_sum_squares(model, lo, hi) -> float,
+#   data parallel (several processes, llmc/collectives.py): gpt2_grad_sum_squares(model, lo, hi) -> float
+#               (optional gpt2_pieces_sum_squares(model, [(lo, hi), ...]) -> float: their sum in one go),
 #               and for ZeRO-1 gpt2_update(..., shard=layout) and gpt2_optimizer_state(model, layout.num_state)
 #               (layout: collectives.ShardLayout, llm.c's pieces of every layer of every tensor);
 #               a trainer without them runs as one process only; COLLECTIVES, the engine its arrays need
@@ -1370,7 +1371,10 @@ def train(args, trainer=None, world=None, ctrl_c=None):
             if shard:
                 if not overlap:
                     world.reduce_scatter_sum(model.grads_memory, shard)
-                mine = sum(tr.gpt2_grad_sum_squares(model, start, start + n) for _, _, start, _, n in shard.pieces)
+                ranges = [(start, start + n) for _, _, start, _, n in shard.pieces]
+                summed = getattr(tr, "gpt2_pieces_sum_squares", None)   # the CUDA trainer's: one host sync
+                mine = summed(model, ranges) if summed else sum(tr.gpt2_grad_sum_squares(model, lo, hi)
+                                                                for lo, hi in ranges)
                 norm = math.sqrt(world.sum(mine)) / micro_steps
             else:
                 if not overlap:

@@ -1460,16 +1460,33 @@ REDUCES_IN_BACKWARD = True   # train(): with NCCL, the last micro-step's backwar
 NORM_BLOCKS = 1024   # partial sums of the gradient norm kernel (a fixed grid: deterministic)
 
 
-def gpt2_grad_sum_squares(model, lo=0, hi=None):
-    """sum g^2 over grads[lo:hi] (a python float): per-block partial sums of squares on the device (a
-    fixed grid: deterministic), added there; reading it is a host sync, as in llm.c. ZeRO-1 adds each
-    rank's shard's across the ranks."""
-    hi = model.num_parameters if hi is None else hi
+def _grad_sum_squares_on_device(model, lo, hi):
+    """sum g^2 over grads[lo:hi] left on the device (a 0-d float32 array, no host sync): per-block partial
+    sums of squares (a fixed grid: deterministic) into model.norm_partials, added there by CuPy. The next
+    call may reuse norm_partials at once: the stream runs this sum before that call's kernel."""
+    if not 0 <= lo < hi <= model.num_parameters:
+        raise ValueError(f"gradient norm: range [{lo}, {hi}) is empty or outside the {model.num_parameters} "
+                         f"gradients; pass 0 <= lo < hi <= the parameter count")
     block = 512
     grid = min(ceil_div(hi - lo, block), NORM_BLOCKS)
     kernel("adamw", "global_norm_squared_kernel", model.floatx)(
         (grid,), (block,), (model.norm_partials, model.grads_memory[lo:hi], i64(hi - lo)))
-    return float(model.norm_partials[:grid].sum())
+    return model.norm_partials[:grid].sum()
+
+
+def gpt2_grad_sum_squares(model, lo=0, hi=None):
+    """sum g^2 over grads[lo:hi] (a python float): added on the device; reading it is a host sync, as in
+    llm.c."""
+    return float(_grad_sum_squares_on_device(model, lo, model.num_parameters if hi is None else hi))
+
+
+def gpt2_pieces_sum_squares(model, ranges):
+    """sum g^2 over several ranges (ZeRO-1's pieces of this rank's shard, (lo, hi) each) with ONE host sync:
+    each range's float32 sum stays on the device, the sums are copied to the host together, and added there
+    in float64 in the ranges' order. The same bits as adding gpt2_grad_sum_squares range by range (one sync
+    each). ZeRO-1 adds each rank's result across the ranks."""
+    sums = [_grad_sum_squares_on_device(model, lo, hi) for lo, hi in ranges]
+    return sum(float(x) for x in to_numpy(xp.stack(sums))) if sums else 0.0
 
 
 def gpt2_calculate_grad_norm(model):

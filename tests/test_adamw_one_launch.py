@@ -92,3 +92,27 @@ def test_one_launch_table(cu):
     assert blocks == sum(-(-part // 512) * layers for _, _, _, _, part, layers, _ in launches)
     assert list(table[:, 0]) == list(np.cumsum([0] + [-(-p // 512) * r for *_, p, r, _ in launches[:-1]]))
     assert [bool(d) for d in table[:, 6]] == [name in cu.host.DECAYED_PARAMS for _, name, *_ in launches]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("rank, world", [(0, 2), (1, 2), (0, 1)])
+def test_pieces_sum_squares_is_the_per_piece_sum_with_one_read(cu, monkeypatch, precision, rank, world):
+    """ZeRO-1's norm: every piece's float32 sum stays on the device and the host reads them once, then adds
+    them in float64 in piece order: the bits of the per-piece calls (one host sync each) it replaces."""
+    layout = ShardLayout(formats.param_shapes(CONFIG), rank, world)
+    model = with_gradients(cu, precision, True, layout if world > 1 else None)
+    ranges = [(start, start + n) for _, _, start, _, n in layout.pieces]
+    assert len(ranges) == 4 + 12 * CONFIG.num_layers      # wte, wpe, lnfw, lnfb and 12 tensors per layer
+    want = sum(cu.gpt2_grad_sum_squares(model, lo, hi) for lo, hi in ranges)
+    reads = []
+    real = cu.to_numpy
+    monkeypatch.setattr(cu, "to_numpy", lambda x: reads.append(np.shape(x)) or real(x))
+    got = cu.gpt2_pieces_sum_squares(model, ranges)
+    assert reads == [(len(ranges),)]                      # one read of all the pieces' sums
+    assert got == want > 0                                # bit for bit
+    whole = cu.gpt2_pieces_sum_squares(model, [(0, model.num_parameters)])
+    assert whole == cu.gpt2_grad_sum_squares(model)
+    with pytest.raises(ValueError, match=r"^gradient norm: range \[5, 5\) is empty or outside the \d+ gradients; "
+                                         r"pass 0 <= lo < hi <= the parameter count$"):
+        cu.gpt2_pieces_sum_squares(model, [(5, 5)])
+    assert cu.gpt2_pieces_sum_squares(model, []) == 0.0
