@@ -116,3 +116,50 @@ def test_pieces_sum_squares_is_the_per_piece_sum_with_one_read(cu, monkeypatch, 
                                          r"pass 0 <= lo < hi <= the parameter count$"):
         cu.gpt2_pieces_sum_squares(model, [(5, 5)])
     assert cu.gpt2_pieces_sum_squares(model, []) == 0.0
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "warps"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_kernel_over_a_padded_table_is_the_per_tensor_launches(order, precision):
+    """The kernel itself on a hand-made table: 3 tensors (4 table rows, the last one padding), one of several
+    blocks per layer row, one with a parameter row stride wider than its piece (a ZeRO-1 shard's), decay on one
+    tensor only, against adamw_kernel launched per tensor; race-checked, in each thread order."""
+    import emulator
+    from llmc.cuda_common import ceil_div, kernel_source
+    options = ("--std=c++17", "-DENABLE_BF16") if precision == "bf16" else ("--std=c++17",)
+    mod = emulator.RawModule(code=kernel_source("adamw"), options=options)
+    rng = np.random.default_rng(9)
+    # (rows, part, row stride in the parameters, decay): the pieces start at rank 1's offset within each row
+    tensors = [(2, 1100, 2200, 1), (1, 300, 600, 0), (3, 64, 128, 1)]
+    n = sum(rows * stride for rows, _, stride, _ in tensors)
+    state = sum(rows * part for rows, part, _, _ in tensors)
+    x = rng.standard_normal(n).astype(np.float32)
+    params = x if precision == "fp32" else (x.view(np.uint32) >> 16).astype(np.uint16)
+    grads_f = rng.standard_normal(n).astype(np.float32)
+    grads = grads_f if precision == "fp32" else (grads_f.view(np.uint32) >> 16).astype(np.uint16)
+    master = rng.standard_normal(state).astype(np.float32)
+    m, v = (0.1 * rng.standard_normal(state)).astype(np.float32), np.abs(0.1 * rng.standard_normal(state)).astype(np.float32)
+    seeds = np.array([101, 202, 303], np.uint32)
+    scalars = (np.float32(1e-2), np.float32(0.9), np.float32(0.95), np.float32(0.19), np.float32(0.0975),
+               np.float32(1e-8))
+    wd, scale = np.float32(0.1), np.float32(0.8)
+
+    ref = [a.copy() for a in (params, master, m, v)]
+    table = np.zeros((4, 8), np.int64)
+    table[:, 0] = np.iinfo(np.int64).max
+    first = w = s = 0
+    for t, (rows, part, stride, decay) in enumerate(tensors):
+        per_row = ceil_div(part, 512)
+        table[t, :7] = (first, per_row, part, w + part, stride, s, decay)   # rank 1's half of each row
+        mod.get_function("adamw_kernel")(
+            (per_row, rows), (512,),
+            (ref[0][w + part:], ref[1][s:], grads[w + part:], ref[2][s:], ref[3][s:], np.int64(part),
+             np.int64(stride), np.int64(part), *scalars, wd if decay else np.float32(0.0), scale, seeds[t]))
+        first, w, s = first + per_row * rows, w + rows * stride, s + rows * part
+    got = [a.copy() for a in (params, master, m, v)]
+    mod.get_function("adamw_multi_tensor_kernel")(
+        (first,), (512,), (got[0], got[1], grads, got[2], got[3], table.reshape(-1), np.int32(4), seeds, *scalars,
+                           wd, scale), order=order, racecheck=True)
+    for name, a, b in zip(("params", "master", "m", "v"), got, ref):
+        assert a.tobytes() == b.tobytes(), name
+    assert got[0].tobytes() != params.tobytes() and got[1].tobytes() != master.tobytes()
