@@ -1553,7 +1553,8 @@ def _adamw_table(model, layout):
     """adamw_multi_tensor_kernel's table for this rank's layout, uploaded on the first update and kept
     (the layout of a run never changes): (device table, its rows (a power of two), the grid's blocks)."""
     key = (layout.rank, layout.size)
-    if model.adamw_table is None or model.adamw_table[0] != key:
+    cached = getattr(model, "adamw_table", None)        # None too on a model an older trainer made (tests)
+    if cached is None or cached[0] != key:
         launches = list(_update_launches(layout))
         table_rows = 1 << max(len(launches) - 1, 0).bit_length()       # a power of two >= the tensors
         table = np.zeros((table_rows, ADAMW_FIELDS), dtype=np.int64)
