@@ -46,7 +46,8 @@ def state_bytes(model):
             np.asarray(model.v_memory).tobytes(), model.rng_state[0], model.rng_state_last_update)
 
 
-CASES = [(p, w, rank, world) for p in ("fp32", "bf16") for w in (True, False) for rank, world in ((0, 1), (0, 2), (1, 2))]
+CASES = [(p, w, rank, world) for p in ("fp32", "bf16") for w in (True, False)
+         for rank, world in ((0, 1), (0, 2), (1, 2))]
 
 
 @pytest.mark.parametrize("precision, master_weights, rank, world", CASES)
@@ -138,7 +139,8 @@ def test_kernel_over_a_padded_table_is_the_per_tensor_launches(order, precision)
     grads_f = rng.standard_normal(n).astype(np.float32)
     grads = grads_f if precision == "fp32" else (grads_f.view(np.uint32) >> 16).astype(np.uint16)
     master = rng.standard_normal(state).astype(np.float32)
-    m, v = (0.1 * rng.standard_normal(state)).astype(np.float32), np.abs(0.1 * rng.standard_normal(state)).astype(np.float32)
+    m = (0.1 * rng.standard_normal(state)).astype(np.float32)
+    v = np.abs(0.1 * rng.standard_normal(state)).astype(np.float32)
     seeds = np.array([101, 202, 303], np.uint32)
     scalars = (np.float32(1e-2), np.float32(0.9), np.float32(0.95), np.float32(0.19), np.float32(0.0975),
                np.float32(1e-8))

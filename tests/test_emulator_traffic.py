@@ -252,7 +252,8 @@ def test_adamw_multi_tensor(precision, master):
     old = 4 if master else s
     per_block = (2 + 7) * 8 + 4
     assert first == 2 * 2 + 1 * 2 + 3 * 1
-    assert (r.bytes_read, r.bytes_written) == (n * (s + 8 + old) + first * per_block, n * (s + 8 + (4 if master else 0)))
+    written = n * (s + 8 + (4 if master else 0))
+    assert (r.bytes_read, r.bytes_written) == (n * (s + 8 + old) + first * per_block, written)
     assert (r.reads, r.writes) == (4 * n + first * (2 + 7 + 1), (4 if master else 3) * n)
 
 
