@@ -611,6 +611,7 @@ def main(argv=None, trainer=None):
     print(f"  of which launch overhead: {total.launches} launches x {LAUNCH_OVERHEAD_S * 1e6:g} us = "
           f"{total.launches * LAUNCH_OVERHEAD_S * 1e3:.1f} ms")
     print(call_counts(formulas))
+    print(other_kernels_time(formulas, gemm_precision))
     print("not modeled: caches beyond the DRAM estimate, coalescing, latency and occupancy, cuBLAS's efficiency, "
           "the host (syncs, copies); no GPU has checked these numbers (see the header)")
     return dict(formulas=formulas, counted=counted, launches=launches, gemms=gemms, rows=rows, total=total)
@@ -633,6 +634,19 @@ def call_counts(formulas):
         counts[kind] += 1
     kinds = ", ".join(f"{counts[k]} {k}" for k, _ in CALL_KINDS + (("other", ()),) if counts[k])
     return f"calls per step: {len(formulas)} ({kinds}); issue 14's bound at d12 B=16 T=1024 bf16: 282"
+
+
+def other_kernels_time(formulas, gemm_precision):
+    """One line: the modeled H100 time of the step's calls other than the GEMMs and attention (the kernels issue
+    14 made run at bandwidth: LayerNorm, bias, GELU, classifier, AdamW, embedding, CuPy's), counted and by the
+    DRAM estimate, against that issue's bound of 8 ms at d12 B=16 T=1024 bf16 with -fa 1 -ge 2."""
+    attention = dict(CALL_KINDS)["attention"]
+    rest = [f for f in formulas if not f.kernel.startswith(("gemm",) + attention)]
+    _, total = tabulate(rest, lambda x: x.kernel, gemm_precision)
+    h100 = [label for label, _, _ in GPUS].index("H100-SXM")
+    return (f"the {total.launches} calls other than GEMMs and attention: {total.seconds[h100] * 1e3:.1f} ms on an "
+            f"H100 counted, {total.dram_seconds[h100] * 1e3:.1f} ms by the DRAM estimate; issue 14's bound at d12 "
+            "B=16 T=1024 bf16 -fa 1 -ge 2: 8 ms")
 
 
 if __name__ == "__main__":
