@@ -36,7 +36,8 @@
 #   test_gpt2_fp32    python test_gpt2.py --trainer cuda --precision fp32 on the export
 #   gelu_fusion       train_gpt2_cuda.py -e gpt2_d12_bf16.bin -b 4 -t 256 -x 10 -p bf16 with -ge 2 (cuBLASLt's
 #                     GELU epilogues) and with -ge 0: -ge 2 must have loaded cuBLASLt, and each step's loss must
-#                     be within 0.05 of -ge 0's (test_gpt2.cu's bf16 loss tolerance); test_gpt2.py takes no -ge
+#                     be within 0.05 of -ge 0's (test_gpt2.cu's bf16 loss tolerance); then test_gpt2.py -ge 2
+#                     on gpt2_d12.bin: step 0's logits, loss and gradients against PyTorch's
 #   test_kernels      pytest tests/test_kernels.py (fp32; backend cupy on the GPU, plus the emulator)
 #   check_kernel_bf16 python dev/check_kernel.py all --precision bf16: every kernel vs its NumPy twin,
 #                     then timed at d12 in bf16
@@ -242,7 +243,8 @@ check_nccl_one_rank() {
     echo "nccl one rank: NCCL started through torchrun, 10 steps identical to the plain run (last: $(tail -n 1 "$dir/nccl.steps"))"
 }
 # check_gelu_fusion MODEL B T DIR: 10 bf16 steps with -ge 2 and with -ge 0; the -ge 2 run must have used cuBLASLt
-# (its config line), and each step's loss must be within 0.05 of the -ge 0 run's
+# (its config line), and each step's loss must be within 0.05 of the -ge 0 run's; then step 0's logits, loss and
+# gradients with -ge 2 against PyTorch's (test_gpt2.py -ge 2 on the fp32 export MODEL names without _bf16)
 check_gelu_fusion() {
     local model=$1 B=$2 T=$3 dir=$4 ge
     for ge in 0 2; do
@@ -255,7 +257,10 @@ check_gelu_fusion() {
     paste -d ' ' "$dir/ge0.steps" "$dir/ge2.steps" | awk '
         { d = $2 - $5; if (d < 0) d = -d; if (d > max) max = d; if ($1 != $4 || d > 0.05) bad = 1 }
         END { printf "gelu fusion: -ge 2 vs -ge 0, 10 bf16 steps: max |loss difference| %.4f (tolerance 0.05), last losses %s (-ge 2) and %s (-ge 0)\n", max, $5, $2
-              if (bad || NR != 10) { print "FAILED: the losses differ by more than 0.05"; exit 1 } }'
+              if (bad || NR != 10) { print "FAILED: the losses differ by more than 0.05"; exit 1 } }' || return 1
+    "$PY" test_gpt2.py --trainer cuda --precision bf16 -ge 2 --checkpoint "${model/_bf16/}" > "$dir/ge2_test.log" 2>&1 || {
+        tail -n 20 "$dir/ge2_test.log"; echo "FAILED: test_gpt2.py -ge 2 (step 0's gradients against PyTorch's)"; return 1; }
+    echo "gelu fusion: test_gpt2.py -ge 2: $(grep -m1 'overall okay' "$dir/ge2_test.log")"
 }
 export -f step_lines train_bf16 same_files same_run check_determinism check_resume check_nccl_one_rank check_gelu_fusion
 
@@ -385,7 +390,7 @@ fi
 # ---- -ge 2 (GELU fused into the fc GEMMs by cuBLASLt) against -ge 0: 10 bf16 training steps at d12
 if d12_ready gelu_fusion; then
     # shellcheck disable=SC2016
-    stage gelu_fusion 90 1 bash -c 'check_gelu_fusion gpt2_d12_bf16.bin 4 256 "$1"' _ "$WORK"
+    stage gelu_fusion 120 1 bash -c 'check_gelu_fusion gpt2_d12_bf16.bin 4 256 "$1"' _ "$WORK"
     [ "$STATUS" != SKIP ] && record gelu_fusion "$STATUS" "$ELAPSED" "$(note_match '^(gelu fusion:|FAILED)')"
 fi
 stage test_kernels 100 1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py

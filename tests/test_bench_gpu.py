@@ -277,7 +277,8 @@ def test_gpu_check_runs_end_to_end_with_a_fake_python3(tmp_path):
     assert notes["gelu_fusion"] == ("gelu fusion: -ge 2 vs -ge 0, 10 bf16 steps: max |loss difference| 0.0060 "
                                     "(tolerance 0.05), last losses 9.003000 (-ge 2) and 9.000000 (-ge 0)")
     ge = [p for p in map(json.loads, calls.read_text().splitlines()) if "-ge" in p]
-    assert [p[p.index("-ge") + 1] for p in ge] == ["0", "2"] and all("gpt2_d12_bf16.bin" in p for p in ge)
+    assert [p[p.index("-ge") + 1] for p in ge] == ["0", "2", "2"]          # the two runs, then test_gpt2.py -ge 2
+    assert all("gpt2_d12_bf16.bin" in p for p in ge[:2]) and "gpt2_d12.bin" in ge[2] and "test_gpt2.py" in ge[2]
     assert notes["bench_bf16"] == "(bf16, B=16): 1.100x (>= 1.07x: met)"
     assert notes["flash_check"] == ("summary: flash and materialized agree with SDPA at B=4 NH=12, 12 shapes "
                                     "(hs 64,128, T 1,7,64,100,257,1024)")
