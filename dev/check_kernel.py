@@ -690,18 +690,8 @@ def launch_trainer():
     """train_gpt2_cuda.py imported once with LLMC_EMULATE=1 under a name of its own (NumPy arrays in its
     launchers; nothing compiled), for the launch shapes of its launchers."""
     if not _trainer:
-        import importlib.util
-        old = os.environ.get("LLMC_EMULATE")
-        os.environ["LLMC_EMULATE"] = "1"
-        try:
-            spec = importlib.util.spec_from_file_location("check_kernel_trainer", os.path.join(REPO, "train_gpt2_cuda.py"))
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        finally:
-            if old is None:
-                del os.environ["LLMC_EMULATE"]
-            else:
-                os.environ["LLMC_EMULATE"] = old
+        from emulator import import_emulated
+        module = import_emulated(os.path.join(REPO, "train_gpt2_cuda.py"), "check_kernel_trainer")
         _trainer.append(module)
     return _trainer[0]
 

@@ -218,20 +218,8 @@ def emulated_cuda_trainer(name, register=False):
     """train_gpt2_cuda.py imported with LLMC_EMULATE=1 as a module object of its own called `name` (so the
     switch at its top sees the variable, whatever was imported before); register=True also puts it in
     sys.modules (its main() hands train_gpt2.run the module by name); the caller removes it."""
-    import importlib.util
-    old = os.environ.get("LLMC_EMULATE")
-    os.environ["LLMC_EMULATE"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "train_gpt2_cuda.py"))
-        module = importlib.util.module_from_spec(spec)
-        if register:
-            sys.modules[name] = module
-        spec.loader.exec_module(module)
-    finally:
-        if old is None:
-            del os.environ["LLMC_EMULATE"]
-        else:
-            os.environ["LLMC_EMULATE"] = old
+    from emulator import import_emulated
+    module = import_emulated(os.path.join(REPO, "train_gpt2_cuda.py"), name, register)
     assert module.EMULATE and module.xp is np
     return module
 

@@ -27,7 +27,6 @@ the kernel takes.
 """
 
 import contextlib
-import importlib.util
 import io
 import os
 import re
@@ -204,17 +203,8 @@ def trainer_before_flash(tmp_path, today):
                     "repository's history (a clone, not an archive)")
     path = tmp_path / "train_gpt2_cuda_before_flash.py"
     path.write_text(r.stdout)
-    old = os.environ.get("LLMC_EMULATE")
-    os.environ["LLMC_EMULATE"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("train_gpt2_cuda_before_flash", str(path))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if old is None:
-            del os.environ["LLMC_EMULATE"]
-        else:
-            os.environ["LLMC_EMULATE"] = old
+    from emulator import import_emulated
+    module = import_emulated(str(path), "train_gpt2_cuda_before_flash")
     assert module.EMULATE and not hasattr(module, "attention_path")
     for name in LAYER_LAUNCHERS:
         assert hasattr(module, name), name
