@@ -48,6 +48,9 @@ sys.path.insert(0, REPO)
 
 from llmc.formats import bf16_to_f32, f32_to_bf16  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import gpu_status  # noqa: E402
+
 FLASH_TARGET = 1.3        # issue 15: flash's layer forward + backward within 1.3x of SDPA's time
 STEP_TARGET = 1.2         # issue 15: the d12 step's tokens/s with -fa 1 at least 1.2x -fa 0's
 AGREE_FACTOR = 2.0        # our error may be this many times SDPA bf16's ...
@@ -55,19 +58,6 @@ BF16_STEP = 2.0**-8       # ... plus STEPS bf16 steps (relative): each path roun
 STEPS = {"flash": 1, "materialized": 2}   # flash rounds P and dS; the materialized path the scores too
 EMULATED_SHAPE = dict(B=1, NH=2, hs=64, T=[33])   # two key tiles, a short last one: seconds on the emulator
 STEP_LINE = re.compile(r"^step +(\d+)/\d+: .*\(([\d.]+) ms, (\d+) tok/s")
-
-
-def gpu_status():
-    """None if CuPy sees a CUDA GPU, else one line saying why not."""
-    try:
-        import cupy
-        n = cupy.cuda.runtime.getDeviceCount()
-    except ImportError:
-        return "CuPy is not installed"
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"CuPy finds no CUDA GPU ({type(e).__name__}: {first})"
-    return None if n > 0 else "CUDA reports 0 devices"
 
 
 # ----------------------------------------------------------------------------

@@ -17,6 +17,19 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def gpu_status(missing="CuPy is not installed"):
+    """None if CuPy sees a CUDA GPU, else one line saying why not (`missing` when CuPy is not there)."""
+    try:
+        import cupy
+        n = cupy.cuda.runtime.getDeviceCount()
+    except ImportError:
+        return missing
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"CuPy finds no CUDA GPU ({type(e).__name__}: {first})"
+    return None if n > 0 else "CUDA reports 0 devices"
+
+
 # ----------------------------------------------------------------------------
 # the same model and the same batches on both sides
 

@@ -54,7 +54,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import (Profiler, add_run_args, check_data, find_checkpoint, get_batches,  # noqa: E402
+from bench_common import (Profiler, add_run_args, check_data, find_checkpoint, get_batches, gpu_status,  # noqa: E402
                           parse_run_args, print_breakdown, print_run, run_worker, step_ms, worker_main)
 
 ADAMW = dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
@@ -64,19 +64,6 @@ TARGET = 1.07                     # issue 8: ours in bf16 at least 1.07x PyTorch
 MAX_BATCH_HEADROOM = 2**30        # bytes kept free beside our memory report's total at the largest B
 TORCH_USABLE = 0.9                # the share of free memory PyTorch's estimate may plan on (allocator slack)
 MAX_BATCH_RETRY = 0.85            # the largest-B round's second try, when PyTorch ran out of memory
-
-
-def gpu_status():
-    """None if CuPy sees a CUDA GPU, else one line saying why not."""
-    try:
-        import cupy
-        n = cupy.cuda.runtime.getDeviceCount()
-    except ImportError:
-        return "CuPy is not installed (pip install cupy-cuda12x on a machine with an NVIDIA GPU)"
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"CuPy finds no CUDA GPU ({type(e).__name__}: {first})"
-    return None if n > 0 else "CUDA reports 0 devices"
 
 
 class EventTimer:
@@ -100,7 +87,7 @@ class EventTimer:
 
 def flops_per_token(config, T):
     """The model's training FLOPs per token (llmc/mfu.py), the same count for both trainers."""
-    from llmc.formats import num_parameters
+    from llmc.model import num_parameters
     from llmc.mfu import flops_per_token as count
     return count(num_parameters(config), config.num_layers, config.channels, T)
 
@@ -280,7 +267,8 @@ def make_tiny_checkpoint(path):
     """A seeded random model of DRY_RUN_SHAPE (V=500 pads to Vp=512), for --dry_run."""
     import numpy as np
     import train_gpt2
-    from llmc.formats import GPT2Config, num_parameters, padded_vocab, write_model_file
+    from llmc.formats import write_model_file
+    from llmc.model import GPT2Config, num_parameters, padded_vocab
     config = GPT2Config(padded_vocab_size=padded_vocab(DRY_RUN_SHAPE["vocab_size"]), **DRY_RUN_SHAPE)
     model = train_gpt2.GPT2(config, np.zeros(num_parameters(config), np.float32))
     train_gpt2.init_weights(model, 42)  # the trainer's own seeded init (the padding rows of wte stay 0)
@@ -454,7 +442,8 @@ def main():
         parser.error("-b must be >= 1 and --max_batch >= -1")
     os.chdir(REPO)
     if not args.dry_run:
-        why = gpu_status()
+        why = gpu_status("CuPy is not installed (pip install cupy-cuda13x, or the build for your CUDA, "
+                         "on a machine with an NVIDIA GPU)")
         if why is not None:
             raise SystemExit(f"bench_gpu.py: {why}; nothing to time here (python dev/bench_gpu.py --dry_run 1 "
                              "checks the plumbing on the CPU, python dev/bench_cpu.py times the NumPy trainer)")
