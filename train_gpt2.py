@@ -801,6 +801,7 @@ def outlier_skip_reason(zloss, zgrad, skip_update_lossz, skip_update_gradz):
 #               next_token_probs(model, tokens, t) -> (V,) float32 on the host, to_numpy(array)
 #   checkpoints: gpt2_optimizer_state(model) -> (m, v) float32 host arrays,
 #               gpt2_load_optimizer_state(model, m, v) (after gpt2_allocate_state, where there is one)
+#   optional:   log_gpu_info(step, logger): after each step line (the CUDA trainer's -lg, llmc/gpuinfo.py)
 #   optional:   gpt2_allocate_state(model, B, T, shard): allocate everything before the first step (the CUDA
 #               trainer: its memory report, and a run too big for the GPU stops before writing anything);
 #               without it (NumPy, as train_gpt2.c) buffers are allocated at first use
@@ -1411,6 +1412,8 @@ def train(args, trainer=None, world=None, ctrl_c=None):
         print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({zloss:+.2f}z) ({ms:.2f} ms, "
               f"{tok_s:.0f} tok/s, {mfu}) norm {norm:.4f} ({zgrad:+.2f}z) lr {lr:.2e} (eta {eta})")
         logger.log_train(step, train_loss, lr, norm)
+        if hasattr(tr, "log_gpu_info"):                   # -lg (train_gpt2_cuda.py): NVML's readings every N steps
+            tr.log_gpu_info(step, logger)
 
     if step_times:
         tail = step_times[1:] or step_times

@@ -41,6 +41,7 @@ from llmc.cli import parse_args
 from llmc.collectives import ShardLayout
 from llmc.cuda_common import ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16, num_parameters, param_shapes, read_header, read_model_file, MODEL_MAGIC
+from llmc.gpuinfo import GpuLog
 from llmc.sampler import random_u32
 from llmc.utils import ConfigError
 
@@ -1664,6 +1665,7 @@ TRAIN_GPT2_CU_DEFAULTS.update({
     # started by hand, each with its -pr, find each other through -pi fs (-pf dir) or tcp (-ps IP)
     "num_processes": 1, "process_rank": 0, "gpus_per_node": 8,
     "nccl_init_method": "mpi", "server_ip": "", "fs_path": "",
+    "log_gpu_every": -1,         # -lg N: the GPU's NVML readings every N steps (llmc/gpuinfo.py), off
 })
 SHOWN_DEFAULTS = dict(host.SHOWN_DEFAULTS, load_filename="gpt2_124M_bf16.bin in bf16, gpt2_124M.bin in fp32, "
                       "or gpt2_d12.bin when that is not there",
@@ -1687,6 +1689,7 @@ run_master_weights = True
 run_gelu_fusion = 0          # -ge as device_setup set it (0 where cuBLASLt cannot be loaded)
 run_flash_attention = 1      # -fa as given (the model decides whether flash can run: GPT2's attention_path)
 run_rank = 0                 # the stochastic rounding's generator is seeded 13371337 + this (see device_setup)
+gpu_log = None               # -lg: the llmc.gpuinfo.GpuLog device_setup made (None before it)
 COLLECTIVES = "gloo" if EMULATE else "nccl"   # data parallel: NumPy arrays on the emulator, CuPy's on GPUs
 
 
@@ -1724,7 +1727,7 @@ def device_setup(args, world=None):
     all the parameters, and rounding them with different seeds (as llm.c does) would leave the ranks'
     bf16 weights different by an ulp here and there: there all ranks use rank 0's seed."""
     global gemm_precision, run_recompute, run_precision, run_master_weights, run_rank, run_gelu_fusion
-    global run_flash_attention
+    global run_flash_attention, gpu_log
     world_rank = world.rank if world is not None else 0
     run_rank = world_rank if args.zero_stage == 1 else 0
     check_recompute(args.recompute)
@@ -1753,7 +1756,14 @@ def device_setup(args, world=None):
         lines.append(f"precision: bf16 parameters, gradients and activations; fp32 AdamW state, {master}")
     else:
         lines += ["precision: fp32", f"TF32: {'enabled' if tf32 else 'disabled'}"]
+    gpu_log = GpuLog(args.log_gpu_every, args.output_log_dir, None if EMULATE else xp.cuda.Device().pci_bus_id)
     return lines
+
+
+def log_gpu_info(step, logger):
+    """-lg N: the GPU's readings after the step line of every N-th step (train_gpt2.train calls this)."""
+    if gpu_log is not None:
+        gpu_log.after_step(step, logger)
 
 
 def device_info():

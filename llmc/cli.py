@@ -52,6 +52,8 @@ FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
     "pi": ("nccl_init_method", "how the processes exchange NCCL's id: mpi (mpirun), fs (a shared dir, -pf), tcp (-ps)"),
     "ps": ("server_ip", "-pi tcp: the IP address of rank 0's machine"),
     "pf": ("fs_path", "-pi fs: a directory every process can read and write"),
+    "lg": ("log_gpu_every", "GPU readings (NVML: memory, utilisation, SM clock, temperature, power, throttling) "
+           "every this many steps, to stdout and main.log (-1 = off; needs pip install nvidia-ml-py)"),
     "profile": ("profile", "print a per-layer time table at the end? 0/1"),
 }
 NAMES = {name: flag for flag, (name, _) in FLAGS.items()}      # llm.c's name -> flag letter(s)
@@ -114,4 +116,8 @@ def parse_args(argv, defaults, shown=None, notes=()):
             fail(f"flag {flag} needs {KINDS[kind]}, got '{value}'")
         given.add(name)
         i += 2
-    return SimpleNamespace(**args, given=given)
+    parsed = SimpleNamespace(**args, given=given)
+    if os.environ.get("LLMC_DRY_RUN", "0") == "1":   # check, print and exit 0: how scripts/ are tested
+        from llmc.dryrun import dry_run
+        dry_run(parsed, defaults)
+    return parsed

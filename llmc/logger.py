@@ -4,6 +4,7 @@ plotting code reads our logs and ours reads llm.c's:
     s:<step> tel:<val loss, 4 decimals>                                 before the update of step
     s:<step> trl:<train loss, 4 decimals> lr:<6 decimals> norm:<2 decimals>  after it
     s:<step> eval:<HellaSwag acc_norm, 4 decimals>
+    s:<step> gpu_util:<%> gpu_mem_used:<MiB> ...                       -lg's GPU readings (llmc/gpuinfo.py)
 
 <step> is the training loop's 0-based index, as train_gpt2.cu writes it: "s:0 tel:" is the val loss
 before any update and "s:0 trl:" the loss of the first update. Does nothing without an output dir.
@@ -35,3 +36,7 @@ class Logger:
 
     def log_eval(self, step, accuracy):
         self._write(f"s:{step} eval:{accuracy:.4f}")
+
+    def log_fields(self, step, fields):
+        """A line besides llm.c's three: "key:number ..." pairs, which plotting code reads as more streams."""
+        self._write(f"s:{step} {fields}")
