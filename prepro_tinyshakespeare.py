@@ -24,41 +24,14 @@ import sys
 
 import numpy as np
 
-from llmc.formats import DATA_MAGIC, write_data_shard
+from llmc.download import download
+from llmc.formats import write_data_shard
+from llmc.shards import refuse_foreign_shards
 from llmc.tokenizer import gpt2_encoding
-from llmc.utils import OutputInUse, has_magic, one_line_errors, refuse_foreign_files, write_atomic
+from llmc.utils import OutputInUse, one_line_errors, write_atomic
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 VAL_TOKENS = 32768
-
-
-# download_file and download are shared with prepro_tinystories.py (as llm.c's data scripts share
-# dev/data/data_common.py)
-
-def download_file(url, fname, chunk_size=1024):
-    """Stream `url` into `fname` with a tqdm bar; the file appears only once it is complete."""
-    import requests
-    from tqdm import tqdm
-    resp = requests.get(url, stream=True, timeout=30)
-    resp.raise_for_status()
-    total = int(resp.headers.get("content-length", 0))
-    with tqdm(desc=fname, total=total, unit="iB", unit_scale=True, unit_divisor=1024) as bar:
-        def chunks():
-            for data in resp.iter_content(chunk_size=chunk_size):
-                bar.update(len(data))
-                yield np.frombuffer(data, dtype=np.uint8)
-        write_atomic(fname, chunks())
-
-
-def download(url, fname, offline_command, chunk_size=1024):
-    """download_file, or one line saying what failed and how to go on without the network."""
-    print(f"downloading {url} to {fname}...")
-    import requests
-    try:
-        download_file(url, fname, chunk_size)
-    except requests.RequestException as e:
-        raise SystemExit(f"could not download {url} ({type(e).__name__}); put a copy of the file at {fname} "
-                         f"or run {offline_command}")
 
 
 def fetch(data_dir, url, local_copy):
@@ -94,13 +67,6 @@ def tokenize(text):
     return tokens
 
 
-def refuse_foreign_shards(paths):
-    """Stop (OutputInUse, one line) before writing when one of the output shards' names holds a file that
-    is not an llm.c data shard: it is not this script's to replace. Shared with prepro_tinystories.py."""
-    refuse_foreign_files(paths, lambda path: has_magic(path, DATA_MAGIC), f"an llm.c data shard (magic {DATA_MAGIC})",
-                         "move it away, or choose another --data_dir")
-
-
 @one_line_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description="tiny shakespeare -> llm.c GPT-2 token shards")
@@ -110,7 +76,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     outputs = {split: os.path.join(args.data_dir, f"tiny_shakespeare_{split}.bin") for split in ("val", "train")}
-    refuse_foreign_shards(list(outputs.values()))
+    refuse_foreign_shards(list(outputs.values()), "move it away, or choose another --data_dir")
     fname = fetch(args.data_dir, args.url, args.input)
     with open(fname, "r", encoding="utf-8") as f:
         text = f.read()

@@ -33,10 +33,11 @@ from multiprocessing import Pool
 
 import numpy as np
 
+from llmc.download import download
 from llmc.formats import write_data_shard
+from llmc.shards import refuse_foreign_shards
 from llmc.tokenizer import gpt2_encoding
 from llmc.utils import OutputInUse, WriteError, one_line_errors
-from prepro_tinyshakespeare import download, refuse_foreign_shards  # shared, as llm.c's data_common.py
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 ARCHIVE = "TinyStories_all_data.tar.gz"
@@ -119,7 +120,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     outputs = {split: os.path.join(args.data_dir, f"TinyStories_{split}.bin") for split in ("val", "train")}
-    refuse_foreign_shards(list(outputs.values()))
+    refuse_foreign_shards(list(outputs.values()), "move it away, or choose another --data_dir")
     shards_dir = fetch(args.data_dir, args.url, args.archive)
     files = shard_files(shards_dir)
     print(f"tokenizing {len(files)} shards with {args.workers} worker(s)")

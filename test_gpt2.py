@@ -57,6 +57,7 @@ import time
 import numpy as np
 
 from llmc import formats  # llm.c's file formats and the [GPT-2] config block
+from llmc.model import param_shapes, print_config
 
 N_SHOW = 5  # values printed side by side per tensor
 
@@ -265,7 +266,7 @@ def main(argv=None):
         source = "llm.c's test_gpt2.cu table (state records none)"
     nsteps = losses.size if args.steps < 0 else min(args.steps, losses.size)
 
-    formats.print_config(config)  # [GPT-2]: the model's shape and parameter count, as the trainers print it
+    print_config(config)  # [GPT-2]: the model's shape and parameter count, as the trainers print it
     print("[State]")
     print(f"checkpoint: {args.checkpoint}")
     print(f"debug_state: {state_path}")
@@ -300,7 +301,7 @@ def main(argv=None):
     step_ratios = []  # bf16: each training step's loss ratio
     allok = True
     x, y = state.x, state.y
-    shapes = formats.param_shapes(config)
+    shapes = param_shapes(config)
     # step 0 checks the forward and backward passes; every step checks the loss, then updates
     for step in range(max(nsteps, 1)):
         t0 = time.perf_counter()

@@ -27,8 +27,8 @@ from llmc import checkpoint, collectives, profiler
 from llmc.cli import flag_of, parse_args
 from llmc.dataloader import DataLoader
 from llmc.hellaswag import EvalLoader, stat_losses
-from llmc.formats import (MODEL_DEPTHS, MODEL_MAGIC, FormatError, GPT2Config, nonfinite_report, num_parameters,
-                          padded_vocab, param_shapes, print_config, read_header, read_model_file, write_model_file)
+from llmc.formats import MODEL_MAGIC, FormatError, nonfinite_report, read_header, read_model_file, write_model_file
+from llmc.model import GPT2Config, MODEL_DEPTHS, num_parameters, padded_vocab, param_shapes, print_config
 from llmc.logger import Logger
 from llmc.mfu import TokensPerSecond, flops_per_token, format_mfu, mfu_percent, peak_flops
 from llmc.outlier import OutlierDetector

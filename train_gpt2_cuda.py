@@ -40,7 +40,8 @@ from train_gpt2 import grad_clip_scale  # noqa: F401  (test_gpt2.py clips with i
 from llmc.cli import parse_args
 from llmc.collectives import ShardLayout
 from llmc.cuda_common import ceil_div, kernel_source
-from llmc.formats import bf16_to_f32, f32_to_bf16, num_parameters, param_shapes, read_header, read_model_file, MODEL_MAGIC
+from llmc.formats import bf16_to_f32, f32_to_bf16, read_header, read_model_file, MODEL_MAGIC
+from llmc.model import num_parameters, param_shapes
 from llmc.gpuinfo import GpuLog
 from llmc.sampler import random_u32
 from llmc.utils import ConfigError

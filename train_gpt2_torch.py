@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from llmc import formats  # llm.c's file formats (readers and writers)
+from llmc.model import GPT2Config, MODEL_DEPTHS, num_parameters, padded_vocab, padding_note, param_shapes
 from llmc.dataloader import DataLoader
 from llmc.logger import Logger
 from llmc.schedulers import get_lr
@@ -252,9 +253,9 @@ def hf_reachable(timeout=5):
         return False
 
 
-# the shapes --model knows: llm.c's dN (random init; formats.MODEL_DEPTHS, L: (NH, C)) and
+# the shapes --model knows: llm.c's dN (random init; MODEL_DEPTHS, L: (NH, C)) and
 # OpenAI's four (weights downloaded), each the shape of one dN
-DEPTHS = {f"d{L}": dict(n_layer=L, n_head=NH, n_embd=C) for L, (NH, C) in formats.MODEL_DEPTHS.items()}
+DEPTHS = {f"d{L}": dict(n_layer=L, n_head=NH, n_embd=C) for L, (NH, C) in MODEL_DEPTHS.items()}
 SAME_SHAPE = {"gpt2": "d12", "gpt2-medium": "d24", "gpt2-large": "d36", "gpt2-xl": "d48"}
 PRETRAINED = {name: dict(DEPTHS[same]) for name, same in SAME_SHAPE.items()}
 # file names use the parameter count, as llm.c does ("355M", not "350M")
@@ -280,11 +281,11 @@ def llmc_sources(model):
 
 
 def flat_views(model, flat):
-    """Yield (torch tensor, its slice of `flat`) in llm.c's checkpoint order (formats.param_shapes).
+    """Yield (torch tensor, its slice of `flat`) in llm.c's checkpoint order (param_shapes).
     wte's slice covers only its first V rows; rows V..Vp-1 are the zero padding."""
     sources = llmc_sources(model)
     offset = 0
-    for name, shape in formats.param_shapes(llmc_config(model.config)):
+    for name, shape in param_shapes(llmc_config(model.config)):
         pos = offset
         for p in sources[name]:
             yield p, flat[pos:pos + p.numel()]
@@ -296,7 +297,7 @@ def flat_views(model, flat):
 def flat_tensors(model, grads=False):
     """The model's parameters (or their gradients) as one flat float32 array in llm.c's
     checkpoint order, wte zero-padded from V to Vp rows: what the .bin files hold."""
-    flat = np.zeros(formats.num_parameters(llmc_config(model.config)), dtype=np.float32)
+    flat = np.zeros(num_parameters(llmc_config(model.config)), dtype=np.float32)
     for p, view in flat_views(model, flat):
         x = p.grad if grads else p
         if x is not None:  # no gradient yet: zeros
@@ -322,9 +323,9 @@ def model_from_file(path, flash=0):
 
 
 def llmc_config(c):
-    return formats.GPT2Config(max_seq_len=c.block_size, vocab_size=c.vocab_size, num_layers=c.n_layer,
-                              num_heads=c.n_head, channels=c.n_embd,
-                              padded_vocab_size=formats.padded_vocab(c.vocab_size))
+    return GPT2Config(max_seq_len=c.block_size, vocab_size=c.vocab_size, num_layers=c.n_layer,
+                      num_heads=c.n_head, channels=c.n_embd,
+                      padded_vocab_size=padded_vocab(c.vocab_size))
 
 
 def write_tokenizer(enc, filename):
@@ -561,8 +562,8 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"model {size}: L={config.n_layer} NH={config.n_head} C={config.n_embd} maxT={config.block_size} "
            f"V={config.vocab_size}, {n_params:,} parameters")
-    padded = formats.num_parameters(llmc_config(config))
-    print0(f"the .bin files hold {padded:,} parameters: {formats.padding_note(llmc_config(config))}")
+    padded = num_parameters(llmc_config(config))
+    print0(f"the .bin files hold {padded:,} parameters: {padding_note(llmc_config(config))}")
     if args.compile:
         import torch._inductor.config as inductor_config
         if hasattr(inductor_config, "coordinate_descent_tuning"):

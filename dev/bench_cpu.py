@@ -168,7 +168,8 @@ def worker_gemm(args):
     give. Nothing else runs in this process."""
     import llmc  # noqa: F401  (before NumPy: it picks the OpenBLAS kernels the trainer runs on)
     import numpy as np
-    from llmc.formats import MODEL_MAGIC, GPT2Config, read_header
+    from llmc.formats import MODEL_MAGIC, read_header
+    from llmc.model import GPT2Config
     threads = trainer_threads()
     header, _ = read_header(args.checkpoint, MODEL_MAGIC, (3, 5))
     config = GPT2Config(*map(int, header[2:8]))

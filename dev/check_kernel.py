@@ -589,7 +589,7 @@ def adamw_multi_tensor_launch(s, rng, reference):
     stay as they were), timed on one rank. The reference: AdamW in float64 on each piece, decay on the 2-D
     weights only (the table's flag)."""
     from llmc.collectives import ShardLayout
-    from llmc.formats import param_shapes
+    from llmc.model import param_shapes
     cu = launch_trainer()
     config = argparse.Namespace(padded_vocab_size=s.Vp, max_seq_len=s.maxT, num_layers=L12 if s.T == D12.T else 3,
                                 channels=s.C)

@@ -59,6 +59,7 @@ sys.path.insert(0, ROOT)
 
 from emulator import count_traffic  # noqa: E402
 from llmc import formats  # noqa: E402
+from llmc.model import GPT2Config, MODEL_DEPTHS, num_parameters, padded_vocab, param_shapes  # noqa: E402
 from llmc.cuda_common import ceil_div  # noqa: E402
 from llmc.mfu import flops_per_token, peak_flops  # noqa: E402
 
@@ -72,10 +73,10 @@ GPUS = (
 )
 LAUNCH_OVERHEAD_S = 3e-6    # per kernel launch and per GEMM call (an assumption, see above)
 
-TINY = formats.GPT2Config(max_seq_len=64, vocab_size=1000, num_layers=2, num_heads=2, channels=64,
-                          padded_vocab_size=formats.padded_vocab(1000))
-TINY_FLASH = formats.GPT2Config(max_seq_len=64, vocab_size=1000, num_layers=2, num_heads=2, channels=128,
-                                padded_vocab_size=formats.padded_vocab(1000))   # --tiny 2: head size 64 (flash runs)
+TINY = GPT2Config(max_seq_len=64, vocab_size=1000, num_layers=2, num_heads=2, channels=64,
+                  padded_vocab_size=padded_vocab(1000))
+TINY_FLASH = GPT2Config(max_seq_len=64, vocab_size=1000, num_layers=2, num_heads=2, channels=128,
+                        padded_vocab_size=padded_vocab(1000))   # --tiny 2: head size 64 (flash runs)
 
 # one launch: counted = whether the emulator counts it (the kernels of kernels/ and the GEMMs, not CuPy's
 # own fills and copies); dram_read: the DRAM estimate of bytes_read (see the header)
@@ -278,7 +279,7 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
     tiles = flash_tiles(cu, T, hs) if flash else None
 
     # gpt2_zero_grad: the gradients' fill (CuPy)
-    launch("cupy fill (gpt2_zero_grad)", "optimizer", 0, formats.num_parameters(config) * s, counted=False)
+    launch("cupy fill (gpt2_zero_grad)", "optimizer", 0, num_parameters(config) * s, counted=False)
 
     # ---- gpt2_forward
     # encoder: reads the token id once per pack (N*C/P ints), the wte and wpe rows (NC each); writes out.
@@ -347,7 +348,7 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
     launch("encoder_backward_wpe" + x128, "embedding", (B + 1) * T * C * s, T * C * s)
 
     # ---- gpt2_calculate_grad_norm: reads every gradient, writes one float per block; the host sums them
-    n_params = formats.num_parameters(config)
+    n_params = num_parameters(config)
     grid = min(ceil_div(n_params, 512), cu.NORM_BLOCKS)
     launch("global_norm_squared_kernel", "optimizer", n_params * s, grid * 4)
     launch("cupy sum (grad norm)", "optimizer", grid * 4, 4, counted=False)
@@ -357,7 +358,7 @@ def step_launches(cu, config, B, T, precision="bf16", recompute=1, master_weight
     # copy (4) or the parameter (s); writes m, v, the parameter and the master copy when there is one. Per
     # block (ceil(layer slice / 512) per layer of each tensor) thread 0 reads its tensor's table row: a
     # binary search (log2 of the table's rows, a power of two) and 7 fields of 8 bytes, and its 4-byte seed
-    shapes = formats.param_shapes(config)
+    shapes = param_shapes(config)
     launch("cupy copy (adamw seeds)", "optimizer", 4 * len(shapes), 4 * len(shapes), counted=False)
     n_params, blocks = 0, 0
     for index, name, offset, slice_size, layers in cu.ShardLayout(shapes).tensors:   # llm.c's per-layer rows
@@ -406,21 +407,21 @@ def model_config(args):
         return TINY_FLASH if args.tiny == 2 else TINY
     if args.model.endswith(".bin") or os.path.exists(args.model):
         h, _ = formats.read_header(args.model, formats.MODEL_MAGIC, (3, 5))
-        return formats.GPT2Config(max_seq_len=int(h[2]), vocab_size=int(h[3]), num_layers=int(h[4]),
-                                  num_heads=int(h[5]), channels=int(h[6]), padded_vocab_size=int(h[7]))
+        return GPT2Config(max_seq_len=int(h[2]), vocab_size=int(h[3]), num_layers=int(h[4]),
+                          num_heads=int(h[5]), channels=int(h[6]), padded_vocab_size=int(h[7]))
     depth = int(args.model[1:]) if args.model[:1] == "d" and args.model[1:].isdigit() else None
-    if depth not in formats.MODEL_DEPTHS:
+    if depth not in MODEL_DEPTHS:
         raise SystemExit(f"perf_model.py: unknown model '{args.model}': use d6, d12, d24, d36, d48 or a .bin file")
-    NH, C = formats.MODEL_DEPTHS[depth]
-    return formats.GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=depth, num_heads=NH, channels=C,
-                              padded_vocab_size=formats.padded_vocab(50257))
+    NH, C = MODEL_DEPTHS[depth]
+    return GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=depth, num_heads=NH, channels=C,
+                      padded_vocab_size=padded_vocab(50257))
 
 
 def build_model(cu, args):
     if args.tiny:
         config = model_config(args)
         rng = np.random.default_rng(0)
-        params = (0.02 * rng.standard_normal(formats.num_parameters(config))).astype(np.float32)
+        params = (0.02 * rng.standard_normal(num_parameters(config))).astype(np.float32)
         return cu.GPT2(config, params, args.recompute, args.precision, bool(args.master_weights),
                        gelu_fusion=args.gelu_fusion, flash_attention=args.flash_attention)
     return cu.gpt2_build_from_descriptor(args.model, recompute=args.recompute, precision=args.precision,
@@ -596,7 +597,7 @@ def main(argv=None, trainer=None):
         print()
         print_check(counted, formulas)
     tokens = B * T
-    model_flops = flops_per_token(formats.num_parameters(config), L, C, T) * tokens
+    model_flops = flops_per_token(num_parameters(config), L, C, T) * tokens
     print()
     print(f"step ({tokens:,} tokens, {model_flops / 1e12:.2f} TFLOP by llm.c's 6N + 6LCT; "
           f"{total.bytes_read / 1e9:.2f} GB read, {total.bytes_written / 1e9:.2f} GB written counted, "

@@ -51,6 +51,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from llmc import formats  # noqa: E402
+from llmc.model import num_parameters  # noqa: E402
 
 SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))
 # the offline tokenizer: an explicit TIKTOKEN_CACHE_DIR wins, else the shared cache when there is one
@@ -206,7 +207,7 @@ def write_tiny_model(path, config, rng, std):
     """A seeded model file of shape `config` for the trainer tests: weights N(0, std) drawn from rng,
     wte's pad rows 0, LayerNorm weights 1. Returns the flat parameters."""
     import train_gpt2
-    params = (rng.standard_normal(formats.num_parameters(config)) * std).astype(np.float32)
+    params = (rng.standard_normal(num_parameters(config)) * std).astype(np.float32)
     model = train_gpt2.GPT2(config, params)
     model.params.wte[config.vocab_size:] = 0
     model.params.ln1w[...] = model.params.ln2w[...] = model.params.lnfw[...] = 1

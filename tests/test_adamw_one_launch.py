@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conftest import emulated_cuda_trainer  # noqa: E402
-from llmc import formats  # noqa: E402
+from llmc.model import param_shapes  # noqa: E402
 from llmc.collectives import ShardLayout  # noqa: E402
 from test_cuda_trainer import CONFIG, random_params  # noqa: E402
 
@@ -52,7 +52,7 @@ CASES = [(p, w, rank, world) for p in ("fp32", "bf16") for w in (True, False)
 
 @pytest.mark.parametrize("precision, master_weights, rank, world", CASES)
 def test_one_launch_is_the_per_tensor_update_bit_for_bit(cu, precision, master_weights, rank, world):
-    layout = ShardLayout(formats.param_shapes(CONFIG), rank, world) if world > 1 else None
+    layout = ShardLayout(param_shapes(CONFIG), rank, world) if world > 1 else None
     one, per_tensor = (with_gradients(cu, precision, master_weights, layout) for _ in range(2))
     assert state_bytes(one) == state_bytes(per_tensor)
     for step in (1, 2):                                   # the second step: nonzero m and v going in
@@ -63,7 +63,7 @@ def test_one_launch_is_the_per_tensor_update_bit_for_bit(cu, precision, master_w
     before = with_gradients(cu, precision, master_weights, layout)
     assert np.asarray(one.params_memory).tobytes() != np.asarray(before.params_memory).tobytes()   # it moved
     if world > 1:                                         # only this rank's pieces moved
-        other = [(s, n) for s, n in ShardLayout(formats.param_shapes(CONFIG), 1 - rank, world).pieces_of(1 - rank)]
+        other = [(s, n) for s, n in ShardLayout(param_shapes(CONFIG), 1 - rank, world).pieces_of(1 - rank)]
         for start, n in other:
             assert np.array_equal(np.asarray(one.params_memory)[start:start + n],
                                   np.asarray(before.params_memory)[start:start + n])
@@ -73,7 +73,7 @@ def test_one_launch_is_the_per_tensor_update_bit_for_bit(cu, precision, master_w
 @pytest.mark.parametrize("precision, master_weights, rank, world", [("bf16", True, 1, 2), ("bf16", False, 0, 1),
                                                                     ("fp32", False, 0, 2)])
 def test_one_launch_has_no_race_in_any_order(cu, monkeypatch, order, precision, master_weights, rank, world):
-    layout = ShardLayout(formats.param_shapes(CONFIG), rank, world) if world > 1 else None
+    layout = ShardLayout(param_shapes(CONFIG), rank, world) if world > 1 else None
     one, per_tensor = (with_gradients(cu, precision, master_weights, layout) for _ in range(2))
     cu.gpt2_update_per_tensor(per_tensor, 1e-2, cu.BETA1, cu.BETA2, cu.ADAM_EPS, 0.1, 1, shard=layout)
     monkeypatch.setenv("LLMC_EMULATOR_ORDER", order)
@@ -85,7 +85,7 @@ def test_one_launch_has_no_race_in_any_order(cu, monkeypatch, order, precision, 
 def test_one_launch_table(cu):
     """The table's blocks: each tensor's rows of ceil(part / 512) blocks end to end; 16 tensors, 16 rows."""
     model = with_gradients(cu, "fp32", False, None)
-    layout = ShardLayout(formats.param_shapes(CONFIG), 1, 2)
+    layout = ShardLayout(param_shapes(CONFIG), 1, 2)
     table, rows, blocks = cu._adamw_table(model, layout)
     table = np.asarray(table).reshape(rows, cu.ADAMW_FIELDS)
     launches = list(cu._update_launches(layout))
@@ -100,7 +100,7 @@ def test_one_launch_table(cu):
 def test_pieces_sum_squares_is_the_per_piece_sum_with_one_read(cu, monkeypatch, precision, rank, world):
     """ZeRO-1's norm: every piece's float32 sum stays on the device and the host reads them once, then adds
     them in float64 in piece order: the bits of the per-piece calls (one host sync each) it replaces."""
-    layout = ShardLayout(formats.param_shapes(CONFIG), rank, world)
+    layout = ShardLayout(param_shapes(CONFIG), rank, world)
     model = with_gradients(cu, precision, True, layout if world > 1 else None)
     ranges = [(start, start + n) for _, _, start, _, n in layout.pieces]
     assert len(ranges) == 4 + 12 * CONFIG.num_layers      # wte, wpe, lnfw, lnfb and 12 tensors per layer

@@ -33,6 +33,7 @@ if REPO not in sys.path:
 
 from conftest import emulated_cuda_trainer, run_main  # noqa: E402
 from llmc import checkpoint, formats  # noqa: E402
+from llmc.model import num_parameters  # noqa: E402
 from llmc.formats import bf16_to_f32, f32_to_bf16  # noqa: E402
 from test_cuda_trainer import CONFIG, random_params  # noqa: E402
 from test_checkpoint import BASE, assert_log_resumed_at_10, events, run_trainer, workdir  # noqa: E402,F401 (workdir: a fixture)
@@ -223,7 +224,7 @@ def test_bf16_resume_is_bit_exact(workdir):  # noqa: F811 (the fixture)
 
     assert_log_resumed_at_10("full/main.log", "run/main.log", 3 + 20)
 
-    P = formats.num_parameters(formats.read_model_file("tiny.bin")[0])
+    P = num_parameters(formats.read_model_file("tiny.bin")[0])
     for step in (10, 20):
         for name in (f"model_{step:08d}.bin", f"state_{step:08d}_00000.bin"):
             assert open(f"run/{name}", "rb").read() == open(f"full/{name}", "rb").read(), name
@@ -272,7 +273,7 @@ def test_bf16_run_writes_a_v5_file_of_its_parameters(cu, tmp_path, monkeypatch, 
     assert BF16_LINE in out.splitlines() and "wrote out/model_00000003.bin" in out
     path = str(tmp_path / "out" / "model_00000003.bin")
     header, size = formats.read_header(path, formats.MODEL_MAGIC, (3, 5))
-    assert header[1] == 5 and size == formats.HEADER_BYTES + 2 * formats.num_parameters(CONFIG)
+    assert header[1] == 5 and size == formats.HEADER_BYTES + 2 * num_parameters(CONFIG)
     model = built[0]
     assert model.precision == "bf16" and model.params_memory.dtype == BF16_BITS
     body = np.fromfile(path, "<u2", offset=formats.HEADER_BYTES)
@@ -433,7 +434,7 @@ def test_memory_report_in_bf16(cu, tmp_path, capsys, master_weights):
         assert buffer.dtype == np.float32
     assert (model.master_memory is not None) == master_weights
     assert cu.state_bytes_to_allocate(CONFIG, 2, small_T, 1, "bf16", master_weights) == \
-        total - 2 * 2 * formats.num_parameters(CONFIG)
+        total - 2 * 2 * num_parameters(CONFIG)
 
 
 # ----------------------------------------------------------------------------------------------

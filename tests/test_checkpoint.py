@@ -22,14 +22,15 @@ if REPO not in sys.path:
 
 import train_gpt2 as m  # noqa: E402
 from llmc import checkpoint, formats, utils  # noqa: E402
+from llmc.model import GPT2Config, num_parameters  # noqa: E402
 from llmc.dataloader import DataLoader  # noqa: E402
 from llmc.rand import MT_STATE_DTYPE, MT19937  # noqa: E402
 from conftest import run_main  # noqa: E402
 from conftest import write_tiny_model  # noqa: E402
 
-TINY = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
-                          padded_vocab_size=128)
-P = formats.num_parameters(TINY)
+TINY = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
+                  padded_vocab_size=128)
+P = num_parameters(TINY)
 
 
 @pytest.fixture

@@ -22,10 +22,11 @@ if REPO not in sys.path:
 import train_gpt2 as numpy_trainer  # noqa: E402
 from conftest import emulated_cuda_trainer  # noqa: E402
 from llmc import formats  # noqa: E402
+from llmc.model import GPT2Config, num_parameters, param_shapes  # noqa: E402
 
 ATOL, RTOL = 1e-4, 1e-4
-CONFIG = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
-                                  padded_vocab_size=128)
+CONFIG = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
+                    padded_vocab_size=128)
 B, T = 2, 8
 
 
@@ -97,7 +98,7 @@ def random_params(config, seed=0):
     wte's pad rows zero as in a real checkpoint."""
     rng = np.random.default_rng(seed)
     chunks = []
-    for name, shape in formats.param_shapes(config):
+    for name, shape in param_shapes(config):
         a = (0.1 * rng.standard_normal(shape)).astype(np.float32)
         if name in ("ln1w", "ln2w", "lnfw"):
             a += np.float32(1.0)
@@ -133,7 +134,7 @@ def test_forward_backward_and_adamw_match_the_numpy_trainer(cuda_trainer, tiny_c
     cu, npt = cuda_trainer, numpy_trainer
     ours, ref = cu.gpt2_build_from_checkpoint(tiny_checkpoint), npt.gpt2_build_from_checkpoint(tiny_checkpoint)
     assert ours.config == ref.config == CONFIG
-    assert ours.params_memory.dtype == np.float32 and ours.params_memory.size == formats.num_parameters(CONFIG)
+    assert ours.params_memory.dtype == np.float32 and ours.params_memory.size == num_parameters(CONFIG)
     x, y = batch(1)
     V = CONFIG.vocab_size
 
@@ -152,7 +153,7 @@ def test_forward_backward_and_adamw_match_the_numpy_trainer(cuda_trainer, tiny_c
     # backward: all 16 gradients by name
     cu.gpt2_backward(ours)
     npt.gpt2_backward(ref)
-    for name, _ in formats.param_shapes(CONFIG):
+    for name, _ in param_shapes(CONFIG):
         ours_g, ref_g = cu.to_numpy(getattr(ours.grads, name)), np.asarray(getattr(ref.grads, name))
         assert np.abs(ref_g).max() > 1e-4, f"d{name} is all zeros in the NumPy trainer: the test would prove nothing"
         errors["d" + name] = assert_close("d" + name, ours_g, ref_g)
@@ -179,9 +180,9 @@ def test_forward_backward_and_adamw_match_the_numpy_trainer(cuda_trainer, tiny_c
     # and AdamW turns noise of either sign into a full +-lr step. Compare every other parameter.
     C = CONFIG.channels
     assert np.abs(cu.to_numpy(ours.grads.qkvb)[:, C:2 * C]).max() < 1e-6
-    keep = np.ones(formats.num_parameters(CONFIG), dtype=bool)
+    keep = np.ones(num_parameters(CONFIG), dtype=bool)
     offset = 0
-    for name, shape in formats.param_shapes(CONFIG):
+    for name, shape in param_shapes(CONFIG):
         if name == "qkvb":
             keep[offset:offset + int(np.prod(shape))].reshape(shape)[:, C:2 * C] = False
         offset += int(np.prod(shape))
@@ -379,7 +380,7 @@ for step in range(3):
     assert_close("loss", ours.mean_loss, ref.mean_loss)
     if step == 0:
         assert_close("logits", ours.logits0, ref.logits0)
-        for name, _ in formats.param_shapes(CONFIG):
+        for name, _ in param_shapes(CONFIG):
             assert_close("d" + name, cu.to_numpy(getattr(ours.grads, name)), getattr(ref.grads, name))
     for tr, m in ((cu, ours), (npt, ref)):
         tr.gpt2_update(m, 1e-2, 0.9, 0.95, 1e-8, 0.0, step + 1, grad_scale=tr.grad_clip_scale(m.norm, 1.0))

@@ -25,6 +25,7 @@ if REPO not in sys.path:
 
 import train_gpt2 as m  # noqa: E402
 from llmc import checkpoint, collectives, formats  # noqa: E402
+from llmc.model import GPT2Config, num_parameters, param_shapes  # noqa: E402
 from llmc.utils import ConfigError  # noqa: E402
 from conftest import write_tiny_model  # noqa: E402
 
@@ -35,9 +36,9 @@ except ImportError:
     HAVE_GLOO = False
 needs_gloo = pytest.mark.skipif(not HAVE_GLOO, reason="torch.distributed with gloo is not installed")
 
-TINY = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
-                          padded_vocab_size=128)
-P = formats.num_parameters(TINY)                   # 30,592: divisible by 2 and 4 (ZeRO-1)
+TINY = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
+                  padded_vocab_size=128)
+P = num_parameters(TINY)                   # 30,592: divisible by 2 and 4 (ZeRO-1)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def key_bias_mask():
     noise, different in every summation order, and AdamW's m / sqrt(v) turns noise of either sign into
     steps of about lr: those parameters wander in any run and are not compared."""
     keep, start = np.ones(P, bool), 0
-    for name, shape in formats.param_shapes(TINY):
+    for name, shape in param_shapes(TINY):
         size = int(np.prod(shape))
         if name == "qkvb":
             C = TINY.channels

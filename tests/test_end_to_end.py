@@ -21,6 +21,7 @@ sys.path.insert(0, REPO)
 
 import test_gpt2  # noqa: E402
 from llmc import formats  # noqa: E402
+from llmc.model import param_shapes  # noqa: E402
 
 
 def run(cmd, cwd, env=None, timeout=300):
@@ -48,7 +49,7 @@ def assert_passed(r, nsteps):
     assert "NOT OK" not in out
     # every tensor was checked: logits, loss and the 16 gradients, then each recorded step
     assert len(re.findall(r"max abs err .* OK$", out, flags=re.M)) == 2 + 16
-    for name, _ in formats.param_shapes(formats.read_model_file(r.args[3])[0]):
+    for name, _ in param_shapes(formats.read_model_file(r.args[3])[0]):
         assert re.search(rf"^d{name} \(", out, flags=re.M), f"gradient d{name} not checked"
     steps = re.findall(r"^step (\d+): loss (\S+) expected (\S+) .* OK \(", out, flags=re.M)
     assert len(steps) == nsteps
@@ -82,7 +83,7 @@ def test_perturbed_weight_fails(tiny_export, tmp_path):
     ckpt, state = paths(tiny_export)
     config, params = formats.read_model_file(str(ckpt))
     offset = 0
-    for name, shape in formats.param_shapes(config):
+    for name, shape in param_shapes(config):
         if name == "fcw":
             break
         offset += int(np.prod(shape))

@@ -24,10 +24,11 @@ sys.path.insert(0, os.path.join(REPO, "dev", "eval"))
 import export_hf  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 from llmc import formats  # noqa: E402
+from llmc.model import GPT2Config  # noqa: E402
 
 # V=101 padded to 128: the export must cut wte back to its real rows
-CONFIG = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=4, channels=32,
-                            padded_vocab_size=128)
+CONFIG = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=4, channels=32,
+                    padded_vocab_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +213,8 @@ def test_gpt2_tokenizer_files(tmp_path):
     except Exception as e:
         pytest.skip(f"tiktoken's gpt2 encoding is not available offline ({type(e).__name__}): set TIKTOKEN_CACHE_DIR")
     from transformers import AutoTokenizer
-    config = formats.GPT2Config(max_seq_len=16, vocab_size=50257, num_layers=1, num_heads=2, channels=16,
-                                padded_vocab_size=50304)
+    config = GPT2Config(max_seq_len=16, vocab_size=50257, num_layers=1, num_heads=2, channels=16,
+                        padded_vocab_size=50304)
     path = str(tmp_path / "tiny_gpt2_vocab.bin")
     write_tiny_model(path, config, np.random.default_rng(2), 0.02)
     out = str(tmp_path / "hf")

@@ -44,15 +44,16 @@ for path in (REPO, TESTS):
 
 from conftest import emulated_cuda_trainer, run_script  # noqa: E402
 from llmc import formats  # noqa: E402
+from llmc.model import GPT2Config, param_shapes  # noqa: E402
 from test_cuda_trainer import random_params, run_python  # noqa: E402
 
-FLASH_CONFIG = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=128,
-                                  padded_vocab_size=128)
+FLASH_CONFIG = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=128,
+                          padded_vocab_size=128)
 B, T = 2, 16
 # the last commit of train_gpt2_cuda.py before -fa: the materialized path that -fa 0 must reproduce bit for bit
 PRE_FLASH = "4337dd2fee90bbf00c85f19ddf65ec9a12c1bda7"
-D12 = formats.GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=12, num_heads=12, channels=768,
-                         padded_vocab_size=50304)
+D12 = GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=12, num_heads=12, channels=768,
+                 padded_vocab_size=50304)
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,8 @@ def test_flag_is_listed_and_checked(tmp_path):
 ])
 def test_attention_path_and_its_line(cu, precision, fa, flash, why):
     assert cu.attention_path(FLASH_CONFIG, precision, fa) == (flash, why)
-    config16 = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
-                                  padded_vocab_size=128)
+    config16 = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
+                          padded_vocab_size=128)
     assert cu.attention_path(config16, "bf16", 1) == (False, "attention: materialized, (B,NH,T,T) tensors: head "
                                                              "size 16 is not one flash_attention.cu takes (64 or 128)")
     with pytest.raises(cu.ConfigError, match=r"^-fa must be 0 or 1 .*got 2$"):
@@ -307,7 +308,7 @@ def test_flash_agrees_with_the_materialized_path(cu):
     assert relative_error(flash["logits"], ref["logits"]) <= 4 * BF16_STEP
     offset = 0
     errors = {}
-    for name, shape in formats.param_shapes(FLASH_CONFIG):
+    for name, shape in param_shapes(FLASH_CONFIG):
         n = int(np.prod(shape))
         errors[name] = relative_error(flash["grads"][offset:offset + n], ref["grads"][offset:offset + n])
         offset += n
@@ -350,8 +351,8 @@ def noisy_batch(step, _text=[]):
 # one head of 64 (L2 NH1 C64): test_bf16.py's curve runs C32, and at C128 (FLASH_CONFIG) the same std-0.1 weights
 # make a curve whose bf16 runs, flash or materialized alike, stray up to 1.2-1.4% from fp32 at some step (measured
 # over 50 steps: flash 1.44%, materialized 1.20%, mean 0.30% and 0.36%): bf16's sensitivity there, not flash's
-CURVE_CONFIG = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=1, channels=64,
-                                  padded_vocab_size=128)
+CURVE_CONFIG = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=1, channels=64,
+                          padded_vocab_size=128)
 
 
 def test_fifty_flash_steps_track_fp32_within_1_percent(cu):

@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from llmc import formats, utils
+from llmc.model import GPT2Config, num_parameters, padded_vocab, param_shapes
 from conftest import file_size_as_read, required_size
 
-TINY = formats.GPT2Config(max_seq_len=8, vocab_size=13, num_layers=2, num_heads=2, channels=4,
-                     padded_vocab_size=formats.padded_vocab(13))
-D12 = formats.GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=12, num_heads=12, channels=768,
-                    padded_vocab_size=formats.padded_vocab(50257))
+TINY = GPT2Config(max_seq_len=8, vocab_size=13, num_layers=2, num_heads=2, channels=4,
+                  padded_vocab_size=padded_vocab(13))
+D12 = GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=12, num_heads=12, channels=768,
+                 padded_vocab_size=padded_vocab(50257))
 
 
 def tiny_params(seed=0):
-    return np.random.default_rng(seed).standard_normal(formats.num_parameters(TINY)).astype(np.float32)
+    return np.random.default_rng(seed).standard_normal(num_parameters(TINY)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -37,7 +38,7 @@ def test_d12_sizes(tmp_path):
     """llm.c's published sizes for GPT-2 124M (d12), asked of the readers' own size checks: a header
     alone is refused with the size its fields call for (nothing of 500 MB is allocated)."""
     assert D12.padded_vocab_size == 50304
-    assert formats.num_parameters(D12) == 124_475_904
+    assert num_parameters(D12) == 124_475_904
     d12 = [1024, 50257, 12, 12, 768, 50304]  # maxT, V, L, NH, C, Vp
     fp32 = header_only_file(tmp_path / "fp32.bin", [20240326, 3] + d12)
     bf16 = header_only_file(tmp_path / "bf16.bin", [20240326, 5] + d12)
@@ -48,12 +49,12 @@ def test_d12_sizes(tmp_path):
 
 
 def test_param_shapes_order_and_padding():
-    names = [name for name, _ in formats.param_shapes(D12)]
+    names = [name for name, _ in param_shapes(D12)]
     assert names == ["wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                      "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb", "lnfw", "lnfb"]
-    shapes = dict(formats.param_shapes(D12))
+    shapes = dict(param_shapes(D12))
     assert shapes["wte"] == (50304, 768) and shapes["qkvw"] == (12, 2304, 768) and shapes["fcprojw"] == (12, 768, 3072)
-    assert [formats.padded_vocab(v) for v in (1, 128, 129, 50257)] == [128, 128, 256, 50304]
+    assert [padded_vocab(v) for v in (1, 128, 129, 50257)] == [128, 128, 256, 50304]
 
 
 # ----------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def test_missing(tmp_path, kind):
 
 def test_state_for_another_model(tmp_path):
     path, _ = _write_all(tmp_path)["state"]
-    other = formats.GPT2Config(8, 13, 3, 2, 4, 128)  # one more layer: the sizes cannot match
+    other = GPT2Config(8, 13, 3, 2, 4, 128)  # one more layer: the sizes cannot match
     with pytest.raises(utils.FormatError) as e:
         formats.read_debug_state(path, other)
     _check_one_line(e.value, path, "state")

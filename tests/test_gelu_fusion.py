@@ -30,6 +30,7 @@ for path in (REPO, TESTS):
 
 from conftest import emulated_cuda_trainer  # noqa: E402
 from llmc import formats  # noqa: E402
+from llmc.model import param_shapes  # noqa: E402
 from llmc.formats import bf16_to_f32, f32_to_bf16  # noqa: E402
 from test_cuda_trainer import B, CONFIG, FAKE_CUPY, T, batch, random_params, run_python  # noqa: E402
 
@@ -147,7 +148,7 @@ def test_model_gradients_with_gelu_fusion(cu, precision, recompute):
         cu.gpt2_forward(m, x, y, B, T)
         acts = {name: cu.to_numpy(getattr(m.acts, name)).copy() for name in ("fch", "fch_gelu", "fcproj")}
         cu.gpt2_backward(m)
-        grads = {name: cu.to_numpy(getattr(m.grads, name)).copy() for name, _ in formats.param_shapes(CONFIG)}
+        grads = {name: cu.to_numpy(getattr(m.grads, name)).copy() for name, _ in param_shapes(CONFIG)}
         runs[ge] = (m.mean_loss, acts, grads)
     loss0, acts0, grads0 = runs[0]
     tol = FORWARD_BACKWARD_TOL[precision]
@@ -409,7 +410,7 @@ for step in range(3):
         m.norm = tr.gpt2_calculate_grad_norm(m)
     assert_close("loss", ours.mean_loss, ref.mean_loss)
     if step == 0:
-        for name, _ in formats.param_shapes(CONFIG):
+        for name, _ in param_shapes(CONFIG):
             assert_close("d" + name, cu.to_numpy(getattr(ours.grads, name)), getattr(ref.grads, name))
     for tr, m in ((cu, ours), (npt, ref)):
         tr.gpt2_update(m, 1e-2, 0.9, 0.95, 1e-8, 0.0, step + 1, grad_scale=tr.grad_clip_scale(m.norm, 1.0))

@@ -23,6 +23,7 @@ sys.path.insert(0, REPO)
 
 import test_gpt2  # noqa: E402
 from llmc import formats  # noqa: E402
+from llmc.model import param_shapes  # noqa: E402
 
 NAMES = ["logits", "loss"] + ["d" + name for name in test_gpt2.BF16_GRAD_THRESHOLDS]
 RATIO_LINE = re.compile(r"^ratio (.+?)\s+(\S+)$", re.M)
@@ -86,7 +87,7 @@ def moved_state(tiny_export, tmp_path, k):
     config, _ = formats.read_model_file(tiny_export.model)
     s = formats.read_debug_state(tiny_export.state, config)
     offset = 0
-    for name, shape in formats.param_shapes(config):
+    for name, shape in param_shapes(config):
         if name == "fcprojw":
             break
         offset += int(np.prod(shape))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, disk_full_after, run_main, run_script, write_tiny_model
-from llmc import formats
+from llmc.model import GPT2Config, padded_vocab
 from llmc.hellaswag import EvalLoader, completion_losses, read_evalfile, stat_losses
 from llmc.utils import ConfigError, FormatError, human_bytes
 
@@ -272,8 +272,8 @@ def test_accuracy_equals_pytorch_example_by_example(tmp_path, enc, capsys):
     torch.manual_seed(0)
     exs = random_examples(14, seed=2)
     out = make_bin(tmp_path, exs)
-    config = formats.GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=2, num_heads=2, channels=32,
-                                padded_vocab_size=formats.padded_vocab(50257))
+    config = GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=2, num_heads=2, channels=32,
+                        padded_vocab_size=padded_vocab(50257))
     model_path = tmp_path / "model.bin"
     write_tiny_model(model_path, config, np.random.default_rng(0), 0.3)
 
@@ -334,8 +334,8 @@ def test_trainer_h1_prints_and_logs_the_score(tmp_path, enc, tiny_data, monkeypa
     path = make_bin(tmp_path, exs)
     os.makedirs(os.path.join("dev", "data", "hellaswag"))
     os.replace(path, os.path.join("dev", "data", "hellaswag", "hellaswag_val.bin"))
-    config = formats.GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_heads=2, channels=32,
-                                padded_vocab_size=formats.padded_vocab(50257))
+    config = GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_heads=2, channels=32,
+                        padded_vocab_size=padded_vocab(50257))
     write_tiny_model(tmp_path / "tiny.bin", config, np.random.default_rng(1), 0.3)
     B, T = 8, 32
     model = train_gpt2.gpt2_build_from_checkpoint("tiny.bin")

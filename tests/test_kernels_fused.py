@@ -27,7 +27,7 @@ import pytest
 import emulator
 from conftest import emulated_cuda_trainer
 from test_cuda_trainer import random_params
-from llmc import formats
+from llmc.model import GPT2Config
 from llmc.cuda_common import ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16
 
@@ -212,8 +212,8 @@ def test_packed_kernels_need_16_byte_aligned_pointers(modules, precision):
 # ---------------------------------------------------------------------------------------------
 # the whole model: the new launchers == the per-element, unfused path, bit for bit
 
-CONFIG = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
-                            padded_vocab_size=128)
+CONFIG = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
+                    padded_vocab_size=128)
 
 
 @pytest.fixture(scope="module")

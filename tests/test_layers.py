@@ -13,7 +13,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import train_gpt2 as m  # noqa: E402
-from llmc import formats, utils  # noqa: E402
+from llmc import utils  # noqa: E402
+from llmc.model import GPT2Config, num_parameters  # noqa: E402
 from llmc.rand import normal_  # noqa: E402
 from llmc import cpu  # noqa: E402
 
@@ -363,10 +364,10 @@ def torch_gpt2_loss(P, x, y, config):
 
 
 def tiny_model(seed=0):
-    config = formats.GPT2Config(max_seq_len=16, vocab_size=V, num_layers=2, num_heads=NH, channels=C,
-                          padded_vocab_size=Vp)
+    config = GPT2Config(max_seq_len=16, vocab_size=V, num_layers=2, num_heads=NH, channels=C,
+                        padded_vocab_size=Vp)
     r = np.random.default_rng(seed)
-    params = (r.standard_normal(formats.num_parameters(config)) * 0.1).astype(np.float32)
+    params = (r.standard_normal(num_parameters(config)) * 0.1).astype(np.float32)
     model = m.GPT2(config, params)
     model.params.wte[V:] = 0
     model.params.ln1w[...] += 1

@@ -5,16 +5,16 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from llmc import formats  # noqa: E402
+from llmc.model import GPT2Config, num_parameters  # noqa: E402
 from llmc.mfu import TokensPerSecond, flops_per_token, format_mfu, mfu_percent, peak_flops  # noqa: E402
 
-D12 = formats.GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=12, num_heads=12, channels=768,
-                         padded_vocab_size=50304)
+D12 = GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=12, num_heads=12, channels=768,
+                 padded_vocab_size=50304)
 
 
 def test_flops_per_token_of_d12():
     """GPT-2 124M at T=1024: 6 * 124,475,904 (wte's pad rows included) + 6 * 12 * 768 * 1024."""
-    N = formats.num_parameters(D12)
+    N = num_parameters(D12)
     assert N == 124_475_904
     fpt = flops_per_token(N, D12.num_layers, D12.channels, 1024)
     assert fpt == 6 * 124_475_904 + 6 * 12 * 768 * 1024 == 803_478_528

@@ -19,6 +19,7 @@ if REPO not in sys.path:
 
 import train_gpt2 as m  # noqa: E402
 from llmc import checkpoint, formats  # noqa: E402
+from llmc.model import num_parameters  # noqa: E402
 from conftest import run_main  # noqa: E402
 from test_checkpoint import BASE, TINY, events, one_line_error, workdir  # noqa: E402,F401  (workdir: a fixture)
 
@@ -89,7 +90,7 @@ def test_weights_gone_nan_are_never_written(workdir, capsys, monkeypatch):
 
 def test_a_model_file_with_nan_weights_is_refused_at_load(workdir, capsys):
     config, params = formats.read_model_file("tiny.bin")
-    params[formats.num_parameters(config) - 5] = np.nan                      # in lnfb, the last tensor
+    params[num_parameters(config) - 5] = np.nan                      # in lnfb, the last tensor
     formats.write_model_file("nan.bin", config, params)
     line = one_line_error(*run_main(["-e", "nan.bin"] + BASE[2:] + ["-x", "1"], capsys)[::2])
     assert line == ("error: nan.bin: 1 non-finite weights (NaN or inf), the first in lnfb: written by a run that "
@@ -243,7 +244,7 @@ def test_resume_says_which_settings_changed(workdir, capsys):
                      "-y 1: -q changes from 0.1 (the checkpoint's run) to 0",
                      "-y 1: -c changes from 0 (the checkpoint's run) to 0.1",
                      "-y 1: -k changes from cosine (the checkpoint's run) to linear"], lines
-    state = checkpoint.read_state_file("out/state_00000006_00000.bin", formats.num_parameters(TINY))
+    state = checkpoint.read_state_file("out/state_00000006_00000.bin", num_parameters(TINY))
     assert state.settings == dict(total_batch_size=16, max_steps=6, warmup_iterations=1, learning_rate=0.02,
                                   final_learning_rate_frac=0.0, weight_decay=0.1, lr_scheduler_type="linear")
     code, out, err = run_main(BASE + QUIET + changed + ["-x", "9", "-n", "3", "-o", "out", "-y", "1"], capsys)

@@ -9,14 +9,15 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import train_gpt2 as m  # noqa: E402
-from llmc import formats, schedulers, utils  # noqa: E402
+from llmc import schedulers, utils  # noqa: E402
+from llmc.model import GPT2Config, num_parameters  # noqa: E402
 
-CONFIG = formats.GPT2Config(max_seq_len=16, vocab_size=101, num_layers=2, num_heads=3, channels=48, padded_vocab_size=128)
+CONFIG = GPT2Config(max_seq_len=16, vocab_size=101, num_layers=2, num_heads=3, channels=48, padded_vocab_size=128)
 
 
 def tiny_model(seed=0):
     r = np.random.default_rng(seed)
-    model = m.GPT2(CONFIG, (r.standard_normal(formats.num_parameters(CONFIG)) * 0.1).astype(np.float32))
+    model = m.GPT2(CONFIG, (r.standard_normal(num_parameters(CONFIG)) * 0.1).astype(np.float32))
     model.params.wte[CONFIG.vocab_size:] = 0
     return model
 

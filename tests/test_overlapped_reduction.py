@@ -21,6 +21,7 @@ import pytest
 
 from conftest import emulated_cuda_trainer
 from llmc import collectives, formats
+from llmc.model import param_shapes
 from test_collectives_nccl import DevArray, host, narrow, widen
 from test_cuda_trainer import CONFIG, random_params
 
@@ -123,7 +124,7 @@ def backward(cu, precision, overlap, sharded):
 def expected_calls(sharded):
     """(offset, count) of every call in the overlapped order: each layer from the last, its 12 tensors'
     slices in llm.c's order, then wte, wpe, lnfw, lnfb."""
-    tensors = collectives.ShardLayout(formats.param_shapes(CONFIG)).tensors
+    tensors = collectives.ShardLayout(param_shapes(CONFIG)).tensors
     calls = []
     for layer in [*reversed(range(CONFIG.num_layers)), None]:
         for _, name, offset, size, layers in tensors:

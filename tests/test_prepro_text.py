@@ -384,7 +384,7 @@ def test_default_val_is_a_tenth_of_a_small_text(tmp_path, capsys, enc, nwords):
 def test_default_val_stops_at_its_maximum_mid_stream(tmp_path, capsys, enc, monkeypatch):
     """Once the text reaches 10 x the maximum, val is the maximum whatever follows: the held tokens are
     written out then, and the rest streams as before. (The maximum cut from 32,768 to 100.)"""
-    monkeypatch.setattr(prepro_text, "VAL_MAX", 100)
+    monkeypatch.setattr("llmc.shards.VAL_MAX", 100)  # the writer's default split
     text = words_text(5_000, 3)
     ref = reference(enc, [text])
     f = write(tmp_path / "t.txt", text)

@@ -14,10 +14,11 @@ sys.path.insert(0, os.path.join(REPO, "dev"))
 import sample  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 from llmc import formats  # noqa: E402
+from llmc.model import GPT2Config  # noqa: E402
 from llmc.sampler import random_f32, sample_mult  # noqa: E402
 
-CONFIG = formats.GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=4, channels=32,
-                            padded_vocab_size=128)
+CONFIG = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=4, channels=32,
+                    padded_vocab_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +199,8 @@ def test_prompt_ids_decode_with_the_tokenizer_file_without_tiktoken(tmp_path, mo
     """A model with GPT-2's vocabulary (V=50257) and --prompt_ids, tiktoken unimportable: the tokens are
     decoded with llm.c's tokenizer file (here a made-up one, token i spelled "<i>"), from --tokenizer or
     gpt2_tokenizer.bin in the working folder; with neither, the ids are printed. tiktoken is never imported."""
-    config = formats.GPT2Config(max_seq_len=16, vocab_size=50257, num_layers=1, num_heads=2, channels=16,
-                                padded_vocab_size=50304)
+    config = GPT2Config(max_seq_len=16, vocab_size=50257, num_layers=1, num_heads=2, channels=16,
+                        padded_vocab_size=50304)
     model_path = tmp_path / "gpt2_vocab.bin"
     write_tiny_model(model_path, config, np.random.default_rng(3), 0.5)
     tokenizer = tmp_path / "spelled.bin"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from llmc import formats, schedulers
+from llmc.model import GPT2Config, num_parameters, padded_vocab, param_shapes
 import train_gpt2_torch as tt
 from conftest import TINY_SHAPE, file_size_as_read, run_script
 
@@ -18,8 +19,8 @@ TINY = tt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50
 
 
 def tiny_llmc(vocab_size=50257):
-    return formats.GPT2Config(max_seq_len=32, vocab_size=vocab_size, num_layers=2, num_heads=2, channels=32,
-                         padded_vocab_size=formats.padded_vocab(vocab_size))
+    return GPT2Config(max_seq_len=32, vocab_size=vocab_size, num_layers=2, num_heads=2, channels=32,
+                      padded_vocab_size=padded_vocab(vocab_size))
 
 
 # ----------------------------------------------------------------------------
@@ -29,7 +30,7 @@ def tiny_llmc(vocab_size=50257):
 def test_export_files_and_sizes(tiny_export, tmp_path):
     e = tiny_export
     # the files' parameter count: torch's own (wte counted once, tied to lm_head) plus wte's 47 pad rows
-    n = formats.num_parameters(tiny_llmc())
+    n = num_parameters(tiny_llmc())
     assert n == sum(p.numel() for p in tt.GPT(TINY).parameters()) + (50304 - 50257) * 32
     # each file is exactly as long as the reader's size check asks, and reads back whole
     config, flat = formats.read_model_file(e.model)
@@ -90,7 +91,7 @@ def test_debug_state_matches_fresh_autograd(tiny_export, tiny_data):
         "lnfw": [model.transformer.ln_f.weight.grad], "lnfb": [model.transformer.ln_f.bias.grad],
     }
     offset = 0
-    for name, shape in formats.param_shapes(config):
+    for name, shape in param_shapes(config):
         n = int(np.prod(shape))
         got = s.grads[offset:offset + n].reshape(shape)
         offset += n

@@ -11,11 +11,12 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, ROOT)
 import train_gpt2 as m  # noqa: E402
 from llmc import formats  # noqa: E402
+from llmc.model import GPT2Config, num_parameters  # noqa: E402
 from llmc.dataloader import DataLoader  # noqa: E402
 from conftest import run_main  # noqa: E402
 from conftest import write_tiny_model  # noqa: E402
 
-TINY = formats.GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_heads=2, channels=32, padded_vocab_size=50304)
+TINY = GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_heads=2, channels=32, padded_vocab_size=50304)
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def test_tiny_run_logs_samples_and_checkpoint(workdir, capsys):
     pad = (50304 - 50257) * 32
     for line in ("[GPT-2]", "max_seq_len: 32", "vocab_size: 50257", "padded_vocab_size: 50304", "num_layers: 1",
                  "num_heads: 2", "channels: 32", "OpenBLAS core",
-                 f"num_parameters: {formats.num_parameters(TINY)} ({formats.num_parameters(TINY) - pad:,} + {pad:,} "
+                 f"num_parameters: {num_parameters(TINY)} ({num_parameters(TINY) - pad:,} + {pad:,} "
                  f"in wte's 47 zero pad rows: the vocabulary 50257 is padded to 50304, a multiple of 128)"):
         assert line in out, line
     steps = [l for l in out.splitlines() if l.startswith("step ")]
@@ -95,7 +96,7 @@ def test_step_line_shows_tokens_per_second_and_mfu(workdir, capsys, monkeypatch)
     steps = [STEP_RE.match(l) for l in out.splitlines() if l.startswith("step ")]
     assert len(steps) == 3 and all(steps), out
     tokens = 2 * 16                                   # B * T
-    flops = (6 * formats.num_parameters(TINY) + 6 * 1 * 32 * 16) * tokens
+    flops = (6 * num_parameters(TINY) + 6 * 1 * 32 * 16) * tokens
     rates = [tokens / 4e-3, tokens / 2e-6, tokens / 1e-6]
     want_tok_s = [rates[0], rates[1], (0.95 * 0.05 * rates[1] + 0.05 * rates[2]) / (1 - 0.95 ** 2)]
     for s, t, tok_s in zip(steps, (4e-3, 2e-6, 1e-6), want_tok_s):

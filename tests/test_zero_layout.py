@@ -19,7 +19,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conftest import emulated_cuda_trainer  # noqa: E402
-from llmc import checkpoint, formats  # noqa: E402
+from llmc import checkpoint  # noqa: E402
+from llmc.model import GPT2Config, param_shapes  # noqa: E402
 from llmc.collectives import ShardLayout  # noqa: E402
 from llmc.formats import bf16_to_f32, f32_to_bf16  # noqa: E402
 from llmc.sampler import random_u32  # noqa: E402
@@ -31,7 +32,7 @@ B, T = 2, 8
 
 
 def test_layout_is_llmc_shard_offsets():
-    shapes = formats.param_shapes(TINY)
+    shapes = param_shapes(TINY)
     for world in (2, 4):
         seen = np.zeros(P, np.int32)
         for rank in range(world):
@@ -57,14 +58,14 @@ def test_layout_is_llmc_shard_offsets():
 
 
 def test_layout_names_the_tensor_that_does_not_divide():
-    config = formats.GPT2Config(max_seq_len=6, vocab_size=300, padded_vocab_size=384, num_layers=2,
-                                num_heads=2, channels=8)
+    config = GPT2Config(max_seq_len=6, vocab_size=300, padded_vocab_size=384, num_layers=2,
+                        num_heads=2, channels=8)
     # wte 384*8 and wpe 6*8 divide by 3, ln1w's 8 per layer does not
     with pytest.raises(ConfigError, match=r"^-z 1 gives each of the 3 processes 1/3 of every layer of every "
                                           r"parameter tensor \(llm.c's ZeRO-1\), but ln1w's 8 parameters per "
                                           r"layer do not divide by 3; use -z 0$"):
-        ShardLayout(formats.param_shapes(config), 0, 3)
-    ShardLayout(formats.param_shapes(config), 1, 2)       # 2 divides every slice
+        ShardLayout(param_shapes(config), 0, 3)
+    ShardLayout(param_shapes(config), 1, 2)       # 2 divides every slice
 
 
 # ---- the CUDA trainer on the emulator: the rounding's positions, init_from_master, the fp32 fields
@@ -117,7 +118,7 @@ def trained(cu, precision, layout, steps=2, master_weights=True):
 
 @pytest.mark.parametrize("rank,world", [(0, 1), (0, 2), (1, 2)])
 def test_bf16_update_rounds_at_llmc_positions_and_rebuilds_bit_for_bit(cu, rank, world):
-    shapes = formats.param_shapes(CONFIG)
+    shapes = param_shapes(CONFIG)
     layout = ShardLayout(shapes, rank, world) if world > 1 else None
     model = trained(cu, "bf16", layout)
     params, master = np.array(model.params_memory), np.array(model.master_memory)
@@ -143,7 +144,7 @@ def test_bf16_update_rounds_at_llmc_positions_and_rebuilds_bit_for_bit(cu, rank,
 def test_resume_rebuilds_the_model_files_weights(cu, rank, world):
     """-y 1's path: a model from the written weights (the model file's bf16 values) given the state's master
     weights and generator rebuilds its pieces from them (llm.c's load_state) and gets the same bits back."""
-    layout = ShardLayout(formats.param_shapes(CONFIG), rank, world) if world > 1 else None
+    layout = ShardLayout(param_shapes(CONFIG), rank, world) if world > 1 else None
     model = trained(cu, "bf16", layout)
     written = np.array(model.params_memory)
     master, rng_state, last = cu.gpt2_master_state(model)
@@ -167,7 +168,7 @@ def test_resume_rebuilds_the_model_files_weights(cu, rank, world):
 def test_fp32_state_has_the_generator_and_master_weights(cu):
     """llm.c's fp32 build keeps master weights under -w 1 (its default) and still draws its seeds: the state
     holds both; its master weights are the fp32 parameters, bit for bit (llm.c's copy is the same)."""
-    layout = ShardLayout(formats.param_shapes(CONFIG), 1, 2)
+    layout = ShardLayout(param_shapes(CONFIG), 1, 2)
     model = trained(cu, "fp32", layout)
     master, rng_state, last = cu.gpt2_master_state(model)
     assert master.dtype == np.float32 and np.array_equal(master, layout.gather(np.array(model.params_memory)))
@@ -191,7 +192,7 @@ def test_two_rank_zero1_state_holds_llmc_pieces(workdir):
     whole = runs[0][0].m                                  # ZeRO-0: every rank holds all of m
     assert np.abs(whole).max() > 1e-3
     for rank in range(2):
-        layout = ShardLayout(formats.param_shapes(TINY), rank, 2)
+        layout = ShardLayout(param_shapes(TINY), rank, 2)
         mine = runs[1][rank].m
         np.testing.assert_allclose(mine, layout.gather(whole), rtol=1e-4, atol=1e-7)
         contiguous = whole[rank * (P // 2):(rank + 1) * (P // 2)]
@@ -203,7 +204,7 @@ def test_two_rank_zero1_state_holds_llmc_pieces(workdir):
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_nccl_reduce_scatter_and_all_gather_move_the_layout_pieces(bf16):
     from test_collectives_nccl import narrow, on_two_ranks, rank_values, widen
-    shapes, code = formats.param_shapes(TINY), 9 if bf16 else 7
+    shapes, code = param_shapes(TINY), 9 if bf16 else 7
     total = narrow(sum(widen(np.asarray(rank_values(r, P, bf16)), code) for r in (0, 1)), code)
 
     def job(world):

@@ -37,9 +37,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.normpath(os.path.join(HERE, "..", "..")))
+from llmc.shards import EOT, ShardWriter  # noqa: E402
 from llmc.tokenizer import gpt2_encoding  # noqa: E402
 from llmc.utils import one_line_errors  # noqa: E402
-from prepro_text import EOT, ShardWriter  # noqa: E402  (dev/data/prepro_text.py)
 
 # (-t, -v) -> (output folder, the dataset's configuration name), as llm.c
 DIRECTORIES = {

@@ -53,7 +53,7 @@ def fetch(split, data_dir, url, local_copy):
         print(f"{fname} already exists, skipping download")
     else:
         os.makedirs(data_dir, exist_ok=True)
-        from prepro_tinyshakespeare import download   # the shared downloader (llm.c: data_common.py)
+        from llmc.download import download
         download(url, fname, "python dev/data/hellaswag.py --input PATH/hellaswag_val.jsonl")
     return fname
 

@@ -42,7 +42,8 @@ if REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from llmc.formats import param_shapes, read_model_file  # noqa: E402
+from llmc.formats import read_model_file  # noqa: E402
+from llmc.model import param_shapes
 from llmc.utils import OutputInUse, WriteError, write_failure, foreign_entries, one_line_errors, some_names  # noqa: E402
 
 GPT2_VOCAB, EOT = 50257, 50256
