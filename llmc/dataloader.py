@@ -9,12 +9,34 @@ shard as it is opened.
 """
 
 import glob as globlib
+import re
 
 import numpy as np
 
 from llmc.formats import read_data_shard
 from llmc.rand import MT19937, random_permutation
 from llmc.utils import ConfigError
+
+
+# the folders the prepro scripts write, and the command that writes each (the first that matches a path wins)
+PREPROS = (
+    (r"edu_fineweb(10B|100B)", "python dev/data/fineweb.py -t edu -v {0}"),
+    (r"fineweb(10B|100B)", "python dev/data/fineweb.py -t classic -v {0}"),
+    (r"tinyshakespeare", "python prepro_tinyshakespeare.py"),
+    (r"tinystories", "python prepro_tinystories.py"),
+    (r"hellaswag", "python dev/data/hellaswag.py"),
+    (r"mmlu", "python dev/data/mmlu.py"),
+)
+
+
+def prepro_for(path):
+    """The command that makes the data file(s) `path` names, read off its folder (tiny shakespeare, the
+    trainers' default data, when the folder is not one of PREPROS')."""
+    for folder, command in PREPROS:
+        found = re.search(folder, path)
+        if found:
+            return command.format(*found.groups())
+    return "python prepro_tinyshakespeare.py"
 
 
 class DataLoader:
@@ -26,7 +48,7 @@ class DataLoader:
             raise ConfigError(f"process_rank {process_rank} must be below num_processes {num_processes}")
         self.files = sorted(globlib.glob(pattern))
         if not self.files:
-            raise ConfigError(f"no data files match '{pattern}'; create them with python prepro_tinyshakespeare.py")
+            raise ConfigError(f"no data files match '{pattern}'; create them with {prepro_for(pattern)}")
         need = num_processes * B * T + 1
         self.num_tokens = 0
         for path in self.files:                          # check every shard now, not mid-run
