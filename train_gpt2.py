@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import llmc  # first: it picks NumPy's BLAS kernels before NumPy loads
 import numpy as np
 
-from llmc import checkpoint, collectives, profiler
+from llmc import actstats, checkpoint, collectives, profiler
 from llmc.cli import flag_of, parse_args
 from llmc.dataloader import DataLoader
 from llmc.hellaswag import EvalLoader, stat_losses
@@ -671,6 +671,22 @@ def to_numpy(x):
     return x
 
 
+def gpt2_stats_activations(model):
+    """-as (llmc/actstats.py): (name, layer or None, array) of the tensors whose statistics it writes, from the
+    last forward pass: the residual stream, the LayerNorm outputs, the attention rows' entropies and the MLP's
+    pre-GELU. All are still in model.acts after the backward pass, which writes only model.grads_acts."""
+    acts = model.acts
+    yield "encoded", None, acts.encoded
+    for l in range(model.config.num_layers):
+        yield "ln1", l, acts.ln1[l]
+        yield actstats.ENTROPY, l, actstats.row_entropy(acts.att[l])      # (B, NH, T, T) -> (B*NH*T,)
+        yield "residual2", l, acts.residual2[l]
+        yield "ln2", l, acts.ln2[l]
+        yield "fch", l, acts.fch[l]
+        yield "residual3", l, acts.residual3[l]
+    yield "lnf", None, acts.lnf
+
+
 # ----------------------------------------------------------------------------
 # the optimizer: AdamW exactly as torch.optim.AdamW (single-tensor path), plus the global
 # gradient norm, clipping and the learning-rate schedules
@@ -837,6 +853,7 @@ TRAIN_GPT2_C_DEFAULTS = {
     "hellaswag_eval": 0,                                # -h 1: HellaSwag every -v steps (train_gpt2.cu's -h)
     "skip_update_lossz": 0.0, "skip_update_gradz": 0.0,  # llm.c's outlier guard (train_gpt2.cu's -sl -sg), off
     "zero_stage": 0,                                    # data parallel (torchrun): 0 or 1 (ZeRO-1), train_gpt2.cu's -z
+    "activation_stats_every": 0,                        # -as N: per-layer statistics into -o/stats.jsonl (llmc/actstats.py)
     "profile": 0,
 }
 HELLASWAG_PATH = os.path.join("dev", "data", "hellaswag", "hellaswag_val.bin")   # train_gpt2.cu's, from the cwd
@@ -1318,6 +1335,7 @@ def train(args, trainer=None, world=None, ctrl_c=None):
             print(f"HellaSwag eval not found at {HELLASWAG_PATH}, skipping it: python dev/data/hellaswag.py makes it")
 
     tokenizer = Tokenizer("gpt2_tokenizer.bin")
+    act_stats = actstats.ActivationStats(args.output_log_dir if world.rank == 0 else "", args.activation_stats_every)
     logger = Logger(args.output_log_dir if world.rank == 0 else "", append=args.resume == 1)   # rank 0 logs
     if args.output_log_dir:
         os.makedirs(args.output_log_dir, exist_ok=True)   # every rank writes its state file there
@@ -1383,6 +1401,9 @@ def train(args, trainer=None, world=None, ctrl_c=None):
                 norm = tr.gpt2_calculate_grad_norm(model) / micro_steps
         else:
             norm = tr.gpt2_calculate_grad_norm(model) / micro_steps
+        # -as N: the last micro-step's activations and the summed gradients, before the update (and before a
+        # diverged step stops the run: its statistics are the ones that tell where it went wrong)
+        act_stats.record(tr, model, step)
         # a NaN or inf loss or norm stops the run here, before the update, writing nothing. llm.c goes on: its
         # z-scores turn NaN, which its outlier guard (-sl/-sg, below) reads as no outlier, and the update
         # spreads the NaN into every weight. The guard skips single spikes of a finite loss, not this.

@@ -37,6 +37,7 @@ import numpy as np
 
 import train_gpt2 as host  # the model's host side (views, the seeded init) and the training loop
 from train_gpt2 import grad_clip_scale  # noqa: F401  (test_gpt2.py clips with its trainer's own)
+from llmc import actstats
 from llmc.cli import parse_args
 from llmc.collectives import ShardLayout
 from llmc.cuda_common import ceil_div, kernel_source
@@ -1452,6 +1453,42 @@ def gpt2_backward(model):
     if reduction is not None:
         reduction.outside()
         reduction.finish()
+
+
+def gpt2_stats_activations(model):
+    """-as (llmc/actstats.py): (name, layer or None, device array) of the tensors whose statistics it writes, as
+    train_gpt2.py's, after the backward pass. That pass used some activations as its scratch (lnf; fch as
+    dqkvr on the materialized path), and -r 2 keeps one ln1 and one ln2 for all layers: those are recomputed
+    here by the forward pass's own launches from what is kept per layer (the residual stream, LayerNorm's mean
+    and rstd), into buffers the next forward pass writes before it reads them, so training is untouched. The
+    entropies: of att's rows on the materialized path; with flash (no probabilities kept) of a sample of rows
+    recomputed from q and k (actstats.sampled_entropy). Each tensor is reduced before the next launch reuses
+    its buffer (one stream), and nothing here waits for the GPU."""
+    config, acts, params = model.config, model.acts, model.params
+    B, T, L, NH, C = model.batch_size, model.seq_len, config.num_layers, config.num_heads, config.channels
+    yield "encoded", None, acts.encoded
+    for l in range(L):
+        residual = acts.encoded if l == 0 else acts.residual3[l - 1]
+        ln1, ln2, fch_gelu = layer(acts.ln1, l), layer(acts.ln2, l), layer(acts.fch_gelu, l)
+        if model.recompute >= 2:
+            layernorm_forward(ln1, acts.ln1_mean[l], acts.ln1_rstd[l], residual, params.ln1w[l], params.ln1b[l],
+                              B, T, C)
+        yield "ln1", l, ln1
+        entropies = actstats.sampled_entropy(acts.qkv[l], NH) if model.flash else actstats.row_entropy(acts.att[l])
+        yield actstats.ENTROPY, l, entropies
+        yield "residual2", l, acts.residual2[l]
+        if model.recompute >= 2:
+            layernorm_forward(ln2, acts.ln2_mean[l], acts.ln2_rstd[l], acts.residual2[l], params.ln2w[l],
+                              params.ln2b[l], B, T, C)
+        yield "ln2", l, ln2
+        if not model.flash:
+            matmul_forward(fch_gelu, ln2, params.fcw[l], params.fcb[l], B, T, C, 4 * C, pre_gelu=acts.fch[l],
+                           gelu_fusion=model.gelu_fusion)
+        yield "fch", l, acts.fch[l]
+        yield "residual3", l, acts.residual3[l]
+    layernorm_forward(acts.lnf, acts.lnf_mean, acts.lnf_rstd, acts.residual3[L - 1], params.lnfw, params.lnfb,
+                      B, T, C)
+    yield "lnf", None, acts.lnf
 
 
 # ----------------------------------------------------------------------------

@@ -196,7 +196,7 @@ def read_state_file(path, num_parameters, num_processes=1, rank=0,
 # the checkpoint directory
 
 CHECKPOINT_FILE = re.compile(r"(?:model_(\d{8})\.bin|state_(\d{8})_\d{5}\.bin|DONE_(\d{8}))")
-RUN_FILE = re.compile(rf"main\.log|{CHECKPOINT_FILE.pattern}")            # what a run writes into -o
+RUN_FILE = re.compile(rf"main\.log|stats\.jsonl|{CHECKPOINT_FILE.pattern}")   # what a run writes into -o (-as: stats)
 TEMPORARY = re.compile(rf"{CHECKPOINT_FILE.pattern}\.tmp\d+")              # write_atomic's names for them
 
 

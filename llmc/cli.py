@@ -55,6 +55,8 @@ FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
     "lg": ("log_gpu_every", "GPU readings (NVML: memory, utilisation, SM clock, temperature, power, throttling) "
            "every this many steps, to stdout and main.log (-1 = off; needs pip install nvidia-ml-py)"),
     "profile": ("profile", "print a per-layer time table at the end? 0/1"),
+    "as": ("activation_stats_every", "per-layer activation and gradient statistics into -o DIR/stats.jsonl every "
+           "how many steps (0 = never; llmc/actstats.py)"),
 }
 NAMES = {name: flag for flag, (name, _) in FLAGS.items()}      # llm.c's name -> flag letter(s)
 KINDS = {int: "an integer", float: "a number", str: "a string"}
