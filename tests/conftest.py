@@ -46,12 +46,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from llmc import formats        # the repository is on the path through pytest.ini's pythonpath
+from llmc.model import num_parameters
 
-from llmc import formats  # noqa: E402
-from llmc.model import num_parameters  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))
 # the offline tokenizer: an explicit TIKTOKEN_CACHE_DIR wins, else the shared cache when there is one

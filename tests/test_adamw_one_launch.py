@@ -4,20 +4,17 @@ master weights, m and v, for fp32 and bf16, with and without master weights, wit
 of a ZeRO-1 shard of 2, in the emulator's three thread orders under its race checker. And ZeRO-1's gradient
 norm from device-side partial sums with one host read (gpt2_pieces_sum_squares) against the per-piece sums.
 """
+
 import contextlib
 import io
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from conftest import emulated_cuda_trainer  # noqa: E402
-from llmc.model import param_shapes  # noqa: E402
-from llmc.collectives import ShardLayout  # noqa: E402
-from test_cuda_trainer import CONFIG, random_params  # noqa: E402
+from conftest import emulated_cuda_trainer
+from llmc.model import param_shapes
+from llmc.collectives import ShardLayout
+from test_cuda_trainer import CONFIG, random_params
 
 B, T = 2, 8
 

@@ -14,7 +14,6 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "dev", "bench_attention.py")
-sys.path.insert(0, os.path.join(REPO, "dev"))
 
 import bench_attention  # noqa: E402
 

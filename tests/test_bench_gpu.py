@@ -12,12 +12,10 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "dev"))
-sys.path.insert(0, REPO)
+import bench_gpu
+from llmc.model import GPT2Config
 
-import bench_gpu  # noqa: E402
-from llmc.model import GPT2Config  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 D12 = GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=12, num_heads=12, channels=768, padded_vocab_size=50304)
 

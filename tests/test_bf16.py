@@ -27,17 +27,15 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from conftest import emulated_cuda_trainer, run_main
+from llmc import checkpoint, formats
+from llmc.model import num_parameters
+from llmc.formats import bf16_to_f32, f32_to_bf16
+from test_cuda_trainer import CONFIG, random_params
+from test_checkpoint import BASE, assert_log_resumed_at_10, events, run_trainer, workdir  # noqa: F401 (workdir: a fixture)
+from test_recompute_memory import allocated_bytes, expected_report
 
-from conftest import emulated_cuda_trainer, run_main  # noqa: E402
-from llmc import checkpoint, formats  # noqa: E402
-from llmc.model import num_parameters  # noqa: E402
-from llmc.formats import bf16_to_f32, f32_to_bf16  # noqa: E402
-from test_cuda_trainer import CONFIG, random_params  # noqa: E402
-from test_checkpoint import BASE, assert_log_resumed_at_10, events, run_trainer, workdir  # noqa: E402,F401 (workdir: a fixture)
-from test_recompute_memory import allocated_bytes, expected_report  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BF16_BITS = np.dtype(np.uint16)   # how train_gpt2_cuda holds a bf16 array (bit patterns)
 BF16_LINE = "precision: bf16 parameters, gradients and activations; fp32 AdamW state, fp32 master weights"

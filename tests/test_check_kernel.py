@@ -16,11 +16,10 @@ import types
 import numpy as np
 import pytest
 
-from conftest import REPO, run_script
+from conftest import run_script
 from llmc.cuda_common import KERNEL_DIR
 
-sys.path.insert(0, os.path.join(REPO, "dev"))
-import check_kernel  # noqa: E402
+import check_kernel
 
 # kernel, output, (compared with), max abs err, (tolerance), worst/tol, result
 ROW_RE = re.compile(r"^(\w+_kernel)\s+(\S+)\s.*?\s(\d\.\d\de[-+]\d\d|nan)\s.*\s(\d+\.\d{3}|inf)\s+(OK|NOT OK)$")

@@ -16,17 +16,15 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import train_gpt2 as m
+from llmc import checkpoint, formats, utils
+from llmc.model import GPT2Config, num_parameters
+from llmc.dataloader import DataLoader
+from llmc.rand import MT_STATE_DTYPE, MT19937
+from conftest import run_main
+from conftest import write_tiny_model
 
-import train_gpt2 as m  # noqa: E402
-from llmc import checkpoint, formats, utils  # noqa: E402
-from llmc.model import GPT2Config, num_parameters  # noqa: E402
-from llmc.dataloader import DataLoader  # noqa: E402
-from llmc.rand import MT_STATE_DTYPE, MT19937  # noqa: E402
-from conftest import run_main  # noqa: E402
-from conftest import write_tiny_model  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,
                   padded_vocab_size=128)

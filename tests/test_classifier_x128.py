@@ -31,9 +31,6 @@ loss must stay finite, which the log-sum-exp form guarantees). The launcher test
 train_gpt2_cuda.fused_classifier takes the x128 kernel exactly when packable(Vp, logits).
 """
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
@@ -43,8 +40,7 @@ from llmc.cuda_common import kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16
 from test_cuda_trainer import cuda_trainer  # noqa: F401 (fixture)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
-from check_kernel import Emulated, close, rand  # noqa: E402
+from check_kernel import Emulated, close, rand
 
 i32 = np.int32
 OPTIONS = {"fp32": ("--std=c++17",), "bf16": ("--std=c++17", "-DENABLE_BF16")}

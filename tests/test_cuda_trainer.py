@@ -15,14 +15,12 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import train_gpt2 as numpy_trainer
+from conftest import emulated_cuda_trainer
+from llmc import formats
+from llmc.model import GPT2Config, num_parameters, param_shapes
 
-import train_gpt2 as numpy_trainer  # noqa: E402
-from conftest import emulated_cuda_trainer  # noqa: E402
-from llmc import formats  # noqa: E402
-from llmc.model import GPT2Config, num_parameters, param_shapes  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ATOL, RTOL = 1e-4, 1e-4
 CONFIG = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=32,

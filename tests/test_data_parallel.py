@@ -19,15 +19,13 @@ import time
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import train_gpt2 as m
+from llmc import checkpoint, collectives, formats
+from llmc.model import GPT2Config, num_parameters, param_shapes
+from llmc.utils import ConfigError
+from conftest import write_tiny_model
 
-import train_gpt2 as m  # noqa: E402
-from llmc import checkpoint, collectives, formats  # noqa: E402
-from llmc.model import GPT2Config, num_parameters, param_shapes  # noqa: E402
-from llmc.utils import ConfigError  # noqa: E402
-from conftest import write_tiny_model  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 try:
     import torch.distributed as dist

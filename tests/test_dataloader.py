@@ -3,15 +3,11 @@
 Reference values come from outside this code: rand.h's documented outputs for seed 137, the
 C++ std::mt19937(42) stream, NumPy's legacy RandomState (init_genrand MT19937), and a small C
 program (MT19937 + llm.c's Fisher-Yates + xorshift) whose printed outputs are pasted below."""
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from llmc import dataloader, formats, rand, sampler, tokenizer, utils  # noqa: E402
-
+from llmc import dataloader, formats, rand, sampler, tokenizer, utils
 
 # --- the random number generators ------------------------------------------------------------
 

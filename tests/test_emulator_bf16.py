@@ -12,7 +12,6 @@ it is valid CUDA. Where CuPy sees a GPU the semantic checks run there too (backe
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,8 +19,7 @@ import pytest
 import emulator
 from llmc.cuda_common import ceil_div
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
-from check_kernel import DeviceModule, Emulated, gpu_available  # noqa: E402
+from check_kernel import DeviceModule, Emulated, gpu_available
 
 i32, u16, u32 = np.int32, np.uint16, np.uint32
 BACKENDS = ["forward", "reverse", "warps"] + (["cupy"] if gpu_available() else [])

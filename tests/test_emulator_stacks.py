@@ -3,17 +3,10 @@ process's limit on memory maps (vm.max_map_count, 65530: a mapping and a guard p
 test session abort with "cannot map a fiber stack"), and a thread that runs past the bottom of its stack is
 caught: a fault on the slab's guard page, or a launch error from the canary of the others."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import emulator  # noqa: E402
+import emulator
 
 FILL = """
 extern "C" __global__ void fill(float* out, int n) {

@@ -9,19 +9,15 @@ kernels/, each against the byte count its definition implies, in fp32 and bf16 (
 Last, dev/perf_model.py's table for one step of the tiny model: its totals are the sums of the launches.
 """
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
 from emulator import RawModule, count_traffic
 from llmc.cuda_common import ceil_div, kernel_source
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
-import perf_model  # noqa: E402
-from check_kernel import PRECISION_OPTIONS  # noqa: E402
-from conftest import emulated_cuda_trainer  # noqa: E402
+import perf_model
+from check_kernel import PRECISION_OPTIONS
+from conftest import emulated_cuda_trainer
 
 i32, i64, f32, u32 = np.int32, np.int64, np.float32, np.uint32
 

@@ -16,13 +16,11 @@ import sys
 import numpy as np
 import pytest
 
+import test_gpt2
+from llmc import formats
+from llmc.model import param_shapes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import test_gpt2  # noqa: E402
-from llmc import formats  # noqa: E402
-from llmc.model import param_shapes  # noqa: E402
-
 
 def run(cmd, cwd, env=None, timeout=300):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

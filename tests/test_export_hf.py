@@ -6,12 +6,11 @@ export and --overwrite is given."""
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, TIKTOKEN_CACHE, run_main, run_script, write_tiny_model
+from conftest import TIKTOKEN_CACHE, run_main, run_script, write_tiny_model
 
 pytest.importorskip("torch", reason="export_hf needs torch")
 pytest.importorskip("transformers", reason="export_hf needs transformers")
@@ -20,7 +19,6 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-sys.path.insert(0, os.path.join(REPO, "dev", "eval"))
 import export_hf  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 from llmc import formats  # noqa: E402

@@ -36,16 +36,12 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
-for path in (REPO, TESTS):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+from conftest import emulated_cuda_trainer, run_script
+from llmc import formats
+from llmc.model import GPT2Config, param_shapes
+from test_cuda_trainer import random_params, run_python
 
-from conftest import emulated_cuda_trainer, run_script  # noqa: E402
-from llmc import formats  # noqa: E402
-from llmc.model import GPT2Config, param_shapes  # noqa: E402
-from test_cuda_trainer import random_params, run_python  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLASH_CONFIG = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=2, channels=128,
                           padded_vocab_size=128)

@@ -22,17 +22,14 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import emulated_cuda_trainer
+from llmc import formats
+from llmc.model import param_shapes
+from llmc.formats import bf16_to_f32, f32_to_bf16
+from test_cuda_trainer import B, CONFIG, FAKE_CUPY, T, batch, random_params, run_python
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
-for path in (REPO, TESTS):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-from conftest import emulated_cuda_trainer  # noqa: E402
-from llmc import formats  # noqa: E402
-from llmc.model import param_shapes  # noqa: E402
-from llmc.formats import bf16_to_f32, f32_to_bf16  # noqa: E402
-from test_cuda_trainer import B, CONFIG, FAKE_CUPY, T, batch, random_params, run_python  # noqa: E402
 
 BF16_STEP = 2.0 ** -7          # one bf16 step, relative (8 bits of mantissa: 2^-7 at the bottom of a binade)
 

@@ -11,19 +11,17 @@ thresholds but misses the target, and --target 0.5 turns that into exit status 1
 import os
 import re
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
 from conftest import run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import test_gpt2
+from llmc import formats
+from llmc.model import param_shapes
 
-import test_gpt2  # noqa: E402
-from llmc import formats  # noqa: E402
-from llmc.model import param_shapes  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NAMES = ["logits", "loss"] + ["d" + name for name in test_gpt2.BF16_GRAD_THRESHOLDS]
 RATIO_LINE = re.compile(r"^ratio (.+?)\s+(\S+)$", re.M)

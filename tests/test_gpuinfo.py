@@ -15,14 +15,12 @@ import types
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from llmc import formats, gpuinfo
+from llmc.logger import Logger
+from llmc.utils import ConfigError
+from test_cuda_trainer import random_params, run_python
 
-from llmc import formats, gpuinfo  # noqa: E402
-from llmc.logger import Logger  # noqa: E402
-from llmc.utils import ConfigError  # noqa: E402
-from test_cuda_trainer import random_params, run_python  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAKE_NVML = '''
 import os

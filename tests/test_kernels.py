@@ -36,10 +36,10 @@ import emulator
 import train_gpt2 as tg
 from llmc.cuda_common import KERNEL_DIR, ceil_div, kernel_source  # <file>.cu with common.cuh pasted in
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "dev"))
 # the harness is shared with dev/check_kernel.py, the command-line check of one kernel file
-from check_kernel import DeviceModule, Emulated, close, gpu_available, rand, token_buckets  # noqa: E402
+from check_kernel import DeviceModule, Emulated, close, gpu_available, rand, token_buckets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KERNEL_FILES = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cu")))
 KERNEL_NAMES = [os.path.basename(p)[:-3] for p in KERNEL_FILES]
@@ -640,7 +640,7 @@ def test_backward_kernels_are_deterministic(mods):
 DETERMINISM_RUN = """
 import sys
 import numpy as np
-sys.path[:0] = [{tests!r}]
+sys.path[:0] = [{tests!r}, {dev!r}]   # pytest.ini's pythonpath, which a child process does not read
 import emulator
 from test_kernels import Emulated, deterministic_backwards, kernel_source
 mods = {{name: Emulated(emulator.RawModule(code=kernel_source(name), options=("--std=c++17",)), {order!r})
@@ -658,7 +658,8 @@ def test_backward_kernels_are_deterministic_across_orders_and_threads(emu_mods, 
         assert_bitwise_equal(first, again, f"between thread orders forward and {order}")
     for threads, order in (("1", "forward"), ("4", "warps"), ("4", "reverse")):
         path = str(tmp_path / f"run_{threads}_{order}.npz")
-        script = DETERMINISM_RUN.format(tests=os.path.dirname(os.path.abspath(__file__)), order=order, path=path)
+        script = DETERMINISM_RUN.format(tests=os.path.dirname(os.path.abspath(__file__)),
+                                        dev=os.path.join(REPO, "dev"), order=order, path=path)
         env = dict(os.environ, LLMC_EMULATOR_THREADS=threads)
         r = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
                            timeout=300)

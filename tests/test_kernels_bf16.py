@@ -21,7 +21,6 @@ partials) keep their fp32 tolerances.
 
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -31,9 +30,8 @@ import train_gpt2 as tg
 from llmc.cuda_common import KERNEL_DIR, ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
-import check_kernel  # noqa: E402
-from check_kernel import Emulated, close, floatx_args, copy_back, rand, token_buckets, tolerance  # noqa: E402
+import check_kernel
+from check_kernel import Emulated, close, floatx_args, copy_back, rand, token_buckets, tolerance
 
 i32, i64, f32, u32 = np.int32, np.int64, np.float32, np.uint32
 U = 2.0 ** -8                                         # bf16's unit roundoff

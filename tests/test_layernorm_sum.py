@@ -22,9 +22,6 @@ in both); C = 6 is not a multiple of 4, so train_gpt2_cuda.layernorm_backward ta
 which the launcher test checks, with the split kernel's grid at GPT-2 124M's shape.
 """
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
@@ -33,8 +30,7 @@ from llmc.cuda_common import ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16
 from test_cuda_trainer import cuda_trainer  # noqa: F401 (fixture)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
-from check_kernel import Emulated, close, rand  # noqa: E402
+from check_kernel import Emulated, close, rand
 
 i32 = np.int32
 OPTIONS = {"fp32": ("--std=c++17",), "bf16": ("--std=c++17", "-DENABLE_BF16")}

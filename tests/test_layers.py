@@ -3,20 +3,18 @@
 Odd shapes on purpose (B=3, T=13, C=48, NH=3, V=101 padded to Vp=128), so a transposed axis
 or a pad column that leaks shows up. Each check asserts on numbers that a real bug would move.
 """
+
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import train_gpt2 as m  # noqa: E402
-from llmc import utils  # noqa: E402
-from llmc.model import GPT2Config, num_parameters  # noqa: E402
-from llmc.rand import normal_  # noqa: E402
-from llmc import cpu  # noqa: E402
+import train_gpt2 as m
+from llmc import utils
+from llmc.model import GPT2Config, num_parameters
+from llmc.rand import normal_
+from llmc import cpu
 
 B, T, C, NH, V, Vp = 3, 13, 48, 3, 101, 128
 rng = np.random.default_rng(1234)

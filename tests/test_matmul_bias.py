@@ -23,9 +23,6 @@ a multiple of the pack (8 bf16), so train_gpt2_cuda.matmul_backward_bias takes t
 which the launcher test checks, together with its grid at GPT-2 124M's shapes.
 """
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
@@ -35,8 +32,7 @@ from llmc.cuda_common import ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16
 from test_cuda_trainer import cuda_trainer  # noqa: F401 (fixture)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
-from check_kernel import Emulated, close, rand  # noqa: E402
+from check_kernel import Emulated, close, rand
 
 i32 = np.int32
 OPTIONS = {"fp32": ("--std=c++17",), "bf16": ("--std=c++17", "-DENABLE_BF16")}

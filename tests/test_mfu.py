@@ -1,12 +1,9 @@
 """llmc/mfu.py: the FLOPs per token, the peak table, the tokens/s average, and the step line that shows them."""
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from llmc.model import GPT2Config, num_parameters  # noqa: E402
-from llmc.mfu import TokensPerSecond, flops_per_token, format_mfu, mfu_percent, peak_flops  # noqa: E402
+from llmc.model import GPT2Config, num_parameters
+from llmc.mfu import TokensPerSecond, flops_per_token, format_mfu, mfu_percent, peak_flops
 
 D12 = GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=12, num_heads=12, channels=768,
                  padded_vocab_size=50304)

@@ -13,15 +13,13 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import train_gpt2 as m
+from llmc import checkpoint, formats
+from llmc.model import num_parameters
+from conftest import run_main
+from test_checkpoint import BASE, TINY, events, one_line_error, workdir  # noqa: F401  (workdir: a fixture)
 
-import train_gpt2 as m  # noqa: E402
-from llmc import checkpoint, formats  # noqa: E402
-from llmc.model import num_parameters  # noqa: E402
-from conftest import run_main  # noqa: E402
-from test_checkpoint import BASE, TINY, events, one_line_error, workdir  # noqa: E402,F401  (workdir: a fixture)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QUIET = ["-v", "0", "-s", "0"]
 NO_G = BASE[:BASE.index("-g")] + BASE[BASE.index("-g") + 2:]          # the default -g 64, with -t 8

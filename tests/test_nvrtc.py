@@ -16,19 +16,17 @@ saying where it looked.
 """
 
 import os
-import sys
 import time
 import types
 from multiprocessing.pool import ThreadPool
 
 import pytest
 
-from conftest import REPO, emulated_cuda_trainer
+from conftest import emulated_cuda_trainer
 from llmc.cuda_common import KERNEL_DIR, kernel_source
 
-sys.path.insert(0, os.path.join(REPO, "dev"))
-import nvrtc  # noqa: E402
-from check_kernel import KERNEL_RE  # noqa: E402  (a kernel's name and parameters in the source)
+import nvrtc
+from check_kernel import KERNEL_RE  # (a kernel's name and parameters in the source)
 
 try:
     LIB = nvrtc.load()

@@ -1,16 +1,13 @@
 """AdamW, the gradient norm, clipping and the learning-rate schedules of train_gpt2.py against
 torch.optim; gradient accumulation against one big batch."""
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import train_gpt2 as m  # noqa: E402
-from llmc import schedulers, utils  # noqa: E402
-from llmc.model import GPT2Config, num_parameters  # noqa: E402
+import train_gpt2 as m
+from llmc import schedulers, utils
+from llmc.model import GPT2Config, num_parameters
 
 CONFIG = GPT2Config(max_seq_len=16, vocab_size=101, num_layers=2, num_heads=3, channels=48, padded_vocab_size=128)
 

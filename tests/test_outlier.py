@@ -1,13 +1,10 @@
 """llmc/outlier.py: llm.c's OutlierDetector against the z-scores computed directly with NumPy."""
+
 import math
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from llmc.outlier import OUTLIER_DETECTOR_WINDOW_SIZE, OutlierDetector  # noqa: E402
-
+from llmc.outlier import OUTLIER_DETECTOR_WINDOW_SIZE, OutlierDetector
 
 def window_zscores(xs, N=OUTLIER_DETECTOR_WINDOW_SIZE):
     """llm.c's semantics written out: NaN while fewer than N values have been seen (the first N calls);

@@ -23,8 +23,7 @@ from llmc.dataloader import DataLoader
 from llmc.utils import human_bytes
 from conftest import REPO, TIKTOKEN_CACHE, disk_full_after, run_script
 
-sys.path.insert(0, os.path.join(REPO, "dev", "data"))
-import prepro_text  # noqa: E402
+import prepro_text
 
 EOT = 50256
 

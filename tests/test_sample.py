@@ -8,14 +8,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, run_main, run_script, write_tiny_model
+from conftest import run_main, run_script, write_tiny_model
 
-sys.path.insert(0, os.path.join(REPO, "dev"))
-import sample  # noqa: E402
-import train_gpt2 as tg  # noqa: E402
-from llmc import formats  # noqa: E402
-from llmc.model import GPT2Config  # noqa: E402
-from llmc.sampler import random_f32, sample_mult  # noqa: E402
+import sample
+import train_gpt2 as tg
+from llmc import formats
+from llmc.model import GPT2Config
+from llmc.sampler import random_f32, sample_mult
 
 CONFIG = GPT2Config(max_seq_len=32, vocab_size=101, num_layers=2, num_heads=4, channels=32,
                     padded_vocab_size=128)

@@ -1,4 +1,5 @@
 """train_gpt2.py's command line: llm.c's flags, the errors a user can make, and a tiny run."""
+
 import os
 import re
 import subprocess
@@ -7,14 +8,14 @@ import sys
 import numpy as np
 import pytest
 
+import train_gpt2 as m
+from llmc import formats
+from llmc.model import GPT2Config, num_parameters
+from llmc.dataloader import DataLoader
+from conftest import run_main
+from conftest import write_tiny_model
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, ROOT)
-import train_gpt2 as m  # noqa: E402
-from llmc import formats  # noqa: E402
-from llmc.model import GPT2Config, num_parameters  # noqa: E402
-from llmc.dataloader import DataLoader  # noqa: E402
-from conftest import run_main  # noqa: E402
-from conftest import write_tiny_model  # noqa: E402
 
 TINY = GPT2Config(max_seq_len=32, vocab_size=50257, num_layers=1, num_heads=2, channels=32, padded_vocab_size=50304)
 

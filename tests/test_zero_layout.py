@@ -10,23 +10,19 @@ the bf16 weights from the master weights with the generator as it was before the
 
 import contextlib
 import io
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from conftest import emulated_cuda_trainer  # noqa: E402
-from llmc import checkpoint  # noqa: E402
-from llmc.model import GPT2Config, param_shapes  # noqa: E402
-from llmc.collectives import ShardLayout  # noqa: E402
-from llmc.formats import bf16_to_f32, f32_to_bf16  # noqa: E402
-from llmc.sampler import random_u32  # noqa: E402
-from llmc.utils import ConfigError  # noqa: E402
-from test_cuda_trainer import CONFIG, random_params  # noqa: E402
-from test_data_parallel import BASE, P, TINY, launch, needs_gloo, steps, workdir  # noqa: E402,F401 (fixture)
+from conftest import emulated_cuda_trainer
+from llmc import checkpoint
+from llmc.model import GPT2Config, param_shapes
+from llmc.collectives import ShardLayout
+from llmc.formats import bf16_to_f32, f32_to_bf16
+from llmc.sampler import random_u32
+from llmc.utils import ConfigError
+from test_cuda_trainer import CONFIG, random_params
+from test_data_parallel import BASE, P, TINY, launch, needs_gloo, steps, workdir  # noqa: F401 (fixture)
 
 B, T = 2, 8
 
