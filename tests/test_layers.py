@@ -17,10 +17,11 @@ from llmc.rand import normal_
 from llmc import cpu
 
 B, T, C, NH, V, Vp = 3, 13, 48, 3, 101, 128
-rng = np.random.default_rng(1234)
 
 
-def rand(*shape, scale=1.0):
+def rand(rng, *shape, scale=1.0):
+    """Standard normal float64 data from the test's own generator: each test seeds one, so its data do not
+    depend on which tests ran before it."""
     return rng.standard_normal(shape) * scale
 
 
@@ -120,12 +121,12 @@ def sce_loss(logits, targets):
 
 
 LAYERS = {  # name: (forward, backward, torch forward, inputs)
-    "layernorm": (ln_fwd, ln_bwd, ln_torch, lambda: {"inp": rand(B, T, C) * 2 + 0.5,
-                                                     "weight": rand(C), "bias": rand(C)}),
-    "matmul": (mm_fwd, mm_bwd, mm_torch, lambda: {"inp": rand(B, T, C), "weight": rand(OC, C),
-                                                  "bias": rand(OC)}),
-    "attention": (att_fwd, att_bwd, att_torch, lambda: {"inp": rand(B, T, 3 * C)}),
-    "gelu": (gelu_fwd, gelu_bwd, gelu_torch, lambda: {"inp": rand(B, T, 4 * C) * 2}),
+    "layernorm": (ln_fwd, ln_bwd, ln_torch, lambda rng: {"inp": rand(rng, B, T, C) * 2 + 0.5,
+                                                         "weight": rand(rng, C), "bias": rand(rng, C)}),
+    "matmul": (mm_fwd, mm_bwd, mm_torch, lambda rng: {"inp": rand(rng, B, T, C), "weight": rand(rng, OC, C),
+                                                      "bias": rand(rng, OC)}),
+    "attention": (att_fwd, att_bwd, att_torch, lambda rng: {"inp": rand(rng, B, T, 3 * C)}),
+    "gelu": (gelu_fwd, gelu_bwd, gelu_torch, lambda rng: {"inp": rand(rng, B, T, 4 * C) * 2}),
 }
 
 
@@ -142,9 +143,10 @@ def finite_difference(fwd, x, dout, name, idx, h=1e-6):
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_backward_vs_finite_differences(layer):
+    rng = np.random.default_rng(1)
     fwd, bwd, _, make = LAYERS[layer]
-    x = make()
-    dout = rand(*fwd(x).shape)
+    x = make(rng)
+    dout = rand(rng, *fwd(x).shape)
     grads = bwd(x, dout)
     for name, arr in x.items():
         flat = rng.choice(arr.size, size=min(arr.size, 40), replace=False)
@@ -156,10 +158,11 @@ def test_backward_vs_finite_differences(layer):
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_forward_backward_vs_torch(layer):
+    rng = np.random.default_rng(2)
     fwd, bwd, torch_fwd, make = LAYERS[layer]
-    x = make()
+    x = make(rng)
     out = fwd(x)
-    dout = rand(*out.shape)
+    dout = rand(rng, *out.shape)
     grads = bwd(x, dout)
     tx = {k: torch.tensor(v, requires_grad=True) for k, v in x.items()}
     tout = torch_fwd(tx)
@@ -171,9 +174,10 @@ def test_forward_backward_vs_torch(layer):
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_float32_stays_float32_and_matches_float64(layer):
+    rng = np.random.default_rng(3)
     fwd, bwd, _, make = LAYERS[layer]
-    x64 = make()
-    dout64 = rand(*fwd(x64).shape)
+    x64 = make(rng)
+    dout64 = rand(rng, *fwd(x64).shape)
     x32 = {k: v.astype(np.float32) for k, v in x64.items()}
     dout32 = dout64.astype(np.float32)
     out32 = fwd(x32)
@@ -186,15 +190,16 @@ def test_float32_stays_float32_and_matches_float64(layer):
 
 
 def test_layernorm_float32():
-    x = rand(B, T, C).astype(np.float32) * 3 + 1
-    w, b = rand(C).astype(np.float32), rand(C).astype(np.float32)
+    rng = np.random.default_rng(4)
+    x = rand(rng, B, T, C).astype(np.float32) * 3 + 1
+    w, b = rand(rng, C).astype(np.float32), rand(rng, C).astype(np.float32)
     out, mean, rstd = (np.empty_like(x), np.empty((B, T), np.float32), np.empty((B, T), np.float32))
     m.layernorm_forward(out, mean, rstd, x, w, b, B, T, C)
     ref = torch.nn.functional.layer_norm(torch.tensor(x, dtype=torch.float64), (C,), torch.tensor(w, dtype=torch.float64),
                                          torch.tensor(b, dtype=torch.float64), eps=1e-5).numpy()
     assert out.dtype == mean.dtype == rstd.dtype == np.float32
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-5)
-    dout = rand(B, T, C).astype(np.float32)
+    dout = rand(rng, B, T, C).astype(np.float32)
     dx, dw, db = np.zeros_like(x), np.zeros_like(w), np.zeros_like(b)
     m.layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, B, T, C)
     assert dx.dtype == dw.dtype == db.dtype == np.float32
@@ -207,28 +212,29 @@ def test_layernorm_float32():
 @pytest.mark.parametrize("layer", LAYERS)
 def test_backward_accumulates(layer):
     """Backward adds into the gradient arrays: starting from G gives G + grad."""
+    rng = np.random.default_rng(5)
     fwd, bwd, _, make = LAYERS[layer]
-    x = make()
-    dout = rand(*fwd(x).shape)
+    x = make(rng)
+    dout = rand(rng, *fwd(x).shape)
     fresh = bwd(x, dout)
     if layer == "matmul":
-        g = {k: rand(*v.shape) for k, v in x.items()}
+        g = {k: rand(rng, *v.shape) for k, v in x.items()}
         start = {k: v.copy() for k, v in g.items()}
         m.matmul_backward(g["inp"], g["weight"], g["bias"], dout, x["inp"], x["weight"], B, T, C, OC)
     elif layer == "layernorm":
         out, mean, rstd = np.empty_like(x["inp"]), np.empty((B, T)), np.empty((B, T))
         m.layernorm_forward(out, mean, rstd, x["inp"], x["weight"], x["bias"], B, T, C)
-        g = {k: rand(*v.shape) for k, v in x.items()}
+        g = {k: rand(rng, *v.shape) for k, v in x.items()}
         start = {k: v.copy() for k, v in g.items()}
         m.layernorm_backward(g["inp"], g["weight"], g["bias"], dout, x["inp"], x["weight"], mean, rstd, B, T, C)
     elif layer == "gelu":
-        g = {"inp": rand(*x["inp"].shape)}
+        g = {"inp": rand(rng, *x["inp"].shape)}
         start = {"inp": g["inp"].copy()}
         m.gelu_backward(g["inp"], x["inp"], dout, x["inp"].size)
     else:
         out, preatt, att = np.empty((B, T, C)), np.empty((B, NH, T, T)), np.empty((B, NH, T, T))
         m.attention_forward(out, preatt, att, x["inp"], B, T, C, NH)
-        g = {"inp": rand(*x["inp"].shape)}
+        g = {"inp": rand(rng, *x["inp"].shape)}
         start = {"inp": g["inp"].copy()}
         m.attention_backward(g["inp"], np.zeros_like(att), np.zeros_like(att), dout, x["inp"], att, B, T, C, NH)
     for k in g:
@@ -236,7 +242,8 @@ def test_backward_accumulates(layer):
 
 
 def test_attention_matches_loop_reference():
-    inp = rand(B, T, 3 * C)
+    rng = np.random.default_rng(6)
+    inp = rand(rng, B, T, 3 * C)
     outs = []
     for fwd in (m.attention_forward, m.attention_forward_loop):
         out, preatt, att = np.empty((B, T, C)), np.empty((B, NH, T, T)), np.empty((B, NH, T, T))
@@ -248,14 +255,15 @@ def test_attention_matches_loop_reference():
     mask = np.triu(np.ones((T, T), bool), 1)
     assert np.all(att[:, :, mask] == 0) and np.all(np.isneginf(outs[0][1][:, :, mask]))
     np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-12)
-    dout = rand(B, T, C)
+    dout = rand(rng, B, T, C)
     g_vec = att_bwd({"inp": inp}, dout)["inp"]
     g_loop = att_bwd({"inp": inp}, dout, m.attention_forward_loop, m.attention_backward_loop)["inp"]
     np.testing.assert_allclose(g_vec, g_loop, rtol=1e-10, atol=1e-12)
 
 
 def test_residual():
-    a, b, dout = rand(B, T, C), rand(B, T, C), rand(B, T, C)
+    rng = np.random.default_rng(7)
+    a, b, dout = rand(rng, B, T, C), rand(rng, B, T, C), rand(rng, B, T, C)
     out = np.empty_like(a)
     m.residual_forward(out, a, b, a.size)
     np.testing.assert_array_equal(out, a + b)
@@ -266,11 +274,12 @@ def test_residual():
 
 
 def test_encoder_vs_torch_with_repeated_tokens():
+    rng = np.random.default_rng(8)
     ids = rng.integers(0, V, size=(B, T)).astype(np.int32)
     ids[1, 5] = ids[0, 2] = ids[2, 12] = 7           # a token seen three times must count thrice
-    x = {"wte": rand(Vp, C), "wpe": rand(20, C)}
+    x = {"wte": rand(rng, Vp, C), "wpe": rand(rng, 20, C)}
     out = enc_fwd(x, ids)
-    dout = rand(B, T, C)
+    dout = rand(rng, B, T, C)
     dwte, dwpe = np.zeros_like(x["wte"]), np.zeros_like(x["wpe"])
     m.encoder_backward(dwte, dwpe, dout, ids, B, T, C)
     twte = torch.tensor(x["wte"], requires_grad=True)
@@ -284,7 +293,8 @@ def test_encoder_vs_torch_with_repeated_tokens():
 
 
 def test_softmax_crossentropy_padded_vocab_vs_torch():
-    logits = rand(B, T, Vp, scale=3.0)
+    rng = np.random.default_rng(9)
+    logits = rand(rng, B, T, Vp, scale=3.0)
     logits[..., V:] = 1e3                            # garbage in the pad columns must not leak
     targets = rng.integers(0, V, size=(B, T)).astype(np.int32)
     losses, probs = sce_loss(logits, targets)
@@ -296,7 +306,7 @@ def test_softmax_crossentropy_padded_vocab_vs_torch():
     tloss = torch.nn.functional.cross_entropy(tl.reshape(-1, V), torch.tensor(targets, dtype=torch.long).reshape(-1),
                                               reduction="none").reshape(B, T)
     np.testing.assert_allclose(losses, tloss.detach().numpy(), rtol=1e-12)
-    dlosses = rand(B, T)
+    dlosses = rand(rng, B, T)
     tloss.backward(torch.tensor(dlosses))
     dlogits = np.zeros_like(logits)
     m.crossentropy_softmax_backward(dlogits, dlosses, probs, targets, B, T, V, Vp)
@@ -308,9 +318,10 @@ def test_softmax_crossentropy_padded_vocab_vs_torch():
 
 
 def test_softmax_crossentropy_backward_vs_finite_differences():
-    logits = rand(B, T, Vp)
+    rng = np.random.default_rng(10)
+    logits = rand(rng, B, T, Vp)
     targets = rng.integers(0, V, size=(B, T)).astype(np.int32)
-    dlosses = rand(B, T)
+    dlosses = rand(rng, B, T)
     _, probs = sce_loss(logits, targets)
     dlogits = np.zeros_like(logits)
     m.crossentropy_softmax_backward(dlogits, dlosses, probs, targets, B, T, V, Vp)
@@ -329,7 +340,8 @@ def test_softmax_crossentropy_backward_vs_finite_differences():
 
 
 def test_softmax_float32_dtype():
-    logits = rand(B, T, Vp, scale=5).astype(np.float32)
+    rng = np.random.default_rng(11)
+    logits = rand(rng, B, T, Vp, scale=5).astype(np.float32)
     targets = rng.integers(0, V, size=(B, T)).astype(np.int32)
     losses, probs = sce_loss(logits, targets)
     assert probs.dtype == np.float32 and losses.dtype == np.float32
@@ -375,6 +387,7 @@ def tiny_model(seed=0):
 
 
 def test_tiny_gpt2_forward_backward_vs_torch():
+    rng = np.random.default_rng(12)
     model = tiny_model()
     x = rng.integers(0, V, size=(B, T)).astype(np.int32)
     y = rng.integers(0, V, size=(B, T)).astype(np.int32)
@@ -398,6 +411,7 @@ def test_tiny_gpt2_forward_backward_vs_torch():
 
 
 def test_forward_errors_and_smaller_batch():
+    rng = np.random.default_rng(13)
     model = tiny_model()
     with pytest.raises(utils.ConfigError, match="exceeds the model's max_seq_len 16"):
         m.gpt2_forward(model, np.zeros((1, 17), np.int32), None, 1, 17)
@@ -439,10 +453,12 @@ def test_init_matches_torch_normal():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gemm(dtype):
     """c += a @ b (and c = a @ b) in one BLAS call, for plain, transposed and strided operands."""
-    a = rand(7, 5).astype(dtype)
-    b = rand(5, 9).astype(dtype)
-    for aa, bb in ((a, b), (np.ascontiguousarray(a.T).T, np.ascontiguousarray(b.T).T), (rand(7, 10)[:, ::2].astype(dtype), b)):
-        c = rand(7, 9).astype(dtype)
+    rng = np.random.default_rng(14)
+    a = rand(rng, 7, 5).astype(dtype)
+    b = rand(rng, 5, 9).astype(dtype)
+    for aa, bb in ((a, b), (np.ascontiguousarray(a.T).T, np.ascontiguousarray(b.T).T),
+                   (rand(rng, 7, 10)[:, ::2].astype(dtype), b)):
+        c = rand(rng, 7, 9).astype(dtype)
         expected = c + aa @ bb
         cpu.gemm(c, aa, bb, accumulate=True)
         assert c.dtype == dtype
@@ -546,6 +562,7 @@ def test_fast_layer_matches_loop_twin(name, dtype):
 def test_row_blocks_cuts_rows_and_sums_in_a_fixed_order():
     """row_blocks runs the body on blocks of the rows (several when `block` is small), each with
     its size argument set to the block's count, and adds per-thread partial sums in thread order."""
+    rng = np.random.default_rng(15)
     calls = []
 
     @cpu.row_blocks("out", "x", summed=("total",), rows="N", block=3)
@@ -567,7 +584,7 @@ def test_row_blocks_cuts_rows_and_sums_in_a_fixed_order():
         bt_calls.append((B, T, inp.shape))
         out[...] = inp.sum(axis=-1)
 
-    inp = rand(3, 5, 4)
+    inp = rand(rng, 3, 5, 4)
     out = np.empty((3, 5))
     rowsum(out, inp, 3, 5, 4)
     np.testing.assert_allclose(out, inp.sum(axis=-1), rtol=1e-15)
@@ -579,9 +596,10 @@ def test_row_blocks_cuts_rows_and_sums_in_a_fixed_order():
 def test_parameter_gradients_are_the_same_every_run():
     """The summed gradients (layernorm's dweight and dbias, matmul's dbias) go through per-thread
     partial sums added in a fixed order: float32 results identical bit for bit, run after run."""
-    x = rand(4, 64, 96).astype(np.float32)
-    w, b = rand(96).astype(np.float32), rand(96).astype(np.float32)
-    dout = rand(4, 64, 96).astype(np.float32)
+    rng = np.random.default_rng(16)
+    x = rand(rng, 4, 64, 96).astype(np.float32)
+    w, b = rand(rng, 96).astype(np.float32), rand(rng, 96).astype(np.float32)
+    dout = rand(rng, 4, 64, 96).astype(np.float32)
     out, mean, rstd = np.empty_like(x), np.empty((4, 64), np.float32), np.empty((4, 64), np.float32)
     m.layernorm_forward(out, mean, rstd, x, w, b, 4, 64, 96)
     results = []
@@ -599,6 +617,7 @@ def test_parameter_gradients_are_the_same_every_run():
 def test_matmul_takes_the_blas_path(monkeypatch):
     """matmul_forward / matmul_backward on float32 go through NumPy's OpenBLAS sgemm called by ctypes
     (one call per block), never np.matmul: a lookup that silently fails and falls back fails here."""
+    rng = np.random.default_rng(17)
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
     if "openblas" not in blas.lower():
         pytest.skip(f"NumPy is built with {blas}, not OpenBLAS: the np.matmul fallback is the path")
@@ -619,12 +638,12 @@ def test_matmul_takes_the_blas_path(monkeypatch):
 
     monkeypatch.setattr(np, "matmul", no_matmul)
     Bx, Tx, Cx, OCx = 2, 24, 40, 56
-    inp, weight, bias = (rand(Bx, Tx, Cx).astype(np.float32), rand(OCx, Cx).astype(np.float32),
-                         rand(OCx).astype(np.float32))
+    inp, weight, bias = (rand(rng, Bx, Tx, Cx).astype(np.float32), rand(rng, OCx, Cx).astype(np.float32),
+                         rand(rng, OCx).astype(np.float32))
     out = np.empty((Bx, Tx, OCx), np.float32)
     m.matmul_forward(out, inp, weight, bias, Bx, Tx, Cx, OCx)
     forward_calls = len(calls)
-    dout = rand(Bx, Tx, OCx).astype(np.float32)
+    dout = rand(rng, Bx, Tx, OCx).astype(np.float32)
     dinp, dweight, dbias = np.zeros_like(inp), np.zeros_like(weight), np.zeros_like(bias)
     m.matmul_backward(dinp, dweight, dbias, dout, inp, weight, Bx, Tx, Cx, OCx)
     assert forward_calls >= 1 and len(calls) - forward_calls >= 2, calls     # dinp and dweight
