@@ -333,12 +333,14 @@ def gelu_forward(out, inp, N):
 
 @row_blocks("dinp", "inp", "dout", rows="N", block=1 << 17)
 def gelu_backward(dinp, inp, dout, N):
-    """d gelu/dx = 0.5 (1 + tanh u) + 0.5 x sech^2(u) du/dx, u = s (x + 0.044715 x^3),
-    with sech^2 = 1 - tanh^2 (llm.c writes 1/cosh^2, which overflows to inf at large u)."""
+    """d gelu/dx = 0.5 (1 + tanh u) + 0.5 x sech^2(u) du/dx, u = s (x + 0.044715 x^3)."""
     x = inp
-    tanh_u = np.tanh(GELU_SCALING_FACTOR * (x + 0.044715 * x * x * x))
+    u = GELU_SCALING_FACTOR * (x + 0.044715 * x * x * x)
+    # 1/cosh^2, as kernels/gelu.cu, not 1 - tanh^2, which cancels in float32 as tanh nears +-1 (6x the error)
+    with np.errstate(over="ignore"):   # cosh overflows to inf past |u| ~ 89, where sech^2 is 0 all the same
+        sech_u = 1.0 / np.cosh(u)
     du_dx = GELU_SCALING_FACTOR * (1.0 + 3.0 * 0.044715 * x * x)
-    dinp += (0.5 * (1.0 + tanh_u) + 0.5 * x * (1.0 - tanh_u * tanh_u) * du_dx) * dout
+    dinp += (0.5 * (1.0 + np.tanh(u)) + 0.5 * x * (sech_u * sech_u) * du_dx) * dout
 
 
 def gelu_forward_loop(out, inp, N):
@@ -354,8 +356,9 @@ def gelu_backward_loop(dinp, inp, dout, N):
     for i in range(N):
         x = x_flat[i]
         cube = 0.044715 * x * x * x
-        tanh_out = math.tanh(GELU_SCALING_FACTOR * (x + cube))
-        sech2 = 1.0 - tanh_out * tanh_out
+        tanh_arg = GELU_SCALING_FACTOR * (x + cube)
+        tanh_out = math.tanh(tanh_arg)
+        sech2 = 1.0 / (math.cosh(tanh_arg) * math.cosh(tanh_arg))   # as gelu_backward (why: there)
         local_grad = 0.5 * (1.0 + tanh_out) + x * 0.5 * sech2 * GELU_SCALING_FACTOR * (1.0 + 3.0 * 0.044715 * x * x)
         dinp_flat[i] += local_grad * dout_flat[i]
 

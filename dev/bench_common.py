@@ -136,7 +136,11 @@ def run_worker(script_path, trainer, args, result_path, extra_args, env=None):
     """Run one trainer in a fresh process (worker_command + extra_args); returns (the result dict it wrote
     as JSON, its peak RSS in MiB from wait4)."""
     cmd = worker_command(script_path, trainer, result_path, args) + extra_args
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    return finish_worker(subprocess.Popen(cmd, env=env, cwd=REPO), script_path, trainer, result_path)
+
+
+def finish_worker(proc, script_path, trainer, result_path):
+    """Wait for a worker started with worker_command; returns (its result dict, its peak RSS in MiB)."""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:

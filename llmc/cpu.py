@@ -9,6 +9,7 @@ multi-core CPU, kept out of the layers so that each reads as its math:
                       which write into views (a block of columns) where np.matmul cannot
   thread_pool         one pool of NUM_THREADS threads for everything; NumPy releases the GIL inside
   parallel_rows       its ufuncs and ctypes around the BLAS calls, so the threads run at once
+  set_threads         another thread count (dev/bench_cpu.py --threads), clamped to the usable CPUs
   gemm, matmul        a matrix product as BLAS calls, one per thread on its block of the output
   row_blocks          the decorator that runs a layer over blocks of its rows in parallel
   in_chunks           an elementwise update (AdamW) over cache-sized chunks of flat arrays, in parallel
@@ -100,18 +101,54 @@ def blas_info(coretype_set_here):
 # ----------------------------------------------------------------------------
 # the thread pool
 
-NUM_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+def usable_cpus():
+    """How many CPUs this process may run on (its affinity mask: a container's or taskset's limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+NUM_THREADS = max(1, min(8, usable_cpus()))
 _pool = None
 _inside = threading.local()       # .busy: this thread is running one of parallel_rows' slices
+
+
+def clamp_threads(n):
+    """(threads to use, a line saying why it is not n, or None): more threads than the CPUs this process may
+    use would only take turns on the same cores, so n is clamped to usable_cpus()."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a whole number >= 1, got {n!r}: pass 1 or more")
+    usable = usable_cpus()
+    if n <= usable:
+        return n, None
+    return usable, f"threads: {n} asked, but this process may use {usable} CPUs (its affinity): using {usable}"
+
+
+def set_threads(n):
+    """Run everything on n threads from now on (before the first layer, or between steps: the pool is
+    rebuilt at its next use), clamped as clamp_threads says; returns its line, or None when n was kept."""
+    global NUM_THREADS, _pool
+    n, note = clamp_threads(n)
+    if n != NUM_THREADS:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+            _pool = None
+        NUM_THREADS = n
+    set_blas_threads(1)       # the pool is the parallelism; on one thread, OpenBLAS must not add its own
+    return note
+
+
+def set_blas_threads(n):
+    """OpenBLAS's own thread count (a no-op where NumPy has another BLAS)."""
+    blas = openblas_library()
+    if blas is not None:
+        getattr(blas.lib, f"{blas.prefix}openblas_set_num_threads{blas.suffix}")(n)
 
 
 def thread_pool():
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=NUM_THREADS)
-        blas = openblas_library()
-        if blas is not None and NUM_THREADS > 1:   # from now on the pool is the parallelism
-            getattr(blas.lib, f"{blas.prefix}openblas_set_num_threads{blas.suffix}")(1)
+        if NUM_THREADS > 1:                         # from now on the pool is the parallelism
+            set_blas_threads(1)
     return _pool
 
 

@@ -54,10 +54,12 @@ def adamw_against_torch(chunk):
         scale = 0.5 if t % 2 else 1.0
         set_grads(model, grads.copy())
         m.gpt2_update(model, lr, betas[0], betas[1], eps, wd, t, grad_scale=scale)
+        given = m.views(grads, model.param_shapes)
         for name, tensor in named.items():
-            tensor.grad = torch.tensor(getattr(model.grads, name) * np.float32(scale))
+            tensor.grad = torch.tensor(getattr(given, name) * np.float32(scale))
         opt.step()
-        np.testing.assert_array_equal(model.grads_memory, grads)      # the gradients are not modified
+        # the update zeroes the gradients in its pass (the next step's zero_grad), and says so
+        assert not model.grads_memory.any() and model.zeroed_grads is model.grads_memory
         for name, tensor in named.items():
             ours = getattr(model.params, name)
             np.testing.assert_allclose(ours, tensor.detach().numpy(), rtol=1e-6, atol=1e-8, err_msg=f"step {t} {name}")
@@ -196,7 +198,7 @@ def test_adamw_with_learning_rate_zero_moves_only_the_moments():
     model = tiny_model()
     before = model.params_memory.copy()
     grads = np.random.default_rng(3).standard_normal(model.num_parameters).astype(np.float32)
-    set_grads(model, grads)
+    set_grads(model, grads.copy())                      # (the update zeroes the model's gradients)
     m.gpt2_update(model, 0.0, 0.9, 0.95, 1e-8, 0.1, 1)
     np.testing.assert_array_equal(model.params_memory, before)
     np.testing.assert_allclose(model.m_memory, 0.1 * grads, rtol=1e-6)

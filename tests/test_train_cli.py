@@ -211,7 +211,8 @@ def test_profile_flag_prints_per_layer_table(workdir):
     res = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt2.py")] + BASE +
                          ["-x", "2", "-v", "0", "-s", "0", "--profile", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    table = res.stdout.split("profile (ms per step)")[1].strip().splitlines()[1:]
+    table, floors = res.stdout.split("profile (ms per step)")[1].strip().split("\n\n")[:2]
+    table = table.splitlines()[1:]
     rows = {" ".join(line.split()[:-3]): line.split()[-3:] for line in table[:-1]}
     # calls per step for L=1: every layer once, layernorm 2L+1, residual 2L each way, the four matmuls
     # of the block and the classifier once each way
@@ -228,6 +229,18 @@ def test_profile_flag_prints_per_layer_table(workdir):
     # the profiled time fits inside the counted step (step 2; step 1 allocates and is not counted)
     step2 = float(re.search(r"^step    2/2: train loss \S+ \(\S+z\) \((\S+) ms", res.stdout, re.M)[1])
     assert 0 < float(total[1]) <= step2
+    # the floor per phase (llmc/floor.py): the profiled ms of each phase beside its floor on this machine;
+    # the phases add up to the table's total, and no phase beats its floor by much (a wrong count would)
+    lines = floors.splitlines()
+    assert lines[0].startswith("floor per phase: this machine: memory ") and "GFLOP/s" in lines[0]
+    phases = {line[:20].strip(): line[20:].split() for line in lines[2:]}
+    assert list(phases) == ["products", "AdamW", "zeroing", "the rest", "total"], lines
+    assert abs(float(phases["total"][0]) - float(total[1])) <= 0.05
+    assert abs(sum(float(phases[p][0]) for p in list(phases)[:4]) - float(phases["total"][0])) <= 0.05
+    assert phases["zeroing"][1:] == ["0.00", "-"]          # step 2: the update of step 1 zeroed the gradients
+    for phase in ("products", "AdamW", "the rest"):
+        ms, floor_ms, reached = phases[phase]
+        assert 0 < float(floor_ms) and 0 < int(reached.rstrip("%")) <= 150, (phase, phases[phase])
 
 
 def test_profiler_wraps_and_unwraps(monkeypatch):
