@@ -265,3 +265,56 @@ def test_cli_refuses_a_stats_file_that_is_not_ours(workdir, capsys):
                     "nothing was written: move it away or give another -o"), line
     with open("out/stats.jsonl") as f:
         assert f.read() == "my notes\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# dev/vislog.py --stats
+
+def write_stats(path, steps, L=3, offset=0.0):
+    """stats.jsonl as ActivationStats writes it: per-layer ln1 and att_entropy, one-entry grad.wte; each value
+    made from its step and layer so the heat maps can be checked cell by cell."""
+    writer = actstats.ActivationStats.__new__(actstats.ActivationStats)
+    writer.path = str(path)
+    for s in steps:
+        ln1 = {stat: [offset + s + 10.0 ** (i - l) for l in range(L)] for i, stat in enumerate(actstats.STATS)}
+        entropy = {stat: [offset + s + l / 10 for l in range(L)] for stat in actstats.ENTROPY_STATS}
+        wte = {stat: [offset + 0.5 * s] for stat in actstats.STATS}
+        writer.write({"step": s, "tensors": {"ln1": ln1, "att_entropy": entropy, "grad.wte": wte}})
+
+
+def test_vislog_stats_draws_each_cell(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install matplotlib)")
+    from test_vislog import load_vislog
+    vislog = load_vislog()
+    path = tmp_path / "stats.jsonl"
+    write_stats(path, [0, 5, 10], offset=1000.0)               # a killed run's lines for steps 0..10,
+    write_stats(path, [5, 10, 15])                             # then the resumed run's from its checkpoint at 5
+    records = actstats.read_stats(str(path))
+    assert list(records) == [0, 5, 10, 15] and records[5]["ln1"]["mean"][0] == 6.0     # the later line won
+    fig = vislog.plot_stats(records, ["ln1", "att_entropy", "grad.wte"])
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert [im.axes.get_title() for im in images][:6] == ["ln1 mean", "ln1 std (log10)", "ln1 max_abs (log10)",
+                                                           "ln1 bf16_sat", "ln1 bf16_under", "att_entropy mean"]
+    ln1_std = np.array([[1000 + 0 + 10.0 ** (1 - l) for l in range(3)]] + [[s + 10.0 ** (1 - l) for l in range(3)]
+                                                                          for s in (5, 10, 15)]).T
+    np.testing.assert_allclose(images[1].get_array(), np.log10(ln1_std))         # layers up, steps across
+    np.testing.assert_allclose(images[5].get_array(), np.array([[1000.0, 5, 10, 15]]) + np.arange(3)[:, None] / 10)
+    assert images[8].get_array().shape == (1, 4) and len(images) == 3 * 5 - 2   # entropy: no bf16 panels
+
+
+def test_vislog_stats_writes_a_png_and_refuses_a_foreign_file(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install matplotlib)")
+    from test_vislog import load_vislog
+    vislog = load_vislog()
+    write_stats(tmp_path / "stats.jsonl", [0, 2, 4])
+    png = tmp_path / "stats.png"
+    assert vislog.main(["--stats", str(tmp_path / "stats.jsonl"), "-o", str(png), "--tensors", "ln1"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert "3 stats steps (0..4), 1 tensors" in capsys.readouterr().out
+    (tmp_path / "main.log").write_text("s:0 trl:5.0 lr:0.1 norm:1.0\n")
+    for argv, want in ((["--stats", str(tmp_path / "main.log")], "main.log:1: not a stats.jsonl line"),
+                       (["--stats", str(tmp_path / "stats.jsonl"), "--tensors", "fch"], "--tensors: fch not in the file")):
+        with pytest.raises(SystemExit):
+            vislog.main(argv + ["-o", str(png)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and want in err[0], err
