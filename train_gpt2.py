@@ -618,9 +618,11 @@ def gpt2_forward(model, inputs, targets, B, T):
 
 
 def gpt2_zero_grad(model):
-    """Zero the parameter gradients (once per optimizer step; backward accumulates into them)."""
-    if model.grads_memory is not None:
+    """Zero the parameter gradients (once per optimizer step; backward accumulates into them). Nothing
+    to do when the last update zeroed them in its own pass (gpt2_update) and no backward ran since."""
+    if model.grads_memory is not None and getattr(model, "zeroed_grads", None) is not model.grads_memory:
         zero(model.grads_memory)
+        model.zeroed_grads = model.grads_memory
 
 
 def gpt2_backward(model):
@@ -635,6 +637,7 @@ def gpt2_backward(model):
     if model.grads_memory is None:
         model.grads_memory = np.zeros(model.num_parameters, dtype=np.float32)
         model.grads = views(model.grads_memory, model.param_shapes)
+    model.zeroed_grads = None                            # from here on they hold this step's gradients
     if model.grads_acts_memory is None:
         model.grads_acts_memory = np.zeros(sum(model.grad_act_sizes), dtype=np.float32)
     else:
@@ -752,10 +755,25 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_s
     parts = [(i, start, start, stop - start) for i, (start, stop, _) in enumerate(segments)] if shard is None \
         else [(i, start, state, n) for i, _, start, state, n in shard.pieces]
     p, g, m, v = model.params_memory, model.grads_memory, model.m_memory, model.v_memory
+    zero_grads = ZERO_GRAD_IN_UPDATE and shard is None      # a ZeRO-1 rank moves only its shard: not all
+    chunk_update = adamw_and_zero_grad if zero_grads else adamw
     for index, start, state, n in parts:
         w, s = slice(start, start + n), slice(state, state + n)
-        in_chunks(adamw, (p[w], g[w], m[s], v[s]), ADAMW_CHUNK, learning_rate, beta1, beta2, eps,
+        in_chunks(chunk_update, (p[w], g[w], m[s], v[s]), ADAMW_CHUNK, learning_rate, beta1, beta2, eps,
                   weight_decay if segments[index][2] else 0.0, t, grad_scale)
+    if zero_grads:
+        model.zeroed_grads = g                           # the next gpt2_zero_grad has nothing to do
+
+
+ZERO_GRAD_IN_UPDATE = True     # False: the gradients stay after the update, gpt2_zero_grad clears them (the tests' twin)
+
+
+def adamw_and_zero_grad(param, grad, m, v, *hyperparameters):
+    """adamw on one chunk, then the chunk's gradients zeroed while they are still in the cache: the
+    next step's gpt2_zero_grad, folded into this pass (a whole pass over the gradients fewer per step).
+    Only where the update moves every parameter; a ZeRO-1 rank's other gradients are zeroed as before."""
+    adamw(param, grad, m, v, *hyperparameters)
+    grad.fill(0.0)
 
 
 def gpt2_optimizer_state(model, size=None):
