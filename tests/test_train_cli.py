@@ -230,7 +230,8 @@ def test_profile_flag_prints_per_layer_table(workdir):
     step2 = float(re.search(r"^step    2/2: train loss \S+ \(\S+z\) \((\S+) ms", res.stdout, re.M)[1])
     assert 0 < float(total[1]) <= step2
     # the floor per phase (llmc/floor.py): the profiled ms of each phase beside its floor on this machine;
-    # the phases add up to the table's total, and no phase beats its floor by much (a wrong count would)
+    # the phases add up to the table's total; reached = floor / ms (the floor is measured after the run: on a
+    # busy machine it can come out above the step's own time)
     lines = floors.splitlines()
     assert lines[0].startswith("floor per phase: this machine: memory ") and "GFLOP/s" in lines[0]
     phases = {line[:20].strip(): line[20:].split() for line in lines[2:]}
@@ -240,7 +241,8 @@ def test_profile_flag_prints_per_layer_table(workdir):
     assert phases["zeroing"][1:] == ["0.00", "-"]          # step 2: the update of step 1 zeroed the gradients
     for phase in ("products", "AdamW", "the rest"):
         ms, floor_ms, reached = phases[phase]
-        assert 0 < float(floor_ms) and 0 < int(reached.rstrip("%")) <= 150, (phase, phases[phase])
+        assert 0 < float(floor_ms), (phase, phases[phase])
+        assert abs(int(reached.rstrip("%")) - 100 * float(floor_ms) / float(ms)) <= 0.5 + 0.5 / float(ms)
 
 
 def test_profiler_wraps_and_unwraps(monkeypatch):
