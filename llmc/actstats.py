@@ -105,12 +105,12 @@ def sampled_entropy(qkv, NH):
     xp = array_module(qkv)
     B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     hs = C // NH
-    b, positions = min(B, ENTROPY_BATCH_ROWS), sample_positions(T)
+    b, positions = min(B, ENTROPY_BATCH_ROWS), xp.asarray(sample_positions(T))    # (CuPy indexes with its own)
     x = as_float32(qkv[:b])
     q = x[:, positions, :C].reshape(b, len(positions), NH, hs).transpose(0, 2, 1, 3)   # (b, NH, S, hs)
     k = x[:, :, C:2 * C].reshape(b, T, NH, hs).transpose(0, 2, 3, 1)                   # (b, NH, hs, T)
     scores = (q @ k) * np.float32(1.0 / math.sqrt(hs))                                  # (b, NH, S, T)
-    future = xp.arange(T)[None, :] > xp.asarray(positions)[:, None]                     # (S, T)
+    future = xp.arange(T)[None, :] > positions[:, None]                                 # (S, T)
     scores = xp.where(future, -np.inf, scores)
     top = scores.max(axis=-1, keepdims=True)
     logp = scores - (top + xp.log(xp.exp(scores - top).sum(axis=-1, keepdims=True)))

@@ -20,7 +20,7 @@ import train_gpt2 as npt  # noqa: E402
 from conftest import emulated_cuda_trainer, run_main  # noqa: E402
 from llmc import actstats  # noqa: E402
 from test_checkpoint import BASE, events, one_line_error, workdir  # noqa: E402,F401  (workdir: a fixture)
-from test_cuda_trainer import CONFIG, B, T, batch, random_params  # noqa: E402
+from test_cuda_trainer import CONFIG, B, T, batch, random_params, run_python, tiny_checkpoint  # noqa: E402,F401
 from test_flash_trainer import FLASH_CONFIG  # noqa: E402
 
 BF16_LARGEST = (2 - 2.0 ** -7) * 2.0 ** 127          # 0x7f7f: the largest finite bf16
@@ -245,6 +245,27 @@ def test_cli_writes_stats_every_n_steps_and_changes_nothing_else(workdir, capsys
     # resumed or not, the file is appended to, never replaced: a new run refuses the dir as for main.log
     line = one_line_error(*run_main(BASE + QUIET + ["-x", "2", "-o", "out", "-as", "1"], capsys)[::2])
     assert "holds an earlier run's files (main.log, model_00000005.bin, stats.jsonl)" in line, line
+
+
+def test_cuda_cli_writes_stats_and_changes_nothing_else(tmp_path, tiny_checkpoint):
+    """train_gpt2_cuda.py on the emulator (bf16, -r 1, -d 2 micro-steps): the loop's call reaches the CUDA
+    trainer's tables, the file has steps 0 and 1, and the steps and the final model are those of a run without."""
+    from llmc import formats
+    rng = np.random.default_rng(4)
+    formats.write_data_shard(str(tmp_path / "train.bin"), rng.integers(0, CONFIG.vocab_size, size=1000))
+    formats.write_data_shard(str(tmp_path / "val.bin"), rng.integers(0, CONFIG.vocab_size, size=300))
+    runs = {}
+    for out, extra in (("plain", []), ("stats", ["-as", "1"])):
+        r = run_python([os.path.join(REPO, "train_gpt2_cuda.py")], "-e", tiny_checkpoint, "-i", tmp_path / "train.bin",
+                       "-j", tmp_path / "val.bin", "-o", tmp_path / out, "-b", B, "-t", T, "-d", 2 * B * T, "-x", 2,
+                       "-l", 1e-2, *QUIET, *extra, env={"LLMC_EMULATE": "1"}, cwd=str(tmp_path))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs[out] = (events(r.stdout), (tmp_path / out / "model_00000002.bin").read_bytes())
+    assert runs["stats"] == runs["plain"] and len(runs["plain"][0]) == 2
+    lines = read_lines(tmp_path / "stats" / "stats.jsonl")
+    assert [line["step"] for line in lines] == [0, 1]
+    assert list(lines[1]["tensors"]) == ["encoded"] + PER_LAYER + ["lnf"] + GRADS
+    assert all(v["std"][0] > 0 and np.isfinite(v["max_abs"]).all() for v in lines[1]["tensors"].values())
 
 
 def test_cli_without_o_says_where_the_stats_go_and_trains(workdir, capsys):
