@@ -28,7 +28,7 @@ from llmc.cli import flag_of, parse_args
 from llmc.dataloader import DataLoader
 from llmc.hellaswag import EvalLoader, stat_losses
 from llmc.formats import MODEL_MAGIC, FormatError, nonfinite_report, read_header, read_model_file, write_model_file
-from llmc.model import GPT2Config, MODEL_DEPTHS, num_parameters, padded_vocab, param_shapes, print_config
+from llmc.model import GPT2Config, descriptor_config, num_parameters, padded_vocab, param_shapes, print_config
 from llmc.logger import Logger
 from llmc.mfu import TokensPerSecond, flops_per_token, format_mfu, mfu_percent, peak_flops
 from llmc.outlier import OutlierDetector
@@ -519,20 +519,14 @@ def gpt2_build_from_checkpoint(path):
 
 
 def gpt2_build_from_descriptor(descriptor, seed=42):
-    """A GPT-2 from scratch: "d12" (or "gpt2:d12") is the 124M shape, d6/d24/d36/d48 the others.
-    Initialized like PyTorch's GPT-2 (llm.c's train_gpt2.py): weights N(0, 0.02) drawn in module
+    """A GPT-2 from scratch: "d12" (or "gpt2:d12") is the 124M shape, d6/d24/d36/d48 the others, and
+    "gpt3:c768" a GPT-3 shape by its width (llmc/model.py's descriptor_config: maxT 2048). Initialized like PyTorch's GPT-2 (llm.c's train_gpt2.py): weights N(0, 0.02) drawn in module
     order (wte, wpe, then per layer qkvw, attprojw, fcw, fcprojw), the two projections back into
     the residual stream scaled by 1/sqrt(2L), biases 0, LayerNorm weights 1, wte's pad rows 0.
     A path to a .bin file is loaded instead."""
     if descriptor.endswith(".bin") or os.path.exists(descriptor):
         return gpt2_build_from_checkpoint(descriptor)
-    name = descriptor.split(":", 1)[1] if descriptor.startswith("gpt2:") else descriptor
-    depth = int(name[1:]) if name[:1] == "d" and name[1:].isdigit() else None
-    if depth not in MODEL_DEPTHS:
-        raise ConfigError(f"unknown model '{descriptor}': use d6, d12, d24, d36, d48 or a .bin checkpoint")
-    NH, C = MODEL_DEPTHS[depth]
-    config = GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=depth, num_heads=NH, channels=C,
-                        padded_vocab_size=padded_vocab(50257))
+    config = descriptor_config(descriptor)
     model = GPT2(config, np.zeros(num_parameters(config), dtype=np.float32))
     init_weights(model, seed)
     return model

@@ -32,7 +32,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from llmc import formats  # llm.c's file formats (readers and writers)
-from llmc.model import GPT2Config, MODEL_DEPTHS, num_parameters, padded_vocab, padding_note, param_shapes
+from llmc.model import (GPT2Config, GPT3_WIDTHS, MODEL_DEPTHS, descriptor_config, num_parameters, padded_vocab,
+                         padding_note, param_shapes)
 from llmc.dataloader import DataLoader
 from llmc.logger import Logger
 from llmc.schedulers import get_lr
@@ -256,6 +257,9 @@ def hf_reachable(timeout=5):
 # the shapes --model knows: llm.c's dN (random init; MODEL_DEPTHS, L: (NH, C)) and
 # OpenAI's four (weights downloaded), each the shape of one dN
 DEPTHS = {f"d{L}": dict(n_layer=L, n_head=NH, n_embd=C) for L, (NH, C) in MODEL_DEPTHS.items()}
+# and llm.c's GPT-3 shapes by width (random init, maxT 2048), written as gpt2_gpt3_c768.bin ...: a GPT-2 of that shape
+GPT3_SHAPES = {name: dict(n_layer=c.num_layers, n_head=c.num_heads, n_embd=c.channels, block_size=c.max_seq_len)
+               for name, c in ((f"gpt3:c{C}", descriptor_config(f"gpt3:c{C}")) for C in GPT3_WIDTHS)}
 SAME_SHAPE = {"gpt2": "d12", "gpt2-medium": "d24", "gpt2-large": "d36", "gpt2-xl": "d48"}
 PRETRAINED = {name: dict(DEPTHS[same]) for name, same in SAME_SHAPE.items()}
 # file names use the parameter count, as llm.c does ("355M", not "350M")
@@ -385,7 +389,8 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", type=str, default="",
                    help="output directory for main.log (the .bin files go to the current directory)")
     p.add_argument("--model", type=str, default="gpt2",
-                   help="gpt2|gpt2-medium|gpt2-large|gpt2-xl (OpenAI weights), d6|d12|d24|d36|d48 (random init), "
+                   help="gpt2|gpt2-medium|gpt2-large|gpt2-xl (OpenAI weights), d6|d12|d24|d36|d48 or "
+                        "gpt3:c384|c768|...|c12288 (random init: GPT-2's depths, GPT-3's widths), "
                         "or a transformers GPT-2 directory (e.g. dev/eval/export_hf.py's)")
     # explicit shapes (random init); any of them given -> named L{n_layer}H{n_head}C{n_embd}T{block_size}
     p.add_argument("--n_layer", type=int, default=None, help="L, number of layers")
@@ -441,7 +446,7 @@ def model_config(args):
     """(GPTConfig, pretrained name or None, size name used in the file names) from the flags."""
     explicit = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                     block_size=args.block_size, vocab_size=args.vocab_size)
-    valid = list(PRETRAINED) + list(DEPTHS)
+    valid = list(PRETRAINED) + list(DEPTHS) + list(GPT3_SHAPES)
     if os.path.isdir(args.model):                       # a transformers GPT-2 directory (dev/eval/export_hf.py)
         shape = hf_directory_shape(args.model)
         size = "L{n_layer}H{n_head}C{n_embd}T{block_size}".format(**shape)
@@ -454,9 +459,12 @@ def model_config(args):
     if all(v is None for v in explicit.values()):
         if args.model in PRETRAINED:
             return GPTConfig(**PRETRAINED[args.model], flash=args.flash), args.model, PRETRAINED_SIZE[args.model]
+        if args.model in GPT3_SHAPES:                   # no ":" in a file name: gpt2_gpt3_c768.bin
+            return GPTConfig(**GPT3_SHAPES[args.model], flash=args.flash), None, args.model.replace(":", "_")
         return GPTConfig(**DEPTHS[args.model], flash=args.flash), None, args.model
     # explicit shapes start from --model's shape (d12's for the pretrained names) and initialise randomly
-    shape = dict(DEPTHS.get(args.model, DEPTHS["d12"]), block_size=1024, vocab_size=50257)
+    base = DEPTHS.get(args.model) or GPT3_SHAPES.get(args.model) or DEPTHS["d12"]
+    shape = {"block_size": 1024, **base, "vocab_size": 50257}
     shape.update({k: v for k, v in explicit.items() if v is not None})
     if min(shape.values()) < 1 or shape["n_embd"] % shape["n_head"] != 0:
         raise SystemExit(f"bad shape {shape}: all sizes must be positive and n_embd a multiple of n_head")

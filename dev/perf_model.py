@@ -59,7 +59,8 @@ sys.path.insert(0, ROOT)
 
 from emulator import count_traffic  # noqa: E402
 from llmc import formats  # noqa: E402
-from llmc.model import GPT2Config, MODEL_DEPTHS, num_parameters, padded_vocab, param_shapes  # noqa: E402
+from llmc.model import GPT2Config, descriptor_config, num_parameters, padded_vocab, param_shapes  # noqa: E402
+from llmc.utils import ConfigError  # noqa: E402
 from llmc.cuda_common import ceil_div  # noqa: E402
 from llmc.mfu import flops_per_token, peak_flops  # noqa: E402
 
@@ -402,19 +403,18 @@ def emulated_trainer():
 
 
 def model_config(args):
-    """The config of -e (d6, d12, ... or a .bin file's header) or of --tiny, without building the model."""
+    """The config of -e (d6, d12, ..., gpt3:c768, ... or a .bin file's header) or of --tiny, without building the
+    model."""
     if args.tiny:
         return TINY_FLASH if args.tiny == 2 else TINY
     if args.model.endswith(".bin") or os.path.exists(args.model):
         h, _ = formats.read_header(args.model, formats.MODEL_MAGIC, (3, 5))
         return GPT2Config(max_seq_len=int(h[2]), vocab_size=int(h[3]), num_layers=int(h[4]),
                           num_heads=int(h[5]), channels=int(h[6]), padded_vocab_size=int(h[7]))
-    depth = int(args.model[1:]) if args.model[:1] == "d" and args.model[1:].isdigit() else None
-    if depth not in MODEL_DEPTHS:
-        raise SystemExit(f"perf_model.py: unknown model '{args.model}': use d6, d12, d24, d36, d48 or a .bin file")
-    NH, C = MODEL_DEPTHS[depth]
-    return GPT2Config(max_seq_len=1024, vocab_size=50257, num_layers=depth, num_heads=NH, channels=C,
-                      padded_vocab_size=padded_vocab(50257))
+    try:
+        return descriptor_config(args.model)
+    except ConfigError as e:
+        raise SystemExit(f"perf_model.py: {e}") from None
 
 
 def build_model(cu, args):
@@ -441,16 +441,16 @@ def training_step(cu, model, x, y, B, T):
     return model.mean_loss
 
 
-def count_step(cu, args):
-    """Run one step of the trainer module cu on the emulator with the traffic counter on. Returns
-    (launches, gemms, loss, distinct tokens): the emulator's Traffic records, the Gemm records, the
-    step's loss and the number of distinct token ids in the batch."""
-    model = build_model(cu, args)
-    config, B, T = model.config, args.batch_size, args.seq_len
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, config.vocab_size, (B, T), dtype=np.int32)
-    y = rng.integers(0, config.vocab_size, (B, T), dtype=np.int32)
-    cu.gpt2_allocate_state(model, B, T)                  # its memory report prints before the table
+def random_batch(vocab_size, B, T, seed=0):
+    """Inputs and targets (B, T) of uniformly random token ids: the batch the counted step trains on."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, vocab_size, (B, T), dtype=np.int32)
+    y = rng.integers(0, vocab_size, (B, T), dtype=np.int32)
+    return x, y
+
+
+def count_training_step(cu, model, x, y, B, T):
+    """training_step with the traffic counter on (the emulator): (Traffic records, Gemm records, loss)."""
     gemms, gemm = [], cu.gemm
     cu.gemm = counting_gemm(gemm, gemms)
     try:
@@ -458,6 +458,18 @@ def count_step(cu, args):
             loss = training_step(cu, model, x, y, B, T)
     finally:
         cu.gemm = gemm
+    return launches, gemms, loss
+
+
+def count_step(cu, args):
+    """Run one step of the trainer module cu on the emulator with the traffic counter on. Returns
+    (launches, gemms, loss, distinct tokens): the emulator's Traffic records, the Gemm records, the
+    step's loss and the number of distinct token ids in the batch."""
+    model = build_model(cu, args)
+    config, B, T = model.config, args.batch_size, args.seq_len
+    x, y = random_batch(config.vocab_size, B, T)
+    cu.gpt2_allocate_state(model, B, T)                  # its memory report prints before the table
+    launches, gemms, loss = count_training_step(cu, model, x, y, B, T)
     return launches, gemms, loss, len(np.unique(x))
 
 

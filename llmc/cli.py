@@ -14,7 +14,8 @@ from types import SimpleNamespace
 FLAGS = {  # flag (without its dash): (llm.c's variable name, what it sets)
     "i": ("train_data_pattern", "train data: a file or a glob of shards"),
     "j": ("val_data_pattern", "val data: a file or a glob of shards"),
-    "e": ("load_filename", "model file (.bin, fp32 or bf16), or d6/d12/d24/d36/d48 to start from scratch"),
+    "e": ("load_filename", "model file (.bin, fp32 or bf16), or d6/d12/d24/d36/d48 (GPT-2) or gpt3:c384 ... "
+          "gpt3:c12288 (GPT-3's widths, maxT 2048) to start from scratch"),
     "o": ("output_log_dir", "output dir for main.log, checkpoints and the final model file"),
     "n": ("checkpoint_every", "write a checkpoint every how many steps, and at the end (0 = never; needs -o)"),
     "nk": ("checkpoints_keep", "keep only the last this many checkpoints (0 = all)"),

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmc.utils import ConfigError
+
 
 @dataclass
 class GPT2Config:
@@ -23,6 +25,38 @@ def padded_vocab(vocab_size):
 
 # GPT-2's shapes by depth, as llm.c's "-e d12" descriptors name them: L -> (NH, C)
 MODEL_DEPTHS = {6: (6, 384), 12: (12, 768), 24: (16, 1024), 36: (20, 1280), 48: (25, 1600)}
+# GPT-3's shapes by width, as llm.c's "-e gpt3:c768" names them (train_gpt2.cu's gpt3_set_hyperparameters):
+# C -> (L, head size), so NH = C / head size, and GPT-3's context of 2048 tokens. The attention is GPT-2's,
+# dense in every layer, where GPT-3 alternated dense and banded layers (llm.c says the same of its own).
+# llm.c's table also names 5140, the GPT-3 paper's 13B width, which its head size 128 does not divide
+# (the paper's 40 heads of 128 make 5120): llm.c stops there at an assert; here it is not offered.
+GPT3_WIDTHS = {384: (6, 64), 768: (12, 64), 1024: (24, 64), 1536: (24, 96), 2048: (24, 128), 2560: (32, 80),
+               4096: (32, 128), 12288: (96, 128)}
+GPT2_VOCAB_SIZE = 50257                 # V of every descriptor: GPT-2's tokenizer (GPT-3's is the same)
+MAX_SEQ_LEN = {"gpt2": 1024, "gpt3": 2048}
+
+
+def descriptor_config(descriptor):
+    """The GPT2Config a model descriptor names: dN or gpt2:dN (GPT-2's depths) or gpt3:cN (GPT-3's widths),
+    GPT-2's vocabulary padded to 50304. Anything else is a ConfigError of one line listing the valid ones."""
+    family, _, name = descriptor.rpartition(":")
+    if family == "gpt3":
+        width = name[1:] if name[:1] == "c" else ""
+        C = int(width) if width.isdigit() else None
+        if C not in GPT3_WIDTHS:
+            why = " (llm.c lists 5140, which no head size divides)" if C == 5140 else ""
+            raise ConfigError(f"unknown GPT-3 size '{descriptor}'{why}: use one of "
+                              f"{', '.join(f'gpt3:c{c}' for c in GPT3_WIDTHS)} (c = channels)")
+        L, head_size = GPT3_WIDTHS[C]
+        NH = C // head_size
+    else:
+        depth = int(name[1:]) if family in ("", "gpt2") and name[:1] == "d" and name[1:].isdigit() else None
+        if depth not in MODEL_DEPTHS:
+            raise ConfigError(f"unknown model '{descriptor}': use d6, d12, d24, d36, d48 (GPT-2's depths), gpt3:cN "
+                              f"for N in {', '.join(map(str, GPT3_WIDTHS))} (GPT-3's widths) or a .bin checkpoint")
+        family, L, (NH, C) = "gpt2", depth, MODEL_DEPTHS[depth]
+    return GPT2Config(max_seq_len=MAX_SEQ_LEN[family], vocab_size=GPT2_VOCAB_SIZE, num_layers=L, num_heads=NH,
+                      channels=C, padded_vocab_size=padded_vocab(GPT2_VOCAB_SIZE))
 
 
 def param_shapes(config):

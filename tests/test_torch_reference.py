@@ -243,7 +243,8 @@ SMALL = ["--n_layer", 1, "--n_head", 1, "--n_embd", 8, "--block_size", 16, "--de
 
 def test_error_unknown_model(monkeypatch, tmp_path):
     msg = _error(monkeypatch, tmp_path, "--model", "d13")
-    assert msg == ("unknown --model 'd13'; valid: gpt2, gpt2-medium, gpt2-large, gpt2-xl, d6, d12, d24, d36, d48 "
+    assert msg == ("unknown --model 'd13'; valid: gpt2, gpt2-medium, gpt2-large, gpt2-xl, d6, d12, d24, d36, d48, "
+                   "gpt3:c384, gpt3:c768, gpt3:c1024, gpt3:c1536, gpt3:c2048, gpt3:c2560, gpt3:c4096, gpt3:c12288 "
                    "(or explicit --n_layer --n_head --n_embd --block_size)")
 
 
