@@ -30,7 +30,7 @@ import sys
 import numpy as np
 
 from llmc.formats import bf16_to_f32
-from llmc.utils import WriteError, file_starts_with, refuse_foreign_files, write_failure
+from llmc.utils import ConfigError, WriteError, file_starts_with, refuse_foreign_files, write_failure
 
 FILE_NAME = "stats.jsonl"
 STATS = ("mean", "std", "max_abs", "bf16_sat", "bf16_under")
@@ -167,6 +167,8 @@ class ActivationStats:
     llm.c's logger without -o writes nothing. Only rank 0 writes (train() gives the others no dir)."""
 
     def __init__(self, output_dir, every):
+        if every < 0:
+            raise ConfigError(f"-as {every}: give how many steps apart the statistics are, or 0 for none")
         self.path = os.path.join(output_dir, FILE_NAME) if output_dir and every > 0 else None
         self.every = every if self.path else 0
         if every > 0 and not output_dir:

@@ -275,6 +275,8 @@ def test_cli_without_o_says_where_the_stats_go_and_trains(workdir, capsys):
     assert notes == ["-as 1 without -o: the activation statistics go nowhere, so they are not computed (give -o DIR "
                      "to have them in DIR/stats.jsonl); training goes on"], notes
     assert sum(line.startswith("step ") for line in out.splitlines()) == 2 and not os.path.exists("stats.jsonl")
+    line = one_line_error(*run_main(BASE + QUIET + ["-x", "2", "-as", "-3", "-o", "out"], capsys)[::2])
+    assert line == "error: -as -3: give how many steps apart the statistics are, or 0 for none", line
 
 
 def test_cli_refuses_a_stats_file_that_is_not_ours(workdir, capsys):
