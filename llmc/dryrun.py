@@ -13,9 +13,10 @@ import glob
 import os
 import sys
 
-from llmc import checkpoint, model
+from llmc import checkpoint
 from llmc.cli import flag_of
 from llmc.dataloader import prepro_for
+from llmc.model import descriptor_config
 from llmc.schedulers import SCHEDULES
 from llmc.utils import ConfigError
 
@@ -48,20 +49,12 @@ def check_values(args):
 
 def describe_model(name, T):
     """What -e names: a model file that is there, one that is not (a note), or a descriptor checked without
-    building it (llmc.model.descriptor_config where it exists, else the dN depths), -t within its maxT."""
+    building it (llmc.model.descriptor_config, as the trainers read it), -t within its maxT."""
     if os.path.exists(name):
         return f"model file {name}"
     if name.endswith(".bin"):
         return f"model file {name} (not here: the run needs it, or a descriptor such as d12)"
-    config_of = getattr(model, "descriptor_config", None)
-    if config_of is not None:
-        config = config_of(name)
-    else:
-        depth = name.removeprefix("gpt2:")[1:]
-        if not (name.removeprefix("gpt2:")[:1] == "d" and depth.isdigit() and int(depth) in model.MODEL_DEPTHS):
-            raise ConfigError(f"unknown model '{name}': use d6, d12, d24, d36, d48 or a .bin checkpoint")
-        NH, C = model.MODEL_DEPTHS[int(depth)]
-        config = model.GPT2Config(1024, 50257, int(depth), NH, C, model.padded_vocab(50257))
+    config = descriptor_config(name)
     if T > config.max_seq_len:
         raise ConfigError(f"sequence length -t {T} exceeds {name}'s max_seq_len {config.max_seq_len}")
     return (f"{name} from scratch: L={config.num_layers} NH={config.num_heads} C={config.channels} "

@@ -73,8 +73,6 @@ def test_every_script_is_listed():
 @pytest.mark.parametrize("name", sorted(LLMC_FLAGS))
 def test_dry_run_parses_llmc_flags(name):
     r = shell(os.path.join("scripts", name))
-    if r.returncode and "unknown model 'gpt3:c768'" in r.stderr:
-        pytest.xfail("-e gpt3:cN (issue 19 item 1) is not in the trainers yet")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "flags parsed and checked; nothing trained" in r.stdout
     got = given_flags(r.stdout)
@@ -200,6 +198,8 @@ def dry_run(*argv, trainer="train_gpt2_cuda.py"):
 @pytest.mark.parametrize("argv, line", [
     (["-e", "d12", "-t", "2048"], "error: sequence length -t 2048 exceeds d12's max_seq_len 1024"),
     (["-e", "d7"], "error: unknown model 'd7'"),
+    (["-e", "gpt3:c5140", "-t", "2048"], "error: unknown GPT-3 size 'gpt3:c5140'"),
+    (["-e", "gpt3:c768", "-t", "4096"], "error: sequence length -t 4096 exceeds gpt3:c768's max_seq_len 2048"),
     (["-z", "2"], "error: -z 2: expected one of 0, 1"),
     (["-r", "3"], "error: -r 3: expected one of 0, 1, 2"),
     (["-b", "4", "-t", "64", "-d", "1000"], "error: -d 1000 is not a multiple of B*T = 4*64"),
