@@ -17,6 +17,7 @@ import pytest
 
 from llmc import formats, gpuinfo
 from llmc.logger import Logger
+from llmc.model import GPT2Config
 from llmc.utils import ConfigError
 from test_cuda_trainer import random_params, run_python
 
@@ -156,7 +157,7 @@ class GpuLogRun(gpuinfo.GpuLog):
 # ----------------------------------------------------------------------------------------------
 # the CUDA trainer on the emulator, with FAKE_NVML as the pynvml its process imports
 
-TINY = formats.GPT2Config(max_seq_len=16, vocab_size=101, num_layers=1, num_heads=2, channels=32, padded_vocab_size=128)
+TINY = GPT2Config(max_seq_len=16, vocab_size=101, num_layers=1, num_heads=2, channels=32, padded_vocab_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +196,6 @@ def test_trainer_logs_every_n_steps(tiny_run):
                                                         LOG_LINE.format(step=3, util=92)]
     trl_1 = next(line for line in log if line.startswith("s:1 trl:"))
     assert log.index(LOG_LINE.format(step=1, util=91)) == log.index(trl_1) + 1   # right after its step's line
-    sys.path.insert(0, os.path.join(REPO, "dev"))
     import vislog                                         # the plotting reads the log as before, with more streams
     streams = vislog.parse_logfile(str(out / "main.log"))
     assert list(streams["gpu_util"][0]) == [1, 3] and list(streams["gpu_util"][1]) == [91, 92]
