@@ -18,7 +18,7 @@ if REPO not in sys.path:
 
 import train_gpt2 as npt  # noqa: E402
 from conftest import emulated_cuda_trainer, run_main  # noqa: E402
-from llmc import actstats  # noqa: E402
+from llmc import actstats, checkpoint  # noqa: E402
 from test_checkpoint import BASE, events, one_line_error, workdir  # noqa: E402,F401  (workdir: a fixture)
 from test_cuda_trainer import CONFIG, B, T, batch, random_params, run_python, tiny_checkpoint  # noqa: E402,F401
 from test_flash_trainer import FLASH_CONFIG  # noqa: E402
@@ -228,9 +228,9 @@ def read_lines(path):
 
 
 def test_cli_writes_stats_every_n_steps_and_changes_nothing_else(workdir, capsys):
-    code, out_plain, err = run_main(BASE + ["-x", "5", "-o", "plain"], capsys)
+    code, out_plain, err = run_main(BASE + ["-x", "5", "-n", "5", "-o", "plain"], capsys)
     assert code == 0, err
-    code, out, err = run_main(BASE + ["-x", "5", "-o", "out", "-as", "2"], capsys)
+    code, out, err = run_main(BASE + ["-x", "5", "-n", "5", "-o", "out", "-as", "2"], capsys)
     assert code == 0, err
     assert "activation statistics: every 2 steps into out/stats.jsonl" in out
     lines = read_lines("out/stats.jsonl")
@@ -244,7 +244,11 @@ def test_cli_writes_stats_every_n_steps_and_changes_nothing_else(workdir, capsys
         assert a.read() == b.read()
     # resumed or not, the file is appended to, never replaced: a new run refuses the dir as for main.log
     line = one_line_error(*run_main(BASE + QUIET + ["-x", "2", "-o", "out", "-as", "1"], capsys)[::2])
-    assert "holds an earlier run's files (main.log, model_00000005.bin, stats.jsonl)" in line, line
+    assert "holds an earlier run's files (DONE_00000005, main.log, model_00000005.bin and 2 more)" in line, line
+    assert checkpoint.earlier_run_files("out")[-1] == "stats.jsonl"
+    code, _, err = run_main(BASE + QUIET + ["-x", "7", "-o", "out", "-as", "2", "-y", "1"], capsys)
+    assert code == 0, err
+    assert [line["step"] for line in read_lines("out/stats.jsonl")] == [0, 2, 4, 6]     # resumed at 5: appended
 
 
 def test_cuda_cli_writes_stats_and_changes_nothing_else(tmp_path, tiny_checkpoint):
