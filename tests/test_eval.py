@@ -136,3 +136,54 @@ def test_run_eval_stops(tmp_path):
         r = run_eval(tmp_path, "x")
         assert r.returncode == 1
         assert r.stdout.strip().startswith(f"error: {tmp_path} is not a Hugging Face export (no config.json)")
+
+
+TINY_MC = [("The sky is", ["blue", "green", "loud", "wet"], 0), ("Two plus two is", ["four", "five", "six", "ten"], 0),
+           ("Cats say", ["meow", "moo", "woof", "quack"], 0), ("Fire is", ["hot", "cold", "blue", "soft"], 0),
+           ("Water is", ["wet", "dry", "red", "tall"], 1), ("The sun rises in the", ["east", "west", "north", "south"], 2)]
+
+
+def write_task(folder):
+    """A multiple-choice task of the harness's kind on a jsonl of TINY_MC: its YAML and data in `folder`."""
+    import json
+    os.makedirs(folder)
+    data = os.path.join(folder, "tiny_mc.jsonl")
+    with open(data, "w") as f:
+        for question, choices, label in TINY_MC:
+            f.write(json.dumps({"question": question, "choices": choices, "label": label}) + "\n")
+    with open(os.path.join(folder, "tiny_mc.yaml"), "w") as f:
+        f.write(f"task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+                "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
+                "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\nmetric_list:\n  - metric: acc\n")
+
+
+def our_accuracy(model_file):
+    """acc as the harness defines it (the choice of largest summed log-likelihood after the question and a
+    space), from our own PyTorch model and dev/data/hellaswag.py's scorer."""
+    import tiktoken
+    from hellaswag import load_model, score_example
+    enc = tiktoken.get_encoding("gpt2")
+    model = load_model(model_file, "cpu")
+    right = 0
+    for question, choices, label in TINY_MC:
+        total, _ = score_example(model, enc.encode(question), [enc.encode(" " + c) for c in choices], "cpu")
+        right += int(total.argmin()) == label
+    return 100.0 * right / len(TINY_MC)
+
+
+def test_run_eval_with_lm_eval(tmp_path, tiny_export):
+    """run_eval.sh end to end where lm-eval is installed (it is optional, and not in CI): a tiny export, a
+    task whose data is written here, offline; the table's accuracy is ours for the same questions."""
+    pytest.importorskip("lm_eval")
+    r = run_script("dev/eval/export_hf.py", "-i", tiny_export.model, "-o", tmp_path / "hf", "-d", "float32",
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    write_task(str(tmp_path / "tasks"))
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")   # lm_eval beside python
+    r = run_eval(tmp_path / "hf", "tiny", env={"PATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                               "EVALS": "tiny_mc:0", "INCLUDE_PATH": str(tmp_path / "tasks"),
+                                               "DEVICE": "cpu", "RESULTS_DIR": str(tmp_path / "results")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert [p for p in os.listdir(tmp_path / "results" / "tiny") if p.startswith("tiny_mc_0shot_")]
+    rows = table(r.stdout.split("-" * 40, 1)[1])
+    assert rows["tiny_mc_0shot.json"] == f"{our_accuracy(tiny_export.model):.4f}"
