@@ -339,8 +339,11 @@ def test_vislog_stats_writes_a_png_and_refuses_a_foreign_file(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     assert "3 stats steps (0..4), 1 tensors" in capsys.readouterr().out
     (tmp_path / "main.log").write_text("s:0 trl:5.0 lr:0.1 norm:1.0\n")
+    stats = str(tmp_path / "stats.jsonl")
     for argv, want in ((["--stats", str(tmp_path / "main.log")], "main.log:1: not a stats.jsonl line"),
-                       (["--stats", str(tmp_path / "stats.jsonl"), "--tensors", "fch"], "--tensors: fch not in the file")):
+                       (["--stats", stats, "--tensors", "fch"], "--tensors: fch not in the file"),
+                       (["--stats", stats, str(tmp_path / "main.log")], "--stats draws one stats.jsonl"),
+                       ([], "give main.log files to plot, or --stats DIR/stats.jsonl")):
         with pytest.raises(SystemExit):
             vislog.main(argv + ["-o", str(png)])
         err = capsys.readouterr().err.strip().splitlines()
