@@ -311,6 +311,8 @@ def worker_torch(args):
 # driver
 
 STEP_DONE = "bench_cpu.py: step done"    # a worker's word to the driver, on its stdout, after each step
+TURN_PAUSE = 0.2   # seconds between turns: the idle threads of the worker that just stepped (OpenMP's spin
+                   # after a parallel region) are asleep before the other's step starts
 
 
 def trainer_env(args):
@@ -343,6 +345,7 @@ def turn_order(trainers, args):
 
 def take_turn(proc, trainer):
     """Let one worker run its next step; wait for its word, passing on anything else it prints."""
+    time.sleep(TURN_PAUSE)
     proc.stdin.write("go\n")
     proc.stdin.flush()
     for line in proc.stdout:

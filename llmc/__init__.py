@@ -10,7 +10,8 @@ everything around it lives here, once:
     tokenizer.py    Tokenizer (decode, tokenizer.h) and tiktoken's GPT-2 encoder
     logger.py       Logger: main.log (logger.h)
     cli.py          llm.c's `-x value` flags, parsed into attributes with llm.c's names
-    profiler.py     --profile 1: per-layer times
+    profiler.py     --profile 1: per-layer times, and the step's floor per phase
+    floor.py        the CPU step's floor: products at the sgemm rate, other bytes at memory bandwidth
     mfu.py          FLOPs per token, GPU peaks, MFU and the smoothed tokens/s of the step line (mfu.h)
     outlier.py      the z-scores of loss and gradient norm behind -sl/-sg (outlier_detector.h)
     checkpoint.py   llm.c's state files and checkpoints: -n -nk -nm, -y 1 resume

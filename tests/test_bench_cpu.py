@@ -15,17 +15,9 @@ sys.path.insert(0, os.path.join(ROOT, "dev"))
 import bench_cpu  # noqa: E402
 import train_gpt2 as m  # noqa: E402
 from llmc import cpu, floor, formats, profiler  # noqa: E402
-from llmc.model import GPT2Config, num_parameters  # noqa: E402
+from llmc.model import GPT2Config  # noqa: E402
 from conftest import run_main, write_tiny_model  # noqa: E402
-
-CONFIG = GPT2Config(max_seq_len=16, vocab_size=101, num_layers=2, num_heads=3, channels=48, padded_vocab_size=128)
-
-
-def tiny_model(seed=0):
-    r = np.random.default_rng(seed)
-    model = m.GPT2(CONFIG, (r.standard_normal(num_parameters(CONFIG)) * 0.1).astype(np.float32))
-    model.params.wte[CONFIG.vocab_size:] = 0
-    return model
+from test_optim import CONFIG, tiny_model  # noqa: E402  (AdamW's tests' tiny GPT-2: L2, NH3, C48, V101)
 
 
 def train_steps(model, steps, B, T, seed=1):
