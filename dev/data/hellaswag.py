@@ -145,6 +145,34 @@ def evaluate(model, rendered, device):
     return correct / n, correct_norm / n, preds
 
 
+# ----------------------------------------------------------------------------
+# what the eval-file scripts share (this one and dev/data/mmlu.py)
+
+def add_scoring_flags(parser):
+    """-m and -d: score a model on the examples after writing them."""
+    parser.add_argument("-m", "--model_type", default="", help="also score this model: gpt2, gpt2-medium, ... or a .bin")
+    parser.add_argument("-d", "--device", default="", help="device for -m (default: cuda if there is one, else cpu)")
+
+
+def refuse_other_file(out):
+    """Stop in one line, before any download, when `out` is there and is not an llm.c eval file."""
+    refuse_foreign_files([out], lambda path: has_magic(path, EVAL_MAGIC), f"an llm.c eval file (magic {EVAL_MAGIC})",
+                         "move it away, or choose another --data_dir")
+
+
+def write_and_score(out, rendered, source, args):
+    """Write the rendered examples (read from `source`) to `out`, then score args.model_type on them if given."""
+    try:
+        nbytes = write_evalfile(out, rendered)
+    except ValueError as e:
+        raise SystemExit(f"{source}: {e}") from None
+    print(f"writing {len(rendered):,} examples to {out} ({nbytes:,} bytes)")
+    if args.model_type:
+        import torch
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        evaluate(load_model(args.model_type, device), rendered, device)
+
+
 @one_line_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag jsonl -> llm.c's eval file (and an optional PyTorch score)")
@@ -152,27 +180,16 @@ def main(argv=None):
     p.add_argument("-s", "--split", default="val", choices=sorted(HELLASWAGS), help="which split to download")
     p.add_argument("--data_dir", default=DATA_CACHE_DIR, help="where the jsonl and the .bin go")
     p.add_argument("--url", default="", help="where to download the jsonl from (default: rowanz/hellaswag's)")
-    p.add_argument("-m", "--model_type", default="", help="also score this model: gpt2, gpt2-medium, ... or a .bin")
-    p.add_argument("-d", "--device", default="", help="device for -m (default: cuda if there is one, else cpu)")
+    add_scoring_flags(p)
     args = p.parse_args(argv)
 
     out = os.path.join(args.data_dir, f"hellaswag_{args.split}.bin")
-    refuse_foreign_files([out], lambda path: has_magic(path, EVAL_MAGIC), f"an llm.c eval file (magic {EVAL_MAGIC})",
-                         "move it away, or choose another --data_dir")
+    refuse_other_file(out)
     jsonl = fetch(args.split, args.data_dir, args.url or HELLASWAGS[args.split], args.input)
     examples = read_examples(jsonl)
     enc = gpt2_encoding()
     rendered = [render_example(enc, *ex) for ex in examples]
-    try:
-        nbytes = write_evalfile(out, rendered)
-    except ValueError as e:
-        raise SystemExit(f"{jsonl}: {e}") from None
-    print(f"writing {len(rendered):,} examples to {out} ({nbytes:,} bytes)")
-
-    if args.model_type:
-        import torch
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        evaluate(load_model(args.model_type, device), rendered, device)
+    write_and_score(out, rendered, jsonl, args)
 
 
 if __name__ == "__main__":

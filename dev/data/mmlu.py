@@ -33,10 +33,9 @@ import tarfile
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from hellaswag import evaluate, load_model  # noqa: E402  (the same scorer, dev/data/hellaswag.py)
-from llmc.hellaswag import EVAL_MAGIC, write_evalfile  # noqa: E402
+from hellaswag import add_scoring_flags, refuse_other_file, write_and_score  # noqa: E402  (dev/data/hellaswag.py)
 from llmc.tokenizer import gpt2_encoding  # noqa: E402
-from llmc.utils import has_magic, one_line_errors, refuse_foreign_files  # noqa: E402
+from llmc.utils import one_line_errors  # noqa: E402
 
 DATA_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmlu")
 DATA_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
@@ -104,27 +103,16 @@ def main(argv=None):
     p.add_argument("-s", "--split", default="test", choices=("test", "val", "dev"), help="which split of the tar")
     p.add_argument("--data_dir", default=DATA_CACHE_DIR, help="where data.tar and the .bin go")
     p.add_argument("--url", default=DATA_URL, help="where to download data.tar from")
-    p.add_argument("-m", "--model_type", default="", help="also score this model: gpt2, gpt2-medium, ... or a .bin")
-    p.add_argument("-d", "--device", default="", help="device for -m (default: cuda if there is one, else cpu)")
+    add_scoring_flags(p)
     args = p.parse_args(argv)
 
     out = os.path.join(args.data_dir, f"mmlu_{args.split}.bin")
-    refuse_foreign_files([out], lambda path: has_magic(path, EVAL_MAGIC), f"an llm.c eval file (magic {EVAL_MAGIC})",
-                         "move it away, or choose another --data_dir")
+    refuse_other_file(out)
     source = fetch(args.data_dir, args.url, args.input)
     enc = gpt2_encoding()
     rendered = [render_example(enc, *example) for example in read_examples(source, args.split)]
     os.makedirs(args.data_dir, exist_ok=True)
-    try:
-        nbytes = write_evalfile(out, rendered)
-    except ValueError as e:
-        raise SystemExit(f"{source}: {e}") from None
-    print(f"writing {len(rendered):,} examples to {out} ({nbytes:,} bytes)")
-
-    if args.model_type:
-        import torch
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        evaluate(load_model(args.model_type, device), rendered, device)
+    write_and_score(out, rendered, source, args)
 
 
 if __name__ == "__main__":
