@@ -36,9 +36,9 @@ tolerances are test_gpt2.cu's bf16 ones:
 losses.) Each tensor gets a ratio, the largest over its elements of |ours - ref| / tolerance (test_gpt2.cu
 prints it as a percentage, "% of maximum error"), printed with the tensor and again in a summary at the end. A tensor passes test_gpt2.cu's check when its ratio <= 1.
 The summary says whether all ratios are <= 1 ("llm.c thresholds: pass") and whether all are <= 0.5
-("target (every ratio <= 0.5): met": issue 8's target, twice as tight as llm.c). The per-tensor OK/NOT OK,
+("target (every ratio <= 0.5): met": our target, twice as tight as llm.c). The per-tensor OK/NOT OK,
 "overall okay" and the exit status use --target R (default 1, test_gpt2.cu's thresholds): every ratio must be
-<= R, so --target 0.5 makes the exit status follow the issue's target. --atol/--rtol are the fp32 check's
+<= R, so --target 0.5 makes the exit status follow that target. --atol/--rtol are the fp32 check's
 and --target the bf16 check's: giving one in the other mode is an error.
 
 The CUDA trainer's run settings pass through: -fa/--flash 1|0 (flash attention, its default: 1 where the
@@ -77,7 +77,7 @@ BF16_GRAD_THRESHOLDS = dict(wte=5e-1, wpe=4e-3, ln1w=1e-1, ln1b=4e-2, qkvw=5e-2,
                             attprojw=2e-2, attprojb=3e-2, ln2w=5e-2, ln2b=3e-2, fcw=3e-2, fcb=3e-2,
                             fcprojw=2e-2, fcprojb=1e-2, lnfw=1e-1, lnfb=2e-2)
 BF16_GRAD_REL = 0.079
-BF16_TARGET = 0.5  # issue 8's target ratio: every tensor within half of test_gpt2.cu's tolerance
+BF16_TARGET = 0.5  # our target ratio: every tensor within half of test_gpt2.cu's tolerance
 
 
 def export_command(checkpoint):
@@ -177,7 +177,7 @@ def main(argv=None):
     parser.add_argument("--rtol", type=float, default=None, help="fp32 check: default 1e-4")
     parser.add_argument("--target", type=float, default=None,
                         help="bf16 check: the largest ratio |ours - ref| / tolerance that passes, for the verdicts and "
-                             "the exit status (default 1 = test_gpt2.cu's thresholds; 0.5 = issue 8's target)")
+                             "the exit status (default 1 = test_gpt2.cu's thresholds; 0.5 = our target, twice as tight)")
     parser.add_argument("--steps", type=int, default=-1, help="training steps to check (-1 = all recorded)")
     parser.add_argument("-fa", "--flash", type=int, default=None, choices=[0, 1],
                         help="--trainer cuda: attention, as train_gpt2_cuda.py's -fa: 1 flash where it runs (bf16, "

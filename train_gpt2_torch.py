@@ -3,7 +3,7 @@ GPT-2 in PyTorch: the reference the NumPy and CUDA trainers are checked against,
 as llm.c's train_gpt2.py is for llm.c's C and CUDA code.
 
 It trains a few steps and writes the bridge files (llm.c's formats, through the
-writers in train_gpt2.py) into the current directory:
+writers in llmc/formats.py) into the current directory:
   gpt2_tokenizer.bin            the GPT-2 vocabulary (tiktoken), for decoding samples
   gpt2_<size>.bin               the weights as loaded or initialised, fp32 (version 3)
   gpt2_<size>_bf16.bin          the same weights in bf16 (version 5)

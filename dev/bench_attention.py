@@ -1,6 +1,6 @@
 """
 One layer's causal attention, forward + backward, three ways on one GPU, then the whole d12 training step
-with each of our two paths (issue 15, item 8):
+with each of our two paths:
 
   python dev/bench_attention.py                   # B=16 NH=12 hs=64, T=1024 and 2048; then d12 B=16 T=1024
                                                   # with -fa 1 and -fa 0 (needs the tiny shakespeare .bin files)
@@ -51,8 +51,8 @@ from llmc.formats import bf16_to_f32, f32_to_bf16  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import gpu_status  # noqa: E402
 
-FLASH_TARGET = 1.3        # issue 15: flash's layer forward + backward within 1.3x of SDPA's time
-STEP_TARGET = 1.2         # issue 15: the d12 step's tokens/s with -fa 1 at least 1.2x -fa 0's
+FLASH_TARGET = 1.3        # the aim: flash's layer forward + backward within 1.3x of SDPA's time
+STEP_TARGET = 1.2         # the aim: the d12 step's tokens/s with -fa 1 at least 1.2x -fa 0's
 AGREE_FACTOR = 2.0        # our error may be this many times SDPA bf16's ...
 BF16_STEP = 2.0**-8       # ... plus STEPS bf16 steps (relative): each path rounds at its own places
 STEPS = {"flash": 1, "materialized": 2}   # flash rounds P and dS; the materialized path the scores too

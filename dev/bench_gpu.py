@@ -60,7 +60,7 @@ from bench_common import (Profiler, add_run_args, check_data, find_checkpoint, g
 ADAMW = dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
 DRY_RUN_SHAPE = dict(max_seq_len=32, vocab_size=500, num_layers=2, num_heads=2, channels=32)
 PRECISIONS = ("fp32", "bf16")     # the order the rounds run in: the fp32 baseline, then bf16
-TARGET = 1.07                     # issue 8: ours in bf16 at least 1.07x PyTorch's tokens/s
+TARGET = 1.07                     # the aim: ours in bf16 at least 1.07x PyTorch's tokens/s
 MAX_BATCH_HEADROOM = 2**30        # bytes kept free beside our memory report's total at the largest B
 TORCH_USABLE = 0.9                # the share of free memory PyTorch's estimate may plan on (allocator slack)
 MAX_BATCH_RETRY = 0.85            # the largest-B round's second try, when PyTorch ran out of memory

@@ -352,7 +352,7 @@ d12_ready() {  # d12_ready NAME: are the GPU and the export there? If not, recor
     return 1
 }
 
-# ---- test_gpt2.py on the CUDA trainer in bf16 (test_gpt2.cu's bf16 thresholds, and issue 8's 0.5 target)
+# ---- test_gpt2.py on the CUDA trainer in bf16 (test_gpt2.cu's bf16 thresholds, and our 0.5 target)
 if ! grep -q -- '--precision' test_gpt2.py; then
     record test_gpt2_bf16 SKIP 0 "test_gpt2.py has no --precision in this checkout"
 elif d12_ready test_gpt2_bf16; then

@@ -60,7 +60,7 @@ sys.path.insert(0, ROOT)
 from emulator import count_traffic  # noqa: E402
 from llmc import formats  # noqa: E402
 from llmc.model import GPT2Config, descriptor_config, num_parameters, padded_vocab, param_shapes  # noqa: E402
-from llmc.utils import ConfigError, FormatError  # noqa: E402
+from llmc.utils import ConfigError  # noqa: E402
 from llmc.cuda_common import ceil_div  # noqa: E402
 from llmc.mfu import flops_per_token, peak_flops  # noqa: E402
 
@@ -402,23 +402,18 @@ def emulated_trainer():
     return train_gpt2_cuda
 
 
-def config_of(name):
-    """The config a model names, without building it: a .bin file's header, or a descriptor (d6, d12, ...,
-    gpt3:c768, ...: llmc/model.py's descriptor_config); a ConfigError or FormatError of one line otherwise."""
-    if name.endswith(".bin") or os.path.exists(name):
-        h, _ = formats.read_header(name, formats.MODEL_MAGIC, (3, 5))
-        return GPT2Config(max_seq_len=int(h[2]), vocab_size=int(h[3]), num_layers=int(h[4]),
-                          num_heads=int(h[5]), channels=int(h[6]), padded_vocab_size=int(h[7]))
-    return descriptor_config(name)
-
-
 def model_config(args):
-    """The config of -e (config_of) or of --tiny, without building the model."""
+    """The config of -e (d6, d12, ..., gpt3:c768, ... or a .bin file's header) or of --tiny, without building the
+    model."""
     if args.tiny:
         return TINY_FLASH if args.tiny == 2 else TINY
+    if args.model.endswith(".bin") or os.path.exists(args.model):
+        h, _ = formats.read_header(args.model, formats.MODEL_MAGIC, (3, 5))
+        return GPT2Config(max_seq_len=int(h[2]), vocab_size=int(h[3]), num_layers=int(h[4]),
+                          num_heads=int(h[5]), channels=int(h[6]), padded_vocab_size=int(h[7]))
     try:
-        return config_of(args.model)
-    except (ConfigError, FormatError, FileNotFoundError) as e:
+        return descriptor_config(args.model)
+    except ConfigError as e:
         raise SystemExit(f"perf_model.py: {e}") from None
 
 
@@ -635,7 +630,7 @@ def main(argv=None, trainer=None):
     return dict(formulas=formulas, counted=counted, launches=launches, gemms=gemms, rows=rows, total=total)
 
 
-# the calls of a step by kind (issue 14: at most 60% of the 471 of the d12 B=16 T=1024 bf16 step it started
+# the calls of a step by kind (our bound: at most 60% of the 471 of the d12 B=16 T=1024 bf16 step it started
 # from): the GEMMs (cuBLAS / cuBLASLt), CuPy's fills, copies and sums, and our kernels by what they do
 CALL_KINDS = (("GEMMs", ("gemm",)), ("CuPy", ("cupy",)), ("attention", ("flash_", "softmax", "permute", "unpermute")),
               ("LayerNorm forward", ("layernorm_forward", "fused_residual")),
@@ -645,25 +640,25 @@ CALL_KINDS = (("GEMMs", ("gemm",)), ("CuPy", ("cupy",)), ("attention", ("flash_"
 
 
 def call_counts(formulas):
-    """One line: the step's calls in all, by kind (CALL_KINDS, first match), and against issue 14's bound."""
+    """One line: the step's calls in all, by kind (CALL_KINDS, first match), and against our bound."""
     counts = collections.Counter()
     for f in formulas:
         kind = next((k for k, prefixes in CALL_KINDS if f.kernel.startswith(prefixes)), "other")
         counts[kind] += 1
     kinds = ", ".join(f"{counts[k]} {k}" for k, _ in CALL_KINDS + (("other", ()),) if counts[k])
-    return f"calls per step: {len(formulas)} ({kinds}); issue 14's bound at d12 B=16 T=1024 bf16: 282"
+    return f"calls per step: {len(formulas)} ({kinds}); the bound at d12 B=16 T=1024 bf16: 282"
 
 
 def other_kernels_time(formulas, gemm_precision):
-    """One line: the modeled H100 time of the step's calls other than the GEMMs and attention (the kernels issue
-    14 made run at bandwidth: LayerNorm, bias, GELU, classifier, AdamW, embedding, CuPy's), counted and by the
-    DRAM estimate, against that issue's bound of 8 ms at d12 B=16 T=1024 bf16 with -fa 1 -ge 2."""
+    """One line: the modeled H100 time of the step's calls other than the GEMMs and attention (the kernels made to
+    run at bandwidth: LayerNorm, bias, GELU, classifier, AdamW, embedding, CuPy's), counted and by the
+    DRAM estimate, against our bound of 8 ms at d12 B=16 T=1024 bf16 with -fa 1 -ge 2."""
     attention = dict(CALL_KINDS)["attention"]
     rest = [f for f in formulas if not f.kernel.startswith(("gemm",) + attention)]
     _, total = tabulate(rest, lambda x: x.kernel, gemm_precision)
     h100 = [label for label, _, _ in GPUS].index("H100-SXM")
     return (f"the {total.launches} calls other than GEMMs and attention: {total.seconds[h100] * 1e3:.1f} ms on an "
-            f"H100 counted, {total.dram_seconds[h100] * 1e3:.1f} ms by the DRAM estimate; issue 14's bound at d12 "
+            f"H100 counted, {total.dram_seconds[h100] * 1e3:.1f} ms by the DRAM estimate; the bound at d12 "
             "B=16 T=1024 bf16 -fa 1 -ge 2: 8 ms")
 
 

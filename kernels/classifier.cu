@@ -50,7 +50,7 @@
 //   Modeled at d12 B=16 T=1024 bf16 on an H100 (3.35 TB/s), every access counted: pass 1 reads
 //   16384 x 100,528 B = 1.65 GB, pass 2 reads 1.65 GB and writes 1.65 GB: 4.94 GB = 1.47 ms for the
 //   backward call (0.98 ms if pass 2's reads hit L2: ~2 rows of 100 KB per SM, 26 MB), 0.49 ms for a
-//   forward-only call (write_dlogits = 0); fp32 twice that. Before: ~3 ms (the issue's estimate).
+//   forward-only call (write_dlogits = 0); fp32 twice that. Before: ~3 ms (estimated for the earlier three-pass kernel).
 //
 // Changes from llm.c's kernel: the loss from the log-sum-exp (above); the write_dlogits switch
 // (llm.c always overwrites, and has an optional probs output instead); pad columns zeroed; and a

@@ -53,7 +53,7 @@
 //   The plain version, the launcher's fallback when C is not a multiple of 4 (or scratch is not
 //   16-byte aligned). launch: grid = ceil_div(C, block), block = 256 (any size); one thread per channel.
 //   At d12 that is 3 blocks of 256 threads, each thread adding 1024 partials one after the other:
-//   latency-bound, ~60-160 us per launch on an H100 (the issue's ~1.5-4 ms over 25 launches a step).
+//   latency-bound, ~60-160 us per launch on an H100 (~1.5-4 ms over 25 launches a step).
 //
 // layernorm_backward_sum_split_kernel(floatX* dweight, floatX* dbias, const float* scratch,
 //                                     int num_blocks, int C)

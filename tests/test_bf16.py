@@ -65,7 +65,7 @@ def quiet(f, *args, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
-# training: bf16 tracks fp32 (issue item 8)
+# training: bf16 tracks fp32
 
 B, T = 2, 16
 LR, WEIGHT_DECAY = 3e-3, 0.1
@@ -169,7 +169,7 @@ def test_master_weights_round_stochastically_into_the_bf16_parameters(fifty_step
 
 
 # ----------------------------------------------------------------------------------------------
-# bits: the same job, the same bits (issue item 5)
+# bits: the same job, the same bits
 
 def job_record(cu, precision, steps=12, rank=0):
     losses, model = train(cu, random_params(CONFIG, seed=3), precision, steps, rank=rank)

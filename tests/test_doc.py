@@ -16,7 +16,7 @@ once, so they can be refreshed together.
 
 Reading order. doc/README.md is a list of stops, each a heading "### N. `<path>` ... (~M min)". In a
 stop, `name()` is a function or class of that path and `other/path.py:name()` one of another file;
-each must exist. Files of the planned llmc/ package and emulator/ that are not there yet are skipped.
+each must exist.
 """
 
 import ast
@@ -209,9 +209,6 @@ def test_cu_function_source():
 
 # ---------------------------------------------------------------------------- the reading order
 
-PENDING = ("llmc/", "emulator/")       # planned in /work/plan/LAYOUT.md, checked once they exist
-
-
 def readme_stops():
     """(path, minutes, [(file, name)]) for each stop of doc/README.md."""
     text = open(os.path.join(DOC, "README.md")).read()
@@ -235,8 +232,7 @@ def test_readme_is_an_afternoon():
     minutes = sum(m for _, m, _ in stops)
     assert 150 <= minutes <= 330, f"doc/README.md adds up to {minutes} min"
     for path, _, _ in stops:
-        if not path.startswith(PENDING):
-            assert os.path.exists(os.path.join(REPO, path)), f"doc/README.md: stop {path} does not exist"
+        assert os.path.exists(os.path.join(REPO, path)), f"doc/README.md: stop {path} does not exist"
 
 
 def _readme_refs():
@@ -266,8 +262,6 @@ def defined_names(path):
 @pytest.mark.parametrize("file,names", _readme_refs(), ids=[f for f, _ in _readme_refs()])
 def test_readme_functions_exist(file, names):
     full = os.path.join(REPO, file)
-    if not os.path.exists(full) and file.startswith(PENDING):
-        pytest.skip(f"{file} is planned (LAYOUT.md) but not in this tree yet")
     assert os.path.isfile(full), f"doc/README.md names {file}, which is not a file"
     missing = []
     for name in names:

@@ -393,7 +393,7 @@ def test_perf_model_flash_at_d12(capsys):
     """d12 B=16 T=1024 bf16 with -fa 1 (the default there) against -fa 0: 3 flash launches per layer in place of
     the materialized path's 6 kernels and 6 batched GEMMs; the tensor-core FLOPs of the causal half (forward
     2*2*B*NH*T*T*hs/2, the diagonal tiles computed whole: +6%; the backward 3.5x that, its two kernels each
-    recomputing S); far fewer bytes; and issue 14's target with -ge 2: <= 40 ms on an H100 (printed)."""
+    recomputing S); far fewer bytes; and the step's time target with -ge 2: <= 40 ms on an H100 (printed)."""
     trainer = emulated_cuda_trainer("train_gpt2_cuda_perf_model")
     runs = {}
     for fa, ge in ((0, 0), (1, 0), (1, 2)):
@@ -416,7 +416,7 @@ def test_perf_model_flash_at_d12(capsys):
     assert fa1.dram_read < 0.6 * materialized.dram_read
     h100 = [label for label, _, _ in perf_model.GPUS].index("H100-SXM")
     assert fa1ge2.seconds[h100] < fa1.seconds[h100] < materialized.seconds[h100]
-    assert fa1ge2.seconds[h100] <= 0.040, fa1ge2.seconds[h100]                   # issue 14's target (modeled)
+    assert fa1ge2.seconds[h100] <= 0.040, fa1ge2.seconds[h100]                   # the time target (modeled)
     with capsys.disabled():
         for (fa, ge), r in runs.items():
             t = r["total"]
@@ -427,7 +427,7 @@ def test_perf_model_flash_at_d12(capsys):
 
 
 def test_perf_model_call_counts_at_d12(capsys):
-    """Issue 14's launch count: the d12 B=16 T=1024 bf16 step (flash, -r 1) by kind, as perf_model prints it. -ge 2
+    """The launch count we bound: the d12 B=16 T=1024 bf16 step (flash, -r 1) by kind, as perf_model prints it. -ge 2
     takes the GELU launches and every bias copy (the epilogues); the bias gradients are one launch each, and
     attproj's and fcproj's come with the LayerNorm backward after them (24 = 2 per layer), itself one launch (25);
     AdamW is one launch for the 16 tensors after one copy of their seeds (a CuPy call): 280, within 282 (60% of 471)."""
@@ -438,8 +438,8 @@ def test_perf_model_call_counts_at_d12(capsys):
         lines[ge] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("calls per step")]
         assert len(lines[ge]) == 1 and result["total"].launches == len(result["formulas"])
     assert lines[2][0] == ("calls per step: 280 (147 GEMMs, 5 CuPy, 36 attention, 25 LayerNorm forward, 25 LayerNorm "
-                           "backward, 24 bias, 12 GELU, 2 AdamW and norm, 4 embedding and classifier); issue 14's "
-                           "bound at d12 B=16 T=1024 bf16: 282")
+                           "backward, 24 bias, 12 GELU, 2 AdamW and norm, 4 embedding and classifier); the bound "
+                           "at d12 B=16 T=1024 bf16: 282")
     assert int(lines[2][0].split()[3]) <= 282
     assert lines[0][0].startswith("calls per step: 352 (147 GEMMs, 53 CuPy, 36 attention, 25 LayerNorm forward, "
                                   "25 LayerNorm backward, 24 bias, 36 GELU,")

@@ -3,7 +3,7 @@
 The export (conftest's tiny_export: L2 NH2 C32 maxT32 V50257, B2 T16, 10 AdamW steps) is fp32, and so is
 its debug state; test_gpt2.py rounds the weights to bf16 at load and judges our bf16 passes against that
 fp32 reference with llm.c test_gpt2.cu's bf16 tolerances. Every tensor's ratio (max |ours - ref| /
-tolerance) must be within issue 8's target, 0.5. Then the check must be able to fail: a debug state with
+tolerance) must be within our target, 0.5 (twice as tight as llm.c's). Then the check must be able to fail: a debug state with
 one gradient value moved by 3 tolerances fails it; one moved by 0.75 of a tolerance passes llm.c's
 thresholds but misses the target, and --target 0.5 turns that into exit status 1.
 """
