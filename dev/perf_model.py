@@ -60,7 +60,7 @@ sys.path.insert(0, ROOT)
 from emulator import count_traffic  # noqa: E402
 from llmc import formats  # noqa: E402
 from llmc.model import GPT2Config, descriptor_config, num_parameters, padded_vocab, param_shapes  # noqa: E402
-from llmc.utils import ConfigError  # noqa: E402
+from llmc.utils import ConfigError, FormatError  # noqa: E402
 from llmc.cuda_common import ceil_div  # noqa: E402
 from llmc.mfu import flops_per_token, peak_flops  # noqa: E402
 
@@ -402,18 +402,23 @@ def emulated_trainer():
     return train_gpt2_cuda
 
 
-def model_config(args):
-    """The config of -e (d6, d12, ..., gpt3:c768, ... or a .bin file's header) or of --tiny, without building the
-    model."""
-    if args.tiny:
-        return TINY_FLASH if args.tiny == 2 else TINY
-    if args.model.endswith(".bin") or os.path.exists(args.model):
-        h, _ = formats.read_header(args.model, formats.MODEL_MAGIC, (3, 5))
+def config_of(name):
+    """The config a model names, without building it: a .bin file's header, or a descriptor (d6, d12, ...,
+    gpt3:c768, ...: llmc/model.py's descriptor_config); a ConfigError or FormatError of one line otherwise."""
+    if name.endswith(".bin") or os.path.exists(name):
+        h, _ = formats.read_header(name, formats.MODEL_MAGIC, (3, 5))
         return GPT2Config(max_seq_len=int(h[2]), vocab_size=int(h[3]), num_layers=int(h[4]),
                           num_heads=int(h[5]), channels=int(h[6]), padded_vocab_size=int(h[7]))
+    return descriptor_config(name)
+
+
+def model_config(args):
+    """The config of -e (config_of) or of --tiny, without building the model."""
+    if args.tiny:
+        return TINY_FLASH if args.tiny == 2 else TINY
     try:
-        return descriptor_config(args.model)
-    except ConfigError as e:
+        return config_of(args.model)
+    except (ConfigError, FormatError, FileNotFoundError) as e:
         raise SystemExit(f"perf_model.py: {e}") from None
 
 
