@@ -10,40 +10,36 @@ train_gpt2_cuda.py runs the same training loop with the layers as CUDA kernels.
 """
 
 import codecs
-import contextlib
 import math
 import os
-import signal
 import sys
-import threading
 import time
-import warnings
 from types import SimpleNamespace
 
 import llmc  # first: it picks NumPy's BLAS kernels before NumPy loads
 import numpy as np
 
-from llmc import actstats, checkpoint, collectives, profiler
-from llmc.cli import flag_of, parse_args
-from llmc.dataloader import DataLoader
-from llmc.hellaswag import EvalLoader, stat_losses
-from llmc.formats import MODEL_MAGIC, FormatError, nonfinite_report, read_header, read_model_file, write_model_file
+from llmc import actstats, collectives, profiler, run
+from llmc.cli import parse_args
+from llmc.hellaswag import evaluate_hellaswag, open_hellaswag
+from llmc.formats import read_model_file
 from llmc.model import GPT2Config, descriptor_config, num_parameters, padded_vocab, param_shapes, print_config
 from llmc.logger import Logger
-from llmc.mfu import TokensPerSecond, flops_per_token, format_mfu, mfu_percent, peak_flops
-from llmc.outlier import OutlierDetector
+from llmc.mfu import TokensPerSecond, format_mfu, mfu_percent
+from llmc.outlier import OutlierDetector, outlier_skip_reason
 from llmc.rand import normal_
+from llmc.run import SHAKESPEARE, TINYSTORIES, DeviceSettings
 from llmc.sampler import random_f32, sample_mult
 from llmc.schedulers import get_lr
 from llmc.tokenizer import Tokenizer
-from llmc.utils import ConfigError, WriteError, some_names
+from llmc.utils import ConfigError
 
 # What makes the NumPy below fast lives in llmc/cpu.py, out of the way of the math: NumPy's
 # OpenBLAS sgemm called through ctypes (matmul, matmuls), one thread pool for all the layers
 # (row_blocks runs a layer over blocks of its rows in parallel, in_chunks runs AdamW over
-# cache-sized chunks, zero clears a big buffer), and glibc told to keep freed memory for the
-# next step's temporaries.
-from llmc.cpu import blas_info, in_chunks, keep_freed_memory, matmul, matmuls, row_blocks, zero
+# cache-sized chunks, scratch gives it one reusable array per thread, zero clears a big buffer),
+# and glibc told to keep freed memory for the next step's temporaries.
+from llmc.cpu import blas_info, in_chunks, keep_freed_memory, matmul, matmuls, row_blocks, scratch, zero
 
 
 # ----------------------------------------------------------------------------
@@ -697,7 +693,8 @@ def gpt2_stats_activations(model):
 # chunks of p, g, m and v small enough to stay in the CPU's cache, the chunks shared among the
 # threads. Measured for d12 on 2 cores (ms per update): 64K floats 237 (each NumPy call holds the
 # GIL for a moment, and the two threads wait on each other), 128K 207, 256K 250 (the temporaries
-# no longer fit in the cache).
+# no longer fit in the cache). The chunks run adamw_in_place: adamw's operations written into one
+# scratch array per thread, and the gradients zeroed in the same pass (adamw_and_zero_grad).
 
 ADAMW_CHUNK = 1 << 17                  # floats per chunk: p, g, m, v and two temporaries, 3 MiB
 
@@ -722,6 +719,31 @@ def adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t, grad_scale=
         return
     bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
     param -= m / (np.sqrt(v) / (bias_correction2_sqrt * step_size) + eps / step_size)
+
+
+def adamw_in_place(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t, grad_scale=1.0):
+    """adamw, the same operations in the same order (so the same bits: tests/test_optim.py checks), each
+    written into this thread's scratch array (llmc.cpu.scratch) instead of a new temporary: the chunk's
+    working set stays the four arrays and one scratch, in the cache, and nothing goes through malloc."""
+    tmp = scratch(param.size)
+    g = grad if grad_scale == 1.0 else np.multiply(grad, grad_scale, out=scratch(param.size, slot=1))
+    if weight_decay != 0.0:
+        param *= 1.0 - lr * weight_decay
+    np.subtract(g, m, out=tmp)                   # m += (1 - beta1) * (g - m)
+    tmp *= 1.0 - beta1
+    m += tmp
+    v *= beta2                                   # v = beta2 * v + (1 - beta2) * g^2
+    np.multiply(g, g, out=tmp)
+    tmp *= 1.0 - beta2
+    v += tmp
+    step_size = lr / (1.0 - beta1 ** t)
+    if step_size == 0.0:
+        return
+    np.sqrt(v, out=tmp)                          # param -= m / (sqrt(v) / (bc2 * step_size) + eps / step_size)
+    tmp /= math.sqrt(1.0 - beta2 ** t) * step_size
+    tmp += eps / step_size
+    np.divide(m, tmp, out=tmp)
+    param -= tmp
 
 
 def param_segments(model):
@@ -750,7 +772,7 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_s
         else [(i, start, state, n) for i, _, start, state, n in shard.pieces]
     p, g, m, v = model.params_memory, model.grads_memory, model.m_memory, model.v_memory
     zero_grads = ZERO_GRAD_IN_UPDATE and shard is None      # a ZeRO-1 rank moves only its shard: not all
-    chunk_update = adamw_and_zero_grad if zero_grads else adamw
+    chunk_update = adamw_and_zero_grad if zero_grads else adamw_in_place
     for index, start, state, n in parts:
         w, s = slice(start, start + n), slice(state, state + n)
         in_chunks(chunk_update, (p[w], g[w], m[s], v[s]), ADAMW_CHUNK, learning_rate, beta1, beta2, eps,
@@ -766,7 +788,7 @@ def adamw_and_zero_grad(param, grad, m, v, *hyperparameters):
     """adamw on one chunk, then the chunk's gradients zeroed while they are still in the cache: the
     next step's gpt2_zero_grad, folded into this pass (a whole pass over the gradients fewer per step).
     Only where the update moves every parameter; a ZeRO-1 rank's other gradients are zeroed as before."""
-    adamw(param, grad, m, v, *hyperparameters)
+    adamw_in_place(param, grad, m, v, *hyperparameters)
     grad.fill(0.0)
 
 

@@ -72,6 +72,28 @@ def adamw_against_torch(chunk):
     assert model.params_memory.dtype == model.m_memory.dtype == np.float32
 
 
+@pytest.mark.parametrize("lr, weight_decay, grad_scale", [(3e-3, 0.1, 0.5), (1e-4, 0.0, 1.0), (0.0, 0.1, 0.7)])
+def test_adamw_in_place_gives_the_bits_of_adamw(lr, weight_decay, grad_scale):
+    """The update gpt2_update runs (adamw_in_place: adamw's operations into one scratch array per thread)
+    against the formula written on whole arrays (adamw), bit for bit, over five steps."""
+    r = np.random.default_rng(4)
+    n = 5000
+    p = (r.standard_normal(n) * 0.1).astype(np.float32)
+    formula = [p.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]      # param, m, v
+    in_place = [x.copy() for x in formula]
+    for t in range(1, 6):
+        g = (r.standard_normal(n) * 0.01).astype(np.float32)
+        g_before = g.copy()
+        for update, (param, m1, v1) in ((m.adamw, formula), (m.adamw_in_place, in_place)):
+            update(param, g, m1, v1, lr, 0.9, 0.95, 1e-8, weight_decay, t, grad_scale)
+        np.testing.assert_array_equal(g, g_before)                    # the gradients are read, not written
+        for a, b in zip(formula, in_place):
+            np.testing.assert_array_equal(a, b, err_msg=f"step {t}")
+    assert in_place[1].any()                                          # the moments did move
+    if lr == 0.0:
+        np.testing.assert_array_equal(in_place[0], p)
+
+
 def test_weight_decay_only_on_2d_weights():
     model = tiny_model()
     before = model.params_memory.copy()
