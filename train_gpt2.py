@@ -10,29 +10,33 @@ train_gpt2_cuda.py runs the same training loop with the layers as CUDA kernels.
 """
 
 import codecs
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from types import SimpleNamespace
 
 import llmc  # first: it picks NumPy's BLAS kernels before NumPy loads
 import numpy as np
 
-from llmc import actstats, collectives, profiler, run
-from llmc.cli import parse_args
-from llmc.hellaswag import evaluate_hellaswag, open_hellaswag
-from llmc.formats import read_model_file
+from llmc import actstats, checkpoint, collectives, profiler
+from llmc.cli import flag_of, parse_args
+from llmc.dataloader import DataLoader
+from llmc.hellaswag import EvalLoader, stat_losses
+from llmc.formats import MODEL_MAGIC, FormatError, nonfinite_report, read_header, read_model_file, write_model_file
 from llmc.model import GPT2Config, descriptor_config, num_parameters, padded_vocab, param_shapes, print_config
 from llmc.logger import Logger
-from llmc.mfu import TokensPerSecond, format_mfu, mfu_percent
-from llmc.outlier import OutlierDetector, outlier_skip_reason
+from llmc.mfu import TokensPerSecond, flops_per_token, format_mfu, mfu_percent, peak_flops
+from llmc.outlier import OutlierDetector
 from llmc.rand import normal_
-from llmc.run import SHAKESPEARE, TINYSTORIES, DeviceSettings
 from llmc.sampler import random_f32, sample_mult
 from llmc.schedulers import get_lr
 from llmc.tokenizer import Tokenizer
-from llmc.utils import ConfigError
+from llmc.utils import ConfigError, WriteError, some_names
 
 # What makes the NumPy below fast lives in llmc/cpu.py, out of the way of the math: NumPy's
 # OpenBLAS sgemm called through ctypes (matmul, matmuls), one thread pool for all the layers
