@@ -10,33 +10,29 @@ train_gpt2_cuda.py runs the same training loop with the layers as CUDA kernels.
 """
 
 import codecs
-import contextlib
 import math
 import os
-import signal
 import sys
-import threading
 import time
-import warnings
 from types import SimpleNamespace
 
 import llmc  # first: it picks NumPy's BLAS kernels before NumPy loads
 import numpy as np
 
-from llmc import actstats, checkpoint, collectives, profiler
-from llmc.cli import flag_of, parse_args
-from llmc.dataloader import DataLoader
-from llmc.hellaswag import EvalLoader, stat_losses
-from llmc.formats import MODEL_MAGIC, FormatError, nonfinite_report, read_header, read_model_file, write_model_file
+from llmc import actstats, collectives, profiler, run
+from llmc.cli import parse_args
+from llmc.hellaswag import evaluate_hellaswag, open_hellaswag
+from llmc.formats import read_model_file
 from llmc.model import GPT2Config, descriptor_config, num_parameters, padded_vocab, param_shapes, print_config
 from llmc.logger import Logger
-from llmc.mfu import TokensPerSecond, flops_per_token, format_mfu, mfu_percent, peak_flops
-from llmc.outlier import OutlierDetector
+from llmc.mfu import TokensPerSecond, format_mfu, mfu_percent
+from llmc.outlier import OutlierDetector, outlier_skip_reason
 from llmc.rand import normal_
+from llmc.run import SHAKESPEARE, TINYSTORIES, DeviceSettings
 from llmc.sampler import random_f32, sample_mult
 from llmc.schedulers import get_lr
 from llmc.tokenizer import Tokenizer
-from llmc.utils import ConfigError, WriteError, some_names
+from llmc.utils import ConfigError
 
 # What makes the NumPy below fast lives in llmc/cpu.py, out of the way of the math: NumPy's
 # OpenBLAS sgemm called through ctypes (matmul, matmuls), one thread pool for all the layers
@@ -518,12 +514,13 @@ def gpt2_build_from_checkpoint(path):
     return GPT2(config, params)
 
 
-def gpt2_build_from_descriptor(descriptor, seed=42):
+def gpt2_build_from_descriptor(descriptor, seed=42, settings=None):
     """A GPT-2 from scratch: "d12" (or "gpt2:d12") is the 124M shape, d6/d24/d36/d48 the others, and
     "gpt3:c768" a GPT-3 shape by its width (llmc/model.py's descriptor_config: maxT 2048). Initialized like PyTorch's GPT-2 (llm.c's train_gpt2.py): weights N(0, 0.02) drawn in module
     order (wte, wpe, then per layer qkvw, attprojw, fcw, fcprojw), the two projections back into
     the residual stream scaled by 1/sqrt(2L), biases 0, LayerNorm weights 1, wte's pad rows 0.
-    A path to a .bin file is loaded instead."""
+    A path to a .bin file is loaded instead. settings: device_setup's, which the NumPy model needs none of
+    (the CUDA trainer's take its precision from them)."""
     if descriptor.endswith(".bin") or os.path.exists(descriptor):
         return gpt2_build_from_checkpoint(descriptor)
     config = descriptor_config(descriptor)
@@ -833,49 +830,12 @@ def grad_clip_scale(norm, grad_clip):
     return min(1.0, grad_clip / (norm + 1e-6))
 
 
-def outlier_skip_reason(zloss, zgrad, skip_update_lossz, skip_update_gradz):
-    """llm.c's outlier guard (train_gpt2.cu): why this step's update is skipped, or None. A guard is on when
-    its threshold is not 0; a NaN z-score (the window still filling) never skips; the loss is checked first."""
-    if math.isfinite(zloss) and skip_update_lossz != 0.0 and zloss > skip_update_lossz:
-        return f"skipping update due to loss z-score of {zloss:f}"
-    if math.isfinite(zgrad) and skip_update_gradz != 0.0 and zgrad > skip_update_gradz:
-        return f"skipping update due to grad z-score of {zgrad:f}"
-    return None
-
-
 # ----------------------------------------------------------------------------
-# the training loop: train_gpt2.c's main, shared with train_gpt2_cuda.py
+# main: train_gpt2.c's main, shared with train_gpt2_cuda.py
 #
-# train(args, trainer) runs with any trainer module that provides these (this module is NumPy's):
-#   the model:  gpt2_build_from_descriptor(descriptor) -> model (with model.config, num_parameters,
-#               params_memory), gpt2_forward(model, inputs, targets, B, T) (sets model.mean_loss),
-#               gpt2_zero_grad(model), gpt2_backward(model), gpt2_calculate_grad_norm(model) -> float,
-#               gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale)
-#   AdamW:      BETA1, BETA2, ADAM_EPS, GRAD_CLIP (fixed in llm.c, no flags)
-#   the device: device_setup(args, world) -> lines for the config block, device_info() -> (device name, the
-#               GEMMs' precision "bf16"/"tf32"/"fp32"; after device_setup; llmc/mfu.py looks up its
-#               peak FLOP/s for the MFU), StepTimer (start(), stop() -> ms),
-#               next_token_probs(model, tokens, t) -> (V,) float32 on the host, to_numpy(array)
-#   checkpoints: gpt2_optimizer_state(model) -> (m, v) float32 host arrays,
-#               gpt2_load_optimizer_state(model, m, v) (after gpt2_allocate_state, where there is one)
-#   optional:   log_gpu_info(step, logger): after each step line (the CUDA trainer's -lg, llmc/gpuinfo.py)
-#   optional:   gpt2_allocate_state(model, B, T, shard): allocate everything before the first step (the CUDA
-#               trainer: its memory report, and a run too big for the GPU stops before writing anything);
-#               without it (NumPy, as train_gpt2.c) buffers are allocated at first use
-#   data parallel (several processes, llmc/collectives.py): gpt2_grad_sum_squares(model, lo, hi) -> float
-#               (optional gpt2_pieces_sum_squares(model, [(lo, hi), ...]) -> float: their sum in one go),
-#               and for ZeRO-1 gpt2_update(..., shard=layout) and gpt2_optimizer_state(model, layout.num_state)
-#               (layout: collectives.ShardLayout, llm.c's pieces of every layer of every tensor);
-#               a trainer without them runs as one process only; COLLECTIVES, the engine its arrays need
-#               ("gloo" for NumPy arrays, "nccl" for CuPy's: llmc/collectives.py; "gloo" when absent)
-#   mixed precision (optional, the CUDA trainer): model.precision ("bf16" or "fp32": the files it writes),
-#               model.use_master_weights, gpt2_master_state(model) -> (master weights or None, rng_state,
-#               rng_state_last_update) and gpt2_load_master_state(model, master, rng_state, rng_state_last_update)
-#               (master weights in the compact layout of gpt2_optimizer_state's m and v)
-TRAINER_API = ("gpt2_build_from_descriptor", "gpt2_forward", "gpt2_zero_grad", "gpt2_backward",
-               "gpt2_calculate_grad_norm", "gpt2_update", "BETA1", "BETA2", "ADAM_EPS", "GRAD_CLIP",
-               "device_setup", "device_info", "StepTimer", "next_token_probs", "to_numpy",
-               "gpt2_optimizer_state", "gpt2_load_optimizer_state")
+# train() runs with any trainer module that has llmc/run.py's Trainer interface: the model's functions by
+# llm.c's names, AdamW's fixed settings and the device's pieces. This module is NumPy's: the functions above,
+# and below what the loop needs from a device.
 
 # train_gpt2.c's job, by llm.c's names (llmc/cli.py gives each its flag: -b is B, -l learning_rate, ...)
 TRAIN_GPT2_C_DEFAULTS = {
@@ -897,10 +857,7 @@ TRAIN_GPT2_C_DEFAULTS = {
     "activation_stats_every": 0,                        # -as N: per-layer statistics into -o (llmc/actstats.py)
     "profile": 0,
 }
-HELLASWAG_PATH = os.path.join("dev", "data", "hellaswag", "hellaswag_val.bin")   # train_gpt2.cu's, from the cwd
-# what --help shows for the defaults decided at run time
-SHAKESPEARE = "data/tinyshakespeare/tiny_shakespeare_{}.bin"
-TINYSTORIES = "data/tinystories/TinyStories_{}.bin"
+# what --help shows for the defaults decided at run time (llmc/run.py's default_data_paths)
 SHOWN_DEFAULTS = {
     "train_data_pattern": f"{SHAKESPEARE.format('train')} if it exists, else {TINYSTORIES.format('train')}",
     "val_data_pattern": f"{SHAKESPEARE.format('val')} if it exists, else {TINYSTORIES.format('val')}",
@@ -910,49 +867,40 @@ SHOWN_DEFAULTS = {
 
 # AdamW settings fixed in train_gpt2.c (no flags): betas (0.9, 0.999), eps 1e-8, no clipping
 BETA1, BETA2, ADAM_EPS, GRAD_CLIP = 0.9, 0.999, 1e-8, 0.0
-
-
-def default_data_paths():
-    """tiny shakespeare when it is there, else TinyStories (train_gpt2.c's choice)."""
-    base = SHAKESPEARE if os.path.exists(SHAKESPEARE.format("train")) else TINYSTORIES
-    return base.format("train"), base.format("val")
-
-
-# a default model file that is not there: what to try instead, in order (the pretrained weights come from
-# python train_gpt2_torch.py --model gpt2; gpt2_d12.bin, the same shape from scratch, from --model d12)
-CHECKPOINT_FALLBACKS = {"gpt2_124M_bf16.bin": ("gpt2_124M.bin", "gpt2_d12.bin"), "gpt2_124M.bin": ("gpt2_d12.bin",)}
-
-
-def resolve_checkpoint(name):
-    """The model file to load for -e name: the first of its fallbacks that exists when it does not (saying so)."""
-    if os.path.exists(name):
-        return name
-    for other in CHECKPOINT_FALLBACKS.get(name, ()):
-        if os.path.exists(other):
-            print(fallback_note(name, other))
-            return other
-    return name
-
-
-def fallback_note(name, other):
-    if other != "gpt2_d12.bin":
-        return f"{name} not found: using {other} (the same weights in fp32)"
-    return (f"WARNING: {name} not found: using {other}, a RANDOM init of the same shape, so this run trains from "
-            f"scratch, not from OpenAI's weights (python train_gpt2_torch.py --model gpt2 gets them, with the network)")
+COLLECTIVES = "gloo"          # data parallel (llmc/collectives.py): NumPy arrays travel through torch's gloo
+REDUCES_IN_BACKWARD = False   # gloo blocks the host, so the gradients are summed after the backward
 
 
 def device_setup(args, world=None):
-    """Runs before the model is built; returns the lines print_config adds under [GPT-2].
-    NumPy: switch on the profiler if asked, and say which BLAS runs the matmuls."""
+    """Runs before the model is built: switches on the profiler if asked (--profile). The settings say which
+    BLAS runs the matmuls (a line under [GPT-2]), and that the device is the CPU, which has no entry in
+    llmc/mfu.py's peak table, so the step line prints "MFU n/a"."""
     if args.profile:
         profiler.enable(sys.modules[__name__])
-    return [blas_info(llmc.OPENBLAS_CORETYPE_SET_HERE)]
+    return DeviceSettings(lines=[blas_info(llmc.OPENBLAS_CORETYPE_SET_HERE)])
 
 
-def device_info():
-    """(device name, precision) for the MFU: the CPU, which has no entry in llmc/mfu.py's peak table,
-    so the step line prints "MFU n/a"."""
-    return "CPU", "fp32"
+def gpt2_allocate_state(model, B, T, shard=None, dlogits_in_forward=False):
+    """Nothing here: as train_gpt2.c, the activations come at the first forward and AdamW's m and v at the
+    first update (the CUDA trainer allocates all of it now, so a run too big for the GPU stops at once)."""
+
+
+def gpt2_pieces_sum_squares(model, ranges):
+    """sum g^2 over the gradients' [lo, hi) ranges: ZeRO-1's pieces of every tensor this rank holds."""
+    return sum(gpt2_grad_sum_squares(model, lo, hi) for lo, hi in ranges)
+
+
+def gpt2_master_state(model):
+    """fp32 keeps no master weights and rounds nothing: (None, 0, 0), a state file's defaults."""
+    return None, 0, 0
+
+
+def gpt2_load_master_state(model, master, rng_state, rng_state_last_update):
+    """Nothing to put back (see gpt2_master_state)."""
+
+
+def log_gpu_info(step, logger, settings):
+    """No GPU readings to log (the CUDA trainer's -lg)."""
 
 
 class StepTimer:
@@ -1007,374 +955,46 @@ def evaluate(trainer, model, val_loader, val_max_steps, B, T):
     return val_loss / val_max_steps
 
 
-def evaluate_hellaswag(trainer, model, hellaswag, B, T, world):
-    """llm.c's HellaSwag eval (llmc/hellaswag.py): B/4 examples per batch, the completion with the lowest mean
-    loss over its own tokens is the prediction; the ranks score their own examples and add the counts."""
-    correct = 0
-    progress = sys.stdout.isatty()
-    for i, (x, y, mask, labels) in enumerate(hellaswag):
-        if progress and i % 10 == 0:
-            print(f"evaluating HellaSwag: {i}/{hellaswag.num_batches}", end="\r", flush=True)
-        trainer.gpt2_forward(model, x, y, B, T)
-        correct += stat_losses(trainer.to_numpy(model.acts.losses), mask, labels)
-    correct = world.sum(correct)
-    accuracy = correct / hellaswag.num_examples
-    print(f"HellaSwag: {int(correct)}/{hellaswag.num_examples} = {accuracy:f}")
-    return accuracy
-
-
-# checkpoints (llmc/checkpoint.py): what train() writes every -n steps and reads back with -y 1
-
-def finite_params(trainer, model, step, what):
-    """The parameters on the host, for a file; a run whose weights went NaN or inf writes no file over a
-    good one: it stops with one line instead."""
-    params = trainer.to_numpy(model.params_memory)
-    bad = nonfinite_report(model.config, params)
-    if bad:
-        raise DivergedError(f"step {step}: {bad}: the run diverged, so {what} was not written; lower -l, or "
-                            f"resume from an earlier checkpoint with -y 1")
-    return params
-
-
-def save_checkpoint(trainer, model, train_loader, args, step, world, shard, settings):
-    """state_ (every rank), model_ (rank 0) and DONE_ of this step into -o, then the old ones -nk and -nm
-    say to delete, and what killed runs left there. shard: ZeRO-1's collectives.ShardLayout, whose pieces'
-    m and v this rank holds, or None (all of them). settings: the run's schedule, recorded for -y 1 to compare."""
-    out = args.output_log_dir
-    t0 = time.perf_counter()
-    params = finite_params(trainer, model, step, f"checkpoint {step}")
-    m, v = trainer.gpt2_optimizer_state(model, shard.num_state) if shard else trainer.gpt2_optimizer_state(model)
-    state = checkpoint.TrainState(step=step, m=m, v=v, loader=train_loader.state(), num_processes=world.size,
-                                  rank=world.rank, settings=settings)
-    if hasattr(trainer, "gpt2_master_state"):   # the CUDA trainer: master weights, stochastic rounding's generator
-        state.master_weights, state.rng_state, state.rng_state_last_update = trainer.gpt2_master_state(model)
-    try:
-        checkpoint.write_checkpoint(out, step, model.config, params, state, dtype=model_file_dtype(model),
-                                    barrier=world.barrier)
-    except WriteError as e:
-        done = checkpoint.done_steps(out)
-        kept = f"checkpoint {done[-1]} is whole: make room and -y 1 resumes from it" if done else \
-            "there is no earlier checkpoint"
-        raise WriteError(f"{e}; checkpoint {step} not written (its files removed), {kept}") from None
-    if world.rank != 0:
-        return
-    size = sum(os.path.getsize(p) for p in (checkpoint.model_path(out, step), checkpoint.state_path(out, step)))
-    print(f"wrote checkpoint {step} to {out} ({size / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s)")
-    for old in checkpoint.checkpoints_to_delete(checkpoint.done_steps(out), args.checkpoints_keep,
-                                                args.major_checkpoint_every):
-        checkpoint.delete_checkpoint(out, old)
-        print(f"deleted checkpoint {old}")
-    clean_litter(out)
-
-
-def load_checkpoint(trainer, model, train_loader, output_dir, step, world, shard, settings):
-    """AdamW's m and v (this rank's shard of them under ZeRO-1) and the train loader's place from this
-    rank's state_ of `step`; returns the step to go on from. Says which of the run's settings (its
-    schedule) differ from the run that wrote the checkpoint: a new schedule can be meant, so it goes on."""
-    t0 = time.perf_counter()
-    path = checkpoint.state_path(output_dir, step, world.rank)
-    state = checkpoint.read_state_file(path, shard.num_state if shard else model.num_parameters,
-                                       world.size, world.rank, fix=checkpoint.resume_advice(output_dir, step))
-    if state.step != step:
-        raise FormatError(f"{path}: holds step {state.step}, its name says {step}; a corrupt checkpoint")
-    keeps_master = getattr(model, "use_master_weights", False)
-    writes_master = getattr(model, "master_in_state", keeps_master)   # fp32 -w 1: its parameters, as llm.c's
-    if state.master_weights is not None and not writes_master:
-        print(f"{path}: has master weights, which this run does not keep: ignored")
-    if state.master_weights is None and keeps_master:
-        raise ConfigError(f"{path}: has no master weights, which this run keeps (bf16, -w 1): resume with -w 0, "
-                          f"or with the precision that wrote it")
-    trainer.gpt2_load_optimizer_state(model, state.m, state.v)
-    if hasattr(trainer, "gpt2_load_master_state"):
-        trainer.gpt2_load_master_state(model, state.master_weights, state.rng_state, state.rng_state_last_update)
-    train_loader.resume(*state.loader)
-    print(f"resumed from checkpoint {step} in {output_dir} ({time.perf_counter() - t0:.2f} s)")
-    for name, value in settings.items():
-        before = (state.settings or {}).get(name, value)    # llm.c's own state files record none
-        if before != value:
-            show = str if isinstance(value, str) else "{:g}".format
-            print(f"-y 1: {flag_of(name)} changes from {show(before)} (the checkpoint's run) to {show(value)}")
-    return state.step
-
-
-def clean_litter(output_dir):
-    """Remove what killed runs left in -o (checkpoint.clean_litter), saying so in one line."""
-    removed = checkpoint.clean_litter(output_dir)
-    if removed:
-        print(f"removed {len(removed)} file(s) a killed run left in {output_dir}: {some_names(removed, 4)}")
-
-
-class DivergedError(ConfigError):
-    """The loss, the gradient norm or the weights went NaN or inf: the run stops, writing nothing."""
-
-
-def diverged(step, what, args):
-    """The line of a run that went NaN or inf at `step`."""
-    done = checkpoint.done_steps(args.output_log_dir)
-    resume = f", or -y 1 resumes from checkpoint {done[-1]} (with a lower -l)" if done else ""
-    return (f"step {step}: {what}: the run diverged (NaN or inf) and stops, writing nothing; lower -l "
-            f"(it is {args.learning_rate:g}){resume}")
-
-
-def stop_requested(ctrl_c, world):
-    """Has Ctrl-C been pressed (on any rank: they all stop at the same step)?"""
-    if ctrl_c is None:
-        return False
-    return world.sum(float(ctrl_c.requested)) > 0 if world.size > 1 else ctrl_c.requested
-
-
-def stop_on_ctrl_c(trainer, model, train_loader, args, step, num_steps, world, shard, settings):
-    """The loop's end after a Ctrl-C: with -o, a checkpoint of the step reached; run() prints the line."""
-    kept = "no -o, so nothing was written"
-    if args.output_log_dir:
-        save_checkpoint(trainer, model, train_loader, args, step, world, shard, settings)
-        kept = f"checkpoint {step} is in {args.output_log_dir}: -y 1 goes on from it"
-    raise KeyboardInterrupt(f"stopped by Ctrl-C after step {step} of {num_steps}: {kept}")
-
-
-class StopOnCtrlC:
-    """Ctrl-C while training: the first asks the loop to stop at the end of the step under way (with -o,
-    after a checkpoint that -y 1 goes on from), the second stops at once (run() says so in one line).
-    Python takes signal handlers in the main thread only: elsewhere (ranks run as threads in the tests)
-    Ctrl-C keeps its usual meaning."""
-
-    def __enter__(self):
-        self.requested, self.in_loop, self.previous = False, False, None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.handler)
-        return self
-
-    def handler(self, signum, frame):
-        if self.requested or not self.in_loop:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping at the end of this step (press it again to stop at once)", flush=True)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def model_file_dtype(model):
-    """The run's precision as write_model_file names it: a bf16 run writes bf16 (version 5) files, as llm.c."""
-    return "bfloat16" if getattr(model, "precision", "fp32") == "bf16" else "float32"
-
-
-def time_left(step_times, steps_left):
-    """The run's ETA for the step line: the steps left at the mean time of the steps so far (without the
-    first, which compiles and allocates, once there are others), as "1h02m", "3m05s" or "12s". Validation
-    and sampling are not counted: a run that does much of them takes a little longer."""
-    tail = step_times[1:] or step_times
-    seconds = round(steps_left * sum(tail) / len(tail) / 1e3)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def check_resume_precision(model, path):
-    """A checkpoint's model file must be in the run's precision (llm.c refuses the other one too)."""
-    version = read_header(path, MODEL_MAGIC, (3, 5))[0][1]
-    written = "bf16" if version == 5 else "fp32"
-    ours = getattr(model, "precision", "fp32")
-    if written != ours:
-        raise ConfigError(f"{path} is {written} (version {version}) and this run is {ours}: resume with -p {written}")
-
-
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_C_DEFAULTS, SHOWN_DEFAULTS)
-    run(args)
-
-
-def run(args, trainer=None):
-    """train(args, trainer), with its one-line errors printed as `error: ...` and exit status 1. Started by
-    torchrun, this process is one rank of a data-parallel run (llmc/collectives.py); only rank 0 prints."""
-    world = None
-    try:
-        # the engine of the collectives: gloo on the CPU; train_gpt2_cuda.py on GPUs says "nccl"
-        world = collectives.init(getattr(trainer, "COLLECTIVES", "gloo"), args)
-        with open(os.devnull, "w") if world.rank != 0 else contextlib.nullcontext(sys.stdout) as out, \
-                contextlib.redirect_stdout(out), StopOnCtrlC() as ctrl_c, warnings.catch_warnings():
-            # NumPy's overflow warnings (from every thread of llmc/cpu.py) stay quiet: a loss or norm gone NaN
-            # or inf stops the run with one line of its own
-            warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
-            train(args, trainer, world, ctrl_c)
-    except (ConfigError, FormatError, FileNotFoundError, WriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as e:   # Ctrl-C: the loop's own line (StopOnCtrlC), or a second press
-        print(str(e) or "stopped at once by Ctrl-C: nothing written since the last checkpoint", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:
-        if world is None or world.size == 1 or not collectives.lost_a_peer(e):
-            raise
-        # another rank stopped (its own error is above): say so in one line instead of a traceback, and exit;
-        # torchrun and mpirun then stop whatever is left, so no rank waits for a partner that is gone
-        print(f"error: rank {world.rank}: a collective failed because another process stopped (its error is above): "
-              f"{str(e).strip().splitlines()[0][:200]}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if world is not None:
-            world.close()
-
-
-def check_args(args):
-    """The flags a run cannot start with, one line each (what they name is checked as it is read)."""
-    if args.B < 1 or args.T < 1:
-        raise ConfigError(f"-b and -t must be positive, got B={args.B}, T={args.T}")
-    if args.max_steps == 0 or args.max_steps < -1:
-        raise ConfigError(f"-x {args.max_steps}: give a positive number of steps, or -1 for one epoch")
-    if args.learning_rate < 0:
-        raise ConfigError(f"-l {args.learning_rate:g}: the learning rate must be 0 or positive")
-    if args.zero_stage not in (0, 1):
-        raise ConfigError(f"-z {args.zero_stage}: ZeRO stage 0 or 1 (llm.c's stages 2 and 3 are not implemented)")
-    checkpoint.check_flags(args)
-
-
-def at_most(args, name, limit, limit_name, what):
-    """args.<name>, checked against `limit`: a default larger than it shrinks to it (with a note), a value
-    the user asked for must fit. Used for -t (the model's max_seq_len) and -g (the sampler's T tokens)."""
-    value, flag = getattr(args, name), flag_of(name)
-    if value <= limit:
-        return value
-    if name in args.given:
-        raise ConfigError(f"{what} {flag} {value} exceeds {limit_name} {limit}; use {flag} {limit} or less")
-    print(f"{name} = {limit}: {limit_name} (the default {flag} {value} is longer)")
-    return limit
-
-
-def check_output_dir(args, rank):
-    """-o: a new run (no -y 1) does not write over an earlier run's files (its -nk would even delete
-    checkpoints it did not write), and what killed runs left there goes (rank 0's job)."""
-    out = args.output_log_dir
-    if not out or rank != 0:
-        return
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"-o {out}: a file, not a directory; give a directory for the logs and checkpoints")
-    earlier = checkpoint.earlier_run_files(out)
-    if earlier and args.resume != 1:
-        raise ConfigError(f"-o {out} holds an earlier run's files ({some_names(earlier)}): -y 1 resumes that run; "
-                          f"for a new one give another -o, or delete them")
-    clean_litter(out)
-
-
 def train(args, trainer=None, world=None, ctrl_c=None):
-    """llm.c's main loop. trainer: the module that runs the model, this one (NumPy) by default.
-    world: this process's place in a data-parallel run (llmc.collectives.World), one process by default.
-    ctrl_c: run()'s StopOnCtrlC, whose first Ctrl-C stops the loop at the end of a step."""
+    """train_gpt2.c's main(): the model, the data, then per step the evals, sample and checkpoint when due, the
+    micro-steps' forward and backward, the norm, the update, the step line; what is not the lesson is a call
+    into llmc/run.py. trainer: llmc/run.py's Trainer (this NumPy module by default); world: the process's
+    llmc.collectives.World (one process by default); ctrl_c: llmc.run.StopOnCtrlC (stop at a step's end)."""
     tr = trainer or sys.modules[__name__]
     world = world or collectives.World()
-    missing = [name for name in TRAINER_API if not hasattr(tr, name)]
-    assert not missing, f"{tr.__name__} lacks {missing} (see TRAINER_API)"
+    run.check_trainer(tr)
+    run.check_args(args)
+    device = tr.device_setup(args, world)
+
+    # the model: -e's file or descriptor, or with -y 1 the newest checkpoint's in -o
+    model_file, resume_step = run.model_to_load(args, world)
+    model = run.build_model(tr, model_file, resume_step, device, args.output_log_dir)
+    print_config(model.config, device.lines)
     B = args.B
-    check_args(args)
-    if world.size > 1 and not hasattr(tr, "gpt2_grad_sum_squares"):
-        raise ConfigError(f"{os.path.basename(tr.__file__)} does not run data parallel yet: start it as one process")
-    extra_lines = tr.device_setup(args, world)
-
-    # -y 1: resume from the newest complete checkpoint in -o (its model file replaces -e)
-    check_output_dir(args, world.rank)
-    resume_step = None
-    if args.resume == 1:
-        done = checkpoint.done_steps(args.output_log_dir)
-        resume_step = done[-1] if done else None
-        if resume_step is None:
-            print(f"-y 1: no checkpoint (DONE_ file) in {args.output_log_dir}: starting fresh")
-    model_file = resolve_checkpoint(args.load_filename) if resume_step is None else \
-        checkpoint.model_path(args.output_log_dir, resume_step)
-
-    # the model
-    try:
-        model = tr.gpt2_build_from_descriptor(model_file)
-    except (FormatError, FileNotFoundError) as e:    # a checkpoint's bad model file: fall back to an earlier one
-        if resume_step is None or not hasattr(e, "problem"):
-            raise
-        raise FormatError(f"{e.problem}; {checkpoint.resume_advice(args.output_log_dir, resume_step)}") from None
-    if resume_step is not None:
-        check_resume_precision(model, model_file)
-    print_config(model.config, extra_lines)
-    T = at_most(args, "T", model.config.max_seq_len, "the model's max_seq_len", "sequence length")
+    T = run.at_most(args, "T", model.config.max_seq_len, "the model's max_seq_len", "sequence length")
     # the sampler writes into a (B, T) buffer: at most T tokens
-    genT = at_most(args, "genT", T, "the sequence length T", "tokens to sample") if args.sample_every > 0 else 0
+    genT = run.at_most(args, "genT", T, "the sequence length T", "tokens to sample") if args.sample_every > 0 else 0
 
-    # the data
-    train_pattern, val_pattern = default_data_paths()
-    train_pattern = args.train_data_pattern or train_pattern
-    val_pattern = args.val_data_pattern or val_pattern
-    if args.overfit_single_batch:
-        train_pattern = val_pattern                       # llm.c: overfit the first val batch
-    # data parallel: rank r reads the r-th B*T of every world.size*B*T tokens (and shuffles with seed 42 + r)
-    train_loader = DataLoader(train_pattern, B, T, world.rank, world.size, should_shuffle=not args.overfit_single_batch)
-    val_loader = DataLoader(val_pattern, B, T, world.rank, world.size, should_shuffle=False)
-    tokens_per_micro_step = B * T * world.size            # over all ranks
-    val_batches = val_loader.num_tokens // tokens_per_micro_step
-    print(f"train dataset: {train_pattern} ({train_loader.num_tokens:,} tokens, "
-          f"{train_loader.num_tokens // tokens_per_micro_step} batches)")
-    print(f"val dataset:   {val_pattern} ({val_loader.num_tokens:,} tokens, {val_batches} batches)")
-    val_max_steps = min(args.val_max_steps, val_batches) if args.val_max_steps > 0 else val_batches
-
-    total_batch = args.total_batch_size if args.total_batch_size > 0 else B * T
-    if total_batch % tokens_per_micro_step != 0:
-        what = "B*T" if world.size == 1 else f"B*T*processes = {B}*{T}*{world.size}"
-        raise ConfigError(f"-d {total_batch} is not a multiple of {what} = {tokens_per_micro_step}")
-    grad_accum_steps = total_batch // tokens_per_micro_step
+    # the data, and each step's total_batch tokens as grad_accum_steps micro-steps of B*T on every rank
+    train_loader, val_loader, val_max_steps = run.data_loaders(args, B, T, world)
+    total_batch, grad_accum_steps, num_steps = run.batch_plan(args, B, T, world, train_loader)
     micro_steps = grad_accum_steps * world.size           # over all ranks: what the summed gradients average
-    # NCCL (GPUs): the last micro-step's backward reduces each layer as it finishes (collectives.
-    # OverlappedReduction); gloo blocks the host, so the CPU paths reduce after the backward
-    overlap = world.size > 1 and world.overlaps and getattr(tr, "REDUCES_IN_BACKWARD", False)
-    num_steps = args.max_steps if args.max_steps > 0 else train_loader.num_tokens // total_batch
-    processes = "" if world.size == 1 else f" on each of {world.size} processes"
-    print(f"batch: B={B} T={T}, total {total_batch} tokens = {grad_accum_steps} micro-step(s){processes}; "
-          f"{num_steps} steps")
-    # the schedule, recorded in each checkpoint's state so that -y 1 can say what changed
-    settings = {name: getattr(args, name) for name, _, _ in checkpoint.SETTINGS}
-    settings.update(total_batch_size=total_batch, max_steps=num_steps)
-    # ZeRO-1 (-z 1): this rank's AdamW updates only its 1/world.size of every layer of every tensor (llm.c's)
-    shard = None
-    if world.size > 1:
-        if args.zero_stage == 1:
-            shard = collectives.ShardLayout(model.param_shapes, world.rank, world.size)
-        engine = "NCCL" if isinstance(world, collectives.NcclWorld) else "torch.distributed, gloo"
-        print(f"data parallel: {world.size} processes ({engine}), ZeRO stage {args.zero_stage}"
-              + (f": {shard.num_state:,} parameters' m and v on each" if shard else ""))
-    if hasattr(model, "dlogits_in_forward"):  # the loop never reads the logits of a forward with targets, so the
-        model.dlogits_in_forward = True       # CUDA trainer's classifier writes dlogits in that pass (llm.c's one)
-    if hasattr(tr, "gpt2_allocate_state"):   # train_gpt2_cuda.py allocates its state now, as llm.c's train_gpt2.cu:
-        tr.gpt2_allocate_state(model, B, T, shard)  # the memory report, and a run too big for the GPU stops here
-    start_step = 0 if resume_step is None else load_checkpoint(tr, model, train_loader, args.output_log_dir,
-                                                                resume_step, world, shard, settings)
-    if start_step > num_steps:
-        raise ConfigError(f"the checkpoint in {args.output_log_dir} is at step {start_step}, past -x {num_steps}: "
-                          f"give a larger -x")
-    # MFU: the model's FLOPs per step against the device's peak (llmc/mfu.py; None when it is not in the table)
-    config = model.config
-    flops_per_step = flops_per_token(model.num_parameters, config.num_layers, config.channels, T) * total_batch
-    device, precision = tr.device_info()
-    peak = peak_flops(device, precision)
-    per_token = f"MFU: {flops_per_step // total_batch:,} FLOPs per token (6N + 6LCT)"
-    print(f"{per_token} against {device}'s {precision} peak, {peak / 1e12:g} TFLOP/s" if peak else
-          f"{per_token}; no peak FLOP/s known for {device}, so MFU n/a")
-    clip = f", grad clip {tr.GRAD_CLIP:g}" if tr.GRAD_CLIP > 0 else ""   # train_gpt2.c does not clip
-    print(f"AdamW: lr {args.learning_rate:g} ({args.lr_scheduler_type}, warmup {args.warmup_iterations}, "
-          f"final frac {args.final_learning_rate_frac:g}), betas ({tr.BETA1}, {tr.BETA2}), eps {tr.ADAM_EPS:g}, "
-          f"weight decay {args.weight_decay:g}{clip}")
-    if args.skip_update_lossz or args.skip_update_gradz:
-        print(f"outlier guard: skip an update at loss z-score > {args.skip_update_lossz:g} or grad norm z-score > "
-              f"{args.skip_update_gradz:g} (against the last 128 steps; 0 = off)")
+    shard = run.zero_shard(args, model, world)            # ZeRO-1 (-z 1): this rank's share of AdamW, or None
+    # NCCL: the last micro-step's backward reduces each layer as it finishes; gloo reduces after the backward
+    overlap = world.size > 1 and world.overlaps and tr.REDUCES_IN_BACKWARD
+    tr.gpt2_allocate_state(model, B, T, shard, dlogits_in_forward=True)   # the loop reads no logits
+    checkpoints = run.Checkpoints(tr, model, train_loader, args, world, shard,
+                                  run.run_settings(args, total_batch, num_steps), device)
+    start_step = checkpoints.resume(resume_step, num_steps)   # -y 1: m, v and the loader's place
+    flops_per_step, peak = run.mfu_setup(model, T, total_batch, device)
+    run.print_optimizer(args, tr)
 
     def learning_rate(step):
         return get_lr(step, args.lr_scheduler_type, args.learning_rate, args.warmup_iterations, num_steps,
                       args.final_learning_rate_frac)
     learning_rate(0)                                      # a bad schedule name fails now, not at step 1
 
-    hellaswag = None
-    if args.hellaswag_eval:
-        if os.path.exists(HELLASWAG_PATH):
-            hellaswag = EvalLoader(HELLASWAG_PATH, B, T, world.rank, world.size)
-            print(f"HellaSwag: {hellaswag.num_examples} examples from {HELLASWAG_PATH}, {hellaswag.num_batches} "
-                  f"batches of {hellaswag.can_fit} per process")
-        else:
-            print(f"HellaSwag eval not found at {HELLASWAG_PATH}, skipping it: python dev/data/hellaswag.py makes it")
-
+    hellaswag = open_hellaswag(args.hellaswag_eval, B, T, world)
     tokenizer = Tokenizer("gpt2_tokenizer.bin")
     act_stats = actstats.ActivationStats(args.output_log_dir if world.rank == 0 else "", args.activation_stats_every)
     logger = Logger(args.output_log_dir if world.rank == 0 else "", append=args.resume == 1)   # rank 0 logs
@@ -1388,28 +1008,26 @@ def train(args, trainer=None, world=None, ctrl_c=None):
         ctrl_c.in_loop = True                             # from now on the first Ctrl-C waits for the step's end
     for step in range(start_step, num_steps + 1):
         last_step = step == num_steps
-        if step > start_step and not last_step and stop_requested(ctrl_c, world):
-            stop_on_ctrl_c(tr, model, train_loader, args, step, num_steps, world, shard, settings)
+        if step > start_step and not last_step:
+            checkpoints.stop_if_asked(ctrl_c, step, num_steps)   # Ctrl-C: with -o a checkpoint, then stop
         if args.val_loss_every > 0 and (step % args.val_loss_every == 0 or last_step):
             val_loss = world.mean(evaluate(tr, model, val_loader, val_max_steps, B, T))
             if not math.isfinite(val_loss):
-                raise DivergedError(diverged(step, f"val loss {val_loss:g}", args))
+                raise run.DivergedError(run.diverged(step, f"val loss {val_loss:g}", args))
             print(f"val loss {val_loss:f}")
             logger.log_val(step, val_loss)
         if hellaswag is not None and ((step > 0 and args.val_loss_every > 0 and step % args.val_loss_every == 0)
                                       or last_step):
-            accuracy = evaluate_hellaswag(tr, model, hellaswag, B, T, world)
-            logger.log_eval(step, accuracy)
+            logger.log_eval(step, evaluate_hellaswag(tr, model, hellaswag, B, T, world))
         if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last_step) and world.rank == 0:
-            # the sampler's xorshift starts at 1337 at every round, as llm.c's train_gpt2.cu: the same
-            # tokens after a resume (the state file has no slot for it)
+            # the sampler's xorshift restarts at 1337, as train_gpt2.cu's: the same tokens after a resume
             generate(tr, model, tokenizer, B, T, genT, [1337])
-        if args.checkpoint_every > 0 and step != resume_step and \
-                ((step > 0 and step % args.checkpoint_every == 0) or last_step):   # not the step just resumed
-            save_checkpoint(tr, model, train_loader, args, step, world, shard, settings)
+        if checkpoints.due(step, last_step):
+            checkpoints.save(step)
         if last_step:
             break
 
+        # the training step: a forward and a backward per micro-step, adding into the gradients
         timer.start()
         profiler.ACTIVE[0] = step > 0 or num_steps == 1   # --profile: the first step allocates, not counted
         tr.gpt2_zero_grad(model)
@@ -1420,36 +1038,18 @@ def train(args, trainer=None, world=None, ctrl_c=None):
             x, y = train_loader.next_batch()
             tr.gpt2_forward(model, x, y, B, T)
             if overlap and micro_step == grad_accum_steps - 1:   # NCCL: the backward reduces layer by layer
-                model.reduce_in_backward = collectives.OverlappedReduction(
-                    world, model.grads_memory, model.param_shapes, sharded=bool(shard))
+                run.reduce_in_backward(model, world, shard)
             tr.gpt2_backward(model)
             train_loss += model.mean_loss / grad_accum_steps
-        # data parallel: sum the gradients over the ranks, all of them (-z 0) or each rank its shard (-z 1);
-        # with NCCL the last backward did (overlap), with gloo it happens here, after the backward
-        if world.size > 1:
-            train_loss = world.mean(train_loss)
-            if shard:
-                if not overlap:
-                    world.reduce_scatter_sum(model.grads_memory, shard)
-                ranges = [(start, start + n) for _, _, start, _, n in shard.pieces]
-                summed = getattr(tr, "gpt2_pieces_sum_squares", None)   # the CUDA trainer's: one host sync
-                mine = summed(model, ranges) if summed else sum(tr.gpt2_grad_sum_squares(model, lo, hi)
-                                                                for lo, hi in ranges)
-                norm = math.sqrt(world.sum(mine)) / micro_steps
-            else:
-                if not overlap:
-                    world.all_reduce_sum(model.grads_memory)
-                norm = tr.gpt2_calculate_grad_norm(model) / micro_steps
-        else:
-            norm = tr.gpt2_calculate_grad_norm(model) / micro_steps
+        train_loss = world.mean(train_loss) if world.size > 1 else train_loss
+        norm = run.reduced_grad_norm(tr, model, world, shard, overlap) / micro_steps   # summed over the ranks
         # -as N: the last micro-step's activations and the summed gradients, before the update (and before a
         # diverged step stops the run: its statistics are the ones that tell where it went wrong)
         act_stats.record(tr, model, step)
-        # a NaN or inf loss or norm stops the run here, before the update, writing nothing. llm.c goes on: its
-        # z-scores turn NaN, which its outlier guard (-sl/-sg, below) reads as no outlier, and the update
-        # spreads the NaN into every weight. The guard skips single spikes of a finite loss, not this.
+        # a NaN or inf loss or norm stops the run before the update, writing nothing. llm.c goes on: its outlier
+        # guard (-sl/-sg) reads NaN z-scores as no outlier, and the update spreads the NaN into every weight
         if not (math.isfinite(train_loss) and math.isfinite(norm)):
-            raise DivergedError(diverged(step + 1, f"train loss {train_loss:g}, gradient norm {norm:g}", args))
+            raise run.DivergedError(run.diverged(step + 1, f"train loss {train_loss:g}, gradient norm {norm:g}", args))
         # the gradients hold the sum over all micro-steps (of every rank): average them inside the update
         scale = grad_clip_scale(norm, tr.GRAD_CLIP) / micro_steps
         lr = learning_rate(step)
@@ -1458,36 +1058,29 @@ def train(args, trainer=None, world=None, ctrl_c=None):
         if skip:                                          # as llm.c: the step still counts, so the next
             print(skip)                                   # update's t and lr are its own step's
         else:
-            if shard:                                     # ZeRO-1: update this rank's slice, then share it
-                tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args.weight_decay, step + 1,
-                               grad_scale=scale, shard=shard)
+            tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args.weight_decay, step + 1,
+                           grad_scale=scale, shard=shard)
+            if shard:                                     # ZeRO-1: each rank updated its slice; share them
                 world.all_gather(model.params_memory, shard)
-            else:
-                tr.gpt2_update(model, lr, tr.BETA1, tr.BETA2, tr.ADAM_EPS, args.weight_decay, step + 1,
-                               grad_scale=scale)
         ms = timer.stop()
         profiler.ACTIVE[0] = False
         step_times.append(ms)
         tok_s = tokens_per_second.update(total_batch, ms / 1e3)
-        mfu = format_mfu(mfu_percent(flops_per_step, ms / 1e3, peak), precision)
-        eta = time_left(step_times, num_steps - step - 1)
+        mfu = format_mfu(mfu_percent(flops_per_step, ms / 1e3, peak), device.gemm_precision)
+        eta = run.time_left(step_times, num_steps - step - 1)
         print(f"step {step + 1:4d}/{num_steps}: train loss {train_loss:f} ({zloss:+.2f}z) ({ms:.2f} ms, "
               f"{tok_s:.0f} tok/s, {mfu}) norm {norm:.4f} ({zgrad:+.2f}z) lr {lr:.2e} (eta {eta})")
         logger.log_train(step, train_loss, lr, norm)
-        if hasattr(tr, "log_gpu_info"):                   # -lg (train_gpt2_cuda.py): NVML's readings every N steps
-            tr.log_gpu_info(step, logger)
+        tr.log_gpu_info(step, logger, device)             # -lg (train_gpt2_cuda.py): NVML's readings every N steps
 
-    if step_times:
-        tail = step_times[1:] or step_times
-        print(f"mean step time (excluding the first): {sum(tail) / len(tail):.2f} ms")
-    if getattr(args, "profile", 0) and step_times:
-        print(profiler.report(max(1, len(step_times) - 1)))
-    if args.output_log_dir and args.checkpoint_every == 0 and world.rank == 0:   # else the last checkpoint holds it
-        path = os.path.join(args.output_log_dir, f"model_{num_steps:08d}.bin")
-        write_model_file(path, model.config, finite_params(tr, model, num_steps, path), model_file_dtype(model))
-        print(f"wrote {path}")
-    if model_file == "gpt2_d12.bin" != args.load_filename and resume_step is None:
-        print(fallback_note(args.load_filename, model_file))   # once more, where the run's output ends
+    run.print_summary(step_times, args)
+    checkpoints.write_final(num_steps, model_file, args)   # with -o and no -n: the final model file
+
+
+def main(argv=None):
+    """python train_gpt2.py [flags]: train() under llmc/run.py's launch (one-line errors, ranks, Ctrl-C)."""
+    args = parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_C_DEFAULTS, SHOWN_DEFAULTS)
+    run.launch(train, args, sys.modules[__name__])
 
 
 if __name__ == "__main__":

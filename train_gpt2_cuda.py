@@ -29,6 +29,7 @@ argument order, and gpt2_forward / gpt2_backward call them in the same order.
 
 import ctypes
 import math
+from dataclasses import dataclass
 import os
 import sys
 import time
@@ -42,8 +43,9 @@ from llmc.cli import parse_args
 from llmc.collectives import ShardLayout
 from llmc.cuda_common import ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16, read_header, read_model_file, MODEL_MAGIC
-from llmc.model import num_parameters, param_shapes
 from llmc.gpuinfo import GpuLog
+from llmc.model import num_parameters, param_shapes
+from llmc.run import DeviceSettings, launch
 from llmc.sampler import random_u32
 from llmc.utils import ConfigError
 
@@ -358,10 +360,12 @@ def cublaslt_gemm(out, a, b, transpose_a, transpose_b, epilogue, bias=None, aux=
     for x in (out, a, b) + tuple(x for x in (bias, aux) if x is not None):
         assert x.flags.c_contiguous and x.dtype == out.dtype
         if x.data.ptr % 16:    # llm.c's matmul_cublaslt asks the same ("All cuBLASLt pointers must be aligned!")
-            raise ConfigError(f"-ge {run_gelu_fusion}: cuBLASLt needs its operands on 16-byte boundaries, and at this "
-                              "shape one of the activation buffers is not (odd sizes before it): run -ge 0")
+            raise ConfigError("-ge 1 and 2: cuBLASLt needs its operands on 16-byte boundaries, and at this shape "
+                              "one of the activation buffers is not (odd sizes before it): run -ge 0")
     dtype = CUDA_R_16BF_ if out.dtype == BF16 else CUDA_R_32F_
-    compute = COMPUTE_32F_FAST_TF32 if gemm_precision == "tf32" else COMPUTE_32F
+    # TF32 as the cuBLAS GEMMs: set_tf32 (-f) switches the cuBLAS handle's math mode, read back here
+    tf32 = cublas.getMathMode(xp.cuda.device.get_cublas_handle()) == getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3)
+    compute = COMPUTE_32F_FAST_TF32 if tf32 else COMPUTE_32F
     desc, pref = f.c_void_p(), f.c_void_p()
     layouts = [f.c_void_p() for _ in range(4)]                          # A, B, C, D
     lt.call("cublasLtMatmulDescCreate", f.byref(desc), compute, CUDA_R_32F_)
@@ -629,7 +633,12 @@ def matmul_forward(out, inp, weight, bias, B, T, C, OC, pre_gelu=None, gelu_fusi
         return
     gemm(out.reshape(B * T, OC), inp.reshape(B * T, C), weight, transpose_b=True)
     if bias is not None:
-        launch_elementwise("matmul", "add_bias_kernel", B * T * OC, OC, (out, bias), (out, bias, i32(B * T), i32(OC)))
+        add_bias(out, bias, B * T, OC)
+
+
+def add_bias(out, bias, N, OC):
+    # out (N,OC) += bias (OC) on every row, in place (fp32's matmul_forward after its GEMM)
+    launch_elementwise("matmul", "add_bias_kernel", N * OC, OC, (out, bias), (out, bias, i32(N), i32(OC)))
 
 
 MATMUL_BIAS_BLOCK = 256          # matmul_backward_bias_partial_kernel: 8 warps
@@ -1206,29 +1215,34 @@ def gpt2_build_from_checkpoint(path, recompute=1, precision="fp32", master_weigh
                 flash_attention=flash_attention)
 
 
-def gpt2_build_from_descriptor(descriptor, seed=42, recompute=None, precision=None, master_weights=None,
-                               gelu_fusion=None, flash_attention=None):
+def gpt2_build_from_descriptor(descriptor, seed=42, settings=None, recompute=None, precision=None,
+                               master_weights=None, gelu_fusion=None, flash_attention=None):
     """A fresh model from a descriptor such as "d12" (or a .bin path), initialised on the host by
     train_gpt2.py's seeded init (the same weights as the NumPy trainer), then copied to the GPU.
-    recompute, precision, master_weights, gelu_fusion, flash_attention: None takes the run's -r, -p, -w, -ge
-    and -fa (device_setup keeps them)."""
+    settings: device_setup's CudaSettings (-r, -p, -w, -ge, -fa and the rounding's rank; None: their
+    defaults, fp32); recompute, precision, master_weights, gelu_fusion, flash_attention override them."""
     require_gpu()
+    s = settings or CudaSettings()
     cpu_model = host.gpt2_build_from_descriptor(descriptor, seed)
-    return GPT2(cpu_model.config, cpu_model.params_memory, run_recompute if recompute is None else recompute,
-                run_precision if precision is None else precision,
-                run_master_weights if master_weights is None else master_weights, run_rank,
-                run_gelu_fusion if gelu_fusion is None else gelu_fusion,
-                run_flash_attention if flash_attention is None else flash_attention)
+    return GPT2(cpu_model.config, cpu_model.params_memory, s.recompute if recompute is None else recompute,
+                s.precision if precision is None else precision,
+                s.master_weights if master_weights is None else master_weights, s.rank,
+                s.gelu_fusion if gelu_fusion is None else gelu_fusion,
+                s.flash_attention if flash_attention is None else flash_attention)
 
 
-def gpt2_allocate_state(model, B, T, shard=None):
+def gpt2_allocate_state(model, B, T, shard=None, dlogits_in_forward=False):
     """Everything a run at (B, T) needs besides the parameters and their gradients, allocated once
     (llm.c's gpt2_allocate_state): the activations (as many as model.recompute keeps), the backward's
     buffers and scratch, AdamW's m and v. First the memory report; and if the device has not got the
     bytes, one line that says how many are needed and the largest B that fits, before allocating any.
     train_gpt2.train calls it at start-up; gpt2_forward calls it at the first pass if nobody did.
     shard: ZeRO-1's collectives.ShardLayout, the pieces whose m, v and master weights this rank keeps, in
-    llm.c's compact order (None: all parameters, in their own order)."""
+    llm.c's compact order (None: all parameters, in their own order). dlogits_in_forward: the training loop
+    reads no logits of a forward with targets, so the classifier writes their gradient in that pass (llm.c's
+    one pass; see gpt2_forward)."""
+    if dlogits_in_forward:
+        model.dlogits_in_forward = True
     config, recompute = model.config, model.recompute
     precision, master = model.precision, model.use_master_weights
     model.shard = shard or ShardLayout(model.param_shapes)
@@ -1506,11 +1520,18 @@ def _grad_sum_squares_on_device(model, lo, hi):
     if not 0 <= lo < hi <= model.num_parameters:
         raise ValueError(f"gradient norm: range [{lo}, {hi}) is empty or outside the {model.num_parameters} "
                          f"gradients; pass 0 <= lo < hi <= the parameter count")
-    block = 512
-    grid = min(ceil_div(hi - lo, block), NORM_BLOCKS)
-    kernel("adamw", "global_norm_squared_kernel", model.floatx)(
-        (grid,), (block,), (model.norm_partials, model.grads_memory[lo:hi], i64(hi - lo)))
+    grid = global_norm_squared(model.norm_partials, model.grads_memory[lo:hi], hi - lo)
     return model.norm_partials[:grid].sum()
+
+
+def global_norm_squared(out, data, count):
+    """out[:grid] = per-block partial sums of data[:count]**2 on a fixed grid of up to NORM_BLOCKS blocks of
+    512 (deterministic: each block strides over the same elements every time). Returns grid, the partials
+    to add (llm.c's global_norm_squared)."""
+    block = 512
+    grid = min(ceil_div(count, block), NORM_BLOCKS)
+    kernel("adamw", "global_norm_squared_kernel", data.dtype)((grid,), (block,), (out, data, i64(count)))
+    return grid
 
 
 def gpt2_grad_sum_squares(model, lo=0, hi=None):
@@ -1553,12 +1574,21 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_s
     model.rng_state_last_update = model.rng_state[0]   # saved in a checkpoint, as llm.c
     table, table_rows, blocks = _adamw_table(model, layout)
     seeds = xp.asarray(np.array([random_u32(model.rng_state) for _ in layout.tensors], dtype=np.uint32))  # one copy
-    master = NULL if model.master_memory is None else model.master_memory
-    kernel("adamw", "adamw_multi_tensor_kernel", model.floatx)(
+    adamw_multi_tensor(model.params_memory, model.master_memory, model.grads_memory, model.m_memory, model.v_memory,
+                       table, table_rows, blocks, seeds, learning_rate, beta1, beta2, beta1_correction,
+                       beta2_correction, eps, weight_decay, grad_scale)
+
+
+def adamw_multi_tensor(params, master, grads, m, v, table, table_rows, blocks, seeds, learning_rate, beta1, beta2,
+                       beta1_correction, beta2_correction, eps, weight_decay, grad_scale):
+    """Every tensor's AdamW in one launch of `blocks` blocks of ADAMW_BLOCK: table (table_rows x ADAMW_FIELDS
+    long longs) and blocks as _adamw_table makes them, seeds one per tensor; master None without master
+    weights. The decay is per tensor, from the table's flag times weight_decay."""
+    kernel("adamw", "adamw_multi_tensor_kernel", params.dtype)(
         (blocks,), (ADAMW_BLOCK,),
-        (model.params_memory, master, model.grads_memory, model.m_memory, model.v_memory, table, i32(table_rows),
-         seeds, f32(learning_rate), f32(beta1), f32(beta2), f32(beta1_correction), f32(beta2_correction), f32(eps),
-         f32(weight_decay), f32(grad_scale)))
+        (params, NULL if master is None else master, grads, m, v, table, i32(table_rows), seeds, f32(learning_rate),
+         f32(beta1), f32(beta2), f32(beta1_correction), f32(beta2_correction), f32(eps), f32(weight_decay),
+         f32(grad_scale)))
 
 
 def gpt2_update_per_tensor(model, learning_rate, beta1, beta2, eps, weight_decay, t, grad_scale=1.0, shard=None):
@@ -1574,12 +1604,22 @@ def gpt2_update_per_tensor(model, learning_rate, beta1, beta2, eps, weight_decay
     for index, name, w, s, part, rows, stride in _update_launches(layout):
         seed = random_u32(model.rng_state)                # one per tensor, as llm.c
         wd = weight_decay if name in host.DECAYED_PARAMS else 0.0  # the 2-D weights only
-        master = NULL if model.master_memory is None else model.master_memory[s:]
-        kernel("adamw", "adamw_kernel", model.floatx)(
-            (ceil_div(part, ADAMW_BLOCK), rows), (ADAMW_BLOCK,),
-            (model.params_memory[w:], master, model.grads_memory[w:], model.m_memory[s:], model.v_memory[s:],
-             i64(part), i64(stride), i64(part), f32(learning_rate), f32(beta1), f32(beta2), f32(beta1_correction),
-             f32(beta2_correction), f32(eps), f32(wd), f32(grad_scale), u32(seed)))
+        master = None if model.master_memory is None else model.master_memory[s:]
+        adamw_update(model.params_memory[w:], master, model.grads_memory[w:], model.m_memory[s:], model.v_memory[s:],
+                     part, stride, rows, learning_rate, beta1, beta2, beta1_correction, beta2_correction, eps, wd,
+                     grad_scale, seed)
+
+
+def adamw_update(params, master, grads, m, v, part, stride, rows, learning_rate, beta1, beta2, beta1_correction,
+                 beta2_correction, eps, weight_decay, grad_scale, seed):
+    """llm.c's adamw_update: AdamW on `rows` rows (layers) of `part` elements, row y of the parameters and
+    gradients at y * stride, of m, v and master (None: no master weights) at y * part; a grid row per layer
+    of blocks of ADAMW_BLOCK, whose (thread, block, row) place fixes each element's stochastic rounding."""
+    kernel("adamw", "adamw_kernel", params.dtype)(
+        (ceil_div(part, ADAMW_BLOCK), rows), (ADAMW_BLOCK,),
+        (params, NULL if master is None else master, grads, m, v, i64(part), i64(stride), i64(part),
+         f32(learning_rate), f32(beta1), f32(beta2), f32(beta1_correction), f32(beta2_correction), f32(eps),
+         f32(weight_decay), f32(grad_scale), u32(seed)))
 
 
 ADAMW_BLOCK = 512   # llm.c's: the stochastic rounding's draws depend on it, so it is part of the checkpoint format
@@ -1626,11 +1666,18 @@ def gpt2_rebuild_from_master(model):
     before = model.shard.gather(to_numpy(model.params_memory))
     generator = [model.rng_state_last_update]
     for index, name, w, s, part, rows, stride in _update_launches(model.shard):
-        kernel("adamw", "init_from_master_kernel", model.floatx)(
-            (ceil_div(part, ADAMW_BLOCK), rows), (ADAMW_BLOCK,),
-            (model.params_memory[w:], model.master_memory[s:], i64(part), i64(stride), i64(part),
-             u32(random_u32(generator))))
+        init_from_master(model.params_memory[w:], model.master_memory[s:], part, stride, rows,
+                         random_u32(generator))
     return int(np.count_nonzero(model.shard.gather(to_numpy(model.params_memory)) != before))
+
+
+def init_from_master(params, master, part, stride, rows, seed):
+    """llm.c's init_from_master: the floatX params rounded (stochastically, with seed) from the fp32 master
+    weights, on adamw_update's grid (rows of `part`, params' rows `stride` apart), so that each element
+    draws what adamw_update's launch with the same seed drew."""
+    kernel("adamw", "init_from_master_kernel", params.dtype)(
+        (ceil_div(part, ADAMW_BLOCK), rows), (ADAMW_BLOCK,), (params, master, i64(part), i64(stride), i64(part),
+                                                           u32(seed)))
 
 
 def gpt2_optimizer_state(model, size=None):
@@ -1716,19 +1763,22 @@ USAGE_NOTES = ("Without a GPU: LLMC_EMULATE=1 python train_gpt2_cuda.py ... runs
 BETA1, BETA2, ADAM_EPS, GRAD_CLIP = 0.9, 0.95, 1e-8, 1.0
 
 
-# the pieces train_gpt2.train takes from its trainer module besides the model API (NumPy's are in
-# train_gpt2.py, next to the loop)
+# what train_gpt2.train takes from its trainer module besides the model's functions (llmc/run.py's Trainer;
+# NumPy's are in train_gpt2.py, next to the loop)
 
-gemm_precision = "fp32"  # the GEMMs' precision, as device_setup set it: "bf16", "tf32" or "fp32"
-# -r, -p, -w as device_setup set them, for gpt2_build_from_descriptor (the library default is fp32)
-run_recompute = TRAIN_GPT2_CU_DEFAULTS["recompute"]
-run_precision = "fp32"
-run_master_weights = True
-run_gelu_fusion = 0          # -ge as device_setup set it (0 where cuBLASLt cannot be loaded)
-run_flash_attention = 1      # -fa as given (the model decides whether flash can run: GPT2's attention_path)
-run_rank = 0                 # the stochastic rounding's generator is seeded 13371337 + this (see device_setup)
-gpu_log = None               # -lg: the llmc.gpuinfo.GpuLog device_setup made (None before it)
 COLLECTIVES = "gloo" if EMULATE else "nccl"   # data parallel: NumPy arrays on the emulator, CuPy's on GPUs
+
+
+@dataclass
+class CudaSettings(DeviceSettings):
+    """What device_setup decided for the run, which gpt2_build_from_descriptor builds the model with (the
+    defaults: the library's, fp32)."""
+    master_weights: bool = True                           # -w (bf16 updates them; fp32 -w 1 writes them)
+    recompute: int = TRAIN_GPT2_CU_DEFAULTS["recompute"]  # -r
+    gelu_fusion: int = 0                                  # -ge as it runs (0 where cuBLASLt cannot be loaded)
+    flash_attention: int = 1                              # -fa as given (GPT2's attention_path decides)
+    rank: int = 0                                         # the stochastic rounding is seeded 13371337 + this
+    gpu_log: GpuLog = None                                # -lg's readings
 
 
 def compute_capability():
@@ -1759,55 +1809,48 @@ def choose_precision(args):
 
 def device_setup(args, world=None):
     """Runs before the model is built: checks -r, -p, -w, -fa and -ge (cuBLASLt loaded, else -ge 0), picks the
-    default model file for the precision, TF32 on or off (-f); returns the lines print_config adds.
-    world: the data-parallel World. Each rank seeds its stochastic rounding with 13371337 + rank, as llm.c,
-    under ZeRO-1 (each rank rounds its own shard, then all-gathers it). Under ZeRO-0 every rank updates
-    all the parameters, and rounding them with different seeds (as llm.c does) would leave the ranks'
-    bf16 weights different by an ulp here and there: there all ranks use rank 0's seed."""
-    global gemm_precision, run_recompute, run_precision, run_master_weights, run_rank, run_gelu_fusion
-    global run_flash_attention, gpu_log
+    default model file for the precision, TF32 on or off (-f); returns the run's CudaSettings, with the lines
+    print_config adds. world: the data-parallel World. Each rank seeds its stochastic rounding with
+    13371337 + rank, as llm.c, under ZeRO-1 (each rank rounds its own shard, then all-gathers it). Under
+    ZeRO-0 every rank updates all the parameters, and rounding them with different seeds (as llm.c does)
+    would leave the ranks' bf16 weights different by an ulp here and there: there all ranks use rank 0's seed."""
     world_rank = world.rank if world is not None else 0
-    run_rank = world_rank if args.zero_stage == 1 else 0
     check_recompute(args.recompute)
     check_gelu_fusion(args.gelu_fusion)
     check_flash_attention(args.flash_attention)
-    run_flash_attention = args.flash_attention
-    run_recompute = args.recompute
-    run_precision = choose_precision(args)
-    run_master_weights = bool(args.use_master_weights)
-    if run_precision == "fp32" and "load_filename" not in args.given:
+    precision = choose_precision(args)
+    settings = CudaSettings(name=device_name(), precision=precision, master_weights=bool(args.use_master_weights),
+                            recompute=args.recompute, gelu_fusion=args.gelu_fusion,
+                            flash_attention=args.flash_attention, rank=world_rank if args.zero_stage == 1 else 0)
+    if precision == "fp32" and "load_filename" not in args.given:
         args.load_filename = "gpt2_124M.bin"             # llm.c's fp32 build's default
-    tf32 = set_tf32(args.override_enable_tf32) if run_precision == "fp32" else False
-    gemm_precision = "bf16" if run_precision == "bf16" else "tf32" if tf32 else "fp32"
-    lines = [f"device: {device_name()}"]
-    run_gelu_fusion = args.gelu_fusion
-    why_not = cublaslt_available() if run_gelu_fusion else None
+    tf32 = set_tf32(args.override_enable_tf32) if precision == "fp32" else False
+    settings.gemm_precision = "bf16" if precision == "bf16" else "tf32" if tf32 else "fp32"
+    lines = settings.lines
+    lines.append(f"device: {settings.name}")
+    why_not = cublaslt_available() if settings.gelu_fusion else None
     if why_not is not None:
-        print(f"-ge {run_gelu_fusion}: cuBLASLt cannot be loaded ({why_not}): running -ge 0 (no GELU fusion)")
-        run_gelu_fusion = 0
-    if run_gelu_fusion:
-        lines.append(f"gelu fusion: -ge {run_gelu_fusion} ({GELU_FUSION[run_gelu_fusion]}, cuBLASLt epilogues)")
-    if run_precision == "fp32" and args.flash_attention == 1 and "flash_attention" in args.given:
+        print(f"-ge {settings.gelu_fusion}: cuBLASLt cannot be loaded ({why_not}): running -ge 0 (no GELU fusion)")
+        settings.gelu_fusion = 0
+    if settings.gelu_fusion:
+        lines.append(f"gelu fusion: -ge {settings.gelu_fusion} ({GELU_FUSION[settings.gelu_fusion]}, cuBLASLt "
+                     f"epilogues)")
+    if precision == "fp32" and args.flash_attention == 1 and "flash_attention" in args.given:
         print(f"-fa 1: {flash_unavailable(None, 'fp32')}: running the materialized attention")
-    if run_precision == "bf16":
-        master = "fp32 master weights" if run_master_weights else "no master weights (-w 0)"
+    if precision == "bf16":
+        master = "fp32 master weights" if settings.master_weights else "no master weights (-w 0)"
         lines.append(f"precision: bf16 parameters, gradients and activations; fp32 AdamW state, {master}")
     else:
         lines += ["precision: fp32", f"TF32: {'enabled' if tf32 else 'disabled'}"]
-    gpu_log = GpuLog(args.log_gpu_every, args.output_log_dir, None if EMULATE else xp.cuda.Device().pci_bus_id)
-    return lines
+    settings.gpu_log = GpuLog(args.log_gpu_every, args.output_log_dir,
+                              None if EMULATE else xp.cuda.Device().pci_bus_id)
+    return settings
 
 
-def log_gpu_info(step, logger):
+def log_gpu_info(step, logger, settings):
     """-lg N: the GPU's readings after the step line of every N-th step (train_gpt2.train calls this)."""
-    if gpu_log is not None:
-        gpu_log.after_step(step, logger)
-
-
-def device_info():
-    """(device name, the GEMMs' precision) for the MFU on the step line: train_gpt2.train looks up the
-    peak FLOP/s in llmc/mfu.py (the emulator's "CPU (...)" has none: "MFU n/a")."""
-    return device_name(), gemm_precision
+    if settings.gpu_log is not None:
+        settings.gpu_log.after_step(step, logger)
 
 
 class StepTimer:
@@ -1844,7 +1887,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv, TRAIN_GPT2_CU_DEFAULTS, SHOWN_DEFAULTS,
                       USAGE_NOTES)   # -h needs no GPU
     require_gpu()
-    host.run(args, trainer=sys.modules[__name__])   # train_gpt2.py's loop, running this module
+    launch(host.train, args, sys.modules[__name__])   # train_gpt2.py's loop, running this module
 
 
 if __name__ == "__main__":

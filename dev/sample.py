@@ -50,6 +50,7 @@ import llmc  # noqa: E402,F401  (first: it picks NumPy's BLAS kernels before Num
 import numpy as np  # noqa: E402
 
 import train_gpt2 as tg  # noqa: E402
+from llmc import run  # noqa: E402
 from llmc.formats import read_model_file, read_tokenizer_file  # noqa: E402
 from llmc.sampler import random_f32, sample_mult  # noqa: E402
 from llmc.utils import ConfigError, FormatError  # noqa: E402
@@ -344,7 +345,7 @@ def main(argv=None):
             raise ConfigError(f"--top_k must be >= 0, got {args.top_k}")
         if not 0 < args.seed < 2**64:                         # xorshift's state 0 stays 0 forever
             raise ConfigError(f"--seed must be in [1, 2^64), got {args.seed}")
-        path = tg.resolve_checkpoint(args.model)
+        path = run.resolve_checkpoint(args.model)
         config, params = read_model_file(path)
         model = tg.GPT2(config, params)
         V = config.vocab_size

@@ -30,6 +30,7 @@ anything to its right, so the scores are the same.
 """
 
 import os
+import sys
 
 import numpy as np
 
@@ -215,3 +216,37 @@ def stat_losses(losses, mask, labels):
     mean = completion_losses(losses, mask, len(labels))                     # (E, 4)
     active = mask[:len(labels) * NUM_COMPLETIONS].reshape(len(labels), -1).any(axis=1)
     return int(np.sum(active & (mean.argmin(axis=1) == labels)))
+
+
+HELLASWAG_PATH = os.path.join("dev", "data", "hellaswag", "hellaswag_val.bin")   # train_gpt2.cu's, from the cwd
+
+
+def open_hellaswag(enabled, B, T, world):
+    """-h 1: this rank's EvalLoader of HELLASWAG_PATH, with a line saying what it holds; None when -h 0, or
+    when the file is not there (a line says how to make it, and the run goes on without it)."""
+    if not enabled:
+        return None
+    if not os.path.exists(HELLASWAG_PATH):
+        print(f"HellaSwag eval not found at {HELLASWAG_PATH}, skipping it: python dev/data/hellaswag.py makes it")
+        return None
+    hellaswag = EvalLoader(HELLASWAG_PATH, B, T, world.rank, world.size)
+    print(f"HellaSwag: {hellaswag.num_examples} examples from {HELLASWAG_PATH}, {hellaswag.num_batches} "
+          f"batches of {hellaswag.can_fit} per process")
+    return hellaswag
+
+
+def evaluate_hellaswag(trainer, model, hellaswag, B, T, world):
+    """llm.c's HellaSwag eval: B/4 examples per batch, the completion with the lowest mean loss over its own
+    tokens is the prediction; the ranks score their own examples and add the counts. trainer: the training
+    loop's trainer module (its gpt2_forward and to_numpy)."""
+    correct = 0
+    progress = sys.stdout.isatty()
+    for i, (x, y, mask, labels) in enumerate(hellaswag):
+        if progress and i % 10 == 0:
+            print(f"evaluating HellaSwag: {i}/{hellaswag.num_batches}", end="\r", flush=True)
+        trainer.gpt2_forward(model, x, y, B, T)
+        correct += stat_losses(trainer.to_numpy(model.acts.losses), mask, labels)
+    correct = world.sum(correct)
+    accuracy = correct / hellaswag.num_examples
+    print(f"HellaSwag: {int(correct)}/{hellaswag.num_examples} = {accuracy:f}")
+    return accuracy

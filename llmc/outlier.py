@@ -1,6 +1,6 @@
 """llm.c's outlier guard (llmc/outlier_detector.h): the z-score of each step's loss and gradient norm
 against the last 128 of them. The step line prints both; `-sl` / `-sg` skip an update whose z-score is
-above the value (train_gpt2.train)."""
+above the value (outlier_skip_reason, called by train_gpt2.train)."""
 
 import math
 
@@ -49,3 +49,13 @@ class OutlierDetector:
         if std == 0.0:
             return 0.0
         return (x - mean) / std
+
+
+def outlier_skip_reason(zloss, zgrad, skip_update_lossz, skip_update_gradz):
+    """llm.c's outlier guard (train_gpt2.cu): why this step's update is skipped, or None. A guard is on when
+    its threshold is not 0; a NaN z-score (the window still filling) never skips; the loss is checked first."""
+    if math.isfinite(zloss) and skip_update_lossz != 0.0 and zloss > skip_update_lossz:
+        return f"skipping update due to loss z-score of {zloss:f}"
+    if math.isfinite(zgrad) and skip_update_gradz != 0.0 and zgrad > skip_update_gradz:
+        return f"skipping update due to grad z-score of {zgrad:f}"
+    return None

@@ -91,6 +91,23 @@ def cuda_trainer():
     return module
 
 
+def test_the_cuda_trainer_has_the_whole_trainer_interface(cuda_trainer):
+    """Every name of llmc/run.py's Trainer, and device_setup returns the run's settings (the model is built
+    with them) instead of setting module globals: two setups in a row leave no trace of each other."""
+    from llmc import run
+    from llmc.cli import parse_args
+    cu = cuda_trainer
+    assert [name for name in run.TRAINER_API if not hasattr(cu, name)] == []
+    bf16 = cu.device_setup(parse_args(["-r", "2", "-ge", "1", "-w", "0"], cu.TRAIN_GPT2_CU_DEFAULTS))
+    fp32 = cu.device_setup(parse_args(["-p", "fp32", "-fa", "0"], cu.TRAIN_GPT2_CU_DEFAULTS))
+    assert (bf16.precision, bf16.recompute, bf16.gelu_fusion, bf16.master_weights, bf16.flash_attention) == \
+        ("bf16", 2, 1, False, 1)
+    assert (fp32.precision, fp32.recompute, fp32.gelu_fusion, fp32.master_weights, fp32.flash_attention) == \
+        ("fp32", 1, 0, True, 0)
+    assert (bf16.gemm_precision, fp32.gemm_precision) == ("bf16", "fp32")   # the emulator has no TF32
+    assert not any(name.startswith("run_") for name in vars(cu)) and not hasattr(cu, "gemm_precision")
+
+
 def random_params(config, seed=0):
     """GPT-2-like random weights (std 0.1 so every tensor matters; LayerNorm weights around 1),
     wte's pad rows zero as in a real checkpoint."""
@@ -322,6 +339,7 @@ cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
 cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, cublas.CUBLAS_DEFAULT_MATH, cublas.CUBLAS_TF32_TENSOR_OP_MATH = 0, 1, 0, 3
 cublas.math_mode, cublas.calls, cublas.alphas, cublas.betas = {}, [], set(), set()
 cublas.setMathMode = lambda handle, mode: cublas.math_mode.__setitem__(handle, mode)
+cublas.getMathMode = lambda handle: cublas.math_mode.get(handle, cublas.CUBLAS_DEFAULT_MATH)
 
 def column_major(ptr, offset, rows, cols, ld):
     buf = np.ctypeslib.as_array((ctypes.c_float * (offset + (cols - 1) * ld + rows)).from_address(ptr))

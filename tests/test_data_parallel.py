@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import train_gpt2 as m
-from llmc import checkpoint, collectives, formats
+from llmc import checkpoint, collectives, formats, run
 from llmc.model import GPT2Config, num_parameters, param_shapes
 from llmc.utils import ConfigError
 from conftest import write_tiny_model
@@ -198,17 +198,21 @@ def test_one_process_needs_no_torch():
     assert p.stdout.split() == ["0", "1", "4.0", "2.5", "False"], p.stderr
 
 
-def test_a_trainer_without_data_parallel_refuses_ranks():
-    """A trainer module without the data-parallel functions (here a stand-in named train_gpt2_cuda.py) stops
-    with one line under torchrun, before any collective."""
+def test_a_trainer_without_the_whole_interface_is_refused():
+    """A trainer module without one of the interface's functions (here a stand-in named train_gpt2_cuda.py
+    without ZeRO-1's gpt2_pieces_sum_squares) stops with one line naming it, before any collective; with
+    all of them the run gets as far as its flags."""
     import types
-    one_process_only = types.ModuleType("one_process_only")
-    one_process_only.__file__ = "train_gpt2_cuda.py"
-    for name in m.TRAINER_API:
-        setattr(one_process_only, name, getattr(m, name))
+    partial, whole = types.ModuleType("partial"), types.ModuleType("whole")
+    partial.__file__ = whole.__file__ = "train_gpt2_cuda.py"
+    for name in run.TRAINER_API:
+        setattr(whole, name, getattr(m, name))
+        if name != "gpt2_pieces_sum_squares":
+            setattr(partial, name, getattr(m, name))
     args = m.parse_args([], m.TRAIN_GPT2_C_DEFAULTS)
-    with pytest.raises(ConfigError, match=r"^train_gpt2_cuda.py does not run data parallel yet: start it as one process$"):
-        m.train(args, one_process_only, collectives.World(0, 2, None))
+    with pytest.raises(ConfigError, match=r"^train_gpt2_cuda.py lacks gpt2_pieces_sum_squares, which the training "
+                                          r"loop calls \(llmc/run.py's Trainer interface\)$"):
+        m.train(args, partial, collectives.World(0, 2, None))
     args = m.parse_args(["-z", "2"], m.TRAIN_GPT2_C_DEFAULTS)
     with pytest.raises(ConfigError, match=r"^-z 2: ZeRO stage 0 or 1"):
-        m.train(args, one_process_only)
+        m.train(args, whole)

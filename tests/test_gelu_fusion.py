@@ -387,15 +387,16 @@ def missing():
     raise OSError("no libcublasLt found (tried libcublasLt.so.12)")
 cu.cublaslt_library = missing
 args = parse_args(["-ge", "2", "-p", "fp32"], cu.TRAIN_GPT2_CU_DEFAULTS)
-lines = cu.device_setup(args)
-assert cu.run_gelu_fusion == 0 and not any("gelu fusion" in line for line in lines), lines
+settings = cu.device_setup(args)
+assert settings.gelu_fusion == 0 and not any("gelu fusion" in line for line in settings.lines), settings.lines
 
 fake = FakeCublasLt()
 cu.cublaslt_library = lambda: fake
-lines = cu.device_setup(parse_args(["-ge", "2", "-p", "fp32", "-f", "{tf32}"], cu.TRAIN_GPT2_CU_DEFAULTS))
-assert cu.run_gelu_fusion == 2 and "gelu fusion: -ge 2 (bias + GELU in the fc GEMM, the other biases in theirs, GELU's gradient in fcproj's, " \\
+settings = cu.device_setup(parse_args(["-ge", "2", "-p", "fp32", "-f", "{tf32}"], cu.TRAIN_GPT2_CU_DEFAULTS))
+lines = settings.lines
+assert settings.gelu_fusion == 2 and "gelu fusion: -ge 2 (bias + GELU in the fc GEMM, the other biases in theirs, GELU's gradient in fcproj's, " \\
     "cuBLASLt epilogues)" in lines, lines
-ours = cu.gpt2_build_from_descriptor({ckpt!r}, recompute={recompute})
+ours = cu.gpt2_build_from_descriptor({ckpt!r}, settings=settings, recompute={recompute})
 assert ours.gelu_fusion == 2
 ref = npt.gpt2_build_from_checkpoint({ckpt!r})
 x, y = batch(1)
@@ -430,7 +431,7 @@ try:
                      cu.xp.zeros((4, 4), np.float32))
     raise AssertionError("no error")
 except cu.ConfigError as e:
-    assert str(e).startswith("-ge 2: cuBLASLt needs its operands on 16-byte boundaries") and str(e).endswith("run -ge 0")
+    assert str(e).startswith("-ge 1 and 2: cuBLASLt needs its operands on 16-byte boundaries") and str(e).endswith("run -ge 0")
 assert len(fake.calls) == 15 * L
 print("cublaslt path ok", len(fake.calls), "fused gemms")
 """

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import train_gpt2 as m
-from llmc import checkpoint, formats
+from llmc import checkpoint, formats, run
 from llmc.model import num_parameters
 from conftest import run_main
 from test_checkpoint import BASE, TINY, events, one_line_error, workdir  # noqa: F401  (workdir: a fixture)
@@ -188,7 +188,7 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes_bit_exactly(
 
 
 def test_a_second_ctrl_c_stops_at_once_in_one_line(workdir, capsys, monkeypatch):
-    with m.StopOnCtrlC() as ctrl_c:
+    with run.StopOnCtrlC() as ctrl_c:
         ctrl_c.in_loop = True
         os.kill(os.getpid(), signal.SIGINT)                    # the first: a request, the run goes on
         assert ctrl_c.requested

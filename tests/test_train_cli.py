@@ -1,5 +1,6 @@
 """train_gpt2.py's command line: llm.c's flags, the errors a user can make, and a tiny run."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import train_gpt2 as m
-from llmc import formats
+from llmc import formats, run
 from llmc.model import GPT2Config, num_parameters
 from llmc.dataloader import DataLoader
 from conftest import run_main
@@ -89,7 +90,9 @@ def test_step_line_shows_tokens_per_second_and_mfu(workdir, capsys, monkeypatch)
         def stop(self):
             return next(times)
 
-    monkeypatch.setattr(m, "device_info", lambda: ("NVIDIA H100 80GB HBM3", "tf32"))
+    cpu_setup = m.device_setup
+    monkeypatch.setattr(m, "device_setup", lambda args, world: dataclasses.replace(
+        cpu_setup(args, world), name="NVIDIA H100 80GB HBM3", gemm_precision="tf32"))
     monkeypatch.setattr(m, "StepTimer", FixedTimer)
     code, out, err = run_main(BASE + ["-x", "3", "-v", "0", "-s", "0"], capsys)
     assert code == 0, err
@@ -166,8 +169,11 @@ def test_flags_become_llmc_named_attributes():
 
 
 def test_trainer_api_is_complete():
-    """The shared loop's list of what a trainer module provides names real things in train_gpt2.py."""
-    assert all(hasattr(m, name) for name in m.TRAINER_API)
+    """llmc/run.py's Trainer lists what the shared loop takes from a trainer module (its annotations and its
+    functions), and train_gpt2.py has every one of them (train_gpt2_cuda.py: test_cuda_trainer.py)."""
+    assert len(run.TRAINER_API) == 24 and run.TRAINER_API[:3] == ("BETA1", "BETA2", "ADAM_EPS"), run.TRAINER_API
+    assert {"StepTimer", "device_setup", "gpt2_forward", "gpt2_update", "log_gpu_info"} < set(run.TRAINER_API)
+    assert [name for name in run.TRAINER_API if not hasattr(m, name)] == []
 
 
 def test_default_T_shrinks_to_a_small_model(workdir, capsys):
@@ -241,7 +247,8 @@ def test_profile_flag_prints_per_layer_table(workdir):
     assert phases["zeroing"][1:] == ["0.00", "-"]          # step 2: the update of step 1 zeroed the gradients
     for phase in ("products", "AdamW", "the rest"):
         ms, floor_ms, reached = phases[phase]
-        assert 0 < float(floor_ms) and 0 < int(reached.rstrip("%")) <= 150, (phase, phases[phase])
+        assert 0 < float(floor_ms), (phase, phases[phase])
+        assert abs(int(reached.rstrip("%")) - 100 * float(floor_ms) / float(ms)) <= 0.5 + 0.5 / float(ms)
 
 
 def test_profiler_wraps_and_unwraps(monkeypatch):
@@ -294,7 +301,8 @@ def test_outlier_guard_skips_the_update_of_a_spike(workdir, capsys, monkeypatch)
     norm_feed = iter(norms)
     monkeypatch.setattr(m, "gpt2_calculate_grad_norm", lambda model: next(norm_feed))
     updates = []
-    monkeypatch.setattr(m, "gpt2_update", lambda model, lr, b1, b2, eps, wd, t, grad_scale: updates.append((t, lr)))
+    monkeypatch.setattr(m, "gpt2_update", lambda model, lr, b1, b2, eps, wd, t, grad_scale, shard:
+                        updates.append((t, lr)))
     code, out, err = run_main(BASE + ["-x", str(N), "-v", "0", "-s", "0", "-l", "1e-3", "-u", "10",
                                       "-sl", "5", "-sg", "4.5"], capsys)
     assert code == 0, err
