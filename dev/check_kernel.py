@@ -7,8 +7,9 @@ Validate one kernel file against its NumPy twins and, on a GPU, time it: llm.c's
   python dev/check_kernel.py gelu --kernel_dir /tmp/my_kernels   # an edited copy of kernels/
   python dev/check_kernel.py all --backend emulator               # the CPU emulator even on a GPU
 
-For each kernel: random inputs on an odd shape (B=3 T=13 C=48 NH=3 V=101 Vp=128), one launch with the
-block size train_gpt2_cuda.py uses, and the max error of each output against train_gpt2.py's layer
+For each kernel: random inputs on an odd shape (B=3 T=13 C=48 NH=3 V=101 Vp=128), one launch as
+train_gpt2_cuda.py's launcher makes it (its grid, block, shared memory and arguments, recorded by
+recorded_launches; the few kernels the trainer never launches alone on its launcher's grid), and the max error of each output against train_gpt2.py's layer
 (its "NumPy twin") evaluated in float64, or against a stated NumPy expression where the kernel is only
 part of a layer (the attention permutes, AdamW). A row is OK when |got - want| <= atol + rtol |want|
 everywhere; "worst/tol" is the largest |got - want| / (atol + rtol |want|), so OK means < 1.
@@ -22,11 +23,12 @@ reads and writes back) / time, a lower bound on the memory traffic. Without a GP
 on the emulator (emulator/, guarded arrays: an out-of-bounds write is an error) and nothing is timed.
 
 kernels/flash_attention.cu is bf16 only: with --precision bf16 its three kernels are launched through
-train_gpt2_cuda.py's own launchers (their grids live there alone) on B=2 T=37 NH=2 hs=64 (flash takes head
+train_gpt2_cuda.py's own launchers on B=2 T=37 NH=2 hs=64 (flash takes head
 sizes 64 and 128), checked against causal attention in float64, and timed at B=16 NH=12 hs=64 T=1024 with
 dev/perf_model.py's flash_tiles bytes in the model column; in fp32 the file is skipped with a line saying so.
 
-tests/test_kernels.py imports its harness from here (DeviceModule, Emulated, rand, max_error, close).
+tests/test_kernels.py imports its harness from here (DeviceModule, Emulated, rand, max_error, close), and the
+kernel tests their launches (recorded_launches, run_launches): no launch shape is written twice.
 """
 
 import argparse
@@ -228,18 +230,16 @@ def encoder_launches(s, rng, reference):
     out = np.full((B, T, C), np.nan, np.float32)
     dout = fx(rand(rng, B, T, C))
     dwte, dwpe = fx(rand(rng, Vp, C)), fx(rand(rng, s.maxT, C))   # nonzero: the backward must add
-    positions, starts, tokens, n = token_buckets(inp)
-    fwd = Launch("encoder_forward_kernel", ceil_div(B * T * C, 256), 256, (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
+    forward = lambda cu, out, wte, wpe: cu.encoder_forward(out, inp, wte, wpe, B, T, C)  # noqa: E731
+    [fwd] = launcher_launches(s, forward, out, wte, wpe, packed=False)
     out_packed = np.full((B, T, C), np.nan, np.float32)  # C is a multiple of the pack on every shape here
-    fwd_packed = Launch("encoder_forward_packed_kernel", ceil_div(B * T * C, 256 * pack(s)), 256,
-                        (out_packed, inp, wte, wpe, i32(B), i32(T), i32(C)))
-    bwd_wte = Launch("encoder_backward_wte_kernel", (ceil_div(C, 256), n), 256,
-                     (dwte, dout, starts, positions, tokens, i32(n), i32(C), u32(1337)), read_write=(0,))
-    bwd_wpe = Launch("encoder_backward_wpe_kernel", ceil_div(T * C, 256), 256,
-                     (dwpe, dout, i32(B), i32(T), i32(C), u32(1338)), read_write=(0,))
+    [fwd_packed] = launcher_launches(s, forward, out_packed, wte, wpe, packed=True)
+    backward = lambda cu, dwte, dwpe, dout: cu.encoder_backward(dwte, dwpe, dout, inp, B, T, C, seed=1337)  # noqa: E731
+    bwd_wte, bwd_wpe = launcher_launches(s, backward, dwte, dwpe, dout, packed=False)
     dwpe_x128 = dwpe.copy()                           # the x128 twin on the same inputs (C a multiple of the pack)
-    bwd_wpe_x128 = Launch("encoder_backward_wpe_x128_kernel", ceil_div(T * C, 128 * pack(s)), 128,
-                          (dwpe_x128, dout, i32(B), i32(T), i32(C), u32(1338)), read_write=(0,))
+    [_, bwd_wpe_x128] = launcher_launches(s, backward, dwte.copy(), dwpe_x128, dout, packed=True)
+    for lc in (bwd_wte, bwd_wpe, bwd_wpe_x128):
+        lc.read_write = (0,)
     if reference:
         want = np.zeros((B, T, C))
         tg.encoder_forward(want, inp, f64(wte), f64(wpe), B, T, C)
@@ -261,23 +261,27 @@ def layernorm_launches(s, rng, reference):
     weight, bias = fx(rand(rng, C)), fx(rand(rng, C))
     out = np.full((B, T, C), np.nan, np.float32)
     mean, rstd = np.full((B, T), np.nan, np.float32), np.full((B, T), np.nan, np.float32)
-    fwd = Launch("layernorm_forward_kernel", ceil_div(B * T * 32, 256), 256,
-                 (out, mean, rstd, inp, weight, bias, i32(B * T), i32(C)))
+    forward = lambda cu, out, inp, weight, bias: cu.layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C)  # noqa: E731
+    [fwd] = launcher_launches(s, forward, out, inp, weight, bias, packed=False)
     dout = fx(rand(rng, B, T, C))
     dinp, dweight, dbias = fx(rand(rng, B, T, C)), fx(rand(rng, C)), fx(rand(rng, C))   # the backward adds into these
     dinp0 = dinp.copy()                               # for the x128 twin
     b_mean = inp.mean(-1, dtype=np.float64).astype(np.float32)
     b_rstd = (1 / np.sqrt(inp.var(-1, dtype=np.float64) + 1e-5)).astype(np.float32)
-    block = 512                                       # 16 rows per block (the last block partly empty on ODD)
+    cu = launch_trainer()
+    block = cu.LAYERNORM_BACKWARD_BLOCK               # 16 rows per block (the last block partly empty on ODD)
     grid = ceil_div(32 * B * T, block)
     scratch = np.full((grid, 2, C), np.nan, np.float32)   # per-block partials, written by the first kernel
-    bwd = Launch("layernorm_backward_kernel", grid, block,
-                 (dinp, scratch, dout, inp, weight, b_mean, b_rstd, i32(B), i32(T), i32(C)), read_write=(0,))
-    bwd_sum = Launch("layernorm_backward_sum_kernel", ceil_div(C, 256), 256,
-                     (dweight, dbias, scratch, i32(grid), i32(C)), read_write=(0, 1))
-    dweight_s, dbias_s = dweight.copy(), dbias.copy()   # the GPU-filling sum of the same partials (C % 4 == 0)
-    bwd_split = Launch("layernorm_backward_sum_split_kernel", 2 * C // 4, 128,
-                       (dweight_s, dbias_s, scratch, i32(grid), i32(C)), read_write=(0, 1))
+
+    def backward(cu, dinp, dweight, dbias, dout, inp, weight, linear_dbias=None):
+        cu.layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight, b_mean, b_rstd, B, T, C, linear_dbias)
+    bwd, bwd_sum = launcher_launches(s, backward, dinp, dweight, dbias, dout, inp, weight, packed=False)
+    # the GPU-filling sum of the same partials (C % 4 == 0): the launcher's pick where the rows cannot take
+    # the x128 kernel but scratch is packable (arrays off a 16-byte boundary)
+    dweight_s, dbias_s = dweight.copy(), dbias.copy()
+    [_, bwd_split] = launcher_launches(s, backward, dinp.copy(), dweight_s, dbias_s, dout, inp, weight,
+                                       packed=lambda n, *arrays: arrays[0] is scratch)
+    bwd.read_write, bwd_sum.read_write, bwd_split.read_write = (0,), (0, 1), (0, 1)
     if reference:
         w_out, w_mean, w_rstd = np.zeros((B, T, C)), np.zeros((B, T)), np.zeros((B, T))
         tg.layernorm_forward(w_out, w_mean, w_rstd, f64(inp), f64(weight), f64(bias), B, T, C)
@@ -303,8 +307,10 @@ def layernorm_launches(s, rng, reference):
     inp2 = fx((inp - inp1).astype(np.float32))        # so that the residual is about inp, variances and all
     residual, normed = np.full((B, T, C), np.nan, np.float32), np.full((B, T, C), np.nan, np.float32)
     f_mean, f_rstd = np.full((B, T), np.nan, np.float32), np.full((B, T), np.nan, np.float32)
-    fused = Launch("fused_residual_layernorm_forward_kernel", ceil_div(B * T * 32, 256), 256,
-                   (residual, normed, f_mean, f_rstd, inp1, inp2, weight, bias, i32(B * T), i32(C)))
+    fused_forward = lambda cu, residual, normed, mean, rstd, *rest: cu.fused_residual_forward(  # noqa: E731
+        residual, normed, mean, rstd, *rest, B, T, C)
+    [fused] = launcher_launches(s, fused_forward, residual, normed, f_mean, f_rstd, inp1, inp2, weight, bias,
+                                packed=False)
     if reference:
         w_res = np.zeros((B, T, C))
         tg.residual_forward(w_res, f64(inp1), f64(inp2), B * T * C)
@@ -319,21 +325,23 @@ def layernorm_launches(s, rng, reference):
     # references: their sums run in another order, within the plain kernels' tolerances
     out_x = np.full((B, T, C), np.nan, np.float32)
     mean_x, rstd_x = np.full((B, T), np.nan, np.float32), np.full((B, T), np.nan, np.float32)
-    fwd_x = Launch("layernorm_forward_x128_kernel", ceil_div(B * T * 32, 256), 256,
-                   (out_x, mean_x, rstd_x, inp, weight, bias, i32(B * T), i32(C)))
-    # (with dinp_sums = 1: a third partial row per block, the column sums of the updated dinp, which
-    # layernorm_backward_sum3_split_kernel adds into a linear layer's dbias beside dweight and dbias)
+    fwd_x = launcher_launches(s, lambda cu, out, *rest: cu.layernorm_forward(out, mean_x, rstd_x, *rest, B, T, C),
+                              out_x, inp, weight, bias, packed=True)[0]
+    # The trainer launches the next two only as the one-pass kernel's pieces, so they are launched here by hand
+    # on its grid: layernorm_backward_x128_kernel with dinp_sums = 1 (a third partial row per block, the column
+    # sums of the updated dinp), which layernorm_backward_sum3_split_kernel adds into a linear layer's dbias
+    # beside dweight and dbias, its blocks as the two-row split sum's above (one per pack of 4 of the 3C)
     dinp_x, scratch_x = dinp0.copy(), np.full((grid, 3, C), np.nan, np.float32)
     bwd_x = Launch("layernorm_backward_x128_kernel", grid, block,
                    (dinp_x, scratch_x, dout, inp, weight, b_mean, b_rstd, i32(B), i32(T), i32(C), i32(1)),
                    read_write=(0,))
     dweight_3, dbias_3, dlinear_3 = dweight.copy(), dbias.copy(), fx(rand(rng, C))
-    bwd_sum3 = Launch("layernorm_backward_sum3_split_kernel", 3 * C // 4, 128,
+    bwd_sum3 = Launch("layernorm_backward_sum3_split_kernel", 3 * C // 4, bwd_split.block,
                       (dweight_3, dbias_3, dlinear_3, scratch_x, i32(grid), i32(C)), read_write=(0, 1, 2))
     residual_x, normed_x = np.full((B, T, C), np.nan, np.float32), np.full((B, T, C), np.nan, np.float32)
     f_mean_x, f_rstd_x = np.full((B, T), np.nan, np.float32), np.full((B, T), np.nan, np.float32)
-    fused_x = Launch("fused_residual_layernorm_forward_x128_kernel", ceil_div(B * T * 32, 256), 256,
-                     (residual_x, normed_x, f_mean_x, f_rstd_x, inp1, inp2, weight, bias, i32(B * T), i32(C)))
+    [fused_x] = launcher_launches(s, fused_forward, residual_x, normed_x, f_mean_x, f_rstd_x, inp1, inp2, weight,
+                                  bias, packed=True)
     if reference:
         fwd_x.outputs = [dataclasses.replace(o, got=got)
                          for o, got in zip(fwd.outputs, (out_x, mean_x, rstd_x))]
@@ -360,12 +368,13 @@ def layernorm_launches(s, rng, reference):
         fused_x.outputs = [dataclasses.replace(o, got=got)
                            for o, got in zip(fused.outputs, (residual_x, normed_x, f_mean_x, f_rstd_x))]
     # the trainer's: the x128 rows and every sum in one launch (ticket counters, start at 0), with the linear bias
-    groups = ceil_div(grid, 32)
     dinp_1, dweight_1, dbias_1, dlinear_1 = dinp0.copy(), dweight.copy(), dbias.copy(), fx(rand(rng, C))
-    scratch_1, counters_1 = np.full((grid + groups) * 3 * C, np.nan, np.float32), np.zeros(groups + 1, np.uint32)
-    bwd_one = Launch("layernorm_backward_onepass_kernel", grid, block,
-                     (dinp_1, dweight_1, dbias_1, dlinear_1, scratch_1, counters_1, dout, inp, weight, b_mean, b_rstd,
-                      i32(B), i32(T), i32(C)), read_write=(0, 1, 2, 3))
+    scratch_1 = np.full(cu.layernorm_scratch_size(B, T, C), np.nan, np.float32)
+    scratch_1[-(ceil_div(grid, cu.LAYERNORM_GROUP) + 1):] = 0   # the ticket counters at its end start at 0
+    onepass = lambda cu, dinp, dweight, dbias, dlinear, dout, inp, weight: cu.layernorm_backward(  # noqa: E731
+        dinp, dweight, dbias, scratch_1, dout, inp, weight, b_mean, b_rstd, B, T, C, dlinear)
+    [bwd_one] = launcher_launches(s, onepass, dinp_1, dweight_1, dbias_1, dlinear_1, dout, inp, weight, packed=True)
+    bwd_one.read_write = (0, 1, 2, 3)
     if reference:
         w_dlinear_1 = f64(dlinear_1).copy()
 
@@ -387,10 +396,11 @@ def matmul_launches(s, rng, reference):
     fx = floatx_values(s)
     inp, weight, bias = fx(rand(rng, N, C)), fx(rand(rng, OC, C)), fx(rand(rng, OC))
     out = fx((inp @ weight.T).astype(np.float32))     # the GEMM's output (floatX), which the kernel adds the bias to
-    fwd = Launch("add_bias_kernel", ceil_div(N * OC, 256), 256, (out, bias, i32(N), i32(OC)), read_write=(0,))
+    [fwd] = launcher_launches(s, lambda cu, out, bias: cu.add_bias(out, bias, N, OC), out, bias, packed=False)
     dout, dbias = fx(rand(rng, N, OC)), fx(rand(rng, OC))
-    bwd = Launch("matmul_backward_bias_kernel", ceil_div(OC, 32), 1024, (dbias, dout, i32(N), i32(OC)),
-                 shared_mem=1024 * 4, read_write=(0,))  # as matmul_backward launches it
+    [bwd] = launcher_launches(s, lambda cu, dbias, dout: cu.matmul_backward_bias(dbias, None, dout, N, OC),
+                              dbias, dout)            # no scratch: the plain kernel
+    fwd.read_write = bwd.read_write = (0,)
     if reference:
         w_out = np.zeros((B, T, OC))
         tg.matmul_forward(w_out, f64(inp).reshape(B, T, C), f64(weight), f64(bias), B, T, C, OC)
@@ -406,21 +416,28 @@ def matmul_launches(s, rng, reference):
     OCp = ceil_div(OC, 8) * 8
     weight_p, bias_p = fx(rand(rng, OCp, C)), fx(rand(rng, OCp))
     out_p = fx((inp @ weight_p.T).astype(np.float32))
-    fwd_p = Launch("add_bias_packed_kernel", ceil_div(N * OCp, 256 * pack(s)), 256, (out_p, bias_p, i32(N), i32(OCp)),
-                   read_write=(0,))
+    [fwd_p] = launcher_launches(s, lambda cu, out, bias: cu.add_bias(out, bias, N, OCp), out_p, bias_p, packed=True)
+    fwd_p.read_write = (0,)
     if reference:
         fwd_p.outputs = [Output("out", out_p, f64(out_p) + f64(bias_p), "GEMM output + bias", 1e-4, 1e-5)]
     # the GPU-filling bias backward (OC a multiple of the pack too): column sums per block row into an fp32
-    # scratch, then the block rows' partials added into dbias, with train_gpt2_cuda.py's grid
-    from train_gpt2_cuda import MATMUL_BIAS_BLOCK, matmul_bias_grid
-    columns, row_blocks, rows_per_block = matmul_bias_grid(N, OCp, pack(s))
+    # scratch, then the block rows' partials added into dbias: the trainer launches the pair only as
+    # matmul_backward_bias_x128_kernel (below), so they run here by hand on its grid (matmul_bias_grid) and
+    # block, the sum on the plain kernel's shape (32 columns per block of 32 warps)
+    cu = launch_trainer()
+    columns, row_blocks, rows_per_block = cu.matmul_bias_grid(N, OCp, pack(s))
     dout_p, dbias_p = fx(rand(rng, N, OCp)), fx(rand(rng, OCp))
+    [plain] = recorded_launches(lambda cu: cu.matmul_backward_bias(dbias_p, None, dout_p, N, OCp))
     scratch = np.full((row_blocks, OCp), np.nan, np.float32)
-    bwd_partial = Launch("matmul_backward_bias_partial_kernel", (columns, row_blocks), MATMUL_BIAS_BLOCK,
-                         (scratch, dout_p, i32(N), i32(OCp), i32(rows_per_block)),
-                         shared_mem=MATMUL_BIAS_BLOCK * pack(s) * 4)
-    bwd_sum = Launch("matmul_backward_bias_sum_kernel", ceil_div(OCp, 32), 1024,
-                     (dbias_p, scratch, i32(row_blocks), i32(OCp)), shared_mem=1024 * 4, read_write=(0,))
+    dbias_1 = dbias_p.copy()                          # for the one-launch kernel below
+    scratch_1 = np.full(row_blocks * OCp + columns, np.nan, np.float32)
+    scratch_1[row_blocks * OCp:] = 0                  # its ticket counters, at the end, start at 0
+    [bwd_one] = launcher_launches(s, lambda cu, dbias, dout: cu.matmul_backward_bias(dbias, scratch_1, dout, N, OCp),
+                                  dbias_1, dout_p)
+    bwd_partial = Launch("matmul_backward_bias_partial_kernel", bwd_one.grid, bwd_one.block,
+                         (scratch, dout_p, i32(N), i32(OCp), i32(rows_per_block)), shared_mem=bwd_one.shared_mem)
+    bwd_sum = Launch("matmul_backward_bias_sum_kernel", plain.grid, plain.block,
+                     (dbias_p, scratch, i32(row_blocks), i32(OCp)), shared_mem=plain.shared_mem, read_write=(0,))
     if reference:
         w_partial = np.stack([f64(dout_p)[y:y + rows_per_block].sum(0) for y in range(0, N, rows_per_block)])
         bwd_partial.outputs = [Output("scratch", scratch, w_partial, "column sums per block row", 1e-5, 1e-6)]
@@ -428,12 +445,8 @@ def matmul_launches(s, rng, reference):
         tg.matmul_backward(w_dinp, w_dweight, w_dbias_p, f64(dout_p).reshape(B, T, OCp), f64(inp).reshape(B, T, C),
                            f64(weight_p), B, T, C, OCp)
         bwd_sum.outputs = [Output("dbias", dbias_p, w_dbias_p, "matmul_backward dbias (+=)", 1e-5, 1e-6)]
-    # the same in one launch (the last block of each column block adds the partials; its counters start at 0)
-    dbias_1 = dbias_p.copy()
-    scratch_1, counters = np.full((row_blocks, OCp), np.nan, np.float32), np.zeros(columns, np.uint32)
-    bwd_one = Launch("matmul_backward_bias_x128_kernel", (columns, row_blocks), MATMUL_BIAS_BLOCK,
-                     (dbias_1, scratch_1, counters, dout_p, i32(N), i32(OCp), i32(rows_per_block)),
-                     shared_mem=MATMUL_BIAS_BLOCK * pack(s) * 4, read_write=(0,))
+    # the same in one launch (the last block of each column block adds the partials)
+    bwd_one.read_write = (0,)
     if reference:
         bwd_one.outputs = [Output("dbias", dbias_1, w_dbias_p, "matmul_backward dbias (+=)", 1e-5, 1e-6)]
     return [fwd, fwd_p, bwd, bwd_partial, bwd_sum, bwd_one]
@@ -446,7 +459,6 @@ def attention_launches(s, rng, reference):
     B, T, C, NH = s.B, s.T, s.C, s.NH
     hs = C // NH
     scale = 1.0 / math.sqrt(hs)
-    n = B * NH * T * hs
     heads = lambda x: x.reshape(B, T, -1, NH, hs).transpose(2, 0, 3, 1, 4)  # noqa: E731  (B,T,g*C) -> (g,B,NH,T,hs)
     fx = floatx_values(s)
     inp, dout = fx(rand(rng, B, T, 3 * C)), fx(rand(rng, B, T, C))
@@ -470,17 +482,15 @@ def attention_launches(s, rng, reference):
     dvaccum = np.full((B, NH, T, hs), np.nan, np.float32)
     dpreatt = np.full((B, NH, T, T), np.nan, np.float32)
     dinp = np.full((B, T, 3 * C), np.nan, np.float32)
-    per_element = (ceil_div(n, 256), 256)
-    per_row = (ceil_div(B * NH * T * 32, 256), 256)
-    launches = [
-        Launch("permute_kernel", *per_element, (q, k, v, inp, i32(B), i32(T), i32(NH), i32(hs))),
-        Launch("softmax_forward_kernel", *per_row, (att_out, preatt, f32(scale), i32(B), i32(NH), i32(T))),
-        Launch("unpermute_kernel", *per_element, (out, vaccum, i32(B), i32(T), i32(NH), i32(hs))),
-        Launch("unpermute_backward_kernel", *per_element, (dvaccum, dout, i32(B), i32(T), i32(NH), i32(hs))),
-        Launch("softmax_autoregressive_backward_kernel", *per_row,
-               (dpreatt, datt, att, f32(scale), i32(B), i32(NH), i32(T))),
-        Launch("permute_backward_kernel", *per_element, (dinp, dq, dk, dv, i32(B), i32(T), i32(NH), i32(hs))),
-    ]
+    # the launchers' kernels in order, each given its own inputs in place of the buffers the launcher chains
+    # them through (its GEMMs do not run here): their grids, blocks and scalars are the launchers'
+    big = lambda: np.zeros(3 * B * T * C + B * NH * T * T, np.float32)   # noqa: E731  (any buffer the layer views)
+    forward = launcher_launches(s, lambda cu, *buffers: cu.attention_forward(*buffers, B, T, C, NH),
+                                out, big(), att_out, big())
+    backward = launcher_launches(s, lambda cu, *buffers: cu.attention_backward(*buffers, B, T, C, NH),
+                                 dinp, big(), dpreatt, big(), big(), dout, big(), att)
+    launches = [with_arrays(lc, *arrays) for lc, arrays in zip(forward + backward, (
+        (q, k, v, inp), (att_out, preatt), (out, vaccum), (dvaccum, dout), (dpreatt, datt, att), (dinp, dq, dk, dv)))]
     if reference:
         split = "inp (B,T,3C) split into heads"
         launches[0].outputs = [Output(name, got, want, split, 0.0)
@@ -519,12 +529,14 @@ def gelu_launches(s, rng, reference):
     inp = fx(inp)
     out, dinp = np.full(N, np.nan, np.float32), np.full(N, np.nan, np.float32)
     dout = fx(rand(rng, N))
-    fwd = Launch("gelu_forward_kernel", ceil_div(N, 256), 256, (out, inp, i32(N)))
-    bwd = Launch("gelu_backward_kernel", ceil_div(N, 256), 256, (dinp, inp, dout, i32(N)))
+    forward = lambda cu, out, inp: cu.gelu_forward(out, inp, N)                       # noqa: E731
+    backward = lambda cu, dinp, inp, dout: cu.gelu_backward(dinp, inp, dout, N)       # noqa: E731
+    [fwd], [bwd] = launcher_launches(s, forward, out, inp, packed=False), \
+        launcher_launches(s, backward, dinp, inp, dout, packed=False)
     out_p, dinp_p = np.full(N, np.nan, np.float32), dout.copy()      # the packed backward runs in place
-    fwd_p = Launch("gelu_forward_packed_kernel", ceil_div(N, 256 * pack(s)), 256, (out_p, inp, i32(N)))
-    bwd_p = Launch("gelu_backward_packed_kernel", ceil_div(N, 256 * pack(s)), 256, (dinp_p, inp, dinp_p, i32(N)),
-                   read_write=(0,))
+    [fwd_p], [bwd_p] = launcher_launches(s, forward, out_p, inp, packed=True), \
+        launcher_launches(s, lambda cu, d, inp: cu.gelu_backward(d, inp, d, N), dinp_p, inp, packed=True)
+    bwd_p.read_write = (0,)
     if reference:
         want = np.zeros(N)
         tg.gelu_forward(want, f64(inp), N)
@@ -542,9 +554,10 @@ def residual_launches(s, rng, reference):
     fx = floatx_values(s)
     inp1, inp2 = fx(rand(rng, N)), fx(rand(rng, N))
     out = np.full(N, np.nan, np.float32)
-    launch = Launch("residual_forward_kernel", ceil_div(N, 256), 256, (out, inp1, inp2, i32(N)))
+    forward = lambda cu, out, inp1, inp2: cu.residual_forward(out, inp1, inp2, N)     # noqa: E731
+    [launch] = launcher_launches(s, forward, out, inp1, inp2, packed=False)
     out_p = np.full(N, np.nan, np.float32)
-    packed = Launch("residual_forward_packed_kernel", ceil_div(N, 256 * pack(s)), 256, (out_p, inp1, inp2, i32(N)))
+    [packed] = launcher_launches(s, forward, out_p, inp1, inp2, packed=True)
     if reference:
         want = np.zeros(N)
         tg.residual_forward(want, f64(inp1), f64(inp2), N)
@@ -565,11 +578,11 @@ def classifier_launches(s, rng, reference):
     logits = floatx_values(s)(logits)
     dlosses = rand(rng, B, T)
     losses = np.full((B, T), np.nan, np.float32)
-    launch = Launch("fused_classifier_kernel", B * T, 1024,
-                    (logits, losses, dlosses, targets, i32(B), i32(T), i32(V), i32(Vp), i32(1)), read_write=(0,))
+    classifier = lambda cu, logits, losses: cu.fused_classifier(logits, losses, dlosses, targets, B, T, V, Vp, 1)  # noqa: E731
+    [launch] = launcher_launches(s, classifier, logits, losses, packed=False)
     logits_w, losses_w = logits.copy(), np.full((B, T), np.nan, np.float32)   # the x128 twin (Vp % pack == 0)
-    wide = Launch("fused_classifier_x128_kernel", B * T, 1024,
-                  (logits_w, losses_w, dlosses, targets, i32(B), i32(T), i32(V), i32(Vp), i32(1)), read_write=(0,))
+    [wide] = launcher_launches(s, classifier, logits_w, losses_w, packed=True)
+    launch.read_write = wide.read_write = (0,)
     if reference:
         probs, w_losses, w_dlogits = np.zeros((B, T, Vp)), np.zeros((B, T)), np.zeros((B, T, Vp))
         tg.softmax_forward(probs, f64(logits), B, T, V, Vp)
@@ -604,10 +617,10 @@ def adamw_multi_tensor_launch(s, rng, reference):
     lr, b1, b2, eps, wd, grad_scale, t = 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.5, 3
     master = None if s.floatx == "fp32" else rand(rng, ns)       # bf16 with master weights, as -w 1
     params = fx(params)
-    launch = Launch("adamw_multi_tensor_kernel", blocks, cu.ADAMW_BLOCK,
-                    (params, master, grads, m, v, np.asarray(table), i32(table_rows), seeds, f32(lr), f32(b1),
-                     f32(b2), f32(1 - b1 ** t), f32(1 - b2 ** t), f32(eps), f32(wd), f32(grad_scale)),
-                    read_write=(0, 3, 4) if master is None else (0, 1, 3, 4))
+    [launch] = launcher_launches(s, lambda cu, params, grads: cu.adamw_multi_tensor(
+        params, master, grads, m, v, np.asarray(table), table_rows, blocks, seeds, lr, b1, b2, 1 - b1 ** t,
+        1 - b2 ** t, eps, wd, grad_scale), params, grads)
+    launch.read_write = (0, 3, 4) if master is None else (0, 1, 3, 4)
     if reference:
         w_p, w_m, w_v = f64(params), f64(m), f64(v)
         w_master = None if master is None else f64(master)
@@ -641,13 +654,12 @@ def adamw_launches(s, rng, reference):
     master = None if s.floatx == "fp32" else params.copy()
     weights = params if master is None else master
     params = fx(params)
-    step = Launch("adamw_kernel", ceil_div(n, 512), 512,
-                  (params, master, grads, m, v, i64(n), i64(n), i64(n), f32(lr), f32(b1), f32(b2),
-                   f32(1 - b1 ** t), f32(1 - b2 ** t), f32(eps), f32(wd), f32(grad_scale), u32(4242)),
-                  read_write=(0, 3, 4) if master is None else (0, 1, 3, 4))
-    grid = min(ceil_div(n, 512), 1024)                # as gpt2_calculate_grad_norm launches it
-    partials = np.full(grid, np.nan, np.float32)
-    norm = Launch("global_norm_squared_kernel", grid, 512, (partials, grads, i64(n)))
+    [step] = launcher_launches(s, lambda cu, params, grads: cu.adamw_update(
+        params, master, grads, m, v, n, n, 1, lr, b1, b2, 1 - b1 ** t, 1 - b2 ** t, eps, wd, grad_scale, 4242),
+        params, grads)                                # one row of n: the row strides unused
+    step.read_write = (0, 3, 4) if master is None else (0, 1, 3, 4)
+    partials = np.full(launch_trainer().NORM_BLOCKS, np.nan, np.float32)
+    [norm] = launcher_launches(s, lambda cu, grads: cu.global_norm_squared(partials, grads, n), grads)
     if reference:
         # AdamW as torch.optim.AdamW computes it, in float64 (the NumPy trainer's adamw_chunk is the
         # same step rearranged for speed)
@@ -661,13 +673,13 @@ def adamw_launches(s, rng, reference):
                         Output("m", m, w_m, expression, 1e-7, 1e-6), Output("v", v, w_v, expression, 1e-8, 1e-5)]
         if master is not None:
             step.outputs.append(Output("master", master, w_p, expression, 1e-6, 1e-6))
-        norm.outputs = [Output("sum(out)", lambda: f64(partials).sum(), np.sum(f64(grads) ** 2),
+        norm.outputs = [Output("sum(out)", lambda: f64(partials[:norm.grid]).sum(), np.sum(f64(grads) ** 2),
                                "sum(grads**2) in float64", 0.0, 1e-5)]   # the host adds the per-block partials
     # llm.c's init_from_master on a 2-row grid (two layers of n // 2): each row's floatX weights from its master
     half = n // 2
     source, rebuilt = rand(rng, n), np.zeros(n, np.float32)
-    rebuild = Launch("init_from_master_kernel", (ceil_div(half, 512), 2), 512,
-                     (rebuilt, source, i64(half), i64(half), i64(half), u32(4243)))
+    [rebuild] = launcher_launches(s, lambda cu, params: cu.init_from_master(params, source, half, half, 2, 4243),
+                                  rebuilt)
     if reference:
         want = f64(source)
         want[2 * half:] = 0.0                         # an odd n's last element is in no row: left as it was
@@ -675,14 +687,10 @@ def adamw_launches(s, rng, reference):
     return [step, norm, rebuild, adamw_multi_tensor_launch(s, rng, reference)]
 
 
-# flash attention (kernels/flash_attention.cu, bf16 only). Its launch shapes (grids, block, shared memory) live
-# in train_gpt2_cuda.py's launchers alone: they run here on a copy of the trainer whose kernel() records each
-# launch instead of making it, and the recorded launches are what gets checked and timed.
+# The launch shapes (grids, block, shared memory) and argument lists live in train_gpt2_cuda.py's launchers
+# alone: every check above calls them on a copy of the trainer whose kernel() records each launch instead of
+# making it, and the recorded launches are what gets checked and timed (here, and by the kernel tests).
 
-FLASH_CHECK = (2, 37, 128, 2)                         # B, T, C, NH: hs 64, T a tail of 32- and 64-row tiles
-FLASH_D12 = (16, 1024, 768, 12)                       # d12's attention at llm.c's B=16 (dev/bench_attention.py's)
-FLASH_KERNELS = ("flash_attention_forward_kernel", "flash_attention_backward_dq_kernel",
-                 "flash_attention_backward_dkdv_kernel")
 _trainer = []
 
 
@@ -696,24 +704,62 @@ def launch_trainer():
     return _trainer[0]
 
 
-def recorded_launches(call, widen):
-    """The launches a trainer launcher makes, as Launch rows (no outputs yet): call(cu) runs the launcher with
-    bf16 bits arrays; widen maps id(bits) to the float32 array the harness passes in their place."""
-    cu, made = launch_trainer(), []
+def recorded_launches(call, widen=None, packed=None):
+    """The launches a trainer launcher makes, as Launch rows (no outputs yet), in order, none of them run:
+    call(cu) runs the launcher (with bf16 bits arrays in bf16); widen maps id(bits) to the float32 array the
+    harness passes in their place. packed True or False: the launcher's packable() answers that, whatever
+    the arrays (to reach the packed kernels or their per-element twins on one shape), or a function standing in
+    for packable; None: its own rule. The launchers' GEMMs (cuBLAS's, not kernels of kernels/) are not run."""
+    cu, made, widen = launch_trainer(), [], widen or {}
 
     def kernel(file, name, floatx=np.float32):
         def record(grid, block, args, shared_mem=0):
+            grid = grid[0] if isinstance(grid, tuple) and len(grid) == 1 else grid
             block = block[0] if isinstance(block, tuple) and len(block) == 1 else block
             args = tuple(widen.get(id(a), a) if isinstance(a, np.ndarray) else a for a in args)
             made.append(Launch(name, grid, block, args, shared_mem))
         return record
-    real = cu.kernel
-    cu.kernel = kernel
+    real = cu.kernel, cu.packable, cu.gemm
+    cu.kernel, cu.gemm = kernel, lambda *args, **kw: None
+    if packed is not None:
+        cu.packable = packed if callable(packed) else lambda n, *arrays: packed
     try:
         call(cu)
     finally:
-        cu.kernel = real
+        cu.kernel, cu.packable, cu.gemm = real
     return made
+
+
+def with_arrays(lc, *arrays):
+    """A recorded Launch with its array arguments replaced, in order, by `arrays` (its scalars and shape kept)."""
+    given = iter(arrays)
+    args = tuple(next(given) if isinstance(a, np.ndarray) else a for a in lc.args)
+    assert next(given, None) is None, f"{lc.kernel}: more arrays than the launch takes"
+    return dataclasses.replace(lc, args=args)
+
+
+def launcher_launches(s, call, *floatx, packed=None):
+    """recorded_launches of call(cu, *floatx) on shape s's precision: in bf16 the launcher gets bf16 bits in
+    place of the float32 floatX arrays (their dtype picks the build and the pack), and the rows the float32
+    arrays back (check_file rounds them to bits at the launch, as every row's)."""
+    if s.floatx == "fp32":
+        return recorded_launches(lambda cu: call(cu, *floatx), packed=packed)
+    bits = [f32_to_bf16(a).reshape(a.shape) for a in floatx]
+    return recorded_launches(lambda cu: call(cu, *bits), {id(b): a for b, a in zip(bits, floatx)}, packed)
+
+
+def run_launches(mod, launches, **kw):
+    """Run Launch rows in order through mod.get_function (an Emulated or DeviceModule, or an emulator
+    RawModule with kw such as order=, guard=): the tests' way to run what a launcher made."""
+    for lc in launches:
+        mod.get_function(lc.kernel)(lc.grid, lc.block, lc.args, shared_mem=lc.shared_mem, **kw)
+
+
+# flash attention (kernels/flash_attention.cu, bf16 only)
+FLASH_CHECK = (2, 37, 128, 2)                         # B, T, C, NH: hs 64, T a tail of 32- and 64-row tiles
+FLASH_D12 = (16, 1024, 768, 12)                       # d12's attention at llm.c's B=16 (dev/bench_attention.py's)
+FLASH_KERNELS = ("flash_attention_forward_kernel", "flash_attention_backward_dq_kernel",
+                 "flash_attention_backward_dkdv_kernel")
 
 
 def flash_reference(q, k, v, dout):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import train_gpt2 as tg  # noqa: E402  (the NumPy layers of section 3)
-from checks import check, kernel_module, verdict  # noqa: E402  (doc/checks.py: the check lines)
+from checks import check, kernel_module, recorded_launches, run_launches, verdict, with_arrays  # noqa: E402
 
 
 # odd shapes: T = 37 > 32, so a warp walks a row of att in two strides; hs = 16, C = 48
@@ -171,52 +171,49 @@ def section4(ref, pap):
         return
     os.environ["LLMC_EMULATE"] = "1"               # train_gpt2_cuda: NumPy arrays + the kernel emulator
     import train_gpt2_cuda as tc
-    from llmc.cuda_common import ceil_div
 
-    f32, i32 = np.float32, np.int32
+    f32 = np.float32
     scale = 1.0 / math.sqrt(hs)
     inp = qkv_np.astype(f32)
     tq, tk, tv = (ref[n].numpy() for n in "qkv")     # (B, NH, T, hs) each, float64
+    big = max(B * T * 3 * C, B * NH * T * T)          # inp doubles as the preatt and vaccum scratch
 
-    # the kernels one at a time, each fed the float32 of the exact reference input
+    # the kernels one at a time, as train_gpt2_cuda.py's launchers launch them (grids, blocks, scalars: recorded,
+    # not made, by dev/check_kernel.py; their GEMMs do not run), each fed the float32 of the exact reference input
+    buffer = lambda n=big: np.zeros(n, f32)           # noqa: E731  (what the layer would chain through)
+    permute, softmax, unpermute = recorded_launches(
+        lambda cu: cu.attention_forward(buffer(B * T * C), buffer(), buffer(B * NH * T * T), buffer(), B, T, C, NH))
+    unpermute_back, softmax_back, permute_back = recorded_launches(
+        lambda cu: cu.attention_backward(*(buffer() for _ in range(5)), buffer(B * T * C), buffer(),
+                                         buffer(B * NH * T * T), B, T, C, NH))
     q, k, v = (np.empty((B, NH, T, hs), f32) for _ in range(3))
-    block = 256
-    mod.get_function("permute_kernel")(
-        (ceil_div(B * NH * T * hs, block),), (block,), (q, k, v, inp, i32(B), i32(T), i32(NH), i32(hs)))
+    run_launches(mod, [with_arrays(permute, q, k, v, inp)])
     check("f32", "cuda: permute_kernel q|k|v vs torch", np.stack([q, k, v]), np.stack([tq, tk, tv]))
 
     preatt = q @ k.transpose(0, 1, 3, 2)              # unscaled, as the sgemm leaves it
     att = np.empty((B, NH, T, T), f32)
-    mod.get_function("softmax_forward_kernel")(
-        (ceil_div(B * NH * T * 32, block),), (block,), (att, preatt, f32(scale), i32(B), i32(NH), i32(T)))
+    run_launches(mod, [with_arrays(softmax, att, preatt)])
     check("f32", "cuda: softmax_forward_kernel att vs torch", att, ref["att"])
 
     vaccum = (ref["att"] @ ref["v"]).numpy().astype(f32)   # (B, NH, T, hs)
     out = np.empty((B, T, C), f32)
-    mod.get_function("unpermute_kernel")(
-        (ceil_div(B * NH * T * hs, block),), (block,), (out, vaccum, i32(B), i32(T), i32(NH), i32(hs)))
+    run_launches(mod, [with_arrays(unpermute, out, vaccum)])
     check("f32", "cuda: unpermute_kernel out vs torch", out, ref["out"])
 
     dvaccum = np.empty((B, NH, T, hs), f32)
-    mod.get_function("unpermute_backward_kernel")(
-        (ceil_div(B * NH * T * hs, block),), (block,), (dvaccum, dout_np.astype(f32), i32(B), i32(T), i32(NH), i32(hs)))
+    run_launches(mod, [with_arrays(unpermute_back, dvaccum, dout_np.astype(f32))])
     check("f32", "cuda: unpermute_backward_kernel vs dout by heads", dvaccum, heads(torch.tensor(dout_np)))
 
     dpreatt = np.empty((B, NH, T, T), f32)
-    mod.get_function("softmax_autoregressive_backward_kernel")(
-        (ceil_div(B * NH * T * 32, block),), (block,),
-        (dpreatt, pap["datt"].astype(f32), ref["att"].numpy().astype(f32), f32(scale), i32(B), i32(NH), i32(T)))
+    run_launches(mod, [with_arrays(softmax_back, dpreatt, pap["datt"].astype(f32), ref["att"].numpy().astype(f32))])
     # the kernel's preatt is unscaled, so its gradient carries the scale: scale * dpreatt(scaled)
     check("f32", "cuda: softmax_autoregressive_backward vs scale*paper", dpreatt, scale * pap["dpreatt"])
 
     dinp = np.empty((B, T, 3 * C), f32)
-    mod.get_function("permute_backward_kernel")(
-        (ceil_div(B * NH * T * hs, block),), (block,),
-        (dinp, *(pap[n].astype(f32) for n in ("dq", "dk", "dv")), i32(B), i32(T), i32(NH), i32(hs)))
+    run_launches(mod, [with_arrays(permute_back, dinp, *(pap[n].astype(f32) for n in ("dq", "dk", "dv")))])
     check("f32", "cuda: permute_backward_kernel dinp vs autograd", dinp, ref["dinp"])
 
     # the whole layer as train_gpt2_cuda.py runs it: kernels + strided-batched GEMMs
-    big = max(B * T * 3 * C, B * NH * T * T)          # inp doubles as the preatt and vaccum scratch
     scratch = np.zeros(big, f32)
     tc.view(scratch, B, T, 3 * C)[...] = inp
     out, att = np.zeros((B, T, C), f32), np.zeros((B, NH, T, T), f32)

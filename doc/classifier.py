@@ -17,7 +17,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import train_gpt2 as tg  # noqa: E402  (the NumPy layers of section 3)
-from checks import check, kernel_module, verdict  # noqa: E402  (doc/checks.py: the check lines)
+from checks import check, kernel_module, launched, verdict  # noqa: E402  (doc/checks.py: the check lines)
 
 
 # a small vocabulary, padded as the real one is: V = 300 -> Vp = 384 (a multiple of 128)
@@ -130,20 +130,20 @@ def section4(ref):
     os.environ["LLMC_EMULATE"] = "1"                   # train_gpt2_cuda: NumPy arrays + the kernel emulator
     import train_gpt2_cuda as tc
 
-    f32, i32 = np.float32, np.int32
-    targets = targets_np.astype(i32)
+    f32 = np.float32
+    targets = targets_np.astype(np.int32)
     logits = logits_np.astype(f32)
     losses = np.full((B, T), np.nan, f32)
-    block = 1024                                       # one block per (b, t) row
-    mod.get_function("fused_classifier_kernel")(
-        (B * T,), (block,), (logits, losses, dlosses_np.astype(f32), targets,
-                             i32(B), i32(T), i32(V), i32(Vp), i32(0)))
+    dlosses = dlosses_np.astype(f32)
+
+    def classifier(write_dlogits):                     # the launcher's launch: one block of 1024 per (b, t) row
+        launched(mod, lambda cu: cu.fused_classifier(logits, losses, dlosses, targets, B, T, V, Vp, write_dlogits),
+                 packed=False)                         # the plain kernel, not its x128 twin
+    classifier(0)
     check("f32", "cuda: forward (write_dlogits=0) losses vs torch", losses, ref["losses"])
     check("f32", "cuda: forward (write_dlogits=0) logits unchanged", logits, logits_np.astype(f32))
 
-    mod.get_function("fused_classifier_kernel")(
-        (B * T,), (block,), (logits, losses, dlosses_np.astype(f32), targets,
-                             i32(B), i32(T), i32(V), i32(Vp), i32(1)))
+    classifier(1)
     check("f32", "cuda: backward (write_dlogits=1) dlogits vs autograd", logits, ref["dlogits"])
     check("f32", "cuda: backward losses vs torch", losses, ref["losses"])
 

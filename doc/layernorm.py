@@ -15,7 +15,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import train_gpt2 as tg  # noqa: E402  (the NumPy layers of section 3)
-from checks import check, kernel_module, verdict  # noqa: E402  (doc/checks.py: the check lines)
+from checks import check, kernel_module, launched, verdict  # noqa: E402  (doc/checks.py: the check lines)
 
 
 B, T, C = 3, 13, 48           # odd shapes: B*T = 39 rows, C not a multiple of 32
@@ -117,27 +117,23 @@ def section4(ref):
     mod = kernel_module("layernorm")              # kernels/layernorm.cu on the emulator
     if mod is None:
         return
-    from llmc.cuda_common import ceil_div
-    f32, i32, N = np.float32, np.int32, B * T
+    f32 = np.float32
     inp, weight, bias, dout_ = (a.astype(f32) for a in (x_np, w_np, b_np, dout_np))
     out_ = np.empty((B, T, C), f32)
     mean_, rstd_ = np.empty((B, T), f32), np.empty((B, T), f32)
-    block = 256                                   # 8 warps = 8 rows per block; 39 rows -> 5 blocks
-    mod.get_function("layernorm_forward_kernel")(
-        (ceil_div(N * 32, block),), (block,), (out_, mean_, rstd_, inp, weight, bias, i32(N), i32(C)))
+    # train_gpt2_cuda.py's launch: 8 warps = 8 rows per block; 39 rows -> 5 blocks (the plain kernel)
+    launched(mod, lambda cu: cu.layernorm_forward(out_, mean_, rstd_, inp, weight, bias, B, T, C), packed=False)
     check("f32", "cuda: forward out vs torch", out_, ref["out"])
     check("f32", "cuda: forward mean vs aten", mean_, ref["mean_aten"])
     check("f32", "cuda: forward rstd vs aten (relative)", rstd_ / ref["rstd_aten"] - 1, 0.0)
 
     dinp = np.full((B, T, C), 0.25, f32)
     dweight, dbias = np.full(C, 0.25, f32), np.full(C, 0.25, f32)
-    block = 512                                   # 16 rows per block; 39 rows -> 3 blocks, the last partial
-    grid = ceil_div(32 * N, block)
-    scratch = np.empty((grid, 2, C), f32)         # each block's dbias and dweight partial sums, C floats each
-    mod.get_function("layernorm_backward_kernel")(
-        (grid,), (block,), (dinp, scratch, dout_, inp, weight, mean_, rstd_, i32(B), i32(T), i32(C)))
-    mod.get_function("layernorm_backward_sum_kernel")(   # adds the partials in block order
-        (ceil_div(C, 256),), (256,), (dweight, dbias, scratch, i32(grid), i32(C)))
+    scratch = np.empty(B * T * 2 * C, f32)        # room for each block's dbias and dweight partials, C floats each
+    # 16 rows per block; 39 rows -> 3 blocks, the last partial; then layernorm_backward_sum_kernel adds
+    # the partials in block order
+    launched(mod, lambda cu: cu.layernorm_backward(dinp, dweight, dbias, scratch, dout_, inp, weight, mean_, rstd_,
+                                                   B, T, C), packed=False)
     check("f32", "cuda: backward dinp - old vs autograd", dinp - 0.25, ref["dx"])
     check("f32", "cuda: backward dweight - old (rel)", (dweight - 0.25) / np.abs(ref["dw"]).max(),
           ref["dw"] / np.abs(ref["dw"]).max())

@@ -15,7 +15,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from checks import check, kernel_module, verdict  # noqa: E402  (doc/checks.py: the check lines)
+from checks import check, kernel_module, launched, verdict  # noqa: E402  (doc/checks.py: the check lines)
 from llmc.formats import bf16_to_f32, f32_to_bf16  # noqa: E402
 
 torch.set_num_threads(1)
@@ -42,8 +42,7 @@ def section1(emulated):
     # the kernels' conversion: residual_forward in a bf16 build adds two bf16 values in float and rounds once
     a, b = f32_to_bf16(x[:4096]), f32_to_bf16(x[4096:8192])
     out = np.empty(4096, np.uint16)
-    emulated["residual"].get_function("residual_forward_kernel")(
-        (16,), (256,), (out, a, b, np.int32(4096)))
+    launched(emulated["residual"], lambda cu: cu.residual_forward(out, a, b, 4096), packed=False)
     check("f64", "bits: the kernels' __float2bfloat16 = f32_to_bf16", out,
           f32_to_bf16(bf16_to_f32(a) + bf16_to_f32(b)))
 
@@ -64,8 +63,7 @@ def section2(emulated):
     N, OC = 256, 64
     dout = f32_to_bf16(rng.standard_normal((N, OC)).astype(np.float32))
     dbias = np.zeros(OC, np.uint16)
-    emulated["matmul"].get_function("matmul_backward_bias_kernel")(
-        (OC // 32,), (1024,), (dbias, dout, np.int32(N), np.int32(OC)), shared_mem=1024 * 4)
+    launched(emulated["matmul"], lambda cu: cu.matmul_backward_bias(dbias, None, dout, N, OC))   # the plain kernel
     check("f64", "sums: bias backward = the column sums rounded once", bf16_to_f32(dbias),
           bf16_to_f32(f32_to_bf16(bf16_to_f32(dout).astype(np.float64).sum(0).astype(np.float32))))
 
@@ -119,18 +117,14 @@ def section3(emulated):
           f"{w_stochastic.mean():.4f} (each weight is on the bf16 grid: {np.unique(w_stochastic).size} values)")
     if emulated is None:
         return
-    adamw = emulated["adamw"].get_function("adamw_kernel")
     master = rng.standard_normal(n).astype(np.float32)
     params, m, v = f32_to_bf16(master), np.zeros(n, np.float32), np.zeros(n, np.float32)
     w64, m64, v64 = master.astype(np.float64), np.zeros(n), np.zeros(n)
     for t in range(1, 4):
         grads = f32_to_bf16(rng.standard_normal(n).astype(np.float32))
         seed = 1000 + t
-        adamw(((n + 511) // 512,), (512,),
-              (params, master, grads, m, v, np.int64(n), np.int64(n), np.int64(n), np.float32(1e-3),
-               np.float32(0.9), np.float32(0.95),
-               np.float32(1 - 0.9 ** t), np.float32(1 - 0.95 ** t), np.float32(1e-8), np.float32(0.0),
-               np.float32(1.0), np.uint32(seed)))
+        launched(emulated["adamw"], lambda cu: cu.adamw_update(params, master, grads, m, v, n, n, 1, 1e-3, 0.9, 0.95,
+                                                               1 - 0.9 ** t, 1 - 0.95 ** t, 1e-8, 0.0, 1.0, seed))
         w64, m64, v64 = adamw_numpy(w64, bf16_to_f32(grads), m64, v64, 1e-3, 0.9, 0.95, 1e-8, t)
     check("f32", "update: the master weights follow AdamW in fp32", master, w64)
     check("f64", "update: the bf16 weights are the master's stochastic rounding", bf16_to_f32(params),

@@ -123,6 +123,7 @@ def test_kernel_over_a_padded_table_is_the_per_tensor_launches(order, precision)
     blocks per layer row, one with a parameter row stride wider than its piece (a ZeRO-1 shard's), decay on one
     tensor only, against adamw_kernel launched per tensor; race-checked, in each thread order."""
     import emulator
+    from check_kernel import recorded_launches, run_launches
     from llmc.cuda_common import ceil_div, kernel_source
     options = ("--std=c++17", "-DENABLE_BF16") if precision == "bf16" else ("--std=c++17",)
     mod = emulator.RawModule(code=kernel_source("adamw"), options=options)
@@ -139,9 +140,8 @@ def test_kernel_over_a_padded_table_is_the_per_tensor_launches(order, precision)
     m = (0.1 * rng.standard_normal(state)).astype(np.float32)
     v = np.abs(0.1 * rng.standard_normal(state)).astype(np.float32)
     seeds = np.array([101, 202, 303], np.uint32)
-    scalars = (np.float32(1e-2), np.float32(0.9), np.float32(0.95), np.float32(0.19), np.float32(0.0975),
-               np.float32(1e-8))
-    wd, scale = np.float32(0.1), np.float32(0.8)
+    scalars = (1e-2, 0.9, 0.95, 0.19, 0.0975, 1e-8)    # lr, beta1, beta2, their corrections at t = 2, eps
+    wd, scale = 0.1, 0.8
 
     ref = [a.copy() for a in (params, master, m, v)]
     table = np.zeros((4, 8), np.int64)
@@ -150,15 +150,14 @@ def test_kernel_over_a_padded_table_is_the_per_tensor_launches(order, precision)
     for t, (rows, part, stride, decay) in enumerate(tensors):
         per_row = ceil_div(part, 512)
         table[t, :7] = (first, per_row, part, w + part, stride, s, decay)   # rank 1's half of each row
-        mod.get_function("adamw_kernel")(
-            (per_row, rows), (512,),
-            (ref[0][w + part:], ref[1][s:], grads[w + part:], ref[2][s:], ref[3][s:], np.int64(part),
-             np.int64(stride), np.int64(part), *scalars, wd if decay else np.float32(0.0), scale, seeds[t]))
+        run_launches(mod, recorded_launches(lambda cu: cu.adamw_update(
+            ref[0][w + part:], ref[1][s:], grads[w + part:], ref[2][s:], ref[3][s:], part, stride, rows, *scalars,
+            wd if decay else 0.0, scale, seeds[t])))
         first, w, s = first + per_row * rows, w + rows * stride, s + rows * part
     got = [a.copy() for a in (params, master, m, v)]
-    mod.get_function("adamw_multi_tensor_kernel")(
-        (first,), (512,), (got[0], got[1], grads, got[2], got[3], table.reshape(-1), np.int32(4), seeds, *scalars,
-                           wd, scale), order=order, racecheck=True)
+    run_launches(mod, recorded_launches(lambda cu: cu.adamw_multi_tensor(
+        got[0], got[1], grads, got[2], got[3], table.reshape(-1), 4, first, seeds, *scalars, wd, scale)),
+        order=order, racecheck=True)
     for name, a, b in zip(("params", "master", "m", "v"), got, ref):
         assert a.tobytes() == b.tobytes(), name
     assert got[0].tobytes() != params.tobytes() and got[1].tobytes() != master.tobytes()

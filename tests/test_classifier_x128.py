@@ -40,7 +40,7 @@ from llmc.cuda_common import kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16
 from test_cuda_trainer import cuda_trainer  # noqa: F401 (fixture)
 
-from check_kernel import Emulated, close, rand
+from check_kernel import Emulated, close, rand, recorded_launches, run_launches
 
 i32 = np.int32
 OPTIONS = {"fp32": ("--std=c++17",), "bf16": ("--std=c++17", "-DENABLE_BF16")}
@@ -89,11 +89,13 @@ def twin(logits, targets, dlosses, rows, V, Vp):
 
 
 def launch(mod, name, logits, targets, dlosses, rows, V, Vp, write_dlogits):
-    """One launch on a copy of the logits; returns (logits after, losses)."""
+    """fused_classifier's launch of `name` on a copy of the logits (B = 1, T = rows); returns (logits after, losses)."""
     x = logits.copy()
     losses = np.full((1, rows), np.nan, np.float32)
-    mod.get_function(name)(rows, 1024, (x, losses, dlosses, targets, i32(1), i32(rows), i32(V), i32(Vp),
-                                        i32(write_dlogits)))
+    launches = recorded_launches(lambda cu: cu.fused_classifier(x, losses, dlosses, targets, 1, rows, V, Vp,
+                                                                write_dlogits), packed="x128" in name)
+    assert [lc.kernel for lc in launches] == [name]
+    run_launches(mod, launches)
     return x, losses
 
 

@@ -16,7 +16,7 @@ from emulator import RawModule, count_traffic
 from llmc.cuda_common import ceil_div, kernel_source
 
 import perf_model
-from check_kernel import PRECISION_OPTIONS
+from check_kernel import PRECISION_OPTIONS, recorded_launches
 from conftest import emulated_cuda_trainer
 
 i32, i64, f32, u32 = np.int32, np.int64, np.float32, np.uint32
@@ -70,9 +70,16 @@ def mod():
 def launch(fn, grid, block, args, **kw):
     """Launch once inside count_traffic(); return its one Traffic record."""
     with count_traffic() as launches:
-        fn((grid,), (block,), args, **kw)
+        fn(grid if isinstance(grid, tuple) else (grid,), (block,), args, **kw)
     assert len(launches) == 1
     return launches[0]
+
+
+def launched(file, precision, call, packed=None):
+    """The one launch call(cu) makes on the trainer's launchers (its grid, block and arguments), counted."""
+    [lc] = recorded_launches(call, packed=packed)
+    return launch(module(file, precision).get_function(lc.kernel), lc.grid, lc.block, lc.args,
+                  shared_mem=lc.shared_mem)
 
 
 def traffic(record):
@@ -167,10 +174,9 @@ def test_residual_forward(precision, packed):
     dtype, s = PRECISIONS[precision]
     rng = np.random.default_rng(0)
     out, inp1, inp2 = np.zeros(N, dtype), values(rng, N, precision), values(rng, N, precision)
-    name = "residual_forward_packed_kernel" if packed else "residual_forward_kernel"
     per_thread = 16 // s if packed else 1
-    r = launch(module("residual", precision).get_function(name), ceil_div(N, 256 * per_thread), 256,
-               (out, inp1, inp2, i32(N)))
+    r = launched("residual", precision, lambda cu: cu.residual_forward(out, inp1, inp2, N), packed)
+    assert r.kernel == ("residual_forward_packed_kernel" if packed else "residual_forward_kernel")
     assert (r.bytes_read, r.bytes_written) == (2 * N * s, N * s)
     assert (r.reads, r.writes) == (2 * N // per_thread, N // per_thread)
 
@@ -181,8 +187,8 @@ def test_gelu_forward(precision):
     N = 4096
     dtype, s = PRECISIONS[precision]
     out, inp = np.zeros(N, dtype), values(np.random.default_rng(0), N, precision)
-    r = launch(module("gelu", precision).get_function("gelu_forward_packed_kernel"),
-               ceil_div(N, 256 * 16 // s), 256, (out, inp, i32(N)))
+    r = launched("gelu", precision, lambda cu: cu.gelu_forward(out, inp, N), packed=True)
+    assert r.kernel == "gelu_forward_packed_kernel"
     assert traffic(r) == (N * s, N * s, N * s // 16, N * s // 16)
 
 
@@ -195,8 +201,9 @@ def test_layernorm_forward(precision):
     rng = np.random.default_rng(0)
     out, mean, rstd = np.zeros(N * C, dtype), np.zeros(N, np.float32), np.zeros(N, np.float32)
     inp, weight, bias = values(rng, N * C, precision), values(rng, C, precision), values(rng, C, precision)
-    r = launch(module("layernorm", precision).get_function("layernorm_forward_kernel"),
-               ceil_div(N * 32, 256), 256, (out, mean, rstd, inp, weight, bias, i32(N), i32(C)))
+    r = launched("layernorm", precision, lambda cu: cu.layernorm_forward(out, mean, rstd, inp, weight, bias, 1, N, C),
+                 packed=False)
+    assert r.kernel == "layernorm_forward_kernel"
     assert (r.bytes_read, r.bytes_written) == (5 * N * C * s, N * C * s + 2 * 4 * N)
     assert (r.reads, r.writes) == (5 * N * C, N * C + 2 * N)
 
@@ -212,9 +219,9 @@ def test_adamw(precision, master):
     params, grads = values(rng, n, precision), values(rng, n, precision)
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
     master_params = rng.standard_normal(n).astype(np.float32) if master else None
-    args = (params, master_params, grads, m, v, i64(n), i64(n), i64(n), f32(1e-3), f32(0.9), f32(0.999), f32(0.1),
-            f32(0.001), f32(1e-8), f32(0.0), f32(1.0), u32(7))
-    r = launch(module("adamw", precision).get_function("adamw_kernel"), ceil_div(n, 512), 512, args)
+    r = launched("adamw", precision, lambda cu: cu.adamw_update(params, master_params, grads, m, v, n, n, 1, 1e-3, 0.9,
+                                                                0.999, 0.1, 0.001, 1e-8, 0.0, 1.0, 7))
+    assert r.kernel == "adamw_kernel"
     old = 4 if master else s
     assert (r.bytes_read, r.bytes_written) == (n * (s + 8 + old), n * (s + 8 + (4 if master else 0)))
     assert (r.reads, r.writes) == (4 * n, (4 if master else 3) * n)
@@ -242,9 +249,10 @@ def test_adamw_multi_tensor(precision, master):
         table[t, :7] = (first, per_row, cols, offset, cols, offset, t % 2)
         first, offset = first + per_row * rows, offset + rows * cols
     seeds = np.array([5, 6, 7], np.uint32)
-    args = (params, master_params, grads, m, v, table.reshape(-1), i32(4), seeds, f32(1e-3), f32(0.9), f32(0.999),
-            f32(0.1), f32(0.001), f32(1e-8), f32(0.01), f32(1.0))
-    r = launch(module("adamw", precision).get_function("adamw_multi_tensor_kernel"), first, 512, args)
+    r = launched("adamw", precision, lambda cu: cu.adamw_multi_tensor(params, master_params, grads, m, v, table.reshape(-1),
+                                                                      4, first, seeds, 1e-3, 0.9, 0.999, 0.1, 0.001,
+                                                                      1e-8, 0.01, 1.0))
+    assert r.kernel == "adamw_multi_tensor_kernel"
     old = 4 if master else s
     per_block = (2 + 7) * 8 + 4
     assert first == 2 * 2 + 1 * 2 + 3 * 1

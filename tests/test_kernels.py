@@ -37,7 +37,8 @@ import train_gpt2 as tg
 from llmc.cuda_common import KERNEL_DIR, ceil_div, kernel_source  # <file>.cu with common.cuh pasted in
 
 # the harness is shared with dev/check_kernel.py, the command-line check of one kernel file
-from check_kernel import DeviceModule, Emulated, close, gpu_available, rand, token_buckets
+from check_kernel import (DeviceModule, Emulated, close, gpu_available, launch_trainer, rand,
+                          recorded_launches, run_launches, with_arrays)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,6 +82,16 @@ def mods(request, emu_mods):
 
 def fn(mods, module, name):
     return mods[module].get_function(name)
+
+
+def launched(mods, module, call, packed=None, kernels=None):
+    """call(cu) on train_gpt2_cuda.py's launchers, their launches (the trainer's grid, block, shared memory and
+    arguments, recorded by dev/check_kernel.py) run on mods[module]: this test's backend and thread order.
+    packed: recorded_launches' (None: the launcher's own choice of the packed or per-element kernel); kernels:
+    the names the launches must have, in order."""
+    launches = recorded_launches(call, packed=packed)
+    assert kernels is None or [lc.kernel for lc in launches] == kernels, launches
+    run_launches(mods[module], launches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +217,8 @@ def test_encoder_forward_backward(mods):
     inp = rng.integers(0, 7, size=(B, T)).astype(np.int32)      # few ids: many repeats for the scatter
     inp.flat[1::3] = 5                                          # and one heavy bucket
     out = np.full((B, T, C), np.nan, np.float32)
-    fn(mods, "encoder", "encoder_forward_kernel")(ceil_div(B * T * C, 256), 256,
-                                                  (out, inp, wte, wpe, i32(B), i32(T), i32(C)))
+    launched(mods, "encoder", lambda cu: cu.encoder_forward(out, inp, wte, wpe, B, T, C), packed=False,
+             kernels=["encoder_forward_kernel"])
     want = np.zeros((B, T, C))
     tg.encoder_forward(want, inp, wte.astype(np.float64), wpe.astype(np.float64), B, T, C)
     close(out, want, atol=1e-6)
@@ -216,22 +227,25 @@ def test_encoder_forward_backward(mods):
     dwte, dwpe = rand(rng, Vp, C), rand(rng, T + 3, C)           # nonzero: backward must accumulate
     want_dwte, want_dwpe = dwte.astype(np.float64), dwpe.astype(np.float64)
     f32_dwte = dwte.copy()                                       # np.add.at in float32: the same additions
-    positions, starts, tokens, n = token_buckets(inp)
+    dwte_chunks = dwte.copy()
+    positions, starts, tokens, n = launch_trainer().encoder_buckets(inp)
     assert n <= 7 and np.all(np.diff(positions[starts[0]:starts[1]]) > 0)
-    block = 32                                                   # 2 channel chunks, the second partly empty
-    fn(mods, "encoder", "encoder_backward_wte_kernel")((ceil_div(C, block), n), block,
-                                                       (dwte, dout, starts, positions, tokens, i32(n), i32(C),
-                                                        u32(7)))   # fp32: the seed is unused (plain stores)
-    fn(mods, "encoder", "encoder_backward_wpe_kernel")(ceil_div(T * C, 128), 128,
-                                                       (dwpe, dout, i32(B), i32(T), i32(C), u32(8)))
+    launched(mods, "encoder", lambda cu: cu.encoder_backward(dwte, dwpe, dout, inp, B, T, C), packed=False,
+             kernels=["encoder_backward_wte_kernel", "encoder_backward_wpe_kernel"])
     tg.encoder_backward(want_dwte, want_dwpe, dout.astype(np.float64), inp, B, T, C)
     close(dwte, want_dwte, atol=1e-5)
     close(dwpe, want_dwpe, atol=1e-5)
     np.add.at(f32_dwte, inp, dout)                               # each position added in turn, in order
     assert np.array_equal(dwte, f32_dwte), "dwte must add a token's positions in increasing order"
+    # not the launcher's block (256 > C: one chunk of channels): 32, so 2 chunks, the second partly empty
+    block = 32
+    fn(mods, "encoder", "encoder_backward_wte_kernel")((ceil_div(C, block), n), block,
+                                                       (dwte_chunks, dout, starts, positions, tokens, i32(n), i32(C),
+                                                        u32(7)))   # fp32: the seed is unused (plain stores)
+    assert np.array_equal(dwte_chunks, f32_dwte), "the channel chunks must not change a sum"
 
 
-@pytest.mark.parametrize("block", [256, 32, 1024])
+@pytest.mark.parametrize("block", [None, 32, 1024])   # None: the launcher's (256); the others probe the row math
 def test_layernorm_forward(mods, block):
     rng = np.random.default_rng(1)
     row_scale = np.logspace(-2, 1, B * T).reshape(B, T, 1)  # variances near eps too: eps must be 1e-5
@@ -239,8 +253,10 @@ def test_layernorm_forward(mods, block):
     weight, bias = rand(rng, C), rand(rng, C)
     out = np.full((B, T, C), np.nan, np.float32)
     mean, rstd = np.zeros((B, T), np.float32), np.zeros((B, T), np.float32)
-    fn(mods, "layernorm", "layernorm_forward_kernel")(ceil_div(B * T * 32, block), block,
-                                                      (out, mean, rstd, inp, weight, bias, i32(B * T), i32(C)))
+    [lc] = recorded_launches(lambda cu: cu.layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C), packed=False)
+    if block is not None:                             # a warp per row at any block size: the grid as the launcher's
+        lc.grid, lc.block = ceil_div(lc.grid * lc.block, block), block
+    run_launches(mods["layernorm"], [lc])
     w_out, w_mean, w_rstd = np.zeros((B, T, C)), np.zeros((B, T)), np.zeros((B, T))
     tg.layernorm_forward(w_out, w_mean, w_rstd, inp.astype(np.float64), weight.astype(np.float64),
                          bias.astype(np.float64), B, T, C)
@@ -249,8 +265,7 @@ def test_layernorm_forward(mods, block):
     close(rstd, w_rstd, atol=0, rtol=1e-5)
     # mean and rstd may be NULL (inference): None, or np.uint64(0) as CuPy needs it
     out2 = np.full_like(out, np.nan)
-    fn(mods, "layernorm", "layernorm_forward_kernel")(ceil_div(B * T * 32, block), block,
-                                                      (out2, None, np.uint64(0), inp, weight, bias, i32(B * T), i32(C)))
+    fn(mods, "layernorm", "layernorm_forward_kernel")(lc.grid, lc.block, (out2, None, np.uint64(0)) + lc.args[3:])
     assert np.array_equal(out2, out)
 
 
@@ -264,22 +279,28 @@ def test_layernorm_backward(mods):
     want = [x.astype(np.float64) for x in (dinp, dweight, dbias)]
     tg.layernorm_backward(*want, dout.astype(np.float64), inp.astype(np.float64), weight.astype(np.float64),
                           mean, rstd, B, T, C)
-    block = 512                                       # 16 rows per block: 3 blocks, the last one partial
-    grid = ceil_div(32 * B * T, block)
-    scratch = np.full((grid, 2, C), np.nan, np.float32)
-    fn(mods, "layernorm", "layernorm_backward_kernel")(
-        grid, block, (dinp, scratch, dout, inp, weight, mean.astype(np.float32), rstd.astype(np.float32),
-                      i32(B), i32(T), i32(C)))
+    mean32, rstd32 = mean.astype(np.float32), rstd.astype(np.float32)
     dweight2, dbias2 = dweight.copy(), dbias.copy()
-    fn(mods, "layernorm", "layernorm_backward_sum_kernel")(ceil_div(C, 32), 32,   # 2 blocks, the second partial
-                                                           (dweight, dbias, scratch, i32(grid), i32(C)))
+    # the launcher's rows kernel (16 rows per block: 3 blocks, the last one partial); its sum, one thread per
+    # channel, on blocks of 32 instead of 256, so that there are 2 of them, the second partial
+    scratch = np.full((ceil_div(32 * B * T, 512), 2, C), np.nan, np.float32)
+    rows, total = recorded_launches(lambda cu: cu.layernorm_backward(dinp, dweight, dbias, scratch, dout, inp, weight,
+                                                                     mean32, rstd32, B, T, C), packed=False)
+    grid = rows.grid
+    assert scratch.shape[0] == grid and total.kernel == "layernorm_backward_sum_kernel"
+    total.grid, total.block = ceil_div(C, 32), 32
+    run_launches(mods["layernorm"], [rows, total])
     close(dinp, want[0], atol=2e-5, rtol=1e-5)
     close(dweight, want[1], atol=2e-5, rtol=1e-5)
     close(dbias, want[2], atol=2e-5, rtol=1e-5)
     # the GPU-filling sum (one block per 4 columns, threads over the partials; tests/test_layernorm_sum.py
-    # holds it bit for bit to a NumPy model of its order): 32 threads, so one warp's butterfly
-    fn(mods, "layernorm", "layernorm_backward_sum_split_kernel")(2 * C // 4, 32,
-                                                                 (dweight2, dbias2, scratch, i32(grid), i32(C)))
+    # holds it bit for bit to a NumPy model of its order): 32 threads, not the launcher's 128, so one warp's
+    # butterfly; its grid, one block per 4 columns of the 2 rows, the launcher's
+    split = recorded_launches(lambda cu: cu.layernorm_backward(dinp.copy(), dweight2, dbias2, scratch, dout, inp,
+                                                               weight, mean32, rstd32, B, T, C),
+                              packed=lambda n, *arrays: arrays[0] is scratch)[1]
+    split.block = 32
+    run_launches(mods["layernorm"], [split])
     close(dweight2, want[1], atol=2e-5, rtol=1e-5)
     close(dbias2, want[2], atol=2e-5, rtol=1e-5)
 
@@ -289,13 +310,13 @@ def test_matmul_bias_forward_and_backward(mods):
     N, OC = B * T, 100                                # OC not a multiple of 32
     out, bias = rand(rng, N, OC), rand(rng, OC)
     want = out.astype(np.float64) + bias
-    fn(mods, "matmul", "add_bias_kernel")(ceil_div(N * OC, 256), 256, (out, bias, i32(N), i32(OC)))
+    launched(mods, "matmul", lambda cu: cu.add_bias(out, bias, N, OC), packed=False)
     close(out, want, atol=1e-6)
 
     # the full linear layer: host GEMMs (as cuBLAS would do them) + these kernels == matmul_forward/backward
     inp, weight = rand(rng, B, T, C), rand(rng, OC, C)
     out = (inp.reshape(N, C) @ weight.T).astype(np.float32)
-    fn(mods, "matmul", "add_bias_kernel")(ceil_div(N * OC, 256), 256, (out, bias, i32(N), i32(OC)))
+    launched(mods, "matmul", lambda cu: cu.add_bias(out, bias, N, OC), packed=False)
     w_out = np.zeros((B, T, OC))
     tg.matmul_forward(w_out, inp.astype(np.float64), weight.astype(np.float64), bias.astype(np.float64),
                       B, T, C, OC)
@@ -303,10 +324,12 @@ def test_matmul_bias_forward_and_backward(mods):
 
     dout = rand(rng, B, T, OC)
     w_dinp, w_dweight, w_dbias = np.zeros((B, T, C)), np.zeros((OC, C)), rand(rng, OC).astype(np.float64)
-    for block in (1024, 32, 128):                     # 1024 as matmul_backward launches it; any multiple of 32 works
+    for block in (None, 32, 128):                     # None: as matmul_backward launches it; any multiple of 32 works
         dbias = w_dbias.astype(np.float32)
-        fn(mods, "matmul", "matmul_backward_bias_kernel")(ceil_div(OC, 32), block, (dbias, dout, i32(N), i32(OC)),
-                                                          shared_mem=block * 4)
+        [lc] = recorded_launches(lambda cu: cu.matmul_backward_bias(dbias, None, dout, N, OC))
+        if block is not None:                         # a float of shared memory per thread
+            lc.block, lc.shared_mem = block, block * lc.shared_mem // lc.block
+        run_launches(mods["matmul"], [lc])
         want = w_dbias + dout.astype(np.float64).reshape(N, OC).sum(0)
         close(dbias, want, atol=1e-5, rtol=1e-6)
     tg.matmul_backward(w_dinp, w_dweight, w_dbias, dout.astype(np.float64), inp.astype(np.float64),
@@ -314,7 +337,8 @@ def test_matmul_bias_forward_and_backward(mods):
     close(dbias, w_dbias, atol=1e-5, rtol=1e-6)       # the same as the NumPy layer's dbias
 
     # the GPU-filling pair (OC a multiple of the pack): column sums per block row of R rows into a scratch, then
-    # the block rows added into dbias; any R and block (tests/test_matmul_bias.py checks the bits of the order)
+    # the block rows added into dbias; any R and block (tests/test_matmul_bias.py checks the bits of the order), so
+    # not the launcher's (matmul_bias_grid's R, 256), and the pair the trainer runs as one kernel (x128)
     OCp = 104
     dout, w_dbias = rand(rng, N, OCp), rand(rng, OCp).astype(np.float64)
     want = w_dbias + dout.astype(np.float64).sum(0)
@@ -333,17 +357,20 @@ def _attention_forward_cuda(mods, inp, B, T, NH):
     """llm.c's attention_forward: permute, GEMM, softmax kernel, GEMM, unpermute (GEMMs on the host)."""
     C = inp.shape[-1] // 3
     hs = C // NH
-    n = B * NH * T * hs
     q, k, v = (np.full((B, NH, T, hs), np.nan, np.float32) for _ in range(3))
-    fn(mods, "attention", "permute_kernel")(ceil_div(n, 256), 256, (q, k, v, inp, i32(B), i32(T), i32(NH), i32(hs)))
-    preatt = (q @ k.transpose(0, 1, 3, 2)).astype(np.float32)             # (B,NH,T,T), unscaled
-    att = np.full_like(preatt, np.nan)
-    scale = f32(1.0 / math.sqrt(hs))
-    fn(mods, "attention", "softmax_forward_kernel")(ceil_div(B * NH * T * 32, 256), 256,
-                                                    (att, preatt, scale, i32(B), i32(NH), i32(T)))
-    vaccum = (att @ v).astype(np.float32)                                 # (B,NH,T,hs)
-    out = np.full((B, T, C), np.nan, np.float32)
-    fn(mods, "attention", "unpermute_kernel")(ceil_div(n, 256), 256, (out, vaccum, i32(B), i32(T), i32(NH), i32(hs)))
+    preatt = np.full((B, NH, T, T), np.nan, np.float32)
+    att, out = np.full_like(preatt, np.nan), np.full((B, T, C), np.nan, np.float32)
+    vaccum = np.full((B, NH, T, hs), np.nan, np.float32)
+    # attention_forward's three launches (its GEMMs are not kernels: they run here, between them, on the host)
+    big = np.zeros(3 * B * T * C + B * NH * T * T, np.float32)
+    launches = recorded_launches(lambda cu: cu.attention_forward(out, big, att, big.copy(), B, T, C, NH))
+    assert [lc.kernel for lc in launches] == ["permute_kernel", "softmax_forward_kernel", "unpermute_kernel"]
+    permute, softmax, unpermute = launches
+    run_launches(mods["attention"], [with_arrays(permute, q, k, v, inp)])
+    preatt[...] = q @ k.transpose(0, 1, 3, 2)                             # (B,NH,T,T), unscaled
+    run_launches(mods["attention"], [with_arrays(softmax, att, preatt)])
+    vaccum[...] = att @ v                                                 # (B,NH,T,hs)
+    run_launches(mods["attention"], [with_arrays(unpermute, out, vaccum)])
     return out, preatt, att, (q, k, v)
 
 
@@ -363,20 +390,22 @@ def test_attention_forward_backward(mods):
 
     # backward, llm.c's order: unpermute_backward, GEMMs, softmax backward, GEMMs, permute_backward
     dout = rand(rng, B, T, C)
-    n = B * NH * T * hs
     dvaccum = np.full((B, NH, T, hs), np.nan, np.float32)
-    fn(mods, "attention", "unpermute_backward_kernel")(ceil_div(n, 256), 256,
-                                                       (dvaccum, dout, i32(B), i32(T), i32(NH), i32(hs)))
+    dinp = np.full((B, T, 3 * C), np.nan, np.float32)
+    big = np.zeros(3 * B * T * C + B * NH * T * T, np.float32)
+    launches = recorded_launches(lambda cu: cu.attention_backward(dinp, big, big.copy(), big.copy(), big.copy(), dout,
+                                                                  big.copy(), att, B, T, C, NH))
+    assert [lc.kernel for lc in launches] == ["unpermute_backward_kernel", "softmax_autoregressive_backward_kernel",
+                                              "permute_backward_kernel"]
+    unpermute_back, softmax_back, permute_back = launches
+    run_launches(mods["attention"], [with_arrays(unpermute_back, dvaccum, dout)])
     datt = (dvaccum @ v.transpose(0, 1, 3, 2)).astype(np.float32)
     dv = (att.transpose(0, 1, 3, 2) @ dvaccum).astype(np.float32)
     dpreatt = np.full_like(datt, np.nan)
-    fn(mods, "attention", "softmax_autoregressive_backward_kernel")(
-        ceil_div(B * NH * T * 32, 128), 128, (dpreatt, datt, att, f32(scale), i32(B), i32(NH), i32(T)))
+    run_launches(mods["attention"], [with_arrays(softmax_back, dpreatt, datt, att)])
     dq = (dpreatt @ k).astype(np.float32)
     dk = (dpreatt.transpose(0, 1, 3, 2) @ q).astype(np.float32)
-    dinp = np.full((B, T, 3 * C), np.nan, np.float32)
-    fn(mods, "attention", "permute_backward_kernel")(ceil_div(n, 256), 256,
-                                                     (dinp, dq, dk, dv, i32(B), i32(T), i32(NH), i32(hs)))
+    run_launches(mods["attention"], [with_arrays(permute_back, dinp, dq, dk, dv)])
 
     w_dinp, w_dpreatt, w_datt = np.zeros((B, T, 3 * C)), np.zeros((B, NH, T, T)), np.zeros((B, NH, T, T))
     tg.attention_backward(w_dinp, w_dpreatt, w_datt, dout.astype(np.float64), inp.astype(np.float64),
@@ -393,6 +422,7 @@ def test_softmax_long_rows_and_large_logits(mods):
     preatt = rand(rng, b, nh, t, t, scale=80.0)
     att = np.full_like(preatt, np.nan)
     scale = f32(0.25)
+    # blocks of 64 (the launcher's 256 would make one block): a warp per row, as the launcher's
     fn(mods, "attention", "softmax_forward_kernel")(ceil_div(b * nh * t * 32, 64), 64,
                                                     (att, preatt, scale, i32(b), i32(nh), i32(t)))
     x = preatt.astype(np.float64) * 0.25
@@ -407,7 +437,7 @@ def test_permute_roundtrip_is_exact(mods):
     hs = C // NH
     inp = rand(rng, B, T, 3 * C)
     q, k, v = (np.zeros((B, NH, T, hs), np.float32) for _ in range(3))
-    n = B * NH * T * hs
+    n = B * NH * T * hs                               # blocks of 100 threads, not the launchers' 256: a partial warp
     fn(mods, "attention", "permute_kernel")(ceil_div(n, 100), 100, (q, k, v, inp, i32(B), i32(T), i32(NH), i32(hs)))
     qkv = inp.reshape(B, T, 3, NH, hs)
     for i, x in enumerate((q, k, v)):
@@ -427,19 +457,19 @@ def test_gelu_forward_backward(mods):
     inp = rand(rng, N, scale=3.0)
     inp[:4] = [0.0, 20.0, -20.0, 60.0]                # coshf overflows at 60: the gradient must stay finite
     out = np.full(N, np.nan, np.float32)
-    fn(mods, "gelu", "gelu_forward_kernel")(ceil_div(N, 256), 256, (out, inp, i32(N)))
+    launched(mods, "gelu", lambda cu: cu.gelu_forward(out, inp, N), packed=False)
     want = np.zeros(N)
     tg.gelu_forward(want, inp.astype(np.float64), N)
     close(out, want, atol=1e-6, rtol=1e-6)
 
     dout = rand(rng, N)
     dinp = np.full(N, np.nan, np.float32)
-    fn(mods, "gelu", "gelu_backward_kernel")(ceil_div(N, 128), 128, (dinp, inp, dout, i32(N)))
+    launched(mods, "gelu", lambda cu: cu.gelu_backward(dinp, inp, dout, N), packed=False)
     want = np.zeros(N)                                # the kernel writes; the NumPy layer adds into zeros
     tg.gelu_backward(want, inp.astype(np.float64), dout.astype(np.float64), N)
     close(dinp, want, atol=1e-6, rtol=1e-5)
     inplace = dout.copy()                             # llm.c runs it in place on its scratch buffer
-    fn(mods, "gelu", "gelu_backward_kernel")(ceil_div(N, 128), 128, (inplace, inp, inplace, i32(N)))
+    launched(mods, "gelu", lambda cu: cu.gelu_backward(inplace, inp, inplace, N), packed=False)
     assert np.array_equal(inplace, dinp)
 
 
@@ -448,25 +478,32 @@ def test_residual_forward(mods):
     N = 1000
     a, b = rand(rng, N), rand(rng, N)
     out = np.full(N, np.nan, np.float32)
-    fn(mods, "residual", "residual_forward_kernel")(ceil_div(N, 256), 256, (out, a, b, i32(N)))
+    launched(mods, "residual", lambda cu: cu.residual_forward(out, a, b, N), packed=False)
     assert np.array_equal(out, a + b)
     acc = a.copy()
-    fn(mods, "residual", "residual_forward_kernel")(ceil_div(N, 256), 256, (acc, acc, b, i32(N)))
+    launched(mods, "residual", lambda cu: cu.residual_forward(acc, acc, b, N), packed=False)
     assert np.array_equal(acc, a + b)                 # in place: a += b
 
 
-@pytest.mark.parametrize("name", ["fused_classifier_kernel", "fused_classifier_x128_kernel"])
-@pytest.mark.parametrize("block,use_dlosses", [(1024, True), (64, False), (32, True)])
-def test_fused_classifier(mods, block, use_dlosses, name):
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("block,use_dlosses", [(None, True), (64, False), (32, True)])
+def test_fused_classifier(mods, block, use_dlosses, packed):
     """The plain kernel and its x128 twin (Vp = 128: rows start on a pack; V = 101 is not a whole number of
-    packs, so the last real pack holds pad columns; tests/test_classifier_x128.py compares the two)."""
+    packs, so the last real pack holds pad columns; tests/test_classifier_x128.py compares the two), launched
+    by fused_classifier, on its block (None: 1024) or on fewer threads per row, which the kernels allow."""
     rng = np.random.default_rng(9)
     logits = rand(rng, B, T, Vp, scale=4.0)
     logits[..., V:] = 1e3                             # pad columns must be ignored by the softmax
     targets = rng.integers(0, V, size=(B, T)).astype(np.int32)
     targets[0, 0], targets[0, 1] = 0, V - 1           # first and last real column
     dlosses = rand(rng, B, T) if use_dlosses else None
-    kernel = fn(mods, "classifier", name)
+
+    def classifier(logits, losses, write_dlogits):
+        [lc] = recorded_launches(lambda cu: cu.fused_classifier(logits, losses, dlosses, targets, B, T, V, Vp,
+                                                                write_dlogits), packed=packed)
+        assert lc.kernel == ("fused_classifier_x128_kernel" if packed else "fused_classifier_kernel")
+        lc.block = lc.block if block is None else block
+        run_launches(mods["classifier"], [lc])
 
     probs = np.zeros((B, T, Vp))
     tg.softmax_forward(probs, logits.astype(np.float64), B, T, V, Vp)
@@ -478,12 +515,12 @@ def test_fused_classifier(mods, block, use_dlosses, name):
 
     x = logits.copy()
     losses = np.full((B, T), np.nan, np.float32)
-    kernel(B * T, block, (x, losses, dlosses, targets, i32(B), i32(T), i32(V), i32(Vp), i32(0)))
+    classifier(x, losses, 0)
     close(losses, w_losses, atol=1e-5, rtol=1e-6)
     assert np.array_equal(x, logits)                  # forward only: the logits stay readable
 
     losses[:] = np.nan
-    kernel(B * T, block, (x, losses, dlosses, targets, i32(B), i32(T), i32(V), i32(Vp), i32(1)))
+    classifier(x, losses, 1)
     close(losses, w_losses, atol=1e-5, rtol=1e-6)
     close(x, w_dlogits, atol=1e-7, rtol=1e-5)
     assert np.all(x[..., V:] == 0)
@@ -510,12 +547,12 @@ def test_classifier_loss_of_a_target_far_below_the_max(mods):
     w_losses = np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1)) + x64.max(-1) \
         - np.take_along_axis(x64, targets[..., None].astype(np.int64), -1)[..., 0]
     assert w_losses.flat[0] > 100 and w_losses.flat[5] > 100
-    for name in ("fused_classifier_kernel", "fused_classifier_x128_kernel"):
+    for packed in (False, True):                      # fused_classifier_kernel, then its x128 twin
         losses = np.full((B, T), np.nan, np.float32)
         x = logits.copy()
-        fn(mods, "classifier", name)(
-            B * T, 1024, (x, losses, None, targets, i32(B), i32(T), i32(V), i32(Vp), i32(1)))
-        assert np.all(np.isfinite(losses)), name
+        launched(mods, "classifier", lambda cu: cu.fused_classifier(x, losses, None, targets, B, T, V, Vp, 1),
+                 packed=packed)
+        assert np.all(np.isfinite(losses)), packed
         close(losses, w_losses, atol=1e-5, rtol=1e-6)
 
     # the float32 twin under flush-to-zero: the old formula's exp is flushed, the new one's terms are not
@@ -550,13 +587,11 @@ def test_adamw_three_steps(mods):
     m2, v2 = m.copy(), v.copy()
     rp, rm, rv = p.astype(np.float64), np.zeros(n), np.zeros(n)
     lr, b1, b2, eps, wd, scale = 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.5
-    kernel = fn(mods, "adamw", "adamw_kernel")
     for t in range(1, 4):
         g = rand(rng, n)
-        hyper = (i64(n), i64(n), i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t), f32(1 - b2 ** t), f32(eps),
-                 f32(wd), f32(scale), u32(1234 + t))
-        kernel(ceil_div(n, 512), 512, (p, None, g, m, v) + hyper)
-        kernel(ceil_div(n, 512), 512, (p2, master, g, m2, v2) + hyper)
+        for params, master_params, moments in ((p, None, (m, v)), (p2, master, (m2, v2))):   # one row of n
+            launched(mods, "adamw", lambda cu: cu.adamw_update(params, master_params, g, *moments, n, n, 1, lr, b1, b2,
+                                                               1 - b1 ** t, 1 - b2 ** t, eps, wd, scale, 1234 + t))
         _adamw_reference(rp, g.astype(np.float64), rm, rv, lr, b1, b2, eps, wd, t, scale)
         close(m, rm, atol=1e-7, rtol=1e-6)
         close(v, rv, atol=1e-8, rtol=1e-5)
@@ -567,6 +602,7 @@ def test_adamw_three_steps(mods):
 
 @pytest.mark.parametrize("grid,block", [(7, 512), (1, 32), (300, 1024)])
 def test_global_norm_squared(mods, grid, block):
+    """Any grid and block give the sum (each block strides over the data): not only the launcher's."""
     rng = np.random.default_rng(11)
     count = 100_003
     data = rand(rng, count)
@@ -583,12 +619,11 @@ def test_emulator_speed_adamw_over_1_7M_params(emu_mods):
     rng = np.random.default_rng(12)
     p, g = rand(rng, n), rand(rng, n)
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    kernel = fn(emu_mods, "adamw", "adamw_kernel")
-    args = (p, None, g, m, v, i64(n), i64(n), i64(n), f32(1e-3), f32(0.9), f32(0.999), f32(0.1), f32(0.001),
-            f32(1e-8), f32(0.0), f32(1.0), u32(0))
-    kernel(ceil_div(n, 512), 512, args)               # warm up (fiber stacks, pool threads)
+    update = recorded_launches(lambda cu: cu.adamw_update(p, None, g, m, v, n, n, 1, 1e-3, 0.9, 0.999, 0.1, 0.001,
+                                                          1e-8, 0.0, 1.0, 0))
+    run_launches(emu_mods["adamw"], update)           # warm up (fiber stacks, pool threads)
     t0 = time.perf_counter()
-    kernel(ceil_div(n, 512), 512, args)
+    run_launches(emu_mods["adamw"], update)
     elapsed = time.perf_counter() - t0
     print(f"adamw over {n} floats in blocks of 512: {elapsed * 1e3:.1f} ms")
     assert elapsed < 1.0
@@ -606,24 +641,16 @@ def deterministic_backwards(mods):
     inp.flat[::2] = 7
     dout = rand(rng, Bd, Td, Cd)
     out = {"dwte": rand(rng, Vd, Cd), "dwpe": rand(rng, Td, Cd)}   # nonzero: the kernels add into them
-    positions, starts, tokens, n = token_buckets(inp)
-    fn(mods, "encoder", "encoder_backward_wte_kernel")((ceil_div(Cd, 64), n), 64,
-                                                       (out["dwte"], dout, starts, positions, tokens, i32(n), i32(Cd),
-                                                        u32(1)))
-    fn(mods, "encoder", "encoder_backward_wpe_kernel")(ceil_div(Td * Cd, 256), 256,
-                                                       (out["dwpe"], dout, i32(Bd), i32(Td), i32(Cd), u32(2)))
+    launched(mods, "encoder", lambda cu: cu.encoder_backward(out["dwte"], out["dwpe"], dout, inp, Bd, Td, Cd),
+             packed=False)
     x = rand(rng, Bd, Td, Cd, scale=2.0)
     weight = rand(rng, Cd)
     mean = x.mean(-1, dtype=np.float64).astype(np.float32)
     rstd = (1 / np.sqrt(x.var(-1, dtype=np.float64) + 1e-5)).astype(np.float32)
     out.update(dinp=rand(rng, Bd, Td, Cd), dweight=rand(rng, Cd), dbias=rand(rng, Cd))
-    block = 512
-    grid = ceil_div(32 * Bd * Td, block)
-    scratch = np.full((grid, 2, Cd), np.nan, np.float32)
-    fn(mods, "layernorm", "layernorm_backward_kernel")(
-        grid, block, (out["dinp"], scratch, dout, x, weight, mean, rstd, i32(Bd), i32(Td), i32(Cd)))
-    fn(mods, "layernorm", "layernorm_backward_sum_kernel")(ceil_div(Cd, 256), 256,
-                                                           (out["dweight"], out["dbias"], scratch, i32(grid), i32(Cd)))
+    scratch = np.full(launch_trainer().layernorm_scratch_size(Bd, Td, Cd), np.nan, np.float32)
+    launched(mods, "layernorm", lambda cu: cu.layernorm_backward(out["dinp"], out["dweight"], out["dbias"], scratch,
+                                                                 dout, x, weight, mean, rstd, Bd, Td, Cd), packed=False)
     return out
 
 

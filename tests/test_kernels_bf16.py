@@ -31,7 +31,7 @@ from llmc.cuda_common import KERNEL_DIR, ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16
 
 import check_kernel
-from check_kernel import Emulated, close, floatx_args, copy_back, rand, token_buckets, tolerance
+from check_kernel import Emulated, close, floatx_args, copy_back, rand, recorded_launches, run_launches, tolerance
 
 i32, i64, f32, u32 = np.int32, np.int64, np.float32, np.uint32
 U = 2.0 ** -8                                         # bf16's unit roundoff
@@ -111,14 +111,11 @@ def test_encoder_backward_rounds_stochastically(bf16_mods, order):
     inp = rng.integers(0, 7, size=(B, T)).astype(np.int32)
     inp.flat[::3] = 5                                  # one heavy bucket
     dout, dwte0, dwpe0 = bits(rand(rng, B, T, C)), bits(rand(rng, Vp, C)), bits(rand(rng, T, C))
-    positions, starts, tokens, n = token_buckets(inp)
 
-    def backward(seed):
+    def backward(seed):                               # encoder_backward's launches, the per-element wpe kernel
         dwte, dwpe = dwte0.copy(), dwpe0.copy()
-        mod.get_function("encoder_backward_wte_kernel")((ceil_div(C, 32), n), 32,
-                                                        (dwte, dout, starts, positions, tokens, i32(n), i32(C), u32(seed)))
-        mod.get_function("encoder_backward_wpe_kernel")(ceil_div(T * C, 128), 128,
-                                                        (dwpe, dout, i32(B), i32(T), i32(C), u32(seed + 1)))
+        run_launches(mod, recorded_launches(lambda cu: cu.encoder_backward(dwte, dwpe, dout, inp, B, T, C, seed=seed),
+                                            packed=False))
         return dwte, dwpe
 
     dwte, dwpe = backward(7)
@@ -144,10 +141,9 @@ def test_encoder_backward_rounds_stochastically(bf16_mods, order):
 
 def _adamw_step(mod, params, master, grads, m, v, t, seed):
     lr, b1, b2, eps, wd, scale = 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.5
-    n = params.size
-    args = (params, master, grads, m, v, i64(n), i64(n), i64(n), f32(lr), f32(b1), f32(b2), f32(1 - b1 ** t),
-            f32(1 - b2 ** t), f32(eps), f32(wd), f32(scale), u32(seed))   # one row: the row strides unused
-    mod.get_function("adamw_kernel")(ceil_div(n, 512), 512, args)
+    n = params.size                                   # one row of n: the row strides unused
+    run_launches(mod, recorded_launches(lambda cu: cu.adamw_update(params, master, grads, m, v, n, n, 1, lr, b1, b2,
+                                                                   1 - b1 ** t, 1 - b2 ** t, eps, wd, scale, seed)))
     return lambda w, g, m0, v0: (w - lr * ((b1 * m0 + (1 - b1) * g * scale) / (1 - b1 ** t)
                                            / (np.sqrt((b2 * v0 + (1 - b2) * (g * scale) ** 2) / (1 - b2 ** t)) + eps)
                                            + wd * w))
@@ -190,11 +186,11 @@ def test_gelu_backward_and_classifier_in_place(bf16_mods, order):
     rng = np.random.default_rng(4)
     N = 1024
     inp, dout = bits(rand(rng, N, scale=3.0)), bits(rand(rng, N))
-    gelu = Emulated(bf16_mods["gelu"], order).get_function("gelu_backward_kernel")
+    gelu = Emulated(bf16_mods["gelu"], order)
     dinp = np.full(N, 0xFFFF, np.uint16)
-    gelu(ceil_div(N, 128), 128, (dinp, inp, dout, i32(N)))
+    run_launches(gelu, recorded_launches(lambda cu: cu.gelu_backward(dinp, inp, dout, N), packed=False))
     inplace = dout.copy()                             # llm.c runs it in place on its scratch buffer
-    gelu(ceil_div(N, 128), 128, (inplace, inp, inplace, i32(N)))
+    run_launches(gelu, recorded_launches(lambda cu: cu.gelu_backward(inplace, inp, inplace, N), packed=False))
     assert np.array_equal(inplace, dinp)
     want = np.zeros(N)
     tg.gelu_backward(want, wide(inp).astype(np.float64), wide(dout).astype(np.float64), N)
@@ -208,13 +204,15 @@ def test_gelu_backward_and_classifier_in_place(bf16_mods, order):
     tg.softmax_forward(probs, x, B, T, V, Vp)         # float64 log-softmax of the bf16 logits
     tg.crossentropy_forward(w_losses, probs, targets, B, T, Vp)
     tg.crossentropy_softmax_backward(w_dlogits, np.full((B, T), 1.0 / (B * T)), probs, targets, B, T, V, Vp)
-    kernel = Emulated(bf16_mods["classifier"], order).get_function("fused_classifier_kernel")
+    classifier = Emulated(bf16_mods["classifier"], order)
     losses = np.full((B, T), np.nan, np.float32)
     y = logits.copy()
-    kernel(B * T, 256, (y, losses, None, targets, i32(B), i32(T), i32(V), i32(Vp), i32(0)))
-    assert np.array_equal(y, logits)                  # forward only: the logits stay
-    close(losses, w_losses, atol=1e-5, rtol=1e-6)     # fp32 losses: fp32's tolerance
-    kernel(B * T, 256, (y, losses, None, targets, i32(B), i32(T), i32(V), i32(Vp), i32(1)))
+    for write_dlogits in (0, 1):                      # the plain kernel, as fused_classifier launches it
+        run_launches(classifier, recorded_launches(lambda cu: cu.fused_classifier(
+            y, losses, None, targets, B, T, V, Vp, write_dlogits), packed=False))
+        if not write_dlogits:
+            assert np.array_equal(y, logits)          # forward only: the logits stay
+            close(losses, w_losses, atol=1e-5, rtol=1e-6)   # fp32 losses: fp32's tolerance
     close(wide(y), w_dlogits, atol=1e-7 * (1 + U), rtol=1e-5 * (1 + U) + U)   # dlogits in place, rounded once
     assert np.all(y[..., V:] == 0)
 
@@ -229,6 +227,13 @@ extern "C" __global__ void round_copies(floatX* out, const float* inp, int n, un
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) { return; }
     stochastic_round(inp[i], &out[i], seed);
+}
+
+extern "C" __global__ void round_copies_2d(floatX* out, const float* inp, int n, unsigned int seed) {
+    // the same on a 2-D grid: block row blockIdx.y rounds elements [blockIdx.y * n, (blockIdx.y + 1) * n)
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) { return; }
+    stochastic_round(inp[blockIdx.y * n + i], &out[blockIdx.y * n + i], seed);
 }
 """
 
@@ -284,6 +289,29 @@ def test_stochastic_round_is_unbiased(round_mods):
         freq = np.mean(out == up)
         std = np.sqrt(p * (1 - p) / n)
         assert abs(freq - p) <= 5 * std, f"{value}: rounded away from zero {freq:.4f} of the time, expected {p}"
+
+
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_stochastic_round_blocks_draw_independently(round_mods, axis):
+    """Halfway between two bf16 values each copy goes up with probability 1/2, so two blocks of 256 threads
+    that draw independently agree on about half of their threads' directions (std 1/32 of the 256), and on
+    all of them if the blocks shared their draws (a noise that ignored the block). Every pair of 32 blocks,
+    along x and along y (AdamW's multi-tensor launch runs its tensors' blocks along y)."""
+    block, nblocks = 256, 32
+    halfway = np.full(block * nblocks, np.float32(1.0 + 2.0 ** -8), np.float32)   # bf16 spacing at 1: 2^-7
+    if axis == "x":
+        out = run_round(round_mods, "bf16", halfway, seed=77, block=block)
+    else:
+        out = np.zeros(halfway.size, np.uint16)
+        round_mods["bf16"].get_function("round_copies_2d")((1, nblocks), block,
+                                                            (out, halfway, i32(block), u32(77)), guard=True)
+    down, up = neighbours(halfway)
+    assert np.all((out == down) | (out == up))
+    went_up = (out == up).reshape(nblocks, block)
+    agree = (went_up[:, None, :] == went_up[None, :, :]).mean(axis=-1)[~np.eye(nblocks, dtype=bool)]
+    # 6 std from 1/2 for the worst of the 496 pairs: a fair launch fails about once in a million runs
+    assert agree.max() <= 0.5 + 6 / 32 and abs(agree.mean() - 0.5) < 0.02, (agree.max(), agree.mean())
+    assert abs(went_up.mean() - 0.5) < 6 * np.sqrt(0.25 / halfway.size), went_up.mean()
 
 
 def test_stochastic_round_in_fp32_is_a_plain_store(round_mods):

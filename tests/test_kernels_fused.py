@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import emulator
+from check_kernel import recorded_launches
 from conftest import emulated_cuda_trainer
 from test_cuda_trainer import random_params
 from llmc.model import GPT2Config
@@ -56,6 +57,18 @@ def launcher(modules, precision, order, guard=True):
         f = modules[(precision, file)].get_function(name)
         return lambda grid, block, args: f(grid, block, args, order=order, guard=guard)
     return fn
+
+
+def run(modules, precision, order, file, call, packed, block=None):
+    """call(cu) on train_gpt2_cuda.py's launchers, their launches run guarded in `order`: the per-element
+    kernel (packed False) or its 128-bit twin (True). block given: the launcher's threads in blocks of that
+    size instead of its 256 (these kernels take any), so that the last block is partly idle."""
+    fn = launcher(modules, precision, order)
+    for lc in recorded_launches(call, packed=packed):
+        assert ("_packed_kernel" in lc.kernel or "x128" in lc.kernel) == packed, lc.kernel
+        if block is not None:
+            lc.grid, lc.block = ceil_div(lc.grid * lc.block, block), block
+        fn(file, lc.kernel)(lc.grid, lc.block, lc.args)
 
 
 def floatx(precision, x):
@@ -90,89 +103,89 @@ B, T, C, Vp = 3, 5, 48, 64            # C and every N below are multiples of 8, 
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_packed_elementwise_kernels_equal_their_per_element_twins(modules, precision, order):
-    fn, pack = launcher(modules, precision, order), PACK[precision]
     rng = np.random.default_rng(0)
 
-    def both(file, name, make_args, n, block=64):
-        """Launch the per-element kernel and its packed twin on fresh outputs; return both outputs.
-        block 64 and grids that cover n with a partly idle last block exercise the bounds checks."""
+    def packed_in_place(file, call):                 # the packed twin, blocks of 64
+        run(modules, precision, order, file, call, True, block=64)
+
+    def both(file, call, fresh):
+        """call(cu, out) on a fresh output, for the per-element kernel and for its packed twin; both outputs.
+        Blocks of 64, so that the grids cover the elements with a partly idle last block (the bounds checks)."""
         results = []
-        for kernel_name, per_thread in ((name, 1), (name.replace("_kernel", "_packed_kernel"), pack)):
-            args = make_args()
-            fn(file, kernel_name)(ceil_div(n, block * per_thread), block, args)
-            results.append(args[0])
+        for packed in (False, True):
+            out = fresh()
+            run(modules, precision, order, file, lambda cu: call(cu, out), packed, block=64)
+            results.append(out)
         return results
 
     # encoder: out (B,T,C) = wte[inp] + wpe[t]
     wte, wpe = floatx(precision, rand(rng, Vp, C)), floatx(precision, rand(rng, T + 3, C))
     inp = rng.integers(0, Vp, size=(B, T)).astype(np.int32)
     inp.flat[::2] = 7                                            # repeats: the same wte row many times
-    one, packed = both("encoder", "encoder_forward_kernel",
-                       lambda: (nans(precision, B, T, C), inp, wte, wpe, i32(B), i32(T), i32(C)), B * T * C)
+    one, packed = both("encoder", lambda cu, out: cu.encoder_forward(out, inp, wte, wpe, B, T, C),
+                       lambda: nans(precision, B, T, C))
     assert_bits_equal(packed, one, "encoder_forward")
     assert not np.isnan(bf16_to_f32(one) if precision == "bf16" else one).any()
 
     # residual: out = a + b, and in place (a += b)
     N = 1000
     a, b = floatx(precision, rand(rng, N)), floatx(precision, rand(rng, N, scale=1e-2))  # small b: rounding matters
-    one, packed = both("residual", "residual_forward_kernel", lambda: (nans(precision, N), a, b, i32(N)), N)
+    one, packed = both("residual", lambda cu, out: cu.residual_forward(out, a, b, N), lambda: nans(precision, N))
     assert_bits_equal(packed, one, "residual_forward")
     acc = a.copy()
-    fn("residual", "residual_forward_packed_kernel")(ceil_div(N, 64 * pack), 64, (acc, acc, b, i32(N)))
+    packed_in_place("residual", lambda cu: cu.residual_forward(acc, acc, b, N))
     assert_bits_equal(acc, one, "residual_forward packed in place")
 
     # gelu forward and backward (written; in place with dinp == dout)
     x = rand(rng, N, scale=3.0)
     x[:4] = [0.0, 20.0, -20.0, 60.0]                             # coshf overflows at 60: the gradient stays finite
     x, dout = floatx(precision, x), floatx(precision, rand(rng, N))
-    one, packed = both("gelu", "gelu_forward_kernel", lambda: (nans(precision, N), x, i32(N)), N)
+    one, packed = both("gelu", lambda cu, out: cu.gelu_forward(out, x, N), lambda: nans(precision, N))
     assert_bits_equal(packed, one, "gelu_forward")
-    one, packed = both("gelu", "gelu_backward_kernel", lambda: (nans(precision, N), x, dout, i32(N)), N)
+    one, packed = both("gelu", lambda cu, out: cu.gelu_backward(out, x, dout, N), lambda: nans(precision, N))
     assert_bits_equal(packed, one, "gelu_backward")
     inplace = dout.copy()
-    fn("gelu", "gelu_backward_packed_kernel")(ceil_div(N, 64 * pack), 64, (inplace, x, inplace, i32(N)))
+    packed_in_place("gelu", lambda cu: cu.gelu_backward(inplace, x, inplace, N))
     assert_bits_equal(inplace, one, "gelu_backward packed in place (dinp == dout)")
 
     # add_bias: out (N,OC) += bias, OC a multiple of 8 but not of 32
     rows, OC = B * T, 40
     out0, bias = floatx(precision, rand(rng, rows, OC)), floatx(precision, rand(rng, OC))
-    one, packed = both("matmul", "add_bias_kernel", lambda: (out0.copy(), bias, i32(rows), i32(OC)), rows * OC)
+    one, packed = both("matmul", lambda cu, out: cu.add_bias(out, bias, rows, OC), out0.copy)
     assert_bits_equal(packed, one, "add_bias")
 
 
 # ---------------------------------------------------------------------------------------------
 # fused residual + LayerNorm == residual_forward then layernorm_forward
 
-@pytest.mark.parametrize("block", [256, 32])
+@pytest.mark.parametrize("block", [None, 32])     # None: the launchers' 256; 32: a warp per block, as many rows
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_fused_residual_layernorm_equals_the_two_launches(modules, precision, order, block):
-    fn = launcher(modules, precision, order)
     rng = np.random.default_rng(1)
     N, C = 13, 72                                                # C not a multiple of 32: lanes do unequal work
     row_scale = np.logspace(-2, 1, N).reshape(N, 1)              # variances near eps too
     inp1 = floatx(precision, (rand(rng, N, C) + 2.0) * row_scale)
     inp2 = floatx(precision, rand(rng, N, C, scale=0.1) * row_scale)
     weight, bias = floatx(precision, rand(rng, C)), floatx(precision, rand(rng, C))
-    grid = ceil_div(N * 32, block)
+
+    def plain(file, call, block=block):              # the per-element (plain) kernels
+        run(modules, precision, order, file, call, False, block)
 
     residual, normed = nans(precision, N, C), nans(precision, N, C)
     mean, rstd = np.full(N, np.nan, np.float32), np.full(N, np.nan, np.float32)
-    fn("residual", "residual_forward_kernel")(ceil_div(N * C, 256), 256, (residual, inp1, inp2, i32(N * C)))
-    fn("layernorm", "layernorm_forward_kernel")(grid, block, (normed, mean, rstd, residual, weight, bias,
-                                                             i32(N), i32(C)))
+    plain("residual", lambda cu: cu.residual_forward(residual, inp1, inp2, N * C), None)
+    plain("layernorm", lambda cu: cu.layernorm_forward(normed, mean, rstd, residual, weight, bias, 1, N, C))
 
     fused = [nans(precision, N, C), nans(precision, N, C), np.full(N, np.nan, np.float32),
              np.full(N, np.nan, np.float32)]
-    fn("layernorm", "fused_residual_layernorm_forward_kernel")(
-        grid, block, (*fused, inp1, inp2, weight, bias, i32(N), i32(C)))
+    plain("layernorm", lambda cu: cu.fused_residual_forward(*fused, inp1, inp2, weight, bias, 1, N, C))
     for got, want, what in zip(fused, (residual, normed, mean, rstd), ("residual", "normed", "mean", "rstd")):
         assert_bits_equal(got, want, what)
 
     # in place (residual is inp1, as a += b), and without mean and rstd (NULL)
     acc, normed2 = inp1.copy(), nans(precision, N, C)
-    fn("layernorm", "fused_residual_layernorm_forward_kernel")(
-        grid, block, (acc, normed2, None, None, acc, inp2, weight, bias, i32(N), i32(C)))
+    plain("layernorm", lambda cu: cu.fused_residual_forward(acc, normed2, None, None, acc, inp2, weight, bias, 1, N, C))
     assert_bits_equal(acc, residual, "residual, in place")
     assert_bits_equal(normed2, normed, "normed, in place and without mean/rstd")
 

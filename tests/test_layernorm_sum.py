@@ -30,14 +30,14 @@ from llmc.cuda_common import ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16
 from test_cuda_trainer import cuda_trainer  # noqa: F401 (fixture)
 
-from check_kernel import Emulated, close, rand
+from check_kernel import Emulated, close, launch_trainer, rand, recorded_launches, run_launches
 
 i32 = np.int32
 OPTIONS = {"fp32": ("--std=c++17",), "bf16": ("--std=c++17", "-DENABLE_BF16")}
 UNIT = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8}        # unit roundoff of the stored dweight/dbias
 SHAPES = [(n, C) for n in (1, 3, 17, 300, 1024) for C in (4, 8, 48, 768)]
 ORDERS = ["forward", "reverse", "warps"]
-SPLIT_BLOCK = 128                                     # train_gpt2_cuda.LAYERNORM_SUM_BLOCK
+SPLIT_BLOCK = launch_trainer().LAYERNORM_SUM_BLOCK    # the split sum's threads per block
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +85,17 @@ def depth(path, n, block=SPLIT_BLOCK):
 
 
 def run(mod, path, dweight, dbias, scratch, n, C):
-    if path == "plain":
-        mod.get_function("layernorm_backward_sum_kernel")(ceil_div(C, 256), 256, (dweight, dbias, scratch, i32(n), i32(C)))
-    else:
-        mod.get_function("layernorm_backward_sum_split_kernel")(2 * C // 4, SPLIT_BLOCK,
-                                                                (dweight, dbias, scratch, i32(n), i32(C)))
+    """The sum layernorm_backward launches after a rows kernel of n blocks (one row of T = n * rows per block),
+    as the launcher makes it: the split one where the rows are not x128's but scratch is packable (its
+    arrays off a 16-byte boundary), else the plain one. The rows kernel is not run: scratch is given."""
+    rows = np.zeros(1, dweight.dtype)                 # the rows kernel's arrays: not read here
+    T = n * launch_trainer().LAYERNORM_BACKWARD_BLOCK // 32
+    packed = (lambda m, *arrays: arrays[0] is scratch) if path == "split" else False
+    [_, total] = recorded_launches(lambda cu: cu.layernorm_backward(rows, dweight, dbias, scratch, rows, rows, rows,
+                                                                    rows, rows, 1, T, C), packed=packed)
+    assert total.kernel == ("layernorm_backward_sum_split_kernel" if path == "split" else
+                            "layernorm_backward_sum_kernel") and total.args[3] == n
+    run_launches(mod, [total])
 
 
 def expected_bits(want_f32, precision):

@@ -28,7 +28,7 @@ from llmc.cuda_common import ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16
 from test_cuda_trainer import cuda_trainer  # noqa: F401 (fixture)
 
-from check_kernel import Emulated, close, rand
+from check_kernel import Emulated, Launch, close, launch_trainer, rand, recorded_launches, run_launches
 
 i32, u32 = np.int32, np.uint32
 OPTIONS = {"fp32": ("--std=c++17",), "bf16": ("--std=c++17", "-DENABLE_BF16")}
@@ -57,10 +57,18 @@ def depth(C):
     return ceil_div(C, 32) + 5
 
 
+def launch(mod, name, call):
+    """call(cu) on the trainer's launchers, the kernel `name` (plain, or with x128, packed or onepass in it the
+    128-bit one) launched as they make it."""
+    launches = recorded_launches(call, packed=any(word in name for word in ("x128", "packed", "onepass")))
+    assert [lc.kernel for lc in launches] == [name], launches
+    run_launches(mod, launches)
+
+
 def forward(mod, name, N, C, inp, weight, bias):
     out = np.full(inp.shape, 0, inp.dtype)
     mean, rstd = np.full(N, np.nan, np.float32), np.full(N, np.nan, np.float32)
-    mod.get_function(name)(ceil_div(N * 32, 256), 256, (out, mean, rstd, inp, weight, bias, i32(N), i32(C)))
+    launch(mod, name, lambda cu: cu.layernorm_forward(out, mean, rstd, inp, weight, bias, 1, N, C))
     return out, mean, rstd
 
 
@@ -112,14 +120,13 @@ def test_fused_x128_is_residual_then_layernorm_x128(modules, precision, order):
         inp1, inp2 = fx(rand(rng, N, C), precision), fx(rand(rng, N, C) + 1.0, precision)
         weight, bias = fx(rand(rng, C), precision), fx(rand(rng, C), precision)
         residual = np.zeros_like(inp1)
-        res.get_function("residual_forward_packed_kernel")(ceil_div(N * C, 256 * PACK[precision]), 256,
-                                                          (residual, inp1, inp2, i32(N * C)))
+        launch(res, "residual_forward_packed_kernel", lambda cu: cu.residual_forward(residual, inp1, inp2, N * C))
         want = forward(ln, "layernorm_forward_x128_kernel", N, C, residual, weight, bias)
         for name in ("fused_residual_layernorm_forward_x128_kernel", "fused_residual_layernorm_forward_kernel"):
             fused_res, normed = np.zeros_like(inp1), np.zeros_like(inp1)
             mean, rstd = np.full(N, np.nan, np.float32), np.full(N, np.nan, np.float32)
-            ln.get_function(name)(ceil_div(N * 32, 256), 256, (fused_res, normed, mean, rstd, inp1, inp2, weight,
-                                                                bias, i32(N), i32(C)))
+            launch(ln, name, lambda cu: cu.fused_residual_forward(fused_res, normed, mean, rstd, inp1, inp2, weight,
+                                                                   bias, 1, N, C))
             assert fused_res.tobytes() == residual.tobytes(), f"{name}: the residual"
             if "x128" in name:                        # the same bits as the two x128 launches
                 for got, w, what in zip((normed, mean, rstd), want, ("normed", "mean", "rstd")):
@@ -131,20 +138,27 @@ def test_fused_x128_is_residual_then_layernorm_x128(modules, precision, order):
     # in place: the residual over inp1, as gpt2_forward may alias it
     C = 96 * PACK[precision]
     a, b, weight, bias = (fx(rand(rng, *shape), precision) for shape in ((3, C), (3, C), (C,), (C,)))
-    fused = ln.get_function("fused_residual_layernorm_forward_x128_kernel")
+    name = "fused_residual_layernorm_forward_x128_kernel"
     residual, normed = np.zeros_like(a), np.zeros_like(a)
-    fused(1, 96, (residual, normed, None, None, a, b, weight, bias, i32(3), i32(C)))
+    launch(ln, name, lambda cu: cu.fused_residual_forward(residual, normed, None, None, a, b, weight, bias, 1, 3, C))
     in_place, normed_in_place = a.copy(), np.zeros_like(a)
-    fused(1, 96, (in_place, normed_in_place, None, None, in_place, b, weight, bias, i32(3), i32(C)))
+    launch(ln, name, lambda cu: cu.fused_residual_forward(in_place, normed_in_place, None, None, in_place, b, weight,
+                                                          bias, 1, 3, C))
     assert in_place.tobytes() == residual.tobytes() and normed_in_place.tobytes() == normed.tobytes()
 
 
 def backward(mod, name, B, T, C, dinp0, dout, inp, weight, mean, rstd, dinp_sums=0):
-    block = 512
-    grid = ceil_div(32 * B * T, block)
+    """The rows kernel `name` on layernorm_backward's launch of the plain one; the trainer launches the x128
+    rows only inside its one-pass kernel, so here they run on the plain launch's grid and arguments, plus
+    dinp_sums (1: a third partial row per block, the column sums of the stored dinp)."""
+    grid = ceil_div(32 * B * T, launch_trainer().LAYERNORM_BACKWARD_BLOCK)
     dinp, scratch = dinp0.copy(), np.full((grid, 2 + dinp_sums, C), np.nan, np.float32)
+    rows = recorded_launches(lambda cu: cu.layernorm_backward(dinp, np.zeros(C, dinp.dtype), np.zeros(C, dinp.dtype),
+                                                              scratch, dout, inp, weight, mean, rstd, B, T, C),
+                             packed=False)[0]
+    assert rows.kernel == "layernorm_backward_kernel" and rows.grid == grid
     extra = (i32(dinp_sums),) if "x128" in name else ()
-    mod.get_function(name)(grid, block, (dinp, scratch, dout, inp, weight, mean, rstd, i32(B), i32(T), i32(C)) + extra)
+    run_launches(mod, [Launch(name, rows.grid, rows.block, rows.args + extra)])
     return dinp, scratch
 
 
@@ -214,10 +228,13 @@ def test_backward_with_the_linear_bias(modules, precision, order):
             # the sums into (dweight, dbias, dlinear_bias)
             dweight0, dbias0, dlin0 = (fx(rand(rng, C), precision) for _ in range(3))
             two = [dweight0.copy(), dbias0.copy()]
-            mod.get_function("layernorm_backward_sum_split_kernel")(2 * C // 4, 128, (*two, scratch2, i32(grid), i32(C)))
+            [_, split] = recorded_launches(lambda cu: cu.layernorm_backward(
+                dinp0.copy(), *two, scratch2, dout, inp, weight, mean, rstd, B, T, C),
+                packed=lambda n, *arrays: arrays[0] is scratch2)  # rows not x128 but scratch packable: the split sum
             three = [dweight0.copy(), dbias0.copy(), dlin0.copy()]
-            mod.get_function("layernorm_backward_sum3_split_kernel")(3 * C // 4, 128,
-                                                                     (*three, scratch3, i32(grid), i32(C)))
+            # its 3-row twin, which the trainer runs only inside the one-pass kernel: a block per pack of 4 of the 3C
+            run_launches(mod, [split, Launch("layernorm_backward_sum3_split_kernel", 3 * C // 4, split.block,
+                                             (*three, scratch3, i32(grid), i32(C)))])
             assert three[0].tobytes() == two[0].tobytes() and three[1].tobytes() == two[1].tobytes()
             want = wide(dlin0) + wide(dinp3).reshape(N, C).sum(0)
             chains = 16 + ceil_div(grid, 128) + 5 + 4 + 1
@@ -232,13 +249,17 @@ def test_wpe_x128_against_plain(modules, precision, order):
     rng = np.random.default_rng(17)
     for B, T, C in ((1, 1, PACK[precision]), (3, 5, 6 * PACK[precision]), (6, 4, 96 * PACK[precision])):
         dout, dwpe0 = fx(rand(rng, B, T, C), precision), fx(rand(rng, T + 2, C), precision)  # maxT > T
-        plain, x128 = dwpe0.copy(), dwpe0.copy()
-        mod.get_function("encoder_backward_wpe_kernel")(ceil_div(T * C, 256), 256,
-                                                        (plain, dout, i32(B), i32(T), i32(C), u32(7)))
-        grid = ceil_div(T * C, 128 * PACK[precision])
-        mod.get_function("encoder_backward_wpe_x128_kernel")(grid, 128, (x128, dout, i32(B), i32(T), i32(C), u32(7)))
-        again = dwpe0.copy()
-        mod.get_function("encoder_backward_wpe_x128_kernel")(grid, 128, (again, dout, i32(B), i32(T), i32(C), u32(7)))
+        plain, x128, again = dwpe0.copy(), dwpe0.copy(), dwpe0.copy()
+        inp = np.zeros((B, T), np.int32)
+
+        def wpe(dwpe, packed):                        # encoder_backward's wpe launch (its wte launch not run)
+            launches = recorded_launches(lambda cu: cu.encoder_backward(np.zeros((1, C), dwpe.dtype), dwpe, dout, inp,
+                                                                        B, T, C, seed=7), packed=packed)
+            assert launches[1].kernel == ("encoder_backward_wpe_x128_kernel" if packed else "encoder_backward_wpe_kernel")
+            run_launches(mod, launches[1:])
+        wpe(plain, False)
+        wpe(x128, True)
+        wpe(again, True)
         assert x128.tobytes() == again.tobytes(), "two runs differ"
         assert x128[T:].tobytes() == dwpe0[T:].tobytes(), "rows past T were touched"
         if precision == "fp32":
@@ -384,13 +405,12 @@ def test_backward_in_one_launch(modules, precision, order):
             results = []
             for _ in range(2):
                 dinp, outs = dinp0.copy(), [o.copy() for o in outs0]
-                scratch = np.full((grid + groups) * 3 * C, np.nan, np.float32)
-                counters = np.zeros(groups + 1, np.uint32)
+                scratch = np.full(launch_trainer().layernorm_scratch_size(B, T, C), np.nan, np.float32)
+                scratch[-(groups + 1):] = 0               # the ticket counters, zero-allocated in the trainer
                 dlin = outs[2] if linear else None
-                mod.get_function("layernorm_backward_onepass_kernel")(
-                    grid, 512, (dinp, outs[1], outs[0], dlin, scratch, counters, dout, inp, weight, mean, rstd,
-                                i32(B), i32(T), i32(C)))
-                assert not counters.any(), counters
+                launch(mod, "layernorm_backward_onepass_kernel", lambda cu: cu.layernorm_backward(
+                    dinp, outs[1], outs[0], scratch, dout, inp, weight, mean, rstd, B, T, C, dlin))
+                assert not scratch[-(groups + 1):].view(np.uint32).any(), "the counters are left at 0"
                 results.append((dinp, outs))
             (dinp, outs), (dinp2, outs2) = results
             assert dinp.tobytes() == want_dinp.tobytes() and dinp2.tobytes() == dinp.tobytes()

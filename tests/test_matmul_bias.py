@@ -32,7 +32,7 @@ from llmc.cuda_common import ceil_div, kernel_source
 from llmc.formats import bf16_to_f32, f32_to_bf16
 from test_cuda_trainer import cuda_trainer  # noqa: F401 (fixture)
 
-from check_kernel import Emulated, close, rand
+from check_kernel import Emulated, Launch, close, launch_trainer, rand, recorded_launches, run_launches
 
 i32 = np.int32
 OPTIONS = {"fp32": ("--std=c++17",), "bf16": ("--std=c++17", "-DENABLE_BF16")}
@@ -47,12 +47,6 @@ ORDERS = ["forward", "reverse", "warps"]
 def modules():
     code = kernel_source("matmul")
     return {p: emulator.RawModule(code=code, options=options) for p, options in OPTIONS.items()}
-
-
-@pytest.fixture(scope="module")
-def grid():
-    import train_gpt2_cuda                            # the launcher's grid; its import needs no GPU
-    return train_gpt2_cuda.matmul_bias_grid
 
 
 def as_floatx(x, precision):
@@ -96,36 +90,49 @@ def expected_bits(want_f32, precision):
 
 
 def run_plain(mod, dbias, dout, N, OC):
-    mod.get_function("matmul_backward_bias_kernel")(ceil_div(OC, 32), 1024, (dbias, dout, i32(N), i32(OC)),
-                                                    shared_mem=1024 * 4)
+    """matmul_backward_bias without a scratch: the plain kernel, as the launcher makes it."""
+    run_launches(mod, recorded_launches(lambda cu: cu.matmul_backward_bias(dbias, None, dout, N, OC)))
 
 
-def run_packed(mod, dbias, dout, N, OC, grid, pack, rows_per_block=None):
-    columns, row_blocks, rows_per_block = grid(N, OC, pack) if rows_per_block is None else \
-        (ceil_div(OC, 32 * pack), ceil_div(N, rows_per_block), rows_per_block)
-    scratch = np.full((row_blocks, OC), np.nan, np.float32)   # every partial is written before it is read
-    block = 256
-    mod.get_function("matmul_backward_bias_partial_kernel")(
-        (columns, row_blocks), block, (scratch, dout, i32(N), i32(OC), i32(rows_per_block)),
-        shared_mem=block * pack * 4)
-    mod.get_function("matmul_backward_bias_sum_kernel")(ceil_div(OC, 32), 1024,
-                                                        (dbias, scratch, i32(row_blocks), i32(OC)), shared_mem=1024 * 4)
-    return rows_per_block
+def x128_launch(dbias, dout, N, OC, rows_per_block=None):
+    """(matmul_backward_bias's x128 launch, its scratch): partials NaN, the ticket counters at its end 0, as the
+    trainer's zero-allocated scratch. rows_per_block given: that many rows per block row instead of
+    matmul_bias_grid's (the kernel takes any), the launch otherwise the launcher's."""
+    columns, row_blocks, R = launch_trainer().matmul_bias_grid(N, OC, 16 // dout.itemsize)
+    rows = row_blocks if rows_per_block is None else ceil_div(N, rows_per_block)
+    scratch = np.full(max(rows, row_blocks) * OC + columns, np.nan, np.float32)
+    scratch[-columns:] = 0
+    [lc] = recorded_launches(lambda cu: cu.matmul_backward_bias(dbias, scratch, dout, N, OC), packed=True)
+    assert lc.kernel == "matmul_backward_bias_x128_kernel" and lc.grid == (columns, row_blocks)
+    if rows_per_block is not None:
+        lc.grid, lc.args = (columns, rows), lc.args[:-1] + (i32(rows_per_block),)
+    return lc, scratch, rows_per_block or R
 
 
-def run_one_launch(mod, dbias, dout, N, OC, grid, pack, rows_per_block=None):
+def run_packed(mod, dbias, dout, N, OC, rows_per_block=None):
+    """The pair the one-launch kernel fuses (the trainer runs only that one): the partial kernel on the x128
+    launch's grid, block and shared memory, then the sum on the plain kernel's shape. Returns the rows per
+    block row."""
+    one, scratch, R = x128_launch(dbias, dout, N, OC, rows_per_block)
+    [plain] = recorded_launches(lambda cu: cu.matmul_backward_bias(dbias, None, dout, N, OC))
+    row_blocks = one.grid[1]
+    partials = scratch[:row_blocks * OC]                 # every partial is written before it is read
+    run_launches(mod, [
+        Launch("matmul_backward_bias_partial_kernel", one.grid, one.block,
+               (partials, dout, i32(N), i32(OC), i32(R)), one.shared_mem),
+        Launch("matmul_backward_bias_sum_kernel", plain.grid, plain.block,
+               (dbias, partials, i32(row_blocks), i32(OC)), plain.shared_mem)])
+    return R
+
+
+def run_one_launch(mod, dbias, dout, N, OC, rows_per_block=None):
     """matmul_backward_bias_x128_kernel: the partials and, by the last block of each column block, their sum,
     in one launch. The counters start at 0 and must be left at 0; the partials start as NaN."""
-    columns, row_blocks, rows_per_block = grid(N, OC, pack) if rows_per_block is None else \
-        (ceil_div(OC, 32 * pack), ceil_div(N, rows_per_block), rows_per_block)
-    scratch = np.full((row_blocks, OC), np.nan, np.float32)
-    counters = np.zeros(columns, np.uint32)
-    block = 256
-    mod.get_function("matmul_backward_bias_x128_kernel")(
-        (columns, row_blocks), block, (dbias, scratch, counters, dout, i32(N), i32(OC), i32(rows_per_block)),
-        shared_mem=block * pack * 4)
+    lc, scratch, R = x128_launch(dbias, dout, N, OC, rows_per_block)
+    run_launches(mod, [lc])
+    counters = scratch[-lc.grid[0]:].view(np.uint32)
     assert not counters.any(), f"counters left at {counters}"
-    return rows_per_block
+    return R
 
 
 def twin_tolerance(dbias0, dout, precision):
@@ -137,7 +144,7 @@ def twin_tolerance(dbias0, dout, precision):
 
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_bias_backward_bits_and_twin(modules, grid, precision, order):
+def test_bias_backward_bits_and_twin(modules, precision, order):
     mod = Emulated(modules[precision], order)
     pack = PACK[precision]
     rng = np.random.default_rng(14)
@@ -161,11 +168,10 @@ def test_bias_backward_bits_and_twin(modules, grid, precision, order):
                     run_plain(mod, dbias, dout, N, OC)
                     want_bits = expected_bits(plain_order(b, x), precision)
                 elif path == "one launch" or isinstance(path, tuple):   # the pair's order, so its bits
-                    rows_per_block = run_one_launch(mod, dbias, dout, N, OC, grid, pack,
-                                                    None if path == "one launch" else path[1])
+                    rows_per_block = run_one_launch(mod, dbias, dout, N, OC, None if path == "one launch" else path[1])
                     want_bits = expected_bits(packed_order(b, x, rows_per_block), precision)
                 else:
-                    rows_per_block = run_packed(mod, dbias, dout, N, OC, grid, pack, None if path == "packed" else path)
+                    rows_per_block = run_packed(mod, dbias, dout, N, OC, None if path == "packed" else path)
                     want_bits = expected_bits(packed_order(b, x, rows_per_block), precision)
                 results.append(dbias)
             where = f"{precision} {path if path == 'plain' else f'{path} R={rows_per_block}'} N={N} OC={OC} ({order})"
