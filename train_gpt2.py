@@ -516,7 +516,8 @@ def gpt2_build_from_checkpoint(path):
 
 def gpt2_build_from_descriptor(descriptor, seed=42, settings=None):
     """A GPT-2 from scratch: "d12" (or "gpt2:d12") is the 124M shape, d6/d24/d36/d48 the others, and
-    "gpt3:c768" a GPT-3 shape by its width (llmc/model.py's descriptor_config: maxT 2048). Initialized like PyTorch's GPT-2 (llm.c's train_gpt2.py): weights N(0, 0.02) drawn in module
+    "gpt3:c768" a GPT-3 shape by its width (llmc/model.py's descriptor_config: maxT 2048).
+    Initialized like PyTorch's GPT-2 (llm.c's train_gpt2.py): weights N(0, 0.02) drawn in module
     order (wte, wpe, then per layer qkvw, attprojw, fcw, fcprojw), the two projections back into
     the residual stream scaled by 1/sqrt(2L), biases 0, LayerNorm weights 1, wte's pad rows 0.
     A path to a .bin file is loaded instead. settings: device_setup's, which the NumPy model needs none of
