@@ -1,7 +1,9 @@
 """Fetching a data set's source file over HTTP, for the scripts that turn one into shards
-(prepro_tinyshakespeare.py, prepro_tinystories.py, dev/data/hellaswag.py; llm.c keeps the same helper in
-dev/data/data_common.py). requests and tqdm are imported on the first download, so a script given a local
+(prepro_tinyshakespeare.py, prepro_tinystories.py, dev/data/hellaswag.py, dev/data/mmlu.py; llm.c keeps the
+same helper in dev/data/data_common.py). requests and tqdm are imported on the first download, so a script given a local
 copy of its input runs without them."""
+
+import os
 
 import numpy as np
 
@@ -32,3 +34,13 @@ def download(url, fname, offline_command, chunk_size=1024):
     except requests.RequestException as e:
         raise SystemExit(f"could not download {url} ({type(e).__name__}); put a copy of the file at {fname} "
                          f"or run {offline_command}")
+
+
+def download_once(url, fname, offline_command):
+    """`fname`, downloaded from `url` (download) unless an earlier run left it there; returns fname."""
+    if os.path.exists(fname):
+        print(f"{fname} already exists, skipping download")
+        return fname
+    os.makedirs(os.path.dirname(fname) or ".", exist_ok=True)
+    download(url, fname, offline_command)
+    return fname

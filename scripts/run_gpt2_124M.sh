@@ -8,31 +8,9 @@
 # llm.c: about 90 minutes on 8x A100 80GB SXM (~300 ms a step), ~$20 (discussion #481).
 # Published result: HellaSwag 29.9 at the end (OpenAI's GPT-2 124M: 29.4); val loss about 3.28 (llm.c's
 #        run as modded-nanogpt's README quotes it: 3.2847 after 10B tokens).
-# Run from the repository root: bash scripts/run_gpt2_124M.sh. One GPU: NPROC=1 (same result, 8x the time).
+# Run it from anywhere: bash scripts/run_gpt2_124M.sh. One GPU: NPROC=1 (same result, 8x the time).
 # Out of memory: -r 1, then halve -b (the gradient accumulation keeps -d), as llm.c's scripts/README says.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/lib.sh
-
-out_dir="log_gpt2_124M"
-need_data "dev/data/fineweb10B/fineweb_train_*.bin" "python dev/data/fineweb.py -t classic -v 10B"
-# --no-python: torchrun starts TASK ("$PYTHON") itself, as mpirun does; mpirun -np 8 "$PYTHON" works too
-LAUNCH=(torchrun --standalone --nproc_per_node "${NPROC:-8}" --no-python)
-run_until_done "$out_dir/DONE_00018865" train_gpt2_cuda.py \
-    -i "dev/data/fineweb10B/fineweb_train_*.bin" \
-    -j "dev/data/fineweb10B/fineweb_val_*.bin" \
-    -o "$out_dir" \
-    -v 250 -s 20000 -g 144 \
-    -h 1 \
-    -b 64 -t 1024 \
-    -d 524288 \
-    -r 0 \
-    -z 1 \
-    -c 0.1 \
-    -l 0.0006 \
-    -q 0.0 \
-    -u 700 \
-    -n 5000 \
-    -x 18865 \
-    -y 1 \
-    -e d12
+source "$(dirname "$0")/lib.sh"
+fineweb dev/data/fineweb10B/fineweb "python dev/data/fineweb.py -t classic -v 10B"
+run_until_done log_gpt2_124M 18865 train_gpt2_cuda.py "${DATA[@]}" "${LLMC_COMMON[@]}" -e d12 \
+    -b 64 -t 1024 -d 524288 -r 0 -l 0.0006 -q 0.0 -n 5000 -s 20000 -g 144

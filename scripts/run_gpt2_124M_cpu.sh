@@ -13,30 +13,9 @@
 # Time here: at the README's 2-core figure for d12 (about 6 ms a token) a step takes about an hour, the run
 #        two years: this is the reproduction's recipe for a machine with many cores, or for several
 #        (NPROC=N: torchrun starts N processes, gloo sums their gradients, -z 1 shards AdamW), or with a smaller -x.
-# Run from the repository root: bash scripts/run_gpt2_124M_cpu.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/lib.sh
-
-out_dir="log_gpt2_124M_cpu"
-need_data "dev/data/fineweb10B/fineweb_train_*.bin" "python dev/data/fineweb.py -t classic -v 10B"
-if [ "${NPROC:-1}" -gt 1 ]; then
-    LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC" --no-python)   # see run_gpt2_124M.sh
-fi
-run_until_done "$out_dir/DONE_00018865" train_gpt2.py \
-    -i "dev/data/fineweb10B/fineweb_train_*.bin" \
-    -j "dev/data/fineweb10B/fineweb_val_*.bin" \
-    -o "$out_dir" \
-    -v 250 -s 20000 -g 144 \
-    -h 1 \
-    -b 4 -t 1024 \
-    -d 524288 \
-    -z 1 \
-    -c 0.1 \
-    -l 0.0006 \
-    -q 0.0 \
-    -u 700 \
-    -n 5000 \
-    -x 18865 \
-    -y 1 \
-    -e d12
+# Run it from anywhere: bash scripts/run_gpt2_124M_cpu.sh
+source "$(dirname "$0")/lib.sh"
+fineweb dev/data/fineweb10B/fineweb "python dev/data/fineweb.py -t classic -v 10B"
+[ "${NPROC:-1}" -gt 1 ] || LAUNCH=()       # one process unless NPROC says more (torchrun then starts them)
+run_until_done log_gpt2_124M_cpu 18865 train_gpt2.py "${DATA[@]}" "${LLMC_COMMON[@]}" -e d12 \
+    -b 4 -t 1024 -d 524288 -l 0.0006 -q 0.0 -n 5000 -s 20000 -g 144

@@ -10,31 +10,8 @@
 #        loss spikes and bad activation ranges; this script, as llm.c's, leaves the outlier guard -sl/-sg off).
 # Published result: HellaSwag reaches OpenAI's GPT-2 1558M checkpoint's 48.9 around step 25,000 of 32,000
 #        (#677's plot); that checkpoint's val loss on FineWeb's val shard is 2.83 (dev/vislog.py --baseline 1558M).
-# Run from the repository root: bash scripts/run_gpt2_1558M.sh. One GPU: NPROC=1 (8x the time).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/lib.sh
-
-out_dir="log_gpt2_1558M"
-need_data "dev/data/edu_fineweb100B/edu_fineweb_train_*.bin" "python dev/data/fineweb.py -t edu -v 100B"
-LAUNCH=(torchrun --standalone --nproc_per_node "${NPROC:-8}" --no-python)   # see run_gpt2_124M.sh
-run_until_done "$out_dir/DONE_00032000" train_gpt2_cuda.py \
-    -i "dev/data/edu_fineweb100B/edu_fineweb_train_*.bin" \
-    -j "dev/data/edu_fineweb100B/edu_fineweb_val_*.bin" \
-    -o "$out_dir" \
-    -v 250 -s 300000 -g 384 \
-    -h 1 \
-    -b 16 -t 1024 \
-    -d 1048576 \
-    -r 0 \
-    -z 1 \
-    -c 0.1 \
-    -k cosine \
-    -l 0.0006 \
-    -q 0.1 \
-    -u 700 \
-    -n 2000 \
-    -x 32000 \
-    -ge 1 \
-    -y 1 \
-    -e d48
+# Run it from anywhere: bash scripts/run_gpt2_1558M.sh. One GPU: NPROC=1 (8x the time).
+source "$(dirname "$0")/lib.sh"
+fineweb dev/data/edu_fineweb100B/edu_fineweb "python dev/data/fineweb.py -t edu -v 100B"
+run_until_done log_gpt2_1558M 32000 train_gpt2_cuda.py "${DATA[@]}" "${LLMC_COMMON[@]}" -e d48 \
+    -b 16 -t 1024 -d 1048576 -r 0 -k cosine -l 0.0006 -q 0.1 -n 2000 -ge 1 -s 300000 -g 384

@@ -8,29 +8,8 @@
 # llm.c: about 13.7 hours on 8x A100 80GB SXM (~820 ms a step), ~$200.
 # Published result: llm.c's script and discussions give no final number for this run; the target is OpenAI's
 #        GPT-2 350M checkpoint: val loss 3.08 on FineWeb's val shard, HellaSwag 37.5 (dev/vislog.py --baseline 350M).
-# Run from the repository root: bash scripts/run_gpt2_350M.sh. One GPU: NPROC=1.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/lib.sh
-
-out_dir="log_gpt2_350M"
-need_data "dev/data/fineweb100B/fineweb_train_*.bin" "python dev/data/fineweb.py -t classic -v 100B"
-LAUNCH=(torchrun --standalone --nproc_per_node "${NPROC:-8}" --no-python)   # see run_gpt2_124M.sh
-run_until_done "$out_dir/DONE_00060000" train_gpt2_cuda.py \
-    -i "dev/data/fineweb100B/fineweb_train_*.bin" \
-    -j "dev/data/fineweb100B/fineweb_val_*.bin" \
-    -o "$out_dir" \
-    -v 250 -s 100000 -g 144 \
-    -h 1 \
-    -b 64 -t 1024 \
-    -d 524288 \
-    -r 0 \
-    -z 1 \
-    -c 0.1 \
-    -l 0.0003 \
-    -q 0.0 \
-    -u 700 \
-    -n 2000 \
-    -x 60000 \
-    -y 1 \
-    -e d24
+# Run it from anywhere: bash scripts/run_gpt2_350M.sh. One GPU: NPROC=1.
+source "$(dirname "$0")/lib.sh"
+fineweb dev/data/fineweb100B/fineweb "python dev/data/fineweb.py -t classic -v 100B"
+run_until_done log_gpt2_350M 60000 train_gpt2_cuda.py "${DATA[@]}" "${LLMC_COMMON[@]}" -e d24 \
+    -b 64 -t 1024 -d 524288 -r 0 -l 0.0003 -q 0.0 -n 2000 -s 100000 -g 144

@@ -9,29 +9,8 @@
 # Published result: no final val loss or HellaSwag with the script; llm.c's dev/eval/README shows a 774M run
 #        scoring 57.8 on the harness's 10-shot HellaSwag (not -h 1's 0-shot). The target is OpenAI's GPT-2 774M
 #        checkpoint: val loss 3.00 on FineWeb's val shard, HellaSwag 43.2 (dev/vislog.py --baseline 774M).
-# Run from the repository root: bash scripts/run_gpt2_774M.sh. One GPU: NPROC=1.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/lib.sh
-
-out_dir="log_gpt2_774M"
-need_data "dev/data/fineweb100B/fineweb_train_*.bin" "python dev/data/fineweb.py -t classic -v 100B"
-LAUNCH=(torchrun --standalone --nproc_per_node "${NPROC:-8}" --no-python)   # see run_gpt2_124M.sh
-run_until_done "$out_dir/DONE_00286102" train_gpt2_cuda.py \
-    -i "dev/data/fineweb100B/fineweb_train_*.bin" \
-    -j "dev/data/fineweb100B/fineweb_val_*.bin" \
-    -o "$out_dir" \
-    -v 250 -s 300000 -g 144 \
-    -h 1 \
-    -b 32 -t 1024 \
-    -d 524288 \
-    -r 0 \
-    -z 1 \
-    -c 0.1 \
-    -l 0.00025 \
-    -q 0.0 \
-    -u 700 \
-    -n 4000 \
-    -x 286102 \
-    -y 1 \
-    -e d36
+# Run it from anywhere: bash scripts/run_gpt2_774M.sh. One GPU: NPROC=1.
+source "$(dirname "$0")/lib.sh"
+fineweb dev/data/fineweb100B/fineweb "python dev/data/fineweb.py -t classic -v 100B"
+run_until_done log_gpt2_774M 286102 train_gpt2_cuda.py "${DATA[@]}" "${LLMC_COMMON[@]}" -e d36 \
+    -b 32 -t 1024 -d 524288 -r 0 -l 0.00025 -q 0.0 -n 4000 -s 300000 -g 144

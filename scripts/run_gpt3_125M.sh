@@ -10,34 +10,8 @@
 # llm.c: about 24 hours on 8x A100 80GB SXM (~150 ms a step), ~$336, by the script's own estimate.
 # Published result: none with the script; the GPT-3 paper's 125M model scores 33.7 on HellaSwag
 #        (dev/vislog.py --baseline 124M draws it).
-# Run from the repository root: bash scripts/run_gpt3_125M.sh. One GPU: NPROC=1.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/lib.sh
-
-out_dir="log_gpt3_125M"
-need_data "dev/data/fineweb100B/fineweb_train_*.bin" "python dev/data/fineweb.py -t classic -v 100B"
-LAUNCH=(torchrun --standalone --nproc_per_node "${NPROC:-8}" --no-python)   # see run_gpt2_124M.sh
-run_until_done "$out_dir/DONE_00572204" train_gpt2_cuda.py \
-    -i "dev/data/fineweb100B/fineweb_train_*.bin" \
-    -j "dev/data/fineweb100B/fineweb_val_*.bin" \
-    -o "$out_dir" \
-    -v 250 -s 20000 -g 144 \
-    -h 1 \
-    -b 32 -t 2048 \
-    -d 524288 \
-    -r 0 \
-    -z 1 \
-    -c 0.1 \
-    -l 0.0006 \
-    -q 0.1 \
-    -u 700 \
-    -n 10000 \
-    -nk 5 \
-    -nm 50000 \
-    -ge 1 \
-    -sl 7.0 \
-    -sg 7.0 \
-    -y 1 \
-    -x 572204 \
-    -e gpt3:c768
+# Run it from anywhere: bash scripts/run_gpt3_125M.sh. One GPU: NPROC=1.
+source "$(dirname "$0")/lib.sh"
+fineweb dev/data/fineweb100B/fineweb "python dev/data/fineweb.py -t classic -v 100B"
+run_until_done log_gpt3_125M 572204 train_gpt2_cuda.py "${DATA[@]}" "${LLMC_COMMON[@]}" -e gpt3:c768 \
+    -b 32 -t 2048 -d 524288 -r 0 -l 0.0006 -q 0.1 -n 10000 -nk 5 -nm 50000 -ge 1 -sl 7.0 -sg 7.0 -s 20000 -g 144

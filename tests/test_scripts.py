@@ -86,7 +86,7 @@ def test_dry_run_parses_llmc_flags(name):
     assert paths["-i"] == f"dev/data/{folder}/{folder.replace('100B', '').replace('10B', '')}_train_*.bin"
     assert paths["-j"] == paths["-i"].replace("_train_", "_val_")
     trainer = "train_gpt2.py" if name.endswith("_cpu.sh") else "train_gpt2_cuda.py"
-    assert re.search(rf"^would run: .*\b{trainer} -i ", r.stdout, re.M), r.stdout[:500]
+    assert re.search(rf"^would run: .*\b{trainer} -", r.stdout, re.M), r.stdout[:500]
 
 
 def copy_scripts(tmp_path, name, edit=None):
@@ -104,10 +104,10 @@ def copy_scripts(tmp_path, name, edit=None):
 
 
 def test_renamed_flag_fails_the_dry_run(tmp_path):
-    script = copy_scripts(tmp_path, "run_gpt2_124M.sh", ("    -z 1 \\", "    -zz 1 \\"))
+    script = copy_scripts(tmp_path, "run_gpt2_124M.sh", (" -r 0 ", " -rr 0 "))
     r = shell(script, cwd=tmp_path, env={"PYTHONPATH": REPO})
     assert r.returncode != 0
-    assert r.stderr.splitlines()[0] == "error: unknown flag -zz", r.stderr
+    assert r.stderr.splitlines()[0] == "error: unknown flag -rr", r.stderr
 
 
 def test_bad_value_fails_the_dry_run(tmp_path):
@@ -142,10 +142,13 @@ def test_sbatch_outside_slurm_is_one_line(tmp_path):
 
 
 def lib(tmp_path, body, max_failures=2):
-    """Run `body` in bash after sourcing scripts/lib.sh (no dry run)."""
+    """Run `body` in bash after sourcing a copy of scripts/lib.sh in tmp_path/scripts (it moves to tmp_path,
+    the copy's repository root), no dry run."""
+    os.makedirs(tmp_path / "scripts", exist_ok=True)
+    shutil.copy(os.path.join(REPO, "scripts", "lib.sh"), tmp_path / "scripts")
     env = dict(os.environ, MAX_FAILURES=str(max_failures))
     env.pop("LLMC_DRY_RUN", None)
-    return subprocess.run(["bash", "-c", f"source {REPO}/scripts/lib.sh; {body}"], cwd=tmp_path, env=env,
+    return subprocess.run(["bash", "-c", f"source scripts/lib.sh; {body}"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -157,7 +160,7 @@ def test_run_until_done_stops_when_done(tmp_path):
     # each attempt writes the next DONE_ marker, and fails (as a crash would) until DONE_00000003
     step = (f'n=$(( $(cat {counter} 2>/dev/null || echo 0) + 1 )); echo $n > {counter}; '
             f'touch out/DONE_0000000$n; [ $n -ge 3 ]')
-    r = lib(tmp_path, f"TASK=(bash -c '{step}'); run_until_done out/DONE_00000003 x")
+    r = lib(tmp_path, f"LAUNCH=(); TASK=(bash -c '{step}'); run_until_done out 3 x")
     assert r.returncode == 0, r.stdout + r.stderr
     assert counter.read_text().strip() == "3"
     assert r.stdout.strip().splitlines()[-1] == "out/DONE_00000003 exists: the run is complete"
@@ -165,14 +168,14 @@ def test_run_until_done_stops_when_done(tmp_path):
 
 def test_run_until_done_gives_up_without_progress(tmp_path):
     counter = tmp_path / "attempts"
-    r = lib(tmp_path, f"TASK=(bash -c 'echo x >> {counter}; exit 1'); run_until_done out/DONE_00000010 x")
+    r = lib(tmp_path, f"LAUNCH=(); TASK=(bash -c 'echo x >> {counter}; exit 1'); run_until_done out 10 x")
     assert r.returncode == 1
     assert len(counter.read_text().split()) == 2                  # MAX_FAILURES attempts, then it stops
     assert r.stdout.strip() == "error: 2 attempts in a row ended without a new checkpoint: see the errors above"
 
 
 def test_run_until_done_refuses_a_wrong_done_name(tmp_path):
-    r = lib(tmp_path, "TASK=(true); run_until_done out/DONE_00000010 x")
+    r = lib(tmp_path, "LAUNCH=(); TASK=(true); run_until_done out 10 x")
     assert r.returncode == 1
     assert "the run ended without out/DONE_00000010: does -x match the step in its name?" in r.stdout
 

@@ -48,14 +48,9 @@ def fetch(split, data_dir, url, local_copy):
         if not os.path.isfile(local_copy):
             raise SystemExit(f"--input {local_copy}: no such file")
         return local_copy
-    fname = os.path.join(data_dir, f"hellaswag_{split}.jsonl")
-    if os.path.exists(fname):
-        print(f"{fname} already exists, skipping download")
-    else:
-        os.makedirs(data_dir, exist_ok=True)
-        from llmc.download import download
-        download(url, fname, "python dev/data/hellaswag.py --input PATH/hellaswag_val.jsonl")
-    return fname
+    from llmc.download import download_once
+    return download_once(url, os.path.join(data_dir, f"hellaswag_{split}.jsonl"),
+                         "python dev/data/hellaswag.py --input PATH/hellaswag_val.jsonl")
 
 
 def read_examples(path):

@@ -49,14 +49,8 @@ def fetch(data_dir, url, local_copy):
         if not os.path.exists(local_copy):
             raise SystemExit(f"--input {local_copy}: no such file or folder")
         return local_copy
-    fname = os.path.join(data_dir, "data.tar")
-    if os.path.exists(fname):
-        print(f"{fname} already exists, skipping download")
-    else:
-        os.makedirs(data_dir, exist_ok=True)
-        from llmc.download import download
-        download(url, fname, "python dev/data/mmlu.py --input PATH/data.tar")
-    return fname
+    from llmc.download import download_once
+    return download_once(url, os.path.join(data_dir, "data.tar"), "python dev/data/mmlu.py --input PATH/data.tar")
 
 
 def csv_texts(path, split):
