@@ -42,6 +42,7 @@ BF16_MIN_NORMAL = 2.0 ** -126
 ENTROPY_BATCH_ROWS = 4                     # the first this many sequences of the batch
 ENTROPY_POSITIONS = 64                     # this many query positions of each, evenly spaced, the last one included
 ROW_CHUNK = 1 << 24                        # row_entropy's temporaries: at most this many values at a time
+CUT_LINE_SEARCH = 1 << 23                  # drop_cut_line looks this far back for a newline (a line: ~0.1 MiB at d48)
 
 
 def array_module(x):
@@ -160,6 +161,19 @@ def is_stats_file(path):
     return os.path.getsize(path) == 0 or file_starts_with(path, b'{"step":')
 
 
+def drop_cut_line(path):
+    """A killed run can leave its last line cut short (no newline at the end of the file): cut it off, so
+    that a resumed run's lines follow whole ones. Only that tail goes; the whole lines stay as they are."""
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    if size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(max(0, size - CUT_LINE_SEARCH))
+        tail = f.read()
+        if not tail.endswith(b"\n"):
+            f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
+
+
 class ActivationStats:
     """The -as N hook of the training loop. record() does nothing unless the step is a multiple of N and
     there is a file to write: without -as (N = 0) there is no extra work anywhere, and -as without -o
@@ -177,6 +191,7 @@ class ActivationStats:
         if self.path:
             refuse_foreign_files([self.path], is_stats_file, "a stats.jsonl written by -as",
                                  "move it away or give another -o")
+            drop_cut_line(self.path)
             print(f"activation statistics: every {every} steps into {self.path}")
 
     def record(self, trainer, model, step):
@@ -201,11 +216,12 @@ class ActivationStats:
 
 def read_stats(path):
     """stats.jsonl -> {step: record} (a step logged twice, by a resumed run: the later line), in step order.
-    A line that is not one of ours is a one-line ValueError naming the file and line."""
+    A last line without its newline (cut short by a kill) is left out; any other line that is not one of
+    ours is a one-line ValueError naming the file and line."""
     records = {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
+            if not line.strip() or not line.endswith("\n"):
                 continue
             try:
                 record = json.loads(line)

@@ -348,3 +348,24 @@ def test_vislog_stats_writes_a_png_and_refuses_a_foreign_file(tmp_path, capsys):
             vislog.main(argv + ["-o", str(png)])
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and want in err[0], err
+
+
+def test_a_line_cut_by_a_kill_is_dropped_and_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "stats.jsonl"
+    write_stats(path, [0, 1])
+    whole = path.read_bytes()
+    with open(path, "ab") as f:
+        f.write(b'{"step":2,"tensors":{"ln1":{"mean":[0.')          # killed in the middle of step 2's line
+    assert list(actstats.read_stats(str(path))) == [0, 1]          # a reader leaves the cut line out
+    writer = actstats.ActivationStats(str(tmp_path), 1)            # a resumed run cuts it off first
+    assert path.read_bytes() == whole
+    writer.write({"step": 2, "tensors": {}})
+    assert list(actstats.read_stats(str(path))) == [0, 1, 2]
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(actstats.WriteError) as e:
+        writer.write({"step": 3, "tensors": {}})
+    assert str(e.value).startswith(f"could not write {path}: the disk is full (24 bytes needed"), str(e.value)
+    assert list(actstats.read_stats(str(path))) == [0, 1, 2]
