@@ -119,6 +119,44 @@ def test_shuffled_epoch_covers_everything_then_reshuffles(tmp_path):
     assert epoch1 != epoch2
 
 
+def windows(paths, B, T, rank, nproc):
+    """Every batch a loader may give, read from the files on their own: the uint16 tokens after the 1024-byte
+    header (np.fromfile), sample s of a shard starting at token (s * nproc + rank) * B * T, B*T + 1 tokens."""
+    out = []
+    for path in paths:
+        tokens = np.fromfile(path, dtype="<u2", offset=1024).astype(np.int32)
+        for s in range((tokens.size - 1) // (nproc * B * T)):
+            start = (s * nproc + rank) * B * T
+            window = tokens[start:start + B * T + 1]
+            out.append((window[:-1].reshape(B, T), window[1:].reshape(B, T)))
+    return out
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_whole_batches_equal_an_independent_reading_of_the_files(tmp_path, nproc):
+    """Inputs and targets, every token of every batch: sequential batches are the windows in file order (then
+    from the first again), a shuffled epoch is each window once. Random tokens over the whole uint16 range, so
+    no batch matches another by chance; shard sizes that leave a ragged end."""
+    rng = np.random.default_rng(11)
+    paths = [shard(tmp_path / f"d_{i:03d}.bin", rng.integers(0, 65536, size=n)) for i, n in enumerate((150, 97, 203))]
+    B, T = 3, 7
+    for rank in range(nproc):
+        want = windows(paths, B, T, rank, nproc)
+        assert len(want) == sum((n - 1) // (nproc * B * T) for n in (150, 97, 203))
+        loader = dataloader.DataLoader(str(tmp_path / "d_*.bin"), B, T, process_rank=rank, num_processes=nproc)
+        for x_want, y_want in want + want[:3]:                   # one epoch, then it wraps to the start
+            x, y = loader.next_batch()
+            assert x.dtype == y.dtype == np.int32
+            np.testing.assert_array_equal(x, x_want)
+            np.testing.assert_array_equal(y, y_want)
+        shuffled = dataloader.DataLoader(str(tmp_path / "d_*.bin"), B, T, process_rank=rank, num_processes=nproc,
+                                         should_shuffle=True)
+        got = [shuffled.next_batch() for _ in want]
+        key = [(x.tobytes(), y.tobytes()) for x, y in got]
+        assert sorted(key) == sorted((x.tobytes(), y.tobytes()) for x, y in want)   # each window once
+        assert key != [(x.tobytes(), y.tobytes()) for x, y in want]                 # in another order
+
+
 def test_errors(tmp_path):
     shard(tmp_path / "small.bin", np.arange(10))
     with pytest.raises(utils.ConfigError, match=r"small.bin: 10 tokens, fewer than the 11 one batch needs \(B=2, T=5\)"):
