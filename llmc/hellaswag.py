@@ -42,6 +42,7 @@ HEADER_INTS = 256
 START_EXAMPLE = 65535         # <START_EXAMPLE>, 2**16 - 1: a token id never reaches it
 NUM_COMPLETIONS = 4           # llm.c's ASSUMED_NUM_COMPLETIONS
 WRITER = "python dev/data/hellaswag.py"
+MMLU_WRITER = "python dev/data/mmlu.py"     # writes the same format: mmlu_test.bin, read the same way
 
 
 # ----------------------------------------------------------------------------
@@ -77,15 +78,20 @@ def write_evalfile(path, examples):
     return header.nbytes + body.nbytes
 
 
+def writer_of(path):
+    """The script that writes the eval file at `path` (MMLU's by its name, else HellaSwag's)."""
+    return MMLU_WRITER if os.path.basename(path).startswith("mmlu") else WRITER
+
+
 def _bad(path, what):
-    raise FormatError(f"{path}: {what}; re-run {WRITER}")
+    raise FormatError(f"{path}: {what}; re-run {writer_of(path)}")
 
 
 def read_evalfile(path):
     """The examples of an eval file: a list of (label, ctx tokens, [4 completion token arrays]),
     after checking the header and every example's delimiter, index, counts and size."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file; create it with {WRITER}")
+        raise FileNotFoundError(f"{path}: no such file; create it with {writer_of(path)}")
     size = os.path.getsize(path)
     if size < 4 * HEADER_INTS:
         _bad(path, f"only {size} bytes (expected a {4 * HEADER_INTS}-byte header)")

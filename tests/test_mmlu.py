@@ -137,3 +137,14 @@ def test_offline_download_is_one_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: could not download http://127.0.0.1:9/data.tar (ConnectionError); put a copy of the file at "
         f"{tmp_path / 'data.tar'} or run python dev/data/mmlu.py --input PATH/data.tar")
+
+
+def test_loader_errors_name_mmlu_py(tmp_path, csv_dir):
+    """A missing or damaged MMLU file names the script that writes it (HellaSwag's files keep theirs)."""
+    from llmc.utils import FormatError
+    with pytest.raises(FileNotFoundError, match=r"mmlu_test.bin: no such file; create it with python dev/data/mmlu.py$"):
+        EvalLoader(str(tmp_path / "mmlu_test.bin"), B=4, T=64)
+    r, out = write(tmp_path, csv_dir)
+    out.write_bytes(out.read_bytes()[:-2])
+    with pytest.raises(FormatError, match=r"; re-run python dev/data/mmlu.py$"):
+        EvalLoader(str(out), B=4, T=64)
