@@ -94,9 +94,11 @@ def row_entropy(probs):
     return out
 
 
-def sample_positions(T, count=ENTROPY_POSITIONS):
-    """The query positions sampled_entropy reads: `count` of 0..T-1, evenly spaced, first and last included."""
-    return np.unique(np.linspace(0, T - 1, min(T, count)).round().astype(np.int64))
+def sample_positions(T, xp=np, count=ENTROPY_POSITIONS):
+    """The query positions sampled_entropy reads: min(T, count) of 0..T-1, evenly spaced (rounded down), first
+    and last included. Made by arithmetic in xp's memory: copying a host array to a GPU would wait for it."""
+    S = min(T, count)
+    return xp.arange(S, dtype=xp.int64) * (T - 1) // max(S - 1, 1)
 
 
 def sampled_entropy(qkv, NH):
@@ -106,9 +108,9 @@ def sampled_entropy(qkv, NH):
     xp = array_module(qkv)
     B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     hs = C // NH
-    b, positions = min(B, ENTROPY_BATCH_ROWS), xp.asarray(sample_positions(T))    # (CuPy indexes with its own)
+    b, positions = min(B, ENTROPY_BATCH_ROWS), sample_positions(T, xp)
     x = as_float32(qkv[:b])
-    q = x[:, positions, :C].reshape(b, len(positions), NH, hs).transpose(0, 2, 1, 3)   # (b, NH, S, hs)
+    q = x[:, positions, :C].reshape(b, positions.size, NH, hs).transpose(0, 2, 1, 3)   # (b, NH, S, hs)
     k = x[:, :, C:2 * C].reshape(b, T, NH, hs).transpose(0, 2, 3, 1)                   # (b, NH, hs, T)
     scores = (q @ k) * np.float32(1.0 / math.sqrt(hs))                                  # (b, NH, S, T)
     future = xp.arange(T)[None, :] > positions[:, None]                                 # (S, T)
