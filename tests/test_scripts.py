@@ -225,3 +225,13 @@ def test_dry_run_of_a_model_file(tmp_path):
         assert notes[0] == ("note: no files match -i 'data/tinystories/TinyStories_train.bin': "
                             "python prepro_tinystories.py makes them")
     assert notes[-1] == "note: no files match -j 'x.bin': python prepro_tinyshakespeare.py makes them"
+
+
+def test_trainers_name_the_prepro(tmp_path):
+    """The trainers' loader, given shards that are not there, names the same prepro as the scripts."""
+    from llmc.dataloader import DataLoader
+    from llmc.utils import ConfigError
+    pattern = str(tmp_path / "edu_fineweb100B" / "edu_fineweb_train_*.bin")
+    with pytest.raises(ConfigError) as e:
+        DataLoader(pattern, 4, 64)
+    assert str(e.value) == f"no data files match '{pattern}'; create them with python dev/data/fineweb.py -t edu -v 100B"
