@@ -210,16 +210,6 @@ def f64(x):
     return np.asarray(x, dtype=np.float64)
 
 
-def token_buckets(inp):
-    """The B*T positions of inp grouped by token id, as train_gpt2_cuda.encoder_buckets makes them on
-    the host (there copied to the device): positions (B*T,) by token then position, starts (n+1,),
-    tokens (n,), n."""
-    flat = inp.reshape(-1)
-    positions = np.argsort(flat, kind="stable").astype(np.int32)
-    tokens, starts = np.unique(flat[positions], return_index=True)
-    return positions, np.append(starts, flat.size).astype(np.int32), tokens.astype(np.int32), len(tokens)
-
-
 def encoder_launches(s, rng, reference):
     B, T, C, Vp = s.B, s.T, s.C, s.Vp
     fx = floatx_values(s)
