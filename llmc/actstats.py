@@ -6,12 +6,14 @@ model.grads. The reductions run where the arrays live (NumPy, or CuPy on the GPU
 does them) and their results are copied to the host together, once per stats step.
 
 For each tensor, over all its values (B, T and channels):
-  mean, std        the population std, around the mean
+  mean, std        the mean, and the population std around it
   max_abs          the largest |x|
   bf16_sat         the fraction with |x| above bf16's largest finite value (3.39e38; inf too): they saturate
   bf16_under       the fraction with 0 < |x| < 2^-126, bf16's smallest normal value: they underflow
 att_entropy has mean, std and max_abs only: its values are the entropies (nats) of the attention's rows of
-probabilities, which no buffer stores, so a bf16 fraction says nothing about them.
+probabilities, which no buffer stores, so a bf16 fraction says nothing about them. The activations are the
+last micro-step's; the gradients as their buffer holds them after the backward (summed over the micro-steps,
+before AdamW's 1/micro-steps and clipping): the values a bf16 gradient buffer would have to hold.
 
 stats.jsonl in -o gets one line per stats step (a JSON object; non-finite values as Python's json writes
 them, NaN and Infinity):
@@ -121,19 +123,20 @@ def sampled_entropy(qkv, NH):
     return -(xp.exp(logp) * logp).sum(axis=-1).ravel().astype(xp.float32)
 
 
+OUTSIDE_LAYERS = ("wte", "wpe", "lnfw", "lnfb")      # the parameter tensors without a layer axis
+
+
 def gradient_tensors(model):
     """(name, layer, array) of each parameter tensor's gradient, layer by layer where it has layers
     (wte without its pad rows, which stay zero)."""
     L, V = model.config.num_layers, model.config.vocab_size
-    for name, shape in model.param_shapes:
+    for name, _ in model.param_shapes:
         grad = getattr(model.grads, name)
-        if name == "wte":
-            yield "grad.wte", None, grad[:V]
-        elif len(shape) > 1 and shape[0] == L and name != "wpe":
+        if name not in OUTSIDE_LAYERS:
             for l in range(L):
                 yield f"grad.{name}", l, grad[l]
         else:
-            yield f"grad.{name}", None, grad
+            yield f"grad.{name}", None, grad[:V] if name == "wte" else grad
 
 
 def collect(model, activations):
