@@ -15,6 +15,8 @@ everything around it lives here, once:
     mfu.py          FLOPs per token, GPU peaks, MFU and the smoothed tokens/s of the step line (mfu.h)
     outlier.py      the z-scores of loss and gradient norm behind -sl/-sg (outlier_detector.h)
     checkpoint.py   llm.c's state files and checkpoints: -n -nk -nm, -y 1 resume
+    run.py          what train_gpt2.train calls that is not the lesson: the Trainer interface both trainers
+                    implement, one-line errors, flag and -o checks, resume, checkpoints, Ctrl-C, ranks
     collectives.py  data parallel over torch.distributed (gloo) for CPU processes started by torchrun
     cpu.py          what makes NumPy fast on a CPU: BLAS, threads, memory (no llm.c twin: C has OpenMP)
     cuda_common.py  kernels/*.cu as NVRTC (or the emulator) compiles them (cuda_common.h)

@@ -55,3 +55,18 @@ def test_the_emulator_example_runs_as_written(tmp_path):
     assert "precision: bf16 parameters, gradients and activations" in outputs[2]
     assert "genT = 16: the sequence length T (the default -g 64 is longer)" in outputs[2]
     assert outputs[2].count("generating:\n---\n") == 1                 # the sample of the last step
+
+
+def test_the_reading_section_quotes_train_s_length():
+    """README's "Reading the code" says how long train_gpt2.py's loop (train()) is; the number is the
+    function's line count (docstring included), and at most 120, the bound that keeps it reading like
+    train_gpt2.c's main()."""
+    import ast
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme.split("## Reading the code")[1].split("\n## ")[0]
+    quoted = re.search(r"`train\(\)`, (\d+) lines", section)
+    assert quoted, "README's reading section no longer says how many lines train() has"
+    tree = ast.parse(open(os.path.join(REPO, "train_gpt2.py")).read())
+    train = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train")
+    length = train.end_lineno - train.lineno + 1
+    assert int(quoted.group(1)) == length <= 120, (quoted.group(1), length)

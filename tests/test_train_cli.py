@@ -349,3 +349,21 @@ def test_outlier_flags_parse_and_are_listed():
 def test_outlier_flags_bad_values(argv, message, capsys):
     code, out, err = run_main(argv, capsys)
     assert code == 1 and f"error: {message}" in err
+
+
+def test_no_llmc_module_imports_a_trainer():
+    """llmc/ is what the programs share: the loop's machinery (llmc/run.py) takes the trainer module as an
+    argument, so no module of llmc/ imports train_gpt2 or train_gpt2_cuda (at the top or inside a function)."""
+    import ast
+    import glob
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "llmc", "*.py"))):
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            found += [(os.path.basename(path), name) for name in names if name.split(".")[0].startswith("train_gpt2")]
+    assert len(glob.glob(os.path.join(ROOT, "llmc", "*.py"))) > 15 and found == [], found
