@@ -369,3 +369,28 @@ def test_a_line_cut_by_a_kill_is_dropped_and_a_full_disk_is_one_line(tmp_path, m
         writer.write({"step": 3, "tensors": {}})
     assert str(e.value).startswith(f"could not write {path}: the disk is full (24 bytes needed"), str(e.value)
     assert list(actstats.read_stats(str(path))) == [0, 1, 2]
+
+
+def test_data_parallel_rank_0_writes_the_gradients_summed_over_the_ranks(workdir, capsys):
+    """Two processes (torchrun, gloo, -z 0) against one with the same total batch: one file, written by rank 0,
+    whose gradient statistics are the one process's (the gradients are summed over the ranks before the stats)."""
+    pytest.importorskip("torch.distributed", reason="torch.distributed is not installed")
+    import subprocess
+    flags = BASE + QUIET + ["-x", "1", "-as", "1", "-a", "1"]
+    code, _, err = run_main(flags + ["-o", "one"], capsys)
+    assert code == 0, err
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(REPO, "train_gpt2.py"), *flags, "-o", "two"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    one, two = read_lines("one/stats.jsonl"), read_lines("two/stats.jsonl")
+    assert [line["step"] for line in two] == [0] and len(one) == 1        # rank 1 wrote nothing
+    for a, b in zip(one, two):
+        for name in GRADS:
+            for stat in ("mean", "std", "max_abs"):
+                scale = np.abs(a["tensors"][name]["std"]) + 1e-12
+                err = np.abs(np.subtract(a["tensors"][name][stat], b["tensors"][name][stat]))
+                assert (err <= 1e-4 * scale).all(), (name, stat, a["tensors"][name][stat], b["tensors"][name][stat])
