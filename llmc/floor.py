@@ -8,8 +8,8 @@ memory and cannot beat the machine's memory bandwidth. So
           + (the bytes every other layer, AdamW and the zeroing must read and write) / (measured bandwidth)
 
 Bytes are counted as STREAM counts them: an array read once is its size, an array written once its size,
-an array a layer adds into (`+=`) twice its size; caches and write-allocate reads are not counted, so the
-floor is a bound the step can approach but not pass. dev/bench_cpu.py writes the bytes of each layer as a
+an array a layer adds into (`+=`) twice its size; write-allocate reads are not counted. Arrays that stay in
+the cache can beat the floor (a tiny model's AdamW does); a d12 step's 0.5 GB arrays cannot. dev/bench_cpu.py writes the bytes of each layer as a
 formula in B, T, C, ...; here they are counted from the arrays a call is given (call_bytes), which is what
 --profile 1 (llmc/profiler.py) uses, and what the formulas are tested against.
 
@@ -35,7 +35,7 @@ from llmc import cpu
 #   t  read, only the first T rows (wpe[:T])                            P  added into, the first T rows
 #   e  read, one element per token id (probs[b, t, target])             .  not an array, or not counted
 # The matmul layers are not here: they are products, timed at the sgemm rate (their bias add rides on the
-# product's output while it is in cache; the bias gradient's read of dout is ~1% of the product's bytes).
+# product's output while it is in cache; the bias gradient's one read of dout costs well under 1% of the product).
 ACCESS = {
     "encoder_forward": "wrgt",                  # out, inp, wte, wpe
     "encoder_backward": "GPrr",                 # dwte, dwpe, dout, inp
