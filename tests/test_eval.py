@@ -131,7 +131,8 @@ def test_run_eval_stops(tmp_path):
     if shutil.which("lm_eval") is None:
         r = run_eval(tmp_path, "x")
         assert r.returncode == 1
-        assert r.stdout.strip() == 'error: lm_eval not found: pip install "lm-eval[hf]" (an optional dependency, see the README)'
+        assert r.stdout.strip() == ('error: lm_eval not found: pip install "lm-eval[hf]" (an optional dependency, '
+                                    'see the README)')
     else:
         r = run_eval(tmp_path, "x")
         assert r.returncode == 1
@@ -140,7 +141,8 @@ def test_run_eval_stops(tmp_path):
 
 TINY_MC = [("The sky is", ["blue", "green", "loud", "wet"], 0), ("Two plus two is", ["four", "five", "six", "ten"], 0),
            ("Cats say", ["meow", "moo", "woof", "quack"], 0), ("Fire is", ["hot", "cold", "blue", "soft"], 0),
-           ("Water is", ["wet", "dry", "red", "tall"], 1), ("The sun rises in the", ["east", "west", "north", "south"], 2)]
+           ("Water is", ["wet", "dry", "red", "tall"], 1),
+           ("The sun rises in the", ["east", "west", "north", "south"], 2)]
 
 
 def write_task(folder):

@@ -5,7 +5,6 @@ hand-made set with the csv's awkward cases (quotes, commas and a line break insi
 answer that looks like a number or like "None"); then the trainers' EvalLoader must read the file back into
 those tokens. Also the one-line errors."""
 
-import os
 import struct
 import tarfile
 
@@ -105,7 +104,8 @@ def test_too_short_T_is_one_line(tmp_path, csv_dir):
 
 
 @pytest.mark.parametrize("text, line", [
-    ("Q?,a,b,c,d,E\n", "bad_test.csv:1: expected 6 cells (question, answers A-D, the right letter), got 6 ending in ['E']"),
+    ("Q?,a,b,c,d,E\n",
+     "bad_test.csv:1: expected 6 cells (question, answers A-D, the right letter), got 6 ending in ['E']"),
     ("Q?,a,b,c,d,A\nQ2?,a,b\n", "bad_test.csv:2: expected 6 cells (question, answers A-D, the right letter), got 3"),
 ])
 def test_bad_row_is_one_line(tmp_path, text, line):
@@ -142,7 +142,8 @@ def test_offline_download_is_one_line(tmp_path):
 def test_loader_errors_name_mmlu_py(tmp_path, csv_dir):
     """A missing or damaged MMLU file names the script that writes it (HellaSwag's files keep theirs)."""
     from llmc.utils import FormatError
-    with pytest.raises(FileNotFoundError, match=r"mmlu_test.bin: no such file; create it with python dev/data/mmlu.py$"):
+    missing = r"mmlu_test.bin: no such file; create it with python dev/data/mmlu.py$"
+    with pytest.raises(FileNotFoundError, match=missing):
         EvalLoader(str(tmp_path / "mmlu_test.bin"), B=4, T=64)
     r, out = write(tmp_path, csv_dir)
     out.write_bytes(out.read_bytes()[:-2])

@@ -234,4 +234,5 @@ def test_trainers_name_the_prepro(tmp_path):
     pattern = str(tmp_path / "edu_fineweb100B" / "edu_fineweb_train_*.bin")
     with pytest.raises(ConfigError) as e:
         DataLoader(pattern, 4, 64)
-    assert str(e.value) == f"no data files match '{pattern}'; create them with python dev/data/fineweb.py -t edu -v 100B"
+    assert str(e.value) == (f"no data files match '{pattern}'; create them with "
+                            f"python dev/data/fineweb.py -t edu -v 100B")

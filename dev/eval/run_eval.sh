@@ -31,7 +31,8 @@ if ! command -v lm_eval > /dev/null; then
 fi
 # a folder (or a path: ./x, /x) must be an export; anything else is a name on the Hugging Face Hub
 if { [ -e "$model" ] || [[ "$model" == .* || "$model" == /* ]]; } && [ ! -f "$model/config.json" ]; then
-    echo "error: $model is not a Hugging Face export (no config.json): python dev/eval/export_hf.py -i MODEL.bin -o $model"
+    echo "error: $model is not a Hugging Face export (no config.json):" \
+        "python dev/eval/export_hf.py -i MODEL.bin -o $model"
     exit 1
 fi
 
