@@ -17,8 +17,8 @@ The lines read, one event each (anything else is an error):
 A run that crashed and resumed logs some steps twice: the later line wins, as in vislog.ipynb.
 --stats reads a run's stats.jsonl (-as N -o DIR, llmc/actstats.py) instead: one row of panels per tensor
 (--tensors picks some), one panel per statistic, the layers up and the stats steps across; std and max_abs
-are drawn as log10 (a spike or a collapse spans decades), the mean on a scale symmetric around 0, the bf16
-fractions from 0 up.
+are drawn as log10 (a spike or a collapse spans decades), a mean on a scale symmetric around 0 (not the
+entropy's, which is never below 0), the bf16 fractions from 0 up.
 Needs matplotlib (pip install matplotlib).
 
 -o replaces a PNG (an earlier plot); any other file there, or a folder, is refused in one line and left
@@ -34,7 +34,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llmc.actstats import read_stats  # noqa: E402
+from llmc.actstats import ENTROPY, read_stats  # noqa: E402
 from llmc.utils import file_starts_with, one_line_errors, refuse_foreign_files, write_atomic  # noqa: E402
 
 # vislog.ipynb's reference points, by model size: OpenAI GPT-2's checkpoint val loss (on FineWeb's val
@@ -173,13 +173,18 @@ def plot_stats(records, tensors):
             steps, grid = stats_grid(records, tensor, stat)
             finite = grid[np.isfinite(grid)]
             top = float(np.abs(finite).max()) if finite.size else 1.0
-            style = dict(cmap="coolwarm", vmin=-top, vmax=top) if stat == "mean" else \
+            signed = stat == "mean" and tensor != ENTROPY         # an entropy is never below 0
+            style = dict(cmap="coolwarm", vmin=-top, vmax=top) if signed else \
                 dict(cmap="magma", vmin=0, vmax=max(top, 1e-12)) if stat.startswith("bf16") else dict(cmap="viridis")
             image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", **style)
             ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 5)).round().astype(int))
             ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
             ax.set_title(f"{tensor} {stat}" + (" (log10)" if stat in LOG_STATS else ""), fontsize=9)
-            ax.set_ylabel("layer" if grid.shape[0] > 1 else "")
+            if grid.shape[0] > 1:
+                ax.set_ylabel("layer")
+            else:
+                ax.set_yticks([])                          # a tensor outside the layers: one row
+            ax.set_xlabel("step" if tensor == tensors[-1] else "")
             fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
