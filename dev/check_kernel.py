@@ -9,7 +9,8 @@ Validate one kernel file against its NumPy twins and, on a GPU, time it: llm.c's
 
 For each kernel: random inputs on an odd shape (B=3 T=13 C=48 NH=3 V=101 Vp=128), one launch as
 train_gpt2_cuda.py's launcher makes it (its grid, block, shared memory and arguments, recorded by
-recorded_launches; the few kernels the trainer never launches alone on its launcher's grid), and the max error of each output against train_gpt2.py's layer
+recorded_launches; the few kernels the trainer never launches alone on its launcher's grid), and the
+max error of each output against train_gpt2.py's layer
 (its "NumPy twin") evaluated in float64, or against a stated NumPy expression where the kernel is only
 part of a layer (the attention permutes, AdamW). A row is OK when |got - want| <= atol + rtol |want|
 everywhere; "worst/tol" is the largest |got - want| / (atol + rtol |want|), so OK means < 1.
@@ -251,7 +252,7 @@ def layernorm_launches(s, rng, reference):
     weight, bias = fx(rand(rng, C)), fx(rand(rng, C))
     out = np.full((B, T, C), np.nan, np.float32)
     mean, rstd = np.full((B, T), np.nan, np.float32), np.full((B, T), np.nan, np.float32)
-    forward = lambda cu, out, inp, weight, bias: cu.layernorm_forward(out, mean, rstd, inp, weight, bias, B, T, C)  # noqa: E731
+    forward = lambda cu, out, *inputs: cu.layernorm_forward(out, mean, rstd, *inputs, B, T, C)  # noqa: E731
     [fwd] = launcher_launches(s, forward, out, inp, weight, bias, packed=False)
     dout = fx(rand(rng, B, T, C))
     dinp, dweight, dbias = fx(rand(rng, B, T, C)), fx(rand(rng, C)), fx(rand(rng, C))   # the backward adds into these
@@ -568,7 +569,8 @@ def classifier_launches(s, rng, reference):
     logits = floatx_values(s)(logits)
     dlosses = rand(rng, B, T)
     losses = np.full((B, T), np.nan, np.float32)
-    classifier = lambda cu, logits, losses: cu.fused_classifier(logits, losses, dlosses, targets, B, T, V, Vp, 1)  # noqa: E731
+    classifier = lambda cu, logits, losses: cu.fused_classifier(  # noqa: E731
+        logits, losses, dlosses, targets, B, T, V, Vp, 1)
     [launch] = launcher_launches(s, classifier, logits, losses, packed=False)
     logits_w, losses_w = logits.copy(), np.full((B, T), np.nan, np.float32)   # the x128 twin (Vp % pack == 0)
     [wide] = launcher_launches(s, classifier, logits_w, losses_w, packed=True)

@@ -155,9 +155,10 @@ def test_kernel_over_a_padded_table_is_the_per_tensor_launches(order, precision)
             wd if decay else 0.0, scale, seeds[t])))
         first, w, s = first + per_row * rows, w + rows * stride, s + rows * part
     got = [a.copy() for a in (params, master, m, v)]
-    run_launches(mod, recorded_launches(lambda cu: cu.adamw_multi_tensor(
-        got[0], got[1], grads, got[2], got[3], table.reshape(-1), 4, first, seeds, *scalars, wd, scale)),
-        order=order, racecheck=True)
+    launches = recorded_launches(lambda cu: cu.adamw_multi_tensor(
+        got[0], got[1], grads, got[2], got[3], table.reshape(-1), 4, first, seeds, *scalars, wd, scale))
+    assert [lc.kernel for lc in launches] == ["adamw_multi_tensor_kernel"]
+    run_launches(mod, launches, order=order, racecheck=True)
     for name, a, b in zip(("params", "master", "m", "v"), got, ref):
         assert a.tobytes() == b.tobytes(), name
     assert got[0].tobytes() != params.tobytes() and got[1].tobytes() != master.tobytes()

@@ -249,9 +249,9 @@ def test_adamw_multi_tensor(precision, master):
         table[t, :7] = (first, per_row, cols, offset, cols, offset, t % 2)
         first, offset = first + per_row * rows, offset + rows * cols
     seeds = np.array([5, 6, 7], np.uint32)
-    r = launched("adamw", precision, lambda cu: cu.adamw_multi_tensor(params, master_params, grads, m, v, table.reshape(-1),
-                                                                      4, first, seeds, 1e-3, 0.9, 0.999, 0.1, 0.001,
-                                                                      1e-8, 0.01, 1.0))
+    r = launched("adamw", precision, lambda cu: cu.adamw_multi_tensor(
+        params, master_params, grads, m, v, table.reshape(-1), 4, first, seeds, 1e-3, 0.9, 0.999, 0.1, 0.001, 1e-8,
+        0.01, 1.0))
     assert r.kernel == "adamw_multi_tensor_kernel"
     old = 4 if master else s
     per_block = (2 + 7) * 8 + 4

@@ -255,7 +255,8 @@ def test_wpe_x128_against_plain(modules, precision, order):
         def wpe(dwpe, packed):                        # encoder_backward's wpe launch (its wte launch not run)
             launches = recorded_launches(lambda cu: cu.encoder_backward(np.zeros((1, C), dwpe.dtype), dwpe, dout, inp,
                                                                         B, T, C, seed=7), packed=packed)
-            assert launches[1].kernel == ("encoder_backward_wpe_x128_kernel" if packed else "encoder_backward_wpe_kernel")
+            want = "encoder_backward_wpe_x128_kernel" if packed else "encoder_backward_wpe_kernel"
+            assert launches[1].kernel == want
             run_launches(mod, launches[1:])
         wpe(plain, False)
         wpe(x128, True)
