@@ -65,6 +65,8 @@ def planted(file, old, new, count=1):
 
 # ---------------------------------------------------------------------------------------------
 # 1. faults planted in the shipped kernels
+# (launched here by hand, not through train_gpt2_cuda.py's launchers: each is a copy of a kernel with a fault
+# planted in it, on blocks smaller than the launchers' so that the races expected can be named thread by thread)
 
 CLASSIFIER_BARRIER = "    __syncthreads();                                   // x[target] is read before anyone overwrites it\n"
 
