@@ -471,7 +471,8 @@ def main():
         met = "met" if rss <= TARGET_RSS_MIB else "NOT met"
         print(f"ours peak RSS {rss:.0f} MiB (target <= {TARGET_RSS_MIB:.0f}: {met})"
               f"; params dtype {res['dtype']}")
-        print(f"NumPy {res['numpy']}, OpenBLAS core type: {res['openblas_core']} ({res['openblas_threads']} threads; "
+        print(f"NumPy {res['numpy']}, llmc's thread pool: {res['threads']} threads (llmc.cpu.set_threads), OpenBLAS "
+              f"core type: {res['openblas_core']} ({res['openblas_threads']} threads; "
               f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}); {res['openblas_config']}")
     if "torch" in results:
         res, _ = results["torch"]

@@ -169,6 +169,7 @@ def test_bench_prints_the_floor_per_phase(tmp_path):
     usable = cpu.usable_cpus()
     assert f"bench_cpu.py: threads: {asked} asked, but this process may use {usable} CPUs" in out
     assert f"{usable} threads (of" in out
+    assert f"llmc's thread pool: {usable} threads (llmc.cpu.set_threads)" in out       # the worker's own pool
     copy, triad, bandwidth = map(float, re.search(r"memory copy (\S+) GB/s, triad (\S+) GB/s; this machine: "
                                                   r"memory (\S+) GB/s", out).groups())
     assert bandwidth == max(copy, triad) > 0
