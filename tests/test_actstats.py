@@ -12,16 +12,14 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import train_gpt2 as npt
+from conftest import emulated_cuda_trainer, run_main
+from llmc import actstats, checkpoint
+from test_checkpoint import BASE, events, one_line_error, workdir  # noqa: F401  (workdir: a fixture)
+from test_cuda_trainer import CONFIG, B, T, batch, random_params, run_python, tiny_checkpoint  # noqa: F401
+from test_flash_trainer import FLASH_CONFIG
 
-import train_gpt2 as npt  # noqa: E402
-from conftest import emulated_cuda_trainer, run_main  # noqa: E402
-from llmc import actstats, checkpoint  # noqa: E402
-from test_checkpoint import BASE, events, one_line_error, workdir  # noqa: E402,F401  (workdir: a fixture)
-from test_cuda_trainer import CONFIG, B, T, batch, random_params, run_python, tiny_checkpoint  # noqa: E402,F401
-from test_flash_trainer import FLASH_CONFIG  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BF16_LARGEST = (2 - 2.0 ** -7) * 2.0 ** 127          # 0x7f7f: the largest finite bf16
 SMALLEST_NORMAL = 2.0 ** -126

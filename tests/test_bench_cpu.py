@@ -1,6 +1,7 @@
 """The CPU step's floor (llmc/floor.py, dev/bench_cpu.py): the byte formulas against the arrays each call is
 given, the floor's arithmetic in the bench's output, --threads reaching the pool (clamped), the gradient
 zeroing folded into AdamW against the separate zeroing, and two identical runs giving the same bytes."""
+
 import os
 import re
 import subprocess
@@ -9,15 +10,14 @@ import sys
 import numpy as np
 import pytest
 
+import bench_cpu
+import train_gpt2 as m
+from llmc import cpu, floor, formats, profiler
+from llmc.model import GPT2Config
+from conftest import run_main, write_tiny_model
+from test_optim import CONFIG, tiny_model  # (AdamW's tests' tiny GPT-2: L2, NH3, C48, V101)
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "dev"))
-import bench_cpu  # noqa: E402
-import train_gpt2 as m  # noqa: E402
-from llmc import cpu, floor, formats, profiler  # noqa: E402
-from llmc.model import GPT2Config  # noqa: E402
-from conftest import run_main, write_tiny_model  # noqa: E402
-from test_optim import CONFIG, tiny_model  # noqa: E402  (AdamW's tests' tiny GPT-2: L2, NH3, C48, V101)
 
 
 def train_steps(model, steps, B, T, seed=1):
@@ -49,7 +49,7 @@ def test_step_bytes_match_the_arrays_each_call_is_given(monkeypatch):
         profiler.disable(m)
     counted = {}
     for key, (nbytes, _) in profiler.WORK.items():
-        name = key[0] if isinstance(key, tuple) else key
+        name = profiler.function_name(key)
         if not name.startswith("matmul"):
             counted[name] = counted.get(name, 0) + nbytes
     counted["activation gradients"] = model.grads_acts_memory.nbytes
