@@ -158,7 +158,7 @@ def worker_numpy(args):
     layer_report = layer_profiler.report(args.steps, with_floor=False) if profiler is not None else ""
     phases = dict.fromkeys(floor.PHASES, 0.0)          # ms per profiled step, by the floor's phases
     for key, (seconds, _) in layer_profiler.PROFILE.items():
-        phases[floor.phase_of(key[0] if isinstance(key, tuple) else key)] += 1e3 * seconds / args.steps
+        phases[floor.phase_of(layer_profiler.function_name(key))] += 1e3 * seconds / args.steps
     if profiled_times:   # what no profiled function times (the backward zeroing its activation gradients)
         phases["the rest"] += 1e3 * statistics.mean(profiled_times) - sum(phases.values())
     return dict(times=times, profiled_times=profiled_times, losses=losses, openblas_core=core,

@@ -73,6 +73,11 @@ def disable(module):
             setattr(module, name, fn.__wrapped__)
 
 
+def function_name(key):
+    """The profiled function of a PROFILE or WORK key (a matmul's key also carries its C and OC)."""
+    return key[0] if isinstance(key, tuple) else key
+
+
 def _label(key):
     return f"{key[0]} {key[1]}->{key[2]}" if isinstance(key, tuple) else key
 
@@ -97,7 +102,7 @@ def floor_report(steps):
     measured, floors = dict.fromkeys(floor.PHASES, 0.0), dict.fromkeys(floor.PHASES, 0.0)
     flops = gemm_seconds = 0.0
     for key, (seconds, _) in PROFILE.items():
-        phase = floor.phase_of(key[0] if isinstance(key, tuple) else key)
+        phase = floor.phase_of(function_name(key))
         moved, products = WORK.get(key, (0, {}))
         measured[phase] += seconds
         floors[phase] += moved / bandwidth + sum(product_time[s] * n for s, n in products.items())
