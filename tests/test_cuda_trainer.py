@@ -368,6 +368,7 @@ import numpy as np
 sys.path[:0] = [{fake!r}, {repo!r}, {tests!r}]
 import train_gpt2_cuda as cu, train_gpt2 as npt
 from llmc import formats
+from llmc.model import param_shapes
 from test_cuda_trainer import CONFIG, B, T, batch, assert_close
 from cupy_backends.cuda.libs import cublas
 assert not cu.EMULATE and cu.NO_GPU is None and type(cu.xp.zeros(1)).__name__ == "DevArray"

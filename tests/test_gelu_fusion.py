@@ -376,6 +376,7 @@ import numpy as np
 sys.path[:0] = [{fake!r}, {repo!r}, {tests!r}]
 import train_gpt2_cuda as cu, train_gpt2 as npt
 from llmc import formats
+from llmc.model import param_shapes
 from llmc.cli import parse_args
 from test_cuda_trainer import CONFIG, B, T, batch, assert_close
 from fake_cublaslt import FakeCublasLt
