@@ -439,7 +439,8 @@ def main():
         if args.scaling and args.threads > 1:
             print("again on one thread, for the scaling ...", flush=True)
             one = argparse.Namespace(**{**vars(args), "threads": 1, "breakdown": 0})
-            one_thread, _ = run_trainers(trainers, one, tmp)
+            one_thread, more_loads = run_trainers(trainers, one, tmp)
+            loads += more_loads
 
     tokens = args.batch_size * args.seq_len
     if max(loads) >= 0.5:
