@@ -150,12 +150,12 @@ def memory_bandwidth(floats=1 << 24, repeats=5):
     return 2 * a.nbytes / best_of(copy, repeats), 3 * a.nbytes / best_of(triad, repeats)
 
 
-def product_times(M, K, N, b_transposed, repeats=3, rng=None):
+def product_times(M, K, N, b_transposed, repeats=3):
     """(threaded, one thread): the best times of out (M, N) = a (M, K) @ b (K, N) at NumPy's sgemm with
     OpenBLAS on cpu.NUM_THREADS threads and on one (inf when NUM_THREADS is 1). b (K, N) is read
     transposed where the trainer's is (a weight stored (OC, C)). Leaves OpenBLAS on one thread, as the
     thread pool wants it."""
-    rng = rng or np.random.default_rng(0)
+    rng = np.random.default_rng(0)
     a = rng.standard_normal((M, K), dtype=np.float32)
     b = rng.standard_normal((N, K) if b_transposed else (K, N), dtype=np.float32)
     b = b.T if b_transposed else b
