@@ -23,7 +23,8 @@ from llmc import actstats, collectives, profiler, run
 from llmc.cli import parse_args
 from llmc.hellaswag import evaluate_hellaswag, open_hellaswag
 from llmc.formats import read_model_file
-from llmc.model import GPT2Config, descriptor_config, num_parameters, padded_vocab, param_shapes, print_config
+from llmc.model import GPT2Config, padded_vocab  # noqa: F401  (doc/'s scripts read them from here)
+from llmc.model import descriptor_config, num_parameters, param_shapes, print_config
 from llmc.logger import Logger
 from llmc.mfu import TokensPerSecond, format_mfu, mfu_percent
 from llmc.outlier import OutlierDetector, outlier_skip_reason

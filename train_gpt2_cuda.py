@@ -1843,7 +1843,7 @@ def device_setup(args, world=None):
     else:
         lines += ["precision: fp32", f"TF32: {'enabled' if tf32 else 'disabled'}"]
     settings.gpu_log = GpuLog(args.log_gpu_every, args.output_log_dir,
-                              None if EMULATE else xp.cuda.Device().pci_bus_id)
+                              None if EMULATE or args.log_gpu_every <= 0 else xp.cuda.Device().pci_bus_id)
     return settings
 
 

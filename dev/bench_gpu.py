@@ -442,8 +442,7 @@ def main():
         parser.error("-b must be >= 1 and --max_batch >= -1")
     os.chdir(REPO)
     if not args.dry_run:
-        why = gpu_status("CuPy is not installed (pip install cupy-cuda13x, or the build for your CUDA, "
-                         "on a machine with an NVIDIA GPU)")
+        why = gpu_status("CuPy is not installed (pip install cupy-cuda12x on a machine with an NVIDIA GPU)")
         if why is not None:
             raise SystemExit(f"bench_gpu.py: {why}; nothing to time here (python dev/bench_gpu.py --dry_run 1 "
                              "checks the plumbing on the CPU, python dev/bench_cpu.py times the NumPy trainer)")

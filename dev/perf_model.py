@@ -47,7 +47,6 @@ when C, 4C, Vp and B*NH*T*T are multiples of the pack P (GPT-2's shapes always a
 
 import argparse
 import collections
-import math
 import os
 import sys
 import time

@@ -319,7 +319,7 @@ class Event:
     def synchronize(self): pass
 
 class Device:
-    id, compute_capability = 0, "90"
+    id, compute_capability, pci_bus_id = 0, "90", "0000:00:00.0"
 
 cuda = types.SimpleNamespace(
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"FakeGPU"},
