@@ -70,8 +70,9 @@ def moments(x):
     del magnitude
     mean = x.sum(dtype=xp.float64) / n
     scale = xp.where(max_abs > 0, max_abs, 1.0)
-    d = x / scale.astype(xp.float32) - (mean / scale).astype(xp.float32)      # in [-2, 2]: no overflow
-    std = scale * xp.sqrt(xp.square(d).sum(dtype=xp.float64) / n)
+    with np.errstate(invalid="ignore"):        # an inf in x gives inf / inf: a NaN std, no warning per step
+        d = x / scale.astype(xp.float32) - (mean / scale).astype(xp.float32)      # in [-2, 2]: no overflow
+        std = scale * xp.sqrt(xp.square(d).sum(dtype=xp.float64) / n)
     return xp.stack([mean, std, max_abs, xp.asarray(saturated / n, dtype=xp.float64),
                      xp.asarray(under / n, dtype=xp.float64)])
 
